@@ -1,0 +1,1 @@
+"""Enclave shared library: event contract, settings, logging, errors, Kafka plumbing, crypto."""
