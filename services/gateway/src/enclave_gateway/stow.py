@@ -1,0 +1,117 @@
+"""The STOW-RS response: the Store Instances Response Module (PS3.18 Annex I) as ``application/dicom+json``.
+
+The body is built as a pydicom :class:`~pydicom.dataset.Dataset` and serialised with pydicom's
+DICOM JSON model (PS3.18 Annex F), so the encoding is the library's, not ours. The status rule is
+PS3.18 Table 10.5.3-1: 200 when every instance was stored without warning, 202 when some were stored
+but warnings or failures exist, 409 when none was stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from enclave_gateway.multipart import RequestBodyError
+from enclave_gateway.validation import FailureReason, InstanceInfo, ValidationFailure, WarningReason
+
+DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInstance:
+    """An instance the gateway accepted (its hand-off acknowledged), for ReferencedSOPSequence."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    warning_reason: WarningReason | None = None
+
+    @classmethod
+    def from_info(cls, info: InstanceInfo, warning_reason: WarningReason | None = None) -> StoredInstance:
+        return cls(
+            info.sop_class_uid,
+            info.sop_instance_uid,
+            info.study_instance_uid,
+            info.series_instance_uid,
+            warning_reason,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FailedInstance:
+    """An instance the gateway refused; UIDs are None when its header could not be read."""
+
+    reason: FailureReason
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+    @classmethod
+    def from_failure(cls, failure: ValidationFailure) -> FailedInstance:
+        return cls(failure.reason_code, failure.sop_class_uid, failure.sop_instance_uid)
+
+
+def stow_status(stored: Sequence[StoredInstance], failed: Sequence[FailedInstance]) -> int:
+    """HTTP status for a request whose body was read completely (PS3.18 Table 10.5.3-1)."""
+    if not stored:
+        return 409
+    if failed or any(instance.warning_reason is not None for instance in stored):
+        return 202
+    return 200
+
+
+def _instance_url(base_url: str, instance: StoredInstance) -> str:
+    return (
+        f"{base_url}/studies/{instance.study_instance_uid}/series/{instance.series_instance_uid}"
+        f"/instances/{instance.sop_instance_uid}"
+    )
+
+
+def build_stow_response(
+    base_url: str,
+    stored: Sequence[StoredInstance],
+    failed: Sequence[FailedInstance],
+    study_instance_uid: str | None = None,
+) -> dict[str, Any]:
+    """The Store Instances Response Module as a DICOM JSON object.
+
+    ``base_url`` is the DICOMweb root (e.g. ``https://host/dicomweb``). ``study_instance_uid`` is the
+    study of the request URL, if any; otherwise the study-level RetrieveURL is given only when every
+    stored instance belongs to one study (it is Type 2, so it is present and empty otherwise).
+    """
+    base = base_url.rstrip("/")
+    response = Dataset()
+    studies = {instance.study_instance_uid for instance in stored}
+    study = study_instance_uid or (next(iter(studies)) if len(studies) == 1 else None)
+    response.RetrieveURL = f"{base}/studies/{study}" if study and stored else None
+    if failed:
+        response.FailedSOPSequence = [_failed_item(instance) for instance in failed]
+    if stored:
+        response.ReferencedSOPSequence = [_referenced_item(base, instance) for instance in stored]
+    return response.to_json_dict()
+
+
+def _referenced_item(base: str, instance: StoredInstance) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = instance.sop_class_uid
+    item.ReferencedSOPInstanceUID = instance.sop_instance_uid
+    item.RetrieveURL = _instance_url(base, instance)
+    if instance.warning_reason is not None:
+        item.WarningReason = int(instance.warning_reason)
+    return item
+
+
+def _failed_item(instance: FailedInstance) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = instance.sop_class_uid or None
+    item.ReferencedSOPInstanceUID = instance.sop_instance_uid or None
+    item.FailureReason = int(instance.reason)
+    return item
+
+
+def request_error_body(error: RequestBodyError) -> dict[str, Any]:
+    """JSON body for a request-level 400/413/415: what was wrong and what is allowed."""
+    return {"status": error.status_code, "error": error.code, "message": str(error)}
