@@ -1,0 +1,76 @@
+# Enclave: the commands a person runs, and the same ones CI runs (.ci/run calls `make test`).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PY := .venv/bin/python
+PYTEST := .venv/bin/pytest
+STACK := scripts/stack
+
+.PHONY: help bootstrap install-stack up down status stack-up stack-down services-up services-down \
+        test lint unit integration bench bench-crypto bench-deid bench-audit bench-analysis bench-gateway \
+        fuzz openapi asyncapi clean-state
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+
+bootstrap: ## Install uv (pinned) and the locked Python environment
+	@scripts/bootstrap.sh
+
+install-stack: ## Build/download Kafka, MinIO and FerretDB into the cache (once per version)
+	@$(STACK)/install.sh all
+
+up: bootstrap ## Install on first use, start the stack and all five services, print the endpoints
+	@$(STACK)/up.sh
+	@scripts/dev-setup.sh
+	@scripts/services.sh up
+	@$(STACK)/status.sh
+
+down: ## Stop exactly the processes `make up` started
+	@$(STACK)/down.sh
+
+status: ## Which of our processes run, with endpoints
+	@$(STACK)/status.sh
+
+stack-up: bootstrap
+	@$(STACK)/up.sh && scripts/dev-setup.sh
+stack-down:
+	@$(STACK)/down.sh kafka minio ferretdb
+services-up:
+	@scripts/services.sh up
+services-down:
+	@scripts/services.sh down
+
+lint: bootstrap ## ruff, mypy (strict on libs/common), spec drift
+	@.venv/bin/ruff check .
+	@.venv/bin/ruff format --check .
+	@.venv/bin/mypy
+	@$(PY) scripts/specs.py --check
+
+unit: bootstrap ## Unit tests (no network)
+	@$(PYTEST) libs/common/tests services -q -m "not integration"
+
+integration: bootstrap ## Integration tests on the real stack (starts it if needed, stops only what it started)
+	@scripts/with-stack.sh $(PYTEST) tests/integration -q -m integration
+
+test: lint unit integration ## Everything: lint, unit tests, integration tests
+
+openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documents from the code
+	@$(PY) scripts/specs.py --write
+
+bench: bench-crypto bench-deid bench-audit bench-analysis ## All benchmarks, each side by side with its baseline
+
+bench-crypto: bootstrap
+	@$(PY) bench/crypto.py
+bench-deid: bootstrap
+	@$(PY) bench/deid.py
+bench-audit: bootstrap
+	@$(PY) bench/audit_chain.py
+bench-analysis: bootstrap
+	@$(PY) bench/analysis.py
+bench-gateway: bootstrap
+	@scripts/with-stack.sh $(PY) bench/gateway.py
+
+fuzz: bootstrap ## Bounded-time fuzzing of the multipart parser and DICOM validation
+	@$(PY) -m enclave_gateway_fuzz
+
+clean-state: down ## Stop everything and delete local data (keeps the install cache)
+	rm -rf .state

@@ -1,0 +1,90 @@
+"""One error hierarchy for every service.
+
+A :class:`PermanentError` means retrying cannot help (bad input, a contract violation): the message
+goes to ``<topic>.dlq`` with the reason in headers. A :class:`TransientError` means a dependency is
+unavailable: the message is retried with bounded exponential backoff, then redelivered.
+Messages must never contain PHI: they end up in logs, DLQ headers and events.
+"""
+
+from __future__ import annotations
+
+
+class EnclaveError(Exception):
+    """Base of every error Enclave raises on purpose. ``code`` is stable and machine-readable."""
+
+    code = "enclave_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+class PermanentError(EnclaveError):
+    """Retrying will not help: dead-letter the message."""
+
+    code = "permanent"
+
+
+class TransientError(EnclaveError):
+    """A dependency failed in a way that may pass: retry with backoff."""
+
+    code = "transient"
+
+
+class ContractError(PermanentError):
+    """An event does not match its schema (wrong payload, unknown major version)."""
+
+    code = "contract_violation"
+
+
+class ConfigurationError(EnclaveError):
+    """The service was configured in a way it cannot run with."""
+
+    code = "configuration"
+
+
+class UnexpectedError(PermanentError):
+    """An exception nobody classified: after the retries it is dead-lettered, named by type only."""
+
+    code = "unexpected_error"
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+
+        found += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError]
+    except ImportError:  # pragma: no cover - botocore is a dependency of enclave-common
+        pass
+    try:
+        from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+
+        found += [AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NotEnoughReplicasError
+
+        found += [KafkaConnectionError, KafkaTimeoutError, NotEnoughReplicasError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
+
+
+def classify_exception(exc: BaseException) -> PermanentError | TransientError:
+    """Map any exception to the hierarchy: Enclave's own as they are, infrastructure failures as
+    transient, anything else as an unexpected permanent error (named by type, its text dropped
+    because a third-party message may quote PHI)."""
+    if isinstance(exc, PermanentError | TransientError):
+        return exc
+    if isinstance(exc, _transient_types()):
+        return TransientError(f"dependency unavailable ({type(exc).__name__})")
+    if isinstance(exc, EnclaveError):
+        return PermanentError(str(exc), code=exc.code)
+    return UnexpectedError(f"unexpected {type(exc).__name__} while handling the event")

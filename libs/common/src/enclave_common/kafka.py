@@ -1,0 +1,208 @@
+"""Kafka plumbing on FastStream: durable producers, reliable consumers, DLQ, trace context.
+
+- Producers use ``acks=all`` and idempotence: ``publish`` returns only after the broker has the
+  record on every in-sync replica.
+- Each service is one consumer group (``group_id`` = service name); offsets are committed by hand,
+  only after the handler's effects are durable and its events are published.
+- :func:`reliable_consumer` wraps a handler: it parses the envelope, skips ids the idempotency guard
+  has seen, retries transient errors with bounded exponential backoff (then redelivers), and sends
+  permanent errors to ``<topic>.dlq`` with the reason in headers.
+- W3C trace context travels in Kafka headers through FastStream's OpenTelemetry middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from faststream.security import BaseSecurity
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
+
+from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.errors import ContractError, PermanentError, TransientError, classify_exception
+from enclave_common.idempotency import ProcessedEvents
+from enclave_common.settings import BaseServiceSettings
+
+log = structlog.get_logger("enclave.kafka")
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+def create_broker(
+    settings: BaseServiceSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> KafkaBroker:
+    """A broker whose producer waits for all in-sync replicas and never duplicates on retry."""
+    middlewares: list[Any] = [KafkaTelemetryMiddleware(tracer_provider=tracer_provider)]
+    if registry is not None:
+        middlewares.append(KafkaPrometheusMiddleware(registry=registry, app_name=settings.service_name))
+    security = None
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        import ssl
+
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        security = BaseSecurity(ssl_context=context, use_ssl=True)
+    return KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        client_id=f"enclave-{settings.service_name}",
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=settings.kafka_max_message_bytes,
+        request_timeout_ms=15_000,
+        security=security,
+        middlewares=middlewares,
+        graceful_timeout=30.0,
+    )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: BaseServiceSettings) -> RetryPolicy:
+        return cls(settings.retry_attempts, settings.retry_base_delay_s, settings.retry_max_delay_s)
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with full jitter, capped."""
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
+
+
+class EventPublisher:
+    """Publishes envelopes: JSON value, the envelope id and type in headers, an opaque key."""
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        self._broker = broker
+
+    async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
+        await self._broker.publish(
+            envelope.to_bytes(),
+            topic=topic,
+            key=key.encode(),
+            headers={"ce_id": envelope.id, "ce_type": envelope.type, "ce_source": envelope.source},
+            correlation_id=envelope.correlation_id,
+        )
+
+
+class ConsumerMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {"registry": None}
+        self.dlq = Counter("enclave_dlq_messages", "Messages sent to a DLQ", ["topic", "code"], **kwargs)
+        self.retries = Counter("enclave_retries", "Transient failures retried", ["topic"], **kwargs)
+        self.duplicates = Counter("enclave_duplicate_events", "Redelivered events skipped", ["topic"], **kwargs)
+
+
+def reliable_consumer(
+    broker: KafkaBroker,
+    topic: str,
+    handler: Handler,
+    *,
+    group_id: str,
+    processed: ProcessedEvents,
+    retry: RetryPolicy,
+    metrics: ConsumerMetrics,
+    pattern: bool = False,
+) -> None:
+    """Subscribe ``handler`` to ``topic`` (or a regex ``pattern``) with at-least-once, idempotent semantics."""
+
+    async def consume(_: Any, msg: KafkaMessage) -> None:
+        # FastStream may already have JSON-decoded the body; the raw bytes are what we parse and forward.
+        body = msg.body
+        record = msg.raw_message
+        source_topic = record.topic if not isinstance(record, tuple) else topic
+        try:
+            envelope = Envelope.from_bytes(body)
+        except ValidationError:
+            await _dead_letter(broker, source_topic, body, msg, ContractError("message is not an Enclave envelope"))
+            metrics.dlq.labels(source_topic, "contract_violation").inc()
+            await msg.ack()
+            return
+        if await processed.seen(envelope.id):
+            metrics.duplicates.labels(source_topic).inc()
+            await msg.ack()
+            return
+        structlog.contextvars.bind_contextvars(correlation_id=envelope.correlation_id, event_id=envelope.id)
+        try:
+            outcome = await _run_with_retries(handler, envelope, retry, metrics, source_topic)
+            if isinstance(outcome, PermanentError):
+                log.warning("event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason)
+                await _dead_letter(broker, source_topic, body, msg, outcome)
+                metrics.dlq.labels(source_topic, outcome.code).inc()
+            elif outcome is not None:
+                log.warning("transient failure persists; message will be redelivered", topic=source_topic)
+                await asyncio.sleep(retry.max_delay_s)
+                await msg.nack()
+                return
+            await processed.mark(envelope.id, source_topic)
+            await msg.ack()
+        finally:
+            structlog.contextvars.unbind_contextvars("correlation_id", "event_id")
+
+    subscribe_kwargs: dict[str, Any] = {
+        "group_id": group_id,
+        "ack_policy": AckPolicy.MANUAL,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "title": f"{group_id}:{topic}",
+    }
+    if pattern:
+        broker.subscriber(pattern=topic, **subscribe_kwargs)(consume)
+    else:
+        broker.subscriber(topic, **subscribe_kwargs)(consume)
+
+
+async def _run_with_retries(
+    handler: Handler, envelope: Envelope, retry: RetryPolicy, metrics: ConsumerMetrics, topic: str
+) -> PermanentError | TransientError | None:
+    """Run the handler; return None on success, the PermanentError to dead-letter, or the last TransientError."""
+    last: TransientError | None = None
+    for attempt in range(retry.attempts):
+        try:
+            await handler(envelope)
+            return None
+        except Exception as exc:  # classified below; nothing escapes unclassified
+            error = classify_exception(exc)
+            if isinstance(error, PermanentError):
+                return error
+            last = error
+            metrics.retries.labels(topic).inc()
+            log.info("transient failure; retrying", topic=topic, attempt=attempt + 1, error_type=type(exc).__name__)
+            await asyncio.sleep(retry.delay(attempt))
+    return last
+
+
+async def _dead_letter(broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError) -> None:
+    record = msg.raw_message
+    headers = {
+        "x-dlq-reason": error.reason[:1000],
+        "x-dlq-code": error.code,
+        "x-original-topic": topic,
+        "x-failed-at": datetime.now(UTC).isoformat(),
+    }
+    if not isinstance(record, tuple):
+        headers["x-original-partition"] = str(record.partition)
+        headers["x-original-offset"] = str(record.offset)
+        key = record.key
+    else:
+        key = None
+    await broker.publish(body, topic=topics.dlq(topic.removesuffix(".dlq")), key=key, headers=headers)

@@ -1,0 +1,148 @@
+"""structlog JSON logging, configured by services only (never at import time).
+
+A redaction processor refuses to emit values under keys that carry PHI, secrets or raw DICOM,
+whatever the caller passed, and drops the text of exceptions that are not Enclave's own (third-party
+messages such as a parser's may quote a DICOM value). Correlation and event ids are bound through
+``structlog.contextvars`` by the Kafka plumbing and the HTTP middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from enclave_common.errors import EnclaveError
+
+REDACTED = "[REDACTED]"
+
+#: Key fragments whose values are never logged (matched case-insensitively after removing _ and -).
+PHI_KEY_FRAGMENTS = (
+    "patientname",
+    "patientid",
+    "patientbirth",
+    "birthdate",
+    "dateofbirth",
+    "patientaddress",
+    "patientsex",
+    "patientage",
+    "othernames",
+    "mrn",
+    "accessionnumber",
+    "referringphysician",
+    "institution",
+    "studyinstanceuid",
+    "seriesinstanceuid",
+    "sopinstanceuid",
+    "dicom",
+    "dataset",
+    "pixel",
+    "token",
+    "authorization",
+    "password",
+    "secret",
+    "privatekey",
+    "dek",
+    "kek",
+    "keymaterial",
+    "plaintext",
+    "sealed",
+    "cookie",
+)
+_NORMALISE = re.compile(r"[_\-\s]")
+
+
+def is_sensitive_key(key: str) -> bool:
+    """True when a log key names something that may carry PHI, a secret or raw DICOM."""
+    flat = _NORMALISE.sub("", key).lower()
+    return any(fragment in flat for fragment in PHI_KEY_FRAGMENTS)
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if depth > 6:
+        return REDACTED
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and is_sensitive_key(k) else _redact(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_redact(v, depth + 1) for v in value]
+    if type(value).__module__.startswith("pydicom"):
+        return f"<{type(value).__name__} redacted>"
+    return value
+
+
+def redact_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: replace values of sensitive keys, raw bytes and pydicom objects."""
+    for key in list(event_dict):
+        if key in ("event", "level", "timestamp", "logger"):
+            continue
+        if is_sensitive_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _redact(event_dict[key])
+    return event_dict
+
+
+def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Keep an exception's type and, for Enclave's own errors, its message; drop foreign text and locals."""
+    exc_info = event_dict.pop("exc_info", None)
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    if isinstance(exc_info, BaseException):
+        exc: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        exc = exc_info[1]
+    else:
+        exc = None
+    if exc is not None:
+        event_dict["error_type"] = type(exc).__name__
+        if isinstance(exc, EnclaveError):
+            event_dict["error"] = str(exc)
+            event_dict["error_code"] = exc.code
+    return event_dict
+
+
+def configure_logging(service: str, level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger to emit one JSON object per line."""
+    out = stream or sys.stdout
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        safe_exception,
+        redact_phi,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=[*shared[:-2], structlog.stdlib.add_logger_name, safe_exception, redact_phi],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("aiokafka", "botocore", "urllib3", "pymongo", "faststream"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

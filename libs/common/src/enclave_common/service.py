@@ -1,0 +1,198 @@
+"""What every Enclave service has: settings, logging, metrics, tracing, a Kafka broker, its own
+MongoDB database, reliable consumers, and an HTTP app with ``/healthz``, ``/readyz`` and ``/metrics``.
+
+``ServiceRuntime`` only *constructs* clients (no I/O); the HTTP app's lifespan starts and stops
+them, so a test can build a second app with other settings, or wrap the broker in TestKafkaBroker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pymongo import AsyncMongoClient
+
+from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
+from enclave_common.kafka import ConsumerMetrics, EventPublisher, Handler, RetryPolicy, create_broker, reliable_consumer
+from enclave_common.logging import configure_logging
+from enclave_common.settings import BaseServiceSettings
+from enclave_common.telemetry import build_tracer_provider
+
+log = structlog.get_logger("enclave.service")
+
+ReadinessCheck = Callable[[], Awaitable[object]]
+
+
+class ServiceRuntime:
+    """The wired dependencies of one service instance."""
+
+    def __init__(self, settings: BaseServiceSettings, *, processed: ProcessedEvents | None = None) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.tracer_provider, self._span_file = build_tracer_provider(settings)
+        self.broker = create_broker(settings, registry=self.registry, tracer_provider=self.tracer_provider)
+        self.publisher = EventPublisher(self.broker)
+        self.mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            settings.mongo_url.get_secret_value(),
+            tz_aware=True,
+            serverSelectionTimeoutMS=5000,
+            connect=False,
+            appname=f"enclave-{settings.service_name}",
+        )
+        self.db = self.mongo[settings.mongo_database]
+        self.processed: ProcessedEvents = processed or MongoProcessedEvents(self.db)
+        self.consumer_metrics = ConsumerMetrics(self.registry)
+        self.retry = RetryPolicy.from_settings(settings)
+        self.readiness: dict[str, ReadinessCheck] = {
+            "kafka": self._kafka_ready,
+            "mongodb": lambda: self.db.command("ping"),
+        }
+        self._startup: list[Callable[[], Awaitable[None]]] = []
+        self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def _kafka_ready(self) -> None:
+        if not await self.broker.ping(timeout=3.0):
+            raise ConnectionError("Kafka did not answer")
+
+    def consume(self, topic: str, handler: Handler, *, pattern: bool = False) -> None:
+        reliable_consumer(
+            self.broker,
+            topic,
+            handler,
+            group_id=f"enclave-{self.settings.service_name}",
+            processed=self.processed,
+            retry=self.retry,
+            metrics=self.consumer_metrics,
+            pattern=pattern,
+        )
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._startup.append(fn)
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._shutdown.append(fn)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task that is kept, logged if it dies, and cancelled on shutdown."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def _done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task died", task=name, exc_info=t.exception())
+
+        task.add_done_callback(_done)
+        return task
+
+    async def start(self) -> None:
+        for fn in self._startup:
+            await fn()
+        await self.broker.start()
+        log.info("service started", port=self.settings.http_port)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.stop()
+        for fn in reversed(self._shutdown):
+            await fn()
+        await self.mongo.close()
+        self.tracer_provider.shutdown()
+        if self._span_file is not None:
+            self._span_file.close()
+        log.info("service stopped")
+
+    async def readiness_report(self) -> dict[str, str]:
+        async def check(name: str, fn: ReadinessCheck) -> tuple[str, str]:
+            try:
+                await asyncio.wait_for(fn(), timeout=5.0)
+                return name, "ok"
+            except Exception as exc:
+                return name, f"unavailable ({type(exc).__name__})"
+
+        results = await asyncio.gather(*(check(n, f) for n, f in self.readiness.items()))
+        return dict(results)
+
+    def http_app(self, *, title: str, routers: Sequence[APIRouter] = (), start_runtime: bool = True) -> FastAPI:
+        """The service's HTTP app: health, readiness, metrics, plus the service's own routers."""
+
+        @asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            if start_runtime:
+                await self.start()
+            try:
+                yield
+            finally:
+                if start_runtime:
+                    await self.stop()
+
+        app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
+        app.state.runtime = self
+        instrument_http(app, self.registry)
+
+        @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+        async def healthz() -> dict[str, str]:
+            return {"status": "alive", "service": self.settings.service_name}
+
+        @app.get("/readyz", tags=["operations"], summary="Readiness: every dependency is reachable")
+        async def readyz() -> JSONResponse:
+            report = await self.readiness_report()
+            ready = all(v == "ok" for v in report.values())
+            return JSONResponse({"ready": ready, "checks": report}, status_code=200 if ready else 503)
+
+        @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        for router in routers:
+            app.include_router(router)
+        return app
+
+
+def instrument_http(app: FastAPI, registry: CollectorRegistry) -> None:
+    """Request count and latency by route *template* (never the raw path, which may hold an id)."""
+    requests = Counter("enclave_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("enclave_http_request_seconds", "HTTP latency", ["method", "route"], registry=registry)
+    access = structlog.get_logger("enclave.http")
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            requests.labels(request.method, template, str(status)).inc()
+            latency.labels(request.method, template).observe(elapsed)
+            if template not in ("/healthz", "/readyz", "/metrics"):
+                access.info("http request", method=request.method, route=template, status=status, ms=round(elapsed * 1000, 1))
+
+
+def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> None:
+    """Entry point body: configure logging, then serve the app with uvicorn (no raw-path access log)."""
+    import uvicorn
+
+    configure_logging(settings.service_name, settings.log_level)
+    uvicorn.run(
+        app_factory(),
+        host=settings.http_host,
+        port=settings.http_port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=20,
+    )

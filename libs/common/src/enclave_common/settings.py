@@ -1,0 +1,91 @@
+"""Settings base shared by every service (pydantic-settings).
+
+Each service subclasses :class:`BaseServiceSettings` with its own env prefix
+(``ENCLAVE_<SERVICE>_``); connection settings common to all services are read from the shared
+``ENCLAVE_`` prefix as well, so one environment can point all five at the same Kafka, S3 and
+MongoDB. Secrets are ``SecretStr`` and a placeholder secret is refused outside ``dev``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+Environment = Literal["dev", "test", "staging", "prod"]
+
+#: Values that mean "nobody set this": refused as secrets outside dev/test.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "password", "enclave-dev-secret", "dev", "test", "minioadmin"}
+)
+
+
+class BaseServiceSettings(BaseSettings):
+    """Connection and runtime settings every service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="ENCLAVE_", extra="ignore", frozen=True)
+
+    environment: Environment = "dev"
+    service_name: str = "enclave"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    log_level: str = "INFO"
+
+    kafka_bootstrap_servers: str = "127.0.0.1:19092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_max_message_bytes: int = 2 * 1024 * 1024
+
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27018/")
+
+    s3_endpoint_url: str | None = "http://127.0.0.1:19000"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    #: Where OpenTelemetry spans go: "none", "console", "otlp" (OTEL_EXPORTER_OTLP_* env) or "file".
+    tracing_exporter: Literal["none", "console", "otlp", "file"] = "none"
+    tracing_file: str | None = None
+
+    #: Retries of transient errors inside one delivery before the message is redelivered.
+    retry_attempts: int = Field(default=5, ge=1)
+    retry_base_delay_s: float = Field(default=0.2, gt=0)
+    retry_max_delay_s: float = Field(default=10.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Service prefix first (``ENCLAVE_GATEWAY_KAFKA_...``), then the shared ``ENCLAVE_`` prefix."""
+        shared = EnvSettingsSource(settings_cls, env_prefix="ENCLAVE_")
+        return (init_settings, env_settings, shared, dotenv_settings, file_secret_settings)
+
+    @property
+    def mongo_database(self) -> str:
+        """Each service owns one database, named after it."""
+        return self.service_name
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> BaseServiceSettings:
+        if self.environment in ("dev", "test"):
+            return self
+        for name, value in self:
+            if isinstance(value, SecretStr) and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"setting {name!r} holds a placeholder secret; in environment "
+                    f"{self.environment!r} set a real value (placeholders are accepted only in dev/test)"
+                )
+        return self

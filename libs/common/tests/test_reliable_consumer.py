@@ -1,0 +1,132 @@
+"""The consumer wrapper: idempotency guard, transient retries, permanent errors to the DLQ."""
+
+from __future__ import annotations
+
+import pytest
+from faststream.kafka import KafkaBroker, TestKafkaBroker
+from prometheus_client import CollectorRegistry
+
+from faststream.kafka.annotations import KafkaMessage
+
+from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.errors import PermanentError, TransientError
+from enclave_common.events import KeyEvent
+from enclave_common.idempotency import InMemoryProcessedEvents
+from enclave_common.kafka import ConsumerMetrics, RetryPolicy, reliable_consumer
+
+TOPIC = topics.KEY_CREATED
+
+
+def _event() -> Envelope:
+    return Envelope.for_topic(
+        TOPIC,
+        KeyEvent(operation="created", key_id="kek-1"),
+        source="test",
+        tenant="t1",
+        actor="svc",
+        correlation_id="c1",
+    )
+
+
+def _wire(handler, processed=None):
+    broker = KafkaBroker()
+    processed = processed or InMemoryProcessedEvents()
+    dead: list[tuple[bytes, dict]] = []
+
+    @broker.subscriber(topics.dlq(TOPIC))
+    async def collect(_: object, msg: KafkaMessage) -> None:
+        dead.append((msg.body, dict(msg.headers)))
+
+    reliable_consumer(
+        broker,
+        TOPIC,
+        handler,
+        group_id="test",
+        processed=processed,
+        retry=RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.002),
+        metrics=ConsumerMetrics(CollectorRegistry()),
+    )
+    return broker, processed, dead
+
+
+async def test_each_event_id_is_handled_once():
+    seen: list[str] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.id)
+
+    broker, processed, _ = _wire(handler)
+    event = _event()
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(event.to_bytes(), topic=TOPIC)
+        await br.publish(event.to_bytes(), topic=TOPIC)
+    assert seen == [event.id]
+    assert await processed.seen(event.id)
+
+
+async def test_transient_errors_are_retried_then_succeed():
+    calls = 0
+
+    async def handler(env: Envelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("object store down")
+
+    broker, processed, dead = _wire(handler)
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(_event().to_bytes(), topic=TOPIC)
+    assert calls == 3
+    assert dead == []
+
+
+async def test_transient_error_that_persists_is_not_marked_processed():
+    async def handler(env: Envelope) -> None:
+        raise TransientError("still down")
+
+    broker, processed, dead = _wire(handler)
+    event = _event()
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(event.to_bytes(), topic=TOPIC)
+    assert not await processed.seen(event.id)
+    assert dead == []
+
+
+async def test_permanent_error_goes_to_dlq_with_reason_and_is_marked():
+    async def handler(env: Envelope) -> None:
+        raise PermanentError("transfer syntax 1.2.3 is not accepted", code="bad_transfer_syntax")
+
+    broker, processed, dead = _wire(handler)
+    event = _event()
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(event.to_bytes(), topic=TOPIC)
+    assert len(dead) == 1
+    body, headers = dead[0]
+    assert Envelope.from_bytes(body).id == event.id
+    assert headers["x-dlq-code"] == "bad_transfer_syntax"
+    assert headers["x-dlq-reason"] == "transfer syntax 1.2.3 is not accepted"
+    assert headers["x-original-topic"] == TOPIC
+    assert await processed.seen(event.id)
+
+
+async def test_unexpected_exception_is_dead_lettered_without_its_text():
+    async def handler(env: Envelope) -> None:
+        raise KeyError("DOE^JANE")
+
+    broker, _, dead = _wire(handler)
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(_event().to_bytes(), topic=TOPIC)
+    _, headers = dead[0]
+    assert headers["x-dlq-code"] == "unexpected_error"
+    assert "DOE^JANE" not in headers["x-dlq-reason"]
+
+
+async def test_a_message_that_is_not_an_envelope_is_dead_lettered():
+    async def handler(env: Envelope) -> None:
+        pytest.fail("handler must not see a malformed message")
+
+    broker, _, dead = _wire(handler)
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(b"not json", topic=TOPIC)
+    assert dead[0][1]["x-dlq-code"] == "contract_violation"

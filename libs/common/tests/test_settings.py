@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from enclave_common.settings import BaseServiceSettings
+
+
+class DemoSettings(BaseServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCLAVE_DEMO_", extra="ignore", frozen=True)
+    service_name: str = "demo"
+
+
+def test_service_prefix_wins_over_shared_prefix(monkeypatch):
+    monkeypatch.setenv("ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "shared:9092")
+    assert DemoSettings().kafka_bootstrap_servers == "shared:9092"
+    monkeypatch.setenv("ENCLAVE_DEMO_KAFKA_BOOTSTRAP_SERVERS", "own:9092")
+    assert DemoSettings().kafka_bootstrap_servers == "own:9092"
+
+
+def test_placeholder_secret_refused_outside_dev(monkeypatch):
+    monkeypatch.setenv("ENCLAVE_DEMO_ENVIRONMENT", "prod")
+    monkeypatch.setenv("ENCLAVE_DEMO_S3_SECRET_ACCESS_KEY", "changeme")
+    with pytest.raises(ValidationError, match="placeholder secret"):
+        DemoSettings()
+    monkeypatch.setenv("ENCLAVE_DEMO_S3_SECRET_ACCESS_KEY", "a-real-long-random-value")
+    monkeypatch.setenv("ENCLAVE_DEMO_MONGO_URL", "mongodb://user:pw@db:27017/")
+    assert DemoSettings().environment == "prod"
+
+
+def test_placeholder_secret_accepted_in_dev(monkeypatch):
+    monkeypatch.setenv("ENCLAVE_DEMO_S3_SECRET_ACCESS_KEY", "changeme")
+    assert DemoSettings().s3_secret_access_key is not None
+
+
+def test_secrets_are_not_rendered(monkeypatch):
+    monkeypatch.setenv("ENCLAVE_DEMO_S3_SECRET_ACCESS_KEY", "s3cr3t-value")
+    s = DemoSettings()
+    assert "s3cr3t-value" not in repr(s) and "s3cr3t-value" not in str(s.model_dump())

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Starts (up) or stops (down) the five Enclave services as local processes against the local stack.
+. "$(dirname "$0")/stack/common.sh"
+. "$STACK_DIR/services.env"
+mkdir -p "$PIDS_DIR" "$LOGS_DIR" "$ENCLAVE_STATE/keys"
+
+export ENCLAVE_ENVIRONMENT="${ENCLAVE_ENVIRONMENT:-dev}"
+export ENCLAVE_KAFKA_BOOTSTRAP_SERVERS="${ENCLAVE_KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:$KAFKA_PORT}"
+export ENCLAVE_MONGO_URL="${ENCLAVE_MONGO_URL:-mongodb://127.0.0.1:$MONGO_PORT/}"
+export ENCLAVE_S3_ENDPOINT_URL="${ENCLAVE_S3_ENDPOINT_URL:-http://127.0.0.1:$MINIO_PORT}"
+export ENCLAVE_S3_ACCESS_KEY_ID="${ENCLAVE_S3_ACCESS_KEY_ID:-$MINIO_ROOT_USER}"
+export ENCLAVE_S3_SECRET_ACCESS_KEY="${ENCLAVE_S3_SECRET_ACCESS_KEY:-$MINIO_ROOT_PASSWORD}"
+export ENCLAVE_STATE_DIR="$ENCLAVE_STATE"
+[ -f "$ENCLAVE_STATE/dev.env" ] && . "$ENCLAVE_STATE/dev.env"
+
+up() {
+  for s in $SERVICES; do
+    if pid_alive "$s"; then log "$s already running (pid $(cat "$PIDS_DIR/$s.pid"))"; continue; fi
+    setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null &
+    echo $! > "$PIDS_DIR/$s.pid"
+    log "$s started (pid $!), log: $LOGS_DIR/$s.log"
+  done
+  for s in $SERVICES; do
+    port_var="PORT_${s^^}"
+    wait_for "$s ready on :${!port_var}" 90 curl -sf "http://127.0.0.1:${!port_var}/readyz"
+  done
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) "$STACK_DIR/down.sh" $SERVICES ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
