@@ -3,7 +3,8 @@
 # Data lives under $ENCLAVE_STATE, logs in $ENCLAVE_STATE/logs, pids in $ENCLAVE_STATE/pids.
 # Safe to run twice: a component whose pid is alive is left alone.
 . "$(dirname "$0")/common.sh"
-"$STACK_DIR/install.sh" all
+components=("$@"); [ ${#components[@]} -gt 0 ] || components=(kafka ferretdb minio)
+for c in "${components[@]}"; do "$STACK_DIR/install.sh" "$c"; done
 mkdir -p "$PIDS_DIR" "$LOGS_DIR" "$ENCLAVE_STATE/kafka" "$ENCLAVE_STATE/minio" "$ENCLAVE_STATE/ferretdb"
 
 start() { # name logfile command...
@@ -69,7 +70,11 @@ start_ferretdb() {
     --telemetry=disable --log-level=WARN --state-dir="$ENCLAVE_STATE/ferretdb" --debug-addr="127.0.0.1:${ENCLAVE_FERRETDB_DEBUG_PORT:-18088}" || true
 }
 
-start_kafka; start_minio; start_ferretdb
-wait_for "minio on :$MINIO_PORT" 60 curl -sf "http://127.0.0.1:$MINIO_PORT/minio/health/ready"
-wait_for "ferretdb on :$MONGO_PORT" 60 port_open "$MONGO_PORT"
-wait_for "kafka on :$KAFKA_PORT" 90 "$STACK_DIR/kafka-ready.sh"
+for c in "${components[@]}"; do "start_$c"; done
+for c in "${components[@]}"; do
+  case "$c" in
+    minio) wait_for "minio on :$MINIO_PORT" 60 curl -sf "http://127.0.0.1:$MINIO_PORT/minio/health/ready" ;;
+    ferretdb) wait_for "ferretdb on :$MONGO_PORT" 60 port_open "$MONGO_PORT" ;;
+    kafka) wait_for "kafka on :$KAFKA_PORT" 90 "$STACK_DIR/kafka-ready.sh" ;;
+  esac
+done

@@ -46,8 +46,12 @@ def create_broker(
     *,
     registry: CollectorRegistry | None = None,
     tracer_provider: TracerProvider | None = None,
+    **overrides: Any,
 ) -> KafkaBroker:
-    """A broker whose producer waits for all in-sync replicas and never duplicates on retry."""
+    """A broker whose producer waits for all in-sync replicas and never duplicates on retry.
+
+    ``overrides`` are passed to ``KafkaBroker`` (e.g. ``metadata_max_age_ms`` for a pattern subscriber).
+    """
     middlewares: list[Any] = [KafkaTelemetryMiddleware(tracer_provider=tracer_provider)]
     if registry is not None:
         middlewares.append(KafkaPrometheusMiddleware(registry=registry, app_name=settings.service_name))
@@ -60,17 +64,17 @@ def create_broker(
             context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         security = BaseSecurity(ssl_context=context, use_ssl=True)
-    return KafkaBroker(
-        settings.kafka_bootstrap_servers,
-        client_id=f"enclave-{settings.service_name}",
-        acks="all",
-        enable_idempotence=True,
-        max_request_size=settings.kafka_max_message_bytes,
-        request_timeout_ms=15_000,
-        security=security,
-        middlewares=middlewares,
-        graceful_timeout=30.0,
-    )
+    options: dict[str, Any] = {
+        "client_id": f"enclave-{settings.service_name}",
+        "acks": "all",
+        "enable_idempotence": True,
+        "max_request_size": settings.kafka_max_message_bytes,
+        "request_timeout_ms": 15_000,
+        "security": security,
+        "middlewares": middlewares,
+        "graceful_timeout": 30.0,
+    }
+    return KafkaBroker(settings.kafka_bootstrap_servers, **(options | overrides))
 
 
 @dataclass(frozen=True)

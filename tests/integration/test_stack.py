@@ -1,0 +1,147 @@
+"""The stack is real: Kafka through a consumer group across a consumer restart, S3 with versioning
+and object lock, MongoDB wire with a unique index."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from botocore.exceptions import ClientError
+from pymongo.errors import DuplicateKeyError
+
+from enclave_common.envelope import Envelope
+from enclave_common.events import KeyEvent
+from enclave_common.idempotency import MongoProcessedEvents
+from enclave_common.kafka import ConsumerMetrics, RetryPolicy, create_broker, reliable_consumer
+from enclave_common.settings import BaseServiceSettings
+from prometheus_client import CollectorRegistry
+
+from .conftest import KAFKA, MONGO_URL
+
+
+async def test_mongo_wire_insert_find_and_unique_index(mongo, unique):
+    coll = mongo[f"it_{unique}"]["things"]
+    await coll.create_index("business_key", unique=True)
+    await coll.insert_one({"business_key": "a", "n": 1})
+    with pytest.raises(DuplicateKeyError):
+        await coll.insert_one({"business_key": "a", "n": 2})
+    found = [d async for d in coll.find({"business_key": "a"})]
+    assert [d["n"] for d in found] == [1]
+    await mongo.drop_database(f"it_{unique}")
+
+
+def test_s3_put_get_and_versioning(s3, unique):
+    bucket = f"it-versioned-{unique}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    v1 = s3.put_object(Bucket=bucket, Key="obj", Body=b"first")["VersionId"]
+    v2 = s3.put_object(Bucket=bucket, Key="obj", Body=b"second")["VersionId"]
+    assert v1 != v2
+    assert s3.get_object(Bucket=bucket, Key="obj")["Body"].read() == b"second"
+    assert s3.get_object(Bucket=bucket, Key="obj", VersionId=v1)["Body"].read() == b"first"
+    versions = s3.list_object_versions(Bucket=bucket, Prefix="obj")["Versions"]
+    assert {v["VersionId"] for v in versions} == {v1, v2}
+
+
+def test_s3_object_lock_compliance_refuses_deletion(s3, unique):
+    bucket = f"it-worm-{unique}"
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    version = s3.put_object(
+        Bucket=bucket, Key="checkpoint", Body=b"root", ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=until
+    )["VersionId"]
+    with pytest.raises(ClientError) as refused:
+        s3.delete_object(Bucket=bucket, Key="checkpoint", VersionId=version)
+    # S3 answers AccessDenied, MinIO InvalidRequest ("Object is WORM protected"): either way, refused.
+    assert refused.value.response["Error"]["Code"] in {"AccessDenied", "InvalidRequest"}
+    retention = s3.get_object_retention(Bucket=bucket, Key="checkpoint", VersionId=version)["Retention"]
+    assert retention["Mode"] == "COMPLIANCE"
+    with pytest.raises(ClientError):
+        s3.put_object_retention(
+            Bucket=bucket,
+            Key="checkpoint",
+            VersionId=version,
+            Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until - dt.timedelta(hours=12)},
+        )
+    assert s3.get_object(Bucket=bucket, Key="checkpoint", VersionId=version)["Body"].read() == b"root"
+
+
+async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
+    """Ten events and two redeliveries of the same ids; the first consumer dies after doing the
+    sixth event's work but before committing. The second consumer (same group) picks up from the
+    last commit: every event's effect exists exactly once, and no id passes the guard twice."""
+    topic = f"enclave.ittest{unique}.happened.v1"
+    group = f"enclave-it-{unique}"
+    settings = BaseServiceSettings(
+        service_name=f"it{unique}", kafka_bootstrap_servers=KAFKA, mongo_url=MONGO_URL, retry_attempts=1
+    )
+    db = mongo[f"it_{unique}"]
+    effects = db["effects"]
+    await effects.create_index("event_id", unique=True)
+    handled: list[str] = []
+    events = [
+        Envelope.for_topic(
+            topic, KeyEvent(operation="created", key_id=f"k{i}"), source="it", tenant="t", actor="a", correlation_id="c"
+        )
+        for i in range(10)
+    ]
+    crash_on = events[5].id
+    crashed = asyncio.Event()
+    done = asyncio.Event()
+
+    def make_handler(crash: bool):
+        async def handler(env: Envelope) -> None:
+            handled.append(env.id)
+            try:
+                await effects.insert_one({"event_id": env.id})
+            except DuplicateKeyError:
+                pass  # idempotent on the business key: the effect already exists
+            if crash and env.id == crash_on:
+                crashed.set()
+                await asyncio.sleep(3600)  # "killed" here: effect done, offset not committed
+            if await effects.count_documents({}) == 10:
+                done.set()
+
+        return handler
+
+    async def run_consumer(crash: bool):
+        broker = create_broker(settings, metadata_max_age_ms=1000, graceful_timeout=0.5)
+        reliable_consumer(
+            broker,
+            topic,
+            make_handler(crash),
+            group_id=group,
+            processed=MongoProcessedEvents(db),
+            retry=RetryPolicy.from_settings(settings),
+            metrics=ConsumerMetrics(CollectorRegistry()),
+        )
+        return broker
+
+    producer = create_broker(settings)
+    await producer.start()
+    for env in events[:8]:
+        await producer.publish(env.to_bytes(), topic=topic, key=b"one-partition")
+    await producer.publish(events[1].to_bytes(), topic=topic, key=b"one-partition")  # a redelivery
+
+    first = await run_consumer(crash=True)
+    await first.start()
+    await asyncio.wait_for(crashed.wait(), 60)
+    await first.stop()
+
+    for env in events[8:]:
+        await producer.publish(env.to_bytes(), topic=topic, key=b"one-partition")
+    await producer.publish(events[2].to_bytes(), topic=topic, key=b"one-partition")  # another redelivery
+
+    second = await run_consumer(crash=False)
+    await second.start()
+    await asyncio.wait_for(done.wait(), 60)
+    await asyncio.sleep(2)  # let the late duplicate arrive and be skipped
+    await second.stop()
+    await producer.stop()
+
+    stored = sorted([d["event_id"] async for d in effects.find({})])
+    assert stored == sorted(e.id for e in events)
+    # Only the event in flight at the crash was handled twice; the redelivered ids were skipped.
+    assert sorted(handled) == sorted([e.id for e in events] + [crash_on])
+    await mongo.drop_database(f"it_{unique}")
