@@ -86,9 +86,14 @@ GENESIS: Final = ChainHead(sequence=0, record_hash=GENESIS_HASH)
 def chain_record(draft: AuditRecordDraft, head: ChainHead) -> AuditRecord:
     """Place ``draft`` after ``head``: assign the next sequence, link the previous hash, hash it."""
     link = {"sequence": head.sequence + 1, "prev_hash": head.record_hash}
-    record_hash = compute_record_hash(draft.model_dump(mode="json") | link)
+    fields = _DRAFT_FIELDS
+    record_hash = compute_record_hash(draft.model_dump(mode="json", include=fields) | link)
     # The draft is already validated; construct skips a second validation of the same values.
-    return AuditRecord.model_construct(**dict(draft), **link, record_hash=record_hash)
+    values = {name: getattr(draft, name) for name in fields}
+    return AuditRecord.model_construct(**values, **link, record_hash=record_hash)
+
+
+_DRAFT_FIELDS: Final = frozenset(AuditRecordDraft.model_fields)
 
 
 class HashChain:
