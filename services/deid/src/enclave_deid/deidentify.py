@@ -1,0 +1,563 @@
+"""PS3.15 de-identification of one pydicom dataset: one walk, in place, no pixel decode.
+
+The table and options are data (``profiles``); pydicom parses and writes. Hand-written here, because no
+library does it with keyed, tenant-scoped and restart-stable results: the single recursive walk that
+applies the resolved actions, UID remapping through a keyed HMAC, the per-patient date shift, pseudonyms
+and the linkage record, private-attribute filtering by creator, and the de-identification marks.
+
+The walk reads values from pydicom's raw elements where it can (UIDs, dates) and leaves every element it
+keeps raw, so writing costs no more than a plain read-and-write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import lru_cache
+from io import BytesIO
+from typing import NamedTuple, Protocol
+
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+
+from enclave_deid.policy import DeidPolicy, MethodCode
+from enclave_deid.profile_table import BASIC_PROFILE_EDITION
+from enclave_deid.profiles import COMBINED_CHOICE, ActionCode, ResolvedProfile, resolve_profile
+
+
+class PseudonymKeys(Protocol):
+    """Keyed, tenant-scoped derivations (HMAC); the keys never leave the implementation."""
+
+    def pseudonym(self, tenant: str, kind: str, value: str) -> str: ...
+
+    def uid(self, tenant: str, value: str) -> str: ...
+
+    def date_shift_days(self, tenant: str, patient_pseudonym: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class DeidContext:
+    """What the caller knows about the instance beyond its bytes."""
+
+    tenant: str
+
+
+class AppliedAction(NamedTuple):
+    """One action taken: the path of tags (sequences down to the attribute) and the action code applied."""
+
+    path: tuple[int, ...]
+    action: str
+
+
+@dataclass(frozen=True)
+class LinkageRecord:
+    """Pseudonym -> original identifiers. Holds PHI: store it encrypted, read it only through break-glass."""
+
+    tenant: str
+    patient_pseudonym: str
+    patient_id: str
+    patient_name: str
+    issuer_of_patient_id: str
+    date_shift_days: int | None
+    uids: dict[str, str]  # pseudonymous UID -> original, for the study, series and instance
+
+    def __repr__(self) -> str:
+        return f"LinkageRecord(tenant={self.tenant!r}, patient_pseudonym={self.patient_pseudonym!r}, <PHI>)"
+
+
+@dataclass
+class DeidResult:
+    """The de-identified dataset (the input, changed in place) and what was done to it."""
+
+    dataset: Dataset
+    actions: list[AppliedAction]
+    method_codes: tuple[MethodCode, ...]
+    patient_pseudonym: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    linkage: LinkageRecord = field(repr=False)
+
+
+# Attributes whose UIDs name a class, a transfer syntax or an implementation, never an instance.
+_CLASS_UID_TAGS = frozenset(
+    {
+        0x00020002,  # MediaStorageSOPClassUID
+        0x00020010,  # TransferSyntaxUID
+        0x00020012,  # ImplementationClassUID
+        0x00080016,  # SOPClassUID
+        0x00081150,  # ReferencedSOPClassUID
+        0x0008010C,  # CodingSchemeUID
+        0x00041510,  # ReferencedSOPClassUIDInFile
+        0x00041512,  # ReferencedTransferSyntaxUIDInFile
+        0x0004151A,  # ReferencedRelatedGeneralSOPClassUIDInFile
+    }
+)
+_UID_TAGS = frozenset({0x00080018, 0x0020000D, 0x0020000E})
+_PATIENT_ID = 0x00100020
+_PATIENT_NAME = 0x00100010
+_ISSUER_OF_PATIENT_ID = 0x00100021
+_SOP_INSTANCE_UID = 0x00080018
+_STUDY_INSTANCE_UID = 0x0020000D
+_SERIES_INSTANCE_UID = 0x0020000E
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_DUMMY_TEXT = "REMOVED"
+_DUMMY_STRINGS = {
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "AS": "000D",
+    "IS": "0",
+    "DS": "0",
+}
+# Binary dummies are zeros, identical in either byte order: the width of one value of each VR.
+_ZERO_WIDTH = {
+    "US": 2,
+    "SS": 2,
+    "UL": 4,
+    "SL": 4,
+    "FL": 4,
+    "AT": 4,
+    "FD": 8,
+    "UV": 8,
+    "SV": 8,
+    "OB": 2,
+    "OW": 2,
+}
+_ZERO_WIDTH.update({"OD": 8, "OF": 4, "OL": 4, "OV": 8, "UN": 2})
+_ZERO_VALUES = {"US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "AT": 0, "FD": 0.0, "UV": 0, "SV": 0}
+
+
+def deidentify(dataset: Dataset, policy: DeidPolicy, keys: PseudonymKeys, context: DeidContext) -> DeidResult:
+    """De-identify ``dataset`` in place under ``policy`` (PS3.15 Basic Profile plus the policy's options)."""
+    if not context.tenant:
+        raise ValueError("context.tenant is empty; a tenant id is required to scope pseudonyms")
+    walker = _Walker(policy, resolve_profile(policy), keys, context.tenant)
+    original = walker.identify_patient(dataset)
+    instance_tags = (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SOP_INSTANCE_UID)
+    original_uids = {tag: walker.text(dataset, tag) for tag in instance_tags}
+    walker.walk(dataset, ())
+    _rebuild_file_meta(dataset, walker)
+    _mark(dataset, policy)
+    mapped = {tag: walker.map_uid(value) if value else "" for tag, value in original_uids.items()}
+    uids = {mapped[tag]: value for tag, value in original_uids.items() if value}
+    linkage = LinkageRecord(
+        tenant=context.tenant,
+        patient_pseudonym=walker.patient_pseudonym,
+        patient_id=original[0],
+        patient_name=original[1],
+        issuer_of_patient_id=original[2],
+        date_shift_days=walker.shift_days,
+        uids=uids,
+    )
+    return DeidResult(
+        dataset=dataset,
+        actions=walker.actions,
+        method_codes=policy.method_codes,
+        patient_pseudonym=walker.patient_pseudonym,
+        study_instance_uid=mapped[_STUDY_INSTANCE_UID],
+        series_instance_uid=mapped[_SERIES_INSTANCE_UID],
+        sop_instance_uid=mapped[_SOP_INSTANCE_UID],
+        linkage=linkage,
+    )
+
+
+def _raw_text(elem: DataElement | RawDataElement) -> list[str]:
+    """Values of a string element without pydicom's conversion (ASCII VRs: UI, DA, DT, TM)."""
+    value = elem.value
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        text = value.decode("ascii", errors="replace").rstrip("\x00 ")
+        return [part.strip() for part in text.split("\\")] if text else []
+    if isinstance(value, (list, MultiValue)):
+        return [str(v).strip() for v in value]
+    text = str(value).strip()
+    return [text] if text else []
+
+
+class _Walker:
+    """State of one de-identification: resolved actions, keys, UID cache and the actions log."""
+
+    def __init__(
+        self, policy: DeidPolicy, profile: ResolvedProfile, keys: PseudonymKeys, tenant: str
+    ) -> None:
+        self.policy = policy
+        self.profile = profile
+        self.keys = keys
+        self.tenant = tenant
+        self.actions: list[AppliedAction] = []
+        self.uid_cache: dict[str, str] = {}
+        self.patient_pseudonym = ""
+        self.shift_days: int | None = None
+        self.scrub: re.Pattern[str] | None = None
+        self.safe_private = (
+            {
+                (item.creator.strip().upper(), item.group, item.element)
+                for item in policy.safe_private_attributes
+            }
+            if policy.retain_safe_private
+            else set()
+        )
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    def text(self, dataset: Dataset, tag: int) -> str:
+        if tag not in dataset:
+            return ""
+        if tag in _UID_TAGS:
+            values = _raw_text(dataset.get_item(tag))
+            return values[0] if values else ""
+        value = dataset[tag].value
+        if value is None:
+            return ""
+        return str(value).strip()
+
+    def identify_patient(self, dataset: Dataset) -> tuple[str, str, str]:
+        """Derive the patient pseudonym (and the date shift) before the walk removes the identifiers."""
+        patient_id = self.text(dataset, _PATIENT_ID)
+        patient_name = self.text(dataset, _PATIENT_NAME)
+        issuer = self.text(dataset, _ISSUER_OF_PATIENT_ID)
+        if patient_id:
+            basis = f"{issuer}|{patient_id}" if issuer else patient_id
+            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "patient", basis)
+        elif patient_name:
+            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "patient-name", patient_name)
+        else:
+            study = self.text(dataset, _STUDY_INSTANCE_UID)
+            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "anonymous-study", study)
+        if len(self.patient_pseudonym) > 64:
+            raise ValueError("pseudonym longer than 64 characters; LO and PN allow at most 64")
+        if self.policy.retain_longitudinal_modified_dates:
+            self.shift_days = self.keys.date_shift_days(self.tenant, self.patient_pseudonym)
+        if self.policy.clean_descriptors or self.policy.retain_patient_characteristics:
+            self.scrub = self._identifier_pattern(dataset)
+        return patient_id, patient_name, issuer
+
+    def _identifier_pattern(self, dataset: Dataset) -> re.Pattern[str] | None:
+        """Identifying words of this instance (text and dates the profile removes), to clean descriptors."""
+        words: set[str] = set()
+        for elem in dataset:
+            action = self.profile.action_for(elem.tag)
+            if action is None or action in (ActionCode.K, ActionCode.C, ActionCode.U) or elem.VR == "SQ":
+                continue
+            if elem.VR not in _TEXT_VRS and elem.VR not in ("DA", "DT"):
+                continue
+            values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+            for value in values:
+                text = str(value or "")
+                words.add(text)
+                words.update(re.split(r"[\^=\s,./\\-]+", text))
+        words = {word.strip() for word in words if len(word.strip()) >= 3}
+        if not words:
+            return None
+        alternatives = sorted(words, key=len, reverse=True)
+        return re.compile("|".join(re.escape(word) for word in alternatives), re.IGNORECASE)
+
+    # -- UIDs -----------------------------------------------------------------------------------------
+
+    def map_uid(self, value: str) -> str:
+        """The tenant's pseudonymous UID for ``value``; well-known standard UIDs stay as they are."""
+        mapped = self.uid_cache.get(value)
+        if mapped is None:
+            mapped = value if value in UID_dictionary else self.keys.uid(self.tenant, value)
+            self.uid_cache[value] = mapped
+        return mapped
+
+    def _remap_uids(self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement) -> None:
+        values = _raw_text(elem)
+        mapped = [self.map_uid(value) for value in values if value]
+        _put_text(dataset, tag, "UI", mapped, elem)
+
+    # -- the walk -------------------------------------------------------------------------------------
+
+    def walk(self, dataset: Dataset, path: tuple[int, ...]) -> None:
+        private: list[int] = []
+        for tag, elem in list(dataset.items()):
+            group = tag >> 16
+            if group & 1:
+                private.append(tag)
+                continue
+            action = self.profile.action_for(tag)
+            vr = elem.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
+            if action is None:
+                self._unlisted(dataset, tag, elem, vr, path)
+            else:
+                self._apply(dataset, tag, elem, vr, COMBINED_CHOICE.get(action, action), path)
+        if private:
+            self._private(dataset, private, path)
+
+    def _unlisted(
+        self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
+    ) -> None:
+        """Attributes Table E.1-1 does not list: kept if standard and safe by VR, removed otherwise."""
+        if tag & 0xFFFF == 0 or not (dictionary_has_tag(tag) or _is_repeater(tag)) or vr == "PN":
+            del dataset[tag]
+            self.actions.append(AppliedAction((*path, tag), "X"))
+        elif vr == "UI":
+            if not self.policy.retain_uids and tag not in _CLASS_UID_TAGS:
+                self._remap_uids(dataset, tag, elem)
+        elif vr == "SQ":
+            self._recurse(dataset, tag, path)
+
+    def _apply(
+        self,
+        dataset: Dataset,
+        tag: int,
+        elem: DataElement | RawDataElement,
+        vr: str,
+        action: ActionCode,
+        path: tuple[int, ...],
+    ) -> None:
+        here = (*path, tag)
+        if tag in (_PATIENT_ID, _PATIENT_NAME):
+            if action is not ActionCode.K:
+                _put_text(dataset, tag, vr, [self._pseudonym_for(dataset, tag, path)], elem)
+                self.actions.append(AppliedAction(here, "pseudonym"))
+            return
+        if action is ActionCode.X:
+            del dataset[tag]
+        elif action is ActionCode.K:
+            if vr == "SQ":
+                self._recurse(dataset, tag, path)
+        elif action is ActionCode.Z:
+            _put_empty(dataset, tag, vr, elem)
+        elif action is ActionCode.U or (action is ActionCode.X_Z_U_STAR and vr == "UI"):
+            if vr == "UI":
+                self._remap_uids(dataset, tag, elem)
+            elif vr == "SQ":
+                self._recurse(dataset, tag, path)
+            else:
+                _put_empty(dataset, tag, vr, elem)
+        elif action is ActionCode.X_Z_U_STAR:
+            if vr == "SQ":
+                self._recurse(dataset, tag, path)
+            else:
+                _put_empty(dataset, tag, vr, elem)
+        elif action is ActionCode.D:
+            self._dummy(dataset, tag, elem, vr, path)
+        elif action is ActionCode.C:
+            self._clean(dataset, tag, elem, vr, path)
+        self.actions.append(AppliedAction(here, action.value))
+
+    def _pseudonym_for(self, dataset: Dataset, tag: int, path: tuple[int, ...]) -> str:
+        if not path:
+            return self.patient_pseudonym
+        value = self.text(dataset, tag)
+        if not value:
+            return ""
+        kind = "patient" if tag == _PATIENT_ID else "patient-name"
+        return self.keys.pseudonym(self.tenant, kind, value)
+
+    def _dummy(
+        self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
+    ) -> None:
+        if vr == "SQ":
+            self._recurse(dataset, tag, path)
+        elif vr == "UI":
+            self._remap_uids(dataset, tag, elem)
+        elif vr in ("DA", "DT") and self.shift_days is not None:
+            self._shift(dataset, tag, elem, vr)
+        else:
+            _put_dummy(dataset, tag, vr, elem)
+
+    def _clean(
+        self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
+    ) -> None:
+        """C: keep the meaning, drop the identity: dates shifted, descriptors scrubbed, sequences walked."""
+        if vr == "SQ":
+            self._recurse(dataset, tag, path)
+        elif vr in ("DA", "DT"):
+            if self.shift_days is None:
+                _put_empty(dataset, tag, vr, elem)
+            else:
+                self._shift(dataset, tag, elem, vr)
+        elif vr == "UI":
+            self._remap_uids(dataset, tag, elem)
+        elif vr in _TEXT_VRS and vr != "CS":
+            converted = dataset[tag]
+            values = converted.value if isinstance(converted.value, (list, MultiValue)) else [converted.value]
+            cleaned = [self._scrub(str(value or "")) for value in values]
+            dataset[tag] = DataElement(tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])
+
+    def _scrub(self, text: str) -> str:
+        if self.scrub is None:
+            return text
+        return self.scrub.sub("*", text)
+
+    def _shift(self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str) -> None:
+        assert self.shift_days is not None
+        shifted = [_shift_date(value, vr, self.shift_days) for value in _raw_text(elem)]
+        _put_text(dataset, tag, vr, shifted, elem)
+
+    def _recurse(self, dataset: Dataset, tag: int, path: tuple[int, ...]) -> None:
+        sequence = dataset[tag].value
+        for item in sequence or ():
+            self.walk(item, (*path, tag))
+
+    def _private(self, dataset: Dataset, tags: Iterable[int], path: tuple[int, ...]) -> None:
+        """Private attributes: removed unless the Retain Safe Private allow-list names creator and element."""
+        kept_blocks: set[int] = set()
+        removed: list[int] = []
+        for tag in tags:
+            element = tag & 0xFFFF
+            if self.safe_private and element >= 0x1000:
+                creator_tag = (tag & 0xFFFF0000) | (element >> 8)
+                creator = self.text(dataset, creator_tag).upper() if creator_tag in dataset else ""
+                if (creator, tag >> 16, element & 0xFF) in self.safe_private:
+                    kept_blocks.add(creator_tag)
+                    elem = dataset.get_item(tag)
+                    if elem.VR == "UI" and not self.policy.retain_uids:
+                        self._remap_uids(dataset, tag, elem)
+                    elif elem.VR == "SQ":
+                        self._recurse(dataset, tag, path)
+                    self.actions.append(AppliedAction((*path, tag), "K"))
+                    continue
+            removed.append(tag)
+        for tag in removed:
+            if tag not in kept_blocks:
+                del dataset[tag]
+                self.actions.append(AppliedAction((*path, tag), "X"))
+
+
+def _encoding(like: DataElement | RawDataElement) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a raw element read from bytes; None for elements built in memory."""
+    if isinstance(like, RawDataElement):
+        return like.is_implicit_VR, like.is_little_endian
+    return None
+
+
+def _raw(tag: int, vr: str, value: bytes, encoding: tuple[bool, bool]) -> RawDataElement:
+    return RawDataElement(tag, vr, len(value), value, 0, encoding[0], encoding[1], True, False)
+
+
+def _put_text(
+    dataset: Dataset, tag: int, vr: str, values: list[str], like: DataElement | RawDataElement
+) -> None:
+    """Replace an element by string values; pre-encoded (ASCII) when the dataset was read from bytes."""
+    encoding = _encoding(like)
+    if encoding is not None and all(value.isascii() for value in values):
+        payload = "\\".join(values).encode("ascii")
+        if len(payload) % 2:
+            payload += b"\x00" if vr == "UI" else b" "
+        dataset[tag] = _raw(tag, vr, payload, encoding)
+    else:
+        dataset[tag] = DataElement(tag, vr, values if len(values) != 1 else values[0])
+
+
+def _put_empty(dataset: Dataset, tag: int, vr: str, like: DataElement | RawDataElement) -> None:
+    encoding = _encoding(like)
+    if encoding is not None:
+        dataset[tag] = _raw(tag, vr, b"", encoding)
+    else:
+        dataset[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
+
+
+def _put_dummy(dataset: Dataset, tag: int, vr: str, like: DataElement | RawDataElement) -> None:
+    """D: a value that carries nothing, valid for the VR."""
+    width = _ZERO_WIDTH.get(vr)
+    if width is None:
+        _put_text(dataset, tag, vr, [_DUMMY_STRINGS.get(vr, _DUMMY_TEXT)], like)
+    elif _encoding(like) is not None:
+        dataset[tag] = _raw(tag, vr, b"\x00" * width, _encoding(like))  # type: ignore[arg-type]
+    else:
+        dataset[tag] = DataElement(tag, vr, _ZERO_VALUES.get(vr, b"\x00" * width))
+
+
+def _is_repeater(tag: int) -> bool:
+    try:
+        get_entry(tag)
+    except KeyError:
+        return False
+    return True
+
+
+_DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
+
+
+def _shift_date(value: str, vr: str, days: int) -> str:
+    """Shift a DA or DT value by whole days; times and UTC offsets stay, so paired TM values stay coherent."""
+    match = _DT.match(value)
+    if not match:
+        return ""
+    year, month, day, rest = match.group(1), match.group(2), match.group(3), match.group(4)
+    try:
+        shifted = date(int(year), int(month or 1), int(day or 1)) + timedelta(days=days)
+    except (ValueError, OverflowError):
+        return ""
+    if vr == "DA":
+        return shifted.strftime("%Y%m%d")
+    text = f"{shifted.year:04d}"
+    if month:
+        text += f"{shifted.month:02d}"
+    if day:
+        text += f"{shifted.day:02d}" + rest
+    return text
+
+
+_FILE_META_KEPT = frozenset({0x00020001, 0x00020002, 0x00020010})
+
+
+def _rebuild_file_meta(dataset: Dataset, walker: _Walker) -> None:
+    """File meta keeps only what the format needs; the instance UID follows the remapped SOP Instance UID."""
+    meta = getattr(dataset, "file_meta", None)
+    if meta is None:
+        return
+    for tag in list(meta.keys()):
+        if tag not in _FILE_META_KEPT:
+            del meta[tag]
+    if 0x00020002 not in meta and "SOPClassUID" in dataset:
+        meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    if _SOP_INSTANCE_UID in dataset:
+        sop_instance = _raw_text(dataset.get_item(_SOP_INSTANCE_UID))
+        meta[0x00020003] = DataElement(0x00020003, "UI", sop_instance[0] if sop_instance else "")
+    meta[0x00020012] = DataElement(0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID)
+    meta[0x00020013] = DataElement(0x00020013, "SH", "ENCLAVE_DEID")
+
+
+def _mark(dataset: Dataset, policy: DeidPolicy) -> None:
+    """Add PatientIdentityRemoved, DeidentificationMethod(CodeSequence), LongitudinalTemporalInfoModified."""
+    for tag, element in _marks(policy, dataset.original_encoding).items():
+        dataset[tag] = element
+
+
+@lru_cache(maxsize=128)
+def _marks(
+    policy: DeidPolicy, encoding: tuple[bool | None, bool | None]
+) -> dict[int, DataElement | RawDataElement]:
+    """The mark elements for a policy, encoded once per transfer-syntax encoding (raw elements are shared
+    read-only between datasets; pydicom replaces, never mutates, an element on assignment)."""
+    marks = Dataset()
+    marks.PatientIdentityRemoved = "YES"
+    marks.DeidentificationMethod = [f"PS3.15 {BASIC_PROFILE_EDITION} Table E.1-1"] + [
+        code.meaning[:64] for code in policy.method_codes[1:]
+    ]
+    items = []
+    for code in policy.method_codes:
+        item = Dataset()
+        item.CodeValue = code.value
+        item.CodingSchemeDesignator = code.scheme
+        item.CodeMeaning = code.meaning
+        items.append(item)
+    marks.DeidentificationMethodCodeSequence = Sequence(items)
+    marks.LongitudinalTemporalInformationModified = (
+        "MODIFIED" if policy.retain_longitudinal_modified_dates else "REMOVED"
+    )
+    implicit, little = encoding
+    if implicit is None or little is None:
+        return dict(marks.items())
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
+    write_dataset(buffer, marks)
+    parsed = read_dataset(BytesIO(buffer.getvalue()), implicit, little)
+    return dict(parsed.items())

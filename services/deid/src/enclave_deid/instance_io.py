@@ -1,0 +1,21 @@
+"""Bytes <-> pydicom dataset for the de-identifier: parse without decoding pixels, write Part 10 files."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+
+
+def read_instance(data: bytes) -> Dataset:
+    """Parse a DICOM Part 10 file; pixel data stays as the encoded bytes it was read from."""
+    return dcmread(BytesIO(data))
+
+
+def write_instance(dataset: Dataset) -> bytes:
+    """Encode ``dataset`` as a conformant Part 10 file (preamble, file meta) in its own transfer syntax."""
+    buffer = BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
