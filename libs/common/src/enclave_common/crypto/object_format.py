@@ -30,9 +30,9 @@ NONCE_PREFIX_BYTES = 7
 TAG_BYTES = 16
 MAX_SEGMENTS = 2**32
 _FIXED = struct.Struct(">4sBBI7sH")
+_IMMUTABLE = struct.Struct(">4sBBI7s")
 HEADER_FIXED_BYTES = _FIXED.size
 """Bytes before the key slot (19); the hashed immutable part is the first 17."""
-_IMMUTABLE_BYTES = HEADER_FIXED_BYTES - 2
 _HEADER_HASH_LABEL = b"enclave.object.header.v1\x00"
 _IDENTITY_LABEL = b"enclave.object.identity.v1\x00"
 
@@ -95,7 +95,10 @@ class ObjectHeader:
 
     def header_hash(self) -> bytes:
         """SHA-256 over the immutable header fields (everything before the key slot length)."""
-        return hashlib.sha256(_HEADER_HASH_LABEL + self.to_bytes()[:_IMMUTABLE_BYTES]).digest()
+        immutable = _IMMUTABLE.pack(
+            OBJECT_MAGIC, self.format_version, 0, self.segment_size, self.nonce_prefix
+        )
+        return hashlib.sha256(_HEADER_HASH_LABEL + immutable).digest()
 
     def segment_aad(self, identity: ObjectIdentity) -> bytes:
         """Associated data of every segment of this object."""

@@ -192,8 +192,11 @@ class InstanceSealer:
         """Index the next ``seal_chunk`` call will use."""
         return self._next_index
 
-    def seal_chunk(self, data: bytes | memoryview, *, final: bool) -> bytes:
-        """Seal the next chunk; pass ``final=True`` on the last one (an empty final chunk is fine)."""
+    def seal_chunk(self, data: bytes | memoryview, *, final: bool) -> bytearray:
+        """Seal the next chunk; pass ``final=True`` on the last one (an empty final chunk is fine).
+
+        Returns a new buffer (header and ciphertext written in place, no extra copy of the payload).
+        """
         if self._finished:
             raise SealError("instance stream already sealed its final chunk")
         if len(data) > self._max_chunk_bytes:
@@ -207,12 +210,17 @@ class InstanceSealer:
             )
             + self._key_block
         )
-        ciphertext = self._aead.encrypt(
-            _chunk_nonce(index, final), data, _CHUNK_AAD_LABEL + header + self._context_bytes
+        sealed = bytearray(len(header) + len(data) + _TAG_BYTES)
+        sealed[: len(header)] = header
+        self._aead.encrypt_into(
+            _chunk_nonce(index, final),
+            data,
+            _CHUNK_AAD_LABEL + header + self._context_bytes,
+            memoryview(sealed)[len(header) :],
         )
         self._next_index += 1
         self._finished = final
-        return header + ciphertext
+        return sealed
 
 
 def seal_instance_chunks(
@@ -221,7 +229,7 @@ def seal_instance_chunks(
     context: SealContext,
     *,
     chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-) -> list[bytes]:
+) -> list[bytearray]:
     """Convenience for tests and small payloads: split ``data`` and seal every chunk."""
     sealer = InstanceSealer(recipient, context, max_chunk_bytes=chunk_bytes)
     view = memoryview(data)

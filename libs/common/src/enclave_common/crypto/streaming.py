@@ -72,6 +72,15 @@ class _ChunkQueue:
             self._pieces.append(view)
             self.size += len(view)
 
+    def peek(self, n: int) -> bytes:
+        """Copy of the first ``n`` queued bytes (n <= size), without consuming them."""
+        out = bytearray()
+        for piece in self._pieces:
+            if len(out) >= n:
+                break
+            out += piece[: n - len(out)]
+        return bytes(out)
+
     def take(self, n: int) -> memoryview:
         if n == 0:
             return memoryview(b"")
@@ -239,13 +248,10 @@ class ObjectDecryptor:
     def _try_read_header(self) -> bool:
         if self._pending.size < HEADER_FIXED_BYTES:
             return False
-        prefix = bytes(self._pending.take(self._pending.size))
-        needed = ObjectHeader.needed_length(prefix)
-        if len(prefix) < needed:
-            self._pending.push(prefix)
+        needed = ObjectHeader.needed_length(self._pending.peek(HEADER_FIXED_BYTES))
+        if self._pending.size < needed:
             return False
-        header, length = ObjectHeader.from_bytes(prefix)
-        self._pending.push(prefix[length:])
+        header, _ = ObjectHeader.from_bytes(bytes(self._pending.take(needed)))
         if isinstance(self._key, bytes | bytearray):
             dek = bytes(self._key)
         else:
