@@ -17,7 +17,6 @@ def _chunk() -> UploadChunk:
         index=0,
         count=2,
         sealed=bytes(range(256)),
-        encapsulated_key=b"\x01" * 32,
         total_size=300,
         sha256="ab" * 32,
     )

@@ -41,14 +41,17 @@ class ObjectRef(EventData):
 
 
 class UploadChunk(EventData):
-    """One sealed piece (at most 1 MiB of plaintext) of an accepted instance."""
+    """One sealed piece (at most 1 MiB of plaintext) of an accepted instance.
+
+    ``sealed`` is self-describing (see docs/crypto-format.md): it carries the HPKE key block, the
+    chunk index and the final flag, all authenticated.
+    """
 
     upload_id: str
     instance_upload_id: str
     index: int = Field(ge=0)
     count: int = Field(ge=1)
     sealed: Base64Bytes
-    encapsulated_key: Base64Bytes
     total_size: int = Field(ge=0)
     sha256: str
 

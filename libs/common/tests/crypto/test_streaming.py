@@ -27,6 +27,8 @@ from enclave_common.crypto import (
     encrypt_object_async,
     scrub_object,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SEG = 64
 TAG = 16
@@ -280,3 +282,41 @@ def test_scrub_reports_key_and_header_problems(keyring, data_key) -> None:
     assert [(p.segment_index, p.problem) for p in wrong.problems] == [(None, "key")]
     garbage = scrub_object([b"NOPE" + blob[4:]], IDENTITY, keyring)
     assert [(p.segment_index, p.problem) for p in garbage.problems] == [(None, "header")]
+
+
+# ---- limits and properties -------------------------------------------------------------------
+
+
+def test_segment_size_limits(data_key) -> None:
+    from enclave_common.crypto.object_format import MAX_SEGMENT_SIZE
+
+    dek, wrapped = data_key
+    for ok in (1, MAX_SEGMENT_SIZE):
+        assert ObjectEncryptor(dek, wrapped, IDENTITY, segment_size=ok).header.segment_size == ok
+    for bad in (0, MAX_SEGMENT_SIZE + 1):
+        with pytest.raises(ObjectFormatError, match="segment size"):
+            ObjectEncryptor(dek, wrapped, IDENTITY, segment_size=bad)
+
+
+def test_data_key_must_be_32_bytes(data_key) -> None:
+    from enclave_common.crypto import KeyFormatError
+
+    _, wrapped = data_key
+    with pytest.raises(KeyFormatError, match="32 bytes"):
+        ObjectEncryptor(b"k" * 16, wrapped, IDENTITY)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.binary(max_size=300),
+    segment_size=st.integers(min_value=1, max_value=40),
+    piece=st.integers(min_value=1, max_value=100),
+)
+def test_round_trip_property(data: bytes, segment_size: int, piece: int) -> None:
+    keyring = LocalKeyring.generate("prop")
+    dek, wrapped = keyring.generate_data_key(IDENTITY.key_context())
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+    blob = b"".join(encrypt_object(pieces, dek, wrapped, IDENTITY, segment_size=segment_size))
+    ct_pieces = [blob[i : i + piece] for i in range(0, len(blob), piece)]
+    assert b"".join(decrypt_object(ct_pieces, IDENTITY, keyring)) == data
+    assert scrub_object(io.BytesIO(blob), IDENTITY, keyring).ok

@@ -323,7 +323,7 @@ def _plaintext_pieces(source: ObjectSource, read_size: int) -> Iterator[ByteChun
         yield from source  # type: ignore[misc]
 
 
-def _ciphertext_pieces(source: ObjectSource, segment_overhead_hint: int = TAG_BYTES) -> Iterator[ByteChunk]:
+def _ciphertext_pieces(source: ObjectSource) -> Iterator[ByteChunk]:
     """Ciphertext from a file-like, read header-first then segment-aligned; iterables pass through."""
     if not _is_readable(source):
         yield from source  # type: ignore[misc]
@@ -337,7 +337,7 @@ def _ciphertext_pieces(source: ObjectSource, segment_overhead_hint: int = TAG_BY
     rest = _read_exact(reader, needed - HEADER_FIXED_BYTES)
     yield rest
     header, _ = ObjectHeader.from_bytes(prefix + rest)
-    while chunk := _read_exact(reader, header.segment_size + segment_overhead_hint):
+    while chunk := _read_exact(reader, header.segment_size + TAG_BYTES):
         yield chunk
 
 
