@@ -1,0 +1,283 @@
+"""Anomaly rules over the audit trail that raise security alerts.
+
+Rules: many distinct studies accessed by one actor within a sliding window; repeated failed
+authentications per actor and per source address; any break-glass use; access outside configured
+business hours (in the configured time zone). Window state is not kept in this process: rules ask
+an :class:`AuditHistory` (the audit store, queried after the record was inserted), so a restart
+loses nothing, and an alert is not repeated while one for the same rule and subject is recent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, time, timedelta
+from typing import Final, Literal, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from enclave_common import topics
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from enclave_audit import codes
+from enclave_audit.codes import EventOutcome, ObjectKind
+from enclave_audit.records import AuditRecordDraft
+
+RULE_MANY_STUDIES: Final = "many_studies_accessed"
+RULE_AUTH_FAILURES: Final = "repeated_authentication_failures"
+RULE_BREAK_GLASS: Final = "break_glass"
+RULE_OFF_HOURS: Final = "access_outside_hours"
+
+_ACCESS_TYPE: Final = topics.event_type(topics.ACCESS_RECORDED)
+_ALERT_TYPE: Final = topics.event_type(topics.SECURITY_ALERT)
+
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+class AnomalyThresholds(BaseModel):
+    """Rule thresholds (configurable per deployment)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    distinct_studies_limit: int = Field(default=20, ge=1)
+    distinct_studies_window: timedelta = timedelta(minutes=10)
+    auth_failure_limit: int = Field(default=5, ge=1)
+    auth_failure_window: timedelta = timedelta(minutes=5)
+    business_hours_start: time = time(7, 0)
+    business_hours_end: time = time(19, 0)
+    business_days: frozenset[int] = frozenset({0, 1, 2, 3, 4})
+    timezone: str = "UTC"
+    off_hours_realert_after: timedelta = timedelta(hours=1)
+    #: Principals whose roles are all in this set (service accounts) are not subject to the hours rule.
+    off_hours_exempt_roles: frozenset[str] = frozenset({"uploader", "service"})
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"time zone {value!r} is unknown; use an IANA name such as Europe/Paris"
+            ) from exc
+        return value
+
+    @field_validator("business_days")
+    @classmethod
+    def _weekdays(cls, value: frozenset[int]) -> frozenset[int]:
+        if not value <= set(range(7)):
+            raise ValueError("business_days are weekday numbers 0 (Monday) to 6 (Sunday)")
+        return value
+
+    @model_validator(mode="after")
+    def _positive_windows(self) -> AnomalyThresholds:
+        for name in ("distinct_studies_window", "auth_failure_window", "off_hours_realert_after"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be a positive duration")
+        return self
+
+
+class AlertDraft(BaseModel):
+    """A security alert to publish on ``security.alert`` (no PHI: ids, counts and rule names only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rule: str
+    severity: Severity
+    subject: str
+    tenant: str | None
+    detail: str
+    count: int
+    threshold: int
+    window_start: datetime
+    window_end: datetime
+    triggering_event_id: str
+
+    def to_event_data(self) -> dict[str, object]:
+        """The ``security.alert`` payload (``SecurityAlert`` in enclave_common.events)."""
+        return {"rule": self.rule, "severity": self.severity, "subject": self.subject, "detail": self.detail}
+
+
+class AuditHistory(Protocol):
+    """What the rules need to know about the past; the audit store answers it with indexed queries.
+
+    Counts include the record being evaluated (it is stored before the rules run).
+    """
+
+    def count_distinct_studies(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        """Distinct study keys in successful access records by ``actor`` with event time in the window."""
+        ...
+
+    def count_authentication_failures(
+        self, *, actor: str | None, source_address: str | None, since: datetime, until: datetime
+    ) -> int:
+        """Failed User Authentication records for the actor (or, if given, the source address)."""
+        ...
+
+    def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
+        """Event time of the most recent alert raised for ``rule`` and ``subject``, if any."""
+        ...
+
+
+class AnomalyDetector:
+    """Evaluates the rules for one newly stored record."""
+
+    def __init__(self, thresholds: AnomalyThresholds, history: AuditHistory) -> None:
+        self.thresholds = thresholds
+        self.history = history
+        self._zone = ZoneInfo(thresholds.timezone)
+
+    def evaluate(self, record: AuditRecordDraft) -> list[AlertDraft]:
+        if record.event_type == _ALERT_TYPE:
+            return []  # alerts are audited, never re-alerted
+        alerts: list[AlertDraft] = []
+        if codes.EMERGENCY_OVERRIDE_STARTED in record.event_type_codes:
+            alerts.append(self._alert(record, RULE_BREAK_GLASS, "high", record.actor, 1, 1, timedelta(0)))
+        if record.event_code == codes.USER_AUTHENTICATION and record.outcome != EventOutcome.SUCCESS:
+            alerts.extend(self._auth_failures(record))
+        if record.event_type == _ACCESS_TYPE:
+            alerts.extend(self._many_studies(record))
+            alerts.extend(self._off_hours(record))
+        return alerts
+
+    def _many_studies(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
+        t = self.thresholds
+        if record.outcome != EventOutcome.SUCCESS or not record.object_ids(ObjectKind.STUDY):
+            return
+        since = record.event_time - t.distinct_studies_window
+        count = self.history.count_distinct_studies(
+            actor=record.actor, tenant=record.tenant, since=since, until=record.event_time
+        )
+        if count >= t.distinct_studies_limit and self._not_recent(RULE_MANY_STUDIES, record.actor, since):
+            severity: Severity = "high" if count >= 2 * t.distinct_studies_limit else "medium"
+            yield self._alert(
+                record, RULE_MANY_STUDIES, severity, record.actor, count, t.distinct_studies_limit,
+                t.distinct_studies_window,
+            )  # fmt: skip
+
+    def _auth_failures(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
+        t = self.thresholds
+        since = record.event_time - t.auth_failure_window
+        address = record.participants[0].network_address if record.participants else None
+        subjects: list[tuple[str, str | None, str | None]] = [(f"actor:{record.actor}", record.actor, None)]
+        if address:
+            subjects.append((f"source:{address}", None, address))
+        for subject, actor, source_address in subjects:
+            count = self.history.count_authentication_failures(
+                actor=actor, source_address=source_address, since=since, until=record.event_time
+            )
+            if count >= t.auth_failure_limit and self._not_recent(RULE_AUTH_FAILURES, subject, since):
+                yield self._alert(
+                    record,
+                    RULE_AUTH_FAILURES,
+                    "high",
+                    subject,
+                    count,
+                    t.auth_failure_limit,
+                    t.auth_failure_window,
+                )
+
+    def _off_hours(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
+        t = self.thresholds
+        roles = set(record.participants[0].roles) if record.participants else set()
+        if not roles or roles <= t.off_hours_exempt_roles or self.within_business_hours(record.event_time):
+            return
+        if self._not_recent(RULE_OFF_HOURS, record.actor, record.event_time - t.off_hours_realert_after):
+            yield self._alert(record, RULE_OFF_HOURS, "low", record.actor, 1, 1, timedelta(0))
+
+    def within_business_hours(self, moment: datetime) -> bool:
+        """Whether ``moment`` falls in business hours on a business day, in the configured zone."""
+        t = self.thresholds
+        local = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(self._zone)
+        clock = local.time().replace(tzinfo=None)
+        start, end = t.business_hours_start, t.business_hours_end
+        if start <= end:
+            return local.weekday() in t.business_days and start <= clock < end
+        # A night shift (e.g. 22:00-06:00) belongs to the day it started on.
+        if clock >= start:
+            return local.weekday() in t.business_days
+        return clock < end and (local - timedelta(days=1)).weekday() in t.business_days
+
+    def _not_recent(self, rule: str, subject: str, since: datetime) -> bool:
+        last = self.history.last_alert_time(rule=rule, subject=subject)
+        return last is None or last < since
+
+    def _alert(
+        self,
+        record: AuditRecordDraft,
+        rule: str,
+        severity: Severity,
+        subject: str,
+        count: int,
+        threshold: int,
+        window: timedelta,
+    ) -> AlertDraft:
+        detail = {
+            RULE_BREAK_GLASS: "break-glass access used",
+            RULE_MANY_STUDIES: f"{count} distinct studies accessed within {window}",
+            RULE_AUTH_FAILURES: f"{count} failed authentications within {window}",
+            RULE_OFF_HOURS: f"access outside business hours ({self.thresholds.timezone})",
+        }[rule]
+        return AlertDraft(
+            rule=rule,
+            severity=severity,
+            subject=subject,
+            tenant=record.tenant,
+            detail=detail,
+            count=count,
+            threshold=threshold,
+            window_start=record.event_time - window,
+            window_end=record.event_time,
+            triggering_event_id=record.event_id,
+        )
+
+
+class InMemoryAuditHistory:
+    """An :class:`AuditHistory` over records held in a list: for tests and as the reference semantics."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecordDraft] = []
+        self.alerts: list[tuple[str, str, datetime]] = []
+
+    def add(self, record: AuditRecordDraft) -> None:
+        self.records.append(record)
+
+    def record_alert(self, alert: AlertDraft) -> None:
+        self.alerts.append((alert.rule, alert.subject, alert.window_end))
+
+    def count_distinct_studies(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        return len(
+            {
+                study
+                for r in self.records
+                if r.event_type == _ACCESS_TYPE
+                and r.actor == actor
+                and r.tenant == tenant
+                and r.outcome == EventOutcome.SUCCESS
+                and since <= r.event_time <= until
+                for study in r.object_ids(ObjectKind.STUDY)
+            }
+        )
+
+    def count_authentication_failures(
+        self, *, actor: str | None, source_address: str | None, since: datetime, until: datetime
+    ) -> int:
+        def matches(r: AuditRecordDraft) -> bool:
+            if source_address is not None:
+                return bool(r.participants) and r.participants[0].network_address == source_address
+            return r.actor == actor
+
+        return sum(
+            1
+            for r in self.records
+            if r.event_code == codes.USER_AUTHENTICATION
+            and r.outcome != EventOutcome.SUCCESS
+            and since <= r.event_time <= until
+            and matches(r)
+        )
+
+    def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
+        times = [at for r, s, at in self.alerts if r == rule and s == subject]
+        return max(times) if times else None
