@@ -299,6 +299,11 @@ class MultipartParser:
     def bytes_received(self) -> int:
         return self._received
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held between feeds: proves memory stays bounded whatever the part size."""
+        return len(self._buffer)
+
     def feed(self, chunk: bytes) -> list[PartEvent]:
         """Consume one chunk of the body and return the events it completes."""
         if not chunk:

@@ -27,7 +27,7 @@ import hashlib
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from io import BytesIO
@@ -245,7 +245,8 @@ class _DatasetWalker:
     def sequence_depth(self) -> int:
         return sum(1 for frame in self.frames if frame.kind != "item")
 
-    def feed(self, data: bytes | memoryview) -> None:
+    def feed(self, data: bytes | memoryview) -> int:
+        """Walk ``data``; returns the bytes consumed, fewer than given only right after the header."""
         view = memoryview(data)
         if self.header_cutoff is None:
             room = self._header_window - len(self.header)
@@ -258,9 +259,13 @@ class _DatasetWalker:
                 self._skip -= step
                 offset += step
                 self.position += step
+                if self.header_cutoff is None and self.position > self._header_window:
+                    self._refuse_large_header()
                 continue
             if not self._pending:
                 self._close_finished_frames()
+                if self.header_cutoff is None and self.position > self._header_window:
+                    self._refuse_large_header()
             need = self._header_size_needed()
             take = min(need - len(self._pending), size - offset)
             self._pending += view[offset : offset + take]
@@ -271,10 +276,12 @@ class _DatasetWalker:
                 need = self._header_size_needed()
             if len(self._pending) < need or need == 6:
                 continue
+            cutoff_before = self.header_cutoff
             self._element(bytes(self._pending))
             self._pending.clear()
-        if self.header_cutoff is None and len(self.header) >= self._header_window:
-            self._refuse_large_header()
+            if cutoff_before is None and self.header_cutoff is not None:
+                return offset  # let the inspector read the header before anything after it
+        return offset
 
     def _detect_first_element_encoding(self) -> None:
         """Follow the bytes, not the file meta, for implicit/explicit VR, as pydicom does when reading."""
@@ -451,7 +458,7 @@ class _DatasetWalker:
         end = self.position + length
         if end > self.policy.max_instance_bytes:
             raise _Refused(
-                FailureReason.OUT_OF_RESOURCES,
+                FailureReason.CANNOT_UNDERSTAND,
                 "declared_length_too_large",
                 f"Element {_tag_text(tag)} declares {length} bytes, beyond the maximum instance size of "
                 f"{self.policy.max_instance_bytes} bytes",
@@ -515,33 +522,56 @@ class _Inflater:
         self.inflated = 0
         self._trailing = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Inflated pieces of ``data``, yielded in stream order so errors surface in that order too."""
         self.compressed += len(data)
-        out: list[bytes] = []
         pending = data
         while pending:
             if self._zlib.eof:
-                self._trailing += len(pending)
-                if self._trailing > self._MAX_TRAILING:
-                    raise _Refused(
-                        FailureReason.CANNOT_UNDERSTAND,
-                        "trailing_bytes",
-                        f"More than {self._MAX_TRAILING} bytes follow the end of the deflated dataset",
-                    )
-                break
+                self._add_trailing(len(pending))
+                return
+            backup = self._zlib.copy()
             try:
                 piece = self._zlib.decompress(pending, self._STEP)
+            except zlib.error:
+                # zlib drops the output of a failing call; replay byte by byte so that everything
+                # before the corruption is walked, whatever the chunking.
+                self._zlib = backup
+                yield from self._inflate_until_error(pending)
+                return
+            self._account(len(piece))
+            if piece:
+                yield piece
+            if self._zlib.eof:
+                self._add_trailing(len(self._zlib.unused_data))
+                return
+            pending = self._zlib.unconsumed_tail
+
+    def _inflate_until_error(self, data: bytes) -> Iterator[bytes]:
+        for at in range(len(data)):
+            try:
+                piece = self._zlib.decompress(data[at : at + 1])
             except zlib.error:
                 raise _Refused(
                     FailureReason.CANNOT_UNDERSTAND,
                     "bad_deflate",
                     "Deflated dataset is not a valid deflate stream (RFC 1951)",
                 ) from None
-            pending = self._zlib.unconsumed_tail
             self._account(len(piece))
             if piece:
-                out.append(piece)
-        return out
+                yield piece
+            if self._zlib.eof:
+                self._add_trailing(len(data) - at - 1)
+                return
+
+    def _add_trailing(self, size: int) -> None:
+        self._trailing += size
+        if self._trailing > self._MAX_TRAILING:
+            raise _Refused(
+                FailureReason.CANNOT_UNDERSTAND,
+                "trailing_bytes",
+                f"More than {self._MAX_TRAILING} bytes follow the end of the deflated dataset",
+            )
 
     def _account(self, size: int) -> None:
         self.inflated += size
@@ -685,15 +715,21 @@ class InstanceInspector:
         self._dataset_bytes(data)
 
     def _dataset_bytes(self, data: bytes) -> None:
-        walker = self._walker
-        assert walker is not None
         if self._inflater is not None:
             for piece in self._inflater.feed(data):
-                walker.feed(piece)
-        elif data:
-            walker.feed(data)
-        if self.header is None and walker.header_cutoff is not None:
-            self._read_header(walker)
+                self._walk(piece)
+        else:
+            self._walk(data)
+
+    def _walk(self, data: bytes) -> None:
+        walker = self._walker
+        assert walker is not None
+        view = memoryview(data)
+        while view:
+            consumed = walker.feed(view)
+            if self.header is None and walker.header_cutoff is not None:
+                self._read_header(walker)
+            view = view[consumed:]
 
     def _complete(self) -> None:
         if self._walker is None:
@@ -867,6 +903,12 @@ class InstanceInspector:
             element = dataset.get_item(Tag(tag))
             value = element.value if element is not None else None
             values[tag] = _text(value) if isinstance(value, bytes) else ""
+        if not any(values[tag] for tag in _REQUIRED_UIDS):
+            raise _Refused(
+                FailureReason.CANNOT_UNDERSTAND,
+                "not_dicom",
+                "Part is not a DICOM instance: none of the SOP Common, Study or Series UIDs is present",
+            )
         for tag, name in _REQUIRED_UIDS.items():
             if not values[tag]:
                 raise _Refused(
