@@ -177,3 +177,12 @@ def test_canonical_json_equals_the_rfc8785_reference(value):
 )
 def test_canonical_json_edge_cases(value):
     assert canonical_json(value) == rfc8785.dumps(value)
+
+
+@pytest.mark.parametrize("index", [0, 6, 19])
+def test_json_documents_take_the_fast_path_and_still_catch_tampering(make_chain, index):
+    docs = [r.model_dump(mode="json") for r in make_chain(20)]
+    assert verify_chain(docs).ok
+    docs[index]["outcome"] = 12
+    result = verify_chain(docs)
+    assert (result.broken_sequence, result.reason) == (index + 1, BreakReason.HASH_MISMATCH)
