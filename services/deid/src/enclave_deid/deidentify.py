@@ -142,6 +142,10 @@ def deidentify(dataset: Dataset, policy: DeidPolicy, keys: PseudonymKeys, contex
     """De-identify ``dataset`` in place under ``policy`` (PS3.15 Basic Profile plus the policy's options)."""
     if not context.tenant:
         raise ValueError("context.tenant is empty; a tenant id is required to scope pseudonyms")
+    if _SOP_INSTANCE_UID not in dataset:
+        raise ValueError(
+            "SOPInstanceUID (0008,0018) is missing; only storable instances can be de-identified"
+        )
     walker = _Walker(policy, resolve_profile(policy), keys, context.tenant)
     original = walker.identify_patient(dataset)
     instance_tags = (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SOP_INSTANCE_UID)
@@ -289,7 +293,9 @@ class _Walker:
                 private.append(tag)
                 continue
             action = self.profile.action_for(tag)
-            vr = elem.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else "UN")
+            vr = elem.VR
+            if vr is None or vr == "UN":
+                vr = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
             if action is None:
                 self._unlisted(dataset, tag, elem, vr, path)
             else:
