@@ -1,0 +1,240 @@
+"""FastAPI glue: ``Depends(guard.require(action))`` authenticates, rate-limits and authorizes.
+
+Status codes: 401 with ``WWW-Authenticate: Bearer`` (RFC 6750: ``error="invalid_token"`` and an
+``error_description`` when a token was sent and refused), 403 when the principal's roles never
+allow the action (or the record needs break-glass), 404 for another tenant's resource or a
+patient the principal holds no grant on (indistinguishable from a genuine 404), 429 with
+``Retry-After``, 503 when the identity provider's keys cannot be had. Every outcome, allowed or
+not, is passed to ``on_decision`` so the gateway can emit its ``access`` audit event; if the hook
+raises, the request fails (an access that cannot be audited does not happen).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from fastapi import HTTPException, Request
+
+from enclave_common.auth.actions import Action
+from enclave_common.auth.errors import AuthenticationError, AuthFailure, KeySourceUnavailable
+from enclave_common.auth.grants import GrantStore
+from enclave_common.auth.policy import (
+    DEFAULT_POLICY,
+    NOT_FOUND_MESSAGE,
+    AccessPolicy,
+    Decision,
+    Outcome,
+    Resource,
+)
+from enclave_common.auth.ratelimit import RateLimiter
+from enclave_common.auth.roles import Principal
+from enclave_common.auth.tokens import TokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    """What happened to one request, for the audit event.
+
+    ``kind`` is ``allow``, ``forbidden``, ``not_found``, ``unauthenticated``, ``rate_limited`` or
+    ``unavailable``; ``reason`` a machine code (an :class:`AuthFailure` value, a decision reason
+    such as ``other_tenant`` or ``no_grant``, ``rate_limited``). ``break_glass`` True means the
+    caller must raise a security alert.
+    """
+
+    kind: str
+    reason: str
+    decision: Decision | None = None
+    resource: Resource | None = None
+
+    @property
+    def break_glass(self) -> bool:
+        return self.decision is not None and self.decision.break_glass
+
+
+class DecisionHook(Protocol):
+    def __call__(
+        self,
+        principal: Principal | None,
+        action: Action,
+        outcome: AccessResult,
+        status: int,
+        request: Request,
+    ) -> Awaitable[None] | None: ...
+
+
+ResourceResolver = Callable[[Request], Awaitable[Resource | None]]
+"""Looks up what the request targets (e.g. by path parameter in the read model); None = no such thing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authorized:
+    """What a route receives: who is calling, and the decision (check ``decision.break_glass``)."""
+
+    principal: Principal
+    decision: Decision
+    resource: Resource | None = None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AccessGuard:
+    """Holds the verifier, policy, grant store, rate limiters and audit hook of one app."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        *,
+        policy: AccessPolicy = DEFAULT_POLICY,
+        grants: GrantStore | None = None,
+        limiter: RateLimiter | None = None,
+        auth_failure_limiter: RateLimiter | None = None,
+        on_decision: DecisionHook | None = None,
+        realm: str = "enclave",
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.verifier = verifier
+        self.policy = policy
+        self.grants = grants
+        self.limiter = limiter
+        self.auth_failure_limiter = auth_failure_limiter
+        self.on_decision = on_decision
+        self.realm = realm
+        self.clock = clock
+
+    def require(
+        self, action: Action, resource: ResourceResolver | None = None
+    ) -> Callable[[Request], Awaitable[Authorized]]:
+        """A dependency for routes performing ``action``.
+
+        With ``resource`` the full decision is made (tenant isolation, grants, break-glass). Without
+        it only the action-level check is made: enough for collection actions such as ``upload``;
+        routes on one record then call :meth:`check_resource` after their lookup.
+        """
+
+        async def dependency(request: Request) -> Authorized:
+            principal = await self.authenticate(request, action)
+            await self._rate_limit(request, principal, action)
+            decision = self.policy.check_action(principal, action)
+            if not decision.allowed or resource is None:
+                await self._conclude(request, principal, action, decision, None)
+                return Authorized(principal, decision)
+            target = await resource(request)
+            return await self.check_resource(request, principal, action, target)
+
+        return dependency
+
+    async def authenticate(self, request: Request, action: Action) -> Principal:
+        """The verified principal of ``request``, or HTTPException 401/429/503 (reported to the hook)."""
+        header = request.headers.get("authorization")
+        if header is None:
+            await self._refuse_authentication(request, action, AuthFailure.MISSING_TOKEN, None)
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await self._refuse_authentication(
+                request,
+                action,
+                AuthFailure.MALFORMED,
+                'Authorization must be "Bearer <token>"',
+                error="invalid_request",
+            )
+        try:
+            return await self.verifier.verify_bearer(token.strip())
+        except AuthenticationError as exc:
+            await self._refuse_authentication(request, action, exc.failure, str(exc))
+        except KeySourceUnavailable as exc:
+            await self._report(None, action, AccessResult("unavailable", exc.code), 503, request)
+            raise HTTPException(
+                503,
+                detail={"code": exc.code, "message": "identity provider keys are unavailable; retry later"},
+                headers={"Retry-After": "5"},
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def check_resource(
+        self, request: Request, principal: Principal, action: Action, resource: Resource | None
+    ) -> Authorized:
+        """The resource-level decision (``resource=None``: the lookup found nothing -> 404)."""
+        if resource is None:
+            decision = Decision(Outcome.NOT_FOUND, action, "not_found", NOT_FOUND_MESSAGE)
+        else:
+            decision = await self.policy.authorize(principal, action, resource, self.grants, self.clock())
+        await self._conclude(request, principal, action, decision, resource)
+        return Authorized(principal, decision, resource)
+
+    async def _conclude(
+        self,
+        request: Request,
+        principal: Principal,
+        action: Action,
+        decision: Decision,
+        resource: Resource | None,
+    ) -> None:
+        result = AccessResult(decision.outcome.value, decision.reason, decision, resource)
+        await self._report(principal, action, result, decision.status_code, request)
+        if decision.outcome is Outcome.NOT_FOUND:
+            raise HTTPException(404, detail={"code": "not_found", "message": NOT_FOUND_MESSAGE})
+        if decision.outcome is Outcome.FORBIDDEN:
+            detail: dict[str, object] = {"code": decision.reason, "message": decision.message}
+            if decision.break_glass_available:
+                detail["break_glass_available"] = True
+            raise HTTPException(403, detail=detail)
+
+    async def _rate_limit(self, request: Request, principal: Principal, action: Action) -> None:
+        if self.limiter is None:
+            return
+        verdict = self.limiter.acquire(principal.rate_limit_key)
+        if verdict.allowed:
+            return
+        await self._report(principal, action, AccessResult("rate_limited", "rate_limited"), 429, request)
+        raise HTTPException(
+            429,
+            detail={
+                "code": "rate_limited",
+                "message": f"too many requests; retry after {verdict.retry_after_seconds}s",
+            },
+            headers={"Retry-After": str(verdict.retry_after_seconds)},
+        )
+
+    async def _refuse_authentication(
+        self,
+        request: Request,
+        action: Action,
+        failure: AuthFailure,
+        message: str | None,
+        *,
+        error: str = "invalid_token",
+    ) -> None:
+        if self.auth_failure_limiter is not None:
+            client = request.client.host if request.client else "unknown"
+            verdict = self.auth_failure_limiter.acquire(f"auth-failure\x1f{client}")
+            if not verdict.allowed:
+                await self._report(None, action, AccessResult("rate_limited", failure.value), 429, request)
+                raise HTTPException(
+                    429,
+                    detail={"code": "rate_limited", "message": "too many failed authentications"},
+                    headers={"Retry-After": str(verdict.retry_after_seconds)},
+                )
+        await self._report(None, action, AccessResult("unauthenticated", failure.value), 401, request)
+        if message is None:
+            challenge = f'Bearer realm="{self.realm}"'
+            detail = {"code": failure.value, "message": "a bearer token is required"}
+        else:
+            safe = message.replace("\\", "/").replace('"', "'")
+            challenge = f'Bearer realm="{self.realm}", error="{error}", error_description="{safe}"'
+            detail = {"code": failure.value, "message": message}
+        raise HTTPException(401, detail=detail, headers={"WWW-Authenticate": challenge})
+
+    async def _report(
+        self, principal: Principal | None, action: Action, result: AccessResult, status: int, request: Request
+    ) -> None:
+        if self.on_decision is None:
+            return
+        returned = self.on_decision(principal, action, result, status, request)
+        if inspect.isawaitable(returned):
+            await returned

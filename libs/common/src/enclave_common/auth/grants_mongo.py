@@ -1,0 +1,119 @@
+"""The :class:`~enclave_common.auth.grants.GrantStore` in MongoDB (collection ``grants``).
+
+Works on FerretDB v1 as on MongoDB >= 6: single-document writes only (no transactions), no TTL
+index (expired grants stay as history; ``active_for`` filters by time), no keys with dots.
+Datetimes are stored as BSON dates (UTC) and read back timezone-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from enclave_common.auth.actions import Action
+from enclave_common.auth.grants import Grant, GrantKind
+
+COLLECTION = "grants"
+
+
+def grant_to_document(grant: Grant) -> dict[str, Any]:
+    return {
+        "_id": grant.grant_id,
+        "kind": grant.kind.value,
+        "grantee": grant.grantee,
+        "tenant": grant.tenant,
+        "patient_key": grant.patient_key,
+        "actions": sorted(a.value for a in grant.actions),
+        "not_before": grant.not_before,
+        "expires_at": grant.expires_at,
+        "justification": grant.justification,
+        "created_by": grant.created_by,
+        "created_at": grant.created_at,
+        "revoked_at": grant.revoked_at,
+        "revoked_by": grant.revoked_by,
+    }
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _required_time(doc: Mapping[str, Any], key: str) -> datetime:
+    value = _aware(doc.get(key))
+    if value is None:
+        raise ValueError(f"grant document lacks {key}")
+    return value
+
+
+def grant_from_document(doc: Mapping[str, Any]) -> Grant:
+    not_before, expires_at, created_at = (
+        _required_time(doc, k) for k in ("not_before", "expires_at", "created_at")
+    )
+    return Grant(
+        grant_id=str(doc["_id"]),
+        kind=GrantKind(doc["kind"]),
+        grantee=doc["grantee"],
+        tenant=doc["tenant"],
+        patient_key=doc["patient_key"],
+        actions=frozenset(Action(a) for a in doc["actions"]),
+        not_before=not_before,
+        expires_at=expires_at,
+        justification=doc["justification"],
+        created_by=doc["created_by"],
+        created_at=created_at,
+        revoked_at=_aware(doc.get("revoked_at")),
+        revoked_by=doc.get("revoked_by"),
+    )
+
+
+def active_grants_filter(subject: str, tenant: str, patient_key: str, now: datetime) -> dict[str, Any]:
+    """The query of :meth:`MongoGrantStore.active_for` (equality and range operators only)."""
+    return {
+        "tenant": tenant,
+        "grantee": subject,
+        "patient_key": patient_key,
+        "revoked_at": None,
+        "not_before": {"$lte": now},
+        "expires_at": {"$gt": now},
+    }
+
+
+class MongoGrantStore:
+    """Grants in ``database["grants"]``; the database object (pymongo ``AsyncMongoClient``) is
+    passed in by the service's wiring."""
+
+    def __init__(self, database: AsyncDatabase[Any]) -> None:
+        self._collection = database[COLLECTION]
+
+    async def ensure_indexes(self) -> None:
+        await self._collection.create_index(
+            [("tenant", 1), ("grantee", 1), ("patient_key", 1)], name="grantee_patient"
+        )
+
+    async def create(self, grant: Grant) -> None:
+        try:
+            await self._collection.insert_one(grant_to_document(grant))
+        except DuplicateKeyError:
+            raise ValueError("a grant with this grant_id already exists; grant ids must be unique") from None
+
+    async def revoke(self, grant_id: str, *, tenant: str, revoked_by: str, now: datetime) -> bool:
+        result = await self._collection.update_one(
+            {"_id": grant_id, "tenant": tenant, "revoked_at": None},
+            {"$set": {"revoked_at": now, "revoked_by": revoked_by}},
+        )
+        return result.modified_count == 1
+
+    async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
+        doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
+        return None if doc is None else grant_from_document(doc)
+
+    async def active_for(self, subject: str, tenant: str, patient_key: str, now: datetime) -> Sequence[Grant]:
+        cursor = self._collection.find(active_grants_filter(subject, tenant, patient_key, now))
+        grants = [grant_from_document(doc) async for doc in cursor]
+        return [g for g in grants if g.is_active(now)]
