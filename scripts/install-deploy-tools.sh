@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the pinned tools that build and validate deploy/k8s offline (idempotent, once per version):
+#   kustomize and kubeconform, built with `go install` from the Go module proxy;
+#   Kubernetes JSON schemas from the kubernetes-validate wheel (PyPI), made standalone;
+#   KEDA and prometheus-operator CRD schemas, converted from the CRD YAML in their Go modules.
+# Prints the schema directory on success. Strimzi publishes no Go module, npm or PyPI package with its
+# CRDs, so Strimzi resources are checked structurally by scripts/deploy_lint.py instead.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=../deploy/tools.env
+. "$REPO_ROOT/deploy/tools.env"
+ENCLAVE_CACHE="${ENCLAVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/enclave}"
+export GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
+PY="$REPO_ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=python3
+log() { printf '[deploy-tools] %s\n' "$*" >&2; }
+
+go_tool() { # name module version
+  local name="$1" module="$2" version="$3" dir="$ENCLAVE_CACHE/$1-$3"
+  if [ -x "$dir/$name" ]; then return; fi
+  log "building $name $version with go install"
+  mkdir -p "$dir"
+  GOBIN="$dir" go install "$module@$version"
+}
+
+go_module_dir() { # module version -> directory of the downloaded module
+  (cd "$(mktemp -d)" && go mod download -json "$1@$2") | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'
+}
+
+schemas() {
+  local out="$ENCLAVE_CACHE/deploy-schemas-k8s$KUBERNETES_VERSION-kv$K8S_SCHEMA_PYPI_VERSION-keda$KEDA_VERSION-promop$PROMETHEUS_OPERATOR_VERSION"
+  if [ -f "$out/.complete" ]; then echo "$out"; return; fi
+  local tmp; tmp="$(mktemp -d)"
+  log "downloading $K8S_SCHEMA_PYPI_PACKAGE==$K8S_SCHEMA_PYPI_VERSION (Kubernetes JSON schemas)"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" \
+    "$K8S_SCHEMA_PYPI_PACKAGE==$K8S_SCHEMA_PYPI_VERSION" >&2
+  log "downloading CRDs from $KEDA_MODULE@$KEDA_VERSION and $PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
+  local keda prom
+  keda="$(go_module_dir "$KEDA_MODULE" "$KEDA_VERSION")"
+  prom="$(go_module_dir "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION")"
+  rm -rf "$out.partial" && mkdir -p "$out.partial"
+  "$PY" "$REPO_ROOT/scripts/deploy_schemas.py" \
+    --wheel "$tmp"/*.whl --kubernetes-version "$KUBERNETES_VERSION" \
+    --crd "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" \
+    --crd "$keda/config/crd/bases/keda.sh_triggerauthentications.yaml" \
+    --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
+    --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
+    --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml" \
+    --out "$out.partial"
+  touch "$out.partial/.complete"
+  rm -rf "$out" && mv "$out.partial" "$out"
+  rm -rf "$tmp"
+  echo "$out"
+}
+
+go_tool kustomize "$KUSTOMIZE_MODULE" "$KUSTOMIZE_VERSION"
+go_tool kubeconform "$KUBECONFORM_MODULE" "$KUBECONFORM_VERSION"
+schemas
