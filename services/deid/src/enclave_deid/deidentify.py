@@ -236,10 +236,10 @@ class _Walker:
             basis = f"{issuer}|{patient_id}" if issuer else patient_id
             self.patient_pseudonym = self.keys.pseudonym(self.tenant, "patient", basis)
         elif patient_name:
-            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "patient-name", patient_name)
+            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "patient_name", patient_name)
         else:
             study = self.text(dataset, _STUDY_INSTANCE_UID)
-            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "anonymous-study", study)
+            self.patient_pseudonym = self.keys.pseudonym(self.tenant, "anonymous_study", study)
         if len(self.patient_pseudonym) > 64:
             raise ValueError("pseudonym longer than 64 characters; LO and PN allow at most 64")
         if self.policy.retain_longitudinal_modified_dates:
@@ -362,7 +362,7 @@ class _Walker:
         value = self.text(dataset, tag)
         if not value:
             return ""
-        kind = "patient" if tag == _PATIENT_ID else "patient-name"
+        kind = "patient" if tag == _PATIENT_ID else "patient_name"
         return self.keys.pseudonym(self.tenant, kind, value)
 
     def _dummy(

@@ -1,0 +1,135 @@
+"""De-identification throughput: Enclave vs dicognito vs dicom-anonymizer vs a plain pydicom read-and-write.
+
+Run: ``uv run --package enclave-deid --group bench python bench/deid.py [--copies 500] [--repeat 3]``
+(the ``bench`` dependency group of services/deid holds the two peers). Each method turns the same
+in-memory Part 10 files (``--copies`` copies of pydicom's MR_small and CT_small, each with distinct UIDs)
+into de-identified Part 10 bytes: parse, de-identify, write. The floor parses and writes without
+changing anything. Runs are interleaved and the best of ``--repeat`` is kept, so all methods see the
+same machine load. Targets: Enclave >= 2x dicognito and >= the read-and-write floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import time
+import warnings
+from collections.abc import Callable
+from io import BytesIO
+
+from dicognito.anonymizer import Anonymizer
+from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions_2024b
+from enclave_common.crypto.pseudonym import Pseudonymizer
+from enclave_deid.deidentify import DeidContext, deidentify
+from enclave_deid.instance_io import read_instance, write_instance
+from enclave_deid.policy import DeidPolicy
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import generate_uid
+
+KEY = b"bench-pseudonymisation-key-32-bytes!!"
+
+
+class BenchKeys:
+    """The common library's Pseudonymizer plus an HMAC date shift (what the service wires)."""
+
+    def __init__(self) -> None:
+        self._pseudonymizer = Pseudonymizer(KEY)
+
+    def pseudonym(self, tenant: str, kind: str, value: str) -> str:
+        return self._pseudonymizer.pseudonym(tenant, kind, value)
+
+    def uid(self, tenant: str, value: str) -> str:
+        return self._pseudonymizer.uid(tenant, value)
+
+    def date_shift_days(self, tenant: str, patient_pseudonym: str) -> int:
+        digest = hmac.new(KEY, f"{tenant}\x1f{patient_pseudonym}".encode(), hashlib.sha256).digest()
+        return -(1 + int.from_bytes(digest[:4], "big") % 3650)
+
+
+def copies(name: str, count: int) -> list[bytes]:
+    """``count`` Part 10 files of a pydicom test file, each with its own study, series and instance UIDs."""
+    template = dcmread(get_testdata_file(name))
+    files = []
+    for _ in range(count):
+        template.StudyInstanceUID = generate_uid()
+        template.SeriesInstanceUID = generate_uid()
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = BytesIO()
+        dcmwrite(buffer, template, enforce_file_format=True)
+        files.append(buffer.getvalue())
+    return files
+
+
+def floor(data: bytes) -> bytes:
+    return write_instance(read_instance(data))
+
+
+def enclave(policy: DeidPolicy) -> Callable[[bytes], bytes]:
+    keys, context = BenchKeys(), DeidContext("bench-tenant")
+
+    def run(data: bytes) -> bytes:
+        return write_instance(deidentify(read_instance(data), policy, keys, context).dataset)
+
+    return run
+
+
+def dicognito(data: bytes) -> bytes:
+    dataset = read_instance(data)
+    Anonymizer().anonymize(dataset)
+    return write_instance(dataset)
+
+
+def dicom_anonymizer(data: bytes) -> bytes:
+    dataset = read_instance(data)
+    anonymize_dataset(dataset, base_rules_gen=initialize_actions_2024b)
+    return write_instance(dataset)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    methods: dict[str, Callable[[bytes], bytes]] = {
+        "pydicom read+write (floor)": floor,
+        "enclave basic profile": enclave(DeidPolicy()),
+        "enclave all options": enclave(
+            DeidPolicy(
+                retain_longitudinal_modified_dates=True,
+                retain_patient_characteristics=True,
+                retain_device_identity=True,
+                clean_descriptors=True,
+            )
+        ),
+        "dicognito 0.19.0": dicognito,
+        "dicom-anonymizer 2.1.0": dicom_anonymizer,
+    }
+    results: dict[str, dict[str, float]] = {}
+    for name in ("MR_small.dcm", "CT_small.dcm"):
+        files = copies(name, args.copies)
+        best = dict.fromkeys(methods, float("inf"))
+        for _ in range(args.repeat):
+            for label, method in methods.items():
+                start = time.perf_counter()
+                for data in files:
+                    method(data)
+                best[label] = min(best[label], time.perf_counter() - start)
+        results[name] = {label: len(files) / seconds for label, seconds in best.items()}
+    print(f"files/s, best of {args.repeat} interleaved runs over {args.copies} copies with distinct UIDs")
+    print(f"{'method':<30}" + "".join(f"{name:>16}" for name in results))
+    for label in methods:
+        print(f"{label:<30}" + "".join(f"{results[name][label]:>16.0f}" for name in results))
+    for name, rates in results.items():
+        ours = rates["enclave basic profile"]
+        print(
+            f"{name}: enclave/dicognito = {ours / rates['dicognito 0.19.0']:.2f}x (target >= 2), "
+            f"enclave/floor = {ours / rates['pydicom read+write (floor)']:.2f}x (target >= 1)"
+        )
+
+
+if __name__ == "__main__":
+    main()
