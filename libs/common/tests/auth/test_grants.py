@@ -1,0 +1,186 @@
+"""Grant and break-glass creation rules, time bounds, revocation, and the stores."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from enclave_common.auth import (
+    BREAK_GLASS_ACTIONS,
+    DEFAULT_POLICY,
+    Action,
+    GrantKind,
+    InMemoryGrantStore,
+    InvalidGrantError,
+    Outcome,
+    Principal,
+    Resource,
+    Role,
+)
+from enclave_common.auth.grants_mongo import active_grants_filter, grant_from_document, grant_to_document
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+ADMIN = Principal("root", "hospital-a", frozenset({Role.ADMIN}))
+CAREGIVER = Principal("carol", "hospital-a", frozenset({Role.CAREGIVER}))
+CLINICIAN = Principal("dr-who", "hospital-a", frozenset({Role.CLINICIAN}))
+PATIENT = "pt-91ab"
+
+
+def new_grant(**overrides: object):  # type: ignore[no-untyped-def]
+    values: dict[str, object] = {
+        "grantee": "carol",
+        "patient_key": PATIENT,
+        "actions": [Action.READ_RESULTS_PHI, Action.READ_STATUS],
+        "not_before": NOW,
+        "expires_at": NOW + timedelta(days=30),
+        "justification": "legal guardian, consent form on file",
+        "now": NOW,
+    }
+    admin = overrides.pop("admin", ADMIN)
+    values.update(overrides)
+    return DEFAULT_POLICY.new_patient_grant(admin, **values)  # type: ignore[arg-type]
+
+
+def test_admin_creates_a_grant_in_its_own_tenant() -> None:
+    grant = new_grant()
+    assert grant.kind is GrantKind.PATIENT
+    assert (grant.tenant, grant.grantee, grant.created_by) == ("hospital-a", "carol", "root")
+    assert grant.actions == {Action.READ_RESULTS_PHI, Action.READ_STATUS}
+    assert grant.grant_id != new_grant().grant_id
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"admin": CLINICIAN}, "manage_grants"),
+        ({"admin": CAREGIVER}, "manage_grants"),
+        ({"grantee": " "}, "grantee"),
+        ({"grantee": "root"}, "own creator"),
+        ({"patient_key": ""}, "patient_key"),
+        ({"actions": []}, "grantable"),
+        ({"actions": [Action.READ_RESULTS_DEID]}, "grantable"),
+        ({"actions": [Action.READ_LINKAGE]}, "grantable"),
+        ({"actions": [Action.MANAGE_KEYS]}, "grantable"),
+        ({"expires_at": NOW}, "after not_before"),
+        ({"not_before": NOW - timedelta(days=9), "expires_at": NOW - timedelta(days=1)}, "future"),
+        ({"expires_at": NOW + timedelta(days=367)}, "at most"),
+        ({"not_before": datetime(2026, 3, 1), "expires_at": datetime(2026, 4, 1)}, "timezone"),
+        ({"justification": "because"}, "justification"),
+        ({"justification": "x" * 501}, "justification"),
+    ],
+)
+def test_invalid_grants_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidGrantError, match=message):
+        new_grant(**overrides)
+
+
+def test_grantable_actions_are_the_tables_grant_cells() -> None:
+    assert DEFAULT_POLICY.grantable_actions == {
+        Action.READ_STATUS,
+        Action.READ_RESULTS_PHI,
+        Action.QUERY_PATIENT,
+    }
+    new_grant(actions=list(DEFAULT_POLICY.grantable_actions))
+
+
+def test_grant_window_bounds() -> None:
+    grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))
+    assert not grant.is_active(NOW + timedelta(minutes=59, seconds=59))
+    assert grant.is_active(NOW + timedelta(hours=1))
+    assert grant.is_active(NOW + timedelta(hours=4, minutes=59, seconds=59))
+    assert not grant.is_active(NOW + timedelta(hours=5))
+
+
+async def test_grant_enforced_through_the_store_only_while_active() -> None:
+    store = InMemoryGrantStore()
+    grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))
+    await store.create(grant)
+    resource = Resource("hospital-a", PATIENT)
+
+    async def outcome(at: datetime, action: Action = Action.READ_RESULTS_PHI) -> Outcome:
+        return (await DEFAULT_POLICY.authorize(CAREGIVER, action, resource, store, at)).outcome
+
+    assert await outcome(NOW) is Outcome.NOT_FOUND
+    assert await outcome(NOW + timedelta(hours=2)) is Outcome.ALLOW
+    assert await outcome(NOW + timedelta(hours=2), Action.QUERY_PATIENT) is Outcome.NOT_FOUND
+    assert await outcome(NOW + timedelta(hours=5)) is Outcome.NOT_FOUND
+
+    assert not await store.revoke(grant.grant_id, tenant="hospital-b", revoked_by="x", now=NOW)
+    assert await store.revoke(
+        grant.grant_id, tenant="hospital-a", revoked_by="root", now=NOW + timedelta(hours=3)
+    )
+    assert not await store.revoke(
+        grant.grant_id, tenant="hospital-a", revoked_by="root", now=NOW + timedelta(hours=3)
+    )
+    assert await outcome(NOW + timedelta(hours=2)) is Outcome.ALLOW, "revocation is not retroactive"
+    assert await outcome(NOW + timedelta(hours=3)) is Outcome.NOT_FOUND
+    revoked = await store.get(grant.grant_id, tenant="hospital-a")
+    assert revoked is not None
+    assert revoked.revoked_by == "root"
+    assert await store.get(grant.grant_id, tenant="hospital-b") is None
+
+
+async def test_store_refuses_duplicate_ids_and_scopes_lookups() -> None:
+    store = InMemoryGrantStore()
+    grant = new_grant()
+    await store.create(grant)
+    with pytest.raises(ValueError, match="unique"):
+        await store.create(grant)
+    assert await store.active_for("carol", "hospital-a", PATIENT, NOW) == [grant]
+    assert await store.active_for("carol", "hospital-b", PATIENT, NOW) == []
+    assert await store.active_for("carol", "hospital-a", "pt-other", NOW) == []
+    assert await store.active_for("mallory", "hospital-a", PATIENT, NOW) == []
+
+
+def test_break_glass_session_rules() -> None:
+    session = DEFAULT_POLICY.open_break_glass(
+        CLINICIAN, patient_key=PATIENT, justification="unconscious patient in the emergency room", now=NOW
+    )
+    assert session.kind is GrantKind.BREAK_GLASS
+    assert (session.grantee, session.created_by, session.tenant) == ("dr-who", "dr-who", "hospital-a")
+    assert session.actions == BREAK_GLASS_ACTIONS
+    assert session.expires_at - session.not_before == timedelta(hours=1)
+    assert session.is_active(NOW + timedelta(minutes=59))
+    assert not session.is_active(NOW + timedelta(hours=1))
+
+    for who in (ADMIN, CAREGIVER, Principal("r", "hospital-a", frozenset({Role.RESEARCHER}))):
+        with pytest.raises(InvalidGrantError, match="break-glass"):
+            DEFAULT_POLICY.open_break_glass(
+                who, patient_key=PATIENT, justification="emergency access", now=NOW
+            )
+    with pytest.raises(InvalidGrantError, match="at most"):
+        DEFAULT_POLICY.open_break_glass(
+            CLINICIAN,
+            patient_key=PATIENT,
+            justification="emergency access",
+            now=NOW,
+            duration=timedelta(hours=5),
+        )
+    with pytest.raises(InvalidGrantError, match="after"):
+        DEFAULT_POLICY.open_break_glass(
+            CLINICIAN, patient_key=PATIENT, justification="emergency access", now=NOW, duration=timedelta(0)
+        )
+    with pytest.raises(InvalidGrantError, match="justification"):
+        DEFAULT_POLICY.open_break_glass(CLINICIAN, patient_key=PATIENT, justification="  urgent ", now=NOW)
+
+
+def test_mongo_document_round_trip_restores_timezones() -> None:
+    grant = new_grant()
+    doc = grant_to_document(grant)
+    assert doc["_id"] == grant.grant_id
+    assert all("." not in key and not key.startswith("$") for key in doc)
+    naive = {k: (v.replace(tzinfo=None) if isinstance(v, datetime) else v) for k, v in doc.items()}
+    assert grant_from_document(naive) == grant
+    assert grant_from_document(doc) == grant
+
+
+def test_mongo_active_filter_scopes_by_tenant_subject_patient_and_time() -> None:
+    query = active_grants_filter("carol", "hospital-a", PATIENT, NOW)
+    assert query == {
+        "tenant": "hospital-a",
+        "grantee": "carol",
+        "patient_key": PATIENT,
+        "revoked_at": None,
+        "not_before": {"$lte": NOW},
+        "expires_at": {"$gt": NOW},
+    }
