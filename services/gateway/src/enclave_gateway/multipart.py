@@ -351,7 +351,7 @@ class MultipartParser:
 
     def _scan_preamble(self) -> bool:
         buf = self._buffer
-        if buf.startswith(self._dash_boundary):
+        if self._preamble_seen == 0 and buf.startswith(self._dash_boundary):  # only at the very start
             del buf[: len(self._dash_boundary)]
             self._state = _State.AFTER_BOUNDARY
             return True
