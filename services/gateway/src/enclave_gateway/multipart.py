@@ -455,8 +455,8 @@ class MultipartParser:
         fields: list[tuple[str, str]] = []
         for line in block.split(_CRLF) if block else []:
             if line[:1] in (b" ", b"\t") and fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + " " + line.strip().decode("latin-1"))
+                folded_name, folded_value = fields[-1]
+                fields[-1] = (folded_name, folded_value + " " + line.strip().decode("latin-1"))
                 continue
             if line.rstrip() == self._dash_boundary:
                 raise RepeatedBoundaryError(

@@ -789,7 +789,8 @@ class InstanceInspector:
             if len(buf) - position < 2:
                 if final:
                     break
-                return self._wait_for_meta(buf)
+                self._check_meta_size(buf)
+                return None
             group = buf[position] | buf[position + 1] << 8
             if group != 0x0002:
                 if meta_end is not None:
@@ -804,7 +805,8 @@ class InstanceInspector:
                     raise _Refused(
                         FailureReason.CANNOT_UNDERSTAND, "truncated", "Instance ends inside its file meta"
                     )
-                return self._wait_for_meta(buf)
+                self._check_meta_size(buf)
+                return None
             tag = struct.unpack_from("<I", buf, position)[0]
             tag = (tag & 0xFFFF) << 16 | tag >> 16
             vr = bytes(buf[position + 4 : position + 6])
@@ -820,7 +822,8 @@ class InstanceInspector:
                         raise _Refused(
                             FailureReason.CANNOT_UNDERSTAND, "truncated", "Instance ends inside its file meta"
                         )
-                    return self._wait_for_meta(buf)
+                    self._check_meta_size(buf)
+                    return None
                 length = struct.unpack_from("<I", buf, position + 8)[0]
                 value_at = position + 12
             else:
@@ -837,7 +840,8 @@ class InstanceInspector:
                     raise _Refused(
                         FailureReason.CANNOT_UNDERSTAND, "truncated", "Instance ends inside its file meta"
                     )
-                return self._wait_for_meta(buf)
+                self._check_meta_size(buf)
+                return None
             values[tag] = bytes(buf[value_at : value_at + length])
             position = value_at + length
             if tag == 0x00020000 and length == 4:
@@ -859,14 +863,13 @@ class InstanceInspector:
         self._transfer_syntax = _text(raw_ts)
         return position
 
-    def _wait_for_meta(self, buf: bytearray) -> None:
+    def _check_meta_size(self, buf: bytearray) -> None:
         if len(buf) > _MAX_META_BYTES + 132:
             raise _Refused(
                 FailureReason.CANNOT_UNDERSTAND,
                 "bad_file_meta",
                 f"File meta is larger than {_MAX_META_BYTES} bytes, the maximum",
             )
-        return None
 
     def _begin_dataset(self, *, implicit: bool | None) -> None:
         syntax = self._transfer_syntax or ""

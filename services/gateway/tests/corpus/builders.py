@@ -60,8 +60,9 @@ def make_dataset(
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.InstanceNumber = 1
-    ds.Rows = 1
-    ds.Columns = pixel_bytes // 2
+    wide = pixel_bytes >= 512 and pixel_bytes % 512 == 0
+    ds.Rows = pixel_bytes // 512 if wide else 1
+    ds.Columns = 256 if wide else pixel_bytes // 2
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
