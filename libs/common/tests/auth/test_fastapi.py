@@ -16,6 +16,7 @@ from enclave_common.auth import (
     RateLimit,
     RateLimiter,
     Resource,
+    Role,
     StaticKeySource,
     TokenRules,
     TokenVerifier,
@@ -63,6 +64,19 @@ def build_app(guard: AccessGuard) -> FastAPI:
         imaging_id: str, access: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, lookup))
     ) -> dict[str, Any]:
         return {"id": imaging_id, "break_glass": access.decision.break_glass, "basis": access.decision.basis}
+
+    @app.get("/imaging/{imaging_id}/status")
+    async def status(
+        imaging_id: str,
+        request: Request,
+        principal: Principal = Depends(guard.require_principal(Action.READ_STATUS)),
+    ) -> dict[str, Any]:
+        access = await guard.check_resource(request, principal, Action.READ_STATUS, RECORDS.get(imaging_id))
+        return {"id": imaging_id, "basis": access.decision.basis}
+
+    @app.get("/forgot-the-lookup")
+    async def forgot(access: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI))) -> dict[str, str]:
+        return {"subject": access.principal.subject}
 
     @app.post("/upload")
     async def upload(access: Authorized = Depends(guard.require(Action.UPLOAD))) -> dict[str, str]:
@@ -174,7 +188,7 @@ async def test_role_without_the_action_is_forbidden_before_lookup(h: Harness) ->
 async def test_caregiver_reads_only_under_an_active_grant(h: Harness) -> None:
     token = h.token(["caregiver"], subject="carol")
     assert (await h.get("/imaging/img-a/results", token)).status_code == 404
-    admin = Principal("root", "hospital-a", frozenset({"admin"}))  # type: ignore[arg-type]
+    admin = Principal("root", "hospital-a", frozenset({Role.ADMIN}))
     now = datetime.now(UTC)
     grant = DEFAULT_POLICY.new_patient_grant(
         admin,
@@ -205,7 +219,7 @@ async def test_restricted_record_needs_break_glass_and_reports_it(h: Harness) ->
         "message": refused.json()["detail"]["message"],
         "break_glass_available": True,
     }
-    clinician = Principal("dr-who", "hospital-a", frozenset({"clinician"}))  # type: ignore[arg-type]
+    clinician = Principal("dr-who", "hospital-a", frozenset({Role.CLINICIAN}))
     session = DEFAULT_POLICY.open_break_glass(
         clinician, patient_key="pt-r", justification="patient unconscious in the ER", now=datetime.now(UTC)
     )
@@ -273,3 +287,22 @@ async def test_a_failing_audit_hook_fails_the_request(issuer: DevIssuer) -> None
     token = issuer.mint(subject="alice", tenant="hospital-a", roles=["clinician"])
     with pytest.raises(ConnectionError):
         await client.get("/imaging/img-a/results", headers={"Authorization": f"Bearer {token}"})
+
+
+async def test_two_phase_route_reports_once_per_request(h: Harness) -> None:
+    uploader = h.token(["uploader"])
+    assert (await h.get("/imaging/img-a/status", uploader)).json() == {"id": "img-a", "basis": "role"}
+    assert (await h.get("/imaging/img-b/status", uploader)).status_code == 404
+    assert (await h.get("/imaging/img-a/status", h.token(["auditor"]))).status_code == 403
+    assert [(c[2].kind, c[2].reason, c[3]) for c in h.hook.calls] == [
+        ("allow", "role", 200),
+        ("not_found", "other_tenant", 404),
+        ("forbidden", "role_not_permitted", 403),
+    ]
+
+
+async def test_route_without_lookup_never_lets_a_grant_only_principal_through(h: Harness) -> None:
+    assert (await h.get("/forgot-the-lookup", h.token(["clinician"]))).status_code == 200
+    refused = await h.get("/forgot-the-lookup", h.token(["caregiver"], subject="carol"))
+    assert refused.status_code == 403
+    assert refused.json()["detail"]["code"] == "resource_required"

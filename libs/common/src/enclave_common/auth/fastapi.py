@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from fastapi import HTTPException, Request
 
@@ -110,24 +110,42 @@ class AccessGuard:
     def require(
         self, action: Action, resource: ResourceResolver | None = None
     ) -> Callable[[Request], Awaitable[Authorized]]:
-        """A dependency for routes performing ``action``.
+        """A dependency making the whole decision for ``action``.
 
-        With ``resource`` the full decision is made (tenant isolation, grants, break-glass). Without
-        it only the action-level check is made: enough for collection actions such as ``upload``;
-        routes on one record then call :meth:`check_resource` after their lookup.
+        With ``resource`` (a lookup of the record the request targets) the decision covers tenant
+        isolation, grants and break-glass. Without it the action is treated as a collection action
+        (``upload``, ``audit_verify``, ...): allowed only by a ``tenant`` cell of the table, so a
+        grant-only principal is never let through by a route that forgot its lookup.
         """
 
         async def dependency(request: Request) -> Authorized:
-            principal = await self.authenticate(request, action)
-            await self._rate_limit(request, principal, action)
-            decision = self.policy.check_action(principal, action)
-            if not decision.allowed or resource is None:
+            principal = await self.principal_for(request, action)
+            if resource is None:
+                decision = self.policy.decide(principal, action, None, (), self.clock())
                 await self._conclude(request, principal, action, decision, None)
                 return Authorized(principal, decision)
-            target = await resource(request)
-            return await self.check_resource(request, principal, action, target)
+            return await self.check_resource(request, principal, action, await resource(request))
 
         return dependency
+
+    def require_principal(self, action: Action) -> Callable[[Request], Awaitable[Principal]]:
+        """A dependency that authenticates, rate-limits and refuses (403) principals whose roles never
+        allow ``action``, for routes that look the record up themselves: such a route MUST then
+        call :meth:`check_resource`, which makes the decision and reports it to the hook."""
+
+        async def dependency(request: Request) -> Principal:
+            return await self.principal_for(request, action)
+
+        return dependency
+
+    async def principal_for(self, request: Request, action: Action) -> Principal:
+        """Authenticate, rate-limit, and apply the role check (failures reported and raised)."""
+        principal = await self.authenticate(request, action)
+        await self._rate_limit(request, principal, action)
+        decision = self.policy.check_action(principal, action)
+        if not decision.allowed:
+            await self._conclude(request, principal, action, decision, None)
+        return principal
 
     async def authenticate(self, request: Request, action: Action) -> Principal:
         """The verified principal of ``request``, or HTTPException 401/429/503 (reported to the hook)."""
@@ -154,7 +172,6 @@ class AccessGuard:
                 detail={"code": exc.code, "message": "identity provider keys are unavailable; retry later"},
                 headers={"Retry-After": "5"},
             ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def check_resource(
         self, request: Request, principal: Principal, action: Action, resource: Resource | None
@@ -209,7 +226,7 @@ class AccessGuard:
         message: str | None,
         *,
         error: str = "invalid_token",
-    ) -> None:
+    ) -> NoReturn:
         if self.auth_failure_limiter is not None:
             client = request.client.host if request.client else "unknown"
             verdict = self.auth_failure_limiter.acquire(f"auth-failure\x1f{client}")
