@@ -1,0 +1,93 @@
+# ruff: noqa: E501 -- kubeconform templates, ACL literals and mutation tables read best on one line
+"""Fixtures for the deploy tests: the pinned tools (scripts/install-deploy-tools.sh) and rendered overlays.
+
+These are unit-level: no cluster, no network. The tools are installed once per version by
+``scripts/install-deploy-tools.sh``; a missing tool fails the test with that command to run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OVERLAYS = ("dev", "prod")
+SERVICES = {"gateway": 8080, "ingest": 8081, "deid": 8082, "analysis": 8083, "audit": 8084}
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def tools_env() -> dict[str, str]:
+    pins = {}
+    for line in (REPO_ROOT / "deploy" / "tools.env").read_text().splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            pins[key] = value
+    return pins
+
+
+@pytest.fixture(scope="session")
+def lint() -> ModuleType:
+    return _load("deploy_lint")
+
+
+@pytest.fixture(scope="session")
+def gen() -> ModuleType:
+    return _load("deploy_gen")
+
+
+@pytest.fixture(scope="session")
+def tools() -> dict[str, Path]:
+    pins = tools_env()
+    cache = Path(
+        os.environ.get("ENCLAVE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "enclave"
+    )
+    found = {
+        "kustomize": cache / f"kustomize-{pins['KUSTOMIZE_VERSION']}" / "kustomize",
+        "kubeconform": cache / f"kubeconform-{pins['KUBECONFORM_VERSION']}" / "kubeconform",
+        "schemas": cache
+        / (
+            f"deploy-schemas-k8s{pins['KUBERNETES_VERSION']}-kv{pins['K8S_SCHEMA_PYPI_VERSION']}"
+            f"-keda{pins['KEDA_VERSION']}-promop{pins['PROMETHEUS_OPERATOR_VERSION']}"
+        ),
+    }
+    missing = [name for name, path in found.items() if not path.exists()]
+    if missing:
+        pytest.fail(f"deploy tools missing ({', '.join(missing)}): run scripts/install-deploy-tools.sh")
+    return found
+
+
+@pytest.fixture(scope="session")
+def rendered(tools: dict[str, Path]) -> dict[str, str]:
+    """`kustomize build` of every overlay, as YAML text."""
+    out = {}
+    for overlay in OVERLAYS:
+        result = subprocess.run(
+            [str(tools["kustomize"]), "build", str(REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"kustomize build {overlay} failed:\n{result.stderr}"
+        out[overlay] = result.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def documents(rendered: dict[str, str], lint: ModuleType) -> dict[str, list[dict[str, Any]]]:
+    return {overlay: lint.load_documents(text) for overlay, text in rendered.items()}
