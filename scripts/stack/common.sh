@@ -21,9 +21,16 @@ LOGS_DIR="$ENCLAVE_STATE/logs"
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 
+proc_alive() { # pid: true if it runs (a zombie awaiting its reaper does not count)
+  local state
+  kill -0 "$1" 2>/dev/null || return 1
+  state="$(sed -E 's/^[0-9]+ \(.*\) ([A-Z]).*/\1/' "/proc/$1/stat" 2>/dev/null)"
+  [ -n "$state" ] && [ "$state" != "Z" ]
+}
+
 pid_alive() { # name
   local f="$PIDS_DIR/$1.pid"
-  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+  [ -f "$f" ] && proc_alive "$(cat "$f")"
 }
 
 wait_for() { # description timeout_seconds command...

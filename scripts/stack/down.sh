@@ -5,10 +5,10 @@ stop() { # name
   local f="$PIDS_DIR/$1.pid" pid
   [ -f "$f" ] || return 0
   pid="$(cat "$f")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if proc_alive "$pid"; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    if kill -0 "$pid" 2>/dev/null; then log "$1 did not stop in 30s: SIGKILL"; kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; fi
+    for _ in $(seq 1 60); do proc_alive "$pid" || break; sleep 0.5; done
+    if proc_alive "$pid"; then log "$1 did not stop in 30s: SIGKILL"; kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; fi
     log "$1 stopped (pid $pid)"
   fi
   rm -f "$f"

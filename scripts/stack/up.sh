@@ -57,7 +57,10 @@ PROPS
 }
 
 start_minio() {
-  MINIO_ROOT_USER="$MINIO_ROOT_USER" MINIO_ROOT_PASSWORD="$MINIO_ROOT_PASSWORD" MINIO_BROWSER=off \
+  # A local KMS secret lets MinIO apply default bucket encryption (SSE-S3), our second layer at rest.
+  local kms="$ENCLAVE_STATE/minio/kms-secret"
+  [ -f "$kms" ] || (umask 077; printf 'enclave-local:%s' "$(head -c 32 /dev/urandom | base64)" > "$kms")
+  MINIO_KMS_SECRET_KEY="$(cat "$kms")" MINIO_ROOT_USER="$MINIO_ROOT_USER" MINIO_ROOT_PASSWORD="$MINIO_ROOT_PASSWORD" MINIO_BROWSER=off \
   MINIO_UPDATE=off MINIO_CI_CD=1 \
     start minio "$LOGS_DIR/minio.log" "$MINIO_BIN" server "$ENCLAVE_STATE/minio/data" \
       --address "127.0.0.1:$MINIO_PORT" --console-address "127.0.0.1:$MINIO_CONSOLE_PORT" --quiet || true

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def create_broker(
         "security": security,
         "middlewares": middlewares,
         "graceful_timeout": 30.0,
+        # FastStream's own log lines go through the root logger, i.e. our JSON and redaction pipeline.
+        "logger": logging.getLogger("enclave.faststream"),
     }
     return KafkaBroker(settings.kafka_bootstrap_servers, **(options | overrides))
 

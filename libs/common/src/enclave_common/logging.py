@@ -140,7 +140,7 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "botocore", "urllib3", "pymongo", "faststream"):
+    for noisy in ("aiokafka", "botocore", "urllib3", "pymongo", "faststream", "enclave.faststream"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

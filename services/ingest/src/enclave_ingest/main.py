@@ -4,14 +4,58 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from enclave_common.crypto import load_private_key
+from enclave_common.errors import ConfigurationError
+from enclave_common.keys_config import kek_provider
+from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.storage import S3ObjectStore
+from enclave_common.study_key_objects import StudyKeyObjects
+from enclave_ingest.catalogue import Catalogue
 from enclave_ingest.config import IngestSettings
+from enclave_ingest.handlers import ChunkConsumer
+from enclave_ingest.pipeline import InstancePipeline
+from enclave_ingest.spool import ChunkSpool
 
 
 def create_app(settings: IngestSettings | None = None) -> FastAPI:
     settings = settings or IngestSettings()
     runtime = ServiceRuntime(settings)
-    return runtime.http_app(title="Enclave ingest")
+    store = S3ObjectStore(settings)
+    catalogue = Catalogue(runtime.db)
+    spool = ChunkSpool(settings.spool_dir)
+    consumer = ChunkConsumer(runtime, catalogue, spool)
+    consumer.register()
+    runtime.readiness["object_store"] = store.ping
+
+    async def load_keys_and_prepare() -> None:
+        if settings.private_key_file is None:
+            raise ConfigurationError("ENCLAVE_INGEST_PRIVATE_KEY_FILE is not set")
+        kek = kek_provider(settings, settings.keyring_file, settings.kms_key_id)
+        spool.prepare()
+        consumer.pipeline = InstancePipeline(
+            spool=spool,
+            private_key=load_private_key(str(settings.private_key_file)),
+            pseudonymizer=pseudonymizer_from_base64(
+                settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None,
+                "ENCLAVE_INGEST_PSEUDONYM_KEY",
+            ),
+            catalogue=catalogue,
+            store=store,
+            study_keys=StudyKeyObjects(store, settings.originals_bucket, kek),
+            kek=kek,
+            bucket=settings.originals_bucket,
+            duplicate_policy=settings.duplicate_policy,
+            header_prefix_bytes=settings.header_prefix_bytes,
+            segment_size=settings.segment_size,
+        )
+        await store.ensure_bucket(settings.originals_bucket)
+        await catalogue.ensure_indexes()
+
+    runtime.on_startup(load_keys_and_prepare)
+    app = runtime.http_app(title="Enclave ingest")
+    app.state.catalogue = catalogue
+    return app
 
 
 def run() -> None:

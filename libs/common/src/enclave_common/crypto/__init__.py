@@ -56,9 +56,25 @@ from enclave_common.crypto.streaming import (
     rewrap_object_header,
     scrub_object,
 )
+from enclave_common.crypto.study_keys import (
+    StudyKeyRecord,
+    StudyKeyStore,
+    new_study_key,
+    object_key_provider,
+    open_study_key,
+    rewrap_study_key,
+    study_key_id,
+)
 from enclave_common.crypto.wrapped_key import KeyContext, WrappedKey, encode_key_context
 
 __all__ = [
+    "StudyKeyRecord",
+    "StudyKeyStore",
+    "new_study_key",
+    "object_key_provider",
+    "open_study_key",
+    "rewrap_study_key",
+    "study_key_id",
     "DATA_KEY_BYTES",
     "DEFAULT_MAX_CHUNK_BYTES",
     "DEFAULT_SEGMENT_SIZE",

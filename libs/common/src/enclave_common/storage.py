@@ -1,0 +1,183 @@
+"""Object storage behind a small Protocol; the S3 implementation uses boto3 (in worker threads).
+
+Objects are always written already encrypted by Enclave (see crypto/); the bucket's default
+server-side encryption is a second layer. Keys are opaque and never derived from DICOM values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from enclave_common.errors import PermanentError, TransientError
+from enclave_common.settings import BaseServiceSettings
+
+#: S3 error codes that mean "try again later".
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "XMinioServerNotInitialized"}
+)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    bucket: str
+    key: str
+    version_id: str | None
+    size: int | None = None
+
+
+class ObjectStore(Protocol):
+    async def ensure_bucket(self, bucket: str, *, object_lock: bool = False) -> None: ...
+
+    async def put(self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None) -> StoredObject: ...
+
+    async def put_locked(self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime) -> StoredObject: ...
+
+    async def open(self, bucket: str, key: str, version_id: str | None = None) -> IO[bytes]: ...
+
+    async def delete_all_versions(self, bucket: str, key: str) -> int: ...
+
+    async def ping(self) -> None: ...
+
+
+def s3_error(exc: ClientError, action: str) -> PermanentError | TransientError:
+    """Classify a botocore ClientError; the message names the action and S3's code only."""
+    code = exc.response.get("Error", {}).get("Code", "Unknown")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if code in _TRANSIENT_CODES or status >= 500:
+        return TransientError(f"object store {action} failed ({code})")
+    return PermanentError(f"object store {action} failed ({code})", code=f"s3_{code}")
+
+
+class S3ObjectStore:
+    """boto3-backed store; every call runs in a worker thread so the event loop never blocks."""
+
+    def __init__(self, settings: BaseServiceSettings) -> None:
+        self._client: Any = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+            aws_secret_access_key=(
+                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            ),
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=16,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    async def _call(self, action: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ClientError as exc:
+            raise s3_error(exc, action) from exc
+
+    async def ping(self) -> None:
+        await self._call("list buckets", self._client.list_buckets)
+
+    async def ensure_bucket(self, bucket: str, *, object_lock: bool = False) -> None:
+        """Create the bucket if missing, with versioning and default server-side encryption on."""
+        try:
+            await asyncio.to_thread(self._client.head_bucket, Bucket=bucket)
+        except ClientError:
+            kwargs: dict[str, Any] = {"Bucket": bucket}
+            if object_lock:
+                kwargs["ObjectLockEnabledForBucket"] = True
+            try:
+                await asyncio.to_thread(self._client.create_bucket, **kwargs)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise s3_error(exc, "create bucket") from exc
+        await self._call(
+            "enable versioning",
+            self._client.put_bucket_versioning,
+            Bucket=bucket,
+            VersioningConfiguration={"Status": "Enabled"},
+        )
+        try:
+            await asyncio.to_thread(
+                self._client.put_bucket_encryption,
+                Bucket=bucket,
+                ServerSideEncryptionConfiguration={
+                    "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                },
+            )
+        except ClientError as exc:
+            raise s3_error(exc, "enable default encryption") from exc
+
+    async def put(
+        self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None
+    ) -> StoredObject:
+        """Stream a file-like body (multipart upload above 8 MiB: memory stays bounded)."""
+        extra = {"Metadata": metadata} if metadata else {}
+
+        def upload() -> StoredObject:
+            self._client.upload_fileobj(body, bucket, key, ExtraArgs=extra or None)
+            head = self._client.head_object(Bucket=bucket, Key=key)
+            return StoredObject(bucket, key, head.get("VersionId"), head.get("ContentLength"))
+
+        return await self._call("put", upload)  # type: ignore[no-any-return]
+
+    async def put_locked(self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime) -> StoredObject:
+        """Write once into an object-lock bucket in COMPLIANCE mode until ``retain_until``."""
+        response = await self._call(
+            "put locked",
+            self._client.put_object,
+            Bucket=bucket,
+            Key=key,
+            Body=data,
+            ObjectLockMode="COMPLIANCE",
+            ObjectLockRetainUntilDate=retain_until,
+        )
+        return StoredObject(bucket, key, response.get("VersionId"), len(data))
+
+    async def open(self, bucket: str, key: str, version_id: str | None = None) -> IO[bytes]:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id:
+            kwargs["VersionId"] = version_id
+        response = await self._call("get", self._client.get_object, **kwargs)
+        return response["Body"]  # type: ignore[no-any-return]
+
+    async def read(self, bucket: str, key: str, version_id: str | None = None) -> bytes:
+        body = await self.open(bucket, key, version_id)
+        return await asyncio.to_thread(body.read)
+
+    async def exists(self, bucket: str, key: str) -> bool:
+        try:
+            await asyncio.to_thread(self._client.head_object, Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise s3_error(exc, "head") from exc
+
+    async def delete_all_versions(self, bucket: str, key: str) -> int:
+        def delete() -> int:
+            versions = self._client.list_object_versions(Bucket=bucket, Prefix=key)
+            items = [
+                {"Key": v["Key"], "VersionId": v["VersionId"]}
+                for v in versions.get("Versions", []) + versions.get("DeleteMarkers", [])
+                if v["Key"] == key
+            ]
+            if items:
+                self._client.delete_objects(Bucket=bucket, Delete={"Objects": items, "Quiet": True})
+            return len(items)
+
+        return await self._call("delete", delete)  # type: ignore[no-any-return]
+
+    def iter_keys(self, bucket: str, prefix: str = "") -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                yield item["Key"]

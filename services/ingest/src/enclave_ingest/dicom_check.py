@@ -1,0 +1,63 @@
+"""Defence in depth: ingest re-parses what the gateway accepted and re-checks what it must hold.
+
+The gateway already validated the instance; this catches a gateway bug or a forged chunk stream.
+Only the decrypted header prefix is parsed (bounded memory); errors never quote DICOM values.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from enclave_common.errors import PermanentError
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")
+
+
+class InvalidInstance(PermanentError):
+    code = "invalid_instance"
+
+
+@dataclass(frozen=True)
+class InstanceIdentity:
+    """Identifying values read from the instance. PHI: never log, never publish (pseudonymise first)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    transfer_syntax_uid: str
+
+
+def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
+    """Parse the header in ``prefix`` (the whole instance when ``complete``) and check the required attributes."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(prefix), stop_before_pixels=True, force=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        hint = "" if complete else " (the header may be larger than the configured prefix)"
+        raise InvalidInstance(f"instance header could not be parsed ({type(exc).__name__}){hint}") from exc
+    missing = [name for name in REQUIRED if not str(ds.get(name, "") or "").strip()]
+    if missing:
+        raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
+    for name in REQUIRED[:4]:
+        value = str(ds.get(name)).strip()
+        if len(value) > 64 or not _UID.match(value):
+            raise InvalidInstance(f"{name} is not a valid UID (PS3.5 9.1: digits and dots, at most 64 chars)")
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not ts:
+        ts = "1.2.840.10008.1.2.1" if not ds.is_implicit_VR else "1.2.840.10008.1.2"
+    return InstanceIdentity(
+        sop_class_uid=str(ds.SOPClassUID).strip(),
+        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+        study_instance_uid=str(ds.StudyInstanceUID).strip(),
+        series_instance_uid=str(ds.SeriesInstanceUID).strip(),
+        patient_id=str(ds.PatientID).strip(),
+        transfer_syntax_uid=ts,
+    )

@@ -1,0 +1,224 @@
+"""The chunk consumer: spool sealed chunks, store complete instances, commit only what is safe.
+
+This consumer does not use the generic ``reliable_consumer``: one instance spans many messages, so the
+unit of work is the instance, and the committed offset of a partition must stay before the first
+chunk of any instance that is not yet stored (see ``spool.OffsetTracker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiokafka import TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from faststream import AckPolicy
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
+from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.errors import PermanentError, TransientError, classify_exception
+from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
+from enclave_common.service import ServiceRuntime
+from enclave_ingest.catalogue import Catalogue
+from enclave_ingest.pipeline import ChunkStreamMeta, InstancePipeline
+from enclave_ingest.spool import ChunkSpool, OffsetTracker
+
+log = structlog.get_logger("enclave.ingest")
+
+#: How long one delivery keeps retrying a transient failure before it is redelivered.
+TRANSIENT_BUDGET_S = 120.0
+
+
+class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, tracker: OffsetTracker, spool: ChunkSpool) -> None:
+        self.tracker = tracker
+        self.spool = spool
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        for instance_upload_id in self.tracker.forget_partitions({(tp.topic, tp.partition) for tp in revoked}):
+            self.spool.discard(instance_upload_id)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        return None
+
+
+class ChunkConsumer:
+    def __init__(self, runtime: ServiceRuntime, catalogue: Catalogue, spool: ChunkSpool) -> None:
+        self.runtime = runtime
+        self.catalogue = catalogue
+        self.spool = spool
+        #: Set at startup, once the keys have been read (I/O does not happen at construction).
+        self.pipeline: InstancePipeline | None = None
+        self.tracker = OffsetTracker()
+        self.lock = asyncio.Lock()
+
+    def register(self) -> None:
+        self.runtime.broker.subscriber(
+            topics.UPLOAD_CHUNK,
+            group_id="enclave-ingest",
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_poll_interval_ms=15 * 60 * 1000,
+            listener=_ForgetRevoked(self.tracker, self.spool),
+            title="ingest:upload.chunk",
+            description="Sealed chunks of accepted instances (UploadChunk); reassembled, verified, encrypted, stored.",
+        )(self.on_chunk)
+
+    async def on_chunk(self, _: Any, msg: KafkaMessage) -> None:
+        record = msg.raw_message
+        assert not isinstance(record, tuple)
+        partition = (record.topic, record.partition)
+        async with self.lock:
+            self.tracker.observe(partition, record.offset)
+            try:
+                envelope = Envelope.from_bytes(msg.body)
+                chunk = envelope.payload(UploadChunk)
+            except ValidationError:
+                await self._dead_letter(msg, PermanentError("chunk message is not an UploadChunk envelope", code="contract_violation"))
+                await self._commit(msg, partition)
+                return
+            structlog.contextvars.bind_contextvars(correlation_id=envelope.correlation_id, event_id=envelope.id)
+            try:
+                await self._handle(envelope, chunk, partition, record.offset, msg)
+            finally:
+                structlog.contextvars.unbind_contextvars("correlation_id", "event_id")
+
+    async def _handle(
+        self, envelope: Envelope, chunk: UploadChunk, partition: tuple[str, int], offset: int, msg: KafkaMessage
+    ) -> None:
+        done = await self.catalogue.get(chunk.instance_upload_id)
+        if done is not None and "outcome" in done:
+            if chunk.index == chunk.count - 1:
+                await self._republish(done["outcome"])
+            await self._commit(msg, partition)
+            return
+        pending = self.tracker.track(chunk.instance_upload_id, chunk.count, partition, offset)
+        if chunk.index >= chunk.count or chunk.count != pending.count:
+            await self._dead_letter(msg, PermanentError("chunk index/count inconsistent", code="contract_violation"))
+            await self._commit(msg, partition)
+            return
+        meta = {
+            "tenant": envelope.tenant,
+            "upload_id": chunk.upload_id,
+            "count": chunk.count,
+            "total_size": chunk.total_size,
+            "sha256": chunk.sha256,
+        }
+        await asyncio.to_thread(self.spool.write, chunk.instance_upload_id, chunk.index, chunk.sealed, meta)
+        pending.received.add(chunk.index)
+        if chunk.index == chunk.count - 1:
+            pending.last_event_id = envelope.id
+        if pending.complete:
+            if not pending.last_event_id:
+                pending.last_event_id = envelope.id
+            stream = ChunkStreamMeta(
+                tenant=envelope.tenant,
+                upload_id=chunk.upload_id,
+                instance_upload_id=chunk.instance_upload_id,
+                count=chunk.count,
+                total_size=chunk.total_size,
+                sha256=chunk.sha256,
+            )
+            ok = await self._store(stream, envelope)
+            if not ok:
+                await msg.nack()
+                return
+            self.tracker.finish(chunk.instance_upload_id)
+            self.spool.discard(chunk.instance_upload_id)
+        await self._commit(msg, partition)
+
+    async def _store(self, stream: ChunkStreamMeta, cause: Envelope) -> bool:
+        """Store one complete instance and publish its outcome; False if a transient failure persisted."""
+        retry = self.runtime.retry
+        started = asyncio.get_running_loop().time()
+        attempt = 0
+        while True:
+            try:
+                assert self.pipeline is not None, "the pipeline is built at startup"
+                outcome = await self.pipeline.process(stream)
+                break
+            except Exception as exc:
+                error = classify_exception(exc)
+                if isinstance(error, TransientError):
+                    self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
+                    if asyncio.get_running_loop().time() - started > TRANSIENT_BUDGET_S:
+                        log.warning("transient failure persists; the instance will be redelivered", error=error.reason)
+                        return False
+                    log.info("transient failure storing an instance; retrying", attempt=attempt + 1, error=error.reason)
+                    await asyncio.sleep(max(0.5, retry.delay(attempt)))
+                    attempt += 1
+                    continue
+                log.warning("instance rejected", code=error.code, reason=error.reason)
+                outcome_event: InstanceStored | InstanceRejected = InstanceRejected(
+                    upload_id=stream.upload_id,
+                    instance_upload_id=stream.instance_upload_id,
+                    reason_code=error.code,
+                    reason=error.reason,
+                )
+                outcome = None
+                break
+        if outcome is not None:
+            outcome_event = outcome.event
+        topic = topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
+        envelope = Envelope.for_topic(
+            topic,
+            outcome_event,
+            source="ingest",
+            tenant=stream.tenant,
+            actor="service:ingest",
+            correlation_id=cause.correlation_id,
+            cause=cause,
+            discriminator=stream.instance_upload_id,
+        )
+        await self.catalogue.instances.update_one(
+            {"_id": stream.instance_upload_id},
+            {"$set": {"outcome": {"topic": topic, "envelope": envelope.model_dump(mode="json")}, "tenant": stream.tenant}},
+            upsert=True,
+        )
+        if outcome is not None and outcome.new_study_key:
+            key_event = Envelope.for_topic(
+                topics.KEY_CREATED,
+                KeyEvent(operation="created", key_id=f"study:{stream.tenant}:{outcome.new_study_key}", study_key=outcome.new_study_key),
+                source="ingest",
+                tenant=stream.tenant,
+                actor="service:ingest",
+                correlation_id=cause.correlation_id,
+                cause=cause,
+                discriminator=f"key:{outcome.new_study_key}",
+            )
+            await self.runtime.publisher.publish(topics.KEY_CREATED, key_event, key=outcome.new_study_key)
+        await self.runtime.publisher.publish(topic, envelope, key=stream.instance_upload_id)
+        log.info("instance outcome published", topic=topic, instance_upload_id=stream.instance_upload_id)
+        return True
+
+    async def _republish(self, outcome: dict[str, Any]) -> None:
+        envelope = Envelope.model_validate(outcome["envelope"])
+        await self.runtime.publisher.publish(outcome["topic"], envelope, key=str(envelope.data.get("instance_upload_id", "")))
+
+    async def _commit(self, msg: KafkaMessage, partition: tuple[str, int]) -> None:
+        offset = self.tracker.safe_offset(partition)
+        consumer = getattr(msg, "consumer", None)
+        if offset is None or consumer is None or not hasattr(consumer, "assignment"):
+            return
+        await consumer.commit({TopicPartition(*partition): offset})
+
+    async def _dead_letter(self, msg: KafkaMessage, error: PermanentError) -> None:
+        record = msg.raw_message
+        assert not isinstance(record, tuple)
+        await self.runtime.broker.publish(
+            msg.body,
+            topic=topics.dlq(topics.UPLOAD_CHUNK),
+            key=record.key,
+            headers={
+                "x-dlq-code": error.code,
+                "x-dlq-reason": error.reason,
+                "x-original-topic": record.topic,
+                "x-original-partition": str(record.partition),
+                "x-original-offset": str(record.offset),
+            },
+        )
+        self.runtime.consumer_metrics.dlq.labels(topics.UPLOAD_CHUNK, error.code).inc()

@@ -1,0 +1,114 @@
+"""Reassembly of sealed chunks with bounded memory, and the offsets that are safe to commit.
+
+Chunks of one instance share a Kafka key, so they arrive in order on one partition, interleaved with
+other instances'. Each chunk is written to a spool file as it arrives (still sealed: no plaintext
+rests on disk). An instance is complete when chunks 0..count-1 are all spooled; redelivered or
+duplicate chunks overwrite the same file. The committed offset of a partition never passes the
+first chunk of an instance that is not yet stored, so a restart mid-instance redelivers all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enclave_common.errors import PermanentError
+
+_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+@dataclass
+class PendingInstance:
+    instance_upload_id: str
+    count: int
+    partition: tuple[str, int]
+    first_offset: int
+    received: set[int] = field(default_factory=set)
+    last_event_id: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == self.count
+
+
+class ChunkSpool:
+    """Sealed chunks on local disk, one folder per instance upload id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def prepare(self) -> None:
+        """Create the spool and forget what a previous run left (Kafka redelivers what was not committed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.clear()
+
+    def _folder(self, instance_upload_id: str) -> Path:
+        if not instance_upload_id or not set(instance_upload_id) <= _ID_CHARS or len(instance_upload_id) > 64:
+            raise PermanentError("instance upload id is not an opaque id", code="contract_violation")
+        return self.root / instance_upload_id
+
+    def write(self, instance_upload_id: str, index: int, sealed: bytes, meta: dict[str, object]) -> None:
+        folder = self._folder(instance_upload_id)
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"{index}.tmp"
+        tmp.write_bytes(sealed)
+        tmp.replace(folder / f"{index}.sealed")
+        if index == 0 or not (folder / "meta.json").exists():
+            (folder / "meta.json").write_text(json.dumps(meta))
+
+    def meta(self, instance_upload_id: str) -> dict[str, object]:
+        return dict(json.loads((self._folder(instance_upload_id) / "meta.json").read_text()))
+
+    def chunks(self, instance_upload_id: str, count: int) -> Iterator[bytes]:
+        """The sealed chunks in index order, one at a time."""
+        folder = self._folder(instance_upload_id)
+        for index in range(count):
+            yield (folder / f"{index}.sealed").read_bytes()
+
+    def discard(self, instance_upload_id: str) -> None:
+        shutil.rmtree(self._folder(instance_upload_id), ignore_errors=True)
+
+    def clear(self) -> None:
+        """Forget everything (on start: Kafka redelivers whatever was not committed)."""
+        for child in self.root.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+class OffsetTracker:
+    """Per partition: the highest offset seen and the first offset of every unfinished instance."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, PendingInstance] = {}
+        self._next: dict[tuple[str, int], int] = {}
+
+    def observe(self, partition: tuple[str, int], offset: int) -> None:
+        self._next[partition] = max(self._next.get(partition, 0), offset + 1)
+
+    def track(self, instance_upload_id: str, count: int, partition: tuple[str, int], offset: int) -> PendingInstance:
+        pending = self.pending.get(instance_upload_id)
+        if pending is None:
+            pending = PendingInstance(instance_upload_id, count, partition, offset)
+            self.pending[instance_upload_id] = pending
+        return pending
+
+    def finish(self, instance_upload_id: str) -> None:
+        self.pending.pop(instance_upload_id, None)
+
+    def safe_offset(self, partition: tuple[str, int]) -> int | None:
+        """The offset to commit: before the earliest unfinished instance, else after the last seen."""
+        if partition not in self._next:
+            return None
+        firsts = [p.first_offset for p in self.pending.values() if p.partition == partition]
+        return min(firsts) if firsts else self._next[partition]
+
+    def forget_partitions(self, partitions: set[tuple[str, int]]) -> list[str]:
+        """After a rebalance took partitions away: drop their state (the new owner redelivers)."""
+        dropped = [i for i, p in self.pending.items() if p.partition in partitions]
+        for instance_upload_id in dropped:
+            del self.pending[instance_upload_id]
+        for partition in partitions:
+            self._next.pop(partition, None)
+        return dropped

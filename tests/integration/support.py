@@ -1,0 +1,203 @@
+"""Helpers for integration tests: dev keys, DICOM with planted PHI, Kafka event waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shlex
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from aiokafka import AIOKafkaConsumer
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from enclave_common.envelope import Envelope
+
+from .conftest import KAFKA
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE = Path(os.environ.get("ENCLAVE_STATE", ROOT / ".state"))
+
+#: Values planted in test instances; every output of a run is searched for them.
+PHI = {
+    "PatientName": "QUIXOTE^ALONSO^DE LA MANCHA",
+    "PatientID": "PHI-MRN-77123-ZX",
+    "PatientBirthDate": "19411103",
+    "InstitutionName": "Hospital Rocinante Toboso",
+    "ReferringPhysicianName": "PANZA^SANCHO",
+    "AccessionNumber": "ACC-PHI-55821",
+}
+
+
+def dev_env() -> dict[str, str]:
+    """The variables `scripts/dev-setup.sh` wrote (key file paths, pseudonym keys)."""
+    env: dict[str, str] = {}
+    for line in (STATE / "dev.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def mr_instance(
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = PHI["PatientID"],
+    source: str = "MR_small.dcm",
+) -> tuple[bytes, pydicom.Dataset]:
+    """pydicom's MR_small with planted PHI and fresh UIDs, as a Part 10 file."""
+    ds = pydicom.dcmread(get_testdata_file(source))
+    for name, value in PHI.items():
+        setattr(ds, name, value)
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), ds
+
+
+async def wait_for_events(
+    topic: str,
+    predicate: Callable[[Envelope], bool],
+    *,
+    count: int = 1,
+    timeout: float = 60.0,
+) -> list[Envelope]:
+    """Read ``topic`` from the beginning with a fresh group until ``count`` envelopes match."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=KAFKA,
+        group_id=f"it-wait-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        metadata_max_age_ms=1000,
+    )
+    await consumer.start()
+    found: list[Envelope] = []
+    try:
+        async def collect() -> None:
+            async for record in consumer:
+                env = Envelope.from_bytes(record.value)
+                if predicate(env) and env.id not in {e.id for e in found}:
+                    found.append(env)
+                    if len(found) >= count:
+                        return
+
+        await asyncio.wait_for(collect(), timeout)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def read_all(topic: str, predicate: Callable[[Envelope], bool], settle: float = 2.0) -> list[Any]:
+    """Every envelope on ``topic`` matching ``predicate`` (duplicates included), read until quiet."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=KAFKA,
+        group_id=f"it-read-{uuid.uuid4().hex}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out: list[Envelope] = []
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(settle * 1000))
+            if not batch:
+                return out
+            for records in batch.values():
+                for record in records:
+                    env = Envelope.from_bytes(record.value)
+                    if predicate(env):
+                        out.append(env)
+    finally:
+        await consumer.stop()
+
+
+# ---- acting as the gateway on the bus (for tests that need chunk-level control) ----------------
+
+import hashlib  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+import subprocess  # noqa: E402
+
+from aiokafka import AIOKafkaProducer  # noqa: E402
+
+from enclave_common import topics  # noqa: E402
+from enclave_common.crypto import InstanceSealer, SealContext, load_public_key  # noqa: E402
+from enclave_common.envelope import new_event_id  # noqa: E402
+from enclave_common.events import UploadChunk  # noqa: E402
+
+
+def sealed_chunk_envelopes(
+    data: bytes, *, tenant: str, upload_id: str, instance_upload_id: str | None = None, chunk_bytes: int = 4096
+) -> list[Envelope]:
+    """The `upload.chunk` envelopes the gateway would publish for ``data``."""
+    instance_upload_id = instance_upload_id or new_event_id()
+    sealer = InstanceSealer(
+        load_public_key(dev_env()["ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE"]),
+        SealContext(tenant, instance_upload_id),
+        max_chunk_bytes=chunk_bytes,
+    )
+    pieces = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    digest = hashlib.sha256(data).hexdigest()
+    return [
+        Envelope.for_topic(
+            topics.UPLOAD_CHUNK,
+            UploadChunk(
+                upload_id=upload_id,
+                instance_upload_id=instance_upload_id,
+                index=i,
+                count=len(pieces),
+                sealed=bytes(sealer.seal_chunk(piece, final=i == len(pieces) - 1)),
+                total_size=len(data),
+                sha256=digest,
+            ),
+            source="gateway",
+            tenant=tenant,
+            actor="it-test",
+            correlation_id=upload_id,
+        )
+        for i, piece in enumerate(pieces)
+    ]
+
+
+async def publish(topic: str, envelopes: list[Envelope], *, key: str) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for env in envelopes:
+            await producer.send_and_wait(topic, env.to_bytes(), key=key.encode())
+    finally:
+        await producer.stop()
+
+
+def kill_hard(component: str) -> None:
+    """kill -9 one of our processes (its pid file stays, as after a crash)."""
+    pid = int((STATE / "pids" / f"{component}.pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    for _ in range(100):  # until it is gone (or a zombie: our reaper may be slow)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.1)
+
+
+def restart(component: str) -> None:
+    """Start a killed component again with the project's own scripts (waits for readiness)."""
+    if component in ("kafka", "minio", "ferretdb"):
+        subprocess.run([str(ROOT / "scripts/stack/up.sh"), component], check=True)
+    else:
+        subprocess.run([str(ROOT / "scripts/services.sh"), "up"], check=True)

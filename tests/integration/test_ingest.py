@@ -1,0 +1,154 @@
+"""Ingest on the real stack: reassembly, encryption at rest, duplicates, crashes and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from enclave_common import topics
+from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
+from enclave_common.envelope import new_event_id
+from enclave_common.events import InstanceRejected, InstanceStored
+from enclave_common.settings import BaseServiceSettings
+from enclave_common.storage import S3ObjectStore
+from enclave_common.study_key_objects import StudyKeyObjects
+
+from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
+from .support import PHI, dev_env, kill_hard, mr_instance, publish, restart, sealed_chunk_envelopes, wait_for_events
+
+TENANT = "hospital-it-ingest"
+
+
+def _store() -> S3ObjectStore:
+    return S3ObjectStore(
+        BaseServiceSettings(s3_endpoint_url=S3_ENDPOINT, s3_access_key_id=S3_KEY, s3_secret_access_key=S3_SECRET)
+    )
+
+
+async def _decrypt_original(stored: InstanceStored, tenant: str = TENANT) -> bytes:
+    store = _store()
+    keys = StudyKeyObjects(store, stored.object.bucket, LocalKeyring.load(dev_env()["ENCLAVE_INGEST_KEYRING_FILE"]))
+    provider = await keys.object_provider(tenant, stored.study_key)
+    blob = await store.read(stored.object.bucket, stored.object.key, stored.object.version_id)
+    return decrypt_bytes(blob, ObjectIdentity(tenant, stored.study_key, stored.object.key), provider)
+
+
+async def _send(data: bytes, upload_id: str, chunk_bytes: int = 4096) -> str:
+    envs = sealed_chunk_envelopes(data, tenant=TENANT, upload_id=upload_id, chunk_bytes=chunk_bytes)
+    iuid = envs[0].data["instance_upload_id"]
+    await publish(topics.UPLOAD_CHUNK, envs, key=iuid)
+    return iuid
+
+
+def _for(iuid: str):
+    return lambda env: env.data.get("instance_upload_id") == iuid
+
+
+async def test_instance_is_reassembled_encrypted_and_readable_back():
+    data, _ = mr_instance()
+    upload_id = new_event_id()
+    iuid = await _send(data, upload_id)
+    (event,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid))
+    stored = event.payload(InstanceStored)
+    assert stored.duplicate == "new"
+    assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.size == len(data)
+    assert event.correlation_id == upload_id and event.causation_id is not None
+    # the object is ciphertext under an opaque key, and decrypts to exactly what was sent
+    assert re.fullmatch(r"originals/[0-9a-f-]{36}", stored.object.key)
+    raw = await _store().read(stored.object.bucket, stored.object.key)
+    for value in PHI.values():
+        assert value.encode() not in raw
+    assert await _decrypt_original(stored) == data
+    # the event carries no PHI
+    text = event.to_bytes().decode()
+    for value in PHI.values():
+        assert value not in text
+
+
+async def test_identical_resend_is_a_duplicate_and_different_content_is_refused():
+    data, ds = mr_instance()
+    first = await _send(data, new_event_id())
+    (stored_event,) = await wait_for_events(topics.INSTANCE_STORED, _for(first))
+    again = await _send(data, new_event_id())
+    (dup_event,) = await wait_for_events(topics.INSTANCE_STORED, _for(again))
+    dup = dup_event.payload(InstanceStored)
+    assert dup.duplicate == "duplicate"
+    assert dup.object == stored_event.payload(InstanceStored).object  # no new object
+    ds.SeriesDescription = "changed content, same SOP Instance UID"
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    conflict = await _send(buf.getvalue(), new_event_id())
+    (rejected,) = await wait_for_events(topics.INSTANCE_REJECTED, _for(conflict))
+    payload = rejected.payload(InstanceRejected)
+    assert payload.reason_code == "duplicate_conflict"
+    assert "different content" in payload.reason
+
+
+async def test_forged_or_corrupted_chunks_are_rejected_with_a_reason():
+    data, _ = mr_instance()
+    envs = sealed_chunk_envelopes(data, tenant=TENANT, upload_id=new_event_id())
+    iuid = envs[0].data["instance_upload_id"]
+    tampered = envs[1].model_dump()
+    sealed = bytearray(envs[1].payload.__self__.data["sealed"] if False else b"")
+    from enclave_common.events import UploadChunk
+
+    chunk = envs[1].payload(UploadChunk)
+    sealed = bytearray(chunk.sealed)
+    sealed[-1] ^= 0xFF
+    tampered["data"] = chunk.model_copy(update={"sealed": bytes(sealed)}).model_dump(mode="json")
+    from enclave_common.envelope import Envelope
+
+    envs[1] = Envelope.model_validate(tampered)
+    await publish(topics.UPLOAD_CHUNK, envs, key=iuid)
+    (rejected,) = await wait_for_events(topics.INSTANCE_REJECTED, _for(iuid))
+    assert rejected.payload(InstanceRejected).reason_code == "unseal_failed"
+
+
+@pytest.mark.slow
+async def test_ingest_killed_mid_instance_stores_every_instance_exactly_once():
+    instances = [mr_instance() for _ in range(4)]
+    upload_id = new_event_id()
+    all_envs = [
+        sealed_chunk_envelopes(data, tenant=TENANT, upload_id=upload_id, chunk_bytes=2048) for data, _ in instances
+    ]
+    iuids = [envs[0].data["instance_upload_id"] for envs in all_envs]
+    for envs, iuid in zip(all_envs, iuids, strict=True):
+        await publish(topics.UPLOAD_CHUNK, envs[: len(envs) // 2], key=iuid)
+    await asyncio.sleep(3)  # ingest spools the first halves
+    kill_hard("ingest")
+    for envs, iuid in zip(all_envs, iuids, strict=True):
+        await publish(topics.UPLOAD_CHUNK, envs[len(envs) // 2 :], key=iuid)
+    restart("ingest")
+    events = await wait_for_events(
+        topics.INSTANCE_STORED, lambda e: e.data.get("instance_upload_id") in iuids, count=4, timeout=90
+    )
+    by_iuid = {e.data["instance_upload_id"]: e.payload(InstanceStored) for e in events}
+    assert set(by_iuid) == set(iuids)
+    for (data, _), iuid in zip(instances, iuids, strict=True):
+        assert await _decrypt_original(by_iuid[iuid]) == data
+    client: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
+    try:
+        docs = [d async for d in client["ingest"]["instances"].find({"_id": {"$in": iuids}})]
+        assert sorted(d["_id"] for d in docs) == sorted(iuids)
+        assert {d["status"] for d in docs} == {"stored"}
+    finally:
+        await client.close()
+
+
+@pytest.mark.slow
+async def test_object_store_outage_waits_and_loses_nothing():
+    kill_hard("minio")
+    try:
+        data, _ = mr_instance()
+        iuid = await _send(data, new_event_id())
+        await asyncio.sleep(4)
+    finally:
+        restart("minio")
+    (event,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid), timeout=120)
+    assert await _decrypt_original(event.payload(InstanceStored)) == data
