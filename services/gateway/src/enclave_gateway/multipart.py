@@ -290,6 +290,7 @@ class MultipartParser:
         self._part: _Part | None = None
         self._preamble_seen = 0
         self._finished = False
+        self._header_scan_from = 0
 
     @property
     def parts_seen(self) -> int:
@@ -402,6 +403,7 @@ class MultipartParser:
             )
         del buf[: stripped + 2]
         self._start_part()
+        self._header_scan_from = 0
         self._state = _State.HEADERS
         return True
 
@@ -419,8 +421,9 @@ class MultipartParser:
             block = b""
             consumed = 2
         else:
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", self._header_scan_from)
             if end < 0:
+                self._header_scan_from = max(0, len(buf) - 3)  # never rescan what was searched
                 if len(buf) > self.limits.max_part_header_bytes:
                     raise PartHeaderError(
                         f"Header block of part {self._parts - 1} exceeds "

@@ -621,7 +621,7 @@ class InstanceInspector:
         self._size = 0
         self._failure: ValidationFailure | None = None
         self._prefix = bytearray()  # bytes before the dataset: preamble, DICM, file meta
-        self._meta: dict[int, bytes] | None = None
+        self._meta_progress: tuple[int, dict[int, bytes], int | None] | None = None
         self._has_meta = False
         self._transfer_syntax: str | None = None
         self._walker: _DatasetWalker | None = None
@@ -780,9 +780,10 @@ class InstanceInspector:
 
     def _parse_meta(self, start: int, *, final: bool) -> int | None:
         buf = self._prefix
-        position = start
-        values: dict[int, bytes] = {}
-        meta_end: int | None = None  # from FileMetaInformationGroupLength when present (PS3.10 §7.1)
+        if self._meta_progress is None:  # resumable: a meta fed one byte at a time is parsed once
+            self._meta_progress = (start, {}, None)
+        position, values, meta_end = self._meta_progress
+        # meta_end comes from FileMetaInformationGroupLength when present (PS3.10 §7.1)
         while True:
             if meta_end is not None and position >= meta_end:
                 break
@@ -852,7 +853,7 @@ class InstanceInspector:
                         "bad_file_meta",
                         f"File meta declares more than {_MAX_META_BYTES} bytes, the maximum",
                     )
-        self._meta = values
+            self._meta_progress = (position, values, meta_end)
         raw_ts = values.get(0x00020010)
         if raw_ts is None:
             raise _Refused(
