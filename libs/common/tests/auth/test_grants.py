@@ -180,7 +180,106 @@ def test_mongo_active_filter_scopes_by_tenant_subject_patient_and_time() -> None
         "tenant": "hospital-a",
         "grantee": "carol",
         "patient_key": PATIENT,
-        "revoked_at": None,
         "not_before": {"$lte": NOW},
         "expires_at": {"$gt": NOW},
     }
+
+
+class FakeCollection:
+    """Just enough of pymongo's async collection for MongoGrantStore: equality (None matches a
+    missing or null field, as in MongoDB), $lte and $gt. The real server is the integration suite's."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, object]] = {}
+        self.indexes: list[object] = []
+
+    @staticmethod
+    def _matches(doc: dict[str, object], query: dict[str, object]) -> bool:
+        for key, want in query.items():
+            have = doc.get(key)
+            if isinstance(want, dict):
+                if "$lte" in want and not (have is not None and have <= want["$lte"]):  # type: ignore[operator]
+                    return False
+                if "$gt" in want and not (have is not None and have > want["$gt"]):  # type: ignore[operator]
+                    return False
+            elif have != want:
+                return False
+        return True
+
+    async def create_index(self, keys: object, name: str) -> str:
+        self.indexes.append(keys)
+        return name
+
+    async def insert_one(self, doc: dict[str, object]) -> None:
+        from pymongo.errors import DuplicateKeyError
+
+        if doc["_id"] in self.docs:
+            raise DuplicateKeyError("E11000")
+        self.docs[str(doc["_id"])] = {
+            k: (v.replace(tzinfo=None) if isinstance(v, datetime) else v) for k, v in doc.items()
+        }
+
+    async def find_one(self, query: dict[str, object]) -> dict[str, object] | None:
+        return next((d for d in self.docs.values() if self._matches(d, query)), None)
+
+    async def update_one(self, query: dict[str, object], update: dict[str, dict[str, object]]):  # type: ignore[no-untyped-def]
+        class Result:
+            modified_count = 0
+
+        doc = await self.find_one(query)
+        if doc is not None:
+            doc.update(
+                {
+                    k: (v.replace(tzinfo=None) if isinstance(v, datetime) else v)
+                    for k, v in update["$set"].items()
+                }
+            )
+            Result.modified_count = 1
+        return Result()
+
+    def find(self, query: dict[str, object]):  # type: ignore[no-untyped-def]
+        # Stored dates are naive UTC like pymongo's default codec; compare them naive too.
+        naive = {
+            k: ({op: x.replace(tzinfo=None) for op, x in v.items()} if isinstance(v, dict) else v)
+            for k, v in query.items()
+        }
+        matching = [d for d in self.docs.values() if self._matches(d, naive)]
+
+        async def cursor():  # type: ignore[no-untyped-def]
+            for d in matching:
+                yield d
+
+        return cursor()
+
+
+async def test_mongo_store_against_a_fake_collection() -> None:
+    from enclave_common.auth.grants_mongo import MongoGrantStore
+
+    collection = FakeCollection()
+    store = MongoGrantStore({"grants": collection})  # type: ignore[arg-type]
+    await store.ensure_indexes()
+    assert collection.indexes == [[("tenant", 1), ("grantee", 1), ("patient_key", 1)]]
+    grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))
+    await store.create(grant)
+    with pytest.raises(ValueError, match="unique"):
+        await store.create(grant)
+    assert await store.active_for("carol", "hospital-a", PATIENT, NOW) == []
+    assert await store.active_for("carol", "hospital-a", PATIENT, NOW + timedelta(hours=1)) == [grant]
+    assert await store.active_for("carol", "hospital-b", PATIENT, NOW + timedelta(hours=2)) == []
+    assert await store.active_for("carol", "hospital-a", PATIENT, NOW + timedelta(hours=5)) == []
+    assert await store.get(grant.grant_id, tenant="hospital-b") is None
+    assert not await store.revoke(grant.grant_id, tenant="hospital-b", revoked_by="x", now=NOW)
+    assert await store.revoke(
+        grant.grant_id, tenant="hospital-a", revoked_by="root", now=NOW + timedelta(hours=2)
+    )
+    assert not await store.revoke(
+        grant.grant_id, tenant="hospital-a", revoked_by="root", now=NOW + timedelta(hours=2)
+    )
+    assert await store.active_for("carol", "hospital-a", PATIENT, NOW + timedelta(hours=3)) == []
+    assert len(await store.active_for("carol", "hospital-a", PATIENT, NOW + timedelta(hours=1))) == 1, (
+        "revocation is not retroactive, as in the in-memory store"
+    )
+    stored = await store.get(grant.grant_id, tenant="hospital-a")
+    assert stored is not None
+    assert stored.revoked_at == NOW + timedelta(hours=2)
+    assert stored.revoked_at.tzinfo is not None

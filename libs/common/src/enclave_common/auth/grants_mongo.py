@@ -73,12 +73,12 @@ def grant_from_document(doc: Mapping[str, Any]) -> Grant:
 
 
 def active_grants_filter(subject: str, tenant: str, patient_key: str, now: datetime) -> dict[str, Any]:
-    """The query of :meth:`MongoGrantStore.active_for` (equality and range operators only)."""
+    """The query of :meth:`MongoGrantStore.active_for` (equality and range operators only).
+    Revocation is checked on the results (``Grant.is_active``), as in the in-memory store."""
     return {
         "tenant": tenant,
         "grantee": subject,
         "patient_key": patient_key,
-        "revoked_at": None,
         "not_before": {"$lte": now},
         "expires_at": {"$gt": now},
     }
