@@ -183,8 +183,11 @@ def instrument_http(app: FastAPI, registry: CollectorRegistry) -> None:
                 access.info("http request", method=request.method, route=template, status=status, ms=round(elapsed * 1000, 1))
 
 
-def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> None:
-    """Entry point body: configure logging, then serve the app with uvicorn (no raw-path access log)."""
+def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings, **uvicorn_options: Any) -> None:
+    """Entry point body: configure logging, then serve the app with uvicorn (no raw-path access log).
+
+    With a certificate (``ssl_certfile``/``ssl_keyfile``), Python's server context refuses
+    anything older than TLS 1.2."""
     import uvicorn
 
     configure_logging(settings.service_name, settings.log_level)
@@ -195,4 +198,5 @@ def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSetting
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=20,
+        **uvicorn_options,
     )

@@ -1,11 +1,18 @@
-"""Settings of the gateway service: environment variables prefixed ``ENCLAVE_GATEWAY_``
-(shared connection settings may also come from the plain ``ENCLAVE_`` prefix)."""
+"""Settings of the gateway: environment variables prefixed ``ENCLAVE_GATEWAY_`` (shared connection
+settings may also come from the plain ``ENCLAVE_`` prefix)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
 from enclave_common.settings import BaseServiceSettings
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 class GatewaySettings(BaseServiceSettings):
@@ -13,3 +20,34 @@ class GatewaySettings(BaseServiceSettings):
 
     service_name: str = "gateway"
     http_port: int = 8080
+    #: How clients reach this gateway (RetrieveURL in STOW responses).
+    public_base_url: str = "http://127.0.0.1:8080"
+
+    #: The ingest service's X25519 public key: the only key the gateway holds for the data path.
+    ingest_public_key_file: Path | None = None
+    #: Keyed-HMAC pseudonym key (base64, >= 32 bytes), shared with ingest; never an encryption key.
+    pseudonym_key: SecretStr | None = None
+
+    oidc_issuer: str = DEV_ISSUER
+    oidc_audience: str = DEV_AUDIENCE
+    oidc_jwks_url: str | None = None
+    oidc_jwks_file: Path | None = None
+
+    max_parts: int = Field(default=10_000, ge=1)
+    max_instance_bytes: int = Field(default=2 * GIB, ge=1024)
+    max_request_bytes: int = Field(default=4 * GIB, ge=1024)
+    chunk_bytes: int = Field(default=1 * MIB, ge=4096, le=1 * MIB)
+    #: Sealed instances wait here until the whole request is read (ciphertext only).
+    spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
+    #: A request body that sends nothing for this long is cut off (slow-loris protection).
+    body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: Allow-lists; None = every Storage SOP class / the default transfer syntaxes.
+    allowed_sop_classes: list[str] | None = None
+    allowed_transfer_syntaxes: list[str] | None = None
+
+    rate_limit_burst: int = Field(default=120, ge=1)
+    rate_limit_per_second: float = Field(default=40.0, gt=0)
+    publish_timeout_s: float = Field(default=15.0, gt=0)
+
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None

@@ -1,21 +1,137 @@
-"""Wiring of the gateway service: the only place that builds clients."""
+"""Wiring of the gateway: the only place that builds clients.
+
+The gateway holds the ingest *public* key (sealing), the pseudonym HMAC key and the OIDC verification
+keys; no key that can decrypt stored data and no object-store credentials.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from fastapi import FastAPI
 
+from enclave_common.auth import RateLimit, RateLimiter
+from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.auth.file_keys import build_verifier
+from enclave_common.auth.grants_mongo import MongoGrantStore
+from enclave_common.crypto import Pseudonymizer, load_public_key
+from enclave_common.errors import ConfigurationError
+from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
+from enclave_gateway.access import AccessRecorder
+from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
+from enclave_gateway.handoff import Handoff
+from enclave_gateway.multipart import BodyLimits
+from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
+from enclave_gateway.uploads import UploadProcessor
+from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
+
+
+class _KeyHolder:
+    """Keys are read at startup (file I/O), not when the app object is built."""
+
+    def __init__(self) -> None:
+        self.recipient: X25519PublicKey | None = None
+        self.pseudonymizer: Pseudonymizer | None = None
+
+
+class _LazyPseudonymizer(Pseudonymizer):
+    def __init__(self, holder: _KeyHolder) -> None:  # noqa: D107 - deliberately no super().__init__
+        self._holder = holder
+
+    def pseudonym(self, tenant: str, kind: str, value: str) -> str:
+        assert self._holder.pseudonymizer is not None, "keys are loaded at startup"
+        return self._holder.pseudonymizer.pseudonym(tenant, kind, value)
+
+    def uid(self, tenant: str, value: str) -> str:
+        assert self._holder.pseudonymizer is not None, "keys are loaded at startup"
+        return self._holder.pseudonymizer.uid(tenant, value)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = ServiceRuntime(settings)
-    return runtime.http_app(title="Enclave gateway")
+    read_model = ReadModel(runtime.db)
+    handoff = Handoff(runtime.publisher, settings.publish_timeout_s)
+    recorder = AccessRecorder(handoff)
+    grants = MongoGrantStore(runtime.db)
+    guard = AccessGuard(
+        build_verifier(
+            issuer=settings.oidc_issuer,
+            audience=settings.oidc_audience,
+            jwks_url=settings.oidc_jwks_url,
+            jwks_file=settings.oidc_jwks_file,
+            environment=settings.environment,
+        ),
+        grants=grants,
+        limiter=RateLimiter(RateLimit(burst=settings.rate_limit_burst, per_second=settings.rate_limit_per_second)),
+        auth_failure_limiter=RateLimiter(RateLimit(burst=20, per_second=1.0)),
+        on_decision=recorder.on_decision,
+    )
+    keys = _KeyHolder()
+    pseudonymizer = _LazyPseudonymizer(keys)
+    limits = BodyLimits(
+        max_parts=settings.max_parts,
+        max_instance_bytes=settings.max_instance_bytes,
+        max_request_bytes=settings.max_request_bytes,
+    )
+    policy = ValidationPolicy(
+        allowed_transfer_syntaxes=(
+            frozenset(settings.allowed_transfer_syntaxes) if settings.allowed_transfer_syntaxes else DEFAULT_TRANSFER_SYNTAXES
+        ),
+        allowed_sop_classes=frozenset(settings.allowed_sop_classes) if settings.allowed_sop_classes else None,
+        max_instance_bytes=settings.max_instance_bytes,
+    )
+    uploads = UploadProcessor(
+        recipient=None,  # type: ignore[arg-type]  # set at startup
+        pseudonymizer=pseudonymizer,
+        handoff=handoff,
+        read_model=read_model,
+        limits=limits,
+        policy=policy,
+        spool_dir=settings.spool_dir,
+        chunk_bytes=settings.chunk_bytes,
+        idle_timeout_s=settings.body_idle_timeout_s,
+    )
+    for topic in READ_MODEL_TOPICS:
+        runtime.consume(topic, read_model.on_event)
+
+    async def load_keys() -> None:
+        if settings.ingest_public_key_file is None:
+            raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
+        keys.recipient = load_public_key(str(settings.ingest_public_key_file))
+        uploads.recipient = keys.recipient
+        keys.pseudonymizer = pseudonymizer_from_base64(
+            settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None, "ENCLAVE_GATEWAY_PSEUDONYM_KEY"
+        )
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        for stale in settings.spool_dir.glob("sealed-*"):
+            stale.unlink(missing_ok=True)
+        await read_model.ensure_indexes()
+        await grants.ensure_indexes()
+
+    runtime.on_startup(load_keys)
+    router = build_router(
+        guard=guard,
+        uploads=uploads,
+        read_model=read_model,
+        recorder=recorder,
+        pseudonymizer=pseudonymizer,
+        public_base_url=settings.public_base_url,
+    )
+    app = runtime.http_app(title="Enclave gateway", routers=[router])
+    app.state.read_model = read_model
+    return app
 
 
 def run() -> None:
-    run_service(create_app, GatewaySettings())
+    settings = GatewaySettings()
+    extra: dict[str, Any] = {}
+    if settings.tls_cert_file is not None:
+        extra = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+    run_service(create_app, settings, **extra)
 
 
 if __name__ == "__main__":

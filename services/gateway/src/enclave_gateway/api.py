@@ -1,0 +1,218 @@
+"""HTTP routes: DICOMweb STOW-RS, the upload API, status and results from the read model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from enclave_common.auth import Action, Principal, Resource
+from enclave_common.auth.fastapi import AccessGuard, Authorized
+from enclave_common.crypto import Pseudonymizer
+from enclave_gateway.access import AccessRecorder
+from enclave_gateway.handoff import KafkaUnavailable
+from enclave_gateway.multipart import RequestBodyError
+from enclave_gateway.readmodel import ReadModel
+from enclave_gateway.stow import (
+    DICOM_JSON_MEDIA_TYPE,
+    FailedInstance,
+    StoredInstance,
+    build_stow_response,
+    request_error_body,
+    stow_status,
+)
+from enclave_gateway.uploads import UploadProcessor, UploadResult
+
+UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
+
+
+def _unavailable(exc: KafkaUnavailable) -> JSONResponse:
+    return JSONResponse(
+        {"status": 503, "error": exc.code, "message": str(exc)}, status_code=503, headers={"Retry-After": "10"}
+    )
+
+
+def build_router(
+    *,
+    guard: AccessGuard,
+    uploads: UploadProcessor,
+    read_model: ReadModel,
+    recorder: AccessRecorder,
+    pseudonymizer: Pseudonymizer,
+    public_base_url: str,
+) -> APIRouter:
+    router = APIRouter()
+
+    async def receive(request: Request, principal: Principal, study: str | None, form: bool) -> UploadResult | JSONResponse:
+        try:
+            return await uploads.receive(
+                request.headers.get("content-type"),
+                request.stream(),
+                tenant=principal.tenant,
+                expected_study_uid=study,
+                form_fields=UPLOAD_FORM_FIELDS if form else None,
+            )
+        except RequestBodyError as exc:
+            await recorder.record(
+                request, principal=principal, action="upload", outcome="rejected", status=exc.status_code, detail=exc.code
+            )
+            return JSONResponse(request_error_body(exc), status_code=exc.status_code)
+
+    async def hand_off(request: Request, principal: Principal, result: UploadResult) -> JSONResponse | None:
+        try:
+            if result.accepted:
+                await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
+        except KafkaUnavailable as exc:
+            uploads.discard(result)
+            return _unavailable(exc)
+        for part in result.failed:
+            await recorder.record(
+                request,
+                principal=principal,
+                action="upload",
+                outcome="rejected",
+                status=409,
+                detail=part.failure.problem,
+                correlation_id=result.upload_id,
+            )
+        return None
+
+    async def stow(request: Request, auth: Authorized, study: str | None) -> JSONResponse:
+        outcome = await receive(request, auth.principal, study, form=False)
+        if isinstance(outcome, JSONResponse):
+            return outcome
+        failure = await hand_off(request, auth.principal, outcome)
+        if failure is not None:
+            return failure
+        stored = [StoredInstance.from_info(p.info) for p in outcome.accepted]
+        failed = [FailedInstance.from_failure(p.failure) for p in outcome.failed]
+        body = build_stow_response(f"{public_base_url.rstrip('/')}/dicomweb", stored, failed, study)
+        return JSONResponse(body, status_code=stow_status(stored, failed), media_type=DICOM_JSON_MEDIA_TYPE)
+
+    upload = guard.require(Action.UPLOAD)
+
+    @router.post(
+        "/dicomweb/studies",
+        tags=["dicomweb"],
+        summary="STOW-RS: store instances (multipart/related; type=application/dicom, or application/dicom)",
+        responses={200: {"description": "all stored"}, 202: {"description": "some stored"}, 409: {"description": "none stored"}},
+    )
+    async def stow_studies(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
+        return await stow(request, auth, None)
+
+    @router.post("/dicomweb/studies/{study}", tags=["dicomweb"], summary="STOW-RS into one study")
+    async def stow_study(study: str, request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
+        return await stow(request, auth, study)
+
+    @router.post(
+        "/api/v1/imaging/upload",
+        tags=["imaging"],
+        summary="Upload DICOM files (multipart/form-data, field 'file' or 'files'); one imaging id per instance",
+    )
+    async def upload_files(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
+        outcome = await receive(request, auth.principal, None, form=True)
+        if isinstance(outcome, JSONResponse):
+            return outcome
+        failure = await hand_off(request, auth.principal, outcome)
+        if failure is not None:
+            return failure
+        body: dict[str, Any] = {
+            "upload_id": outcome.upload_id,
+            "accepted": [
+                {
+                    "imaging_id": p.sealed.instance_upload_id,
+                    "part": p.index,
+                    "filename": p.filename,
+                    "sop_instance_uid": p.info.sop_instance_uid,
+                    "status": "received",
+                    "size": p.info.size,
+                    "sha256": p.info.sha256,
+                }
+                for p in outcome.accepted
+            ],
+            "rejected": [
+                {
+                    "part": p.index,
+                    "filename": p.filename,
+                    "failure_reason": int(p.failure.reason_code),
+                    "problem": p.failure.problem,
+                    "message": p.failure.message,
+                }
+                for p in outcome.failed
+            ],
+        }
+        status = 200 if not outcome.failed else (202 if outcome.accepted else 409)
+        return JSONResponse(body, status_code=status)
+
+    async def instance_resource(request: Request) -> Resource | None:
+        doc = await read_model.get(request.path_params["imaging_id"])
+        if doc is None:
+            return None
+        return Resource(tenant=doc["tenant"], patient_key=doc.get("patient_key"))
+
+    @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
+    async def status(imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))) -> dict[str, Any]:
+        doc = await read_model.get(imaging_id)
+        assert doc is not None
+        return _status_view(doc)
+
+    @router.get("/api/v1/imaging/{imaging_id}/analysis", tags=["imaging"], summary="Analysis results of an instance's series")
+    async def analysis(
+        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, instance_resource))
+    ) -> JSONResponse:
+        doc = await read_model.get(imaging_id)
+        assert doc is not None
+        analysis_id = doc.get("analysis_id")
+        result = await read_model.analysis(analysis_id) if analysis_id else None
+        if result is None:
+            return JSONResponse(
+                {"imaging_id": imaging_id, "status": "pending", "instance_status": doc.get("status"), "analysis": None},
+                status_code=200,
+            )
+        return JSONResponse(_analysis_view(imaging_id, result))
+
+    @router.get("/api/v1/imaging/patient/{patient_id}", tags=["imaging"], summary="Instances of one patient (own tenant)")
+    async def by_patient(patient_id: str, request: Request, principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT))) -> dict[str, Any]:
+        key = pseudonymizer.pseudonym(principal.tenant, "patient", patient_id)
+        await guard.check_resource(request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key))
+        docs = await read_model.for_patient(principal.tenant, key)
+        return {"patient_key": key, "instances": [_status_view(d) for d in docs]}
+
+    return router
+
+
+def _status_view(doc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "imaging_id": doc["_id"],
+        "status": doc.get("status", "received"),
+        "reason_code": doc.get("reason_code"),
+        "reason": doc.get("reason"),
+        "upload_id": doc.get("upload_id"),
+        "study_key": doc.get("study_key"),
+        "series_key": doc.get("series_key"),
+        "duplicate": doc.get("duplicate"),
+        "analysis_id": doc.get("analysis_id"),
+        "received_at": doc.get("received_at").isoformat() if doc.get("received_at") else None,
+        "updated_at": doc.get("updated_at").isoformat() if doc.get("updated_at") else None,
+    }
+
+
+#: The seed's field names map onto the analysis service's measures.
+SEED_FIELDS = {"hippocampal_volume_total": "hippocampal_volume_total", "cortical_thickness_mean": "cortical_thickness_mean"}
+
+
+def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    measures = doc.get("measures") or {}
+    return {
+        "imaging_id": imaging_id,
+        "analysis_id": doc["_id"],
+        "status": doc.get("status"),
+        "reason_code": doc.get("reason_code"),
+        "reason": doc.get("reason"),
+        "measures": measures,
+        "unavailable_reasons": doc.get("reasons", {}),
+        "qc": doc.get("qc"),
+        "reports": doc.get("reports", []),
+        **{seed: measures.get(name) for seed, name in SEED_FIELDS.items()},
+    }

@@ -1,0 +1,144 @@
+"""The gateway's read model (CQRS): status and results built by consuming events into its own
+database. Status only moves forward (received < stored < de-identified < analysed); ``failed`` and
+``quarantined`` are terminal. Events may arrive before the gateway wrote its own record of an upload,
+so every write is an idempotent upsert guarded by the status rank.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
+
+from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.events import (
+    AnalysisCompleted,
+    AnalysisFailed,
+    InstanceDeidentified,
+    InstanceQuarantined,
+    InstanceRejected,
+    InstanceStored,
+)
+from enclave_common.pseudonyms import InstanceKeys
+
+RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
+
+
+class ReadModel:
+    def __init__(self, db: Any) -> None:
+        self.instances = db["instances"]
+        self.analyses = db["analyses"]
+
+    async def ensure_indexes(self) -> None:
+        await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
+        await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
+
+    async def record_upload(self, tenant: str, upload_id: str, instance_upload_id: str, keys: InstanceKeys, sop_class_uid: str) -> None:
+        now = datetime.now(UTC)
+        await self.instances.update_one(
+            {"_id": instance_upload_id},
+            {
+                "$setOnInsert": {"status": "received", "rank": 0, "created_at": now},
+                "$set": {
+                    "tenant": tenant,
+                    "upload_id": upload_id,
+                    "patient_key": keys.patient_key,
+                    "study_key": keys.study_key,
+                    "series_key": keys.series_key,
+                    "instance_key": keys.instance_key,
+                    "sop_class_uid": sop_class_uid,
+                    "received_at": now,
+                },
+            },
+            upsert=True,
+        )
+
+    async def advance(self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]) -> None:
+        """Move an instance to ``status`` unless it is already there or further."""
+        now = datetime.now(UTC)
+        try:
+            await self.instances.update_one(
+                {"_id": instance_upload_id, "rank": {"$lt": RANK[status]}},
+                {"$set": {"tenant": tenant, "status": status, "rank": RANK[status], "updated_at": now, **fields}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return  # already at this status or beyond
+
+    async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
+        return doc
+
+    async def for_patient(self, tenant: str, patient_key: str, limit: int = 1000) -> list[dict[str, Any]]:
+        cursor = self.instances.find({"tenant": tenant, "patient_key": patient_key}).sort("received_at", ASCENDING)
+        return [doc async for doc in cursor.limit(limit)]
+
+    async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = await self.analyses.find_one({"_id": analysis_id})
+        return doc
+
+    # ---- event handlers ---------------------------------------------------------------------
+
+    async def on_event(self, envelope: Envelope) -> None:
+        kind = envelope.type
+        if kind == topics.event_type(topics.INSTANCE_STORED):
+            stored = envelope.payload(InstanceStored)
+            await self.advance(
+                stored.instance_upload_id,
+                envelope.tenant,
+                "stored",
+                {"duplicate": stored.duplicate, "patient_key": stored.patient_key, "series_key": stored.series_key,
+                 "study_key": stored.study_key},
+            )
+        elif kind == topics.event_type(topics.INSTANCE_REJECTED):
+            rejected = envelope.payload(InstanceRejected)
+            await self.advance(
+                rejected.instance_upload_id, envelope.tenant, "failed",
+                {"reason_code": rejected.reason_code, "reason": rejected.reason},
+            )
+        elif kind == topics.event_type(topics.INSTANCE_DEIDENTIFIED):
+            deid = envelope.payload(InstanceDeidentified)
+            await self.advance(deid.instance_upload_id, envelope.tenant, "deidentified", {"profile": deid.profile})
+        elif kind == topics.event_type(topics.INSTANCE_QUARANTINED):
+            quarantined = envelope.payload(InstanceQuarantined)
+            await self.advance(
+                quarantined.instance_upload_id, envelope.tenant, "quarantined",
+                {"reason_code": quarantined.reason_code, "reason": quarantined.reason},
+            )
+        elif kind == topics.event_type(topics.ANALYSIS_COMPLETED):
+            done = envelope.payload(AnalysisCompleted)
+            await self._store_analysis(envelope, done.analysis_id, done.series_key, "completed", {
+                "measures": done.measures, "qc": done.qc, "reports": [r.model_dump() for r in done.reports],
+                "reasons": envelope.data.get("reasons", {}),
+            })
+            for iuid in done.instance_upload_ids:
+                await self.advance(iuid, envelope.tenant, "analysed", {"analysis_id": done.analysis_id})
+        elif kind == topics.event_type(topics.ANALYSIS_FAILED):
+            failed = envelope.payload(AnalysisFailed)
+            await self._store_analysis(envelope, failed.analysis_id, failed.series_key, "failed", {
+                "reason_code": failed.reason_code, "reason": failed.reason,
+            })
+            await self.instances.update_many(
+                {"_id": {"$in": failed.instance_upload_ids}}, {"$set": {"analysis_id": failed.analysis_id}}
+            )
+
+    async def _store_analysis(self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]) -> None:
+        await self.analyses.replace_one(
+            {"_id": analysis_id},
+            {"_id": analysis_id, "tenant": envelope.tenant, "series_key": series_key, "status": status,
+             "recorded_at": datetime.now(UTC), **fields},
+            upsert=True,
+        )
+
+
+READ_MODEL_TOPICS = (
+    topics.INSTANCE_STORED,
+    topics.INSTANCE_REJECTED,
+    topics.INSTANCE_DEIDENTIFIED,
+    topics.INSTANCE_QUARANTINED,
+    topics.ANALYSIS_COMPLETED,
+    topics.ANALYSIS_FAILED,
+)

@@ -1,0 +1,243 @@
+"""One upload request, from streamed body to acknowledged hand-off.
+
+The body streams through the multipart parser; each part is validated and sealed as it arrives.
+Nothing is published until the whole body was read and accepted at the request level, so a request
+that fails half-way (bad boundary, limit exceeded, client gone) leaves nothing behind. Then every
+accepted instance is published (all chunks acknowledged), followed by ``upload.completed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from enclave_common import topics
+from enclave_common.crypto import Pseudonymizer
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.events import UploadCompleted
+from enclave_common.pseudonyms import instance_keys
+from enclave_gateway.handoff import Handoff, SealedInstance
+from enclave_gateway.multipart import (
+    DICOM_MEDIA_TYPE,
+    BodyLimits,
+    MalformedMultipartError,
+    PartData,
+    PartEnd,
+    PartStart,
+    parse_body_format,
+    parser_for,
+)
+from enclave_gateway.readmodel import ReadModel
+from enclave_gateway.validation import (
+    FailureReason,
+    InstanceInfo,
+    InstanceInspector,
+    ValidationFailure,
+    ValidationPolicy,
+)
+
+
+class BodyTimeout(MalformedMultipartError):
+    code = "body_timeout"
+    status_code = 408
+
+
+@dataclass
+class AcceptedPart:
+    index: int
+    info: InstanceInfo
+    sealed: SealedInstance
+    filename: str | None = None
+
+
+@dataclass
+class FailedPart:
+    index: int
+    failure: ValidationFailure
+    filename: str | None = None
+
+
+@dataclass
+class UploadResult:
+    upload_id: str
+    accepted: list[AcceptedPart] = field(default_factory=list)
+    failed: list[FailedPart] = field(default_factory=list)
+
+
+@dataclass
+class _Current:
+    index: int
+    inspector: InstanceInspector | None
+    sealed: SealedInstance | None
+    filename: str | None
+    refused: ValidationFailure | None = None
+
+
+class UploadProcessor:
+    def __init__(
+        self,
+        *,
+        recipient: X25519PublicKey,
+        pseudonymizer: Pseudonymizer,
+        handoff: Handoff,
+        read_model: ReadModel,
+        limits: BodyLimits,
+        policy: ValidationPolicy,
+        spool_dir: Path,
+        chunk_bytes: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.recipient = recipient
+        self.pseudonymizer = pseudonymizer
+        self.handoff = handoff
+        self.read_model = read_model
+        self.limits = limits
+        self.policy = policy
+        self.spool_dir = spool_dir
+        self.chunk_bytes = chunk_bytes
+        self.idle_timeout_s = idle_timeout_s
+
+    async def receive(
+        self, content_type: str | None, body: AsyncIterator[bytes], *, tenant: str, expected_study_uid: str | None = None,
+        form_fields: frozenset[str] | None = None,
+    ) -> UploadResult:
+        """Read and validate the whole body; raise RequestBodyError (nothing kept) on a request-level error."""
+        parser = parser_for(parse_body_format(content_type), self.limits)
+        result = UploadResult(upload_id=new_event_id())
+        current: _Current | None = None
+        try:
+            async for chunk in _with_idle_timeout(body, self.idle_timeout_s):
+                for event in parser.feed(chunk):
+                    current = self._on_event(event, current, result, tenant, expected_study_uid, form_fields)
+            for event in parser.close():
+                current = self._on_event(event, current, result, tenant, expected_study_uid, form_fields)
+        except BaseException:
+            if current is not None and current.sealed is not None:
+                current.sealed.discard()
+            self.discard(result)
+            raise
+        return result
+
+    def _on_event(
+        self,
+        event: PartStart | PartData | PartEnd,
+        current: _Current | None,
+        result: UploadResult,
+        tenant: str,
+        expected_study_uid: str | None,
+        form_fields: frozenset[str] | None,
+    ) -> _Current | None:
+        if isinstance(event, PartStart):
+            headers = event.headers
+            refused = None
+            if form_fields is not None and headers.form_field is not None and headers.form_field not in form_fields:
+                return _Current(event.index, None, None, headers.filename, refused=None)  # other form field: ignored
+            media = headers.media_type
+            if media not in (DICOM_MEDIA_TYPE, "application/octet-stream"):
+                refused = ValidationFailure(
+                    FailureReason.CANNOT_UNDERSTAND,
+                    f"Part content type {media[:60]} is not accepted; accepted: application/dicom",
+                    "part_media_type",
+                )
+                return _Current(event.index, None, None, headers.filename, refused)
+            return _Current(
+                event.index,
+                InstanceInspector(self.policy, expected_study_uid),
+                SealedInstance(self.recipient, tenant, self.spool_dir, self.chunk_bytes),
+                headers.filename,
+            )
+        assert current is not None
+        if isinstance(event, PartData):
+            if current.inspector is None:
+                return current
+            failure = current.inspector.feed(event.data)
+            if failure is None and current.sealed is not None:
+                current.sealed.feed(event.data)
+            elif current.sealed is not None:
+                current.sealed.discard()
+                current.sealed = None
+            return current
+        # PartEnd
+        if current.refused is not None:
+            result.failed.append(FailedPart(current.index, current.refused, current.filename))
+        elif current.inspector is not None:
+            verdict = current.inspector.finish()
+            if isinstance(verdict, InstanceInfo) and current.sealed is not None:
+                current.sealed.finish()
+                result.accepted.append(AcceptedPart(current.index, verdict, current.sealed, current.filename))
+            else:
+                if current.sealed is not None:
+                    current.sealed.discard()
+                assert isinstance(verdict, ValidationFailure)
+                result.failed.append(FailedPart(current.index, verdict, current.filename))
+        return None
+
+    async def publish(self, result: UploadResult, *, tenant: str, actor: str) -> None:
+        """Hand every accepted instance to Kafka (acknowledged), then ``upload.completed``."""
+        series: list[str] = []
+        try:
+            for part in result.accepted:
+                info = part.info
+                keys = instance_keys(
+                    self.pseudonymizer,
+                    tenant,
+                    patient_id=info.patient_id,
+                    study_uid=info.study_instance_uid,
+                    series_uid=info.series_instance_uid,
+                    sop_instance_uid=info.sop_instance_uid,
+                )
+                await self.handoff.publish_instance(
+                    part.sealed,
+                    upload_id=result.upload_id,
+                    actor=actor,
+                    sha256=info.sha256,
+                    keys=keys,
+                    sop_class_uid=info.sop_class_uid,
+                    transfer_syntax_uid=info.transfer_syntax_uid,
+                )
+                await self.read_model.record_upload(
+                    tenant, result.upload_id, part.sealed.instance_upload_id, keys, info.sop_class_uid
+                )
+                if keys.series_key not in series:
+                    series.append(keys.series_key)
+            completed = Envelope.for_topic(
+                topics.UPLOAD_COMPLETED,
+                UploadCompleted(
+                    upload_id=result.upload_id,
+                    instance_upload_ids=[p.sealed.instance_upload_id for p in result.accepted],
+                    series_keys=series,
+                    accepted=len(result.accepted),
+                    rejected=len(result.failed),
+                ),
+                source="gateway",
+                tenant=tenant,
+                actor=actor,
+                correlation_id=result.upload_id,
+            )
+            await self.handoff.publish_event(topics.UPLOAD_COMPLETED, completed, result.upload_id)
+        finally:
+            self.discard(result)
+
+    @staticmethod
+    def discard(result: UploadResult) -> None:
+        for part in result.accepted:
+            part.sealed.discard()
+
+
+async def _with_idle_timeout(body: AsyncIterator[bytes], idle_timeout_s: float) -> AsyncIterator[bytes]:
+    iterator = body.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body sent nothing for {idle_timeout_s:g} s; bodies must keep streaming"
+            ) from None
+        if chunk:
+            yield chunk
