@@ -11,12 +11,16 @@ export ENCLAVE_S3_ENDPOINT_URL="${ENCLAVE_S3_ENDPOINT_URL:-http://127.0.0.1:$MIN
 export ENCLAVE_S3_ACCESS_KEY_ID="${ENCLAVE_S3_ACCESS_KEY_ID:-$MINIO_ROOT_USER}"
 export ENCLAVE_S3_SECRET_ACCESS_KEY="${ENCLAVE_S3_SECRET_ACCESS_KEY:-$MINIO_ROOT_PASSWORD}"
 export ENCLAVE_STATE_DIR="$ENCLAVE_STATE"
+# Locally every service writes its spans to a JSON-lines file (tests check one upload = one trace).
+export ENCLAVE_TRACING_EXPORTER="${ENCLAVE_TRACING_EXPORTER:-file}"
+mkdir -p "$ENCLAVE_STATE/traces"
 [ -f "$ENCLAVE_STATE/dev.env" ] && . "$ENCLAVE_STATE/dev.env"
 
 up() {
   for s in $SERVICES; do
     if pid_alive "$s"; then log "$s already running (pid $(cat "$PIDS_DIR/$s.pid"))"; continue; fi
-    setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null &
+    ENCLAVE_TRACING_FILE="${ENCLAVE_TRACING_FILE:-$ENCLAVE_STATE/traces/$s.jsonl}" \
+      setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null &
     echo $! > "$PIDS_DIR/$s.pid"
     log "$s started (pid $!), log: $LOGS_DIR/$s.log"
   done

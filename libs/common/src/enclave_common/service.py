@@ -17,6 +17,9 @@ import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from opentelemetry import propagate
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from pymongo import AsyncMongoClient
 
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
@@ -138,7 +141,7 @@ class ServiceRuntime:
 
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
         app.state.runtime = self
-        instrument_http(app, self.registry)
+        instrument_http(app, self.registry, self.tracer_provider)
 
         @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
         async def healthz() -> dict[str, str]:
@@ -159,28 +162,39 @@ class ServiceRuntime:
         return app
 
 
-def instrument_http(app: FastAPI, registry: CollectorRegistry) -> None:
-    """Request count and latency by route *template* (never the raw path, which may hold an id)."""
+def instrument_http(app: FastAPI, registry: CollectorRegistry, tracer_provider: TracerProvider) -> None:
+    """Request count, latency and a server span per request, by route *template* (never the raw path,
+    which may hold an id). The span is the parent of every Kafka publish the request makes, so one
+    upload is one trace across the services (W3C trace context travels in Kafka headers)."""
     requests = Counter("enclave_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
     latency = Histogram("enclave_http_request_seconds", "HTTP latency", ["method", "route"], registry=registry)
     access = structlog.get_logger("enclave.http")
+    tracer = tracer_provider.get_tracer("enclave.http")
+    quiet = ("/healthz", "/readyz", "/metrics")
 
     @app.middleware("http")
     async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            elapsed = time.perf_counter() - started
-            requests.labels(request.method, template, str(status)).inc()
-            latency.labels(request.method, template).observe(elapsed)
-            if template not in ("/healthz", "/readyz", "/metrics"):
-                access.info("http request", method=request.method, route=template, status=status, ms=round(elapsed * 1000, 1))
+        parent = propagate.extract(dict(request.headers))
+        with tracer.start_as_current_span(
+            f"HTTP {request.method}", context=parent, kind=SpanKind.SERVER
+        ) as span:
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                route = request.scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                elapsed = time.perf_counter() - started
+                span.update_name(f"{request.method} {template}")
+                span.set_attribute("http.route", template)
+                span.set_attribute("http.response.status_code", status)
+                requests.labels(request.method, template, str(status)).inc()
+                latency.labels(request.method, template).observe(elapsed)
+                if template not in quiet:
+                    access.info("http request", method=request.method, route=template, status=status, ms=round(elapsed * 1000, 1))
 
 
 def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings, **uvicorn_options: Any) -> None:

@@ -3,6 +3,7 @@ JSON-lines file (used by the tests that check one upload is one trace across all
 
 from __future__ import annotations
 
+import json
 from typing import IO
 
 from opentelemetry.sdk.resources import Resource
@@ -12,8 +13,30 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from enclave_common.settings import BaseServiceSettings
 
 
+def _attribute(value: object) -> object:
+    if isinstance(value, bytes | bytearray):
+        return value.decode("ascii", "replace")
+    if isinstance(value, tuple | list):
+        return [_attribute(v) for v in value]
+    return value
+
+
 def _one_line(span: ReadableSpan) -> str:
-    return span.to_json(indent=None) + "\n"
+    """One span as a JSON line; bytes attributes (FastStream sets the Kafka key as bytes) become text."""
+    context = span.get_span_context()
+    record = {
+        "name": span.name,
+        "service": span.resource.attributes.get("service.name"),
+        "kind": span.kind.name,
+        "trace_id": f"{context.trace_id:032x}" if context else None,
+        "span_id": f"{context.span_id:016x}" if context else None,
+        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+        "start_time": span.start_time,
+        "end_time": span.end_time,
+        "status": span.status.status_code.name,
+        "attributes": {k: _attribute(v) for k, v in (span.attributes or {}).items()},
+    }
+    return json.dumps(record, separators=(",", ":")) + "\n"
 
 
 def build_tracer_provider(settings: BaseServiceSettings) -> tuple[TracerProvider, IO[str] | None]:
