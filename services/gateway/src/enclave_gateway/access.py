@@ -7,13 +7,15 @@ unaudited.
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request
+import re
 
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
+from fastapi import HTTPException, Request
+
 from enclave_gateway.handoff import Handoff, KafkaUnavailable
 
 _OUTCOMES: dict[str, AccessOutcome] = {
@@ -24,6 +26,23 @@ _OUTCOMES: dict[str, AccessOutcome] = {
     "rate_limited": "denied",
     "unavailable": "error",
 }
+
+
+#: A client may name its request (``X-Request-ID``, a UUID); the access event carries it as its
+#: correlation id, so the caller can find the audit record of its own request.
+REQUEST_ID_HEADER = "x-request-id"
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def request_correlation_id(request: Request) -> str:
+    """The client's ``X-Request-ID`` when it is a UUID, else a fresh id (never free text from a client)."""
+    known = getattr(request.state, "correlation_id", None)
+    if isinstance(known, str):
+        return known
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    chosen = given.lower() if _UUID.match(given) else new_event_id()
+    request.state.correlation_id = chosen
+    return chosen
 
 
 class AccessRecorder:
@@ -58,18 +77,29 @@ class AccessRecorder:
             source="gateway",
             tenant=tenant,
             actor=principal.subject if principal is not None else "anonymous",
-            correlation_id=correlation_id or new_event_id(),
+            correlation_id=correlation_id or request_correlation_id(request),
         )
         try:
             await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
         except KafkaUnavailable as exc:
-            raise HTTPException(503, detail={"code": exc.code, "message": "the access could not be audited; retry later"}) from None
+            raise HTTPException(
+                503, detail={"code": exc.code, "message": "the access could not be audited; retry later"}
+            ) from None
 
     async def on_decision(
-        self, principal: Principal | None, action: Action, outcome: AccessResult, status: int, request: Request
+        self,
+        principal: Principal | None,
+        action: Action,
+        outcome: AccessResult,
+        status: int,
+        request: Request,
     ) -> None:
         """The AccessGuard hook: one event per decision."""
-        target = outcome.resource.patient_key if outcome.resource is not None else request.path_params.get("imaging_id")
+        target = (
+            outcome.resource.patient_key
+            if outcome.resource is not None
+            else request.path_params.get("imaging_id")
+        )
         await self.record(
             request,
             principal=principal,
@@ -80,17 +110,26 @@ class AccessRecorder:
             detail=outcome.reason,
         )
         if outcome.break_glass and principal is not None:
-            alert = Envelope.for_topic(
-                topics.SECURITY_ALERT,
-                SecurityAlert(
-                    rule="break_glass",
-                    severity="high",
-                    subject=principal.subject,
-                    detail=f"break-glass access ({action}) to patient {target}",
-                ),
-                source="gateway",
-                tenant=principal.tenant,
-                actor=principal.subject,
-                correlation_id=new_event_id(),
+            await self.alert(
+                request,
+                principal,
+                rule="break_glass",
+                detail=f"break-glass access ({action}) to patient {target}",
             )
+
+    async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:
+        """A ``security.alert`` (high): break-glass opened or used. ``detail`` holds pseudonyms only."""
+        alert = Envelope.for_topic(
+            topics.SECURITY_ALERT,
+            SecurityAlert(rule=rule, severity="high", subject=principal.subject, detail=detail),
+            source="gateway",
+            tenant=principal.tenant,
+            actor=principal.subject,
+            correlation_id=request_correlation_id(request),
+        )
+        try:
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
+        except KafkaUnavailable as exc:
+            raise HTTPException(
+                503, detail={"code": exc.code, "message": "the alert could not be raised; retry later"}
+            ) from None

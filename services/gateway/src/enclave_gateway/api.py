@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
-
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable
 from enclave_gateway.multipart import RequestBodyError
@@ -29,7 +30,9 @@ UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
 def _unavailable(exc: KafkaUnavailable) -> JSONResponse:
     return JSONResponse(
-        {"status": 503, "error": exc.code, "message": str(exc)}, status_code=503, headers={"Retry-After": "10"}
+        {"status": 503, "error": exc.code, "message": str(exc)},
+        status_code=503,
+        headers={"Retry-After": "10"},
     )
 
 
@@ -44,7 +47,9 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter()
 
-    async def receive(request: Request, principal: Principal, study: str | None, form: bool) -> UploadResult | JSONResponse:
+    async def receive(
+        request: Request, principal: Principal, study: str | None, form: bool
+    ) -> UploadResult | JSONResponse:
         try:
             return await uploads.receive(
                 request.headers.get("content-type"),
@@ -55,7 +60,12 @@ def build_router(
             )
         except RequestBodyError as exc:
             await recorder.record(
-                request, principal=principal, action="upload", outcome="rejected", status=exc.status_code, detail=exc.code
+                request,
+                principal=principal,
+                action="upload",
+                outcome="rejected",
+                status=exc.status_code,
+                detail=exc.code,
             )
             return JSONResponse(request_error_body(exc), status_code=exc.status_code)
 
@@ -96,7 +106,11 @@ def build_router(
         "/dicomweb/studies",
         tags=["dicomweb"],
         summary="STOW-RS: store instances (multipart/related; type=application/dicom, or application/dicom)",
-        responses={200: {"description": "all stored"}, 202: {"description": "some stored"}, 409: {"description": "none stored"}},
+        responses={
+            200: {"description": "all stored"},
+            202: {"description": "some stored"},
+            409: {"description": "none stored"},
+        },
     )
     async def stow_studies(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
         return await stow(request, auth, None)
@@ -108,7 +122,7 @@ def build_router(
     @router.post(
         "/api/v1/imaging/upload",
         tags=["imaging"],
-        summary="Upload DICOM files (multipart/form-data, field 'file' or 'files'); one imaging id per instance",
+        summary="Upload DICOM files (multipart/form-data, field 'file' or 'files'): imaging id per instance",
     )
     async def upload_files(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
         outcome = await receive(request, auth.principal, None, form=True)
@@ -152,12 +166,18 @@ def build_router(
         return Resource(tenant=doc["tenant"], patient_key=doc.get("patient_key"))
 
     @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
-    async def status(imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))) -> dict[str, Any]:
+    async def status(
+        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))
+    ) -> dict[str, Any]:
         doc = await read_model.get(imaging_id)
         assert doc is not None
         return _status_view(doc)
 
-    @router.get("/api/v1/imaging/{imaging_id}/analysis", tags=["imaging"], summary="Analysis results of an instance's series")
+    @router.get(
+        "/api/v1/imaging/{imaging_id}/analysis",
+        tags=["imaging"],
+        summary="Analysis results of an instance's series",
+    )
     async def analysis(
         imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, instance_resource))
     ) -> JSONResponse:
@@ -167,15 +187,30 @@ def build_router(
         result = await read_model.analysis(analysis_id) if analysis_id else None
         if result is None:
             return JSONResponse(
-                {"imaging_id": imaging_id, "status": "pending", "instance_status": doc.get("status"), "analysis": None},
+                {
+                    "imaging_id": imaging_id,
+                    "status": "pending",
+                    "instance_status": doc.get("status"),
+                    "analysis": None,
+                },
                 status_code=200,
             )
         return JSONResponse(_analysis_view(imaging_id, result))
 
-    @router.get("/api/v1/imaging/patient/{patient_id}", tags=["imaging"], summary="Instances of one patient (own tenant)")
-    async def by_patient(patient_id: str, request: Request, principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT))) -> dict[str, Any]:
+    @router.get(
+        "/api/v1/imaging/patient/{patient_id}",
+        tags=["imaging"],
+        summary="Instances of one patient (own tenant)",
+    )
+    async def by_patient(
+        patient_id: str,
+        request: Request,
+        principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT)),
+    ) -> dict[str, Any]:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", patient_id)
-        await guard.check_resource(request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key))
+        await guard.check_resource(
+            request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key)
+        )
         docs = await read_model.for_patient(principal.tenant, key)
         return {"patient_key": key, "instances": [_status_view(d) for d in docs]}
 
@@ -193,13 +228,20 @@ def _status_view(doc: dict[str, Any]) -> dict[str, Any]:
         "series_key": doc.get("series_key"),
         "duplicate": doc.get("duplicate"),
         "analysis_id": doc.get("analysis_id"),
-        "received_at": doc.get("received_at").isoformat() if doc.get("received_at") else None,
-        "updated_at": doc.get("updated_at").isoformat() if doc.get("updated_at") else None,
+        "received_at": _iso(doc.get("received_at")),
+        "updated_at": _iso(doc.get("updated_at")),
     }
 
 
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 #: The seed's field names map onto the analysis service's measures.
-SEED_FIELDS = {"hippocampal_volume_total": "hippocampal_volume_total", "cortical_thickness_mean": "cortical_thickness_mean"}
+SEED_FIELDS = {
+    "hippocampal_volume_total": "hippocampal_volume_total",
+    "cortical_thickness_mean": "cortical_thickness_mean",
+}
 
 
 def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:

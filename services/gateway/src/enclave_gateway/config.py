@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
-from pydantic_settings import SettingsConfigDict
-
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
 from enclave_common.settings import BaseServiceSettings
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

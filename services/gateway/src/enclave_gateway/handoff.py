@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
 from enclave_common import topics
 from enclave_common.crypto import InstanceSealer, SealContext
 from enclave_common.envelope import Envelope, new_event_id
@@ -40,7 +39,9 @@ class SealedInstance:
     def __init__(self, recipient: X25519PublicKey, tenant: str, spool_dir: Path, chunk_bytes: int) -> None:
         self.tenant = tenant
         self.instance_upload_id = new_event_id()
-        self._sealer = InstanceSealer(recipient, SealContext(tenant, self.instance_upload_id), max_chunk_bytes=chunk_bytes)
+        self._sealer = InstanceSealer(
+            recipient, SealContext(tenant, self.instance_upload_id), max_chunk_bytes=chunk_bytes
+        )
         self._chunk_bytes = chunk_bytes
         self._buffer = bytearray()
         fd, name = tempfile.mkstemp(prefix="sealed-", dir=spool_dir)
@@ -88,10 +89,14 @@ class Handoff:
         try:
             await asyncio.wait_for(self._publisher.publish(topic, envelope, key=key), self._timeout)
         except (TimeoutError, ConnectionError, OSError) as exc:
-            raise KafkaUnavailable("Kafka did not acknowledge the upload; nothing was accepted, retry later") from exc
+            raise KafkaUnavailable(
+                "Kafka did not acknowledge the upload; nothing was accepted, retry later"
+            ) from exc
         except Exception as exc:
             if type(exc).__module__.startswith(("aiokafka", "kafka", "faststream")):
-                raise KafkaUnavailable("Kafka did not acknowledge the upload; nothing was accepted, retry later") from exc
+                raise KafkaUnavailable(
+                    "Kafka did not acknowledge the upload; nothing was accepted, retry later"
+                ) from exc
             raise
 
     async def publish_instance(

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from fastapi import FastAPI
-
 from enclave_common.auth import RateLimit, RateLimiter
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.file_keys import build_verifier
@@ -19,9 +17,14 @@ from enclave_common.crypto import Pseudonymizer, load_public_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
+from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
@@ -38,7 +41,7 @@ class _KeyHolder:
 
 
 class _LazyPseudonymizer(Pseudonymizer):
-    def __init__(self, holder: _KeyHolder) -> None:  # noqa: D107 - deliberately no super().__init__
+    def __init__(self, holder: _KeyHolder) -> None:
         self._holder = holder
 
     def pseudonym(self, tenant: str, kind: str, value: str) -> str:
@@ -66,7 +69,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             environment=settings.environment,
         ),
         grants=grants,
-        limiter=RateLimiter(RateLimit(burst=settings.rate_limit_burst, per_second=settings.rate_limit_per_second)),
+        limiter=RateLimiter(
+            RateLimit(burst=settings.rate_limit_burst, per_second=settings.rate_limit_per_second)
+        ),
         auth_failure_limiter=RateLimiter(RateLimit(burst=20, per_second=1.0)),
         on_decision=recorder.on_decision,
     )
@@ -79,7 +84,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     policy = ValidationPolicy(
         allowed_transfer_syntaxes=(
-            frozenset(settings.allowed_transfer_syntaxes) if settings.allowed_transfer_syntaxes else DEFAULT_TRANSFER_SYNTAXES
+            frozenset(settings.allowed_transfer_syntaxes)
+            if settings.allowed_transfer_syntaxes
+            else DEFAULT_TRANSFER_SYNTAXES
         ),
         allowed_sop_classes=frozenset(settings.allowed_sop_classes) if settings.allowed_sop_classes else None,
         max_instance_bytes=settings.max_instance_bytes,
@@ -104,7 +111,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         keys.recipient = load_public_key(str(settings.ingest_public_key_file))
         uploads.recipient = keys.recipient
         keys.pseudonymizer = pseudonymizer_from_base64(
-            settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None, "ENCLAVE_GATEWAY_PSEUDONYM_KEY"
+            settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None,
+            "ENCLAVE_GATEWAY_PSEUDONYM_KEY",
         )
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in settings.spool_dir.glob("sealed-*"):
@@ -121,9 +129,31 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         pseudonymizer=pseudonymizer,
         public_base_url=settings.public_base_url,
     )
-    app = runtime.http_app(title="Enclave gateway", routers=[router])
+    grants_router = build_grants_router(
+        guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
+    )
+    app = runtime.http_app(title="Enclave gateway", routers=[router, grants_router])
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.read_model = read_model
     return app
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each wrong field and what is allowed, without echoing the value sent (it may be PHI)."""
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "invalid")}
+        for error in exc.errors()
+    ]
+    return JSONResponse(
+        {
+            "status": 422,
+            "error": "invalid_request",
+            "message": "the request does not match the API",
+            "problems": problems,
+        },
+        status_code=422,
+    )
 
 
 def run() -> None:

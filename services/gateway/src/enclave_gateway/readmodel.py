@@ -9,9 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import ASCENDING
-from pymongo.errors import DuplicateKeyError
-
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.events import (
@@ -23,6 +20,8 @@ from enclave_common.events import (
     InstanceStored,
 )
 from enclave_common.pseudonyms import InstanceKeys
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
 
 RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
 
@@ -36,7 +35,9 @@ class ReadModel:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
 
-    async def record_upload(self, tenant: str, upload_id: str, instance_upload_id: str, keys: InstanceKeys, sop_class_uid: str) -> None:
+    async def record_upload(
+        self, tenant: str, upload_id: str, instance_upload_id: str, keys: InstanceKeys, sop_class_uid: str
+    ) -> None:
         now = datetime.now(UTC)
         await self.instances.update_one(
             {"_id": instance_upload_id},
@@ -56,13 +57,23 @@ class ReadModel:
             upsert=True,
         )
 
-    async def advance(self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]) -> None:
+    async def advance(
+        self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]
+    ) -> None:
         """Move an instance to ``status`` unless it is already there or further."""
         now = datetime.now(UTC)
         try:
             await self.instances.update_one(
                 {"_id": instance_upload_id, "rank": {"$lt": RANK[status]}},
-                {"$set": {"tenant": tenant, "status": status, "rank": RANK[status], "updated_at": now, **fields}},
+                {
+                    "$set": {
+                        "tenant": tenant,
+                        "status": status,
+                        "rank": RANK[status],
+                        "updated_at": now,
+                        **fields,
+                    }
+                },
                 upsert=True,
             )
         except DuplicateKeyError:
@@ -73,7 +84,9 @@ class ReadModel:
         return doc
 
     async def for_patient(self, tenant: str, patient_key: str, limit: int = 1000) -> list[dict[str, Any]]:
-        cursor = self.instances.find({"tenant": tenant, "patient_key": patient_key}).sort("received_at", ASCENDING)
+        cursor = self.instances.find({"tenant": tenant, "patient_key": patient_key}).sort(
+            "received_at", ASCENDING
+        )
         return [doc async for doc in cursor.limit(limit)]
 
     async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
@@ -90,46 +103,79 @@ class ReadModel:
                 stored.instance_upload_id,
                 envelope.tenant,
                 "stored",
-                {"duplicate": stored.duplicate, "patient_key": stored.patient_key, "series_key": stored.series_key,
-                 "study_key": stored.study_key},
+                {
+                    "duplicate": stored.duplicate,
+                    "patient_key": stored.patient_key,
+                    "series_key": stored.series_key,
+                    "study_key": stored.study_key,
+                },
             )
         elif kind == topics.event_type(topics.INSTANCE_REJECTED):
             rejected = envelope.payload(InstanceRejected)
             await self.advance(
-                rejected.instance_upload_id, envelope.tenant, "failed",
+                rejected.instance_upload_id,
+                envelope.tenant,
+                "failed",
                 {"reason_code": rejected.reason_code, "reason": rejected.reason},
             )
         elif kind == topics.event_type(topics.INSTANCE_DEIDENTIFIED):
             deid = envelope.payload(InstanceDeidentified)
-            await self.advance(deid.instance_upload_id, envelope.tenant, "deidentified", {"profile": deid.profile})
+            await self.advance(
+                deid.instance_upload_id, envelope.tenant, "deidentified", {"profile": deid.profile}
+            )
         elif kind == topics.event_type(topics.INSTANCE_QUARANTINED):
             quarantined = envelope.payload(InstanceQuarantined)
             await self.advance(
-                quarantined.instance_upload_id, envelope.tenant, "quarantined",
+                quarantined.instance_upload_id,
+                envelope.tenant,
+                "quarantined",
                 {"reason_code": quarantined.reason_code, "reason": quarantined.reason},
             )
         elif kind == topics.event_type(topics.ANALYSIS_COMPLETED):
             done = envelope.payload(AnalysisCompleted)
-            await self._store_analysis(envelope, done.analysis_id, done.series_key, "completed", {
-                "measures": done.measures, "qc": done.qc, "reports": [r.model_dump() for r in done.reports],
-                "reasons": envelope.data.get("reasons", {}),
-            })
+            await self._store_analysis(
+                envelope,
+                done.analysis_id,
+                done.series_key,
+                "completed",
+                {
+                    "measures": done.measures,
+                    "qc": done.qc,
+                    "reports": [r.model_dump() for r in done.reports],
+                    "reasons": envelope.data.get("reasons", {}),
+                },
+            )
             for iuid in done.instance_upload_ids:
                 await self.advance(iuid, envelope.tenant, "analysed", {"analysis_id": done.analysis_id})
         elif kind == topics.event_type(topics.ANALYSIS_FAILED):
             failed = envelope.payload(AnalysisFailed)
-            await self._store_analysis(envelope, failed.analysis_id, failed.series_key, "failed", {
-                "reason_code": failed.reason_code, "reason": failed.reason,
-            })
+            await self._store_analysis(
+                envelope,
+                failed.analysis_id,
+                failed.series_key,
+                "failed",
+                {
+                    "reason_code": failed.reason_code,
+                    "reason": failed.reason,
+                },
+            )
             await self.instances.update_many(
                 {"_id": {"$in": failed.instance_upload_ids}}, {"$set": {"analysis_id": failed.analysis_id}}
             )
 
-    async def _store_analysis(self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]) -> None:
+    async def _store_analysis(
+        self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]
+    ) -> None:
         await self.analyses.replace_one(
             {"_id": analysis_id},
-            {"_id": analysis_id, "tenant": envelope.tenant, "series_key": series_key, "status": status,
-             "recorded_at": datetime.now(UTC), **fields},
+            {
+                "_id": analysis_id,
+                "tenant": envelope.tenant,
+                "series_key": series_key,
+                "status": status,
+                "recorded_at": datetime.now(UTC),
+                **fields,
+            },
             upsert=True,
         )
 

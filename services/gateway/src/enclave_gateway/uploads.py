@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
 from enclave_common import topics
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import instance_keys
+
 from enclave_gateway.handoff import Handoff, SealedInstance
 from enclave_gateway.multipart import (
     DICOM_MEDIA_TYPE,
@@ -102,10 +102,15 @@ class UploadProcessor:
         self.idle_timeout_s = idle_timeout_s
 
     async def receive(
-        self, content_type: str | None, body: AsyncIterator[bytes], *, tenant: str, expected_study_uid: str | None = None,
+        self,
+        content_type: str | None,
+        body: AsyncIterator[bytes],
+        *,
+        tenant: str,
+        expected_study_uid: str | None = None,
         form_fields: frozenset[str] | None = None,
     ) -> UploadResult:
-        """Read and validate the whole body; raise RequestBodyError (nothing kept) on a request-level error."""
+        """Read and validate the whole body; RequestBodyError (nothing kept) on a request-level error."""
         parser = parser_for(parse_body_format(content_type), self.limits)
         result = UploadResult(upload_id=new_event_id())
         current: _Current | None = None
@@ -134,8 +139,14 @@ class UploadProcessor:
         if isinstance(event, PartStart):
             headers = event.headers
             refused = None
-            if form_fields is not None and headers.form_field is not None and headers.form_field not in form_fields:
-                return _Current(event.index, None, None, headers.filename, refused=None)  # other form field: ignored
+            if (
+                form_fields is not None
+                and headers.form_field is not None
+                and headers.form_field not in form_fields
+            ):
+                return _Current(
+                    event.index, None, None, headers.filename, refused=None
+                )  # other form field: ignored
             media = headers.media_type
             if media not in (DICOM_MEDIA_TYPE, "application/octet-stream"):
                 refused = ValidationFailure(

@@ -1,0 +1,245 @@
+"""Routes for patient-scoped grants (admins, for caregivers) and break-glass sessions (clinicians).
+
+The patient is named by ``patient_id`` in the request and kept only as its tenant-scoped keyed-HMAC
+pseudonym; no response, event or log carries the patient id. Every decision goes through the
+access guard (so it is an ``access.recorded`` event), and every grant created or revoked and every
+break-glass session opened is one more ``access.recorded`` event naming the grant; opening a
+break-glass session also raises a ``security.alert``. Validation is :class:`AccessPolicy`'s.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from enclave_common.auth import Action, Grant, InvalidGrantError, Principal, Resource
+from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.auth.grants import GrantStore
+from enclave_common.crypto import Pseudonymizer
+from enclave_common.events import AccessOutcome
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from enclave_gateway.access import AccessRecorder
+
+GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class GrantRequest(BaseModel):
+    """An admin's grant for a caregiver on one patient of the admin's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grantee: str = Field(min_length=1, max_length=256, description="the caregiver's token subject (sub)")
+    patient_id: str = Field(
+        min_length=1, max_length=64, description="PatientID; stored only as its pseudonym"
+    )
+    actions: list[Action] = Field(
+        min_length=1, description="subset of read_status, read_results_phi, query_patient"
+    )
+    not_before: datetime | None = Field(default=None, description="default: now (timezone required)")
+    expires_at: datetime = Field(description="end of the window, timezone required, at most 366 days long")
+    justification: str = Field(description="10 to 500 characters: the reason, never the patient")
+
+
+class BreakGlassRequest(BaseModel):
+    """A clinician's emergency access to one patient of its own tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(
+        min_length=1, max_length=64, description="PatientID; stored only as its pseudonym"
+    )
+    justification: str = Field(description="10 to 500 characters: the reason, never the patient")
+    duration_minutes: int | None = Field(default=None, ge=1, le=240, description="default 60, at most 240")
+
+
+def grant_view(grant: Grant) -> dict[str, Any]:
+    """A grant as returned to admins: the patient only as its pseudonym; no justification echo."""
+
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    return {
+        "grant_id": grant.grant_id,
+        "kind": grant.kind.value,
+        "grantee": grant.grantee,
+        "tenant": grant.tenant,
+        "patient_key": grant.patient_key,
+        "actions": sorted(a.value for a in grant.actions),
+        "not_before": iso(grant.not_before),
+        "expires_at": iso(grant.expires_at),
+        "created_by": grant.created_by,
+        "created_at": iso(grant.created_at),
+        "revoked_at": iso(grant.revoked_at),
+        "revoked_by": grant.revoked_by,
+    }
+
+
+def _invalid(exc: InvalidGrantError) -> JSONResponse:
+    return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
+
+
+def build_grants_router(
+    *, guard: AccessGuard, grants: GrantStore, recorder: AccessRecorder, pseudonymizer: Pseudonymizer
+) -> APIRouter:
+    router = APIRouter(tags=["access"])
+    policy = guard.policy
+
+    async def record(
+        request: Request, principal: Principal, action: Action, status: int, target: str, detail: str
+    ) -> None:
+        outcome: AccessOutcome = "success" if status < 400 else "rejected"
+        await recorder.record(
+            request,
+            principal=principal,
+            action=str(action),
+            outcome=outcome,
+            status=status,
+            target=target,
+            detail=detail,
+        )
+
+    @router.post(
+        "/api/v1/grants",
+        status_code=201,
+        summary="Create a patient-scoped, time-bound grant for a caregiver (admin)",
+        responses={
+            201: {"description": "created"},
+            403: {"description": "not an admin"},
+            422: {"description": "invalid"},
+        },
+    )
+    async def create_grant(
+        body: GrantRequest,
+        request: Request,
+        principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
+    ) -> JSONResponse:
+        key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
+        await guard.check_resource(request, principal, Action.MANAGE_GRANTS, Resource(principal.tenant, key))
+        now = datetime.now(UTC)
+        try:
+            grant = policy.new_patient_grant(
+                principal,
+                grantee=body.grantee,
+                patient_key=key,
+                actions=body.actions,
+                not_before=body.not_before or now,
+                expires_at=body.expires_at,
+                justification=body.justification,
+                now=now,
+            )
+        except InvalidGrantError as exc:
+            await record(request, principal, Action.MANAGE_GRANTS, 422, key, f"grant_refused:{exc.code}")
+            return _invalid(exc)
+        await grants.create(grant)
+        actions = ",".join(sorted(a.value for a in grant.actions))
+        await record(
+            request,
+            principal,
+            Action.MANAGE_GRANTS,
+            201,
+            key,
+            f"grant_created:{grant.grant_id} grantee={grant.grantee} actions={actions}"
+            f" until={grant.expires_at.isoformat()}",
+        )
+        return JSONResponse(grant_view(grant), status_code=201)
+
+    async def own_grant(request: Request, principal: Principal, grant_id: str) -> Grant:
+        grant = await grants.get(grant_id, tenant=principal.tenant)
+        resource = Resource(grant.tenant, grant.patient_key) if grant is not None else None
+        await guard.check_resource(request, principal, Action.MANAGE_GRANTS, resource)  # None -> 404
+        assert grant is not None
+        return grant
+
+    @router.get(
+        "/api/v1/grants/{grant_id}", summary="One grant or break-glass session of the admin's tenant (admin)"
+    )
+    async def get_grant(
+        request: Request,
+        grant_id: str = Path(pattern=GRANT_ID_PATTERN),
+        principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
+    ) -> dict[str, Any]:
+        return grant_view(await own_grant(request, principal, grant_id))
+
+    @router.delete(
+        "/api/v1/grants/{grant_id}",
+        summary="Revoke a grant or break-glass session now (admin)",
+        responses={
+            404: {"description": "no such grant in your tenant"},
+            409: {"description": "already revoked"},
+        },
+    )
+    async def revoke_grant(
+        request: Request,
+        grant_id: str = Path(pattern=GRANT_ID_PATTERN),
+        principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
+    ) -> JSONResponse:
+        grant = await own_grant(request, principal, grant_id)
+        now = datetime.now(UTC)
+        if not await grants.revoke(grant_id, tenant=principal.tenant, revoked_by=principal.subject, now=now):
+            await record(
+                request,
+                principal,
+                Action.MANAGE_GRANTS,
+                409,
+                grant.patient_key,
+                f"grant_already_revoked:{grant_id}",
+            )
+            return JSONResponse(
+                {"status": 409, "error": "already_revoked", "message": "this grant was already revoked"},
+                status_code=409,
+            )
+        await record(
+            request, principal, Action.MANAGE_GRANTS, 200, grant.patient_key, f"grant_revoked:{grant_id}"
+        )
+        revoked = await grants.get(grant_id, tenant=principal.tenant)
+        assert revoked is not None
+        return JSONResponse(grant_view(revoked))
+
+    @router.post(
+        "/api/v1/break-glass",
+        status_code=201,
+        summary="Open a break-glass session on one patient (clinician; raises a security alert)",
+        responses={
+            201: {"description": "opened"},
+            403: {"description": "not a clinician"},
+            422: {"description": "invalid"},
+        },
+    )
+    async def open_break_glass(
+        body: BreakGlassRequest,
+        request: Request,
+        principal: Principal = Depends(guard.require_principal(Action.BREAK_GLASS)),
+    ) -> JSONResponse:
+        key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
+        await guard.check_resource(request, principal, Action.BREAK_GLASS, Resource(principal.tenant, key))
+        now = datetime.now(UTC)
+        duration = timedelta(minutes=body.duration_minutes) if body.duration_minutes is not None else None
+        try:
+            session = policy.open_break_glass(
+                principal, patient_key=key, justification=body.justification, now=now, duration=duration
+            )
+        except InvalidGrantError as exc:
+            await record(request, principal, Action.BREAK_GLASS, 422, key, f"break_glass_refused:{exc.code}")
+            return _invalid(exc)
+        await grants.create(session)
+        await record(
+            request,
+            principal,
+            Action.BREAK_GLASS,
+            201,
+            key,
+            f"break_glass_opened:{session.grant_id} until={session.expires_at.isoformat()}",
+        )
+        await recorder.alert(
+            request,
+            principal,
+            rule="break_glass_opened",
+            detail=f"break-glass session {session.grant_id} opened on patient {key}"
+            f" until {session.expires_at.isoformat()}",
+        )
+        return JSONResponse(grant_view(session), status_code=201)
+
+    return router
