@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from io import BytesIO
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
 
-def read_instance(data: bytes) -> Dataset:
-    """Parse a DICOM Part 10 file; pixel data stays as the encoded bytes it was read from."""
-    return dcmread(BytesIO(data))
+def read_instance(data: bytes | BinaryIO) -> Dataset:
+    """Parse a DICOM Part 10 file (bytes or a binary file); pixel data stays as the encoded bytes read."""
+    return dcmread(BytesIO(data) if isinstance(data, bytes | bytearray) else data)
 
 
 def write_instance(dataset: Dataset) -> bytes:

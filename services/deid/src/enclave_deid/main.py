@@ -2,15 +2,95 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclave_common.crypto import KeyEncryptionKeyProvider
+from enclave_common.errors import ConfigurationError
+from enclave_common.keys_config import kek_provider
+from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.storage import S3ObjectStore
+from enclave_common.study_key_objects import StudyKeyObjects
 from fastapi import FastAPI
 
-from enclave_common.service import ServiceRuntime, run_service
 from enclave_deid.config import DeidSettings
+from enclave_deid.handlers import InstanceStoredHandler
+from enclave_deid.linkage import LinkageVault
+from enclave_deid.pipeline import DeidPipeline
+from enclave_deid.pseudonym_keys import DeidPseudonymKeys
+from enclave_deid.records import DeidRecords
+
+
+@dataclass(frozen=True)
+class DeidKeys:
+    originals: KeyEncryptionKeyProvider
+    deid: KeyEncryptionKeyProvider
+    linkage: KeyEncryptionKeyProvider
+
+
+def _kek(
+    settings: DeidSettings, keyring_file: Path | None, kms_key_id: str | None, names: str
+) -> KeyEncryptionKeyProvider:
+    if keyring_file is None and not kms_key_id:
+        raise ConfigurationError(f"no key-encryption key configured: set {names}")
+    return kek_provider(settings, keyring_file, kms_key_id)
+
+
+def load_keys(settings: DeidSettings) -> DeidKeys:
+    """The three KEKs of the service (file reads or KMS clients: call at startup, not at construction)."""
+    deid = _kek(
+        settings,
+        settings.keyring_file,
+        settings.kms_key_id,
+        "ENCLAVE_DEID_KEYRING_FILE or ENCLAVE_DEID_KMS_KEY_ID",
+    )
+    originals = _kek(
+        settings,
+        settings.originals_keyring_file,
+        settings.originals_kms_key_id,
+        "ENCLAVE_DEID_ORIGINALS_KEYRING_FILE or ENCLAVE_DEID_ORIGINALS_KMS_KEY_ID",
+    )
+    linkage = deid
+    if settings.linkage_keyring_file is not None or settings.linkage_kms_key_id:
+        linkage = kek_provider(settings, settings.linkage_keyring_file, settings.linkage_kms_key_id)
+    return DeidKeys(originals=originals, deid=deid, linkage=linkage)
 
 
 def create_app(settings: DeidSettings | None = None) -> FastAPI:
     settings = settings or DeidSettings()
     runtime = ServiceRuntime(settings)
+    store = S3ObjectStore(settings)
+    records = DeidRecords(runtime.db)
+    vault = LinkageVault(runtime.db)
+    handler = InstanceStoredHandler(runtime, settings, records, vault)
+    handler.register()
+    runtime.readiness["object_store"] = store.ping
+
+    async def load_keys_and_prepare() -> None:
+        keys = load_keys(settings)
+        pseudonym_key = settings.pseudonym_key_base64()
+        if pseudonym_key and pseudonym_key == os.environ.get("ENCLAVE_PSEUDONYM_KEY"):
+            raise ConfigurationError(
+                "the deid pseudonym key equals ENCLAVE_PSEUDONYM_KEY (gateway/ingest): set "
+                "ENCLAVE_DEID_PSEUDONYM_KEY to a key of its own, so output pseudonyms cannot be recomputed "
+                "from the ingest keys"
+            )
+        vault.kek = keys.linkage
+        handler.pipeline = DeidPipeline(
+            store=store,
+            study_keys=StudyKeyObjects(store, settings.originals_bucket, keys.originals),
+            deid_kek=keys.deid,
+            keys=DeidPseudonymKeys.from_base64(pseudonym_key, "ENCLAVE_DEID_PSEUDONYM_KEY"),
+            bucket=settings.deidentified_bucket,
+            max_instance_bytes=settings.max_instance_bytes,
+            work_dir=settings.work_dir,
+        )
+        await store.ensure_bucket(settings.deidentified_bucket)
+        await records.ensure_indexes()
+        await vault.ensure_indexes()
+
+    runtime.on_startup(load_keys_and_prepare)
     return runtime.http_app(title="Enclave de-identification")
 
 

@@ -1,0 +1,165 @@
+"""Operator commands of the deid service (same settings as the service, ``ENCLAVE_DEID_*``).
+
+``enclave-deid-linkage``: the audited break-glass read of a patient's linkage.
+``enclave-deid-keys rotate``: a new version of the deid keyring, then every DEK wrapped under the deid KEK
+re-wrapped (de-identified objects' header key slots, linkage records when they share the KEK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from enclave_common import topics
+from enclave_common.crypto import LocalKeyring, rewrap_object_header
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.errors import EnclaveError
+from enclave_common.events import KeyEvent
+from enclave_common.kafka import EventPublisher, create_broker
+from enclave_common.storage import S3ObjectStore
+from pymongo import AsyncMongoClient
+
+from enclave_deid.break_glass import read_linkage
+from enclave_deid.config import DeidSettings
+from enclave_deid.linkage import LinkageVault, rewrap_linkage
+from enclave_deid.main import load_keys
+from enclave_deid.pipeline import deid_object_identity
+from enclave_deid.records import DeidRecords
+
+
+class _Clients:
+    """Kafka producer and the deid database, for one command."""
+
+    def __init__(self, settings: DeidSettings) -> None:
+        self.broker = create_broker(settings)
+        self.publisher = EventPublisher(self.broker)
+        self.mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            settings.mongo_url.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=5000
+        )
+        self.db = self.mongo[settings.mongo_database]
+
+    async def __aenter__(self) -> _Clients:
+        await self.broker.connect()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.broker.stop()
+        await self.mongo.close()
+
+
+async def _linkage(args: argparse.Namespace, settings: DeidSettings) -> int:
+    keys = load_keys(settings)
+    async with _Clients(settings) as clients:
+        disclosure = await read_linkage(
+            vault=LinkageVault(clients.db, keys.linkage),
+            publisher=clients.publisher,
+            tenant=args.tenant,
+            patient_pseudonym=args.pseudonym,
+            actor=args.actor,
+            justification=args.justification,
+            roles=tuple(args.role),
+        )
+    json.dump(
+        {
+            "session_id": disclosure.session_id,
+            "tenant": disclosure.tenant,
+            "patient_pseudonym": disclosure.patient_pseudonym,
+            "records": disclosure.records,
+        },
+        sys.stdout,
+        indent=2,
+    )
+    sys.stdout.write("\n")
+    return 0 if disclosure.records else 3
+
+
+def linkage_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="enclave-deid-linkage",
+        description="Break-glass: decrypt a patient's linkage. Records an access event and raises a security "
+        "alert before anything is shown. Output is PHI.",
+    )
+    parser.add_argument("--tenant", required=True)
+    parser.add_argument("--pseudonym", required=True, help="the patient pseudonym of the de-identified data")
+    parser.add_argument("--actor", required=True, help="who reads (e.g. user:dr-smith)")
+    parser.add_argument("--justification", required=True, help="why (10-500 characters; not the patient)")
+    parser.add_argument(
+        "--role", action="append", default=[], help="the actor's role(s), for the audit trail"
+    )
+    args = parser.parse_args(argv)
+    return _run(_linkage(args, DeidSettings()))
+
+
+async def _rotate(settings: DeidSettings) -> int:
+    if settings.keyring_file is None:
+        print(
+            "rotate needs ENCLAVE_DEID_KEYRING_FILE (with KMS, rotation is KMS's own key rotation)",
+            file=sys.stderr,
+        )
+        return 2
+    keyring = LocalKeyring.load(settings.keyring_file)
+    version = keyring.rotate()
+    keyring.save(settings.keyring_file)
+    store = S3ObjectStore(settings)
+    rewrapped = 0
+    async with _Clients(settings) as clients:
+        records = DeidRecords(clients.db)
+        for doc in await records.released_objects():
+            ref = doc["object"]
+            identity = deid_object_identity(doc["tenant"], doc["study_key"], ref["key"])
+            blob = await store.read(ref["bucket"], ref["key"], ref.get("version_id"))
+            new_header = rewrap_object_header(blob[:4096], keyring, identity)
+            put = await store.put(
+                ref["bucket"], ref["key"], io.BytesIO(new_header.header + blob[new_header.replaced_length :])
+            )
+            await records.collection.update_one(
+                {"_id": doc["_id"]}, {"$set": {"object.version_id": put.version_id}}
+            )
+            rewrapped += 1
+        if settings.linkage_keyring_file is None and not settings.linkage_kms_key_id:
+            vault = LinkageVault(clients.db, keyring)
+            async for doc in vault.collection.find({}):
+                new_wrapped = rewrap_linkage(keyring, doc)
+                if new_wrapped is not None:
+                    await vault.collection.update_one(
+                        {"_id": doc["_id"]}, {"$set": {"wrapped_key": new_wrapped}}
+                    )
+                    rewrapped += 1
+        event = KeyEvent(operation="rotated", key_id=keyring.key_id, key_version=version, rewrapped=rewrapped)
+        envelope = Envelope.for_topic(
+            topics.KEY_ROTATED,
+            event,
+            source="deid",
+            tenant="platform",
+            actor="operator:enclave-deid-keys",
+            correlation_id=new_event_id(),
+        )
+        await clients.publisher.publish(topics.KEY_ROTATED, envelope, key=keyring.key_id)
+    print(json.dumps({"key_id": keyring.key_id, "version": version, "rewrapped": rewrapped}))
+    return 0
+
+
+def keys_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="enclave-deid-keys", description="Key operations of the deid key domain."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "rotate",
+        help="new deid keyring version; re-wrap every DEK under it (restart deid and analysis after)",
+    )
+    parser.parse_args(argv)
+    return _run(_rotate(DeidSettings()))
+
+
+def _run(coro: Any) -> int:
+    try:
+        return int(asyncio.run(coro))
+    except EnclaveError as exc:
+        print(f"refused: {exc.reason}", file=sys.stderr)
+        return 2

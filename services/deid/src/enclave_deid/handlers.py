@@ -1,0 +1,146 @@
+"""Thin handler: ``instance.stored`` -> de-identify or quarantine -> ``instance.deidentified|quarantined``.
+
+Idempotent on (tenant, instance key): the first delivery claims the instance and records the outcome;
+a redelivery, or another upload of the same instance (``duplicate``), re-emits that outcome with an id
+derived from its own cause and its own upload ids, and stores nothing new.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from enclave_common import topics
+from enclave_common.envelope import Envelope, EventData, derived_event_id
+from enclave_common.errors import ContractError, PermanentError
+from enclave_common.events import InstanceDeidentified, InstanceQuarantined, InstanceStored
+from enclave_common.service import ServiceRuntime
+from pydantic import ValidationError
+
+from enclave_deid.config import DeidSettings
+from enclave_deid.linkage import LinkageVault
+from enclave_deid.pipeline import DeidPipeline, Quarantined, describe_policy
+from enclave_deid.records import DeidRecords
+
+log = structlog.get_logger("enclave.deid")
+
+SOURCE = "deid"
+ACTOR = "service:deid"
+QUARANTINE_REASON_CODE = "burned_in_risk"
+
+
+def deid_object_key(cause_id: str, instance_key: str) -> str:
+    """Opaque key of the de-identified copy; the same for a redelivery of the same cause (no orphan)."""
+    return f"deidentified/{derived_event_id(cause_id, 'deid.object', instance_key)}"
+
+
+class InstanceStoredHandler:
+    def __init__(
+        self, runtime: ServiceRuntime, settings: DeidSettings, records: DeidRecords, vault: LinkageVault
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.records = records
+        self.vault = vault
+        #: Built at startup, once the keys have been read (no I/O at construction).
+        self.pipeline: DeidPipeline | None = None
+
+    def register(self) -> None:
+        self.runtime.consume(topics.INSTANCE_STORED, self.on_instance_stored)
+
+    async def on_instance_stored(self, envelope: Envelope) -> None:
+        try:
+            stored: InstanceStored = envelope.payload(InstanceStored)
+        except ValidationError:
+            raise ContractError("instance.stored payload does not match InstanceStored") from None
+        tenant = envelope.tenant
+        structlog.contextvars.bind_contextvars(instance_upload_id=stored.instance_upload_id)
+        try:
+            done = await self.records.claim(tenant, stored.instance_key, stored.sha256, envelope.id)
+            if done is not None:
+                await self._reemit(done, envelope, stored)
+                return
+            try:
+                await self._process(envelope, stored)
+            except PermanentError:
+                await self.records.release(tenant, stored.instance_key, envelope.id)
+                raise
+        finally:
+            structlog.contextvars.unbind_contextvars("instance_upload_id")
+
+    async def _process(self, cause: Envelope, stored: InstanceStored) -> None:
+        assert self.pipeline is not None, "the pipeline is built at startup"
+        tenant = cause.tenant
+        policy = self.settings.policy_for(tenant)
+        outcome = await self.pipeline.run(
+            tenant, stored, policy, deid_object_key(cause.id, stored.instance_key)
+        )
+        if isinstance(outcome, Quarantined):
+            data: EventData = InstanceQuarantined(
+                upload_id=stored.upload_id,
+                instance_upload_id=stored.instance_upload_id,
+                study_key=stored.study_key,
+                series_key=stored.series_key,
+                reason_code=QUARANTINE_REASON_CODE,
+                reason=outcome.reason,
+            )
+            topic, status, extra = topics.INSTANCE_QUARANTINED, "quarantined", {}
+        else:
+            profile, options = describe_policy(policy)
+            data = InstanceDeidentified(
+                upload_id=stored.upload_id,
+                instance_upload_id=stored.instance_upload_id,
+                patient_pseudonym=outcome.patient_pseudonym,
+                study_key=stored.study_key,
+                series_key=stored.series_key,
+                instance_key=stored.instance_key,
+                deid_study_uid=outcome.deid_study_uid,
+                deid_series_uid=outcome.deid_series_uid,
+                deid_instance_uid=outcome.deid_instance_uid,
+                object=outcome.object,
+                profile=profile,
+                options=options,
+            )
+            await self.vault.store(outcome.linkage, stored.instance_key)
+            topic, status = topics.INSTANCE_DEIDENTIFIED, "deidentified"
+            extra = {
+                "study_key": stored.study_key,
+                "patient_pseudonym": outcome.patient_pseudonym,
+                "object": outcome.object.model_dump(),
+                "kek_id": outcome.kek_id,
+                "size": outcome.size,
+            }
+        envelope = self._envelope(topic, data, cause, stored)
+        await self.records.finish(
+            tenant, stored.instance_key, status=status, topic=topic, envelope=envelope, extra=extra
+        )
+        await self.runtime.publisher.publish(topic, envelope, key=stored.series_key)
+        log.info("instance " + status, topic=topic, reason_code=getattr(data, "reason_code", None))
+
+    async def _reemit(self, done: dict[str, Any], cause: Envelope, stored: InstanceStored) -> None:
+        """Publish the recorded outcome again, for this delivery's upload ids, with an id derived from it."""
+        topic: str = done["outcome"]["topic"]
+        fields = {
+            **done["outcome"]["data"],
+            "upload_id": stored.upload_id,
+            "instance_upload_id": stored.instance_upload_id,
+        }
+        model = InstanceDeidentified if topic == topics.INSTANCE_DEIDENTIFIED else InstanceQuarantined
+        envelope = self._envelope(topic, model.model_validate(fields), cause, stored)
+        await self.runtime.publisher.publish(topic, envelope, key=stored.series_key)
+        log.info(
+            "outcome re-emitted for an instance already handled", topic=topic, duplicate=stored.duplicate
+        )
+
+    @staticmethod
+    def _envelope(topic: str, data: EventData, cause: Envelope, stored: InstanceStored) -> Envelope:
+        return Envelope.for_topic(
+            topic,
+            data,
+            source=SOURCE,
+            tenant=cause.tenant,
+            actor=ACTOR,
+            correlation_id=cause.correlation_id,
+            cause=cause,
+            discriminator=stored.instance_upload_id,
+        )

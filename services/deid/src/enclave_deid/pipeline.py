@@ -1,0 +1,235 @@
+"""From an encrypted original to an encrypted de-identified copy (or a quarantine decision).
+
+The CPU-bound part (decrypt, parse, burned-in check, de-identify, write, encrypt) runs in one worker
+thread, so the consumer's event loop keeps heart-beating to Kafka. pydicom needs the whole instance in
+memory: the decrypted original, its parsed dataset and the written output coexist for a moment (peak
+about 3x the instance size), hence ``max_instance_bytes``. Plaintext never touches the disk; the
+ciphertext of the copy is spooled to a temporary file for a streamed (multipart) upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import IO
+
+from enclave_common.crypto import (
+    CryptoError,
+    KeyEncryptionKeyProvider,
+    ObjectEncryptor,
+    ObjectIdentity,
+    decrypt_object,
+)
+from enclave_common.errors import PermanentError
+from enclave_common.events import InstanceStored, ObjectRef
+from enclave_common.storage import S3ObjectStore
+from enclave_common.study_key_objects import StudyKeyObjects
+
+from enclave_deid.burned_in import assess_burned_in_risk
+from enclave_deid.deidentify import DeidContext, LinkageRecord, PseudonymKeys, deidentify
+from enclave_deid.instance_io import read_instance, write_instance
+from enclave_deid.policy import DeidPolicy
+from enclave_deid.profile_table import BASIC_PROFILE_EDITION
+
+SEGMENT_SIZE = 1024 * 1024
+
+
+class InstanceTooLarge(PermanentError):
+    code = "instance_too_large"
+
+
+class OriginalUndecryptable(PermanentError):
+    code = "original_undecryptable"
+
+
+class UnreadableInstance(PermanentError):
+    code = "unreadable_dicom"
+
+
+class UnsupportedInstance(PermanentError):
+    code = "unsupported_instance"
+
+
+@dataclass(frozen=True)
+class Released:
+    """The de-identified copy is stored; what the event and the linkage vault need."""
+
+    object: ObjectRef
+    patient_pseudonym: str
+    deid_study_uid: str
+    deid_series_uid: str
+    deid_instance_uid: str
+    linkage: LinkageRecord
+    kek_id: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """Burned-in identifying text is possible: nothing was stored. ``reason`` names attributes only."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Written:
+    ciphertext_path: str
+    patient_pseudonym: str
+    deid_study_uid: str
+    deid_series_uid: str
+    deid_instance_uid: str
+    linkage: LinkageRecord
+    size: int
+
+
+def deid_object_identity(tenant: str, study_key: str, object_key: str) -> ObjectIdentity:
+    """Identity of a de-identified object: the study key is ingest's ``study_key`` of the event (its
+    DEK context is therefore ``{"tenant": tenant, "study_key": study_key}``), the object key its key."""
+    return ObjectIdentity(tenant, study_key, object_key)
+
+
+class DeidPipeline:
+    def __init__(
+        self,
+        *,
+        store: S3ObjectStore,
+        study_keys: StudyKeyObjects,
+        deid_kek: KeyEncryptionKeyProvider,
+        keys: PseudonymKeys,
+        bucket: str,
+        max_instance_bytes: int,
+        work_dir: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.study_keys = study_keys
+        self.deid_kek = deid_kek
+        self.keys = keys
+        self.bucket = bucket
+        self.max_instance_bytes = max_instance_bytes
+        self.work_dir = work_dir
+
+    async def run(
+        self, tenant: str, stored: InstanceStored, policy: DeidPolicy, object_key: str
+    ) -> Released | Quarantined:
+        """De-identify one stored original under ``policy``; store the copy at ``object_key``."""
+        self.check_size(stored.size)
+        provider = await self.study_keys.object_provider(tenant, stored.study_key)
+        body = await self.store.open(stored.object.bucket, stored.object.key, stored.object.version_id)
+        source = ObjectIdentity(tenant, stored.study_key, stored.object.key)
+        target = deid_object_identity(tenant, stored.study_key, object_key)
+        try:
+            outcome = await asyncio.to_thread(self._transform, body, source, provider, tenant, policy, target)
+        finally:
+            body.close()
+        if isinstance(outcome, Quarantined):
+            return outcome
+        try:
+            ciphertext = await asyncio.to_thread(open, outcome.ciphertext_path, "rb")
+            try:
+                put = await self.store.put(self.bucket, object_key, ciphertext)
+            finally:
+                ciphertext.close()
+        finally:
+            os.unlink(outcome.ciphertext_path)
+        return Released(
+            object=ObjectRef(bucket=self.bucket, key=object_key, version_id=put.version_id),
+            patient_pseudonym=outcome.patient_pseudonym,
+            deid_study_uid=outcome.deid_study_uid,
+            deid_series_uid=outcome.deid_series_uid,
+            deid_instance_uid=outcome.deid_instance_uid,
+            linkage=outcome.linkage,
+            kek_id=self.deid_kek.current_key_id,
+            size=outcome.size,
+        )
+
+    def check_size(self, size: int) -> None:
+        if size > self.max_instance_bytes:
+            raise InstanceTooLarge(
+                f"instance is {size} bytes; de-identification holds an instance in memory and accepts at "
+                f"most {self.max_instance_bytes} bytes (ENCLAVE_DEID_MAX_INSTANCE_BYTES)"
+            )
+
+    # -- the worker thread --------------------------------------------------------------------------------
+
+    def _transform(
+        self,
+        body: IO[bytes],
+        source: ObjectIdentity,
+        provider: KeyEncryptionKeyProvider,
+        tenant: str,
+        policy: DeidPolicy,
+        target: ObjectIdentity,
+    ) -> _Written | Quarantined:
+        plaintext = self._decrypt_bounded(body, source, provider)
+        buffer = BytesIO(plaintext)
+        del plaintext
+        try:
+            dataset = read_instance(buffer)
+        except Exception as exc:
+            raise UnreadableInstance(
+                f"the original does not parse as a DICOM Part 10 file ({type(exc).__name__})"
+            ) from None
+        dataset.buffer = None  # the parsed elements hold their own bytes: let the decrypted copy go
+        del buffer
+        reason = assess_burned_in_risk(dataset)
+        if reason is not None:
+            return Quarantined(reason)
+        try:
+            result = deidentify(dataset, policy, self.keys, DeidContext(tenant))
+            output = write_instance(result.dataset)
+        except Exception as exc:
+            raise UnsupportedInstance(
+                f"the instance could not be de-identified ({type(exc).__name__}); "
+                "storable DICOM instances with a SOP Instance UID are supported"
+            ) from None
+        written = _Written(
+            ciphertext_path=self._encrypt_to_file(output, target),
+            patient_pseudonym=result.patient_pseudonym,
+            deid_study_uid=result.study_instance_uid,
+            deid_series_uid=result.series_instance_uid,
+            deid_instance_uid=result.sop_instance_uid,
+            linkage=result.linkage,
+            size=len(output),
+        )
+        return written
+
+    def _decrypt_bounded(
+        self, body: IO[bytes], identity: ObjectIdentity, provider: KeyEncryptionKeyProvider
+    ) -> bytearray:
+        plaintext = bytearray()
+        try:
+            for piece in decrypt_object(body, identity, provider):
+                plaintext += piece
+                if len(plaintext) > self.max_instance_bytes:
+                    self.check_size(len(plaintext))
+        except CryptoError as exc:
+            raise OriginalUndecryptable(f"the original did not decrypt: {exc}") from None
+        return plaintext
+
+    def _encrypt_to_file(self, plaintext: bytes, identity: ObjectIdentity) -> str:
+        dek, wrapped = self.deid_kek.generate_data_key(identity.key_context())
+        encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=SEGMENT_SIZE)
+        fd, path = tempfile.mkstemp(prefix="deid-ciphertext-", dir=self.work_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(encryptor.header_bytes)
+                view = memoryview(plaintext)
+                for start in range(0, len(view), SEGMENT_SIZE):
+                    for segment in encryptor.update(view[start : start + SEGMENT_SIZE]):
+                        out.write(segment)
+                out.write(encryptor.finalize())
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path
+
+
+def describe_policy(policy: DeidPolicy) -> tuple[str, list[str]]:
+    """(profile, options) as the event names them: the Basic Profile edition and the option fields."""
+    return f"PS3.15 {BASIC_PROFILE_EDITION} Basic Application Confidentiality Profile", [
+        option.column for option in policy.options
+    ]

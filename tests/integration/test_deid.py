@@ -1,0 +1,304 @@
+"""De-identification on the real stack: the real ingest stores PHI-bearing instances (this test acts as the
+gateway on the bus), the real deid service de-identifies them; the test opens the copies with the deid
+keyring alone (what the analysis service holds) and checks every effect."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from enclave_common import topics
+from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
+from enclave_common.envelope import Envelope, derived_event_id, new_event_id
+from enclave_common.events import AccessRecorded, InstanceDeidentified, InstanceQuarantined
+from enclave_common.settings import BaseServiceSettings
+from enclave_common.storage import S3ObjectStore
+from pydicom.uid import generate_uid
+
+from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
+from .support import (
+    PHI,
+    ROOT,
+    STATE,
+    dev_env,
+    mr_instance,
+    publish,
+    read_all,
+    sealed_chunk_envelopes,
+    wait_for_events,
+)
+
+sys.path.insert(0, str(ROOT / "services/deid/tests"))
+from deid_leakscan import find_leaks  # noqa: E402
+from enclave_deid.policy import DeidPolicy  # noqa: E402
+
+TENANT = "hospital-it-deid"
+DEID_BUCKET = "enclave-deidentified"
+#: The service's default policy (no ENCLAVE_DEID_TENANT_POLICIES entry for the test tenant).
+DEFAULT_POLICY = DeidPolicy(retain_longitudinal_modified_dates=True)
+#: Real-world files of pydicom-data: a Siemens MR with private CSA headers and overlays, JPEG 2000 MR and
+#: CT (encapsulated pixel data), a big-endian MR, a segmentation with references in sequences.
+CORPUS = (
+    "MR-SIEMENS-DICOM-WithOverlays.dcm",
+    "MR2_J2KR.dcm",
+    "693_J2KR.dcm",
+    "emri_small_big_endian.dcm",
+    "liver.dcm",
+)
+
+
+def _store() -> S3ObjectStore:
+    return S3ObjectStore(
+        BaseServiceSettings(
+            s3_endpoint_url=S3_ENDPOINT, s3_access_key_id=S3_KEY, s3_secret_access_key=S3_SECRET
+        )
+    )
+
+
+def _pydicom_data_file(name: str) -> Path:
+    for entry in importlib.metadata.files("pydicom-data") or []:
+        if str(entry).startswith("data_store/data/") and Path(str(entry)).name == name:
+            return Path(str(entry.locate()))
+    raise LookupError(name)
+
+
+def _with_planted_phi(path: Path, patient_id: str = PHI["PatientID"]) -> tuple[bytes, pydicom.Dataset]:
+    """A corpus file with the planted PHI added (its own identifiers stay too) and fresh UIDs."""
+    ds = pydicom.dcmread(path)
+    for name, value in PHI.items():
+        setattr(ds, name, value)
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue(), pydicom.dcmread(io.BytesIO(out.getvalue()))
+
+
+def _phi_needles(original: pydicom.Dataset) -> set[bytes]:
+    """The planted values, their name components and the original UIDs, raw and in the file's character set."""
+    values = (
+        set(PHI.values()) | set(PHI["PatientName"].split("^")) | set(PHI["ReferringPhysicianName"].split("^"))
+    )
+    values |= {str(original.StudyInstanceUID), str(original.SeriesInstanceUID), str(original.SOPInstanceUID)}
+    encodings = pydicom.charset.convert_encodings(original.get("SpecificCharacterSet") or "ISO_IR 6")
+    needles = {v.encode() for v in values if len(v) >= 4}
+    needles |= {pydicom.charset.encode_string(v, encodings) for v in values if len(v) >= 4}
+    return needles
+
+
+async def _send(data: bytes, tenant: str = TENANT) -> str:
+    envs = sealed_chunk_envelopes(data, tenant=tenant, upload_id=new_event_id())
+    iuid = envs[0].data["instance_upload_id"]
+    await publish(topics.UPLOAD_CHUNK, envs, key=iuid)
+    return iuid
+
+
+def _for(iuid: str):
+    return lambda env: env.data.get("instance_upload_id") == iuid
+
+
+async def _deidentified(iuid: str, timeout: float = 90.0) -> Envelope:
+    (event,) = await wait_for_events(topics.INSTANCE_DEIDENTIFIED, _for(iuid), timeout=timeout)
+    return event
+
+
+async def _open_copy(event: Envelope) -> tuple[bytes, bytes]:
+    """(ciphertext, plaintext) of a de-identified copy, opened with the deid keyring the analysis service holds."""
+    released = event.payload(InstanceDeidentified)
+    ref = released.object
+    blob = await _store().read(ref.bucket, ref.key, ref.version_id)
+    keyring = LocalKeyring.load(dev_env()["ENCLAVE_ANALYSIS_KEYRING_FILE"])
+    identity = ObjectIdentity(event.tenant, released.study_key, ref.key)
+    return blob, decrypt_bytes(blob, identity, keyring)
+
+
+def _dcmdump(data: bytes) -> subprocess.CompletedProcess[str]:
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as handle:
+        handle.write(data)
+        handle.flush()
+        return subprocess.run(["dcmdump", "-q", handle.name], capture_output=True, text=True, timeout=60)
+
+
+def _assert_released(event: Envelope, original: pydicom.Dataset, ciphertext: bytes, plaintext: bytes) -> None:
+    released = event.payload(InstanceDeidentified)
+    needles = _phi_needles(original)
+    for needle in needles:
+        assert needle not in ciphertext
+        assert needle not in plaintext, "a planted identifier is in the de-identified copy"
+    assert find_leaks(original, plaintext, DEFAULT_POLICY) == []
+    text = event.to_bytes()
+    assert not [n for n in needles if n in text], "the event carries an identifier"
+    output = pydicom.dcmread(io.BytesIO(plaintext))
+    assert output.PatientIdentityRemoved == "YES"
+    assert output.PatientID == output.PatientName == released.patient_pseudonym
+    assert output.StudyInstanceUID == released.deid_study_uid
+    assert output.SeriesInstanceUID == released.deid_series_uid
+    assert output.SOPInstanceUID == output.file_meta.MediaStorageSOPInstanceUID == released.deid_instance_uid
+    for uid in (released.deid_study_uid, released.deid_series_uid, released.deid_instance_uid):
+        assert re.fullmatch(r"2\.25\.[1-9]\d*", uid)
+    assert output.SOPClassUID == original.SOPClassUID
+    assert output.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert output.get_item("PixelData").value == original.get_item("PixelData").value
+    assert released.options == ["retain_longitudinal_modified_dates"]
+    assert re.fullmatch(r"deidentified/[0-9a-f-]{36}", released.object.key)
+    dump = _dcmdump(plaintext)
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+
+
+async def test_mr_instance_with_planted_phi_is_released_clean():
+    data, original = mr_instance()
+    iuid = await _send(data)
+    event = await _deidentified(iuid)
+    ciphertext, plaintext = await _open_copy(event)
+    _assert_released(event, original, ciphertext, plaintext)
+    released = event.payload(InstanceDeidentified)
+    (stored,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid))
+    assert (
+        released.study_key == stored.data["study_key"]
+        and released.instance_key == stored.data["instance_key"]
+    )
+    assert event.causation_id == stored.id and event.correlation_id == stored.correlation_id
+
+
+@pytest.mark.parametrize("name", CORPUS)
+async def test_real_world_files_are_released_clean(name: str):
+    data, original = _with_planted_phi(_pydicom_data_file(name))
+    event = await _deidentified(await _send(data))
+    ciphertext, plaintext = await _open_copy(event)
+    _assert_released(event, original, ciphertext, plaintext)
+    assert not [e for e in pydicom.dcmread(io.BytesIO(plaintext)) if e.tag.is_private]
+
+
+async def test_same_patient_same_pseudonym_and_date_shift_other_tenant_differs():
+    patient = f"PHI-MRN-{new_event_id()[-8:]}"
+    first, first_ds = mr_instance(patient_id=patient)
+    second, second_ds = mr_instance(patient_id=patient)
+    other, _ = mr_instance(patient_id=patient)
+    iuids = [await _send(first), await _send(second), await _send(other, tenant=TENANT + "-other")]
+    events = [await _deidentified(iuid) for iuid in iuids]
+    pseudonyms = [e.payload(InstanceDeidentified).patient_pseudonym for e in events]
+    assert pseudonyms[0] == pseudonyms[1] != pseudonyms[2]
+    shifts = []
+    for event, original in zip(events[:2], (first_ds, second_ds), strict=True):
+        output = pydicom.dcmread(io.BytesIO((await _open_copy(event))[1]))
+        assert output.StudyDate != original.StudyDate
+        shifts.append(pydicom.valuerep.DA(output.StudyDate) - pydicom.valuerep.DA(original.StudyDate))
+    assert shifts[0] == shifts[1] and shifts[0].days < 0
+
+
+async def test_duplicate_upload_and_redelivery_make_no_second_copy(mongo):
+    data, _ = mr_instance()
+    first = await _send(data)
+    event = await _deidentified(first)
+    again = await _send(data)
+    (stored_again,) = await wait_for_events(topics.INSTANCE_STORED, _for(again))
+    assert stored_again.data["duplicate"] == "duplicate"
+    reemitted = await _deidentified(again)
+    assert reemitted.payload(InstanceDeidentified).object == event.payload(InstanceDeidentified).object
+    assert reemitted.id == derived_event_id(stored_again.id, "enclave.instance.deidentified", again)
+    # a redelivery of the first instance.stored event: the same outcome id, nothing stored again
+    (stored_first,) = await wait_for_events(topics.INSTANCE_STORED, _for(first))
+    await publish(topics.INSTANCE_STORED, [stored_first], key=first)
+    await asyncio.sleep(3)
+    outcomes = await read_all(topics.INSTANCE_DEIDENTIFIED, _for(first))
+    assert {e.id for e in outcomes} == {event.id}
+    instance_key = stored_first.data["instance_key"]
+    records = [
+        d async for d in mongo["deid"]["deidentified"].find({"tenant": TENANT, "instance_key": instance_key})
+    ]
+    assert len(records) == 1 and records[0]["status"] == "deidentified"
+    key = event.payload(InstanceDeidentified).object.key
+    versions = _store()._client.list_object_versions(Bucket=DEID_BUCKET, Prefix=key).get("Versions", [])
+    assert len(versions) == 1
+
+
+async def test_burned_in_annotation_is_quarantined_and_nothing_is_stored(mongo):
+    data, ds = mr_instance()
+    ds.BurnedInAnnotation = "YES"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    iuid = await _send(out.getvalue())
+    (event,) = await wait_for_events(topics.INSTANCE_QUARANTINED, _for(iuid), timeout=90)
+    quarantined = event.payload(InstanceQuarantined)
+    assert quarantined.reason_code == "burned_in_risk" and "BurnedInAnnotation" in quarantined.reason
+    (stored,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid))
+    # the key a release would have used is derived from the cause: nothing is there
+    would_be = f"deidentified/{derived_event_id(stored.id, 'deid.object', stored.data['instance_key'])}"
+    assert not await _store().exists(DEID_BUCKET, would_be)
+    assert await read_all(topics.INSTANCE_DEIDENTIFIED, _for(iuid), settle=1.0) == []
+    record = await mongo["deid"]["deidentified"].find_one(
+        {"tenant": TENANT, "instance_key": stored.data["instance_key"]}
+    )
+    assert record["status"] == "quarantined" and "object" not in record
+    assert (
+        await mongo["deid"]["linkage"].find_one(
+            {"tenant": TENANT, "instance_key": stored.data["instance_key"]}
+        )
+        is None
+    )
+
+
+def _linkage_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
+    return subprocess.run(
+        [str(ROOT / ".venv/bin/enclave-deid-linkage"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+async def test_break_glass_reads_linkage_only_with_justification_and_is_audited(mongo):
+    data, original = mr_instance()
+    event = await _deidentified(await _send(data))
+    pseudonym = event.payload(InstanceDeidentified).patient_pseudonym
+    stored_linkage = [
+        d async for d in mongo["deid"]["linkage"].find({"tenant": TENANT, "patient_pseudonym": pseudonym})
+    ]
+    assert stored_linkage and not [n for n in _phi_needles(original) if n in repr(stored_linkage).encode()]
+    actor = f"user:dr-it-{new_event_id()[-6:]}"
+    base = ["--tenant", TENANT, "--pseudonym", pseudonym, "--actor", actor, "--role", "clinician"]
+    refused = _linkage_cli(*base, "--justification", "because")
+    assert refused.returncode == 2 and PHI["PatientID"] not in refused.stdout + refused.stderr
+    done = _linkage_cli(*base, "--justification", "Emergency: re-contact for an incidental finding")
+    assert done.returncode == 0, done.stderr
+    disclosure = json.loads(done.stdout)
+    assert {r["patient_id"] for r in disclosure["records"]} == {PHI["PatientID"]}
+    assert str(original.StudyInstanceUID) in {
+        uid for r in disclosure["records"] for uid in r["uids"].values()
+    }
+    (access,) = await wait_for_events(topics.ACCESS_RECORDED, lambda e: e.actor == actor)
+    recorded = access.payload(AccessRecorded)
+    assert recorded.action == "break_glass_linkage" and recorded.outcome == "success"
+    assert recorded.target == f"patient_pseudonym:{pseudonym}" and "incidental finding" in (
+        recorded.detail or ""
+    )
+    assert access.correlation_id == disclosure["session_id"] and access.tenant == TENANT
+    (alert,) = await wait_for_events(topics.SECURITY_ALERT, lambda e: e.actor == actor)
+    assert alert.data["rule"] == "break_glass" and alert.data["subject"] == actor
+    assert alert.correlation_id == disclosure["session_id"]
+
+
+async def test_deid_log_is_free_of_planted_phi():
+    log = (STATE / "logs" / "deid.log").read_bytes()
+    assert b"instance deidentified" in log
+    values = (
+        set(PHI.values()) | set(PHI["PatientName"].split("^")) | set(PHI["ReferringPhysicianName"].split("^"))
+    )
+    assert [v for v in values if v.encode() in log] == []
