@@ -4,10 +4,12 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 STACK := scripts/stack
+ENCLAVE_CACHE ?= $(HOME)/.cache/enclave
+UV := $(ENCLAVE_CACHE)/uv-$(shell sed -n 's/^UV_VERSION=//p' scripts/bootstrap.sh)/bin/uv
 
 .PHONY: help bootstrap install-stack up down status stack-up stack-down services-up services-down \
         test lint unit integration bench bench-crypto bench-deid bench-audit bench-analysis bench-gateway \
-        fuzz openapi asyncapi clean-state
+        fuzz openapi asyncapi clean-state deploy-tools deploy-test images
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,10 +50,19 @@ lint: bootstrap ## ruff, mypy (strict on libs/common), spec drift
 unit: bootstrap ## Unit tests (no network)
 	@$(PYTEST) libs/common/tests services -q -m "not integration"
 
+deploy-tools:
+	@scripts/install-deploy-tools.sh >/dev/null
+
+deploy-test: bootstrap deploy-tools ## kustomize build + offline schema validation of deploy/k8s, Dockerfile lint
+	@$(PYTEST) tests/deploy -q
+
+images: ## Build the five container images (needs a Docker engine; not available on the dev machines)
+	@for s in gateway ingest deid analysis audit; do docker build -f services/$$s/Dockerfile -t enclave/$$s:$${TAG:-dev} . || exit 1; done
+
 integration: bootstrap ## Integration tests on the real stack (starts it if needed, stops only what it started)
 	@scripts/with-stack.sh $(PYTEST) tests/integration -q -m integration
 
-test: lint unit integration ## Everything: lint, unit tests, integration tests
+test: lint unit deploy-test integration ## Everything: lint, unit tests, deploy validation, integration tests
 
 openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documents from the code
 	@$(PY) scripts/specs.py --write
@@ -61,7 +72,7 @@ bench: bench-crypto bench-deid bench-audit bench-analysis ## All benchmarks, eac
 bench-crypto: bootstrap
 	@$(PY) bench/crypto.py
 bench-deid: bootstrap
-	@$(PY) bench/deid.py
+	@$(UV) run --frozen --package enclave-deid --group bench python bench/deid.py
 bench-audit: bootstrap
 	@$(PY) bench/audit_chain.py
 bench-analysis: bootstrap
@@ -69,8 +80,9 @@ bench-analysis: bootstrap
 bench-gateway: bootstrap
 	@scripts/with-stack.sh $(PY) bench/gateway.py
 
-fuzz: bootstrap ## Bounded-time fuzzing of the multipart parser and DICOM validation
-	@$(PY) -m enclave_gateway_fuzz
+FUZZ_SECONDS ?= 60
+fuzz: bootstrap ## Bounded-time fuzzing of the multipart parser and DICOM validation (FUZZ_SECONDS=60)
+	@$(PY) services/gateway/fuzz/fuzz_edge.py --seconds $(FUZZ_SECONDS)
 
 clean-state: down ## Stop everything and delete local data (keeps the install cache)
 	rm -rf .state

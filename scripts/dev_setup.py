@@ -18,7 +18,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, generate_ingest_keypair, private_key_to_pem, public_key_to_pem
 
@@ -91,7 +90,9 @@ def main(state: Path) -> None:
         env.update(_dev_issuer_env(dev_issuer, state / "keys"))
     (state / "dev.env").write_text("".join(f"export {k}='{v}'\n" for k, v in sorted(env.items())))
     os.chmod(state / "dev.env", 0o600)
-    bootstrap = os.environ.get("ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:" + os.environ.get("ENCLAVE_KAFKA_PORT", "19092"))
+    bootstrap = os.environ.get(
+        "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:" + os.environ.get("ENCLAVE_KAFKA_PORT", "19092")
+    )
     created = asyncio.run(make_topics(bootstrap))
     print(f"[dev-setup] keys and dev.env under {state}; {created} Kafka topics created", file=sys.stderr)
 
@@ -101,7 +102,9 @@ def _dev_issuer_env(script: Path, keys: Path) -> dict[str, str]:
     import subprocess
 
     if not (keys / "jwks.json").exists():
-        subprocess.run([sys.executable, str(script), "init", "--dir", str(keys)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(script), "init", "--dir", str(keys)], check=True, capture_output=True
+        )
     return {"ENCLAVE_OIDC_JWKS_FILE": str(keys / "jwks.json")}
 
 

@@ -65,10 +65,14 @@ def main() -> int:
         path = OUT / name
         current = path.read_text() if path.exists() else ""
         if current != text:
-            diff = difflib.unified_diff(current.splitlines(), text.splitlines(), f"committed/{name}", f"code/{name}", n=1)
+            diff = difflib.unified_diff(
+                current.splitlines(), text.splitlines(), f"committed/{name}", f"code/{name}", n=1
+            )
             drift.append("\n".join(list(diff)[:40]))
     if drift:
-        print("API documents drifted from the code; run `make openapi` and commit docs/api/:\n", file=sys.stderr)
+        print(
+            "API documents drifted from the code; run `make openapi` and commit docs/api/:\n", file=sys.stderr
+        )
         print("\n\n".join(drift), file=sys.stderr)
         return 1
     print(f"docs/api: {len(generated)} documents match the code")

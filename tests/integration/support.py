@@ -13,10 +13,9 @@ from typing import Any
 
 import pydicom
 from aiokafka import AIOKafkaConsumer
+from enclave_common.envelope import Envelope
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
-from enclave_common.envelope import Envelope
 
 from .conftest import KAFKA
 
@@ -84,6 +83,7 @@ async def wait_for_events(
     await consumer.start()
     found: list[Envelope] = []
     try:
+
         async def collect() -> None:
             async for record in consumer:
                 env = Envelope.from_bytes(record.value)
@@ -127,11 +127,10 @@ async def read_all(topic: str, predicate: Callable[[Envelope], bool], settle: fl
 
 import hashlib  # noqa: E402
 import signal  # noqa: E402
-import time  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
-
 from enclave_common import topics  # noqa: E402
 from enclave_common.crypto import InstanceSealer, SealContext, load_public_key  # noqa: E402
 from enclave_common.envelope import new_event_id  # noqa: E402
@@ -139,7 +138,12 @@ from enclave_common.events import UploadChunk  # noqa: E402
 
 
 def sealed_chunk_envelopes(
-    data: bytes, *, tenant: str, upload_id: str, instance_upload_id: str | None = None, chunk_bytes: int = 4096
+    data: bytes,
+    *,
+    tenant: str,
+    upload_id: str,
+    instance_upload_id: str | None = None,
+    chunk_bytes: int = 4096,
 ) -> list[Envelope]:
     """The `upload.chunk` envelopes the gateway would publish for ``data``."""
     instance_upload_id = instance_upload_id or new_event_id()

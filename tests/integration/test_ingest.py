@@ -7,8 +7,6 @@ import hashlib
 import re
 
 import pytest
-from pymongo import AsyncMongoClient
-
 from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
 from enclave_common.envelope import new_event_id
@@ -16,22 +14,36 @@ from enclave_common.events import InstanceRejected, InstanceStored
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
+from pymongo import AsyncMongoClient
 
 from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
-from .support import PHI, dev_env, kill_hard, mr_instance, publish, restart, sealed_chunk_envelopes, wait_for_events
+from .support import (
+    PHI,
+    dev_env,
+    kill_hard,
+    mr_instance,
+    publish,
+    restart,
+    sealed_chunk_envelopes,
+    wait_for_events,
+)
 
 TENANT = "hospital-it-ingest"
 
 
 def _store() -> S3ObjectStore:
     return S3ObjectStore(
-        BaseServiceSettings(s3_endpoint_url=S3_ENDPOINT, s3_access_key_id=S3_KEY, s3_secret_access_key=S3_SECRET)
+        BaseServiceSettings(
+            s3_endpoint_url=S3_ENDPOINT, s3_access_key_id=S3_KEY, s3_secret_access_key=S3_SECRET
+        )
     )
 
 
 async def _decrypt_original(stored: InstanceStored, tenant: str = TENANT) -> bytes:
     store = _store()
-    keys = StudyKeyObjects(store, stored.object.bucket, LocalKeyring.load(dev_env()["ENCLAVE_INGEST_KEYRING_FILE"]))
+    keys = StudyKeyObjects(
+        store, stored.object.bucket, LocalKeyring.load(dev_env()["ENCLAVE_INGEST_KEYRING_FILE"])
+    )
     provider = await keys.object_provider(tenant, stored.study_key)
     blob = await store.read(stored.object.bucket, stored.object.key, stored.object.version_id)
     return decrypt_bytes(blob, ObjectIdentity(tenant, stored.study_key, stored.object.key), provider)
@@ -115,7 +127,8 @@ async def test_ingest_killed_mid_instance_stores_every_instance_exactly_once():
     instances = [mr_instance() for _ in range(4)]
     upload_id = new_event_id()
     all_envs = [
-        sealed_chunk_envelopes(data, tenant=TENANT, upload_id=upload_id, chunk_bytes=2048) for data, _ in instances
+        sealed_chunk_envelopes(data, tenant=TENANT, upload_id=upload_id, chunk_bytes=2048)
+        for data, _ in instances
     ]
     iuids = [envs[0].data["instance_upload_id"] for envs in all_envs]
     for envs, iuid in zip(all_envs, iuids, strict=True):

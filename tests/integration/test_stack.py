@@ -8,14 +8,13 @@ import datetime as dt
 
 import pytest
 from botocore.exceptions import ClientError
-from pymongo.errors import DuplicateKeyError
-
 from enclave_common.envelope import Envelope
 from enclave_common.events import KeyEvent
 from enclave_common.idempotency import MongoProcessedEvents
 from enclave_common.kafka import ConsumerMetrics, RetryPolicy, create_broker, reliable_consumer
 from enclave_common.settings import BaseServiceSettings
 from prometheus_client import CollectorRegistry
+from pymongo.errors import DuplicateKeyError
 
 from .conftest import KAFKA, MONGO_URL
 
@@ -49,7 +48,11 @@ def test_s3_object_lock_compliance_refuses_deletion(s3, unique):
     s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     version = s3.put_object(
-        Bucket=bucket, Key="checkpoint", Body=b"root", ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=until
+        Bucket=bucket,
+        Key="checkpoint",
+        Body=b"root",
+        ObjectLockMode="COMPLIANCE",
+        ObjectLockRetainUntilDate=until,
     )["VersionId"]
     with pytest.raises(ClientError) as refused:
         s3.delete_object(Bucket=bucket, Key="checkpoint", VersionId=version)
@@ -82,7 +85,12 @@ async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
     handled: list[str] = []
     events = [
         Envelope.for_topic(
-            topic, KeyEvent(operation="created", key_id=f"k{i}"), source="it", tenant="t", actor="a", correlation_id="c"
+            topic,
+            KeyEvent(operation="created", key_id=f"k{i}"),
+            source="it",
+            tenant="t",
+            actor="a",
+            correlation_id="c",
         )
         for i in range(10)
     ]

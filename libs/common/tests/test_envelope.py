@@ -3,11 +3,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from pydantic import ValidationError
-
 from enclave_common import topics
 from enclave_common.envelope import Envelope, derived_event_id, new_event_id
 from enclave_common.events import UploadChunk, UploadReceived
+from pydantic import ValidationError
 
 
 def _chunk() -> UploadChunk:

@@ -8,11 +8,16 @@ import logging
 
 import pydicom
 import structlog
-
 from enclave_common.errors import PermanentError
 from enclave_common.logging import configure_logging, get_logger
 
-PHI = ["DOE^JANE", "MRN-4417-XYZ", "19620314", "1.2.826.0.1.3680043.8.498.1234567", "eyJhbGciOiJSUzI1NiJ9.secret"]
+PHI = [
+    "DOE^JANE",
+    "MRN-4417-XYZ",
+    "19620314",
+    "1.2.826.0.1.3680043.8.498.1234567",
+    "eyJhbGciOiJSUzI1NiJ9.secret",
+]
 
 
 def _capture() -> io.StringIO:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from faststream.kafka import KafkaBroker, TestKafkaBroker
-from prometheus_client import CollectorRegistry
-
-from faststream.kafka.annotations import KafkaMessage
-
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, TransientError
 from enclave_common.events import KeyEvent
 from enclave_common.idempotency import InMemoryProcessedEvents
 from enclave_common.kafka import ConsumerMetrics, RetryPolicy, reliable_consumer
+from faststream.kafka import KafkaBroker, TestKafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from prometheus_client import CollectorRegistry
 
 TOPIC = topics.KEY_CREATED
 

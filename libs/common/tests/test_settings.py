@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import pytest
+from enclave_common.settings import BaseServiceSettings
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
-
-from enclave_common.settings import BaseServiceSettings
 
 
 class DemoSettings(BaseServiceSettings):

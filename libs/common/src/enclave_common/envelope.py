@@ -6,6 +6,7 @@ breaking an older consumer. Events carry no PHI: only opaque ids and keyed-HMAC 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import uuid
 from datetime import UTC, datetime
@@ -100,7 +101,7 @@ class Envelope(BaseModel):
             data=data.model_dump(mode="json"),
         )
 
-    def payload(self, model: type[_DataT]) -> _DataT:
+    def payload(self, model: builtins.type[_DataT]) -> _DataT:
         """The ``data`` parsed as ``model`` (raises pydantic's ValidationError if it does not fit)."""
         return model.model_validate(self.data)
 

@@ -116,7 +116,9 @@ class ConsumerMetrics:
         kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {"registry": None}
         self.dlq = Counter("enclave_dlq_messages", "Messages sent to a DLQ", ["topic", "code"], **kwargs)
         self.retries = Counter("enclave_retries", "Transient failures retried", ["topic"], **kwargs)
-        self.duplicates = Counter("enclave_duplicate_events", "Redelivered events skipped", ["topic"], **kwargs)
+        self.duplicates = Counter(
+            "enclave_duplicate_events", "Redelivered events skipped", ["topic"], **kwargs
+        )
 
 
 def reliable_consumer(
@@ -140,7 +142,9 @@ def reliable_consumer(
         try:
             envelope = Envelope.from_bytes(body)
         except ValidationError:
-            await _dead_letter(broker, source_topic, body, msg, ContractError("message is not an Enclave envelope"))
+            await _dead_letter(
+                broker, source_topic, body, msg, ContractError("message is not an Enclave envelope")
+            )
             metrics.dlq.labels(source_topic, "contract_violation").inc()
             await msg.ack()
             return
@@ -152,7 +156,9 @@ def reliable_consumer(
         try:
             outcome = await _run_with_retries(handler, envelope, retry, metrics, source_topic)
             if isinstance(outcome, PermanentError):
-                log.warning("event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason)
+                log.warning(
+                    "event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason
+                )
                 await _dead_letter(broker, source_topic, body, msg, outcome)
                 metrics.dlq.labels(source_topic, outcome.code).inc()
             elif outcome is not None:
@@ -193,12 +199,16 @@ async def _run_with_retries(
                 return error
             last = error
             metrics.retries.labels(topic).inc()
-            log.info("transient failure; retrying", topic=topic, attempt=attempt + 1, error_type=type(exc).__name__)
+            log.info(
+                "transient failure; retrying", topic=topic, attempt=attempt + 1, error_type=type(exc).__name__
+            )
             await asyncio.sleep(retry.delay(attempt))
     return last
 
 
-async def _dead_letter(broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError) -> None:
+async def _dead_letter(
+    broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError
+) -> None:
     record = msg.raw_message
     headers = {
         "x-dlq-reason": error.reason[:1000],

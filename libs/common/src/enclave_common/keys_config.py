@@ -9,7 +9,9 @@ from enclave_common.errors import ConfigurationError
 from enclave_common.settings import BaseServiceSettings
 
 
-def kek_provider(settings: BaseServiceSettings, keyring_file: Path | None, kms_key_id: str | None) -> KeyEncryptionKeyProvider:
+def kek_provider(
+    settings: BaseServiceSettings, keyring_file: Path | None, kms_key_id: str | None
+) -> KeyEncryptionKeyProvider:
     if kms_key_id:
         import boto3
 

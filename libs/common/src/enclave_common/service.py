@@ -16,14 +16,21 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo import AsyncMongoClient
 
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
-from enclave_common.kafka import ConsumerMetrics, EventPublisher, Handler, RetryPolicy, create_broker, reliable_consumer
+from enclave_common.kafka import (
+    ConsumerMetrics,
+    EventPublisher,
+    Handler,
+    RetryPolicy,
+    create_broker,
+    reliable_consumer,
+)
 from enclave_common.logging import configure_logging
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.telemetry import build_tracer_provider
@@ -126,7 +133,9 @@ class ServiceRuntime:
         results = await asyncio.gather(*(check(n, f) for n, f in self.readiness.items()))
         return dict(results)
 
-    def http_app(self, *, title: str, routers: Sequence[APIRouter] = (), start_runtime: bool = True) -> FastAPI:
+    def http_app(
+        self, *, title: str, routers: Sequence[APIRouter] = (), start_runtime: bool = True
+    ) -> FastAPI:
         """The service's HTTP app: health, readiness, metrics, plus the service's own routers."""
 
         @asynccontextmanager
@@ -166,8 +175,12 @@ def instrument_http(app: FastAPI, registry: CollectorRegistry, tracer_provider: 
     """Request count, latency and a server span per request, by route *template* (never the raw path,
     which may hold an id). The span is the parent of every Kafka publish the request makes, so one
     upload is one trace across the services (W3C trace context travels in Kafka headers)."""
-    requests = Counter("enclave_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
-    latency = Histogram("enclave_http_request_seconds", "HTTP latency", ["method", "route"], registry=registry)
+    requests = Counter(
+        "enclave_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "enclave_http_request_seconds", "HTTP latency", ["method", "route"], registry=registry
+    )
     access = structlog.get_logger("enclave.http")
     tracer = tracer_provider.get_tracer("enclave.http")
     quiet = ("/healthz", "/readyz", "/metrics")
@@ -194,10 +207,18 @@ def instrument_http(app: FastAPI, registry: CollectorRegistry, tracer_provider: 
                 requests.labels(request.method, template, str(status)).inc()
                 latency.labels(request.method, template).observe(elapsed)
                 if template not in quiet:
-                    access.info("http request", method=request.method, route=template, status=status, ms=round(elapsed * 1000, 1))
+                    access.info(
+                        "http request",
+                        method=request.method,
+                        route=template,
+                        status=status,
+                        ms=round(elapsed * 1000, 1),
+                    )
 
 
-def run_service(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings, **uvicorn_options: Any) -> None:
+def run_service(
+    app_factory: Callable[[], FastAPI], settings: BaseServiceSettings, **uvicorn_options: Any
+) -> None:
     """Entry point body: configure logging, then serve the app with uvicorn (no raw-path access log).
 
     With a certificate (``ssl_certfile``/``ssl_keyfile``), Python's server context refuses

@@ -83,7 +83,10 @@ class BaseServiceSettings(BaseSettings):
         if self.environment in ("dev", "test"):
             return self
         for name, value in self:
-            if isinstance(value, SecretStr) and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            if (
+                isinstance(value, SecretStr)
+                and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS
+            ):
                 raise ValueError(
                     f"setting {name!r} holds a placeholder secret; in environment "
                     f"{self.environment!r} set a real value (placeholders are accepted only in dev/test)"

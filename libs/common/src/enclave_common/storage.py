@@ -36,9 +36,13 @@ class StoredObject:
 class ObjectStore(Protocol):
     async def ensure_bucket(self, bucket: str, *, object_lock: bool = False) -> None: ...
 
-    async def put(self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None) -> StoredObject: ...
+    async def put(
+        self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None
+    ) -> StoredObject: ...
 
-    async def put_locked(self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime) -> StoredObject: ...
+    async def put_locked(
+        self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime
+    ) -> StoredObject: ...
 
     async def open(self, bucket: str, key: str, version_id: str | None = None) -> IO[bytes]: ...
 
@@ -64,7 +68,9 @@ class S3ObjectStore:
             "s3",
             endpoint_url=settings.s3_endpoint_url,
             region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+            aws_access_key_id=settings.s3_access_key_id.get_secret_value()
+            if settings.s3_access_key_id
+            else None,
             aws_secret_access_key=(
                 settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
             ),
@@ -97,7 +103,10 @@ class S3ObjectStore:
             try:
                 await asyncio.to_thread(self._client.create_bucket, **kwargs)
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                if exc.response.get("Error", {}).get("Code") not in (
+                    "BucketAlreadyOwnedByYou",
+                    "BucketAlreadyExists",
+                ):
                     raise s3_error(exc, "create bucket") from exc
         await self._call(
             "enable versioning",
@@ -129,7 +138,9 @@ class S3ObjectStore:
 
         return await self._call("put", upload)  # type: ignore[no-any-return]
 
-    async def put_locked(self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime) -> StoredObject:
+    async def put_locked(
+        self, bucket: str, key: str, data: bytes, *, retain_until: dt.datetime
+    ) -> StoredObject:
         """Write once into an object-lock bucket in COMPLIANCE mode until ``retain_until``."""
         response = await self._call(
             "put locked",

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import io
 
-from enclave_common.crypto import KeyEncryptionKeyProvider, StudyKeyRecord, object_key_provider, open_study_key
+from enclave_common.crypto import (
+    KeyEncryptionKeyProvider,
+    StudyKeyRecord,
+    object_key_provider,
+    open_study_key,
+)
 from enclave_common.crypto.errors import KeyNotFoundError
 from enclave_common.errors import PermanentError
 from enclave_common.storage import S3ObjectStore
@@ -29,13 +34,17 @@ class StudyKeyObjects:
         return f"{KEY_PREFIX}{tenant}/{study_key}.json"
 
     async def save(self, record: StudyKeyRecord) -> None:
-        await self._store.put(self._bucket, self.object_key(record.tenant, record.study_key), io.BytesIO(record.to_json()))
+        await self._store.put(
+            self._bucket, self.object_key(record.tenant, record.study_key), io.BytesIO(record.to_json())
+        )
         self._cache.pop((record.tenant, record.study_key), None)
 
     async def load(self, tenant: str, study_key: str) -> StudyKeyRecord | None:
         if not await self._store.exists(self._bucket, self.object_key(tenant, study_key)):
             return None
-        return StudyKeyRecord.from_json(await self._store.read(self._bucket, self.object_key(tenant, study_key)))
+        return StudyKeyRecord.from_json(
+            await self._store.read(self._bucket, self.object_key(tenant, study_key))
+        )
 
     async def destroy(self, tenant: str, study_key: str) -> int:
         self._cache.pop((tenant, study_key), None)

@@ -50,9 +50,7 @@ def build_tracer_provider(settings: BaseServiceSettings) -> tuple[TracerProvider
         handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by the service on shutdown
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=handle, formatter=_one_line)))
     elif settings.tracing_exporter == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
-            OTLPSpanExporter,
-        )
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider, handle

@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from enclave_common.crypto import StudyKeyRecord, WrappedKey
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
-
-from enclave_common.crypto import StudyKeyRecord, WrappedKey
 
 
 class Catalogue:
@@ -36,7 +35,9 @@ class Catalogue:
     async def record(self, instance_upload_id: str, doc: dict[str, Any]) -> None:
         """Insert or replace the outcome of one instance upload (idempotent on redelivery)."""
         await self.instances.replace_one(
-            {"_id": instance_upload_id}, {**doc, "_id": instance_upload_id, "recorded_at": datetime.now(UTC)}, upsert=True
+            {"_id": instance_upload_id},
+            {**doc, "_id": instance_upload_id, "recorded_at": datetime.now(UTC)},
+            upsert=True,
         )
 
     async def study_objects(self, tenant: str, study_key: str) -> AsyncIterator[dict[str, Any]]:
@@ -96,7 +97,14 @@ class Catalogue:
         """Destroy the key material, keep the fact (who, when) for the catalogue and audit."""
         result = await self.study_keys.update_one(
             {"_id": self._key_id(tenant, study_key), "status": "active"},
-            {"$set": {"status": "shredded", "wrapped": None, "shredded_at": datetime.now(UTC), "shredded_by": actor}},
+            {
+                "$set": {
+                    "status": "shredded",
+                    "wrapped": None,
+                    "shredded_at": datetime.now(UTC),
+                    "shredded_by": actor,
+                }
+            },
         )
         await self.instances.update_many(
             {"tenant": tenant, "study_key": study_key, "status": "stored"}, {"$set": {"status": "shredded"}}

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from enclave_common.settings import BaseServiceSettings
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
-
-from enclave_common.settings import BaseServiceSettings
 
 
 class IngestSettings(BaseServiceSettings):

@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass
 
 import pydicom
-from pydicom.errors import InvalidDicomError
-
 from enclave_common.errors import PermanentError
+from pydicom.errors import InvalidDicomError
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")

@@ -13,15 +13,15 @@ from typing import Any
 import structlog
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from faststream import AckPolicy
-from faststream.kafka.annotations import KafkaMessage
-from pydantic import ValidationError
-
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, TransientError, classify_exception
 from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
 from enclave_common.service import ServiceRuntime
+from faststream import AckPolicy
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import ValidationError
+
 from enclave_ingest.catalogue import Catalogue
 from enclave_ingest.pipeline import ChunkStreamMeta, InstancePipeline
 from enclave_ingest.spool import ChunkSpool, OffsetTracker
@@ -38,7 +38,9 @@ class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
         self.spool = spool
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for instance_upload_id in self.tracker.forget_partitions({(tp.topic, tp.partition) for tp in revoked}):
+        for instance_upload_id in self.tracker.forget_partitions(
+            {(tp.topic, tp.partition) for tp in revoked}
+        ):
             self.spool.discard(instance_upload_id)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -78,17 +80,27 @@ class ChunkConsumer:
                 envelope = Envelope.from_bytes(msg.body)
                 chunk = envelope.payload(UploadChunk)
             except ValidationError:
-                await self._dead_letter(msg, PermanentError("chunk message is not an UploadChunk envelope", code="contract_violation"))
+                await self._dead_letter(
+                    msg,
+                    PermanentError("chunk message is not an UploadChunk envelope", code="contract_violation"),
+                )
                 await self._commit(msg, partition)
                 return
-            structlog.contextvars.bind_contextvars(correlation_id=envelope.correlation_id, event_id=envelope.id)
+            structlog.contextvars.bind_contextvars(
+                correlation_id=envelope.correlation_id, event_id=envelope.id
+            )
             try:
                 await self._handle(envelope, chunk, partition, record.offset, msg)
             finally:
                 structlog.contextvars.unbind_contextvars("correlation_id", "event_id")
 
     async def _handle(
-        self, envelope: Envelope, chunk: UploadChunk, partition: tuple[str, int], offset: int, msg: KafkaMessage
+        self,
+        envelope: Envelope,
+        chunk: UploadChunk,
+        partition: tuple[str, int],
+        offset: int,
+        msg: KafkaMessage,
     ) -> None:
         done = await self.catalogue.get(chunk.instance_upload_id)
         if done is not None and "outcome" in done:
@@ -98,7 +110,9 @@ class ChunkConsumer:
             return
         pending = self.tracker.track(chunk.instance_upload_id, chunk.count, partition, offset)
         if chunk.index >= chunk.count or chunk.count != pending.count:
-            await self._dead_letter(msg, PermanentError("chunk index/count inconsistent", code="contract_violation"))
+            await self._dead_letter(
+                msg, PermanentError("chunk index/count inconsistent", code="contract_violation")
+            )
             await self._commit(msg, partition)
             return
         meta = {
@@ -146,9 +160,15 @@ class ChunkConsumer:
                 if isinstance(error, TransientError):
                     self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
                     if asyncio.get_running_loop().time() - started > TRANSIENT_BUDGET_S:
-                        log.warning("transient failure persists; the instance will be redelivered", error=error.reason)
+                        log.warning(
+                            "transient failure persists; the instance will be redelivered", error=error.reason
+                        )
                         return False
-                    log.info("transient failure storing an instance; retrying", attempt=attempt + 1, error=error.reason)
+                    log.info(
+                        "transient failure storing an instance; retrying",
+                        attempt=attempt + 1,
+                        error=error.reason,
+                    )
                     await asyncio.sleep(max(0.5, retry.delay(attempt)))
                     attempt += 1
                     continue
@@ -163,7 +183,9 @@ class ChunkConsumer:
                 break
         if outcome is not None:
             outcome_event = outcome.event
-        topic = topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
+        topic = (
+            topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
+        )
         envelope = Envelope.for_topic(
             topic,
             outcome_event,
@@ -176,13 +198,22 @@ class ChunkConsumer:
         )
         await self.catalogue.instances.update_one(
             {"_id": stream.instance_upload_id},
-            {"$set": {"outcome": {"topic": topic, "envelope": envelope.model_dump(mode="json")}, "tenant": stream.tenant}},
+            {
+                "$set": {
+                    "outcome": {"topic": topic, "envelope": envelope.model_dump(mode="json")},
+                    "tenant": stream.tenant,
+                }
+            },
             upsert=True,
         )
         if outcome is not None and outcome.new_study_key:
             key_event = Envelope.for_topic(
                 topics.KEY_CREATED,
-                KeyEvent(operation="created", key_id=f"study:{stream.tenant}:{outcome.new_study_key}", study_key=outcome.new_study_key),
+                KeyEvent(
+                    operation="created",
+                    key_id=f"study:{stream.tenant}:{outcome.new_study_key}",
+                    study_key=outcome.new_study_key,
+                ),
                 source="ingest",
                 tenant=stream.tenant,
                 actor="service:ingest",
@@ -197,7 +228,9 @@ class ChunkConsumer:
 
     async def _republish(self, outcome: dict[str, Any]) -> None:
         envelope = Envelope.model_validate(outcome["envelope"])
-        await self.runtime.publisher.publish(outcome["topic"], envelope, key=str(envelope.data.get("instance_upload_id", "")))
+        await self.runtime.publisher.publish(
+            outcome["topic"], envelope, key=str(envelope.data.get("instance_upload_id", ""))
+        )
 
     async def _commit(self, msg: KafkaMessage, partition: tuple[str, int]) -> None:
         offset = self.tracker.safe_offset(partition)

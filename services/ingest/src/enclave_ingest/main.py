@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
 from enclave_common.crypto import load_private_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
@@ -11,6 +9,8 @@ from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
+from fastapi import FastAPI
+
 from enclave_ingest.catalogue import Catalogue
 from enclave_ingest.config import IngestSettings
 from enclave_ingest.handlers import ChunkConsumer

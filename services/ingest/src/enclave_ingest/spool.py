@@ -87,7 +87,9 @@ class OffsetTracker:
     def observe(self, partition: tuple[str, int], offset: int) -> None:
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
 
-    def track(self, instance_upload_id: str, count: int, partition: tuple[str, int], offset: int) -> PendingInstance:
+    def track(
+        self, instance_upload_id: str, count: int, partition: tuple[str, int], offset: int
+    ) -> PendingInstance:
         pending = self.pending.get(instance_upload_id)
         if pending is None:
             pending = PendingInstance(instance_upload_id, count, partition, offset)

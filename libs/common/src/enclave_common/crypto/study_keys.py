@@ -87,7 +87,9 @@ def rewrap_study_key(kek: KeyEncryptionKeyProvider, record: StudyKeyRecord) -> S
 
 def object_key_provider(tenant: str, study_key: str, plain_study_key: bytes) -> KeyEncryptionKeyProvider:
     """The provider that wraps/unwraps object DEKs under a study key (AES-256-GCM, context-bound)."""
-    return LocalKeyring(key_id=study_key_id(tenant, study_key), versions={1: plain_study_key}, current_version=1)
+    return LocalKeyring(
+        key_id=study_key_id(tenant, study_key), versions={1: plain_study_key}, current_version=1
+    )
 
 
 def random_study_key() -> bytes:
