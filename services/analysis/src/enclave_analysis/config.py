@@ -1,11 +1,13 @@
-"""Settings of the analysis service: environment variables prefixed ``ENCLAVE_ANALYSIS_``
-(shared connection settings may also come from the plain ``ENCLAVE_`` prefix)."""
+"""Settings of the analysis service: environment variables prefixed ``ENCLAVE_ANALYSIS_`` (shared
+connection settings may also come from the plain ``ENCLAVE_`` prefix)."""
 
 from __future__ import annotations
 
-from pydantic_settings import SettingsConfigDict
+from pathlib import Path
 
 from enclave_common.settings import BaseServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 
 class AnalysisSettings(BaseServiceSettings):
@@ -13,3 +15,20 @@ class AnalysisSettings(BaseServiceSettings):
 
     service_name: str = "analysis"
     http_port: int = 8083
+
+    #: The de-identification key domain (analysis reads de-identified data only).
+    keyring_file: Path | None = None
+    kms_key_id: str | None = None
+    #: Where the de-identified instances are, and where reports (SR, SEG, PNG) are written.
+    deidentified_bucket: str = "enclave-deidentified"
+    results_bucket: str = "enclave-deidentified"
+
+    #: A series is analysed once every instance its uploads announced has an outcome and nothing new
+    #: arrived for this long.
+    quiet_period_s: float = Field(default=10.0, ge=0)
+    #: How often the assembler looks for series that became complete.
+    scan_interval_s: float = Field(default=2.0, gt=0)
+    #: An analysis claimed by a replica that died is taken over after this lease.
+    lease_s: float = Field(default=900.0, gt=0)
+    #: Series with fewer de-identified instances fail at once (a volume needs slices).
+    min_instances: int = Field(default=3, ge=1)

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+from enclave_common.keys_config import kek_provider
+from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.storage import S3ObjectStore
 from fastapi import FastAPI
 
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
+from enclave_analysis.handlers import AnalysisService
+from enclave_analysis.series_analysis import run_volumetrics
 
 
 def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     settings = settings or AnalysisSettings()
     runtime = ServiceRuntime(settings)
+    store = S3ObjectStore(settings)
+    assembly = SeriesAssembly(runtime.db)
+    service = AnalysisService(runtime, settings, assembly, store, run_volumetrics)
+    service.register()
+    runtime.readiness["object_store"] = store.ping
+
+    async def prepare() -> None:
+        service.kek = kek_provider(settings, settings.keyring_file, settings.kms_key_id)
+        await store.ensure_bucket(settings.deidentified_bucket)
+        if settings.results_bucket != settings.deidentified_bucket:
+            await store.ensure_bucket(settings.results_bucket)
+        await assembly.ensure_indexes()
+        runtime.spawn(service.run_assembler(), "series-assembler")
+
+    runtime.on_startup(prepare)
     return runtime.http_app(title="Enclave analysis")
 
 

@@ -1,0 +1,209 @@
+"""Analysis wiring: collect de-identified members per series, analyse complete series, publish.
+
+Event handlers only record facts (idempotent upserts); a background assembler finds series that
+are complete, claims one at a time (a lease, so a replica that dies is taken over), runs the
+CPU-bound pipeline in a worker thread, stores the reports encrypted, and publishes
+``analysis.completed`` or ``analysis.failed``. The outcome's event id is kept with the claim, so a
+re-run after a crash publishes the same event again, not a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pydicom
+import structlog
+from enclave_common import topics
+from enclave_common.crypto import KeyEncryptionKeyProvider, ObjectIdentity, decrypt_bytes, encrypt_bytes
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.events import (
+    AnalysisCompleted,
+    AnalysisFailed,
+    InstanceDeidentified,
+    InstanceQuarantined,
+    InstanceRejected,
+    ObjectRef,
+    UploadCompleted,
+)
+from enclave_common.service import ServiceRuntime
+from enclave_common.storage import S3ObjectStore
+
+from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
+from enclave_analysis.config import AnalysisSettings
+from enclave_analysis.errors import AnalysisError
+
+log = structlog.get_logger("enclave.analysis")
+
+#: (datasets) -> (measures, qc, unavailable reasons, reports as (name, media type, bytes))
+SeriesAnalyser = Callable[
+    [list[pydicom.Dataset]],
+    tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]],
+]
+
+
+class AnalysisService:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        settings: AnalysisSettings,
+        assembly: SeriesAssembly,
+        store: S3ObjectStore,
+        analyser: SeriesAnalyser,
+    ) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.assembly = assembly
+        self.store = store
+        self.analyser = analyser
+        #: Set at startup (key files are read then, not at construction).
+        self.kek: KeyEncryptionKeyProvider | None = None
+
+    def register(self) -> None:
+        self.runtime.consume(topics.INSTANCE_DEIDENTIFIED, self.on_deidentified)
+        self.runtime.consume(topics.INSTANCE_QUARANTINED, self.on_excluded)
+        self.runtime.consume(topics.INSTANCE_REJECTED, self.on_excluded)
+        self.runtime.consume(topics.UPLOAD_COMPLETED, self.on_upload_completed)
+
+    async def on_deidentified(self, envelope: Envelope) -> None:
+        deid = envelope.payload(InstanceDeidentified)
+        await self.assembly.settle(
+            envelope.tenant,
+            deid.series_key,
+            deid.instance_upload_id,
+            "deidentified",
+            {
+                "study_key": deid.study_key,
+                "object": deid.object.model_dump(),
+                "instance_key": deid.instance_key,
+            },
+            envelope.correlation_id,
+        )
+
+    async def on_excluded(self, envelope: Envelope) -> None:
+        if envelope.type == topics.event_type(topics.INSTANCE_QUARANTINED):
+            quarantined = envelope.payload(InstanceQuarantined)
+            await self.assembly.settle(
+                envelope.tenant,
+                quarantined.series_key,
+                quarantined.instance_upload_id,
+                "excluded",
+                {"reason_code": quarantined.reason_code},
+                envelope.correlation_id,
+            )
+        else:
+            rejected = envelope.payload(InstanceRejected)
+            # A rejected instance has no series (its header may be unreadable): it only settles.
+            await self.assembly.members.update_one(
+                {"_id": rejected.instance_upload_id},
+                {
+                    "$set": {
+                        "state": "excluded",
+                        "tenant": envelope.tenant,
+                        "reason_code": rejected.reason_code,
+                    }
+                },
+                upsert=True,
+            )
+
+    async def on_upload_completed(self, envelope: Envelope) -> None:
+        done = envelope.payload(UploadCompleted)
+        if done.instance_upload_ids:
+            await self.assembly.expect(
+                envelope.tenant, done.series_keys, done.instance_upload_ids, done.upload_id
+            )
+
+    # ---- the assembler ----------------------------------------------------------------------
+
+    async def run_assembler(self) -> None:
+        while True:
+            try:
+                for series in await self.assembly.ready(self.settings.quiet_period_s, self.settings.lease_s):
+                    if series["status"] == "collecting" and await self.assembly.unsettled(series["_id"]) > 0:
+                        continue
+                    claimed = await self.assembly.claim(series, self.settings.lease_s)
+                    if claimed is not None:
+                        await self.analyse(claimed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep assembling; the series stays claimable after its lease
+                log.warning("assembler pass failed", error_type=type(exc).__name__)
+            await asyncio.sleep(self.settings.scan_interval_s)
+
+    async def analyse(self, series: dict[str, Any]) -> None:
+        members = [
+            m for m in await self.assembly.members_of(series["_id"]) if m.get("state") == "deidentified"
+        ]
+        member_ids = sorted(m["_id"] for m in members)
+        analysis_id = analysis_id_for(series["series_key"], member_ids)
+        pending = series.get("pending_event") or {}
+        event_id = pending.get("event_id") if pending.get("analysis_id") == analysis_id else None
+        if event_id is None:
+            event_id = new_event_id()
+            await self.assembly.series.update_one(
+                {"_id": series["_id"]},
+                {"$set": {"pending_event": {"analysis_id": analysis_id, "event_id": event_id}}},
+            )
+        tenant, series_key = series["tenant"], series["series_key"]
+        study_key = members[0]["study_key"] if members else ""
+        base = {
+            "analysis_id": analysis_id,
+            "study_key": study_key,
+            "series_key": series_key,
+            "instance_upload_ids": member_ids,
+        }
+        data: AnalysisCompleted | AnalysisFailed
+        try:
+            if len(members) < self.settings.min_instances:
+                raise AnalysisError(
+                    f"the series has {len(members)} de-identified instance(s); a volume needs at least "
+                    f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
+                )
+            datasets = [await self._load(tenant, m) for m in members]
+            measures, qc, reasons, reports = await asyncio.to_thread(self.analyser, datasets)
+            refs = [await self._store_report(tenant, study_key, analysis_id, *report) for report in reports]
+            data = AnalysisCompleted(**base, measures=measures, qc=qc, reports=refs)
+            extra = {"reasons": reasons}
+            topic, outcome = topics.ANALYSIS_COMPLETED, "completed"
+        except AnalysisError as exc:
+            data = AnalysisFailed(
+                **base, reason_code=getattr(exc, "code", "analysis_error"), reason=exc.reason
+            )
+            extra = {}
+            topic, outcome = topics.ANALYSIS_FAILED, "failed"
+        envelope = Envelope(
+            id=event_id,
+            type=topics.event_type(topic),
+            source="analysis",
+            tenant=tenant,
+            actor="service:analysis",
+            correlation_id=series.get("correlation_id") or analysis_id,
+            data={**data.model_dump(mode="json"), **extra},
+        )
+        await self.runtime.publisher.publish(topic, envelope, key=series_key)
+        await self.assembly.finish(series, analysis_id, outcome)
+        log.info("series analysed", outcome=outcome, analysis_id=analysis_id, instances=len(members))
+
+    async def _load(self, tenant: str, member: dict[str, Any]) -> pydicom.Dataset:
+        assert self.kek is not None
+        ref = ObjectRef(**member["object"])
+        blob = await self.store.read(ref.bucket, ref.key, ref.version_id)
+        plain = await asyncio.to_thread(
+            decrypt_bytes, blob, ObjectIdentity(tenant, member["study_key"], ref.key), self.kek
+        )
+        return pydicom.dcmread(io.BytesIO(plain))
+
+    async def _store_report(
+        self, tenant: str, study_key: str, analysis_id: str, name: str, media_type: str, body: bytes
+    ) -> ObjectRef:
+        assert self.kek is not None
+        key = f"reports/{analysis_id}/{name}"
+        identity = ObjectIdentity(tenant, study_key, key)
+        dek, wrapped = self.kek.generate_data_key(identity.key_context())
+        ciphertext = await asyncio.to_thread(encrypt_bytes, body, dek, wrapped, identity)
+        stored = await self.store.put(
+            self.settings.results_bucket, key, io.BytesIO(ciphertext), metadata={"media-type": media_type}
+        )
+        return ObjectRef(bucket=stored.bucket, key=key, version_id=stored.version_id)

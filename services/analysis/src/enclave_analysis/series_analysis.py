@@ -1,0 +1,45 @@
+"""The analyser the service runs on one complete series: volume, measures, QC and reports.
+
+Pure domain (no Kafka, S3 or MongoDB): datasets in, numbers and report bytes out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydicom
+
+from enclave_analysis.measures import analyse_series
+
+MEASURE_FIELDS = (
+    "intracranial_volume",
+    "brain_parenchyma_volume",
+    "grey_matter_volume",
+    "white_matter_volume",
+    "csf_volume",
+    "brain_parenchymal_fraction",
+    "hippocampal_volume_left",
+    "hippocampal_volume_right",
+    "hippocampal_volume_total",
+    "cortical_thickness_mean",
+)
+
+
+def run_volumetrics(
+    datasets: list[pydicom.Dataset],
+) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
+    """Measures (mL; thickness in mm), QC, why any measure is null, and the report files."""
+    volumetrics, segmentation = analyse_series(datasets)
+    measures = {name: getattr(volumetrics, name) for name in MEASURE_FIELDS}
+    qc = volumetrics.qc.model_dump(mode="json") | {
+        "atlas": volumetrics.atlas,
+        "template": volumetrics.template,
+    }
+    reports: list[tuple[str, str, bytes]] = []
+    try:
+        from enclave_analysis import report
+    except ImportError:  # pragma: no cover - reports land with the report module
+        report = None  # type: ignore[assignment]
+    if report is not None and hasattr(report, "build_reports"):
+        reports = list(report.build_reports(datasets, volumetrics, segmentation))
+    return measures, qc, dict(volumetrics.unavailable), reports
