@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 
 from enclave_deid.policy import DeidPolicy
 
-GIB = 1024 * 1024 * 1024
+MIB = 1024 * 1024
 
 
 class DeidSettings(BaseServiceSettings):
@@ -51,9 +51,10 @@ class DeidSettings(BaseServiceSettings):
     default_policy: DeidPolicy = DeidPolicy(retain_longitudinal_modified_dates=True)
     tenant_policies: dict[str, DeidPolicy] = Field(default_factory=dict)
 
-    #: De-identification parses the whole instance in memory (peak about 3x its size): instances above
-    #: this are dead-lettered with reason ``instance_too_large``. The pod memory limit must follow it.
-    max_instance_bytes: int = Field(default=GIB, ge=1024)
+    #: De-identification parses the whole instance in memory (peak 3x its size, measured): instances above
+    #: this are dead-lettered with reason ``instance_too_large``. 768 MiB fits the 3 GiB pod memory limit of
+    #: deploy/k8s; raise both together (2 GiB instances need about 6.5 GiB).
+    max_instance_bytes: int = Field(default=768 * MIB, ge=1024)
     #: Where the ciphertext of a de-identified copy waits for its upload (never plaintext).
     work_dir: Path | None = None
 

@@ -19,6 +19,7 @@ from functools import lru_cache
 from io import BytesIO
 from typing import NamedTuple, Protocol
 
+from pydicom._uid_dict import UID_dictionary  # what pydicom.uid re-exports (outside its __all__)
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -27,7 +28,8 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
+from pydicom.tag import BaseTag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from enclave_deid.policy import DeidPolicy, MethodCode
 from enclave_deid.profile_table import BASIC_PROFILE_EDITION
@@ -444,7 +446,7 @@ def _encoding(like: DataElement | RawDataElement) -> tuple[bool, bool] | None:
 
 
 def _raw(tag: int, vr: str, value: bytes, encoding: tuple[bool, bool]) -> RawDataElement:
-    return RawDataElement(tag, vr, len(value), value, 0, encoding[0], encoding[1], True, False)
+    return RawDataElement(BaseTag(tag), vr, len(value), value, 0, encoding[0], encoding[1], True, False)
 
 
 def _put_text(

@@ -15,6 +15,11 @@ def read_instance(data: bytes | BinaryIO) -> Dataset:
     return dcmread(BytesIO(data) if isinstance(data, bytes | bytearray) else data)
 
 
+def write_instance_to(dataset: Dataset, out: BinaryIO) -> None:
+    """Write ``dataset`` as a conformant Part 10 file into ``out`` (no intermediate copy)."""
+    dcmwrite(out, dataset, enforce_file_format=True)
+
+
 def write_instance(dataset: Dataset) -> bytes:
     """Encode ``dataset`` as a conformant Part 10 file (preamble, file meta) in its own transfer syntax."""
     buffer = BytesIO()

@@ -2,9 +2,11 @@
 
 The CPU-bound part (decrypt, parse, burned-in check, de-identify, write, encrypt) runs in one worker
 thread, so the consumer's event loop keeps heart-beating to Kafka. pydicom needs the whole instance in
-memory: the decrypted original, its parsed dataset and the written output coexist for a moment (peak
-about 3x the instance size), hence ``max_instance_bytes``. Plaintext never touches the disk; the
-ciphertext of the copy is spooled to a temporary file for a streamed (multipart) upload.
+memory: the decrypted original lives until the dataset is parsed, and pydicom's writer copies each
+value twice while it encodes it, so the peak is 3x the instance size (measured), hence
+``max_instance_bytes``. The writer writes straight into the encryptor (no plaintext output buffer).
+Plaintext never touches the disk; the ciphertext of the copy is spooled to a temporary file for a
+streamed (multipart) upload.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import os
 import tempfile
 from dataclasses import dataclass
-from io import BytesIO
+from io import BytesIO, UnsupportedOperation
 from pathlib import Path
 from typing import IO
 
@@ -28,10 +30,11 @@ from enclave_common.errors import PermanentError
 from enclave_common.events import InstanceStored, ObjectRef
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
+from pydicom.dataset import Dataset
 
 from enclave_deid.burned_in import assess_burned_in_risk
 from enclave_deid.deidentify import DeidContext, LinkageRecord, PseudonymKeys, deidentify
-from enclave_deid.instance_io import read_instance, write_instance
+from enclave_deid.instance_io import read_instance, write_instance_to
 from enclave_deid.policy import DeidPolicy
 from enclave_deid.profile_table import BASIC_PROFILE_EDITION
 
@@ -165,7 +168,7 @@ class DeidPipeline:
         target: ObjectIdentity,
     ) -> _Written | Quarantined:
         plaintext = self._decrypt_bounded(body, source, provider)
-        buffer = BytesIO(plaintext)
+        buffer = BytesIO(plaintext)  # shares the bytes object: no copy
         del plaintext
         try:
             dataset = read_instance(buffer)
@@ -180,52 +183,86 @@ class DeidPipeline:
             return Quarantined(reason)
         try:
             result = deidentify(dataset, policy, self.keys, DeidContext(tenant))
-            output = write_instance(result.dataset)
         except Exception as exc:
             raise UnsupportedInstance(
                 f"the instance could not be de-identified ({type(exc).__name__}); "
                 "storable DICOM instances with a SOP Instance UID are supported"
             ) from None
+        path, size = self._encrypt_to_file(result.dataset, target)
         written = _Written(
-            ciphertext_path=self._encrypt_to_file(output, target),
+            ciphertext_path=path,
             patient_pseudonym=result.patient_pseudonym,
             deid_study_uid=result.study_instance_uid,
             deid_series_uid=result.series_instance_uid,
             deid_instance_uid=result.sop_instance_uid,
             linkage=result.linkage,
-            size=len(output),
+            size=size,
         )
         return written
 
     def _decrypt_bounded(
         self, body: IO[bytes], identity: ObjectIdentity, provider: KeyEncryptionKeyProvider
-    ) -> bytearray:
-        plaintext = bytearray()
+    ) -> bytes:
+        pieces: list[bytes] = []
+        size = 0
         try:
             for piece in decrypt_object(body, identity, provider):
-                plaintext += piece
-                if len(plaintext) > self.max_instance_bytes:
-                    self.check_size(len(plaintext))
+                pieces.append(piece)
+                size += len(piece)
+                self.check_size(size)
         except CryptoError as exc:
             raise OriginalUndecryptable(f"the original did not decrypt: {exc}") from None
+        plaintext = b"".join(pieces)
+        pieces.clear()
         return plaintext
 
-    def _encrypt_to_file(self, plaintext: bytes, identity: ObjectIdentity) -> str:
+    def _encrypt_to_file(self, dataset: Dataset, identity: ObjectIdentity) -> tuple[str, int]:
+        """Write the Part 10 file of ``dataset`` straight into the encryptor; (ciphertext path, plaintext size)."""
         dek, wrapped = self.deid_kek.generate_data_key(identity.key_context())
         encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=SEGMENT_SIZE)
         fd, path = tempfile.mkstemp(prefix="deid-ciphertext-", dir=self.work_dir)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(encryptor.header_bytes)
-                view = memoryview(plaintext)
-                for start in range(0, len(view), SEGMENT_SIZE):
-                    for segment in encryptor.update(view[start : start + SEGMENT_SIZE]):
-                        out.write(segment)
+                sink = _EncryptingSink(encryptor, out)
+                try:
+                    write_instance_to(dataset, sink)  # type: ignore[arg-type]
+                except Exception as exc:
+                    raise UnsupportedInstance(
+                        f"the de-identified instance could not be written as Part 10 ({type(exc).__name__})"
+                    ) from None
                 out.write(encryptor.finalize())
         except BaseException:
             os.unlink(path)
             raise
-        return path
+        return path, sink.size
+
+
+class _EncryptingSink:
+    """A write-only file for pydicom's writer: plaintext goes into the encryptor, ciphertext to ``out``."""
+
+    def __init__(self, encryptor: ObjectEncryptor, out: IO[bytes]) -> None:
+        self._encryptor = encryptor
+        self._out = out
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        for segment in self._encryptor.update(data):
+            self._out.write(segment)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Only "where am I" is possible: the written bytes are already encrypted."""
+        if (whence == 0 and offset == self.size) or (whence in (1, 2) and offset == 0):
+            return self.size
+        raise UnsupportedOperation("the encrypting sink is write-only and cannot seek back")
+
+    def flush(self) -> None:
+        return None
 
 
 def describe_policy(policy: DeidPolicy) -> tuple[str, list[str]]:
