@@ -1,0 +1,275 @@
+"""The hostile corpus over HTTP, against a second gateway process with small limits.
+
+Every answer is the right per-instance failure or a 4xx whose body says what was wrong and what is
+allowed, never a 5xx; nothing reaches the upload topics for what was refused; the gateway is alive
+and accepting afterwards. Each case runs in its own tenant, so the topics tell exactly what each
+case published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from enclave_common import topics
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from .support import PHI, mr_instance
+from .test_gateway_support import TopicWatch, bearer, builders, gateway_process, new_tenant
+
+MAX_INSTANCE = 64 * 1024
+MAX_REQUEST = 256 * 1024
+MAX_PARTS = 3
+IDLE_TIMEOUT_S = 2
+LIMITS = {
+    "ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES": str(MAX_INSTANCE),
+    "ENCLAVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST),
+    "ENCLAVE_GATEWAY_MAX_PARTS": str(MAX_PARTS),
+    "ENCLAVE_GATEWAY_BODY_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+}
+UPLOAD_TOPICS = (topics.UPLOAD_CHUNK, topics.UPLOAD_RECEIVED, topics.UPLOAD_COMPLETED)
+
+
+@pytest.fixture(scope="module")
+def small_gateway(tmp_path_factory: pytest.TempPathFactory):
+    with gateway_process(tmp_path_factory.mktemp("gw-limits"), LIMITS) as gateway:
+        yield gateway
+
+
+def _instance_of_size(size: int) -> bytes:
+    """A valid instance of exactly ``size`` bytes (the pixel data absorbs the difference)."""
+    base = builders.make_instance(
+        pixel_bytes=1024, patient_id=PHI["PatientID"], sop_instance_uid=generate_uid()
+    )
+    data = builders.make_instance(
+        pixel_bytes=1024 + size - len(base), patient_id=PHI["PatientID"], sop_instance_uid=generate_uid()
+    )
+    assert len(data) == size
+    return data
+
+
+def _valid() -> bytes:
+    return mr_instance()[0]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and what must come back: an HTTP status, and either the request-level error
+    code or the FailureReason of each failed instance; ``accepted`` instances must be published."""
+
+    name: str
+    body: builders.Body
+    status: int
+    error: str | None = None
+    failure_reasons: tuple[int, ...] = ()
+    accepted: int = 0
+    study: str | None = None
+
+
+def _related(parts: list[bytes], **kwargs: object) -> builders.Body:
+    return builders.multipart_body(parts, **kwargs)  # type: ignore[arg-type]
+
+
+def _cases() -> list[Case]:
+    valid, ds = mr_instance()
+    truncated = builders.truncate(_valid(), len(valid) - 100)
+    bad_vr = builders.with_bad_vr(builders.make_instance(patient_id=PHI["PatientID"]))
+    bare = builders.make_instance(
+        with_meta=False, patient_id=PHI["PatientID"], sop_instance_uid=generate_uid()
+    )
+    huge_length = builders.with_huge_pixel_length(builders.make_instance(patient_id=PHI["PatientID"]))
+    three = [_valid() for _ in range(3)]
+    padded = builders.orthanc_body(three)
+    epilogue_at_limit = MAX_REQUEST - len(padded.data)
+    at_request_limit = builders.Body(
+        padded.content_type, padded.data + b"\r\n" + b" " * (epilogue_at_limit - 2)
+    )
+    past_request_limit = builders.Body(padded.content_type, at_request_limit.data + b" ")
+    assert len(at_request_limit.data) == MAX_REQUEST
+    return [
+        Case("truncated", _related([truncated]), 409, failure_reasons=(0xC000,)),
+        Case("bad_vr", _related([bad_vr]), 409, failure_reasons=(0xC000,)),
+        Case("huge_declared_length", _related([huge_length]), 409, failure_reasons=(0xC000,)),
+        *(
+            Case(f"non_dicom_{kind}", _related([sample]), 409, failure_reasons=(0xC000,))
+            for kind, sample in builders.NON_DICOM_SAMPLES.items()
+        ),
+        Case("no_meta_bare_dataset_is_accepted", _related([bare]), 200, accepted=1),
+        Case(
+            "mixed_good_and_truncated",
+            _related([_valid(), truncated]),
+            202,
+            failure_reasons=(0xC000,),
+            accepted=1,
+        ),
+        Case(
+            "study_uid_mismatch",
+            _related([valid, _valid()]),
+            202,
+            failure_reasons=(0xC409,),
+            accepted=1,
+            study=ds.StudyInstanceUID,
+        ),
+        Case("empty_part", _related([_valid(), b""]), 400, "empty_part"),
+        Case(
+            "no_parts", builders.Body(_related([]).content_type, b"--enclave-boundary-42--"), 400, "no_parts"
+        ),
+        Case(
+            "missing_boundary_parameter",
+            builders.Body('multipart/related; type="application/dicom"', _related([_valid()]).data),
+            400,
+            "missing_boundary",
+        ),
+        Case(
+            "wrong_boundary",
+            builders.Body(
+                _related([_valid()]).content_type.replace("enclave-boundary-42", "other"),
+                _related([_valid()]).data,
+            ),
+            400,
+            "missing_boundary",
+        ),
+        Case(
+            "truncated_body",
+            builders.Body(_related([valid]).content_type, _related([valid]).data[:-30]),
+            400,
+            "truncated_body",
+        ),
+        Case("wrong_content_type", builders.Body("text/plain", valid), 415, "unsupported_media_type"),
+        Case(
+            "wrong_related_type",
+            builders.Body("multipart/related; type=application/json; boundary=x", valid),
+            415,
+            "unsupported_media_type",
+        ),
+        Case("instance_at_limit", _related([_instance_of_size(MAX_INSTANCE)]), 200, accepted=1),
+        Case(
+            "instance_past_limit", _related([_instance_of_size(MAX_INSTANCE + 2)]), 413, "instance_too_large"
+        ),
+        Case(
+            "single_part_past_limit",
+            builders.Body("application/dicom", _instance_of_size(MAX_INSTANCE + 2)),
+            413,
+            "instance_too_large",
+        ),
+        Case("parts_at_limit", _related([_valid() for _ in range(MAX_PARTS)]), 200, accepted=MAX_PARTS),
+        Case("parts_past_limit", _related([_valid() for _ in range(MAX_PARTS + 1)]), 413, "too_many_parts"),
+        Case("request_at_limit", at_request_limit, 200, accepted=3),
+        Case("request_past_limit", past_request_limit, 413, "request_too_large"),
+    ]
+
+
+async def test_hostile_corpus_over_http(small_gateway):
+    cases = _cases()
+    tenants = {case.name: new_tenant("it-hostile") for case in cases}
+    async with TopicWatch(*UPLOAD_TOPICS) as watch:
+        async with httpx.AsyncClient(timeout=60) as client:
+            for case in cases:
+                url = f"{small_gateway.url}/dicomweb/studies" + (f"/{case.study}" if case.study else "")
+                headers = {
+                    **bearer("it-hostile", tenants[case.name], "uploader"),
+                    "Content-Type": case.body.content_type,
+                }
+                answer = await client.post(url, content=case.body.data, headers=headers)
+                assert answer.status_code == case.status, (case.name, answer.status_code, answer.text)
+                text = answer.text
+                for value in PHI.values():
+                    assert value not in text, case.name
+                if case.error is not None:
+                    body = answer.json()
+                    assert body["error"] == case.error, (case.name, body)
+                    assert body["status"] == case.status and len(body["message"]) > 20
+                else:
+                    parsed = Dataset.from_json(answer.json())
+                    reasons = tuple(item.FailureReason for item in parsed.get("FailedSOPSequence", []))
+                    assert reasons == case.failure_reasons, case.name
+                    assert len(parsed.get("ReferencedSOPSequence", [])) == case.accepted, case.name
+        published = await watch.read(lambda env: env.tenant in tenants.values())
+    for case in cases:
+        events = [e for e in published if e.tenant == tenants[case.name]]
+        chunked = {
+            e.data["instance_upload_id"] for e in events if e.type == topics.event_type(topics.UPLOAD_CHUNK)
+        }
+        received = [e for e in events if e.type == topics.event_type(topics.UPLOAD_RECEIVED)]
+        completed = [e for e in events if e.type == topics.event_type(topics.UPLOAD_COMPLETED)]
+        assert len(chunked) == len(received) == case.accepted, case.name
+        assert {e.data["instance_upload_id"] for e in received} == chunked, case.name
+        assert len(completed) == (1 if case.accepted else 0), case.name
+        if completed:
+            assert completed[0].data["rejected"] == len(case.failure_reasons), case.name
+    assert small_gateway.alive()
+    await _still_accepts(small_gateway.url)
+
+
+async def test_upload_api_names_each_rejection(small_gateway):
+    """The form-data upload API gives, per refused file, the problem and a message saying what is allowed."""
+    tenant = new_tenant("it-hostile")
+    files = [
+        ("file", ("good.dcm", _valid(), "application/dicom")),
+        ("file", ("cut.dcm", builders.truncate(_valid(), 5000), "application/dicom")),
+        ("file", ("photo.png", builders.NON_DICOM_SAMPLES["png"], "image/png")),
+    ]
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(
+            f"{small_gateway.url}/api/v1/imaging/upload",
+            files=files,
+            headers=bearer("it-portal", tenant, "uploader"),
+        )
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert [a["filename"] for a in body["accepted"]] == ["good.dcm"]
+    rejected = {r["filename"]: r for r in body["rejected"]}
+    assert rejected["cut.dcm"]["problem"] == "truncated" and rejected["cut.dcm"]["failure_reason"] == 0xC000
+    assert rejected["photo.png"]["problem"] == "part_media_type"
+    assert "accepted: application/dicom" in rejected["photo.png"]["message"]
+    for value in PHI.values():
+        assert value not in answer.text
+
+
+async def test_slow_body_is_cut_off_with_408(small_gateway):
+    """A client that stops sending mid-body gets 408 after the idle timeout; nothing is published."""
+    tenant = new_tenant("it-hostile")
+    body = _related([_valid()])
+    head = (
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {body.content_type}\r\n"
+        f"Content-Length: {len(body.data)}\r\n{_header_lines(bearer('it-slow', tenant, 'uploader'))}\r\n"
+    ).encode()
+    async with TopicWatch(*UPLOAD_TOPICS) as watch:
+        reader, writer = await asyncio.open_connection("127.0.0.1", small_gateway.port)
+        try:
+            writer.write(head + body.data[: len(body.data) // 2])
+            await writer.drain()
+            started = asyncio.get_running_loop().time()
+            response = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S + 10)
+            waited = asyncio.get_running_loop().time() - started
+        finally:
+            writer.close()
+        published = await watch.read(lambda env: env.tenant == tenant)
+    status_line, _, rest = response.partition(b"\r\n")
+    assert status_line.split()[1] == b"408", response[:300]
+    assert b"body_timeout" in rest and b"keep streaming" in rest
+    assert IDLE_TIMEOUT_S - 0.5 <= waited < IDLE_TIMEOUT_S + 8
+    assert published == []
+    await _still_accepts(small_gateway.url)
+
+
+def _header_lines(headers: dict[str, str]) -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+
+
+async def _still_accepts(url: str) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.get(f"{url}/readyz")).status_code == 200
+        body = _related([_valid()])
+        answer = await client.post(
+            f"{url}/dicomweb/studies",
+            content=body.data,
+            headers={
+                **bearer("it-after", new_tenant("it-hostile"), "uploader"),
+                "Content-Type": body.content_type,
+            },
+        )
+        assert answer.status_code == 200, answer.text
