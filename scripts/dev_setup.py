@@ -85,6 +85,16 @@ async def make_topics(bootstrap: str) -> int:
 def main(state: Path) -> None:
     env = make_keys(state / "keys")
     env["ENCLAVE_STATE_DIR"] = str(state)
+    # Connection settings of the local stack, so admin CLIs run with `set -a; . .state/dev.env`.
+    for name in (
+        "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS",
+        "ENCLAVE_MONGO_URL",
+        "ENCLAVE_S3_ENDPOINT_URL",
+        "ENCLAVE_S3_ACCESS_KEY_ID",
+        "ENCLAVE_S3_SECRET_ACCESS_KEY",
+    ):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     dev_issuer = Path(__file__).with_name("dev_issuer.py")
     if dev_issuer.exists():
         env.update(_dev_issuer_env(dev_issuer, state / "keys"))

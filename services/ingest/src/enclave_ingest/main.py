@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from enclave_common import topics
 from enclave_common.crypto import load_private_key
+from enclave_common.envelope import Envelope
 from enclave_common.errors import ConfigurationError
+from enclave_common.events import KeyEvent
 from enclave_common.keys_config import kek_provider
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
@@ -52,6 +55,13 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         await store.ensure_bucket(settings.originals_bucket)
         await catalogue.ensure_indexes()
 
+    async def forget_shredded(envelope: Envelope) -> None:
+        """A study was crypto-shredded (by the key CLI): drop its key from this process's cache."""
+        event = envelope.payload(KeyEvent)
+        if event.operation == "shredded" and event.study_key and consumer.pipeline is not None:
+            consumer.pipeline.study_keys.forget(envelope.tenant, event.study_key)
+
+    runtime.consume(topics.KEY_SHREDDED, forget_shredded)
     runtime.on_startup(load_keys_and_prepare)
     app = runtime.http_app(title="Enclave ingest")
     app.state.catalogue = catalogue
