@@ -11,8 +11,6 @@ same machine load. Targets: Enclave >= 2x dicognito and >= the read-and-write fl
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import time
 import warnings
 from collections.abc import Callable
@@ -20,33 +18,16 @@ from io import BytesIO
 
 from dicognito.anonymizer import Anonymizer
 from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions_2024b
-from enclave_common.crypto.pseudonym import Pseudonymizer
 from enclave_deid.deidentify import DeidContext, deidentify
 from enclave_deid.instance_io import read_instance, write_instance
 from enclave_deid.policy import DeidPolicy
+from enclave_deid.pseudonym_keys import DeidPseudonymKeys
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 
 KEY = b"bench-pseudonymisation-key-32-bytes!!"
-
-
-class BenchKeys:
-    """The common library's Pseudonymizer plus an HMAC date shift (what the service wires)."""
-
-    def __init__(self) -> None:
-        self._pseudonymizer = Pseudonymizer(KEY)
-
-    def pseudonym(self, tenant: str, kind: str, value: str) -> str:
-        return self._pseudonymizer.pseudonym(tenant, kind, value)
-
-    def uid(self, tenant: str, value: str) -> str:
-        return self._pseudonymizer.uid(tenant, value)
-
-    def date_shift_days(self, tenant: str, patient_pseudonym: str) -> int:
-        digest = hmac.new(KEY, f"{tenant}\x1f{patient_pseudonym}".encode(), hashlib.sha256).digest()
-        return -(1 + int.from_bytes(digest[:4], "big") % 3650)
 
 
 def copies(name: str, count: int) -> list[bytes]:
@@ -68,7 +49,7 @@ def floor(data: bytes) -> bytes:
 
 
 def enclave(policy: DeidPolicy) -> Callable[[bytes], bytes]:
-    keys, context = BenchKeys(), DeidContext("bench-tenant")
+    keys, context = DeidPseudonymKeys(KEY), DeidContext("bench-tenant")
 
     def run(data: bytes) -> bytes:
         return write_instance(deidentify(read_instance(data), policy, keys, context).dataset)
