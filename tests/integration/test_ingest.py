@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 from enclave_common import topics
@@ -186,7 +187,7 @@ async def test_rotation_rewraps_every_study_key_and_shredding_makes_a_study_unre
         events.append((await wait_for_events(topics.INSTANCE_STORED, _for(iuid)))[0].payload(InstanceStored))
     env = {**os.environ, **dev_env()}
     keyring_path = dev_env()["ENCLAVE_INGEST_KEYRING_FILE"]
-    before = json.loads(open(keyring_path).read())["current_version"]
+    before = json.loads(Path(keyring_path).read_text())["current_version"]
     blobs_before = [await _store().read(s.object.bucket, s.object.key, s.object.version_id) for s in events]
     cli = str(ROOT / ".venv/bin/enclave-ingest-keys")
     out = subprocess.run([cli, "rotate"], env=env, capture_output=True, text=True, check=True)
@@ -194,7 +195,7 @@ async def test_rotation_rewraps_every_study_key_and_shredding_makes_a_study_unre
     subprocess.run(
         [cli, "retire", "--version", str(before)], env=env, capture_output=True, text=True, check=True
     )
-    keyring = json.loads(open(keyring_path).read())
+    keyring = json.loads(Path(keyring_path).read_text())
     assert keyring["current_version"] == before + 1 and str(before) not in keyring["versions"]
     for stored, data, blob in zip(events, (a, b), blobs_before, strict=True):
         # payload objects were not rewritten, and they still decrypt through the re-wrapped study key
@@ -269,5 +270,5 @@ async def test_scrub_reports_the_corrupted_object_and_segment():
         text=True,
     )
     assert out.returncode == 1
-    line = next(l for l in out.stdout.splitlines() if iuid in l)
+    line = next(row for row in out.stdout.splitlines() if iuid in row)
     assert "segment=0" in line and "authentication" in line
