@@ -1,15 +1,74 @@
 """Settings of the audit service: environment variables prefixed ``ENCLAVE_AUDIT_``
-(shared connection settings may also come from the plain ``ENCLAVE_`` prefix)."""
+(shared connection settings may also come from the plain ``ENCLAVE_`` prefix).
+
+Anomaly thresholds are one nested setting: ``ENCLAVE_AUDIT_ANOMALY__AUTH_FAILURE_LIMIT=3`` or the
+whole object as JSON in ``ENCLAVE_AUDIT_ANOMALY``.
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
+
+from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
+from enclave_common.settings import BaseServiceSettings
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from enclave_common.settings import BaseServiceSettings
+from enclave_audit.anomaly import AnomalyThresholds
+
+#: HIPAA: documentation of security activity is kept 6 years (45 CFR 164.316(b)(2)(i)).
+SIX_YEARS_DAYS = 2192
 
 
 class AuditSettings(BaseServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="ENCLAVE_AUDIT_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ENCLAVE_AUDIT_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
 
     service_name: str = "audit"
     http_port: int = 8084
+
+    #: Ed25519 private key (PKCS#8 PEM) that signs checkpoints and evidence bundles.
+    signing_key_file: Path | None = None
+    #: Object-lock bucket (COMPLIANCE mode) holding the signed checkpoints.
+    worm_bucket: str = "enclave-audit-worm"
+    retention_days: int = Field(default=SIX_YEARS_DAYS, ge=1)
+
+    #: A checkpoint is signed when this many records are pending ...
+    checkpoint_every_records: int = Field(default=1000, ge=1)
+    #: ... or when records are pending and this many seconds passed since the last one.
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    #: Whether this replica signs checkpoints (one writer per deployment is enough; a second one
+    #: is harmless: the checkpoint index is unique on the first sequence).
+    checkpoint_writer: bool = True
+    #: Whole-chain verification in the background (feeds the verify metrics the alerts watch).
+    verify_interval_s: float = Field(default=3600.0, gt=0)
+
+    #: How often the pattern subscriber refreshes topic metadata, i.e. how soon a new topic is audited.
+    metadata_max_age_ms: int = Field(default=30_000, ge=1000)
+
+    anomaly: AnomalyThresholds = AnomalyThresholds()
+
+    #: Bearer tokens of the auditor API (enclave_common.auth): issuer, audience and where the keys are.
+    oidc_issuer: str = DEV_ISSUER
+    oidc_audience: str = DEV_AUDIENCE
+    oidc_jwks_url: str | None = None
+    oidc_jwks_file: Path | None = None
+    oidc_algorithms: tuple[str, ...] = ("ES256", "RS256")
+    #: Auditors of this tenant see every tenant's records and may export the chain (which spans all
+    #: tenants); auditors of any other tenant query their own tenant's records only.
+    operator_tenant: str = "enclave-operator"
+
+    default_page_size: int = Field(default=100, ge=1)
+    max_page_size: int = Field(default=1000, ge=1)
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)
+
+    @model_validator(mode="after")
+    def _page_sizes(self) -> AuditSettings:
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size must not exceed max_page_size")
+        return self

@@ -2,16 +2,140 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import time
+from typing import Any
 
+import structlog
+from enclave_common import topics
+from enclave_common.auth import RemoteKeySource, TokenRules, TokenVerifier
+from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.errors import ConfigurationError
 from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.storage import S3ObjectStore
+from fastapi import FastAPI
+from pymongo import MongoClient
+
+from enclave_audit.anomaly import AnomalyDetector
+from enclave_audit.api import AuditApiContext, LazyFileKeySource, access_hook, build_router, verify_stored
 from enclave_audit.config import AuditSettings
+from enclave_audit.handlers import AuditConsumer, AuditMetrics, Checkpointer
+from enclave_audit.signing import Ed25519Signer
+from enclave_audit.store import AuditStore, MongoAuditHistory, SyncRecordReader
+
+log = structlog.get_logger("enclave.audit")
 
 
 def create_app(settings: AuditSettings | None = None) -> FastAPI:
     settings = settings or AuditSettings()
     runtime = ServiceRuntime(settings)
-    return runtime.http_app(title="Enclave audit")
+    metrics = AuditMetrics(runtime.registry)
+    store = AuditStore(runtime.db)
+    # Blocking client for work done in worker threads (anomaly history, export, verification).
+    sync_client: MongoClient[dict[str, Any]] = MongoClient(
+        settings.mongo_url.get_secret_value(),
+        tz_aware=True,
+        serverSelectionTimeoutMS=5000,
+        connect=False,
+        appname="enclave-audit-sync",
+    )
+    sync_db = sync_client[settings.mongo_database]
+    objects = S3ObjectStore(settings)
+    runtime.readiness["object_store"] = objects.ping
+
+    consumer = AuditConsumer(
+        store,
+        runtime.publisher,
+        AnomalyDetector(settings.anomaly, MongoAuditHistory(sync_db)),
+        metrics,
+        runtime.retry,
+    )
+    consumer.register(
+        runtime.broker,
+        topics.AUDITED_PATTERN,
+        group_id=f"enclave-{settings.service_name}",
+        metadata_max_age_ms=settings.metadata_max_age_ms,
+    )
+
+    ctx = AuditApiContext(
+        store=store,
+        reader=SyncRecordReader(sync_db),
+        objects=objects,
+        bucket=settings.worm_bucket,
+        metrics=metrics,
+        operator_tenant=settings.operator_tenant,
+        default_page_size=settings.default_page_size,
+        max_page_size=settings.max_page_size,
+    )
+    guard = AccessGuard(_token_verifier(settings), on_decision=access_hook(runtime.publisher))
+
+    async def prepare() -> None:
+        if settings.signing_key_file is None:
+            raise ConfigurationError(
+                "ENCLAVE_AUDIT_SIGNING_KEY_FILE is not set (an Ed25519 private key, PEM)"
+            )
+        signer = Ed25519Signer.from_pem(settings.signing_key_file.read_bytes())
+        ctx.signer = signer
+        await objects.ensure_bucket(settings.worm_bucket, object_lock=True)
+        await store.ensure_indexes()
+        head = await store.read_head()
+        metrics.chain_length.set(head.sequence)
+        if settings.checkpoint_writer:
+            checkpointer = Checkpointer(
+                store,
+                objects,
+                signer,
+                bucket=settings.worm_bucket,
+                retention_days=settings.retention_days,
+                every_records=settings.checkpoint_every_records,
+                interval_s=settings.checkpoint_interval_s,
+                metrics=metrics,
+            )
+            runtime.spawn(checkpointer.run_forever(), "audit-checkpoints")
+        runtime.spawn(_verify_periodically(ctx, settings.verify_interval_s), "audit-verify")
+
+    async def close_sync_client() -> None:
+        sync_client.close()
+
+    runtime.on_startup(prepare)
+    runtime.on_shutdown(close_sync_client)
+    app = runtime.http_app(title="Enclave audit", routers=[build_router(ctx, guard)])
+    app.state.audit = ctx
+    return app
+
+
+def _token_verifier(settings: AuditSettings) -> TokenVerifier:
+    rules = TokenRules(
+        issuer=settings.oidc_issuer, audience=settings.oidc_audience, algorithms=settings.oidc_algorithms
+    )
+    if settings.oidc_jwks_url:
+        return TokenVerifier(
+            rules, RemoteKeySource(settings.oidc_jwks_url, algorithms=settings.oidc_algorithms)
+        )
+    path = str(settings.oidc_jwks_file) if settings.oidc_jwks_file else None
+    return TokenVerifier(rules, LazyFileKeySource(path, algorithms=settings.oidc_algorithms))
+
+
+async def _verify_periodically(ctx: AuditApiContext, interval_s: float) -> None:
+    """Whole-chain verification in the background: the metrics the deploy alerts watch."""
+    while True:
+        try:
+            report = await verify_stored(ctx, 1, None)
+            if report.ok:
+                ctx.metrics.last_verify_success.set(time.time())
+            else:
+                ctx.metrics.verify_failures.inc()
+                log.error(
+                    "audit trail does not verify",
+                    broken_sequence=report.chain.broken_sequence,
+                    reason=report.chain.reason,
+                    checkpoint_problems=len(report.checkpoint_problems),
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("background verification could not run", error_type=type(exc).__name__)
+        await asyncio.sleep(interval_s)
 
 
 def run() -> None:

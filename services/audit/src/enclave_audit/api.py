@@ -1,0 +1,318 @@
+"""The auditor API (role ``auditor``): records, verification, signed export, FHIR AuditEvent.
+
+Every call, allowed or refused, is itself audited: the access guard's decision hook publishes an
+``access.recorded`` event before the route runs (if it cannot be published, the call fails).
+Tenant isolation: an auditor sees its own tenant's records; auditors of the operator tenant see
+all, and only they may export, because a bundle is a contiguous slice of the one chain that all
+tenants share (the export is authorized as a resource of the operator tenant, so anyone else gets
+the policy's 404).
+"""
+
+import asyncio
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Annotated, Any, Final
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from enclave_common import topics
+from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
+from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
+from enclave_common.envelope import Envelope
+from enclave_common.events import AccessRecorded
+from enclave_common.kafka import EventPublisher
+from enclave_common.storage import ObjectStore
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jwt import PyJWK
+
+from enclave_audit.codes import EventAction, EventOutcome
+from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
+from enclave_audit.fhir import FHIR_JSON, to_fhir_bundle
+from enclave_audit.handlers import AuditMetrics
+from enclave_audit.signing import Ed25519Signer
+from enclave_audit.store import (
+    AuditStore,
+    CursorError,
+    EventQuery,
+    Order,
+    SyncRecordReader,
+    decode_cursor,
+    encode_cursor,
+)
+from enclave_audit.verification import TrailReport, verify_trail
+
+_OUTCOME_WORDS: Final = {
+    "allow": "success",
+    "forbidden": "denied",
+    "not_found": "not_found",
+    "unauthenticated": "unauthenticated",
+    "rate_limited": "rejected",
+    "unavailable": "error",
+}
+log = structlog.get_logger("enclave.audit")
+EXPORT_CHUNK: Final = 1 << 20
+SPOOL_BYTES: Final = 32 * 1024 * 1024
+
+
+class LazyFileKeySource:
+    """The JWKS file is read on first use (no I/O when the app is built); a missing or unreadable
+    file answers 503 (the keys are unavailable), never 401."""
+
+    def __init__(self, path: str | None, *, algorithms: tuple[str, ...]) -> None:
+        self._path = path
+        self._algorithms = algorithms
+        self._keys: dict[str, PyJWK] | None = None
+
+    async def key_for(self, kid: str) -> PyJWK | None:
+        if self._keys is None:
+            if self._path is None:
+                raise KeySourceUnavailable("no token keys are configured (ENCLAVE_OIDC_JWKS_FILE or _URL)")
+            from enclave_common.auth import StaticKeySource
+            from enclave_common.errors import ConfigurationError
+
+            try:
+                source = StaticKeySource.from_file(self._path, algorithms=self._algorithms)
+            except ConfigurationError as exc:
+                raise KeySourceUnavailable(str(exc)) from None
+            self._keys = {k: v for k in source.kids if (v := await source.key_for(k)) is not None}
+        return self._keys.get(kid)
+
+
+def access_hook(publisher: EventPublisher) -> Any:
+    """The guard's decision hook: one ``access.recorded`` event per call (no query string, no token)."""
+
+    async def on_decision(
+        principal: Principal | None, action: Action, outcome: AccessResult, status: int, request: Request
+    ) -> None:
+        actor = principal.subject if principal else "anonymous"
+        data = AccessRecorded(
+            actor=actor,
+            roles=sorted(r.value for r in principal.roles) if principal else [],
+            action=action.value,
+            target=request.url.path,
+            outcome=_OUTCOME_WORDS.get(outcome.kind, "error"),  # type: ignore[arg-type]
+            status_code=status,
+            source_address=request.client.host if request.client else None,
+            detail=outcome.reason,
+        )
+        envelope = Envelope.for_topic(
+            topics.ACCESS_RECORDED,
+            data,
+            source="audit",
+            tenant=principal.tenant if principal else "unknown",
+            actor=actor,
+            correlation_id=request.headers.get("x-correlation-id") or str(uuid.uuid4()),
+        )
+        await publisher.publish(topics.ACCESS_RECORDED, envelope, key=envelope.id)
+
+    return on_decision
+
+
+@dataclass
+class AuditApiContext:
+    """What the routes need; ``signer`` is set at startup (the key file is read then)."""
+
+    store: AuditStore
+    reader: SyncRecordReader
+    objects: ObjectStore
+    bucket: str
+    metrics: AuditMetrics
+    operator_tenant: str
+    default_page_size: int
+    max_page_size: int
+    signer: Ed25519Signer | None = None
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        if self.signer is None:
+            raise HTTPException(
+                503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
+            )
+        return self.signer.public_key
+
+    def scope_tenant(self, principal: Principal) -> str | None:
+        """The tenant filter forced on a caller (None: the operator's auditors see all tenants)."""
+        return None if principal.tenant == self.operator_tenant else principal.tenant
+
+
+def wants_fhir(request: Request) -> bool:
+    return FHIR_JSON in request.headers.get("accept", "")
+
+
+def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
+    router = APIRouter(prefix="/audit", tags=["audit"])
+
+    @router.get("/events", summary="Audit records, filtered, with cursor pagination (JSON or FHIR)")
+    async def events(
+        request: Request,
+        auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_QUERY))],
+        actor: str | None = None,
+        patient: Annotated[str | None, Query(description="patient pseudonym (patient_key)")] = None,
+        study: Annotated[str | None, Query(description="study key")] = None,
+        action: EventAction | None = None,
+        outcome: EventOutcome | None = None,
+        event_type: str | None = None,
+        correlation_id: str | None = None,
+        event_id: str | None = None,
+        since: Annotated[datetime | None, Query(description="event time >= (ISO 8601)")] = None,
+        until: Annotated[datetime | None, Query(description="event time < (ISO 8601)")] = None,
+        order: Order = "asc",
+        cursor: str | None = None,
+        limit: Annotated[int | None, Query(ge=1)] = None,
+    ) -> Any:
+        size = min(limit or ctx.default_page_size, ctx.max_page_size)
+        try:
+            after = decode_cursor(cursor, order) if cursor else None
+        except CursorError as exc:
+            raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
+        query = EventQuery(
+            tenant=ctx.scope_tenant(auth.principal),
+            actor=actor,
+            patient=patient,
+            study=study,
+            action=action.value if action else None,
+            outcome=int(outcome) if outcome is not None else None,
+            event_type=event_type,
+            correlation_id=correlation_id,
+            event_id=event_id,
+            since=_utc(since),
+            until=_utc(until),
+            order=order,
+            after_sequence=after,
+        )
+        found = await ctx.store.query(query, size + 1)
+        page, more = found[:size], len(found) > size
+        next_cursor = encode_cursor(page[-1].sequence, order) if more and page else None
+        if wants_fhir(request):
+            next_url = str(request.url.include_query_params(cursor=next_cursor)) if next_cursor else None
+            bundle = to_fhir_bundle(
+                page, base_url=str(request.base_url) + "fhir", self_url=str(request.url), next_url=next_url
+            )
+            return JSONResponse(bundle, media_type=FHIR_JSON)
+        return {
+            "records": [r.model_dump(mode="json") for r in page],
+            "count": len(page),
+            "next_cursor": next_cursor,
+        }
+
+    @router.get("/verify", summary="Verify the hash chain and checkpoints (whole chain or a range)")
+    async def verify(
+        auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_VERIFY))],
+        from_sequence: Annotated[int, Query(ge=1)] = 1,
+        to_sequence: Annotated[int | None, Query(ge=1)] = None,
+    ) -> TrailReport:
+        if to_sequence is not None and to_sequence < from_sequence:
+            raise HTTPException(
+                400, detail={"code": "bad_range", "message": "to_sequence must be >= from_sequence"}
+            )
+        report = await verify_stored(ctx, from_sequence, to_sequence)
+        if not report.ok:
+            ctx.metrics.verify_failures.inc()
+        elif from_sequence == 1 and to_sequence is None:
+            ctx.metrics.last_verify_success.set(time.time())
+        return report
+
+    @router.get("/export", summary="Signed evidence bundle (tar) of a range, verifiable offline")
+    async def export(
+        request: Request,
+        principal: Annotated[Principal, Depends(guard.require_principal(Action.AUDIT_EXPORT))],
+        from_sequence: Annotated[int, Query(ge=1)] = 1,
+        to_sequence: Annotated[int | None, Query(ge=1)] = None,
+    ) -> StreamingResponse:
+        await guard.check_resource(
+            request, principal, Action.AUDIT_EXPORT, Resource(tenant=ctx.operator_tenant)
+        )
+        signer = ctx.signer
+        if signer is None:
+            raise HTTPException(
+                503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
+            )
+        head = await asyncio.to_thread(ctx.reader.head)
+        last = min(to_sequence or head.sequence, head.sequence)
+        if head.sequence == 0 or last < from_sequence:
+            raise HTTPException(
+                400, detail={"code": "bad_range", "message": f"the chain holds records 1..{head.sequence}"}
+            )
+        entries = await ctx.store.checkpoints_between(from_sequence, last)
+        first, last = covering_range(from_sequence, last, [e.checkpoint for e in entries])
+        last = min(last, head.sequence)
+        checkpoints = overlapping_checkpoints(first, last, [e.checkpoint for e in entries])
+        spool = await asyncio.to_thread(_write_bundle_file, ctx.reader, signer, first, last, checkpoints)
+        name = f"enclave-audit-{first}-{last}.tar"
+        return StreamingResponse(
+            _chunks(spool),
+            media_type="application/x-tar",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @router.get("/public-key", summary="The Ed25519 public key that signs checkpoints and bundles (PEM)")
+    async def public_key(
+        _: Annotated[Authorized, Depends(guard.require(Action.AUDIT_VERIFY))],
+    ) -> PlainTextResponse:
+        signer = ctx.signer
+        if signer is None:
+            raise HTTPException(
+                503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
+            )
+        return PlainTextResponse(signer.public_key_pem().decode(), media_type="application/x-pem-file")
+
+    return router
+
+
+async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
+    """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
+    entries = await ctx.store.checkpoints_between(first, last)
+    worm: dict[str, bytes] = {}
+    for entry in entries:
+        try:
+            body = await ctx.objects.open(ctx.bucket, entry.object_key, entry.version_id)
+            worm[entry.object_key] = await asyncio.to_thread(body.read)
+        except Exception as exc:  # reported as a problem of that checkpoint by verify_trail
+            log.warning(
+                "checkpoint WORM copy unreadable", object_key=entry.object_key, error_type=type(exc).__name__
+            )
+    return await asyncio.to_thread(
+        verify_trail,
+        ctx.reader,
+        first=first,
+        last=last,
+        checkpoints=entries,
+        public_key=ctx.public_key,
+        worm_copies=worm,
+    )
+
+
+def _write_bundle_file(
+    reader: SyncRecordReader, signer: Ed25519Signer, first: int, last: int, checkpoints: Any
+) -> IO[bytes]:
+    anchor = reader.anchor_before(first)
+    if anchor is None:
+        raise HTTPException(409, detail={"code": "broken_chain", "message": f"record {first - 1} is missing"})
+    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by _chunks)
+    write_bundle(
+        spool,
+        reader.iter_records(first, last),
+        signer=signer,
+        created_at=datetime.now(UTC),
+        anchor=anchor,
+        checkpoints=checkpoints,
+    )
+    spool.seek(0)
+    return spool
+
+
+def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
+    with spool:
+        while block := spool.read(EXPORT_CHUNK):
+            yield block
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,0 +1,338 @@
+"""Thin glue between Kafka, the domain and the store: audit every message, raise alerts, sign checkpoints.
+
+The audit consumer is not :func:`enclave_common.kafka.reliable_consumer`: it needs the topic and
+headers of each message (a dead-lettered copy's value is the original envelope, its reason is in
+``x-dlq-code``/``x-dlq-reason``), it must audit what is not an envelope rather than dead-letter it
+(a DLQ of the audit consumer would feed itself), and its idempotency is the record's own unique
+audit key rather than a separate "processed" collection. Retries follow the same policy: bounded
+backoff, then redelivery; nothing is ever skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import structlog
+from enclave_common import topics
+from enclave_common.envelope import Envelope, derived_event_id
+from enclave_common.events import SecurityAlert
+from enclave_common.kafka import EventPublisher, RetryPolicy
+from enclave_common.storage import ObjectStore
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from enclave_audit.anomaly import AlertDraft, AnomalyDetector
+from enclave_audit.chain import GENESIS, ChainHead, verify_chain
+from enclave_audit.checkpoints import build_checkpoint
+from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
+from enclave_audit.signing import Signer
+from enclave_audit.store import AuditStore, CheckpointEntry, json_form
+
+log = structlog.get_logger("enclave.audit")
+
+DLQ_CODE_HEADER: Final = "x-dlq-code"
+DLQ_REASON_HEADER: Final = "x-dlq-reason"
+MAX_DLQ_REASON: Final = 500
+_ALERT_TYPE: Final = topics.event_type(topics.SECURITY_ALERT)
+
+
+class AuditMetrics:
+    """The metric names the deploy alerts and dashboard use."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.chain_length = Gauge(
+            "enclave_audit_chain_length", "Records in the hash chain", registry=registry
+        )
+        self.last_verify_success = Gauge(
+            "enclave_audit_last_verify_success_timestamp_seconds",
+            "Unix time of the last whole-chain verification that succeeded",
+            registry=registry,
+        )
+        self.verify_failures = Counter(
+            "enclave_audit_verify_failures",
+            "Chain or checkpoint verifications that failed",
+            registry=registry,
+        )
+        self.records = Counter(
+            "enclave_audit_records", "Messages audited", ["outcome"], registry=registry
+        )  # outcome: stored | duplicate
+        self.checkpoints = Counter(
+            "enclave_audit_checkpoints", "Checkpoints signed and stored", registry=registry
+        )
+        self.last_checkpoint_sequence = Gauge(
+            "enclave_audit_last_checkpoint_sequence",
+            "Last sequence under a signed checkpoint",
+            registry=registry,
+        )
+        self.alerts = Counter("enclave_audit_alerts", "Security alerts raised", ["rule"], registry=registry)
+        self.failures = Counter(
+            "enclave_audit_ingest_failures",
+            "Attempts to audit a message that failed (retried)",
+            registry=registry,
+        )
+
+
+# --- mapping a Kafka message to a record -------------------------------------------------------
+
+
+def parse_message(body: bytes) -> dict[str, Any]:
+    """The message as a mapping: the envelope if it is a JSON object, else the raw bytes (digested)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {"type": None, "data": {"unparsed_message": body}}
+
+
+def audit_key(draft: AuditRecordDraft, headers: Mapping[str, str]) -> str:
+    """The record's unique key: the event id; a dead-lettered copy has its own key per DLQ code.
+
+    The same event dead-lettered twice with the same code (a redelivery) is one record; the
+    original event and its dead-lettered copy are two.
+    """
+    if not draft.dead_lettered:
+        return draft.event_id
+    code = headers.get(DLQ_CODE_HEADER) or "unknown"
+    return f"dlq:{draft.topic}:{draft.event_id}:{code}"
+
+
+def draft_for_message(
+    body: bytes, topic: str, headers: Mapping[str, str], *, received_at: datetime | None = None
+) -> AuditRecordDraft:
+    """Never refuses: a message the record model cannot take is audited as opaque bytes."""
+    message = parse_message(body)
+    try:
+        draft = record_from_event(message, topic, received_at=received_at)
+    except ValueError:
+        draft = record_from_event({"data": {"unparsed_message": body}}, topic, received_at=received_at)
+    if draft.dead_lettered:
+        code = headers.get(DLQ_CODE_HEADER) or "unknown"
+        reason = (headers.get(DLQ_REASON_HEADER) or "no reason given")[:MAX_DLQ_REASON]
+        original = topic.removesuffix(".dlq")
+        draft = draft.model_copy(
+            update={"outcome_description": f"dead-lettered from {original}: [{code}] {reason}"}
+        )
+    return draft
+
+
+def decode_headers(raw: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in raw or ()}
+
+
+# --- alerts ----------------------------------------------------------------------------------
+
+
+def alert_envelope(record: AuditRecordDraft, alert: AlertDraft) -> Envelope:
+    """The ``security.alert`` event; its id is derived from the triggering event, rule and subject,
+    so re-evaluating a redelivered record re-publishes the same event (audited once)."""
+    try:
+        cause_id = str(uuid.UUID(record.event_id))
+    except ValueError:
+        cause_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:enclave:audit-event:{record.event_id}"))
+    data = SecurityAlert(**alert.to_event_data())  # type: ignore[arg-type]
+    return Envelope(
+        id=derived_event_id(cause_id, _ALERT_TYPE, f"{alert.rule}|{alert.subject}"),
+        type=_ALERT_TYPE,
+        source="audit",
+        tenant=record.tenant or "enclave",
+        actor="audit",
+        correlation_id=record.correlation_id or record.event_id,
+        causation_id=record.event_id,
+        data=data.model_dump(mode="json"),
+    )
+
+
+class AuditConsumer:
+    """Audits every message on the topics matching ``pattern``."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        publisher: EventPublisher,
+        detector: AnomalyDetector,
+        metrics: AuditMetrics,
+        retry: RetryPolicy,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.detector = detector
+        self.metrics = metrics
+        self.retry = retry
+
+    def register(self, broker: KafkaBroker, pattern: str, *, group_id: str, metadata_max_age_ms: int) -> None:
+        async def consume(_: Any, msg: KafkaMessage) -> None:
+            raw = msg.raw_message
+            if isinstance(raw, tuple):  # batch delivery is not configured; be explicit if it ever is
+                raise TypeError("the audit subscriber expects single messages")
+            delivered = await self._with_retries(bytes(msg.body), raw.topic, decode_headers(raw.headers))
+            if delivered:
+                await msg.ack()
+            else:
+                await asyncio.sleep(self.retry.max_delay_s)
+                await msg.nack()
+
+        subscriber = broker.subscriber(
+            pattern=pattern,
+            group_id=group_id,
+            ack_policy=AckPolicy.MANUAL,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            title=f"{group_id}:audited",
+        )
+        subscriber(consume)
+        # FastStream has no per-subscriber metadata age; a new matching topic is found on refresh.
+        connection_args = getattr(subscriber, "_connection_args", None)
+        if isinstance(connection_args, dict):
+            connection_args["metadata_max_age_ms"] = metadata_max_age_ms
+
+    async def _with_retries(self, body: bytes, topic: str, headers: Mapping[str, str]) -> bool:
+        for attempt in range(self.retry.attempts):
+            try:
+                await self.audit(body, topic, headers)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # nothing may be skipped: every failure is retried, then redelivered
+                self.metrics.failures.inc()
+                log.warning(
+                    "audit attempt failed", topic=topic, attempt=attempt + 1, error_type=type(exc).__name__
+                )
+                await asyncio.sleep(self.retry.delay(attempt))
+        log.error("audit keeps failing; the message will be redelivered", topic=topic)
+        return False
+
+    async def audit(self, body: bytes, topic: str, headers: Mapping[str, str]) -> AuditRecord:
+        """Store one record for the message (once), then run the anomaly rules on it."""
+        draft = draft_for_message(body, topic, headers)
+        outcome = await self.store.append(draft, audit_key(draft, headers))
+        record = outcome.record
+        if outcome.stored:
+            self.metrics.records.labels("stored").inc()
+            self.metrics.chain_length.set(record.sequence)
+        else:
+            self.metrics.records.labels("duplicate").inc()
+        if not record.dead_lettered:
+            await self.raise_alerts(record)
+        return record
+
+    async def raise_alerts(self, record: AuditRecord) -> None:
+        """Publish then remember each alert: a crash in between re-publishes the same event id."""
+        alerts = await asyncio.to_thread(self.detector.evaluate, record)
+        for alert in alerts:
+            envelope = alert_envelope(record, alert)
+            await self.publisher.publish(topics.SECURITY_ALERT, envelope, key=envelope.id)
+            await self.store.record_alert(envelope.id, alert)
+            self.metrics.alerts.labels(alert.rule).inc()
+            log.warning(
+                "security alert raised", rule=alert.rule, severity=alert.severity, event_id=envelope.id
+            )
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Signs a checkpoint over the records since the last one, after verifying them, and stores it
+    in the object-lock bucket (COMPLIANCE mode) and the checkpoint index, in that order."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        objects: ObjectStore,
+        signer: Signer,
+        *,
+        bucket: str,
+        retention_days: int,
+        every_records: int,
+        interval_s: float,
+        metrics: AuditMetrics,
+    ) -> None:
+        self.store = store
+        self.objects = objects
+        self.signer = signer
+        self.bucket = bucket
+        self.retention_days = retention_days
+        self.every_records = every_records
+        self.interval_s = interval_s
+        self.metrics = metrics
+        self._last_made = time.monotonic()
+
+    async def run_forever(self, poll_s: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(min(poll_s, self.interval_s))
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next tick tries again
+                log.warning(
+                    "checkpoint failed; will retry", error_type=type(exc).__name__, error=str(exc)[:300]
+                )
+
+    async def tick(self, *, force: bool = False) -> list[CheckpointEntry]:
+        """Make the checkpoints that are due (all pending records with ``force``)."""
+        made: list[CheckpointEntry] = []
+        while True:
+            previous = await self.store.last_checkpoint()
+            start = previous.checkpoint.last_sequence + 1 if previous else 1
+            head = self.store.head or await self.store.read_head()
+            if head.sequence < start:
+                head = await self.store.read_head()  # another replica may be ahead of this one
+            pending = head.sequence - start + 1
+            due = pending >= self.every_records or (
+                pending > 0 and (force or time.monotonic() - self._last_made >= self.interval_s)
+            )
+            if not due:
+                return made
+            entry = await self.make(previous, start, min(head.sequence, start + self.every_records - 1))
+            if entry is None:
+                return made
+            made.append(entry)
+
+    async def make(self, previous: CheckpointEntry | None, first: int, last: int) -> CheckpointEntry | None:
+        anchor = (
+            ChainHead(previous.checkpoint.last_sequence, previous.checkpoint.last_record_hash)
+            if previous
+            else GENESIS
+        )
+        documents = [json_form(d) async for d in self.store.iter_range(first, last)]
+        records: list[AuditRecord] = []
+        result = verify_chain(documents, anchor=anchor, expected_last_sequence=last, on_record=records.append)
+        if not result.ok:
+            self.metrics.verify_failures.inc()
+            log.error(
+                "refusing to sign a checkpoint over a broken chain",
+                broken_sequence=result.broken_sequence,
+                reason=result.reason,
+            )
+            return None
+        now = datetime.now(UTC)
+        checkpoint = build_checkpoint(
+            records, signer=self.signer, created_at=now, previous=previous.checkpoint if previous else None
+        )
+        raw = checkpoint.to_bytes()
+        stored = await self.objects.put_locked(
+            self.bucket,
+            checkpoint.object_key,
+            raw,
+            retain_until=now + timedelta(days=self.retention_days),
+        )
+        entry = CheckpointEntry(checkpoint, checkpoint.object_key, stored.version_id, raw)
+        if not await self.store.add_checkpoint(entry):
+            log.info("another replica indexed this checkpoint range first", first=first)
+            return None
+        self._last_made = time.monotonic()
+        self.metrics.checkpoints.inc()
+        self.metrics.last_checkpoint_sequence.set(checkpoint.last_sequence)
+        log.info("checkpoint signed", first=first, last=last, key_id=checkpoint.key_id)
+        return entry

@@ -1,0 +1,406 @@
+"""The audit database (MongoDB, db ``audit``): records, checkpoint index, raised alerts.
+
+Append-only by construction: this module has inserts and finds, no update and no delete.
+
+- ``records``: one document per audited message. ``_id`` is the *audit key* (the event id, or for
+  a dead-lettered copy ``dlq:<topic>:<event id>:<code>``), so MongoDB's own ``_id`` index makes a
+  redelivery a no-op; a unique index on ``sequence`` makes two writers unable to take the same
+  position (the loser re-reads the head and retries). Times are BSON dates (range queries); every
+  other field is the record's JSON form, so the record hash is recomputed from the document.
+- ``checkpoints``: ``_id`` = first sequence (unique), the signed document as stored in WORM.
+- ``alerts``: ``_id`` = the alert's event id; answers "was this rule raised recently".
+
+Works on FerretDB v1 (no transactions, ``$lookup``, ``$elemMatch`` on sub-fields, TTL): filters
+on participant objects match whole sub-documents, which both servers index and compare alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from enclave_common import topics
+from enclave_common.errors import TransientError
+from pydantic import TypeAdapter
+from pymongo import ASCENDING, DESCENDING
+from pymongo.errors import DuplicateKeyError
+
+from enclave_audit import codes
+from enclave_audit.anomaly import AlertDraft
+from enclave_audit.chain import GENESIS, ChainHead, chain_record
+from enclave_audit.checkpoints import Checkpoint
+from enclave_audit.codes import EventOutcome, ObjectKind
+from enclave_audit.records import AuditRecord, AuditRecordDraft, UtcMillis
+
+RECORDS: Final = "records"
+CHECKPOINTS: Final = "checkpoints"
+ALERTS: Final = "alerts"
+_TIME_FIELDS: Final = ("event_time", "recorded_at")
+_TIME_JSON: Final = TypeAdapter(UtcMillis)
+_ACCESS_TYPE: Final = topics.event_type(topics.ACCESS_RECORDED)
+#: Appends that lose the race for a sequence to another writer before giving up (transient).
+MAX_SEQUENCE_CONFLICTS: Final = 50
+READ_BATCH: Final = 1000
+
+#: Indexes that keep every auditor filter and the anomaly rules on an index (MongoDB); each ends
+#: in ``sequence`` so a cursor page is an index range.
+RECORD_INDEXES: Final[tuple[tuple[str, list[tuple[str, int]], bool], ...]] = (
+    ("sequence_unique", [("sequence", ASCENDING)], True),
+    ("actor_seq", [("actor", ASCENDING), ("sequence", DESCENDING)], False),
+    ("tenant_seq", [("tenant", ASCENDING), ("sequence", DESCENDING)], False),
+    ("objects_seq", [("objects", ASCENDING), ("sequence", DESCENDING)], False),
+    ("correlation_seq", [("correlation_id", ASCENDING), ("sequence", DESCENDING)], False),
+    ("event_id", [("event_id", ASCENDING)], False),
+    ("action_outcome_seq", [("action", ASCENDING), ("outcome", ASCENDING), ("sequence", DESCENDING)], False),
+    ("event_time", [("event_time", ASCENDING)], False),
+    ("actor_type_time", [("actor", ASCENDING), ("event_type", ASCENDING), ("event_time", ASCENDING)], False),
+    ("code_time", [("event_code.code", ASCENDING), ("event_time", ASCENDING)], False),
+)
+
+
+def to_document(record: AuditRecord, audit_key: str) -> dict[str, Any]:
+    """The stored form: the record's JSON, times as BSON dates, under its audit key."""
+    document = record.model_dump(mode="json")
+    for name in _TIME_FIELDS:
+        document[name] = getattr(record, name)
+    return {"_id": audit_key, **document}
+
+
+def json_form(document: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored document back in the JSON form its hash was computed over (for verification)."""
+    out = {k: v for k, v in document.items() if k != "_id"}
+    for name in _TIME_FIELDS:
+        value = out.get(name)
+        if isinstance(value, datetime):
+            out[name] = _TIME_JSON.dump_python(value, mode="json")
+    return out
+
+
+def from_document(document: Mapping[str, Any]) -> AuditRecord:
+    return AuditRecord.model_validate(json_form(document))
+
+
+# --- auditor queries -------------------------------------------------------------------------
+
+Order = Literal["asc", "desc"]
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Filters of ``GET /audit/events``; ``tenant`` is set by the API from the caller's token."""
+
+    tenant: str | None = None
+    actor: str | None = None
+    patient: str | None = None
+    study: str | None = None
+    action: str | None = None
+    outcome: int | None = None
+    event_type: str | None = None
+    correlation_id: str | None = None
+    event_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    order: Order = "asc"
+    after_sequence: int | None = None
+
+    def mongo_filter(self) -> dict[str, Any]:
+        """The MongoDB filter; objects are matched as whole sub-documents (``{kind, object_id}``)."""
+        query: dict[str, Any] = {}
+        for name in ("tenant", "actor", "action", "outcome", "event_type", "correlation_id", "event_id"):
+            value = getattr(self, name)
+            if value is not None:
+                query[name] = value
+        objects = [
+            {"kind": kind.value, "object_id": value}
+            for kind, value in ((ObjectKind.PATIENT, self.patient), (ObjectKind.STUDY, self.study))
+            if value is not None
+        ]
+        if len(objects) == 1:
+            query["objects"] = objects[0]
+        elif objects:
+            query["$and"] = [{"objects": o} for o in objects]
+        times: dict[str, datetime] = {}
+        if self.since is not None:
+            times["$gte"] = self.since
+        if self.until is not None:
+            times["$lt"] = self.until
+        if times:
+            query["event_time"] = times
+        if self.after_sequence is not None:
+            query["sequence"] = {"$gt" if self.order == "asc" else "$lt": self.after_sequence}
+        return query
+
+
+class CursorError(ValueError):
+    """A pagination cursor that this service did not issue (or for another sort order)."""
+
+
+def encode_cursor(sequence: int, order: Order) -> str:
+    raw = json.dumps({"s": sequence, "o": order}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, order: Order) -> int:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        sequence, cursor_order = value["s"], value["o"]
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        raise CursorError("cursor is not one returned by this API; pass next_cursor unchanged") from None
+    if not isinstance(sequence, int) or sequence < 0:
+        raise CursorError("cursor is not one returned by this API; pass next_cursor unchanged")
+    if cursor_order != order:
+        raise CursorError(f"cursor was issued for order={cursor_order}; repeat the query with that order")
+    return sequence
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppendOutcome:
+    """The record at the audit key, and whether this call stored it (False: a redelivery)."""
+
+    record: AuditRecord
+    stored: bool
+
+
+@dataclass
+class CheckpointEntry:
+    """A checkpoint as indexed in the database, with where its WORM copy lives."""
+
+    checkpoint: Checkpoint
+    object_key: str
+    version_id: str | None
+    raw: bytes = field(repr=False, default=b"")
+
+
+class AuditStore:
+    """Async access to the audit database; the only writer of the hash chain in this process."""
+
+    def __init__(self, database: Any) -> None:
+        self.db = database
+        self.records = database[RECORDS]
+        self.checkpoints = database[CHECKPOINTS]
+        self.alerts = database[ALERTS]
+        self._lock = asyncio.Lock()
+        self._head: ChainHead | None = None
+
+    async def ensure_indexes(self) -> None:
+        for name, keys, unique in RECORD_INDEXES:
+            await self.records.create_index(keys, name=name, unique=unique)
+        await self.alerts.create_index([("rule", ASCENDING), ("subject", ASCENDING), ("at", DESCENDING)])
+        await self.checkpoints.create_index([("last_sequence", ASCENDING)], name="last_sequence")
+
+    async def read_head(self) -> ChainHead:
+        """The last stored record (resume point after a restart), or the genesis head."""
+        last = await self.records.find_one(
+            {}, sort=[("sequence", DESCENDING)], projection={"sequence": 1, "record_hash": 1}
+        )
+        return GENESIS if last is None else ChainHead(last["sequence"], last["record_hash"])
+
+    @property
+    def head(self) -> ChainHead | None:
+        """The head as this process last knew it (None before the first append or after an error)."""
+        return self._head
+
+    async def append(self, draft: AuditRecordDraft, audit_key: str) -> AppendOutcome:
+        """Chain and insert ``draft`` once per ``audit_key``, whatever the redeliveries and replicas."""
+        async with self._lock:
+            for _ in range(MAX_SEQUENCE_CONFLICTS):
+                if self._head is None:
+                    self._head = await self.read_head()
+                record = chain_record(draft, self._head)
+                try:
+                    await self.records.insert_one(to_document(record, audit_key))
+                except DuplicateKeyError:
+                    existing = await self.records.find_one({"_id": audit_key})
+                    if existing is not None:
+                        return AppendOutcome(from_document(existing), stored=False)
+                    self._head = None  # another writer took this sequence: re-read the head
+                    continue
+                except BaseException:
+                    self._head = None  # the insert may or may not have happened: re-read first
+                    raise
+                self._head = ChainHead(record.sequence, record.record_hash)
+                return AppendOutcome(record, stored=True)
+        raise TransientError(f"lost the race for the next sequence {MAX_SEQUENCE_CONFLICTS} times")
+
+    async def find_by_key(self, audit_key: str) -> AuditRecord | None:
+        document = await self.records.find_one({"_id": audit_key})
+        return None if document is None else from_document(document)
+
+    async def record_at(self, sequence: int) -> dict[str, Any] | None:
+        return await self.records.find_one({"sequence": sequence})  # type: ignore[no-any-return]
+
+    async def iter_range(
+        self, first: int = 1, last: int | None = None, *, projection: dict[str, int] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stored documents of ``first..last`` in sequence order, read in batches."""
+        query: dict[str, Any] = {"$gte": first}
+        if last is not None:
+            query["$lte"] = last
+        cursor = self.records.find({"sequence": query}, projection=projection).sort("sequence", ASCENDING)
+        async for document in cursor.batch_size(READ_BATCH):
+            yield document
+
+    async def query(self, query: EventQuery, limit: int) -> list[AuditRecord]:
+        direction = ASCENDING if query.order == "asc" else DESCENDING
+        cursor = self.records.find(query.mongo_filter()).sort("sequence", direction).limit(limit)
+        return [from_document(d) async for d in cursor]
+
+    # checkpoints
+
+    async def last_checkpoint(self) -> CheckpointEntry | None:
+        document = await self.checkpoints.find_one({}, sort=[("_id", DESCENDING)])
+        return None if document is None else _checkpoint_entry(document)
+
+    async def add_checkpoint(self, entry: CheckpointEntry) -> bool:
+        """Index a checkpoint already written to WORM; False if another writer indexed this range first."""
+        cp = entry.checkpoint
+        try:
+            await self.checkpoints.insert_one(
+                {
+                    "_id": cp.first_sequence,
+                    "last_sequence": cp.last_sequence,
+                    "document": cp.to_bytes().decode(),
+                    "checkpoint_hash": cp.checkpoint_hash(),
+                    "object_key": entry.object_key,
+                    "version_id": entry.version_id,
+                    "created_at": cp.created_at,
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def checkpoints_between(self, first: int, last: int | None) -> list[CheckpointEntry]:
+        """Checkpoints sharing at least one sequence with ``first..last``, in order."""
+        query: dict[str, Any] = {"last_sequence": {"$gte": first}}
+        if last is not None:
+            query["_id"] = {"$lte": last}
+        cursor = self.checkpoints.find(query).sort("_id", ASCENDING)
+        return [_checkpoint_entry(d) async for d in cursor]
+
+    # alerts
+
+    async def record_alert(self, event_id: str, alert: AlertDraft) -> None:
+        try:
+            await self.alerts.insert_one(
+                {"_id": event_id, "rule": alert.rule, "subject": alert.subject, "at": alert.window_end}
+            )
+        except DuplicateKeyError:
+            return
+
+
+def _checkpoint_entry(document: Mapping[str, Any]) -> CheckpointEntry:
+    raw = str(document["document"]).encode()
+    return CheckpointEntry(
+        checkpoint=Checkpoint.from_bytes(raw),
+        object_key=document["object_key"],
+        version_id=document.get("version_id"),
+        raw=raw,
+    )
+
+
+class MongoAuditHistory:
+    """:class:`enclave_audit.anomaly.AuditHistory` over the records (sync pymongo: run it in a thread).
+
+    Each question is one indexed find (``actor_type_time`` / ``code_time``); distinct studies and
+    address matching are finished in Python over the few documents of one window.
+    """
+
+    def __init__(self, database: Any) -> None:
+        self.records = database[RECORDS]
+        self.alerts = database[ALERTS]
+
+    def count_distinct_studies(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        cursor = self.records.find(
+            {
+                "actor": actor,
+                "event_type": _ACCESS_TYPE,
+                "event_time": {"$gte": since, "$lte": until},
+                "tenant": tenant,
+                "outcome": int(EventOutcome.SUCCESS),
+            },
+            projection={"objects": 1},
+        )
+        return len(
+            {
+                o.get("object_id")
+                for d in cursor
+                for o in d.get("objects") or ()
+                if o.get("kind") == ObjectKind.STUDY.value
+            }
+        )
+
+    def count_authentication_failures(
+        self, *, actor: str | None, source_address: str | None, since: datetime, until: datetime
+    ) -> int:
+        query: dict[str, Any] = {
+            "event_code.code": codes.USER_AUTHENTICATION.code,
+            "event_time": {"$gte": since, "$lte": until},
+            "outcome": {"$ne": int(EventOutcome.SUCCESS)},
+        }
+        if source_address is None:
+            query["actor"] = actor
+            return int(self.records.count_documents(query))
+        cursor = self.records.find(query, projection={"participants": 1})
+        return sum(1 for d in cursor if _first_address(d) == source_address)
+
+    def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
+        document = self.alerts.find_one({"rule": rule, "subject": subject}, sort=[("at", DESCENDING)])
+        return None if document is None else document["at"]  # type: ignore[no-any-return]
+
+
+def _first_address(document: Mapping[str, Any]) -> str | None:
+    participants = document.get("participants") or ()
+    return participants[0].get("network_address") if participants else None
+
+
+class SyncRecordReader:
+    """Blocking reads for work done in a worker thread (export bundles, the CLI)."""
+
+    def __init__(self, database: Any) -> None:
+        self.records = database[RECORDS]
+        self.checkpoints = database[CHECKPOINTS]
+
+    def head(self) -> ChainHead:
+        last = self.records.find_one(
+            {}, sort=[("sequence", DESCENDING)], projection={"sequence": 1, "record_hash": 1}
+        )
+        return GENESIS if last is None else ChainHead(last["sequence"], last["record_hash"])
+
+    def anchor_before(self, first: int) -> ChainHead | None:
+        """The head just before ``first`` (genesis for 1); None when that record is missing."""
+        if first <= 1:
+            return GENESIS
+        document = self.records.find_one(
+            {"sequence": first - 1}, projection={"sequence": 1, "record_hash": 1}
+        )
+        return None if document is None else ChainHead(document["sequence"], document["record_hash"])
+
+    def iter_documents(self, first: int = 1, last: int | None = None) -> Iterator[dict[str, Any]]:
+        query: dict[str, Any] = {"$gte": first}
+        if last is not None:
+            query["$lte"] = last
+        cursor = self.records.find({"sequence": query}).sort("sequence", ASCENDING).batch_size(READ_BATCH)
+        for document in cursor:
+            yield json_form(document)
+
+    def iter_records(self, first: int = 1, last: int | None = None) -> Iterator[AuditRecord]:
+        for document in self.iter_documents(first, last):
+            yield AuditRecord.model_validate(document)
+
+    def checkpoints_between(self, first: int, last: int | None) -> list[CheckpointEntry]:
+        query: dict[str, Any] = {"last_sequence": {"$gte": first}}
+        if last is not None:
+            query["_id"] = {"$lte": last}
+        return [_checkpoint_entry(d) for d in self.checkpoints.find(query).sort("_id", ASCENDING)]

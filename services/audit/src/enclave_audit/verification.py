@@ -1,0 +1,119 @@
+"""Verification of the stored trail: the hash chain over a range, and the signed checkpoints.
+
+Blocking code over :class:`~enclave_audit.store.SyncRecordReader` (the API runs it in a worker
+thread; the CLI runs it directly). The chain names the first broken record; the checkpoints catch
+what the chain alone cannot: a forger who changed a record *and* re-hashed everything after it,
+or a database index that no longer matches the WORM copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel
+
+from enclave_audit.chain import BreakReason, VerifyResult, verify_chain
+from enclave_audit.checkpoints import Checkpoint, verify_checkpoint
+from enclave_audit.merkle import MerkleTreeBuilder
+from enclave_audit.records import AuditRecord
+from enclave_audit.store import CheckpointEntry, SyncRecordReader
+
+
+class TrailReport(BaseModel):
+    """The answer of ``GET /audit/verify`` and ``enclave-audit-verify``."""
+
+    ok: bool
+    first_sequence: int
+    last_sequence: int | None
+    chain: VerifyResult
+    checkpoints_checked: int = 0
+    checkpoint_problems: list[str] = []
+
+
+def verify_trail(
+    reader: SyncRecordReader,
+    *,
+    first: int = 1,
+    last: int | None = None,
+    checkpoints: Sequence[CheckpointEntry] = (),
+    public_key: Ed25519PublicKey | None = None,
+    worm_copies: Mapping[str, bytes] | None = None,
+) -> TrailReport:
+    """Verify records ``first..last`` (``last`` None: to the end) and the checkpoints overlapping them.
+
+    ``worm_copies`` maps a checkpoint's object key to the bytes read from the object-lock bucket;
+    when given, the database index must match them byte for byte. Without ``public_key`` the
+    checkpoint signatures are not checked (the chain and the roots still are).
+    """
+    anchor = reader.anchor_before(first)
+    if anchor is None:
+        missing = VerifyResult(
+            ok=False,
+            checked=0,
+            broken_sequence=first - 1,
+            reason=BreakReason.MISSING_SEQUENCE,
+            detail=f"record {first - 1}, the anchor of the range, is missing",
+        )
+        return TrailReport(ok=False, first_sequence=first, last_sequence=last, chain=missing)
+
+    covered = [
+        e.checkpoint
+        for e in checkpoints
+        if e.checkpoint.first_sequence >= first and (last is None or e.checkpoint.last_sequence <= last)
+    ]
+    expected_last = last
+    if expected_last is None and checkpoints:
+        expected_last = max(e.checkpoint.last_sequence for e in checkpoints)
+    builders = {cp.first_sequence: MerkleTreeBuilder() for cp in covered}
+    roots: dict[int, tuple[str, str]] = {}
+
+    def on_record(record: AuditRecord) -> None:
+        for cp in covered:
+            if cp.covers(record.sequence):
+                builders[cp.first_sequence].append(record.record_hash)
+                if record.sequence == cp.last_sequence:
+                    roots[cp.first_sequence] = (builders[cp.first_sequence].root().hex(), record.record_hash)
+
+    chain = verify_chain(
+        reader.iter_documents(first, last),
+        anchor=anchor,
+        expected_last_sequence=expected_last,
+        on_record=on_record,
+    )
+
+    problems: list[str] = []
+    previous: Checkpoint | None = None
+    for entry in checkpoints:
+        cp = entry.checkpoint
+        span = f"{cp.first_sequence}..{cp.last_sequence}"
+        if worm_copies is not None:
+            worm = worm_copies.get(entry.object_key)
+            if worm is None:
+                problems.append(f"checkpoint {span}: its WORM copy {entry.object_key} could not be read")
+            elif worm != entry.raw:
+                problems.append(f"checkpoint {span}: the database index differs from the WORM copy")
+        adjacent = (
+            previous if previous is not None and previous.last_sequence + 1 == cp.first_sequence else None
+        )
+        if public_key is not None:
+            check = verify_checkpoint(cp, public_key, previous=adjacent)
+            if not check.ok:
+                problems.append(f"checkpoint {span}: {check.reason}")
+        if cp.first_sequence in roots:
+            root, last_hash = roots[cp.first_sequence]
+            if root != cp.root_hash or last_hash != cp.last_record_hash:
+                problems.append(
+                    f"checkpoint {span}: the records do not match the signed Merkle root "
+                    "(a record in this range was changed and the chain re-hashed)"
+                )
+        previous = cp
+
+    return TrailReport(
+        ok=chain.ok and not problems,
+        first_sequence=first,
+        last_sequence=chain.last_sequence if last is None else last,
+        chain=chain,
+        checkpoints_checked=len(checkpoints),
+        checkpoint_problems=problems,
+    )
