@@ -151,6 +151,9 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     async def events(
         request: Request,
         auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_QUERY))],
+        tenant: Annotated[
+            str | None, Query(description="operator auditors only; others see their own")
+        ] = None,
         actor: str | None = None,
         patient: Annotated[str | None, Query(description="patient pseudonym (patient_key)")] = None,
         study: Annotated[str | None, Query(description="study key")] = None,
@@ -171,7 +174,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         except CursorError as exc:
             raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
         query = EventQuery(
-            tenant=ctx.scope_tenant(auth.principal),
+            tenant=ctx.scope_tenant(auth.principal) or tenant,
             actor=actor,
             patient=patient,
             study=study,

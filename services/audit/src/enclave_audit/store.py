@@ -10,8 +10,9 @@ Append-only by construction: this module has inserts and finds, no update and no
 - ``checkpoints``: ``_id`` = first sequence (unique), the signed document as stored in WORM.
 - ``alerts``: ``_id`` = the alert's event id; answers "was this rule raised recently".
 
-Works on FerretDB v1 (no transactions, ``$lookup``, ``$elemMatch`` on sub-fields, TTL): filters
-on participant objects match whole sub-documents, which both servers index and compare alike.
+Works on FerretDB v1 (no transactions, ``$lookup``, TTL, nor matching whole sub-documents or
+``$elemMatch`` on sub-fields in arrays): participant objects are filtered by the dotted path
+``objects.object_id`` and the exact ``(kind, id)`` pair is re-checked in Python.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ RECORD_INDEXES: Final[tuple[tuple[str, list[tuple[str, int]], bool], ...]] = (
     ("sequence_unique", [("sequence", ASCENDING)], True),
     ("actor_seq", [("actor", ASCENDING), ("sequence", DESCENDING)], False),
     ("tenant_seq", [("tenant", ASCENDING), ("sequence", DESCENDING)], False),
-    ("objects_seq", [("objects", ASCENDING), ("sequence", DESCENDING)], False),
+    ("object_ids_seq", [("objects.object_id", ASCENDING), ("sequence", DESCENDING)], False),
     ("correlation_seq", [("correlation_id", ASCENDING), ("sequence", DESCENDING)], False),
     ("event_id", [("event_id", ASCENDING)], False),
     ("action_outcome_seq", [("action", ASCENDING), ("outcome", ASCENDING), ("sequence", DESCENDING)], False),
@@ -110,21 +111,18 @@ class EventQuery:
     after_sequence: int | None = None
 
     def mongo_filter(self) -> dict[str, Any]:
-        """The MongoDB filter; objects are matched as whole sub-documents (``{kind, object_id}``)."""
+        """The MongoDB filter (participant objects by ``objects.object_id``; see :meth:`matches`)."""
         query: dict[str, Any] = {}
         for name in ("tenant", "actor", "action", "outcome", "event_type", "correlation_id", "event_id"):
             value = getattr(self, name)
             if value is not None:
                 query[name] = value
-        objects = [
-            {"kind": kind.value, "object_id": value}
-            for kind, value in ((ObjectKind.PATIENT, self.patient), (ObjectKind.STUDY, self.study))
-            if value is not None
-        ]
-        if len(objects) == 1:
-            query["objects"] = objects[0]
-        elif objects:
-            query["$and"] = [{"objects": o} for o in objects]
+        object_ids = [v for v in (self.patient, self.study) if v is not None]
+        if object_ids:
+            # Dotted paths, not whole sub-documents: FerretDB v1 matches neither those nor $elemMatch
+            # on sub-fields. Pseudonyms differ per kind, and matches() re-checks the exact pair.
+            query["objects.object_id"] = object_ids[0] if len(object_ids) == 1 else {"$all": object_ids}
+        times: dict[str, datetime] = {}
         times: dict[str, datetime] = {}
         if self.since is not None:
             times["$gte"] = self.since
@@ -135,6 +133,11 @@ class EventQuery:
         if self.after_sequence is not None:
             query["sequence"] = {"$gt" if self.order == "asc" else "$lt": self.after_sequence}
         return query
+
+    def matches(self, record: AuditRecord) -> bool:
+        """The exact (kind, id) check of the object filters, after the database's dotted-path match."""
+        wanted = [(ObjectKind.PATIENT, self.patient), (ObjectKind.STUDY, self.study)]
+        return all(v is None or v in record.object_ids(kind) for kind, v in wanted)
 
 
 class CursorError(ValueError):
@@ -252,7 +255,8 @@ class AuditStore:
     async def query(self, query: EventQuery, limit: int) -> list[AuditRecord]:
         direction = ASCENDING if query.order == "asc" else DESCENDING
         cursor = self.records.find(query.mongo_filter()).sort("sequence", direction).limit(limit)
-        return [from_document(d) async for d in cursor]
+        records = [from_document(d) async for d in cursor]
+        return [r for r in records if query.matches(r)]
 
     # checkpoints
 

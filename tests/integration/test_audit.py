@@ -1,0 +1,477 @@
+"""The audit service on the real stack: one record per event, tamper evidence, WORM checkpoints,
+crash safety, the auditor API (filters, pagination, FHIR, signed export verified offline), alerts.
+
+Tampering is done in the shared audit database on records this test created, verified over a
+range, and always restored, so the shared chain stays intact for every other test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+from enclave_audit.fhir import FHIR_JSON, validate_fhir
+from enclave_common import topics
+from enclave_common.auth.dev_issuer import DevIssuer
+from enclave_common.envelope import Envelope
+from enclave_common.events import AccessRecorded
+
+from .conftest import KAFKA, MONGO_URL, SERVICE_PORTS
+from .support import ROOT, STATE, dev_env, kill_hard, publish, restart, wait_for_events
+
+AUDIT_URL = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
+OPERATOR_TENANT = "enclave-operator"
+WORM_BUCKET = "enclave-audit-worm"
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def token(subject: str, tenant: str, roles: Iterable[str]) -> str:
+    return DevIssuer.load(STATE / "keys").mint(subject=subject, tenant=tenant, roles=list(roles))
+
+
+def bearer(subject: str, tenant: str, *roles: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(subject, tenant, roles)}"}
+
+
+def access_event(
+    *,
+    actor: str,
+    tenant: str,
+    action: str = "read_status",
+    target: str | None = None,
+    roles: list[str] | None = None,
+    correlation_id: str | None = None,
+) -> Envelope:
+    data = AccessRecorded(
+        actor=actor,
+        roles=roles or ["uploader"],
+        action=action,
+        target=target,
+        outcome="success",
+        status_code=200,
+        source_address="10.9.8.7",
+    )
+    return Envelope.for_topic(
+        topics.ACCESS_RECORDED,
+        data,
+        source="it-audit",
+        tenant=tenant,
+        actor=actor,
+        correlation_id=correlation_id or f"corr-{actor}",
+    )
+
+
+async def wait_for_records(mongo: Any, keys: list[str], timeout: float = 90.0) -> dict[str, dict[str, Any]]:
+    """The stored records of ``keys`` (audit keys = event ids), once all are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {d["_id"]: d async for d in mongo["audit"]["records"].find({"_id": {"$in": keys}})}
+        if len(found) == len(keys):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{len(keys) - len(found)} of {len(keys)} events were not audited in {timeout}s"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def verify_range(
+    client: httpx.AsyncClient, headers: dict[str, str], first: int, last: int
+) -> dict[str, Any]:
+    response = await client.get(
+        "/audit/verify", params={"from_sequence": first, "to_sequence": last}, headers=headers
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+async def auditor_client():
+    async with httpx.AsyncClient(base_url=AUDIT_URL, timeout=60.0) as client:
+        yield client
+
+
+@pytest.fixture
+def operator_auditor(unique: str) -> dict[str, str]:
+    return bearer(f"it-auditor-{unique}", OPERATOR_TENANT, "auditor")
+
+
+# ---- one record per event, DLQ -----------------------------------------------------------------
+
+
+async def test_the_same_event_delivered_twice_is_recorded_once(mongo, unique):
+    event = access_event(actor=f"it-dup-{unique}", tenant=f"it-{unique}")
+    await publish(topics.ACCESS_RECORDED, [event, event], key=event.id)
+    await publish(topics.ACCESS_RECORDED, [event], key=event.id)
+    marker = access_event(actor=f"it-dup-after-{unique}", tenant=f"it-{unique}")
+    await publish(topics.ACCESS_RECORDED, [marker], key=event.id)  # same partition, after the copies
+    await wait_for_records(mongo, [event.id, marker.id])
+
+    copies = await mongo["audit"]["records"].count_documents({"event_id": event.id})
+    assert copies == 1
+
+
+async def test_dead_lettered_copy_is_audited_with_its_reason(mongo, unique):
+    event = access_event(actor=f"it-dlq-{unique}", tenant=f"it-{unique}")
+    await publish(topics.ACCESS_RECORDED, [event], key=event.id)
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all")
+    await producer.start()
+    try:
+        headers = [("x-dlq-code", b"it_permanent"), ("x-dlq-reason", b"rejected by the integration test")]
+        dlq = topics.dlq(topics.ACCESS_RECORDED)
+        await producer.send_and_wait(dlq, event.to_bytes(), key=event.id.encode(), headers=headers)
+        await producer.send_and_wait(
+            dlq, event.to_bytes(), key=event.id.encode(), headers=headers
+        )  # redelivered
+        await producer.send_and_wait(dlq, f"not an envelope {unique}".encode(), headers=headers)
+    finally:
+        await producer.stop()
+
+    dlq_key = f"dlq:{topics.dlq(topics.ACCESS_RECORDED)}:{event.id}:it_permanent"
+    records = await wait_for_records(mongo, [event.id, dlq_key])
+    copy = records[dlq_key]
+    assert copy["dead_lettered"] is True
+    assert copy["event_id"] == event.id
+    assert copy["outcome"] == 8
+    assert "[it_permanent] rejected by the integration test" in copy["outcome_description"]
+    assert await mongo["audit"]["records"].count_documents({"event_id": event.id}) == 2  # original + DLQ copy
+
+    deadline = time.monotonic() + 60
+    while not await mongo["audit"]["records"].find_one(
+        {"topic": topics.dlq(topics.ACCESS_RECORDED), "event_id": {"$regex": "^derived-"}, "tenant": None}
+    ):
+        assert time.monotonic() < deadline, "a non-envelope DLQ message was not audited"
+        await asyncio.sleep(0.5)
+
+
+# ---- tamper evidence ---------------------------------------------------------------------------
+
+
+async def test_tampering_in_the_database_is_found_at_the_exact_record(
+    mongo, unique, auditor_client, operator_auditor
+):
+    events = [access_event(actor=f"it-tamper-{unique}-{i}", tenant=f"it-{unique}") for i in range(5)]
+    await publish(topics.ACCESS_RECORDED, events, key=f"tamper-{unique}")
+    stored = await wait_for_records(mongo, [e.id for e in events])
+    sequences = sorted(d["sequence"] for d in stored.values())
+    first, last = sequences[0], sequences[-1]
+    target = sequences[2]
+    records = mongo["audit"]["records"]
+    assert (await verify_range(auditor_client, operator_auditor, first, last))["ok"] is True
+
+    # 1. change a field
+    original = await records.find_one({"sequence": target})
+    await records.update_one({"_id": original["_id"]}, {"$set": {"actor": "mallory"}})
+    try:
+        report = await verify_range(auditor_client, operator_auditor, first, last)
+    finally:
+        await records.update_one({"_id": original["_id"]}, {"$set": {"actor": original["actor"]}})
+    assert report["ok"] is False
+    assert report["chain"]["broken_sequence"] == target
+    assert report["chain"]["reason"] == "hash_mismatch"
+
+    # 2. delete a record
+    await records.delete_one({"_id": original["_id"]})
+    try:
+        report = await verify_range(auditor_client, operator_auditor, first, last)
+    finally:
+        await records.insert_one(original)
+    assert report["ok"] is False
+    assert report["chain"]["broken_sequence"] == target
+    assert report["chain"]["reason"] == "missing_sequence"
+
+    # 3. swap two neighbours (each keeps its content, they exchange positions)
+    left = await records.find_one({"sequence": target})
+    right = await records.find_one({"sequence": target + 1})
+    await records.update_one({"_id": left["_id"]}, {"$set": {"sequence": -target}})
+    await records.update_one({"_id": right["_id"]}, {"$set": {"sequence": target}})
+    await records.update_one({"_id": left["_id"]}, {"$set": {"sequence": target + 1}})
+    try:
+        report = await verify_range(auditor_client, operator_auditor, first, last)
+    finally:
+        await records.update_one({"_id": left["_id"]}, {"$set": {"sequence": -target}})
+        await records.update_one({"_id": right["_id"]}, {"$set": {"sequence": target + 1}})
+        await records.update_one({"_id": left["_id"]}, {"$set": {"sequence": target}})
+    assert report["ok"] is False
+    assert report["chain"]["broken_sequence"] == target
+    assert report["chain"]["reason"] == "hash_mismatch"
+
+    assert (await verify_range(auditor_client, operator_auditor, first, last))["ok"] is True
+
+
+# ---- WORM checkpoints --------------------------------------------------------------------------
+
+
+async def _a_checkpoint(mongo: Any, timeout: float = 150.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = await mongo["audit"]["checkpoints"].find_one({}, sort=[("_id", -1)])
+        if entry is not None:
+            return entry
+        assert time.monotonic() < deadline, "the audit service signed no checkpoint"
+        await asyncio.sleep(2)
+
+
+async def test_checkpoint_object_cannot_be_deleted_or_overwritten(mongo, s3, unique):
+    await publish(
+        topics.ACCESS_RECORDED, [access_event(actor=f"it-cp-{unique}", tenant=f"it-{unique}")], key=unique
+    )
+    entry = await _a_checkpoint(mongo)
+    key, version = entry["object_key"], entry["version_id"]
+    original = s3.get_object(Bucket=WORM_BUCKET, Key=key, VersionId=version)
+    original_bytes = original["Body"].read()
+    assert original_bytes.decode() == entry["document"]
+    assert original["ObjectLockMode"] == "COMPLIANCE"
+    assert original["ObjectLockRetainUntilDate"] > datetime.now(UTC) + timedelta(days=6 * 365)
+
+    for attempt in (
+        lambda: s3.delete_object(Bucket=WORM_BUCKET, Key=key, VersionId=version),
+        lambda: s3.delete_object(
+            Bucket=WORM_BUCKET, Key=key, VersionId=version, BypassGovernanceRetention=True
+        ),
+        lambda: s3.put_object_retention(
+            Bucket=WORM_BUCKET,
+            Key=key,
+            VersionId=version,
+            Retention={"Mode": "GOVERNANCE", "RetainUntilDate": datetime.now(UTC) + timedelta(days=1)},
+        ),
+    ):
+        with pytest.raises(ClientError) as refused:
+            attempt()
+        assert refused.value.response["Error"]["Code"] in ("AccessDenied", "InvalidRequest", "ObjectLocked")
+
+    # An "overwrite" of a versioned, locked key only adds a version: the signed one stays as it was.
+    forged = s3.put_object(Bucket=WORM_BUCKET, Key=key, Body=b'{"forged": true}')
+    try:
+        assert forged["VersionId"] != version
+        again = s3.get_object(Bucket=WORM_BUCKET, Key=key, VersionId=version)["Body"].read()
+        assert again == original_bytes
+    finally:
+        s3.delete_object(Bucket=WORM_BUCKET, Key=key, VersionId=forged["VersionId"])  # not locked: removable
+
+
+# ---- crash safety ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_killed_mid_stream_and_restarted_leaves_no_gap_and_no_duplicate(
+    mongo, unique, auditor_client, operator_auditor
+):
+    events = [access_event(actor=f"it-kill-{unique}-{i}", tenant=f"it-{unique}") for i in range(60)]
+
+    async def produce() -> None:
+        for i in range(0, len(events), 5):
+            await publish(topics.ACCESS_RECORDED, events[i : i + 5], key=f"kill-{unique}-{i % 3}")
+            await asyncio.sleep(0.2)
+
+    producing = asyncio.create_task(produce())
+    try:
+        await wait_for_records(mongo, [events[0].id])
+        kill_hard("audit")
+        await producing
+    finally:
+        if not producing.done():
+            producing.cancel()
+        await asyncio.to_thread(restart, "audit")
+
+    stored = await wait_for_records(mongo, [e.id for e in events], timeout=180)
+    for event in events:
+        assert await mongo["audit"]["records"].count_documents({"event_id": event.id}) == 1
+    sequences = sorted(d["sequence"] for d in stored.values())
+    report = await verify_range(auditor_client, operator_auditor, sequences[0], sequences[-1])
+    assert report["ok"] is True, report
+    assert report["chain"]["checked"] == sequences[-1] - sequences[0] + 1
+
+
+# ---- auditor API -------------------------------------------------------------------------------
+
+
+async def test_auditor_api_filters_pages_fhir_and_tenant_scope(
+    mongo, unique, auditor_client, operator_auditor
+):
+    tenant, actor = f"it-{unique}", f"it-api-{unique}"
+    studies = [f"sk-{unique}-{i % 2}" for i in range(7)]
+    events = [
+        access_event(
+            actor=actor,
+            tenant=tenant,
+            action="retrieve",
+            target=f"/studies/{study}",
+            roles=["uploader"],
+            correlation_id=f"corr-{unique}",
+        )
+        for study in studies
+    ]
+    await publish(topics.ACCESS_RECORDED, events, key=f"api-{unique}")
+    await publish(
+        topics.ACCESS_RECORDED, [access_event(actor=actor, tenant=f"other-{unique}")], key=f"api-{unique}"
+    )
+    await wait_for_records(mongo, [e.id for e in events])
+
+    ids: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"actor": actor, "tenant": tenant, "limit": 3, "order": "desc"}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await auditor_client.get("/audit/events", params=params, headers=operator_auditor)).json()
+        ids.extend(r["event_id"] for r in page["records"] if r["tenant"] == tenant)
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert ids == [e.id for e in reversed(events)]
+
+    by_study = await auditor_client.get(
+        "/audit/events", params={"study": studies[1]}, headers=operator_auditor
+    )
+    assert {r["event_id"] for r in by_study.json()["records"]} == {
+        e.id for e, s in zip(events, studies) if s == studies[1]
+    }
+    by_correlation = await auditor_client.get(
+        "/audit/events", params={"correlation_id": f"corr-{unique}"}, headers=operator_auditor
+    )
+    assert len(by_correlation.json()["records"]) == 7
+    since = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    later = await auditor_client.get(
+        "/audit/events", params={"actor": actor, "since": since}, headers=operator_auditor
+    )
+    assert later.json()["records"] == []
+
+    fhir = await auditor_client.get(
+        "/audit/events", params={"actor": actor, "limit": 2}, headers=operator_auditor | {"Accept": FHIR_JSON}
+    )
+    assert fhir.headers["content-type"].startswith(FHIR_JSON)
+    bundle = fhir.json()
+    validate_fhir(bundle)
+    assert bundle["type"] == "searchset" and len(bundle["entry"]) == 2
+    assert any(link["relation"] == "next" for link in bundle["link"])
+    assert bundle["entry"][0]["resource"]["resourceType"] == "AuditEvent"
+
+    tenant_auditor = bearer(f"it-auditor-{unique}", tenant, "auditor")
+    own = (await auditor_client.get("/audit/events", params={"actor": actor}, headers=tenant_auditor)).json()
+    assert {r["tenant"] for r in own["records"]} == {tenant}
+    assert len(own["records"]) == 7
+
+    bad_cursor = await auditor_client.get(
+        "/audit/events", params={"cursor": "nonsense"}, headers=operator_auditor
+    )
+    assert bad_cursor.status_code == 400
+
+
+async def test_non_auditors_are_refused_and_every_call_is_audited(mongo, unique, auditor_client):
+    clinician = bearer(f"it-clin-{unique}", f"it-{unique}", "clinician")
+    assert (await auditor_client.get("/audit/events", headers=clinician)).status_code == 403
+    assert (await auditor_client.get("/audit/verify", headers=clinician)).status_code == 403
+    assert (await auditor_client.get("/audit/export", headers=clinician)).status_code == 403
+    assert (await auditor_client.get("/audit/events")).status_code == 401
+    tenant_auditor = bearer(f"it-aud-{unique}", f"it-{unique}", "auditor")
+    assert (await auditor_client.get("/audit/export", headers=tenant_auditor)).status_code == 404
+
+    deadline = time.monotonic() + 60
+    while True:
+        calls = [
+            d
+            async for d in mongo["audit"]["records"].find(
+                {
+                    "event_type": "enclave.access.recorded",
+                    "actor": {"$in": [f"it-clin-{unique}", f"it-aud-{unique}"]},
+                }
+            )
+        ]
+        if len(calls) >= 4:
+            break
+        assert time.monotonic() < deadline, f"only {len(calls)} auditor API calls were audited"
+        await asyncio.sleep(0.5)
+    assert {c["envelope"]["data"]["outcome"] for c in calls} == {"denied", "not_found"}
+    assert all(c["event_code"]["code"] == "110101" for c in calls)  # Audit Log Used
+
+
+async def test_export_bundle_verifies_offline_and_cli_verifies_the_database(
+    mongo, unique, auditor_client, operator_auditor, tmp_path: Path
+):
+    events = [access_event(actor=f"it-export-{unique}-{i}", tenant=f"it-{unique}") for i in range(4)]
+    await publish(topics.ACCESS_RECORDED, events, key=f"export-{unique}")
+    stored = await wait_for_records(mongo, [e.id for e in events])
+    sequences = sorted(d["sequence"] for d in stored.values())
+
+    response = await auditor_client.get(
+        "/audit/export",
+        params={"from_sequence": sequences[0], "to_sequence": sequences[-1]},
+        headers=operator_auditor,
+    )
+    assert response.status_code == 200, response.text
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(response.content)
+    with tarfile.open(bundle) as tar:
+        assert {"manifest.json", "manifest.sig", "records.ndjson"} <= set(tar.getnames())
+    key = tmp_path / "audit-signing.pub.pem"
+    key.write_text((await auditor_client.get("/audit/public-key", headers=operator_auditor)).text)
+
+    verify = [str(ROOT / ".venv/bin/enclave-audit-verify-bundle"), str(bundle), "--public-key", str(key)]
+    ok = subprocess.run(verify, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "VERIFIED" in ok.stdout
+
+    tampered = tmp_path / "tampered.tar"
+    raw = bytearray(bundle.read_bytes())
+    at = raw.find(events[1].id.encode())
+    raw[at] = ord("0") if raw[at] != ord("0") else ord("1")
+    tampered.write_bytes(bytes(raw))
+    refused = subprocess.run(
+        [*verify[:1], str(tampered), *verify[2:]], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 1, refused.stdout
+
+    env = os.environ | dev_env() | {"ENCLAVE_MONGO_URL": MONGO_URL}
+    cli = subprocess.run(
+        [
+            str(ROOT / ".venv/bin/enclave-audit-verify"),
+            "--from",
+            str(sequences[0]),
+            "--to",
+            str(sequences[-1]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "VERIFIED" in cli.stdout
+
+
+# ---- anomaly alerts ----------------------------------------------------------------------------
+
+
+async def test_break_glass_raises_one_security_alert_that_is_itself_audited(mongo, unique):
+    actor = f"it-glass-{unique}"
+    event = access_event(actor=actor, tenant=f"it-{unique}", action="break_glass", roles=["clinician"])
+    await publish(topics.ACCESS_RECORDED, [event, event], key=event.id)
+    alerts = await wait_for_events(
+        topics.SECURITY_ALERT,
+        lambda e: e.data.get("subject") == actor and e.data.get("rule") == "break_glass",
+    )
+    alert = alerts[0]
+    assert alert.causation_id == event.id
+    assert alert.data["severity"] == "high"
+    record = await wait_for_records(mongo, [alert.id])
+    assert record[alert.id]["event_type"] == "enclave.security.alert"
+    copies = {"causation_id": event.id, "outcome_description": "break_glass"}
+    assert await mongo["audit"]["records"].count_documents(copies) == 1  # redelivery raised no second alert
