@@ -31,6 +31,8 @@ _OUTCOMES: dict[str, AccessOutcome] = {
 #: A client may name its request (``X-Request-ID``, a UUID); the access event carries it as its
 #: correlation id, so the caller can find the audit record of its own request.
 REQUEST_ID_HEADER = "x-request-id"
+#: With Kafka down nothing can be audited: the request is refused with 503 and this hint.
+RETRY_LATER = {"Retry-After": "10"}
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
 
@@ -83,7 +85,9 @@ class AccessRecorder:
             await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
         except KafkaUnavailable as exc:
             raise HTTPException(
-                503, detail={"code": exc.code, "message": "the access could not be audited; retry later"}
+                503,
+                detail={"code": exc.code, "message": "the access could not be audited; retry later"},
+                headers=RETRY_LATER,
             ) from None
 
     async def on_decision(
@@ -131,5 +135,7 @@ class AccessRecorder:
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
         except KafkaUnavailable as exc:
             raise HTTPException(
-                503, detail={"code": exc.code, "message": "the alert could not be raised; retry later"}
+                503,
+                detail={"code": exc.code, "message": "the alert could not be raised; retry later"},
+                headers=RETRY_LATER,
             ) from None
