@@ -201,17 +201,21 @@ class UploadProcessor:
                     series_uid=info.series_instance_uid,
                     sop_instance_uid=info.sop_instance_uid,
                 )
-                await self.handoff.publish_instance(
-                    part.sealed,
-                    upload_id=result.upload_id,
-                    actor=actor,
-                    sha256=info.sha256,
-                    keys=keys,
-                    sop_class_uid=info.sop_class_uid,
-                    transfer_syntax_uid=info.transfer_syntax_uid,
-                )
-                await self.read_model.record_upload(
-                    tenant, result.upload_id, part.sealed.instance_upload_id, keys, info.sop_class_uid
+                # The read-model write overlaps the Kafka round trips (it is not what acknowledges the
+                # instance; if publishing fails, the client never learns this imaging id).
+                await asyncio.gather(
+                    self.handoff.publish_instance(
+                        part.sealed,
+                        upload_id=result.upload_id,
+                        actor=actor,
+                        sha256=info.sha256,
+                        keys=keys,
+                        sop_class_uid=info.sop_class_uid,
+                        transfer_syntax_uid=info.transfer_syntax_uid,
+                    ),
+                    self.read_model.record_upload(
+                        tenant, result.upload_id, part.sealed.instance_upload_id, keys, info.sop_class_uid
+                    ),
                 )
                 if keys.series_key not in series:
                     series.append(keys.series_key)

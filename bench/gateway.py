@@ -1,0 +1,362 @@
+"""Benchmark: STOW-RS into the Enclave gateway vs Orthanc, same files, same client, same run.
+
+200 MR instances of 256x256 16-bit (~128 KiB; pydicom's MR_small with resized pixel data and fresh
+UIDs), posted one instance per STOW-RS request by 1 client and by 4 concurrent clients. The
+gateway validates, seals and publishes every instance to Kafka (acks=all) before it answers; Orthanc
+(Debian packages ``orthanc`` + ``orthanc-dicomweb``, started here on loopback with a temporary
+configuration and storage directory, stopped after) stores to its local disk and SQLite index.
+Both answer only once the instance is safe in their store.
+
+Then the gateway's peak RSS while it receives one 1 GiB STOW request (8 instances of 128 MiB,
+generated on the fly as a stream: the client never holds it either).
+
+Usage (the stack must be up; `make bench-gateway` does that):
+    python bench/gateway.py [--instances 200] [--skip-orthanc] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pydicom
+from enclave_common.auth.dev_issuer import DevIssuer
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(os.environ.get("ENCLAVE_STATE", ROOT / ".state"))
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+MIB = 1024 * 1024
+BOUNDARY = "enclave-bench-boundary"
+CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def mr_instances(count: int) -> list[bytes]:
+    """``count`` MR instances of 256x256 16-bit, one study and series, fresh UIDs."""
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    template.Rows = template.Columns = 256
+    template.BitsAllocated, template.BitsStored, template.HighBit = 16, 16, 15
+    pixels = bytes(range(256)) * (256 * 256 * 2 // 256)
+    template.PixelData = pixels
+    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+    out = []
+    for number in range(count):
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = number + 1
+        buffer = io.BytesIO()
+        template.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
+
+
+def stow_body(instance: bytes) -> bytes:
+    """One instance as the Python dicomweb-client frames it."""
+    return (
+        f"\r\n--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + instance
+        + f"\r\n--{BOUNDARY}--".encode()
+    )
+
+
+# ---- servers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0, **kwargs: object) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2, **kwargs).status_code < 500:  # type: ignore[arg-type]
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Server:
+    name: str
+    stow_url: str
+    headers: Callable[[int], dict[str, str]]
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_orthanc(workdir: Path) -> Server:
+    if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
+        raise SystemExit("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
+    port = free_port()
+    storage = workdir / "orthanc-storage"
+    storage.mkdir()
+    config = {
+        "Name": "enclave-bench",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "StorageCompression": False,
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "HttpThreadsCount": 50,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+    server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, process)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/system")
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def start_gateway(workdir: Path) -> Server:
+    """A gateway process of its own (no per-principal rate limit to trip over), on the running stack."""
+    port = free_port()
+    env = {**os.environ, **dev_env()}
+    env.update(
+        {
+            "ENCLAVE_ENVIRONMENT": "dev",
+            "ENCLAVE_GATEWAY_HTTP_PORT": str(port),
+            "ENCLAVE_GATEWAY_SERVICE_NAME": "gateway_bench",
+            "ENCLAVE_GATEWAY_SPOOL_DIR": str(workdir / "spool"),
+            "ENCLAVE_GATEWAY_RATE_LIMIT_BURST": "1000000",
+            "ENCLAVE_GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
+            "ENCLAVE_TRACING_EXPORTER": "none",
+            "ENCLAVE_LOG_LEVEL": "WARNING",
+        }
+    )
+    log = (workdir / "gateway.log").open("wb")
+    process = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "enclave-gateway")], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    issuer = DevIssuer.load(STATE / "keys")
+    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+
+    def headers(client: int) -> dict[str, str]:
+        token = issuer.mint(
+            subject=f"bench-client-{client}", tenant=tenant, roles=["uploader"], ttl_seconds=3600
+        )
+        return {"Authorization": f"Bearer {token}"}
+
+    server = Server("Enclave gateway", f"http://127.0.0.1:{port}/dicomweb/studies", headers, process)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("the bench gateway did not become ready")
+    except BaseException:
+        server.stop()
+        raise
+
+
+def dev_env() -> dict[str, str]:
+    import shlex
+
+    env: dict[str, str] = {}
+    for line in (STATE / "dev.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+# ---- the client ----------------------------------------------------------------------------------
+
+
+async def post_all(server: Server, instances: list[bytes], clients: int) -> float:
+    """Post every instance (one STOW request each) from ``clients`` concurrent clients; seconds taken."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for instance in instances:
+        queue.put_nowait(instance)
+
+    async def client(number: int) -> None:
+        headers = {**server.headers(number), "Content-Type": CONTENT_TYPE, "Accept": "application/dicom+json"}
+        async with httpx.AsyncClient(timeout=120) as http:
+            while not queue.empty():
+                instance = queue.get_nowait()
+                answer = await http.post(server.stow_url, content=stow_body(instance), headers=headers)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"{server.name} answered {answer.status_code}: {answer.text[:300]}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return time.perf_counter() - started
+
+
+# ---- peak RSS for a 1 GiB request ----------------------------------------------------------------
+
+
+def big_instance_header(pixel_bytes: int) -> bytes:
+    """A Part 10 header whose last element is a PixelData of ``pixel_bytes`` (the value is streamed)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    frames = pixel_bytes // (4096 * 4096 * 2)
+    ds.Rows = ds.Columns = 4096
+    ds.NumberOfFrames = frames
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for tag in [t for t in ds.keys() if t >= 0x7FE00010]:  # noqa: SIM118 - tags, not elements
+        del ds[tag]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+
+
+async def streamed_request(count: int, instance_bytes: int) -> AsyncIterator[bytes]:
+    piece = bytes(range(256)) * (MIB // 256)
+    for _ in range(count):
+        header = big_instance_header(instance_bytes)
+        yield f"\r\n--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + header
+        remaining = instance_bytes
+        while remaining > 0:
+            take = min(len(piece), remaining)
+            yield piece[:take]
+            remaining -= take
+    yield f"\r\n--{BOUNDARY}--".encode()
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+async def peak_rss_for_large_request(
+    server: Server, count: int = 8, instance_mib: int = 128
+) -> tuple[int, int, float, int]:
+    """(baseline KiB, peak KiB, seconds, bytes sent) while the gateway takes one large STOW request."""
+    pid = server.process.pid
+    baseline = rss_kib(pid, "VmRSS")
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kib(pid, "VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    headers = {**server.headers(99), "Content-Type": CONTENT_TYPE}
+    started = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(timeout=600) as http:
+            answer = await http.post(
+                server.stow_url, content=streamed_request(count, instance_mib * MIB), headers=headers
+            )
+    finally:
+        done.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    if answer.status_code != 200:
+        raise RuntimeError(f"large request answered {answer.status_code}: {answer.text[:300]}")
+    sent = count * (instance_mib * MIB + len(big_instance_header(instance_mib * MIB)))
+    return baseline, peak, seconds, sent
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--instances", type=int, default=200)
+    parser.add_argument("--skip-orthanc", action="store_true")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="enclave-bench-gateway-"))
+    servers: list[Server] = []
+    rows: list[tuple[str, int, int, float, float, float]] = []
+    try:
+        gateway = start_gateway(workdir)
+        servers.append(gateway)
+        if not args.skip_orthanc:
+            servers.append(start_orthanc(workdir))
+        warmup = mr_instances(5)
+        for server in servers:
+            asyncio.run(post_all(server, warmup, 1))
+        for clients in (1, 4):
+            for server in reversed(servers):  # Orthanc first, then the gateway, for each client count
+                instances = mr_instances(args.instances)
+                size = sum(len(i) for i in instances)
+                seconds = asyncio.run(post_all(server, instances, clients))
+                rows.append(
+                    (
+                        server.name,
+                        clients,
+                        len(instances),
+                        seconds,
+                        len(instances) / seconds,
+                        size / MIB / seconds,
+                    )
+                )
+        print(
+            f"\nSTOW-RS, one instance per request, {args.instances} MR instances of {len(instances[0]) // 1024} KiB"
+        )
+        print(f"{'server':<18} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}")
+        for name, clients, count, seconds, rate, mib in rows:
+            print(f"{name:<18} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f}")
+        if not args.skip_rss:
+            baseline, peak, seconds, sent = asyncio.run(peak_rss_for_large_request(gateway))
+            print(
+                f"\nOne STOW request of 8 x 128 MiB ({sent / MIB:.0f} MiB) into the gateway: {seconds:.1f} s"
+                f" ({sent / MIB / seconds:.0f} MiB/s); gateway RSS {baseline / 1024:.0f} MiB before,"
+                f" peak {peak / 1024:.0f} MiB (+{(peak - baseline) / 1024:.0f} MiB)"
+            )
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
