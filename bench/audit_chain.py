@@ -2,16 +2,23 @@
 
 Plain script (not a test). Records are realistic access/stored events; chained records are
 written as NDJSON to a temporary file and verified by streaming it back, so memory stays bounded
-at 1 million records. The database part (insert/query p95) is measured separately.
+at 1 million records. With ``--db-records N`` (needs the stack's MongoDB-wire server) the same
+records go through the service's own store: ingest rate with the chain (one ``insert_one`` per
+record, as the consumer does), p95 of the auditor queries with the service's indexes, and
+verification read back from the database. It uses a scratch database, dropped afterwards.
 
     uv run python bench/audit_chain.py --records 1000000
+    scripts/with-stack.sh uv run python bench/audit_chain.py --records 1000000 --db-records 20000
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import resource
+import statistics
 import tempfile
 import time
 import uuid
@@ -85,6 +92,67 @@ def envelopes(count: int) -> Iterator[tuple[dict[str, Any], str]]:
             )
 
 
+async def db_part(n: int, mongo_url: str, query_runs: int) -> list[tuple[str, str, str]]:
+    """Ingest, query and verify through the service's store, on a scratch database."""
+    from enclave_audit.store import AuditStore, EventQuery, SyncRecordReader
+    from enclave_audit.verification import verify_trail
+    from pymongo import AsyncMongoClient, MongoClient
+
+    name = f"audit_bench_{uuid.uuid4().hex[:8]}"
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
+    )
+    sync: MongoClient[dict[str, Any]] = MongoClient(mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    rows: list[tuple[str, str, str]] = []
+    try:
+        server = (await client.admin.command("buildInfo")).get("version", "?")
+        store = AuditStore(client[name])
+        await store.ensure_indexes()
+        start = time.perf_counter()
+        for env, topic in envelopes(n):
+            draft = record_from_event(env, topic)
+            await store.append(draft, draft.event_id)
+        ingest = time.perf_counter() - start
+        rows.append(
+            (
+                "DB ingest (chain + insert_one, 1 writer)",
+                f"{n / ingest:,.0f} events/s",
+                f"{n:,} records, server {server}",
+            )
+        )
+
+        queries = {
+            "actor, newest 100": EventQuery(actor="user-7", order="desc"),
+            "study, 100": EventQuery(study="sk-42"),
+            "correlation id": EventQuery(correlation_id=f"upload-{n // 100}"),
+            "time range, 100": EventQuery(since=T0 + timedelta(milliseconds=n // 2)),
+        }
+        for label, query in queries.items():
+            timings = []
+            for _ in range(query_runs):
+                t = time.perf_counter()
+                await store.query(query, 100)
+                timings.append(time.perf_counter() - t)
+            p95 = statistics.quantiles(timings, n=20)[-1] if len(timings) >= 2 else timings[0]
+            rows.append(
+                (f"DB query p95: {label}", f"{p95 * 1000:,.1f} ms", f"{query_runs} runs, {n:,} records")
+            )
+
+        start = time.perf_counter()
+        report = await asyncio.to_thread(verify_trail, SyncRecordReader(sync[name]))
+        verified = time.perf_counter() - start
+        if not report.ok:
+            raise SystemExit(f"database chain did not verify: {report}")
+        rows.append(
+            ("DB verify (read back + re-hash)", f"{verified:,.1f} s", f"{n / verified:,.0f} records/s")
+        )
+    finally:
+        await client.drop_database(name)
+        await client.close()
+        sync.close()
+    return rows
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -93,6 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--checkpoint-every", type=int, default=10_000)
+    parser.add_argument("--db-records", type=int, default=0, help="also measure the database part (0: skip)")
+    parser.add_argument("--query-runs", type=int, default=20)
+    parser.add_argument(
+        "--mongo-url", default=os.environ.get("ENCLAVE_MONGO_URL", "mongodb://127.0.0.1:27018/")
+    )
     args = parser.parse_args()
     n = args.records
     rows: list[tuple[str, str, str]] = []
@@ -164,6 +237,8 @@ def main() -> None:
             ("verify checkpoint signature", f"{(time.perf_counter() - start) * 1000:,.0f} us", "each")
         )
     rows.append(("NDJSON size", f"{size_mib:,.0f} MiB", f"{size_mib * 2**20 / n:,.0f} bytes/record"))
+    if args.db_records:
+        rows.extend(asyncio.run(db_part(args.db_records, args.mongo_url, args.query_runs)))
     rows.append(("peak RSS", f"{rss_mib():,.0f} MiB", "bounded: records streamed"))
 
     width = max(len(r[0]) for r in rows)
