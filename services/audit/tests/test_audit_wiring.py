@@ -195,3 +195,23 @@ def test_index_differing_from_worm_copy_and_truncation_are_reported():
     report = verify_trail(reader, checkpoints=entries, public_key=signer.public_key, worm_copies=worm)  # type: ignore[arg-type]
     assert report.chain.reason == "truncated" and report.chain.broken_sequence == 8
     assert "checkpoint 1..4: the database index differs from the WORM copy" in report.checkpoint_problems
+
+
+def test_settings_read_nested_anomaly_thresholds_and_refuse_bad_pages(monkeypatch):
+    from enclave_audit.config import AuditSettings
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("ENCLAVE_AUDIT_ANOMALY__AUTH_FAILURE_LIMIT", "3")
+    monkeypatch.setenv("ENCLAVE_AUDIT_ANOMALY__TIMEZONE", "Europe/Paris")
+    monkeypatch.setenv("ENCLAVE_AUDIT_CHECKPOINT_INTERVAL_S", "300")
+    settings = AuditSettings()
+    assert settings.anomaly.auth_failure_limit == 3
+    assert settings.anomaly.timezone == "Europe/Paris"
+    assert settings.checkpoint_interval_s == 300
+    assert settings.retention.days == 2192
+    monkeypatch.setenv("ENCLAVE_AUDIT_ANOMALY__TIMEZONE", "Mars/Olympus")
+    with pytest.raises(ValidationError, match="IANA"):
+        AuditSettings()
+    monkeypatch.delenv("ENCLAVE_AUDIT_ANOMALY__TIMEZONE")
+    with pytest.raises(ValidationError, match="default_page_size"):
+        AuditSettings(default_page_size=500, max_page_size=100)
