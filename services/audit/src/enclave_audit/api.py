@@ -95,7 +95,7 @@ def access_hook(publisher: EventPublisher) -> Any:
             roles=sorted(r.value for r in principal.roles) if principal else [],
             action=action.value,
             target=request.url.path,
-            outcome=_OUTCOME_WORDS.get(outcome.kind, "error"),  # type: ignore[arg-type]
+            outcome=_OUTCOME_WORDS.get(outcome.kind, "error"),
             status_code=status,
             source_address=request.client.host if request.client else None,
             detail=outcome.reason,

@@ -85,7 +85,7 @@ GENESIS: Final = ChainHead(sequence=0, record_hash=GENESIS_HASH)
 
 def chain_record(draft: AuditRecordDraft, head: ChainHead) -> AuditRecord:
     """Place ``draft`` after ``head``: assign the next sequence, link the previous hash, hash it."""
-    link = {"sequence": head.sequence + 1, "prev_hash": head.record_hash}
+    link: dict[str, Any] = {"sequence": head.sequence + 1, "prev_hash": head.record_hash}
     fields = _DRAFT_FIELDS
     record_hash = compute_record_hash(draft.model_dump(mode="json", include=fields) | link)
     # The draft is already validated; construct skips a second validation of the same values.

@@ -139,7 +139,7 @@ def alert_envelope(record: AuditRecordDraft, alert: AlertDraft) -> Envelope:
         cause_id = str(uuid.UUID(record.event_id))
     except ValueError:
         cause_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:enclave:audit-event:{record.event_id}"))
-    data = SecurityAlert(**alert.to_event_data())  # type: ignore[arg-type]
+    data = SecurityAlert(**alert.to_event_data())
     return Envelope(
         id=derived_event_id(cause_id, _ALERT_TYPE, f"{alert.rule}|{alert.subject}"),
         type=_ALERT_TYPE,

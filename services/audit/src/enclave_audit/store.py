@@ -123,7 +123,6 @@ class EventQuery:
             # on sub-fields. Pseudonyms differ per kind, and matches() re-checks the exact pair.
             query["objects.object_id"] = object_ids[0] if len(object_ids) == 1 else {"$all": object_ids}
         times: dict[str, datetime] = {}
-        times: dict[str, datetime] = {}
         if self.since is not None:
             times["$gte"] = self.since
         if self.until is not None:
@@ -361,7 +360,7 @@ class MongoAuditHistory:
 
     def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
         document = self.alerts.find_one({"rule": rule, "subject": subject}, sort=[("at", DESCENDING)])
-        return None if document is None else document["at"]  # type: ignore[no-any-return]
+        return None if document is None else document["at"]
 
 
 def _first_address(document: Mapping[str, Any]) -> str | None:

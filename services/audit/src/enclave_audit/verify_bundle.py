@@ -125,11 +125,11 @@ def verify_bundle(bundle: IO[bytes], public_key: Ed25519PublicKey) -> BundleVeri
         extra = sorted(set(members) - listed - {MANIFEST_PATH, SIGNATURE_PATH})
         problems.extend(f"{name}: in the archive but not in the manifest" for name in extra)
         for entry in manifest.files:
-            member = members.get(entry.path)
-            if member is None:
+            listed_member = members.get(entry.path)
+            if listed_member is None:
                 problems.append(f"{entry.path}: listed in the manifest but missing")
                 continue
-            digest, size = _hash_member(tar, member)
+            digest, size = _hash_member(tar, listed_member)
             if (digest, size) != (entry.sha256, entry.size):
                 problems.append(f"{entry.path}: SHA-256 or size differs from the manifest")
         if problems:
