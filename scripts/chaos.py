@@ -191,6 +191,13 @@ async def dlq_topics() -> list[str]:
         await consumer.stop()
 
 
+def audited_ids(mongo: MongoClient[dict[str, Any]], event_ids: Iterable[str]) -> set[str]:
+    """The event ids the audit trail holds. One ``_id`` lookup each: the audit key is the event id, and
+    FerretDB v1 answers only ``_id`` equality from an index (``$in`` and other fields scan everything)."""
+    records = mongo["audit"]["records"]
+    return {eid for eid in event_ids if records.find_one({"_id": eid}, {"_id": 1}) is not None}
+
+
 def audit_verify(mongo: MongoClient[dict[str, Any]]) -> tuple[bool, str]:
     """The audit service's own verifier over its database: chain plus signed checkpoints."""
     try:
@@ -614,13 +621,7 @@ class Verifier:
         return checks
 
     def _audited(self, event_ids: set[str]) -> set[str]:
-        records = self.mongo["audit"]["records"]
-        found: set[str] = set()
-        ids = sorted(event_ids)
-        for i in range(0, len(ids), 500):
-            for doc in records.find({"event_id": {"$in": ids[i : i + 500]}}, {"event_id": 1}):
-                found.add(doc["event_id"])
-        return found
+        return audited_ids(self.mongo, event_ids)
 
     async def _dlq_check(self, run_iuids: set[str]) -> Check:
         """DLQ copies of this run: only explained ones (an upload whose gateway died mid-publish)."""
