@@ -1,0 +1,30 @@
+"""Domain errors of the analysis service.
+
+Each error carries a ``reason``: a short, PHI-free sentence saying what was wrong and what is
+allowed. The service wiring maps these to an ``analysis.failed`` event (permanent: retrying the
+same series gives the same answer).
+"""
+
+from __future__ import annotations
+
+
+class AnalysisError(Exception):
+    """A series cannot be analysed; ``reason`` is safe to publish (no PHI, no raw DICOM values)."""
+
+    code = "analysis_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SeriesGeometryError(AnalysisError):
+    """The instances do not form one regular 3D volume (missing slice, tilt, mixed geometry...)."""
+
+    code = "series_geometry"
+
+
+class NotBrainT1Error(AnalysisError):
+    """The volume is not a T1-weighted brain volume the method is validated for."""
+
+    code = "not_t1_brain"

@@ -1,0 +1,328 @@
+"""Build one 3D volume from the instances of a DICOM MR series.
+
+Slices are ordered by ``ImagePositionPatient`` projected on the slice normal (the cross product
+of the two ``ImageOrientationPatient`` direction cosines), never by ``InstanceNumber``. Classic
+single-frame MR and enhanced multi-frame MR (``PerFrameFunctionalGroupsSequence``) are supported.
+
+Coordinate convention: DICOM patient coordinates are LPS (x to the patient's left, y to the
+posterior, z to the head). The returned :class:`Volume` holds voxels indexed ``[i, j, k]`` with
+``i`` along a row (the first ``ImageOrientationPatient`` vector), ``j`` down a column and ``k``
+along the slice normal, and ``affine_ras`` maps ``(i, j, k, 1)`` to RAS millimetres (the NIfTI
+convention: ``RAS = diag(-1, -1, 1) @ LPS``); ``affine_lps`` gives the DICOM/ITK one.
+
+Written by hand: pydicom reads the attributes and pixels but no maintained library performs
+this geometry validation with per-failure reasons (nibabel's ``nicom`` is deprecated and
+dicom2nifti tolerates gaps silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from enclave_analysis.errors import SeriesGeometryError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Direction cosines of two slices are "the same orientation" within this absolute difference.
+ORIENTATION_TOLERANCE = 1e-4
+#: Slice gaps may differ from the median by this fraction (plus 0.01 mm) and still be uniform.
+SPACING_RELATIVE_TOLERANCE = 0.02
+#: In-plane offset between consecutive slice origins above this (mm) means gantry tilt or shear.
+TILT_TOLERANCE_MM = 0.05
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D scalar volume in real-world units with its voxel-to-RAS affine (see module doc)."""
+
+    voxels: npt.NDArray[np.float32]
+    affine_ras: npt.NDArray[np.float64]
+
+    @property
+    def affine_lps(self) -> npt.NDArray[np.float64]:
+        """Voxel index to DICOM patient (LPS) millimetres."""
+        return LPS_TO_RAS @ self.affine_ras
+
+    @cached_property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel edge lengths along i, j, k."""
+        norms = np.linalg.norm(self.affine_ras[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (cm^3)."""
+        return abs(float(np.linalg.det(self.affine_ras[:3, :3]))) / 1000.0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        s = self.voxels.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+
+@dataclass(frozen=True)
+class _Plane:
+    """One 2D frame with the geometry needed to stack it; pixels are read on demand."""
+
+    key: str
+    position: npt.NDArray[np.float64]
+    orientation: npt.NDArray[np.float64]
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+    pixels: Callable[[], npt.NDArray[np.generic]]
+
+
+def build_volume(datasets: Sequence[Dataset]) -> Volume:
+    """Stack the instances of one series into a :class:`Volume`.
+
+    Raises :class:`SeriesGeometryError` with a precise, PHI-free reason when the instances do
+    not form a single regular volume: missing geometry attributes, several series, mixed
+    orientation or in-plane geometry, gantry tilt, two different slices at one position, or a
+    missing slice / non-uniform spacing.
+    """
+    if not datasets:
+        raise SeriesGeometryError("the series has no instances; at least 2 slices are required")
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series_uids) > 1:
+        raise SeriesGeometryError(
+            f"instances belong to {len(series_uids)} different series; one series is allowed"
+        )
+    planes = [plane for number, ds in enumerate(datasets) for plane in _planes_of(ds, number)]
+    planes = _without_duplicates(planes)
+    if len(planes) < 2:
+        raise SeriesGeometryError(f"the series has {len(planes)} slice; at least 2 are required")
+    _check_same_in_plane_geometry(planes)
+    normal = _slice_normal(planes[0].orientation)
+    heights = np.array([float(p.position @ normal) for p in planes])
+    order = np.argsort(heights, kind="stable")
+    planes = [planes[int(n)] for n in order]
+    heights = heights[order]
+    _check_positions_distinct(heights)
+    _check_no_tilt(planes, normal)
+    slice_spacing = _check_uniform_spacing(heights)
+
+    first = planes[0]
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
+    row_spacing, col_spacing = first.pixel_spacing  # PixelSpacing = (between rows, between columns)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = (planes[-1].position - first.position) / (len(planes) - 1)
+    affine_lps[:3, 3] = first.position
+    if not np.isclose(np.linalg.norm(affine_lps[:3, 2]), slice_spacing, rtol=1e-3, atol=1e-3):
+        raise SeriesGeometryError("slice positions are inconsistent with the slice normal")
+
+    voxels = np.empty((first.columns, first.rows, len(planes)), dtype=np.float32)
+    for k, plane in enumerate(planes):
+        frame = np.asarray(plane.pixels(), dtype=np.float32)
+        if frame.shape != (plane.rows, plane.columns):
+            raise SeriesGeometryError(
+                f"slice {k} pixel data has shape {frame.shape}; expected ({plane.rows}, {plane.columns})"
+            )
+        voxels[:, :, k] = (frame * plane.slope + plane.intercept).T
+    return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps)
+
+
+def _float_list(value: object, count: int, name: str) -> npt.NDArray[np.float64]:
+    try:
+        array = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise SeriesGeometryError(f"{name} is not numeric; {count} decimal values are required") from None
+    if array.shape != (count,) or not np.all(np.isfinite(array)):
+        raise SeriesGeometryError(f"{name} must have {count} finite values")
+    return array
+
+
+def _orientation(value: object) -> npt.NDArray[np.float64]:
+    orientation = _float_list(value, 6, "ImageOrientationPatient")
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3) and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)):
+        raise SeriesGeometryError("ImageOrientationPatient direction cosines must be unit vectors")
+    if abs(float(row_dir @ col_dir)) > 1e-3:
+        raise SeriesGeometryError("ImageOrientationPatient row and column directions must be orthogonal")
+    return orientation
+
+
+def _slice_normal(orientation: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    normal = np.cross(orientation[:3], orientation[3:])
+    return np.asarray(normal / np.linalg.norm(normal), dtype=np.float64)
+
+
+def _require(ds: Dataset, keyword: str, where: str) -> object:
+    if keyword not in ds:
+        raise SeriesGeometryError(f"{where} lacks {keyword}, which is required to build a volume")
+    return ds[keyword].value
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return slope, intercept
+
+
+def _planes_of(ds: Dataset, number: int) -> list[_Plane]:
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        return _frames_of_enhanced(ds, number)
+    where = f"instance {number}"
+    rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
+    spacing = _float_list(_require(ds, "PixelSpacing", where), 2, "PixelSpacing")
+    slope, intercept = _rescale(ds)
+    return [
+        _Plane(
+            key=str(ds.get("SOPInstanceUID", f"instance-{number}")),
+            position=_float_list(_require(ds, "ImagePositionPatient", where), 3, "ImagePositionPatient"),
+            orientation=_orientation(_require(ds, "ImageOrientationPatient", where)),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            rows=rows,
+            columns=columns,
+            slope=slope,
+            intercept=intercept,
+            pixels=lambda ds=ds: ds.pixel_array,
+        )
+    ]
+
+
+def _functional_group(ds: Dataset, frame: Dataset | None, sequence: str) -> Dataset | None:
+    """The per-frame item of a functional group, else the shared one (PS3.3 C.7.6.16)."""
+    if frame is not None and sequence in frame and len(frame[sequence].value) > 0:
+        item: Dataset = frame[sequence].value[0]
+        return item
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and sequence in shared[0] and len(shared[0][sequence].value) > 0:
+        item = shared[0][sequence].value[0]
+        return item
+    return None
+
+
+def _frames_of_enhanced(ds: Dataset, number: int) -> list[_Plane]:
+    where = f"enhanced instance {number}"
+    frames = _require(ds, "PerFrameFunctionalGroupsSequence", where)
+    rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(frames) != count:  # type: ignore[arg-type]
+        raise SeriesGeometryError(
+            f"{where} has {len(frames)} per-frame groups for {count} frames; one per frame is required"  # type: ignore[arg-type]
+        )
+    cache: dict[str, npt.NDArray[np.generic]] = {}
+
+    def frame_pixels(index: int) -> npt.NDArray[np.generic]:
+        if "all" not in cache:
+            array = ds.pixel_array
+            cache["all"] = array if array.ndim == 3 else array[np.newaxis]
+        return cache["all"][index]
+
+    planes = []
+    sop_uid = str(ds.get("SOPInstanceUID", f"instance-{number}"))
+    for index, frame in enumerate(frames):  # type: ignore[arg-type]
+        position = _functional_group(ds, frame, "PlanePositionSequence")
+        orientation = _functional_group(ds, frame, "PlaneOrientationSequence")
+        measures = _functional_group(ds, frame, "PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            raise SeriesGeometryError(
+                f"frame {index} of {where} lacks plane position, plane orientation or pixel measures; "
+                "all three functional groups are required"
+            )
+        transform = _functional_group(ds, frame, "PixelValueTransformationSequence")
+        slope, intercept = _rescale(transform) if transform is not None else _rescale(ds)
+        spacing = _float_list(_require(measures, "PixelSpacing", f"frame {index}"), 2, "PixelSpacing")
+        planes.append(
+            _Plane(
+                key=f"{sop_uid}#{index}",
+                position=_float_list(
+                    _require(position, "ImagePositionPatient", f"frame {index}"), 3, "ImagePositionPatient"
+                ),
+                orientation=_orientation(_require(orientation, "ImageOrientationPatient", f"frame {index}")),
+                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                rows=rows,
+                columns=columns,
+                slope=slope,
+                intercept=intercept,
+                pixels=lambda index=index: frame_pixels(index),
+            )
+        )
+    return planes
+
+
+def _without_duplicates(planes: list[_Plane]) -> list[_Plane]:
+    """Drop repeated deliveries of the same instance (at-least-once delivery upstream)."""
+    seen: set[str] = set()
+    unique = []
+    for plane in planes:
+        if plane.key not in seen:
+            seen.add(plane.key)
+            unique.append(plane)
+    return unique
+
+
+def _check_same_in_plane_geometry(planes: list[_Plane]) -> None:
+    first = planes[0]
+    for plane in planes[1:]:
+        if not np.allclose(plane.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
+            raise SeriesGeometryError(
+                "slices have mixed orientations (ImageOrientationPatient differs); "
+                "one orientation per series is allowed"
+            )
+        if (plane.rows, plane.columns) != (first.rows, first.columns):
+            raise SeriesGeometryError(
+                f"slices have different matrix sizes ({first.rows}x{first.columns} and "
+                f"{plane.rows}x{plane.columns}); one matrix size per series is allowed"
+            )
+        if not np.allclose(plane.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-5):
+            raise SeriesGeometryError(
+                f"slices have different pixel spacings ({first.pixel_spacing[0]:g}x{first.pixel_spacing[1]:g}"
+                f" and {plane.pixel_spacing[0]:g}x{plane.pixel_spacing[1]:g} mm); one is allowed"
+            )
+
+
+def _check_positions_distinct(heights: npt.NDArray[np.float64]) -> None:
+    gaps = np.diff(heights)
+    if np.any(gaps < 1e-3):
+        at = float(heights[int(np.argmax(gaps < 1e-3))])
+        raise SeriesGeometryError(
+            f"two different slices at position {at:.1f} mm along the slice normal "
+            "(several echoes, phases or repeats?); one slice per position is allowed"
+        )
+
+
+def _check_no_tilt(planes: list[_Plane], normal: npt.NDArray[np.float64]) -> None:
+    origin = planes[0].position
+    for plane in planes[1:]:
+        offset = plane.position - origin
+        in_plane = offset - (offset @ normal) * normal
+        if float(np.linalg.norm(in_plane)) > TILT_TOLERANCE_MM:
+            step = offset / np.linalg.norm(offset)
+            angle = float(np.degrees(np.arccos(min(1.0, abs(float(step @ normal))))))
+            raise SeriesGeometryError(
+                f"slice origins drift in-plane by {float(np.linalg.norm(in_plane)):.2f} mm "
+                f"(gantry tilt or shear of {angle:.1f} degrees); slices must stack along their normal"
+            )
+
+
+def _check_uniform_spacing(heights: npt.NDArray[np.float64]) -> float:
+    gaps = np.diff(heights)
+    spacing = float(np.median(gaps))
+    tolerance = SPACING_RELATIVE_TOLERANCE * spacing + 0.01
+    for n, gap in enumerate(gaps):
+        if abs(gap - spacing) <= tolerance:
+            continue
+        low, high = float(heights[n]), float(heights[n + 1])
+        missing = round(gap / spacing) - 1
+        if missing >= 1 and abs(gap - (missing + 1) * spacing) <= tolerance * (missing + 1):
+            what = "missing slice" if missing == 1 else f"{missing} missing slices"
+            raise SeriesGeometryError(
+                f"{what} between positions {low:.1f} and {high:.1f} mm (spacing {spacing:.1f} mm)"
+            )
+        raise SeriesGeometryError(
+            f"non-uniform slice spacing: gap of {gap:.2f} mm between positions {low:.1f} and "
+            f"{high:.1f} mm where the series spacing is {spacing:.2f} mm (tolerance {tolerance:.2f} mm)"
+        )
+    return spacing
