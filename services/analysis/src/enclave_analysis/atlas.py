@@ -74,7 +74,9 @@ def atlas_named(name: str) -> HippocampusAtlas:
     try:
         return ATLASES[name]
     except KeyError:
-        raise ValueError(f"unknown hippocampus atlas {name!r}; allowed: {', '.join(sorted(ATLASES))}") from None
+        raise ValueError(
+            f"unknown hippocampus atlas {name!r}; allowed: {', '.join(sorted(ATLASES))}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def mni_template() -> MniTemplate:
     return MniTemplate(t1=t1, gm=gm, wm=wm, intracranial=intracranial, affine_ras=np.asarray(t1_image.affine))
 
 
-def hippocampus_masks(atlas: HippocampusAtlas) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+def hippocampus_masks(
+    atlas: HippocampusAtlas,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.float64]]:
     """Left and right hippocampus masks (0/1) of ``atlas`` and their RAS affine."""
     image = nib.load(atlas.path)
     labels = np.asarray(image.dataobj)

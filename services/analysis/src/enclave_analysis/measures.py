@@ -32,9 +32,13 @@ class QualityControl(BaseModel):
 
     snr: float = Field(description="white-matter mean over white-matter standard deviation")
     cnr_gm_wm: float = Field(description="(WM mean - GM mean) over the pooled tissue standard deviation")
-    brain_coverage: float = Field(description="fraction of the template intracranial space inside the field of view")
+    brain_coverage: float = Field(
+        description="fraction of the template intracranial space inside the field of view"
+    )
     hippocampus_coverage: float
-    template_correlation: float = Field(description="Pearson r of the warped template and the subject in the mask")
+    template_correlation: float = Field(
+        description="Pearson r of the warped template and the subject in the mask"
+    )
     verdict: Literal["pass", "warn", "fail"]
     reasons: list[str] = Field(default_factory=list)
 
@@ -97,13 +101,21 @@ def quality_of(segmentation: Segmentation) -> QualityControl:
     cnr = (wm_mean - gm_mean) / pooled if pooled > 0 else float("inf")
     failures, warnings = [], []
     if segmentation.template_correlation < 0.6:
-        failures.append(f"registration to the template is poor (r = {segmentation.template_correlation:.2f} < 0.60)")
+        failures.append(
+            f"registration to the template is poor (r = {segmentation.template_correlation:.2f} < 0.60)"
+        )
     elif segmentation.template_correlation < 0.75:
-        warnings.append(f"registration to the template is fair (r = {segmentation.template_correlation:.2f} < 0.75)")
+        warnings.append(
+            f"registration to the template is fair (r = {segmentation.template_correlation:.2f} < 0.75)"
+        )
     if segmentation.brain_coverage < 0.9:
-        failures.append(f"only {segmentation.brain_coverage:.0%} of the intracranial space is in the field of view")
+        failures.append(
+            f"only {segmentation.brain_coverage:.0%} of the intracranial space is in the field of view"
+        )
     elif segmentation.brain_coverage < MIN_BRAIN_COVERAGE:
-        warnings.append(f"{segmentation.brain_coverage:.0%} of the intracranial space is in the field of view")
+        warnings.append(
+            f"{segmentation.brain_coverage:.0%} of the intracranial space is in the field of view"
+        )
     if not np.isfinite(cnr) or cnr < 1.0:
         failures.append(f"grey/white contrast-to-noise {cnr:.2f} is below 1.0")
     elif cnr < 2.0:
@@ -142,7 +154,9 @@ def volumetrics_of(segmentation: Segmentation) -> BrainVolumetrics:
     )
     values["cortical_thickness_mean"] = None
     if segmentation.thickness is None:
-        unavailable["cortical_thickness_mean"] = "cortical thickness was not computed (disabled in the options)"
+        unavailable["cortical_thickness_mean"] = (
+            "cortical thickness was not computed (disabled in the options)"
+        )
     else:
         cortex = (segmentation.labels == 2) & (segmentation.thickness > 0)
         if cortex.sum() < 100:
@@ -155,8 +169,14 @@ def volumetrics_of(segmentation: Segmentation) -> BrainVolumetrics:
             f"the field of view holds {segmentation.brain_coverage:.0%} of the intracranial space; "
             f"at least {MIN_BRAIN_COVERAGE:.0%} is required for whole-brain volumes"
         )
-        for name in ("intracranial_volume", "brain_parenchyma_volume", "grey_matter_volume", "white_matter_volume",
-                     "csf_volume", "brain_parenchymal_fraction"):
+        for name in (
+            "intracranial_volume",
+            "brain_parenchyma_volume",
+            "grey_matter_volume",
+            "white_matter_volume",
+            "csf_volume",
+            "brain_parenchymal_fraction",
+        ):
             unavailable[name] = reason
     if segmentation.hippocampus_coverage < MIN_HIPPOCAMPUS_COVERAGE:
         reason = (

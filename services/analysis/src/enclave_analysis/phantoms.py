@@ -12,13 +12,12 @@ Written by hand: no library makes such phantoms; pydicom builds the datasets.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from enclave_analysis.volume import LPS_TO_RAS, Volume
 
@@ -43,7 +42,9 @@ class HeadPhantom:
         return self.wm_ml + self.gm_ml + self.csf_ml
 
 
-def _distance_outside_ellipsoid(points: npt.NDArray[np.float64], axes: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _distance_outside_ellipsoid(
+    points: npt.NDArray[np.float64], axes: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
     """Signed distance (mm, positive outside) to an ellipsoid: exact for spheres, close for ours."""
     scaled = points / axes
     radius = np.sqrt(np.sum(scaled**2, axis=-1))
@@ -91,7 +92,11 @@ def head_phantom(
     for name in fractions:
         fractions[name] /= samples
     image = sum(T1_INTENSITY[name] * fractions[name] for name in fractions)
-    grid = np.stack(np.meshgrid(*[(a - c) / (n / 2) for a, c, n in zip(axes_index, centre, shape, strict=True)], indexing="ij"))
+    grid = np.stack(
+        np.meshgrid(
+            *[(a - c) / (n / 2) for a, c, n in zip(axes_index, centre, shape, strict=True)], indexing="ij"
+        )
+    )
     field = np.exp(bias * (0.8 * grid[0] - 0.6 * grid[1] ** 2 + 0.5 * grid[2] * grid[1]))
     rng = np.random.default_rng(seed)
     real = image * field + rng.normal(0.0, noise, shape)
@@ -241,8 +246,3 @@ def _mr_header(patient_name: str, patient_id: str, description: str, acquired: d
     ds.PixelRepresentation = 0
     ds.BurnedInAnnotation = "NO"
     return ds
-
-
-def series_datasets_in_order(datasets: Sequence[Dataset], order: Sequence[int]) -> list[Dataset]:
-    """The same datasets in another order (tests: shuffled or reversed delivery)."""
-    return [datasets[n] for n in order]

@@ -6,7 +6,7 @@ Pipeline (each step is ANTs; the glue is numpy/scipy):
    resolution (the field is smooth, so this costs little accuracy and saves most of the time).
 2. Registration of the MNI152 2009a template to the subject at 2 mm: affine then a light SyN
    (Avants 2008), Mattes mutual information.
-3. Intracranial mask: the warped template mask, trimmed to voxels brighter than a quarter of
+3. Intracranial mask: the warped template mask, trimmed to voxels brighter than a fifth of
    the white-matter level (so dark bone and air are left out), plus the eroded warped mask
    (so dark ventricles and sulci stay in), holes filled, largest component kept.
 4. Atropos (Avants 2011) three-class (CSF, GM, WM) segmentation at native resolution with the
@@ -38,6 +38,8 @@ from enclave_analysis.volume import LPS_TO_RAS, Volume
 FloatArray = npt.NDArray[np.float32]
 #: Thicker "grey matter" is deep grey matter (thalamus, basal ganglia), not cortex.
 MAX_CORTICAL_THICKNESS_MM = 8.0
+#: Added to every prior so that a class the template deems impossible can still win on intensity.
+PRIOR_FLOOR = 0.1
 StageTimer = Callable[[str], AbstractContextManager[None]]
 
 
@@ -52,11 +54,11 @@ class PipelineOptions:
     syn_iterations: tuple[int, ...] = (40, 20, 0)
     tissue_model: Literal["em", "atropos"] = "em"
     tissue_iterations: int = 8
-    prior_weight: float = 0.5
+    prior_weight: float = 2.0
     thickness_method: Literal["distance", "direct"] = "distance"
     direct_iterations: int = 45
     compute_thickness: bool = True
-    min_template_correlation: float = 0.5
+    min_template_correlation: float = 0.3
 
 
 @dataclass
@@ -109,7 +111,9 @@ def _timed(timings: dict[str, float], name: str, outer: StageTimer | None) -> It
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-def segment_brain(volume: Volume, options: PipelineOptions | None = None, stage: StageTimer | None = None) -> Segmentation:
+def segment_brain(
+    volume: Volume, options: PipelineOptions | None = None, stage: StageTimer | None = None
+) -> Segmentation:
     """Run the pipeline on one T1 volume; ``stage`` (optional) wraps each named step, e.g. to profile.
 
     Raises :class:`NotBrainT1Error` when the volume does not register to the brain template or
@@ -154,11 +158,20 @@ def segment_brain(volume: Volume, options: PipelineOptions | None = None, stage:
             native = ants.resample_image_to_target(moved, corrected_image, interp_type="linear")
             return np.clip(native.numpy(), 0.0, 1.0).astype(np.float32)
 
-        coarse_t1 = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=forward, interpolator="linear")
-        coarse_mask = ants.apply_transforms(
-            fixed=fixed, moving=to_ants(template.intracranial, template.affine_ras), transformlist=forward
-        ).numpy() > 0.5
-        correlation = float(np.corrcoef(coarse_t1.numpy()[coarse_mask], fixed.numpy()[coarse_mask])[0, 1]) if coarse_mask.any() else float("nan")
+        coarse_t1 = ants.apply_transforms(
+            fixed=fixed, moving=moving, transformlist=forward, interpolator="linear"
+        )
+        coarse_mask = (
+            ants.apply_transforms(
+                fixed=fixed, moving=to_ants(template.intracranial, template.affine_ras), transformlist=forward
+            ).numpy()
+            > 0.5
+        )
+        correlation = (
+            float(np.corrcoef(coarse_t1.numpy()[coarse_mask], fixed.numpy()[coarse_mask])[0, 1])
+            if coarse_mask.any()
+            else float("nan")
+        )
         warped_mask = warp(template.intracranial, template.affine_ras)
         gm_prior = warp(template.gm, template.affine_ras)
         wm_prior = warp(template.wm, template.affine_ras)
@@ -174,19 +187,25 @@ def segment_brain(volume: Volume, options: PipelineOptions | None = None, stage:
         if options.tissue_model == "atropos":
             csf, gm, wm = _atropos(corrected_image, intracranial, priors, options)
         else:
-            csf, gm, wm = classify_tissue(corrected, intracranial, priors, options.prior_weight, options.tissue_iterations)
+            csf, gm, wm = classify_tissue(
+                corrected, intracranial, priors, options.prior_weight, options.tissue_iterations
+            )
         posteriors = np.stack([csf, gm, wm])
         tissue_means = {
-            name: float((corrected * p).sum() / max(float(p.sum()), 1e-9)) for name, p in zip(("csf", "gm", "wm"), posteriors, strict=True)
+            name: float((corrected * p).sum() / max(float(p.sum()), 1e-9))
+            for name, p in zip(("csf", "gm", "wm"), posteriors, strict=True)
         }
-        _check_t1_contrast(tissue_means)
         labels = np.where(intracranial, posteriors.argmax(axis=0) + 1, 0).astype(np.uint8)
 
     with _timed(timings, "hippocampus", stage):
         left, right, atlas_affine = hippocampus_masks(atlas)
         template_grid = to_ants(template.t1, template.affine_ras)
-        left_t = ants.resample_image_to_target(to_ants(left, atlas_affine), template_grid, interp_type="linear")
-        right_t = ants.resample_image_to_target(to_ants(right, atlas_affine), template_grid, interp_type="linear")
+        left_t = ants.resample_image_to_target(
+            to_ants(left, atlas_affine), template_grid, interp_type="linear"
+        )
+        right_t = ants.resample_image_to_target(
+            to_ants(right, atlas_affine), template_grid, interp_type="linear"
+        )
         hippocampus_left = warp(left_t.numpy(), template.affine_ras) * intracranial
         hippocampus_right = warp(right_t.numpy(), template.affine_ras) * intracranial
         inside = ants.apply_transforms(
@@ -205,7 +224,9 @@ def segment_brain(volume: Volume, options: PipelineOptions | None = None, stage:
     if options.compute_thickness:
         with _timed(timings, "cortical_thickness", stage):
             if options.thickness_method == "direct":
-                thickness = _direct_thickness(corrected_image, labels, gm, wm, intracranial, options.direct_iterations)
+                thickness = _direct_thickness(
+                    corrected_image, labels, gm, wm, intracranial, options.direct_iterations
+                )
             else:
                 thickness = distance_thickness(labels, volume.spacing_mm)
 
@@ -262,7 +283,7 @@ def _intracranial_mask(
     core = inside_distance > 4.0
     smooth = ndimage.gaussian_filter(corrected, sigma=[0.7 / s for s in spacing_mm])
     white_level = float(np.percentile(smooth[template_mask], 95))
-    mask = (search & (smooth > 0.25 * white_level)) | core
+    mask = (search & (smooth > 0.2 * white_level)) | core
     labelled, count = ndimage.label(mask)
     if count > 1:
         sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
@@ -289,7 +310,10 @@ def _check_t1_contrast(means: dict[str, float]) -> None:
 
 
 def _atropos(
-    corrected_image: ants.ANTsImage, intracranial: npt.NDArray[np.bool_], priors: FloatArray, options: PipelineOptions
+    corrected_image: ants.ANTsImage,
+    intracranial: npt.NDArray[np.bool_],
+    priors: FloatArray,
+    options: PipelineOptions,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """ANTs Atropos with the warped priors (single-threaded here: about 75 s at 1 mm on our machine)."""
     result = ants.atropos(
@@ -301,7 +325,9 @@ def _atropos(
         priorweight=options.prior_weight,
         verbose=0,
     )
-    csf, gm, wm = (np.asarray(p.numpy(), dtype=np.float32) * intracranial for p in result["probabilityimages"])
+    csf, gm, wm = (
+        np.asarray(p.numpy(), dtype=np.float32) * intracranial for p in result["probabilityimages"]
+    )
     return csf, gm, wm
 
 
@@ -314,25 +340,31 @@ def classify_tissue(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Gaussian-mixture EM with spatial priors (Atropos's model without the MRF term), vectorised.
 
-    Posterior_k is proportional to ((1 - w) / 3 + w * prior_k) * N(intensity; mean_k, sd_k);
-    means and standard deviations are re-estimated from the posteriors at each iteration.
+    Class means start from a 1D k-means of the intensities (as Atropos's k-means initialisation),
+    so a poor registration cannot swap classes. Posterior_k is proportional to
+    ``(PRIOR_FLOOR + prior_k) ** prior_weight * N(intensity; mean_k, sd)`` with one shared
+    standard deviation (partial-volume voxels then split at the midpoint between class means).
     """
     intensities = corrected[intracranial].astype(np.float64)
     spatial = priors[:, intracranial].astype(np.float64)
-    mixing = (1.0 - prior_weight) / 3.0 + prior_weight * spatial
-    posterior = spatial / np.maximum(spatial.sum(axis=0, keepdims=True), 1e-12)
-    for _ in range(max(iterations, 1)):
-        weight = np.maximum(posterior.sum(axis=1), 1e-9)
-        mean = (posterior @ intensities) / weight
-        variance = np.array([(posterior[k] * (intensities - mean[k]) ** 2).sum() / weight[k] for k in range(3)])
-        sd = np.sqrt(np.maximum(variance, 1e-6 * max(float(intensities.var()), 1e-12)))
-        log_likelihood = -0.5 * ((intensities[np.newaxis] - mean[:, np.newaxis]) / sd[:, np.newaxis]) ** 2 - np.log(
-            sd[:, np.newaxis]
+    mixing_log = prior_weight * np.log(PRIOR_FLOOR + spatial)
+    mean = np.percentile(intensities, [10.0, 50.0, 90.0])
+    for _ in range(20):
+        nearest = np.abs(intensities[np.newaxis] - mean[:, np.newaxis]).argmin(axis=0)
+        mean = np.array(
+            [intensities[nearest == k].mean() if np.any(nearest == k) else mean[k] for k in range(3)]
         )
-        log_posterior = np.log(np.maximum(mixing, 1e-12)) + log_likelihood
+    sd = float(np.sqrt(np.mean((intensities - mean[nearest]) ** 2)))
+    for _ in range(max(iterations, 1)):
+        sd = max(sd, 1e-3 * float(intensities.std()) + 1e-9)
+        log_posterior = mixing_log - 0.5 * ((intensities[np.newaxis] - mean[:, np.newaxis]) / sd) ** 2
         log_posterior -= log_posterior.max(axis=0, keepdims=True)
         posterior = np.exp(log_posterior)
         posterior /= posterior.sum(axis=0, keepdims=True)
+        weight = np.maximum(posterior.sum(axis=1), 1e-9)
+        mean = (posterior @ intensities) / weight
+        residual = sum((posterior[k] * (intensities - mean[k]) ** 2).sum() for k in range(3))
+        sd = float(np.sqrt(residual / intensities.size))
     maps = []
     for k in range(3):
         full = np.zeros(corrected.shape, dtype=np.float32)
@@ -369,7 +401,9 @@ def _direct_thickness(
     box = ndimage.find_objects(intracranial.astype(np.uint8))[0]
     box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box)
     crop = ants.crop_indices(
-        corrected_image, [s.start for s in box], [min(s.stop, n) for s, n in zip(box, labels.shape, strict=True)]
+        corrected_image,
+        [s.start for s in box],
+        [min(s.stop, n) for s, n in zip(box, labels.shape, strict=True)],
     )
     thickness = ants.kelly_kapowski(
         s=_like(crop, labels[box]),

@@ -145,7 +145,10 @@ def _float_list(value: object, count: int, name: str) -> npt.NDArray[np.float64]
 def _orientation(value: object) -> npt.NDArray[np.float64]:
     orientation = _float_list(value, 6, "ImageOrientationPatient")
     row_dir, col_dir = orientation[:3], orientation[3:]
-    if not (np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3) and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)):
+    if not (
+        np.isclose(np.linalg.norm(row_dir), 1, atol=1e-3)
+        and np.isclose(np.linalg.norm(col_dir), 1, atol=1e-3)
+    ):
         raise SeriesGeometryError("ImageOrientationPatient direction cosines must be unit vectors")
     if abs(float(row_dir @ col_dir)) > 1e-3:
         raise SeriesGeometryError("ImageOrientationPatient row and column directions must be orthogonal")
