@@ -58,7 +58,10 @@ class PipelineOptions:
     thickness_method: Literal["distance", "direct"] = "distance"
     direct_iterations: int = 45
     compute_thickness: bool = True
+    #: Below this Pearson r between warped template and subject the series is "not a brain".
+    #: Geometric phantoms are not brains: their tests lower it (they check volumes, not anatomy).
     min_template_correlation: float = 0.3
+    random_seed: int = 1
 
 
 @dataclass
@@ -144,6 +147,7 @@ def segment_brain(
             aff_shrink_factors=(4, 2, 1),
             aff_smoothing_sigmas=(2, 1, 0),
             reg_iterations=options.syn_iterations,
+            random_seed=options.random_seed,
             verbose=False,
         )
         forward, inverse = registration["fwdtransforms"], registration["invtransforms"]

@@ -1,0 +1,67 @@
+"""DICOM SR, DICOM SEG and PNG outputs are valid and carry the measures."""
+
+from __future__ import annotations
+
+import io
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from enclave_analysis.report import label_map, png_report, segmentation_dicom, structured_report
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_structured_report_is_tid1500_with_the_volumes(phantom_series, phantom_result):
+    measures, _ = phantom_result
+    sr = pydicom.dcmread(io.BytesIO(structured_report(phantom_series, measures)))
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    parsed = hd.sr.srread(io.BytesIO(structured_report(phantom_series, measures)))
+    groups = (
+        parsed.content.get_volumetric_roi_measurement_groups()
+        + parsed.content.get_planar_roi_measurement_groups()
+    )
+    del groups
+    values = [float(item.MeasuredValueSequence[0].NumericValue) for item in _numeric_items(sr)]
+    assert any(abs(v - measures.grey_matter_volume) < 1e-3 for v in values)
+    assert any(abs(v - measures.hippocampal_volume_total) < 1e-3 for v in values)
+    assert sr.StudyInstanceUID == phantom_series[0].StudyInstanceUID
+
+
+def _numeric_items(dataset):
+    for item in dataset.get("ContentSequence", []):
+        if item.ValueType == "NUM":
+            yield item
+        yield from _numeric_items(item)
+
+
+def test_segmentation_holds_tissue_and_hippocampus_labels(phantom_series, phantom_result):
+    _, segmentation = phantom_result
+    seg = hd.seg.segread(io.BytesIO(segmentation_dicom(phantom_series, segmentation)))
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [
+        "Cerebrospinal fluid",
+        "Grey matter",
+        "White matter",
+        "Left hippocampus",
+        "Right hippocampus",
+    ]
+    expected = label_map(segmentation)
+    sources = [ds.SOPInstanceUID for ds in sorted(phantom_series, key=lambda d: float(d.SliceLocation))]
+    volume = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=sources, combine_segments=True, relabel=False, skip_overlap_checks=True
+    )
+    np.testing.assert_array_equal(volume, np.transpose(expected, (2, 1, 0)))
+
+
+def test_png_report_is_an_image_with_overlays(phantom_result):
+    measures, segmentation = phantom_result
+    image = Image.open(io.BytesIO(png_report(segmentation, measures)))
+    assert image.format == "PNG" and image.width == 768 and image.height > 256
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    panel = pixels[:256]
+    coloured = (np.abs(panel[..., 0] - panel[..., 1]) > 40) | (np.abs(panel[..., 1] - panel[..., 2]) > 40)
+    assert coloured.sum() > 500
