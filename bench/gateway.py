@@ -7,8 +7,9 @@ gateway validates, seals and publishes every instance to Kafka (acks=all) before
 configuration and storage directory, stopped after) stores to its local disk and SQLite index.
 Both answer only once the instance is safe in their store.
 
-Then the gateway's peak RSS while it receives one 1 GiB STOW request (8 instances of 128 MiB,
-generated on the fly as a stream: the client never holds it either).
+Then the peak RSS of a fresh gateway while it receives one 1 GiB STOW request (8 instances of
+128 MiB, generated on the fly as a stream: the client never holds it either), sealed to a throwaway
+key so that the shared stack's ingest refuses it cheaply instead of storing 1 GiB.
 
 Usage (the stack must be up; `make bench-gateway` does that):
     python bench/gateway.py [--instances 200] [--skip-orthanc] [--skip-rss]
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_common.auth.dev_issuer import DevIssuer
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -150,10 +153,25 @@ def start_orthanc(workdir: Path) -> Server:
     return server
 
 
-def start_gateway(workdir: Path) -> Server:
-    """A gateway process of its own (no per-principal rate limit to trip over), on the running stack."""
+def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Server:
+    """A gateway process of its own (no per-principal rate limit to trip over), on the running stack.
+
+    With ``throwaway_ingest_key`` it seals to a key nobody holds: the stack's ingest refuses such an
+    instance when its first chunk does not open, instead of storing (and deid processing) it. The
+    gateway's work is the same; used for the 1 GiB request, which would otherwise leave ingest a
+    backlog of minutes that delays every other upload on the shared stack."""
     port = free_port()
     env = {**os.environ, **dev_env()}
+    if throwaway_ingest_key:
+        key_path = workdir / "throwaway-ingest-public.pem"
+        key_path.write_bytes(
+            X25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        env["ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE"] = str(key_path)
+        workdir = workdir / "large"
+        workdir.mkdir(exist_ok=True)
     env.update(
         {
             "ENCLAVE_ENVIRONMENT": "dev",
@@ -345,7 +363,10 @@ def main() -> int:
         for name, clients, count, seconds, rate, mib in rows:
             print(f"{name:<18} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f}")
         if not args.skip_rss:
-            baseline, peak, seconds, sent = asyncio.run(peak_rss_for_large_request(gateway))
+            large = start_gateway(workdir, throwaway_ingest_key=True)
+            servers.append(large)
+            asyncio.run(post_all(large, mr_instances(2), 1))
+            baseline, peak, seconds, sent = asyncio.run(peak_rss_for_large_request(large))
             print(
                 f"\nOne STOW request of 8 x 128 MiB ({sent / MIB:.0f} MiB) into the gateway: {seconds:.1f} s"
                 f" ({sent / MIB / seconds:.0f} MiB/s); gateway RSS {baseline / 1024:.0f} MiB before,"
