@@ -320,6 +320,9 @@ class Uploader:
             self.ledger.unacked.update(p.sop_uid for p in planned)
             if refused_uid:
                 self.ledger.unacked.add(refused_uid)
+            if attempt >= self.args.max_attempts or time.monotonic() - self.started > self.args.budget_s / 2:
+                self.ledger.outcomes["abandoned_requests"] += 1  # shown in the table; acked count falls short
+                return
             await asyncio.sleep(min(5.0, 0.5 * attempt))
 
     def _record(
@@ -457,7 +460,14 @@ class Verifier:
         rejected = await read_topic(topics.INSTANCE_REJECTED, mine)
         completed = await read_topic(topics.ANALYSIS_COMPLETED, mine)
         failed = await read_topic(topics.ANALYSIS_FAILED, mine)
-        checks: list[Check] = []
+        checks: list[Check] = [
+            Check(
+                "every planned instance acknowledged (clients retried through the outages)",
+                len(ledger.acked) >= self.u.args.instances,
+                f"{len(ledger.acked)}/{self.u.args.instances}; abandoned requests "
+                f"{ledger.outcomes.get('abandoned_requests', 0)}",
+            )
+        ]
 
         # stored exactly once
         catalogue = list(self.mongo["ingest"]["instances"].find({"tenant": self.tenant}))
@@ -482,6 +492,8 @@ class Verifier:
         objects_missing = 0
         s3 = _s3()
         for key in list(acked_keys)[: self.u.args.object_sample]:
+            if not stored_docs.get(key):
+                objects_missing += 1
             for doc in stored_docs.get(key, []):
                 obj = doc.get("object") or {}
                 try:
@@ -536,11 +548,17 @@ class Verifier:
         series_missing = []
         for series in range(self.u.args.series):
             skey = self.series_key(series)
-            members = {
-                iuid_of[k]
+            in_series = [
+                k
                 for k, uid in acked_keys.items()
-                if k in iuid_of and ledger.acked[uid].series == series and ledger.acked[uid].number != 9999
-            }
+                if ledger.acked[uid].series == series and ledger.acked[uid].number != 9999
+            ]
+            if any(k not in iuid_of for k in in_series):  # not even stored: the series cannot be complete
+                series_missing.append(series)
+                continue
+            members = {
+                iuid_of[k] for k in in_series
+            } - q_iuids  # a quarantined instance is settled, not analysed
             covered = any(
                 env.data["series_key"] == skey and members <= set(env.data["instance_upload_ids"])
                 for env in outcomes
@@ -764,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--refuse-every", type=int, default=7, help="every Nth request carries a truncated part"
     )
+    parser.add_argument("--max-attempts", type=int, default=40, help="tries per request before giving up")
     parser.add_argument("--down-s", type=float, default=3.0, help="seconds a killed component stays down")
     parser.add_argument("--kill", default=",".join(KILL_ORDER), help="components to kill, in this order")
     parser.add_argument("--no-kill", action="store_true", help="upload and check only (a baseline)")
