@@ -1,11 +1,15 @@
 """Series assembly, restart-safe: all state is in the analysis database, never only in memory.
 
-``upload.completed`` says which instance uploads a request accepted (the expected members of each
-series); ``instance.deidentified`` brings members, ``instance.quarantined`` and ``instance.rejected``
-settle expected members that will never come. A series is *ready* when every expected member is
-settled, at least one member is de-identified, and nothing changed for the quiet period. Out-of-order,
-duplicate and late events are fine: every write is an idempotent upsert keyed by the instance upload
-id, and a late member re-opens a finished series (it is analysed again, under a new analysis id).
+``upload.completed`` says which instance uploads a request accepted: they become the *expected*
+members of every series that request touched. ``instance.deidentified`` brings a member;
+``instance.quarantined`` and ``instance.rejected`` settle expected members that will never come.
+Each settled instance is added to the ``settled`` set of every series its upload touched, so a
+series doc alone says whether it is complete: ``expected ⊆ settled``, and nothing changed for the
+quiet period. Out-of-order, duplicate and late events are fine: every write is an idempotent upsert
+or ``$addToSet``; a late member re-opens a finished series (analysed again, under a new analysis id).
+
+Every lookup on the hot path is by ``_id``: a MongoDB-wire server without secondary-index pushdown
+(FerretDB v1) would otherwise scan a collection per event.
 """
 
 from __future__ import annotations
@@ -32,52 +36,62 @@ class SeriesAssembly:
     async def ensure_indexes(self) -> None:
         await self.members.create_index([("series_id", ASCENDING)])
         await self.series.create_index([("status", ASCENDING), ("changed_at", ASCENDING)])
-        await self.uploads.create_index([("series_ids", ASCENDING)])
 
     @staticmethod
     def series_id(tenant: str, series_key: str) -> str:
         return f"{tenant}:{series_key}"
 
     async def expect(
-        self, tenant: str, series_keys: list[str], instance_upload_ids: list[str], correlation_id: str
+        self, tenant: str, series_keys: list[str], instance_upload_ids: list[str], upload_id: str
     ) -> None:
-        """An upload announced these instances; their series cannot complete before they settle."""
+        """An upload announced these instances; the series it touched wait until they settle."""
+        series_ids = [self.series_id(tenant, key) for key in series_keys]
         await self.uploads.replace_one(
-            {"_id": correlation_id},
+            {"_id": upload_id},
             {
-                "_id": correlation_id,
+                "_id": upload_id,
                 "tenant": tenant,
-                "series_ids": [self.series_id(tenant, key) for key in series_keys],
+                "series_ids": series_ids,
                 "instance_upload_ids": instance_upload_ids,
             },
             upsert=True,
         )
-        for series_key in series_keys:
-            await self._touch(tenant, series_key, correlation_id)
+        already = [
+            iuid for iuid in instance_upload_ids if await self.members.find_one({"_id": iuid}, {"_id": 1})
+        ]
+        for series_key, series_id in zip(series_keys, series_ids, strict=True):
+            await self._touch(tenant, series_key, upload_id)
+            update: dict[str, Any] = {"$addToSet": {"expected": {"$each": instance_upload_ids}}}
+            await self.series.update_one({"_id": series_id}, update)
+            if already:
+                await self.series.update_one(
+                    {"_id": series_id}, {"$addToSet": {"settled": {"$each": already}}}
+                )
 
     async def settle(
         self,
         tenant: str,
-        series_key: str,
+        series_key: str | None,
         instance_upload_id: str,
+        upload_id: str,
         state: str,
         fields: dict[str, Any],
         correlation_id: str,
     ) -> None:
         """A member got its outcome: ``deidentified`` (with its object) or ``excluded``."""
+        own = self.series_id(tenant, series_key) if series_key else None
         await self.members.update_one(
             {"_id": instance_upload_id},
-            {
-                "$set": {
-                    "state": state,
-                    "tenant": tenant,
-                    "series_id": self.series_id(tenant, series_key),
-                    **fields,
-                }
-            },
+            {"$set": {"state": state, "tenant": tenant, "series_id": own, **fields}},
             upsert=True,
         )
-        await self._touch(tenant, series_key, correlation_id)
+        upload = await self.uploads.find_one({"_id": upload_id})
+        targets = set(upload["series_ids"]) if upload else set()
+        if own and series_key:
+            await self._touch(tenant, series_key, correlation_id)
+            targets.add(own)
+        for series_id in targets:
+            await self.series.update_one({"_id": series_id}, {"$addToSet": {"settled": instance_upload_id}})
 
     async def _touch(self, tenant: str, series_key: str, correlation_id: str) -> None:
         now = datetime.now(UTC)
@@ -90,8 +104,12 @@ class SeriesAssembly:
             upsert=True,
         )
 
-    async def ready(self, quiet_period_s: float, lease_s: float) -> list[dict[str, Any]]:
-        """Series that look complete (quiet and collecting), or whose analysing lease expired."""
+    @staticmethod
+    def complete(series: dict[str, Any]) -> bool:
+        return set(series.get("expected") or ()) <= set(series.get("settled") or ())
+
+    async def ready(self, quiet_period_s: float) -> list[dict[str, Any]]:
+        """Series that are complete and quiet, or whose analysing lease expired."""
         now = datetime.now(UTC)
         cursor = self.series.find(
             {
@@ -100,21 +118,11 @@ class SeriesAssembly:
                     {"status": "analysing", "lease_until": {"$lte": now}},
                 ]
             }
-        ).limit(20)
-        return [doc async for doc in cursor]
+        )
+        return [doc async for doc in cursor if doc["status"] == "analysing" or self.complete(doc)][:20]
 
     async def members_of(self, series_id: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.members.find({"series_id": series_id})]
-
-    async def unsettled(self, series_id: str) -> int:
-        """Members announced by the uploads that touched this series that have no outcome yet."""
-        expected: set[str] = set()
-        async for upload in self.uploads.find({"series_ids": series_id}):
-            expected.update(upload["instance_upload_ids"])
-        if not expected:
-            return 0
-        settled = await self.members.count_documents({"_id": {"$in": sorted(expected)}})
-        return len(expected) - settled
 
     async def claim(self, series: dict[str, Any], lease_s: float) -> dict[str, Any] | None:
         """Take the series for analysis unless it changed (or another replica took it) meanwhile."""

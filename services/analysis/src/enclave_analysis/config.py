@@ -27,7 +27,7 @@ class AnalysisSettings(BaseServiceSettings):
     #: arrived for this long.
     quiet_period_s: float = Field(default=10.0, ge=0)
     #: How often the assembler looks for series that became complete.
-    scan_interval_s: float = Field(default=2.0, gt=0)
+    scan_interval_s: float = Field(default=5.0, gt=0)
     #: An analysis claimed by a replica that died is taken over after this lease.
     lease_s: float = Field(default=900.0, gt=0)
     #: Series with fewer de-identified instances fail at once (a volume needs slices).

@@ -73,6 +73,7 @@ class AnalysisService:
             envelope.tenant,
             deid.series_key,
             deid.instance_upload_id,
+            deid.upload_id,
             "deidentified",
             {
                 "study_key": deid.study_key,
@@ -120,9 +121,7 @@ class AnalysisService:
     async def run_assembler(self) -> None:
         while True:
             try:
-                for series in await self.assembly.ready(self.settings.quiet_period_s, self.settings.lease_s):
-                    if series["status"] == "collecting" and await self.assembly.unsettled(series["_id"]) > 0:
-                        continue
+                for series in await self.assembly.ready(self.settings.quiet_period_s):
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
                         await self.analyse(claimed)

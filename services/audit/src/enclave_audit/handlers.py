@@ -222,6 +222,9 @@ class AuditConsumer:
         else:
             self.metrics.records.labels("duplicate").inc()
         if not record.dead_lettered:
+            observe = getattr(self.detector.history, "observe", None)
+            if observe is not None:
+                await asyncio.to_thread(observe, record, record.event_id)
             await self.raise_alerts(record)
         return record
 

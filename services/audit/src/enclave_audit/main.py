@@ -21,7 +21,8 @@ from enclave_audit.api import AuditApiContext, LazyFileKeySource, access_hook, b
 from enclave_audit.config import AuditSettings
 from enclave_audit.handlers import AuditConsumer, AuditMetrics, Checkpointer
 from enclave_audit.signing import Ed25519Signer
-from enclave_audit.store import AuditStore, MongoAuditHistory, SyncRecordReader
+from enclave_audit.store import AuditStore, SyncRecordReader
+from enclave_audit.windows import BucketedAuditHistory
 
 log = structlog.get_logger("enclave.audit")
 
@@ -43,10 +44,11 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     objects = S3ObjectStore(settings)
     runtime.readiness["object_store"] = objects.ping
 
+    history = BucketedAuditHistory(sync_db)
     consumer = AuditConsumer(
         store,
         runtime.publisher,
-        AnomalyDetector(settings.anomaly, MongoAuditHistory(sync_db)),
+        AnomalyDetector(settings.anomaly, history),
         metrics,
         runtime.retry,
     )
