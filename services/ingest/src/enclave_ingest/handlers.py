@@ -102,7 +102,9 @@ class ChunkConsumer:
         offset: int,
         msg: KafkaMessage,
     ) -> None:
-        done = await self.catalogue.get(chunk.instance_upload_id)
+        # One catalogue lookup per instance (when its first chunk is seen), not one per chunk.
+        known = chunk.instance_upload_id in self.tracker.pending
+        done = None if known else await self.catalogue.get(chunk.instance_upload_id)
         if done is not None and "outcome" in done:
             if chunk.index == chunk.count - 1:
                 await self._republish(done["outcome"])
