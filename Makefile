@@ -74,7 +74,7 @@ bench-crypto: bootstrap
 bench-deid: bootstrap
 	@$(UV) run --frozen --package enclave-deid --group bench python bench/deid.py
 bench-audit: bootstrap
-	@$(PY) bench/audit_chain.py
+	@scripts/with-stack.sh $(PY) bench/audit_chain.py --records 1000000 --db-records 2000 --query-runs 5
 bench-analysis: bootstrap
 	@$(PY) bench/analysis.py
 bench-gateway: bootstrap

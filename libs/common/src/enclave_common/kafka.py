@@ -159,7 +159,7 @@ def reliable_consumer(
                 log.warning(
                     "event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason
                 )
-                await _dead_letter(broker, source_topic, body, msg, outcome)
+                await _dead_letter(broker, source_topic, body, msg, outcome, group_id)
                 metrics.dlq.labels(source_topic, outcome.code).inc()
             elif outcome is not None:
                 log.warning("transient failure persists; message will be redelivered", topic=source_topic)

@@ -43,11 +43,19 @@ ReadinessCheck = Callable[[], Awaitable[object]]
 class ServiceRuntime:
     """The wired dependencies of one service instance."""
 
-    def __init__(self, settings: BaseServiceSettings, *, processed: ProcessedEvents | None = None) -> None:
+    def __init__(
+        self,
+        settings: BaseServiceSettings,
+        *,
+        processed: ProcessedEvents | None = None,
+        broker_overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = CollectorRegistry()
         self.tracer_provider, self._span_file = build_tracer_provider(settings)
-        self.broker = create_broker(settings, registry=self.registry, tracer_provider=self.tracer_provider)
+        self.broker = create_broker(
+            settings, registry=self.registry, tracer_provider=self.tracer_provider, **(broker_overrides or {})
+        )
         self.publisher = EventPublisher(self.broker)
         self.mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             settings.mongo_url.get_secret_value(),
