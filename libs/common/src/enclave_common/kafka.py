@@ -207,10 +207,11 @@ async def _run_with_retries(
 
 
 async def _dead_letter(
-    broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError
+    broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError, group_id: str
 ) -> None:
     record = msg.raw_message
     headers = {
+        "x-dlq-consumer-group": group_id,
         "x-dlq-reason": error.reason[:1000],
         "x-dlq-code": error.code,
         "x-original-topic": topic,
