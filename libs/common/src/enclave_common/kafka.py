@@ -143,7 +143,7 @@ def reliable_consumer(
             envelope = Envelope.from_bytes(body)
         except ValidationError:
             await _dead_letter(
-                broker, source_topic, body, msg, ContractError("message is not an Enclave envelope")
+                broker, source_topic, body, msg, ContractError("message is not an Enclave envelope"), group_id
             )
             metrics.dlq.labels(source_topic, "contract_violation").inc()
             await msg.ack()
