@@ -87,12 +87,20 @@ def test_reversed_slice_order_gives_the_same_volume(mni_series):
     np.testing.assert_array_equal(forward.affine_ras, reversed_.affine_ras)
 
 
-def test_reversed_slice_order_gives_identical_numbers(mni_series, mni_result):
-    """The session fixture analysed a shuffled delivery; analyse the reversed one and compare."""
+def test_reversed_slice_order_gives_the_same_numbers(mni_series, mni_result):
+    """The session fixture analysed a shuffled delivery; analyse the reversed one and compare.
+
+    The input volumes are bit-identical (test above); ANTs' multithreaded registration is not
+    bit-reproducible across runs (floating-point reduction order), so numbers agree to 0.2 %.
+    """
     measures, _ = mni_result
     again, _ = analyse_volume(build_volume(mni_series[::-1]))
-    for name, value in measures.model_dump(exclude={"timings_s", "qc"}).items():
-        assert getattr(again, name) == value, name
+    assert again.unavailable == measures.unavailable
+    for name, value in measures.model_dump(exclude={"timings_s", "qc", "unavailable"}).items():
+        if isinstance(value, float):
+            assert getattr(again, name) == pytest.approx(value, rel=0.002), name
+        else:
+            assert getattr(again, name) == value, name
 
 
 def test_removed_middle_slice_fails_with_reason(mni_series):
@@ -125,7 +133,7 @@ def test_inverted_contrast_is_not_accepted_as_t1():
 
 def test_truncated_field_of_view_makes_whole_brain_measures_unavailable():
     t1 = mni152_volume()
-    top_cut = Volume(voxels=t1.voxels[:, :, :120].copy(), affine_ras=t1.affine_ras)
+    top_cut = Volume(voxels=t1.voxels[:, :, :130].copy(), affine_ras=t1.affine_ras)  # ~93 % of the ICV
     measures, _ = analyse_volume(top_cut)
     assert measures.intracranial_volume is None
     assert "field of view" in measures.unavailable["intracranial_volume"]

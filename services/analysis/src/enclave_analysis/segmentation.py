@@ -154,35 +154,41 @@ def segment_brain(
 
     with _timed(timings, "priors", stage):
 
+        def upsample(coarse: npt.NDArray[np.generic]) -> FloatArray:
+            native = ants.resample_image_to_target(
+                _like(fixed, coarse), corrected_image, interp_type="linear"
+            )
+            return np.asarray(native.numpy(), dtype=np.float32)
+
         def warp(array: npt.NDArray[np.generic], affine: npt.NDArray[np.float64]) -> FloatArray:
             """Warp at the registration grid, then upsample: priors are smooth, this is 8x cheaper."""
             moved = ants.apply_transforms(
                 fixed=fixed, moving=to_ants(array, affine), transformlist=forward, interpolator="linear"
             )
-            native = ants.resample_image_to_target(moved, corrected_image, interp_type="linear")
-            return np.clip(native.numpy(), 0.0, 1.0).astype(np.float32)
+            return np.clip(upsample(moved.numpy()), 0.0, 1.0)
 
         coarse_t1 = ants.apply_transforms(
             fixed=fixed, moving=moving, transformlist=forward, interpolator="linear"
         )
-        coarse_mask = (
-            ants.apply_transforms(
-                fixed=fixed, moving=to_ants(template.intracranial, template.affine_ras), transformlist=forward
-            ).numpy()
-            > 0.5
-        )
+        coarse_warped_mask = ants.apply_transforms(
+            fixed=fixed, moving=to_ants(template.intracranial, template.affine_ras), transformlist=forward
+        ).numpy()
+        coarse_mask = coarse_warped_mask > 0.5
         correlation = (
             float(np.corrcoef(coarse_t1.numpy()[coarse_mask], fixed.numpy()[coarse_mask])[0, 1])
             if coarse_mask.any()
             else float("nan")
         )
-        warped_mask = warp(template.intracranial, template.affine_ras)
+        _check_registration(correlation, options.min_template_correlation)
+        signed_distance = ndimage.distance_transform_edt(~coarse_mask, sampling=fixed.spacing) - (
+            ndimage.distance_transform_edt(coarse_mask, sampling=fixed.spacing)
+        )
+        warped_mask = np.clip(upsample(coarse_warped_mask), 0.0, 1.0)
         gm_prior = warp(template.gm, template.affine_ras)
         wm_prior = warp(template.wm, template.affine_ras)
-        intracranial = _intracranial_mask(corrected, warped_mask, volume.spacing_mm)
+        intracranial = _intracranial_mask(corrected, upsample(signed_distance), volume.spacing_mm)
         if not intracranial.any():
             raise NotBrainT1Error("no intracranial region found; a T1-weighted brain volume is required")
-        _check_registration(correlation, options.min_template_correlation)
         csf_prior = np.clip(warped_mask - gm_prior - wm_prior, 0.0, 1.0)
         priors = np.stack([csf_prior, gm_prior, wm_prior]) + 1e-3
         priors /= priors.sum(axis=0, keepdims=True)
@@ -275,16 +281,17 @@ def _n4(subject: ants.ANTsImage, spacing_mm: float) -> ants.ANTsImage:
 
 
 def _intracranial_mask(
-    corrected: FloatArray, warped_mask: FloatArray, spacing_mm: tuple[float, float, float]
+    corrected: FloatArray, signed_distance: FloatArray, spacing_mm: tuple[float, float, float]
 ) -> npt.NDArray[np.bool_]:
-    """Warped template mask trimmed by intensity (drops bone/air) and filled (keeps dark CSF)."""
-    template_mask = warped_mask > 0.5
+    """Warped template mask trimmed by intensity (drops bone/air) and filled (keeps dark CSF).
+
+    ``signed_distance`` is the distance (mm) to the warped template mask's surface, negative inside.
+    """
+    template_mask = signed_distance <= 0.0
     if not template_mask.any():
         return template_mask
-    outside_distance = ndimage.distance_transform_edt(~template_mask, sampling=spacing_mm)
-    inside_distance = ndimage.distance_transform_edt(template_mask, sampling=spacing_mm)
-    search = outside_distance <= 5.0
-    core = inside_distance > 4.0
+    search = signed_distance <= 5.0
+    core = signed_distance < -4.0
     smooth = ndimage.gaussian_filter(corrected, sigma=[0.7 / s for s in spacing_mm])
     white_level = float(np.percentile(smooth[template_mask], 95))
     mask = (search & (smooth > 0.2 * white_level)) | core
