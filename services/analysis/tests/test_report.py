@@ -65,3 +65,14 @@ def test_png_report_is_an_image_with_overlays(phantom_result):
     panel = pixels[:256]
     coloured = (np.abs(panel[..., 0] - panel[..., 1]) > 40) | (np.abs(panel[..., 1] - panel[..., 2]) > 40)
     assert coloured.sum() > 500
+
+
+def test_png_axial_panel_is_radiological(phantom_result):
+    """Left hippocampus (red overlay) on the screen's right half, right (green) on the left half."""
+    measures, segmentation = phantom_result
+    pixels = np.asarray(Image.open(io.BytesIO(png_report(segmentation, measures))).convert("RGB")).astype(int)
+    axial = pixels[:256, :256]
+    red = (axial[..., 0] - axial[..., 1] > 60) & (axial[..., 0] - axial[..., 2] > 60)
+    green = (axial[..., 1] - axial[..., 0] > 60) & (axial[..., 1] - axial[..., 2] > 60)
+    assert red.sum() > 20 and green.sum() > 20
+    assert np.argwhere(red)[:, 1].mean() > 128 > np.argwhere(green)[:, 1].mean()

@@ -227,10 +227,14 @@ def _canonical(array: npt.NDArray[np.generic], affine: npt.NDArray[np.float64]) 
     return np.asarray(nib.orientations.apply_orientation(array, transform))
 
 
-def _panel(grey: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], size: int) -> Image.Image:
-    """One slice (x right-to-left on screen = radiological, y up) with a translucent overlay."""
+def _panel(
+    grey: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8], size: int, radiological: bool = True
+) -> Image.Image:
+    """One RAS slice, second axis up; ``radiological`` puts the patient's right on screen left."""
     grey = np.flipud(grey.T)
     labels = np.flipud(labels.T)
+    if radiological:
+        grey, labels = np.fliplr(grey), np.fliplr(labels)
     base = np.clip(grey / max(float(np.percentile(grey, 99.5)), 1e-6), 0, 1) * 255
     rgb = np.repeat(base[..., np.newaxis], 3, axis=2)
     for label, colour in _COLOURS.items():
@@ -261,7 +265,7 @@ def png_report(segmentation: Segmentation, volumetrics: BrainVolumetrics, panel_
     panels = [
         _panel(grey[:, :, centre[2]], labels[:, :, centre[2]], panel_size),
         _panel(grey[:, centre[1], :], labels[:, centre[1], :], panel_size),
-        _panel(np.flipud(grey[centre[0], :, :]), np.flipud(labels[centre[0], :, :]), panel_size),
+        _panel(grey[centre[0], :, :], labels[centre[0], :, :], panel_size, radiological=False),
     ]
     rows = [
         ("Intracranial volume", _format(volumetrics.intracranial_volume, "mL")),
