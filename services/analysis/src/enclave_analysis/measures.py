@@ -147,8 +147,9 @@ def volumetrics_of(segmentation: Segmentation) -> BrainVolumetrics:
         "hippocampal_volume_right": float(segmentation.hippocampus_right.sum(dtype=np.float64)) * voxel_ml,
     }
     gm, wm, tiv = values["grey_matter_volume"], values["white_matter_volume"], values["intracranial_volume"]
-    values["brain_parenchyma_volume"] = (gm or 0.0) + (wm or 0.0)
-    values["brain_parenchymal_fraction"] = values["brain_parenchyma_volume"] / tiv if tiv else None
+    brain = (gm or 0.0) + (wm or 0.0)
+    values["brain_parenchyma_volume"] = brain
+    values["brain_parenchymal_fraction"] = brain / tiv if tiv else None
     values["hippocampal_volume_total"] = (values["hippocampal_volume_left"] or 0.0) + (
         values["hippocampal_volume_right"] or 0.0
     )

@@ -223,8 +223,8 @@ _COLOURS = {1: (70, 130, 255), 2: (255, 200, 40), 3: (240, 240, 240), 4: (255, 4
 
 def _canonical(array: npt.NDArray[np.generic], affine: npt.NDArray[np.float64]) -> npt.NDArray[np.generic]:
     """Reorient voxel axes to RAS so slices display the same way for any acquisition."""
-    transform = nib.orientations.io_orientation(affine)
-    return np.asarray(nib.orientations.apply_orientation(array, transform))
+    transform = nib.orientations.io_orientation(affine)  # type: ignore[no-untyped-call]
+    return np.asarray(nib.orientations.apply_orientation(array, transform))  # type: ignore[no-untyped-call]
 
 
 def _panel(
@@ -255,8 +255,8 @@ def _format(value: float | None, unit: str, digits: int = 1) -> str:
 def png_report(segmentation: Segmentation, volumetrics: BrainVolumetrics, panel_size: int = 256) -> bytes:
     """Axial, coronal and sagittal overlays through the intracranial centre plus the measures."""
     affine = segmentation.volume.affine_ras
-    grey = _canonical(segmentation.corrected, affine)
-    labels = _canonical(label_map(segmentation), affine)
+    grey = np.asarray(_canonical(segmentation.corrected, affine), dtype=np.float32)
+    labels = np.asarray(_canonical(label_map(segmentation), affine), dtype=np.uint8)
     inside = np.argwhere(labels > 0)
     centre = inside.mean(axis=0).astype(int) if inside.size else np.asarray(labels.shape) // 2
     hippocampus = np.argwhere(labels >= 4)

@@ -191,7 +191,7 @@ def segment_brain(
             raise NotBrainT1Error("no intracranial region found; a T1-weighted brain volume is required")
         csf_prior = np.clip(warped_mask - gm_prior - wm_prior, 0.0, 1.0)
         priors = np.stack([csf_prior, gm_prior, wm_prior]) + 1e-3
-        priors /= priors.sum(axis=0, keepdims=True)
+        priors = (priors / priors.sum(axis=0, keepdims=True)).astype(np.float32)
 
     with _timed(timings, "tissue_segmentation", stage):
         if options.tissue_model == "atropos":
