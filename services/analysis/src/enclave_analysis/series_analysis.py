@@ -10,6 +10,7 @@ from typing import Any
 import pydicom
 
 from enclave_analysis.measures import analyse_series
+from enclave_analysis.report import png_report, segmentation_dicom, structured_report
 
 MEASURE_FIELDS = (
     "intracranial_volume",
@@ -28,18 +29,17 @@ MEASURE_FIELDS = (
 def run_volumetrics(
     datasets: list[pydicom.Dataset],
 ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
-    """Measures (mL; thickness in mm), QC, why any measure is null, and the report files."""
+    """Measures (mL; thickness in mm), QC, why any measure is null, and the report files: a DICOM SR
+    (TID 1500), a DICOM Segmentation of the tissue and hippocampus labels (both highdicom) and a PNG."""
     volumetrics, segmentation = analyse_series(datasets)
     measures = {name: getattr(volumetrics, name) for name in MEASURE_FIELDS}
     qc = volumetrics.qc.model_dump(mode="json") | {
         "atlas": volumetrics.atlas,
         "template": volumetrics.template,
     }
-    reports: list[tuple[str, str, bytes]] = []
-    try:
-        from enclave_analysis import report
-    except ImportError:  # pragma: no cover - reports land with the report module
-        report = None  # type: ignore[assignment]
-    if report is not None and hasattr(report, "build_reports"):
-        reports = list(report.build_reports(datasets, volumetrics, segmentation))
+    reports: list[tuple[str, str, bytes]] = [
+        ("measurements-sr.dcm", "application/dicom", structured_report(datasets, volumetrics)),
+        ("segmentation.dcm", "application/dicom", segmentation_dicom(datasets, segmentation)),
+        ("report.png", "image/png", png_report(segmentation, volumetrics)),
+    ]
     return measures, qc, dict(volumetrics.unavailable), reports
