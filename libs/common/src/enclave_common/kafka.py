@@ -161,7 +161,10 @@ def reliable_consumer(
                 )
                 await _dead_letter(broker, source_topic, body, msg, outcome, group_id)
                 metrics.dlq.labels(source_topic, outcome.code).inc()
-            elif outcome is not None:
+                # Not marked processed: a replay from the DLQ (scripts/dlq.py) must be handled again.
+                await msg.ack()
+                return
+            if outcome is not None:
                 log.warning("transient failure persists; message will be redelivered", topic=source_topic)
                 await asyncio.sleep(retry.max_delay_s)
                 await msg.nack()

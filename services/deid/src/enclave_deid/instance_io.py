@@ -31,7 +31,7 @@ def read_instance(data: bytes | BinaryIO) -> Dataset:
         except Exception as exc:  # force=True on garbage: any access may fail
             raise InvalidDicomError("the bytes are not a DICOM dataset") from exc
         if not identified:
-            raise InvalidDicomError("the bytes are not a DICOM dataset (no SOP Class/Instance UID)")
+            raise InvalidDicomError("the bytes are not a DICOM dataset (no SOP Class/Instance UID)") from None
     meta = getattr(dataset, "file_meta", None) or FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
         implicit, little = dataset.original_encoding
