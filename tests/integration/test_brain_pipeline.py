@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -44,11 +45,13 @@ def _token(sub: str, roles: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_mni_brain_series_is_analysed_end_to_end():
+    patient_id = f"{PHI['PatientID']}-{uuid.uuid4().hex[:6]}"  # one patient per run
     datasets = write_mr_series(
         mni152_volume(),
         patient_name=PHI["PatientName"],
-        patient_id=PHI["PatientID"],
+        patient_id=patient_id,
         series_description="T1 MPRAGE",
     )
     session = requests.Session()
@@ -60,7 +63,7 @@ def test_mni_brain_series_is_analysed_end_to_end():
 
     clinician = {"Authorization": f"Bearer {_token('dr-brain', 'clinician')}"}
     patient = httpx.get(
-        f"{GATEWAY}/api/v1/imaging/patient/{PHI['PatientID']}", headers=clinician, timeout=30
+        f"{GATEWAY}/api/v1/imaging/patient/{patient_id}", headers=clinician, timeout=30
     ).json()
     imaging_ids = [i["imaging_id"] for i in patient["instances"]]
     assert len(imaging_ids) == len(datasets)

@@ -19,6 +19,9 @@ class Catalogue:
     def __init__(self, db: Any) -> None:
         self.instances = db["instances"]
         self.study_keys = db["study_keys"]
+        #: One document per (tenant, SOP instance pseudonym) listing its stored versions: the duplicate
+        #: check is a lookup by ``_id``, not a query (no scan on servers without index pushdown).
+        self.instance_keys = db["instance_keys"]
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("instance_key", ASCENDING)])

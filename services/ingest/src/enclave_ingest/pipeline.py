@@ -139,6 +139,11 @@ class InstancePipeline:
             "sha256": sha256,
             "size": size,
         }
+        key_doc = await self.catalogue.study_key_doc(meta.tenant, keys.study_key)
+        if key_doc is not None and key_doc.get("status") == "shredded":
+            return self._rejected(
+                meta, "study_shredded", "this study was crypto-shredded; new instances of it are not accepted"
+            )
         duplicate = "new"
         for existing in await self.catalogue.stored_versions(meta.tenant, keys.instance_key):
             if existing["_id"] == meta.instance_upload_id:
