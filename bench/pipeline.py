@@ -399,6 +399,14 @@ def rows_of(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _guarded(run: Any) -> dict[str, Any]:
+    """One part of the benchmark; a failure is reported in its row instead of ending the run."""
+    try:
+        return dict(run())
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=200)
@@ -417,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     before = {name: resources(name) for name in SERVICES}
     started = time.monotonic()
     results: dict[str, Any] = {"started_at": datetime.now().astimezone().isoformat()}
-    results["series"] = asyncio.run(series_benchmark(args, mongo))
+    results["series"] = _guarded(lambda: asyncio.run(series_benchmark(args, mongo)))
     if not args.skip_brain:
-        results["brain"] = asyncio.run(brain_benchmark(args))
+        results["brain"] = _guarded(lambda: asyncio.run(brain_benchmark(args)))
     elapsed = time.monotonic() - started
     after = {name: resources(name) for name in SERVICES}
     results["resources"] = {}
@@ -431,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         during = a["cpu_s"] - (b["cpu_s"] if b and b["pid"] == a["pid"] else 0.0)
         results["resources"][name] = {**a, "cpu_s_during": during, "cpu_pct": 100 * during / elapsed}
     if not args.skip_gateway:
-        results["gateway_vs_orthanc"] = gateway_vs_orthanc(args)
+        try:
+            results["gateway_vs_orthanc"] = gateway_vs_orthanc(args)
+        except Exception as exc:
+            results["gateway_vs_orthanc"] = {"skipped": f"failed: {type(exc).__name__}: {exc}"[:300]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
