@@ -63,6 +63,8 @@ async def _end_offsets() -> dict[TopicPartition, int]:
     await consumer.start()
     try:
         names = sorted(t for t in await consumer.topics() if t.startswith(topics.PREFIX + "."))
+        consumer.subscribe(names)  # so the cluster metadata holds their partitions
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public way
         tps = [TopicPartition(t, p) for t in names for p in consumer.partitions_for_topic(t) or ()]
         return dict(await consumer.end_offsets(tps)) if tps else {}
     finally:
