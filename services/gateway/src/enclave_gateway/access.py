@@ -47,6 +47,15 @@ def request_correlation_id(request: Request) -> str:
     return chosen
 
 
+_OPAQUE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def opaque_id_or_none(value: str | None) -> str | None:
+    """A path value is recorded only if it has the shape of an imaging id (a UUID): a client may put
+    anything in the URL, e.g. a patient id by mistake, and that must not reach the audit trail."""
+    return value if value is not None and _OPAQUE_ID.match(value) else None
+
+
 class AccessRecorder:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
@@ -102,7 +111,7 @@ class AccessRecorder:
         target = (
             outcome.resource.patient_key
             if outcome.resource is not None
-            else request.path_params.get("imaging_id")
+            else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
         await self.record(
             request,
