@@ -9,7 +9,7 @@ UV := $(ENCLAVE_CACHE)/uv-$(shell sed -n 's/^UV_VERSION=//p' scripts/bootstrap.s
 
 .PHONY: help bootstrap install-stack up down status stack-up stack-down services-up services-down \
         test lint unit integration bench bench-crypto bench-deid bench-audit bench-analysis bench-gateway \
-        fuzz openapi asyncapi clean-state deploy-tools deploy-test images
+        fuzz openapi asyncapi clean-state deploy-tools deploy-test images chaos bench-pipeline
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -67,7 +67,7 @@ test: lint unit deploy-test integration ## Everything: lint, unit tests, deploy 
 openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documents from the code
 	@$(PY) scripts/specs.py --write
 
-bench: bench-crypto bench-deid bench-audit bench-analysis ## All benchmarks, each side by side with its baseline
+bench: bench-crypto bench-deid bench-audit bench-analysis bench-gateway bench-pipeline ## All benchmarks, each side by side with its baseline
 
 bench-crypto: bootstrap
 	@$(PY) bench/crypto.py
@@ -79,6 +79,11 @@ bench-analysis: bootstrap
 	@$(PY) bench/analysis.py
 bench-gateway: bootstrap
 	@scripts/with-stack.sh $(PY) bench/gateway.py
+bench-pipeline: bootstrap ## Whole pipeline: acceptance vs Orthanc, time to audited/de-identified, per-stage rates, RSS/CPU
+	@scripts/with-stack.sh $(PY) bench/pipeline.py
+
+chaos: bootstrap ## Kill -9 every component in turn during 500 uploads; check nothing acknowledged is lost or duplicated
+	@scripts/with-stack.sh $(PY) scripts/chaos.py
 
 FUZZ_SECONDS ?= 60
 fuzz: bootstrap ## Bounded-time fuzzing of the multipart parser and DICOM validation (FUZZ_SECONDS=60)

@@ -31,7 +31,7 @@ def load_documents(text: str) -> list[Manifest]:
 
 
 def kustomize_build(kustomize: Path, overlay: Path) -> list[Manifest]:
-    out = subprocess.run([str(kustomize), "build", str(overlay)], check=True, capture_output=True, text=True)  # noqa: S603
+    out = subprocess.run([str(kustomize), "build", str(overlay)], check=True, capture_output=True, text=True)
     return load_documents(out.stdout)
 
 
