@@ -28,7 +28,7 @@ from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.security import BaseSecurity
 from opentelemetry.trace import TracerProvider
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from enclave_common import topics
@@ -119,6 +119,15 @@ class ConsumerMetrics:
         self.duplicates = Counter(
             "enclave_duplicate_events", "Redelivered events skipped", ["topic"], **kwargs
         )
+        self.handler_seconds = Histogram(
+            "enclave_handler_seconds", "Time to handle one event (retries included)", ["topic"], **kwargs
+        )
+        self.crypto_operations = Counter(
+            "enclave_crypto_operations",
+            "Seal, unseal, encrypt and decrypt operations",
+            ["service", "operation"],
+            **kwargs,
+        )
 
 
 def reliable_consumer(
@@ -154,7 +163,8 @@ def reliable_consumer(
             return
         structlog.contextvars.bind_contextvars(correlation_id=envelope.correlation_id, event_id=envelope.id)
         try:
-            outcome = await _run_with_retries(handler, envelope, retry, metrics, source_topic)
+            with metrics.handler_seconds.labels(source_topic).time():
+                outcome = await _run_with_retries(handler, envelope, retry, metrics, source_topic)
             if isinstance(outcome, PermanentError):
                 log.warning(
                     "event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason

@@ -185,6 +185,10 @@ class ChunkConsumer:
                 break
         if outcome is not None:
             outcome_event = outcome.event
+            crypto = self.runtime.consumer_metrics.crypto_operations
+            crypto.labels("ingest", "unseal").inc()
+            if isinstance(outcome_event, InstanceStored) and outcome_event.duplicate != "duplicate":
+                crypto.labels("ingest", "encrypt").inc()
         topic = (
             topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
         )
