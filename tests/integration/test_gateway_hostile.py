@@ -245,6 +245,20 @@ async def test_slow_body_is_cut_off_with_408(small_gateway):
             started = asyncio.get_running_loop().time()
             response = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S + 10)
             waited = asyncio.get_running_loop().time() - started
+            # headers and body may arrive in separate segments: read until the body is complete
+            while b"\r\n\r\n" in response:
+                head_part, _, body_part = response.partition(b"\r\n\r\n")
+                lengths = [
+                    int(line.split(b":", 1)[1])
+                    for line in head_part.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                if len(body_part) >= (lengths[0] if lengths else 0):
+                    break
+                more = await asyncio.wait_for(reader.read(65536), 10)
+                if not more:
+                    break
+                response += more
         finally:
             writer.close()
         published = await watch.read(lambda env: env.tenant == tenant)
