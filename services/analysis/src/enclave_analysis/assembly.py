@@ -119,7 +119,33 @@ class SeriesAssembly:
                 ]
             }
         )
-        return [doc async for doc in cursor if doc["status"] == "analysing" or self.complete(doc)][:20]
+        out: list[dict[str, Any]] = []
+        async for doc in cursor:
+            if doc["status"] == "analysing" or self.complete(doc) or await self._repair(doc):
+                out.append(doc)
+            if len(out) >= 20:
+                break
+        return out
+
+    async def _repair(self, series: dict[str, Any]) -> bool:
+        """True if the members missing from ``settled`` have in fact settled (and record them).
+
+        A MongoDB-wire server that applies ``$addToSet`` as read-modify-write (FerretDB v1) can lose
+        one of two concurrent updates of the same series document; the members collection, written
+        by ``_id``, is the source of truth. Checked only for a few missing members, by ``_id``.
+        """
+        missing = set(series.get("expected") or ()) - set(series.get("settled") or ())
+        if not missing or len(missing) > 50:
+            return False
+        for iuid in missing:
+            member = await self.members.find_one({"_id": iuid}, {"state": 1})
+            if member is None or member.get("state") == "expected":
+                return False
+        await self.series.update_one(
+            {"_id": series["_id"]}, {"$addToSet": {"settled": {"$each": sorted(missing)}}}
+        )
+        series["settled"] = [*(series.get("settled") or ()), *sorted(missing)]
+        return True
 
     async def members_of(self, series_id: str) -> list[dict[str, Any]]:
         return [doc async for doc in self.members.find({"series_id": series_id})]
