@@ -4,6 +4,7 @@ them without reading each other's database. See ``enclave_common.crypto.study_ke
 from __future__ import annotations
 
 import io
+from collections.abc import Awaitable, Callable
 
 from enclave_common.crypto import (
     KeyEncryptionKeyProvider,
@@ -12,7 +13,9 @@ from enclave_common.crypto import (
     open_study_key,
 )
 from enclave_common.crypto.errors import KeyNotFoundError
+from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError
+from enclave_common.events import KeyEvent
 from enclave_common.storage import S3ObjectStore
 
 KEY_PREFIX = "keys/"
@@ -71,3 +74,20 @@ class StudyKeyObjects:
 
     def forget(self, tenant: str, study_key: str) -> None:
         self._cache.pop((tenant, study_key), None)
+
+
+def shred_listener(
+    current: Callable[[], StudyKeyObjects | None],
+) -> Callable[[Envelope], Awaitable[None]]:
+    """A ``key.shredded`` handler dropping the shredded study's key from a process's cache.
+
+    ``current`` returns the service's StudyKeyObjects (None before startup loaded the keys).
+    """
+
+    async def forget_shredded(envelope: Envelope) -> None:
+        event = envelope.payload(KeyEvent)
+        keys = current()
+        if event.operation == "shredded" and event.study_key and keys is not None:
+            keys.forget(envelope.tenant, event.study_key)
+
+    return forget_shredded

@@ -8,13 +8,11 @@ from pathlib import Path
 
 from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider
-from enclave_common.envelope import Envelope
 from enclave_common.errors import ConfigurationError
-from enclave_common.events import KeyEvent
 from enclave_common.keys_config import kek_provider
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
-from enclave_common.study_key_objects import StudyKeyObjects
+from enclave_common.study_key_objects import StudyKeyObjects, shred_listener
 from fastapi import FastAPI
 
 from enclave_deid.config import DeidSettings
@@ -93,13 +91,10 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
         await records.ensure_indexes()
         await vault.ensure_indexes()
 
-    async def forget_shredded(envelope: Envelope) -> None:
-        """A study was crypto-shredded: drop its original-opening key from this process's cache."""
-        event = envelope.payload(KeyEvent)
-        if event.operation == "shredded" and event.study_key and handler.pipeline is not None:
-            handler.pipeline.study_keys.forget(envelope.tenant, event.study_key)
-
-    runtime.consume(topics.KEY_SHREDDED, forget_shredded)
+    runtime.consume(
+        topics.KEY_SHREDDED,
+        shred_listener(lambda: handler.pipeline.study_keys if handler.pipeline is not None else None),
+    )
     runtime.on_startup(load_keys_and_prepare)
     return runtime.http_app(title="Enclave de-identification")
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from enclave_common import topics
 from enclave_common.crypto import load_private_key
-from enclave_common.envelope import Envelope
 from enclave_common.errors import ConfigurationError
-from enclave_common.events import KeyEvent
 from enclave_common.keys_config import kek_provider
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
-from enclave_common.study_key_objects import StudyKeyObjects
+from enclave_common.study_key_objects import StudyKeyObjects, shred_listener
 from fastapi import FastAPI
 
 from enclave_ingest.catalogue import Catalogue
@@ -55,13 +53,10 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         await store.ensure_bucket(settings.originals_bucket)
         await catalogue.ensure_indexes()
 
-    async def forget_shredded(envelope: Envelope) -> None:
-        """A study was crypto-shredded (by the key CLI): drop its key from this process's cache."""
-        event = envelope.payload(KeyEvent)
-        if event.operation == "shredded" and event.study_key and consumer.pipeline is not None:
-            consumer.pipeline.study_keys.forget(envelope.tenant, event.study_key)
-
-    runtime.consume(topics.KEY_SHREDDED, forget_shredded)
+    runtime.consume(
+        topics.KEY_SHREDDED,
+        shred_listener(lambda: consumer.pipeline.study_keys if consumer.pipeline is not None else None),
+    )
     runtime.on_startup(load_keys_and_prepare)
     app = runtime.http_app(title="Enclave ingest")
     app.state.catalogue = catalogue
