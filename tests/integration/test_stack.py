@@ -117,8 +117,7 @@ async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
         broker = create_broker(settings, metadata_max_age_ms=1000, graceful_timeout=0.5)
         reliable_consumer(
             broker,
-            topic,
-            make_handler(crash),
+            {topic: make_handler(crash)},
             group_id=group,
             processed=MongoProcessedEvents(db),
             retry=RetryPolicy.from_settings(settings),

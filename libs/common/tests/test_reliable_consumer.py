@@ -38,8 +38,7 @@ def _wire(handler, processed=None):
 
     reliable_consumer(
         broker,
-        TOPIC,
-        handler,
+        {TOPIC: handler},
         group_id="test",
         processed=processed,
         retry=RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.002),

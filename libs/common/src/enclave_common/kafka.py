@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -95,6 +95,14 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
 
 
+#: Consumer group timing for every Enclave subscriber. A service runs one aiokafka consumer per
+#: subscribed topic, all in its one group; each joining member makes the others rejoin on their next
+#: heartbeat, so aiokafka's 3 s default heartbeat made a five-topic service take ~15 s to start (and
+#: as long to settle after a restart). 1 s stays well inside the 10 s session timeout (Kafka's
+#: guidance: at most a third).
+CONSUMER_GROUP_TIMING: dict[str, int] = {"heartbeat_interval_ms": 1000, "session_timeout_ms": 10_000}
+
+
 class EventPublisher:
     """Publishes envelopes: JSON value, the envelope id and type in headers, an opaque key."""
 
@@ -132,8 +140,7 @@ class ConsumerMetrics:
 
 def reliable_consumer(
     broker: KafkaBroker,
-    topic: str,
-    handler: Handler,
+    handlers: Mapping[str, Handler],
     *,
     group_id: str,
     processed: ProcessedEvents,
@@ -141,13 +148,23 @@ def reliable_consumer(
     metrics: ConsumerMetrics,
     pattern: bool = False,
 ) -> None:
-    """Subscribe ``handler`` to ``topic`` (or a regex ``pattern``) with at-least-once, idempotent semantics."""
+    """Subscribe ``handlers`` (topic -> handler) with at-least-once, idempotent semantics.
+
+    All topics share one Kafka consumer, so a service is one member of its group: a start or restart
+    is one rebalance, not one per topic. With ``pattern`` the single key of ``handlers`` is a regex.
+    """
+    if not handlers:
+        raise ValueError("reliable_consumer needs at least one topic")
+    if pattern and len(handlers) != 1:
+        raise ValueError("a pattern subscription takes exactly one regex")
+    topic_list = list(handlers)
 
     async def consume(_: Any, msg: KafkaMessage) -> None:
         # FastStream may already have JSON-decoded the body; the raw bytes are what we parse and forward.
         body = msg.body
         record = msg.raw_message
-        source_topic = record.topic if not isinstance(record, tuple) else topic
+        source_topic = record.topic if not isinstance(record, tuple) else topic_list[0]
+        handler = handlers[topic_list[0]] if pattern else handlers[source_topic]
         try:
             envelope = Envelope.from_bytes(body)
         except ValidationError:
@@ -189,12 +206,13 @@ def reliable_consumer(
         "ack_policy": AckPolicy.MANUAL,
         "auto_offset_reset": "earliest",
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
-        "title": f"{group_id}:{topic}",
+        "title": f"{group_id}:{','.join(topic_list)}",
+        **CONSUMER_GROUP_TIMING,
     }
     if pattern:
-        broker.subscriber(pattern=topic, **subscribe_kwargs)(consume)
+        broker.subscriber(pattern=topic_list[0], **subscribe_kwargs)(consume)
     else:
-        broker.subscriber(topic, **subscribe_kwargs)(consume)
+        broker.subscriber(*topic_list, **subscribe_kwargs)(consume)
 
 
 async def _run_with_retries(

@@ -75,22 +75,35 @@ class ServiceRuntime:
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[str, Handler] = {}
+        self._subscribed = False
 
     async def _kafka_ready(self) -> None:
         if not await self.broker.ping(timeout=3.0):
             raise ConnectionError("Kafka did not answer")
 
-    def consume(self, topic: str, handler: Handler, *, pattern: bool = False) -> None:
-        reliable_consumer(
-            self.broker,
-            topic,
-            handler,
-            group_id=f"enclave-{self.settings.service_name}",
-            processed=self.processed,
-            retry=self.retry,
-            metrics=self.consumer_metrics,
-            pattern=pattern,
-        )
+    def consume(self, topic: str, handler: Handler) -> None:
+        """Handle ``topic`` in this service's consumer group (subscribed when the app is built)."""
+        if self._subscribed:
+            raise RuntimeError(f"consume({topic!r}) after the service's consumer was subscribed")
+        if topic in self._handlers:
+            raise ValueError(f"{topic} already has a handler")
+        self._handlers[topic] = handler
+
+    def _subscribe(self) -> None:
+        """One consumer for every topic registered with :meth:`consume` (idempotent)."""
+        if self._subscribed:
+            return
+        self._subscribed = True
+        if self._handlers:
+            reliable_consumer(
+                self.broker,
+                dict(self._handlers),
+                group_id=f"enclave-{self.settings.service_name}",
+                processed=self.processed,
+                retry=self.retry,
+                metrics=self.consumer_metrics,
+            )
 
     def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._startup.append(fn)
@@ -112,6 +125,7 @@ class ServiceRuntime:
         return task
 
     async def start(self) -> None:
+        self._subscribe()
         for fn in self._startup:
             await fn()
         await self.broker.start()
@@ -145,6 +159,7 @@ class ServiceRuntime:
         self, *, title: str, routers: Sequence[APIRouter] = (), start_runtime: bool = True
     ) -> FastAPI:
         """The service's HTTP app: health, readiness, metrics, plus the service's own routers."""
+        self._subscribe()
 
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
-from nilearn import datasets
 
 
 @dataclass(frozen=True)
@@ -104,6 +103,8 @@ def _as_unit(image: nib.Nifti1Image) -> npt.NDArray[np.float32]:
 @lru_cache(maxsize=1)
 def mni_template() -> MniTemplate:
     """Load (once per process) the nilearn MNI152 2009a 1 mm template and its tissue maps."""
+    from nilearn import datasets  # ~3 s to import (scikit-learn); only the first analysis pays it
+
     t1_image = datasets.load_mni152_template(resolution=1)
     t1 = _as_unit(t1_image)
     gm = _as_unit(datasets.load_mni152_gm_template(resolution=1))

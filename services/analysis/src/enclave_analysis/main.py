@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from enclave_common.keys_config import kek_provider
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
@@ -10,6 +12,7 @@ from fastapi import FastAPI
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
+from enclave_analysis.segmentation import warm_up
 from enclave_analysis.series_analysis import run_volumetrics
 
 
@@ -28,6 +31,7 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
         if settings.results_bucket != settings.deidentified_bucket:
             await store.ensure_bucket(settings.results_bucket)
         await assembly.ensure_indexes()
+        runtime.spawn(asyncio.to_thread(warm_up), "import-ants")
         runtime.spawn(service.run_assembler(), "series-assembler")
 
     runtime.on_startup(prepare)

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import ants
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
@@ -34,6 +33,13 @@ from scipy import ndimage
 from enclave_analysis.atlas import DEFAULT_ATLAS, atlas_named, hippocampus_masks, mni_template
 from enclave_analysis.errors import NotBrainT1Error
 from enclave_analysis.volume import LPS_TO_RAS, Volume
+
+if TYPE_CHECKING:
+    import ants
+
+# ANTsPy is imported where it is used: importing it costs ~6 s (statsmodels, pandas, plotting), which
+# would otherwise delay every start of the service; `warm_up` imports it in the background instead
+# (and loads the template, whose nilearn import costs another ~3 s).
 
 FloatArray = npt.NDArray[np.float32]
 #: Thicker "grey matter" is deep grey matter (thalamus, basal ganglia), not cortex.
@@ -88,6 +94,8 @@ class Segmentation:
 
 def to_ants(array: npt.NDArray[np.generic], affine_ras: npt.NDArray[np.float64]) -> ants.ANTsImage:
     """An ANTs (ITK, LPS) image from an array and its voxel-to-RAS affine."""
+    import ants  # imported here: see the module note
+
     lps = LPS_TO_RAS @ affine_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     direction = lps[:3, :3] / spacing
@@ -122,6 +130,8 @@ def segment_brain(
     Raises :class:`NotBrainT1Error` when the volume does not register to the brain template or
     its tissue contrast is not T1-like (white matter brighter than grey matter brighter than CSF).
     """
+    import ants  # imported here: see the module note
+
     options = options or PipelineOptions()
     atlas = atlas_named(options.atlas)
     timings: dict[str, float] = {}
@@ -262,6 +272,8 @@ def segment_brain(
 
 def _n4(subject: ants.ANTsImage, spacing_mm: float) -> ants.ANTsImage:
     """N4 on a coarse copy; the smooth field is interpolated back and divided out at full resolution."""
+    import ants  # imported here: see the module note
+
     low = ants.resample_image(subject, (spacing_mm,) * 3, False, 0)
     low_array = low.numpy()
     head = low_array > 0.1 * float(np.percentile(low_array, 99))
@@ -327,6 +339,8 @@ def _atropos(
     options: PipelineOptions,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """ANTs Atropos with the warped priors (single-threaded here: about 75 s at 1 mm on our machine)."""
+    import ants  # imported here: see the module note
+
     result = ants.atropos(
         a=corrected_image,
         x=_like(corrected_image, intracranial),
@@ -409,6 +423,8 @@ def _direct_thickness(
     iterations: int,
 ) -> FloatArray:
     """KellyKapowski on the bounding box of the intracranial mask (saves most of the run time)."""
+    import ants  # imported here: see the module note
+
     box = ndimage.find_objects(intracranial.astype(np.uint8))[0]
     box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in box)
     crop = ants.crop_indices(
@@ -428,3 +444,10 @@ def _direct_thickness(
     full = np.zeros(labels.shape, dtype=np.float32)
     full[box] = thickness.numpy()
     return full
+
+
+def warm_up() -> None:
+    """Import ANTsPy and load the template ahead of the first analysis (a worker thread at start)."""
+    import ants  # noqa: F401
+
+    mni_template()

@@ -22,7 +22,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.envelope import Envelope, derived_event_id
 from enclave_common.events import SecurityAlert
-from enclave_common.kafka import EventPublisher, RetryPolicy
+from enclave_common.kafka import CONSUMER_GROUP_TIMING, EventPublisher, RetryPolicy
 from enclave_common.storage import ObjectStore
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -188,6 +188,7 @@ class AuditConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             title=f"{group_id}:audited",
+            **CONSUMER_GROUP_TIMING,
         )
         subscriber(consume)
         # FastStream has no per-subscriber metadata age; a new matching topic is found on refresh.

@@ -17,6 +17,7 @@ from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, TransientError, classify_exception
 from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
+from enclave_common.kafka import CONSUMER_GROUP_TIMING
 from enclave_common.service import ServiceRuntime
 from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
@@ -65,6 +66,7 @@ class ChunkConsumer:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             max_poll_interval_ms=15 * 60 * 1000,
+            **CONSUMER_GROUP_TIMING,
             listener=_ForgetRevoked(self.tracker, self.spool),
             title="ingest:upload.chunk",
             description="Sealed chunks of accepted instances (UploadChunk); reassembled, verified, encrypted, stored.",
