@@ -60,11 +60,20 @@ class ReadModel:
     async def advance(
         self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]
     ) -> None:
-        """Move an instance to ``status`` unless it is already there or further."""
+        """Move an instance to ``status`` unless it is already there or further.
+
+        Read, then write, both by ``_id`` only: a ``rank`` condition in the filter would make FerretDB
+        (SQLite) scan the whole collection for every event. This consumer handles one event at a
+        time, so nothing else moves the rank between the read and the write; the upload path's
+        ``record_upload`` never touches ``status``/``rank`` of an existing document.
+        """
+        current = await self.instances.find_one({"_id": instance_upload_id}, {"rank": 1})
+        if current is not None and current.get("rank", 0) >= RANK[status]:
+            return  # already at this status or beyond (a redelivery, or events out of order)
         now = datetime.now(UTC)
         try:
             await self.instances.update_one(
-                {"_id": instance_upload_id, "rank": {"$lt": RANK[status]}},
+                {"_id": instance_upload_id},
                 {
                     "$set": {
                         "tenant": tenant,
@@ -77,7 +86,8 @@ class ReadModel:
                 upsert=True,
             )
         except DuplicateKeyError:
-            return  # already at this status or beyond
+            # The upload path inserted the document between our read and write: apply it again.
+            await self.advance(instance_upload_id, tenant, status, fields)
 
     async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
@@ -159,9 +169,8 @@ class ReadModel:
                     "reason": failed.reason,
                 },
             )
-            await self.instances.update_many(
-                {"_id": {"$in": failed.instance_upload_ids}}, {"$set": {"analysis_id": failed.analysis_id}}
-            )
+            for iuid in failed.instance_upload_ids:  # by _id: FerretDB scans for ``$in``
+                await self.instances.update_one({"_id": iuid}, {"$set": {"analysis_id": failed.analysis_id}})
 
     async def _store_analysis(
         self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]
