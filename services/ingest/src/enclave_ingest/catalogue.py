@@ -32,11 +32,30 @@ class Catalogue:
         return doc
 
     async def stored_versions(self, tenant: str, instance_key: str) -> list[dict[str, Any]]:
-        cursor = self.instances.find({"tenant": tenant, "instance_key": instance_key, "status": "stored"})
-        return [doc async for doc in cursor]
+        """The stored versions of one SOP instance: ``_id`` lookups only (index document, then each)."""
+        index = await self.instance_keys.find_one({"_id": f"{tenant}|{instance_key}"})
+        versions: dict[str, str] = (index or {}).get("versions") or {}
+        found = []
+        for instance_upload_id in sorted(set(versions.values())):
+            doc = await self.instances.find_one({"_id": instance_upload_id})
+            if doc is not None and doc.get("status") == "stored":
+                found.append(doc)
+        return found
 
     async def record(self, instance_upload_id: str, doc: dict[str, Any]) -> None:
-        """Insert or replace the outcome of one instance upload (idempotent on redelivery)."""
+        """Insert or replace the outcome of one instance upload (idempotent on redelivery).
+
+        A stored instance is first listed in its ``instance_keys`` document (content digest ->
+        instance upload), then recorded: a crash in between leaves an entry whose instance is not
+        (yet) ``stored``, which :meth:`stored_versions` skips, and the redelivery writes both again.
+        One field per digest, so two versions never rewrite the same field.
+        """
+        if doc.get("status") == "stored":
+            await self.instance_keys.update_one(
+                {"_id": f"{doc['tenant']}|{doc['instance_key']}"},
+                {"$set": {f"versions.{doc['sha256']}": instance_upload_id}},
+                upsert=True,
+            )
         await self.instances.replace_one(
             {"_id": instance_upload_id},
             {**doc, "_id": instance_upload_id, "recorded_at": datetime.now(UTC)},
