@@ -69,8 +69,9 @@ openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documen
 
 bench: bench-crypto bench-deid bench-audit bench-analysis bench-gateway bench-pipeline ## All benchmarks, each side by side with its baseline
 
-bench-crypto: bootstrap
+bench-crypto: bootstrap ## Streaming AEAD vs raw AES-GCM, then ingest throughput (chunks -> stored) on the stack
 	@$(PY) bench/crypto.py
+	@scripts/with-stack.sh $(PY) bench/ingest.py
 bench-deid: bootstrap
 	@$(UV) run --frozen --package enclave-deid --group bench python bench/deid.py
 bench-audit: bootstrap
