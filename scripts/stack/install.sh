@@ -30,13 +30,19 @@ install_minio() {
 
 install_ferretdb() {
   if [ -x "$FERRETDB_BIN" ]; then log "ferretdb $FERRETDB_VERSION: cached"; return; fi
-  log "ferretdb $FERRETDB_VERSION: downloading module and building (a plain go install panics at start)"
+  log "ferretdb $FERRETDB_VERSION (patch level $FERRETDB_PATCH_LEVEL): downloading module and building (a plain go install panics at start)"
   local src dir; dir="$(dirname "$FERRETDB_BIN")"
   src="$(go mod download -json "github.com/FerretDB/FerretDB@$FERRETDB_VERSION" \
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
   rm -rf "$dir.src"; mkdir -p "$dir"; cp -r "$src" "$dir.src"; chmod -R u+w "$dir.src"
   echo "$FERRETDB_VERSION" > "$dir.src/build/version/version.txt"
   echo "enclave-local" > "$dir.src/build/version/package.txt"
+  local patch
+  for patch in "$STACK_DIR"/patches/ferretdb-"$FERRETDB_VERSION"-*.patch; do
+    [ -e "$patch" ] || continue
+    log "ferretdb: applying $(basename "$patch")"
+    patch -s -p1 -d "$dir.src" < "$patch"
+  done
   (cd "$dir.src" && CGO_ENABLED=0 go build -v -o "$FERRETDB_BIN" ./cmd/ferretdb 2>&1 \
     | awk '{n++; if (n % 50 == 0) printf "[go] ferretdb: %d packages compiled\n", n > "/dev/stderr"}')
   rm -rf "$dir.src"
