@@ -62,7 +62,9 @@ images: ## Build the five container images (needs a Docker engine; not available
 integration: bootstrap ## Integration tests on the real stack (starts it if needed, stops only what it started)
 	@scripts/with-stack.sh $(PYTEST) tests/integration -q -m integration
 
-test: lint unit deploy-test integration ## Everything: lint, unit tests, deploy validation, integration tests
+test: bootstrap deploy-tools ## Everything: lint, unit tests, deploy validation, integration tests
+	@scripts/with-stack.sh --meanwhile '$(MAKE) --no-print-directory lint unit deploy-test' \
+		$(PYTEST) tests/integration -q -m integration
 
 openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documents from the code
 	@$(PY) scripts/specs.py --write

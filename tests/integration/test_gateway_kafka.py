@@ -43,17 +43,20 @@ async def test_kafka_outage_answers_503_and_loses_nothing_acknowledged():
         imaging_ids = [a["imaging_id"] for a in acknowledged.json()["accepted"]]
         kill_hard("kafka")  # right after the acknowledgement: ingest has likely not consumed it yet
         try:
-            refused = await _upload(client, headers, 2)
+            # Both wait for the publish timeout before answering: sent together, they wait once.
+            refused, stow = await asyncio.gather(
+                _upload(client, headers, 2),
+                client.post(
+                    f"{GATEWAY}/dicomweb/studies",
+                    content=mr_instance()[0],
+                    headers={**headers, "Content-Type": "application/dicom"},
+                ),
+            )
             assert refused.status_code == 503, refused.text
             assert refused.headers.get("retry-after")
             body = refused.json()
             assert "imaging_id" not in refused.text and "accepted" not in body
             assert "retry later" in refused.text
-            stow = await client.post(
-                f"{GATEWAY}/dicomweb/studies",
-                content=mr_instance()[0],
-                headers={**headers, "Content-Type": "application/dicom"},
-            )
             assert stow.status_code == 503 and "ReferencedSOPSequence" not in stow.text
             assert (await client.get(f"{GATEWAY}/healthz")).status_code == 200  # alive, just not ready
             assert (await client.get(f"{GATEWAY}/readyz")).status_code == 503
