@@ -75,6 +75,10 @@ class InstanceStoredHandler:
         outcome = await self.pipeline.run(
             tenant, stored, policy, deid_object_key(cause.id, stored.instance_key)
         )
+        crypto = self.runtime.consumer_metrics.crypto_operations
+        crypto.labels("deid", "decrypt").inc()  # the original
+        if not isinstance(outcome, Quarantined):
+            crypto.labels("deid", "encrypt").inc()  # the de-identified copy
         if isinstance(outcome, Quarantined):
             data: EventData = InstanceQuarantined(
                 upload_id=stored.upload_id,
