@@ -59,12 +59,13 @@ deploy-test: bootstrap deploy-tools ## kustomize build + offline schema validati
 images: ## Build the five container images (needs a Docker engine; not available on the dev machines)
 	@for s in gateway ingest deid analysis audit; do docker build -f services/$$s/Dockerfile -t enclave/$$s:$${TAG:-dev} . || exit 1; done
 
+INTEGRATION_TESTS = $(PYTEST) tests/integration -q -m integration
+
 integration: bootstrap ## Integration tests on the real stack (starts it if needed, stops only what it started)
-	@scripts/with-stack.sh $(PYTEST) tests/integration -q -m integration
+	@scripts/with-stack.sh $(INTEGRATION_TESTS)
 
 test: bootstrap deploy-tools ## Everything: lint, unit tests, deploy validation, integration tests
-	@scripts/with-stack.sh --meanwhile '$(MAKE) --no-print-directory lint unit deploy-test' \
-		$(PYTEST) tests/integration -q -m integration
+	@scripts/with-stack.sh --meanwhile '$(MAKE) --no-print-directory lint unit deploy-test' $(INTEGRATION_TESTS)
 
 openapi asyncapi: bootstrap ## Regenerate the committed OpenAPI/AsyncAPI documents from the code
 	@$(PY) scripts/specs.py --write

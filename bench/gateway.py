@@ -62,6 +62,11 @@ def mr_instances(count: int) -> list[bytes]:
     template.BitsAllocated, template.BitsStored, template.HighBit = 16, 16, 15
     pixels = bytes(range(256)) * (256 * 256 * 2 // 256)
     template.PixelData = pixels
+    return numbered_copies(template, count)
+
+
+def numbered_copies(template: pydicom.Dataset, count: int) -> list[bytes]:
+    """``count`` Part 10 copies of ``template`` in one new study and series, each with its own UID."""
     template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
     out = []
     for number in range(count):

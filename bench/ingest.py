@@ -35,15 +35,16 @@ from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.events import InstanceStored
 from enclave_common.kafka import EventPublisher, create_broker
-from enclave_common.pseudonyms import instance_keys, pseudonymizer_from_base64
+from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.settings import BaseServiceSettings
 from enclave_gateway.handoff import Handoff, SealedInstance
+from enclave_gateway.uploads import keys_for
 from enclave_gateway.validation import InstanceInfo, InstanceInspector, ValidationPolicy
-from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gateway as gateway_bench  # noqa: E402  (bench/gateway.py: the same MR instances and dev env)
+from pipeline import service_pid  # noqa: E402  (bench/pipeline.py: pids of the running services)
 
 STATE = gateway_bench.STATE
 MIB = 1024 * 1024
@@ -57,26 +58,7 @@ def large_instances(count: int, mib: int) -> list[bytes]:
     side = int((mib * MIB / 2) ** 0.5)
     template.Rows = template.Columns = side
     template.PixelData = os.urandom(side * side * 2)
-    template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
-    out = []
-    for number in range(count):
-        template.SOPInstanceUID = generate_uid()
-        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
-        template.InstanceNumber = number + 1
-        buffer = io.BytesIO()
-        template.save_as(buffer, enforce_file_format=True)
-        out.append(buffer.getvalue())
-    return out
-
-
-def pids(names: tuple[str, ...]) -> list[int]:
-    found = []
-    for name in names:
-        try:
-            found.append(int((STATE / "pids" / f"{name}.pid").read_text().strip()))
-        except (OSError, ValueError):
-            pass
-    return found
+    return gateway_bench.numbered_copies(template, count)
 
 
 async def run(
@@ -121,14 +103,7 @@ async def run(
         started = time.perf_counter()
         upload_id = str(uuid.uuid4())
         for part, info in sealed:
-            keys = instance_keys(
-                pseudonymizer,
-                tenant,
-                patient_id=info.patient_id,
-                study_uid=info.study_instance_uid,
-                series_uid=info.series_instance_uid,
-                sop_instance_uid=info.sop_instance_uid,
-            )
+            keys = keys_for(pseudonymizer, tenant, info)
             await handoff.publish_instance(
                 part,
                 upload_id=upload_id,
@@ -175,7 +150,8 @@ def main() -> int:
         (f"{args.small} x {128} KiB", gateway_bench.mr_instances(args.small)),
         (f"{args.large} x {args.large_mib} MiB", large_instances(args.large, args.large_mib)),
     ]
-    paused = [] if args.keep_downstream else pids(DOWNSTREAM)
+    found = [] if args.keep_downstream else [service_pid(name) for name in DOWNSTREAM]
+    paused = [pid for pid in found if pid is not None]
     rows = []
     with tempfile.TemporaryDirectory(prefix="enclave-bench-ingest-") as spool:
         try:

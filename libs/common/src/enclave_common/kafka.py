@@ -95,10 +95,9 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2**attempt))
 
 
-#: Consumer group timing for every Enclave subscriber. A service runs one aiokafka consumer per
-#: subscribed topic, all in its one group; each joining member makes the others rejoin on their next
-#: heartbeat, so aiokafka's 3 s default heartbeat made a five-topic service take ~15 s to start (and
-#: as long to settle after a restart). 1 s stays well inside the 10 s session timeout (Kafka's
+#: Consumer group timing for every Enclave subscriber. When a member joins or leaves, the others
+#: rejoin on their next heartbeat: with aiokafka's 3 s default every start, restart or scale step
+#: took several seconds per member. 1 s stays well inside the 10 s session timeout (Kafka's
 #: guidance: at most a third).
 CONSUMER_GROUP_TIMING: dict[str, int] = {"heartbeat_interval_ms": 1000, "session_timeout_ms": 10_000}
 
@@ -146,17 +145,14 @@ def reliable_consumer(
     processed: ProcessedEvents,
     retry: RetryPolicy,
     metrics: ConsumerMetrics,
-    pattern: bool = False,
 ) -> None:
     """Subscribe ``handlers`` (topic -> handler) with at-least-once, idempotent semantics.
 
     All topics share one Kafka consumer, so a service is one member of its group: a start or restart
-    is one rebalance, not one per topic. With ``pattern`` the single key of ``handlers`` is a regex.
+    is one rebalance, not one per topic.
     """
     if not handlers:
         raise ValueError("reliable_consumer needs at least one topic")
-    if pattern and len(handlers) != 1:
-        raise ValueError("a pattern subscription takes exactly one regex")
     topic_list = list(handlers)
 
     async def consume(_: Any, msg: KafkaMessage) -> None:
@@ -164,7 +160,7 @@ def reliable_consumer(
         body = msg.body
         record = msg.raw_message
         source_topic = record.topic if not isinstance(record, tuple) else topic_list[0]
-        handler = handlers[topic_list[0]] if pattern else handlers[source_topic]
+        handler = handlers[source_topic]
         try:
             envelope = Envelope.from_bytes(body)
         except ValidationError:
@@ -209,10 +205,7 @@ def reliable_consumer(
         "title": f"{group_id}:{','.join(topic_list)}",
         **CONSUMER_GROUP_TIMING,
     }
-    if pattern:
-        broker.subscriber(pattern=topic_list[0], **subscribe_kwargs)(consume)
-    else:
-        broker.subscriber(*topic_list, **subscribe_kwargs)(consume)
+    broker.subscriber(*topic_list, **subscribe_kwargs)(consume)
 
 
 async def _run_with_retries(

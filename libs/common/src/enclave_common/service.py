@@ -105,6 +105,10 @@ class ServiceRuntime:
                 metrics=self.consumer_metrics,
             )
 
+    def count_crypto(self, operation: str) -> None:
+        """Count one seal, unseal, encrypt or decrypt (``enclave_crypto_operations_total``)."""
+        self.consumer_metrics.crypto_operations.labels(self.settings.service_name, operation).inc()
+
     def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._startup.append(fn)
 

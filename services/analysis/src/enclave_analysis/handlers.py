@@ -192,7 +192,7 @@ class AnalysisService:
         plain = await asyncio.to_thread(
             decrypt_bytes, blob, ObjectIdentity(tenant, member["study_key"], ref.key), self.kek
         )
-        self.runtime.consumer_metrics.crypto_operations.labels("analysis", "decrypt").inc()
+        self.runtime.count_crypto("decrypt")
         return pydicom.dcmread(io.BytesIO(plain))
 
     async def _store_report(
@@ -203,7 +203,7 @@ class AnalysisService:
         identity = ObjectIdentity(tenant, study_key, key)
         dek, wrapped = self.kek.generate_data_key(identity.key_context())
         ciphertext = await asyncio.to_thread(encrypt_bytes, body, dek, wrapped, identity)
-        self.runtime.consumer_metrics.crypto_operations.labels("analysis", "encrypt").inc()
+        self.runtime.count_crypto("encrypt")
         stored = await self.store.put(
             self.settings.results_bucket, key, io.BytesIO(ciphertext), metadata={"media-type": media_type}
         )

@@ -75,10 +75,7 @@ class InstanceStoredHandler:
         outcome = await self.pipeline.run(
             tenant, stored, policy, deid_object_key(cause.id, stored.instance_key)
         )
-        crypto = self.runtime.consumer_metrics.crypto_operations
-        crypto.labels("deid", "decrypt").inc()  # the original
-        if not isinstance(outcome, Quarantined):
-            crypto.labels("deid", "encrypt").inc()  # the de-identified copy
+        self.runtime.count_crypto("decrypt")  # the original
         if isinstance(outcome, Quarantined):
             data: EventData = InstanceQuarantined(
                 upload_id=stored.upload_id,
@@ -90,6 +87,7 @@ class InstanceStoredHandler:
             )
             topic, status, extra = topics.INSTANCE_QUARANTINED, "quarantined", {}
         else:
+            self.runtime.count_crypto("encrypt")  # the de-identified copy
             profile, options = describe_policy(policy)
             data = InstanceDeidentified(
                 upload_id=stored.upload_id,

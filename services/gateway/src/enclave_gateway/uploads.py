@@ -18,7 +18,7 @@ from enclave_common import topics
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import UploadCompleted
-from enclave_common.pseudonyms import instance_keys
+from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
 from enclave_gateway.handoff import Handoff, SealedInstance
 from enclave_gateway.multipart import (
@@ -39,6 +39,18 @@ from enclave_gateway.validation import (
     ValidationFailure,
     ValidationPolicy,
 )
+
+
+def keys_for(pseudonymizer: Pseudonymizer, tenant: str, info: InstanceInfo) -> InstanceKeys:
+    """The pseudonymous keys an accepted instance travels under (its identifiers never leave here)."""
+    return instance_keys(
+        pseudonymizer,
+        tenant,
+        patient_id=info.patient_id,
+        study_uid=info.study_instance_uid,
+        series_uid=info.series_instance_uid,
+        sop_instance_uid=info.sop_instance_uid,
+    )
 
 
 class BodyTimeout(MalformedMultipartError):
@@ -193,14 +205,7 @@ class UploadProcessor:
         try:
             for part in result.accepted:
                 info = part.info
-                keys = instance_keys(
-                    self.pseudonymizer,
-                    tenant,
-                    patient_id=info.patient_id,
-                    study_uid=info.study_instance_uid,
-                    series_uid=info.series_instance_uid,
-                    sop_instance_uid=info.sop_instance_uid,
-                )
+                keys = keys_for(self.pseudonymizer, tenant, info)
                 # The read-model write overlaps the Kafka round trips (it is not what acknowledges the
                 # instance; if publishing fails, the client never learns this imaging id).
                 await asyncio.gather(

@@ -187,10 +187,9 @@ class ChunkConsumer:
                 break
         if outcome is not None:
             outcome_event = outcome.event
-            crypto = self.runtime.consumer_metrics.crypto_operations
-            crypto.labels("ingest", "unseal").inc()
+            self.runtime.count_crypto("unseal")
             if isinstance(outcome_event, InstanceStored) and outcome_event.duplicate != "duplicate":
-                crypto.labels("ingest", "encrypt").inc()
+                self.runtime.count_crypto("encrypt")
         topic = (
             topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
         )
