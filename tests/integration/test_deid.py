@@ -302,3 +302,59 @@ async def test_deid_log_is_free_of_planted_phi():
         set(PHI.values()) | set(PHI["PatientName"].split("^")) | set(PHI["ReferringPhysicianName"].split("^"))
     )
     assert [v for v in values if v.encode() in log] == []
+
+
+async def test_crypto_shredding_a_study_erases_its_linkage(mongo):
+    """After `enclave-ingest-keys shred`, break-glass can no longer disclose that study's identifiers;
+    another study of the same patient keeps its linkage."""
+    shredded_data, _ = mr_instance()
+    kept_data, _ = mr_instance()
+    shredded = (await _deidentified(await _send(shredded_data))).payload(InstanceDeidentified)
+    kept = (await _deidentified(await _send(kept_data))).payload(InstanceDeidentified)
+    assert shredded.patient_pseudonym == kept.patient_pseudonym and shredded.study_key != kept.study_key
+    linkage = mongo["deid"]["linkage"]
+    doc = await linkage.find_one({"_id": f"{TENANT}|{shredded.instance_key}"})
+    assert doc is not None and doc["study_key"] == shredded.study_key
+    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
+
+    def shred() -> str:
+        done = subprocess.run(
+            [str(ROOT / ".venv/bin/enclave-ingest-keys"), "--actor", "it-admin", "shred", "--tenant", TENANT]
+            + ["--study-key", shredded.study_key, "--reason", "erasure request"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert shred().strip() == "shredded"
+    for _ in range(120):
+        if await linkage.find_one({"_id": f"{TENANT}|{shredded.instance_key}"}) is None:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        pytest.fail("the shredded study's linkage record is still there after 60 s")
+    assert await linkage.count_documents({"tenant": TENANT, "study_key": shredded.study_key}) == 0
+    assert await linkage.find_one({"_id": f"{TENANT}|{kept.instance_key}"}) is not None
+    disclosed = _linkage_cli(
+        "--tenant",
+        TENANT,
+        "--pseudonym",
+        shredded.patient_pseudonym,
+        "--actor",
+        "user:dr-shred",
+        "--role",
+        "clinician",
+        "--justification",
+        "Emergency: re-contact for an incidental finding",
+    )
+    assert disclosed.returncode == 0, disclosed.stderr
+    disclosed_uids = {uid for r in json.loads(disclosed.stdout)["records"] for uid in r["uids"]}
+    assert shredded.deid_study_uid not in disclosed_uids and kept.deid_study_uid in disclosed_uids
+    # a repeated shred publishes key.shredded again (services finish any erasure a race left behind)
+    assert "already shredded" in shred()
+    await wait_for_events(
+        topics.KEY_SHREDDED, lambda e: e.data.get("study_key") == shredded.study_key, count=2
+    )

@@ -82,7 +82,7 @@ def _linkage() -> LinkageRecord:
 
 def test_linkage_is_sealed_opened_and_bound_to_patient_and_instance() -> None:
     kek = LocalKeyring.generate("deid")
-    doc = seal_linkage(kek, _linkage(), "instance-1")
+    doc = seal_linkage(kek, _linkage(), "instance-1", "study-1")
     assert PATIENT_ID not in repr(doc)
     assert "QUIXOTE" not in repr(doc)
     assert "1.2.3.4.5" not in repr(doc)
@@ -97,7 +97,7 @@ def test_linkage_is_sealed_opened_and_bound_to_patient_and_instance() -> None:
 
 def test_linkage_rewrap_after_rotation_keeps_it_readable() -> None:
     kek = LocalKeyring.generate("deid")
-    doc = seal_linkage(kek, _linkage(), "instance-1")
+    doc = seal_linkage(kek, _linkage(), "instance-1", "study-1")
     assert rewrap_linkage(kek, doc) is None
     kek.rotate()
     rewrapped = rewrap_linkage(kek, doc)

@@ -1,4 +1,5 @@
-"""Thin handler: ``instance.stored`` -> de-identify or quarantine -> ``instance.deidentified|quarantined``.
+"""Thin handler: ``instance.stored`` -> de-identify or quarantine -> ``instance.deidentified|quarantined``;
+``key.shredded`` -> erase the shredded study's linkage.
 
 Idempotent on (tenant, instance key): the first delivery claims the instance and records the outcome;
 a redelivery, or another upload of the same instance (``duplicate``), re-emits that outcome with an id
@@ -13,7 +14,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.envelope import Envelope, EventData, derived_event_id
 from enclave_common.errors import ContractError, PermanentError
-from enclave_common.events import InstanceDeidentified, InstanceQuarantined, InstanceStored
+from enclave_common.events import InstanceDeidentified, InstanceQuarantined, InstanceStored, KeyEvent
 from enclave_common.service import ServiceRuntime
 from pydantic import ValidationError
 
@@ -47,6 +48,23 @@ class InstanceStoredHandler:
 
     def register(self) -> None:
         self.runtime.consume(topics.INSTANCE_STORED, self.on_instance_stored)
+        self.runtime.consume(topics.KEY_SHREDDED, self.on_key_shredded)
+
+    async def on_key_shredded(self, envelope: Envelope) -> None:
+        """A crypto-shredded study: drop its key from the cache and erase its linkage records.
+
+        The de-identified copies are under the same study key and became unreadable with the shred; the
+        linkage records are under the linkage KEK, so without this they would still disclose the
+        study's original identifiers through break-glass. Idempotent (a redelivery deletes nothing).
+        """
+        event = envelope.payload(KeyEvent)
+        if event.operation != "shredded" or not event.study_key:
+            return
+        if self.pipeline is not None:
+            self.pipeline.study_keys.forget(envelope.tenant, event.study_key)
+        instance_keys = await self.records.instance_keys_of_study(envelope.tenant, event.study_key)
+        erased = await self.vault.erase_study(envelope.tenant, event.study_key, instance_keys)
+        log.info("linkage of a crypto-shredded study erased", records=erased)
 
     async def on_instance_stored(self, envelope: Envelope) -> None:
         try:
@@ -103,7 +121,7 @@ class InstanceStoredHandler:
                 profile=profile,
                 options=options,
             )
-            await self.vault.store(outcome.linkage, stored.instance_key)
+            await self.vault.store(outcome.linkage, stored.instance_key, stored.study_key)
             topic, status = topics.INSTANCE_DEIDENTIFIED, "deidentified"
             extra = {
                 "study_key": stored.study_key,

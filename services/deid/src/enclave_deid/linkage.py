@@ -46,8 +46,14 @@ def _aad(tenant: str, patient_pseudonym: str, instance_key: str) -> bytes:
     )
 
 
-def seal_linkage(kek: KeyEncryptionKeyProvider, record: LinkageRecord, instance_key: str) -> dict[str, Any]:
-    """The stored document of ``record``: identifiers in clear are only tenant, pseudonym, instance key."""
+def seal_linkage(
+    kek: KeyEncryptionKeyProvider, record: LinkageRecord, instance_key: str, study_key: str
+) -> dict[str, Any]:
+    """The stored document of ``record``.
+
+    In clear are only opaque ids: tenant, pseudonym, instance key and study key (the study key is what
+    crypto-shredding a study erases the linkage by).
+    """
     context = linkage_context(record.tenant, record.patient_pseudonym)
     dek, wrapped = kek.generate_data_key(context)
     nonce = secrets.token_bytes(_NONCE_BYTES)
@@ -60,6 +66,7 @@ def seal_linkage(kek: KeyEncryptionKeyProvider, record: LinkageRecord, instance_
         "tenant": record.tenant,
         "patient_pseudonym": record.patient_pseudonym,
         "instance_key": instance_key,
+        "study_key": study_key,
         "wrapped_key": wrapped.to_json_dict(),
         "nonce": base64.b64encode(nonce).decode(),
         "ciphertext": base64.b64encode(ciphertext).decode(),
@@ -107,9 +114,24 @@ class LinkageVault:
             raise RuntimeError("the linkage KEK is loaded at startup; the vault is not ready")
         return self.kek
 
-    async def store(self, record: LinkageRecord, instance_key: str) -> None:
+    async def store(self, record: LinkageRecord, instance_key: str, study_key: str) -> None:
         """Seal (in a worker thread: a KMS call blocks) and store the linkage of one instance."""
-        await self.save(await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key))
+        await self.save(await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key, study_key))
+
+    async def erase_study(self, tenant: str, study_key: str, instance_keys: list[str]) -> int:
+        """Delete the linkage of a crypto-shredded study; returns how many records went.
+
+        By the study key every record carries, and by ``instance_keys`` (the study's de-identified
+        instances as recorded by the service) for any record stored without it.
+        """
+        erased = await self.collection.delete_many({"tenant": tenant, "study_key": study_key})
+        count = erased.deleted_count
+        if instance_keys:
+            by_id = await self.collection.delete_many(
+                {"_id": {"$in": [f"{tenant}|{key}" for key in instance_keys]}}
+            )
+            count += by_id.deleted_count
+        return count
 
     async def disclose(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decrypt stored records. PHI: call only after the break-glass access was recorded."""
@@ -118,6 +140,7 @@ class LinkageVault:
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("tenant", 1), ("patient_pseudonym", 1)])
+        await self.collection.create_index([("tenant", 1), ("study_key", 1)])
 
     async def save(self, doc: dict[str, Any]) -> None:
         """Store (or replace, for a new version of the instance) one sealed record."""

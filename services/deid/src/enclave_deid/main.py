@@ -6,13 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
-from enclave_common.study_key_objects import StudyKeyObjects, shred_listener
+from enclave_common.study_key_objects import StudyKeyObjects
 from fastapi import FastAPI
 
 from enclave_deid.config import DeidSettings
@@ -91,10 +90,6 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
         await records.ensure_indexes()
         await vault.ensure_indexes()
 
-    runtime.consume(
-        topics.KEY_SHREDDED,
-        shred_listener(lambda: handler.pipeline.study_keys if handler.pipeline is not None else None),
-    )
     runtime.on_startup(load_keys_and_prepare)
     return runtime.http_app(title="Enclave de-identification")
 

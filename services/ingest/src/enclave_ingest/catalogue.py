@@ -115,6 +115,10 @@ class Catalogue:
             {"$set": {"wrapped": record.wrapped.to_json_dict(), "rewrapped_at": datetime.now(UTC)}},
         )
 
+    async def is_shredded(self, tenant: str, study_key: str) -> bool:
+        doc = await self.study_keys.find_one({"_id": self._key_id(tenant, study_key)}, {"status": 1})
+        return doc is not None and doc.get("status") == "shredded"
+
     async def mark_shredded(self, tenant: str, study_key: str, actor: str) -> bool:
         """Destroy the key material, keep the fact (who, when) for the catalogue and audit."""
         result = await self.study_keys.update_one(

@@ -106,18 +106,28 @@ class KeyAdmin:
             KeyEvent(operation="retired", key_id=keyring.key_id, key_version=version), tenant="*", actor=actor
         )
 
-    async def shred(self, tenant: str, study_key: str, actor: str, reason: str) -> bool:
+    async def shred(self, tenant: str, study_key: str, actor: str, reason: str) -> str:
+        """Crypto-shred one study: "shredded", "again" (already shredded) or "unknown".
+
+        An already shredded study gets its ``key.shredded`` event again, so services that erase
+        derived data (deid's linkage) finish anything a concurrent write left behind.
+        """
         if not reason.strip():
             raise SystemExit("a reason is required to crypto-shred a study")
         changed = await self.catalogue.mark_shredded(tenant, study_key, actor)
         destroyed = await self.keys.destroy(tenant, study_key)
         if changed or destroyed:
-            await self._event(
-                KeyEvent(operation="shredded", key_id=study_key_id(tenant, study_key), study_key=study_key),
-                tenant=tenant,
-                actor=actor,
-            )
-        return bool(changed or destroyed)
+            outcome = "shredded"
+        elif await self.catalogue.is_shredded(tenant, study_key):
+            outcome = "again"
+        else:
+            return "unknown"
+        await self._event(
+            KeyEvent(operation="shredded", key_id=study_key_id(tenant, study_key), study_key=study_key),
+            tenant=tenant,
+            actor=actor,
+        )
+        return outcome
 
     async def scrub(self, tenant: str | None) -> list[dict[str, Any]]:
         problems: list[dict[str, Any]] = []
@@ -203,8 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                 await admin.retire(args.version, args.actor)
                 print(f"retired KEK version {args.version}")
             elif args.command == "shred":
-                done = await admin.shred(args.tenant, args.study_key, args.actor, args.reason)
-                print("shredded" if done else "nothing to shred (unknown or already shredded)")
+                outcome = await admin.shred(args.tenant, args.study_key, args.actor, args.reason)
+                print(
+                    {
+                        "shredded": "shredded",
+                        "again": "already shredded; key.shredded published again",
+                        "unknown": "nothing to shred: no such study key",
+                    }[outcome]
+                )
             elif args.command == "scrub":
                 problems = await admin.scrub(args.tenant)
                 for p in problems:
