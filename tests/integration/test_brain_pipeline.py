@@ -27,7 +27,7 @@ from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.storage import S3ObjectStore
 
-from .conftest import S3_ENDPOINT, S3_KEY, S3_SECRET
+from .conftest import S3_ENDPOINT, S3_KEY, S3_SECRET, SERVICE_PORTS
 from .support import PHI, ROOT, dev_env
 
 GATEWAY = "http://127.0.0.1:8080"
@@ -44,6 +44,20 @@ def _token(sub: str, roles: str) -> str:
     ).stdout.strip()  # fmt: skip
 
 
+def _crypto_operations() -> dict[tuple[str, str], float]:
+    """``enclave_crypto_operations_total`` of ingest, deid and analysis, by (service, operation)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[tuple[str, str], float] = {}
+    for service in ("ingest", "deid", "analysis"):
+        text = httpx.get(f"http://127.0.0.1:{SERVICE_PORTS[service]}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "enclave_crypto_operations_total":
+                    counts[(sample.labels["service"], sample.labels["operation"])] = sample.value
+    return counts
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mni_brain_series_is_analysed_end_to_end():
@@ -54,6 +68,7 @@ def test_mni_brain_series_is_analysed_end_to_end():
         patient_id=patient_id,
         series_description="T1 MPRAGE",
     )
+    crypto_before = _crypto_operations()
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {_token('pacs-brain', 'uploader')}"
     client = DICOMwebClient(url=f"{GATEWAY}/dicomweb", session=session)
@@ -97,6 +112,14 @@ def test_mni_brain_series_is_analysed_end_to_end():
     # overestimates in buried sulci (docs/analysis.md reports 4.7 mm for it)
     assert result["cortical_thickness_mean"] is not None and 1.5 < result["cortical_thickness_mean"] < 6.0
     assert result["qc"]["verdict"] in ("pass", "warn")
+
+    # every encryption and decryption of the series shows in the services' crypto counters
+    crypto = _crypto_operations()
+    done = {key: crypto.get(key, 0.0) - crypto_before.get(key, 0.0) for key in crypto}
+    n = len(datasets)
+    assert done[("ingest", "unseal")] >= n and done[("ingest", "encrypt")] >= n
+    assert done[("deid", "decrypt")] >= n and done[("deid", "encrypt")] >= n
+    assert done[("analysis", "decrypt")] >= n and done[("analysis", "encrypt")] >= 3  # SR, SEG, PNG
 
     # every instance of the series reached "analysed"
     statuses = {

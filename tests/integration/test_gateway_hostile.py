@@ -229,6 +229,21 @@ async def test_upload_api_names_each_rejection(small_gateway):
         assert value not in answer.text
 
 
+async def test_upload_api_refuses_a_form_without_files(small_gateway):
+    """A form whose only fields are not files is a 400 that names the file fields, not an empty 200."""
+    headers = bearer("it-portal", new_tenant("it-hostile"), "uploader")
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(
+            f"{small_gateway.url}/api/v1/imaging/upload",
+            files=[("comment", (None, "see attached"))],
+            headers=headers,
+        )
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert body["error"] == "no_file_field"
+    assert "'file'" in body["message"] and "'files'" in body["message"]
+
+
 async def test_slow_body_is_cut_off_with_408(small_gateway):
     """A client that stops sending mid-body gets 408 after the idle timeout; nothing is published."""
     tenant = new_tenant("it-hostile")

@@ -79,6 +79,12 @@ class NoPartsError(MalformedMultipartError):
     code = "no_parts"
 
 
+class NoFileFieldError(NoPartsError):
+    """A form upload whose parts are all other form fields: nothing to store."""
+
+    code = "no_file_field"
+
+
 class PartLengthMismatchError(MalformedMultipartError):
     code = "part_length_mismatch"
 

@@ -25,6 +25,7 @@ from enclave_gateway.multipart import (
     DICOM_MEDIA_TYPE,
     BodyLimits,
     MalformedMultipartError,
+    NoFileFieldError,
     PartData,
     PartEnd,
     PartStart,
@@ -132,6 +133,11 @@ class UploadProcessor:
                     current = self._on_event(event, current, result, tenant, expected_study_uid, form_fields)
             for event in parser.close():
                 current = self._on_event(event, current, result, tenant, expected_study_uid, form_fields)
+            if form_fields is not None and not result.accepted and not result.failed:
+                raise NoFileFieldError(
+                    "The form has no file part; send DICOM files in a form field named "
+                    + " or ".join(f"'{name}'" for name in sorted(form_fields))
+                )
         except BaseException:
             if current is not None and current.sealed is not None:
                 current.sealed.discard()
