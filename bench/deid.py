@@ -22,7 +22,7 @@ from enclave_deid.deidentify import DeidContext, deidentify
 from enclave_deid.instance_io import read_instance, write_instance
 from enclave_deid.policy import DeidPolicy
 from enclave_deid.pseudonym_keys import DeidPseudonymKeys
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
@@ -44,8 +44,15 @@ def copies(name: str, count: int) -> list[bytes]:
     return files
 
 
+def _pydicom_write(dataset: Dataset) -> bytes:
+    buffer = BytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def floor(data: bytes) -> bytes:
-    return write_instance(read_instance(data))
+    """Plain pydicom: ``dcmread`` then ``dcmwrite`` as a Part 10 file, nothing changed."""
+    return _pydicom_write(dcmread(BytesIO(data)))
 
 
 def enclave(policy: DeidPolicy) -> Callable[[bytes], bytes]:
@@ -58,15 +65,16 @@ def enclave(policy: DeidPolicy) -> Callable[[bytes], bytes]:
 
 
 def dicognito(data: bytes) -> bytes:
-    dataset = read_instance(data)
+    """The peers read and write with plain pydicom, as their own command-line tools do."""
+    dataset = dcmread(BytesIO(data))
     Anonymizer().anonymize(dataset)
-    return write_instance(dataset)
+    return _pydicom_write(dataset)
 
 
 def dicom_anonymizer(data: bytes) -> bytes:
-    dataset = read_instance(data)
+    dataset = dcmread(BytesIO(data))
     anonymize_dataset(dataset, base_rules_gen=initialize_actions_2024b)
-    return write_instance(dataset)
+    return _pydicom_write(dataset)
 
 
 def main() -> None:

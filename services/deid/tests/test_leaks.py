@@ -47,6 +47,22 @@ def test_key_files_leak_nothing(name: str, policy_name: str, keys) -> None:
     assert _scan(data, POLICIES[policy_name], keys) == []
 
 
+def test_preamble_is_not_carried_over(keys) -> None:
+    """The 128-byte preamble is application-defined (a TIFF header in a dual-format file) and could
+    hold anything: the output's is zeros, whatever the input's held."""
+    ds = dcmread(next(p for p in corpus_files() if p.name == "MR_small.dcm"))
+    planted = b"II*\x00 Patient: QUIXOTE^ALONSO MRN PHI-4711 "
+    ds.preamble = planted.ljust(128, b"\x00")
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert buffer.getvalue().startswith(planted)
+    output = write_instance(
+        deidentify(read_instance(buffer.getvalue()), DeidPolicy(), keys, DeidContext("tenant-a")).dataset
+    )
+    assert output[:132] == bytes(128) + b"DICM"
+    assert b"QUIXOTE" not in output and b"PHI-4711" not in output
+
+
 def test_scanner_finds_a_planted_leak(keys) -> None:
     """The scanner is not blind: an output still holding the patient's name is reported."""
     path = next(p for p in corpus_files() if p.name == "CT_small.dcm")

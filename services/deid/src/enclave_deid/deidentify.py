@@ -289,7 +289,8 @@ class _Walker:
 
     def walk(self, dataset: Dataset, path: tuple[int, ...]) -> None:
         private: list[int] = []
-        for tag, elem in list(dataset.items()):
+        for key, elem in list(dataset.items()):
+            tag = int(key)  # BaseTag compares in Python; a plain int keeps the set lookups below in C
             group = tag >> 16
             if group & 1:
                 private.append(tag)
@@ -309,7 +310,7 @@ class _Walker:
         self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
     ) -> None:
         """Attributes Table E.1-1 does not list: kept if standard and safe by VR, removed otherwise."""
-        if tag & 0xFFFF == 0 or not (dictionary_has_tag(tag) or _is_repeater(tag)) or vr == "PN":
+        if tag & 0xFFFF == 0 or not _is_standard(tag) or vr == "PN":
             del dataset[tag]
             self.actions.append(AppliedAction((*path, tag), "X"))
         elif vr == "UI":
@@ -482,7 +483,11 @@ def _put_dummy(dataset: Dataset, tag: int, vr: str, like: DataElement | RawDataE
         dataset[tag] = DataElement(tag, vr, _ZERO_VALUES.get(vr, b"\x00" * width))
 
 
-def _is_repeater(tag: int) -> bool:
+@lru_cache(maxsize=4096)
+def _is_standard(tag: int) -> bool:
+    """In pydicom's data dictionary, directly or as a repeater (e.g. overlay groups 60xx)."""
+    if dictionary_has_tag(tag):
+        return True
     try:
         get_entry(tag)
     except KeyError:
@@ -517,7 +522,12 @@ _FILE_META_KEPT = frozenset({0x00020001, 0x00020002, 0x00020010})
 
 
 def _rebuild_file_meta(dataset: Dataset, walker: _Walker) -> None:
-    """File meta keeps only what the format needs; the instance UID follows the remapped SOP Instance UID."""
+    """File meta keeps only what the format needs; the instance UID follows the remapped SOP Instance UID.
+
+    The 128-byte preamble goes too (written as zeros): its content is application-defined, e.g. the
+    TIFF header of a dual-format file, and could carry anything.
+    """
+    dataset.preamble = None
     meta = getattr(dataset, "file_meta", None)
     if meta is None:
         return
