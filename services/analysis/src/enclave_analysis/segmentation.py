@@ -149,6 +149,10 @@ def segment_brain(
         step = (options.registration_spacing_mm,) * 3
         fixed = ants.resample_image(corrected_image, step, False, 0)
         moving = ants.resample_image(template_t1, step, False, 0)
+        # antspyx's registration() swallows unknown keywords, so random_seed=... would be ignored: it
+        # reads the seed from ants.config (what ants.set_ants_deterministic sets). Without a seed the
+        # metric's random sampling differs from run to run, and so do the results.
+        ants.config._random_seed = options.random_seed
         registration = ants.registration(
             fixed=fixed,
             moving=moving,
@@ -157,7 +161,6 @@ def segment_brain(
             aff_shrink_factors=(4, 2, 1),
             aff_smoothing_sigmas=(2, 1, 0),
             reg_iterations=options.syn_iterations,
-            random_seed=options.random_seed,
             verbose=False,
         )
         forward, inverse = registration["fwdtransforms"], registration["invtransforms"]
