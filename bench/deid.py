@@ -59,7 +59,7 @@ def enclave(policy: DeidPolicy) -> Callable[[bytes], bytes]:
     keys, context = DeidPseudonymKeys(KEY), DeidContext("bench-tenant")
 
     def run(data: bytes) -> bytes:
-        return write_instance(deidentify(read_instance(data), policy, keys, context).dataset)
+        return write_instance(deidentify(read_instance(data), policy, keys, context).dataset, data)
 
     return run
 

@@ -39,6 +39,8 @@ from enclave_deid.policy import DeidPolicy
 from enclave_deid.profile_table import BASIC_PROFILE_EDITION
 
 SEGMENT_SIZE = 1024 * 1024
+#: Up to this size the decrypted original is kept while writing, for instance_io's spliced writer.
+SPLICE_SOURCE_MAX_BYTES = 4 * 1024 * 1024
 
 
 class InstanceTooLarge(PermanentError):
@@ -169,6 +171,9 @@ class DeidPipeline:
     ) -> _Written | Quarantined:
         plaintext = self._decrypt_bounded(body, source, provider)
         buffer = BytesIO(plaintext)  # shares the bytes object: no copy
+        # Small instances keep their bytes so the writer can copy unchanged elements from them; for
+        # large ones (pixel data dominates) that gains little and would hold a second copy in memory.
+        original = plaintext if len(plaintext) <= SPLICE_SOURCE_MAX_BYTES else None
         del plaintext
         try:
             dataset = read_instance(buffer)
@@ -188,7 +193,7 @@ class DeidPipeline:
                 f"the instance could not be de-identified ({type(exc).__name__}); "
                 "storable DICOM instances with a SOP Instance UID are supported"
             ) from None
-        path, size = self._encrypt_to_file(result.dataset, target)
+        path, size = self._encrypt_to_file(result.dataset, target, original)
         written = _Written(
             ciphertext_path=path,
             patient_pseudonym=result.patient_pseudonym,
@@ -216,7 +221,9 @@ class DeidPipeline:
         pieces.clear()
         return plaintext
 
-    def _encrypt_to_file(self, dataset: Dataset, identity: ObjectIdentity) -> tuple[str, int]:
+    def _encrypt_to_file(
+        self, dataset: Dataset, identity: ObjectIdentity, original: bytes | None = None
+    ) -> tuple[str, int]:
         """Write the Part 10 file of ``dataset`` straight into the encryptor; (ciphertext path, plaintext size)."""
         dek, wrapped = self.deid_kek.generate_data_key(identity.key_context())
         encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=SEGMENT_SIZE)
@@ -226,7 +233,7 @@ class DeidPipeline:
                 out.write(encryptor.header_bytes)
                 sink = _EncryptingSink(encryptor, out)
                 try:
-                    write_instance_to(dataset, sink)  # type: ignore[arg-type]
+                    write_instance_to(dataset, sink, original)  # type: ignore[arg-type]
                 except Exception as exc:
                     raise UnsupportedInstance(
                         f"the de-identified instance could not be written as Part 10 ({type(exc).__name__})"
