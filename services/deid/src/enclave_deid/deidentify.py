@@ -21,7 +21,7 @@ from typing import NamedTuple, Protocol
 
 from pydicom._uid_dict import UID_dictionary  # what pydicom.uid re-exports (outside its __all__)
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -224,7 +224,7 @@ class _Walker:
         if tag in _UID_TAGS:
             values = _raw_text(dataset.get_item(tag))
             return values[0] if values else ""
-        value = dataset[tag].value
+        value = _decoded(dataset, tag).value
         if value is None:
             return ""
         return str(value).strip()
@@ -253,12 +253,16 @@ class _Walker:
     def _identifier_pattern(self, dataset: Dataset) -> re.Pattern[str] | None:
         """Identifying words of this instance (text and dates the profile removes), to clean descriptors."""
         words: set[str] = set()
-        for elem in dataset:
-            action = self.profile.action_for(elem.tag)
-            if action is None or action in (ActionCode.K, ActionCode.C, ActionCode.U) or elem.VR == "SQ":
+        for key in list(dataset.keys()):
+            action = self.profile.action_for(key)
+            if action is None or action in (ActionCode.K, ActionCode.C, ActionCode.U):
                 continue
-            if elem.VR not in _TEXT_VRS and elem.VR not in ("DA", "DT"):
-                continue
+            vr = dataset.get_item(key).VR
+            if vr is None or vr == "UN":
+                vr = dictionary_VR(key) if _is_standard(key) else "UN"
+            if vr not in _TEXT_VRS and vr not in ("DA", "DT"):
+                continue  # SQ included; only these are decoded (iterating the dataset decodes every element)
+            elem = _decoded(dataset, key)
             values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
             for value in values:
                 text = str(value or "")
@@ -437,6 +441,15 @@ class _Walker:
             if tag not in kept_blocks:
                 del dataset[tag]
                 self.actions.append(AppliedAction((*path, tag), "X"))
+
+
+def _decoded(dataset: Dataset, tag: int) -> DataElement:
+    """The element with its value decoded, leaving the dataset's raw element in place (``dataset[tag]``
+    would replace it, and a replaced element can no longer be written as the bytes read)."""
+    elem = dataset.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return convert_raw_data_element(elem, encoding=dataset.original_character_set, ds=dataset)
+    return elem
 
 
 def _encoding(like: DataElement | RawDataElement) -> tuple[bool, bool] | None:
