@@ -5,14 +5,18 @@ UIDs), posted one instance per STOW-RS request by 1 client and by 4 concurrent c
 gateway validates, seals and publishes every instance to Kafka (acks=all) before it answers; Orthanc
 (Debian packages ``orthanc`` + ``orthanc-dicomweb``, started here on loopback with a temporary
 configuration and storage directory, stopped after) stores to its local disk and SQLite index.
-Both answer only once the instance is safe in their store.
+Both answer only once the instance is safe in their store. While they are measured, the stack's
+ingest, deid, analysis and audit are paused (SIGSTOP, resumed after; ``--keep-downstream`` leaves
+them running): on 2 cores they would take the CPU both servers need, and Orthanc has no pipeline
+behind it. Kafka, MinIO and FerretDB keep running; the gateway's publishes are acknowledged by Kafka
+as always, and the paused services consume the backlog afterwards.
 
 Then the peak RSS of a fresh gateway while it receives one 1 GiB STOW request (8 instances of
 128 MiB, generated on the fly as a stream: the client never holds it either), sealed to a throwaway
 key so that the shared stack's ingest refuses it cheaply instead of storing 1 GiB.
 
 Usage (the stack must be up; `make bench-gateway` does that):
-    python bench/gateway.py [--instances 200] [--skip-orthanc] [--skip-rss]
+    python bench/gateway.py [--instances 200] [--skip-orthanc] [--skip-rss] [--keep-downstream]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -31,7 +36,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +224,37 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Serve
         raise
 
 
+#: The stack's services that consume what a benchmark publishes.
+DOWNSTREAM = ("ingest", "deid", "analysis", "audit")
+
+
+@contextmanager
+def paused(names: tuple[str, ...]) -> Iterator[list[str]]:
+    """SIGSTOP the stack's services ``names`` (those running) for the block, SIGCONT after; yields
+    the names paused. On 2 cores they would otherwise take the CPU the measured server needs."""
+    pids: list[tuple[str, int]] = []
+    for name in names:
+        try:
+            pids.append((name, int((STATE / "pids" / f"{name}.pid").read_text())))
+        except (OSError, ValueError):
+            continue
+    stopped: list[tuple[str, int]] = []
+    try:
+        for name, pid in pids:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append((name, pid))
+            except ProcessLookupError:
+                continue
+        yield [name for name, _ in stopped]
+    finally:
+        for _, pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 def dev_env() -> dict[str, str]:
     import shlex
 
@@ -334,6 +371,11 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--skip-orthanc", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument(
+        "--keep-downstream",
+        action="store_true",
+        help="leave the stack's ingest, deid, analysis and audit running during the measurements",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="enclave-bench-gateway-"))
     servers: list[Server] = []
@@ -346,23 +388,29 @@ def main() -> int:
         warmup = mr_instances(5)
         for server in servers:
             asyncio.run(post_all(server, warmup, 1))
-        for clients in (1, 4):
-            for server in reversed(servers):  # Orthanc first, then the gateway, for each client count
-                instances = mr_instances(args.instances)
-                size = sum(len(i) for i in instances)
-                seconds = asyncio.run(post_all(server, instances, clients))
-                rows.append(
-                    (
-                        server.name,
-                        clients,
-                        len(instances),
-                        seconds,
-                        len(instances) / seconds,
-                        size / MIB / seconds,
+        with paused(() if args.keep_downstream else DOWNSTREAM) as stopped:
+            for clients in (1, 4):
+                for server in reversed(servers):  # Orthanc first, then the gateway, for each client count
+                    instances = mr_instances(args.instances)
+                    size = sum(len(i) for i in instances)
+                    seconds = asyncio.run(post_all(server, instances, clients))
+                    rows.append(
+                        (
+                            server.name,
+                            clients,
+                            len(instances),
+                            seconds,
+                            len(instances) / seconds,
+                            size / MIB / seconds,
+                        )
                     )
-                )
         print(
             f"\nSTOW-RS, one instance per request, {args.instances} MR instances of {len(instances[0]) // 1024} KiB"
+        )
+        print(
+            "stack services paused (SIGSTOP) while measuring: "
+            + (", ".join(stopped) or "none")
+            + "; Kafka, MinIO and FerretDB run"
         )
         print(f"{'server':<18} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}")
         for name, clients, count, seconds, rate, mib in rows:

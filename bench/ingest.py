@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import io
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -44,7 +43,6 @@ from enclave_gateway.validation import InstanceInfo, InstanceInspector, Validati
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gateway as gateway_bench  # noqa: E402  (bench/gateway.py: the same MR instances and dev env)
-from pipeline import service_pid  # noqa: E402  (bench/pipeline.py: pids of the running services)
 
 STATE = gateway_bench.STATE
 MIB = 1024 * 1024
@@ -150,22 +148,15 @@ def main() -> int:
         (f"{args.small} x {128} KiB", gateway_bench.mr_instances(args.small)),
         (f"{args.large} x {args.large_mib} MiB", large_instances(args.large, args.large_mib)),
     ]
-    found = [] if args.keep_downstream else [service_pid(name) for name in DOWNSTREAM]
-    paused = [pid for pid in found if pid is not None]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="enclave-bench-ingest-") as spool:
-        try:
-            for pid in paused:
-                os.kill(pid, signal.SIGSTOP)
-            for name, instances in sets:
-                size = sum(len(i) for i in instances)
-                published, total, stored = asyncio.run(run(instances, env, recipient, Path(spool)))
-                rows.append(
-                    (name, len(instances), stored, published, total, stored / total, size / MIB / total)
-                )
-        finally:
-            for pid in paused:
-                os.kill(pid, signal.SIGCONT)
+    with (
+        tempfile.TemporaryDirectory(prefix="enclave-bench-ingest-") as spool,
+        gateway_bench.paused(() if args.keep_downstream else DOWNSTREAM),
+    ):
+        for name, instances in sets:
+            size = sum(len(i) for i in instances)
+            published, total, stored = asyncio.run(run(instances, env, recipient, Path(spool)))
+            rows.append((name, len(instances), stored, published, total, stored / total, size / MIB / total))
     mode = "running" if args.keep_downstream else "paused (SIGSTOP) during the run"
     print(f"\nIngest: sealed chunks on Kafka -> instance.stored (downstream services {mode})")
     print(
