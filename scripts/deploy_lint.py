@@ -223,9 +223,12 @@ def network_policy_problems(docs: list[Manifest]) -> list[str]:
 
 def dockerfile_problems(text: str, package: str, port: int, workspace_members: Iterable[str]) -> list[str]:
     """Parser-level checks of one service Dockerfile (dockerfile-parse)."""
+    from io import BytesIO
+
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(fileobj=None)
+    # An in-memory file: without one, DockerfileParser writes ./Dockerfile in the working directory.
+    parser = DockerfileParser(fileobj=BytesIO())
     parser.content = text
     instructions = parser.structure
     problems: list[str] = []
