@@ -202,7 +202,8 @@ def segment_brain(
         warped_mask = np.clip(upsample(coarse_warped_mask), 0.0, 1.0)
         gm_prior = warp(template.gm, template.affine_ras)
         wm_prior = warp(template.wm, template.affine_ras)
-        intracranial = _intracranial_mask(corrected, upsample(signed_distance), volume.spacing_mm)
+        native_distance = upsample(signed_distance)
+        intracranial = _intracranial_mask(corrected, native_distance, volume.spacing_mm)
         if not intracranial.any():
             raise NotBrainT1Error("no intracranial region found; a T1-weighted brain volume is required")
         csf_prior = np.clip(warped_mask - gm_prior - wm_prior, 0.0, 1.0)
@@ -216,11 +217,15 @@ def segment_brain(
             csf, gm, wm = classify_tissue(
                 corrected, intracranial, priors, options.prior_weight, options.tissue_iterations
             )
-        posteriors = np.stack([csf, gm, wm])
         tissue_means = {
             name: float((corrected * p).sum() / max(float(p.sum()), 1e-9))
-            for name, p in zip(("csf", "gm", "wm"), posteriors, strict=True)
+            for name, p in zip(("csf", "gm", "wm"), (csf, gm, wm), strict=True)
         }
+        intracranial, csf, gm, wm = _refine_outer_edge(
+            corrected, native_distance, volume.spacing_mm, intracranial, (csf, gm, wm), tissue_means["csf"]
+        )
+        del native_distance
+        posteriors = np.stack([csf, gm, wm])
         labels = np.where(intracranial, posteriors.argmax(axis=0) + 1, 0).astype(np.uint8)
 
     with _timed(timings, "hippocampus", stage):
@@ -298,26 +303,73 @@ def _n4(subject: ants.ANTsImage, spacing_mm: float) -> ants.ANTsImage:
     return _like(subject, np.nan_to_num(data / scale))
 
 
+def _smoothed(corrected: FloatArray, spacing_mm: tuple[float, float, float]) -> FloatArray:
+    return np.asarray(ndimage.gaussian_filter(corrected, sigma=[0.7 / s for s in spacing_mm]))
+
+
 def _intracranial_mask(
-    corrected: FloatArray, signed_distance: FloatArray, spacing_mm: tuple[float, float, float]
+    corrected: FloatArray,
+    signed_distance: FloatArray,
+    spacing_mm: tuple[float, float, float],
+    threshold: float | None = None,
 ) -> npt.NDArray[np.bool_]:
     """Warped template mask trimmed by intensity (drops bone/air) and filled (keeps dark CSF).
 
     ``signed_distance`` is the distance (mm) to the warped template mask's surface, negative inside.
+    ``threshold`` is the intensity the smoothed image must exceed; by default 0.2 x the white-matter
+    level, a first guess that ``_refine_outer_edge`` replaces once the CSF level is known.
     """
     template_mask = signed_distance <= 0.0
     if not template_mask.any():
         return template_mask
     search = signed_distance <= 5.0
     core = signed_distance < -4.0
-    smooth = ndimage.gaussian_filter(corrected, sigma=[0.7 / s for s in spacing_mm])
-    white_level = float(np.percentile(smooth[template_mask], 95))
-    mask = (search & (smooth > 0.2 * white_level)) | core
+    smooth = _smoothed(corrected, spacing_mm)
+    if threshold is None:
+        threshold = 0.2 * float(np.percentile(smooth[template_mask], 95))
+    mask = (search & (smooth > threshold)) | core
     labelled, count = ndimage.label(mask)
     if count > 1:
         sizes = ndimage.sum_labels(mask, labelled, index=np.arange(1, count + 1))
         mask = labelled == (int(np.argmax(sizes)) + 1)
     return np.asarray(ndimage.binary_fill_holes(mask), dtype=bool)
+
+
+def _refine_outer_edge(
+    corrected: FloatArray,
+    signed_distance: FloatArray,
+    spacing_mm: tuple[float, float, float],
+    intracranial: npt.NDArray[np.bool_],
+    posteriors: tuple[FloatArray, FloatArray, FloatArray],
+    csf_level: float,
+) -> tuple[npt.NDArray[np.bool_], FloatArray, FloatArray, FloatArray]:
+    """Put the mask's outer edge where a boundary voxel is half CSF and half what lies outside.
+
+    The first mask's threshold (0.2 x WM) is a guess. Where it sits below that midpoint, voxels that
+    are mostly bone count as CSF, and the reverse. Here the threshold becomes halfway between the
+    CSF level the tissue model measured and the median level just outside the mask. Voxels the new
+    mask adds are CSF (they are darker than the old edge); voxels it drops leave every class. If
+    the levels do not make sense (CSF not brighter than outside), the first mask stays.
+    """
+    csf, gm, wm = posteriors
+    smooth = _smoothed(corrected, spacing_mm)
+    shell = (signed_distance <= 5.0) & ~intracranial
+    if not shell.any():
+        return intracranial, csf, gm, wm
+    outside_level = float(np.median(smooth[shell]))
+    if not csf_level > outside_level:
+        return intracranial, csf, gm, wm
+    refined = _intracranial_mask(
+        corrected, signed_distance, spacing_mm, threshold=(csf_level + outside_level) / 2.0
+    )
+    dropped = intracranial & ~refined
+    added = refined & ~intracranial
+    csf, gm, wm = csf.copy(), gm.copy(), wm.copy()
+    for p in (csf, gm, wm):
+        p[dropped] = 0.0
+        p[added] = 0.0
+    csf[added] = 1.0
+    return refined, csf, gm, wm
 
 
 def _check_registration(correlation: float, min_correlation: float) -> None:
