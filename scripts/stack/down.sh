@@ -13,6 +13,10 @@ stop() { # name
   fi
   rm -f "$f"
 }
-names=("$@")
-if [ ${#names[@]} -eq 0 ]; then names=(gateway ingest deid analysis audit kafka minio ferretdb); fi
-for n in "${names[@]}"; do stop "$n"; done
+order=(gateway ingest deid analysis audit kafka minio ferretdb)
+if [ $# -eq 0 ]; then set -- "${order[@]}"; fi
+# Whatever order the names come in: services before the stack they need to leave their consumer
+# groups and flush their producers (with Kafka gone first, a service waits out its grace period).
+for n in "${order[@]}"; do
+  for wanted in "$@"; do [ "$wanted" = "$n" ] && stop "$n"; done
+done
