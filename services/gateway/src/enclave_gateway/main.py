@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from enclave_common.auth import RateLimit, RateLimiter
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.file_keys import build_verifier
 from enclave_common.auth.grants_mongo import MongoGrantStore
-from enclave_common.crypto import Pseudonymizer, load_public_key
+from enclave_common.crypto import load_public_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
@@ -30,27 +29,6 @@ from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
 from enclave_gateway.uploads import UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
-
-
-class _KeyHolder:
-    """Keys are read at startup (file I/O), not when the app object is built."""
-
-    def __init__(self) -> None:
-        self.recipient: X25519PublicKey | None = None
-        self.pseudonymizer: Pseudonymizer | None = None
-
-
-class _LazyPseudonymizer(Pseudonymizer):
-    def __init__(self, holder: _KeyHolder) -> None:
-        self._holder = holder
-
-    def pseudonym(self, tenant: str, kind: str, value: str) -> str:
-        assert self._holder.pseudonymizer is not None, "keys are loaded at startup"
-        return self._holder.pseudonymizer.pseudonym(tenant, kind, value)
-
-    def uid(self, tenant: str, value: str) -> str:
-        assert self._holder.pseudonymizer is not None, "keys are loaded at startup"
-        return self._holder.pseudonymizer.uid(tenant, value)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -75,8 +53,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         auth_failure_limiter=RateLimiter(RateLimit(burst=20, per_second=1.0)),
         on_decision=recorder.on_decision,
     )
-    keys = _KeyHolder()
-    pseudonymizer = _LazyPseudonymizer(keys)
+    # The pseudonym key comes from the settings (no file to read): a missing or short key stops the
+    # service here, before it listens.
+    pseudonymizer = pseudonymizer_from_base64(
+        settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None,
+        "ENCLAVE_GATEWAY_PSEUDONYM_KEY",
+    )
     limits = BodyLimits(
         max_parts=settings.max_parts,
         max_instance_bytes=settings.max_instance_bytes,
@@ -106,14 +88,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         runtime.consume(topic, read_model.on_event)
 
     async def load_keys() -> None:
+        """The ingest public key is a file: read at startup, not when the app object is built."""
         if settings.ingest_public_key_file is None:
             raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
-        keys.recipient = load_public_key(str(settings.ingest_public_key_file))
-        uploads.recipient = keys.recipient
-        keys.pseudonymizer = pseudonymizer_from_base64(
-            settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None,
-            "ENCLAVE_GATEWAY_PSEUDONYM_KEY",
-        )
+        uploads.recipient = load_public_key(str(settings.ingest_public_key_file))
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in settings.spool_dir.glob("sealed-*"):
             stale.unlink(missing_ok=True)
