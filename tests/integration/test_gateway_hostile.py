@@ -9,6 +9,7 @@ case published.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import httpx
@@ -24,7 +25,9 @@ MAX_INSTANCE = 64 * 1024
 MAX_REQUEST = 256 * 1024
 MAX_PARTS = 3
 IDLE_TIMEOUT_S = 2
+MAX_HEADER = 8 * 1024
 LIMITS = {
+    "ENCLAVE_GATEWAY_MAX_HEADER_BYTES": str(MAX_HEADER),
     "ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES": str(MAX_INSTANCE),
     "ENCLAVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST),
     "ENCLAVE_GATEWAY_MAX_PARTS": str(MAX_PARTS),
@@ -242,6 +245,37 @@ async def test_upload_api_refuses_a_form_without_files(small_gateway):
     body = answer.json()
     assert body["error"] == "no_file_field"
     assert "'file'" in body["message"] and "'files'" in body["message"]
+
+
+async def _get_with_head_of(url: str, size: int) -> tuple[int, bytes]:
+    """GET /healthz whose request line and headers (each with its CRLF) are exactly ``size`` bytes."""
+    host, port = url.removeprefix("http://").split(":")
+    line = b"GET /healthz HTTP/1.1\r\n"
+    fixed = line + b"Host: 127.0.0.1\r\nConnection: close\r\n"
+    padding = size - len(fixed) - len(b"X-Pad: \r\n")
+    head = fixed + b"X-Pad: " + b"a" * padding + b"\r\n"
+    assert len(head) == size
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + b"\r\n")
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    status = int(response.split(b" ", 2)[1])
+    return status, response.partition(b"\r\n\r\n")[2]
+
+
+async def test_request_head_is_limited_at_the_configured_size(small_gateway):
+    """Request line plus headers: at the limit served, one byte past it 431 saying what is allowed."""
+    status, _ = await _get_with_head_of(small_gateway.url, MAX_HEADER)
+    assert status == 200
+    status, body = await _get_with_head_of(small_gateway.url, MAX_HEADER + 1)
+    assert status == 431
+    answer = json.loads(body)
+    assert answer["error"] == "headers_too_large"
+    assert (
+        f"{MAX_HEADER + 1} bytes" in answer["message"] and f"at most {MAX_HEADER} bytes" in answer["message"]
+    )
+    assert small_gateway.alive()
 
 
 async def test_slow_body_is_cut_off_with_408(small_gateway):

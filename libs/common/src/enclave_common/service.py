@@ -160,9 +160,18 @@ class ServiceRuntime:
         return dict(results)
 
     def http_app(
-        self, *, title: str, routers: Sequence[APIRouter] = (), start_runtime: bool = True
+        self,
+        *,
+        title: str,
+        routers: Sequence[APIRouter] = (),
+        start_runtime: bool = True,
+        middleware: Sequence[tuple[Any, dict[str, Any]]] = (),
     ) -> FastAPI:
-        """The service's HTTP app: health, readiness, metrics, plus the service's own routers."""
+        """The service's HTTP app: health, readiness, metrics, plus the service's own routers.
+
+        ``middleware``: (ASGI middleware class, options), run inside the request metrics and span,
+        so what they answer is counted like any other response.
+        """
         self._subscribe()
 
         @asynccontextmanager
@@ -177,6 +186,8 @@ class ServiceRuntime:
 
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
         app.state.runtime = self
+        for cls, options in middleware:
+            app.add_middleware(cls, **options)
         instrument_http(app, self.registry, self.tracer_provider)
 
         @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")

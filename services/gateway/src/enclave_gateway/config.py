@@ -40,6 +40,8 @@ class GatewaySettings(BaseServiceSettings):
     spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
     #: A request body that sends nothing for this long is cut off (slow-loris protection).
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     #: Allow-lists; None = every Storage SOP class / the default transfer syntaxes.
     allowed_sop_classes: list[str] | None = None
     allowed_transfer_syntaxes: list[str] | None = None

@@ -25,6 +25,7 @@ from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
+from enclave_gateway.header_limit import HeaderSizeLimit
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
 from enclave_gateway.uploads import UploadProcessor
@@ -110,7 +111,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
     )
-    app = runtime.http_app(title="Enclave gateway", routers=[router, grants_router])
+    app = runtime.http_app(
+        title="Enclave gateway",
+        routers=[router, grants_router],
+        middleware=[(HeaderSizeLimit, {"max_bytes": settings.max_header_bytes})],
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.read_model = read_model
     return app

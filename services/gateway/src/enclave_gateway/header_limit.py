@@ -1,0 +1,62 @@
+"""A limit on the size of a request's head (request line and headers): 431 with what is allowed.
+
+Uvicorn's HTTP parser has a limit of its own (httptools refused ~200 KiB, accepted 70 KiB in one
+header line), but it is not configurable and answers with a bare 400. This ASGI middleware runs before
+routing, authentication and the body, so an oversized head costs nothing downstream. Hand-written
+because Starlette has no such middleware; it is a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+HEADERS_TOO_LARGE = 431
+
+
+def head_size(scope: Scope) -> int:
+    """Bytes of the request line and headers as sent (name, ": ", value, CRLF per header)."""
+    target = scope.get("raw_path") or scope.get("path", "").encode()
+    query = scope.get("query_string") or b""
+    line = len(scope.get("method", "")) + 1 + len(target) + (1 + len(query) if query else 0) + 11
+    return line + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+
+
+class HeaderSizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = head_size(scope)
+            if size > self.max_bytes:
+                await _refuse(send, size, self.max_bytes)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, size: int, limit: int) -> None:
+    body: dict[str, Any] = {
+        "status": HEADERS_TOO_LARGE,
+        "error": "headers_too_large",
+        "message": (
+            f"The request line and headers are {size} bytes; at most {limit} bytes are allowed "
+            "(ENCLAVE_GATEWAY_MAX_HEADER_BYTES)"
+        ),
+    }
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": HEADERS_TOO_LARGE,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
