@@ -26,8 +26,12 @@ MAX_REQUEST = 256 * 1024
 MAX_PARTS = 3
 IDLE_TIMEOUT_S = 2
 MAX_HEADER = 8 * 1024
+MIN_RATE = 16 * 1024  # bytes/s, after the grace period
+RATE_GRACE_S = 1.0
 LIMITS = {
     "ENCLAVE_GATEWAY_MAX_HEADER_BYTES": str(MAX_HEADER),
+    "ENCLAVE_GATEWAY_BODY_MIN_RATE_BYTES_PER_S": str(MIN_RATE),
+    "ENCLAVE_GATEWAY_BODY_MIN_RATE_GRACE_S": str(RATE_GRACE_S),
     "ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES": str(MAX_INSTANCE),
     "ENCLAVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST),
     "ENCLAVE_GATEWAY_MAX_PARTS": str(MAX_PARTS),
@@ -317,6 +321,53 @@ async def test_slow_body_is_cut_off_with_408(small_gateway):
     assert IDLE_TIMEOUT_S - 0.5 <= waited < IDLE_TIMEOUT_S + 8
     assert published == []
     await _still_accepts(small_gateway.url)
+
+
+async def _post_paced(url: str, tenant: str, body: builders.Body, bytes_per_s: int) -> tuple[int, bytes]:
+    """POST a STOW body in 1 KiB pieces at about ``bytes_per_s``; the status and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {body.content_type}\r\n"
+        f"Content-Length: {len(body.data)}\r\nConnection: close\r\n"
+        f"{_header_lines(bearer('it-pace', tenant, 'uploader'))}\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    first = asyncio.create_task(reader.read(65536))  # the answer may come before the body is sent
+    try:
+        writer.write(head)
+        for start in range(0, len(body.data), 1024):
+            if first.done():
+                break
+            writer.write(body.data[start : start + 1024])
+            await writer.drain()
+            await asyncio.sleep(1024 / bytes_per_s)
+    except ConnectionError:
+        pass  # the gateway answered and closed while we were still sending
+    response = await asyncio.wait_for(first, 30)
+    try:
+        while more := await asyncio.wait_for(reader.read(65536), 10):
+            response += more
+    except ConnectionError:
+        pass
+    writer.close()
+    status = int(response.split(b" ", 2)[1])
+    return status, response.partition(b"\r\n\r\n")[2]
+
+
+async def test_a_trickling_body_is_cut_off_below_the_minimum_rate(small_gateway):
+    """Above the minimum rate a body is stored; well below it, 408 body_too_slow once the grace
+    period is over, saying the rate seen and the rate required, and nothing is published."""
+    tenant = new_tenant("it-hostile")
+    async with TopicWatch(*UPLOAD_TOPICS) as watch:
+        status, answer = await _post_paced(small_gateway.url, tenant, _related([_valid()]), MIN_RATE // 8)
+        published = await watch.read(lambda env: env.tenant == tenant)
+    assert status == 408, answer[:300]
+    refused = json.loads(answer)
+    assert refused["error"] == "body_too_slow"
+    assert f"at least {MIN_RATE} bytes/s" in refused["message"]
+    assert published == []
+    status, answer = await _post_paced(small_gateway.url, tenant, _related([_valid()]), MIN_RATE * 4)
+    assert status == 200, answer[:300]
 
 
 def _header_lines(headers: dict[str, str]) -> str:

@@ -40,6 +40,10 @@ class GatewaySettings(BaseServiceSettings):
     spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
     #: A request body that sends nothing for this long is cut off (slow-loris protection).
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: After the grace period, a body must arrive at this average rate at least (a trickle that
+    #: never goes idle would otherwise hold a connection and a spool file forever).
+    body_min_rate_bytes_per_s: int = Field(default=1024, ge=1)
+    body_min_rate_grace_s: float = Field(default=30.0, gt=0)
     #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
     max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     #: Allow-lists; None = every Storage SOP class / the default transfer syntaxes.

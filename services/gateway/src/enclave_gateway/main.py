@@ -28,7 +28,7 @@ from enclave_gateway.handoff import Handoff
 from enclave_gateway.header_limit import HeaderSizeLimit
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
-from enclave_gateway.uploads import UploadProcessor
+from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
 
 
@@ -83,7 +83,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         policy=policy,
         spool_dir=settings.spool_dir,
         chunk_bytes=settings.chunk_bytes,
-        idle_timeout_s=settings.body_idle_timeout_s,
+        pace=BodyPace(
+            idle_timeout_s=settings.body_idle_timeout_s,
+            min_rate_bytes_per_s=settings.body_min_rate_bytes_per_s,
+            grace_s=settings.body_min_rate_grace_s,
+        ),
     )
     for topic in READ_MODEL_TOPICS:
         runtime.consume(topic, read_model.on_event)

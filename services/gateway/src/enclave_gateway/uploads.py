@@ -59,6 +59,20 @@ class BodyTimeout(MalformedMultipartError):
     status_code = 408
 
 
+class BodyTooSlow(BodyTimeout):
+    code = "body_too_slow"
+
+
+@dataclass(frozen=True)
+class BodyPace:
+    """How a request body must keep arriving: never silent for ``idle_timeout_s``, and after
+    ``grace_s`` at ``min_rate_bytes_per_s`` on average since the request started."""
+
+    idle_timeout_s: float
+    min_rate_bytes_per_s: int = 1024
+    grace_s: float = 30.0
+
+
 @dataclass
 class AcceptedPart:
     index: int
@@ -102,7 +116,7 @@ class UploadProcessor:
         policy: ValidationPolicy,
         spool_dir: Path,
         chunk_bytes: int,
-        idle_timeout_s: float,
+        pace: BodyPace,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer
@@ -112,7 +126,7 @@ class UploadProcessor:
         self.policy = policy
         self.spool_dir = spool_dir
         self.chunk_bytes = chunk_bytes
-        self.idle_timeout_s = idle_timeout_s
+        self.pace = pace
 
     async def receive(
         self,
@@ -128,7 +142,7 @@ class UploadProcessor:
         result = UploadResult(upload_id=new_event_id())
         current: _Current | None = None
         try:
-            async for chunk in _with_idle_timeout(body, self.idle_timeout_s):
+            async for chunk in _paced(body, self.pace):
                 for event in parser.feed(chunk):
                     current = self._on_event(event, current, result, tenant, expected_study_uid, form_fields)
             for event in parser.close():
@@ -254,16 +268,26 @@ class UploadProcessor:
             part.sealed.discard()
 
 
-async def _with_idle_timeout(body: AsyncIterator[bytes], idle_timeout_s: float) -> AsyncIterator[bytes]:
+async def _paced(body: AsyncIterator[bytes], pace: BodyPace) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = 0
     iterator = body.__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout_s)
+            chunk = await asyncio.wait_for(iterator.__anext__(), pace.idle_timeout_s)
         except StopAsyncIteration:
             return
         except TimeoutError:
             raise BodyTimeout(
-                f"the request body sent nothing for {idle_timeout_s:g} s; bodies must keep streaming"
+                f"the request body sent nothing for {pace.idle_timeout_s:g} s; bodies must keep streaming"
             ) from None
+        received += len(chunk)
+        elapsed = loop.time() - started
+        if elapsed > pace.grace_s and received < pace.min_rate_bytes_per_s * elapsed:
+            raise BodyTooSlow(
+                f"the request body arrived at {received / elapsed:.0f} bytes/s on average; after the "
+                f"first {pace.grace_s:g} s at least {pace.min_rate_bytes_per_s} bytes/s is required"
+            )
         if chunk:
             yield chunk
