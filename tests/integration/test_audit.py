@@ -475,3 +475,48 @@ async def test_break_glass_raises_one_security_alert_that_is_itself_audited(mong
     assert record[alert.id]["event_type"] == "enclave.security.alert"
     copies = {"causation_id": event.id, "outcome_description": "break_glass"}
     assert await mongo["audit"]["records"].count_documents(copies) == 1  # redelivery raised no second alert
+
+
+async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_alert(
+    mongo, unique, auditor_client, operator_auditor
+):
+    """A clinician reads instances of 20 studies through the gateway: each read is an audit record
+    under the patient and the study (auditor queries find it), and the many-studies rule fires."""
+    from enclave_audit.anomaly import RULE_MANY_STUDIES, AnomalyThresholds
+
+    from .support import mr_instance
+
+    limit = AnomalyThresholds().distinct_studies_limit  # the service runs with the defaults
+    tenant, clinician = f"it-reads-{unique}", f"dr-many-{unique}"
+    gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
+    async with httpx.AsyncClient(base_url=gateway, timeout=60.0) as client:
+        files = [("files", (f"s{i}.dcm", mr_instance()[0], "application/dicom")) for i in range(limit)]
+        uploaded = await client.post(
+            "/api/v1/imaging/upload", files=files, headers=bearer("it-pacs", tenant, "uploader")
+        )
+        assert uploaded.status_code == 200, uploaded.text
+        statuses = []
+        for accepted in uploaded.json()["accepted"]:
+            read = await client.get(
+                f"/api/v1/imaging/{accepted['imaging_id']}", headers=bearer(clinician, tenant, "clinician")
+            )
+            assert read.status_code == 200, read.text
+            statuses.append(read.json())
+    assert len({s["study_key"] for s in statuses}) == limit
+    (alert,) = await wait_for_events(
+        topics.SECURITY_ALERT,
+        lambda e: e.data.get("rule") == RULE_MANY_STUDIES and e.data.get("subject") == clinician,
+        timeout=120,
+    )
+    assert alert.tenant == tenant and alert.data["severity"] in ("medium", "high")
+    study = statuses[-1]["study_key"]
+    by_study = await auditor_client.get(
+        "/audit/events", params={"study": study, "actor": clinician}, headers=operator_auditor
+    )
+    assert by_study.status_code == 200, by_study.text
+    reads = [r for r in by_study.json()["records"] if r["tenant"] == tenant]
+    assert reads and all(
+        {"kind": "study", "object_id": study}
+        in [{"kind": o["kind"], "object_id": o["object_id"]} for o in r["objects"]]
+        for r in reads
+    )

@@ -134,6 +134,9 @@ def test_participant_objects_come_from_pseudonymous_keys(make_envelope):
     [
         ("/studies/sk1/series/se1", [(ObjectKind.STUDY, "sk1"), (ObjectKind.SERIES, "se1")]),
         ("study:sk2", [(ObjectKind.STUDY, "sk2")]),
+        # what the gateway records for a read of an instance, and deid's break-glass linkage read
+        ("patient:pk3/study:sk3", [(ObjectKind.PATIENT, "pk3"), (ObjectKind.STUDY, "sk3")]),
+        ("patient_pseudonym:pp4", [(ObjectKind.PATIENT, "pp4")]),
         ("/uploads/u-7?x=1", [(ObjectKind.UPLOAD, "u-7")]),
         ("/audit/events", [(ObjectKind.AUDIT_LOG, "/audit/events")]),
         ("/health", [(ObjectKind.OTHER, "/health")]),

@@ -160,6 +160,7 @@ _OBJECT_KEYS: Final[dict[str, ObjectKind]] = {
 _TARGET_SEGMENTS: Final[dict[str, ObjectKind]] = {
     "patient": ObjectKind.PATIENT,
     "patients": ObjectKind.PATIENT,
+    "patient_pseudonym": ObjectKind.PATIENT,
     "study": ObjectKind.STUDY,
     "studies": ObjectKind.STUDY,
     "series": ObjectKind.SERIES,

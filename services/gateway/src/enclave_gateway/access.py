@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from enclave_common import topics
-from enclave_common.auth import Action, Principal
+from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessResult
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
@@ -54,6 +54,16 @@ def opaque_id_or_none(value: str | None) -> str | None:
     """A path value is recorded only if it has the shape of an imaging id (a UUID): a client may put
     anything in the URL, e.g. a patient id by mistake, and that must not reach the audit trail."""
     return value if value is not None and _OPAQUE_ID.match(value) else None
+
+
+def access_target(resource: Resource) -> str | None:
+    """How an access event names its object: ``patient:<key>`` and ``study:<key>`` (pseudonymous keys),
+    so the audit trail files the record under that patient and study (auditor queries, the
+    many-studies rule)."""
+    parts = [f"patient:{resource.patient_key}"] if resource.patient_key else []
+    if resource.study_key:
+        parts.append(f"study:{resource.study_key}")
+    return "/".join(parts) or None
 
 
 class AccessRecorder:
@@ -108,9 +118,10 @@ class AccessRecorder:
         request: Request,
     ) -> None:
         """The AccessGuard hook: one event per decision."""
+        resource = outcome.resource
         target = (
-            outcome.resource.patient_key
-            if outcome.resource is not None
+            access_target(resource)
+            if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
         await self.record(
@@ -127,7 +138,7 @@ class AccessRecorder:
                 request,
                 principal,
                 rule="break_glass",
-                detail=f"break-glass access ({action}) to patient {target}",
+                detail=f"break-glass access ({action}) to patient {resource.patient_key if resource else None}",
             )
 
     async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:

@@ -163,7 +163,9 @@ def build_router(
         doc = await read_model.get(request.path_params["imaging_id"])
         if doc is None:
             return None
-        return Resource(tenant=doc["tenant"], patient_key=doc.get("patient_key"))
+        return Resource(
+            tenant=doc["tenant"], patient_key=doc.get("patient_key"), study_key=doc.get("study_key")
+        )
 
     @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
     async def status(

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder
+from enclave_gateway.access import AccessRecorder, access_target
 
 GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -88,7 +88,7 @@ def build_grants_router(
     policy = guard.policy
 
     async def record(
-        request: Request, principal: Principal, action: Action, status: int, target: str, detail: str
+        request: Request, principal: Principal, action: Action, status: int, patient_key: str, detail: str
     ) -> None:
         outcome: AccessOutcome = "success" if status < 400 else "rejected"
         await recorder.record(
@@ -97,7 +97,7 @@ def build_grants_router(
             action=str(action),
             outcome=outcome,
             status=status,
-            target=target,
+            target=access_target(Resource(tenant=principal.tenant, patient_key=patient_key)),
             detail=detail,
         )
 

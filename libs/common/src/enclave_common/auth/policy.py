@@ -93,6 +93,8 @@ class Resource:
     tenant: str
     patient_key: str | None = None
     restricted: bool = False
+    #: The study's pseudonymous key, when the resource belongs to one: named in the audit trail only.
+    study_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
