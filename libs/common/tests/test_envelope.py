@@ -75,3 +75,22 @@ def test_topic_helpers():
     assert pattern.fullmatch(topics.INSTANCE_STORED)
     assert pattern.fullmatch(topics.dlq(topics.UPLOAD_CHUNK))
     assert not pattern.fullmatch(topics.UPLOAD_CHUNK)
+
+
+def test_every_topic_has_a_message_schema_that_accepts_its_events() -> None:
+    """The AsyncAPI message schemas (``envelope_schema``) cover every topic and match real envelopes."""
+    from enclave_common.events import TOPIC_DATA, KeyEvent, envelope_schema
+
+    assert set(TOPIC_DATA) == set(topics.ALL_TOPICS)
+    event = Envelope.for_topic(
+        topics.KEY_CREATED,
+        KeyEvent(operation="created", key_id="study:t:s", study_key="s"),
+        source="test",
+        tenant="t",
+        actor="service:test",
+        correlation_id="c",
+    )
+    model = envelope_schema(topics.KEY_CREATED)
+    assert model.model_validate(event.model_dump(mode="json")).data.study_key == "s"
+    schema = model.model_json_schema()
+    assert schema["properties"]["data"]["$ref"].endswith("/KeyEvent")

@@ -10,9 +10,10 @@ import base64
 import binascii
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer
+from pydantic import BeforeValidator, Field, PlainSerializer, create_model
 
-from enclave_common.envelope import EventData
+from enclave_common import topics
+from enclave_common.envelope import Envelope, EventData
 
 
 def _bytes_from_base64(value: object) -> object:
@@ -190,3 +191,35 @@ class SecurityAlert(EventData):
     severity: Literal["low", "medium", "high", "critical"]
     subject: str
     detail: str
+
+
+#: The ``data`` model of every topic's events (the wire message is an ``Envelope`` around it).
+TOPIC_DATA: dict[str, type[EventData]] = {
+    topics.UPLOAD_CHUNK: UploadChunk,
+    topics.UPLOAD_RECEIVED: UploadReceived,
+    topics.UPLOAD_COMPLETED: UploadCompleted,
+    topics.UPLOAD_REJECTED: UploadRejected,
+    topics.INSTANCE_STORED: InstanceStored,
+    topics.INSTANCE_REJECTED: InstanceRejected,
+    topics.INSTANCE_DEIDENTIFIED: InstanceDeidentified,
+    topics.INSTANCE_QUARANTINED: InstanceQuarantined,
+    topics.ANALYSIS_COMPLETED: AnalysisCompleted,
+    topics.ANALYSIS_FAILED: AnalysisFailed,
+    topics.ACCESS_RECORDED: AccessRecorded,
+    topics.KEY_CREATED: KeyEvent,
+    topics.KEY_ROTATED: KeyEvent,
+    topics.KEY_SHREDDED: KeyEvent,
+    topics.SECURITY_ALERT: SecurityAlert,
+}
+
+
+def envelope_schema(topic: str) -> type[Envelope]:
+    """The wire message of ``topic`` as a model (the envelope with its typed ``data``), for schemas."""
+    data = TOPIC_DATA[topic]
+    model: type[Envelope] = create_model(
+        f"{data.__name__}Message",
+        __base__=Envelope,
+        __doc__=f"{topic}: an Enclave envelope whose data is {data.__name__}.",
+        data=(data, ...),
+    )
+    return model

@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo import AsyncMongoClient
 
+from enclave_common.events import envelope_schema
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
     ConsumerMetrics,
@@ -89,6 +90,17 @@ class ServiceRuntime:
         if topic in self._handlers:
             raise ValueError(f"{topic} already has a handler")
         self._handlers[topic] = handler
+
+    def publishes(self, *topic_names: str) -> None:
+        """Declare the topics this service publishes, with their message schema, in its AsyncAPI
+        document (``docs/api``); publishing itself goes through :attr:`publisher`."""
+        for topic in topic_names:
+            self.broker.publisher(
+                topic,
+                title=f"{topic}:publish",
+                description=f"{self.settings.service_name} publishes {topic} (acks=all)",
+                schema=envelope_schema(topic),
+            )
 
     def _subscribe(self) -> None:
         """One consumer for every topic registered with :meth:`consume` (idempotent)."""

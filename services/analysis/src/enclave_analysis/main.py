@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from enclave_common import topics
 from enclave_common.keys_config import kek_provider
 from enclave_common.service import ServiceRuntime, run_service
 from enclave_common.storage import S3ObjectStore
@@ -19,6 +20,7 @@ from enclave_analysis.series_analysis import run_volumetrics
 def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     settings = settings or AnalysisSettings()
     runtime = ServiceRuntime(settings)
+    runtime.publishes(topics.ANALYSIS_COMPLETED, topics.ANALYSIS_FAILED)
     store = S3ObjectStore(settings)
     assembly = SeriesAssembly(runtime.db)
     service = AnalysisService(runtime, settings, assembly, store, run_volumetrics)

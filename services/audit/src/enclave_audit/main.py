@@ -30,6 +30,7 @@ log = structlog.get_logger("enclave.audit")
 def create_app(settings: AuditSettings | None = None) -> FastAPI:
     settings = settings or AuditSettings()
     runtime = ServiceRuntime(settings)
+    runtime.publishes(topics.SECURITY_ALERT, topics.ACCESS_RECORDED)
     metrics = AuditMetrics(runtime.registry)
     store = AuditStore(runtime.db)
     # Blocking client for work done in worker threads (anomaly history, export, verification).

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
@@ -60,6 +61,7 @@ def load_keys(settings: DeidSettings) -> DeidKeys:
 def create_app(settings: DeidSettings | None = None) -> FastAPI:
     settings = settings or DeidSettings()
     runtime = ServiceRuntime(settings)
+    runtime.publishes(topics.INSTANCE_DEIDENTIFIED, topics.INSTANCE_QUARANTINED)
     store = S3ObjectStore(settings)
     records = DeidRecords(runtime.db)
     vault = LinkageVault(runtime.db)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from enclave_common import topics
 from enclave_common.auth import RateLimit, RateLimiter
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.file_keys import build_verifier
@@ -35,6 +36,13 @@ from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPoli
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     runtime = ServiceRuntime(settings)
+    runtime.publishes(
+        topics.UPLOAD_CHUNK,
+        topics.UPLOAD_RECEIVED,
+        topics.UPLOAD_COMPLETED,
+        topics.ACCESS_RECORDED,
+        topics.SECURITY_ALERT,
+    )
     read_model = ReadModel(runtime.db)
     handoff = Handoff(runtime.publisher, settings.publish_timeout_s)
     recorder = AccessRecorder(handoff)

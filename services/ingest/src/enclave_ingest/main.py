@@ -22,6 +22,7 @@ from enclave_ingest.spool import ChunkSpool
 def create_app(settings: IngestSettings | None = None) -> FastAPI:
     settings = settings or IngestSettings()
     runtime = ServiceRuntime(settings)
+    runtime.publishes(topics.INSTANCE_STORED, topics.INSTANCE_REJECTED, topics.KEY_CREATED)
     store = S3ObjectStore(settings)
     catalogue = Catalogue(runtime.db)
     spool = ChunkSpool(settings.spool_dir)
