@@ -482,9 +482,18 @@ async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_
 ):
     """A clinician reads instances of 20 studies through the gateway: each read is an audit record
     under the patient and the study (auditor queries find it), and the many-studies rule fires."""
-    from enclave_audit.anomaly import RULE_MANY_STUDIES, AnomalyThresholds
+    from enclave_audit.anomaly import (
+        RULE_MANY_STUDIES,
+        RULE_OFF_HOURS,
+        AnomalyDetector,
+        AnomalyThresholds,
+        InMemoryAuditHistory,
+    )
 
-    from .support import mr_instance
+    from .support import mr_instance, read_all
+
+    hours = AnomalyDetector(AnomalyThresholds(), InMemoryAuditHistory())
+    outside_hours_at_start = not hours.within_business_hours(datetime.now(UTC))
 
     limit = AnomalyThresholds().distinct_studies_limit  # the service runs with the defaults
     tenant, clinician = f"it-reads-{unique}", f"dr-many-{unique}"
@@ -509,6 +518,17 @@ async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_
         timeout=120,
     )
     assert alert.tenant == tenant and alert.data["severity"] in ("medium", "high")
+    # the hours rule (business hours 07-19 UTC, Monday to Friday, by default) on the same reads:
+    # one alert outside them (not repeated for the next reads), none inside
+    outside_hours = not hours.within_business_hours(datetime.now(UTC))
+    off_hours = await read_all(
+        topics.SECURITY_ALERT,
+        lambda e: e.data.get("rule") == RULE_OFF_HOURS and e.data.get("subject") == clinician,
+    )
+    if outside_hours and outside_hours_at_start:
+        assert len(off_hours) == 1 and off_hours[0].data["severity"] == "low"
+    elif not outside_hours and not outside_hours_at_start:
+        assert off_hours == []
     study = statuses[-1]["study_key"]
     by_study = await auditor_client.get(
         "/audit/events", params={"study": study, "actor": clinician}, headers=operator_auditor
