@@ -5,7 +5,7 @@ Run: ``uv run python services/gateway/fuzz/fuzz_edge.py --seconds 60`` (``--targ
 (``tests/corpus/builders.py``), in batches with fresh random seeds until the time is up. An input that
 breaks an invariant is shrunk by Hypothesis and saved under ``tests/corpus/regressions/``
 (``multipart-<sha>.bin``: the Content-Type line, a newline, then the body; ``dicom-<sha>.bin``: the
-instance), which ``test_*_regressions.py`` replay through the same invariants. Exit status 1 when
+instance), which ``tests/test_fuzz_regressions.py`` replays through the same invariants. Exit status 1 when
 anything was found.
 
 Invariants: nothing raises but :class:`RequestBodyError` (with a 400/413/415 status); results do not
