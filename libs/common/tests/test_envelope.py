@@ -94,3 +94,18 @@ def test_every_topic_has_a_message_schema_that_accepts_its_events() -> None:
     assert model.model_validate(event.model_dump(mode="json")).data.study_key == "s"
     schema = model.model_json_schema()
     assert schema["properties"]["data"]["$ref"].endswith("/KeyEvent")
+
+
+def test_an_unexpected_error_is_named_with_where_it_was_raised_and_no_values() -> None:
+    from enclave_common.errors import classify_exception
+
+    def handler() -> None:
+        int("PHI-MRN-4711")  # a third-party error whose text quotes the value
+
+    try:
+        handler()
+    except ValueError as exc:
+        classified = classify_exception(exc)
+    text = str(classified)
+    assert "unexpected ValueError" in text and "in handler" in text and "test_envelope.py:" in text
+    assert "PHI-MRN-4711" not in text

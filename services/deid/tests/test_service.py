@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -120,7 +121,7 @@ def _instance(**attributes: str) -> bytes:
     return out.getvalue()
 
 
-def _pipeline(tmp_path: Path, deid_kek: LocalKeyring, limit: int = 10 * 1024 * 1024) -> DeidPipeline:
+def _pipeline(tmp_path: Path | None, deid_kek: LocalKeyring, limit: int = 10 * 1024 * 1024) -> DeidPipeline:
     return DeidPipeline(
         store=None,  # type: ignore[arg-type]  # the transform does not touch the store
         study_keys=None,  # type: ignore[arg-type]
@@ -139,6 +140,17 @@ def _transform(pipeline: DeidPipeline, plaintext: bytes) -> _Written | Quarantin
     blob = encrypt_bytes(plaintext, dek, wrapped, source, segment_size=4096)
     target = ObjectIdentity("t", "study-key", "deidentified/1")
     return pipeline._transform(io.BytesIO(blob), source, originals, "t", DeidPolicy(), target)
+
+
+def test_transform_without_a_work_dir_uses_the_system_temporary_directory() -> None:
+    """The service's default (``ENCLAVE_DEID_WORK_DIR`` unset) is None: the system's temp directory."""
+    written = _transform(_pipeline(None, LocalKeyring.generate("deid")), _instance())
+    assert isinstance(written, _Written)
+    path = Path(written.ciphertext_path)
+    try:
+        assert path.parent == Path(tempfile.gettempdir()) and path.stat().st_size > written.size
+    finally:
+        path.unlink()
 
 
 def test_transform_writes_a_copy_only_the_deid_keyring_opens(tmp_path: Path) -> None:

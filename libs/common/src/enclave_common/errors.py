@@ -8,6 +8,8 @@ Messages must never contain PHI: they end up in logs, DLQ headers and events.
 
 from __future__ import annotations
 
+from types import CodeType
+
 
 class EnclaveError(Exception):
     """Base of every error Enclave raises on purpose. ``code`` is stable and machine-readable."""
@@ -87,4 +89,26 @@ def classify_exception(exc: BaseException) -> PermanentError | TransientError:
         return TransientError(f"dependency unavailable ({type(exc).__name__})")
     if isinstance(exc, EnclaveError):
         return PermanentError(str(exc), code=exc.code)
-    return UnexpectedError(f"unexpected {type(exc).__name__} while handling the event")
+    return UnexpectedError(f"unexpected {type(exc).__name__} while handling the event{_raised_at(exc)}")
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where ``exc`` was raised (file name, line, function; no values): the innermost frame, and the
+    innermost frame of Enclave's own code when that is another one."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code, tb.tb_lineno))
+        tb = tb.tb_next
+    if not frames:
+        return ""
+
+    def name(frame: tuple[CodeType, int]) -> str:
+        code, line = frame
+        return f"{code.co_filename.rsplit('/', 1)[-1]}:{line} in {code.co_name}"
+
+    ours = [f for f in frames if "/enclave_" in f[0].co_filename]
+    where = f" (raised at {name(frames[-1])}"
+    if ours and ours[-1] is not frames[-1]:
+        where += f", from {name(ours[-1])}"
+    return where + ")"

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from enclave_common import topics
 from enclave_common.envelope import Envelope, EventData, derived_event_id
-from enclave_common.errors import ContractError, PermanentError
+from enclave_common.errors import ContractError, TransientError
 from enclave_common.events import InstanceDeidentified, InstanceQuarantined, InstanceStored, KeyEvent
 from enclave_common.service import ServiceRuntime
 from pydantic import ValidationError
@@ -80,7 +80,10 @@ class InstanceStoredHandler:
                 return
             try:
                 await self._process(envelope, stored)
-            except PermanentError:
+            except TransientError:
+                raise  # retried by this delivery, which still holds its claim
+            except Exception:
+                # Permanent, or unexpected (dead-lettered as well): let a replay from the DLQ claim it.
                 await self.records.release(tenant, stored.instance_key, envelope.id)
                 raise
         finally:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 from dataclasses import dataclass
-from io import BytesIO, UnsupportedOperation
+from io import BytesIO
 from pathlib import Path
 from typing import IO
 
 from enclave_common.crypto import (
     CryptoError,
+    EncryptingSink,
     KeyEncryptionKeyProvider,
     ObjectEncryptor,
     ObjectIdentity,
     decrypt_object,
+    encrypt_to_temp_file,
 )
 from enclave_common.errors import PermanentError
 from enclave_common.events import InstanceStored, ObjectRef
@@ -227,49 +228,19 @@ class DeidPipeline:
         """Write the Part 10 file of ``dataset`` straight into the encryptor; (ciphertext path, plaintext size)."""
         dek, wrapped = self.deid_kek.generate_data_key(identity.key_context())
         encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=SEGMENT_SIZE)
-        fd, path = tempfile.mkstemp(prefix="deid-ciphertext-", dir=self.work_dir)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(encryptor.header_bytes)
-                sink = _EncryptingSink(encryptor, out)
-                try:
-                    write_instance_to(dataset, sink, original)  # type: ignore[arg-type]
-                except Exception as exc:
-                    raise UnsupportedInstance(
-                        f"the de-identified instance could not be written as Part 10 ({type(exc).__name__})"
-                    ) from None
-                out.write(encryptor.finalize())
-        except BaseException:
-            os.unlink(path)
-            raise
-        return path, sink.size
 
+        def write_plaintext(sink: EncryptingSink) -> None:
+            try:
+                write_instance_to(dataset, sink, original)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise UnsupportedInstance(
+                    f"the de-identified instance could not be written as Part 10 ({type(exc).__name__})"
+                ) from None
 
-class _EncryptingSink:
-    """A write-only file for pydicom's writer: plaintext goes into the encryptor, ciphertext to ``out``."""
-
-    def __init__(self, encryptor: ObjectEncryptor, out: IO[bytes]) -> None:
-        self._encryptor = encryptor
-        self._out = out
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        for segment in self._encryptor.update(data):
-            self._out.write(segment)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        """Only "where am I" is possible: the written bytes are already encrypted."""
-        if (whence == 0 and offset == self.size) or (whence in (1, 2) and offset == 0):
-            return self.size
-        raise UnsupportedOperation("the encrypting sink is write-only and cannot seek back")
-
-    def flush(self) -> None:
-        return None
+        path, size = encrypt_to_temp_file(
+            write_plaintext, encryptor, directory=self.work_dir, prefix="deid-ciphertext-"
+        )
+        return str(path), size
 
 
 def describe_policy(policy: DeidPolicy) -> tuple[str, list[str]]:

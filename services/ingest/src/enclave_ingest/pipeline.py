@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_common.crypto import (
     CryptoError,
+    EncryptingSink,
     InstanceUnsealer,
     ObjectEncryptor,
     ObjectIdentity,
     Pseudonymizer,
     SealContext,
+    encrypt_to_temp_file,
     new_study_key,
 )
 from enclave_common.crypto.providers import KeyEncryptionKeyProvider
@@ -220,22 +220,19 @@ class InstancePipeline:
         identity = ObjectIdentity(meta.tenant, study_key, object_key)
         dek, wrapped = provider.generate_data_key(identity.key_context())
         encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=self.segment_size)
-        fd, path = tempfile.mkstemp(prefix="ciphertext-", dir=self.spool.root)
 
-        def encrypt_to_file() -> None:
-            with os.fdopen(fd, "wb") as out:
-                out.write(encryptor.header_bytes)
-                for piece in self._plaintext(meta):
-                    for segment in encryptor.update(piece):
-                        out.write(segment)
-                out.write(encryptor.finalize())
+        def write_plaintext(sink: EncryptingSink) -> None:
+            for piece in self._plaintext(meta):
+                sink.write(piece)
 
+        path, _ = await asyncio.to_thread(
+            encrypt_to_temp_file, write_plaintext, encryptor, directory=self.spool.root, prefix="ciphertext-"
+        )
         try:
-            await asyncio.to_thread(encrypt_to_file)
-            with open(path, "rb") as body:  # noqa: ASYNC230 - a local spool file, opened once
+            with path.open("rb") as body:
                 return await self.store.put(self.bucket, object_key, body)
         finally:
-            os.unlink(path)
+            path.unlink()
 
     @staticmethod
     def _rejected(meta: ChunkStreamMeta, code: str, reason: str) -> Outcome:

@@ -42,6 +42,7 @@ from enclave_common.crypto.sealing import (
     unseal,
 )
 from enclave_common.crypto.streaming import (
+    EncryptingSink,
     ObjectDecryptor,
     ObjectEncryptor,
     RewrappedHeader,
@@ -53,6 +54,7 @@ from enclave_common.crypto.streaming import (
     encrypt_bytes,
     encrypt_object,
     encrypt_object_async,
+    encrypt_to_temp_file,
     rewrap_object_header,
     scrub_object,
 )
@@ -76,6 +78,7 @@ __all__ = [
     "SEALED_CHUNK_OVERHEAD",
     "AwsKmsProvider",
     "CryptoError",
+    "EncryptingSink",
     "InstanceSealer",
     "InstanceUnsealer",
     "KeyContext",
@@ -111,6 +114,7 @@ __all__ = [
     "encrypt_bytes",
     "encrypt_object",
     "encrypt_object_async",
+    "encrypt_to_temp_file",
     "generate_ingest_keypair",
     "load_private_key",
     "load_public_key",

@@ -12,11 +12,15 @@ must not commit anything before that.
 
 from __future__ import annotations
 
+import os
 import secrets
+import tempfile
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from io import UnsupportedOperation
+from pathlib import Path
+from typing import IO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -296,6 +300,62 @@ class ObjectDecryptor:
             segment_index=index,
             problem="authentication",
         )
+
+
+class EncryptingSink:
+    """A write-only binary file: plaintext written to it is encrypted on the way to ``out``.
+
+    ``tell`` and a seek to the current position work (pydicom's writer asks where it is); seeking
+    back cannot, since those bytes are already encrypted.
+    """
+
+    def __init__(self, encryptor: ObjectEncryptor, out: IO[bytes]) -> None:
+        self._encryptor = encryptor
+        self._out = out
+        #: Plaintext bytes written so far.
+        self.size = 0
+
+    def write(self, data: ByteChunk) -> int:
+        for segment in self._encryptor.update(data):
+            self._out.write(segment)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (whence == 0 and offset == self.size) or (whence in (1, 2) and offset == 0):
+            return self.size
+        raise UnsupportedOperation("the encrypting sink is write-only and cannot seek back")
+
+    def flush(self) -> None:
+        return None
+
+
+def encrypt_to_temp_file(
+    write_plaintext: Callable[[EncryptingSink], None],
+    encryptor: ObjectEncryptor,
+    *,
+    directory: str | os.PathLike[str] | None,
+    prefix: str,
+) -> tuple[Path, int]:
+    """Encrypt what ``write_plaintext`` writes into a new file in ``directory``: (its path, plaintext
+    size); ``directory`` None is the system's temporary directory. Memory stays one segment whatever
+    the size; the file is removed if anything fails, and otherwise belongs to the caller (upload it,
+    then unlink it)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=directory)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(encryptor.header_bytes)
+            sink = EncryptingSink(encryptor, out)
+            write_plaintext(sink)
+            out.write(encryptor.finalize())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, sink.size
 
 
 def _read_exact(source: ReadableBinary, size: int) -> bytes:
