@@ -637,17 +637,72 @@ def render(documents: list[dict[str, Any]]) -> str:
     return HEADER + body
 
 
+#: One Dockerfile per service (issue 8), all from this template: ``@NAME@``, ``@PORT@`` and the
+#: workspace members' metadata (``@MEMBERS@``) are filled in per service.
+DOCKERFILE_TEMPLATE = """# syntax=docker/dockerfile:1.7
+# enclave-@NAME@: built from the repository root (the uv workspace), e.g.
+#   docker build -f services/@NAME@/Dockerfile -t enclave/@NAME@:$TAG .
+# Stage 1 installs the locked, non-editable environment of this one package (no dev dependencies);
+# stage 2 copies only that environment onto the same Python base and runs it as a non-root user.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.13.9
+
+FROM ${UV_IMAGE} AS uv
+
+FROM ${PYTHON_IMAGE} AS build
+COPY --from=uv /uv /uvx /bin/
+ENV UV_COMPILE_BYTECODE=1 \\
+    UV_LINK_MODE=copy \\
+    UV_PYTHON_DOWNLOADS=never \\
+    UV_PROJECT_ENVIRONMENT=/app/.venv
+WORKDIR /src
+# Dependencies first (cached while only sources change): the lock and every workspace member's metadata.
+COPY pyproject.toml uv.lock ./
+COPY libs/common/pyproject.toml libs/common/
+@MEMBERS@RUN --mount=type=cache,target=/root/.cache/uv \\
+    uv sync --frozen --no-dev --no-editable --no-install-workspace --package enclave-@NAME@
+COPY libs/common libs/common
+COPY services/@NAME@ services/@NAME@
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    uv sync --frozen --no-dev --no-editable --package enclave-@NAME@
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 enclave \\
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin enclave
+COPY --from=build /app/.venv /app/.venv
+ENV PATH=/app/.venv/bin:$PATH \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    ENCLAVE_HTTP_HOST=0.0.0.0
+WORKDIR /app
+USER 10001:10001
+EXPOSE @PORT@
+ENTRYPOINT ["enclave-@NAME@"]
+"""
+
+
+def dockerfile(s: Service) -> str:
+    members = "".join(f"COPY services/{m.name}/pyproject.toml services/{m.name}/\n" for m in SERVICES)
+    return (
+        DOCKERFILE_TEMPLATE.replace("@MEMBERS@", members)
+        .replace("@NAME@", s.name)
+        .replace("@PORT@", str(s.port))
+    )
+
+
 def generated_files() -> dict[Path, str]:
     files = {BASE / "services" / f"{s.name}.yaml": render(service_documents(s)) for s in SERVICES}
     files[BASE / "services" / "keda-trigger-auth.yaml"] = render([trigger_authentication()])
     files[BASE / "kafka" / "topics.yaml"] = render(topic_documents())
     files[BASE / "kafka" / "users.yaml"] = render(user_documents())
+    for s in SERVICES:
+        files[REPO_ROOT / "services" / s.name / "Dockerfile"] = dockerfile(s)
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Generate deploy/k8s/base service, topic and user manifests."
+        description="Generate deploy/k8s/base service, topic and user manifests and the services' Dockerfiles."
     )
     parser.add_argument(
         "--check", action="store_true", help="fail (and show a diff) if a committed file differs"
