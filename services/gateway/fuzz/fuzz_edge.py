@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import random
 import sys
 import time
@@ -27,7 +26,6 @@ import warnings
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from types import ModuleType
 
 import pydicom
 from enclave_gateway.multipart import (
@@ -51,21 +49,13 @@ FUZZ_LIMITS = BodyLimits(
 )
 FUZZ_POLICY = ValidationPolicy(max_sequence_depth=8, header_window_bytes=16 * 1024)
 
-
-def load_corpus() -> ModuleType:
-    name = "enclave_gateway_test_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TESTS / "corpus" / "builders.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+from corpus import builders as corpus  # noqa: E402 - the tests' input builders, shared with them
 
 
 def _split(data: bytes, sizes: list[int]) -> list[bytes]:
-    return load_corpus().split(data, sizes) if data else []
+    return corpus.split(data, sizes) if data else []
 
 
 # --------------------------------------------------------------------------- invariants
@@ -119,7 +109,6 @@ def _validate(data: bytes, sizes: list[int]) -> InstanceInfo | ValidationFailure
 
 
 def check_validation(data: bytes, sizes: list[int]) -> None:
-    corpus = load_corpus()
     whole = _validate(data, [max(1, len(data))])
     assert isinstance(whole, InstanceInfo | ValidationFailure)
     assert _validate(data, sizes) == whole, "verdict depends on chunking"
@@ -141,32 +130,30 @@ def check_validation(data: bytes, sizes: list[int]) -> None:
 
 @functools.cache
 def multipart_seeds() -> list[tuple[str, bytes]]:
-    c = load_corpus()
     small = [b"\x00\x01 dicom-ish", b"\r\n--x\r\n", bytes(range(40))]
     bodies = [
-        c.python_dicomweb_client_body(small),
-        c.npm_dicomweb_client_body(small, boundary="b0b"),
-        c.orthanc_body(small[:2]),
-        c.form_data_body(small[:1]),
-        c.multipart_body(small, boundary="b", preamble=b"pre", epilogue=b"post", content_length=True),
-        c.multipart_body([b""] * 3, boundary="b"),
+        corpus.python_dicomweb_client_body(small),
+        corpus.npm_dicomweb_client_body(small, boundary="b0b"),
+        corpus.orthanc_body(small[:2]),
+        corpus.form_data_body(small[:1]),
+        corpus.multipart_body(small, boundary="b", preamble=b"pre", epilogue=b"post", content_length=True),
+        corpus.multipart_body([b""] * 3, boundary="b"),
     ]
     return [(body.content_type, body.data) for body in bodies] + [("application/dicom", b"DICM")]
 
 
 @functools.cache
 def dicom_seeds() -> list[bytes]:
-    c = load_corpus()
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     return [
-        c.make_instance(pixel_bytes=128),
-        c.make_instance(ImplicitVRLittleEndian, with_meta=False, pixel_bytes=128),
-        c.make_instance(DeflatedExplicitVRLittleEndian, pixel_bytes=128),
-        c.nested_sequences(4),
-        c.pydicom_file("JPEG2000-embedded-sequence-delimiter.dcm"),
-        c.pydicom_file("UN_sequence.dcm"),
-        c.pydicom_file("nested_priv_SQ.dcm"),
+        corpus.make_instance(pixel_bytes=128),
+        corpus.make_instance(ImplicitVRLittleEndian, with_meta=False, pixel_bytes=128),
+        corpus.make_instance(DeflatedExplicitVRLittleEndian, pixel_bytes=128),
+        corpus.nested_sequences(4),
+        corpus.pydicom_file("JPEG2000-embedded-sequence-delimiter.dcm"),
+        corpus.pydicom_file("UN_sequence.dcm"),
+        corpus.pydicom_file("nested_priv_SQ.dcm"),
     ]
 
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
+from corpus import builders as corpus  # tests/conftest.py puts this directory on sys.path
 from enclave_gateway.multipart import (
     BodyKind,
     BodyLimits,
@@ -36,20 +32,6 @@ from enclave_gateway.multipart import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
-def _load_corpus() -> ModuleType:
-    name = "enclave_gateway_test_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "corpus" / "builders.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-corpus = _load_corpus()
 INSTANCES = [b"first instance bytes", b"\r\n--not-the-boundary\r\n second", bytes(range(256)) * 40]
 
 

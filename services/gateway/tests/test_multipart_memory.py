@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import sys
 import tracemalloc
-from pathlib import Path
-from types import ModuleType
 
+from corpus import builders as corpus  # tests/conftest.py puts this directory on sys.path
 from enclave_gateway.multipart import MultipartParser, PartData, PartEnd, PartStart
 from enclave_gateway.validation import InstanceInfo, InstanceInspector
 
-
-def _load_corpus() -> ModuleType:
-    name = "enclave_gateway_test_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "corpus" / "builders.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-corpus = _load_corpus()
 MIB = 1024 * 1024
 
 

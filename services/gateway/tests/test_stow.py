@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pydicom
 import pytest
+from corpus import builders as corpus  # tests/conftest.py puts this directory on sys.path
 from dicomweb_client.api import DICOMwebClient
 from enclave_gateway.multipart import (
     PartData,
@@ -36,20 +33,6 @@ from enclave_gateway.validation import (
     WarningReason,
 )
 
-
-def _load_corpus() -> ModuleType:
-    name = "enclave_gateway_test_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "corpus" / "builders.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-corpus = _load_corpus()
 BASE = "https://gateway.example/dicomweb"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
-from types import ModuleType
 
 import pydicom
 import pytest
+from corpus import builders as corpus  # tests/conftest.py puts this directory on sys.path
 from enclave_gateway.validation import (
     FailureReason,
     InstanceInfo,
@@ -29,20 +26,6 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-
-def _load_corpus() -> ModuleType:
-    name = "enclave_gateway_test_corpus"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "corpus" / "builders.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-corpus = _load_corpus()
 PHI = (corpus.PLANTED_PATIENT_ID, corpus.PLANTED_PATIENT_NAME, "Secretname")
 
 ACCEPTED_PYDICOM_FILES = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, PlainSerializer, create_model
@@ -213,6 +214,7 @@ TOPIC_DATA: dict[str, type[EventData]] = {
 }
 
 
+@cache
 def envelope_schema(topic: str) -> type[Envelope]:
     """The wire message of ``topic`` as a model (the envelope with its typed ``data``), for schemas."""
     data = TOPIC_DATA[topic]

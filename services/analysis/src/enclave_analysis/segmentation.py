@@ -203,7 +203,8 @@ def segment_brain(
         gm_prior = warp(template.gm, template.affine_ras)
         wm_prior = warp(template.wm, template.affine_ras)
         native_distance = upsample(signed_distance)
-        intracranial = _intracranial_mask(corrected, native_distance, volume.spacing_mm)
+        smooth = _smoothed(corrected, volume.spacing_mm)  # for both passes of the intracranial mask
+        intracranial = _intracranial_mask(smooth, native_distance)
         if not intracranial.any():
             raise NotBrainT1Error("no intracranial region found; a T1-weighted brain volume is required")
         csf_prior = np.clip(warped_mask - gm_prior - wm_prior, 0.0, 1.0)
@@ -222,9 +223,9 @@ def segment_brain(
             for name, p in zip(("csf", "gm", "wm"), (csf, gm, wm), strict=True)
         }
         intracranial, csf, gm, wm = _refine_outer_edge(
-            corrected, native_distance, volume.spacing_mm, intracranial, (csf, gm, wm), tissue_means["csf"]
+            smooth, native_distance, intracranial, (csf, gm, wm), tissue_means["csf"]
         )
-        del native_distance
+        del native_distance, smooth
         posteriors = np.stack([csf, gm, wm])
         labels = np.where(intracranial, posteriors.argmax(axis=0) + 1, 0).astype(np.uint8)
 
@@ -308,23 +309,20 @@ def _smoothed(corrected: FloatArray, spacing_mm: tuple[float, float, float]) -> 
 
 
 def _intracranial_mask(
-    corrected: FloatArray,
-    signed_distance: FloatArray,
-    spacing_mm: tuple[float, float, float],
-    threshold: float | None = None,
+    smooth: FloatArray, signed_distance: FloatArray, threshold: float | None = None
 ) -> npt.NDArray[np.bool_]:
     """Warped template mask trimmed by intensity (drops bone/air) and filled (keeps dark CSF).
 
-    ``signed_distance`` is the distance (mm) to the warped template mask's surface, negative inside.
-    ``threshold`` is the intensity the smoothed image must exceed; by default 0.2 x the white-matter
-    level, a first guess that ``_refine_outer_edge`` replaces once the CSF level is known.
+    ``smooth`` is the bias-corrected image after ``_smoothed``. ``signed_distance`` is the distance
+    (mm) to the warped template mask's surface, negative inside. ``threshold`` is the intensity
+    ``smooth`` must exceed; by default 0.2 x the white-matter level, a first guess that
+    ``_refine_outer_edge`` replaces once the CSF level is known.
     """
     template_mask = signed_distance <= 0.0
     if not template_mask.any():
         return template_mask
     search = signed_distance <= 5.0
     core = signed_distance < -4.0
-    smooth = _smoothed(corrected, spacing_mm)
     if threshold is None:
         threshold = 0.2 * float(np.percentile(smooth[template_mask], 95))
     mask = (search & (smooth > threshold)) | core
@@ -336,9 +334,8 @@ def _intracranial_mask(
 
 
 def _refine_outer_edge(
-    corrected: FloatArray,
+    smooth: FloatArray,
     signed_distance: FloatArray,
-    spacing_mm: tuple[float, float, float],
     intracranial: npt.NDArray[np.bool_],
     posteriors: tuple[FloatArray, FloatArray, FloatArray],
     csf_level: float,
@@ -352,20 +349,16 @@ def _refine_outer_edge(
     the levels do not make sense (CSF not brighter than outside), the first mask stays.
     """
     csf, gm, wm = posteriors
-    smooth = _smoothed(corrected, spacing_mm)
     shell = (signed_distance <= 5.0) & ~intracranial
     if not shell.any():
         return intracranial, csf, gm, wm
     outside_level = float(np.median(smooth[shell]))
     if not csf_level > outside_level:
         return intracranial, csf, gm, wm
-    refined = _intracranial_mask(
-        corrected, signed_distance, spacing_mm, threshold=(csf_level + outside_level) / 2.0
-    )
+    refined = _intracranial_mask(smooth, signed_distance, threshold=(csf_level + outside_level) / 2.0)
     dropped = intracranial & ~refined
     added = refined & ~intracranial
-    csf, gm, wm = csf.copy(), gm.copy(), wm.copy()
-    for p in (csf, gm, wm):
+    for p in (csf, gm, wm):  # the caller's arrays, updated in place
         p[dropped] = 0.0
         p[added] = 0.0
     csf[added] = 1.0

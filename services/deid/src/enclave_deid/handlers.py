@@ -62,8 +62,7 @@ class InstanceStoredHandler:
             return
         if self.pipeline is not None:
             self.pipeline.study_keys.forget(envelope.tenant, event.study_key)
-        instance_keys = await self.records.instance_keys_of_study(envelope.tenant, event.study_key)
-        erased = await self.vault.erase_study(envelope.tenant, event.study_key, instance_keys)
+        erased = await self.vault.erase_study(envelope.tenant, event.study_key)
         log.info("linkage of a crypto-shredded study erased", records=erased)
 
     async def on_instance_stored(self, envelope: Envelope) -> None:

@@ -113,7 +113,12 @@ def _write_dataset_spliced(fp: DicomIO, dataset: Dataset, source: memoryview) ->
     """
     implicit = bool(fp.is_implicit_VR)
     encoding = dataset.get("SpecificCharacterSet", default_encoding)
-    run_start = run_end = -1
+    run_start = run_end = -1  # the pending run of source bytes (none while equal)
+
+    def flush() -> None:
+        if run_end > run_start:
+            fp.write(source[run_start:run_end])
+
     for tag in sorted(dataset.keys()):
         if tag.element == 0 and tag.group > 6:
             continue  # retired group lengths are not written (as in write_dataset)
@@ -121,26 +126,20 @@ def _write_dataset_spliced(fp: DicomIO, dataset: Dataset, source: memoryview) ->
         header = _raw_header(elem, implicit) if isinstance(elem, RawDataElement) else None
         if header is not None:
             start = elem.value_tell - len(header)
-            end = elem.value_tell + elem.length
-            in_source = _found_at(source, start, header, elem.value)
-            if in_source and start == run_end:
-                run_end = end
+            if _found_at(source, start, header, elem.value):
+                if start != run_end:
+                    flush()
+                    run_start = start
+                run_end = elem.value_tell + elem.length
                 continue
-            if run_end > run_start:
-                fp.write(source[run_start:run_end])
-            if in_source:
-                run_start, run_end = start, end
-            else:
-                run_start = run_end = -1
-                fp.write(header)
-                fp.write(elem.value)
-            continue
-        if run_end > run_start:
-            fp.write(source[run_start:run_end])
+        flush()
         run_start = run_end = -1
-        write_data_element(fp, elem, encoding)
-    if run_end > run_start:
-        fp.write(source[run_start:run_end])
+        if header is not None:
+            fp.write(header)
+            fp.write(elem.value)
+        else:
+            write_data_element(fp, elem, encoding)
+    flush()
 
 
 def _found_at(source: memoryview, start: int, header: bytes, value: bytes) -> bool:

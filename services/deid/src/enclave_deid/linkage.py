@@ -118,20 +118,10 @@ class LinkageVault:
         """Seal (in a worker thread: a KMS call blocks) and store the linkage of one instance."""
         await self.save(await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key, study_key))
 
-    async def erase_study(self, tenant: str, study_key: str, instance_keys: list[str]) -> int:
-        """Delete the linkage of a crypto-shredded study; returns how many records went.
-
-        By the study key every record carries, and by ``instance_keys`` (the study's de-identified
-        instances as recorded by the service) for any record stored without it.
-        """
+    async def erase_study(self, tenant: str, study_key: str) -> int:
+        """Delete the linkage of a crypto-shredded study (every record carries its study key)."""
         erased = await self.collection.delete_many({"tenant": tenant, "study_key": study_key})
-        count = erased.deleted_count
-        if instance_keys:
-            by_id = await self.collection.delete_many(
-                {"_id": {"$in": [f"{tenant}|{key}" for key in instance_keys]}}
-            )
-            count += by_id.deleted_count
-        return count
+        return erased.deleted_count
 
     async def disclose(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decrypt stored records. PHI: call only after the break-glass access was recorded."""

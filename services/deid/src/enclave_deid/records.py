@@ -36,7 +36,6 @@ class DeidRecords:
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("tenant", 1), ("object.key", 1)])
-        await self.collection.create_index([("tenant", 1), ("study_key", 1)])
 
     async def claim(
         self, tenant: str, instance_key: str, sha256: str, event_id: str
@@ -109,11 +108,6 @@ class DeidRecords:
                 "outcome": {"$exists": False},
             }
         )
-
-    async def instance_keys_of_study(self, tenant: str, study_key: str) -> list[str]:
-        """Instance keys recorded for one study (what crypto-shredding erases the linkage of)."""
-        cursor = self.collection.find({"tenant": tenant, "study_key": study_key}, {"instance_key": 1})
-        return [doc["instance_key"] async for doc in cursor]
 
     async def released_objects(self) -> list[dict[str, Any]]:
         """Every de-identified object (tenant, study key, object ref): what a KEK rotation re-wraps."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from enclave_common import topics
-from enclave_common.auth import Action, Principal, Resource
+from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
@@ -56,13 +56,13 @@ def opaque_id_or_none(value: str | None) -> str | None:
     return value if value is not None and _OPAQUE_ID.match(value) else None
 
 
-def access_target(resource: Resource) -> str | None:
+def access_target(patient_key: str | None, study_key: str | None = None) -> str | None:
     """How an access event names its object: ``patient:<key>`` and ``study:<key>`` (pseudonymous keys),
     so the audit trail files the record under that patient and study (auditor queries, the
     many-studies rule)."""
-    parts = [f"patient:{resource.patient_key}"] if resource.patient_key else []
-    if resource.study_key:
-        parts.append(f"study:{resource.study_key}")
+    parts = [f"patient:{patient_key}"] if patient_key else []
+    if study_key:
+        parts.append(f"study:{study_key}")
     return "/".join(parts) or None
 
 
@@ -120,7 +120,7 @@ class AccessRecorder:
         """The AccessGuard hook: one event per decision."""
         resource = outcome.resource
         target = (
-            access_target(resource)
+            access_target(resource.patient_key, resource.study_key)
             if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )

@@ -97,7 +97,7 @@ def build_grants_router(
             action=str(action),
             outcome=outcome,
             status=status,
-            target=access_target(Resource(tenant=principal.tenant, patient_key=patient_key)),
+            target=access_target(patient_key),
             detail=detail,
         )
 
