@@ -54,6 +54,8 @@ STATE = Path(os.environ.get("ENCLAVE_STATE", ROOT / ".state"))
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MIB = 1024 * 1024
+KAFKA = os.environ.get("ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+BENCH_GATEWAY = "gateway_bench"
 BOUNDARY = "enclave-bench-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
 
@@ -187,7 +189,7 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Serve
         {
             "ENCLAVE_ENVIRONMENT": "dev",
             "ENCLAVE_GATEWAY_HTTP_PORT": str(port),
-            "ENCLAVE_GATEWAY_SERVICE_NAME": "gateway_bench",
+            "ENCLAVE_GATEWAY_SERVICE_NAME": BENCH_GATEWAY,
             "ENCLAVE_GATEWAY_SPOOL_DIR": str(workdir / "spool"),
             "ENCLAVE_GATEWAY_RATE_LIMIT_BURST": "1000000",
             "ENCLAVE_GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
@@ -266,6 +268,34 @@ def dev_env() -> dict[str, str]:
     return env
 
 
+async def group_lag(group: str) -> int:
+    """Messages the consumer group ``group`` has yet to consume, over the topics it has offsets for."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        ends = await consumer.end_offsets(list(committed))
+        return sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items() if meta.offset >= 0)
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def wait_caught_up(group: str, timeout: float = 300.0) -> None:
+    """Wait until the gateway's read model consumed the backlog earlier runs left it (events of
+    instances the downstream services processed since), so the measurement is of uploads alone."""
+    deadline = time.monotonic() + timeout
+    while (lag := asyncio.run(group_lag(group))) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{group} still has {lag} events to consume after {timeout:.0f} s")
+        time.sleep(1)
+
+
 # ---- the client ----------------------------------------------------------------------------------
 
 
@@ -318,6 +348,12 @@ async def streamed_request(count: int, instance_bytes: int) -> AsyncIterator[byt
             yield piece[:take]
             remaining -= take
     yield f"\r\n--{BOUNDARY}--".encode()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int, field: str) -> int:
@@ -379,7 +415,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="enclave-bench-gateway-"))
     servers: list[Server] = []
-    rows: list[tuple[str, int, int, float, float, float]] = []
+    rows: list[tuple[str, int, int, float, float, float, float]] = []
     try:
         gateway = start_gateway(workdir)
         servers.append(gateway)
@@ -389,11 +425,14 @@ def main() -> int:
         for server in servers:
             asyncio.run(post_all(server, warmup, 1))
         with paused(() if args.keep_downstream else DOWNSTREAM) as stopped:
+            wait_caught_up(f"enclave-{BENCH_GATEWAY}")
             for clients in (1, 4):
                 for server in reversed(servers):  # Orthanc first, then the gateway, for each client count
                     instances = mr_instances(args.instances)
                     size = sum(len(i) for i in instances)
+                    cpu_before = cpu_seconds(server.process.pid)
                     seconds = asyncio.run(post_all(server, instances, clients))
+                    cpu_ms = (cpu_seconds(server.process.pid) - cpu_before) * 1000 / len(instances)
                     rows.append(
                         (
                             server.name,
@@ -402,6 +441,7 @@ def main() -> int:
                             seconds,
                             len(instances) / seconds,
                             size / MIB / seconds,
+                            cpu_ms,
                         )
                     )
         print(
@@ -412,9 +452,14 @@ def main() -> int:
             + (", ".join(stopped) or "none")
             + "; Kafka, MinIO and FerretDB run"
         )
-        print(f"{'server':<18} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}")
-        for name, clients, count, seconds, rate, mib in rows:
-            print(f"{name:<18} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f}")
+        print(
+            f"{'server':<18} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}"
+            f" {'server CPU ms/inst':>18}"
+        )
+        for name, clients, count, seconds, rate, mib, cpu_ms in rows:
+            print(
+                f"{name:<18} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f} {cpu_ms:>18.2f}"
+            )
         if not args.skip_rss:
             large = start_gateway(workdir, throwaway_ingest_key=True)
             servers.append(large)

@@ -294,3 +294,86 @@ async def test_critical_header_extensions_are_rejected(issuer: DevIssuer, verifi
     payload = segments(mint(issuer))[1]
     token = jwt.encode(payload, key.private_key, algorithm="ES256", headers={"kid": key.kid, "crit": ["exp"]})
     await refused(verifier, token, AuthFailure.MALFORMED)
+
+
+# -- the verified-token cache
+
+
+class CountingKeys(StaticKeySource):
+    """A static key source that can drop a key (as a JWKS refresh after a rotation would)."""
+
+    def drop(self, kid: str) -> None:
+        self._keys.pop(kid)
+
+
+def counting_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import jwt
+
+    calls: list[str] = []
+    original = jwt.decode
+
+    def decode(token: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(token)
+        return original(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", decode)
+    return calls
+
+
+async def test_a_verified_token_is_not_verified_again(
+    issuer: DevIssuer, rules: TokenRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = counting_decode(monkeypatch)
+    verifier = TokenVerifier(rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms))
+    token = mint(issuer)
+    first = await verifier.verify_bearer(token)
+    assert await verifier.verify_bearer(token) is first
+    assert decoded == [token]
+    other = mint(issuer, subject="bob")
+    assert (await verifier.verify_bearer(other)).subject == "bob"
+    assert decoded == [token, other]
+
+
+async def test_a_remembered_token_stops_at_its_expiry(
+    issuer: DevIssuer, rules: TokenRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = counting_decode(monkeypatch)
+    now = [datetime.now(UTC).timestamp()]
+    verifier = TokenVerifier(
+        rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms), clock=lambda: now[0]
+    )
+    token = mint(issuer, ttl_seconds=60)
+    await verifier.verify_bearer(token)
+    now[0] += 60 + rules.leeway_seconds - 1
+    await verifier.verify_bearer(token)
+    assert len(decoded) == 1, "still within exp + leeway: served from memory"
+    now[0] += 2
+    await verifier.verify_bearer(token)  # past it by the cache's clock: verified by pyjwt again
+    assert len(decoded) == 2
+
+
+async def test_a_remembered_token_stops_when_its_key_leaves_the_jwks(
+    issuer: DevIssuer, rules: TokenRules
+) -> None:
+    keys = CountingKeys(StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms)._keys)
+    verifier = TokenVerifier(rules, keys)
+    token = mint(issuer)
+    await verifier.verify_bearer(token)
+    keys.drop(segments(token)[0]["kid"])
+    await refused(verifier, token, AuthFailure.UNKNOWN_KID)
+
+
+async def test_the_cache_holds_at_most_cache_size_tokens(
+    issuer: DevIssuer, rules: TokenRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = counting_decode(monkeypatch)
+    verifier = TokenVerifier(
+        rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms), cache_size=2
+    )
+    a, b, c = (mint(issuer, subject=name) for name in "abc")
+    for token in (a, b, a, c):  # c evicts b, the least recently used
+        await verifier.verify_bearer(token)
+    assert decoded == [a, b, c]
+    await verifier.verify_bearer(a)
+    await verifier.verify_bearer(b)
+    assert decoded == [a, b, c, b]

@@ -36,8 +36,10 @@ class GatewaySettings(BaseServiceSettings):
     max_instance_bytes: int = Field(default=2 * GIB, ge=1024)
     max_request_bytes: int = Field(default=4 * GIB, ge=1024)
     chunk_bytes: int = Field(default=1 * MIB, ge=4096, le=1 * MIB)
-    #: Sealed instances wait here until the whole request is read (ciphertext only).
+    #: Sealed instances wait here until the whole request is read (ciphertext only, unnamed files).
     spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
+    #: Sealed bytes one request may keep in memory before its instances spill to ``spool_dir``.
+    spool_memory_bytes: int = Field(default=4 * MIB, ge=0, le=64 * MIB)
     #: A request body that sends nothing for this long is cut off (slow-loris protection).
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
     #: After the grace period, a body must arrive at this average rate at least (a trickle that

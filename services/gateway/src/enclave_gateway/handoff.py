@@ -1,19 +1,21 @@
 """The sealed hand-off: each accepted instance is sealed to the ingest public key while it streams,
 spooled as ciphertext, and published as chunks of at most 1 MiB only when the whole request is valid.
 
-The gateway holds no key that can open what it sealed. Publishing waits for Kafka's acknowledgement
-of every chunk (acks=all, idempotent producer); any failure is reported as ``KafkaUnavailable`` so
-the request answers 503 and acknowledges nothing.
+The gateway holds no key that can open what it sealed. The request is answered only after Kafka
+acknowledged every chunk and event (acks=all, idempotent producer); any failure is reported as
+``KafkaUnavailable`` so the request answers 503 and acknowledges nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from enclave_common import topics
@@ -33,10 +35,36 @@ class KafkaUnavailable(TransientError):
     code = "kafka_unavailable"
 
 
-class SealedInstance:
-    """One part being sealed as it streams; plaintext is buffered at most one chunk at a time."""
+class SpoolBudget:
+    """Bytes of sealed data one request may keep in memory; past it, its instances spill to files in
+    the spool directory. Memory per request stays bounded whatever its size, and the common small
+    upload costs no file at all."""
 
-    def __init__(self, recipient: X25519PublicKey, tenant: str, spool_dir: Path, chunk_bytes: int) -> None:
+    def __init__(self, memory_bytes: int) -> None:
+        self.remaining = memory_bytes
+
+    def take(self, size: int) -> bool:
+        if size > self.remaining:
+            return False
+        self.remaining -= size
+        return True
+
+
+class SealedInstance:
+    """One part being sealed as it streams; plaintext is buffered at most one chunk at a time.
+
+    The ciphertext is kept in a :class:`tempfile.SpooledTemporaryFile`: in memory while the request's
+    :class:`SpoolBudget` allows, otherwise an unnamed file in ``spool_dir`` (gone when closed, or with
+    the process)."""
+
+    def __init__(
+        self,
+        recipient: X25519PublicKey,
+        tenant: str,
+        spool_dir: Path,
+        chunk_bytes: int,
+        budget: SpoolBudget,
+    ) -> None:
         self.tenant = tenant
         self.instance_upload_id = new_event_id()
         self._sealer = InstanceSealer(
@@ -44,9 +72,12 @@ class SealedInstance:
         )
         self._chunk_bytes = chunk_bytes
         self._buffer = bytearray()
-        fd, name = tempfile.mkstemp(prefix="sealed-", dir=spool_dir)
-        self._path = Path(name)
-        self._file = os.fdopen(fd, "wb")
+        self._budget = budget
+        # max_size=0: never rolls over by itself; _write decides against the request's budget.
+        self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by discard()
+            max_size=0, mode="w+b", prefix="sealed-", dir=spool_dir
+        )
+        self._in_memory = True
         self.count = 0
         self.size = 0
 
@@ -60,47 +91,49 @@ class SealedInstance:
     def finish(self) -> None:
         self._write(self._sealer.seal_chunk(bytes(self._buffer), final=True))
         self._buffer.clear()
-        self._file.close()
+        self._file.flush()
 
     def _write(self, sealed: bytes | bytearray) -> None:
+        if self._in_memory and not self._budget.take(_LEN.size + len(sealed)):
+            self._file.rollover()
+            self._in_memory = False
         self._file.write(_LEN.pack(len(sealed)))
         self._file.write(sealed)
         self.count += 1
 
+    @property
+    def in_memory(self) -> bool:
+        return self._in_memory
+
     def chunks(self) -> Iterator[bytes]:
-        with self._path.open("rb") as spool:
-            while header := spool.read(_LEN.size):
-                yield spool.read(_LEN.unpack(header)[0])
+        self._file.seek(0)
+        while header := self._file.read(_LEN.size):
+            yield self._file.read(_LEN.unpack(header)[0])
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._path.unlink(missing_ok=True)
+        self._file.close()
 
 
 class Handoff:
-    """Publishes sealed instances and the upload events."""
+    """Publishes sealed instances and the upload events.
+
+    Events are queued without waiting (``EventPublisher.send``) and their acknowledgements awaited
+    together (:meth:`Acknowledgements.settle`): the producer batches what is queued at the same time
+    into one produce request, so a one-instance upload pays one round trip for its chunk and its
+    ``upload.received`` instead of one each. At most ``PUBLISH_WINDOW`` chunks wait unacknowledged,
+    so a large instance still streams from the spool with bounded memory.
+    """
 
     def __init__(self, publisher: EventPublisher, timeout_s: float) -> None:
         self._publisher = publisher
         self._timeout = timeout_s
 
-    async def _publish(self, topic: str, envelope: Envelope, key: str) -> None:
-        try:
-            await asyncio.wait_for(self._publisher.publish(topic, envelope, key=key), self._timeout)
-        except (TimeoutError, ConnectionError, OSError) as exc:
-            raise KafkaUnavailable(
-                "Kafka did not acknowledge the upload; nothing was accepted, retry later"
-            ) from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith(("aiokafka", "kafka", "faststream")):
-                raise KafkaUnavailable(
-                    "Kafka did not acknowledge the upload; nothing was accepted, retry later"
-                ) from exc
-            raise
+    def acknowledgements(self) -> Acknowledgements:
+        return Acknowledgements(self._publisher, self._timeout)
 
     async def publish_instance(
         self,
+        acks: Acknowledgements,
         sealed: SealedInstance,
         *,
         upload_id: str,
@@ -110,30 +143,25 @@ class Handoff:
         sop_class_uid: str,
         transfer_syntax_uid: str,
     ) -> None:
-        """Publish every chunk (acknowledged), then ``upload.received``."""
-        window: list[Envelope] = []
+        """Queue every chunk, then ``upload.received``; ``acks`` holds their acknowledgements."""
         for index, piece in enumerate(sealed.chunks()):
-            window.append(
-                Envelope.for_topic(
-                    topics.UPLOAD_CHUNK,
-                    UploadChunk(
-                        upload_id=upload_id,
-                        instance_upload_id=sealed.instance_upload_id,
-                        index=index,
-                        count=sealed.count,
-                        sealed=piece,
-                        total_size=sealed.size,
-                        sha256=sha256,
-                    ),
-                    source="gateway",
-                    tenant=sealed.tenant,
-                    actor=actor,
-                    correlation_id=upload_id,
-                )
+            chunk = Envelope.for_topic(
+                topics.UPLOAD_CHUNK,
+                UploadChunk(
+                    upload_id=upload_id,
+                    instance_upload_id=sealed.instance_upload_id,
+                    index=index,
+                    count=sealed.count,
+                    sealed=piece,
+                    total_size=sealed.size,
+                    sha256=sha256,
+                ),
+                source="gateway",
+                tenant=sealed.tenant,
+                actor=actor,
+                correlation_id=upload_id,
             )
-            if len(window) >= PUBLISH_WINDOW:
-                await self._flush(window, sealed.instance_upload_id)
-        await self._flush(window, sealed.instance_upload_id)
+            await acks.send(topics.UPLOAD_CHUNK, chunk, sealed.instance_upload_id, windowed=True)
         received = Envelope.for_topic(
             topics.UPLOAD_RECEIVED,
             UploadReceived(
@@ -154,12 +182,66 @@ class Handoff:
             actor=actor,
             correlation_id=upload_id,
         )
-        await self._publish(topics.UPLOAD_RECEIVED, received, sealed.instance_upload_id)
-
-    async def _flush(self, window: list[Envelope], key: str) -> None:
-        if window:
-            await asyncio.gather(*(self._publish(topics.UPLOAD_CHUNK, env, key) for env in window))
-            window.clear()
+        await acks.send(topics.UPLOAD_RECEIVED, received, sealed.instance_upload_id)
 
     async def publish_event(self, topic: str, envelope: Envelope, key: str) -> None:
-        await self._publish(topic, envelope, key)
+        acks = self.acknowledgements()
+        await acks.send(topic, envelope, key)
+        await acks.settle()
+
+
+class Acknowledgements:
+    """The acknowledgements of events queued for one request; :meth:`settle` waits for all of them.
+
+    Any failure (Kafka down, a timeout, a refused record) becomes ``KafkaUnavailable``, so the request
+    answers 503 and acknowledges nothing.
+    """
+
+    def __init__(self, publisher: EventPublisher, timeout_s: float) -> None:
+        self._publisher = publisher
+        self._timeout = timeout_s
+        self._window: deque[asyncio.Future[Any]] = deque()
+        self._rest: list[asyncio.Future[Any]] = []
+
+    async def send(self, topic: str, envelope: Envelope, key: str, *, windowed: bool = False) -> None:
+        """Queue one event; with ``windowed``, first wait while ``PUBLISH_WINDOW`` such events are
+        unacknowledged (chunks: bounded memory however large the instance)."""
+        with _kafka_failures():
+            if windowed:
+                while len(self._window) >= PUBLISH_WINDOW:
+                    await asyncio.wait_for(self._window.popleft(), self._timeout)
+            ack = await asyncio.wait_for(self._publisher.send(topic, envelope, key=key), self._timeout)
+        ack.add_done_callback(_retrieve)
+        (self._window if windowed else self._rest).append(ack)
+
+    async def settle(self) -> None:
+        """Wait until every queued event is acknowledged."""
+        pending = [*self._window, *self._rest]
+        self._window.clear()
+        self._rest.clear()
+        if pending:
+            with _kafka_failures():
+                await asyncio.wait_for(asyncio.gather(*pending), self._timeout)
+
+
+def _retrieve(ack: asyncio.Future[Any]) -> None:
+    """Mark an acknowledgement's failure as seen: after the first failure the request answers 503 and
+    the others are not awaited, which asyncio would otherwise report as never retrieved."""
+    if not ack.cancelled():
+        ack.exception()
+
+
+@contextmanager
+def _kafka_failures() -> Iterator[None]:
+    try:
+        yield
+    except (TimeoutError, ConnectionError, OSError) as exc:
+        raise KafkaUnavailable(
+            "Kafka did not acknowledge the upload; nothing was accepted, retry later"
+        ) from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith(("aiokafka", "kafka", "faststream")):
+            raise KafkaUnavailable(
+                "Kafka did not acknowledge the upload; nothing was accepted, retry later"
+            ) from exc
+        raise

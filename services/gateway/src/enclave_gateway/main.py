@@ -90,6 +90,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         limits=limits,
         policy=policy,
         spool_dir=settings.spool_dir,
+        spool_memory_bytes=settings.spool_memory_bytes,
         chunk_bytes=settings.chunk_bytes,
         pace=BodyPace(
             idle_timeout_s=settings.body_idle_timeout_s,
@@ -106,8 +107,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
         uploads.recipient = load_public_key(str(settings.ingest_public_key_file))
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        for stale in settings.spool_dir.glob("sealed-*"):
-            stale.unlink(missing_ok=True)
         await read_model.ensure_indexes()
         await grants.ensure_indexes()
 

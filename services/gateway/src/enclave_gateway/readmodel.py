@@ -21,7 +21,25 @@ from enclave_common.events import (
 )
 from enclave_common.pseudonyms import InstanceKeys
 from pymongo import ASCENDING
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+DUPLICATE_KEY = 11000
+
+
+def _upload_fields(
+    tenant: str, upload_id: str, keys: InstanceKeys, sop_class_uid: str, now: datetime
+) -> dict[str, Any]:
+    return {
+        "tenant": tenant,
+        "upload_id": upload_id,
+        "patient_key": keys.patient_key,
+        "study_key": keys.study_key,
+        "series_key": keys.series_key,
+        "instance_key": keys.instance_key,
+        "sop_class_uid": sop_class_uid,
+        "received_at": now,
+    }
+
 
 RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
 
@@ -35,27 +53,35 @@ class ReadModel:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
 
-    async def record_upload(
-        self, tenant: str, upload_id: str, instance_upload_id: str, keys: InstanceKeys, sop_class_uid: str
+    async def record_uploads(
+        self, tenant: str, upload_id: str, instances: list[tuple[str, InstanceKeys, str]]
     ) -> None:
+        """Record the instances of an upload as received: ``(instance_upload_id, keys, sop_class_uid)``.
+
+        One ``insert_many`` for the request: the ids are new, so this is an insert, not an upsert
+        (FerretDB's upsert costs several times an insert). An event that overtook the upload may
+        already have created a record: that one keeps its status and gets the upload's fields.
+        """
+        if not instances:
+            return
         now = datetime.now(UTC)
-        await self.instances.update_one(
-            {"_id": instance_upload_id},
-            {
-                "$setOnInsert": {"status": "received", "rank": 0, "created_at": now},
-                "$set": {
-                    "tenant": tenant,
-                    "upload_id": upload_id,
-                    "patient_key": keys.patient_key,
-                    "study_key": keys.study_key,
-                    "series_key": keys.series_key,
-                    "instance_key": keys.instance_key,
-                    "sop_class_uid": sop_class_uid,
-                    "received_at": now,
-                },
-            },
-            upsert=True,
-        )
+        docs = [
+            {"_id": instance_upload_id, "status": "received", "rank": 0, "created_at": now}
+            | _upload_fields(tenant, upload_id, keys, sop_class_uid, now)
+            for instance_upload_id, keys, sop_class_uid in instances
+        ]
+        try:
+            await self.instances.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
+            for error in errors:
+                instance_upload_id, keys, sop_class_uid = instances[error["index"]]
+                await self.instances.update_one(
+                    {"_id": instance_upload_id},
+                    {"$set": _upload_fields(tenant, upload_id, keys, sop_class_uid, now)},
+                )
 
     async def advance(
         self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]
@@ -65,7 +91,7 @@ class ReadModel:
         Read, then write, both by ``_id`` only: a ``rank`` condition in the filter would make FerretDB
         (SQLite) scan the whole collection for every event. This consumer handles one event at a
         time, so nothing else moves the rank between the read and the write; the upload path's
-        ``record_upload`` never touches ``status``/``rank`` of an existing document.
+        ``record_uploads`` never touches ``status``/``rank`` of an existing document.
         """
         current = await self.instances.find_one({"_id": instance_upload_id}, {"rank": 1})
         if current is not None and current.get("rank", 0) >= RANK[status]:

@@ -20,7 +20,7 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
-from enclave_gateway.handoff import Handoff, SealedInstance
+from enclave_gateway.handoff import Handoff, SealedInstance, SpoolBudget
 from enclave_gateway.multipart import (
     DICOM_MEDIA_TYPE,
     BodyLimits,
@@ -93,6 +93,7 @@ class UploadResult:
     upload_id: str
     accepted: list[AcceptedPart] = field(default_factory=list)
     failed: list[FailedPart] = field(default_factory=list)
+    budget: SpoolBudget = field(default_factory=lambda: SpoolBudget(0))
 
 
 @dataclass
@@ -117,6 +118,7 @@ class UploadProcessor:
         spool_dir: Path,
         chunk_bytes: int,
         pace: BodyPace,
+        spool_memory_bytes: int = 0,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer
@@ -125,6 +127,7 @@ class UploadProcessor:
         self.limits = limits
         self.policy = policy
         self.spool_dir = spool_dir
+        self.spool_memory_bytes = spool_memory_bytes
         self.chunk_bytes = chunk_bytes
         self.pace = pace
 
@@ -139,7 +142,7 @@ class UploadProcessor:
     ) -> UploadResult:
         """Read and validate the whole body; RequestBodyError (nothing kept) on a request-level error."""
         parser = parser_for(parse_body_format(content_type), self.limits)
-        result = UploadResult(upload_id=new_event_id())
+        result = UploadResult(upload_id=new_event_id(), budget=SpoolBudget(self.spool_memory_bytes))
         current: _Current | None = None
         try:
             async for chunk in _paced(body, self.pace):
@@ -190,7 +193,7 @@ class UploadProcessor:
             return _Current(
                 event.index,
                 InstanceInspector(self.policy, expected_study_uid),
-                SealedInstance(self.recipient, tenant, self.spool_dir, self.chunk_bytes),
+                SealedInstance(self.recipient, tenant, self.spool_dir, self.chunk_bytes, result.budget),
                 headers.filename,
             )
         assert current is not None
@@ -220,30 +223,43 @@ class UploadProcessor:
         return None
 
     async def publish(self, result: UploadResult, *, tenant: str, actor: str) -> None:
-        """Hand every accepted instance to Kafka (acknowledged), then ``upload.completed``."""
-        series: list[str] = []
+        """Hand every accepted instance to Kafka, then ``upload.completed``.
+
+        Every chunk and ``upload.received`` is queued at once and acknowledged together; the
+        read-model records are written meanwhile. Only then is ``upload.completed`` published: it
+        tells analysis which instances make up the upload, so it never names an instance whose
+        hand-off was not acknowledged.
+        """
         try:
-            for part in result.accepted:
-                info = part.info
-                keys = keys_for(self.pseudonymizer, tenant, info)
-                # The read-model write overlaps the Kafka round trips (it is not what acknowledges the
-                # instance; if publishing fails, the client never learns this imaging id).
-                await asyncio.gather(
-                    self.handoff.publish_instance(
+            keyed = [(part, keys_for(self.pseudonymizer, tenant, part.info)) for part in result.accepted]
+            # The read-model write overlaps the Kafka round trips (it is not what acknowledges the
+            # instance; if publishing fails, the client never learns these imaging ids).
+            recorded = asyncio.ensure_future(
+                self.read_model.record_uploads(
+                    tenant,
+                    result.upload_id,
+                    [(part.sealed.instance_upload_id, keys, part.info.sop_class_uid) for part, keys in keyed],
+                )
+            )
+            try:
+                acks = self.handoff.acknowledgements()
+                for part, keys in keyed:
+                    await self.handoff.publish_instance(
+                        acks,
                         part.sealed,
                         upload_id=result.upload_id,
                         actor=actor,
-                        sha256=info.sha256,
+                        sha256=part.info.sha256,
                         keys=keys,
-                        sop_class_uid=info.sop_class_uid,
-                        transfer_syntax_uid=info.transfer_syntax_uid,
-                    ),
-                    self.read_model.record_upload(
-                        tenant, result.upload_id, part.sealed.instance_upload_id, keys, info.sop_class_uid
-                    ),
-                )
-                if keys.series_key not in series:
-                    series.append(keys.series_key)
+                        sop_class_uid=part.info.sop_class_uid,
+                        transfer_syntax_uid=part.info.transfer_syntax_uid,
+                    )
+                await acks.settle()
+            finally:
+                if not recorded.done():
+                    await asyncio.wait([recorded])
+            recorded.result()
+            series = list(dict.fromkeys(keys.series_key for _, keys in keyed))
             completed = Envelope.for_topic(
                 topics.UPLOAD_COMPLETED,
                 UploadCompleted(

@@ -12,7 +12,9 @@ token or anything read from it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -66,12 +68,56 @@ def _fail(failure: AuthFailure, message: str) -> AuthenticationError:
     return AuthenticationError(failure, message)
 
 
-class TokenVerifier:
-    """Turns a bearer token into a :class:`Principal`, or raises :class:`AuthenticationError`."""
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    kid: str
+    key: Any
+    usable_until: float  # exp + leeway: the instant pyjwt would start refusing the token
 
-    def __init__(self, rules: TokenRules, keys: KeySource) -> None:
+
+class TokenVerifier:
+    """Turns a bearer token into a :class:`Principal`, or raises :class:`AuthenticationError`.
+
+    A token that verified is remembered (at most ``cache_size`` tokens, least recently used first
+    out), so a client sending the same token with every request pays for the signature once. A
+    remembered token is accepted only while it has not expired (exp plus the leeway, as pyjwt
+    decides) and while its ``kid`` still resolves to the very key that verified it: a key removed
+    or replaced in the JWKS stops its tokens at the key source's next refresh, as before.
+    """
+
+    def __init__(
+        self,
+        rules: TokenRules,
+        keys: KeySource,
+        *,
+        cache_size: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.rules = rules
         self.keys = keys
+        self._cache: OrderedDict[str, _Verified] = OrderedDict()
+        self._cache_size = cache_size
+        self._clock = clock
+
+    async def _remembered(self, token: str) -> Principal | None:
+        verified = self._cache.get(token)
+        if verified is None:
+            return None
+        if self._clock() > verified.usable_until or await self.keys.key_for(verified.kid) is not verified.key:
+            self._cache.pop(token, None)
+            return None
+        self._cache.move_to_end(token)
+        return verified.principal
+
+    def _remember(
+        self, token: str, kid: str, key: Any, claims: Mapping[str, Any], principal: Principal
+    ) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[token] = _Verified(principal, kid, key, float(claims["exp"]) + self.rules.leeway_seconds)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     async def verify_bearer(self, token: str) -> Principal:
         """Verify ``token`` (the part after ``Bearer ``). Raises :class:`AuthenticationError`, or
@@ -79,6 +125,9 @@ class TokenVerifier:
         rules = self.rules
         if not token or len(token) > rules.max_token_bytes or not token.isascii():
             raise _fail(AuthFailure.MALFORMED, f"token is not a JWT of at most {rules.max_token_bytes} bytes")
+        remembered = await self._remembered(token)
+        if remembered is not None:
+            return remembered
         try:
             header = jwt.get_unverified_header(token)
         except jwt_errors.PyJWTError:
@@ -113,7 +162,9 @@ class TokenVerifier:
             )
         except jwt_errors.PyJWTError as exc:
             raise _map_error(exc, rules) from None
-        return self._principal(claims)
+        principal = self._principal(claims)
+        self._remember(token, kid, key, claims, principal)
+        return principal
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         rules = self.rules
