@@ -56,6 +56,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MIB = 1024 * 1024
 KAFKA = os.environ.get("ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 BENCH_GATEWAY = "gateway_bench"
+WARMUP_INSTANCES = 100
 BOUNDARY = "enclave-bench-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
 
@@ -122,16 +123,40 @@ class Server:
     name: str
     stow_url: str
     headers: Callable[[int], dict[str, str]]
-    process: subprocess.Popen[bytes]
+    processes: list[subprocess.Popen[bytes]]
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.processes[0]
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.processes)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
             try:
-                self.process.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+                process.kill()
+                process.wait(5)
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN state on ``port`` (``/proc/net/tcp``): one per ready replica."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[1].rsplit(":", 1)[1] == f"{port:04X}" and fields[3] == "0A":
+                count += 1
+    return count
 
 
 def start_orthanc(workdir: Path) -> Server:
@@ -157,7 +182,7 @@ def start_orthanc(workdir: Path) -> Server:
     config_path.write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")
     process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-    server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, process)
+    server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, [process])
     try:
         wait_http(f"http://127.0.0.1:{port}/system")
     except RuntimeError:
@@ -166,8 +191,12 @@ def start_orthanc(workdir: Path) -> Server:
     return server
 
 
-def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Server:
-    """A gateway process of its own (no per-principal rate limit to trip over), on the running stack.
+def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False, replicas: int = 1) -> Server:
+    """A gateway of its own (no per-principal rate limit to trip over), on the running stack.
+
+    With ``replicas`` > 1, that many gateway processes share the port (SO_REUSEPORT): the kernel
+    spreads connections over them, as a Kubernetes Service spreads them over the gateway's pods
+    (2 at least, `deploy/k8s`). One Python process uses one core.
 
     With ``throwaway_ingest_key`` it seals to a key nobody holds: the stack's ingest refuses such an
     instance when its first chunk does not open, instead of storing (and deid processing) it. The
@@ -189,6 +218,7 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Serve
         {
             "ENCLAVE_ENVIRONMENT": "dev",
             "ENCLAVE_GATEWAY_HTTP_PORT": str(port),
+            "ENCLAVE_GATEWAY_HTTP_REUSE_PORT": "true" if replicas > 1 else "false",
             "ENCLAVE_GATEWAY_SERVICE_NAME": BENCH_GATEWAY,
             "ENCLAVE_GATEWAY_SPOOL_DIR": str(workdir / "spool"),
             "ENCLAVE_GATEWAY_RATE_LIMIT_BURST": "1000000",
@@ -197,10 +227,17 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Serve
             "ENCLAVE_LOG_LEVEL": "WARNING",
         }
     )
-    log = (workdir / "gateway.log").open("wb")
-    process = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "enclave-gateway")], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    processes = []
+    for replica in range(replicas):
+        log = (workdir / f"gateway-{port}-{replica}.log").open("wb")
+        processes.append(
+            subprocess.Popen(
+                [str(ROOT / ".venv" / "bin" / "enclave-gateway")],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     issuer = DevIssuer.load(STATE / "keys")
     tenant = f"bench-{uuid.uuid4().hex[:8]}"
 
@@ -210,15 +247,20 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False) -> Serve
         )
         return {"Authorization": f"Bearer {token}"}
 
-    server = Server("Enclave gateway", f"http://127.0.0.1:{port}/dicomweb/studies", headers, process)
+    name = "Enclave gateway" if replicas == 1 else f"Enclave gateway x{replicas}"
+    server = Server(name, f"http://127.0.0.1:{port}/dicomweb/studies", headers, processes)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
+            if any(p.poll() is not None for p in processes):
+                raise RuntimeError("a bench gateway exited; see its log in " + str(workdir))
+            # A replica listens only once its startup is complete, so all listening = all ready.
+            if listening_sockets(port) >= replicas:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        return server
+                except httpx.HTTPError:
+                    pass
             time.sleep(0.3)
         raise RuntimeError("the bench gateway did not become ready")
     except BaseException:
@@ -408,6 +450,13 @@ def main() -> int:
     parser.add_argument("--skip-orthanc", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="gateway replica counts to measure, each sharing one port (default: 1 2)",
+    )
+    parser.add_argument(
         "--keep-downstream",
         action="store_true",
         help="leave the stack's ingest, deid, analysis and audit running during the measurements",
@@ -417,22 +466,23 @@ def main() -> int:
     servers: list[Server] = []
     rows: list[tuple[str, int, int, float, float, float, float]] = []
     try:
-        gateway = start_gateway(workdir)
-        servers.append(gateway)
         if not args.skip_orthanc:
             servers.append(start_orthanc(workdir))
-        warmup = mr_instances(5)
+        for replicas in args.replicas:
+            servers.append(start_gateway(workdir, replicas=replicas))
+        # Not timed: the same warm-up for every server (connections, caches, Kafka's JIT-compiled
+        # request path), so the first measured run is not also the first served.
         for server in servers:
-            asyncio.run(post_all(server, warmup, 1))
+            asyncio.run(post_all(server, mr_instances(WARMUP_INSTANCES), 4))
         with paused(() if args.keep_downstream else DOWNSTREAM) as stopped:
             wait_caught_up(f"enclave-{BENCH_GATEWAY}")
             for clients in (1, 4):
-                for server in reversed(servers):  # Orthanc first, then the gateway, for each client count
+                for server in servers:  # Orthanc first, then the gateway, for each client count
                     instances = mr_instances(args.instances)
                     size = sum(len(i) for i in instances)
-                    cpu_before = cpu_seconds(server.process.pid)
+                    cpu_before = server.cpu_seconds()
                     seconds = asyncio.run(post_all(server, instances, clients))
-                    cpu_ms = (cpu_seconds(server.process.pid) - cpu_before) * 1000 / len(instances)
+                    cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / len(instances)
                     rows.append(
                         (
                             server.name,
@@ -453,12 +503,12 @@ def main() -> int:
             + "; Kafka, MinIO and FerretDB run"
         )
         print(
-            f"{'server':<18} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}"
+            f"{'server':<20} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}"
             f" {'server CPU ms/inst':>18}"
         )
         for name, clients, count, seconds, rate, mib, cpu_ms in rows:
             print(
-                f"{name:<18} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f} {cpu_ms:>18.2f}"
+                f"{name:<20} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f} {cpu_ms:>18.2f}"
             )
         if not args.skip_rss:
             large = start_gateway(workdir, throwaway_ingest_key=True)

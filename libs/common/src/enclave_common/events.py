@@ -6,11 +6,10 @@ per tenant; DICOM UIDs never appear in their original form.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from functools import cache
 from typing import Annotated, Literal
 
+import pybase64
 from pydantic import BeforeValidator, Field, PlainSerializer, create_model
 
 from enclave_common import topics
@@ -20,17 +19,19 @@ from enclave_common.envelope import Envelope, EventData
 def _bytes_from_base64(value: object) -> object:
     if isinstance(value, str):
         try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
+            return pybase64.b64decode(value, validate=True)
+        except ValueError as exc:  # binascii.Error, or a non-ASCII string
             raise ValueError("expected base64-encoded bytes") from exc
     return value
 
 
-#: Bytes that travel as standard base64 in JSON and stay bytes in Python.
+#: Bytes that travel as standard base64 in JSON and stay bytes in Python. pybase64 (SIMD) rather than
+#: the standard library: a sealed 1 MiB chunk is encoded by the gateway and decoded by ingest, and the
+#: standard library took ~3.0 ms and ~7.6 ms for it on our 2-core machine, pybase64 ~0.10 and ~0.07 ms.
 Base64Bytes = Annotated[
     bytes,
     BeforeValidator(_bytes_from_base64),
-    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
+    PlainSerializer(lambda b: pybase64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
 ]
 
 

@@ -8,6 +8,7 @@ them, so a test can build a second app with other settings, or wrap the broker i
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -300,11 +301,12 @@ def run_service(
     """Entry point body: configure logging, then serve the app with uvicorn (no raw-path access log).
 
     With a certificate (``ssl_certfile``/``ssl_keyfile``), Python's server context refuses
-    anything older than TLS 1.2."""
+    anything older than TLS 1.2. With ``http_reuse_port`` the listening socket is bound with
+    SO_REUSEPORT, so replicas on one host share the port."""
     import uvicorn
 
     configure_logging(settings.service_name, settings.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         app_factory(),
         host=settings.http_host,
         port=settings.http_port,
@@ -315,3 +317,21 @@ def run_service(
         http="httptools",
         **uvicorn_options,
     )
+    server = uvicorn.Server(config)
+    sockets = (
+        [reuse_port_socket(settings.http_host, settings.http_port)] if settings.http_reuse_port else None
+    )
+    server.run(sockets=sockets)
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket bound with SO_REUSEPORT (and SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock

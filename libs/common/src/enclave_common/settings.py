@@ -35,6 +35,9 @@ class BaseServiceSettings(BaseSettings):
     service_name: str = "enclave"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    #: Bind with SO_REUSEPORT, so several replicas of a service on one host share the port and the
+    #: kernel spreads connections over them (a Python process uses one core).
+    http_reuse_port: bool = False
     log_level: str = "INFO"
 
     kafka_bootstrap_servers: str = "127.0.0.1:19092"

@@ -9,6 +9,7 @@ from typing import IO
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from enclave_common.settings import BaseServiceSettings
 
@@ -40,8 +41,17 @@ def _one_line(span: ReadableSpan) -> str:
 
 
 def build_tracer_provider(settings: BaseServiceSettings) -> tuple[TracerProvider, IO[str] | None]:
-    """A tracer provider for one service; returns the opened span file (to close on shutdown), if any."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"enclave-{settings.service_name}"}))
+    """A tracer provider for one service; returns the opened span file (to close on shutdown), if any.
+
+    With no exporter nothing is recorded (``ALWAYS_OFF``): spans would cost CPU on every request and
+    event and go nowhere (trace context is still created and travels in Kafka headers). With an exporter the sampler is OpenTelemetry's default, which reads
+    the standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (e.g.
+    ``parentbased_traceidratio`` and ``0.1`` to record one upload in ten, whole across the services).
+    """
+    resource = Resource.create({"service.name": f"enclave-{settings.service_name}"})
+    if settings.tracing_exporter == "none":
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF), None
+    provider = TracerProvider(resource=resource)
     handle: IO[str] | None = None
     if settings.tracing_exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(formatter=_one_line)))

@@ -23,7 +23,7 @@ from enclave_common.crypto import InstanceSealer, SealContext
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import TransientError
 from enclave_common.events import UploadChunk, UploadReceived
-from enclave_common.kafka import EventPublisher
+from enclave_common.kafka import DirectPublisher, EventPublisher
 from enclave_common.pseudonyms import InstanceKeys
 
 _LEN = struct.Struct(">I")
@@ -75,7 +75,7 @@ class SealedInstance:
         self._budget = budget
         # max_size=0: never rolls over by itself; _write decides against the request's budget.
         self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by discard()
-            max_size=0, mode="w+b", prefix="sealed-", dir=spool_dir
+            max_size=0, mode="w+b", prefix="sealed-", dir=str(spool_dir)
         )
         self._in_memory = True
         self.count = 0
@@ -124,7 +124,7 @@ class Handoff:
     so a large instance still streams from the spool with bounded memory.
     """
 
-    def __init__(self, publisher: EventPublisher, timeout_s: float) -> None:
+    def __init__(self, publisher: EventPublisher | DirectPublisher, timeout_s: float) -> None:
         self._publisher = publisher
         self._timeout = timeout_s
 
@@ -197,7 +197,7 @@ class Acknowledgements:
     answers 503 and acknowledges nothing.
     """
 
-    def __init__(self, publisher: EventPublisher, timeout_s: float) -> None:
+    def __init__(self, publisher: EventPublisher | DirectPublisher, timeout_s: float) -> None:
         self._publisher = publisher
         self._timeout = timeout_s
         self._window: deque[asyncio.Future[Any]] = deque()
@@ -210,7 +210,9 @@ class Acknowledgements:
             if windowed:
                 while len(self._window) >= PUBLISH_WINDOW:
                     await asyncio.wait_for(self._window.popleft(), self._timeout)
-            ack = await asyncio.wait_for(self._publisher.send(topic, envelope, key=key), self._timeout)
+            # Not wrapped in wait_for (a task per event): the producer bounds its own waits for
+            # metadata and buffer space by its request timeout.
+            ack = await self._publisher.send(topic, envelope, key=key)
         ack.add_done_callback(_retrieve)
         (self._window if windowed else self._rest).append(ack)
 

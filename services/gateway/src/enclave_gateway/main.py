@@ -15,6 +15,7 @@ from enclave_common.auth.file_keys import build_verifier
 from enclave_common.auth.grants_mongo import MongoGrantStore
 from enclave_common.crypto import load_public_key
 from enclave_common.errors import ConfigurationError
+from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
 from fastapi import FastAPI, Request
@@ -44,7 +45,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         topics.SECURITY_ALERT,
     )
     read_model = ReadModel(runtime.db)
-    handoff = Handoff(runtime.publisher, settings.publish_timeout_s)
+    # The upload path publishes several events per request: straight to an aiokafka producer of its
+    # own rather than through FastStream's per-message middlewares (enclave_common.kafka).
+    publisher = DirectPublisher(settings, tracer_provider=runtime.tracer_provider, registry=runtime.registry)
+    runtime.on_startup(publisher.start)
+    runtime.on_shutdown(publisher.stop)
+    handoff = Handoff(publisher, settings.publish_timeout_s)
     recorder = AccessRecorder(handoff)
     grants = MongoGrantStore(runtime.db)
     guard = AccessGuard(

@@ -6,6 +6,7 @@ so every write is an idempotent upsert guarded by the status rank.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,10 +45,59 @@ def _upload_fields(
 RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
 
 
+class GroupedInserts:
+    """Inserts of concurrent requests written together (group commit): while one ``insert_many`` is
+    in flight, the documents that arrive wait and go in the next one. A request waits at most one
+    round trip longer; the database gets one command per round trip instead of one per request.
+    Measured on FerretDB (SQLite): ~1.7 ms of its CPU per insert command and ~0.1 ms per document.
+    """
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self._queue: list[tuple[list[dict[str, Any]], asyncio.Future[list[int]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def insert(self, docs: list[dict[str, Any]]) -> list[int]:
+        """Insert ``docs``; returns the indexes (into ``docs``) whose ``_id`` already existed.
+        Raises what the database raised for any of them (the others of the group are unaffected)."""
+        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append((docs, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await done
+
+    async def _write(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                await self._collection.insert_many([d for docs, _ in group for d in docs], ordered=False)
+                errors: list[dict[str, Any]] = []
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                failure: BaseException = exc
+            except Exception as exc:  # the database is unreachable: every request of the group fails
+                for _, done in group:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            codes = {error["index"]: error.get("code") for error in errors}
+            start = 0
+            for docs, done in group:
+                mine = {i - start: codes[i] for i in range(start, start + len(docs)) if i in codes}
+                start += len(docs)
+                if done.done():
+                    continue  # the request is gone (client disconnected)
+                if any(code != DUPLICATE_KEY for code in mine.values()):
+                    done.set_exception(failure)
+                else:
+                    done.set_result(sorted(mine))
+
+
 class ReadModel:
     def __init__(self, db: Any) -> None:
         self.instances = db["instances"]
         self.analyses = db["analyses"]
+        self._inserts = GroupedInserts(self.instances)
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
@@ -58,9 +108,10 @@ class ReadModel:
     ) -> None:
         """Record the instances of an upload as received: ``(instance_upload_id, keys, sop_class_uid)``.
 
-        One ``insert_many`` for the request: the ids are new, so this is an insert, not an upsert
-        (FerretDB's upsert costs several times an insert). An event that overtook the upload may
-        already have created a record: that one keeps its status and gets the upload's fields.
+        An insert, not an upsert (the ids are new; FerretDB's upsert costs several times an insert),
+        grouped with the inserts of concurrent requests (:class:`GroupedInserts`). An event that
+        overtook the upload may already have created a record: that one keeps its status and gets
+        the upload's fields.
         """
         if not instances:
             return
@@ -70,18 +121,12 @@ class ReadModel:
             | _upload_fields(tenant, upload_id, keys, sop_class_uid, now)
             for instance_upload_id, keys, sop_class_uid in instances
         ]
-        try:
-            await self.instances.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != DUPLICATE_KEY for error in errors):
-                raise
-            for error in errors:
-                instance_upload_id, keys, sop_class_uid = instances[error["index"]]
-                await self.instances.update_one(
-                    {"_id": instance_upload_id},
-                    {"$set": _upload_fields(tenant, upload_id, keys, sop_class_uid, now)},
-                )
+        for index in await self._inserts.insert(docs):
+            instance_upload_id, keys, sop_class_uid = instances[index]
+            await self.instances.update_one(
+                {"_id": instance_upload_id},
+                {"$set": _upload_fields(tenant, upload_id, keys, sop_class_uid, now)},
+            )
 
     async def advance(
         self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]

@@ -266,6 +266,18 @@ class _DatasetWalker:
                 self._close_finished_frames()
                 if self.header_cutoff is None and self.position > self._header_window:
                     self._refuse_large_header()
+                if not self.frames and not self._detect_encoding and size - offset >= 12:
+                    # A whole top-level element header is in view (the common case): read it in
+                    # place instead of gathering it byte range by byte range in _pending.
+                    need = self._top_level_header_size(view, offset)
+                    raw = bytes(view[offset : offset + need])
+                    offset += need
+                    self.position += need
+                    cutoff_before = self.header_cutoff
+                    self._element(raw)
+                    if cutoff_before is None and self.header_cutoff is not None:
+                        return offset
+                    continue
             need = self._header_size_needed()
             take = min(need - len(self._pending), size - offset)
             self._pending += view[offset : offset + take]
@@ -300,12 +312,16 @@ class _DatasetWalker:
         return self.frames[-1] if self.frames else None
 
     def _in_sequence(self) -> bool:
-        frame = self._frame()
-        return frame is not None and frame.kind in ("sequence", "fragments")
+        return bool(self.frames) and self.frames[-1].kind in ("sequence", "fragments")
 
     def _element_implicit(self) -> bool:
-        frame = self._frame()
-        return self.implicit if frame is None else frame.implicit
+        return self.frames[-1].implicit if self.frames else self.implicit
+
+    def _top_level_header_size(self, view: memoryview, offset: int) -> int:
+        """What :meth:`_header_size_needed` gives for a top-level element whose header is in view."""
+        if self.implicit or view[offset] | view[offset + 1] << 8 == 0xFFFE:
+            return 8
+        return 12 if bytes(view[offset + 4 : offset + 6]) in _LONG_VRS else 8
 
     def _header_size_needed(self) -> int:
         """Bytes of the next element header: 8, or 12 for explicit long VRs (6 until the VR is known)."""
