@@ -1,7 +1,9 @@
 """Benchmark: STOW-RS into the Enclave gateway vs Orthanc, same files, same client, same run.
 
 200 MR instances of 256x256 16-bit (~128 KiB; pydicom's MR_small with resized pixel data and fresh
-UIDs), posted one instance per STOW-RS request by 1 client and by 4 concurrent clients. The
+UIDs), posted one instance per STOW-RS request by 1 client and by 4 concurrent clients, after the same
+untimed warm-up for every server. The gateway is measured as one process and as two replicas sharing
+the port (SO_REUSEPORT; ``--replicas``), and the server's own CPU time per instance is printed. The
 gateway validates, seals and publishes every instance to Kafka (acks=all) before it answers; Orthanc
 (Debian packages ``orthanc`` + ``orthanc-dicomweb``, started here on loopback with a temporary
 configuration and storage directory, stopped after) stores to its local disk and SQLite index.
@@ -16,7 +18,7 @@ Then the peak RSS of a fresh gateway while it receives one 1 GiB STOW request (8
 key so that the shared stack's ingest refuses it cheaply instead of storing 1 GiB.
 
 Usage (the stack must be up; `make bench-gateway` does that):
-    python bench/gateway.py [--instances 200] [--skip-orthanc] [--skip-rss] [--keep-downstream]
+    python bench/gateway.py [--instances 200] [--replicas 1 2] [--skip-orthanc] [--skip-rss] [--keep-downstream]
 """
 
 from __future__ import annotations
