@@ -71,7 +71,7 @@ def test_past_the_budget_instances_spill_to_unnamed_files_that_close_with_them(t
 
 
 class FakePublisher:
-    """EventPublisher.send: queue, return the acknowledgement; acknowledged when the test says."""
+    """DirectPublisher.send: queue, return the acknowledgement; acknowledged when the test says."""
 
     def __init__(self) -> None:
         self.queued: list[tuple[str, asyncio.Future[Any]]] = []

@@ -7,7 +7,8 @@
 - :func:`reliable_consumer` wraps a handler: it parses the envelope, skips ids the idempotency guard
   has seen, retries transient errors with bounded exponential backoff (then redelivers), and sends
   permanent errors to ``<topic>.dlq`` with the reason in headers.
-- W3C trace context travels in Kafka headers through FastStream's OpenTelemetry middleware.
+- W3C trace context travels in Kafka headers through FastStream's OpenTelemetry middleware (and
+  :class:`DirectPublisher`'s own create spans).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from aiokafka import AIOKafkaProducer
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -109,6 +111,11 @@ class RetryPolicy:
 CONSUMER_GROUP_TIMING: dict[str, int] = {"heartbeat_interval_ms": 1000, "session_timeout_ms": 10_000}
 
 
+def ce_headers(envelope: Envelope) -> dict[str, str]:
+    """The CloudEvents attributes every Enclave record carries in its Kafka headers."""
+    return {"ce_id": envelope.id, "ce_type": envelope.type, "ce_source": envelope.source}
+
+
 class EventPublisher:
     """Publishes envelopes: JSON value, the envelope id and type in headers, an opaque key."""
 
@@ -117,30 +124,13 @@ class EventPublisher:
 
     async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
         """Publish and wait for the broker's acknowledgement."""
-        await self._broker.publish(**self._message(topic, envelope, key))
-
-    async def send(self, topic: str, envelope: Envelope, *, key: str) -> asyncio.Future[Any]:
-        """Queue ``envelope`` for publishing and return its acknowledgement, to be awaited.
-
-        A caller with several events sends them all, then awaits every acknowledgement: the producer
-        batches what is queued together into one produce request, so the events share round trips
-        instead of paying one each. Nothing counts as published until its acknowledgement resolved.
-        """
-        ack = await self._broker.publish(**self._message(topic, envelope, key), no_confirm=True)
-        if ack is None:  # FastStream's TestKafkaBroker delivers in the call and returns nothing
-            ack = asyncio.get_running_loop().create_future()
-            ack.set_result(None)
-        return ack  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _message(topic: str, envelope: Envelope, key: str) -> dict[str, Any]:
-        return {
-            "message": envelope.to_bytes(),
-            "topic": topic,
-            "key": key.encode(),
-            "headers": {"ce_id": envelope.id, "ce_type": envelope.type, "ce_source": envelope.source},
-            "correlation_id": envelope.correlation_id,
-        }
+        await self._broker.publish(
+            envelope.to_bytes(),
+            topic=topic,
+            key=key.encode(),
+            headers=ce_headers(envelope),
+            correlation_id=envelope.correlation_id,
+        )
 
 
 class DirectPublisher:
@@ -163,7 +153,7 @@ class DirectPublisher:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._settings = settings
-        self._producer: Any = None  # aiokafka wants its event loop running: made in start()
+        self._producer: AIOKafkaProducer | None = None  # made in start(): aiokafka needs the running loop
         self._tracer = tracer_provider.get_tracer("enclave.kafka")
         self._published = Counter(
             "enclave_events_published",
@@ -173,8 +163,6 @@ class DirectPublisher:
         )
 
     async def start(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
         settings = self._settings
         context = _ssl_context(settings)
         producer = AIOKafkaProducer(
@@ -193,18 +181,15 @@ class DirectPublisher:
             producer, self._producer = self._producer, None
             await producer.stop()
 
-    async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
-        """Publish and wait for the broker's acknowledgement."""
-        await (await self.send(topic, envelope, key=key))
-
     async def send(self, topic: str, envelope: Envelope, *, key: str) -> asyncio.Future[Any]:
-        """Queue ``envelope``; returns its acknowledgement to await (see :meth:`EventPublisher.send`)."""
-        headers = {
-            "ce_id": envelope.id,
-            "ce_type": envelope.type,
-            "ce_source": envelope.source,
-            "content-type": "application/json",
-        }
+        """Queue ``envelope`` for publishing and return its acknowledgement, to be awaited.
+
+        A caller with several events sends them all, then awaits every acknowledgement: the producer
+        batches what is queued together into one produce request, so the events share round trips
+        instead of paying one each. Nothing counts as published until its acknowledgement resolved.
+        """
+        # What FastStream adds to EventPublisher's records, written here as the consumers expect it.
+        headers = ce_headers(envelope) | {"content-type": "application/json"}
         if envelope.correlation_id:
             headers["correlation_id"] = envelope.correlation_id
         span = self._tracer.start_span(

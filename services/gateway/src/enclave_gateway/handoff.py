@@ -23,7 +23,7 @@ from enclave_common.crypto import InstanceSealer, SealContext
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import TransientError
 from enclave_common.events import UploadChunk, UploadReceived
-from enclave_common.kafka import DirectPublisher, EventPublisher
+from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import InstanceKeys
 
 _LEN = struct.Struct(">I")
@@ -117,14 +117,14 @@ class SealedInstance:
 class Handoff:
     """Publishes sealed instances and the upload events.
 
-    Events are queued without waiting (``EventPublisher.send``) and their acknowledgements awaited
+    Events are queued without waiting (``DirectPublisher.send``) and their acknowledgements awaited
     together (:meth:`Acknowledgements.settle`): the producer batches what is queued at the same time
     into one produce request, so a one-instance upload pays one round trip for its chunk and its
     ``upload.received`` instead of one each. At most ``PUBLISH_WINDOW`` chunks wait unacknowledged,
     so a large instance still streams from the spool with bounded memory.
     """
 
-    def __init__(self, publisher: EventPublisher | DirectPublisher, timeout_s: float) -> None:
+    def __init__(self, publisher: DirectPublisher, timeout_s: float) -> None:
         self._publisher = publisher
         self._timeout = timeout_s
 
@@ -197,7 +197,7 @@ class Acknowledgements:
     answers 503 and acknowledges nothing.
     """
 
-    def __init__(self, publisher: EventPublisher | DirectPublisher, timeout_s: float) -> None:
+    def __init__(self, publisher: DirectPublisher, timeout_s: float) -> None:
         self._publisher = publisher
         self._timeout = timeout_s
         self._window: deque[asyncio.Future[Any]] = deque()

@@ -69,17 +69,17 @@ class GroupedInserts:
     async def _write(self) -> None:
         while self._queue:
             group, self._queue = self._queue, []
+            failure: BulkWriteError | None = None
             try:
                 await self._collection.insert_many([d for docs, _ in group for d in docs], ordered=False)
-                errors: list[dict[str, Any]] = []
             except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                failure: BaseException = exc
+                failure = exc
             except Exception as exc:  # the database is unreachable: every request of the group fails
                 for _, done in group:
                     if not done.done():
                         done.set_exception(exc)
                 continue
+            errors = failure.details.get("writeErrors", []) if failure is not None else []
             codes = {error["index"]: error.get("code") for error in errors}
             start = 0
             for docs, done in group:
@@ -87,7 +87,7 @@ class GroupedInserts:
                 start += len(docs)
                 if done.done():
                     continue  # the request is gone (client disconnected)
-                if any(code != DUPLICATE_KEY for code in mine.values()):
+                if failure is not None and any(code != DUPLICATE_KEY for code in mine.values()):
                     done.set_exception(failure)
                 else:
                     done.set_result(sorted(mine))

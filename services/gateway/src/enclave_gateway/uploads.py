@@ -91,9 +91,9 @@ class FailedPart:
 @dataclass
 class UploadResult:
     upload_id: str
+    budget: SpoolBudget
     accepted: list[AcceptedPart] = field(default_factory=list)
     failed: list[FailedPart] = field(default_factory=list)
-    budget: SpoolBudget = field(default_factory=lambda: SpoolBudget(0))
 
 
 @dataclass
@@ -118,7 +118,7 @@ class UploadProcessor:
         spool_dir: Path,
         chunk_bytes: int,
         pace: BodyPace,
-        spool_memory_bytes: int = 0,
+        spool_memory_bytes: int,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer

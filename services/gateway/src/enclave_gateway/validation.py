@@ -219,6 +219,14 @@ class _Frame:
     tag: int
 
 
+def _explicit_header_size(buf: bytes | bytearray | memoryview, offset: int) -> int:
+    """Header bytes of the explicit-VR element (or item/delimiter tag) at ``offset``: 12 for the long
+    VRs, else 8. Needs the first 6 bytes."""
+    if buf[offset] | buf[offset + 1] << 8 == 0xFFFE:
+        return 8
+    return 12 if bytes(buf[offset + 4 : offset + 6]) in _LONG_VRS else 8
+
+
 class _DatasetWalker:
     """Walks data elements of a little-endian dataset stream, checking structure and declared lengths.
 
@@ -319,20 +327,15 @@ class _DatasetWalker:
 
     def _top_level_header_size(self, view: memoryview, offset: int) -> int:
         """What :meth:`_header_size_needed` gives for a top-level element whose header is in view."""
-        if self.implicit or view[offset] | view[offset + 1] << 8 == 0xFFFE:
-            return 8
-        return 12 if bytes(view[offset + 4 : offset + 6]) in _LONG_VRS else 8
+        return 8 if self.implicit else _explicit_header_size(view, offset)
 
     def _header_size_needed(self) -> int:
         """Bytes of the next element header: 8, or 12 for explicit long VRs (6 until the VR is known)."""
-        pending = self._pending
         if self._in_sequence() or self._element_implicit():
             return 8
-        if len(pending) < 6:
+        if len(self._pending) < 6:
             return 6
-        if pending[0] | pending[1] << 8 == 0xFFFE:
-            return 8
-        return 12 if bytes(pending[4:6]) in _LONG_VRS else 8
+        return _explicit_header_size(self._pending, 0)
 
     def _close_finished_frames(self) -> None:
         while self.frames:
