@@ -34,15 +34,25 @@ TRANSIENT_BUDGET_S = 120.0
 
 
 class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, tracker: OffsetTracker, spool: ChunkSpool) -> None:
+    """After a rebalance took partitions away, forget their unfinished instances (the new owner, or
+    this consumer again, redelivers them from their first chunk).
+
+    It waits for the chunk being handled (``lock``): a rebalance starts whenever the group loses
+    its coordinator, e.g. while Kafka restarts, and discarding the spool of the instance being stored
+    at that moment made its chunks vanish under the pipeline, which rejected an acknowledged upload
+    (``unexpected FileNotFoundError``)."""
+
+    def __init__(self, tracker: OffsetTracker, spool: ChunkSpool, lock: asyncio.Lock) -> None:
         self.tracker = tracker
         self.spool = spool
+        self.lock = lock
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for instance_upload_id in self.tracker.forget_partitions(
-            {(tp.topic, tp.partition) for tp in revoked}
-        ):
-            self.spool.discard(instance_upload_id)
+        async with self.lock:
+            for instance_upload_id in self.tracker.forget_partitions(
+                {(tp.topic, tp.partition) for tp in revoked}
+            ):
+                self.spool.discard(instance_upload_id)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
@@ -57,6 +67,7 @@ class ChunkConsumer:
         self.pipeline: InstancePipeline | None = None
         self.tracker = OffsetTracker()
         self.lock = asyncio.Lock()
+        self.listener = _ForgetRevoked(self.tracker, self.spool, self.lock)
 
     def register(self) -> None:
         self.runtime.broker.subscriber(
@@ -67,7 +78,7 @@ class ChunkConsumer:
             max_partition_fetch_bytes=4 * 1024 * 1024,
             max_poll_interval_ms=15 * 60 * 1000,
             **CONSUMER_GROUP_TIMING,
-            listener=_ForgetRevoked(self.tracker, self.spool),
+            listener=self.listener,
             title="ingest:upload.chunk",
             description="Sealed chunks of accepted instances (UploadChunk); reassembled, verified, encrypted, stored.",
         )(self.on_chunk)

@@ -1,0 +1,122 @@
+"""A rebalance while an instance is being stored (the group loses its coordinator, e.g. while Kafka
+restarts): the revoke listener waits for the chunk being handled instead of discarding its spool
+under the pipeline, so the acknowledged instance is stored, not rejected."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka import TopicPartition
+from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.events import InstanceStored, ObjectRef, UploadChunk
+from enclave_common.kafka import RetryPolicy
+from enclave_ingest.handlers import ChunkConsumer
+from enclave_ingest.pipeline import ChunkStreamMeta, Outcome
+from enclave_ingest.spool import ChunkSpool
+
+INSTANCE = "01a2033b-be48-704a-8a9d-b1a1f0d0f75b"
+SEALED = b"sealed bytes of the only chunk"
+
+
+class GatedPipeline:
+    """Reads the spooled chunks only once the test opens the gate (the window a rebalance hits)."""
+
+    def __init__(self, spool: ChunkSpool) -> None:
+        self.spool = spool
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.read: list[bytes] = []
+
+    async def process(self, meta: ChunkStreamMeta) -> Outcome:
+        self.entered.set()
+        await self.gate.wait()
+        self.read = list(self.spool.chunks(meta.instance_upload_id, meta.count))
+        return Outcome(
+            InstanceStored(
+                upload_id=meta.upload_id,
+                instance_upload_id=meta.instance_upload_id,
+                patient_key="p",
+                study_key="s",
+                series_key="se",
+                instance_key="i",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                object=ObjectRef(bucket="b", key="k"),
+                sha256=meta.sha256,
+                size=meta.total_size,
+                kek_id="kek",
+                duplicate="new",
+            )
+        )
+
+
+class Published:
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
+        self.topics.append(topic)
+
+
+class Catalogue:
+    def __init__(self) -> None:
+        self.instances = SimpleNamespace(update_one=self._update_one)
+
+    async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def _update_one(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def chunk_message() -> Any:
+    envelope = Envelope.for_topic(
+        topics.UPLOAD_CHUNK,
+        UploadChunk(
+            upload_id="u",
+            instance_upload_id=INSTANCE,
+            index=0,
+            count=1,
+            sealed=SEALED,
+            total_size=len(SEALED),
+            sha256="0" * 64,
+        ),
+        source="gateway",
+        tenant="hospital-a",
+        actor="pacs",
+        correlation_id="u",
+    )
+    record = SimpleNamespace(topic=topics.UPLOAD_CHUNK, partition=0, offset=7, key=INSTANCE.encode())
+    return SimpleNamespace(raw_message=record, body=envelope.to_bytes(), consumer=None)
+
+
+async def test_a_revoke_during_a_store_waits_for_it_and_the_instance_is_stored(tmp_path: Path) -> None:
+    spool = ChunkSpool(tmp_path)
+    spool.prepare()
+    published = Published()
+    runtime = SimpleNamespace(
+        retry=RetryPolicy(),
+        publisher=published,
+        count_crypto=lambda operation: None,
+        consumer_metrics=SimpleNamespace(retries=None),
+    )
+    consumer = ChunkConsumer(runtime, Catalogue(), spool)  # type: ignore[arg-type]
+    pipeline = GatedPipeline(spool)
+    consumer.pipeline = pipeline  # type: ignore[assignment]
+    listener = consumer.listener
+
+    handling = asyncio.create_task(consumer.on_chunk(None, chunk_message()))
+    await asyncio.wait_for(pipeline.entered.wait(), 5)
+    revoking = asyncio.create_task(listener.on_partitions_revoked({TopicPartition(topics.UPLOAD_CHUNK, 0)}))
+    await asyncio.sleep(0.05)
+    assert not revoking.done(), "the revoke must wait for the instance being stored"
+    pipeline.gate.set()
+    await asyncio.wait_for(asyncio.gather(handling, revoking), 5)
+
+    assert pipeline.read == [SEALED]
+    assert published.topics == [topics.INSTANCE_STORED]
+    assert list(tmp_path.iterdir()) == [], "the stored instance's spool is cleaned up"
+    assert consumer.tracker.pending == {}
