@@ -2,11 +2,14 @@
 becomes an ``access.recorded`` event for the audit trail (break-glass also a ``security.alert``).
 
 Publishing is awaited: if the access cannot be recorded, the request fails (503) rather than happen
-unaudited.
+unaudited. One refinement for allowed uploads: their event is queued at the decision and its
+acknowledgement awaited (:meth:`AccessRecorder.settle`) after the body was read, before anything is
+handed off and before the answer. The Kafka round trip overlaps the body instead of preceding it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from enclave_common import topics
@@ -66,6 +69,10 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
     return "/".join(parts) or None
 
 
+#: Where an allowed upload's queued access event waits for :meth:`AccessRecorder.settle`.
+_PENDING = "pending_access"
+
+
 class AccessRecorder:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
@@ -117,14 +124,17 @@ class AccessRecorder:
         status: int,
         request: Request,
     ) -> None:
-        """The AccessGuard hook: one event per decision."""
+        """The AccessGuard hook: one event per decision.
+
+        An allowed upload's event is queued, not awaited: the route reads the body meanwhile and
+        must :meth:`settle` it before it hands anything off or answers."""
         resource = outcome.resource
         target = (
             access_target(resource.patient_key, resource.study_key)
             if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
-        await self.record(
+        recorded = self.record(
             request,
             principal=principal,
             action=str(action),
@@ -133,6 +143,12 @@ class AccessRecorder:
             target=target,
             detail=outcome.reason,
         )
+        if action == Action.UPLOAD and outcome.kind == "allow":
+            pending = asyncio.ensure_future(recorded)
+            pending.add_done_callback(_retrieve)
+            setattr(request.state, _PENDING, pending)
+            return
+        await recorded
         if outcome.break_glass and principal is not None:
             await self.alert(
                 request,
@@ -140,6 +156,15 @@ class AccessRecorder:
                 rule="break_glass",
                 detail=f"break-glass access ({action}) to patient {resource.patient_key if resource else None}",
             )
+
+    @staticmethod
+    async def settle(request: Request) -> None:
+        """Wait until the access event queued for this request (an allowed upload) is acknowledged;
+        HTTPException 503 if it could not be recorded. A no-op when nothing is pending."""
+        pending: asyncio.Future[None] | None = getattr(request.state, _PENDING, None)
+        if pending is not None:
+            setattr(request.state, _PENDING, None)
+            await pending
 
     async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:
         """A ``security.alert`` (high): break-glass opened or used. ``detail`` holds pseudonyms only."""
@@ -159,3 +184,10 @@ class AccessRecorder:
                 detail={"code": exc.code, "message": "the alert could not be raised; retry later"},
                 headers=RETRY_LATER,
             ) from None
+
+
+def _retrieve(pending: asyncio.Future[None]) -> None:
+    """Mark a queued event's failure as seen: a request cancelled before it settled (client gone)
+    would otherwise leave asyncio reporting an exception never retrieved."""
+    if not pending.cancelled():
+        pending.exception()

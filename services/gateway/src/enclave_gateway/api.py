@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -70,6 +71,12 @@ def build_router(
             return JSONResponse(request_error_body(exc), status_code=exc.status_code)
 
     async def hand_off(request: Request, principal: Principal, result: UploadResult) -> JSONResponse | None:
+        # Nothing is handed off before the upload's own access event is acknowledged.
+        try:
+            await recorder.settle(request)
+        except BaseException:
+            uploads.discard(result)
+            raise
         try:
             if result.accepted:
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
@@ -87,6 +94,14 @@ def build_router(
                 correlation_id=result.upload_id,
             )
         return None
+
+    async def settled(request: Request, answer: Awaitable[JSONResponse]) -> JSONResponse:
+        """``answer``, given only once the upload's queued access event is acknowledged (503 if it
+        could not be recorded), whichever way the route ends."""
+        try:
+            return await answer
+        finally:
+            await recorder.settle(request)
 
     async def stow(request: Request, auth: Authorized, study: str | None) -> JSONResponse:
         outcome = await receive(request, auth.principal, study, form=False)
@@ -113,11 +128,11 @@ def build_router(
         },
     )
     async def stow_studies(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
-        return await stow(request, auth, None)
+        return await settled(request, stow(request, auth, None))
 
     @router.post("/dicomweb/studies/{study}", tags=["dicomweb"], summary="STOW-RS into one study")
     async def stow_study(study: str, request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
-        return await stow(request, auth, study)
+        return await settled(request, stow(request, auth, study))
 
     @router.post(
         "/api/v1/imaging/upload",
@@ -125,6 +140,9 @@ def build_router(
         summary="Upload DICOM files (multipart/form-data, field 'file' or 'files'): imaging id per instance",
     )
     async def upload_files(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
+        return await settled(request, store_files(request, auth))
+
+    async def store_files(request: Request, auth: Authorized) -> JSONResponse:
         outcome = await receive(request, auth.principal, None, form=True)
         if isinstance(outcome, JSONResponse):
             return outcome
