@@ -18,18 +18,33 @@ from fastapi import HTTPException, Request
 
 
 class GatedHandoff:
-    """Handoff.publish_event: recorded when the test opens the gate, or refused."""
+    """Handoff.acknowledgements: events are handed over at once (``queued``) and acknowledged when
+    the test opens the gate, or refused."""
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.refuse = False
+        self.queued: list[str] = []
         self.recorded: list[tuple[str, str]] = []
 
-    async def publish_event(self, topic: str, envelope: Envelope, key: str) -> None:
-        await self.gate.wait()
-        if self.refuse:
+    def acknowledgements(self) -> GatedAcks:
+        return GatedAcks(self)
+
+
+class GatedAcks:
+    def __init__(self, handoff: GatedHandoff) -> None:
+        self.handoff = handoff
+        self.events: list[tuple[str, Envelope]] = []
+
+    async def send(self, topic: str, envelope: Envelope, key: str) -> None:
+        self.handoff.queued.append(envelope.data["action"])
+        self.events.append((topic, envelope))
+
+    async def settle(self) -> None:
+        await self.handoff.gate.wait()
+        if self.handoff.refuse:
             raise KafkaUnavailable("Kafka did not acknowledge")
-        self.recorded.append((topic, envelope.data["action"]))
+        self.handoff.recorded += [(topic, envelope.data["action"]) for topic, envelope in self.events]
 
 
 def request() -> Request:
@@ -55,6 +70,7 @@ async def test_an_allowed_upload_is_not_held_up_by_its_access_event_but_settles_
     await asyncio.wait_for(
         recorder.on_decision(PRINCIPAL, Action.UPLOAD, AccessResult("allow", "allowed"), 200, req), 1
     )
+    assert handoff.queued == ["upload"], "the event is with the producer before the body is read"
     assert handoff.recorded == [], "the decision returned before the event was acknowledged"
     settling = asyncio.create_task(recorder.settle(req))
     await asyncio.sleep(0.02)

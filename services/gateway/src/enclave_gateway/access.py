@@ -4,13 +4,14 @@ becomes an ``access.recorded`` event for the audit trail (break-glass also a ``s
 Publishing is awaited: if the access cannot be recorded, the request fails (503) rather than happen
 unaudited. One refinement for allowed uploads: their event is queued at the decision and its
 acknowledgement awaited (:meth:`AccessRecorder.settle`) after the body was read, before anything is
-handed off and before the answer. The Kafka round trip overlaps the body instead of preceding it.
+handed off and before the answer: the Kafka round trip overlaps the body instead of preceding it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
@@ -19,7 +20,7 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
 from fastapi import HTTPException, Request
 
-from enclave_gateway.handoff import Handoff, KafkaUnavailable
+from enclave_gateway.handoff import Acknowledgements, Handoff, KafkaUnavailable
 
 _OUTCOMES: dict[str, AccessOutcome] = {
     "allow": "success",
@@ -89,6 +90,33 @@ class AccessRecorder:
         detail: str | None = None,
         correlation_id: str | None = None,
     ) -> None:
+        """Publish one access event and wait for Kafka's acknowledgement (503 if it fails)."""
+        acks = await self.queue(
+            request,
+            principal=principal,
+            action=action,
+            outcome=outcome,
+            status=status,
+            target=target,
+            detail=detail,
+            correlation_id=correlation_id,
+        )
+        with _unaudited():
+            await acks.settle()
+
+    async def queue(
+        self,
+        request: Request,
+        *,
+        principal: Principal | None,
+        action: str,
+        outcome: AccessOutcome,
+        status: int,
+        target: str | None = None,
+        detail: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Acknowledgements:
+        """Hand one access event to the producer; its acknowledgement is to be settled."""
         tenant = principal.tenant if principal is not None else "unknown"
         event = Envelope.for_topic(
             topics.ACCESS_RECORDED,
@@ -107,14 +135,10 @@ class AccessRecorder:
             actor=principal.subject if principal is not None else "anonymous",
             correlation_id=correlation_id or request_correlation_id(request),
         )
-        try:
-            await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
-        except KafkaUnavailable as exc:
-            raise HTTPException(
-                503,
-                detail={"code": exc.code, "message": "the access could not be audited; retry later"},
-                headers=RETRY_LATER,
-            ) from None
+        acks = self.handoff.acknowledgements()
+        with _unaudited():
+            await acks.send(topics.ACCESS_RECORDED, event, tenant)
+        return acks
 
     async def on_decision(
         self,
@@ -126,15 +150,16 @@ class AccessRecorder:
     ) -> None:
         """The AccessGuard hook: one event per decision.
 
-        An allowed upload's event is queued, not awaited: the route reads the body meanwhile and
-        must :meth:`settle` it before it hands anything off or answers."""
+        An allowed upload's event is handed to the producer but its acknowledgement not awaited: the
+        route reads the body meanwhile and must :meth:`settle` it before it hands anything off or
+        answers."""
         resource = outcome.resource
         target = (
             access_target(resource.patient_key, resource.study_key)
             if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
-        recorded = self.record(
+        acks = await self.queue(
             request,
             principal=principal,
             action=str(action),
@@ -144,11 +169,10 @@ class AccessRecorder:
             detail=outcome.reason,
         )
         if action == Action.UPLOAD and outcome.kind == "allow":
-            pending = asyncio.ensure_future(recorded)
-            pending.add_done_callback(_retrieve)
-            setattr(request.state, _PENDING, pending)
+            setattr(request.state, _PENDING, acks)
             return
-        await recorded
+        with _unaudited():
+            await acks.settle()
         if outcome.break_glass and principal is not None:
             await self.alert(
                 request,
@@ -161,10 +185,11 @@ class AccessRecorder:
     async def settle(request: Request) -> None:
         """Wait until the access event queued for this request (an allowed upload) is acknowledged;
         HTTPException 503 if it could not be recorded. A no-op when nothing is pending."""
-        pending: asyncio.Future[None] | None = getattr(request.state, _PENDING, None)
+        pending: Acknowledgements | None = getattr(request.state, _PENDING, None)
         if pending is not None:
             setattr(request.state, _PENDING, None)
-            await pending
+            with _unaudited():
+                await pending.settle()
 
     async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:
         """A ``security.alert`` (high): break-glass opened or used. ``detail`` holds pseudonyms only."""
@@ -186,8 +211,15 @@ class AccessRecorder:
             ) from None
 
 
-def _retrieve(pending: asyncio.Future[None]) -> None:
-    """Mark a queued event's failure as seen: a request cancelled before it settled (client gone)
-    would otherwise leave asyncio reporting an exception never retrieved."""
-    if not pending.cancelled():
-        pending.exception()
+
+@contextmanager
+def _unaudited() -> Iterator[None]:
+    """Kafka did not take an access event: the request is refused (503), it does not happen unaudited."""
+    try:
+        yield
+    except KafkaUnavailable as exc:
+        raise HTTPException(
+            503,
+            detail={"code": exc.code, "message": "the access could not be audited; retry later"},
+            headers=RETRY_LATER,
+        ) from None
