@@ -11,7 +11,11 @@ Both answer only once the instance is safe in their store. While they are measur
 ingest, deid, analysis and audit are paused (SIGSTOP, resumed after; ``--keep-downstream`` leaves
 them running): on 2 cores they would take the CPU both servers need, and Orthanc has no pipeline
 behind it. Kafka, MinIO and FerretDB keep running; the gateway's publishes are acknowledged by Kafka
-as always, and the paused services consume the backlog afterwards.
+as always, and the paused services consume the backlog afterwards. Before each measurement the bench
+waits until Kafka, FerretDB and MinIO are quiet (a paused service's last queries can keep FerretDB
+busy for seconds). Besides the server's own CPU time per instance it prints the stack's (what the
+gateway's publishes and read-model writes cost Kafka and FerretDB) and the client's: on a 2-core
+machine all three share the cores.
 
 Then the peak RSS of a fresh gateway while it receives one 1 GiB STOW request (8 instances of
 128 MiB, generated on the fly as a stream: the client never holds it either), sealed to a throwaway
@@ -330,6 +334,33 @@ async def group_lag(group: str) -> int:
         await admin.close()
 
 
+#: The stack's own processes: they keep running while a server is measured.
+STACK = ("kafka", "ferretdb", "minio")
+
+
+def stack_cpu_seconds() -> float:
+    total = 0.0
+    for name in STACK:
+        try:
+            total += cpu_seconds(int((STATE / "pids" / f"{name}.pid").read_text()))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def wait_quiet(threshold: float = 0.10, timeout: float = 120.0) -> float:
+    """Wait until Kafka, FerretDB and MinIO together use less than ``threshold`` of one core over a
+    second: a paused service's last queries keep FerretDB busy for a while (its scans take seconds),
+    and that CPU would be taken from whichever server is measured next. Returns the last load."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = stack_cpu_seconds()
+        time.sleep(1.0)
+        load = stack_cpu_seconds() - before
+        if load < threshold or time.monotonic() > deadline:
+            return load
+
+
 def wait_caught_up(group: str, timeout: float = 300.0) -> None:
     """Wait until the gateway's read model consumed the backlog earlier runs left it (events of
     instances the downstream services processed since), so the measurement is of uploads alone."""
@@ -466,7 +497,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="enclave-bench-gateway-"))
     servers: list[Server] = []
-    rows: list[tuple[str, int, int, float, float, float, float]] = []
+    rows: list[tuple[str, int, int, float, float, float, float, float, float]] = []
     try:
         if not args.skip_orthanc:
             servers.append(start_orthanc(workdir))
@@ -482,9 +513,14 @@ def main() -> int:
                 for server in servers:  # Orthanc first, then the gateway, for each client count
                     instances = mr_instances(args.instances)
                     size = sum(len(i) for i in instances)
-                    cpu_before = server.cpu_seconds()
+                    wait_quiet()
+                    cpu_before, stack_before, client_before = (
+                        server.cpu_seconds(),
+                        stack_cpu_seconds(),
+                        time.process_time(),
+                    )
                     seconds = asyncio.run(post_all(server, instances, clients))
-                    cpu_ms = (server.cpu_seconds() - cpu_before) * 1000 / len(instances)
+                    per_instance = 1000 / len(instances)
                     rows.append(
                         (
                             server.name,
@@ -493,7 +529,9 @@ def main() -> int:
                             seconds,
                             len(instances) / seconds,
                             size / MIB / seconds,
-                            cpu_ms,
+                            (server.cpu_seconds() - cpu_before) * per_instance,
+                            (stack_cpu_seconds() - stack_before) * per_instance,
+                            (time.process_time() - client_before) * per_instance,
                         )
                     )
         print(
@@ -506,12 +544,17 @@ def main() -> int:
         )
         print(
             f"{'server':<20} {'clients':>7} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MiB/s':>7}"
-            f" {'server CPU ms/inst':>18}"
+            f" {'CPU ms/inst: server':>20} {'stack':>6} {'client':>7}"
         )
-        for name, clients, count, seconds, rate, mib, cpu_ms in rows:
+        for name, clients, count, seconds, rate, mib, server_ms, stack_ms, client_ms in rows:
             print(
-                f"{name:<20} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f} {cpu_ms:>18.2f}"
+                f"{name:<20} {clients:>7} {count:>9} {seconds:>8.2f} {rate:>8.1f} {mib:>7.1f}"
+                f" {server_ms:>20.2f} {stack_ms:>6.2f} {client_ms:>7.2f}"
             )
+        print(
+            "CPU ms/inst: the server's own processes; the stack's (Kafka, FerretDB, MinIO: what the"
+            " gateway's publishes and read model cost); the benchmark client's"
+        )
         if not args.skip_rss:
             large = start_gateway(workdir, throwaway_ingest_key=True)
             servers.append(large)
