@@ -351,7 +351,8 @@ def stack_cpu_seconds() -> float:
 def wait_quiet(threshold: float = 0.10, timeout: float = 120.0) -> float:
     """Wait until Kafka, FerretDB and MinIO together use less than ``threshold`` of one core over a
     second: a paused service's last queries keep FerretDB busy for a while (its scans take seconds),
-    and that CPU would be taken from whichever server is measured next. Returns the last load."""
+    and that CPU would be taken from whichever server is measured next. Returns the last load (CPU
+    seconds per second), which the stack's CPU per instance is corrected by."""
     deadline = time.monotonic() + timeout
     while True:
         before = stack_cpu_seconds()
@@ -513,7 +514,7 @@ def main() -> int:
                 for server in servers:  # Orthanc first, then the gateway, for each client count
                     instances = mr_instances(args.instances)
                     size = sum(len(i) for i in instances)
-                    wait_quiet()
+                    idle = wait_quiet()
                     cpu_before, stack_before, client_before = (
                         server.cpu_seconds(),
                         stack_cpu_seconds(),
@@ -530,7 +531,8 @@ def main() -> int:
                             len(instances) / seconds,
                             size / MIB / seconds,
                             (server.cpu_seconds() - cpu_before) * per_instance,
-                            (stack_cpu_seconds() - stack_before) * per_instance,
+                            # Less what the stack used idle just before (heartbeats, fetch polls).
+                            max(0.0, stack_cpu_seconds() - stack_before - idle * seconds) * per_instance,
                             (time.process_time() - client_before) * per_instance,
                         )
                     )

@@ -209,7 +209,8 @@ class Acknowledgements:
         with _kafka_failures():
             if windowed:
                 while len(self._window) >= PUBLISH_WINDOW:
-                    await asyncio.wait_for(self._window.popleft(), self._timeout)
+                    async with asyncio.timeout(self._timeout):
+                        await self._window.popleft()
             # Not wrapped in wait_for (a task per event): the producer bounds its own waits for
             # metadata and buffer space by its request timeout.
             ack = await self._publisher.send(topic, envelope, key=key)
@@ -223,7 +224,8 @@ class Acknowledgements:
         self._rest.clear()
         if pending:
             with _kafka_failures():
-                await asyncio.wait_for(asyncio.gather(*pending), self._timeout)
+                async with asyncio.timeout(self._timeout):  # no task per wait, unlike wait_for
+                    await asyncio.gather(*pending)
 
 
 def _retrieve(ack: asyncio.Future[Any]) -> None:

@@ -291,7 +291,8 @@ async def _paced(body: AsyncIterator[bytes], pace: BodyPace) -> AsyncIterator[by
     iterator = body.__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), pace.idle_timeout_s)
+            async with asyncio.timeout(pace.idle_timeout_s):  # per chunk: no task, unlike wait_for
+                chunk = await iterator.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:
