@@ -211,7 +211,6 @@ class AccessRecorder:
             ) from None
 
 
-
 @contextmanager
 def _unaudited() -> Iterator[None]:
     """Kafka did not take an access event: the request is refused (503), it does not happen unaudited."""
