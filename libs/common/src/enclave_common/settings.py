@@ -39,6 +39,9 @@ class BaseServiceSettings(BaseSettings):
     #: kernel spreads connections over them (a Python process uses one core).
     http_reuse_port: bool = False
     log_level: str = "INFO"
+    #: Python's generation-0 garbage-collection threshold (allocations between collections), set
+    #: with ``gc.freeze()`` of what startup allocated; None keeps Python's default (700).
+    gc_threshold0: int | None = Field(default=None, ge=100)
 
     kafka_bootstrap_servers: str = "127.0.0.1:19092"
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
