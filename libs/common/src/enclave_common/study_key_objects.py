@@ -31,6 +31,8 @@ class StudyKeyObjects:
         self._bucket = bucket
         self._kek = kek
         self._cache: dict[tuple[str, str], bytes] = {}
+        #: Studies whose key record this process saw in the bucket (see ensure_saved).
+        self._saved: set[tuple[str, str]] = set()
 
     @staticmethod
     def object_key(tenant: str, study_key: str) -> str:
@@ -49,8 +51,24 @@ class StudyKeyObjects:
             await self._store.read(self._bucket, self.object_key(tenant, study_key))
         )
 
+    async def ensure_saved(self, record: StudyKeyRecord) -> None:
+        """Write ``record`` unless the bucket holds this study's key record already.
+
+        Looked up once per study per process, not for every instance: the lookup (HEAD and GET) cost
+        ingest ~15 ms per instance, a fifth of its time. A crash between claiming a study's key and
+        saving it is still repaired, by the first instance of the study after the restart."""
+        study = (record.tenant, record.study_key)
+        if study in self._saved:
+            return
+        if await self.load(record.tenant, record.study_key) is None:
+            await self.save(record)
+        if len(self._saved) > 65_536:
+            self._saved.clear()
+        self._saved.add(study)
+
     async def destroy(self, tenant: str, study_key: str) -> int:
         self._cache.pop((tenant, study_key), None)
+        self._saved.discard((tenant, study_key))
         return await self._store.delete_all_versions(self._bucket, self.object_key(tenant, study_key))
 
     async def object_provider(self, tenant: str, study_key: str) -> KeyEncryptionKeyProvider:
@@ -74,6 +92,7 @@ class StudyKeyObjects:
 
     def forget(self, tenant: str, study_key: str) -> None:
         self._cache.pop((tenant, study_key), None)
+        self._saved.discard((tenant, study_key))
 
 
 def shred_listener(

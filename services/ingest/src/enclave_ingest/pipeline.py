@@ -210,8 +210,7 @@ class InstancePipeline:
             created = record is fresh
             if created:
                 self.study_keys.remember(tenant, study_key, plain)
-        if not await self.study_keys.load(tenant, study_key):
-            await self.study_keys.save(record)
+        await self.study_keys.ensure_saved(record)
         return await self.study_keys.object_provider(tenant, study_key), created
 
     async def _encrypt_and_upload(
