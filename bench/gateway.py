@@ -274,6 +274,14 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False, replicas
         raise
 
 
+def stack_pid(name: str) -> int | None:
+    """The pid ``make up`` recorded for one of the stack's processes or services, if any."""
+    try:
+        return int((STATE / "pids" / f"{name}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 #: The stack's services that consume what a benchmark publishes.
 DOWNSTREAM = ("ingest", "deid", "analysis", "audit")
 
@@ -282,12 +290,7 @@ DOWNSTREAM = ("ingest", "deid", "analysis", "audit")
 def paused(names: tuple[str, ...]) -> Iterator[list[str]]:
     """SIGSTOP the stack's services ``names`` (those running) for the block, SIGCONT after; yields
     the names paused. On 2 cores they would otherwise take the CPU the measured server needs."""
-    pids: list[tuple[str, int]] = []
-    for name in names:
-        try:
-            pids.append((name, int((STATE / "pids" / f"{name}.pid").read_text())))
-        except (OSError, ValueError):
-            continue
+    pids = [(name, pid) for name in names if (pid := stack_pid(name)) is not None]
     stopped: list[tuple[str, int]] = []
     try:
         for name, pid in pids:
@@ -341,9 +344,10 @@ STACK = ("kafka", "ferretdb", "minio")
 def stack_cpu_seconds() -> float:
     total = 0.0
     for name in STACK:
+        pid = stack_pid(name)
         try:
-            total += cpu_seconds(int((STATE / "pids" / f"{name}.pid").read_text()))
-        except (OSError, ValueError):
+            total += cpu_seconds(pid) if pid is not None else 0.0
+        except OSError:  # gone since its pid file was written
             continue
     return total
 

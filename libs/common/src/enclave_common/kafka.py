@@ -188,6 +188,8 @@ class DirectPublisher:
         batches what is queued together into one produce request, so the events share round trips
         instead of paying one each. Nothing counts as published until its acknowledgement resolved.
         """
+        if self._producer is None:
+            raise ConnectionError("the Kafka producer is not started")
         # What FastStream adds to EventPublisher's records, written here as the consumers expect it.
         headers = ce_headers(envelope) | {"content-type": "application/json"}
         if envelope.correlation_id:
@@ -204,8 +206,6 @@ class DirectPublisher:
         )
         propagate.inject(headers, context=trace.set_span_in_context(span))
         span.end()
-        if self._producer is None:
-            raise ConnectionError("the Kafka producer is not started")
         ack: asyncio.Future[Any] = await self._producer.send(
             topic,
             envelope.to_bytes(),

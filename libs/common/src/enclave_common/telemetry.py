@@ -44,9 +44,10 @@ def build_tracer_provider(settings: BaseServiceSettings) -> tuple[TracerProvider
     """A tracer provider for one service; returns the opened span file (to close on shutdown), if any.
 
     With no exporter nothing is recorded (``ALWAYS_OFF``): spans would cost CPU on every request and
-    event and go nowhere (trace context is still created and travels in Kafka headers). With an exporter the sampler is OpenTelemetry's default, which reads
-    the standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` (e.g.
-    ``parentbased_traceidratio`` and ``0.1`` to record one upload in ten, whole across the services).
+    event and go nowhere (trace context is still created and travels in Kafka headers). With an
+    exporter the sampler is OpenTelemetry's default, which reads the standard ``OTEL_TRACES_SAMPLER``
+    / ``OTEL_TRACES_SAMPLER_ARG`` (e.g. ``parentbased_traceidratio`` and ``0.1`` to record one upload
+    in ten, whole across the services).
     """
     resource = Resource.create({"service.name": f"enclave-{settings.service_name}"})
     if settings.tracing_exporter == "none":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NotRequired, TypedDict, Unpack
 
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
@@ -74,66 +75,49 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
 _PENDING = "pending_access"
 
 
+class AccessFields(TypedDict):
+    """What an access event says besides the request's source address and correlation id."""
+
+    principal: Principal | None
+    action: str
+    outcome: AccessOutcome
+    status: int
+    target: NotRequired[str | None]
+    detail: NotRequired[str | None]
+    #: Defaults to the request's (its ``X-Request-ID``, or a fresh id).
+    correlation_id: NotRequired[str | None]
+
+
 class AccessRecorder:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
 
-    async def record(
-        self,
-        request: Request,
-        *,
-        principal: Principal | None,
-        action: str,
-        outcome: AccessOutcome,
-        status: int,
-        target: str | None = None,
-        detail: str | None = None,
-        correlation_id: str | None = None,
-    ) -> None:
+    async def record(self, request: Request, **fields: Unpack[AccessFields]) -> None:
         """Publish one access event and wait for Kafka's acknowledgement (503 if it fails)."""
-        acks = await self.queue(
-            request,
-            principal=principal,
-            action=action,
-            outcome=outcome,
-            status=status,
-            target=target,
-            detail=detail,
-            correlation_id=correlation_id,
-        )
+        acks = await self.queue(request, **fields)
         with _unaudited():
             await acks.settle()
 
-    async def queue(
-        self,
-        request: Request,
-        *,
-        principal: Principal | None,
-        action: str,
-        outcome: AccessOutcome,
-        status: int,
-        target: str | None = None,
-        detail: str | None = None,
-        correlation_id: str | None = None,
-    ) -> Acknowledgements:
+    async def queue(self, request: Request, **fields: Unpack[AccessFields]) -> Acknowledgements:
         """Hand one access event to the producer; its acknowledgement is to be settled."""
+        principal = fields["principal"]
         tenant = principal.tenant if principal is not None else "unknown"
         event = Envelope.for_topic(
             topics.ACCESS_RECORDED,
             AccessRecorded(
                 actor=principal.subject if principal is not None else "anonymous",
                 roles=sorted(str(r) for r in principal.roles) if principal is not None else [],
-                action=action,
-                target=target,
-                outcome=outcome,
-                status_code=status,
+                action=fields["action"],
+                target=fields.get("target"),
+                outcome=fields["outcome"],
+                status_code=fields["status"],
                 source_address=request.client.host if request.client else None,
-                detail=detail,
+                detail=fields.get("detail"),
             ),
             source="gateway",
             tenant=tenant,
             actor=principal.subject if principal is not None else "anonymous",
-            correlation_id=correlation_id or request_correlation_id(request),
+            correlation_id=fields.get("correlation_id") or request_correlation_id(request),
         )
         acks = self.handoff.acknowledgements()
         with _unaudited():
