@@ -2,7 +2,9 @@
 
 200 MR instances of 256x256 16-bit (~128 KiB; pydicom's MR_small with resized pixel data and fresh
 UIDs), posted one instance per STOW-RS request by 1 client and by 4 concurrent clients, after the same
-untimed warm-up for every server. The gateway is measured as one process and as two replicas sharing
+untimed warm-up for every server. An "HTTP floor" is measured first (``bench/http_floor.py``: the
+gateway's HTTP stack reading each body and answering, nothing else; ``--skip-floor``): it shows what
+the client and the HTTP layer alone allow on this machine. The gateway is measured as one process and as two replicas sharing
 the port (SO_REUSEPORT; ``--replicas``), and the server's own CPU time per instance is printed. The
 gateway validates, seals and publishes every instance to Kafka (acks=all) before it answers; Orthanc
 (Debian packages ``orthanc`` + ``orthanc-dicomweb``, started here on loopback with a temporary
@@ -22,7 +24,7 @@ Then the peak RSS of a fresh gateway while it receives one 1 GiB STOW request (8
 key so that the shared stack's ingest refuses it cheaply instead of storing 1 GiB.
 
 Usage (the stack must be up; `make bench-gateway` does that):
-    python bench/gateway.py [--instances 200] [--replicas 1 2] [--skip-orthanc] [--skip-rss] [--keep-downstream]
+    python bench/gateway.py [--instances 200] [--replicas 1 2] [--skip-floor] [--skip-orthanc] [--skip-rss] [--keep-downstream]
 """
 
 from __future__ import annotations
@@ -191,6 +193,24 @@ def start_orthanc(workdir: Path) -> Server:
     server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, [process])
     try:
         wait_http(f"http://127.0.0.1:{port}/system")
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def start_floor(workdir: Path) -> Server:
+    """The HTTP floor (``bench/http_floor.py``): reads each body and answers, nothing else."""
+    port = free_port()
+    log = (workdir / "http-floor.log").open("wb")
+    process = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "bench" / "http_floor.py"), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = Server("HTTP floor", f"http://127.0.0.1:{port}/dicomweb/studies", lambda _: {}, [process])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
     except RuntimeError:
         server.stop()
         raise
@@ -488,6 +508,11 @@ def main() -> int:
     parser.add_argument("--skip-orthanc", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument(
+        "--skip-floor",
+        action="store_true",
+        help="do not measure the HTTP floor (a server on the gateway's HTTP stack that only reads and answers)",
+    )
+    parser.add_argument(
         "--replicas",
         type=int,
         nargs="+",
@@ -504,6 +529,8 @@ def main() -> int:
     servers: list[Server] = []
     rows: list[tuple[str, int, int, float, float, float, float, float, float]] = []
     try:
+        if not args.skip_floor:
+            servers.append(start_floor(workdir))
         if not args.skip_orthanc:
             servers.append(start_orthanc(workdir))
         for replicas in args.replicas:
@@ -515,7 +542,7 @@ def main() -> int:
         with paused(() if args.keep_downstream else DOWNSTREAM) as stopped:
             wait_caught_up(f"enclave-{BENCH_GATEWAY}")
             for clients in (1, 4):
-                for server in servers:  # Orthanc first, then the gateway, for each client count
+                for server in servers:  # the floor, Orthanc, then the gateway, for each client count
                     instances = mr_instances(args.instances)
                     size = sum(len(i) for i in instances)
                     idle = wait_quiet()
@@ -561,6 +588,11 @@ def main() -> int:
             "CPU ms/inst: the server's own processes; the stack's (Kafka, FerretDB, MinIO: what the"
             " gateway's publishes and read model cost); the benchmark client's"
         )
+        if not args.skip_floor:
+            print(
+                "HTTP floor: uvicorn (uvloop, httptools) reading each body and answering, nothing else:"
+                " what the client and the HTTP layer alone allow on this machine"
+            )
         if not args.skip_rss:
             large = start_gateway(workdir, throwaway_ingest_key=True)
             servers.append(large)

@@ -70,7 +70,7 @@ start_ferretdb() {
   mkdir -p "$ENCLAVE_STATE/ferretdb/data"
   start ferretdb "$LOGS_DIR/ferretdb.log" "$FERRETDB_BIN" --handler=sqlite \
     --sqlite-url="file:$ENCLAVE_STATE/ferretdb/data/" --listen-addr="127.0.0.1:$MONGO_PORT" \
-    --telemetry=disable --log-level=WARN --state-dir="$ENCLAVE_STATE/ferretdb" --debug-addr="127.0.0.1:${ENCLAVE_FERRETDB_DEBUG_PORT:-18088}" || true
+    --telemetry=disable --log-level="${ENCLAVE_FERRETDB_LOG_LEVEL:-WARN}" --state-dir="$ENCLAVE_STATE/ferretdb" --debug-addr="127.0.0.1:${ENCLAVE_FERRETDB_DEBUG_PORT:-18088}" || true
 }
 
 for c in "${components[@]}"; do "start_$c"; done
