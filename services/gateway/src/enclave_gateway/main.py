@@ -15,6 +15,7 @@ from enclave_common.auth.file_keys import build_verifier
 from enclave_common.auth.grants_mongo import MongoGrantStore
 from enclave_common.crypto import load_public_key
 from enclave_common.errors import ConfigurationError
+from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, run_service
@@ -36,7 +37,8 @@ from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPoli
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    runtime = ServiceRuntime(settings)
+    # The read model's writes are idempotent by business key (readmodel.py): no event-id guard.
+    runtime = ServiceRuntime(settings, processed=IdempotentByBusinessKey())
     runtime.publishes(
         topics.UPLOAD_CHUNK,
         topics.UPLOAD_RECEIVED,
