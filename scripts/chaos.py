@@ -539,6 +539,29 @@ class Verifier:
             )
         )
 
+        # what hospitals read: the gateway's status (its read model, built from the same events)
+        past_stored = {"deidentified", "quarantined", "analysed"}
+        wanted = {iuid_of[k] for k in acked_keys if k in iuid_of}
+        statuses: dict[str, str] = {}
+        deadline = time.monotonic() + 60
+        while True:  # the gateway's consumer may still be catching up with the last events
+            statuses = {
+                d["_id"]: d.get("status", "")
+                for d in self.mongo["gateway"]["instances"].find({"tenant": self.tenant}, {"status": 1})
+            }
+            behind = [i for i in wanted if statuses.get(i) not in past_stored]
+            if not behind or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(2)
+        checks.append(
+            Check(
+                "gateway status of each acknowledged instance is past stored",
+                not behind,
+                f"{len(wanted) - len(behind)}/{len(wanted)} de-identified, quarantined or analysed; behind "
+                f"{dict(Counter(statuses.get(i, 'missing') for i in behind))}",
+            )
+        )
+
         # series analysed
         outcomes = [*completed, *failed]
         by_analysis: dict[str, set[str]] = defaultdict(set)
