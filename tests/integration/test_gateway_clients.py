@@ -8,6 +8,8 @@ import io
 
 import httpx
 import pydicom
+import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
@@ -51,6 +53,26 @@ async def test_python_dicomweb_client_single_instance_reaches_ingest():
     async with httpx.AsyncClient(timeout=30) as client:
         (instance,) = await wait_patient_statuses(client, GATEWAY, tenant, ds.PatientID, 1, PAST_RECEIVED)
     assert instance["duplicate"] == "new"
+
+
+async def test_a_client_following_a_retrieve_url_learns_that_retrieval_is_not_offered():
+    tenant = new_tenant()
+    ds = _read("MR_small.dcm")
+    client = _client(tenant)
+    response = await asyncio.to_thread(client.store_instances, [ds])
+    retrieve_url = response.ReferencedSOPSequence[0].RetrieveURL
+    with pytest.raises(requests.HTTPError) as raised:  # what the client does with a RetrieveURL
+        await asyncio.to_thread(
+            client.retrieve_instance, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+    async with httpx.AsyncClient(timeout=30) as http:
+        plain = await http.get(retrieve_url, headers=bearer("it-pacs", tenant, "uploader", "clinician"))
+    for answer in (raised.value.response, plain):
+        assert answer.status_code == 404
+        detail = answer.json()["detail"]
+        assert detail["code"] == "no_such_route"
+        assert "WADO-RS" in detail["message"] and "not offered" in detail["message"]
+        assert ds.SOPInstanceUID not in answer.text and str(ds.PatientID) not in answer.text
 
 
 async def test_python_dicomweb_client_batch_of_pydicom_files():

@@ -16,13 +16,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo import AsyncMongoClient
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_common.events import envelope_schema
@@ -181,11 +183,13 @@ class ServiceRuntime:
         routers: Sequence[APIRouter] = (),
         start_runtime: bool = True,
         middleware: Sequence[tuple[Any, dict[str, Any]]] = (),
+        unknown_route_hint: str = "",
     ) -> FastAPI:
         """The service's HTTP app: health, readiness, metrics, plus the service's own routers.
 
         ``middleware``: (ASGI middleware class, options), run inside the request metrics and span,
-        so what they answer is counted like any other response.
+        so what they answer is counted like any other response. ``unknown_route_hint``: a sentence
+        added to the answer for a path no route matches (what this service does not offer).
         """
         self._subscribe()
 
@@ -201,6 +205,7 @@ class ServiceRuntime:
 
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
         app.state.runtime = self
+        app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint))
         for cls, options in middleware:
             app.add_middleware(cls, **options)
         instrument_http(app, self.registry, self.tracer_provider)
@@ -222,6 +227,34 @@ class ServiceRuntime:
         for router in routers:
             app.include_router(router)
         return app
+
+
+def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
+    """404 and 405 raised by routing itself (a path or method no route takes) answer in the services'
+    error shape, ``{"detail": {"code", "message"}}``, saying what is allowed instead of Starlette's bare
+    "Not Found" / "Method Not Allowed". The path is never echoed: a client may put an identifier there.
+    What routes raise themselves (a dict detail) is answered as before."""
+
+    async def handle(request: Request, exc: Any) -> Response:
+        if not isinstance(exc, StarletteHTTPException) or not isinstance(exc.detail, str):
+            return await http_exception_handler(request, exc)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = headers.get("Allow") or headers.get("allow") or ""
+            code = "method_not_allowed"
+            message = f"this path does not take {request.method[:16]}; it takes {allowed or 'other methods'}"
+        elif exc.status_code == 404:
+            code = "no_such_route"
+            message = "no route takes this path; the routes are listed in /openapi.json"
+        else:
+            return await http_exception_handler(request, exc)
+        if hint:
+            message = f"{message}. {hint}"
+        return JSONResponse(
+            {"detail": {"code": code, "message": message}}, status_code=exc.status_code, headers=headers
+        )
+
+    return handle
 
 
 def instrument_http(app: FastAPI, registry: CollectorRegistry, tracer_provider: TracerProvider) -> None:

@@ -34,6 +34,14 @@ from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
 
+#: The gateway receives; it cannot give back what it sealed (it holds no key that opens stored data).
+UNKNOWN_ROUTE_HINT = (
+    "This gateway stores and reports: DICOMweb STOW-RS (POST /dicomweb/studies[/{StudyInstanceUID}]), "
+    "POST /api/v1/imaging/upload, and status, results and patient queries under /api/v1/imaging. "
+    "DICOMweb retrieval (WADO-RS, the RetrieveURLs of a STOW-RS answer) and search (QIDO-RS) are not "
+    "offered: the gateway holds no key that opens stored data"
+)
+
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
@@ -134,6 +142,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="Enclave gateway",
         routers=[router, grants_router],
         middleware=[(HeaderSizeLimit, {"max_bytes": settings.max_header_bytes})],
+        unknown_route_hint=UNKNOWN_ROUTE_HINT,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.read_model = read_model
