@@ -50,6 +50,7 @@ from enclave_common import topics  # noqa: E402
 from enclave_common.auth.dev_issuer import DevIssuer  # noqa: E402
 from enclave_common.envelope import Envelope  # noqa: E402
 from enclave_common.pseudonyms import pseudonymizer_from_base64  # noqa: E402
+from enclave_gateway.readmodel import status_of  # noqa: E402
 
 from tests.integration import support  # noqa: E402
 from tests.integration.conftest import KAFKA, MONGO_URL, SERVICE_PORTS  # noqa: E402
@@ -546,8 +547,8 @@ class Verifier:
         deadline = time.monotonic() + 60
         while True:  # the gateway's consumer may still be catching up with the last events
             statuses = {
-                d["_id"]: d.get("status", "")
-                for d in self.mongo["gateway"]["instances"].find({"tenant": self.tenant}, {"status": 1})
+                d["_id"]: status_of(d)
+                for d in self.mongo["gateway"]["instances"].find({"tenant": self.tenant})
             }
             behind = [i for i in wanted if statuses.get(i) not in past_stored]
             if not behind or time.monotonic() > deadline:
@@ -555,7 +556,7 @@ class Verifier:
             await asyncio.sleep(2)
         checks.append(
             Check(
-                "gateway status of each acknowledged instance is past stored",
+                "gateway status of each stored acknowledged instance is past stored",
                 not behind,
                 f"{len(wanted) - len(behind)}/{len(wanted)} de-identified, quarantined or analysed; behind "
                 f"{dict(Counter(statuses.get(i, 'missing') for i in behind))}",

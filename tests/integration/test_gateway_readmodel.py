@@ -66,6 +66,9 @@ async def test_a_redelivered_stored_event_does_not_move_the_status_back(mongo):
         await _consumed_by_gateway(TopicPartition(sent.topic, sent.partition), sent.offset)
 
         after = (await client.get(url, headers=headers)).json()
-        assert after == before  # still past `stored`, nothing rewritten
+        # Still past `stored`, not rewritten (analysis_id may still change: the one-instance series
+        # gets its analysis outcome after the analysis service's quiet period).
+        fields = ("status", "duplicate", "updated_at", "study_key", "series_key")
+        assert {f: after[f] for f in fields} == {f: before[f] for f in fields}
     # Handled without an event-id guard: the gateway keeps no processed-event record of it.
     assert await mongo["gateway"]["processed_events"].find_one({"_id": stored.id}) is None

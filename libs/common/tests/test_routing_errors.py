@@ -27,6 +27,10 @@ def client() -> Iterator[TestClient]:
     async def get_thing(thing: str) -> dict[str, str]:
         raise HTTPException(404, detail={"code": "not_found", "message": "no such resource"})
 
+    @router.delete("/things/{thing}")
+    async def delete_thing(thing: str) -> dict[str, str]:
+        raise HTTPException(404)  # a route's own 404 with the default (string) detail
+
     runtime = ServiceRuntime(BaseServiceSettings(service_name="routing-test"))
     app = runtime.http_app(
         title="t", routers=[router], start_runtime=False, unknown_route_hint="Nothing else is offered"
@@ -58,3 +62,13 @@ def test_what_a_route_raises_is_answered_unchanged(client: TestClient) -> None:
     answer = client.get(f"/things/{PLANTED}")
     assert answer.status_code == 404
     assert answer.json() == {"detail": {"code": "not_found", "message": "no such resource"}}
+    answer = client.delete(f"/things/{PLANTED}")
+    assert answer.status_code == 404
+    assert answer.json() == {"detail": "Not Found"}  # not mistaken for a path no route takes
+
+
+def test_a_wrong_method_names_every_method_of_every_route_on_the_path(client: TestClient) -> None:
+    answer = client.patch("/things/one")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "DELETE, GET"
+    assert "it takes DELETE, GET" in answer.json()["detail"]["message"]

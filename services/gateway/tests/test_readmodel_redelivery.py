@@ -1,6 +1,6 @@
-"""The read model is idempotent by business key, so it runs without the event-id guard: a redelivered
-event, or an older one arriving after a newer one, changes nothing, and each event costs one read and
-at most one write of the status (docs/gateway.md, Status and results)."""
+"""The read model's writes are idempotent and commutative, so it runs without the event-id guard: a
+redelivered event changes nothing, events in any order end in the same document, and each event is
+one database command (docs/gateway.md, Status and results)."""
 
 from __future__ import annotations
 
@@ -23,17 +23,16 @@ from enclave_common.events import (
 from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.main import create_app
-from enclave_gateway.readmodel import ReadModel
+from enclave_gateway.readmodel import ReadModel, analysis_id_of, status_of
 from pydantic import BaseModel, SecretStr
-from pymongo.errors import DuplicateKeyError
 
 TENANT = "tenant-a"
 KEY = "k" * 43
 
 
 class FakeCollection:
-    """By ``_id`` only, like every read-model command: find_one, update_one ($set, upsert),
-    replace_one (upsert), insert_one. Counts the commands it was sent."""
+    """By ``_id`` only, like every read-model command: find_one, update_one ($set, $max, upsert),
+    replace_one (upsert). Counts the commands it was sent."""
 
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
@@ -51,17 +50,14 @@ class FakeCollection:
             if not upsert:
                 return
             doc = self.docs[filter["_id"]] = {"_id": filter["_id"]}
-        doc.update(copy.deepcopy(update["$set"]))
+        doc.update(copy.deepcopy(update.get("$set", {})))
+        for field, value in update.get("$max", {}).items():
+            if field not in doc or value > doc[field]:
+                doc[field] = value
 
     async def replace_one(self, filter: dict[str, Any], doc: dict[str, Any], upsert: bool = False) -> None:
         self.commands.append("replace")
         self.docs[filter["_id"]] = copy.deepcopy(doc)
-
-    async def insert_one(self, doc: dict[str, Any]) -> None:
-        self.commands.append("insert")
-        if doc["_id"] in self.docs:
-            raise DuplicateKeyError("duplicate")
-        self.docs[doc["_id"]] = copy.deepcopy(doc)
 
 
 def read_model() -> tuple[ReadModel, dict[str, FakeCollection]]:
@@ -78,7 +74,7 @@ def event(topic: str, payload: BaseModel, *, at: datetime | None = None) -> Enve
     return envelope
 
 
-def stored(iuid: str) -> Envelope:
+def stored(iuid: str, at: datetime | None = None) -> Envelope:
     return event(
         topics.INSTANCE_STORED,
         InstanceStored(
@@ -95,10 +91,11 @@ def stored(iuid: str) -> Envelope:
             kek_id="kek",
             duplicate="new",
         ),
+        at=at,
     )
 
 
-def deidentified(iuid: str) -> Envelope:
+def deidentified(iuid: str, at: datetime | None = None) -> Envelope:
     return event(
         topics.INSTANCE_DEIDENTIFIED,
         InstanceDeidentified(
@@ -115,34 +112,38 @@ def deidentified(iuid: str) -> Envelope:
             profile="basic",
             options=[],
         ),
+        at=at,
     )
 
 
-async def test_a_redelivered_event_changes_nothing_and_costs_one_read() -> None:
+async def test_a_redelivered_event_changes_nothing_and_is_one_command() -> None:
     model, db = read_model()
     iuid = new_event_id()
     first = stored(iuid)
     await model.on_event(first)
     after_once = copy.deepcopy(db["instances"].docs)
-    assert after_once[iuid]["status"] == "stored"
-    assert db["instances"].commands == ["find", "update"]
-
-    db["instances"].commands.clear()
+    assert status_of(after_once[iuid]) == "stored"
+    assert after_once[iuid]["updated_at"] == first.time  # the event's time, not the handling time
     await model.on_event(first)  # the same event, redelivered
     assert db["instances"].docs == after_once
-    assert db["instances"].commands == ["find"]
+    assert db["instances"].commands == ["update", "update"]
 
 
-async def test_an_older_event_after_a_newer_one_does_not_move_the_status_back() -> None:
-    model, db = read_model()
+async def test_events_in_any_order_end_in_the_same_document() -> None:
     iuid = new_event_id()
-    early = stored(iuid)
-    await model.on_event(deidentified(iuid))  # overtook the stored event
-    await model.on_event(early)
-    await model.on_event(early)
+    start = datetime.now(UTC)
+    events = [stored(iuid, at=start), deidentified(iuid, at=start + timedelta(seconds=2))]
+    in_order, _ = read_model()
+    for e in events:
+        await in_order.on_event(e)
+    overtaken, db = read_model()
+    for e in (events[1], events[0], events[1], events[0]):  # de-identified first, each twice
+        await overtaken.on_event(e)
+    assert db["instances"].docs == in_order.instances.docs
     doc = db["instances"].docs[iuid]
-    assert (doc["status"], doc["rank"]) == ("deidentified", 2)
-    assert "duplicate" not in doc  # the older event wrote nothing
+    assert status_of(doc) == "deidentified"
+    assert doc["duplicate"] == "new" and doc["profile"] == "basic"  # the overtaken event's fields too
+    assert doc["updated_at"] == events[1].time
 
 
 async def test_failure_is_terminal_against_redelivered_progress() -> None:
@@ -158,7 +159,36 @@ async def test_failure_is_terminal_against_redelivered_progress() -> None:
     await model.on_event(stored(iuid))
     await model.on_event(rejected)
     doc = db["instances"].docs[iuid]
-    assert (doc["status"], doc["reason_code"]) == ("failed", "bad")
+    assert (status_of(doc), doc["reason_code"]) == ("failed", "bad")
+
+
+def analysis_event(outcome: str, analysis_id: str, members: list[str], at: datetime) -> Envelope:
+    if outcome == "completed":
+        return event(
+            topics.ANALYSIS_COMPLETED,
+            AnalysisCompleted(
+                analysis_id=analysis_id,
+                study_key=KEY,
+                series_key=KEY,
+                instance_upload_ids=members,
+                measures={"brain_volume_ml": 1200.5},
+                qc={"passed": True},
+                reports=[],
+            ),
+            at=at,
+        )
+    return event(
+        topics.ANALYSIS_FAILED,
+        AnalysisFailed(
+            analysis_id=analysis_id,
+            study_key=KEY,
+            series_key=KEY,
+            instance_upload_ids=members,
+            reason_code="too_few_slices",
+            reason="the series has too few slices",
+        ),
+        at=at,
+    )
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])
@@ -169,37 +199,39 @@ async def test_a_redelivered_analysis_event_writes_the_same_analysis(outcome: st
         await model.on_event(deidentified(iuid))
     analysis_id = new_event_id()
     at = datetime.now(UTC) - timedelta(hours=1)
-    if outcome == "completed":
-        payload: BaseModel = AnalysisCompleted(
-            analysis_id=analysis_id,
-            study_key=KEY,
-            series_key=KEY,
-            instance_upload_ids=members,
-            measures={"brain_volume_ml": 1200.5},
-            qc={"passed": True},
-            reports=[],
-        )
-        topic = topics.ANALYSIS_COMPLETED
-    else:
-        payload = AnalysisFailed(
-            analysis_id=analysis_id,
-            study_key=KEY,
-            series_key=KEY,
-            instance_upload_ids=members,
-            reason_code="too_few_slices",
-            reason="the series has too few slices",
-        )
-        topic = topics.ANALYSIS_FAILED
-    done = event(topic, payload, at=at)
+    done = analysis_event(outcome, analysis_id, members, at)
     await model.on_event(done)
     once = (copy.deepcopy(db["analyses"].docs), copy.deepcopy(db["instances"].docs))
     assert once[0][analysis_id]["recorded_at"] == at  # the event's time, not the handling time
     await model.on_event(done)
     assert (db["analyses"].docs, db["instances"].docs) == once
     for iuid in members:
-        assert db["instances"].docs[iuid]["analysis_id"] == analysis_id
+        assert analysis_id_of(db["instances"].docs[iuid]) == analysis_id
         expected = "analysed" if outcome == "completed" else "deidentified"
-        assert db["instances"].docs[iuid]["status"] == expected
+        assert status_of(db["instances"].docs[iuid]) == expected
+
+
+@pytest.mark.parametrize("earlier", ["completed", "failed"])
+async def test_an_earlier_analysis_delivered_again_does_not_replace_a_later_one(earlier: str) -> None:
+    """A series analysed twice (a late member makes a new member set): the instance keeps pointing
+    at the later analysis, whatever is delivered again afterwards."""
+    model, db = read_model()
+    members = [new_event_id(), new_event_id(), new_event_id()]
+    start = datetime.now(UTC)
+    first = analysis_event(earlier, "an-first", members[:2], start)
+    later = analysis_event("completed", "an-later", members, start + timedelta(minutes=1))
+    for e in (first, later, first):
+        await model.on_event(e)
+    for iuid in members:
+        assert analysis_id_of(db["instances"].docs[iuid]) == "an-later"
+        assert status_of(db["instances"].docs[iuid]) == "analysed"
+
+
+def test_documents_written_before_the_rank_was_the_source_of_truth_read_the_same() -> None:
+    assert status_of({"rank": 9, "status": "quarantined"}) == "quarantined"
+    assert status_of({"rank": 2, "status": "deidentified"}) == "deidentified"
+    assert analysis_id_of({"analysis_id": "an-1"}) == "an-1"
+    assert analysis_id_of({}) is None
 
 
 def test_the_gateway_consumer_runs_without_the_event_id_guard() -> None:

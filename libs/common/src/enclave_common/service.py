@@ -11,7 +11,7 @@ import asyncio
 import gc
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pymongo import AsyncMongoClient
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_common.events import envelope_schema
@@ -230,20 +231,21 @@ class ServiceRuntime:
 
 
 def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
-    """404 and 405 raised by routing itself (a path or method no route takes) answer in the services'
-    error shape, ``{"detail": {"code", "message"}}``, saying what is allowed instead of Starlette's bare
-    "Not Found" / "Method Not Allowed". The path is never echoed: a client may put an identifier there.
-    What routes raise themselves (a dict detail) is answered as before."""
+    """404 and 405 raised by routing itself (a path no route takes; a path taken, but not with this
+    method) answer in the services' error shape, ``{"detail": {"code", "message"}}``, saying what is
+    allowed instead of Starlette's bare "Not Found" / "Method Not Allowed". The path is never echoed:
+    a client may put an identifier there. Whatever a route raises itself is answered as before."""
 
     async def handle(request: Request, exc: Any) -> Response:
-        if not isinstance(exc, StarletteHTTPException) or not isinstance(exc.detail, str):
+        if not isinstance(exc, StarletteHTTPException):
             return await http_exception_handler(request, exc)
         headers = dict(exc.headers or {})
-        if exc.status_code == 405:
-            allowed = headers.get("Allow") or headers.get("allow") or ""
+        if exc.status_code == 405 and "Allow" in headers:  # raised by a route matching the path only
+            methods = _methods_taking(request.app.routes, request.scope) or set(headers["Allow"].split(", "))
+            headers["Allow"] = ", ".join(sorted(methods))
             code = "method_not_allowed"
-            message = f"this path does not take {request.method[:16]}; it takes {allowed or 'other methods'}"
-        elif exc.status_code == 404:
+            message = f"this path does not take {request.method[:16]}; it takes {headers['Allow']}"
+        elif exc.status_code == 404 and request.scope.get("route") is None:  # no route matched
             code = "no_such_route"
             message = "no route takes this path; the routes are listed in /openapi.json"
         else:
@@ -255,6 +257,20 @@ def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
         )
 
     return handle
+
+
+def _methods_taking(routes: Iterable[Any], scope: Scope) -> set[str]:
+    """Every method of every route whose path matches (Starlette's own 405 names the first only)."""
+    methods: set[str] = set()
+    for route in routes:
+        included = getattr(getattr(route, "original_router", None), "routes", None)  # FastAPI's include
+        if included is not None:
+            methods |= _methods_taking(included, scope)
+            continue
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
 
 
 def instrument_http(app: FastAPI, registry: CollectorRegistry, tracer_provider: TracerProvider) -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable
 from enclave_gateway.multipart import RequestBodyError
-from enclave_gateway.readmodel import ReadModel
+from enclave_gateway.readmodel import ReadModel, analysis_id_of, status_of
 from enclave_gateway.stow import (
     DICOM_JSON_MEDIA_TYPE,
     FailedInstance,
@@ -203,14 +203,14 @@ def build_router(
     ) -> JSONResponse:
         doc = await read_model.get(imaging_id)
         assert doc is not None
-        analysis_id = doc.get("analysis_id")
+        analysis_id = analysis_id_of(doc)
         result = await read_model.analysis(analysis_id) if analysis_id else None
         if result is None:
             return JSONResponse(
                 {
                     "imaging_id": imaging_id,
                     "status": "pending",
-                    "instance_status": doc.get("status"),
+                    "instance_status": status_of(doc),
                     "analysis": None,
                 },
                 status_code=200,
@@ -240,14 +240,14 @@ def build_router(
 def _status_view(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         "imaging_id": doc["_id"],
-        "status": doc.get("status", "received"),
+        "status": status_of(doc),
         "reason_code": doc.get("reason_code"),
         "reason": doc.get("reason"),
         "upload_id": doc.get("upload_id"),
         "study_key": doc.get("study_key"),
         "series_key": doc.get("series_key"),
         "duplicate": doc.get("duplicate"),
-        "analysis_id": doc.get("analysis_id"),
+        "analysis_id": analysis_id_of(doc),
         "received_at": _iso(doc.get("received_at")),
         "updated_at": _iso(doc.get("updated_at")),
     }

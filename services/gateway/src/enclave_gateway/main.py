@@ -37,7 +37,8 @@ from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPoli
 #: The gateway receives; it cannot give back what it sealed (it holds no key that opens stored data).
 UNKNOWN_ROUTE_HINT = (
     "This gateway stores and reports: DICOMweb STOW-RS (POST /dicomweb/studies[/{StudyInstanceUID}]), "
-    "POST /api/v1/imaging/upload, and status, results and patient queries under /api/v1/imaging. "
+    "POST /api/v1/imaging/upload, status, results and patient queries under /api/v1/imaging, and grants "
+    "under /api/v1/grants and /api/v1/break-glass. "
     "DICOMweb retrieval (WADO-RS, the RetrieveURLs of a STOW-RS answer) and search (QIDO-RS) are not "
     "offered: the gateway holds no key that opens stored data"
 )

@@ -1,13 +1,22 @@
 """The gateway's read model (CQRS): status and results built by consuming events into its own
 database. Status only moves forward (received < stored < de-identified < analysed); ``failed`` and
-``quarantined`` are terminal. Events may arrive before the gateway wrote its own record of an upload,
-so every write is an idempotent upsert guarded by the status rank.
+``quarantined`` are terminal.
 
-Every write is idempotent by its business key: the status by its rank (an event that does not move
-it forward changes nothing), an analysis by its id (replaced with the same content, its time taken
-from the event). So the consumer runs without the event-id guard (``IdempotentByBusinessKey``): a
-redelivered event is handled again and changes nothing, and each event costs two database commands
-(read and write of the status) instead of four.
+Every event is one atomic write by ``_id``, idempotent and commutative, so that redeliveries, events
+out of order and two gateway replicas consuming at once all end in the same document:
+
+- the status is a rank kept with ``$max`` (it never moves back), and the status is read from it;
+- each status's own fields (``duplicate``, ``profile``, ``reason``...) are ``$set`` with the values
+  of the event that carries them, whatever order the events came in;
+- ``updated_at`` is the latest event time (``$max``), not the time of handling;
+- the instance's analysis is a last-writer-wins register ordered by event time:
+  ``latest_analysis = "<event time>|<analysis id>"`` under ``$max``;
+- an analysis is replaced by its id, with its event's time.
+
+So the consumer runs without the event-id guard (``IdempotentByBusinessKey``): a redelivered event is
+applied again and changes nothing, in one database command per event instead of the guard's three
+(check, write, mark). A filter on anything but ``_id`` would make FerretDB (SQLite) scan the whole
+collection: no write here needs one.
 """
 
 from __future__ import annotations
@@ -49,6 +58,32 @@ def _upload_fields(
 
 
 RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
+#: The terminal rank; which terminal status it is, is kept in ``terminal``.
+TERMINAL_RANK = 9
+_STATUS_OF_RANK = {0: "received", 1: "stored", 2: "deidentified", 3: "analysed"}
+
+
+def status_of(doc: dict[str, Any]) -> str:
+    """The status of a read-model document (from its rank; documents written before the rank was
+    the source of truth also carry ``status``)."""
+    rank = doc.get("rank", 0)
+    if rank >= TERMINAL_RANK:
+        return str(doc.get("terminal") or doc.get("status") or "failed")
+    return _STATUS_OF_RANK.get(rank, str(doc.get("status", "received")))
+
+
+def analysis_id_of(doc: dict[str, Any]) -> str | None:
+    """The id of the latest analysis (by event time) that covered the instance."""
+    latest = doc.get("latest_analysis")
+    if isinstance(latest, str) and "|" in latest:
+        return latest.split("|", 1)[1]
+    legacy = doc.get("analysis_id")
+    return str(legacy) if legacy else None
+
+
+def _register(at: datetime, value: str) -> str:
+    """A value ordered by event time under ``$max`` (fixed-width UTC time, then the value)."""
+    return f"{at.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ}|{value}"
 
 
 class GroupedInserts:
@@ -123,7 +158,7 @@ class ReadModel:
             return
         now = datetime.now(UTC)
         docs = [
-            {"_id": instance_upload_id, "status": "received", "rank": 0, "created_at": now}
+            {"_id": instance_upload_id, "rank": 0, "created_at": now}
             | _upload_fields(tenant, upload_id, keys, sop_class_uid, now)
             for instance_upload_id, keys, sop_class_uid in instances
         ]
@@ -135,36 +170,29 @@ class ReadModel:
             )
 
     async def advance(
-        self, instance_upload_id: str, tenant: str, status: str, fields: dict[str, Any]
+        self,
+        instance_upload_id: str,
+        tenant: str,
+        status: str,
+        fields: dict[str, Any],
+        at: datetime,
+        *,
+        maxed: dict[str, Any] | None = None,
     ) -> None:
-        """Move an instance to ``status`` unless it is already there or further.
-
-        Read, then write, both by ``_id`` only: a ``rank`` condition in the filter would make FerretDB
-        (SQLite) scan the whole collection for every event. This consumer handles one event at a
-        time, so nothing else moves the rank between the read and the write; the upload path's
-        ``record_uploads`` never touches ``status``/``rank`` of an existing document.
-        """
-        current = await self.instances.find_one({"_id": instance_upload_id}, {"rank": 1})
-        if current is not None and current.get("rank", 0) >= RANK[status]:
-            return  # already at this status or beyond (a redelivery, or events out of order)
-        now = datetime.now(UTC)
+        """Apply an event that moves an instance to ``status`` (at event time ``at``): one atomic
+        upsert by ``_id``. The rank and ``updated_at`` only grow (``$max``), so an event that arrives
+        after a later one, or again, leaves the status where it is; its own ``fields`` are written
+        with the same values each time."""
+        rank = RANK[status]
+        values = {"tenant": tenant, **fields}
+        if rank >= TERMINAL_RANK:
+            values["terminal"] = status
+        update = {"$max": {"rank": rank, "updated_at": at, **(maxed or {})}, "$set": values}
         try:
-            await self.instances.update_one(
-                {"_id": instance_upload_id},
-                {
-                    "$set": {
-                        "tenant": tenant,
-                        "status": status,
-                        "rank": RANK[status],
-                        "updated_at": now,
-                        **fields,
-                    }
-                },
-                upsert=True,
-            )
+            await self.instances.update_one({"_id": instance_upload_id}, update, upsert=True)
         except DuplicateKeyError:
-            # The upload path inserted the document between our read and write: apply it again.
-            await self.advance(instance_upload_id, tenant, status, fields)
+            # The upload path inserted the document while this upsert created it: apply it again.
+            await self.instances.update_one({"_id": instance_upload_id}, update, upsert=True)
 
     async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
@@ -196,6 +224,7 @@ class ReadModel:
                     "series_key": stored.series_key,
                     "study_key": stored.study_key,
                 },
+                envelope.time,
             )
         elif kind == topics.event_type(topics.INSTANCE_REJECTED):
             rejected = envelope.payload(InstanceRejected)
@@ -204,11 +233,16 @@ class ReadModel:
                 envelope.tenant,
                 "failed",
                 {"reason_code": rejected.reason_code, "reason": rejected.reason},
+                envelope.time,
             )
         elif kind == topics.event_type(topics.INSTANCE_DEIDENTIFIED):
             deid = envelope.payload(InstanceDeidentified)
             await self.advance(
-                deid.instance_upload_id, envelope.tenant, "deidentified", {"profile": deid.profile}
+                deid.instance_upload_id,
+                envelope.tenant,
+                "deidentified",
+                {"profile": deid.profile},
+                envelope.time,
             )
         elif kind == topics.event_type(topics.INSTANCE_QUARANTINED):
             quarantined = envelope.payload(InstanceQuarantined)
@@ -217,6 +251,7 @@ class ReadModel:
                 envelope.tenant,
                 "quarantined",
                 {"reason_code": quarantined.reason_code, "reason": quarantined.reason},
+                envelope.time,
             )
         elif kind == topics.event_type(topics.ANALYSIS_COMPLETED):
             done = envelope.payload(AnalysisCompleted)
@@ -232,8 +267,11 @@ class ReadModel:
                     "reasons": envelope.data.get("reasons", {}),
                 },
             )
+            latest = _register(envelope.time, done.analysis_id)
             for iuid in done.instance_upload_ids:
-                await self.advance(iuid, envelope.tenant, "analysed", {"analysis_id": done.analysis_id})
+                await self.advance(
+                    iuid, envelope.tenant, "analysed", {}, envelope.time, maxed={"latest_analysis": latest}
+                )
         elif kind == topics.event_type(topics.ANALYSIS_FAILED):
             failed = envelope.payload(AnalysisFailed)
             await self._store_analysis(
@@ -246,8 +284,9 @@ class ReadModel:
                     "reason": failed.reason,
                 },
             )
+            latest = _register(envelope.time, failed.analysis_id)
             for iuid in failed.instance_upload_ids:  # by _id: FerretDB scans for ``$in``
-                await self.instances.update_one({"_id": iuid}, {"$set": {"analysis_id": failed.analysis_id}})
+                await self.instances.update_one({"_id": iuid}, {"$max": {"latest_analysis": latest}})
 
     async def _store_analysis(
         self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]
@@ -259,7 +298,7 @@ class ReadModel:
                 "tenant": envelope.tenant,
                 "series_key": series_key,
                 "status": status,
-                "recorded_at": envelope.time,  # the event's, not now: a redelivery writes the same
+                "recorded_at": envelope.time,  # the event's, not now: redelivering the record writes the same
                 **fields,
             },
             upsert=True,
