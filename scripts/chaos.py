@@ -548,7 +548,9 @@ class Verifier:
         while True:  # the gateway's consumer may still be catching up with the last events
             statuses = {
                 d["_id"]: status_of(d)
-                for d in self.mongo["gateway"]["instances"].find({"tenant": self.tenant})
+                for d in self.mongo["gateway"]["instances"].find(
+                    {"tenant": self.tenant}, {"rank": 1, "terminal": 1, "status": 1}
+                )
             }
             behind = [i for i in wanted if statuses.get(i) not in past_stored]
             if not behind or time.monotonic() > deadline:

@@ -220,11 +220,24 @@ async def test_an_earlier_analysis_delivered_again_does_not_replace_a_later_one(
     start = datetime.now(UTC)
     first = analysis_event(earlier, "an-first", members[:2], start)
     later = analysis_event("completed", "an-later", members, start + timedelta(minutes=1))
-    for e in (first, later, first):
+    # The analysis service publishes the earlier outcome again (a lease ran out): same event id,
+    # a new envelope time, later than the later analysis's.
+    republished = first.model_copy(update={"time": start + timedelta(hours=1)})
+    for e in (first, later, first, republished):
         await model.on_event(e)
     for iuid in members:
         assert analysis_id_of(db["instances"].docs[iuid]) == "an-later"
         assert status_of(db["instances"].docs[iuid]) == "analysed"
+
+
+async def test_an_analysis_outcome_arriving_before_the_instance_events_is_kept() -> None:
+    model, db = read_model()
+    iuid = new_event_id()
+    outcome = analysis_event("failed", "an-early", [iuid], datetime.now(UTC))
+    for e in (outcome, stored(iuid), deidentified(iuid)):
+        await model.on_event(e)
+    doc = db["instances"].docs[iuid]
+    assert (analysis_id_of(doc), status_of(doc), doc["tenant"]) == ("an-early", "deidentified", TENANT)
 
 
 def test_documents_written_before_the_rank_was_the_source_of_truth_read_the_same() -> None:

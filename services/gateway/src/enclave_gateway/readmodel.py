@@ -2,20 +2,25 @@
 database. Status only moves forward (received < stored < de-identified < analysed); ``failed`` and
 ``quarantined`` are terminal.
 
-Every event is one atomic write by ``_id``, idempotent and commutative, so that redeliveries, events
-out of order and two gateway replicas consuming at once all end in the same document:
+Every event is one update by ``_id`` whose result does not depend on how often or in what order
+events are applied:
 
 - the status is a rank kept with ``$max`` (it never moves back), and the status is read from it;
 - each status's own fields (``duplicate``, ``profile``, ``reason``...) are ``$set`` with the values
   of the event that carries them, whatever order the events came in;
 - ``updated_at`` is the latest event time (``$max``), not the time of handling;
-- the instance's analysis is a last-writer-wins register ordered by event time:
-  ``latest_analysis = "<event time>|<analysis id>"`` under ``$max``;
+- the instance's analysis is a last-writer-wins register ordered by the analysis event's id (a
+  UUIDv7 the analysis service draws when it claims a member set and keeps when it publishes again):
+  ``latest_analysis = "<event id>|<analysis id>"`` under ``$max``;
 - an analysis is replaced by its id, with its event's time.
 
 So the consumer runs without the event-id guard (``IdempotentByBusinessKey``): a redelivered event is
-applied again and changes nothing, in one database command per event instead of the guard's three
-(check, write, mark). A filter on anything but ``_id`` would make FerretDB (SQLite) scan the whole
+applied again and changes nothing, in one database command per event instead of four (the guard's
+check and mark, a read and a write). On MongoDB each such update is atomic, so two replicas
+consuming at once end in the same document too. FerretDB 1.x (the local stack) applies an update as
+a read and a write outside a transaction (FerretDB issue #3040): two writers of one document at the
+same moment can lose one write there; the local stack runs one gateway, whose consumer applies one
+event at a time. A filter on anything but ``_id`` would make FerretDB (SQLite) scan the whole
 collection: no write here needs one.
 """
 
@@ -81,9 +86,9 @@ def analysis_id_of(doc: dict[str, Any]) -> str | None:
     return str(legacy) if legacy else None
 
 
-def _register(at: datetime, value: str) -> str:
-    """A value ordered by event time under ``$max`` (fixed-width UTC time, then the value)."""
-    return f"{at.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ}|{value}"
+def _register(order: str, value: str) -> str:
+    """``value`` ordered under ``$max`` by ``order`` (a UUIDv7 event id: fixed width, time first)."""
+    return f"{order}|{value}"
 
 
 class GroupedInserts:
@@ -179,15 +184,19 @@ class ReadModel:
         *,
         maxed: dict[str, Any] | None = None,
     ) -> None:
-        """Apply an event that moves an instance to ``status`` (at event time ``at``): one atomic
-        upsert by ``_id``. The rank and ``updated_at`` only grow (``$max``), so an event that arrives
-        after a later one, or again, leaves the status where it is; its own ``fields`` are written
-        with the same values each time."""
+        """Apply an event that moves an instance to ``status`` (at event time ``at``): one upsert by
+        ``_id``. The rank and ``updated_at`` only grow (``$max``), so an event that arrives after a
+        later one, or again, leaves the status where it is; its own ``fields`` are written with the
+        same values each time."""
         rank = RANK[status]
         values = {"tenant": tenant, **fields}
         if rank >= TERMINAL_RANK:
             values["terminal"] = status
-        update = {"$max": {"rank": rank, "updated_at": at, **(maxed or {})}, "$set": values}
+        await self._upsert(
+            instance_upload_id, {"$max": {"rank": rank, "updated_at": at, **(maxed or {})}, "$set": values}
+        )
+
+    async def _upsert(self, instance_upload_id: str, update: dict[str, Any]) -> None:
         try:
             await self.instances.update_one({"_id": instance_upload_id}, update, upsert=True)
         except DuplicateKeyError:
@@ -267,7 +276,7 @@ class ReadModel:
                     "reasons": envelope.data.get("reasons", {}),
                 },
             )
-            latest = _register(envelope.time, done.analysis_id)
+            latest = _register(envelope.id, done.analysis_id)
             for iuid in done.instance_upload_ids:
                 await self.advance(
                     iuid, envelope.tenant, "analysed", {}, envelope.time, maxed={"latest_analysis": latest}
@@ -284,9 +293,12 @@ class ReadModel:
                     "reason": failed.reason,
                 },
             )
-            latest = _register(envelope.time, failed.analysis_id)
+            latest = _register(envelope.id, failed.analysis_id)
             for iuid in failed.instance_upload_ids:  # by _id: FerretDB scans for ``$in``
-                await self.instances.update_one({"_id": iuid}, {"$max": {"latest_analysis": latest}})
+                # Upserted: the outcome may arrive before the instance's other events.
+                await self._upsert(
+                    iuid, {"$max": {"latest_analysis": latest}, "$set": {"tenant": envelope.tenant}}
+                )
 
     async def _store_analysis(
         self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]
