@@ -354,7 +354,15 @@ def _check_window(not_before: datetime, expires_at: datetime, now: datetime, lon
     if expires_at <= now:
         raise InvalidGrantError("expires_at must be in the future")
     if expires_at - not_before > longest:
-        raise InvalidGrantError(f"the window may last at most {longest}; asked for {expires_at - not_before}")
+        raise InvalidGrantError(
+            f"the window may last at most {_days(longest)}; asked for {_days(expires_at - not_before)}"
+        )
+
+
+def _days(span: timedelta) -> str:
+    """A duration as people read it in a message: days, with one decimal when not whole."""
+    days = span.total_seconds() / 86_400
+    return f"{days:.0f} days" if days == int(days) else f"{days:.1f} days"
 
 
 def _check_justification(text: str) -> str:
