@@ -12,7 +12,7 @@ UV := $(ENCLAVE_CACHE)/uv-$(shell sed -n 's/^UV_VERSION=//p' scripts/bootstrap.s
         fuzz openapi asyncapi clean-state deploy-tools deploy-test images chaos bench-pipeline
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z][a-z -]*:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-18s %s\n", $$1, $$2}'
 
 bootstrap: ## Install uv (pinned) and the locked Python environment
 	@scripts/bootstrap.sh
@@ -32,13 +32,13 @@ down: ## Stop exactly the processes `make up` started
 status: ## Which of our processes run, with endpoints
 	@$(STACK)/status.sh
 
-stack-up: bootstrap
+stack-up: bootstrap ## Start only Kafka, MinIO and FerretDB (and create the dev keys and topics)
 	@$(STACK)/up.sh && scripts/dev-setup.sh
-stack-down:
+stack-down: ## Stop only Kafka, MinIO and FerretDB
 	@$(STACK)/down.sh kafka minio ferretdb
-services-up:
+services-up: ## Start only the five services (exported ENCLAVE_* settings win over .state/dev.env)
 	@scripts/services.sh up
-services-down:
+services-down: ## Stop only the five services
 	@scripts/services.sh down
 
 lint: bootstrap ## ruff, mypy (strict on libs/common), spec drift
@@ -50,7 +50,7 @@ lint: bootstrap ## ruff, mypy (strict on libs/common), spec drift
 unit: bootstrap ## Unit tests (no network)
 	@$(PYTEST) libs/common/tests services -q -m "not integration"
 
-deploy-tools:
+deploy-tools: ## Install the pinned kustomize, kubeconform and schemas for deploy-test (cached)
 	@scripts/install-deploy-tools.sh >/dev/null
 
 deploy-test: bootstrap deploy-tools ## kustomize build + offline schema validation of deploy/k8s, Dockerfile lint
@@ -75,13 +75,13 @@ bench: bench-crypto bench-deid bench-audit bench-analysis bench-gateway bench-pi
 bench-crypto: bootstrap ## Streaming AEAD vs raw AES-GCM, then ingest throughput (chunks -> stored) on the stack
 	@$(PY) bench/crypto.py
 	@scripts/with-stack.sh $(PY) bench/ingest.py
-bench-deid: bootstrap
+bench-deid: bootstrap ## De-identification throughput: Enclave vs dicognito, dicom-anonymizer and a plain pydicom copy
 	@$(UV) run --frozen --package enclave-deid --group bench python bench/deid.py
-bench-audit: bootstrap
+bench-audit: bootstrap ## Audit hash chain: append rate, query p95, verify and checkpoint times
 	@scripts/with-stack.sh $(PY) bench/audit_chain.py --records 1000000 --db-records 2000 --query-runs 5
-bench-analysis: bootstrap
+bench-analysis: bootstrap ## Analysis of the MNI152 brain as a DICOM series: wall time and peak RSS per stage
 	@$(PY) bench/analysis.py
-bench-gateway: bootstrap
+bench-gateway: bootstrap ## STOW-RS: HTTP floor, Orthanc and the gateway side by side; RSS for 1 GiB
 	@scripts/with-stack.sh $(PY) bench/gateway.py
 bench-pipeline: bootstrap ## Whole pipeline: acceptance vs Orthanc, time to audited/de-identified, per-stage rates, RSS/CPU
 	@scripts/with-stack.sh $(PY) bench/pipeline.py

@@ -14,7 +14,12 @@ export ENCLAVE_STATE_DIR="$ENCLAVE_STATE"
 # Locally every service writes its spans to a JSON-lines file (tests check one upload = one trace).
 export ENCLAVE_TRACING_EXPORTER="${ENCLAVE_TRACING_EXPORTER:-file}"
 mkdir -p "$ENCLAVE_STATE/traces"
-[ -f "$ENCLAVE_STATE/dev.env" ] && . "$ENCLAVE_STATE/dev.env"
+# The local keys and connection settings; what the caller exported wins (README: external Kafka, S3, MongoDB).
+if [ -f "$ENCLAVE_STATE/dev.env" ]; then
+  caller_env="$(export -p | grep '^declare -x ENCLAVE_' || true)"
+  . "$ENCLAVE_STATE/dev.env"
+  eval "$caller_env"
+fi
 
 up() {
   for s in $SERVICES; do
