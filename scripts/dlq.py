@@ -1,13 +1,14 @@
 """Inspect and replay dead-letter topics (the runbook's `scripts/dlq.py`).
 
-    python scripts/dlq.py inspect enclave.instance.stored.v1.dlq
-    python scripts/dlq.py replay enclave.instance.stored.v1.dlq [--code unreadable_dicom] [--group enclave-deid]
+    .venv/bin/python scripts/dlq.py inspect enclave.instance.stored.v1.dlq
+    .venv/bin/python scripts/dlq.py replay enclave.instance.stored.v1.dlq [--code unreadable_dicom] [--group enclave-deid]
 
 `inspect` prints one line per message: offset, event id, type, consumer group, code and reason (never
 the payload). `replay` re-publishes each selected message's original bytes to its original topic
 (header `x-original-topic`), with the same event id, so the consumer handles it again once the cause
 is fixed; consumers do not mark dead-lettered events as processed, so the replay is not skipped.
-Reads the same environment as the services (`ENCLAVE_KAFKA_BOOTSTRAP_SERVERS`, TLS settings).
+Reads the same environment as the services (`ENCLAVE_KAFKA_BOOTSTRAP_SERVERS`, and
+`ENCLAVE_KAFKA_SECURITY_PROTOCOL` with the `ENCLAVE_KAFKA_SSL_*` files for TLS).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import asyncio
 import json
 import sys
 import uuid
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from enclave_common.kafka import connection_options
 from enclave_common.settings import BaseServiceSettings
 
 
-async def read_dlq(bootstrap: str, topic: str) -> list[dict[str, object]]:
+async def read_dlq(connection: dict[str, Any], topic: str) -> list[dict[str, object]]:
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap,
+        **connection,
         group_id=f"enclave-dlq-tool-{uuid.uuid4().hex}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -68,10 +71,10 @@ async def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.topic.endswith(".dlq"):
         parser.error("the topic must be a dead-letter topic ending in .dlq")
-    bootstrap = BaseServiceSettings().kafka_bootstrap_servers
+    connection = connection_options(BaseServiceSettings())
     rows = [
         r
-        for r in await read_dlq(bootstrap, args.topic)
+        for r in await read_dlq(connection, args.topic)
         if (args.code is None or r["headers"].get("x-dlq-code") == args.code)  # type: ignore[union-attr]
         and (args.group is None or r["headers"].get("x-dlq-consumer-group") == args.group)  # type: ignore[union-attr]
     ]
@@ -85,7 +88,7 @@ async def main(argv: list[str]) -> int:
         print(f"{len(rows)} message(s)")
         return 0
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
+        **connection, acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
     )
     await producer.start()
     try:

@@ -79,6 +79,17 @@ def create_broker(
 _PRODUCER_OPTIONS: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "request_timeout_ms": 15_000}
 
 
+def connection_options(settings: BaseServiceSettings) -> dict[str, Any]:
+    """How an aiokafka client reaches the cluster: bootstrap servers and, unless PLAINTEXT, TLS with
+    the configured CA and client certificate (the services' and the operator tools' clients alike)."""
+    context = _ssl_context(settings)
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": "SSL" if context is not None else "PLAINTEXT",
+        "ssl_context": context,
+    }
+
+
 def _ssl_context(settings: BaseServiceSettings) -> ssl.SSLContext | None:
     if settings.kafka_security_protocol == "PLAINTEXT":
         return None
@@ -164,13 +175,10 @@ class DirectPublisher:
 
     async def start(self) -> None:
         settings = self._settings
-        context = _ssl_context(settings)
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
+            **connection_options(settings),
             client_id=f"enclave-{settings.service_name}-direct",
             max_request_size=settings.kafka_max_message_bytes,
-            security_protocol="SSL" if context is not None else "PLAINTEXT",
-            ssl_context=context,
             **_PRODUCER_OPTIONS,
         )
         await producer.start()
