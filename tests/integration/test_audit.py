@@ -477,6 +477,37 @@ async def test_break_glass_raises_one_security_alert_that_is_itself_audited(mong
     assert await mongo["audit"]["records"].count_documents(copies) == 1  # redelivery raised no second alert
 
 
+async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_none(unique):
+    """Through the gateway: a clinician opens one break-glass session (one `break_glass` alert from
+    the audit service, besides the gateway's own `break_glass_opened`); an admin, who may not, is
+    refused (403) and no alert claims that break-glass access was used."""
+    from .support import read_all
+
+    tenant, clinician, admin = f"it-bg-{unique}", f"dr-bg-{unique}", f"adm-bg-{unique}"
+    gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
+    body = {
+        "patient_id": f"P-{unique}",
+        "justification": "unconscious patient in the emergency room, no consent possible",
+        "duration_minutes": 30,
+    }
+    async with httpx.AsyncClient(timeout=30) as client:
+        opened = await client.post(
+            f"{gateway}/api/v1/break-glass", json=body, headers=bearer(clinician, tenant, "clinician")
+        )
+        assert opened.status_code == 201, opened.text
+        refused = await client.post(
+            f"{gateway}/api/v1/break-glass", json=body, headers=bearer(admin, tenant, "admin")
+        )
+        assert refused.status_code == 403, refused.text
+
+    def audit_break_glass(e: Envelope) -> bool:
+        return e.source == "audit" and e.data.get("rule") == "break_glass" and e.tenant == tenant
+
+    await wait_for_events(topics.SECURITY_ALERT, audit_break_glass)
+    alerts = await read_all(topics.SECURITY_ALERT, audit_break_glass, settle=3.0)
+    assert [a.data["subject"] for a in alerts] == [clinician]
+
+
 async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_alert(
     mongo, unique, auditor_client, operator_auditor
 ):

@@ -117,6 +117,13 @@ def test_break_glass_always_alerts(history, make_access):
     assert alerts[0].to_event_data()["rule"] == "break_glass"
 
 
+@pytest.mark.parametrize("outcome", ["denied", "rejected", "error"])
+def test_a_refused_break_glass_attempt_is_not_reported_as_break_glass_used(history, make_access, outcome):
+    detector = detector_with(history)
+    attempt = make_access(0, action="break_glass", outcome=outcome, time=T0)
+    assert feed(detector, history, [attempt]) == []
+
+
 @pytest.mark.parametrize(
     ("moment", "inside"),
     [

@@ -111,3 +111,20 @@ async def test_other_decisions_are_recorded_before_the_route_runs(action: Action
     handoff.gate.set()
     await asyncio.wait_for(deciding, 1)
     assert [a for _, a in handoff.recorded] == [str(action)]
+
+
+async def test_an_allowed_break_glass_decision_leaves_the_event_to_the_route() -> None:
+    """The route records the opening (or its refusal): one event per break-glass request."""
+    handoff = GatedHandoff()
+    recorder = AccessRecorder(handoff)  # type: ignore[arg-type]
+    clinician = Principal(subject="dr", tenant="hospital-a", roles=frozenset({Role.CLINICIAN}))
+    await asyncio.wait_for(
+        recorder.on_decision(clinician, Action.BREAK_GLASS, AccessResult("allow", "allowed"), 200, request()),
+        1,
+    )
+    assert handoff.queued == []
+    handoff.gate.set()
+    await recorder.on_decision(
+        PRINCIPAL, Action.BREAK_GLASS, AccessResult("forbidden", "role"), 403, request()
+    )
+    assert handoff.recorded == [(topics.ACCESS_RECORDED, str(Action.BREAK_GLASS))]  # a refusal is recorded

@@ -283,7 +283,10 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
     elif has("logout"):
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGOUT,)
     elif has("break", "breakglass", "emergency"):
-        code, action, types = codes.SECURITY_ALERT, EventAction.EXECUTE, (codes.EMERGENCY_OVERRIDE_STARTED,)
+        # Only an override that happened started one: a refused attempt is a security record with
+        # its failure outcome, not "break-glass access used".
+        started = (codes.EMERGENCY_OVERRIDE_STARTED,) if outcome is EventOutcome.SUCCESS else ()
+        code, action, types = codes.SECURITY_ALERT, EventAction.EXECUTE, started
     elif has("audit"):
         code, action, types = codes.AUDIT_LOG_USED, EventAction.READ, ()
     elif has("export", "download"):

@@ -136,7 +136,11 @@ class AccessRecorder:
 
         An allowed upload's event is handed to the producer but its acknowledgement not awaited: the
         route reads the body meanwhile and must :meth:`settle` it before it hands anything off or
-        answers."""
+        answers. An allowed break-glass decision records nothing: the route records what it did (the
+        session opened, 201, or the request refused, 422), so one opening is one event, and the audit
+        service's break-glass rule fires once for it, not once per decision on the way."""
+        if action == Action.BREAK_GLASS and outcome.kind == "allow":
+            return
         resource = outcome.resource
         target = (
             access_target(resource.patient_key, resource.study_key)
