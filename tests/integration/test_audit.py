@@ -477,10 +477,10 @@ async def test_break_glass_raises_one_security_alert_that_is_itself_audited(mong
     assert await mongo["audit"]["records"].count_documents(copies) == 1  # redelivery raised no second alert
 
 
-async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_none(unique):
+async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_is_named_so(unique):
     """Through the gateway: a clinician opens one break-glass session (one `break_glass` alert from
     the audit service, besides the gateway's own `break_glass_opened`); an admin, who may not, is
-    refused (403) and no alert claims that break-glass access was used."""
+    refused (403): a `break_glass_refused` alert, and none claims that break-glass access was used."""
     from .support import read_all
 
     tenant, clinician, admin = f"it-bg-{unique}", f"dr-bg-{unique}", f"adm-bg-{unique}"
@@ -500,12 +500,17 @@ async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_
         )
         assert refused.status_code == 403, refused.text
 
-    def audit_break_glass(e: Envelope) -> bool:
-        return e.source == "audit" and e.data.get("rule") == "break_glass" and e.tenant == tenant
+    def from_audit(e: Envelope) -> bool:
+        return (
+            e.source == "audit" and e.tenant == tenant and str(e.data.get("rule")).startswith("break_glass")
+        )
 
-    await wait_for_events(topics.SECURITY_ALERT, audit_break_glass)
-    alerts = await read_all(topics.SECURITY_ALERT, audit_break_glass, settle=3.0)
-    assert [a.data["subject"] for a in alerts] == [clinician]
+    await wait_for_events(topics.SECURITY_ALERT, from_audit, count=2)
+    alerts = await read_all(topics.SECURITY_ALERT, from_audit, settle=3.0)
+    assert sorted((a.data["rule"], a.data["subject"], a.data["severity"]) for a in alerts) == [
+        ("break_glass", clinician, "high"),
+        ("break_glass_refused", admin, "medium"),
+    ]
 
 
 async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_alert(

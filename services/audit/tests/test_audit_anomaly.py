@@ -8,6 +8,7 @@ import pytest
 from enclave_audit.anomaly import (
     RULE_AUTH_FAILURES,
     RULE_BREAK_GLASS,
+    RULE_BREAK_GLASS_REFUSED,
     RULE_MANY_STUDIES,
     RULE_OFF_HOURS,
     AnomalyDetector,
@@ -118,10 +119,18 @@ def test_break_glass_always_alerts(history, make_access):
 
 
 @pytest.mark.parametrize("outcome", ["denied", "rejected", "error"])
-def test_a_refused_break_glass_attempt_is_not_reported_as_break_glass_used(history, make_access, outcome):
+def test_a_refused_break_glass_attempt_is_reported_as_refused_not_as_used(history, make_access, outcome):
     detector = detector_with(history)
     attempt = make_access(0, action="break_glass", outcome=outcome, time=T0)
-    assert feed(detector, history, [attempt]) == []
+    alerts = feed(detector, history, [attempt])
+    assert [(a.rule, a.severity, a.subject, a.detail) for a in alerts] == [
+        (RULE_BREAK_GLASS_REFUSED, "medium", "dr-who", "break-glass attempt refused")
+    ]
+
+
+def test_a_refused_ordinary_access_is_not_a_break_glass_attempt(history, make_access):
+    detector = detector_with(history)
+    assert feed(detector, history, [make_access(0, action="retrieve", outcome="denied", time=T0)]) == []
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from enclave_audit import codes
 from enclave_audit.codes import EventOutcome, ObjectKind
-from enclave_audit.records import AuditRecordDraft
+from enclave_audit.records import AuditRecordDraft, is_break_glass_action
 
 RULE_MANY_STUDIES: Final = "many_studies_accessed"
 RULE_AUTH_FAILURES: Final = "repeated_authentication_failures"
 RULE_BREAK_GLASS: Final = "break_glass"
+RULE_BREAK_GLASS_REFUSED: Final = "break_glass_refused"
 RULE_OFF_HOURS: Final = "access_outside_hours"
 
 _ACCESS_TYPE: Final = topics.event_type(topics.ACCESS_RECORDED)
@@ -133,6 +134,14 @@ class AnomalyDetector:
         alerts: list[AlertDraft] = []
         if codes.EMERGENCY_OVERRIDE_STARTED in record.event_type_codes:
             alerts.append(self._alert(record, RULE_BREAK_GLASS, "high", record.actor, 1, 1, timedelta(0)))
+        elif (
+            record.event_type == _ACCESS_TYPE
+            and record.outcome is not EventOutcome.SUCCESS
+            and is_break_glass_action((record.envelope.get("data") or {}).get("action"))
+        ):
+            alerts.append(
+                self._alert(record, RULE_BREAK_GLASS_REFUSED, "medium", record.actor, 1, 1, timedelta(0))
+            )
         if record.event_code == codes.USER_AUTHENTICATION and record.outcome != EventOutcome.SUCCESS:
             alerts.extend(self._auth_failures(record))
         if record.event_type == _ACCESS_TYPE:
@@ -214,6 +223,7 @@ class AnomalyDetector:
     ) -> AlertDraft:
         detail = {
             RULE_BREAK_GLASS: "break-glass access used",
+            RULE_BREAK_GLASS_REFUSED: "break-glass attempt refused",
             RULE_MANY_STUDIES: f"{count} distinct studies accessed within {window}",
             RULE_AUTH_FAILURES: f"{count} failed authentications within {window}",
             RULE_OFF_HOURS: f"access outside business hours ({self.thresholds.timezone})",

@@ -196,6 +196,13 @@ _ALERT_SEVERITY_OUTCOMES: Final[dict[str, EventOutcome]] = {
 BREAK_GLASS_RULES: Final = frozenset({"break_glass", "emergency_override"})
 
 _WORD = re.compile(r"[a-z0-9]+")
+#: Action words of an access event that asks for an emergency override (break-glass).
+BREAK_GLASS_WORDS: Final = ("break", "breakglass", "emergency")
+
+
+def is_break_glass_action(action: object) -> bool:
+    """Whether an access event's action word asks for break-glass."""
+    return bool(set(_WORD.findall(str(action or "").lower())).intersection(BREAK_GLASS_WORDS))
 
 
 def record_from_event(
@@ -282,9 +289,9 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGIN,)
     elif has("logout"):
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGOUT,)
-    elif has("break", "breakglass", "emergency"):
+    elif has(*BREAK_GLASS_WORDS):
         # Only an override that happened started one: a refused attempt is a security record with
-        # its failure outcome, not "break-glass access used".
+        # its failure outcome, not "break-glass access used" (anomaly: ``break_glass_refused``).
         started = (codes.EMERGENCY_OVERRIDE_STARTED,) if outcome is EventOutcome.SUCCESS else ()
         code, action, types = codes.SECURITY_ALERT, EventAction.EXECUTE, started
     elif has("audit"):
