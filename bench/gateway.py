@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -191,8 +192,13 @@ def start_orthanc(workdir: Path) -> Server:
     log = (workdir / "orthanc.log").open("wb")
     process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
     server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, [process])
+    return ready_or_stopped(server, f"http://127.0.0.1:{port}/system")
+
+
+def ready_or_stopped(server: Server, url: str) -> Server:
+    """``server`` once ``url`` answers; stopped (and the error raised) if it never does."""
     try:
-        wait_http(f"http://127.0.0.1:{port}/system")
+        wait_http(url)
     except RuntimeError:
         server.stop()
         raise
@@ -209,12 +215,7 @@ def start_floor(workdir: Path) -> Server:
         stderr=subprocess.STDOUT,
     )
     server = Server("HTTP floor", f"http://127.0.0.1:{port}/dicomweb/studies", lambda _: {}, [process])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/")
-    except RuntimeError:
-        server.stop()
-        raise
-    return server
+    return ready_or_stopped(server, f"http://127.0.0.1:{port}/")
 
 
 def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False, replicas: int = 1) -> Server:
@@ -363,12 +364,9 @@ STACK = ("kafka", "ferretdb", "minio")
 
 def stack_cpu_seconds() -> float:
     total = 0.0
-    for name in STACK:
-        pid = stack_pid(name)
-        try:
-            total += cpu_seconds(pid) if pid is not None else 0.0
-        except OSError:  # gone since its pid file was written
-            continue
+    for pid in filter(None, map(stack_pid, STACK)):
+        with contextlib.suppress(OSError):  # gone since its pid file was written
+            total += cpu_seconds(pid)
     return total
 
 

@@ -31,17 +31,12 @@ KEY = "k" * 43
 
 
 class FakeCollection:
-    """By ``_id`` only, like every read-model command: find_one, update_one ($set, $max, upsert),
-    replace_one (upsert). Counts the commands it was sent."""
+    """By ``_id`` only, like every read-model write: update_one ($set, $max, upsert), replace_one
+    (upsert). Counts the commands it was sent."""
 
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
         self.commands: list[str] = []
-
-    async def find_one(self, filter: dict[str, Any], projection: Any = None) -> dict[str, Any] | None:
-        self.commands.append("find")
-        doc = self.docs.get(filter["_id"])
-        return copy.deepcopy(doc) if doc is not None else None
 
     async def update_one(self, filter: dict[str, Any], update: dict[str, Any], upsert: bool = False) -> None:
         self.commands.append("update")
@@ -163,32 +158,19 @@ async def test_failure_is_terminal_against_redelivered_progress() -> None:
 
 
 def analysis_event(outcome: str, analysis_id: str, members: list[str], at: datetime) -> Envelope:
+    base: dict[str, Any] = {
+        "analysis_id": analysis_id,
+        "study_key": KEY,
+        "series_key": KEY,
+        "instance_upload_ids": members,
+    }
     if outcome == "completed":
-        return event(
-            topics.ANALYSIS_COMPLETED,
-            AnalysisCompleted(
-                analysis_id=analysis_id,
-                study_key=KEY,
-                series_key=KEY,
-                instance_upload_ids=members,
-                measures={"brain_volume_ml": 1200.5},
-                qc={"passed": True},
-                reports=[],
-            ),
-            at=at,
+        done = AnalysisCompleted(
+            **base, measures={"brain_volume_ml": 1200.5}, qc={"passed": True}, reports=[]
         )
-    return event(
-        topics.ANALYSIS_FAILED,
-        AnalysisFailed(
-            analysis_id=analysis_id,
-            study_key=KEY,
-            series_key=KEY,
-            instance_upload_ids=members,
-            reason_code="too_few_slices",
-            reason="the series has too few slices",
-        ),
-        at=at,
-    )
+        return event(topics.ANALYSIS_COMPLETED, done, at=at)
+    failed = AnalysisFailed(**base, reason_code="too_few_slices", reason="the series has too few slices")
+    return event(topics.ANALYSIS_FAILED, failed, at=at)
 
 
 @pytest.mark.parametrize("outcome", ["completed", "failed"])

@@ -51,11 +51,11 @@ class InMemoryProcessedEvents:
 
 class IdempotentByBusinessKey:
     """No event-id guard, for a consumer whose every write is idempotent by its business key (the
-    gateway's read model: a status only moves forward by rank, an analysis is replaced by its id).
+    gateway's read model: one update per event whose result does not depend on repetition or order).
 
     A redelivered event then changes nothing by itself, and the guard's read before and write after
-    every event (two database commands per event, a quarter of the gateway's work in FerretDB) buy
-    nothing. ``seen`` is always False and ``mark`` does nothing; use it only with such handlers.
+    every event (two database commands, where the handler's own work is one) buy nothing. ``seen``
+    is always False and ``mark`` does nothing; use it only with such handlers.
     """
 
     async def seen(self, event_id: str) -> bool:

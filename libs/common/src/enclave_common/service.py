@@ -236,9 +236,7 @@ def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
     allowed instead of Starlette's bare "Not Found" / "Method Not Allowed". The path is never echoed:
     a client may put an identifier there. Whatever a route raises itself is answered as before."""
 
-    async def handle(request: Request, exc: Any) -> Response:
-        if not isinstance(exc, StarletteHTTPException):
-            return await http_exception_handler(request, exc)
+    async def handle(request: Request, exc: Any) -> Response:  # registered for StarletteHTTPException
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and "Allow" in headers:  # raised by a route matching the path only
             methods = _methods_taking(request.app.routes, request.scope) or set(headers["Allow"].split(", "))

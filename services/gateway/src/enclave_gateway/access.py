@@ -189,24 +189,17 @@ class AccessRecorder:
             actor=principal.subject,
             correlation_id=request_correlation_id(request),
         )
-        try:
+        with _unaudited("the alert could not be raised"):
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
-        except KafkaUnavailable as exc:
-            raise HTTPException(
-                503,
-                detail={"code": exc.code, "message": "the alert could not be raised; retry later"},
-                headers=RETRY_LATER,
-            ) from None
 
 
 @contextmanager
-def _unaudited() -> Iterator[None]:
-    """Kafka did not take an access event: the request is refused (503), it does not happen unaudited."""
+def _unaudited(what: str = "the access could not be audited") -> Iterator[None]:
+    """Kafka did not take an access event (or an alert): the request is refused (503), it does not
+    happen unaudited."""
     try:
         yield
     except KafkaUnavailable as exc:
         raise HTTPException(
-            503,
-            detail={"code": exc.code, "message": "the access could not be audited; retry later"},
-            headers=RETRY_LATER,
+            503, detail={"code": exc.code, "message": f"{what}; retry later"}, headers=RETRY_LATER
         ) from None

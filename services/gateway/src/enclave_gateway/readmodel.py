@@ -65,7 +65,7 @@ def _upload_fields(
 RANK = {"received": 0, "stored": 1, "deidentified": 2, "analysed": 3, "failed": 9, "quarantined": 9}
 #: The terminal rank; which terminal status it is, is kept in ``terminal``.
 TERMINAL_RANK = 9
-_STATUS_OF_RANK = {0: "received", 1: "stored", 2: "deidentified", 3: "analysed"}
+_STATUS_OF_RANK = {rank: status for status, rank in RANK.items() if rank < TERMINAL_RANK}
 
 
 def status_of(doc: dict[str, Any]) -> str:
@@ -78,7 +78,7 @@ def status_of(doc: dict[str, Any]) -> str:
 
 
 def analysis_id_of(doc: dict[str, Any]) -> str | None:
-    """The id of the latest analysis (by event time) that covered the instance."""
+    """The id of the latest analysis (by its event's id) that covered the instance."""
     latest = doc.get("latest_analysis")
     if isinstance(latest, str) and "|" in latest:
         return latest.split("|", 1)[1]
