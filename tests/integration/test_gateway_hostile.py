@@ -48,11 +48,10 @@ def small_gateway(tmp_path_factory: pytest.TempPathFactory):
 
 def _instance_of_size(size: int) -> bytes:
     """A valid instance of exactly ``size`` bytes (the pixel data absorbs the difference)."""
-    base = builders.make_instance(
-        pixel_bytes=1024, patient_id=PHI["PatientID"], sop_instance_uid=generate_uid()
-    )
+    uid = generate_uid()  # one UID for both: generated UIDs differ in length, which shifted the size
+    base = builders.make_instance(pixel_bytes=1024, patient_id=PHI["PatientID"], sop_instance_uid=uid)
     data = builders.make_instance(
-        pixel_bytes=1024 + size - len(base), patient_id=PHI["PatientID"], sop_instance_uid=generate_uid()
+        pixel_bytes=1024 + size - len(base), patient_id=PHI["PatientID"], sop_instance_uid=uid
     )
     assert len(data) == size
     return data
