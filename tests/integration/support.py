@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from enclave_common.envelope import Envelope
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -99,26 +99,38 @@ async def wait_for_events(
 
 
 async def read_all(topic: str, predicate: Callable[[Envelope], bool], settle: float = 2.0) -> list[Any]:
-    """Every envelope on ``topic`` matching ``predicate`` (duplicates included), read until quiet."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=KAFKA,
-        group_id=f"it-read-{uuid.uuid4().hex}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
+    """Every envelope on ``topic`` matching ``predicate`` (duplicates included): the whole topic up to
+    its end offsets at the call, then whatever arrives until it has been quiet for ``settle`` seconds.
+
+    Partitions are assigned, not joined through a group: "nothing came within ``settle``" could
+    otherwise mean "the group had not finished joining yet" on a busy machine, which would make an
+    empty answer (and every assertion that nothing was published) meaningless."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False, metadata_max_age_ms=1000)
     await consumer.start()
     out: list[Envelope] = []
     try:
+        partitions: set[int] = set()
+        for _ in range(100):  # a topic created a moment ago may not be in the metadata yet
+            await consumer.topics()  # refreshes the cluster metadata
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if partitions:
+                break
+            await asyncio.sleep(0.1)
+        if not partitions:
+            raise AssertionError(f"topic {topic} does not exist")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
         while True:
-            batch = await consumer.getmany(timeout_ms=int(settle * 1000))
-            if not batch:
-                return out
+            batch = await consumer.getmany(*tps, timeout_ms=int(settle * 1000))
             for records in batch.values():
                 for record in records:
                     env = Envelope.from_bytes(record.value)
                     if predicate(env):
                         out.append(env)
+            if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                return out
     finally:
         await consumer.stop()
 

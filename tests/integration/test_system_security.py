@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from enclave_common import topics
 from pydicom.uid import generate_uid
 from pymongo import MongoClient
@@ -40,8 +42,11 @@ SERVICE_DBS = ("gateway", "ingest", "deid", "analysis", "audit")
 #: Parts of planted values that would betray a leak even when a value is split or re-formatted.
 FRAGMENTS = ("QUIXOTE", "ROCINANTE", "PANZA", "PHI-MRN-77123", "ACC-PHI-55821")
 SERIES_SIZE = 4
-#: How long the run may take to be de-identified and audited (the stack may be busy with a backlog).
-PIPELINE_TIMEOUT_S = 300.0
+#: How long the run may take to be de-identified and audited (the stack may be busy with a backlog):
+#: under pytest's 300 s, so that a slow run fails with a diagnosis rather than a timeout's thread dump.
+PIPELINE_TIMEOUT_S = 270.0
+#: Where a stalled run is diagnosed: these services' logs (what they said since the run began).
+DIAGNOSED_SERVICES = ("ingest", "deid", "audit")
 
 
 def _sizes(directory: Path, pattern: str) -> dict[Path, int]:
@@ -123,6 +128,7 @@ def _hits(needles: list[bytes], where: str, data: bytes) -> list[str]:
 @pytest.fixture(scope="module")
 def run() -> dict[str, Any]:
     """The run whose outputs are searched: uploads, refusals, reads, until de-identified and audited."""
+    deadline = time.monotonic() + PIPELINE_TIMEOUT_S
     tenant = f"it-sec-{uuid.uuid4().hex[:10]}"
     log_start = _sizes(STATE / "logs", "*.log")
     span_start = _sizes(STATE / "traces", "*.jsonl")
@@ -174,14 +180,14 @@ def run() -> dict[str, Any]:
             denied = client.get(path, headers=headers)
             assert denied.status_code < 500, (path, denied.status_code)  # cross-tenant query: empty list
             bodies.append((f"GET {path} -> {denied.status_code}", denied.text))
-        deadline = time.monotonic() + PIPELINE_TIMEOUT_S
         status: dict[str, Any] = {}
         while time.monotonic() < deadline:
             status = client.get(f"/api/v1/imaging/{imaging_id}", headers=clinician).json()
             if status.get("status") in ("deidentified", "analysed", "quarantined", "failed"):
                 break
             time.sleep(3)
-        assert status.get("status") in ("deidentified", "analysed"), status
+        if status.get("status") not in ("deidentified", "analysed"):
+            raise AssertionError(_diagnosis(client, clinician, tenant, log_start, f"status {status}"))
         bodies.append(("status", json.dumps(status)))
         patient = client.get(f"/api/v1/imaging/patient/{PHI['PatientID']}", headers=clinician)
         assert patient.status_code == 200
@@ -189,7 +195,9 @@ def run() -> dict[str, Any]:
         bodies.append(
             ("analysis", client.get(f"/api/v1/imaging/{imaging_id}/analysis", headers=clinician).text)
         )
-    _wait_audited(tenant, SERIES_SIZE)
+        missing = _wait_audited(tenant, SERIES_SIZE, deadline)
+        if missing:
+            raise AssertionError(_diagnosis(client, clinician, tenant, log_start, missing))
     return {
         "tenant": tenant,
         "uids": uids,
@@ -201,21 +209,79 @@ def run() -> dict[str, Any]:
     }
 
 
-def _wait_audited(tenant: str, instances: int, timeout: float = PIPELINE_TIMEOUT_S) -> None:
+def _wait_audited(tenant: str, instances: int, deadline: float) -> str:
     """Until the audit trail holds the de-identification event of every instance of the run (looked up
-    by ``_id``, the event id: FerretDB v1 scans the whole collection for any other filter)."""
-    deadline = time.monotonic() + timeout
+    by ``_id``, the event id: FerretDB v1 scans the whole collection for any other filter). Returns
+    what is still missing at the deadline ('' when nothing is)."""
+    missing = ""
     with MongoClient(MONGO_URL, tz_aware=True) as mongo:
         records = mongo["audit"]["records"]
-        while time.monotonic() < deadline:
+        while True:
             events = asyncio.run(
                 read_all(topics.INSTANCE_DEIDENTIFIED, lambda e: e.tenant == tenant, settle=1.0)
             )
             ids = {e.id for e in events}
-            if len(ids) >= instances and all(records.find_one({"_id": i}, {"_id": 1}) for i in ids):
-                return
+            unaudited = sorted(i for i in ids if records.find_one({"_id": i}, {"_id": 1}) is None)
+            if len(ids) >= instances and not unaudited:
+                return ""
+            missing = (
+                f"{len(ids)} of {instances} instances de-identified; "
+                f"de-identification events not in the audit trail: {unaudited}"
+            )
+            if time.monotonic() >= deadline:
+                return missing
             time.sleep(2)
-    raise AssertionError(f"the audit trail did not record {instances} de-identified instances in {timeout}s")
+
+
+async def _lag(services: tuple[str, ...]) -> dict[str, int | str]:
+    """Records each service's consumer group has not committed yet, over all enclave topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA)
+    await admin.start()
+    try:
+        ends = await _end_offsets()
+        lag: dict[str, int | str] = {}
+        for service in services:
+            try:
+                committed = await admin.list_consumer_group_offsets(f"enclave-{service}")
+            except KafkaError as exc:
+                lag[service] = type(exc).__name__
+                continue
+            lag[service] = sum(max(0, ends.get(tp, 0) - meta.offset) for tp, meta in committed.items())
+        return lag
+    finally:
+        await admin.close()
+
+
+def _diagnosis(
+    client: httpx.Client, clinician: dict[str, str], tenant: str, log_start: dict[Path, int], what: str
+) -> str:
+    """Why the run did not finish: what is missing, where each instance of the run is (the gateway's
+    read model), and the warnings and errors the pipeline's services logged since the run began."""
+    lines = [f"the run (tenant {tenant}) did not finish in {PIPELINE_TIMEOUT_S:.0f}s: {what}"]
+    try:
+        statuses = client.get(f"/api/v1/imaging/patient/{PHI['PatientID']}", headers=clinician).json()
+        lines.append(f"gateway statuses: {[i.get('status') for i in statuses.get('instances', [])]}")
+    except (httpx.HTTPError, ValueError) as exc:
+        lines.append(f"gateway statuses unavailable: {type(exc).__name__}")
+    for service in DIAGNOSED_SERVICES:  # a service whose event loop is stuck does not answer
+        try:
+            ready = httpx.get(f"http://127.0.0.1:{SERVICE_PORTS[service]}/readyz", timeout=5)
+            lines.append(f"{service} /readyz: {ready.status_code} {ready.text[:300]}")
+        except httpx.HTTPError as exc:
+            lines.append(f"{service} /readyz: no answer ({type(exc).__name__})")
+    lines.append(f"consumer lag: {asyncio.run(_lag(DIAGNOSED_SERVICES))}")
+    for name, data in _appended(log_start, STATE / "logs", "*.log"):
+        service = name.removesuffix(".log")
+        if service not in DIAGNOSED_SERVICES:
+            continue
+        said = [
+            line[:240]
+            for line in data.decode(errors="replace").splitlines()
+            if '"level": "info"' not in line and '"level": "debug"' not in line
+        ]
+        lines.append(f"{service}: {len(said)} warning/error lines since the run began; the last ones:")
+        lines.extend(f"  {line}" for line in said[-8:])
+    return "\n".join(lines)
 
 
 def test_no_planted_value_in_any_log_line(run) -> None:
