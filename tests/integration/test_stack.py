@@ -11,7 +11,14 @@ from botocore.exceptions import ClientError
 from enclave_common.envelope import Envelope
 from enclave_common.events import KeyEvent
 from enclave_common.idempotency import MongoProcessedEvents
-from enclave_common.kafka import ConsumerMetrics, RetryPolicy, create_broker, reliable_consumer
+from enclave_common.kafka import (
+    ConsumerMetrics,
+    FetcherWatchdog,
+    RetryPolicy,
+    create_broker,
+    reliable_consumer,
+)
+from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from prometheus_client import CollectorRegistry
 from pymongo.errors import DuplicateKeyError
@@ -83,17 +90,7 @@ async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
     effects = db["effects"]
     await effects.create_index("event_id", unique=True)
     handled: list[str] = []
-    events = [
-        Envelope.for_topic(
-            topic,
-            KeyEvent(operation="created", key_id=f"k{i}"),
-            source="it",
-            tenant="t",
-            actor="a",
-            correlation_id="c",
-        )
-        for i in range(10)
-    ]
+    events = _key_events(topic, 10)
     crash_on = events[5].id
     crashed = asyncio.Event()
     done = asyncio.Event()
@@ -152,3 +149,57 @@ async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
     # Only the event in flight at the crash was handled twice; the redelivered ids were skipped.
     assert sorted(handled) == sorted([e.id for e in events] + [crash_on])
     await mongo.drop_database(f"it_{unique}")
+
+
+async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_misses_nothing(mongo, unique):
+    """aiokafka's fetch task can end (an unexpected error inside it when Kafka is killed mid-fetch);
+    its consumer then waits forever while the service looks healthy. The service's watchdog notices,
+    restarts the subscriber, and the event published meanwhile is handled."""
+    topic = f"enclave.ittest{unique}.watched.v1"
+    settings = BaseServiceSettings(
+        service_name=f"it{unique}", kafka_bootstrap_servers=KAFKA, mongo_url=MONGO_URL
+    )
+    runtime = ServiceRuntime(settings)
+    handled: list[str] = []
+    runtime.consume(topic, lambda env: _note(handled, env))
+    events = _key_events(topic, 2)
+    await runtime.start()
+    try:
+        await runtime.publisher.publish(topic, events[0], key="k")
+        await _until(lambda: events[0].id in handled)
+        (subscriber,) = runtime.broker.subscribers
+        subscriber.consumer._fetcher._fetch_task.cancel()  # aiokafka's routine swallows it and ends
+        await _until(lambda: FetcherWatchdog.fetcher_ended(subscriber))
+        await runtime.publisher.publish(topic, events[1], key="k")
+        await _until(lambda: events[1].id in handled, timeout=60)
+        restarts = runtime.registry.get_sample_value(
+            "enclave_kafka_consumer_restarts_total", {"group": f"enclave-it{unique}"}
+        )
+        assert restarts == 1 and handled.count(events[1].id) == 1
+    finally:
+        await runtime.stop()
+        await mongo.drop_database(f"it{unique}")
+
+
+async def _note(handled: list[str], env: Envelope) -> None:
+    handled.append(env.id)
+
+
+async def _until(condition, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.1)
+
+
+def _key_events(topic: str, count: int) -> list[Envelope]:
+    return [
+        Envelope.for_topic(
+            topic,
+            KeyEvent(operation="created", key_id=f"k{i}"),
+            source="it",
+            tenant="t",
+            actor="a",
+            correlation_id="c",
+        )
+        for i in range(count)
+    ]

@@ -81,3 +81,25 @@ def test_stdlib_loggers_are_rendered_as_json_and_redacted():
     assert PHI[1] not in text
     assert json.loads(text.strip().splitlines()[-1])["event"] == "hello"
     structlog.contextvars.clear_contextvars()
+
+
+def test_a_foreign_error_is_located_by_its_causes_and_code_not_by_its_text():
+    """aiokafka's fetcher logs 'KafkaError from RuntimeError': the cause's type and where it was raised
+    are kept (code locations only), the texts are not."""
+    out = _capture()
+
+    def parse_inside_a_library() -> None:
+        raise RuntimeError(f"set changed while reading {PHI[0]}")
+
+    try:
+        try:
+            parse_inside_a_library()
+        except RuntimeError as exc:
+            raise ConnectionError(f"wrapped {PHI[1]}") from exc
+    except ConnectionError:
+        logging.getLogger("aiokafka.consumer.fetcher").exception("Unexpected error in fetcher routine")
+    line = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert PHI[0] not in out.getvalue() and PHI[1] not in out.getvalue()
+    assert line["error_type"] == "ConnectionError" and line["error_cause"] == "RuntimeError"
+    innermost = line["error_at"].split(" < ")[0]
+    assert innermost.startswith("tests/test_logging.py:") and innermost.endswith(" parse_inside_a_library")

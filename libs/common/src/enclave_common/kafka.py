@@ -241,6 +241,85 @@ class ConsumerMetrics:
             ["service", "operation"],
             **kwargs,
         )
+        self.consumer_restarts = Counter(
+            "enclave_kafka_consumer_restarts",
+            "Kafka consumers restarted because their fetcher had stopped",
+            ["group"],
+            **kwargs,
+        )
+
+
+class FetcherWatchdog:
+    """Restarts a subscriber whose Kafka consumer stopped fetching.
+
+    aiokafka (0.14) fetches for each consumer in one background task. If that task ends, for
+    instance on an unexpected error raised inside it (seen here when the broker was killed in the
+    middle of a fetch: aiokafka logs "Unexpected error in fetcher routine"), ``getone()`` waits for
+    records forever. Neither aiokafka nor FastStream notices (aio-libs/aiokafka#983): the service
+    stays up and ready, and its consumer group's lag only grows. Every ``interval_s`` this looks at
+    each started subscriber of ``broker``; one whose fetcher has ended is stopped and started again.
+    The new consumer rejoins the group and resumes from the committed offsets, so whatever was
+    fetched but not acknowledged is delivered again (at least once; every handler is idempotent).
+
+    The fetcher is aiokafka's private ``_fetcher._fetch_task``: there is no public way to ask.
+    aiokafka is pinned, and a unit test fails if that attribute goes away.
+    """
+
+    def __init__(self, broker: KafkaBroker, metrics: ConsumerMetrics, *, interval_s: float = 5.0) -> None:
+        self.broker = broker
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self._stopped: list[Any] = []  # stopped by the watchdog, not started again yet
+
+    @staticmethod
+    def fetcher_ended(subscriber: Any) -> bool:
+        """True when ``subscriber`` runs a consumer whose fetch task has ended."""
+        consumer = getattr(subscriber, "consumer", None)
+        if (
+            consumer is None
+            or not getattr(subscriber, "running", False)
+            or getattr(consumer, "_closed", True)
+        ):
+            return False
+        task = getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)
+        return task is not None and task.done()
+
+    async def check(self) -> int:
+        """Restart every subscriber whose fetcher ended (and any whose restart failed before); how many
+        were started again. A start that fails is tried again on the next check."""
+        subscriber: Any
+        for subscriber in list(self.broker.subscribers):
+            if not self.fetcher_ended(subscriber):
+                continue
+            task = subscriber.consumer._fetcher._fetch_task  # private: see the class docstring
+            failure = None if task.cancelled() else task.exception()
+            group = self._group(subscriber)
+            log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
+            self.metrics.consumer_restarts.labels(group).inc()
+            await subscriber.stop()
+            self._stopped.append(subscriber)
+        started = 0
+        while self._stopped:
+            subscriber = self._stopped[0]
+            await subscriber.start()
+            self._stopped.pop(0)
+            log.info("kafka consumer restarted", group=self._group(subscriber))
+            started += 1
+        return started
+
+    @staticmethod
+    def _group(subscriber: Any) -> str:
+        return str(getattr(subscriber, "group_id", None) or "none")
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again
+                log.error("kafka consumer restart failed; will retry", exc_info=exc)
 
 
 def reliable_consumer(

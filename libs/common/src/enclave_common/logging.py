@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -91,8 +93,36 @@ def redact_phi(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mutable
     return event_dict
 
 
+#: How many exceptions of a chain (``raise ... from ...``) and frames of its innermost one are named.
+MAX_CHAIN = 4
+MAX_FRAMES = 3
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < MAX_CHAIN:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frames of ``exc``'s traceback as code locations only (``pkg/mod.py:12 fn``)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-MAX_FRAMES:]
+    return " < ".join(
+        f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in reversed(frames)
+    )
+
+
 def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Keep an exception's type and, for Enclave's own errors, its message; drop foreign text and locals."""
+    """Keep an exception's type and, for Enclave's own errors, its message; drop foreign text and locals.
+
+    What a foreign exception says may hold the data it failed on, so only where it was raised is
+    kept: the types of its causes (``error_cause``) and the code locations of the innermost one
+    (``error_at``: file, line, function; no values). An error inside a library, such as aiokafka's
+    fetcher dying, can then be traced to its line without a debugger."""
     exc_info = event_dict.pop("exc_info", None)
     if exc_info is True:
         exc_info = sys.exc_info()
@@ -104,6 +134,11 @@ def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
         exc = None
     if exc is not None:
         event_dict["error_type"] = type(exc).__name__
+        chain = _chain(exc)
+        if len(chain) > 1:
+            event_dict["error_cause"] = " < ".join(type(e).__name__ for e in chain[1:])
+        if chain[-1].__traceback__ is not None:
+            event_dict["error_at"] = _where(chain[-1])
         if isinstance(exc, EnclaveError):
             event_dict["error"] = str(exc)
             event_dict["error_code"] = exc.code

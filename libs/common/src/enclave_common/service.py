@@ -33,6 +33,7 @@ from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
     ConsumerMetrics,
     EventPublisher,
+    FetcherWatchdog,
     Handler,
     RetryPolicy,
     create_broker,
@@ -151,6 +152,9 @@ class ServiceRuntime:
         for fn in self._startup:
             await fn()
         await self.broker.start()
+        if self.broker.subscribers:  # a consumer whose fetcher ended is restarted (FetcherWatchdog)
+            watchdog = FetcherWatchdog(self.broker, self.consumer_metrics)
+            self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
         log.info("service started", port=self.settings.http_port)
 
     async def stop(self) -> None:

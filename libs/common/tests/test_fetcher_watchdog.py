@@ -1,0 +1,107 @@
+"""The fetcher watchdog: a subscriber whose aiokafka fetch task ended is stopped and started again;
+running, stopping and never-started subscribers are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.consumer.fetcher import Fetcher
+from enclave_common.kafka import ConsumerMetrics, FetcherWatchdog
+from prometheus_client import CollectorRegistry
+
+
+class FakeSubscriber:
+    def __init__(self, fetch_task: asyncio.Future[Any] | None, *, running: bool = True) -> None:
+        self.group_id = "enclave-test"
+        self.running = running
+        self.consumer: Any = SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=fetch_task))
+        self.calls: list[str] = []
+
+    async def stop(self) -> None:
+        self.calls.append("stop")
+        self.running = False
+
+    async def start(self) -> None:
+        self.calls.append("start")
+        self.running = True
+        self.consumer = SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=_pending()))
+
+
+def _pending() -> asyncio.Future[Any]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _ended(exc: BaseException | None = None) -> asyncio.Future[Any]:
+    future = _pending()
+    if exc is None:
+        future.set_result(None)  # aiokafka's routine returns quietly when a CancelledError reaches it
+    else:
+        future.set_exception(exc)
+    return future
+
+
+def _watchdog(*subscribers: FakeSubscriber) -> tuple[FetcherWatchdog, CollectorRegistry]:
+    registry = CollectorRegistry()
+    broker: Any = SimpleNamespace(subscribers=list(subscribers))
+    return FetcherWatchdog(broker, ConsumerMetrics(registry), interval_s=0.01), registry
+
+
+async def test_a_subscriber_whose_fetcher_died_is_restarted_and_counted():
+    dead = FakeSubscriber(_ended(RuntimeError("boom")))
+    quiet = FakeSubscriber(_ended())
+    alive = FakeSubscriber(_pending())
+    watchdog, registry = _watchdog(dead, quiet, alive)
+    assert await watchdog.check() == 2
+    assert dead.calls == ["stop", "start"] and quiet.calls == ["stop", "start"] and alive.calls == []
+    assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 2
+    assert await watchdog.check() == 0  # the new consumers fetch: nothing more to do
+
+
+async def test_stopping_closed_and_unstarted_subscribers_are_left_alone():
+    stopping = FakeSubscriber(_ended(), running=False)
+    closed = FakeSubscriber(_ended())
+    closed.consumer._closed = True
+    unstarted = FakeSubscriber(None)
+    unstarted.consumer = None
+    watchdog, _ = _watchdog(stopping, closed, unstarted)
+    assert await watchdog.check() == 0
+    assert stopping.calls == closed.calls == unstarted.calls == []
+
+
+async def test_a_restart_that_fails_is_tried_again_until_it_succeeds():
+    dead = FakeSubscriber(_ended(RuntimeError("boom")))
+    attempts = 0
+
+    async def start_once_kafka_answers() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise ConnectionError("broker away")
+        await FakeSubscriber.start(dead)
+
+    dead.start = start_once_kafka_answers  # type: ignore[method-assign]
+    watchdog, registry = _watchdog(dead)
+    task = asyncio.create_task(watchdog.run_forever())
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if attempts >= 3 and dead.running:
+                break
+    finally:
+        task.cancel()
+    assert attempts == 3 and dead.running and not FetcherWatchdog.fetcher_ended(dead)
+    assert dead.calls == ["stop", "start"]  # stopped once, started once it could be
+    assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 1
+
+
+def test_aiokafka_still_keeps_its_fetch_task_where_the_watchdog_looks():
+    """The watchdog reads private attributes of the pinned aiokafka: this fails if they move."""
+    assert "self._fetch_task = create_task(self._fetch_requests_routine())" in inspect.getsource(
+        Fetcher.__init__
+    )
+    assert "self._fetcher = Fetcher(" in inspect.getsource(AIOKafkaConsumer.start)
+    assert "self._closed" in inspect.getsource(AIOKafkaConsumer.stop)
