@@ -151,10 +151,15 @@ async def test_kafka_consumer_group_survives_a_consumer_restart(mongo, unique):
     await mongo.drop_database(f"it_{unique}")
 
 
-async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_misses_nothing(mongo, unique):
-    """aiokafka's fetch task can end (an unexpected error inside it when Kafka is killed mid-fetch);
-    its consumer then waits forever while the service looks healthy. The service's watchdog notices,
-    restarts the subscriber, and the event published meanwhile is handled."""
+@pytest.mark.parametrize("ending", ["raised", "returned"])
+async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_misses_nothing(
+    mongo, unique, ending
+):
+    """aiokafka's fetch task can end: "raised" is an unexpected error inside it (what Kafka killed
+    mid-fetch caused here: aiokafka logs "Unexpected error in fetcher routine"), "returned" is the
+    routine swallowing a cancellation (aio-libs/aiokafka#983). Its consumer then waits forever while
+    the service looks healthy. The service's watchdog notices, restarts the subscriber, and the event
+    published meanwhile is handled, once."""
     topic = f"enclave.ittest{unique}.watched.v1"
     settings = BaseServiceSettings(
         service_name=f"it{unique}", kafka_bootstrap_servers=KAFKA, mongo_url=MONGO_URL
@@ -168,7 +173,11 @@ async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_mi
         await runtime.publisher.publish(topic, events[0], key="k")
         await _until(lambda: events[0].id in handled)
         (subscriber,) = runtime.broker.subscribers
-        subscriber.consumer._fetcher._fetch_task.cancel()  # aiokafka's routine swallows it and ends
+        fetcher = subscriber.consumer._fetcher
+        if ending == "raised":  # the routine's next round raises inside, as it did when Kafka died
+            fetcher._get_actions_per_node = _raise_runtime_error
+        else:
+            fetcher._fetch_task.cancel()  # the routine swallows the cancellation and returns
         await _until(lambda: FetcherWatchdog.fetcher_ended(subscriber))
         await runtime.publisher.publish(topic, events[1], key="k")
         await _until(lambda: events[1].id in handled, timeout=60)
@@ -179,6 +188,10 @@ async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_mi
     finally:
         await runtime.stop()
         await mongo.drop_database(f"it{unique}")
+
+
+def _raise_runtime_error(*_: object) -> None:
+    raise RuntimeError("Set changed size during iteration")
 
 
 async def _note(handled: list[str], env: Envelope) -> None:

@@ -98,6 +98,26 @@ async def test_a_restart_that_fails_is_tried_again_until_it_succeeds():
     assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 1
 
 
+async def test_a_consumer_whose_stop_reraises_what_ended_its_fetcher_is_started_again():
+    """aiokafka's stop() awaits the ended fetch task and so raises its error: the watchdog goes on."""
+    dead = FakeSubscriber(_ended(RuntimeError("boom")))
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    dead.consumer._client = SimpleNamespace(close=close)
+
+    async def stop_raising() -> None:
+        await FakeSubscriber.stop(dead)
+        raise ConnectionError("Unexpected error during data retrieval")
+
+    dead.stop = stop_raising  # type: ignore[method-assign]
+    watchdog, _ = _watchdog(dead)
+    assert await watchdog.check() == 1
+    assert dead.calls == ["stop", "start"] and dead.running and closed == [True]
+
+
 def test_aiokafka_still_keeps_its_fetch_task_where_the_watchdog_looks():
     """The watchdog reads private attributes of the pinned aiokafka: this fails if they move."""
     assert "self._fetch_task = create_task(self._fetch_requests_routine())" in inspect.getsource(

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -296,8 +297,8 @@ class FetcherWatchdog:
             group = self._group(subscriber)
             log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
             self.metrics.consumer_restarts.labels(group).inc()
-            await subscriber.stop()
             self._stopped.append(subscriber)
+            await self._stop(subscriber)
         started = 0
         while self._stopped:
             subscriber = self._stopped[0]
@@ -306,6 +307,20 @@ class FetcherWatchdog:
             log.info("kafka consumer restarted", group=self._group(subscriber))
             started += 1
         return started
+
+    @staticmethod
+    async def _stop(subscriber: Any) -> None:
+        """Stop ``subscriber``. aiokafka's ``stop()`` awaits the ended fetch task, so it re-raises what
+        ended it, before closing the consumer's connections: those are then closed here."""
+        consumer = subscriber.consumer
+        try:
+            await subscriber.stop()
+        except Exception as exc:  # what ended the fetcher, raised again
+            log.warning("the stalled kafka consumer did not stop cleanly", exc_info=exc)
+            client = getattr(consumer, "_client", None)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
 
     @staticmethod
     def _group(subscriber: Any) -> str:
