@@ -1,6 +1,11 @@
 """Kafka stopped under the gateway: uploads get 503 and acknowledge nothing; once Kafka is back,
 everything acknowledged before the outage is stored. Kafka is restarted in ``finally`` and the
-gateway's readiness awaited, since every other service shares it."""
+gateway's readiness awaited, since every other service shares it.
+
+Ingest is restarted first, so the outage meets a producer that has not published yet: a restarted
+broker answers "unknown topic" to its first metadata request for a while, and ingest used to
+leave the instance it was storing behind until its next restart (the test then failed every time
+on a freshly started stack)."""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ async def _upload(client: httpx.AsyncClient, headers: dict[str, str], count: int
 async def test_kafka_outage_answers_503_and_loses_nothing_acknowledged():
     tenant = new_tenant("it-kafka")
     headers = bearer("it-kafka-pacs", tenant, "uploader")
+    kill_hard("ingest")
+    restart("ingest")
     async with httpx.AsyncClient(timeout=120) as client:
         acknowledged = await _upload(client, headers, 3)
         assert acknowledged.status_code == 200, acknowledged.text

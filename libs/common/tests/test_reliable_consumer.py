@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+from enclave_common import kafka as kafka_module
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, TransientError
@@ -11,6 +13,7 @@ from enclave_common.idempotency import InMemoryProcessedEvents
 from enclave_common.kafka import ConsumerMetrics, RetryPolicy, reliable_consumer
 from faststream.kafka import KafkaBroker, TestKafkaBroker
 from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import FakeConsumer
 from prometheus_client import CollectorRegistry
 
 TOPIC = topics.KEY_CREATED
@@ -45,6 +48,15 @@ def _wire(handler, processed=None):
         metrics=ConsumerMetrics(CollectorRegistry()),
     )
     return broker, processed, dead
+
+
+async def _deliver_one(handler):
+    """Wire ``handler``, deliver one event; the event, the processed-events guard and the DLQ."""
+    broker, processed, dead = _wire(handler)
+    event = _event()
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(event.to_bytes(), topic=TOPIC)
+    return event, processed, dead
 
 
 async def test_each_event_id_is_handled_once():
@@ -94,10 +106,7 @@ async def test_permanent_error_goes_to_dlq_with_reason_and_stays_replayable():
     async def handler(env: Envelope) -> None:
         raise PermanentError("transfer syntax 1.2.3 is not accepted", code="bad_transfer_syntax")
 
-    broker, processed, dead = _wire(handler)
-    event = _event()
-    async with TestKafkaBroker(broker) as br:
-        await br.publish(event.to_bytes(), topic=TOPIC)
+    event, processed, dead = await _deliver_one(handler)
     assert len(dead) == 1
     body, headers = dead[0]
     assert Envelope.from_bytes(body).id == event.id
@@ -129,3 +138,44 @@ async def test_a_message_that_is_not_an_envelope_is_dead_lettered():
     async with TestKafkaBroker(broker) as br:
         await br.publish(b"not json", topic=TOPIC)
     assert dead[0][1]["x-dlq-code"] == "contract_violation"
+
+
+async def test_a_kafka_error_the_client_calls_retriable_is_retried_not_dead_lettered():
+    """A broker that was just restarted answers 'unknown topic' while it loads its topics: the
+    handler's publish fails that way for a while. That is transient, not a reason to dead-letter."""
+    calls = 0
+
+    async def handler(env: Envelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise UnknownTopicOrPartitionError()
+
+    event, processed, dead = await _deliver_one(handler)
+    assert calls == 3 and dead == [] and await processed.seen(event.id)
+
+
+async def test_a_message_whose_dead_lettering_fails_is_rewound_not_skipped(monkeypatch):
+    """If settling fails (here the DLQ publish), the consumer is rewound to the message: it is
+    neither acknowledged nor left behind for the next commit to skip."""
+    settled: list[str] = []
+    monkeypatch.setattr(FakeConsumer, "commit", lambda self: _note(settled, "commit"))
+    monkeypatch.setattr(
+        FakeConsumer, "seek", lambda self, partition, offset: settled.append(f"seek {offset}")
+    )
+
+    async def failing_dead_letter(*args: object, **kwargs: object) -> None:
+        raise KafkaConnectionError("broker away")
+
+    monkeypatch.setattr(kafka_module, "_dead_letter", failing_dead_letter)
+
+    async def handler(env: Envelope) -> None:
+        raise PermanentError("not a DICOM instance", code="not_dicom")
+
+    event, processed, dead = await _deliver_one(handler)
+    assert [s.split()[0] for s in settled] == ["seek"] and dead == []
+    assert not await processed.seen(event.id)
+
+
+async def _note(settled: list[str], what: str) -> None:
+    settled.append(what)

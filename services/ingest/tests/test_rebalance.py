@@ -1,6 +1,8 @@
-"""A rebalance while an instance is being stored (the group loses its coordinator, e.g. while Kafka
-restarts): the revoke listener waits for the chunk being handled instead of discarding its spool
-under the pipeline, so the acknowledged instance is stored, not rejected."""
+"""What a Kafka restart does to the chunk consumer. A rebalance while an instance is being stored
+(the group loses its coordinator): the revoke listener waits for the chunk being handled instead
+of discarding its spool under the pipeline, so the acknowledged instance is stored, not rejected.
+A restarted broker answers "unknown topic" for a while: publishing the outcome is retried, and a
+chunk whose handling fails anyway is rewound (delivered again), never left behind."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.events import InstanceStored, ObjectRef, UploadChunk
-from enclave_common.kafka import RetryPolicy
+from enclave_common.kafka import ConsumerMetrics, RetryPolicy
 from enclave_ingest.handlers import ChunkConsumer
 from enclave_ingest.pipeline import ChunkStreamMeta, Outcome
 from enclave_ingest.spool import ChunkSpool
+from prometheus_client import CollectorRegistry
 
 INSTANCE = "01a2033b-be48-704a-8a9d-b1a1f0d0f75b"
 SEALED = b"sealed bytes of the only chunk"
@@ -54,10 +58,13 @@ class GatedPipeline:
 
 
 class Published:
-    def __init__(self) -> None:
+    def __init__(self, failures: list[Exception] | None = None) -> None:
         self.topics: list[str] = []
+        self.failures = failures or []
 
     async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
         self.topics.append(topic)
 
 
@@ -90,22 +97,34 @@ def chunk_message() -> Any:
         correlation_id="u",
     )
     record = SimpleNamespace(topic=topics.UPLOAD_CHUNK, partition=0, offset=7, key=INSTANCE.encode())
-    return SimpleNamespace(raw_message=record, body=envelope.to_bytes(), consumer=None)
+    settled: list[str] = []
+
+    async def nack() -> None:
+        settled.append("nack")
+
+    return SimpleNamespace(
+        raw_message=record, body=envelope.to_bytes(), consumer=None, nack=nack, settled=settled
+    )
 
 
-async def test_a_revoke_during_a_store_waits_for_it_and_the_instance_is_stored(tmp_path: Path) -> None:
+def _consumer(tmp_path: Path, published: Published) -> tuple[ChunkConsumer, GatedPipeline]:
     spool = ChunkSpool(tmp_path)
     spool.prepare()
-    published = Published()
     runtime = SimpleNamespace(
-        retry=RetryPolicy(),
+        retry=RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.01),
         publisher=published,
         count_crypto=lambda operation: None,
-        consumer_metrics=SimpleNamespace(retries=None),
+        consumer_metrics=ConsumerMetrics(CollectorRegistry()),
     )
     consumer = ChunkConsumer(runtime, Catalogue(), spool)  # type: ignore[arg-type]
     pipeline = GatedPipeline(spool)
     consumer.pipeline = pipeline  # type: ignore[assignment]
+    return consumer, pipeline
+
+
+async def test_a_revoke_during_a_store_waits_for_it_and_the_instance_is_stored(tmp_path: Path) -> None:
+    published = Published()
+    consumer, pipeline = _consumer(tmp_path, published)
     listener = consumer.listener
 
     handling = asyncio.create_task(consumer.on_chunk(None, chunk_message()))
@@ -120,3 +139,26 @@ async def test_a_revoke_during_a_store_waits_for_it_and_the_instance_is_stored(t
     assert published.topics == [topics.INSTANCE_STORED]
     assert list(tmp_path.iterdir()) == [], "the stored instance's spool is cleaned up"
     assert consumer.tracker.pending == {}
+
+
+async def test_an_outcome_kafka_does_not_take_yet_is_published_once_it_does(tmp_path: Path) -> None:
+    published = Published([UnknownTopicOrPartitionError(), UnknownTopicOrPartitionError()])
+    consumer, pipeline = _consumer(tmp_path, published)
+    pipeline.gate.set()
+    msg = chunk_message()
+    await asyncio.wait_for(consumer.on_chunk(None, msg), 10)
+    assert published.topics == [topics.INSTANCE_STORED] and msg.settled == []
+    assert consumer.tracker.pending == {} and list(tmp_path.iterdir()) == []
+
+
+async def test_a_chunk_whose_handling_fails_is_rewound_not_left_behind(tmp_path: Path) -> None:
+    """Left to FastStream, the chunk would be neither committed nor delivered again until a restart."""
+    published = Published([TopicAuthorizationFailedError()])  # not retriable: escapes the store
+    consumer, pipeline = _consumer(tmp_path, published)
+    pipeline.gate.set()
+    msg = chunk_message()
+    await asyncio.wait_for(consumer.on_chunk(None, msg), 10)
+    assert msg.settled == ["nack"] and published.topics == []
+    assert INSTANCE in consumer.tracker.pending  # the partition's committed offset stays before it
+    await asyncio.wait_for(consumer.on_chunk(None, chunk_message()), 10)  # delivered again
+    assert published.topics == [topics.INSTANCE_STORED] and consumer.tracker.pending == {}

@@ -79,13 +79,24 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _retriable_kafka_error(exc: BaseException) -> bool:
+    """A Kafka error the client marks retriable: a broker that is starting, moving a leader or not
+    answering yet (``UnknownTopicOrPartitionError`` while a restarted broker loads its topics,
+    ``LeaderNotAvailableError``, ``NotLeaderForPartitionError``, ``RequestTimedOutError``...)."""
+    try:
+        from aiokafka.errors import KafkaError
+    except ImportError:  # pragma: no cover - aiokafka is a dependency of enclave-common
+        return False
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
 def classify_exception(exc: BaseException) -> PermanentError | TransientError:
     """Map any exception to the hierarchy: Enclave's own as they are, infrastructure failures as
     transient, anything else as an unexpected permanent error (named by type, its text dropped
     because a third-party message may quote PHI)."""
     if isinstance(exc, PermanentError | TransientError):
         return exc
-    if isinstance(exc, _transient_types()):
+    if isinstance(exc, _transient_types()) or _retriable_kafka_error(exc):
         return TransientError(f"dependency unavailable ({type(exc).__name__})")
     if isinstance(exc, EnclaveError):
         return PermanentError(str(exc), code=exc.code)

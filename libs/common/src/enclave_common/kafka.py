@@ -356,10 +356,27 @@ def reliable_consumer(
     topic_list = list(handlers)
 
     async def consume(_: Any, msg: KafkaMessage) -> None:
+        # Settle every message: ack or nack. An exception left to FastStream would settle neither,
+        # the consumer would move on, and the next ack (which commits the consumer's positions)
+        # would commit past the message: lost. So whatever fails here (the DLQ publish, the guard,
+        # the commit) rewinds to the message, which is delivered again.
+        try:
+            await handle(msg)
+        except Exception as exc:
+            log.error("event not settled; it will be delivered again", topic=_topic_of(msg), exc_info=exc)
+            metrics.retries.labels(_topic_of(msg)).inc()
+            await asyncio.sleep(retry.max_delay_s)
+            with contextlib.suppress(Exception):  # e.g. the partition was revoked: the new owner rereads it
+                await msg.nack()
+
+    def _topic_of(msg: KafkaMessage) -> str:
+        record = msg.raw_message
+        return record.topic if not isinstance(record, tuple) else topic_list[0]
+
+    async def handle(msg: KafkaMessage) -> None:
         # FastStream may already have JSON-decoded the body; the raw bytes are what we parse and forward.
         body = msg.body
-        record = msg.raw_message
-        source_topic = record.topic if not isinstance(record, tuple) else topic_list[0]
+        source_topic = _topic_of(msg)
         handler = handlers[source_topic]
         try:
             envelope = Envelope.from_bytes(body)

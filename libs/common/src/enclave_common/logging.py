@@ -108,12 +108,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def code_location(filename: str, line: int | None, function: str) -> str:
+    """Where code is, without any value: ``package/module.py:12 function``."""
+    return f"{'/'.join(Path(filename).parts[-2:])}:{line} {function}"
+
+
 def _where(exc: BaseException) -> str:
-    """The innermost frames of ``exc``'s traceback as code locations only (``pkg/mod.py:12 fn``)."""
+    """The innermost frames of ``exc``'s traceback as code locations only, innermost first."""
     frames = traceback.extract_tb(exc.__traceback__)[-MAX_FRAMES:]
-    return " < ".join(
-        f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}" for f in reversed(frames)
-    )
+    return " < ".join(code_location(f.filename, f.lineno, f.name) for f in reversed(frames))
 
 
 def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -8,7 +8,9 @@ them, so a test can build a second app with other settings, or wrap the broker i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -39,7 +41,7 @@ from enclave_common.kafka import (
     create_broker,
     reliable_consumer,
 )
-from enclave_common.logging import configure_logging
+from enclave_common.logging import code_location, configure_logging
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.telemetry import build_tracer_provider
 
@@ -152,6 +154,8 @@ class ServiceRuntime:
         for fn in self._startup:
             await fn()
         await self.broker.start()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform / loop
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
         if self.broker.subscribers:  # a consumer whose fetcher ended is restarted (FetcherWatchdog)
             watchdog = FetcherWatchdog(self.broker, self.consumer_metrics)
             self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
@@ -354,6 +358,35 @@ def configure_gc(threshold0: int | None) -> None:
         return
     gc.freeze()
     gc.set_threshold(threshold0, *gc.get_threshold()[1:])
+
+
+def dump_tasks() -> None:
+    """Log every asyncio task of the process with where it waits (``kill -USR1 <pid>``): the chain of
+    awaits from the task's coroutine down, as code locations only (file:line function), never
+    values, so a hung consumer or handler can be found on a running service without a debugger."""
+    for task in asyncio.all_tasks():
+        log.warning("task", task=task.get_name(), waits_at=" > ".join(_await_chain(task.get_coro())))
+
+
+def _await_chain(coro: Any, limit: int = 24) -> list[str]:
+    chain: list[str] = []
+    while coro is not None and len(chain) < limit:
+        frame = (
+            getattr(coro, "cr_frame", None)
+            or getattr(coro, "gi_frame", None)
+            or getattr(coro, "ag_frame", None)
+        )
+        if frame is None:
+            if not hasattr(coro, "cr_await") and not hasattr(coro, "gi_yieldfrom"):
+                chain.append(type(coro).__name__)  # a future, a task or a C-implemented awaitable
+            break
+        chain.append(code_location(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
+    return chain
 
 
 def run_service(

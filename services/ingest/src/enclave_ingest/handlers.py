@@ -8,6 +8,7 @@ chunk of any instance that is not yet stored (see ``spool.OffsetTracker``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import structlog
@@ -104,6 +105,17 @@ class ChunkConsumer:
             )
             try:
                 await self._handle(envelope, chunk, partition, record.offset, msg)
+            except Exception as exc:
+                # Left to FastStream, the chunk would be neither committed nor redelivered: the consumer
+                # would move on and the instance stay unstored until a restart. Rewind to it instead;
+                # storing is idempotent for one upload id.
+                log.error("chunk not settled; it will be delivered again", exc_info=exc)
+                self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
+                await asyncio.sleep(self.runtime.retry.max_delay_s)
+                with contextlib.suppress(
+                    Exception
+                ):  # e.g. the partition was revoked: its new owner rereads it
+                    await msg.nack()
             finally:
                 structlog.contextvars.unbind_contextvars("correlation_id", "event_id")
 
@@ -161,8 +173,9 @@ class ChunkConsumer:
         await self._commit(msg, partition)
 
     async def _store(self, stream: ChunkStreamMeta, cause: Envelope) -> bool:
-        """Store one complete instance and publish its outcome; False if a transient failure persisted."""
-        retry = self.runtime.retry
+        """Store one complete instance and publish its outcome; False if a transient failure persisted
+        (storing, recording or publishing: a Kafka that was just restarted answers "unknown topic"
+        for a while)."""
         started = asyncio.get_running_loop().time()
         attempt = 0
         while True:
@@ -173,18 +186,8 @@ class ChunkConsumer:
             except Exception as exc:
                 error = classify_exception(exc)
                 if isinstance(error, TransientError):
-                    self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
-                    if asyncio.get_running_loop().time() - started > TRANSIENT_BUDGET_S:
-                        log.warning(
-                            "transient failure persists; the instance will be redelivered", error=error.reason
-                        )
+                    if not await self._may_retry(error, started, attempt, "storing an instance"):
                         return False
-                    log.info(
-                        "transient failure storing an instance; retrying",
-                        attempt=attempt + 1,
-                        error=error.reason,
-                    )
-                    await asyncio.sleep(max(0.5, retry.delay(attempt)))
                     attempt += 1
                     continue
                 log.warning("instance rejected", code=error.code, reason=error.reason)
@@ -214,6 +217,51 @@ class ChunkConsumer:
             cause=cause,
             discriminator=stream.instance_upload_id,
         )
+        key_event = self._key_event(stream, cause, outcome.new_study_key) if outcome is not None else None
+        while True:
+            try:
+                await self._record_and_publish(stream, topic, envelope, key_event)
+                return True
+            except Exception as exc:
+                error = classify_exception(exc)
+                if isinstance(error, PermanentError):
+                    raise  # not expected here: the chunk is redelivered (on_chunk), loudly
+                if not await self._may_retry(error, started, attempt, "publishing an outcome"):
+                    return False
+                attempt += 1
+
+    async def _may_retry(self, error: TransientError, started: float, attempt: int, doing: str) -> bool:
+        """Count and wait before retry ``attempt``; False once the transient budget is spent."""
+        self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
+        if asyncio.get_running_loop().time() - started > TRANSIENT_BUDGET_S:
+            log.warning("transient failure persists; the instance will be redelivered", error=error.reason)
+            return False
+        log.info(f"transient failure {doing}; retrying", attempt=attempt + 1, error=error.reason)
+        await asyncio.sleep(max(0.5, self.runtime.retry.delay(attempt)))
+        return True
+
+    def _key_event(
+        self, stream: ChunkStreamMeta, cause: Envelope, new_study_key: str | None
+    ) -> Envelope | None:
+        if not new_study_key:
+            return None
+        return Envelope.for_topic(
+            topics.KEY_CREATED,
+            KeyEvent(
+                operation="created", key_id=f"study:{stream.tenant}:{new_study_key}", study_key=new_study_key
+            ),
+            source="ingest",
+            tenant=stream.tenant,
+            actor="service:ingest",
+            correlation_id=cause.correlation_id,
+            cause=cause,
+            discriminator=f"key:{new_study_key}",
+        )
+
+    async def _record_and_publish(
+        self, stream: ChunkStreamMeta, topic: str, envelope: Envelope, key_event: Envelope | None
+    ) -> None:
+        """Record the outcome in the catalogue (what a redelivery republishes), then publish it."""
         await self.catalogue.instances.update_one(
             {"_id": stream.instance_upload_id},
             {
@@ -224,25 +272,12 @@ class ChunkConsumer:
             },
             upsert=True,
         )
-        if outcome is not None and outcome.new_study_key:
-            key_event = Envelope.for_topic(
-                topics.KEY_CREATED,
-                KeyEvent(
-                    operation="created",
-                    key_id=f"study:{stream.tenant}:{outcome.new_study_key}",
-                    study_key=outcome.new_study_key,
-                ),
-                source="ingest",
-                tenant=stream.tenant,
-                actor="service:ingest",
-                correlation_id=cause.correlation_id,
-                cause=cause,
-                discriminator=f"key:{outcome.new_study_key}",
+        if key_event is not None:
+            await self.runtime.publisher.publish(
+                topics.KEY_CREATED, key_event, key=key_event.data["study_key"]
             )
-            await self.runtime.publisher.publish(topics.KEY_CREATED, key_event, key=outcome.new_study_key)
         await self.runtime.publisher.publish(topic, envelope, key=stream.instance_upload_id)
         log.info("instance outcome published", topic=topic, instance_upload_id=stream.instance_upload_id)
-        return True
 
     async def _republish(self, outcome: dict[str, Any]) -> None:
         envelope = Envelope.model_validate(outcome["envelope"])
