@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
-from aiokafka.errors import KafkaConnectionError, UnknownTopicOrPartitionError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, UnknownTopicOrPartitionError
 from enclave_common import kafka as kafka_module
 from enclave_common import topics
 from enclave_common.envelope import Envelope
@@ -179,3 +181,28 @@ async def test_a_message_whose_dead_lettering_fails_is_rewound_not_skipped(monke
 
 async def _note(settled: list[str], what: str) -> None:
     settled.append(what)
+
+
+@pytest.mark.parametrize(
+    ("error", "waits"), [(CommitFailedError("rebalanced"), []), (KafkaConnectionError(), [5.0])]
+)
+async def test_rewind_waits_only_when_something_failed_not_after_a_refused_commit(monkeypatch, error, waits):
+    """A commit refused after a rebalance needs no pause (the work is done, the redelivery is
+    skipped as a duplicate); any other failure waits before the message comes back."""
+    slept: list[float] = []
+    nacked: list[bool] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def nack() -> None:
+        nacked.append(True)
+
+    monkeypatch.setattr(kafka_module.asyncio, "sleep", sleep)
+    await kafka_module.rewind(
+        SimpleNamespace(nack=nack),
+        error,
+        RetryPolicy(max_delay_s=5.0),
+        topic=TOPIC,  # type: ignore[arg-type]
+    )
+    assert slept == waits and nacked == [True]

@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import CommitFailedError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -337,6 +338,22 @@ class FetcherWatchdog:
                 log.error("kafka consumer restart failed; will retry", exc_info=exc)
 
 
+async def rewind(msg: KafkaMessage, exc: Exception, retry: RetryPolicy, *, topic: str) -> None:
+    """Deliver ``msg`` again after handling or settling it raised ``exc``.
+
+    A commit refused because the group rebalanced (Kafka restarted, a member joined) is expected:
+    the work is done, the new assignment starts from the last committed offset and the guard skips
+    the repetition, so it is a warning and there is nothing to wait for. Anything else is an error,
+    and the redelivery waits ``retry.max_delay_s`` so a failing dependency is not hammered."""
+    if isinstance(exc, CommitFailedError):
+        log.warning("commit refused after a rebalance; the event will be delivered again", topic=topic)
+    else:
+        log.error("event not settled; it will be delivered again", topic=topic, exc_info=exc)
+        await asyncio.sleep(retry.max_delay_s)
+    with contextlib.suppress(Exception):  # e.g. the partition was revoked: its new owner rereads it
+        await msg.nack()
+
+
 def reliable_consumer(
     broker: KafkaBroker,
     handlers: Mapping[str, Handler],
@@ -363,11 +380,8 @@ def reliable_consumer(
         try:
             await handle(msg)
         except Exception as exc:
-            log.error("event not settled; it will be delivered again", topic=_topic_of(msg), exc_info=exc)
             metrics.retries.labels(_topic_of(msg)).inc()
-            await asyncio.sleep(retry.max_delay_s)
-            with contextlib.suppress(Exception):  # e.g. the partition was revoked: the new owner rereads it
-                await msg.nack()
+            await rewind(msg, exc, retry, topic=_topic_of(msg))
 
     def _topic_of(msg: KafkaMessage) -> str:
         record = msg.raw_message

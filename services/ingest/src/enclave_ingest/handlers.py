@@ -8,7 +8,6 @@ chunk of any instance that is not yet stored (see ``spool.OffsetTracker``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import structlog
@@ -18,7 +17,7 @@ from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, TransientError, classify_exception
 from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
-from enclave_common.kafka import CONSUMER_GROUP_TIMING
+from enclave_common.kafka import CONSUMER_GROUP_TIMING, rewind
 from enclave_common.service import ServiceRuntime
 from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
@@ -109,13 +108,8 @@ class ChunkConsumer:
                 # Left to FastStream, the chunk would be neither committed nor redelivered: the consumer
                 # would move on and the instance stay unstored until a restart. Rewind to it instead;
                 # storing is idempotent for one upload id.
-                log.error("chunk not settled; it will be delivered again", exc_info=exc)
                 self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
-                await asyncio.sleep(self.runtime.retry.max_delay_s)
-                with contextlib.suppress(
-                    Exception
-                ):  # e.g. the partition was revoked: its new owner rereads it
-                    await msg.nack()
+                await rewind(msg, exc, self.runtime.retry, topic=topics.UPLOAD_CHUNK)
             finally:
                 structlog.contextvars.unbind_contextvars("correlation_id", "event_id")
 
