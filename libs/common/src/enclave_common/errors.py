@@ -71,9 +71,9 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NotEnoughReplicasError
+        from aiokafka.errors import KafkaTimeoutError  # the retriable ones: _retriable_kafka_error
 
-        found += [KafkaConnectionError, KafkaTimeoutError, NotEnoughReplicasError]
+        found += [KafkaTimeoutError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(found)

@@ -276,24 +276,29 @@ class FetcherWatchdog:
     @staticmethod
     def fetcher_ended(subscriber: Any) -> bool:
         """True when ``subscriber`` runs a consumer whose fetch task has ended."""
+        return FetcherWatchdog._ended_fetch(subscriber) is not None
+
+    @staticmethod
+    def _ended_fetch(subscriber: Any) -> asyncio.Future[Any] | None:
+        """The ended fetch task of ``subscriber``'s running consumer (private: see the class docstring)."""
         consumer = getattr(subscriber, "consumer", None)
         if (
             consumer is None
             or not getattr(subscriber, "running", False)
             or getattr(consumer, "_closed", True)
         ):
-            return False
+            return None
         task = getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)
-        return task is not None and task.done()
+        return task if task is not None and task.done() else None
 
     async def check(self) -> int:
         """Restart every subscriber whose fetcher ended (and any whose restart failed before); how many
         were started again. A start that fails is tried again on the next check."""
         subscriber: Any
         for subscriber in list(self.broker.subscribers):
-            if not self.fetcher_ended(subscriber):
+            task = self._ended_fetch(subscriber)
+            if task is None:
                 continue
-            task = subscriber.consumer._fetcher._fetch_task  # private: see the class docstring
             failure = None if task.cancelled() else task.exception()
             group = self._group(subscriber)
             log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
@@ -380,8 +385,9 @@ def reliable_consumer(
         try:
             await handle(msg)
         except Exception as exc:
-            metrics.retries.labels(_topic_of(msg)).inc()
-            await rewind(msg, exc, retry, topic=_topic_of(msg))
+            topic = _topic_of(msg)
+            metrics.retries.labels(topic).inc()
+            await rewind(msg, exc, retry, topic=topic)
 
     def _topic_of(msg: KafkaMessage) -> str:
         record = msg.raw_message

@@ -8,14 +8,15 @@ chunk of any instance that is not yet stored (see ``spool.OffsetTracker``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 from aiokafka import TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from enclave_common import topics
 from enclave_common.envelope import Envelope
-from enclave_common.errors import PermanentError, TransientError, classify_exception
+from enclave_common.errors import PermanentError, classify_exception
 from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
 from enclave_common.kafka import CONSUMER_GROUP_TIMING, rewind
 from enclave_common.service import ServiceRuntime
@@ -24,10 +25,11 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import ValidationError
 
 from enclave_ingest.catalogue import Catalogue
-from enclave_ingest.pipeline import ChunkStreamMeta, InstancePipeline
+from enclave_ingest.pipeline import ChunkStreamMeta, InstancePipeline, Outcome
 from enclave_ingest.spool import ChunkSpool, OffsetTracker
 
 log = structlog.get_logger("enclave.ingest")
+T = TypeVar("T")
 
 #: How long one delivery keeps retrying a transient failure before it is redelivered.
 TRANSIENT_BUDGET_S = 120.0
@@ -56,6 +58,41 @@ class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         return None
+
+
+class _BudgetSpent(Exception):
+    """A transient failure outlasted ``TRANSIENT_BUDGET_S``: the instance is redelivered."""
+
+
+class _TransientRetries:
+    """Retries of one instance's work: one budget and one attempt count across its steps."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self.started = asyncio.get_running_loop().time()
+        self.attempt = 0
+
+    async def run(self, work: Callable[[], Awaitable[T]], doing: str) -> T:
+        """``work()``, retried on transient failures; a permanent one is raised as its
+        ``PermanentError``, a transient one that outlasts the budget as ``_BudgetSpent``."""
+        while True:
+            try:
+                return await work()
+            except Exception as exc:
+                error = classify_exception(exc)
+                if isinstance(error, PermanentError):
+                    if error is exc:
+                        raise
+                    raise error from exc
+                self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
+                if asyncio.get_running_loop().time() - self.started > TRANSIENT_BUDGET_S:
+                    log.warning(
+                        "transient failure persists; the instance will be redelivered", error=error.reason
+                    )
+                    raise _BudgetSpent from exc
+                log.info(f"transient failure {doing}; retrying", attempt=self.attempt + 1, error=error.reason)
+                await asyncio.sleep(max(0.5, self.runtime.retry.delay(self.attempt)))
+                self.attempt += 1
 
 
 class ChunkConsumer:
@@ -170,20 +207,15 @@ class ChunkConsumer:
         """Store one complete instance and publish its outcome; False if a transient failure persisted
         (storing, recording or publishing: a Kafka that was just restarted answers "unknown topic"
         for a while)."""
-        started = asyncio.get_running_loop().time()
-        attempt = 0
-        while True:
+        retries = _TransientRetries(self.runtime)
+        try:
             try:
                 assert self.pipeline is not None, "the pipeline is built at startup"
-                outcome = await self.pipeline.process(stream)
-                break
-            except Exception as exc:
-                error = classify_exception(exc)
-                if isinstance(error, TransientError):
-                    if not await self._may_retry(error, started, attempt, "storing an instance"):
-                        return False
-                    attempt += 1
-                    continue
+                pipeline = self.pipeline
+                outcome: Outcome | None = await retries.run(
+                    lambda: pipeline.process(stream), "storing an instance"
+                )
+            except PermanentError as error:
                 log.warning("instance rejected", code=error.code, reason=error.reason)
                 outcome_event: InstanceStored | InstanceRejected = InstanceRejected(
                     upload_id=stream.upload_id,
@@ -192,47 +224,34 @@ class ChunkConsumer:
                     reason=error.reason,
                 )
                 outcome = None
-                break
-        if outcome is not None:
-            outcome_event = outcome.event
-            self.runtime.count_crypto("unseal")
-            if isinstance(outcome_event, InstanceStored) and outcome_event.duplicate != "duplicate":
-                self.runtime.count_crypto("encrypt")
-        topic = (
-            topics.INSTANCE_STORED if isinstance(outcome_event, InstanceStored) else topics.INSTANCE_REJECTED
-        )
-        envelope = Envelope.for_topic(
-            topic,
-            outcome_event,
-            source="ingest",
-            tenant=stream.tenant,
-            actor="service:ingest",
-            correlation_id=cause.correlation_id,
-            cause=cause,
-            discriminator=stream.instance_upload_id,
-        )
-        key_event = self._key_event(stream, cause, outcome.new_study_key) if outcome is not None else None
-        while True:
-            try:
-                await self._record_and_publish(stream, topic, envelope, key_event)
-                return True
-            except Exception as exc:
-                error = classify_exception(exc)
-                if isinstance(error, PermanentError):
-                    raise  # not expected here: the chunk is redelivered (on_chunk), loudly
-                if not await self._may_retry(error, started, attempt, "publishing an outcome"):
-                    return False
-                attempt += 1
-
-    async def _may_retry(self, error: TransientError, started: float, attempt: int, doing: str) -> bool:
-        """Count and wait before retry ``attempt``; False once the transient budget is spent."""
-        self.runtime.consumer_metrics.retries.labels(topics.UPLOAD_CHUNK).inc()
-        if asyncio.get_running_loop().time() - started > TRANSIENT_BUDGET_S:
-            log.warning("transient failure persists; the instance will be redelivered", error=error.reason)
+            if outcome is not None:
+                outcome_event = outcome.event
+                self.runtime.count_crypto("unseal")
+                if isinstance(outcome_event, InstanceStored) and outcome_event.duplicate != "duplicate":
+                    self.runtime.count_crypto("encrypt")
+            topic = (
+                topics.INSTANCE_STORED
+                if isinstance(outcome_event, InstanceStored)
+                else topics.INSTANCE_REJECTED
+            )
+            envelope = Envelope.for_topic(
+                topic,
+                outcome_event,
+                source="ingest",
+                tenant=stream.tenant,
+                actor="service:ingest",
+                correlation_id=cause.correlation_id,
+                cause=cause,
+                discriminator=stream.instance_upload_id,
+            )
+            key_event = self._key_event(stream, cause, outcome.new_study_key) if outcome is not None else None
+            # A permanent failure here is not expected: it escapes, and on_chunk redelivers the chunk.
+            await retries.run(
+                lambda: self._record_and_publish(stream, topic, envelope, key_event), "publishing an outcome"
+            )
+            return True
+        except _BudgetSpent:
             return False
-        log.info(f"transient failure {doing}; retrying", attempt=attempt + 1, error=error.reason)
-        await asyncio.sleep(max(0.5, self.runtime.retry.delay(attempt)))
-        return True
 
     def _key_event(
         self, stream: ChunkStreamMeta, cause: Envelope, new_study_key: str | None
