@@ -90,6 +90,35 @@ def _retriable_kafka_error(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
 
 
+#: What did not answer, by the top-level package of the exception that said so.
+_DEPENDENCY_OF_PACKAGE = {"pymongo": "the database", "botocore": "the object store", "aiokafka": "Kafka"}
+
+
+def dependency_failure_types() -> tuple[type[Exception], ...]:
+    """The exception types that may mean a dependency is unavailable (:func:`unavailable_dependency`
+    decides for an instance: a Kafka error counts only when the client marks it retriable)."""
+    found: list[type[Exception]] = [TransientError]
+    found += [t for t in _transient_types() if issubclass(t, Exception)]
+    try:
+        from aiokafka.errors import KafkaError
+
+        found.append(KafkaError)
+    except ImportError:  # pragma: no cover - aiokafka is a dependency of enclave-common
+        pass
+    return tuple(found)
+
+
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """What did not answer (``"the database"``, ``"the object store"``, ``"Kafka"``, ``"a
+    dependency"``) when ``exc`` means a dependency is unavailable, else ``None``. Named from the
+    exception's type only: its text may quote data."""
+    if isinstance(exc, TransientError):
+        return "a dependency"
+    if not (isinstance(exc, _transient_types()) or _retriable_kafka_error(exc)):
+        return None
+    return _DEPENDENCY_OF_PACKAGE.get(type(exc).__module__.split(".", 1)[0], "a dependency")
+
+
 def classify_exception(exc: BaseException) -> PermanentError | TransientError:
     """Map any exception to the hierarchy: Enclave's own as they are, infrastructure failures as
     transient, anything else as an unexpected permanent error (named by type, its text dropped

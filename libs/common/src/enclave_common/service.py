@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from enclave_common.errors import TransientError, dependency_failure_types, unavailable_dependency
 from enclave_common.events import envelope_schema
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
@@ -215,6 +216,8 @@ class ServiceRuntime:
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
         app.state.runtime = self
         app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint))
+        for failure in dependency_failure_types():
+            app.add_exception_handler(failure, _dependency_unavailable)
         for cls, options in middleware:
             app.add_middleware(cls, **options)
         instrument_http(app, self.registry, self.tracer_provider)
@@ -236,6 +239,39 @@ class ServiceRuntime:
         for router in routers:
             app.include_router(router)
         return app
+
+
+#: How long a client should wait before retrying a request a dependency outage refused.
+RETRY_AFTER_S = 10
+
+
+async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
+    """A route failed because a dependency did not answer (the database, the object store, Kafka):
+    503 with ``Retry-After`` in the services' error shape, naming what did not answer, instead of a
+    bare 500. The exception's text is never sent or logged (it may quote data); any other exception
+    of these types is re-raised and answered 500 as before."""
+    what = unavailable_dependency(exc)
+    if what is None:
+        raise exc
+    route = request.scope.get("route")
+    log.warning(
+        "request refused: a dependency is unavailable",
+        dependency=what,
+        method=request.method,
+        route=getattr(route, "path", None),
+        exc_info=exc,
+    )
+    code = exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
+    return JSONResponse(
+        {
+            "detail": {
+                "code": code,
+                "message": f"{what} did not answer, so the request could not be completed; retry later",
+            }
+        },
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:

@@ -24,12 +24,12 @@ from enclave_gateway.stow import (
     request_error_body,
     stow_status,
 )
-from enclave_gateway.uploads import UploadProcessor, UploadResult
+from enclave_gateway.uploads import UploadNotRecorded, UploadProcessor, UploadResult
 
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
 
-def _unavailable(exc: KafkaUnavailable) -> JSONResponse:
+def _unavailable(exc: KafkaUnavailable | UploadNotRecorded) -> JSONResponse:
     return JSONResponse(
         {"status": 503, "error": exc.code, "message": str(exc)},
         status_code=503,
@@ -80,7 +80,7 @@ def build_router(
         try:
             if result.accepted:
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
-        except KafkaUnavailable as exc:
+        except (KafkaUnavailable, UploadNotRecorded) as exc:
             uploads.discard(result)
             return _unavailable(exc)
         for part in result.failed:

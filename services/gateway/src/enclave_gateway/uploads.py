@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from enclave_common import topics
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.errors import TransientError, unavailable_dependency
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
@@ -258,7 +259,7 @@ class UploadProcessor:
             finally:
                 if not recorded.done():
                     await asyncio.wait([recorded])
-            recorded.result()
+            _recorded(recorded)
             series = list(dict.fromkeys(keys.series_key for _, keys in keyed))
             completed = Envelope.for_topic(
                 topics.UPLOAD_COMPLETED,
@@ -282,6 +283,27 @@ class UploadProcessor:
     def discard(result: UploadResult) -> None:
         for part in result.accepted:
             part.sealed.discard()
+
+
+class UploadNotRecorded(TransientError):
+    """The read model did not record an upload's instances (its database did not answer): the
+    request answers 503 like a Kafka outage. Their hand-off may have been acknowledged already, so
+    the answer says what a retry does."""
+
+    code = "database_unavailable"
+
+
+def _recorded(write: asyncio.Future[None]) -> None:
+    """The read-model write's outcome; a database outage becomes :class:`UploadNotRecorded`."""
+    try:
+        write.result()
+    except Exception as exc:
+        if unavailable_dependency(exc) is None:
+            raise
+        raise UploadNotRecorded(
+            "The gateway's database did not record the upload, so nothing is acknowledged; retry "
+            "later. An instance sent again is recognised by ingest as a duplicate and stored once"
+        ) from exc
 
 
 async def _paced(body: AsyncIterator[bytes], pace: BodyPace) -> AsyncIterator[bytes]:

@@ -1,0 +1,101 @@
+"""A route that fails because a dependency did not answer (the database, the object store, Kafka)
+answers 503 with ``Retry-After`` in the services' error shape, naming what did not answer; it never
+answers a bare 500, and the exception's text (which may quote data) is neither sent nor logged. Any
+other failure is still a 500."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+from aiokafka.errors import KafkaConnectionError, UnsupportedVersionError
+from botocore.exceptions import EndpointConnectionError
+from enclave_common.errors import TransientError
+from enclave_common.logging import configure_logging
+from enclave_common.service import ServiceRuntime
+from enclave_common.settings import BaseServiceSettings
+from fastapi import APIRouter
+from fastapi.testclient import TestClient
+from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+
+PLANTED = "PHI-MRN-66120-ZK"
+
+FAILURES: dict[str, tuple[Exception, str]] = {
+    "mongo-reconnect": (AutoReconnect(f"lost {PLANTED}"), "the database"),
+    "mongo-timeout": (NetworkTimeout(f"timed out reading {PLANTED}"), "the database"),
+    "mongo-selection": (ServerSelectionTimeoutError(f"no server for {PLANTED}"), "the database"),
+    "s3": (EndpointConnectionError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
+    "kafka": (KafkaConnectionError(f"broker gone {PLANTED}"), "Kafka"),
+    "timeout": (TimeoutError(PLANTED), "a dependency"),
+}
+
+
+@pytest.fixture
+def logs() -> io.StringIO:
+    out = io.StringIO()
+    configure_logging("test", "INFO", stream=out)
+    return out
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    router = APIRouter()
+
+    @router.get("/fails/{name}")
+    async def fails(name: str) -> dict[str, str]:
+        raise FAILURES[name][0]
+
+    @router.get("/ours")
+    async def ours() -> dict[str, str]:
+        raise TransientError("the key store is unavailable", code="key_store_unavailable")
+
+    @router.get("/kafka-refused")
+    async def kafka_refused() -> dict[str, str]:
+        raise UnsupportedVersionError(PLANTED)  # a Kafka error that retrying cannot help
+
+    @router.get("/bug")
+    async def bug() -> dict[str, str]:
+        raise ValueError(PLANTED)
+
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="dependency-test"))
+    app = runtime.http_app(title="t", routers=[router], start_runtime=False)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.mark.parametrize("name", sorted(FAILURES))
+def test_a_dependency_that_did_not_answer_is_a_503_naming_it(
+    client: TestClient, logs: io.StringIO, name: str
+) -> None:
+    answer = client.get(f"/fails/{name}")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "10"
+    detail = answer.json()["detail"]
+    assert detail["code"] == "dependency_unavailable"
+    assert detail["message"] == (
+        f"{FAILURES[name][1]} did not answer, so the request could not be completed; retry later"
+    )
+    assert PLANTED not in answer.text
+    records = [json.loads(line) for line in logs.getvalue().splitlines()]
+    refused = [r for r in records if r["event"] == "request refused: a dependency is unavailable"]
+    assert len(refused) == 1
+    assert refused[0]["dependency"] == FAILURES[name][1]
+    assert refused[0]["route"] == "/fails/{name}"
+    assert refused[0]["error_type"] == type(FAILURES[name][0]).__name__
+    assert PLANTED not in logs.getvalue()
+
+
+def test_enclaves_own_transient_error_keeps_its_code_and_says_to_retry(client: TestClient) -> None:
+    answer = client.get("/ours")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "10"
+    assert answer.json()["detail"]["code"] == "key_store_unavailable"
+
+
+def test_a_kafka_error_retrying_cannot_help_and_any_other_failure_stay_500(client: TestClient) -> None:
+    for path in ("/kafka-refused", "/bug"):
+        answer = client.get(path)
+        assert answer.status_code == 500, path
+        assert PLANTED not in answer.text

@@ -1,0 +1,108 @@
+"""The database stops answering under the running services (FerretDB paused with SIGSTOP: its port
+still accepts connections and requests, and nothing comes back, like a hung or partitioned server).
+
+Every HTTP route that needs it answers 503 with ``Retry-After`` and says what did not answer,
+within a bounded time (pymongo's monitor gives up on the silent server); none answers 500 or hangs.
+Once the database answers again, a retried upload is stored and nothing is stuck. FerretDB is
+resumed in ``finally`` and every service's readiness awaited, since all of them share it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from .conftest import SERVICE_PORTS
+from .support import STATE, mr_instance
+from .test_gateway_support import GATEWAY, bearer, new_tenant, wait_for_status
+
+STORED_OR_BEYOND = {"stored", "deidentified", "quarantined", "analysed"}
+AUDIT_URL = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
+#: pymongo's monitor checks the server every 10 s and waits up to 20 s for its answer: an operation
+#: on a silent server fails within ~30 s. The bound below leaves room for a busy machine.
+ANSWER_WITHIN_S = 75
+
+
+async def _all_ready(client: httpx.AsyncClient, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    waiting = dict(SERVICE_PORTS)
+    while waiting and time.monotonic() < deadline:
+        for name, port in list(waiting.items()):
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                    del waiting[name]
+            except httpx.HTTPError:
+                pass
+        await asyncio.sleep(1)
+    assert not waiting, f"not ready again after the database answered again: {sorted(waiting)}"
+
+
+def _assert_refused(answer: httpx.Response, code: str) -> None:
+    assert answer.status_code == 503, answer.text
+    assert answer.headers.get("retry-after")
+    assert code in answer.text
+    assert "retry later" in answer.text
+
+
+@pytest.mark.slow
+async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_is_stored():
+    tenant = new_tenant("it-db")
+    uploader = bearer("it-db-pacs", tenant, "uploader")
+    auditor = bearer("it-db-auditor", "enclave-operator", "auditor")
+    instance, _ = mr_instance()
+    files = [("file", ("i.dcm", instance, "application/dicom"))]
+    ferretdb = int((STATE / "pids" / "ferretdb.pid").read_text())
+    async with httpx.AsyncClient(timeout=120) as client:
+        before = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=uploader)
+        assert before.status_code == 200, before.text
+        known = before.json()["accepted"][0]["imaging_id"]
+        await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{known}", uploader, STORED_OR_BEYOND)
+
+        retry, _ = mr_instance()
+        os.kill(ferretdb, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            upload, stow, status, audit = await asyncio.gather(
+                client.post(
+                    f"{GATEWAY}/api/v1/imaging/upload",
+                    files=[("file", ("r.dcm", retry, "application/dicom"))],
+                    headers=uploader,
+                ),
+                client.post(
+                    f"{GATEWAY}/dicomweb/studies",
+                    content=mr_instance()[0],
+                    headers={**uploader, "Content-Type": "application/dicom"},
+                ),
+                client.get(f"{GATEWAY}/api/v1/imaging/{known}", headers=uploader),
+                client.get(f"{AUDIT_URL}/audit/events", params={"limit": 1}, headers=auditor),
+            )
+            took = time.monotonic() - started
+            _assert_refused(upload, "database_unavailable")
+            assert "imaging_id" not in upload.text
+            assert "recognised by ingest as a duplicate" in upload.text
+            _assert_refused(stow, "database_unavailable")
+            assert "ReferencedSOPSequence" not in stow.text
+            _assert_refused(status, "dependency_unavailable")
+            assert "the database did not answer" in status.text
+            _assert_refused(audit, "dependency_unavailable")
+            assert took < ANSWER_WITHIN_S, f"the answers took {took:.0f} s"
+            assert (await client.get(f"{GATEWAY}/healthz")).status_code == 200  # alive, just not ready
+            assert (await client.get(f"{GATEWAY}/readyz")).status_code == 503
+        finally:
+            os.kill(ferretdb, signal.SIGCONT)
+            await _all_ready(client)
+
+        again = await client.post(
+            f"{GATEWAY}/api/v1/imaging/upload",
+            files=[("file", ("r.dcm", retry, "application/dicom"))],
+            headers=uploader,
+        )
+        assert again.status_code == 200, again.text
+        retried = again.json()["accepted"][0]["imaging_id"]
+        await wait_for_status(
+            client, f"{GATEWAY}/api/v1/imaging/{retried}", uploader, STORED_OR_BEYOND, timeout=180
+        )
