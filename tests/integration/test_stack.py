@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaError
 from botocore.exceptions import ClientError
 from enclave_common.envelope import Envelope
 from enclave_common.events import KeyEvent
 from enclave_common.idempotency import MongoProcessedEvents
 from enclave_common.kafka import (
+    BrokerProducerSlot,
     ConsumerMetrics,
+    DirectPublisher,
     FetcherWatchdog,
     RetryPolicy,
+    SenderWatchdog,
     create_broker,
     reliable_consumer,
 )
@@ -24,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from pymongo.errors import DuplicateKeyError
 
 from .conftest import KAFKA, MONGO_URL
+from .support import read_all
 
 
 async def test_mongo_wire_insert_find_and_unique_index(mongo, unique):
@@ -188,6 +194,55 @@ async def test_a_consumer_whose_fetcher_ended_is_restarted_by_the_service_and_mi
     finally:
         await runtime.stop()
         await mongo.drop_database(f"it{unique}")
+
+
+@pytest.mark.parametrize("slot", ["broker", "direct"])
+async def test_a_producer_whose_sender_ended_is_replaced_by_the_service_and_publishing_goes_on(unique, slot):
+    """aiokafka's sender task can end on an unexpected error inside it ("Unexpected error in sender
+    routine"). Its producer then refuses every later publish, for good, while the service looks
+    healthy. The service's watchdog notices and puts a new producer in its place: publishing works
+    again. "broker" is FastStream's producer (what consumers publish their outcomes with), "direct"
+    the gateway's own."""
+    topic = f"enclave.ittest{unique}.sent.v1"
+    settings = BaseServiceSettings(
+        service_name=f"it{unique}", kafka_bootstrap_servers=KAFKA, mongo_url=MONGO_URL
+    )
+    runtime = ServiceRuntime(settings)
+    direct = DirectPublisher(settings, tracer_provider=runtime.tracer_provider)
+    runtime.on_startup(direct.start)
+    runtime.on_shutdown(direct.stop)
+    runtime.producer_slots.append(direct)
+    events = _key_events(topic, 3)
+
+    def current() -> Any:
+        return BrokerProducerSlot(runtime.broker).producer() if slot == "broker" else direct.producer()
+
+    async def publish(env: Envelope) -> None:
+        if slot == "broker":
+            await runtime.publisher.publish(topic, env, key="k")
+        else:
+            await (await direct.send(topic, env, key="k"))
+
+    await runtime.start()
+    try:
+        await publish(events[0])
+        broken = current()
+        broken._sender._send_produce_req = _raise_runtime_error  # the sender's next round raises inside
+        with pytest.raises(KafkaError):  # the batch queued when the sender died fails (aiokafka)
+            await publish(events[1])
+        assert SenderWatchdog.sender_ended(broken)
+        with pytest.raises(KafkaError):  # and so does every later publish on that producer
+            await publish(events[2])
+        await _until(lambda: current() is not broken)  # replaced by the service's watchdog (5 s)
+        await publish(events[2])
+        published = await read_all(topic, lambda env: True)
+        assert [env.id for env in published] == [events[0].id, events[2].id]
+        restarts = runtime.registry.get_sample_value(
+            "enclave_kafka_producer_restarts_total", {"producer": slot}
+        )
+        assert restarts == 1
+    finally:
+        await runtime.stop()
 
 
 def _raise_runtime_error(*_: object) -> None:

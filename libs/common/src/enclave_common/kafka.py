@@ -21,11 +21,11 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -186,6 +186,15 @@ class DirectPublisher:
         await producer.start()
         self._producer = producer
 
+    # ProducerSlot (SenderWatchdog): the producer in use, and a new one in its place.
+    name = "direct"
+
+    def producer(self) -> AIOKafkaProducer | None:
+        return self._producer
+
+    async def replace(self) -> None:
+        await self.start()
+
     async def stop(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
@@ -249,6 +258,111 @@ class ConsumerMetrics:
             ["group"],
             **kwargs,
         )
+        self.producer_restarts = Counter(
+            "enclave_kafka_producer_restarts",
+            "Kafka producers replaced because their sender had stopped",
+            ["producer"],
+            **kwargs,
+        )
+
+
+class ProducerSlot(Protocol):
+    """Where a service keeps one Kafka producer: the one in use, and how to put a new one there."""
+
+    name: str
+
+    def producer(self) -> AIOKafkaProducer | None: ...
+
+    async def replace(self) -> None: ...
+
+
+class BrokerProducerSlot:
+    """FastStream's producer of ``broker`` (what :class:`EventPublisher` publishes with). A new one is
+    built from the broker's own connection options, as FastStream builds it when it connects, and
+    handed to FastStream's producer wrapper (private: ``config.producer._producer``, pinned by a test)."""
+
+    name = "broker"
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker = broker
+
+    def producer(self) -> AIOKafkaProducer | None:
+        state = getattr(self.broker.config.producer, "_producer", None)
+        return getattr(state, "producer", None) if state else None
+
+    async def replace(self) -> None:
+        wrapper: Any = self.broker.config.producer
+        producer = AIOKafkaProducer(**self.broker._connection_kwargs)
+        await wrapper.connect(producer, serializer=wrapper.serializer, codec=wrapper.codec)
+
+
+class SenderWatchdog:
+    """Replaces a Kafka producer whose sender stopped.
+
+    aiokafka (0.14) sends each producer's batches from one background task. If that task ends on an
+    unexpected error ("Unexpected error in sender routine"), the producer fails what was queued and
+    from then on refuses every ``send()`` with the same error, for good: nothing restarts the task.
+    Every consumer's outcome publish would then fail (its event rewound and redelivered, over and
+    over) and the gateway would answer every upload 503, while both look ready. Every ``interval_s``
+    this looks at each producer slot; one whose sender has ended gets a new producer (publishing
+    again then works), and whatever still waits on the old one fails as a retriable Kafka error.
+
+    The sender is aiokafka's private ``_sender.sender_task`` and the waiting batches its
+    ``_message_accumulator``: there is no public way to ask. aiokafka is pinned, and a unit test fails
+    if those attributes go away.
+    """
+
+    def __init__(
+        self, slots: list[ProducerSlot], metrics: ConsumerMetrics, *, interval_s: float = 5.0
+    ) -> None:
+        self.slots = slots
+        self.metrics = metrics
+        self.interval_s = interval_s
+
+    @staticmethod
+    def sender_ended(producer: Any) -> bool:
+        """True when ``producer`` is started, not closed, and its sender task has ended."""
+        if producer is None or getattr(producer, "_closed", True):
+            return False
+        task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        return task is not None and task.done()
+
+    async def check(self) -> int:
+        """Replace every producer whose sender ended; how many were replaced. A replacement that fails
+        (Kafka unreachable) is tried again on the next check; the old producer stays until then."""
+        replaced = 0
+        for slot in self.slots:
+            old: Any = slot.producer()
+            if not self.sender_ended(old):
+                continue
+            task = old._sender.sender_task
+            failure = None if task.cancelled() else task.exception()
+            log.error("kafka producer stopped sending; replacing it", producer=slot.name, exc_info=failure)
+            try:
+                await slot.replace()
+            finally:
+                # Whatever waits on the old producer would wait forever: it fails, so it is retried.
+                old._message_accumulator.fail_all(
+                    KafkaConnectionError("the Kafka producer stopped sending; publish again")
+                )
+            self.metrics.producer_restarts.labels(slot.name).inc()
+            replaced += 1
+            log.info("kafka producer replaced", producer=slot.name)
+            try:
+                await old.stop()
+            except Exception as exc:  # its connections are closed either way
+                log.warning("the stopped kafka producer did not close cleanly", exc_info=exc)
+        return replaced
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round tries again
+                log.error("kafka producer replacement failed; will retry", exc_info=exc)
 
 
 class FetcherWatchdog:

@@ -34,11 +34,14 @@ from enclave_common.errors import TransientError, dependency_failure_types, unav
 from enclave_common.events import envelope_schema
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
+    BrokerProducerSlot,
     ConsumerMetrics,
     EventPublisher,
     FetcherWatchdog,
     Handler,
+    ProducerSlot,
     RetryPolicy,
+    SenderWatchdog,
     create_broker,
     reliable_consumer,
 )
@@ -88,6 +91,8 @@ class ServiceRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {}
         self._subscribed = False
+        #: Producers of the service's own besides the broker's (e.g. a DirectPublisher), watched too.
+        self.producer_slots: list[ProducerSlot] = []
 
     async def _kafka_ready(self) -> None:
         if not await self.broker.ping(timeout=3.0):
@@ -160,6 +165,11 @@ class ServiceRuntime:
         if self.broker.subscribers:  # a consumer whose fetcher ended is restarted (FetcherWatchdog)
             watchdog = FetcherWatchdog(self.broker, self.consumer_metrics)
             self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
+        # A producer whose sender ended is replaced (SenderWatchdog).
+        senders = SenderWatchdog(
+            [BrokerProducerSlot(self.broker), *self.producer_slots], self.consumer_metrics
+        )
+        self.spawn(senders.run_forever(), "kafka-sender-watchdog")
         log.info("service started", port=self.settings.http_port)
 
     async def stop(self) -> None:

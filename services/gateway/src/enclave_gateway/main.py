@@ -61,6 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     publisher = DirectPublisher(settings, tracer_provider=runtime.tracer_provider, registry=runtime.registry)
     runtime.on_startup(publisher.start)
     runtime.on_shutdown(publisher.stop)
+    runtime.producer_slots.append(publisher)  # replaced if its sender stops (SenderWatchdog)
     handoff = Handoff(publisher, settings.publish_timeout_s)
     recorder = AccessRecorder(handoff)
     grants = MongoGrantStore(runtime.db)
