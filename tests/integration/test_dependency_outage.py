@@ -1,10 +1,14 @@
-"""The database stops answering under the running services (FerretDB paused with SIGSTOP: its port
-still accepts connections and requests, and nothing comes back, like a hung or partitioned server).
+"""A dependency stops answering under the running services: paused with SIGSTOP, its port still
+accepts connections and requests, and nothing comes back, like a hung or partitioned server.
 
-Every HTTP route that needs it answers 503 with ``Retry-After`` and says what did not answer,
-within a bounded time (pymongo's monitor gives up on the silent server); none answers 500 or hangs.
-Once the database answers again, a retried upload is stored and nothing is stuck. FerretDB is
-resumed in ``finally`` and every service's readiness awaited, since all of them share it."""
+- The database (FerretDB): every HTTP route that needs it answers 503 with ``Retry-After`` and says
+  what did not answer, within a bounded time (pymongo's monitor gives up on the silent server); none
+  answers 500 or hangs. Once it answers again, a retried upload is stored.
+- The object store (MinIO): uploads are still accepted, ingest reports it is not ready, and the
+  instance acknowledged meanwhile is stored once the store answers again.
+
+The dependency is resumed in ``finally`` and every service's readiness awaited, since all of them
+share it."""
 
 from __future__ import annotations
 
@@ -106,3 +110,34 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
         await wait_for_status(
             client, f"{GATEWAY}/api/v1/imaging/{retried}", uploader, STORED_OR_BEYOND, timeout=180
         )
+
+
+@pytest.mark.slow
+async def test_a_silent_object_store_holds_nothing_back_once_it_answers_again():
+    """MinIO paused (SIGSTOP): the gateway still accepts uploads (it holds no object-store
+    credentials), ingest says it is not ready and why, and once MinIO answers again the instance
+    acknowledged meanwhile is stored: a handler blocked on the silent store resumes, nothing is lost."""
+    tenant = new_tenant("it-s3")
+    uploader = bearer("it-s3-pacs", tenant, "uploader")
+    minio = int((STATE / "pids" / "minio.pid").read_text())
+    ingest_ready = f"http://127.0.0.1:{SERVICE_PORTS['ingest']}/readyz"
+    async with httpx.AsyncClient(timeout=120) as client:
+        os.kill(minio, signal.SIGSTOP)
+        try:
+            answer = await client.post(
+                f"{GATEWAY}/api/v1/imaging/upload",
+                files=[("file", ("s.dcm", mr_instance()[0], "application/dicom"))],
+                headers=uploader,
+            )
+            assert answer.status_code == 200, answer.text
+            imaging_id = answer.json()["accepted"][0]["imaging_id"]
+            readiness = await client.get(ingest_ready)
+            assert readiness.status_code == 503
+            assert readiness.json()["checks"]["object_store"].startswith("unavailable")
+            await asyncio.sleep(15)  # ingest meets the silent store meanwhile
+            status = await client.get(f"{GATEWAY}/api/v1/imaging/{imaging_id}", headers=uploader)
+            assert status.status_code == 200 and status.json()["status"] == "received"
+        finally:
+            os.kill(minio, signal.SIGCONT)
+            await _all_ready(client)
+        await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)
