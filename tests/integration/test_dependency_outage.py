@@ -6,6 +6,8 @@ accepts connections and requests, and nothing comes back, like a hung or partiti
   answers 500 or hangs. Once it answers again, a retried upload is stored.
 - The object store (MinIO): uploads are still accepted, ingest reports it is not ready, and the
   instance acknowledged meanwhile is stored once the store answers again.
+- Kafka: uploads and reads answer 503 once the gateway's publish timeout has passed (nothing can be
+  audited or handed off), and uploads go on once it answers again.
 
 The dependency is resumed in ``finally`` and every service's readiness awaited, since all of them
 share it."""
@@ -140,4 +142,44 @@ async def test_a_silent_object_store_holds_nothing_back_once_it_answers_again():
         finally:
             os.kill(minio, signal.SIGCONT)
             await _all_ready(client)
+        await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)
+
+
+@pytest.mark.slow
+async def test_a_silent_kafka_is_a_503_within_the_publish_timeout_and_uploads_go_on_after():
+    """Kafka paused (SIGSTOP): nothing can be audited or handed off, so an upload and a read answer 503
+    with ``Retry-After`` once the gateway's publish timeout (15 s) has passed, not hang; once Kafka
+    answers again an upload is acknowledged and stored."""
+    tenant = new_tenant("it-kh")
+    uploader = bearer("it-kh-pacs", tenant, "uploader")
+    kafka = int((STATE / "pids" / "kafka.pid").read_text())
+    async with httpx.AsyncClient(timeout=120) as client:
+        os.kill(kafka, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            upload, read = await asyncio.gather(
+                client.post(
+                    f"{GATEWAY}/api/v1/imaging/upload",
+                    files=[("file", ("k.dcm", mr_instance()[0], "application/dicom"))],
+                    headers=uploader,
+                ),
+                client.get(
+                    f"{GATEWAY}/api/v1/imaging/01a204ee-0000-7000-8000-000000000000", headers=uploader
+                ),
+            )
+            took = time.monotonic() - started
+            for answer in (upload, read):
+                _assert_refused(answer, "kafka_unavailable")
+            assert "imaging_id" not in upload.text
+            assert took < ANSWER_WITHIN_S, f"the answers took {took:.0f} s"
+        finally:
+            os.kill(kafka, signal.SIGCONT)
+            await _all_ready(client)
+        after = await client.post(
+            f"{GATEWAY}/api/v1/imaging/upload",
+            files=[("file", ("k.dcm", mr_instance()[0], "application/dicom"))],
+            headers=uploader,
+        )
+        assert after.status_code == 200, after.text
+        imaging_id = after.json()["accepted"][0]["imaging_id"]
         await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)
