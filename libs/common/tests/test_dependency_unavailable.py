@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from aiokafka.errors import KafkaConnectionError, UnsupportedVersionError
-from botocore.exceptions import EndpointConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError, UnsupportedVersionError
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
 from enclave_common.errors import TransientError
 from enclave_common.logging import configure_logging
 from enclave_common.service import ServiceRuntime
@@ -28,6 +28,8 @@ FAILURES: dict[str, tuple[Exception, str]] = {
     "mongo-selection": (ServerSelectionTimeoutError(f"no server for {PLANTED}"), "the database"),
     "s3": (EndpointConnectionError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
     "kafka": (KafkaConnectionError(f"broker gone {PLANTED}"), "Kafka"),
+    "kafka-client": (KafkaError(f"Unexpected error during batch delivery {PLANTED}"), "Kafka"),
+    "s3-connect": (ConnectTimeoutError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
     "timeout": (TimeoutError(PLANTED), "a dependency"),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from aiokafka.errors import CommitFailedError, KafkaConnectionError, UnknownTopicOrPartitionError
+from aiokafka.errors import CommitFailedError, KafkaConnectionError, KafkaError, UnknownTopicOrPartitionError
 from enclave_common import kafka as kafka_module
 from enclave_common import topics
 from enclave_common.envelope import Envelope
@@ -142,16 +142,23 @@ async def test_a_message_that_is_not_an_envelope_is_dead_lettered():
     assert dead[0][1]["x-dlq-code"] == "contract_violation"
 
 
-async def test_a_kafka_error_the_client_calls_retriable_is_retried_not_dead_lettered():
+@pytest.mark.parametrize(
+    "failure",
+    [UnknownTopicOrPartitionError(), KafkaError("Unexpected error during batch delivery")],
+    ids=["retriable", "client-broke"],
+)
+async def test_a_kafka_error_the_client_calls_retriable_is_retried_not_dead_lettered(failure):
     """A broker that was just restarted answers 'unknown topic' while it loads its topics: the
-    handler's publish fails that way for a while. That is transient, not a reason to dead-letter."""
+    handler's publish fails that way for a while. A producer whose sender stopped refuses publishes
+    with aiokafka's bare KafkaError until the service replaces it (SenderWatchdog). Both are
+    transient, not a reason to dead-letter."""
     calls = 0
 
     async def handler(env: Envelope) -> None:
         nonlocal calls
         calls += 1
         if calls < 3:
-            raise UnknownTopicOrPartitionError()
+            raise failure
 
     event, processed, dead = await _deliver_one(handler)
     assert calls == 3 and dead == [] and await processed.seen(event.id)

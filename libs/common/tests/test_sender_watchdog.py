@@ -1,6 +1,7 @@
 """The sender watchdog: a producer whose aiokafka sender task ended is replaced, and what still waited
 on it fails as a retriable Kafka error instead of waiting forever; healthy, closed and absent
-producers are left alone; a replacement that fails is tried again."""
+producers are left alone; a replacement that fails or hangs is tried again, without holding back the
+other producers; a producer that fails to start is closed."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def _restarts(registry: CollectorRegistry, name: str) -> float | None:
 async def test_a_producer_whose_sender_ended_is_replaced_and_its_waiting_publishes_fail_retriably():
     dead = FakeProducer(_ended(RuntimeError("inside the sender routine")))
     waiting = _pending()
-    dead._message_accumulator.waiting.append(waiting)  # a publish still waiting on the old producer
+    # A publish still waiting on the old producer (aiokafka fails nothing when the task was cancelled).
+    dead._message_accumulator.waiting.append(waiting)
     slot = FakeSlot("broker", dead)
     watchdog, registry = _watchdog(slot)
 
@@ -148,3 +150,45 @@ def test_aiokafka_and_faststream_still_keep_what_the_watchdog_reads():
     assert "producer" in RealProducer.__slots__
     assert "bootstrap_servers" in broker._connection_kwargs
     assert BrokerProducerSlot(broker).producer() is None  # not connected yet
+
+
+class HangingSlot(FakeSlot):
+    async def replace(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            await asyncio.sleep(3600)  # e.g. the idempotent producer's id never comes
+        await super().replace()
+
+
+async def test_one_slot_whose_replacement_fails_or_hangs_does_not_hold_back_the_others():
+    failing = FakeSlot("failing", FakeProducer(_ended(RuntimeError("x"))), failures=1)
+    hanging = HangingSlot("hanging", FakeProducer(_ended(RuntimeError("y"))), failures=1)
+    dead = FakeSlot("dead", FakeProducer(_ended(RuntimeError("z"))))
+    watchdog, registry = _watchdog(failing, hanging, dead)
+    watchdog.replace_timeout_s = 0.05
+
+    assert await watchdog.check() == 1  # only "dead": the others failed this round
+    assert dead.replacements == 1 and failing.replacements == hanging.replacements == 0
+    assert await watchdog.check() == 2  # tried again
+    assert failing.replacements == hanging.replacements == 1
+    assert _restarts(registry, "hanging") == 1
+
+
+class StartFails:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def start(self) -> None:
+        raise KafkaConnectionError("Kafka is unreachable")
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_producer_that_fails_to_start_is_closed_not_left_behind():
+    from enclave_common.kafka import _started
+
+    producer = StartFails()
+    with pytest.raises(KafkaConnectionError):
+        await _started(producer, producer.start())  # type: ignore[arg-type]
+    assert producer.stopped

@@ -59,9 +59,14 @@ class UnexpectedError(PermanentError):
 def _transient_types() -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
     try:
-        from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            ReadTimeoutError,
+        )
 
-        found += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError]
+        found += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError]
     except ImportError:  # pragma: no cover - botocore is a dependency of enclave-common
         pass
     try:
@@ -82,12 +87,17 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 def _retriable_kafka_error(exc: BaseException) -> bool:
     """A Kafka error the client marks retriable: a broker that is starting, moving a leader or not
     answering yet (``UnknownTopicOrPartitionError`` while a restarted broker loads its topics,
-    ``LeaderNotAvailableError``, ``NotLeaderForPartitionError``, ``RequestTimedOutError``...)."""
+    ``LeaderNotAvailableError``, ``NotLeaderForPartitionError``, ``RequestTimedOutError``...).
+
+    Also aiokafka's bare ``KafkaError``: the client raises it when its own machinery failed
+    ("Unexpected error during batch delivery" from a producer whose sender stopped, which the
+    service's ``SenderWatchdog`` replaces within seconds; "Unable to get cluster metadata over all
+    known brokers"). Retrying is what helps; dead-lettering would go through the same client."""
     try:
         from aiokafka.errors import KafkaError
     except ImportError:  # pragma: no cover - aiokafka is a dependency of enclave-common
         return False
-    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+    return isinstance(exc, KafkaError) and (type(exc) is KafkaError or bool(getattr(exc, "retriable", False)))
 
 
 #: What did not answer, by the top-level package of the exception that said so.

@@ -183,7 +183,7 @@ class DirectPublisher:
             max_request_size=settings.kafka_max_message_bytes,
             **_PRODUCER_OPTIONS,
         )
-        await producer.start()
+        await _started(producer, producer.start())
         self._producer = producer
 
     # ProducerSlot (SenderWatchdog): the producer in use, and a new one in its place.
@@ -293,7 +293,21 @@ class BrokerProducerSlot:
     async def replace(self) -> None:
         wrapper: Any = self.broker.config.producer
         producer = AIOKafkaProducer(**self.broker._connection_kwargs)
-        await wrapper.connect(producer, serializer=wrapper.serializer, codec=wrapper.codec)
+        # connect() starts it and only then puts it in place of the old one.
+        await _started(
+            producer, wrapper.connect(producer, serializer=wrapper.serializer, codec=wrapper.codec)
+        )
+
+
+async def _started(producer: AIOKafkaProducer, start: Awaitable[None]) -> None:
+    """Await ``start`` (which starts ``producer``); a producer that fails to start (Kafka unreachable,
+    or cancelled) is closed, not left behind with its connections."""
+    try:
+        await start
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        raise
 
 
 class SenderWatchdog:
@@ -304,8 +318,12 @@ class SenderWatchdog:
     from then on refuses every ``send()`` with the same error, for good: nothing restarts the task.
     Every consumer's outcome publish would then fail (its event rewound and redelivered, over and
     over) and the gateway would answer every upload 503, while both look ready. Every ``interval_s``
-    this looks at each producer slot; one whose sender has ended gets a new producer (publishing
-    again then works), and whatever still waits on the old one fails as a retriable Kafka error.
+    this looks at each producer slot; one whose sender has ended gets a new producer, and publishing
+    works again. Until then a publish fails with aiokafka's bare ``KafkaError``, which is transient
+    (``errors._retriable_kafka_error``): retried, not dead-lettered. Anything still waiting on the old
+    producer (aiokafka fails nothing when the task was cancelled instead) fails as a retriable error.
+    A replacement that fails or takes longer than ``replace_timeout_s`` is tried again on the next
+    check; each slot is checked on its own.
 
     The sender is aiokafka's private ``_sender.sender_task`` and the waiting batches its
     ``_message_accumulator``: there is no public way to ask. aiokafka is pinned, and a unit test fails
@@ -313,11 +331,17 @@ class SenderWatchdog:
     """
 
     def __init__(
-        self, slots: list[ProducerSlot], metrics: ConsumerMetrics, *, interval_s: float = 5.0
+        self,
+        slots: list[ProducerSlot],
+        metrics: ConsumerMetrics,
+        *,
+        interval_s: float = 5.0,
+        replace_timeout_s: float = 60.0,
     ) -> None:
         self.slots = slots
         self.metrics = metrics
         self.interval_s = interval_s
+        self.replace_timeout_s = replace_timeout_s
 
     @staticmethod
     def sender_ended(producer: Any) -> bool:
@@ -329,30 +353,41 @@ class SenderWatchdog:
 
     async def check(self) -> int:
         """Replace every producer whose sender ended; how many were replaced. A replacement that fails
-        (Kafka unreachable) is tried again on the next check; the old producer stays until then."""
+        (Kafka unreachable) is logged and tried again on the next check; the old producer stays until
+        then. One slot's failure does not keep the others from being checked."""
         replaced = 0
         for slot in self.slots:
             old: Any = slot.producer()
             if not self.sender_ended(old):
                 continue
-            task = old._sender.sender_task
-            failure = None if task.cancelled() else task.exception()
-            log.error("kafka producer stopped sending; replacing it", producer=slot.name, exc_info=failure)
             try:
-                await slot.replace()
-            finally:
-                # Whatever waits on the old producer would wait forever: it fails, so it is retried.
-                old._message_accumulator.fail_all(
-                    KafkaConnectionError("the Kafka producer stopped sending; publish again")
-                )
-            self.metrics.producer_restarts.labels(slot.name).inc()
+                await self._replace(slot, old)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("kafka producer replacement failed; will retry", producer=slot.name, exc_info=exc)
+                continue
             replaced += 1
-            log.info("kafka producer replaced", producer=slot.name)
-            try:
-                await old.stop()
-            except Exception as exc:  # its connections are closed either way
-                log.warning("the stopped kafka producer did not close cleanly", exc_info=exc)
         return replaced
+
+    async def _replace(self, slot: ProducerSlot, old: Any) -> None:
+        task = old._sender.sender_task
+        failure = None if task.cancelled() else task.exception()
+        log.error("kafka producer stopped sending; replacing it", producer=slot.name, exc_info=failure)
+        try:
+            async with asyncio.timeout(self.replace_timeout_s):
+                await slot.replace()
+        finally:
+            # Whatever still waits on the old producer would wait forever: it fails, so it is retried.
+            old._message_accumulator.fail_all(
+                KafkaConnectionError("the Kafka producer stopped sending; publish again")
+            )
+        self.metrics.producer_restarts.labels(slot.name).inc()
+        log.info("kafka producer replaced", producer=slot.name)
+        try:
+            await old.stop()
+        except Exception as exc:  # its connections are closed either way
+            log.warning("the stopped kafka producer did not close cleanly", exc_info=exc)
 
     async def run_forever(self) -> None:
         while True:
