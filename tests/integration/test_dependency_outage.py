@@ -3,7 +3,8 @@ accepts connections and requests, and nothing comes back, like a hung or partiti
 
 - The database (FerretDB): every HTTP route that needs it answers 503 with ``Retry-After`` and says
   what did not answer, within a bounded time (pymongo's monitor gives up on the silent server); none
-  answers 500 or hangs. Once it answers again, a retried upload is stored.
+  answers 500 or hangs. Once it answers again, a retried upload is stored and the audit chain, which
+  was being appended to during the outage, verifies.
 - The object store (MinIO): uploads are still accepted, ingest reports it is not ready, and the
   instance acknowledged meanwhile is stored once the store answers again.
 - Kafka: uploads and reads answer 503 once the gateway's publish timeout has passed (nothing can be
@@ -112,6 +113,11 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
         await wait_for_status(
             client, f"{GATEWAY}/api/v1/imaging/{retried}", uploader, STORED_OR_BEYOND, timeout=180
         )
+        # Audit was appending to its hash chain when the database went silent (the refused requests'
+        # access events): the chain has no gap, no duplicate and no broken link.
+        report = await client.get(f"{AUDIT_URL}/audit/verify", headers=auditor, timeout=300)
+        assert report.status_code == 200, report.text
+        assert report.json()["ok"] is True, report.text
 
 
 @pytest.mark.slow
