@@ -23,6 +23,7 @@ from enclave_common import topics
 from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
 from enclave_common.envelope import Envelope
+from enclave_common.errors import unavailable_dependency
 from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher
 from enclave_common.storage import ObjectStore
@@ -275,7 +276,13 @@ async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> T
         try:
             body = await ctx.objects.open(ctx.bucket, entry.object_key, entry.version_id)
             worm[entry.object_key] = await asyncio.to_thread(body.read)
-        except Exception as exc:  # reported as a problem of that checkpoint by verify_trail
+        except Exception as exc:
+            if unavailable_dependency(exc) is not None:
+                # The store did not answer: that says nothing about the trail. The call answers 503
+                # (retry), not "the WORM copy could not be read", a verification failure that counts in
+                # enclave_audit_verify_failures_total and pages as possible tampering.
+                raise
+            # Reported as a problem of that checkpoint by verify_trail (e.g. the copy is gone).
             log.warning(
                 "checkpoint WORM copy unreadable", object_key=entry.object_key, error_type=type(exc).__name__
             )
