@@ -47,3 +47,27 @@ async def test_a_copy_the_store_says_is_gone_is_still_a_problem_of_its_checkpoin
     missing = PermanentError("object store get failed (NoSuchKey)", code="s3_NoSuchKey")
     assert await api.verify_stored(context(missing), 1, None) == "report"
     assert verified[0]["worm_copies"] == {}  # verify_trail reports the copy as unreadable
+
+
+class CliStore:
+    failure: Exception
+
+    def __init__(self, settings: Any) -> None:
+        pass
+
+    async def read(self, bucket: str, key: str, version_id: str | None = None) -> bytes:
+        raise CliStore.failure
+
+
+def test_the_cli_stops_when_the_store_does_not_answer_and_reports_a_copy_that_is_gone(monkeypatch, capsys):
+    from enclave_audit import cli
+
+    monkeypatch.setattr(cli, "S3ObjectStore", CliStore)
+    settings: Any = SimpleNamespace(worm_bucket="audit")
+    entries: Any = [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
+    CliStore.failure = EndpointConnectionError(endpoint_url="http://minio")
+    with pytest.raises(EndpointConnectionError):  # main() turns it into exit 2, "nothing was verified"
+        cli._worm_copies(settings, entries)
+    CliStore.failure = PermanentError("object store get failed (NoSuchKey)", code="s3_NoSuchKey")
+    assert cli._worm_copies(settings, entries) == {}  # verify_trail reports it: exit 1
+    assert "warn  checkpoints/1-100.json: PermanentError" in capsys.readouterr().err

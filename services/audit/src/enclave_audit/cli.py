@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from enclave_common.errors import unavailable_dependency
 from enclave_common.storage import S3ObjectStore
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
@@ -38,7 +39,10 @@ def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) ->
                 out[entry.object_key] = await store.read(
                     settings.worm_bucket, entry.object_key, entry.version_id
                 )
-            except Exception as exc:  # reported by verify_trail as "could not be read"
+            except Exception as exc:
+                if unavailable_dependency(exc) is not None:
+                    raise  # the store did not answer: that says nothing about the trail
+                # A copy that is gone: reported by verify_trail as "could not be read".
                 print(f"warn  {entry.object_key}: {type(exc).__name__}", file=sys.stderr)
         return out
 
@@ -90,6 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except PyMongoError as exc:
         print(f"cannot read the audit database: {type(exc).__name__}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if unavailable_dependency(exc) is None:
+            raise
+        print(
+            f"cannot read the WORM bucket: {type(exc).__name__}; nothing was verified "
+            "(retry, or --no-worm to verify without the WORM copies)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         client.close()
