@@ -9,6 +9,7 @@ accepts connections and requests, and nothing comes back, like a hung or partiti
   instance acknowledged meanwhile is stored once the store answers again.
 - Kafka: uploads and reads answer 503 once the gateway's publish timeout has passed (nothing can be
   audited or handed off), and uploads go on once it answers again.
+- The object store down while an auditor verifies the trail: 503, not a failed verification.
 
 The dependency is resumed in ``finally`` and every service's readiness awaited, since all of them
 share it."""
@@ -24,7 +25,7 @@ import httpx
 import pytest
 
 from .conftest import SERVICE_PORTS
-from .support import STATE, mr_instance
+from .support import STATE, kill_hard, mr_instance, restart
 from .test_gateway_support import GATEWAY, bearer, new_tenant, wait_for_status
 
 STORED_OR_BEYOND = {"stored", "deidentified", "quarantined", "analysed"}
@@ -189,3 +190,31 @@ async def test_a_silent_kafka_is_a_503_within_the_publish_timeout_and_uploads_go
         assert after.status_code == 200, after.text
         imaging_id = after.json()["accepted"][0]["imaging_id"]
         await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)
+
+
+@pytest.mark.slow
+async def test_verifying_the_audit_trail_while_the_object_store_is_down_is_a_503_not_a_failed_verification():
+    """The trail's checkpoints are compared with their WORM copies in MinIO. With MinIO down, that
+    says nothing about the trail: the auditor gets 503 (retry), and no verification failure is counted
+    (it pages as possible tampering)."""
+    auditor = bearer("it-s3-auditor", "enclave-operator", "auditor")
+    async with httpx.AsyncClient(timeout=300) as client:
+        before = _verify_failures((await client.get(f"{AUDIT_URL}/metrics")).text)
+        kill_hard("minio")
+        try:
+            answer = await client.get(f"{AUDIT_URL}/audit/verify", headers=auditor)
+        finally:
+            restart("minio")
+            await _all_ready(client)
+        _assert_refused(answer, "dependency_unavailable")
+        assert "the object store did not answer" in answer.text
+        assert _verify_failures((await client.get(f"{AUDIT_URL}/metrics")).text) == before
+        again = await client.get(f"{AUDIT_URL}/audit/verify", headers=auditor)
+        assert again.status_code == 200 and again.json()["ok"] is True, again.text
+
+
+def _verify_failures(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("enclave_audit_verify_failures_total "):
+            return float(line.split()[1])
+    raise AssertionError("enclave_audit_verify_failures_total is not exported")
