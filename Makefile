@@ -86,7 +86,7 @@ bench-gateway: bootstrap ## STOW-RS: HTTP floor, Orthanc and the gateway side by
 bench-pipeline: bootstrap ## Whole pipeline: acceptance vs Orthanc, time to audited/de-identified, per-stage rates, RSS/CPU
 	@scripts/with-stack.sh $(PY) bench/pipeline.py
 
-chaos: bootstrap ## Kill -9 every component in turn during 500 uploads; check nothing acknowledged is lost or duplicated
+chaos: bootstrap ## Kill -9 every component in turn, then hang FerretDB, during 500 uploads; check nothing acknowledged is lost or duplicated
 	@scripts/with-stack.sh $(PY) scripts/chaos.py
 
 FUZZ_SECONDS ?= 60

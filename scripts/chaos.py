@@ -7,7 +7,8 @@ upload API), some requests carrying one deliberately truncated instance the gate
 A request that was not acknowledged (connection error, 5xx, 429, timeout) is retried with a new
 body: the same slot, fresh SOP Instance UIDs. Only acknowledged instances count. Meanwhile each
 service (gateway, ingest, deid, analysis, audit), then Kafka, then MinIO, then FerretDB is killed
-with SIGKILL and restarted with the project's own scripts. Afterwards the stores and the audit trail must show:
+with SIGKILL and restarted with the project's own scripts; then FerretDB is paused (SIGSTOP) for
+``--hang-s`` seconds, a hung server, and resumed. Afterwards the stores and the audit trail must show:
 
 - every acknowledged instance stored exactly once (ingest catalogue, one ``instance.stored`` id);
 - de-identified exactly once (deid database, one ``instance.deidentified`` id, object present);
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -58,7 +60,9 @@ from tests.integration.conftest import KAFKA, MONGO_URL, SERVICE_PORTS  # noqa: 
 GATEWAY = os.environ.get("ENCLAVE_GATEWAY_URL", "http://127.0.0.1:8080")
 STATE = support.STATE
 PHI = support.PHI
-KILL_ORDER = ("gateway", "ingest", "deid", "analysis", "audit", "kafka", "minio", "ferretdb")
+#: ``<component>-hang``: paused with SIGSTOP for ``--hang-s`` instead of killed (a hung server: its port
+#: accepts requests and nothing answers; writes a client gave up on may still be applied on resume).
+KILL_ORDER = ("gateway", "ingest", "deid", "analysis", "audit", "kafka", "minio", "ferretdb", "ferretdb-hang")
 SERVICES = tuple(SERVICE_PORTS)
 
 
@@ -378,13 +382,21 @@ async def chaos_driver(uploader: Uploader, components: list[str], started: float
             await asyncio.sleep(0.2)
         at = time.monotonic() - started
         acked = uploader.acked_count()
-        await asyncio.to_thread(support.kill_hard, component)
-        await asyncio.sleep(uploader.args.down_s)  # stay down a little while the clients keep going
         error = None
-        try:
-            await asyncio.to_thread(support.restart, component)
-        except Exception as exc:  # the table shows it; the checks after will fail
-            error = f"{type(exc).__name__}: {exc}"[:200]
+        if component.endswith("-hang"):
+            pid = int((support.STATE / "pids" / f"{component.removesuffix('-hang')}.pid").read_text())
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(uploader.args.hang_s)  # silent, while the clients keep going
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        else:
+            await asyncio.to_thread(support.kill_hard, component)
+            await asyncio.sleep(uploader.args.down_s)  # stay down a little while the clients keep going
+            try:
+                await asyncio.to_thread(support.restart, component)
+            except Exception as exc:  # the table shows it; the checks after will fail
+                error = f"{type(exc).__name__}: {exc}"[:200]
         healthy = await asyncio.to_thread(wait_all_ready, 180.0)
         kills.append(Kill(component, at, acked, None if healthy is None else time.monotonic() - started - at))
         kills[-1].restart_error = error
@@ -734,7 +746,7 @@ def report(
             f"{k.at_s:6.1f}",
             str(k.acked_before),
             "never" if k.healthy_after_s is None else f"{k.healthy_after_s:5.1f}",
-            k.restart_error or "restarted",
+            k.restart_error or ("resumed" if k.component.endswith("-hang") else "restarted"),
         ]
         for k in kills
     ]
@@ -743,8 +755,8 @@ def report(
     return "\n".join(
         [
             "",
-            "Chaos: what was killed (kill -9) and when",
-            table(["killed", "at s", "acked before", "healthy after s", "restart"], kill_rows),
+            "Chaos: what was killed (kill -9), or paused (SIGSTOP, -hang), and when",
+            table(["fault", "at s", "acked before", "healthy after s", "restart"], kill_rows),
             "",
             f"Uploads: {len(ledger.acked)} acknowledged of {uploader.args.instances} planned in "
             f"{uploader.request_count} requests ({outcomes}); refused {len(ledger.refused)}; "
@@ -811,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-attempts", type=int, default=40, help="tries per request before giving up")
     parser.add_argument("--down-s", type=float, default=3.0, help="seconds a killed component stays down")
     parser.add_argument("--kill", default=",".join(KILL_ORDER), help="components to kill, in this order")
+    parser.add_argument("--hang-s", type=float, default=45.0, help="seconds a -hang component stays paused")
     parser.add_argument("--no-kill", action="store_true", help="upload and check only (a baseline)")
     parser.add_argument("--budget-s", type=float, default=840.0, help="the whole run stays under this")
     parser.add_argument("--stall-s", type=float, default=120.0, help="stop waiting when nothing moves")

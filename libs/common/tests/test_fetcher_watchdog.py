@@ -10,6 +10,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import KafkaError
 from enclave_common.kafka import ConsumerMetrics, FetcherWatchdog
 from prometheus_client import CollectorRegistry
 
@@ -125,3 +127,27 @@ def test_aiokafka_still_keeps_its_fetch_task_where_the_watchdog_looks():
     )
     assert "self._fetcher = Fetcher(" in inspect.getsource(AIOKafkaConsumer.start)
     assert "self._closed" in inspect.getsource(AIOKafkaConsumer.stop)
+
+
+async def test_a_subscriber_whose_group_coordinator_ended_is_restarted_too():
+    """The coordinator's routine ended (uvloop's RuntimeError on a closed connection): every getone()
+    raises its error again. The fetch task itself is still alive."""
+    dead = FakeSubscriber(_pending())
+    dead.consumer._coordinator = SimpleNamespace(
+        _coordination_task=_ended(KafkaError("Unexpected error during coordination RuntimeError()"))
+    )
+    healthy = FakeSubscriber(_pending())
+    healthy.consumer._coordinator = SimpleNamespace(_coordination_task=_pending())
+    watchdog, registry = _watchdog(dead, healthy)
+
+    assert await watchdog.check() == 1
+    assert dead.calls == ["stop", "start"] and healthy.calls == []
+    assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 1
+
+
+def test_aiokafka_still_keeps_its_coordinator_routine_where_the_watchdog_looks():
+    assert "self._coordination_task = create_task(self._coordination_routine())" in inspect.getsource(
+        GroupCoordinator.__init__
+    )
+    assert "self._coordination_task.result()" in inspect.getsource(GroupCoordinator.check_errors)
+    assert "self._coordinator = GroupCoordinator(" in inspect.getsource(AIOKafkaConsumer.start)

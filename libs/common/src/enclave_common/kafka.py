@@ -412,8 +412,15 @@ class FetcherWatchdog:
     The new consumer rejoins the group and resumes from the committed offsets, so whatever was
     fetched but not acknowledged is delivered again (at least once; every handler is idempotent).
 
-    The fetcher is aiokafka's private ``_fetcher._fetch_task``: there is no public way to ask.
-    aiokafka is pinned, and a unit test fails if that attribute goes away.
+    The consumer's group coordinator runs the same way, in one routine; when it ends ("Unexpected
+    error in coordinator routine"), every ``getone()`` raises its error again (FastStream logs "Kafka
+    error occurred" every 5 s) and nothing is consumed. Its cause was identified in the eighth
+    session: under uvloop, writing to a connection that Kafka's kill had closed raises RuntimeError
+    (``UVHandle._ensure_alive``), which aiokafka does not expect. Such a consumer is restarted too.
+
+    The fetcher is aiokafka's private ``_fetcher._fetch_task``, the coordinator's
+    ``_coordinator._coordination_task``: there is no public way to ask. aiokafka is pinned, and a unit
+    test fails if those attributes go away.
     """
 
     def __init__(self, broker: KafkaBroker, metrics: ConsumerMetrics, *, interval_s: float = 5.0) -> None:
@@ -424,12 +431,13 @@ class FetcherWatchdog:
 
     @staticmethod
     def fetcher_ended(subscriber: Any) -> bool:
-        """True when ``subscriber`` runs a consumer whose fetch task has ended."""
+        """True when ``subscriber`` runs a consumer whose fetch task or coordinator routine has ended."""
         return FetcherWatchdog._ended_fetch(subscriber) is not None
 
     @staticmethod
     def _ended_fetch(subscriber: Any) -> asyncio.Future[Any] | None:
-        """The ended fetch task of ``subscriber``'s running consumer (private: see the class docstring)."""
+        """The ended fetch task or coordinator routine of ``subscriber``'s running consumer (private:
+        see the class docstring)."""
         consumer = getattr(subscriber, "consumer", None)
         if (
             consumer is None
@@ -437,8 +445,16 @@ class FetcherWatchdog:
             or getattr(consumer, "_closed", True)
         ):
             return None
-        task = getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)
-        return task if task is not None and task.done() else None
+        # The fetch task, and the group coordinator's routine: when that one ends (seen here: uvloop's
+        # RuntimeError for a write to a connection Kafka's kill had closed, "Unexpected error in
+        # coordinator routine"), every getone() raises its error again, forever.
+        for task in (
+            getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None),
+            getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None),
+        ):
+            if task is not None and task.done():
+                return task
+        return None
 
     async def check(self) -> int:
         """Restart every subscriber whose fetcher ended (and any whose restart failed before); how many
