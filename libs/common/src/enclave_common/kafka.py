@@ -448,10 +448,11 @@ class FetcherWatchdog:
         # The fetch task, and the group coordinator's routine: when that one ends (seen here: uvloop's
         # RuntimeError for a write to a connection Kafka's kill had closed, "Unexpected error in
         # coordinator routine"), every getone() raises its error again, forever.
-        for task in (
+        tasks: tuple[asyncio.Future[Any] | None, ...] = (
             getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None),
             getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None),
-        ):
+        )
+        for task in tasks:
             if task is not None and task.done():
                 return task
         return None
