@@ -28,7 +28,6 @@ import io
 import json
 import os
 import random
-import signal
 import sys
 import time
 import uuid
@@ -384,12 +383,8 @@ async def chaos_driver(uploader: Uploader, components: list[str], started: float
         acked = uploader.acked_count()
         error = None
         if component.endswith("-hang"):
-            pid = int((support.STATE / "pids" / f"{component.removesuffix('-hang')}.pid").read_text())
-            os.kill(pid, signal.SIGSTOP)
-            try:
+            with support.paused(component.removesuffix("-hang")):
                 await asyncio.sleep(uploader.args.hang_s)  # silent, while the clients keep going
-            finally:
-                os.kill(pid, signal.SIGCONT)
         else:
             await asyncio.to_thread(support.kill_hard, component)
             await asyncio.sleep(uploader.args.down_s)  # stay down a little while the clients keep going

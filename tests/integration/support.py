@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shlex
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,18 @@ def kill_hard(component: str) -> None:
         if state == "Z":
             return
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def paused(component: str) -> Iterator[None]:
+    """SIGSTOP one of our processes for the block, SIGCONT after: a hung server (its port still
+    accepts connections and requests, and nothing answers)."""
+    pid = int((STATE / "pids" / f"{component}.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def restart(component: str) -> None:

@@ -17,15 +17,15 @@ share it."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
 
 from .conftest import SERVICE_PORTS
-from .support import STATE, kill_hard, mr_instance, restart
+from .support import kill_hard, mr_instance, paused, restart
 from .test_gateway_support import GATEWAY, bearer, new_tenant, wait_for_status
 
 STORED_OR_BEYOND = {"stored", "deidentified", "quarantined", "analysed"}
@@ -49,6 +49,26 @@ async def _all_ready(client: httpx.AsyncClient, timeout: float = 180.0) -> None:
     assert not waiting, f"not ready again after the database answered again: {sorted(waiting)}"
 
 
+@asynccontextmanager
+async def _silent(client: httpx.AsyncClient, component: str) -> AsyncIterator[None]:
+    """``component`` paused for the block; afterwards every service's readiness is awaited, whatever
+    the block did, since they all share it."""
+    try:
+        with paused(component):
+            yield
+    finally:
+        await _all_ready(client)
+
+
+async def _upload(client: httpx.AsyncClient, headers: dict[str, str], instance: bytes) -> httpx.Response:
+    """One instance through the upload API."""
+    return await client.post(
+        f"{GATEWAY}/api/v1/imaging/upload",
+        files=[("file", ("i.dcm", instance, "application/dicom"))],
+        headers=headers,
+    )
+
+
 def _assert_refused(answer: httpx.Response, code: str) -> None:
     assert answer.status_code == 503, answer.text
     assert answer.headers.get("retry-after")
@@ -61,25 +81,17 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
     tenant = new_tenant("it-db")
     uploader = bearer("it-db-pacs", tenant, "uploader")
     auditor = bearer("it-db-auditor", "enclave-operator", "auditor")
-    instance, _ = mr_instance()
-    files = [("file", ("i.dcm", instance, "application/dicom"))]
-    ferretdb = int((STATE / "pids" / "ferretdb.pid").read_text())
     async with httpx.AsyncClient(timeout=120) as client:
-        before = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=uploader)
+        before = await _upload(client, uploader, mr_instance()[0])
         assert before.status_code == 200, before.text
         known = before.json()["accepted"][0]["imaging_id"]
         await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{known}", uploader, STORED_OR_BEYOND)
 
         retry, _ = mr_instance()
-        os.kill(ferretdb, signal.SIGSTOP)
-        try:
+        async with _silent(client, "ferretdb"):
             started = time.monotonic()
             upload, stow, status, audit = await asyncio.gather(
-                client.post(
-                    f"{GATEWAY}/api/v1/imaging/upload",
-                    files=[("file", ("r.dcm", retry, "application/dicom"))],
-                    headers=uploader,
-                ),
+                _upload(client, uploader, retry),
                 client.post(
                     f"{GATEWAY}/dicomweb/studies",
                     content=mr_instance()[0],
@@ -100,15 +112,8 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
             assert took < ANSWER_WITHIN_S, f"the answers took {took:.0f} s"
             assert (await client.get(f"{GATEWAY}/healthz")).status_code == 200  # alive, just not ready
             assert (await client.get(f"{GATEWAY}/readyz")).status_code == 503
-        finally:
-            os.kill(ferretdb, signal.SIGCONT)
-            await _all_ready(client)
 
-        again = await client.post(
-            f"{GATEWAY}/api/v1/imaging/upload",
-            files=[("file", ("r.dcm", retry, "application/dicom"))],
-            headers=uploader,
-        )
+        again = await _upload(client, uploader, retry)
         assert again.status_code == 200, again.text
         retried = again.json()["accepted"][0]["imaging_id"]
         await wait_for_status(
@@ -128,16 +133,10 @@ async def test_a_silent_object_store_holds_nothing_back_once_it_answers_again():
     acknowledged meanwhile is stored: a handler blocked on the silent store resumes, nothing is lost."""
     tenant = new_tenant("it-s3")
     uploader = bearer("it-s3-pacs", tenant, "uploader")
-    minio = int((STATE / "pids" / "minio.pid").read_text())
     ingest_ready = f"http://127.0.0.1:{SERVICE_PORTS['ingest']}/readyz"
     async with httpx.AsyncClient(timeout=120) as client:
-        os.kill(minio, signal.SIGSTOP)
-        try:
-            answer = await client.post(
-                f"{GATEWAY}/api/v1/imaging/upload",
-                files=[("file", ("s.dcm", mr_instance()[0], "application/dicom"))],
-                headers=uploader,
-            )
+        async with _silent(client, "minio"):
+            answer = await _upload(client, uploader, mr_instance()[0])
             assert answer.status_code == 200, answer.text
             imaging_id = answer.json()["accepted"][0]["imaging_id"]
             readiness = await client.get(ingest_ready)
@@ -146,9 +145,6 @@ async def test_a_silent_object_store_holds_nothing_back_once_it_answers_again():
             await asyncio.sleep(15)  # ingest meets the silent store meanwhile
             status = await client.get(f"{GATEWAY}/api/v1/imaging/{imaging_id}", headers=uploader)
             assert status.status_code == 200 and status.json()["status"] == "received"
-        finally:
-            os.kill(minio, signal.SIGCONT)
-            await _all_ready(client)
         await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)
 
 
@@ -159,17 +155,11 @@ async def test_a_silent_kafka_is_a_503_within_the_publish_timeout_and_uploads_go
     answers again an upload is acknowledged and stored."""
     tenant = new_tenant("it-kh")
     uploader = bearer("it-kh-pacs", tenant, "uploader")
-    kafka = int((STATE / "pids" / "kafka.pid").read_text())
     async with httpx.AsyncClient(timeout=120) as client:
-        os.kill(kafka, signal.SIGSTOP)
-        try:
+        async with _silent(client, "kafka"):
             started = time.monotonic()
             upload, read = await asyncio.gather(
-                client.post(
-                    f"{GATEWAY}/api/v1/imaging/upload",
-                    files=[("file", ("k.dcm", mr_instance()[0], "application/dicom"))],
-                    headers=uploader,
-                ),
+                _upload(client, uploader, mr_instance()[0]),
                 client.get(
                     f"{GATEWAY}/api/v1/imaging/01a204ee-0000-7000-8000-000000000000", headers=uploader
                 ),
@@ -179,14 +169,7 @@ async def test_a_silent_kafka_is_a_503_within_the_publish_timeout_and_uploads_go
                 _assert_refused(answer, "kafka_unavailable")
             assert "imaging_id" not in upload.text
             assert took < ANSWER_WITHIN_S, f"the answers took {took:.0f} s"
-        finally:
-            os.kill(kafka, signal.SIGCONT)
-            await _all_ready(client)
-        after = await client.post(
-            f"{GATEWAY}/api/v1/imaging/upload",
-            files=[("file", ("k.dcm", mr_instance()[0], "application/dicom"))],
-            headers=uploader,
-        )
+        after = await _upload(client, uploader, mr_instance()[0])
         assert after.status_code == 200, after.text
         imaging_id = after.json()["accepted"][0]["imaging_id"]
         await wait_for_status(client, f"{GATEWAY}/api/v1/imaging/{imaging_id}", uploader, STORED_OR_BEYOND)

@@ -55,7 +55,7 @@ class CliStore:
     def __init__(self, settings: Any) -> None:
         pass
 
-    async def read(self, bucket: str, key: str, version_id: str | None = None) -> bytes:
+    async def open(self, bucket: str, key: str, version_id: str | None = None) -> Any:
         raise CliStore.failure
 
 

@@ -8,6 +8,7 @@ Messages must never contain PHI: they end up in logs, DLQ headers and events.
 
 from __future__ import annotations
 
+from functools import cache
 from types import CodeType
 
 
@@ -56,6 +57,7 @@ class UnexpectedError(PermanentError):
     code = "unexpected_error"
 
 
+@cache  # imported and built once, not on every classification
 def _transient_types() -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
     try:
@@ -104,6 +106,7 @@ def _retriable_kafka_error(exc: BaseException) -> bool:
 _DEPENDENCY_OF_PACKAGE = {"pymongo": "the database", "botocore": "the object store", "aiokafka": "Kafka"}
 
 
+@cache
 def dependency_failure_types() -> tuple[type[Exception], ...]:
     """The exception types that may mean a dependency is unavailable (:func:`unavailable_dependency`
     decides for an instance: a Kafka error counts only when the client marks it retriable)."""
@@ -135,7 +138,7 @@ def classify_exception(exc: BaseException) -> PermanentError | TransientError:
     because a third-party message may quote PHI)."""
     if isinstance(exc, PermanentError | TransientError):
         return exc
-    if isinstance(exc, _transient_types()) or _retriable_kafka_error(exc):
+    if unavailable_dependency(exc) is not None:
         return TransientError(f"dependency unavailable ({type(exc).__name__})")
     if isinstance(exc, EnclaveError):
         return PermanentError(str(exc), code=exc.code)

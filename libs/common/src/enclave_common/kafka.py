@@ -390,14 +390,7 @@ class SenderWatchdog:
             log.warning("the stopped kafka producer did not close cleanly", exc_info=exc)
 
     async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next round tries again
-                log.error("kafka producer replacement failed; will retry", exc_info=exc)
+        await _every(self.interval_s, self.check, "kafka producer replacement failed; will retry")
 
 
 class FetcherWatchdog:
@@ -499,14 +492,20 @@ class FetcherWatchdog:
         return str(getattr(subscriber, "group_id", None) or "none")
 
     async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next round tries again
-                log.error("kafka consumer restart failed; will retry", exc_info=exc)
+        await _every(self.interval_s, self.check, "kafka consumer restart failed; will retry")
+
+
+async def _every(interval_s: float, check: Callable[[], Awaitable[object]], failed: str) -> None:
+    """A watchdog's loop: ``check()`` every ``interval_s``; a round that fails is logged as ``failed``
+    and the next round tries again."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await check()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(failed, exc_info=exc)
 
 
 async def rewind(msg: KafkaMessage, exc: Exception, retry: RetryPolicy, *, topic: str) -> None:

@@ -23,7 +23,6 @@ from enclave_common import topics
 from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
 from enclave_common.envelope import Envelope
-from enclave_common.errors import unavailable_dependency
 from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher
 from enclave_common.storage import ObjectStore
@@ -45,7 +44,7 @@ from enclave_audit.store import (
     decode_cursor,
     encode_cursor,
 )
-from enclave_audit.verification import TrailReport, verify_trail
+from enclave_audit.verification import TrailReport, read_worm_copies, verify_trail
 
 _OUTCOME_WORDS: Final = {
     "allow": "success",
@@ -271,21 +270,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
-    worm: dict[str, bytes] = {}
-    for entry in entries:
-        try:
-            body = await ctx.objects.open(ctx.bucket, entry.object_key, entry.version_id)
-            worm[entry.object_key] = await asyncio.to_thread(body.read)
-        except Exception as exc:
-            if unavailable_dependency(exc) is not None:
-                # The store did not answer: that says nothing about the trail. The call answers 503
-                # (retry), not "the WORM copy could not be read", a verification failure that counts in
-                # enclave_audit_verify_failures_total and pages as possible tampering.
-                raise
-            # Reported as a problem of that checkpoint by verify_trail (e.g. the copy is gone).
-            log.warning(
-                "checkpoint WORM copy unreadable", object_key=entry.object_key, error_type=type(exc).__name__
-            )
+    worm = await read_worm_copies(ctx.objects, ctx.bucket, entries, _unreadable)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,
@@ -295,6 +280,10 @@ async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> T
         public_key=ctx.public_key,
         worm_copies=worm,
     )
+
+
+def _unreadable(object_key: str, exc: Exception) -> None:
+    log.warning("checkpoint WORM copy unreadable", object_key=object_key, error_type=type(exc).__name__)
 
 
 def _write_bundle_file(

@@ -26,27 +26,14 @@ from pymongo.errors import PyMongoError
 from enclave_audit.config import AuditSettings
 from enclave_audit.signing import Ed25519Signer, load_public_key_pem
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
-from enclave_audit.verification import TrailReport, verify_trail
+from enclave_audit.verification import TrailReport, read_worm_copies, verify_trail
 
 
 def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) -> dict[str, bytes]:
-    store = S3ObjectStore(settings)
+    def unreadable(object_key: str, exc: Exception) -> None:
+        print(f"warn  {object_key}: {type(exc).__name__}", file=sys.stderr)
 
-    async def read_all() -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        for entry in entries:
-            try:
-                out[entry.object_key] = await store.read(
-                    settings.worm_bucket, entry.object_key, entry.version_id
-                )
-            except Exception as exc:
-                if unavailable_dependency(exc) is not None:
-                    raise  # the store did not answer: that says nothing about the trail
-                # A copy that is gone: reported by verify_trail as "could not be read".
-                print(f"warn  {entry.object_key}: {type(exc).__name__}", file=sys.stderr)
-        return out
-
-    return asyncio.run(read_all())
+    return asyncio.run(read_worm_copies(S3ObjectStore(settings), settings.worm_bucket, entries, unreadable))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,9 +8,12 @@ or a database index that no longer matches the WORM copy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from enclave_common.errors import unavailable_dependency
+from enclave_common.storage import ObjectStore
 from pydantic import BaseModel
 
 from enclave_audit.chain import BreakReason, VerifyResult, verify_chain
@@ -117,3 +120,28 @@ def verify_trail(
         checkpoints_checked=len(checkpoints),
         checkpoint_problems=problems,
     )
+
+
+async def read_worm_copies(
+    objects: ObjectStore,
+    bucket: str,
+    entries: Sequence[CheckpointEntry],
+    on_unreadable: Callable[[str, Exception], None],
+) -> dict[str, bytes]:
+    """The WORM copy of each checkpoint, by object key (the API's and the CLI's verification).
+
+    A store that does not answer raises: that says nothing about the trail, so the call answers 503
+    (the CLI exits 2) instead of reporting "the WORM copy could not be read", a verification failure
+    that counts in ``enclave_audit_verify_failures_total`` and pages as possible tampering. A copy the
+    store cannot give (e.g. it is gone) is left out and passed to ``on_unreadable``; ``verify_trail``
+    then reports it as a problem of its checkpoint."""
+    worm: dict[str, bytes] = {}
+    for entry in entries:
+        try:
+            body = await objects.open(bucket, entry.object_key, entry.version_id)
+            worm[entry.object_key] = await asyncio.to_thread(body.read)
+        except Exception as exc:
+            if unavailable_dependency(exc) is not None:
+                raise
+            on_unreadable(entry.object_key, exc)
+    return worm
