@@ -7,6 +7,9 @@ import pytest
 
 from .conftest import SERVICE_PORTS
 
+#: The readiness check of the local directory each service writes instances to.
+LOCAL_DISK = {"gateway": "spool", "ingest": "spool", "deid": "work_dir"}
+
 
 @pytest.mark.parametrize("service", sorted(SERVICE_PORTS))
 def test_service_is_alive_ready_and_exports_metrics(service):
@@ -18,6 +21,8 @@ def test_service_is_alive_ready_and_exports_metrics(service):
     assert ready.status_code == 200, ready.text
     checks = ready.json()["checks"]
     assert checks["kafka"] == "ok" and checks["mongodb"] == "ok"
+    if service in LOCAL_DISK:  # the directory it writes to exists, is writable and has room
+        assert checks[LOCAL_DISK[service]] == "ok"
     metrics = httpx.get(f"{base}/metrics", timeout=10)
     assert metrics.status_code == 200
     assert "enclave_http_requests" in metrics.text

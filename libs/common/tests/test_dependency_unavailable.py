@@ -1,12 +1,15 @@
 """A route that fails because a dependency did not answer (the database, the object store, Kafka)
 answers 503 with ``Retry-After`` in the services' error shape, naming what did not answer; it never
-answers a bare 500, and the exception's text (which may quote data) is neither sent nor logged. Any
-other failure is still a 500."""
+answers a bare 500, and the exception's text (which may quote data) is neither sent nor logged. So
+does a route that failed because the service's machine ran out of disk space or file handles
+(``resource_exhausted``). Any other failure is still a 500."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -57,6 +60,11 @@ def client() -> Iterator[TestClient]:
     async def kafka_refused() -> dict[str, str]:
         raise UnsupportedVersionError(PLANTED)  # a Kafka error that retrying cannot help
 
+    @router.get("/disk/{name}")
+    async def disk(name: str) -> dict[str, str]:
+        number = getattr(errno, name)
+        raise OSError(number, os.strerror(number), f"/spool/{PLANTED}.tmp")
+
     @router.get("/bug")
     async def bug() -> dict[str, str]:
         raise ValueError(PLANTED)
@@ -101,3 +109,33 @@ def test_a_kafka_error_retrying_cannot_help_and_any_other_failure_stay_500(clien
         answer = client.get(path)
         assert answer.status_code == 500, path
         assert PLANTED not in answer.text
+
+
+@pytest.mark.parametrize(
+    ("name", "resource"),
+    [("ENOSPC", "local disk space"), ("EDQUOT", "local disk quota"), ("EMFILE", "open files")],
+)
+def test_a_machine_out_of_disk_or_files_is_a_503_naming_what_ran_out(
+    client: TestClient, logs: io.StringIO, name: str, resource: str
+) -> None:
+    answer = client.get(f"/disk/{name}")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "10"
+    assert answer.json()["detail"] == {
+        "code": "resource_exhausted",
+        "message": f"the service ran out of {resource}, so the request could not be completed; retry later",
+    }
+    assert PLANTED not in answer.text
+    records = [json.loads(line) for line in logs.getvalue().splitlines()]
+    refused = [r for r in records if r["event"] == "request refused: the service ran out of a resource"]
+    assert len(refused) == 1
+    assert refused[0]["level"] == "error"
+    assert (refused[0]["resource"], refused[0]["error_errno"]) == (resource, name)
+    assert PLANTED not in logs.getvalue()
+
+
+def test_any_other_failed_system_call_stays_a_500(client: TestClient, logs: io.StringIO) -> None:
+    answer = client.get("/disk/EIO")
+    assert answer.status_code == 500
+    assert PLANTED not in answer.text
+    assert PLANTED not in logs.getvalue()

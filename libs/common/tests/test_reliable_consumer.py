@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from types import SimpleNamespace
 
 import pytest
@@ -162,6 +163,36 @@ async def test_a_kafka_error_the_client_calls_retriable_is_retried_not_dead_lett
 
     event, processed, dead = await _deliver_one(handler)
     assert calls == 3 and dead == [] and await processed.seen(event.id)
+
+
+def _write_to_a_full_disk() -> None:
+    """A real ENOSPC from the kernel: /dev/full refuses every write as a full disk does."""
+    with open("/dev/full", "wb", buffering=0) as full:
+        full.write(b"sealed chunk")
+
+
+async def test_a_full_local_disk_is_retried_not_dead_lettered():
+    """A service whose work disk filled up (deid's work directory, ingest's spool) must not
+    dead-letter what it could not write: once space is freed, the same event succeeds. Seen on the
+    stack: deid dead-lettered an instance with 'unexpected OSError' while its disk was full."""
+    calls = 0
+
+    async def handler(env: Envelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            _write_to_a_full_disk()
+
+    event, processed, dead = await _deliver_one(handler)
+    assert calls == 3 and dead == [] and await processed.seen(event.id)
+
+
+async def test_any_other_failed_system_call_is_still_dead_lettered():
+    async def handler(env: Envelope) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    event, processed, dead = await _deliver_one(handler)
+    assert [headers["x-dlq-code"] for _, headers in dead] == ["unexpected_error"]
 
 
 async def test_a_message_whose_dead_lettering_fails_is_rewound_not_skipped(monkeypatch):

@@ -1,10 +1,13 @@
-"""The sealed hand-off: the spool (memory within the request's budget, then files) and the queued
-acknowledgements (all awaited before an answer; any failure is KafkaUnavailable)."""
+"""The sealed hand-off: the spool (memory within the request's budget, then files; a spool that
+cannot be written is SpoolUnavailable) and the queued acknowledgements (all awaited before an
+answer; any failure is KafkaUnavailable)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_common.crypto.sealing import InstanceUnsealer, SealContext
 from enclave_common.envelope import Envelope
-from enclave_gateway.handoff import PUBLISH_WINDOW, Handoff, KafkaUnavailable, SealedInstance, SpoolBudget
+from enclave_gateway.handoff import (
+    PUBLISH_WINDOW,
+    Handoff,
+    KafkaUnavailable,
+    SealedInstance,
+    SpoolBudget,
+    SpoolUnavailable,
+)
 
 CHUNK = 4096
 
@@ -68,6 +78,37 @@ def test_past_the_budget_instances_spill_to_unnamed_files_that_close_with_them(t
     second.discard()
     first.discard()
     assert files_in(tmp_path) == 0
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spilling to the spool lands on /dev/full: every write fails with the kernel's own ENOSPC, as
+    on a full disk."""
+
+    def rollover(self: tempfile.SpooledTemporaryFile[bytes]) -> None:
+        if self._rolled:
+            return
+        self._file = open("/dev/full", "w+b", buffering=0)  # noqa: SIM115 - closed with the spool
+        self._rolled = True
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", rollover)
+
+
+def test_a_full_spool_disk_is_spool_unavailable_naming_what_ran_out(tmp_path: Path, full_disk: None) -> None:
+    with pytest.raises(SpoolUnavailable) as refused:
+        sealed(tmp_path, X25519PrivateKey.generate(), os.urandom(3 * CHUNK), SpoolBudget(0))
+    assert refused.value.code == "spool_unavailable"
+    assert isinstance(refused.value.__cause__, OSError) and refused.value.__cause__.errno == errno.ENOSPC
+    assert str(refused.value) == (
+        "The gateway's spool ran out of local disk space, so the upload could not be held; nothing was "
+        "accepted, retry later"
+    )
+
+
+def test_a_spool_directory_that_is_gone_is_spool_unavailable(tmp_path: Path) -> None:
+    gone = tmp_path / "spool"  # removed under the running gateway (a cleaner of /tmp, say)
+    with pytest.raises(SpoolUnavailable, match="spool could not be used"):
+        sealed(gone, X25519PrivateKey.generate(), os.urandom(3 * CHUNK), SpoolBudget(0))
 
 
 class FakePublisher:

@@ -2,12 +2,14 @@
 
 A :class:`PermanentError` means retrying cannot help (bad input, a contract violation): the message
 goes to ``<topic>.dlq`` with the reason in headers. A :class:`TransientError` means a dependency is
-unavailable: the message is retried with bounded exponential backoff, then redelivered.
+unavailable, or the service's machine ran out of disk space or file handles: the message is retried
+with bounded exponential backoff, then redelivered.
 Messages must never contain PHI: they end up in logs, DLQ headers and events.
 """
 
 from __future__ import annotations
 
+import errno
 from functools import cache
 from types import CodeType
 
@@ -132,17 +134,44 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     return _DEPENDENCY_OF_PACKAGE.get(type(exc).__module__.split(".", 1)[0], "a dependency")
 
 
+#: ``OSError`` numbers that mean the service's machine ran out of something, not that the input was
+#: bad: retrying once space or handles are freed helps, and dead-lettering would not.
+_EXHAUSTED = {
+    errno.ENOSPC: "local disk space",
+    errno.EDQUOT: "local disk quota",
+    errno.EMFILE: "open files",
+    errno.ENFILE: "open files",
+}
+
+
+def exhausted_resource(exc: BaseException) -> str | None:
+    """What the service ran out of (``"local disk space"``, ``"open files"``...) when ``exc`` says so
+    (a full disk or quota, too many open files), else ``None``."""
+    if isinstance(exc, OSError):
+        return _EXHAUSTED.get(exc.errno or 0)
+    return None
+
+
 def classify_exception(exc: BaseException) -> PermanentError | TransientError:
-    """Map any exception to the hierarchy: Enclave's own as they are, infrastructure failures as
-    transient, anything else as an unexpected permanent error (named by type, its text dropped
-    because a third-party message may quote PHI)."""
+    """Map any exception to the hierarchy: Enclave's own as they are, infrastructure failures and a
+    machine out of disk or file handles as transient, anything else as an unexpected permanent error
+    (named by type, its text dropped because a third-party message may quote PHI). A new error keeps
+    ``exc`` as its ``__cause__``, so a log of it still says what failed where (type and place only)."""
     if isinstance(exc, PermanentError | TransientError):
         return exc
+    error: PermanentError | TransientError
     if unavailable_dependency(exc) is not None:
-        return TransientError(f"dependency unavailable ({type(exc).__name__})")
-    if isinstance(exc, EnclaveError):
-        return PermanentError(str(exc), code=exc.code)
-    return UnexpectedError(f"unexpected {type(exc).__name__} while handling the event{_raised_at(exc)}")
+        error = TransientError(f"dependency unavailable ({type(exc).__name__})")
+    elif (resource := exhausted_resource(exc)) is not None:
+        error = TransientError(
+            f"the service ran out of {resource} ({type(exc).__name__})", code="resource_exhausted"
+        )
+    elif isinstance(exc, EnclaveError):
+        error = PermanentError(str(exc), code=exc.code)
+    else:
+        error = UnexpectedError(f"unexpected {type(exc).__name__} while handling the event{_raised_at(exc)}")
+    error.__cause__ = exc
+    return error
 
 
 def _raised_at(exc: BaseException) -> str:

@@ -590,7 +590,11 @@ def reliable_consumer(
                 await msg.ack()
                 return
             if outcome is not None:
-                log.warning("transient failure persists; message will be redelivered", topic=source_topic)
+                log.warning(
+                    "transient failure persists; message will be redelivered",
+                    topic=source_topic,
+                    exc_info=outcome,
+                )
                 await asyncio.sleep(retry.max_delay_s)
                 await msg.nack()
                 return

@@ -8,6 +8,7 @@ messages such as a parser's may quote a DICOM value). Correlation and event ids 
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import sys
@@ -124,7 +125,8 @@ def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
 
     What a foreign exception says may hold the data it failed on, so only where it was raised is
     kept: the types of its causes (``error_cause``) and the code locations of the innermost one
-    (``error_at``: file, line, function; no values). An error inside a library, such as aiokafka's
+    (``error_at``: file, line, function; no values), and the ``errno`` name of a failed system call
+    (``error_errno``). An error inside a library, such as aiokafka's
     fetcher dying, can then be traced to its line without a debugger."""
     exc_info = event_dict.pop("exc_info", None)
     if exc_info is True:
@@ -142,6 +144,9 @@ def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
             event_dict["error_cause"] = " < ".join(type(e).__name__ for e in chain[1:])
         if chain[-1].__traceback__ is not None:
             event_dict["error_at"] = _where(chain[-1])
+        failed_call = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
+        if failed_call is not None:  # "ENOSPC" says more than "OSError", and quotes no data
+            event_dict["error_errno"] = errno.errorcode.get(failed_call.errno or 0, str(failed_call.errno))
         if isinstance(exc, EnclaveError):
             event_dict["error"] = str(exc)
             event_dict["error_code"] = exc.code

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,7 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from enclave_common.errors import TransientError, dependency_failure_types, unavailable_dependency
+from enclave_common.errors import (
+    TransientError,
+    dependency_failure_types,
+    exhausted_resource,
+    unavailable_dependency,
+)
 from enclave_common.events import envelope_schema
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
@@ -52,6 +60,36 @@ from enclave_common.telemetry import build_tracer_provider
 log = structlog.get_logger("enclave.service")
 
 ReadinessCheck = Callable[[], Awaitable[object]]
+
+
+#: Below this much free space a service's local disk (the gateway's and ingest's spools, deid's work
+#: directory) is reported not ready: one MRI instance alone can need tens of MiB there.
+MIN_FREE_DISK_BYTES = 64 * 1024 * 1024
+
+
+class LocalDiskFull(Exception):
+    """A local directory a service writes to has less than ``MIN_FREE_DISK_BYTES`` free."""
+
+
+class LocalDirectoryUnusable(Exception):
+    """A local directory a service writes to is missing or not writable."""
+
+
+def local_disk_check(directory: Path | None, min_free_bytes: int = MIN_FREE_DISK_BYTES) -> ReadinessCheck:
+    """A readiness check for a directory the service writes to (the system's temporary directory when
+    ``None``): present, writable, and at least ``min_free_bytes`` free. A replica whose disk filled up
+    then leaves the load balancer's rotation instead of refusing upload after upload, and an SRE sees
+    ``unavailable (LocalDiskFull)`` on ``/readyz``."""
+
+    async def check() -> None:
+        path = directory or Path(tempfile.gettempdir())
+        if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+            raise LocalDirectoryUnusable("the directory is missing or not writable")
+        stats = os.statvfs(path)
+        if stats.f_bavail * stats.f_frsize < min_free_bytes:
+            raise LocalDiskFull("less free space than the minimum")
+
+    return check
 
 
 class ServiceRuntime:
@@ -226,7 +264,7 @@ class ServiceRuntime:
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
         app.state.runtime = self
         app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint))
-        for failure in dependency_failure_types():
+        for failure in (*dependency_failure_types(), OSError):
             app.add_exception_handler(failure, _dependency_unavailable)
         for cls, options in middleware:
             app.add_middleware(cls, **options)
@@ -258,25 +296,27 @@ RETRY_AFTER_S = 10
 async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     """A route failed because a dependency did not answer (the database, the object store, Kafka):
     503 with ``Retry-After`` in the services' error shape, naming what did not answer, instead of a
-    bare 500. The exception's text is never sent or logged (it may quote data); any other exception
-    of these types is re-raised and answered 500 as before."""
-    what = unavailable_dependency(exc)
-    if what is None:
+    bare 500. So is a service whose machine ran out of disk space or open files (``resource_exhausted``:
+    another replica, or the same one later, can take the request). The exception's text is never sent
+    or logged (it may quote data or paths); any other exception of these types is re-raised and
+    answered 500 as before."""
+    where = {"method": request.method, "route": getattr(request.scope.get("route"), "path", None)}
+    if (resource := exhausted_resource(exc)) is not None:
+        log.error(
+            "request refused: the service ran out of a resource", resource=resource, exc_info=exc, **where
+        )
+        code, message = "resource_exhausted", f"the service ran out of {resource}"
+    elif (what := unavailable_dependency(exc)) is not None:
+        log.warning("request refused: a dependency is unavailable", dependency=what, exc_info=exc, **where)
+        code = exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
+        message = f"{what} did not answer"
+    else:
         raise exc
-    route = request.scope.get("route")
-    log.warning(
-        "request refused: a dependency is unavailable",
-        dependency=what,
-        method=request.method,
-        route=getattr(route, "path", None),
-        exc_info=exc,
-    )
-    code = exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
     return JSONResponse(
         {
             "detail": {
                 "code": code,
-                "message": f"{what} did not answer, so the request could not be completed; retry later",
+                "message": f"{message}, so the request could not be completed; retry later",
             }
         },
         status_code=503,

@@ -10,7 +10,7 @@ from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.service import ServiceRuntime, local_disk_check, run_service
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
 from fastapi import FastAPI
@@ -68,6 +68,7 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
     handler = InstanceStoredHandler(runtime, settings, records, vault)
     handler.register()
     runtime.readiness["object_store"] = store.ping
+    runtime.readiness["work_dir"] = local_disk_check(settings.work_dir)
 
     async def load_keys_and_prepare() -> None:
         keys = load_keys(settings)

@@ -6,6 +6,7 @@ from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
+import structlog
 from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from enclave_gateway.access import AccessRecorder
-from enclave_gateway.handoff import KafkaUnavailable
+from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.multipart import RequestBodyError
 from enclave_gateway.readmodel import ReadModel, analysis_id_of, status_of
 from enclave_gateway.stow import (
@@ -26,10 +27,12 @@ from enclave_gateway.stow import (
 )
 from enclave_gateway.uploads import UploadNotRecorded, UploadProcessor, UploadResult
 
+log = structlog.get_logger("enclave.gateway")
+
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
 
-def _unavailable(exc: KafkaUnavailable | UploadNotRecorded) -> JSONResponse:
+def _unavailable(exc: KafkaUnavailable | UploadNotRecorded | SpoolUnavailable) -> JSONResponse:
     return JSONResponse(
         {"status": 503, "error": exc.code, "message": str(exc)},
         status_code=503,
@@ -59,6 +62,9 @@ def build_router(
                 expected_study_uid=study,
                 form_fields=UPLOAD_FORM_FIELDS if form else None,
             )
+        except SpoolUnavailable as exc:
+            log.error("upload refused: the spool could not be written", code=exc.code, exc_info=exc)
+            return _unavailable(exc)
         except RequestBodyError as exc:
             await recorder.record(
                 request,
@@ -80,7 +86,7 @@ def build_router(
         try:
             if result.accepted:
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
-        except (KafkaUnavailable, UploadNotRecorded) as exc:
+        except (KafkaUnavailable, UploadNotRecorded, SpoolUnavailable) as exc:
             uploads.discard(result)
             return _unavailable(exc)
         for part in result.failed:

@@ -3,7 +3,8 @@ spooled as ciphertext, and published as chunks of at most 1 MiB only when the wh
 
 The gateway holds no key that can open what it sealed. The request is answered only after Kafka
 acknowledged every chunk and event (acks=all, idempotent producer); any failure is reported as
-``KafkaUnavailable`` so the request answers 503 and acknowledges nothing.
+``KafkaUnavailable`` so the request answers 503 and acknowledges nothing. A spool the gateway cannot
+write (its disk is full) is ``SpoolUnavailable``, answered the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from enclave_common import topics
 from enclave_common.crypto import InstanceSealer, SealContext
 from enclave_common.envelope import Envelope, new_event_id
-from enclave_common.errors import TransientError
+from enclave_common.errors import TransientError, exhausted_resource
 from enclave_common.events import UploadChunk, UploadReceived
 from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import InstanceKeys
@@ -33,6 +34,26 @@ PUBLISH_WINDOW = 8
 
 class KafkaUnavailable(TransientError):
     code = "kafka_unavailable"
+
+
+class SpoolUnavailable(TransientError):
+    """The gateway could not write or read its spool (its disk is full, a file could not be
+    created): the request answers 503 and acknowledges nothing. Another replica, or this one once
+    space is freed, can take it again."""
+
+    code = "spool_unavailable"
+
+
+@contextmanager
+def _spool_io() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        resource = exhausted_resource(exc)
+        what = f"ran out of {resource}" if resource else "could not be used"
+        raise SpoolUnavailable(
+            f"The gateway's spool {what}, so the upload could not be held; nothing was accepted, retry later"
+        ) from exc
 
 
 class SpoolBudget:
@@ -91,14 +112,16 @@ class SealedInstance:
     def finish(self) -> None:
         self._write(self._sealer.seal_chunk(bytes(self._buffer), final=True))
         self._buffer.clear()
-        self._file.flush()
+        with _spool_io():
+            self._file.flush()
 
     def _write(self, sealed: bytes | bytearray) -> None:
-        if self._in_memory and not self._budget.take(_LEN.size + len(sealed)):
-            self._file.rollover()
-            self._in_memory = False
-        self._file.write(_LEN.pack(len(sealed)))
-        self._file.write(sealed)
+        with _spool_io():
+            if self._in_memory and not self._budget.take(_LEN.size + len(sealed)):
+                self._file.rollover()
+                self._in_memory = False
+            self._file.write(_LEN.pack(len(sealed)))
+            self._file.write(sealed)
         self.count += 1
 
     @property
@@ -106,9 +129,15 @@ class SealedInstance:
         return self._in_memory
 
     def chunks(self) -> Iterator[bytes]:
-        self._file.seek(0)
-        while header := self._file.read(_LEN.size):
-            yield self._file.read(_LEN.unpack(header)[0])
+        with _spool_io():
+            self._file.seek(0)
+            header = self._file.read(_LEN.size)
+        while header:
+            with _spool_io():
+                chunk = self._file.read(_LEN.unpack(header)[0])
+            yield chunk
+            with _spool_io():
+                header = self._file.read(_LEN.size)
 
     def discard(self) -> None:
         self._file.close()

@@ -18,7 +18,7 @@ from enclave_common.errors import ConfigurationError
 from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.service import ServiceRuntime, local_disk_check, run_service
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -129,6 +129,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await grants.ensure_indexes()
 
     runtime.on_startup(load_keys)
+    runtime.readiness["spool"] = local_disk_check(settings.spool_dir)
     router = build_router(
         guard=guard,
         uploads=uploads,

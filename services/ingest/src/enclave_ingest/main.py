@@ -7,7 +7,7 @@ from enclave_common.crypto import load_private_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
 from enclave_common.pseudonyms import pseudonymizer_from_base64
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.service import ServiceRuntime, local_disk_check, run_service
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects, shred_listener
 from fastapi import FastAPI
@@ -29,6 +29,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     consumer = ChunkConsumer(runtime, catalogue, spool)
     consumer.register()
     runtime.readiness["object_store"] = store.ping
+    runtime.readiness["spool"] = local_disk_check(settings.spool_dir)
 
     async def load_keys_and_prepare() -> None:
         if settings.private_key_file is None:
