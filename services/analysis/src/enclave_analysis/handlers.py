@@ -90,6 +90,7 @@ class AnalysisService:
                 envelope.tenant,
                 quarantined.series_key,
                 quarantined.instance_upload_id,
+                quarantined.upload_id,
                 "excluded",
                 {"reason_code": quarantined.reason_code},
                 envelope.correlation_id,

@@ -1,0 +1,57 @@
+"""How analysis assembles a series whose members do not all reach it.
+
+A series in which de-identification quarantined one instance (burned-in text risk) must still come
+to an outcome: the quarantined member settles as excluded, the series completes, and analysis
+publishes its result or its failure for the members it has. Until the ninth session analysis
+dead-lettered every ``instance.quarantined`` event (a TypeError in its handler), so such a series
+never completed and the hospital never got an answer; no test sent one.
+
+Here the series has two releasable slices besides the quarantined one: fewer than a volume needs,
+so the outcome is a prompt, deterministic ``analysis.failed`` naming the two members.
+"""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+from enclave_common import topics
+from enclave_common.events import AnalysisFailed
+from pydicom.uid import generate_uid
+
+from .support import mr_instance, read_all, wait_for_events
+from .test_gateway_support import GATEWAY, bearer, new_tenant
+
+
+async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_nothing_is_dead_lettered():
+    tenant = new_tenant("it-asm")
+    headers = bearer("it-asm-pacs", tenant, "uploader")
+    study, series = generate_uid(), generate_uid()
+    releasable = [mr_instance(study_uid=study, series_uid=series)[0] for _ in range(2)]
+    _, burned = mr_instance(study_uid=study, series_uid=series)
+    burned.BurnedInAnnotation = "YES"
+    out = io.BytesIO()
+    burned.save_as(out, enforce_file_format=True)
+    files = [
+        ("file", (f"{i}.dcm", data, "application/dicom"))
+        for i, data in enumerate([*releasable, out.getvalue()])
+    ]
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
+    assert answer.status_code == 200, answer.text
+    ids = [a["imaging_id"] for a in answer.json()["accepted"]]
+    assert len(ids) == 3
+
+    (quarantined,) = await wait_for_events(
+        topics.INSTANCE_QUARANTINED, lambda e: e.data.get("instance_upload_id") == ids[2], timeout=120
+    )
+    assert quarantined.data["reason_code"] == "burned_in_risk"
+    (failed,) = await wait_for_events(topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, timeout=180)
+    outcome = failed.payload(AnalysisFailed)
+    assert sorted(outcome.instance_upload_ids) == sorted(ids[:2])
+    assert "has 2 de-identified instance(s)" in outcome.reason
+    assert (
+        await read_all(topics.dlq(topics.INSTANCE_QUARANTINED), lambda e: e.tenant == tenant, settle=1.0)
+        == []
+    )
