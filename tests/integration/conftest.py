@@ -5,11 +5,13 @@ Endpoints come from the same environment variables the services read (defaults =
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 
 import boto3
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from botocore.config import Config
 from pymongo import AsyncMongoClient
 
@@ -24,6 +26,8 @@ SERVICE_PORTS = {"gateway": 8080, "ingest": 8081, "deid": 8082, "analysis": 8083
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.integration)
+    # The dead-letter check reads what every other test caused: it runs last.
+    items.sort(key=lambda item: item.path.name == "test_dead_letters.py")
 
 
 @pytest.fixture
@@ -48,3 +52,26 @@ async def mongo():
     client: AsyncMongoClient = AsyncMongoClient(MONGO_URL, tz_aware=True, serverSelectionTimeoutMS=5000)
     yield client
     await client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dead_letter_offsets() -> dict[TopicPartition, int]:
+    """Where every dead-letter topic ended when the session's first test started (read by
+    ``test_dead_letters.py``, which runs last)."""
+
+    async def read() -> dict[TopicPartition, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public way
+            partitions = [
+                TopicPartition(topic, partition)
+                for topic in await consumer.topics()
+                if topic.endswith(".dlq")
+                for partition in consumer.partitions_for_topic(topic) or ()
+            ]
+            return dict(await consumer.end_offsets(partitions)) if partitions else {}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
