@@ -8,13 +8,19 @@ never completed and the hospital never got an answer; no test sent one.
 
 Here the series has two releasable slices besides the quarantined one: fewer than a volume needs,
 so the outcome is a prompt, deterministic ``analysis.failed`` naming the two members.
+
+The bounded retries of a series whose analysis fails unexpectedly count attempts in the series
+document; that bookkeeping is checked here on FerretDB (the decisions on top of it are unit-tested in
+``services/analysis/tests/test_attempts.py``).
 """
 
 from __future__ import annotations
 
 import io
+import uuid
 
 import httpx
+from enclave_analysis.assembly import SeriesAssembly
 from enclave_common import topics
 from enclave_common.events import AnalysisFailed
 from pydicom.uid import generate_uid
@@ -55,3 +61,32 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
         await read_all(topics.dlq(topics.INSTANCE_QUARANTINED), lambda e: e.tenant == tenant, settle=1.0)
         == []
     )
+
+
+async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_a_change(mongo):
+    """What the assembler's bounded retries rest on, on FerretDB: every claim counts an attempt, a
+    retry that a dependency outage caused gives it back and waits, and a new member starts the
+    count again."""
+    db = mongo[f"it_assembly_{uuid.uuid4().hex[:10]}"]
+    assembly = SeriesAssembly(db)
+    try:
+        await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
+        await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+        [ready] = await assembly.ready(quiet_period_s=0)
+        claimed = await assembly.claim(ready, lease_s=900)
+        assert claimed is not None and claimed["attempts"] == 1
+        assert await assembly.ready(quiet_period_s=0) == []  # leased
+
+        await assembly.retry_later(claimed, delay_s=0, counted=True)
+        [again] = await assembly.ready(quiet_period_s=0)
+        claimed = await assembly.claim(again, lease_s=900)
+        assert claimed is not None and claimed["attempts"] == 2
+
+        await assembly.retry_later(claimed, delay_s=3600, counted=False)
+        assert await assembly.ready(quiet_period_s=0) == []  # waits for the delay
+        assert (await db["series"].find_one({"_id": claimed["_id"]}))["attempts"] == 1
+
+        await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # a new member: a new analysis
+        assert (await db["series"].find_one({"_id": claimed["_id"]}))["attempts"] == 0
+    finally:
+        await mongo.drop_database(db.name)

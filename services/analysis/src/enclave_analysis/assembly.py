@@ -98,7 +98,13 @@ class SeriesAssembly:
         await self.series.update_one(
             {"_id": self.series_id(tenant, series_key)},
             {
-                "$set": {"status": "collecting", "changed_at": now, "correlation_id": correlation_id},
+                # A change makes a new analysis: its attempts count from zero again.
+                "$set": {
+                    "status": "collecting",
+                    "changed_at": now,
+                    "correlation_id": correlation_id,
+                    "attempts": 0,
+                },
                 "$setOnInsert": {"tenant": tenant, "series_key": series_key, "created_at": now},
             },
             upsert=True,
@@ -151,14 +157,29 @@ class SeriesAssembly:
         return [doc async for doc in self.members.find({"series_id": series_id})]
 
     async def claim(self, series: dict[str, Any], lease_s: float) -> dict[str, Any] | None:
-        """Take the series for analysis unless it changed (or another replica took it) meanwhile."""
+        """Take the series for analysis unless it changed (or another replica took it) meanwhile.
+        Every claim counts an attempt (``attempts``): a process that dies while analysing cannot
+        count its own."""
         now = datetime.now(UTC)
         claimed: dict[str, Any] | None = await self.series.find_one_and_update(
             {"_id": series["_id"], "status": series["status"], "changed_at": series["changed_at"]},
-            {"$set": {"status": "analysing", "lease_until": now + timedelta(seconds=lease_s)}},
+            {
+                "$set": {"status": "analysing", "lease_until": now + timedelta(seconds=lease_s)},
+                "$inc": {"attempts": 1},
+            },
             return_document=ReturnDocument.AFTER,
         )
         return claimed
+
+    async def retry_later(self, series: dict[str, Any], delay_s: float, *, counted: bool) -> None:
+        """Let the series be claimed again after ``delay_s`` (its attempt not counted when a
+        dependency outage, not the analysis, failed it)."""
+        update: dict[str, Any] = {"$set": {"lease_until": datetime.now(UTC) + timedelta(seconds=delay_s)}}
+        if not counted:
+            update["$inc"] = {"attempts": -1}
+        await self.series.update_one(
+            {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}, update
+        )
 
     async def finish(self, series: dict[str, Any], analysis_id: str, outcome: str) -> None:
         """Done, unless a member arrived while analysing (then it stays collecting and runs again)."""

@@ -30,5 +30,11 @@ class AnalysisSettings(BaseServiceSettings):
     scan_interval_s: float = Field(default=5.0, gt=0)
     #: An analysis claimed by a replica that died is taken over after this lease.
     lease_s: float = Field(default=900.0, gt=0)
+    #: A series whose analysis fails with an unexpected error (or whose process dies) is tried again
+    #: after ``retry_delay_s`` (after the lease, for a process that died), at most this many times in
+    #: all; then it is reported failed (``analysis_internal_error``). A dependency outage (the object
+    #: store, Kafka, the database) does not count as an attempt.
+    max_attempts: int = Field(default=3, ge=1)
+    retry_delay_s: float = Field(default=60.0, ge=0)
     #: Series with fewer de-identified instances fail at once (a volume needs slices).
     min_instances: int = Field(default=3, ge=1)

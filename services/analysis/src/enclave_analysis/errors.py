@@ -28,3 +28,17 @@ class NotBrainT1Error(AnalysisError):
     """The volume is not a T1-weighted brain volume the method is validated for."""
 
     code = "not_t1_brain"
+
+
+class RepeatedFailure(AnalysisError):
+    """The analysis of a series failed with an unexpected error (or its process died) on every
+    attempt: it is reported as failed rather than tried forever."""
+
+    code = "analysis_internal_error"
+
+
+class PixelDataError(AnalysisError):
+    """An instance's pixel data cannot be decoded (no decoder for its transfer syntax here, or data
+    that does not match its own description)."""
+
+    code = "pixel_data_unreadable"

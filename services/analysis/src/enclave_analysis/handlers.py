@@ -19,6 +19,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider, ObjectIdentity, decrypt_bytes, encrypt_bytes
 from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.errors import TransientError, classify_exception
 from enclave_common.events import (
     AnalysisCompleted,
     AnalysisFailed,
@@ -30,10 +31,11 @@ from enclave_common.events import (
 )
 from enclave_common.service import ServiceRuntime
 from enclave_common.storage import S3ObjectStore
+from prometheus_client import Counter
 
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
-from enclave_analysis.errors import AnalysisError
+from enclave_analysis.errors import AnalysisError, RepeatedFailure
 
 log = structlog.get_logger("enclave.analysis")
 
@@ -56,6 +58,12 @@ class AnalysisService:
         self.runtime = runtime
         self.settings = settings
         self.assembly = assembly
+        self.attempt_failures = Counter(
+            "enclave_analysis_attempt_failures",
+            "Series analyses that failed and will be tried again, by cause (unexpected, dependency)",
+            ["cause"],
+            registry=runtime.registry,
+        )
         self.store = store
         self.analyser = analyser
         #: Set at startup (key files are read then, not at construction).
@@ -125,12 +133,32 @@ class AnalysisService:
                 for series in await self.assembly.ready(self.settings.quiet_period_s):
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
-                        await self.analyse(claimed)
+                        await self.attempt(claimed)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # keep assembling; the series stays claimable after its lease
-                log.warning("assembler pass failed", error_type=type(exc).__name__)
+            except Exception as exc:  # keep assembling; a claimed series stays claimable after its lease
+                log.warning("assembler pass failed", exc_info=exc)
             await asyncio.sleep(self.settings.scan_interval_s)
+
+    async def attempt(self, series: dict[str, Any]) -> None:
+        """Analyse a claimed series. An unexpected error lets it be claimed again after
+        ``retry_delay_s``; after ``max_attempts`` it is reported failed instead (``analyse``). A
+        dependency outage is retried the same way without counting."""
+        try:
+            await self.analyse(series)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            transient = isinstance(classify_exception(exc), TransientError)
+            log.error(
+                "series analysis failed; it will be tried again",
+                series_id=series["_id"],
+                attempt=series.get("attempts"),
+                counted=not transient,
+                exc_info=exc,
+            )
+            self.attempt_failures.labels("dependency" if transient else "unexpected").inc()
+            await self.assembly.retry_later(series, self.settings.retry_delay_s, counted=not transient)
 
     async def analyse(self, series: dict[str, Any]) -> None:
         members = [
@@ -156,6 +184,12 @@ class AnalysisService:
         }
         data: AnalysisCompleted | AnalysisFailed
         try:
+            if int(series.get("attempts") or 1) > self.settings.max_attempts:
+                raise RepeatedFailure(
+                    f"the analysis of this series failed on each of {self.settings.max_attempts} attempts "
+                    "with an internal error; it is not tried again unless the series changes. The "
+                    "analysis service's logs name the error; report it to the operators"
+                )
             if len(members) < self.settings.min_instances:
                 raise AnalysisError(
                     f"the series has {len(members)} de-identified instance(s); a volume needs at least "

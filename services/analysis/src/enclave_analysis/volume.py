@@ -24,8 +24,10 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, AllTransferSyntaxes, UncompressedTransferSyntaxes
 
-from enclave_analysis.errors import SeriesGeometryError
+from enclave_analysis.errors import PixelDataError, SeriesGeometryError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -160,6 +162,38 @@ def _slice_normal(orientation: npt.NDArray[np.float64]) -> npt.NDArray[np.float6
     return np.asarray(normal / np.linalg.norm(normal), dtype=np.float64)
 
 
+def decodable_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes whose pixel data this installation decodes (pydicom's decoders with
+    their plugins present, plus the uncompressed ones), by name."""
+    return sorted(UID(uid).name for uid in AllTransferSyntaxes if _decodable(UID(uid)))
+
+
+def _decodable(syntax: UID) -> bool:
+    if syntax in UncompressedTransferSyntaxes:
+        return True
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:  # pydicom knows no decoder for it at all (MPEG, for instance)
+        return False
+
+
+def _pixel_array(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
+    """``ds.pixel_array``, or :class:`PixelDataError` saying why it cannot be had and what can. The
+    decoder's own message is not repeated (it may quote the data)."""
+    try:
+        return ds.pixel_array
+    except Exception as exc:
+        syntax = UID(str(getattr(ds.get("file_meta"), "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+        if not _decodable(syntax):
+            problem = f"no decoder for {syntax.name} is installed"
+        else:
+            problem = f"it is not valid {syntax.name} data for its Rows, Columns and Bits Allocated"
+        raise PixelDataError(
+            f"the pixel data of {where} cannot be decoded: {problem}; decodable here: "
+            + ", ".join(decodable_transfer_syntaxes())
+        ) from exc
+
+
 def _require(ds: Dataset, keyword: str, where: str) -> object:
     if keyword not in ds:
         raise SeriesGeometryError(f"{where} lacks {keyword}, which is required to build a volume")
@@ -189,7 +223,7 @@ def _planes_of(ds: Dataset, number: int) -> list[_Plane]:
             columns=columns,
             slope=slope,
             intercept=intercept,
-            pixels=lambda ds=ds: ds.pixel_array,
+            pixels=lambda ds=ds, where=where: _pixel_array(ds, where),
         )
     ]
 
@@ -219,7 +253,7 @@ def _frames_of_enhanced(ds: Dataset, number: int) -> list[_Plane]:
 
     def frame_pixels(index: int) -> npt.NDArray[np.generic]:
         if "all" not in cache:
-            array = ds.pixel_array
+            array = _pixel_array(ds, where)
             cache["all"] = array if array.ndim == 3 else array[np.newaxis]
         return cache["all"][index]
 
