@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
 from enclave_common.envelope import new_event_id
@@ -17,7 +19,7 @@ from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
 from pymongo import AsyncMongoClient
 
-from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
+from .conftest import KAFKA, MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
 from .support import (
     PHI,
     dev_env,
@@ -272,3 +274,56 @@ async def test_scrub_reports_the_corrupted_object_and_segment():
     assert out.returncode == 1
     line = next(row for row in out.stdout.splitlines() if iuid in row)
     assert "segment=0" in line and "authentication" in line
+
+
+async def test_an_instance_whose_upload_broke_off_is_given_up_and_no_longer_holds_its_partition():
+    """The first chunk of a three-chunk instance is appended, then nothing more of it (the gateway was
+    killed or Kafka failed mid-instance; the client got no acknowledgement). An hour later by Kafka's
+    clock (the record's timestamp is set two hours back) a complete instance lands on the same
+    partition: the broken one is rejected as ``upload_incomplete``, the complete one is stored, and
+    the group's committed offset reaches the partition's end. Before, the committed offset stayed at
+    the broken chunk for good: the lag grew with every upload and each restart read everything after
+    it again."""
+    data, _ = mr_instance()
+    broken = sealed_chunk_envelopes(
+        data, tenant=TENANT, upload_id=new_event_id(), chunk_bytes=len(data) // 3 + 1
+    )
+    assert len(broken) == 3
+    broken_iuid = broken[0].data["instance_upload_id"]
+    complete = sealed_chunk_envelopes(mr_instance()[0], tenant=TENANT, upload_id=new_event_id())
+    complete_iuid = complete[0].data["instance_upload_id"]
+
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        two_hours_ago = int((time.time() - 7200) * 1000)
+        sent = await producer.send_and_wait(
+            topics.UPLOAD_CHUNK, broken[0].to_bytes(), key=broken_iuid.encode(), timestamp_ms=two_hours_ago
+        )
+        for envelope in complete:  # the broken instance's key: the same partition
+            last = await producer.send_and_wait(
+                topics.UPLOAD_CHUNK, envelope.to_bytes(), key=broken_iuid.encode()
+            )
+    finally:
+        await producer.stop()
+    assert last.partition == sent.partition
+
+    (rejected,) = await wait_for_events(topics.INSTANCE_REJECTED, _for(broken_iuid), timeout=120)
+    outcome = rejected.payload(InstanceRejected)
+    assert outcome.reason_code == "upload_incomplete"
+    assert "only 1 of 3 chunks" in outcome.reason
+    await wait_for_events(topics.INSTANCE_STORED, _for(complete_iuid), timeout=120)
+
+    partition = TopicPartition(topics.UPLOAD_CHUNK, sent.partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id="enclave-ingest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        committed = None
+        for _ in range(60):
+            committed = await consumer.committed(partition)
+            if committed is not None and committed > last.offset:
+                break
+            await asyncio.sleep(1)
+        assert committed is not None and committed > last.offset, (committed, sent.offset, last.offset)
+    finally:
+        await consumer.stop()

@@ -62,6 +62,9 @@ class Published:
         self.topics: list[str] = []
         self.failures = failures or []
 
+    async def dead_letter(self, body: bytes, *, topic: str, **kwargs: Any) -> None:
+        self.topics.append(topic)
+
     async def publish(self, topic: str, envelope: Envelope, *, key: str) -> None:
         if self.failures:
             raise self.failures.pop(0)
@@ -79,13 +82,13 @@ class Catalogue:
         return None
 
 
-def chunk_message() -> Any:
+def chunk_message(index: int = 0) -> Any:
     envelope = Envelope.for_topic(
         topics.UPLOAD_CHUNK,
         UploadChunk(
             upload_id="u",
             instance_upload_id=INSTANCE,
-            index=0,
+            index=index,
             count=1,
             sealed=SEALED,
             total_size=len(SEALED),
@@ -96,7 +99,9 @@ def chunk_message() -> Any:
         actor="pacs",
         correlation_id="u",
     )
-    record = SimpleNamespace(topic=topics.UPLOAD_CHUNK, partition=0, offset=7, key=INSTANCE.encode())
+    record = SimpleNamespace(
+        topic=topics.UPLOAD_CHUNK, partition=0, offset=7, timestamp=1_700_000_000_000, key=INSTANCE.encode()
+    )
     settled: list[str] = []
 
     async def nack() -> None:
@@ -115,6 +120,8 @@ def _consumer(tmp_path: Path, published: Published) -> tuple[ChunkConsumer, Gate
         publisher=published,
         count_crypto=lambda operation: None,
         consumer_metrics=ConsumerMetrics(CollectorRegistry()),
+        registry=CollectorRegistry(),
+        broker=SimpleNamespace(publish=published.dead_letter),
     )
     consumer = ChunkConsumer(runtime, Catalogue(), spool)  # type: ignore[arg-type]
     pipeline = GatedPipeline(spool)
@@ -162,3 +169,16 @@ async def test_a_chunk_whose_handling_fails_is_rewound_not_left_behind(tmp_path:
     assert INSTANCE in consumer.tracker.pending  # the partition's committed offset stays before it
     await asyncio.wait_for(consumer.on_chunk(None, chunk_message()), 10)  # delivered again
     assert published.topics == [topics.INSTANCE_STORED] and consumer.tracker.pending == {}
+
+
+async def test_an_inconsistent_chunk_is_dead_lettered_and_does_not_hold_its_partition_back(
+    tmp_path: Path,
+) -> None:
+    """Chunk 1 of a one-chunk instance starts nothing: tracked, it would have kept the partition's
+    committed offset before it for good."""
+    published = Published()
+    consumer, _ = _consumer(tmp_path, published)
+    await asyncio.wait_for(consumer.on_chunk(None, chunk_message(index=1)), 10)
+    assert published.topics == [topics.dlq(topics.UPLOAD_CHUNK)]
+    assert consumer.tracker.pending == {}
+    assert consumer.tracker.safe_offset((topics.UPLOAD_CHUNK, 0)) == 8

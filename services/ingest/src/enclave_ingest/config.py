@@ -30,6 +30,10 @@ class IngestSettings(BaseServiceSettings):
     duplicate_policy: Literal["reject", "new_version"] = "reject"
     #: Where sealed chunks wait until their instance is complete (ciphertext only; safe to lose).
     spool_dir: Path = Path("/tmp/enclave-ingest-spool")  # noqa: S108 - an emptyDir in Kubernetes
+    #: An instance whose upload broke off is given up (``upload_incomplete``) once its partition holds
+    #: a record appended this long after its newest chunk (Kafka timestamps; see ``spool``). The gateway
+    #: appends an instance's chunks within one request; the margin covers clocks of gateway replicas.
+    incomplete_after_s: float = Field(default=3600.0, gt=0)
     #: Bytes of decrypted header kept in memory to parse and re-validate the instance.
     header_prefix_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     segment_size: int = Field(default=1024 * 1024, ge=4096)

@@ -22,11 +22,12 @@ from enclave_common.kafka import CONSUMER_GROUP_TIMING, rewind
 from enclave_common.service import ServiceRuntime
 from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from enclave_ingest.catalogue import Catalogue
 from enclave_ingest.pipeline import ChunkStreamMeta, InstancePipeline, Outcome
-from enclave_ingest.spool import ChunkSpool, OffsetTracker
+from enclave_ingest.spool import ChunkSpool, OffsetTracker, PendingInstance
 
 log = structlog.get_logger("enclave.ingest")
 T = TypeVar("T")
@@ -96,13 +97,25 @@ class _TransientRetries:
 
 
 class ChunkConsumer:
-    def __init__(self, runtime: ServiceRuntime, catalogue: Catalogue, spool: ChunkSpool) -> None:
+    def __init__(
+        self,
+        runtime: ServiceRuntime,
+        catalogue: Catalogue,
+        spool: ChunkSpool,
+        *,
+        abandon_after_s: float = 3600.0,
+    ) -> None:
         self.runtime = runtime
         self.catalogue = catalogue
         self.spool = spool
         #: Set at startup, once the keys have been read (I/O does not happen at construction).
         self.pipeline: InstancePipeline | None = None
-        self.tracker = OffsetTracker()
+        self.tracker = OffsetTracker(abandon_after_ms=int(abandon_after_s * 1000))
+        self.abandoned = Counter(
+            "enclave_ingest_abandoned_instances",
+            "Instances given up because their upload broke off (upload_incomplete)",
+            registry=runtime.registry,
+        )
         self.lock = asyncio.Lock()
         self.listener = _ForgetRevoked(self.tracker, self.spool, self.lock)
 
@@ -125,11 +138,20 @@ class ChunkConsumer:
         assert not isinstance(record, tuple)
         partition = (record.topic, record.partition)
         async with self.lock:
-            self.tracker.observe(partition, record.offset)
+            abandoned = self.tracker.observe(partition, record.offset, record.timestamp)
             try:
                 envelope = Envelope.from_bytes(msg.body)
-                chunk = envelope.payload(UploadChunk)
+                chunk: UploadChunk | None = envelope.payload(UploadChunk)
             except ValidationError:
+                chunk = None
+            try:
+                for pending in abandoned:
+                    if chunk is None or pending.instance_upload_id != chunk.instance_upload_id:
+                        await self._abandon(pending)
+            except Exception as exc:  # its outcome could not be published: read this record again
+                await rewind(msg, exc, self.runtime.retry, topic=topics.UPLOAD_CHUNK)
+                return
+            if chunk is None:
                 await self._dead_letter(
                     msg,
                     PermanentError("chunk message is not an UploadChunk envelope", code="contract_violation"),
@@ -140,7 +162,7 @@ class ChunkConsumer:
                 correlation_id=envelope.correlation_id, event_id=envelope.id
             )
             try:
-                await self._handle(envelope, chunk, partition, record.offset, msg)
+                await self._handle(envelope, chunk, partition, record.offset, record.timestamp, msg)
             except Exception as exc:
                 # Left to FastStream, the chunk would be neither committed nor redelivered: the consumer
                 # would move on and the instance stay unstored until a restart. Rewind to it instead;
@@ -156,6 +178,7 @@ class ChunkConsumer:
         chunk: UploadChunk,
         partition: tuple[str, int],
         offset: int,
+        timestamp_ms: int,
         msg: KafkaMessage,
     ) -> None:
         # One catalogue lookup per instance (when its first chunk is seen), not one per chunk.
@@ -166,13 +189,15 @@ class ChunkConsumer:
                 await self._republish(done["outcome"])
             await self._commit(msg, partition)
             return
-        pending = self.tracker.track(chunk.instance_upload_id, chunk.count, partition, offset)
-        if chunk.index >= chunk.count or chunk.count != pending.count:
+        tracked = self.tracker.pending.get(chunk.instance_upload_id)
+        if chunk.index >= chunk.count or (tracked is not None and chunk.count != tracked.count):
+            # Checked before tracking: a chunk that starts nothing must not hold the partition back.
             await self._dead_letter(
                 msg, PermanentError("chunk index/count inconsistent", code="contract_violation")
             )
             await self._commit(msg, partition)
             return
+        pending = self.tracker.track(chunk.instance_upload_id, chunk.count, partition, offset, timestamp_ms)
         meta = {
             "tenant": envelope.tenant,
             "upload_id": chunk.upload_id,
@@ -202,6 +227,55 @@ class ChunkConsumer:
             self.tracker.finish(chunk.instance_upload_id)
             self.spool.discard(chunk.instance_upload_id)
         await self._commit(msg, partition)
+
+    async def _abandon(self, pending: PendingInstance) -> None:
+        """Give up an instance whose upload broke off (see ``spool``): record and publish its
+        ``instance.rejected`` (``upload_incomplete``), then forget it, so its partition's committed
+        offset moves on. Its client got no acknowledgement and sends the instance again."""
+        iuid = pending.instance_upload_id
+        try:
+            meta = await asyncio.to_thread(self.spool.meta, iuid)
+        except FileNotFoundError:  # none of its chunks reached the spool: nothing to settle
+            meta = None
+        if meta is not None:
+            stream = ChunkStreamMeta(
+                tenant=str(meta["tenant"]),
+                upload_id=str(meta["upload_id"]),
+                instance_upload_id=iuid,
+                count=pending.count,
+                total_size=int(meta["total_size"]),  # type: ignore[call-overload]
+                sha256=str(meta["sha256"]),
+            )
+            rejected = InstanceRejected(
+                upload_id=stream.upload_id,
+                instance_upload_id=iuid,
+                reason_code="upload_incomplete",
+                reason=(
+                    f"only {len(pending.received)} of {pending.count} chunks of the instance arrived: the "
+                    "upload that sent it broke off and was not acknowledged, so its client sends it again"
+                ),
+            )
+            envelope = Envelope.for_topic(
+                topics.INSTANCE_REJECTED,
+                rejected,
+                source="ingest",
+                tenant=stream.tenant,
+                actor="service:ingest",
+                correlation_id=stream.upload_id,
+            )
+            await _TransientRetries(self.runtime).run(
+                lambda: self._record_and_publish(stream, topics.INSTANCE_REJECTED, envelope, None),
+                "publishing an outcome",
+            )
+        log.warning(
+            "instance abandoned: its upload broke off",
+            instance_upload_id=iuid,
+            chunks_received=len(pending.received),
+            chunks=pending.count,
+        )
+        self.abandoned.inc()
+        self.tracker.finish(iuid)
+        self.spool.discard(iuid)
 
     async def _store(self, stream: ChunkStreamMeta, cause: Envelope) -> bool:
         """Store one complete instance and publish its outcome; False if a transient failure persisted

@@ -5,6 +5,16 @@ other instances'. Each chunk is written to a spool file as it arrives (still sea
 rests on disk). An instance is complete when chunks 0..count-1 are all spooled; redelivered or
 duplicate chunks overwrite the same file. The committed offset of a partition never passes the
 first chunk of an instance that is not yet stored, so a restart mid-instance redelivers all of it.
+
+An instance whose upload broke off (the gateway was killed, or Kafka failed, after some of its chunks
+were appended; the client got no acknowledgement and sends it again under a new id) can never
+complete. It would hold its partition's committed offset back for good: the group's lag would grow
+with every later upload, and every restart would read everything after it again. It is *abandoned*
+once its partition holds a record appended ``abandon_after_ms`` after its newest chunk (by the
+records' Kafka timestamps, not the consumer's clock): the gateway appends all chunks of an instance
+within one request, so any chunk still to come would have been appended before that record, and
+would have been read already. A consumer that is only behind, or was stopped for hours, never
+abandons an instance that can still complete.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ class PendingInstance:
     first_offset: int
     received: set[int] = field(default_factory=set)
     last_event_id: str = ""
+    #: Kafka timestamp (ms) of the newest chunk received.
+    last_timestamp_ms: int = 0
 
     @property
     def complete(self) -> bool:
@@ -80,20 +92,38 @@ class ChunkSpool:
 class OffsetTracker:
     """Per partition: the highest offset seen and the first offset of every unfinished instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, abandon_after_ms: int = 3_600_000) -> None:
         self.pending: dict[str, PendingInstance] = {}
         self._next: dict[tuple[str, int], int] = {}
+        self.abandon_after_ms = abandon_after_ms
 
-    def observe(self, partition: tuple[str, int], offset: int) -> None:
+    def observe(
+        self, partition: tuple[str, int], offset: int, timestamp_ms: int = 0
+    ) -> list[PendingInstance]:
+        """Note a record read from ``partition``; the unfinished instances it shows abandoned (see
+        the module docstring). They are still tracked: the caller settles them, then ``finish``es them."""
         self._next[partition] = max(self._next.get(partition, 0), offset + 1)
+        return [
+            p
+            for p in self.pending.values()
+            if p.partition == partition
+            and not p.complete
+            and p.last_timestamp_ms + self.abandon_after_ms <= timestamp_ms
+        ]
 
     def track(
-        self, instance_upload_id: str, count: int, partition: tuple[str, int], offset: int
+        self,
+        instance_upload_id: str,
+        count: int,
+        partition: tuple[str, int],
+        offset: int,
+        timestamp_ms: int = 0,
     ) -> PendingInstance:
         pending = self.pending.get(instance_upload_id)
         if pending is None:
             pending = PendingInstance(instance_upload_id, count, partition, offset)
             self.pending[instance_upload_id] = pending
+        pending.last_timestamp_ms = max(pending.last_timestamp_ms, timestamp_ms)
         return pending
 
     def finish(self, instance_upload_id: str) -> None:
