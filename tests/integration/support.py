@@ -15,6 +15,7 @@ from typing import Any
 import pydicom
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from enclave_common.envelope import Envelope
+from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -100,7 +101,8 @@ async def wait_for_events(
 
 
 async def read_all(topic: str, predicate: Callable[[Envelope], bool], settle: float = 2.0) -> list[Any]:
-    """Every envelope on ``topic`` matching ``predicate`` (duplicates included): the whole topic up to
+    """Every envelope on ``topic`` matching ``predicate`` (duplicates included; a record that is not an
+    envelope matches nothing): the whole topic up to
     its end offsets at the call, then whatever arrives until it has been quiet for ``settle`` seconds.
 
     Partitions are assigned, not joined through a group: "nothing came within ``settle``" could
@@ -127,7 +129,10 @@ async def read_all(topic: str, predicate: Callable[[Envelope], bool], settle: fl
             batch = await consumer.getmany(*tps, timeout_ms=int(settle * 1000))
             for records in batch.values():
                 for record in records:
-                    env = Envelope.from_bytes(record.value)
+                    try:
+                        env = Envelope.from_bytes(record.value)
+                    except ValidationError:  # a dead-letter topic also holds what was not an envelope
+                        continue
                     if predicate(env):
                         out.append(env)
             if not batch and all([await consumer.position(tp) >= ends[tp] for tp in tps]):

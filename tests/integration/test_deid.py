@@ -31,9 +31,11 @@ from .support import (
     ROOT,
     STATE,
     dev_env,
+    kill_hard,
     mr_instance,
     publish,
     read_all,
+    restart,
     sealed_chunk_envelopes,
     wait_for_events,
 )
@@ -251,6 +253,37 @@ async def test_burned_in_annotation_is_quarantined_and_nothing_is_stored(mongo):
         )
         is None
     )
+
+
+async def test_an_instance_deid_cannot_handle_is_quarantined_with_its_reason_not_dead_lettered(mongo):
+    """An instance that deid cannot de-identify (here: larger than ENCLAVE_DEID_MAX_INSTANCE_BYTES,
+    set very low for this test; an unparseable or unsupported instance takes the same path) is
+    quarantined with the code and reason, a recorded outcome its status and its series can end on.
+    Before the ninth session it was only dead-lettered: its status stayed "stored" for good and its
+    series never came to an analysis."""
+    kill_hard("deid")
+    subprocess.run(
+        [str(ROOT / "scripts/services.sh"), "up"],
+        check=True,
+        env={**os.environ, "ENCLAVE_DEID_MAX_INSTANCE_BYTES": "4096"},
+    )
+    try:
+        data, _ = mr_instance()
+        assert len(data) > 4096
+        iuid = await _send(data)
+        (event,) = await wait_for_events(topics.INSTANCE_QUARANTINED, _for(iuid), timeout=120)
+        quarantined = event.payload(InstanceQuarantined)
+        assert quarantined.reason_code == "instance_too_large"
+        assert "ENCLAVE_DEID_MAX_INSTANCE_BYTES" in quarantined.reason
+        (stored,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid))
+        record = await mongo["deid"]["deidentified"].find_one(
+            {"tenant": TENANT, "instance_key": stored.data["instance_key"]}
+        )
+        assert record["status"] == "quarantined" and "object" not in record
+        assert await read_all(topics.dlq(topics.INSTANCE_STORED), _for(iuid), settle=1.0) == []
+    finally:
+        kill_hard("deid")
+        restart("deid")
 
 
 def _linkage_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,14 +20,13 @@ from pydantic import ValidationError
 
 from enclave_deid.config import DeidSettings
 from enclave_deid.linkage import LinkageVault
-from enclave_deid.pipeline import DeidPipeline, Quarantined, describe_policy
+from enclave_deid.pipeline import WITHHELD, DeidPipeline, Quarantined, Released, describe_policy
 from enclave_deid.records import DeidRecords
 
 log = structlog.get_logger("enclave.deid")
 
 SOURCE = "deid"
 ACTOR = "service:deid"
-QUARANTINE_REASON_CODE = "burned_in_risk"
 
 
 def deid_object_key(cause_id: str, instance_key: str) -> str:
@@ -92,9 +91,15 @@ class InstanceStoredHandler:
         assert self.pipeline is not None, "the pipeline is built at startup"
         tenant = cause.tenant
         policy = self.settings.policy_for(tenant)
-        outcome = await self.pipeline.run(
-            tenant, stored, policy, deid_object_key(cause.id, stored.instance_key)
-        )
+        try:
+            outcome: Released | Quarantined = await self.pipeline.run(
+                tenant, stored, policy, deid_object_key(cause.id, stored.instance_key)
+            )
+        except WITHHELD as exc:
+            # The instance itself cannot be de-identified: held back with the reason, so its status
+            # and its series come to an end (dead-lettered, it would stay "stored" for good).
+            log.warning("instance cannot be de-identified; quarantined", reason_code=exc.code)
+            outcome = Quarantined(exc.reason, code=exc.code)
         self.runtime.count_crypto("decrypt")  # the original
         if isinstance(outcome, Quarantined):
             data: EventData = InstanceQuarantined(
@@ -102,7 +107,7 @@ class InstanceStoredHandler:
                 instance_upload_id=stored.instance_upload_id,
                 study_key=stored.study_key,
                 series_key=stored.series_key,
-                reason_code=QUARANTINE_REASON_CODE,
+                reason_code=outcome.code,
                 reason=outcome.reason,
             )
             topic, status, extra = topics.INSTANCE_QUARANTINED, "quarantined", {}

@@ -60,6 +60,12 @@ class UnsupportedInstance(PermanentError):
     code = "unsupported_instance"
 
 
+#: Failures that are about the instance itself: it is quarantined with their code and reason (a
+#: recorded outcome, visible in its status), not dead-lettered. A key problem
+#: (``original_undecryptable``) or a shredded study stays a dead-lettered permanent error.
+WITHHELD = (InstanceTooLarge, UnreadableInstance, UnsupportedInstance)
+
+
 @dataclass(frozen=True)
 class Released:
     """The de-identified copy is stored; what the event and the linkage vault need."""
@@ -76,9 +82,12 @@ class Released:
 
 @dataclass(frozen=True)
 class Quarantined:
-    """Burned-in identifying text is possible: nothing was stored. ``reason`` names attributes only."""
+    """Nothing was released, for ``reason`` (attributes and limits only, never a value): burned-in
+    identifying text is possible (``burned_in_risk``), or the instance could not be de-identified
+    (``code`` of the :data:`WITHHELD` error)."""
 
     reason: str
+    code: str = "burned_in_risk"
 
 
 @dataclass(frozen=True)
