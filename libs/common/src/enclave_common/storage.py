@@ -19,9 +19,23 @@ from botocore.exceptions import ClientError
 from enclave_common.errors import PermanentError, TransientError
 from enclave_common.settings import BaseServiceSettings
 
-#: S3 error codes that mean "try again later".
+#: S3 error codes that mean "try again later". Besides the store being busy or starting, the service's
+#: own credentials being refused (rotated, revoked or expired): that is fixed outside the event, never a
+#: reason to dead-letter it, and the service's readiness says so meanwhile. ``AccessDenied`` is not
+#: here: Object Lock's refusal to overwrite or delete a retained version is also ``AccessDenied``, and
+#: that stays permanent.
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "XMinioServerNotInitialized"}
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "XMinioServerNotInitialized",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+    }
 )
 
 
