@@ -226,10 +226,12 @@ SERVICES: tuple[Service, ...] = (
 PARTITIONS = {t.UPLOAD_CHUNK: 24}
 DEFAULT_PARTITIONS = 12
 DAY_MS = 24 * 3600 * 1000
-#: Retention: sealed chunks are transient; events are replayable for a week; key, access and
-#: security events for 30 days (the durable record is the audit trail); DLQs for 14 days.
+#: Retention: events are replayable for a week; key, access and security events for 30 days (the
+#: durable record is the audit trail); DLQs for 14 days. Sealed chunks are the only copy of an
+#: acknowledged upload until ingest has stored it, so they are kept as long as events (a week, not a
+#: day): an ingest outage over a weekend must not delete acknowledged uploads. They are ciphertext
+#: that only ingest's key opens.
 RETENTION_MS = {
-    t.UPLOAD_CHUNK: 1 * DAY_MS,
     t.ACCESS_RECORDED: 30 * DAY_MS,
     t.KEY_CREATED: 30 * DAY_MS,
     t.KEY_ROTATED: 30 * DAY_MS,

@@ -218,6 +218,19 @@ def test_consumers_scale_on_lag_and_gateway_on_cpu(documents, lint, gen):
                 assert obj["spec"]["maxReplicaCount"] <= partitions[trig["metadata"]["topic"]]
 
 
+def test_acknowledged_uploads_outlive_an_ingest_outage_as_long_as_events_do(documents, lint):
+    """Sealed chunks are the only copy of an acknowledged upload until ingest stored it: the chunk
+    topic keeps them at least a week, as long as the events downstream services replay from (it kept
+    them one day: an ingest outage over a weekend would have deleted acknowledged uploads)."""
+    retention = {
+        d["spec"]["topicName"]: int(d["spec"]["config"]["retention.ms"])
+        for d in lint.of_kind(documents["prod"], "KafkaTopic")
+    }
+    week_ms = 7 * 24 * 3600 * 1000
+    assert retention[topics.UPLOAD_CHUNK] >= week_ms
+    assert retention[topics.UPLOAD_CHUNK] >= retention[topics.INSTANCE_STORED]
+
+
 def test_ingresses_terminate_tls_with_cert_manager(documents, lint):
     ingresses = {i["metadata"]["name"]: i for i in lint.of_kind(documents["prod"], "Ingress")}
     assert set(ingresses) == {"enclave-gateway", "enclave-audit"}
