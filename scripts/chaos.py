@@ -99,13 +99,23 @@ def pseudonymizer() -> Any:
     return pseudonymizer_from_base64(support.dev_env()["ENCLAVE_PSEUDONYM_KEY"], "ENCLAVE_PSEUDONYM_KEY")
 
 
-def mr_bytes(study_uid: str, series_uid: str, sop_uid: str, number: int) -> bytes:
-    """pydicom's MR_small (64x64, ~10 KB) with the planted PHI and the given UIDs."""
+#: Pixel matrix of the large instances: 1024 x 1280 x 16 bit is 2.5 MiB, three 1 MiB chunks, so a
+#: kill can land between the chunks of one instance (the gateway's windowed publish, ingest's
+#: reassembly and its redelivery from the first chunk of an unfinished instance).
+LARGE_ROWS, LARGE_COLUMNS = 1024, 1280
+
+
+def mr_bytes(study_uid: str, series_uid: str, sop_uid: str, number: int, *, large: bool = False) -> bytes:
+    """pydicom's MR_small (64x64, ~10 KB) with the planted PHI and the given UIDs; ``large``: the same
+    with a 2.5 MiB pixel matrix (random values)."""
     ds = _template().copy()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.InstanceNumber = number
     ds.ImagePositionPatient = [0.0, 0.0, float(number)]
+    if large:
+        ds.Rows, ds.Columns = LARGE_ROWS, LARGE_COLUMNS
+        ds.PixelData = random.Random(number).randbytes(LARGE_ROWS * LARGE_COLUMNS * 2)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -296,7 +306,14 @@ class Uploader:
             self.request_count += 1
             planned = [Planned(0, s, generate_uid(), n) for s, n in batch]
             parts = [
-                mr_bytes(self.study_uid, self.series_uids[p.series], p.sop_uid, p.number) for p in planned
+                mr_bytes(
+                    self.study_uid,
+                    self.series_uids[p.series],
+                    p.sop_uid,
+                    p.number,
+                    large=self.args.large_every > 0 and p.number % self.args.large_every == 0,
+                )
+                for p in planned
             ]
             refused_uid = None
             if self.request_count % self.args.refuse_every == 0:
@@ -811,6 +828,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=5)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch", type=int, default=5, help="instances per request")
+    parser.add_argument(
+        "--large-every",
+        type=int,
+        default=10,
+        help="every Nth instance of a series is 2.5 MiB (three Kafka chunks); 0: none",
+    )
     parser.add_argument("--pause", type=float, default=0.3, help="seconds each client waits between requests")
     parser.add_argument(
         "--refuse-every", type=int, default=7, help="every Nth request carries a truncated part"
