@@ -90,3 +90,19 @@ async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_
         assert (await db["series"].find_one({"_id": claimed["_id"]}))["attempts"] == 0
     finally:
         await mongo.drop_database(db.name)
+
+
+async def test_a_rejected_member_settles_the_series_of_its_upload_on_the_real_database(mongo):
+    """A rejected instance has no series key: it settles in every series its upload touched, so the
+    series document alone says the series is complete."""
+    db = mongo[f"it_assembly_{uuid.uuid4().hex[:10]}"]
+    assembly = SeriesAssembly(db)
+    try:
+        await assembly.expect("t", ["sk"], ["iu-1", "iu-2"], "up-1")
+        await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+        await assembly.settle("t", None, "iu-2", "up-1", "excluded", {"reason_code": "integrity"}, "up-1")
+        series = await db["series"].find_one({"_id": assembly.series_id("t", "sk")})
+        assert sorted(series["settled"]) == ["iu-1", "iu-2"]
+        assert SeriesAssembly.complete(series)
+    finally:
+        await mongo.drop_database(db.name)

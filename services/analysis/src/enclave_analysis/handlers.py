@@ -105,17 +105,17 @@ class AnalysisService:
             )
         else:
             rejected = envelope.payload(InstanceRejected)
-            # A rejected instance has no series (its header may be unreadable): it only settles.
-            await self.assembly.members.update_one(
-                {"_id": rejected.instance_upload_id},
-                {
-                    "$set": {
-                        "state": "excluded",
-                        "tenant": envelope.tenant,
-                        "reason_code": rejected.reason_code,
-                    }
-                },
-                upsert=True,
+            # A rejected instance has no series key (its header may be unreadable): it settles in the
+            # series its upload touched, like any member, so the series document alone says whether
+            # the series is complete (it relied on the completeness repair, which checks at most 50).
+            await self.assembly.settle(
+                envelope.tenant,
+                None,
+                rejected.instance_upload_id,
+                rejected.upload_id,
+                "excluded",
+                {"reason_code": rejected.reason_code},
+                envelope.correlation_id,
             )
 
     async def on_upload_completed(self, envelope: Envelope) -> None:
