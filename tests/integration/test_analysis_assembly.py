@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_common import topics
 from enclave_common.events import AnalysisFailed
@@ -63,46 +65,46 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
     )
 
 
-async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_a_change(mongo):
+@pytest.fixture
+async def assembly(mongo) -> AsyncIterator[SeriesAssembly]:
+    """The analysis service's series bookkeeping on a scratch database of the real FerretDB."""
+    db = mongo[f"it_assembly_{uuid.uuid4().hex[:10]}"]
+    try:
+        yield SeriesAssembly(db)
+    finally:
+        await mongo.drop_database(db.name)
+
+
+async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_a_change(assembly):
     """What the assembler's bounded retries rest on, on FerretDB: every claim counts an attempt, a
     retry that a dependency outage caused gives it back and waits, and a new member starts the
     count again."""
-    db = mongo[f"it_assembly_{uuid.uuid4().hex[:10]}"]
-    assembly = SeriesAssembly(db)
-    try:
-        await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
-        await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
-        [ready] = await assembly.ready(quiet_period_s=0)
-        claimed = await assembly.claim(ready, lease_s=900)
-        assert claimed is not None and claimed["attempts"] == 1
-        assert await assembly.ready(quiet_period_s=0) == []  # leased
+    await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
+    await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+    [ready] = await assembly.ready(quiet_period_s=0)
+    claimed = await assembly.claim(ready, lease_s=900)
+    assert claimed is not None and claimed["attempts"] == 1
+    assert await assembly.ready(quiet_period_s=0) == []  # leased
 
-        await assembly.retry_later(claimed, delay_s=0, counted=True)
-        [again] = await assembly.ready(quiet_period_s=0)
-        claimed = await assembly.claim(again, lease_s=900)
-        assert claimed is not None and claimed["attempts"] == 2
+    await assembly.retry_later(claimed, delay_s=0, counted=True)
+    [again] = await assembly.ready(quiet_period_s=0)
+    claimed = await assembly.claim(again, lease_s=900)
+    assert claimed is not None and claimed["attempts"] == 2
 
-        await assembly.retry_later(claimed, delay_s=3600, counted=False)
-        assert await assembly.ready(quiet_period_s=0) == []  # waits for the delay
-        assert (await db["series"].find_one({"_id": claimed["_id"]}))["attempts"] == 1
+    await assembly.retry_later(claimed, delay_s=3600, counted=False)
+    assert await assembly.ready(quiet_period_s=0) == []  # waits for the delay
+    assert (await assembly.series.find_one({"_id": claimed["_id"]}))["attempts"] == 1
 
-        await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # a new member: a new analysis
-        assert (await db["series"].find_one({"_id": claimed["_id"]}))["attempts"] == 0
-    finally:
-        await mongo.drop_database(db.name)
+    await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # a new member: a new analysis
+    assert (await assembly.series.find_one({"_id": claimed["_id"]}))["attempts"] == 0
 
 
-async def test_a_rejected_member_settles_the_series_of_its_upload_on_the_real_database(mongo):
+async def test_a_rejected_member_settles_the_series_of_its_upload_on_the_real_database(assembly):
     """A rejected instance has no series key: it settles in every series its upload touched, so the
     series document alone says the series is complete."""
-    db = mongo[f"it_assembly_{uuid.uuid4().hex[:10]}"]
-    assembly = SeriesAssembly(db)
-    try:
-        await assembly.expect("t", ["sk"], ["iu-1", "iu-2"], "up-1")
-        await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
-        await assembly.settle("t", None, "iu-2", "up-1", "excluded", {"reason_code": "integrity"}, "up-1")
-        series = await db["series"].find_one({"_id": assembly.series_id("t", "sk")})
-        assert sorted(series["settled"]) == ["iu-1", "iu-2"]
-        assert SeriesAssembly.complete(series)
-    finally:
-        await mongo.drop_database(db.name)
+    await assembly.expect("t", ["sk"], ["iu-1", "iu-2"], "up-1")
+    await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+    await assembly.settle("t", None, "iu-2", "up-1", "excluded", {"reason_code": "integrity"}, "up-1")
+    series = await assembly.series.find_one({"_id": assembly.series_id("t", "sk")})
+    assert sorted(series["settled"]) == ["iu-1", "iu-2"]
+    assert SeriesAssembly.complete(series)

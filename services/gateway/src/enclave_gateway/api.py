@@ -10,6 +10,7 @@ import structlog
 from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
+from enclave_common.errors import TransientError
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -32,7 +33,7 @@ log = structlog.get_logger("enclave.gateway")
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
 
-def _unavailable(exc: KafkaUnavailable | UploadNotRecorded | SpoolUnavailable) -> JSONResponse:
+def _unavailable(exc: TransientError) -> JSONResponse:
     return JSONResponse(
         {"status": 503, "error": exc.code, "message": str(exc)},
         status_code=503,

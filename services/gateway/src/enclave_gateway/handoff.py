@@ -129,15 +129,10 @@ class SealedInstance:
         return self._in_memory
 
     def chunks(self) -> Iterator[bytes]:
-        with _spool_io():
+        with _spool_io():  # only the reads raise here: nothing is thrown into a generator at its yield
             self._file.seek(0)
-            header = self._file.read(_LEN.size)
-        while header:
-            with _spool_io():
-                chunk = self._file.read(_LEN.unpack(header)[0])
-            yield chunk
-            with _spool_io():
-                header = self._file.read(_LEN.size)
+            while header := self._file.read(_LEN.size):
+                yield self._file.read(_LEN.unpack(header)[0])
 
     def discard(self) -> None:
         self._file.close()

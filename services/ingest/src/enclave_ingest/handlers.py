@@ -238,16 +238,9 @@ class ChunkConsumer:
         except FileNotFoundError:  # none of its chunks reached the spool: nothing to settle
             meta = None
         if meta is not None:
-            stream = ChunkStreamMeta(
-                tenant=str(meta["tenant"]),
-                upload_id=str(meta["upload_id"]),
-                instance_upload_id=iuid,
-                count=pending.count,
-                total_size=int(meta["total_size"]),  # type: ignore[call-overload]
-                sha256=str(meta["sha256"]),
-            )
+            upload_id = str(meta["upload_id"])
             rejected = InstanceRejected(
-                upload_id=stream.upload_id,
+                upload_id=upload_id,
                 instance_upload_id=iuid,
                 reason_code="upload_incomplete",
                 reason=(
@@ -259,12 +252,12 @@ class ChunkConsumer:
                 topics.INSTANCE_REJECTED,
                 rejected,
                 source="ingest",
-                tenant=stream.tenant,
+                tenant=str(meta["tenant"]),
                 actor="service:ingest",
-                correlation_id=stream.upload_id,
+                correlation_id=upload_id,
             )
             await _TransientRetries(self.runtime).run(
-                lambda: self._record_and_publish(stream, topics.INSTANCE_REJECTED, envelope, None),
+                lambda: self._record_and_publish(topics.INSTANCE_REJECTED, envelope, None),
                 "publishing an outcome",
             )
         log.warning(
@@ -321,7 +314,7 @@ class ChunkConsumer:
             key_event = self._key_event(stream, cause, outcome.new_study_key) if outcome is not None else None
             # A permanent failure here is not expected: it escapes, and on_chunk redelivers the chunk.
             await retries.run(
-                lambda: self._record_and_publish(stream, topic, envelope, key_event), "publishing an outcome"
+                lambda: self._record_and_publish(topic, envelope, key_event), "publishing an outcome"
             )
             return True
         except _BudgetSpent:
@@ -345,16 +338,15 @@ class ChunkConsumer:
             discriminator=f"key:{new_study_key}",
         )
 
-    async def _record_and_publish(
-        self, stream: ChunkStreamMeta, topic: str, envelope: Envelope, key_event: Envelope | None
-    ) -> None:
-        """Record the outcome in the catalogue (what a redelivery republishes), then publish it."""
+    async def _record_and_publish(self, topic: str, envelope: Envelope, key_event: Envelope | None) -> None:
+        """Record an instance's outcome in the catalogue (what a redelivery republishes), then publish it."""
+        instance_upload_id = str(envelope.data["instance_upload_id"])
         await self.catalogue.instances.update_one(
-            {"_id": stream.instance_upload_id},
+            {"_id": instance_upload_id},
             {
                 "$set": {
                     "outcome": {"topic": topic, "envelope": envelope.model_dump(mode="json")},
-                    "tenant": stream.tenant,
+                    "tenant": envelope.tenant,
                 }
             },
             upsert=True,
@@ -363,8 +355,8 @@ class ChunkConsumer:
             await self.runtime.publisher.publish(
                 topics.KEY_CREATED, key_event, key=key_event.data["study_key"]
             )
-        await self.runtime.publisher.publish(topic, envelope, key=stream.instance_upload_id)
-        log.info("instance outcome published", topic=topic, instance_upload_id=stream.instance_upload_id)
+        await self.runtime.publisher.publish(topic, envelope, key=instance_upload_id)
+        log.info("instance outcome published", topic=topic, instance_upload_id=instance_upload_id)
 
     async def _republish(self, outcome: dict[str, Any]) -> None:
         envelope = Envelope.model_validate(outcome["envelope"])
