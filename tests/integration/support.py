@@ -67,15 +67,16 @@ def mr_instance(
 
 
 async def wait_for_events(
-    topic: str,
+    topic: str | tuple[str, ...],
     predicate: Callable[[Envelope], bool],
     *,
     count: int = 1,
     timeout: float = 60.0,
 ) -> list[Envelope]:
-    """Read ``topic`` from the beginning with a fresh group until ``count`` envelopes match."""
+    """Read ``topic`` (or each of several) from the beginning with a fresh group until ``count``
+    envelopes match."""
     consumer = AIOKafkaConsumer(
-        topic,
+        *((topic,) if isinstance(topic, str) else topic),
         bootstrap_servers=KAFKA,
         group_id=f"it-wait-{uuid.uuid4().hex}",
         auto_offset_reset="earliest",

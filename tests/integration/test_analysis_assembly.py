@@ -16,7 +16,10 @@ document; that bookkeeping is checked here on FerretDB (the decisions on top of 
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 
@@ -24,10 +27,11 @@ import httpx
 import pytest
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_common import topics
-from enclave_common.events import AnalysisFailed
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.events import AnalysisFailed, InstanceRejected, UploadCompleted
 from pydicom.uid import generate_uid
 
-from .support import mr_instance, read_all, wait_for_events
+from .support import ROOT, kill_hard, mr_instance, publish, read_all, restart, wait_for_events
 from .test_gateway_support import GATEWAY, bearer, new_tenant
 
 
@@ -65,6 +69,104 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
     )
 
 
+async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_last_member_settles():
+    """A member that never gets an outcome (here announced by an upload but lost before ingest; in
+    production, e.g., dead-lettered by deid for a key problem) no longer leaves its series waiting
+    in silence: after ``ENCLAVE_ANALYSIS_INCOMPLETE_AFTER_S`` (set to 20 s for this test) the series
+    is reported ``series_incomplete``, naming what it awaits. When the member settles at last (here
+    rejected, as ingest rejects an upload that broke off), the series is assembled again and gets a
+    new outcome under a new event id, which the gateway's status shows."""
+    kill_hard("analysis")
+    subprocess.run(
+        [str(ROOT / "scripts/services.sh"), "up"],
+        check=True,
+        env={**os.environ, "ENCLAVE_ANALYSIS_INCOMPLETE_AFTER_S": "20"},
+    )
+    try:
+        tenant = new_tenant("it-asm")
+        headers = bearer("it-asm-pacs", tenant, "uploader")
+        study, series = generate_uid(), generate_uid()
+        files = [
+            ("file", (f"{i}.dcm", mr_instance(study_uid=study, series_uid=series)[0], "application/dicom"))
+            for i in range(3)
+        ]
+        async with httpx.AsyncClient(timeout=60) as client:
+            answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
+            assert answer.status_code == 200, answer.text
+            ids = sorted(a["imaging_id"] for a in answer.json()["accepted"])
+            (completed,) = await wait_for_events(topics.UPLOAD_COMPLETED, lambda e: e.tenant == tenant)
+
+            # A second upload of the same series whose one instance never reaches ingest.
+            lost, upload_id = new_event_id(), new_event_id()
+            announced = UploadCompleted(
+                upload_id=upload_id,
+                instance_upload_ids=[lost],
+                series_keys=completed.payload(UploadCompleted).series_keys,
+                accepted=1,
+                rejected=0,
+            )
+            envelope = Envelope.for_topic(
+                topics.UPLOAD_COMPLETED,
+                announced,
+                source="gateway",
+                tenant=tenant,
+                actor="it-test",
+                correlation_id=upload_id,
+            )
+            await publish(topics.UPLOAD_COMPLETED, [envelope], key=upload_id)
+
+            (reported,) = await wait_for_events(
+                topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, timeout=180
+            )
+            incomplete = reported.payload(AnalysisFailed)
+            assert incomplete.reason_code == "series_incomplete"
+            assert incomplete.reason.startswith(
+                "1 of the 4 instances uploaded for this series have had no outcome"
+            )
+            assert reported.data["awaiting_instance_upload_ids"] == [lost]
+            assert sorted(incomplete.instance_upload_ids) == ids
+
+            rejected = Envelope.for_topic(
+                topics.INSTANCE_REJECTED,
+                InstanceRejected(
+                    upload_id=upload_id,
+                    instance_upload_id=lost,
+                    reason_code="upload_incomplete",
+                    reason="only 1 of 3 chunks of the instance arrived",
+                ),
+                source="ingest",
+                tenant=tenant,
+                actor="it-test",
+                correlation_id=upload_id,
+            )
+            await publish(topics.INSTANCE_REJECTED, [rejected], key=lost)
+
+            def later_outcome(e: Envelope) -> bool:
+                return e.tenant == tenant and e.id != reported.id
+
+            outcomes = await wait_for_events(
+                (topics.ANALYSIS_COMPLETED, topics.ANALYSIS_FAILED), later_outcome, timeout=180
+            )
+            (after,) = outcomes
+            assert after.data["analysis_id"] == incomplete.analysis_id  # the same members, a new outcome
+            assert after.data.get("reason_code") != "series_incomplete"
+            assert "awaiting_instance_upload_ids" not in after.data
+
+            # The gateway's status follows the newest outcome (its read model consumes the events).
+            clinician = bearer("it-asm-clinician", tenant, "clinician")
+            for _ in range(60):
+                status = await client.get(f"{GATEWAY}/api/v1/imaging/{ids[0]}/analysis", headers=clinician)
+                assert status.status_code == 200, status.text
+                if status.json().get("reason_code") == after.data.get("reason_code"):
+                    break
+                await asyncio.sleep(1)
+            assert status.json()["analysis_id"] == incomplete.analysis_id, status.text
+            assert status.json().get("reason_code") == after.data.get("reason_code"), status.text
+    finally:
+        kill_hard("analysis")
+        restart("analysis")
+
+
 @pytest.fixture
 async def assembly(mongo) -> AsyncIterator[SeriesAssembly]:
     """The analysis service's series bookkeeping on a scratch database of the real FerretDB."""
@@ -81,18 +183,18 @@ async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_
     count again."""
     await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
     await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
-    [ready] = await assembly.ready(quiet_period_s=0)
+    [ready] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
     claimed = await assembly.claim(ready, lease_s=900)
     assert claimed is not None and claimed["attempts"] == 1
-    assert await assembly.ready(quiet_period_s=0) == []  # leased
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []  # leased
 
     await assembly.retry_later(claimed, delay_s=0, counted=True)
-    [again] = await assembly.ready(quiet_period_s=0)
+    [again] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
     claimed = await assembly.claim(again, lease_s=900)
     assert claimed is not None and claimed["attempts"] == 2
 
     await assembly.retry_later(claimed, delay_s=3600, counted=False)
-    assert await assembly.ready(quiet_period_s=0) == []  # waits for the delay
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []  # waits for the delay
     assert (await assembly.series.find_one({"_id": claimed["_id"]}))["attempts"] == 1
 
     await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # a new member: a new analysis
@@ -108,3 +210,36 @@ async def test_a_rejected_member_settles_the_series_of_its_upload_on_the_real_da
     series = await assembly.series.find_one({"_id": assembly.series_id("t", "sk")})
     assert sorted(series["settled"]) == ["iu-1", "iu-2"]
     assert SeriesAssembly.complete(series)
+
+
+async def test_an_incomplete_series_becomes_ready_only_when_overdue_on_the_real_database(assembly):
+    """An incomplete series is handed to the analysis (to be reported ``series_incomplete``) only once
+    it has been unchanged for ``incomplete_after_s``; a change gives its next outcome a new event id."""
+    await assembly.expect("t", ["sk"], ["iu-1", "iu-lost"], "up-1")
+    await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []
+    [overdue] = await assembly.ready(quiet_period_s=0, incomplete_after_s=0)
+    assert SeriesAssembly.missing(overdue) == ["iu-lost"]
+
+    claimed = await assembly.claim(overdue, lease_s=900)
+    await assembly.series.update_one(
+        {"_id": overdue["_id"]}, {"$set": {"pending_event": {"analysis_id": "an-x", "event_id": "ev-x"}}}
+    )
+    await assembly.finish(claimed, "an-x", "failed")  # reported series_incomplete
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=0) == []
+
+    # The missing member is rejected at last (no series key: it settles through its upload).
+    await assembly.settle(
+        "t", None, "iu-lost", "up-1", "excluded", {"reason_code": "upload_incomplete"}, "up-1"
+    )
+    [reopened] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    assert reopened["status"] == "collecting" and SeriesAssembly.complete(reopened)
+    assert "pending_event" not in reopened and reopened["attempts"] == 0
+
+    # A redelivery of the same outcome changes nothing.
+    claimed = await assembly.claim(reopened, lease_s=900)
+    await assembly.finish(claimed, "an-y", "completed")
+    await assembly.settle(
+        "t", None, "iu-lost", "up-1", "excluded", {"reason_code": "upload_incomplete"}, "up-1"
+    )
+    assert (await assembly.series.find_one({"_id": overdue["_id"]}))["status"] == "completed"

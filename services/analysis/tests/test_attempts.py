@@ -2,7 +2,10 @@
 number of times, and then reported failed (``analysis_internal_error``) instead of being retried
 forever with no answer for the hospital; a dependency outage is retried without counting. (Before,
 an unexpected error left the series claimed until its 15-minute lease ran out, then ran it again,
-for good.)"""
+for good.)
+
+A series that stays incomplete (a member with no outcome) is reported failed too, rather than
+waited for in silence."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
+from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
 from enclave_common import topics
@@ -27,6 +31,8 @@ class FakeAssembly:
         self.retried: list[tuple[float, bool]] = []
         self.finished: list[str] = []
         self.series = SimpleNamespace(update_one=self._ignore)
+
+    missing = staticmethod(SeriesAssembly.missing)
 
     async def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
@@ -94,5 +100,26 @@ async def test_past_the_last_attempt_the_series_is_reported_failed_not_tried_aga
     assert topic == topics.ANALYSIS_FAILED
     assert envelope.data["reason_code"] == "analysis_internal_error"
     assert "failed on each of 3 attempts" in envelope.data["reason"]
+    assert sorted(envelope.data["instance_upload_ids"]) == [m["_id"] for m in MEMBERS]
+    assert assembly.finished == ["failed"]
+
+
+async def test_a_series_still_incomplete_when_overdue_is_reported_with_what_it_awaits_not_analysed() -> None:
+    analysis, assembly, publisher = service(AssertionError("an incomplete series must not be loaded"))
+    overdue = {
+        **series(attempts=1),
+        "expected": ["iu-0", "iu-1", "iu-2", "iu-lost-1", "iu-lost-2"],
+        "settled": ["iu-0", "iu-1", "iu-2"],
+    }
+    await analysis.attempt(overdue)
+    assert assembly.retried == []
+    [(topic, envelope)] = publisher.published
+    assert topic == topics.ANALYSIS_FAILED
+    assert envelope.data["reason_code"] == "series_incomplete"
+    assert envelope.data["reason"].startswith(
+        "2 of the 5 instances uploaded for this series have had no outcome"
+    )
+    assert "for 6 h" in envelope.data["reason"]
+    assert envelope.data["awaiting_instance_upload_ids"] == ["iu-lost-1", "iu-lost-2"]
     assert sorted(envelope.data["instance_upload_ids"]) == [m["_id"] for m in MEMBERS]
     assert assembly.finished == ["failed"]

@@ -91,32 +91,53 @@ class SeriesAssembly:
             await self._touch(tenant, series_key, correlation_id)
             targets.add(own)
         for series_id in targets:
-            await self.series.update_one({"_id": series_id}, {"$addToSet": {"settled": instance_upload_id}})
+            added = await self.series.update_one(
+                {"_id": series_id}, {"$addToSet": {"settled": instance_upload_id}}
+            )
+            if added.modified_count and series_id != own:
+                # Another series of the upload was waiting for this member (it may have been reported
+                # incomplete already): it changed, so it is assembled again.
+                await self.series.update_one({"_id": series_id}, self._changed(correlation_id))
 
     async def _touch(self, tenant: str, series_key: str, correlation_id: str) -> None:
-        now = datetime.now(UTC)
-        await self.series.update_one(
-            {"_id": self.series_id(tenant, series_key)},
-            {
-                # A change makes a new analysis: its attempts count from zero again.
-                "$set": {
-                    "status": "collecting",
-                    "changed_at": now,
-                    "correlation_id": correlation_id,
-                    "attempts": 0,
-                },
-                "$setOnInsert": {"tenant": tenant, "series_key": series_key, "created_at": now},
-            },
-            upsert=True,
-        )
+        update = self._changed(correlation_id)
+        update["$setOnInsert"] = {
+            "tenant": tenant,
+            "series_key": series_key,
+            "created_at": update["$set"]["changed_at"],
+        }
+        await self.series.update_one({"_id": self.series_id(tenant, series_key)}, update, upsert=True)
 
     @staticmethod
-    def complete(series: dict[str, Any]) -> bool:
-        return set(series.get("expected") or ()) <= set(series.get("settled") or ())
+    def _changed(correlation_id: str) -> dict[str, Any]:
+        """The update that marks a series changed. A change makes a new analysis: its attempts count
+        from zero again, and its outcome gets a new event id even when its members are the same (a
+        late member excluded): reusing the last run's id would make consumers drop it as a
+        redelivery."""
+        return {
+            "$set": {
+                "status": "collecting",
+                "changed_at": datetime.now(UTC),
+                "correlation_id": correlation_id,
+                "attempts": 0,
+            },
+            "$unset": {"pending_event": ""},
+        }
 
-    async def ready(self, quiet_period_s: float) -> list[dict[str, Any]]:
-        """Series that are complete and quiet, or whose analysing lease expired."""
+    @classmethod
+    def complete(cls, series: dict[str, Any]) -> bool:
+        return not cls.missing(series)
+
+    @staticmethod
+    def missing(series: dict[str, Any]) -> list[str]:
+        """The expected members that have no outcome yet."""
+        return sorted(set(series.get("expected") or ()) - set(series.get("settled") or ()))
+
+    async def ready(self, quiet_period_s: float, incomplete_after_s: float) -> list[dict[str, Any]]:
+        """Series that are complete and quiet, or unchanged for ``incomplete_after_s`` although
+        incomplete (to be reported, not analysed), or whose analysing lease expired."""
         now = datetime.now(UTC)
+        overdue = now - timedelta(seconds=incomplete_after_s)
         cursor = self.series.find(
             {
                 "$or": [
@@ -127,7 +148,12 @@ class SeriesAssembly:
         )
         out: list[dict[str, Any]] = []
         async for doc in cursor:
-            if doc["status"] == "analysing" or self.complete(doc) or await self._repair(doc):
+            if (
+                doc["status"] == "analysing"
+                or self.complete(doc)
+                or await self._repair(doc)
+                or doc["changed_at"] <= overdue
+            ):
                 out.append(doc)
             if len(out) >= 20:
                 break

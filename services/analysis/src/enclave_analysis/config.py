@@ -26,6 +26,10 @@ class AnalysisSettings(BaseServiceSettings):
     #: A series is analysed once every instance its uploads announced has an outcome and nothing new
     #: arrived for this long.
     quiet_period_s: float = Field(default=10.0, ge=0)
+    #: A series still incomplete this long after its last change (an instance its uploads announced
+    #: has had no outcome: neither de-identified, quarantined nor rejected) is reported failed
+    #: (``series_incomplete``) instead of waiting for good; it is analysed if the missing arrive.
+    incomplete_after_s: float = Field(default=21600.0, gt=0)
     #: How often the assembler looks for series that became complete.
     scan_interval_s: float = Field(default=5.0, gt=0)
     #: An analysis claimed by a replica that died is taken over after this lease.

@@ -42,3 +42,11 @@ class PixelDataError(AnalysisError):
     that does not match its own description)."""
 
     code = "pixel_data_unreadable"
+
+
+class SeriesIncomplete(AnalysisError):
+    """Instances the series' uploads announced have had no outcome for too long (an instance
+    dead-lettered upstream, for instance): reported rather than waited for in silence. The series is
+    analysed again if they arrive."""
+
+    code = "series_incomplete"

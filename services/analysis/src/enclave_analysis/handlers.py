@@ -35,9 +35,22 @@ from prometheus_client import Counter
 
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
-from enclave_analysis.errors import AnalysisError, RepeatedFailure
+from enclave_analysis.errors import AnalysisError, RepeatedFailure, SeriesIncomplete
 
 log = structlog.get_logger("enclave.analysis")
+
+#: At most this many of a series' missing instance upload ids are listed in its ``series_incomplete``
+#: failure (``awaiting_instance_upload_ids``; the reason gives the count).
+AWAITING_LISTED = 100
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds:g} s"
+
 
 #: (datasets) -> (measures, qc, unavailable reasons, reports as (name, media type, bytes))
 SeriesAnalyser = Callable[
@@ -130,7 +143,9 @@ class AnalysisService:
     async def run_assembler(self) -> None:
         while True:
             try:
-                for series in await self.assembly.ready(self.settings.quiet_period_s):
+                for series in await self.assembly.ready(
+                    self.settings.quiet_period_s, self.settings.incomplete_after_s
+                ):
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
                         await self.attempt(claimed)
@@ -183,12 +198,22 @@ class AnalysisService:
             "instance_upload_ids": member_ids,
         }
         data: AnalysisCompleted | AnalysisFailed
+        extra: dict[str, Any] = {}
+        missing = self.assembly.missing(series)
         try:
             if int(series.get("attempts") or 1) > self.settings.max_attempts:
                 raise RepeatedFailure(
                     f"the analysis of this series failed on each of {self.settings.max_attempts} attempts "
                     "with an internal error; it is not tried again unless the series changes. The "
                     "analysis service's logs name the error; report it to the operators"
+                )
+            if missing:
+                extra = {"awaiting_instance_upload_ids": missing[:AWAITING_LISTED]}
+                raise SeriesIncomplete(
+                    f"{len(missing)} of the {len(series.get('expected') or ())} instances uploaded for this "
+                    f"series have had no outcome (neither de-identified, quarantined nor rejected) for "
+                    f"{_duration(self.settings.incomplete_after_s)}; the status of each uploaded instance "
+                    "says where it stopped. The series is analysed when they arrive"
                 )
             if len(members) < self.settings.min_instances:
                 raise AnalysisError(
@@ -205,7 +230,6 @@ class AnalysisService:
             data = AnalysisFailed(
                 **base, reason_code=getattr(exc, "code", "analysis_error"), reason=exc.reason
             )
-            extra = {}
             topic, outcome = topics.ANALYSIS_FAILED, "failed"
         envelope = Envelope(
             id=event_id,
@@ -218,7 +242,14 @@ class AnalysisService:
         )
         await self.runtime.publisher.publish(topic, envelope, key=series_key)
         await self.assembly.finish(series, analysis_id, outcome)
-        log.info("series analysed", outcome=outcome, analysis_id=analysis_id, instances=len(members))
+        log.info(
+            "series analysed",
+            outcome=outcome,
+            reason_code=getattr(data, "reason_code", None),
+            analysis_id=analysis_id,
+            instances=len(members),
+            awaiting=len(missing),
+        )
 
     async def _load(self, tenant: str, member: dict[str, Any]) -> pydicom.Dataset:
         assert self.kek is not None
