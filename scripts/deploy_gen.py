@@ -111,7 +111,9 @@ SERVICES: tuple[Service, ...] = (
             t.ANALYSIS_COMPLETED,
             t.ANALYSIS_FAILED,
         ),
-        writes=(t.UPLOAD_CHUNK, t.UPLOAD_RECEIVED, t.UPLOAD_COMPLETED, t.UPLOAD_REJECTED, t.ACCESS_RECORDED),
+        # A rejected upload is recorded as an access event (outcome ``rejected``): nothing publishes
+        # ``upload.rejected``, so the gateway gets no grant for it.
+        writes=(t.UPLOAD_CHUNK, t.UPLOAD_RECEIVED, t.UPLOAD_COMPLETED, t.ACCESS_RECORDED, t.SECURITY_ALERT),
         resources=Resources("500m", "512Mi", "2", "1Gi"),
         replicas=2,
         max_replicas=10,
@@ -137,7 +139,9 @@ SERVICES: tuple[Service, ...] = (
         name="ingest",
         port=8081,
         description="unseal, validate, dedupe, envelope-encrypt, store originals",
-        reads=(t.UPLOAD_CHUNK,),
+        # key.shredded: every replica drops a crypto-shredded study's key from its cache.
+        reads=(t.UPLOAD_CHUNK, t.KEY_SHREDDED),
+        # key.rotated and key.shredded come from `enclave-ingest-keys`, run in this pod.
         writes=(t.INSTANCE_STORED, t.INSTANCE_REJECTED, t.KEY_CREATED, t.KEY_ROTATED, t.KEY_SHREDDED),
         resources=Resources("500m", "1Gi", "2", "3Gi"),
         replicas=2,
@@ -163,8 +167,17 @@ SERVICES: tuple[Service, ...] = (
         name="deid",
         port=8082,
         description="PS3.15 de-identification, pseudonyms, date shifts, UID remap",
-        reads=(t.INSTANCE_STORED,),
-        writes=(t.INSTANCE_DEIDENTIFIED, t.INSTANCE_QUARANTINED),
+        # key.shredded: drop the study's key from the cache and erase its linkage records.
+        reads=(t.INSTANCE_STORED, t.KEY_SHREDDED),
+        # key.rotated, access.recorded and security.alert come from `enclave-deid-keys` and the
+        # break-glass command `enclave-deid-linkage`, run in this pod.
+        writes=(
+            t.INSTANCE_DEIDENTIFIED,
+            t.INSTANCE_QUARANTINED,
+            t.KEY_ROTATED,
+            t.ACCESS_RECORDED,
+            t.SECURITY_ALERT,
+        ),
         resources=Resources("500m", "1Gi", "2", "3Gi"),
         replicas=2,
         max_replicas=6,
@@ -187,7 +200,8 @@ SERVICES: tuple[Service, ...] = (
         name="analysis",
         port=8083,
         description="series assembly, brain MRI volumetrics, reports",
-        reads=(t.INSTANCE_DEIDENTIFIED, t.UPLOAD_COMPLETED),
+        # quarantined and rejected instances settle their series (they will never arrive).
+        reads=(t.INSTANCE_DEIDENTIFIED, t.INSTANCE_QUARANTINED, t.INSTANCE_REJECTED, t.UPLOAD_COMPLETED),
         writes=(t.ANALYSIS_COMPLETED, t.ANALYSIS_FAILED),
         resources=Resources("1", "2Gi", "4", "6Gi"),
         replicas=1,
@@ -202,7 +216,8 @@ SERVICES: tuple[Service, ...] = (
         port=8084,
         description="append-only hash-chained audit trail and the auditor API",
         reads=audited_topics(),
-        writes=(t.SECURITY_ALERT,),
+        # access.recorded: every auditor query is itself audited.
+        writes=(t.SECURITY_ALERT, t.ACCESS_RECORDED),
         resources=Resources("250m", "512Mi", "1", "1Gi"),
         replicas=2,
         max_replicas=6,

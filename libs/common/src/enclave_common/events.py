@@ -219,8 +219,13 @@ TOPIC_DATA: dict[str, type[EventData]] = {
 def envelope_schema(topic: str) -> type[Envelope]:
     """The wire message of ``topic`` as a model (the envelope with its typed ``data``), for schemas."""
     data = TOPIC_DATA[topic]
+    name = data.__name__
+    if sum(1 for other in TOPIC_DATA.values() if other is data) > 1:
+        # One data model for several topics (KeyEvent): one message name per topic, or the AsyncAPI
+        # document of a service publishing two of them keeps only one (with the other's description).
+        name += "".join(part.capitalize() for part in topic.split(".")[2:-1])
     model: type[Envelope] = create_model(
-        f"{data.__name__}Message",
+        f"{name}Message",
         __base__=Envelope,
         __doc__=f"{topic}: an Enclave envelope whose data is {data.__name__}.",
         data=(data, ...),

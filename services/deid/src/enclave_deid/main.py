@@ -62,6 +62,10 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
     settings = settings or DeidSettings()
     runtime = ServiceRuntime(settings)
     runtime.publishes(topics.INSTANCE_DEIDENTIFIED, topics.INSTANCE_QUARANTINED)
+    # Published by the key and break-glass commands (`enclave-deid-keys`, `enclave-deid-linkage`), run
+    # in the service's pod with its Kafka identity: declared here so the AsyncAPI document, and the
+    # Kafka ACLs checked against it, list them.
+    runtime.publishes(topics.KEY_ROTATED, topics.ACCESS_RECORDED, topics.SECURITY_ALERT)
     store = S3ObjectStore(settings)
     records = DeidRecords(runtime.db)
     vault = LinkageVault(runtime.db)

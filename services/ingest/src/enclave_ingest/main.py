@@ -23,6 +23,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     settings = settings or IngestSettings()
     runtime = ServiceRuntime(settings)
     runtime.publishes(topics.INSTANCE_STORED, topics.INSTANCE_REJECTED, topics.KEY_CREATED)
+    # Published by the key command (`enclave-ingest-keys`), run in the service's pod with its Kafka
+    # identity: declared here so the AsyncAPI document, and the Kafka ACLs checked against it, list them.
+    runtime.publishes(topics.KEY_ROTATED, topics.KEY_SHREDDED)
     store = S3ObjectStore(settings)
     catalogue = Catalogue(runtime.db)
     spool = ChunkSpool(settings.spool_dir)
