@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import subprocess
 import uuid
@@ -31,7 +32,8 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AnalysisFailed, InstanceRejected, UploadCompleted
 from pydicom.uid import generate_uid
 
-from .support import ROOT, kill_hard, mr_instance, publish, read_all, restart, wait_for_events
+from .conftest import MONGO_URL
+from .support import ROOT, dev_env, kill_hard, mr_instance, publish, read_all, restart, wait_for_events
 from .test_gateway_support import GATEWAY, bearer, new_tenant
 
 
@@ -167,6 +169,54 @@ async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_
         restart("analysis")
 
 
+def _rerun_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
+    return subprocess.run(
+        [str(ROOT / ".venv/bin/enclave-analysis-rerun"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+async def test_an_operator_reruns_failed_series_and_each_gets_a_new_outcome():
+    """`enclave-analysis-rerun` (e.g. after a fix for ``analysis_internal_error``) makes the running
+    service analyse the matching failed series again; each publishes a new outcome event. A dry run
+    and another tenant's filter change nothing. (Before the tenth session a failed series was only
+    analysed again when a new instance was uploaded to it.)"""
+    tenant = new_tenant("it-rerun")
+    headers = bearer("it-rerun-pacs", tenant, "uploader")
+    study, series = generate_uid(), generate_uid()
+    # Three copies of one slice position: a deterministic series_geometry failure.
+    files = [
+        ("file", (f"{i}.dcm", mr_instance(study_uid=study, series_uid=series)[0], "application/dicom"))
+        for i in range(3)
+    ]
+    async with httpx.AsyncClient(timeout=60) as client:
+        answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
+    assert answer.status_code == 200, answer.text
+    (first,) = await wait_for_events(topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, timeout=180)
+    code = first.data["reason_code"]
+
+    dry = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["series"] == 1
+    other = _rerun_cli("--reason-code", code, "--tenant", new_tenant("it-rerun"), "--actor", "user:it-sre")
+    assert json.loads(other.stdout)["series"] == 0
+    assert await read_all(topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, settle=1.0) == [first]
+
+    done = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["series"] == 1 and result["series_ids"] == [f"{tenant}:{first.data['series_key']}"]
+    (again,) = await wait_for_events(
+        topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant and e.id != first.id, timeout=180
+    )
+    assert again.data["reason_code"] == code and again.data["analysis_id"] == first.data["analysis_id"]
+    assert "series re-run requested" in done.stderr and tenant in done.stderr
+
+
 @pytest.fixture
 async def assembly(mongo) -> AsyncIterator[SeriesAssembly]:
     """The analysis service's series bookkeeping on a scratch database of the real FerretDB."""
@@ -243,3 +293,31 @@ async def test_an_incomplete_series_becomes_ready_only_when_overdue_on_the_real_
         "t", None, "iu-lost", "up-1", "excluded", {"reason_code": "upload_incomplete"}, "up-1"
     )
     assert (await assembly.series.find_one({"_id": overdue["_id"]}))["status"] == "completed"
+
+
+async def test_reopen_takes_only_the_finished_series_that_match_on_the_real_database(assembly):
+    """The bookkeeping behind `enclave-analysis-rerun`: finished series are chosen by status, reason
+    code, tenant and series key; a dry run changes nothing; a re-opened series is assembled again with
+    its attempts counted from zero and its upload's correlation id."""
+    outcomes = {
+        "sk-bug": ("failed", "analysis_internal_error"),
+        "sk-geo": ("failed", "series_geometry"),
+        "sk-ok": ("completed", None),
+    }
+    for key in outcomes:
+        await assembly.expect("t", [key], [f"iu-{key}"], f"up-{key}")
+        await assembly.settle("t", key, f"iu-{key}", f"up-{key}", "deidentified", {}, f"up-{key}")
+    for ready in await assembly.ready(quiet_period_s=0, incomplete_after_s=3600):
+        claimed = await assembly.claim(ready, lease_s=900)
+        await assembly.finish(claimed, "an-1", *outcomes[ready["series_key"]])
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []
+
+    dry = await assembly.reopen(status="failed", reason_code="analysis_internal_error", dry_run=True)
+    assert dry == ["t:sk-bug"]
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []
+    assert await assembly.reopen(status="failed", reason_code="analysis_internal_error", tenant="other") == []
+
+    assert await assembly.reopen(status="failed", reason_code="analysis_internal_error") == ["t:sk-bug"]
+    [ready] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    assert ready["_id"] == "t:sk-bug" and ready["attempts"] == 0 and ready["correlation_id"] == "up-sk-bug"
+    assert await assembly.reopen(status="completed", series_key="sk-ok") == ["t:sk-ok"]

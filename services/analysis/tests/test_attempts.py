@@ -29,7 +29,7 @@ class FakeAssembly:
 
     def __init__(self) -> None:
         self.retried: list[tuple[float, bool]] = []
-        self.finished: list[str] = []
+        self.finished: list[tuple[str, str | None]] = []
         self.series = SimpleNamespace(update_one=self._ignore)
 
     missing = staticmethod(SeriesAssembly.missing)
@@ -43,8 +43,10 @@ class FakeAssembly:
     async def retry_later(self, series: dict[str, Any], delay_s: float, *, counted: bool) -> None:
         self.retried.append((delay_s, counted))
 
-    async def finish(self, series: dict[str, Any], analysis_id: str, outcome: str) -> None:
-        self.finished.append(outcome)
+    async def finish(
+        self, series: dict[str, Any], analysis_id: str, outcome: str, reason_code: str | None = None
+    ) -> None:
+        self.finished.append((outcome, reason_code))
 
 
 class FakePublisher:
@@ -101,7 +103,7 @@ async def test_past_the_last_attempt_the_series_is_reported_failed_not_tried_aga
     assert envelope.data["reason_code"] == "analysis_internal_error"
     assert "failed on each of 3 attempts" in envelope.data["reason"]
     assert sorted(envelope.data["instance_upload_ids"]) == [m["_id"] for m in MEMBERS]
-    assert assembly.finished == ["failed"]
+    assert assembly.finished == [("failed", "analysis_internal_error")]
 
 
 async def test_a_series_still_incomplete_when_overdue_is_reported_with_what_it_awaits_not_analysed() -> None:
@@ -122,4 +124,4 @@ async def test_a_series_still_incomplete_when_overdue_is_reported_with_what_it_a
     assert "for 6 h" in envelope.data["reason"]
     assert envelope.data["awaiting_instance_upload_ids"] == ["iu-lost-1", "iu-lost-2"]
     assert sorted(envelope.data["instance_upload_ids"]) == [m["_id"] for m in MEMBERS]
-    assert assembly.finished == ["failed"]
+    assert assembly.finished == [("failed", "series_incomplete")]

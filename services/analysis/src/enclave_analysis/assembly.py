@@ -207,9 +207,49 @@ class SeriesAssembly:
             {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}, update
         )
 
-    async def finish(self, series: dict[str, Any], analysis_id: str, outcome: str) -> None:
+    async def finish(
+        self, series: dict[str, Any], analysis_id: str, outcome: str, reason_code: str | None = None
+    ) -> None:
         """Done, unless a member arrived while analysing (then it stays collecting and runs again)."""
         await self.series.update_one(
             {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]},
-            {"$set": {"status": outcome, "analysis_id": analysis_id, "finished_at": datetime.now(UTC)}},
+            {
+                "$set": {
+                    "status": outcome,
+                    "analysis_id": analysis_id,
+                    "reason_code": reason_code,
+                    "finished_at": datetime.now(UTC),
+                }
+            },
         )
+
+    async def reopen(
+        self,
+        *,
+        status: str,
+        reason_code: str | None = None,
+        tenant: str | None = None,
+        series_key: str | None = None,
+        dry_run: bool = False,
+    ) -> list[str]:
+        """An operator's re-run: the finished series that match are assembled and analysed again, as
+        if they had changed (new attempts, a new outcome event). Returns their ids."""
+        query: dict[str, Any] = {"status": status}
+        if reason_code is not None:
+            query["reason_code"] = reason_code
+        if tenant is not None:
+            query["tenant"] = tenant
+        if series_key is not None:
+            query["series_key"] = series_key
+        found = [doc async for doc in self.series.find(query, {"_id": 1, "correlation_id": 1})]
+        reopened: list[str] = []
+        for doc in found:
+            if dry_run:
+                reopened.append(doc["_id"])
+                continue
+            update = self._changed(doc.get("correlation_id") or doc["_id"])
+            # Only if it is still as found: a series that changed meanwhile is being assembled anyway.
+            done = await self.series.update_one({"_id": doc["_id"], "status": status}, update)
+            if done.modified_count:
+                reopened.append(doc["_id"])
+        return reopened

@@ -241,7 +241,7 @@ class AnalysisService:
             data={**data.model_dump(mode="json"), **extra},
         )
         await self.runtime.publisher.publish(topic, envelope, key=series_key)
-        await self.assembly.finish(series, analysis_id, outcome)
+        await self.assembly.finish(series, analysis_id, outcome, getattr(data, "reason_code", None))
         log.info(
             "series analysed",
             outcome=outcome,

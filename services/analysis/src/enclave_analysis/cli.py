@@ -1,0 +1,87 @@
+"""Operator command of the analysis service (same settings as the service, ``ENCLAVE_ANALYSIS_*``).
+
+``enclave-analysis-rerun``: analyse finished series again, e.g. those that failed with
+``analysis_internal_error`` once the bug is fixed, or with ``pixel_data_unreadable`` once a decoder is
+installed. The series are marked changed in the analysis database; the running service picks them up
+after its quiet period and publishes a new outcome (a new event, which replaces the old one in the
+gateway's status). Nothing is published by the command itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from enclave_common.logging import configure_logging
+from pymongo import AsyncMongoClient
+
+from enclave_analysis.assembly import SeriesAssembly
+from enclave_analysis.config import AnalysisSettings
+
+log = structlog.get_logger("enclave.analysis.rerun")
+
+#: Series ids listed in the command's answer (the count is always complete).
+LISTED = 100
+
+
+async def _rerun(args: argparse.Namespace, settings: AnalysisSettings) -> dict[str, Any]:
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        settings.mongo_url.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=5000
+    )
+    try:
+        assembly = SeriesAssembly(mongo[settings.mongo_database])
+        reopened = await assembly.reopen(
+            status=args.status,
+            reason_code=args.reason_code,
+            tenant=args.tenant,
+            series_key=args.series_key,
+            dry_run=args.dry_run,
+        )
+    finally:
+        await mongo.close()
+    log.info(
+        "series re-run requested" if not args.dry_run else "series that a re-run would take",
+        actor=args.actor,
+        status=args.status,
+        reason_code=args.reason_code,
+        tenant=args.tenant,
+        series=len(reopened),
+    )
+    return {
+        "dry_run": args.dry_run,
+        "series": len(reopened),
+        "series_ids": reopened[:LISTED],
+    }
+
+
+def rerun_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="enclave-analysis-rerun",
+        description="Analyse finished series again (the running analysis service does it after its quiet "
+        "period and publishes a new outcome). Give a reason code or a series key: a re-run of every series "
+        "is not offered.",
+    )
+    parser.add_argument(
+        "--status", choices=("failed", "completed"), default="failed", help="which finished series (failed)"
+    )
+    parser.add_argument("--reason-code", help="only series that failed with this reason_code")
+    parser.add_argument("--tenant", help="only this tenant's series")
+    parser.add_argument("--series-key", help="one series, by its pseudonymous key (in its analysis events)")
+    parser.add_argument("--actor", required=True, help="who asks (e.g. user:sre-jane), for the log")
+    parser.add_argument("--dry-run", action="store_true", help="list the series, change nothing")
+    args = parser.parse_args(argv)
+    if args.reason_code is None and args.series_key is None:
+        parser.error("give --reason-code or --series-key (or both)")
+    settings = AnalysisSettings()
+    configure_logging("analysis-rerun", settings.log_level, stream=sys.stderr)
+    print(json.dumps(asyncio.run(_rerun(args, settings)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rerun_main())
