@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -72,3 +73,42 @@ async def test_a_redelivered_stored_event_does_not_move_the_status_back(mongo):
         assert {f: after[f] for f in fields} == {f: before[f] for f in fields}
     # Handled without an event-id guard: the gateway keeps no processed-event record of it.
     assert await mongo["gateway"]["processed_events"].find_one({"_id": stored.id}) is None
+
+
+async def test_the_patient_query_pages_through_every_instance_in_upload_order():
+    """A patient with more instances than one page (five studies of 250 slices pass the page size of
+    1000) gets all of them, page by page, none twice: until the tenth session the query silently
+    answered the first 1000 only, so the newest studies of a long-followed patient were missing."""
+    tenant = new_tenant()
+    patient_id = f"PAGE-{uuid.uuid4().hex[:8]}"
+    uploader = bearer("it-portal", tenant, "uploader")
+    clinician = bearer("it-dr", tenant, "clinician")
+    files = [
+        ("files", (f"{i}.dcm", mr_instance(patient_id=patient_id)[0], "application/dicom")) for i in range(5)
+    ]
+    url = f"{GATEWAY}/api/v1/imaging/patient/{patient_id}"
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=uploader)
+        assert answer.status_code == 200, answer.text
+        ids = [a["imaging_id"] for a in answer.json()["accepted"]]
+
+        pages, after = [], None
+        while True:
+            params = {"limit": 2, **({"after": after} if after else {})}
+            page = await client.get(url, params=params, headers=clinician)
+            assert page.status_code == 200, page.text
+            pages.append([i["imaging_id"] for i in page.json()["instances"]])
+            after = page.json()["next_after"]
+            if after is None:
+                break
+            assert after == pages[-1][-1]
+        assert [len(p) for p in pages] == [2, 2, 1]
+        assert [i for p in pages for i in p] == sorted(ids)
+
+        whole = (await client.get(url, headers=clinician)).json()
+        assert [i["imaging_id"] for i in whole["instances"]] == sorted(ids) and whole["next_after"] is None
+
+        for bad in ({"limit": 0}, {"limit": 1001}, {"after": patient_id}):
+            refused = await client.get(url, params=bad, headers=clinician)
+            assert refused.status_code == 422, (bad, refused.text)
+            assert patient_id not in refused.text

@@ -11,7 +11,7 @@ from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from enclave_gateway.access import AccessRecorder
@@ -233,15 +233,35 @@ def build_router(
         patient_id: str,
         request: Request,
         principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT)),
+        limit: int = Query(
+            PATIENT_PAGE_MAX, ge=1, le=PATIENT_PAGE_MAX, description="instances per page (at most 1000)"
+        ),
+        after: str | None = Query(
+            None,
+            pattern=IMAGING_ID_PATTERN,
+            description="the previous page's `next_after`: the page starts after this imaging id",
+        ),
     ) -> dict[str, Any]:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", patient_id)
         await guard.check_resource(
             request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key)
         )
-        docs = await read_model.for_patient(principal.tenant, key)
-        return {"patient_key": key, "instances": [_status_view(d) for d in docs]}
+        docs = await read_model.for_patient(principal.tenant, key, limit + 1, after)
+        page = docs[:limit]
+        return {
+            "patient_key": key,
+            "instances": [_status_view(d) for d in page],
+            # More instances follow: ask again with ``after`` set to this.
+            "next_after": page[-1]["_id"] if len(docs) > limit else None,
+        }
 
     return router
+
+
+#: A page of the patient query holds at most this many instances (and this many by default).
+PATIENT_PAGE_MAX = 1000
+#: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
+IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 def _status_view(doc: dict[str, Any]) -> dict[str, Any]:

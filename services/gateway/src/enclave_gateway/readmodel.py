@@ -207,11 +207,16 @@ class ReadModel:
         doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
         return doc
 
-    async def for_patient(self, tenant: str, patient_key: str, limit: int = 1000) -> list[dict[str, Any]]:
-        cursor = self.instances.find({"tenant": tenant, "patient_key": patient_key}).sort(
-            "received_at", ASCENDING
-        )
-        return [doc async for doc in cursor.limit(limit)]
+    async def for_patient(
+        self, tenant: str, patient_key: str, limit: int, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` instances of the patient in upload order (by imaging id, a UUIDv7: time
+        first), those after the imaging id ``after`` when given."""
+        query: dict[str, Any] = {"tenant": tenant, "patient_key": patient_key}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.instances.find(query).sort("_id", ASCENDING).limit(limit)
+        return [doc async for doc in cursor]
 
     async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self.analyses.find_one({"_id": analysis_id})
