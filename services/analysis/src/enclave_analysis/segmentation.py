@@ -20,10 +20,12 @@ Written by hand: the intracranial mask rule and the QC numbers (ANTs has no such
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -132,7 +134,18 @@ def segment_brain(
 
     Raises :class:`NotBrainT1Error` when the volume does not register to the brain template or
     its tissue contrast is not T1-like (white matter brighter than grey matter brighter than CSF).
+
+    ANTs writes the registration's transforms (~20 MB at 1 mm) to files: they go to a directory of
+    this call, removed when it ends. (ANTs' default, a new name in the temporary directory each time,
+    was never removed: a pod's temporary volume filled up after a few hundred analyses.)
     """
+    with tempfile.TemporaryDirectory(prefix="enclave-ants-") as workdir:
+        return _segment_brain(volume, options, stage, Path(workdir))
+
+
+def _segment_brain(
+    volume: Volume, options: PipelineOptions | None, stage: StageTimer | None, workdir: Path
+) -> Segmentation:
     import ants  # imported here: see the module note
 
     options = options or PipelineOptions()
@@ -164,6 +177,7 @@ def segment_brain(
             aff_shrink_factors=(4, 2, 1),
             aff_smoothing_sigmas=(2, 1, 0),
             reg_iterations=options.syn_iterations,
+            outprefix=str(workdir / "registration-"),
             verbose=False,
         )
         forward, inverse = registration["fwdtransforms"], registration["invtransforms"]
