@@ -10,6 +10,7 @@ from enclave_audit.checkpoints import (
     CHECKPOINT_GENESIS_HASH,
     Checkpoint,
     CheckpointError,
+    CheckpointRoots,
     build_checkpoint,
     verify_checkpoint,
 )
@@ -166,3 +167,34 @@ def test_public_key_pem_round_trip_and_wrong_key_type(signer):
     )
     with pytest.raises(ValueError, match="only Ed25519"):
         load_public_key_pem(ec_pem)
+
+
+def test_checkpoint_roots_of_one_walk_match_the_signed_roots_in_any_listed_order(make_chain, signer):
+    """Verification computes every checkpoint's root in one walk over the records (each record meets
+    only the checkpoints covering it); the roots equal the signed ones whatever order the checkpoints
+    are listed in, and a checkpoint whose last record never comes is not reported complete."""
+    records = make_chain(50)
+    signed, previous = [], None
+    for start in range(0, 50, 7):
+        previous = build_checkpoint(
+            records[start : start + 7], signer=signer, created_at=NOW, previous=previous
+        )
+        signed.append(previous)
+    roots = CheckpointRoots(reversed(signed))
+    for record in records[:45]:  # the walk stops inside 43..49 (and never reaches 50..50)
+        roots.add(record)
+    completed = {cp.first_sequence: (root, last) for cp, root, last in roots.completed}
+    assert sorted(completed) == [cp.first_sequence for cp in signed[:-2]]
+    for cp in signed[:-2]:
+        assert completed[cp.first_sequence] == (cp.root_hash, cp.last_record_hash)
+
+
+def test_checkpoint_roots_skip_a_checkpoint_whose_records_have_a_gap(make_chain, signer):
+    records = make_chain(10)
+    cp = build_checkpoint(records[:10], signer=signer, created_at=NOW)
+    roots = CheckpointRoots([cp])
+    for record in records[:4] + records[5:]:
+        roots.add(record)
+    # Record 5 is missing: the root covers 9 records and differs from the signed one.
+    [(_, root, _)] = roots.completed
+    assert root != cp.root_hash

@@ -74,6 +74,40 @@ class Checkpoint(BaseModel):
         return self.first_sequence <= sequence <= self.last_sequence
 
 
+class CheckpointRoots:
+    """The Merkle root and the last record hash of each checkpoint, computed while the records are
+    walked once in ascending sequence order (``add``, as ``verify_chain``'s ``on_record``).
+
+    Each record meets only the checkpoints that cover it, so a walk costs O(records + checkpoints).
+    Before the tenth session every record was tested against every checkpoint: a whole-chain
+    verification of a month of trail (a checkpoint every 5 minutes) spent ~25 minutes on that alone,
+    and more every day after.
+    """
+
+    def __init__(self, checkpoints: Iterable[Checkpoint]) -> None:
+        self._pending = sorted(checkpoints, key=lambda cp: (cp.first_sequence, cp.last_sequence))
+        self._next = 0
+        self._open: list[tuple[Checkpoint, MerkleTreeBuilder]] = []
+        #: (checkpoint, root hex, hash of its last record), in the order the checkpoints completed.
+        self.completed: list[tuple[Checkpoint, str, str]] = []
+
+    def add(self, record: AuditRecord) -> None:
+        sequence = record.sequence
+        while self._next < len(self._pending) and self._pending[self._next].first_sequence <= sequence:
+            self._open.append((self._pending[self._next], MerkleTreeBuilder()))
+            self._next += 1
+        still_open: list[tuple[Checkpoint, MerkleTreeBuilder]] = []
+        for checkpoint, builder in self._open:
+            if checkpoint.last_sequence < sequence:
+                continue  # passed without its last record (a gap: the chain reports it)
+            builder.append(record.record_hash)
+            if sequence == checkpoint.last_sequence:
+                self.completed.append((checkpoint, builder.root().hex(), record.record_hash))
+            else:
+                still_open.append((checkpoint, builder))
+        self._open = still_open
+
+
 def build_checkpoint(
     records: Iterable[AuditRecord],
     *,

@@ -72,13 +72,23 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     )
     guard = AccessGuard(_token_verifier(settings), on_decision=access_hook(runtime.publisher))
 
-    async def prepare() -> None:
+    def load_keys() -> None:
         if settings.signing_key_file is None:
             raise ConfigurationError(
                 "ENCLAVE_AUDIT_SIGNING_KEY_FILE is not set (an Ed25519 private key, PEM)"
             )
-        signer = Ed25519Signer.from_pem(settings.signing_key_file.read_bytes())
-        ctx.signer = signer
+        ctx.signer = Ed25519Signer.from_pem(settings.signing_key_file.read_bytes())
+        no_keys = not settings.oidc_jwks_url and settings.oidc_jwks_file is None
+        if settings.environment not in ("dev", "test") and no_keys:
+            # Every auditor query would answer 503 (no keys to check tokens with).
+            raise ConfigurationError(
+                "the auditor API has no token keys: set ENCLAVE_AUDIT_OIDC_JWKS_URL (or _JWKS_FILE), "
+                "with ENCLAVE_AUDIT_OIDC_ISSUER and ENCLAVE_AUDIT_OIDC_AUDIENCE"
+            )
+
+    async def prepare() -> None:
+        signer = ctx.signer
+        assert signer is not None
         await objects.ensure_bucket(settings.worm_bucket, object_lock=True)
         await store.ensure_indexes()
         head = await store.read_head()
@@ -100,6 +110,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     async def close_sync_client() -> None:
         sync_client.close()
 
+    runtime.preflight(load_keys)
     runtime.on_startup(prepare)
     runtime.on_shutdown(close_sync_client)
     app = runtime.http_app(title="Enclave audit", routers=[build_router(ctx, guard)])

@@ -17,9 +17,7 @@ from enclave_common.storage import ObjectStore
 from pydantic import BaseModel
 
 from enclave_audit.chain import BreakReason, VerifyResult, verify_chain
-from enclave_audit.checkpoints import Checkpoint, verify_checkpoint
-from enclave_audit.merkle import MerkleTreeBuilder
-from enclave_audit.records import AuditRecord
+from enclave_audit.checkpoints import Checkpoint, CheckpointRoots, verify_checkpoint
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
 
 
@@ -68,22 +66,14 @@ def verify_trail(
     expected_last = last
     if expected_last is None and checkpoints:
         expected_last = max(e.checkpoint.last_sequence for e in checkpoints)
-    builders = {cp.first_sequence: MerkleTreeBuilder() for cp in covered}
-    roots: dict[int, tuple[str, str]] = {}
-
-    def on_record(record: AuditRecord) -> None:
-        for cp in covered:
-            if cp.covers(record.sequence):
-                builders[cp.first_sequence].append(record.record_hash)
-                if record.sequence == cp.last_sequence:
-                    roots[cp.first_sequence] = (builders[cp.first_sequence].root().hex(), record.record_hash)
-
+    computed = CheckpointRoots(covered)
     chain = verify_chain(
         reader.iter_documents(first, last),
         anchor=anchor,
         expected_last_sequence=expected_last,
-        on_record=on_record,
+        on_record=computed.add,
     )
+    roots = {cp.first_sequence: (root, last_hash) for cp, root, last_hash in computed.completed}
 
     problems: list[str] = []
     previous: Checkpoint | None = None

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
 from enclave_audit.chain import ChainHead, verify_chain
-from enclave_audit.checkpoints import Checkpoint, verify_checkpoint
+from enclave_audit.checkpoints import Checkpoint, CheckpointRoots, verify_checkpoint
 from enclave_audit.export import (
     CHECKPOINT_DIR,
     MANIFEST_PATH,
@@ -34,8 +34,6 @@ from enclave_audit.export import (
     SIGNATURE_PATH,
     BundleManifest,
 )
-from enclave_audit.merkle import MerkleTreeBuilder
-from enclave_audit.records import AuditRecord
 from enclave_audit.signing import ed25519_key_id, load_public_key_pem, verify_signature
 
 MAX_SMALL_FILE: Final = 16 * 1024 * 1024
@@ -204,8 +202,9 @@ def _verify_records(
         for cp in checkpoints
         if first is not None and last is not None and cp.first_sequence >= first and cp.last_sequence <= last
     ]
-    partial = [cp for cp in checkpoints if cp not in covered]
-    builders = {cp.first_sequence: MerkleTreeBuilder() for cp in covered}
+    covered_ids = {id(cp) for cp in covered}
+    partial = [cp for cp in checkpoints if id(cp) not in covered_ids]
+    computed = CheckpointRoots(covered)
     roots_ok: list[Checkpoint] = []
 
     for cp in checkpoints:
@@ -214,26 +213,21 @@ def _verify_records(
                 f"anchor hash differs from the chain head signed by checkpoint ..{cp.last_sequence}"
             )
 
-    def on_record(record: AuditRecord) -> None:
-        for cp in covered:
-            if cp.covers(record.sequence):
-                builders[cp.first_sequence].append(record.record_hash)
-                if record.sequence == cp.last_sequence:
-                    root = builders[cp.first_sequence].root().hex()
-                    if root != cp.root_hash or record.record_hash != cp.last_record_hash:
-                        span = f"{cp.first_sequence}..{cp.last_sequence}"
-                        problems.append(f"records {span} do not match their checkpoint root")
-                    else:
-                        roots_ok.append(cp)
-
     handle = tar.extractfile(member)
     lines = _json_lines(handle, problems) if handle is not None else iter(())
     chain = verify_chain(
         lines,
         anchor=ChainHead(manifest.anchor_sequence, manifest.anchor_hash),
         expected_last_sequence=last,
-        on_record=on_record,
+        on_record=computed.add,
     )
+    for cp, root, last_hash in computed.completed:
+        if root != cp.root_hash or last_hash != cp.last_record_hash:
+            problems.append(
+                f"records {cp.first_sequence}..{cp.last_sequence} do not match their checkpoint root"
+            )
+        else:
+            roots_ok.append(cp)
     if not chain.ok:
         problems.append(f"{RECORDS_PATH}: record {chain.broken_sequence}: {chain.detail}")
     elif chain.checked != manifest.record_count:
