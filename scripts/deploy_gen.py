@@ -79,6 +79,8 @@ class Service:
     scale_on_lag: bool = True
     config: dict[str, str] = field(default_factory=dict)
     secret_files: tuple[SecretFile, ...] = ()
+    #: Settings whose value is a secret: (env suffix, Secret name, key), as environment variables.
+    secret_env: tuple[tuple[str, str, str], ...] = ()
     memory_tmp: str = "256Mi"
 
     @property
@@ -96,6 +98,16 @@ def audited_topics() -> tuple[str, ...]:
     candidates = [name for topic in t.ALL_TOPICS for name in (topic, t.dlq(topic))]
     return tuple(name for name in candidates if pattern.fullmatch(name))
 
+
+#: The identity provider whose tokens the gateway's and the auditor API accept.
+OIDC = {
+    "OIDC_ISSUER": "https://login.example.org/realms/enclave",
+    "OIDC_AUDIENCE": "enclave-api",
+    "OIDC_JWKS_URL": "https://login.example.org/realms/enclave/protocol/openid-connect/certs",
+}
+#: The keyed-HMAC pseudonym key the gateway and ingest share (base64 of at least 32 random bytes;
+#: deid has its own, mounted as a file).
+PSEUDONYM_SECRET = "enclave-upload-pseudonym-key"  # noqa: S105 - the Secret's name, not its value
 
 SERVICES: tuple[Service, ...] = (
     Service(
@@ -121,10 +133,11 @@ SERVICES: tuple[Service, ...] = (
         https_egress=True,
         scale_on_lag=False,
         config={
-            "OIDC_ISSUER": "https://login.example.org/realms/enclave",
-            "OIDC_AUDIENCE": "enclave-api",
-            "OIDC_JWKS_URL": "https://login.example.org/realms/enclave/protocol/openid-connect/certs",
+            **OIDC,
+            # The public address clients reach (the ingress host): STOW-RS RetrieveURLs are built on it.
+            "PUBLIC_BASE_URL": "https://api.enclave.example.org",
         },
+        secret_env=(("PSEUDONYM_KEY", PSEUDONYM_SECRET, "key"),),
         secret_files=(
             SecretFile(
                 "enclave-ingest-public-key",
@@ -158,9 +171,10 @@ SERVICES: tuple[Service, ...] = (
                 "enclave-ingest-sealing-key",
                 "private.pem",
                 "/etc/enclave/sealing-key",
-                "SEALING_PRIVATE_KEY_FILE",
+                "PRIVATE_KEY_FILE",
             ),
         ),
+        secret_env=(("PSEUDONYM_KEY", PSEUDONYM_SECRET, "key"),),
         memory_tmp="2Gi",
     ),
     Service(
@@ -186,6 +200,8 @@ SERVICES: tuple[Service, ...] = (
         config={
             "KEK_PROVIDER": "aws-kms",
             "KMS_KEY_ID": "alias/enclave-deid",
+            # Deid reads the originals: their study keys are wrapped under ingest's KEK.
+            "ORIGINALS_KMS_KEY_ID": "alias/enclave-ingest",
             "ORIGINALS_BUCKET": "enclave-originals",
             "DEIDENTIFIED_BUCKET": "enclave-deidentified",
         },
@@ -208,7 +224,12 @@ SERVICES: tuple[Service, ...] = (
         max_replicas=6,
         s3=True,
         https_egress=True,
-        config={"DEIDENTIFIED_BUCKET": "enclave-deidentified", "RESULTS_BUCKET": "enclave-results"},
+        config={
+            # The de-identified copies' keys are wrapped under deid's KEK (analysis only unwraps).
+            "KMS_KEY_ID": "alias/enclave-deid",
+            "DEIDENTIFIED_BUCKET": "enclave-deidentified",
+            "RESULTS_BUCKET": "enclave-results",
+        },
         memory_tmp="4Gi",
     ),
     Service(
@@ -225,7 +246,7 @@ SERVICES: tuple[Service, ...] = (
         s3=True,
         https_egress=True,
         pattern=True,
-        config={"WORM_BUCKET": "enclave-audit-worm", "CHECKPOINT_INTERVAL_S": "300"},
+        config={**OIDC, "WORM_BUCKET": "enclave-audit-worm", "CHECKPOINT_INTERVAL_S": "300"},
         secret_files=(
             SecretFile(
                 "enclave-audit-signing-key",
@@ -289,7 +310,8 @@ def config_map(s: Service) -> dict[str, Any]:
         "ENCLAVE_KAFKA_SSL_CERTFILE": "/etc/enclave/kafka-user/user.crt",
         "ENCLAVE_KAFKA_SSL_KEYFILE": "/etc/enclave/kafka-user/user.key",
         "ENCLAVE_TRACING_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4317",
+        # OTLP over HTTP (the exporter the services install): the collector's port 4318.
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4318",
         "OTEL_SERVICE_NAME": f"enclave-{s.name}",
     }
     if s.s3:
@@ -313,6 +335,7 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 def deployment(s: Service) -> dict[str, Any]:
     env = [_secret_env("ENCLAVE_MONGO_URL", f"{s.group}-mongo", "url")]
+    env += [_secret_env(s.env_prefix + name, secret, key) for name, secret, key in s.secret_env]
     if s.s3:
         env += [
             _secret_env("ENCLAVE_S3_ACCESS_KEY_ID", f"{s.group}-s3", "access-key-id"),
@@ -536,7 +559,7 @@ def network_policy(s: Service) -> dict[str, Any]:
         },
         {
             "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}],
-            "ports": [{"protocol": "TCP", "port": 4317}],
+            "ports": [{"protocol": "TCP", "port": 4318}],
         },
     ]
     if s.https_egress:
@@ -690,6 +713,8 @@ COPY --from=build /app/.venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH \\
     PYTHONDONTWRITEBYTECODE=1 \\
     PYTHONUNBUFFERED=1 \\
+    HOME=/tmp \\
+    MPLCONFIGDIR=/tmp/matplotlib \\
     ENCLAVE_HTTP_HOST=0.0.0.0
 WORKDIR /app
 USER 10001:10001

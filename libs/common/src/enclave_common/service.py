@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -34,6 +36,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_common.errors import (
+    EnclaveError,
     TransientError,
     dependency_failure_types,
     exhausted_resource,
@@ -124,6 +127,7 @@ class ServiceRuntime:
             "kafka": self._kafka_ready,
             "mongodb": lambda: self.db.command("ping"),
         }
+        self._preflight: list[Callable[[], None]] = []
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -174,6 +178,16 @@ class ServiceRuntime:
         """Count one seal, unseal, encrypt or decrypt (``enclave_crypto_operations_total``)."""
         self.consumer_metrics.crypto_operations.labels(self.settings.service_name, operation).inc()
 
+    def preflight(self, fn: Callable[[], None]) -> None:
+        """A configuration check without network I/O (keys configured and readable, key files parse):
+        run first at startup, and alone by ``--check-config``, so a misconfigured deployment fails
+        at once with the setting to fix instead of when its first message arrives."""
+        self._preflight.append(fn)
+
+    def check_configuration(self) -> None:
+        for fn in self._preflight:
+            fn()
+
     def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._startup.append(fn)
 
@@ -194,6 +208,7 @@ class ServiceRuntime:
         return task
 
     async def start(self) -> None:
+        self.check_configuration()
         self._subscribe()
         for fn in self._startup:
             await fn()
@@ -486,6 +501,8 @@ def run_service(
     import uvicorn
 
     configure_logging(settings.service_name, settings.log_level)
+    if "--check-config" in sys.argv[1:]:
+        raise SystemExit(check_config(app_factory, settings))
     config = uvicorn.Config(
         app_factory(),
         host=settings.http_host,
@@ -505,6 +522,21 @@ def run_service(
     server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> int:
+    """``enclave-<service> --check-config``: build the app and run its configuration checks, with no
+    network I/O; print the verdict as one JSON line; 0 if the service would start, 2 if not (e.g. as an
+    init container, or before a rollout). Messages name settings, never their values."""
+    try:
+        app = app_factory()
+        app.state.runtime.check_configuration()
+    except Exception as exc:
+        reason = exc.reason if isinstance(exc, EnclaveError) else f"{type(exc).__name__}: {exc}"
+        print(json.dumps({"service": settings.service_name, "configuration": "invalid", "reason": reason}))
+        return 2
+    print(json.dumps({"service": settings.service_name, "configuration": "ok"}))
+    return 0
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -27,8 +27,10 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     service.register()
     runtime.readiness["object_store"] = store.ping
 
-    async def prepare() -> None:
+    def load_keys() -> None:
         service.kek = kek_provider(settings, settings.keyring_file, settings.kms_key_id)
+
+    async def prepare() -> None:
         await store.ensure_bucket(settings.deidentified_bucket)
         if settings.results_bucket != settings.deidentified_bucket:
             await store.ensure_bucket(settings.results_bucket)
@@ -36,6 +38,7 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
         runtime.spawn(asyncio.to_thread(warm_up), "import-ants")
         runtime.spawn(service.run_assembler(), "series-assembler")
 
+    runtime.preflight(load_keys)
     runtime.on_startup(prepare)
     return runtime.http_app(title="Enclave analysis")
 

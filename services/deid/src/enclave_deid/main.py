@@ -74,7 +74,7 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
     runtime.readiness["object_store"] = store.ping
     runtime.readiness["work_dir"] = local_disk_check(settings.work_dir)
 
-    async def load_keys_and_prepare() -> None:
+    def check_keys() -> None:
         keys = load_keys(settings)
         pseudonym_key = settings.pseudonym_key_base64()
         if pseudonym_key and pseudonym_key == os.environ.get("ENCLAVE_PSEUDONYM_KEY"):
@@ -93,11 +93,14 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
             max_instance_bytes=settings.max_instance_bytes,
             work_dir=settings.work_dir,
         )
+
+    async def prepare() -> None:
         await store.ensure_bucket(settings.deidentified_bucket)
         await records.ensure_indexes()
         await vault.ensure_indexes()
 
-    runtime.on_startup(load_keys_and_prepare)
+    runtime.preflight(check_keys)
+    runtime.on_startup(prepare)
     return runtime.http_app(title="Enclave de-identification")
 
 

@@ -119,16 +119,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     for topic in READ_MODEL_TOPICS:
         runtime.consume(topic, read_model.on_event)
 
-    async def load_keys() -> None:
+    def load_keys() -> None:
         """The ingest public key is a file: read at startup, not when the app object is built."""
         if settings.ingest_public_key_file is None:
             raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
         uploads.recipient = load_public_key(str(settings.ingest_public_key_file))
+
+    async def prepare() -> None:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         await read_model.ensure_indexes()
         await grants.ensure_indexes()
 
-    runtime.on_startup(load_keys)
+    runtime.preflight(load_keys)
+    runtime.on_startup(prepare)
     runtime.readiness["spool"] = local_disk_check(settings.spool_dir)
     router = build_router(
         guard=guard,

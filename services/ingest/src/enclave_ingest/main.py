@@ -34,11 +34,10 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     runtime.readiness["object_store"] = store.ping
     runtime.readiness["spool"] = local_disk_check(settings.spool_dir)
 
-    async def load_keys_and_prepare() -> None:
+    def load_keys() -> None:
         if settings.private_key_file is None:
             raise ConfigurationError("ENCLAVE_INGEST_PRIVATE_KEY_FILE is not set")
         kek = kek_provider(settings, settings.keyring_file, settings.kms_key_id)
-        spool.prepare()
         consumer.pipeline = InstancePipeline(
             spool=spool,
             private_key=load_private_key(str(settings.private_key_file)),
@@ -55,6 +54,9 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
             header_prefix_bytes=settings.header_prefix_bytes,
             segment_size=settings.segment_size,
         )
+
+    async def prepare() -> None:
+        spool.prepare()
         await store.ensure_bucket(settings.originals_bucket)
         await catalogue.ensure_indexes()
 
@@ -62,7 +64,8 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         topics.KEY_SHREDDED,
         shred_listener(lambda: consumer.pipeline.study_keys if consumer.pipeline is not None else None),
     )
-    runtime.on_startup(load_keys_and_prepare)
+    runtime.preflight(load_keys)
+    runtime.on_startup(prepare)
     app = runtime.http_app(title="Enclave ingest")
     app.state.catalogue = catalogue
     return app

@@ -1,0 +1,192 @@
+"""Each service starts with the configuration the prod manifests give it.
+
+The manifests are checked against Kubernetes' schemas elsewhere; this checks them against the
+services themselves: for every Deployment of the rendered prod overlay, the container's environment
+(ConfigMap and Secret references) and its mounted Secret files are reproduced (Secrets filled with
+freshly generated keys of the right kind, since their values are never in git), and the service's
+own ``--check-config`` must accept them: settings parse, key files load, every key-encryption key and
+the token keys are configured, the tracing exporter is installed. No network I/O.
+
+Until the tenth session no test did this, and the prod overlay could not have started a single
+service: the OTLP exporter it selects was not installed (all five crashed at start), the gateway and
+ingest had no pseudonym key, ingest's sealing key was under an environment name it does not read,
+deid had no key for the originals, analysis no key at all, and the auditor API no token keys (every
+auditor query would have answered 503 while the pod looked ready).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.x509.oid import NameOID
+
+from .conftest import REPO_ROOT, SERVICES
+
+
+def _x25519_private() -> bytes:
+    return x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _x25519_public() -> bytes:
+    return (
+        x25519.X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def _ed25519_private() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _hmac_key() -> bytes:
+    return base64.b64encode(secrets.token_bytes(32))
+
+
+@functools.cache
+def _kafka_tls() -> dict[str, bytes]:
+    """A cluster CA and a user certificate signed by it, as Strimzi writes them for a KafkaUser."""
+    now = datetime.now(UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: Any) -> bytes:
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=subject == issuer, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    user_key = ec.generate_private_key(ec.SECP256R1())
+    return {
+        "ca.crt": certificate("cluster-ca", ca_key, "cluster-ca", ca_key),
+        "user.crt": certificate("enclave-user", user_key, "cluster-ca", ca_key),
+        "user.key": user_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+
+
+#: What each Secret key holds (docs/operations.md, "Create the secrets"), generated afresh.
+SECRET_VALUES: dict[str, Callable[[], bytes]] = {
+    "url": lambda: b"mongodb://mongo-0.mongodb.svc:27017/?tls=true&replicaSet=rs0",
+    "access-key-id": lambda: b"AKIAENCLAVEDEPLOYTEST",
+    "secret-access-key": lambda: base64.b64encode(secrets.token_bytes(30)),
+    "key": _hmac_key,
+    "hmac.key": _hmac_key,
+    "public.pem": _x25519_public,
+    "private.pem": _x25519_private,
+    "ed25519.pem": _ed25519_private,
+    "ca.crt": lambda: _kafka_tls()["ca.crt"],
+    "user.crt": lambda: _kafka_tls()["user.crt"],
+    "user.key": lambda: _kafka_tls()["user.key"],
+}
+
+
+def _value(secret: str, key: str) -> bytes:
+    if key not in SECRET_VALUES:
+        pytest.fail(f"Secret {secret} key {key}: add what it holds to SECRET_VALUES (and docs/operations.md)")
+    return SECRET_VALUES[key]()
+
+
+def _container_environment(
+    deployment: dict[str, Any], config_maps: dict[str, dict[str, str]], files: Path
+) -> dict[str, str]:
+    """The environment the container would get; Secret volumes become files under ``files``."""
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(config_maps[source["configMapRef"]["name"]])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "secretKeyRef" in item["valueFrom"]:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = _value(ref["name"], ref["key"]).decode()
+        else:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            env[item["name"]] = config_maps[ref["name"]][ref["key"]]
+    secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    moved: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        secret = secret_volumes.get(mount["name"])
+        if secret is None:
+            continue
+        target = files / mount["name"]
+        target.mkdir()
+        moved[mount["mountPath"]] = str(target)
+        for name, value in env.items():
+            if value.startswith(mount["mountPath"] + "/"):
+                key = value.removeprefix(mount["mountPath"] + "/")
+                (target / key).write_bytes(_value(secret, key))
+    for name, value in list(env.items()):
+        for mount_path, target in moved.items():
+            if value.startswith(mount_path + "/"):
+                env[name] = target + value.removeprefix(mount_path)
+    return env
+
+
+def _check_config(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+    return subprocess.run(
+        [str(REPO_ROOT / ".venv" / "bin" / f"enclave-{service}"), "--check-config"],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def prod(documents, lint) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
+    docs = documents["prod"]
+    deployments = {d["metadata"]["name"]: d for d in lint.of_kind(docs, "Deployment")}
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in lint.of_kind(docs, "ConfigMap")}
+    return deployments, config_maps
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_each_service_accepts_the_configuration_of_its_prod_manifests(service, prod, tmp_path):
+    deployments, config_maps = prod
+    env = _container_environment(deployments[f"enclave-{service}"], config_maps, tmp_path)
+    assert env.get("ENCLAVE_ENVIRONMENT") == "prod"
+    result = _check_config(service, env)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"service": service, "configuration": "ok"}
+
+
+def test_the_check_fails_and_names_the_setting_when_a_key_is_missing(prod, tmp_path):
+    """The check can fail: ingest without its sealing key (the env name the manifests once used
+    instead of the one ingest reads)."""
+    deployments, config_maps = prod
+    env = _container_environment(deployments["enclave-ingest"], config_maps, tmp_path)
+    env["ENCLAVE_INGEST_SEALING_PRIVATE_KEY_FILE"] = env.pop("ENCLAVE_INGEST_PRIVATE_KEY_FILE")
+    result = _check_config("ingest", env)
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert verdict["configuration"] == "invalid"
+    assert "ENCLAVE_INGEST_PRIVATE_KEY_FILE" in verdict["reason"]
