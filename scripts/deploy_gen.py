@@ -38,6 +38,8 @@ PART_OF = {"app.kubernetes.io/part-of": "enclave"}
 UID = 10001
 #: KEDA's own KafkaUser; Strimzi writes its certificate into a Secret of the same name.
 KEDA_USER = "enclave-keda"
+#: The operators' identity for dead-letter replay (`enclave-dlq`), used only from the toolbox pod.
+OPERATOR_USER = "enclave-operator"
 
 
 @dataclass(frozen=True)
@@ -668,8 +670,125 @@ def keda_user() -> dict[str, Any]:
     }
 
 
+def dead_letter_topics() -> dict[str, str]:
+    """Each DLQ a consumer writes, with the topic its messages are replayed to."""
+    originals = {topic.removesuffix(".dlq") for s in SERVICES for topic in s.reads}
+    return {t.dlq(topic): topic for topic in sorted(originals)}
+
+
+def operator_user() -> dict[str, Any]:
+    """The toolbox's identity for `enclave-dlq`: read every DLQ (and describe it), write each DLQ's
+    original topic (a replay publishes the original bytes there). No consumer group: the tool reads
+    by partition assignment. Used only while an operator runs the toolbox (deploy/k8s/ops)."""
+    dlqs = dead_letter_topics()
+    acls = [_acl(dlq, ["Read", "Describe"]) for dlq in dlqs]
+    acls += [_acl(original, ["Write", "Describe"]) for original in dict.fromkeys(dlqs.values())]
+    return {
+        "apiVersion": "kafka.strimzi.io/v1beta2",
+        "kind": "KafkaUser",
+        "metadata": {"name": OPERATOR_USER, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER, **PART_OF}},
+        "spec": {"authentication": {"type": "tls"}, "authorization": {"type": "simple", "acls": acls}},
+    }
+
+
 def user_documents() -> list[dict[str, Any]]:
-    return [kafka_user(s) for s in SERVICES] + [keda_user()]
+    return [kafka_user(s) for s in SERVICES] + [keda_user(), operator_user()]
+
+
+TOOLBOX_LABELS = {
+    "app.kubernetes.io/name": "toolbox",
+    "app.kubernetes.io/component": "operator-tools",
+    **PART_OF,
+}
+
+
+def toolbox_documents() -> list[dict[str, Any]]:
+    """deploy/k8s/ops: a pod an operator applies for an incident and deletes after (it also ends
+    itself after 4 hours), holding the operator's Kafka identity and Enclave's commands (the gateway
+    image: every image has `enclave-dlq`). Not part of the base: nothing runs with that identity
+    otherwise."""
+    restricted = {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "enclave-toolbox", "labels": TOOLBOX_LABELS},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": 4 * 3600,
+            "securityContext": {**restricted, "fsGroup": UID},
+            "containers": [
+                {
+                    "name": "toolbox",
+                    "image": "enclave-gateway",
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["sleep", str(4 * 3600)],
+                    "env": [
+                        {"name": "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "value": KAFKA_BOOTSTRAP},
+                        {"name": "ENCLAVE_KAFKA_SECURITY_PROTOCOL", "value": "SSL"},
+                        {"name": "ENCLAVE_KAFKA_SSL_CAFILE", "value": "/etc/enclave/kafka-ca/ca.crt"},
+                        {"name": "ENCLAVE_KAFKA_SSL_CERTFILE", "value": "/etc/enclave/kafka-user/user.crt"},
+                        {"name": "ENCLAVE_KAFKA_SSL_KEYFILE", "value": "/etc/enclave/kafka-user/user.key"},
+                    ],
+                    "resources": {
+                        "requests": {"cpu": "100m", "memory": "256Mi"},
+                        "limits": {"cpu": "1", "memory": "512Mi"},
+                    },
+                    "securityContext": {
+                        **restricted,
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 -- the pod's writable emptyDir
+                        {"name": "kafka-user", "mountPath": "/etc/enclave/kafka-user", "readOnly": True},
+                        {"name": "kafka-ca", "mountPath": "/etc/enclave/kafka-ca", "readOnly": True},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                {"name": "kafka-user", "secret": {"secretName": OPERATOR_USER, "defaultMode": 0o440}},
+                {
+                    "name": "kafka-ca",
+                    "secret": {"secretName": f"{KAFKA_CLUSTER}-cluster-ca-cert", "defaultMode": 0o440},
+                },
+            ],
+        },
+    }
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "enclave-toolbox", "labels": TOOLBOX_LABELS},
+        "spec": {
+            "podSelector": {"matchLabels": TOOLBOX_LABELS},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": [
+                {
+                    "to": [
+                        {
+                            "podSelector": {
+                                "matchLabels": {
+                                    "strimzi.io/cluster": KAFKA_CLUSTER,
+                                    "strimzi.io/kind": "Kafka",
+                                }
+                            }
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": 9093}],
+                }
+            ],
+        },
+    }
+    return [pod, policy]
 
 
 def render(documents: list[dict[str, Any]]) -> str:
@@ -737,6 +856,7 @@ def generated_files() -> dict[Path, str]:
     files[BASE / "services" / "keda-trigger-auth.yaml"] = render([trigger_authentication()])
     files[BASE / "kafka" / "topics.yaml"] = render(topic_documents())
     files[BASE / "kafka" / "users.yaml"] = render(user_documents())
+    files[BASE.parent / "ops" / "toolbox.yaml"] = render(toolbox_documents())
     for s in SERVICES:
         files[REPO_ROOT / "services" / s.name / "Dockerfile"] = dockerfile(s)
     return files

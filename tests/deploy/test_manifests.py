@@ -164,7 +164,7 @@ def test_generated_manifests_are_up_to_date(gen, capsys):
 
 def test_each_service_reads_and_writes_only_its_topics(documents, lint, gen):
     users = {u["metadata"]["name"]: u for u in lint.of_kind(documents["prod"], "KafkaUser")}
-    assert set(users) == {f"enclave-{s}" for s in SERVICES} | {gen.KEDA_USER}
+    assert set(users) == {f"enclave-{s}" for s in SERVICES} | {gen.KEDA_USER, gen.OPERATOR_USER}
     for service in gen.SERVICES:
         user = users[service.group]
         reads = lint.acl_topics(user, "Read")
@@ -333,3 +333,43 @@ def test_dashboard_queries_metrics_that_exist(documents, lint):
         metrics = re.findall(r"\b([a-z_]+_[a-z_]+)(?=\{|\[|\)|\s|$)", expr)
         named = [m for m in metrics if known.match(m)]
         assert named, f"no known metric in {expr!r}"
+
+
+def test_the_operator_identity_reads_only_dead_letters_and_writes_only_their_original_topics(
+    documents, lint, gen
+):
+    """`enclave-dlq` in the toolbox (deploy/k8s/ops) needs to read every DLQ and to replay to the
+    topic each came from; nothing more (no consumer group: it reads by assignment). No service had
+    both: the runbook's replay could not run in a cluster."""
+    users = {u["metadata"]["name"]: u for u in lint.of_kind(documents["prod"], "KafkaUser")}
+    operator = users[gen.OPERATOR_USER]
+    consumed = {t.removesuffix(".dlq") for s in gen.SERVICES for t in s.reads}
+    assert lint.acl_topics(operator, "Read") == {topics.dlq(t) for t in consumed}
+    assert lint.acl_topics(operator, "Write") == consumed
+    assert not any(t.endswith(".dlq") for t in lint.acl_topics(operator, "Write"))
+    assert all(a["resource"]["type"] == "topic" for a in operator["spec"]["authorization"]["acls"])
+
+
+def test_the_toolbox_is_restricted_validates_and_holds_the_operator_identity(tools, lint, gen, tmp_path):
+    rendered = subprocess.run(
+        [str(tools["kustomize"]), "build", str(REPO_ROOT / "deploy" / "k8s" / "ops")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = tmp_path / "ops.yaml"
+    path.write_text(rendered)
+    result = kubeconform(tools, path)
+    assert result.returncode == 0 and "Invalid: 0, Errors: 0, Skipped: 0" in result.stdout, result.stdout
+    docs = lint.load_documents(rendered)
+    [pod] = lint.of_kind(docs, "Pod")
+    as_deployment = {"metadata": pod["metadata"], "spec": {"template": {"spec": pod["spec"]}}}
+    problems = [p for p in lint.deployment_problems(as_deployment) if "Probe must GET" not in p]
+    assert problems == []
+    secrets = {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    assert gen.OPERATOR_USER in secrets
+    [policy] = lint.of_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == pod["metadata"]["labels"]
+    assert policy["spec"]["ingress"] == [] and [
+        p["port"] for e in policy["spec"]["egress"] for p in e["ports"]
+    ] == [9093]

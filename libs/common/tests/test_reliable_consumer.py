@@ -207,7 +207,7 @@ async def test_a_message_whose_dead_lettering_fails_is_rewound_not_skipped(monke
     async def failing_dead_letter(*args: object, **kwargs: object) -> None:
         raise KafkaConnectionError("broker away")
 
-    monkeypatch.setattr(kafka_module, "_dead_letter", failing_dead_letter)
+    monkeypatch.setattr(kafka_module, "dead_letter", failing_dead_letter)
 
     async def handler(env: Envelope) -> None:
         raise PermanentError("not a DICOM instance", code="not_dicom")

@@ -566,7 +566,7 @@ def reliable_consumer(
         try:
             envelope = Envelope.from_bytes(body)
         except ValidationError:
-            await _dead_letter(
+            await dead_letter(
                 broker, source_topic, body, msg, ContractError("message is not an Enclave envelope"), group_id
             )
             metrics.dlq.labels(source_topic, "contract_violation").inc()
@@ -584,7 +584,7 @@ def reliable_consumer(
                 log.warning(
                     "event dead-lettered", topic=source_topic, code=outcome.code, reason=outcome.reason
                 )
-                await _dead_letter(broker, source_topic, body, msg, outcome, group_id)
+                await dead_letter(broker, source_topic, body, msg, outcome, group_id)
                 metrics.dlq.labels(source_topic, outcome.code).inc()
                 # Not marked processed: a replay from the DLQ (scripts/dlq.py) must be handled again.
                 await msg.ack()
@@ -636,9 +636,12 @@ async def _run_with_retries(
     return last
 
 
-async def _dead_letter(
+async def dead_letter(
     broker: KafkaBroker, topic: str, body: bytes, msg: KafkaMessage, error: PermanentError, group_id: str
 ) -> None:
+    """Copy a message that failed for good to ``<topic>.dlq`` with the headers the runbook's tool
+    (``enclave-dlq``) and the alerts read: the group that gave up, the code and reason, where it came
+    from and when. Every consumer dead-letters through here."""
     record = msg.raw_message
     headers = {
         "x-dlq-consumer-group": group_id,

@@ -18,7 +18,7 @@ from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.errors import PermanentError, classify_exception
 from enclave_common.events import InstanceRejected, InstanceStored, KeyEvent, UploadChunk
-from enclave_common.kafka import CONSUMER_GROUP_TIMING, rewind
+from enclave_common.kafka import CONSUMER_GROUP_TIMING, dead_letter, rewind
 from enclave_common.service import ServiceRuntime
 from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
@@ -31,6 +31,8 @@ from enclave_ingest.spool import ChunkSpool, OffsetTracker, PendingInstance
 
 log = structlog.get_logger("enclave.ingest")
 T = TypeVar("T")
+#: The consumer group of the chunk consumer (its offsets, and the DLQ copies' x-dlq-consumer-group).
+GROUP_ID = "enclave-ingest"
 
 #: How long one delivery keeps retrying a transient failure before it is redelivered.
 TRANSIENT_BUDGET_S = 120.0
@@ -122,7 +124,7 @@ class ChunkConsumer:
     def register(self) -> None:
         self.runtime.broker.subscriber(
             topics.UPLOAD_CHUNK,
-            group_id="enclave-ingest",
+            group_id=GROUP_ID,
             ack_policy=AckPolicy.MANUAL,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -372,18 +374,7 @@ class ChunkConsumer:
         await consumer.commit({TopicPartition(*partition): offset})
 
     async def _dead_letter(self, msg: KafkaMessage, error: PermanentError) -> None:
-        record = msg.raw_message
-        assert not isinstance(record, tuple)
-        await self.runtime.broker.publish(
-            msg.body,
-            topic=topics.dlq(topics.UPLOAD_CHUNK),
-            key=record.key,
-            headers={
-                "x-dlq-code": error.code,
-                "x-dlq-reason": error.reason,
-                "x-original-topic": record.topic,
-                "x-original-partition": str(record.partition),
-                "x-original-offset": str(record.offset),
-            },
-        )
+        # The shared copy's headers: it lacked x-dlq-consumer-group (so `enclave-dlq --group
+        # enclave-ingest` selected nothing) and x-failed-at.
+        await dead_letter(self.runtime.broker, topics.UPLOAD_CHUNK, msg.body, msg, error, GROUP_ID)
         self.runtime.consumer_metrics.dlq.labels(topics.UPLOAD_CHUNK, error.code).inc()

@@ -1,0 +1,62 @@
+"""The runbook's dead-letter tool (`enclave-dlq`, docs/operations.md "Replay a DLQ") on the real
+stack: it finds a message ingest dead-lettered, and its replay reaches the consumer again (which
+dead-letters it again: the cause is not fixed here). It reads the topic without a consumer group,
+to the end offsets taken at its start; before the tenth session it stopped at the first quiet poll,
+which on a production broker (a new group's initial rebalance delay) could be the first one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from enclave_common import topics
+from enclave_common.envelope import new_event_id
+
+from .support import ROOT, dev_env, mr_instance, publish, read_all, sealed_chunk_envelopes
+
+DLQ = topics.dlq(topics.UPLOAD_CHUNK)
+
+
+def _dlq_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ROOT / ".venv/bin/enclave-dlq"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **dev_env()},
+        timeout=120,
+    )
+
+
+def _copies(event_id: str):
+    return read_all(DLQ, lambda e: e.id == event_id, settle=2.0)
+
+
+async def test_the_dlq_tool_lists_and_replays_what_a_consumer_dead_lettered():
+    [chunk] = sealed_chunk_envelopes(
+        mr_instance()[0], tenant="it-dlq-tool", upload_id=new_event_id(), chunk_bytes=1 << 20
+    )
+    inconsistent = chunk.model_copy(update={"data": {**chunk.data, "index": 5, "count": 3}})
+    await publish(topics.UPLOAD_CHUNK, [inconsistent], key=chunk.data["instance_upload_id"])
+    for _ in range(30):
+        if await _copies(inconsistent.id):
+            break
+    assert len(await _copies(inconsistent.id)) == 1
+
+    listed = _dlq_tool("inspect", DLQ, "--code", "contract_violation", "--group", "enclave-ingest")
+    assert listed.returncode == 0, listed.stderr
+    lines = [line for line in listed.stdout.splitlines() if f"id={inconsistent.id}" in line]
+    assert len(lines) == 1 and "code=contract_violation" in lines[0] and "group=enclave-ingest" in lines[0]
+    total = int(listed.stdout.splitlines()[-1].split()[0])
+    assert total == len(listed.stdout.splitlines()) - 1 >= 1
+    assert "it-dlq-tool" not in listed.stdout  # headers only, never the payload
+
+    replayed = _dlq_tool("replay", DLQ, "--code", "contract_violation", "--group", "enclave-ingest")
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.strip() == f"replayed {total} message(s)"
+    for _ in range(30):
+        if len(await _copies(inconsistent.id)) == 2:
+            break
+    assert len(await _copies(inconsistent.id)) == 2  # ingest handled it again: dead-lettered again
+
+    missing = _dlq_tool("inspect", "enclave.no-such-topic.v1.dlq")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
