@@ -83,6 +83,10 @@ class Service:
     secret_files: tuple[SecretFile, ...] = ()
     #: Settings whose value is a secret: (env suffix, Secret name, key), as environment variables.
     secret_env: tuple[tuple[str, str, str], ...] = ()
+    #: The size limit of the pod's /tmp emptyDir (the kubelet evicts the pod past it). The gateway's
+    #: spool is budgeted below it; ingest holds the chunks of unfinished instances (up to 2 GiB each,
+    #: the gateway's limit), deid a de-identified copy's ciphertext, analysis ANTs' files of one
+    #: analysis, audit the export it is building.
     memory_tmp: str = "256Mi"
 
     @property
@@ -138,6 +142,10 @@ SERVICES: tuple[Service, ...] = (
             **OIDC,
             # The public address clients reach (the ingress host): STOW-RS RetrieveURLs are built on it.
             "PUBLIC_BASE_URL": "https://api.enclave.example.org",
+            # Sealed uploads held on /tmp (6Gi emptyDir) by all requests together: one request of the
+            # largest size (4 GiB) always fits; past it a request gets 503 instead of the pod being
+            # evicted with every upload in flight on it.
+            "SPOOL_DISK_BYTES": str(5 * 1024**3),
         },
         secret_env=(("PSEUDONYM_KEY", PSEUDONYM_SECRET, "key"),),
         secret_files=(
@@ -148,7 +156,7 @@ SERVICES: tuple[Service, ...] = (
                 "INGEST_PUBLIC_KEY_FILE",
             ),
         ),
-        memory_tmp="1Gi",
+        memory_tmp="6Gi",
     ),
     Service(
         name="ingest",
@@ -177,7 +185,7 @@ SERVICES: tuple[Service, ...] = (
             ),
         ),
         secret_env=(("PSEUDONYM_KEY", PSEUDONYM_SECRET, "key"),),
-        memory_tmp="2Gi",
+        memory_tmp="6Gi",
     ),
     Service(
         name="deid",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from enclave_common import topics
+from enclave_gateway.config import GatewaySettings
 
 from .conftest import OVERLAYS, REPO_ROOT, SERVICES
 
@@ -373,3 +374,27 @@ def test_the_toolbox_is_restricted_validates_and_holds_the_operator_identity(too
     assert policy["spec"]["ingress"] == [] and [
         p["port"] for e in policy["spec"]["egress"] for p in e["ports"]
     ] == [9093]
+
+
+def _quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    return int(quantity)
+
+
+def test_the_gateway_spool_budget_fits_its_volume_and_the_largest_request(documents, lint):
+    """The gateway refuses uploads (503) past ENCLAVE_GATEWAY_SPOOL_DISK_BYTES rather than passing the
+    /tmp emptyDir's sizeLimit, which evicts the pod with every upload in flight on it; the budget
+    still holds one request of the largest size. (With a 1Gi volume and no budget, one 1 GiB upload
+    evicted the replica.)"""
+    docs = documents["prod"]
+    [config] = [c for c in lint.of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "enclave-gateway"]
+    [deployment] = [d for d in lint.of_kind(docs, "Deployment") if d["metadata"]["name"] == "enclave-gateway"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    size_limit = _quantity_bytes(volumes["tmp"]["emptyDir"]["sizeLimit"])
+    budget = int(config["data"]["ENCLAVE_GATEWAY_SPOOL_DISK_BYTES"])
+    default = GatewaySettings.model_fields["max_request_bytes"].default
+    max_request = int(config["data"].get("ENCLAVE_GATEWAY_MAX_REQUEST_BYTES", default))
+    assert max_request * 1.01 <= budget < size_limit - 256 * 1024**2  # room for the rest of /tmp

@@ -21,6 +21,7 @@ from enclave_gateway.handoff import (
     KafkaUnavailable,
     SealedInstance,
     SpoolBudget,
+    SpoolDiskBudget,
     SpoolUnavailable,
 )
 
@@ -109,6 +110,32 @@ def test_a_spool_directory_that_is_gone_is_spool_unavailable(tmp_path: Path) -> 
     gone = tmp_path / "spool"  # removed under the running gateway (a cleaner of /tmp, say)
     with pytest.raises(SpoolUnavailable, match="spool could not be used"):
         sealed(gone, X25519PrivateKey.generate(), os.urandom(3 * CHUNK), SpoolBudget(0))
+
+
+def test_the_spool_disk_budget_is_shared_by_requests_and_given_back_when_they_end(tmp_path: Path) -> None:
+    """Past ENCLAVE_GATEWAY_SPOOL_DISK_BYTES an upload is refused (503 spool_unavailable, retry)
+    instead of filling the spool volume, whose size limit the kubelet enforces by evicting the pod
+    with every upload in flight on it."""
+    key = X25519PrivateKey.generate()
+    disk = SpoolDiskBudget(10 * CHUNK)
+    first = SealedInstance(key.public_key(), "hospital-a", tmp_path, CHUNK, SpoolBudget(0), disk)
+    data = os.urandom(6 * CHUNK)
+    first.feed(data)
+    first.finish()
+    assert not first.in_memory and 6 * CHUNK < disk.used <= 7 * CHUNK
+    second = SealedInstance(key.public_key(), "hospital-a", tmp_path, CHUNK, SpoolBudget(CHUNK + 100), disk)
+    with pytest.raises(SpoolUnavailable, match="would pass its limit of 40960 bytes") as refused:
+        second.feed(os.urandom(6 * CHUNK))
+    assert refused.value.code == "spool_unavailable"
+    second.discard()
+    assert 6 * CHUNK < disk.used <= 7 * CHUNK  # only what the first holds
+    assert opened(key, first) == data
+    first.discard()
+    first.discard()  # twice: nothing given back twice
+    assert disk.used == 0
+    third = sealed(tmp_path, key, os.urandom(9 * CHUNK), SpoolBudget(0))  # no disk budget: no limit
+    assert not third.in_memory
+    third.discard()
 
 
 class FakePublisher:

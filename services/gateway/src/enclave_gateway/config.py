@@ -43,6 +43,11 @@ class GatewaySettings(BaseServiceSettings):
     chunk_bytes: int = Field(default=1 * MIB, ge=4096, le=1 * MIB)
     #: Sealed instances wait here until the whole request is read (ciphertext only, unnamed files).
     spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
+    #: Sealed bytes all requests together may keep in ``spool_dir`` (None: no limit but the disk's).
+    #: Set it below the spool volume's size (an emptyDir ``sizeLimit`` evicts the pod when passed) and
+    #: at least ``max_request_bytes`` plus 1 % (sealing adds 20 bytes per 1 MiB chunk): past it an
+    #: upload answers 503 ``spool_unavailable``.
+    spool_disk_bytes: int | None = Field(default=None, ge=1)
     #: Sealed bytes one request may keep in memory before its instances spill to ``spool_dir``.
     spool_memory_bytes: int = Field(default=4 * MIB, ge=0, le=64 * MIB)
     #: A request body that sends nothing for this long is cut off (slow-loris protection).

@@ -71,6 +71,29 @@ class SpoolBudget:
         return True
 
 
+class SpoolDiskBudget:
+    """Bytes of sealed data all the requests of this process may keep in the spool directory at once
+    (``ENCLAVE_GATEWAY_SPOOL_DISK_BYTES``; None: no limit but the disk's). In Kubernetes the spool is
+    an emptyDir whose ``sizeLimit`` the kubelet enforces by evicting the pod, with every upload in
+    flight on it, and the free space the service sees is the node's, not that limit's: past this
+    budget an upload is refused with 503 ``spool_unavailable`` (retry later) instead."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> None:
+        if self.limit is not None and self.used + size > self.limit:
+            raise SpoolUnavailable(
+                f"The gateway's spool is holding {self.used} bytes of other uploads, and this one would "
+                f"pass its limit of {self.limit} bytes; nothing was accepted, retry later"
+            )
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
 class SealedInstance:
     """One part being sealed as it streams; plaintext is buffered at most one chunk at a time.
 
@@ -85,6 +108,7 @@ class SealedInstance:
         spool_dir: Path,
         chunk_bytes: int,
         budget: SpoolBudget,
+        disk: SpoolDiskBudget | None = None,
     ) -> None:
         self.tenant = tenant
         self.instance_upload_id = new_event_id()
@@ -94,6 +118,8 @@ class SealedInstance:
         self._chunk_bytes = chunk_bytes
         self._buffer = bytearray()
         self._budget = budget
+        self._disk = disk or SpoolDiskBudget(None)
+        self._on_disk = 0
         # max_size=0: never rolls over by itself; _write decides against the request's budget.
         self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by discard()
             max_size=0, mode="w+b", prefix="sealed-", dir=str(spool_dir)
@@ -116,10 +142,16 @@ class SealedInstance:
             self._file.flush()
 
     def _write(self, sealed: bytes | bytearray) -> None:
+        size = _LEN.size + len(sealed)
         with _spool_io():
-            if self._in_memory and not self._budget.take(_LEN.size + len(sealed)):
+            if self._in_memory and not self._budget.take(size):
+                self._disk.reserve(self._file.tell() + size)  # what the rollover moves to disk, and this
+                self._on_disk = self._file.tell() + size
                 self._file.rollover()
                 self._in_memory = False
+            elif not self._in_memory:
+                self._disk.reserve(size)
+                self._on_disk += size
             self._file.write(_LEN.pack(len(sealed)))
             self._file.write(sealed)
         self.count += 1
@@ -136,6 +168,8 @@ class SealedInstance:
 
     def discard(self) -> None:
         self._file.close()
+        self._disk.release(self._on_disk)
+        self._on_disk = 0
 
 
 class Handoff:

@@ -21,7 +21,7 @@ from enclave_common.errors import TransientError, unavailable_dependency
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
-from enclave_gateway.handoff import Handoff, SealedInstance, SpoolBudget
+from enclave_gateway.handoff import Handoff, SealedInstance, SpoolBudget, SpoolDiskBudget
 from enclave_gateway.multipart import (
     DICOM_MEDIA_TYPE,
     BodyLimits,
@@ -120,6 +120,7 @@ class UploadProcessor:
         chunk_bytes: int,
         pace: BodyPace,
         spool_memory_bytes: int,
+        spool_disk_bytes: int | None = None,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer
@@ -129,6 +130,7 @@ class UploadProcessor:
         self.policy = policy
         self.spool_dir = spool_dir
         self.spool_memory_bytes = spool_memory_bytes
+        self.spool_disk = SpoolDiskBudget(spool_disk_bytes)
         self.chunk_bytes = chunk_bytes
         self.pace = pace
 
@@ -194,7 +196,9 @@ class UploadProcessor:
             return _Current(
                 event.index,
                 InstanceInspector(self.policy, expected_study_uid),
-                SealedInstance(self.recipient, tenant, self.spool_dir, self.chunk_bytes, result.budget),
+                SealedInstance(
+                    self.recipient, tenant, self.spool_dir, self.chunk_bytes, result.budget, self.spool_disk
+                ),
                 headers.filename,
             )
         assert current is not None
