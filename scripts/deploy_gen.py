@@ -324,6 +324,13 @@ def config_map(s: Service) -> dict[str, Any]:
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4318",
         "OTEL_SERVICE_NAME": f"enclave-{s.name}",
     }
+    if s.public:
+        # Requests arrive through the ingress controller (the NetworkPolicy admits nothing else from
+        # outside): uvicorn takes the client's address from its X-Forwarded-For, so access events and
+        # the audit trail record the client, not the controller's pod, and the failed-login limit is
+        # per client. ingress-nginx must keep use-forwarded-headers false (its default): it then
+        # replaces any X-Forwarded-For a client sends with the address it sees.
+        data["FORWARDED_ALLOW_IPS"] = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
     if s.s3:
         data["ENCLAVE_S3_ENDPOINT_URL"] = "https://s3.eu-central-1.amazonaws.com"
         data["ENCLAVE_S3_REGION"] = "eu-central-1"

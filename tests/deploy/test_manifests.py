@@ -398,3 +398,15 @@ def test_the_gateway_spool_budget_fits_its_volume_and_the_largest_request(docume
     default = GatewaySettings.model_fields["max_request_bytes"].default
     max_request = int(config["data"].get("ENCLAVE_GATEWAY_MAX_REQUEST_BYTES", default))
     assert max_request * 1.01 <= budget < size_limit - 256 * 1024**2  # room for the rest of /tmp
+
+
+def test_public_services_take_the_client_address_from_the_ingress_controller(documents, lint, gen):
+    """Access events and the audit trail record ``source_address``: behind the ingress controller
+    uvicorn saw only the controller's pod address (it trusts X-Forwarded-For from 127.0.0.1 alone),
+    so every client looked the same to the trail and to the failed-login limit."""
+    config = {c["metadata"]["name"]: c["data"] for c in lint.of_kind(documents["prod"], "ConfigMap")}
+    for service in gen.SERVICES:
+        trusted = config[service.group].get("FORWARDED_ALLOW_IPS")
+        assert (trusted is not None) == service.public, service.name
+        if trusted:
+            assert "*" not in trusted and all("/" in block for block in trusted.split(","))
