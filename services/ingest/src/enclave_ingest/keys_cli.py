@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hashlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from enclave_common import topics
@@ -129,59 +130,44 @@ class KeyAdmin:
         )
         return outcome
 
-    async def scrub(self, tenant: str | None) -> list[dict[str, Any]]:
-        problems: list[dict[str, Any]] = []
+    async def scrub(self, tenant: str | None, on_problem: Callable[[dict[str, Any]], None]) -> int:
+        """Verify every stored object (of ``tenant``): each segment's tag, then the plaintext's SHA-256
+        against the catalogue. Each problem goes to ``on_problem`` as it is found; returns how many
+        objects were checked. Objects are streamed from the store, never held whole, and the
+        catalogue is read a page at a time (a long scrub outlived the server's cursor before)."""
         checked = 0
-        async for doc in self.catalogue.all_stored():
-            if tenant and doc["tenant"] != tenant:
-                continue
+        async for doc in self.catalogue.all_stored(tenant):
             checked += 1
-            ref = doc["object"]
-            identity = ObjectIdentity(doc["tenant"], doc["study_key"], ref["key"])
-            try:
-                provider = await self.keys.object_provider(doc["tenant"], doc["study_key"])
-                blob = await self.store.read(ref["bucket"], ref["key"], ref.get("version_id"))
-            except Exception as exc:
-                problems.append(
-                    {
-                        "imaging_id": doc["_id"],
-                        "object": ref["key"],
-                        "segment": None,
-                        "problem": type(exc).__name__,
-                    }
-                )
-                continue
-            report = scrub_object([blob], identity, provider)
-            for p in report.problems:
-                problems.append(
-                    {
-                        "imaging_id": doc["_id"],
-                        "object": ref["key"],
-                        "segment": p.segment_index,
-                        "problem": p.problem,
-                    }
-                )
-            if report.ok:
-                digest = hashlib.sha256()
-                try:
-                    for piece in decrypt_object([blob], identity, provider):
-                        digest.update(piece)
-                except CryptoError as exc:
-                    problems.append(
-                        {"imaging_id": doc["_id"], "object": ref["key"], "segment": None, "problem": str(exc)}
-                    )
-                    continue
-                if digest.hexdigest() != doc["sha256"]:
-                    problems.append(
-                        {
-                            "imaging_id": doc["_id"],
-                            "object": ref["key"],
-                            "segment": None,
-                            "problem": "sha256 mismatch",
-                        }
-                    )
-        print(f"scrub: {checked} objects checked, {len(problems)} problem(s)")
-        return problems
+            for problem in await self._scrub_one(doc):
+                on_problem({"imaging_id": doc["_id"], "object": doc["object"]["key"], **problem})
+        return checked
+
+    async def _scrub_one(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        ref = doc["object"]
+        identity = ObjectIdentity(doc["tenant"], doc["study_key"], ref["key"])
+        try:
+            provider = await self.keys.object_provider(doc["tenant"], doc["study_key"])
+            body = await self.store.open(ref["bucket"], ref["key"], ref.get("version_id"))
+            report = await asyncio.to_thread(scrub_object, body, identity, provider)
+        except Exception as exc:
+            return [{"segment": None, "problem": type(exc).__name__}]
+        if not report.ok:
+            return [{"segment": p.segment_index, "problem": p.problem} for p in report.problems]
+
+        def plaintext_digest(body: Any) -> str:
+            digest = hashlib.sha256()
+            for piece in decrypt_object(body, identity, provider):
+                digest.update(piece)
+            return digest.hexdigest()
+
+        try:
+            body = await self.store.open(ref["bucket"], ref["key"], ref.get("version_id"))
+            digest = await asyncio.to_thread(plaintext_digest, body)
+        except CryptoError as exc:
+            return [{"segment": None, "problem": str(exc)}]
+        except Exception as exc:
+            return [{"segment": None, "problem": type(exc).__name__}]
+        return [] if digest == doc["sha256"] else [{"segment": None, "problem": "sha256 mismatch"}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,12 +208,19 @@ def main(argv: list[str] | None = None) -> int:
                     }[outcome]
                 )
             elif args.command == "scrub":
-                problems = await admin.scrub(args.tenant)
-                for p in problems:
+                found: list[dict[str, Any]] = []
+
+                def report(p: dict[str, Any]) -> None:
+                    found.append(p)
                     print(
-                        f"CORRUPT imaging_id={p['imaging_id']} object={p['object']} segment={p['segment']} problem={p['problem']}"
+                        f"CORRUPT imaging_id={p['imaging_id']} object={p['object']} segment={p['segment']} "
+                        f"problem={p['problem']}",
+                        flush=True,
                     )
-                return 1 if problems else 0
+
+                checked = await admin.scrub(args.tenant, report)
+                print(f"scrub: {checked} objects checked, {len(found)} problem(s)")
+                return 1 if found else 0
         return 0
 
     return asyncio.run(run())
