@@ -2,8 +2,8 @@
 
 Event handlers only record facts (idempotent upserts); a background assembler finds series that
 are complete, claims one at a time (a lease, so a replica that dies is taken over), runs the
-CPU-bound pipeline in a worker thread, stores the reports encrypted, and publishes
-``analysis.completed`` or ``analysis.failed``. The outcome's event id is kept with the claim, so a
+CPU-bound pipeline in a worker process (ANTs holds the GIL for seconds), stores the reports
+encrypted, and publishes ``analysis.completed`` or ``analysis.failed``. The outcome's event id is kept with the claim, so a
 re-run after a crash publishes the same event again, not a second one.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Callable
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pydicom
@@ -67,6 +69,7 @@ class AnalysisService:
         assembly: SeriesAssembly,
         store: S3ObjectStore,
         analyser: SeriesAnalyser,
+        executor_factory: Callable[[], Executor] | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = settings
@@ -79,6 +82,11 @@ class AnalysisService:
         )
         self.store = store
         self.analyser = analyser
+        #: Where the analyser runs: a worker process (main.py), so ANTs, which holds the GIL for
+        #: seconds at a time, does not stall the event loop (Kafka heartbeats, /healthz), and a worker
+        #: killed for memory takes only its analysis with it. None: a thread (unit tests).
+        self._executor_factory = executor_factory
+        self._executor = executor_factory() if executor_factory is not None else None
         #: Set at startup (key files are read then, not at construction).
         self.kek: KeyEncryptionKeyProvider | None = None
 
@@ -221,7 +229,7 @@ class AnalysisService:
                     f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
                 )
             datasets = [await self._load(tenant, m) for m in members]
-            measures, qc, reasons, reports = await asyncio.to_thread(self.analyser, datasets)
+            measures, qc, reasons, reports = await self._run_analyser(datasets)
             refs = [await self._store_report(tenant, study_key, analysis_id, *report) for report in reports]
             data = AnalysisCompleted(**base, measures=measures, qc=qc, reports=refs)
             extra = {"reasons": reasons}
@@ -250,6 +258,31 @@ class AnalysisService:
             instances=len(members),
             awaiting=len(missing),
         )
+
+    async def _run_analyser(
+        self, datasets: list[pydicom.Dataset]
+    ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
+        if self._executor is None:
+            return await asyncio.to_thread(self.analyser, datasets)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self.analyser, datasets)
+        except BrokenProcessPool:
+            # The worker died (killed for memory, say): a new one for the next analysis; this attempt
+            # counts as an unexpected failure (``attempt``).
+            log.error("analysis worker process died; starting a new one")
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            assert self._executor_factory is not None
+            self._executor = self._executor_factory()
+            raise
+
+    def warm_up(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (imports, template loading) where the analyser runs, ahead of the first series."""
+        if self._executor is not None:
+            self._executor.submit(fn)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self, tenant: str, member: dict[str, Any]) -> pydicom.Dataset:
         assert self.kek is not None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 from enclave_common import topics
 from enclave_common.keys_config import kek_provider
@@ -17,13 +18,21 @@ from enclave_analysis.segmentation import warm_up
 from enclave_analysis.series_analysis import run_volumetrics
 
 
+def analysis_worker() -> ProcessPoolExecutor:
+    """One worker process for the analyses (spawned: no state inherited from the service's threads).
+    It is replaced after 50 analyses, so memory that ANTs and ITK do not give back stays bounded."""
+    return ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=50
+    )
+
+
 def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     settings = settings or AnalysisSettings()
     runtime = ServiceRuntime(settings)
     runtime.publishes(topics.ANALYSIS_COMPLETED, topics.ANALYSIS_FAILED)
     store = S3ObjectStore(settings)
     assembly = SeriesAssembly(runtime.db)
-    service = AnalysisService(runtime, settings, assembly, store, run_volumetrics)
+    service = AnalysisService(runtime, settings, assembly, store, run_volumetrics, analysis_worker)
     service.register()
     runtime.readiness["object_store"] = store.ping
 
@@ -35,11 +44,15 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
         if settings.results_bucket != settings.deidentified_bucket:
             await store.ensure_bucket(settings.results_bucket)
         await assembly.ensure_indexes()
-        runtime.spawn(asyncio.to_thread(warm_up), "import-ants")
+        service.warm_up(warm_up)
         runtime.spawn(service.run_assembler(), "series-assembler")
+
+    async def stop_worker() -> None:
+        service.shutdown()
 
     runtime.preflight(load_keys)
     runtime.on_startup(prepare)
+    runtime.on_shutdown(stop_worker)
     return runtime.http_app(title="Enclave analysis")
 
 
