@@ -265,6 +265,9 @@ SERVICES: tuple[Service, ...] = (
                 "SIGNING_KEY_FILE",
             ),
         ),
+        # An export bundle is built here before it is sent: at most ENCLAVE_AUDIT_MAX_EXPORT_RECORDS
+        # (200,000) records, ~660 MB with its records file and tar.
+        memory_tmp="2Gi",
     ),
 )
 

@@ -190,3 +190,15 @@ def test_the_check_fails_and_names_the_setting_when_a_key_is_missing(prod, tmp_p
     verdict = json.loads(result.stdout.strip().splitlines()[-1])
     assert verdict["configuration"] == "invalid"
     assert "ENCLAVE_INGEST_PRIVATE_KEY_FILE" in verdict["reason"]
+
+
+def test_a_setting_that_does_not_parse_gets_the_same_verdict_without_its_value(prod, tmp_path):
+    deployments, config_maps = prod
+    env = _container_environment(deployments["enclave-gateway"], config_maps, tmp_path)
+    env["ENCLAVE_GATEWAY_SPOOL_DISK_BYTES"] = "lots-of-bytes"
+    result = _check_config("gateway", env)
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    assert verdict["configuration"] == "invalid"
+    assert verdict["reason"].startswith("ENCLAVE_GATEWAY_SPOOL_DISK_BYTES: ")
+    assert "lots-of-bytes" not in result.stdout + result.stderr

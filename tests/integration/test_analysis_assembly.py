@@ -71,7 +71,7 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
     )
 
 
-async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_last_member_settles():
+async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_last_member_settles(mongo):
     """A member that never gets an outcome (here announced by an upload but lost before ingest; in
     production, e.g., dead-lettered by deid for a key problem) no longer leaves its series waiting
     in silence: after ``ENCLAVE_ANALYSIS_INCOMPLETE_AFTER_S`` (set to 20 s for this test) the series
@@ -128,6 +128,15 @@ async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_
             assert reported.data["awaiting_instance_upload_ids"] == [lost]
             assert sorted(incomplete.instance_upload_ids) == ids
 
+            # Later: once the series document is finished. (The event is published just before that
+            # write; on FerretDB 1.x, which applies an update as a read and a write outside a
+            # transaction, a member settling at the same moment could be overwritten by it. MongoDB
+            # applies both atomically: the series would then stay collecting and be analysed again.)
+            for _ in range(60):
+                doc = await mongo["analysis"]["series"].find_one({"analysis_id": incomplete.analysis_id})
+                if doc is not None and doc.get("reason_code") == "series_incomplete":
+                    break
+                await asyncio.sleep(0.5)
             rejected = Envelope.for_topic(
                 topics.INSTANCE_REJECTED,
                 InstanceRejected(
@@ -321,3 +330,9 @@ async def test_reopen_takes_only_the_finished_series_that_match_on_the_real_data
     [ready] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
     assert ready["_id"] == "t:sk-bug" and ready["attempts"] == 0 and ready["correlation_id"] == "up-sk-bug"
     assert await assembly.reopen(status="completed", series_key="sk-ok") == ["t:sk-ok"]
+
+    # A series that failed before reason codes were recorded has none: "unrecorded" finds it.
+    await assembly.series.insert_one(
+        {"_id": "t:sk-old", "tenant": "t", "series_key": "sk-old", "status": "failed"}
+    )
+    assert await assembly.reopen(status="failed", reason_code="unrecorded") == ["t:sk-old"]

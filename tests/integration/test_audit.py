@@ -576,3 +576,35 @@ async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_
         in [{"kind": o["kind"], "object_id": o["object_id"]} for o in r["objects"]]
         for r in reads
     )
+
+
+async def test_an_export_larger_than_a_bundle_may_hold_is_refused_with_what_to_do(
+    mongo, unique, auditor_client, operator_auditor
+):
+    """An export bundle is built on the audit pod's /tmp (an emptyDir whose size limit evicts the pod,
+    the consumer and checkpointer with it) before it is sent: a range over
+    ENCLAVE_AUDIT_MAX_EXPORT_RECORDS (3 for this test) is refused with 413 saying how to export it in
+    parts. Before the tenth session a whole-chain export of a few days of trail evicted the pod."""
+    events = [access_event(actor=f"it-big-export-{unique}-{i}", tenant=f"it-{unique}") for i in range(4)]
+    await publish(topics.ACCESS_RECORDED, events, key=f"big-export-{unique}")
+    stored = await wait_for_records(mongo, [e.id for e in events])
+    sequences = sorted(d["sequence"] for d in stored.values())
+    kill_hard("audit")
+    subprocess.run(
+        [str(ROOT / "scripts/services.sh"), "up"],
+        check=True,
+        env={**os.environ, "ENCLAVE_AUDIT_MAX_EXPORT_RECORDS": "3"},
+    )
+    try:
+        response = await auditor_client.get(
+            "/audit/export",
+            params={"from_sequence": sequences[0], "to_sequence": sequences[-1]},
+            headers=operator_auditor,
+        )
+        assert response.status_code == 413, response.text
+        detail = response.json()["detail"]
+        assert detail["code"] == "export_too_large"
+        assert "at most 3" in detail["message"] and "from_sequence and to_sequence" in detail["message"]
+    finally:
+        kill_hard("audit")
+        restart("audit")

@@ -58,5 +58,7 @@ async def test_the_dlq_tool_lists_and_replays_what_a_consumer_dead_lettered():
             break
     assert len(await _copies(inconsistent.id)) == 2  # ingest handled it again: dead-lettered again
 
-    missing = _dlq_tool("inspect", "enclave.no-such-topic.v1.dlq")
+    absent = f"enclave.no-such-topic-{new_event_id()}.v1.dlq"
+    missing = _dlq_tool("inspect", absent)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert _dlq_tool("inspect", absent).returncode == 2  # asking did not create it

@@ -103,3 +103,22 @@ def test_a_foreign_error_is_located_by_its_causes_and_code_not_by_its_text():
     assert line["error_type"] == "ConnectionError" and line["error_cause"] == "RuntimeError"
     innermost = line["error_at"].split(" < ")[0]
     assert innermost.startswith("tests/test_logging.py:") and innermost.endswith(" parse_inside_a_library")
+
+
+def test_an_error_raised_in_a_worker_process_is_located_by_its_code_lines_only():
+    """An exception from a ProcessPoolExecutor (the analysis worker) arrives with its traceback as
+    text: ``error_at`` is read from its ``File ..., line ..., in ...`` lines; the message and the
+    source lines stay out. (Before, such a line had no location at all.)"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = _capture()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:  # int() of the planted value fails in the worker, quoting it in its message
+            pool.submit(int, PHI[1]).result()
+        except ValueError:
+            get_logger("test").error("worker failed", exc_info=True)
+    line = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert PHI[1] not in out.getvalue()
+    assert line["error_type"] == "ValueError" and line["error_cause"] == "_RemoteTraceback"
+    assert line["error_at"].split(" < ")[0].startswith("futures/process.py:")

@@ -9,11 +9,11 @@ original topic (header ``x-original-topic``), with the same event id, so the con
 again once the cause is fixed; consumers do not mark dead-lettered events as processed, so the
 replay is not skipped. Reads the same environment as the services (``ENCLAVE_KAFKA_BOOTSTRAP_SERVERS``,
 and ``ENCLAVE_KAFKA_SECURITY_PROTOCOL`` with the ``ENCLAVE_KAFKA_SSL_*`` files for TLS); in Kubernetes
-it runs with the operator's Kafka identity (the ``enclave-toolbox`` Deployment).
+it runs with the operator's Kafka identity (the ``enclave-toolbox`` pod, deploy/k8s/ops).
 
 The topic is read without a consumer group, partition by partition, from the beginning up to the
-end offsets taken when the command starts, and one message at a time: every message present then is
-seen (a quiet poll does not end the read early), and memory does not grow with the topic. Before the
+end offsets taken when the command starts, one fetched batch at a time: every message present then
+is seen (a quiet poll does not end the read early), and memory does not grow with the topic. Before the
 tenth session the tool stopped at the first poll that returned nothing for 2 seconds, which a new
 consumer group's first poll often does on a production broker (its initial rebalance delay), so it
 could report "0 message(s)" and replay nothing.
@@ -65,13 +65,20 @@ async def read_dead_letters(
     admin = AIOKafkaAdminClient(**connection)
     await admin.start()
     try:
-        [description] = await admin.describe_topics([topic])
+        # Listed first: describing a topic that does not exist would create it on a broker that
+        # auto-creates topics.
+        known = topic in await admin.list_topics()
+        [description] = await admin.describe_topics([topic]) if known else [{}]
     finally:
         await admin.close()
     partitions = [p["partition"] for p in description.get("partitions", [])]
-    if description.get("error_code") or not partitions:
+    if not known or description.get("error_code") or not partitions:
         raise DlqReadError(f"topic {topic} does not exist (or this identity may not describe it)")
-    consumer = AIOKafkaConsumer(**connection, group_id=None, enable_auto_commit=False)
+    # earliest: if retention removes messages under the read, it goes on from the oldest left
+    # instead of jumping to the end.
+    consumer = AIOKafkaConsumer(
+        **connection, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
@@ -93,7 +100,7 @@ async def read_dead_letters(
                         offset=record.offset,
                         key=record.key,
                         value=record.value,
-                        headers={k: v.decode(errors="replace") for k, v in record.headers},
+                        headers={k: (v or b"").decode(errors="replace") for k, v in record.headers},
                     )
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)

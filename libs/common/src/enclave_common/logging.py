@@ -120,6 +120,20 @@ def _where(exc: BaseException) -> str:
     return " < ".join(code_location(f.filename, f.lineno, f.name) for f in reversed(frames))
 
 
+_REMOTE_FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)\s*$', re.MULTILINE)
+
+
+def _remote_where(exc: BaseException) -> str | None:
+    """The code locations of an exception raised in a worker process (``concurrent.futures``): its
+    traceback crosses only as text (``_RemoteTraceback.tb``); the ``File ..., line ..., in ...`` lines
+    are read from it, never the source lines or the message."""
+    text = getattr(exc, "tb", None)
+    if not isinstance(text, str):
+        return None
+    frames = _REMOTE_FRAME.findall(text)[-MAX_FRAMES:]
+    return " < ".join(code_location(f, int(line), fn) for f, line, fn in reversed(frames)) or None
+
+
 def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Keep an exception's type and, for Enclave's own errors, its message; drop foreign text and locals.
 
@@ -144,6 +158,8 @@ def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
             event_dict["error_cause"] = " < ".join(type(e).__name__ for e in chain[1:])
         if chain[-1].__traceback__ is not None:
             event_dict["error_at"] = _where(chain[-1])
+        elif (remote := _remote_where(chain[-1])) is not None:
+            event_dict["error_at"] = remote
         failed_call = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
         if failed_call is not None:  # "ENOSPC" says more than "OSError", and quotes no data
             event_dict["error_errno"] = errno.errorcode.get(failed_call.errno or 0, str(failed_call.errno))

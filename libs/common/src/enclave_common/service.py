@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -30,6 +30,7 @@ from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import ValidationError
 from pymongo import AsyncMongoClient
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -522,6 +523,29 @@ def run_service(
     server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)
+
+
+def load_settings(cls: type[SettingsT]) -> SettingsT:
+    """The service's settings from its environment. Settings that do not parse end the process
+    (exit 2) with one JSON line naming each variable and what is wrong with it, never its value
+    (pydantic's own message quotes the input): the same verdict as ``--check-config``."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        prefix = str(cls.model_config.get("env_prefix") or "")
+        problems = [
+            f"{prefix}{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        ]
+        verdict = {
+            "service": cls.model_fields["service_name"].default,
+            "configuration": "invalid",
+            "reason": "; ".join(problems),
+        }
+        print(json.dumps(verdict), flush=True)
+        raise SystemExit(2) from None
 
 
 def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> int:

@@ -20,6 +20,10 @@ from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
 
+#: ``reopen``'s reason code for series that finished before their reason code was recorded (before
+#: the tenth session's release).
+UNRECORDED = "unrecorded"
+
 
 def analysis_id_for(series_key: str, members: list[str]) -> str:
     """Deterministic: the same set of members always gives the same analysis id."""
@@ -235,7 +239,9 @@ class SeriesAssembly:
         """An operator's re-run: the finished series that match are assembled and analysed again, as
         if they had changed (new attempts, a new outcome event). Returns their ids."""
         query: dict[str, Any] = {"status": status}
-        if reason_code is not None:
+        if reason_code == UNRECORDED:
+            query["reason_code"] = {"$exists": False}
+        elif reason_code is not None:
             query["reason_code"] = reason_code
         if tenant is not None:
             query["tenant"] = tenant

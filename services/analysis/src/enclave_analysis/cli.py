@@ -69,7 +69,11 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--status", choices=("failed", "completed"), default="failed", help="which finished series (failed)"
     )
-    parser.add_argument("--reason-code", help="only series that failed with this reason_code")
+    parser.add_argument(
+        "--reason-code",
+        help="only series that failed with this reason_code; 'unrecorded' for series that finished before "
+        "reason codes were recorded",
+    )
     parser.add_argument("--tenant", help="only this tenant's series")
     parser.add_argument("--series-key", help="one series, by its pseudonymous key (in its analysis events)")
     parser.add_argument("--actor", required=True, help="who asks (e.g. user:sre-jane), for the log")

@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from enclave_common import topics
 from enclave_common.keys_config import kek_provider
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.service import ServiceRuntime, load_settings, run_service
 from enclave_common.storage import S3ObjectStore
 from fastapi import FastAPI
 
@@ -57,7 +57,7 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
 
 
 def run() -> None:
-    run_service(create_app, AnalysisSettings())
+    run_service(create_app, load_settings(AnalysisSettings))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ class AuditApiContext:
     operator_tenant: str
     default_page_size: int
     max_page_size: int
+    #: Records one bundle may hold (it is built on the pod's /tmp before the first byte is sent).
+    max_export_records: int = 200_000
     signer: Ed25519Signer | None = None
 
     @property
@@ -244,6 +246,19 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         entries = await ctx.store.checkpoints_between(from_sequence, last)
         first, last = covering_range(from_sequence, last, [e.checkpoint for e in entries])
         last = min(last, head.sequence)
+        if last - first + 1 > ctx.max_export_records:
+            raise HTTPException(
+                413,
+                detail={
+                    "code": "export_too_large",
+                    "message": (
+                        f"records {first}..{last} are {last - first + 1} records (widened to checkpoint "
+                        f"boundaries); one bundle holds at most {ctx.max_export_records}: export the range "
+                        "in parts with from_sequence and to_sequence (each part verifies on its own, "
+                        "anchored on the record before it)"
+                    ),
+                },
+            )
         checkpoints = overlapping_checkpoints(first, last, [e.checkpoint for e in entries])
         spool = await asyncio.to_thread(_write_bundle_file, ctx.reader, signer, first, last, checkpoints)
         name = f"enclave-audit-{first}-{last}.tar"

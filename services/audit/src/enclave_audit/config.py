@@ -61,6 +61,9 @@ class AuditSettings(BaseServiceSettings):
     operator_tenant: str = "enclave-operator"
 
     default_page_size: int = Field(default=100, ge=1)
+    #: Records one export bundle may hold: it is built on the pod's /tmp (an emptyDir whose size
+    #: limit evicts the pod) before it is sent, ~3.3 KB per record in all; larger ranges get 413.
+    max_export_records: int = Field(default=200_000, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
 
     @property

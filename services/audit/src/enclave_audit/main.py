@@ -11,7 +11,7 @@ from enclave_common import topics
 from enclave_common.auth import RemoteKeySource, TokenRules, TokenVerifier
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.errors import ConfigurationError
-from enclave_common.service import ServiceRuntime, run_service
+from enclave_common.service import ServiceRuntime, load_settings, run_service
 from enclave_common.storage import S3ObjectStore
 from fastapi import FastAPI
 from pymongo import MongoClient
@@ -69,6 +69,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
         operator_tenant=settings.operator_tenant,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
+        max_export_records=settings.max_export_records,
     )
     guard = AccessGuard(_token_verifier(settings), on_decision=access_hook(runtime.publisher))
 
@@ -153,7 +154,7 @@ async def _verify_periodically(ctx: AuditApiContext, interval_s: float) -> None:
 
 
 def run() -> None:
-    run_service(create_app, AuditSettings())
+    run_service(create_app, load_settings(AuditSettings))
 
 
 if __name__ == "__main__":

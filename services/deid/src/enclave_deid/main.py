@@ -10,7 +10,7 @@ from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
-from enclave_common.service import ServiceRuntime, local_disk_check, run_service
+from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
 from fastapi import FastAPI
@@ -105,7 +105,7 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
 
 
 def run() -> None:
-    run_service(create_app, DeidSettings())
+    run_service(create_app, load_settings(DeidSettings))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from enclave_common.errors import ConfigurationError
 from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
-from enclave_common.service import ServiceRuntime, local_disk_check, run_service
+from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -182,7 +182,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def run() -> None:
-    settings = GatewaySettings()
+    settings = load_settings(GatewaySettings)
     extra: dict[str, Any] = {}
     if settings.tls_cert_file is not None:
         extra = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}

@@ -147,6 +147,10 @@ class ReadModel:
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
+        # The patient query pages in _id order (``for_patient``).
+        await self.instances.create_index(
+            [("tenant", ASCENDING), ("patient_key", ASCENDING), ("_id", ASCENDING)]
+        )
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
 
     async def record_uploads(

@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from enclave_common import topics
 from enclave_common.crypto import (
@@ -38,6 +38,8 @@ from enclave_common.study_key_objects import StudyKeyObjects
 
 from enclave_ingest.catalogue import Catalogue
 from enclave_ingest.config import IngestSettings
+
+T = TypeVar("T")
 
 
 class KeyAdmin:
@@ -143,16 +145,10 @@ class KeyAdmin:
         return checked
 
     async def _scrub_one(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """One streamed pass that decrypts (every segment's tag checked) and hashes the plaintext; only
+        an object that fails it is read again, by ``scrub_object``, to name every bad segment."""
         ref = doc["object"]
         identity = ObjectIdentity(doc["tenant"], doc["study_key"], ref["key"])
-        try:
-            provider = await self.keys.object_provider(doc["tenant"], doc["study_key"])
-            body = await self.store.open(ref["bucket"], ref["key"], ref.get("version_id"))
-            report = await asyncio.to_thread(scrub_object, body, identity, provider)
-        except Exception as exc:
-            return [{"segment": None, "problem": type(exc).__name__}]
-        if not report.ok:
-            return [{"segment": p.segment_index, "problem": p.problem} for p in report.problems]
 
         def plaintext_digest(body: Any) -> str:
             digest = hashlib.sha256()
@@ -161,13 +157,28 @@ class KeyAdmin:
             return digest.hexdigest()
 
         try:
-            body = await self.store.open(ref["bucket"], ref["key"], ref.get("version_id"))
-            digest = await asyncio.to_thread(plaintext_digest, body)
+            provider = await self.keys.object_provider(doc["tenant"], doc["study_key"])
+            digest = await self._with_body(ref, plaintext_digest)
         except CryptoError as exc:
-            return [{"segment": None, "problem": str(exc)}]
+            failure = str(exc)  # Enclave's own message (no data); the segments are named below
         except Exception as exc:
             return [{"segment": None, "problem": type(exc).__name__}]
-        return [] if digest == doc["sha256"] else [{"segment": None, "problem": "sha256 mismatch"}]
+        else:
+            return [] if digest == doc["sha256"] else [{"segment": None, "problem": "sha256 mismatch"}]
+        try:
+            report = await self._with_body(ref, lambda body: scrub_object(body, identity, provider))
+        except Exception as exc:
+            return [{"segment": None, "problem": type(exc).__name__}]
+        problems = [{"segment": p.segment_index, "problem": p.problem} for p in report.problems]
+        return problems or [{"segment": None, "problem": failure}]
+
+    async def _with_body(self, ref: dict[str, Any], read: Callable[[Any], T]) -> T:
+        """``read`` the object's body in a worker thread; the response is closed whatever happens."""
+        body = await self.store.open(ref["bucket"], ref["key"], ref.get("version_id"))
+        try:
+            return await asyncio.to_thread(read, body)
+        finally:
+            body.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from enclave_common.crypto import load_private_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.keys_config import kek_provider
 from enclave_common.pseudonyms import pseudonymizer_from_base64
-from enclave_common.service import ServiceRuntime, local_disk_check, run_service
+from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects, shred_listener
 from fastapi import FastAPI
@@ -72,7 +72,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
 
 
 def run() -> None:
-    run_service(create_app, IngestSettings())
+    run_service(create_app, load_settings(IngestSettings))
 
 
 if __name__ == "__main__":
