@@ -147,10 +147,6 @@ class ReadModel:
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
-        # The patient query pages in _id order (``for_patient``).
-        await self.instances.create_index(
-            [("tenant", ASCENDING), ("patient_key", ASCENDING), ("_id", ASCENDING)]
-        )
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
 
     async def record_uploads(
@@ -215,7 +211,9 @@ class ReadModel:
         self, tenant: str, patient_key: str, limit: int, after: str | None = None
     ) -> list[dict[str, Any]]:
         """Up to ``limit`` instances of the patient in upload order (by imaging id, a UUIDv7: time
-        first), those after the imaging id ``after`` when given."""
+        first), those after the imaging id ``after`` when given. The (tenant, patient_key) index finds
+        them; their sort by ``_id`` is in memory (one patient's instances: thousands at most). No index
+        with ``_id`` was added: every index costs each upload's read-model insert."""
         query: dict[str, Any] = {"tenant": tenant, "patient_key": patient_key}
         if after is not None:
             query["_id"] = {"$gt": after}
