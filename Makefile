@@ -82,8 +82,10 @@ bench-audit: bootstrap ## Audit hash chain: append rate, query p95, verify and c
 bench-analysis: bootstrap ## Analysis of the MNI152 brain as a DICOM series: wall time and peak RSS per stage
 	@$(PY) bench/analysis.py
 bench-gateway: bootstrap ## STOW-RS: HTTP floor, Orthanc and the gateway side by side; RSS for 1 GiB
+	@scripts/install-orthanc.sh
 	@scripts/with-stack.sh $(PY) bench/gateway.py
 bench-pipeline: bootstrap ## Whole pipeline: acceptance vs Orthanc, time to audited/de-identified, per-stage rates, RSS/CPU
+	@scripts/install-orthanc.sh
 	@scripts/with-stack.sh $(PY) bench/pipeline.py
 
 chaos: bootstrap ## Kill -9 every component in turn, then hang FerretDB, during 500 uploads; check nothing acknowledged is lost or duplicated

@@ -170,7 +170,7 @@ def listening_sockets(port: int) -> int:
 
 def start_orthanc(workdir: Path) -> Server:
     if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
-        raise SystemExit("Orthanc is not installed: apt-get install orthanc orthanc-dicomweb")
+        raise SystemExit("Orthanc is not installed: run scripts/install-orthanc.sh (make bench-gateway does)")
     port = free_port()
     storage = workdir / "orthanc-storage"
     storage.mkdir()
