@@ -151,3 +151,42 @@ def test_aiokafka_still_keeps_its_coordinator_routine_where_the_watchdog_looks()
     )
     assert "self._coordination_task.result()" in inspect.getsource(GroupCoordinator.check_errors)
     assert "self._coordinator = GroupCoordinator(" in inspect.getsource(AIOKafkaConsumer.start)
+
+
+class FakeBroker:
+    def __init__(self, subscribers: list[FakeSubscriber]) -> None:
+        self.subscribers = subscribers
+        self.answers = True
+
+    async def ping(self, timeout: float) -> bool:
+        return self.answers
+
+
+async def test_a_consumer_whose_group_coordinator_stays_unknown_while_the_broker_answers_is_restarted():
+    """Seen in the tenth session's chaos run after a Kafka restart: the coordinator routine waited
+    forever for a metadata update; the handler's commit waited behind it; nothing was consumed or
+    logged. Unknown for the timeout while the broker answers: restarted. During an outage (the broker
+    does not answer) the clock does not run."""
+    stuck = FakeSubscriber(_pending())
+    stuck.consumer._coordinator = SimpleNamespace(_coordination_task=_pending(), coordinator_id=None)
+    healthy = FakeSubscriber(_pending())
+    healthy.consumer._coordinator = SimpleNamespace(_coordination_task=_pending(), coordinator_id=1)
+    broker = FakeBroker([stuck, healthy])
+    registry = CollectorRegistry()
+    watchdog = FetcherWatchdog(broker, ConsumerMetrics(registry), interval_s=0.01, coordinator_timeout_s=0.2)  # type: ignore[arg-type]
+
+    broker.answers = False  # an outage: not counted
+    assert await watchdog.check() == 0
+    await asyncio.sleep(0.3)
+    assert await watchdog.check() == 0 and stuck.calls == []
+    broker.answers = True
+    assert await watchdog.check() == 0  # the clock starts now
+    await asyncio.sleep(0.3)
+    assert await watchdog.check() == 1
+    assert stuck.calls == ["stop", "start"] and healthy.calls == []
+    assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 1
+
+
+def test_aiokafka_still_keeps_the_coordinator_id_where_the_watchdog_looks():
+    source = inspect.getsource(GroupCoordinator.ensure_coordinator_known)
+    assert "while self.coordinator_id is None" in source and "self.coordinator_id = coordinator_id" in source

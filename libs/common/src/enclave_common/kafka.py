@@ -411,16 +411,31 @@ class FetcherWatchdog:
     session: under uvloop, writing to a connection that Kafka's kill had closed raises RuntimeError
     (``UVHandle._ensure_alive``), which aiokafka does not expect. Such a consumer is restarted too.
 
+    A third way to stop for good was seen in the tenth session's chaos run, after Kafka was killed and
+    restarted: the coordinator routine stayed alive but waited forever for a metadata update while
+    looking up the group coordinator, and the handler's offset commit waited behind it; nothing was
+    consumed and nothing was logged. A consumer whose group coordinator has been unknown for
+    ``coordinator_timeout_s`` while the broker answers is restarted as well.
+
     The fetcher is aiokafka's private ``_fetcher._fetch_task``, the coordinator's
-    ``_coordinator._coordination_task``: there is no public way to ask. aiokafka is pinned, and a unit
-    test fails if those attributes go away.
+    ``_coordinator._coordination_task`` and ``coordinator_id``: there is no public way to ask.
+    aiokafka is pinned, and a unit test fails if those attributes go away.
     """
 
-    def __init__(self, broker: KafkaBroker, metrics: ConsumerMetrics, *, interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        broker: KafkaBroker,
+        metrics: ConsumerMetrics,
+        *,
+        interval_s: float = 5.0,
+        coordinator_timeout_s: float = 60.0,
+    ) -> None:
         self.broker = broker
         self.metrics = metrics
         self.interval_s = interval_s
+        self.coordinator_timeout_s = coordinator_timeout_s
         self._stopped: list[Any] = []  # stopped by the watchdog, not started again yet
+        self._coordinator_unknown_since: dict[int, float] = {}
 
     @staticmethod
     def fetcher_ended(subscriber: Any) -> bool:
@@ -450,13 +465,50 @@ class FetcherWatchdog:
                 return task
         return None
 
+    async def _coordinator_lost_for(self, subscriber: Any, now: float) -> float:
+        """How long ``subscriber``'s running consumer has had no known group coordinator while the
+        broker answered (0: it has one, or the broker does not answer: an outage, not a stuck client)."""
+        consumer = getattr(subscriber, "consumer", None)
+        coordinator = getattr(consumer, "_coordinator", None)
+        running = getattr(subscriber, "running", False) and not getattr(consumer, "_closed", True)
+        if (
+            running
+            and coordinator is not None
+            and getattr(coordinator, "coordinator_id", 0) is None
+            and await self._broker_answers()
+        ):
+            return now - self._coordinator_unknown_since.setdefault(id(subscriber), now)
+        self._coordinator_unknown_since.pop(id(subscriber), None)
+        return 0.0
+
+    async def _broker_answers(self) -> bool:
+        try:
+            return bool(await self.broker.ping(timeout=3.0))
+        except Exception:
+            return False
+
     async def check(self) -> int:
-        """Restart every subscriber whose fetcher ended (and any whose restart failed before); how many
-        were started again. A start that fails is tried again on the next check."""
+        """Restart every subscriber whose fetcher ended, or whose group coordinator stayed unknown while
+        the broker answers (and any whose restart failed before); how many were started again. A start
+        that fails is tried again on the next check."""
         subscriber: Any
+        now = asyncio.get_running_loop().time()
         for subscriber in list(self.broker.subscribers):
             task = self._ended_fetch(subscriber)
             if task is None:
+                lost_for = await self._coordinator_lost_for(subscriber, now)
+                if lost_for < self.coordinator_timeout_s:
+                    continue
+                group = self._group(subscriber)
+                log.error(
+                    "kafka consumer lost its group coordinator; restarting it",
+                    group=group,
+                    unknown_for_s=round(lost_for),
+                )
+                self._coordinator_unknown_since.pop(id(subscriber), None)
+                self.metrics.consumer_restarts.labels(group).inc()
+                self._stopped.append(subscriber)
+                await self._stop(subscriber)
                 continue
             failure = None if task.cancelled() else task.exception()
             group = self._group(subscriber)
@@ -479,8 +531,9 @@ class FetcherWatchdog:
         ended it, before closing the consumer's connections: those are then closed here."""
         consumer = subscriber.consumer
         try:
-            await subscriber.stop()
-        except Exception as exc:  # what ended the fetcher, raised again
+            async with asyncio.timeout(30):  # a consumer stuck waiting on its coordinator may not stop
+                await subscriber.stop()
+        except Exception as exc:  # what ended the fetcher, raised again (or the stop timed out)
             log.warning("the stalled kafka consumer did not stop cleanly", exc_info=exc)
             client = getattr(consumer, "_client", None)
             if client is not None:
