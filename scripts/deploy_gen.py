@@ -311,17 +311,79 @@ def service_account(s: Service) -> dict[str, Any]:
     }
 
 
+#: How every Enclave Kafka client (each service, the toolbox) reaches the cluster: mTLS with the
+#: certificates Strimzi writes for its KafkaUser, mounted by ``_kafka_volumes``.
+KAFKA_CLIENT_ENV = {
+    "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
+    "ENCLAVE_KAFKA_SECURITY_PROTOCOL": "SSL",
+    "ENCLAVE_KAFKA_SSL_CAFILE": "/etc/enclave/kafka-ca/ca.crt",
+    "ENCLAVE_KAFKA_SSL_CERTFILE": "/etc/enclave/kafka-user/user.crt",
+    "ENCLAVE_KAFKA_SSL_KEYFILE": "/etc/enclave/kafka-user/user.key",
+}
+#: Egress to the Kafka brokers' TLS listener.
+KAFKA_EGRESS = {
+    "to": [
+        {"podSelector": {"matchLabels": {"strimzi.io/cluster": KAFKA_CLUSTER, "strimzi.io/kind": "Kafka"}}}
+    ],
+    "ports": [{"protocol": "TCP", "port": 9093}],
+}
+
+
+def _kafka_volumes(user: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volumes and mounts of a Kafka client's certificates: ``user``'s (KafkaUser) and the CA."""
+    volumes = [
+        {"name": "kafka-user", "secret": {"secretName": user, "defaultMode": 0o440}},
+        {
+            "name": "kafka-ca",
+            "secret": {"secretName": f"{KAFKA_CLUSTER}-cluster-ca-cert", "defaultMode": 0o440},
+        },
+    ]
+    mounts = [
+        {"name": "kafka-user", "mountPath": "/etc/enclave/kafka-user", "readOnly": True},
+        {"name": "kafka-ca", "mountPath": "/etc/enclave/kafka-ca", "readOnly": True},
+    ]
+    return volumes, mounts
+
+
+def _pod_security_context() -> dict[str, Any]:
+    """The ``restricted`` Pod Security level, as every Enclave pod runs."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _kafka_user(name: str, labels: dict[str, str], acls: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "kafka.strimzi.io/v1beta2",
+        "kind": "KafkaUser",
+        "metadata": {"name": name, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER, **labels}},
+        "spec": {"authentication": {"type": "tls"}, "authorization": {"type": "simple", "acls": acls}},
+    }
+
+
 def config_map(s: Service) -> dict[str, Any]:
     data = {
         "ENCLAVE_ENVIRONMENT": "prod",
         "ENCLAVE_HTTP_HOST": "0.0.0.0",
         f"{s.env_prefix}HTTP_PORT": str(s.port),
         "ENCLAVE_LOG_LEVEL": "INFO",
-        "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP,
-        "ENCLAVE_KAFKA_SECURITY_PROTOCOL": "SSL",
-        "ENCLAVE_KAFKA_SSL_CAFILE": "/etc/enclave/kafka-ca/ca.crt",
-        "ENCLAVE_KAFKA_SSL_CERTFILE": "/etc/enclave/kafka-user/user.crt",
-        "ENCLAVE_KAFKA_SSL_KEYFILE": "/etc/enclave/kafka-user/user.key",
+        **KAFKA_CLIENT_ENV,
         "ENCLAVE_TRACING_EXPORTER": "otlp",
         # OTLP over HTTP (the exporter the services install): the collector's port 4318.
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc:4318",
@@ -361,18 +423,11 @@ def deployment(s: Service) -> dict[str, Any]:
             _secret_env("ENCLAVE_S3_ACCESS_KEY_ID", f"{s.group}-s3", "access-key-id"),
             _secret_env("ENCLAVE_S3_SECRET_ACCESS_KEY", f"{s.group}-s3", "secret-access-key"),
         ]
-    volumes: list[dict[str, Any]] = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": s.memory_tmp}},
-        {"name": "kafka-user", "secret": {"secretName": s.group, "defaultMode": 0o440}},
-        {
-            "name": "kafka-ca",
-            "secret": {"secretName": f"{KAFKA_CLUSTER}-cluster-ca-cert", "defaultMode": 0o440},
-        },
-    ]
+    kafka_volumes, kafka_mounts = _kafka_volumes(s.group)
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": s.memory_tmp}}, *kafka_volumes]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 -- the pod's writable emptyDir
-        {"name": "kafka-user", "mountPath": "/etc/enclave/kafka-user", "readOnly": True},
-        {"name": "kafka-ca", "mountPath": "/etc/enclave/kafka-ca", "readOnly": True},
+        *kafka_mounts,
     ]
     for f in s.secret_files:
         volumes.append({"name": f.secret, "secret": {"secretName": f.secret, "defaultMode": 0o440}})
@@ -400,15 +455,7 @@ def deployment(s: Service) -> dict[str, Any]:
         "startupProbe": probe("/healthz", 2, 30),
         "livenessProbe": probe("/healthz", 10, 3),
         "readinessProbe": probe("/readyz", 5, 3),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _container_security_context(),
         "volumeMounts": mounts,
     }
     pod_spec = {
@@ -416,13 +463,7 @@ def deployment(s: Service) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security_context(),
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -563,16 +604,7 @@ def network_policy(s: Service) -> dict[str, Any]:
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
         )
     egress: list[dict[str, Any]] = [
-        {
-            "to": [
-                {
-                    "podSelector": {
-                        "matchLabels": {"strimzi.io/cluster": KAFKA_CLUSTER, "strimzi.io/kind": "Kafka"}
-                    }
-                }
-            ],
-            "ports": [{"protocol": "TCP", "port": 9093}],
-        },
+        KAFKA_EGRESS,
         {
             "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mongodb"}}}],
             "ports": [{"protocol": "TCP", "port": 27017}],
@@ -659,12 +691,7 @@ def kafka_user(s: Service) -> dict[str, Any]:
                 "operations": ["Read", "Describe"],
             }
         )
-    return {
-        "apiVersion": "kafka.strimzi.io/v1beta2",
-        "kind": "KafkaUser",
-        "metadata": {"name": s.group, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER, **labels(s)}},
-        "spec": {"authentication": {"type": "tls"}, "authorization": {"type": "simple", "acls": acls}},
-    }
+    return _kafka_user(s.group, labels(s), acls)
 
 
 def keda_user() -> dict[str, Any]:
@@ -680,12 +707,7 @@ def keda_user() -> dict[str, Any]:
             "operations": ["Describe"],
         }
     )
-    return {
-        "apiVersion": "kafka.strimzi.io/v1beta2",
-        "kind": "KafkaUser",
-        "metadata": {"name": KEDA_USER, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER, **PART_OF}},
-        "spec": {"authentication": {"type": "tls"}, "authorization": {"type": "simple", "acls": acls}},
-    }
+    return _kafka_user(KEDA_USER, PART_OF, acls)
 
 
 def dead_letter_topics() -> dict[str, str]:
@@ -701,12 +723,7 @@ def operator_user() -> dict[str, Any]:
     dlqs = dead_letter_topics()
     acls = [_acl(dlq, ["Read", "Describe"]) for dlq in dlqs]
     acls += [_acl(original, ["Write", "Describe"]) for original in dict.fromkeys(dlqs.values())]
-    return {
-        "apiVersion": "kafka.strimzi.io/v1beta2",
-        "kind": "KafkaUser",
-        "metadata": {"name": OPERATOR_USER, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER, **PART_OF}},
-        "spec": {"authentication": {"type": "tls"}, "authorization": {"type": "simple", "acls": acls}},
-    }
+    return _kafka_user(OPERATOR_USER, PART_OF, acls)
 
 
 def user_documents() -> list[dict[str, Any]]:
@@ -725,12 +742,7 @@ def toolbox_documents() -> list[dict[str, Any]]:
     itself after 4 hours), holding the operator's Kafka identity and Enclave's commands (the gateway
     image: every image has `enclave-dlq`). Not part of the base: nothing runs with that identity
     otherwise."""
-    restricted = {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    kafka_volumes, kafka_mounts = _kafka_volumes(OPERATOR_USER)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -740,45 +752,26 @@ def toolbox_documents() -> list[dict[str, Any]]:
             "enableServiceLinks": False,
             "restartPolicy": "Never",
             "activeDeadlineSeconds": 4 * 3600,
-            "securityContext": {**restricted, "fsGroup": UID},
+            "securityContext": _pod_security_context(),
             "containers": [
                 {
                     "name": "toolbox",
                     "image": "enclave-gateway",
                     "imagePullPolicy": "IfNotPresent",
                     "command": ["sleep", str(4 * 3600)],
-                    "env": [
-                        {"name": "ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "value": KAFKA_BOOTSTRAP},
-                        {"name": "ENCLAVE_KAFKA_SECURITY_PROTOCOL", "value": "SSL"},
-                        {"name": "ENCLAVE_KAFKA_SSL_CAFILE", "value": "/etc/enclave/kafka-ca/ca.crt"},
-                        {"name": "ENCLAVE_KAFKA_SSL_CERTFILE", "value": "/etc/enclave/kafka-user/user.crt"},
-                        {"name": "ENCLAVE_KAFKA_SSL_KEYFILE", "value": "/etc/enclave/kafka-user/user.key"},
-                    ],
+                    "env": [{"name": name, "value": value} for name, value in KAFKA_CLIENT_ENV.items()],
                     "resources": {
                         "requests": {"cpu": "100m", "memory": "256Mi"},
                         "limits": {"cpu": "1", "memory": "512Mi"},
                     },
-                    "securityContext": {
-                        **restricted,
-                        "allowPrivilegeEscalation": False,
-                        "readOnlyRootFilesystem": True,
-                        "capabilities": {"drop": ["ALL"]},
-                    },
+                    "securityContext": _container_security_context(),
                     "volumeMounts": [
                         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 -- the pod's writable emptyDir
-                        {"name": "kafka-user", "mountPath": "/etc/enclave/kafka-user", "readOnly": True},
-                        {"name": "kafka-ca", "mountPath": "/etc/enclave/kafka-ca", "readOnly": True},
+                        *kafka_mounts,
                     ],
                 }
             ],
-            "volumes": [
-                {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
-                {"name": "kafka-user", "secret": {"secretName": OPERATOR_USER, "defaultMode": 0o440}},
-                {
-                    "name": "kafka-ca",
-                    "secret": {"secretName": f"{KAFKA_CLUSTER}-cluster-ca-cert", "defaultMode": 0o440},
-                },
-            ],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}, *kafka_volumes],
         },
     }
     policy = {
@@ -789,21 +782,7 @@ def toolbox_documents() -> list[dict[str, Any]]:
             "podSelector": {"matchLabels": TOOLBOX_LABELS},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
-            "egress": [
-                {
-                    "to": [
-                        {
-                            "podSelector": {
-                                "matchLabels": {
-                                    "strimzi.io/cluster": KAFKA_CLUSTER,
-                                    "strimzi.io/kind": "Kafka",
-                                }
-                            }
-                        }
-                    ],
-                    "ports": [{"protocol": "TCP", "port": 9093}],
-                }
-            ],
+            "egress": [KAFKA_EGRESS],
         },
     }
     return [pod, policy]

@@ -30,24 +30,19 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+from enclave_common.crypto import generate_ingest_keypair, private_key_to_pem, public_key_to_pem
 
 from .conftest import REPO_ROOT, SERVICES
 
 
 def _x25519_private() -> bytes:
-    return x25519.X25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return private_key_to_pem(generate_ingest_keypair())
 
 
 def _x25519_public() -> bytes:
-    return (
-        x25519.X25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    return public_key_to_pem(generate_ingest_keypair().public_key())
 
 
 def _ed25519_private() -> bytes:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from .conftest import KAFKA
+from .conftest import KAFKA, MONGO_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("ENCLAVE_STATE", ROOT / ".state"))
@@ -236,3 +236,28 @@ def restart(component: str) -> None:
         subprocess.run([str(ROOT / "scripts/stack/up.sh"), component], check=True)
     else:
         subprocess.run([str(ROOT / "scripts/services.sh"), "up"], check=True)
+
+
+@contextlib.contextmanager
+def restarted_with(service: str, settings: dict[str, str]) -> Iterator[None]:
+    """Run one of the services with extra ``settings`` (environment variables) for the block: killed
+    and started again with them, then killed and started again as the stack configures it."""
+    kill_hard(service)
+    subprocess.run([str(ROOT / "scripts/services.sh"), "up"], check=True, env={**os.environ, **settings})
+    try:
+        yield
+    finally:
+        kill_hard(service)
+        restart(service)
+
+
+def admin_command(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's commands (``.venv/bin/<name>``) with the stack's environment, as an
+    operator would (docs/operations.md); output captured."""
+    return subprocess.run(
+        [str(ROOT / ".venv/bin" / name), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL},
+        timeout=300,
+    )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -32,8 +31,7 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AnalysisFailed, InstanceRejected, UploadCompleted
 from pydicom.uid import generate_uid
 
-from .conftest import MONGO_URL
-from .support import ROOT, dev_env, kill_hard, mr_instance, publish, read_all, restart, wait_for_events
+from .support import admin_command, mr_instance, publish, read_all, restarted_with, wait_for_events
 from .test_gateway_support import GATEWAY, bearer, new_tenant
 
 
@@ -78,24 +76,10 @@ async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_
     is reported ``series_incomplete``, naming what it awaits. When the member settles at last (here
     rejected, as ingest rejects an upload that broke off), the series is assembled again and gets a
     new outcome under a new event id, which the gateway's status shows."""
-    kill_hard("analysis")
-    subprocess.run(
-        [str(ROOT / "scripts/services.sh"), "up"],
-        check=True,
-        env={**os.environ, "ENCLAVE_ANALYSIS_INCOMPLETE_AFTER_S": "20"},
-    )
-    try:
+    with restarted_with("analysis", {"ENCLAVE_ANALYSIS_INCOMPLETE_AFTER_S": "20"}):
         tenant = new_tenant("it-asm")
-        headers = bearer("it-asm-pacs", tenant, "uploader")
-        study, series = generate_uid(), generate_uid()
-        files = [
-            ("file", (f"{i}.dcm", mr_instance(study_uid=study, series_uid=series)[0], "application/dicom"))
-            for i in range(3)
-        ]
         async with httpx.AsyncClient(timeout=60) as client:
-            answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
-            assert answer.status_code == 200, answer.text
-            ids = sorted(a["imaging_id"] for a in answer.json()["accepted"])
+            ids = await _upload_series(client, tenant)
             (completed,) = await wait_for_events(topics.UPLOAD_COMPLETED, lambda e: e.tenant == tenant)
 
             # A second upload of the same series whose one instance never reaches ingest.
@@ -173,20 +157,24 @@ async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_
                 await asyncio.sleep(1)
             assert status.json()["analysis_id"] == incomplete.analysis_id, status.text
             assert status.json().get("reason_code") == after.data.get("reason_code"), status.text
-    finally:
-        kill_hard("analysis")
-        restart("analysis")
+
+
+async def _upload_series(client: httpx.AsyncClient, tenant: str) -> list[str]:
+    """Three copies of one MR slice as one series, in one form upload: one slice position, so its
+    analysis fails deterministically (``series_geometry``). Their imaging ids, sorted."""
+    study, series = generate_uid(), generate_uid()
+    files = [
+        ("file", (f"{i}.dcm", mr_instance(study_uid=study, series_uid=series)[0], "application/dicom"))
+        for i in range(3)
+    ]
+    headers = bearer("it-asm-pacs", tenant, "uploader")
+    answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
+    assert answer.status_code == 200, answer.text
+    return sorted(a["imaging_id"] for a in answer.json()["accepted"])
 
 
 def _rerun_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
-    return subprocess.run(
-        [str(ROOT / ".venv/bin/enclave-analysis-rerun"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return admin_command("enclave-analysis-rerun", *args)
 
 
 async def test_an_operator_reruns_failed_series_and_each_gets_a_new_outcome():
@@ -195,16 +183,8 @@ async def test_an_operator_reruns_failed_series_and_each_gets_a_new_outcome():
     and another tenant's filter change nothing. (Before the tenth session a failed series was only
     analysed again when a new instance was uploaded to it.)"""
     tenant = new_tenant("it-rerun")
-    headers = bearer("it-rerun-pacs", tenant, "uploader")
-    study, series = generate_uid(), generate_uid()
-    # Three copies of one slice position: a deterministic series_geometry failure.
-    files = [
-        ("file", (f"{i}.dcm", mr_instance(study_uid=study, series_uid=series)[0], "application/dicom"))
-        for i in range(3)
-    ]
     async with httpx.AsyncClient(timeout=60) as client:
-        answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=headers)
-    assert answer.status_code == 200, answer.text
+        await _upload_series(client, tenant)
     (first,) = await wait_for_events(topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, timeout=180)
     code = first.data["reason_code"]
 

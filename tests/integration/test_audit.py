@@ -27,7 +27,7 @@ from enclave_common.envelope import Envelope
 from enclave_common.events import AccessRecorded
 
 from .conftest import KAFKA, MONGO_URL, SERVICE_PORTS
-from .support import ROOT, STATE, dev_env, kill_hard, publish, restart, wait_for_events
+from .support import ROOT, STATE, dev_env, kill_hard, publish, restart, restarted_with, wait_for_events
 
 AUDIT_URL = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
 OPERATOR_TENANT = "enclave-operator"
@@ -589,13 +589,7 @@ async def test_an_export_larger_than_a_bundle_may_hold_is_refused_with_what_to_d
     await publish(topics.ACCESS_RECORDED, events, key=f"big-export-{unique}")
     stored = await wait_for_records(mongo, [e.id for e in events])
     sequences = sorted(d["sequence"] for d in stored.values())
-    kill_hard("audit")
-    subprocess.run(
-        [str(ROOT / "scripts/services.sh"), "up"],
-        check=True,
-        env={**os.environ, "ENCLAVE_AUDIT_MAX_EXPORT_RECORDS": "3"},
-    )
-    try:
+    with restarted_with("audit", {"ENCLAVE_AUDIT_MAX_EXPORT_RECORDS": "3"}):
         response = await auditor_client.get(
             "/audit/export",
             params={"from_sequence": sequences[0], "to_sequence": sequences[-1]},
@@ -605,6 +599,3 @@ async def test_an_export_larger_than_a_bundle_may_hold_is_refused_with_what_to_d
         detail = response.json()["detail"]
         assert detail["code"] == "export_too_large"
         assert "at most 3" in detail["message"] and "from_sequence and to_sequence" in detail["message"]
-    finally:
-        kill_hard("audit")
-        restart("audit")

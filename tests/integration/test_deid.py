@@ -30,12 +30,12 @@ from .support import (
     PHI,
     ROOT,
     STATE,
+    admin_command,
     dev_env,
-    kill_hard,
     mr_instance,
     publish,
     read_all,
-    restart,
+    restarted_with,
     sealed_chunk_envelopes,
     wait_for_events,
 )
@@ -261,13 +261,7 @@ async def test_an_instance_deid_cannot_handle_is_quarantined_with_its_reason_not
     quarantined with the code and reason, a recorded outcome its status and its series can end on.
     Before the ninth session it was only dead-lettered: its status stayed "stored" for good and its
     series never came to an analysis."""
-    kill_hard("deid")
-    subprocess.run(
-        [str(ROOT / "scripts/services.sh"), "up"],
-        check=True,
-        env={**os.environ, "ENCLAVE_DEID_MAX_INSTANCE_BYTES": "4096"},
-    )
-    try:
+    with restarted_with("deid", {"ENCLAVE_DEID_MAX_INSTANCE_BYTES": "4096"}):
         data, _ = mr_instance()
         assert len(data) > 4096
         iuid = await _send(data)
@@ -281,20 +275,10 @@ async def test_an_instance_deid_cannot_handle_is_quarantined_with_its_reason_not
         )
         assert record["status"] == "quarantined" and "object" not in record
         assert await read_all(topics.dlq(topics.INSTANCE_STORED), _for(iuid), settle=1.0) == []
-    finally:
-        kill_hard("deid")
-        restart("deid")
 
 
 def _linkage_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
-    return subprocess.run(
-        [str(ROOT / ".venv/bin/enclave-deid-linkage"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    return admin_command("enclave-deid-linkage", *args)
 
 
 async def test_break_glass_reads_linkage_only_with_justification_and_is_audited(mongo):

@@ -6,25 +6,18 @@ which on a production broker (a new group's initial rebalance delay) could be th
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 from enclave_common import topics
 from enclave_common.envelope import new_event_id
 
-from .support import ROOT, dev_env, mr_instance, publish, read_all, sealed_chunk_envelopes
+from .support import admin_command, mr_instance, publish, read_all, sealed_chunk_envelopes
 
 DLQ = topics.dlq(topics.UPLOAD_CHUNK)
 
 
 def _dlq_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ROOT / ".venv/bin/enclave-dlq"), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **dev_env()},
-        timeout=120,
-    )
+    return admin_command("enclave-dlq", *args)
 
 
 def _copies(event_id: str):

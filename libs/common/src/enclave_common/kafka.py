@@ -465,21 +465,13 @@ class FetcherWatchdog:
                 return task
         return None
 
-    async def _coordinator_lost_for(self, subscriber: Any, now: float) -> float:
-        """How long ``subscriber``'s running consumer has had no known group coordinator while the
-        broker answered (0: it has one, or the broker does not answer: an outage, not a stuck client)."""
+    @staticmethod
+    def _coordinator_unknown(subscriber: Any) -> bool:
+        """True when ``subscriber`` runs a consumer that has no known group coordinator (private)."""
         consumer = getattr(subscriber, "consumer", None)
         coordinator = getattr(consumer, "_coordinator", None)
         running = getattr(subscriber, "running", False) and not getattr(consumer, "_closed", True)
-        if (
-            running
-            and coordinator is not None
-            and getattr(coordinator, "coordinator_id", 0) is None
-            and await self._broker_answers()
-        ):
-            return now - self._coordinator_unknown_since.setdefault(id(subscriber), now)
-        self._coordinator_unknown_since.pop(id(subscriber), None)
-        return 0.0
+        return bool(running and coordinator is not None and getattr(coordinator, "coordinator_id", 0) is None)
 
     async def _broker_answers(self) -> bool:
         try:
@@ -493,26 +485,30 @@ class FetcherWatchdog:
         that fails is tried again on the next check."""
         subscriber: Any
         now = asyncio.get_running_loop().time()
+        broker_answers: bool | None = None  # asked at most once a check, and only if needed
         for subscriber in list(self.broker.subscribers):
+            group = self._group(subscriber)
             task = self._ended_fetch(subscriber)
-            if task is None:
-                lost_for = await self._coordinator_lost_for(subscriber, now)
+            if task is not None:
+                failure = None if task.cancelled() else task.exception()
+                log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
+            else:
+                unknown = self._coordinator_unknown(subscriber)
+                if unknown and broker_answers is None:
+                    broker_answers = await self._broker_answers()
+                if not (unknown and broker_answers):
+                    # It has a coordinator, or the broker does not answer: an outage, not a stuck client.
+                    self._coordinator_unknown_since.pop(id(subscriber), None)
+                    continue
+                lost_for = now - self._coordinator_unknown_since.setdefault(id(subscriber), now)
                 if lost_for < self.coordinator_timeout_s:
                     continue
-                group = self._group(subscriber)
                 log.error(
                     "kafka consumer lost its group coordinator; restarting it",
                     group=group,
                     unknown_for_s=round(lost_for),
                 )
-                self._coordinator_unknown_since.pop(id(subscriber), None)
-                self.metrics.consumer_restarts.labels(group).inc()
-                self._stopped.append(subscriber)
-                await self._stop(subscriber)
-                continue
-            failure = None if task.cancelled() else task.exception()
-            group = self._group(subscriber)
-            log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
+            self._coordinator_unknown_since.pop(id(subscriber), None)
             self.metrics.consumer_restarts.labels(group).inc()
             self._stopped.append(subscriber)
             await self._stop(subscriber)

@@ -31,7 +31,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
-from pymongo import AsyncMongoClient
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +57,7 @@ from enclave_common.kafka import (
     reliable_consumer,
 )
 from enclave_common.logging import code_location, configure_logging
+from enclave_common.mongo import mongo_client
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.telemetry import build_tracer_provider
 
@@ -113,13 +113,7 @@ class ServiceRuntime:
             settings, registry=self.registry, tracer_provider=self.tracer_provider, **(broker_overrides or {})
         )
         self.publisher = EventPublisher(self.broker)
-        self.mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url.get_secret_value(),
-            tz_aware=True,
-            serverSelectionTimeoutMS=5000,
-            connect=False,
-            appname=f"enclave-{settings.service_name}",
-        )
+        self.mongo = mongo_client(settings, connect=False, appname=f"enclave-{settings.service_name}")
         self.db = self.mongo[settings.mongo_database]
         self.processed: ProcessedEvents = processed or MongoProcessedEvents(self.db)
         self.consumer_metrics = ConsumerMetrics(self.registry)
@@ -536,16 +530,23 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
         return cls()
     except ValidationError as exc:
         prefix = str(cls.model_config.get("env_prefix") or "")
+        # A field's error names its variable; a check across fields (loc ()) names them in its message.
         problems = [
-            f"{prefix}{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            f"{prefix}{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            if e["loc"]
+            else e["msg"]
+            for e in exc.errors()
         ]
-        verdict = {
-            "service": cls.model_fields["service_name"].default,
-            "configuration": "invalid",
-            "reason": "; ".join(problems),
-        }
-        print(json.dumps(verdict), flush=True)
+        _verdict(cls.model_fields["service_name"].default, "; ".join(problems))
         raise SystemExit(2) from None
+
+
+def _verdict(service: str, reason: str | None) -> None:
+    """The one JSON line of a configuration check: ``ok``, or ``invalid`` with the reason."""
+    verdict = {"service": service, "configuration": "ok" if reason is None else "invalid"}
+    if reason is not None:
+        verdict["reason"] = reason
+    print(json.dumps(verdict), flush=True)
 
 
 def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> int:
@@ -556,10 +557,12 @@ def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettin
         app = app_factory()
         app.state.runtime.check_configuration()
     except Exception as exc:
-        reason = exc.reason if isinstance(exc, EnclaveError) else f"{type(exc).__name__}: {exc}"
-        print(json.dumps({"service": settings.service_name, "configuration": "invalid", "reason": reason}))
+        _verdict(
+            settings.service_name,
+            exc.reason if isinstance(exc, EnclaveError) else f"{type(exc).__name__}: {exc}",
+        )
         return 2
-    print(json.dumps({"service": settings.service_name, "configuration": "ok"}))
+    _verdict(settings.service_name, None)
     return 0
 
 

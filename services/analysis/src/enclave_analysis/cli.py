@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 from enclave_common.logging import configure_logging
-from pymongo import AsyncMongoClient
+from enclave_common.mongo import mongo_client
 
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
@@ -30,9 +30,7 @@ LISTED = 100
 
 
 async def _rerun(args: argparse.Namespace, settings: AnalysisSettings) -> dict[str, Any]:
-    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        settings.mongo_url.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=5000
-    )
+    mongo = mongo_client(settings)
     try:
         assembly = SeriesAssembly(mongo[settings.mongo_database])
         reopened = await assembly.reopen(

@@ -75,3 +75,13 @@ class AuditSettings(BaseServiceSettings):
         if self.default_page_size > self.max_page_size:
             raise ValueError("default_page_size must not exceed max_page_size")
         return self
+
+    @model_validator(mode="after")
+    def _token_keys(self) -> AuditSettings:
+        # Without them every auditor query would answer 503 while the pod looks ready.
+        if self.environment not in ("dev", "test") and not self.oidc_jwks_url and self.oidc_jwks_file is None:
+            raise ValueError(
+                "the auditor API has no token keys: set ENCLAVE_AUDIT_OIDC_JWKS_URL (or _JWKS_FILE), "
+                "with ENCLAVE_AUDIT_OIDC_ISSUER and ENCLAVE_AUDIT_OIDC_AUDIENCE"
+            )
+        return self

@@ -21,8 +21,8 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import EnclaveError
 from enclave_common.events import KeyEvent
 from enclave_common.kafka import EventPublisher, create_broker
+from enclave_common.mongo import mongo_client
 from enclave_common.storage import S3ObjectStore
-from pymongo import AsyncMongoClient
 
 from enclave_deid.break_glass import read_linkage
 from enclave_deid.config import DeidSettings
@@ -38,9 +38,7 @@ class _Clients:
     def __init__(self, settings: DeidSettings) -> None:
         self.broker = create_broker(settings)
         self.publisher = EventPublisher(self.broker)
-        self.mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            settings.mongo_url.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=5000
-        )
+        self.mongo = mongo_client(settings)
         self.db = self.mongo[settings.mongo_database]
 
     async def __aenter__(self) -> _Clients:

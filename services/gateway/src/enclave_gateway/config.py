@@ -7,7 +7,7 @@ from pathlib import Path
 
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
 from enclave_common.settings import BaseServiceSettings
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -68,3 +68,14 @@ class GatewaySettings(BaseServiceSettings):
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _spool_holds_the_largest_request(self) -> GatewaySettings:
+        disk = self.spool_disk_bytes
+        if disk is not None and disk < self.max_request_bytes * 1.01:
+            raise ValueError(
+                f"ENCLAVE_GATEWAY_SPOOL_DISK_BYTES ({disk}) must be at least ENCLAVE_GATEWAY_MAX_REQUEST_BYTES "
+                f"({self.max_request_bytes}) plus 1 %, or a request of the largest allowed size could never "
+                "be held"
+            )
+        return self

@@ -125,13 +125,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if settings.ingest_public_key_file is None:
             raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
         uploads.recipient = load_public_key(str(settings.ingest_public_key_file))
-        disk = settings.spool_disk_bytes
-        if disk is not None and disk < settings.max_request_bytes * 1.01:
-            raise ConfigurationError(
-                f"ENCLAVE_GATEWAY_SPOOL_DISK_BYTES ({disk}) must be at least ENCLAVE_GATEWAY_MAX_REQUEST_BYTES "
-                f"({settings.max_request_bytes}) plus 1 %, or a request of the largest allowed size could never "
-                "be held"
-            )
 
     async def prepare() -> None:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
