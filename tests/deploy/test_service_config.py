@@ -145,10 +145,13 @@ def _container_environment(
     return env
 
 
-def _check_config(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _check_config(
+    service: str, env: dict[str, str], *, start: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``enclave-<service> --check-config`` (or, with ``start``, a plain start) with ``env`` only."""
     base = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
     return subprocess.run(
-        [str(REPO_ROOT / ".venv" / "bin" / f"enclave-{service}"), "--check-config"],
+        [str(REPO_ROOT / ".venv" / "bin" / f"enclave-{service}"), *([] if start else ["--check-config"])],
         env={**base, **env},
         capture_output=True,
         text=True,
@@ -185,6 +188,11 @@ def test_the_check_fails_and_names_the_setting_when_a_key_is_missing(prod, tmp_p
     verdict = json.loads(result.stdout.strip().splitlines()[-1])
     assert verdict["configuration"] == "invalid"
     assert "ENCLAVE_INGEST_PRIVATE_KEY_FILE" in verdict["reason"]
+
+    # A plain start checks first too: the same line, exit 2, before anything listens.
+    started = _check_config("ingest", env, start=True)
+    assert started.returncode == 2, started.stdout + started.stderr[-3000:]
+    assert json.loads(started.stdout.strip().splitlines()[-1]) == verdict
 
 
 def test_a_setting_that_does_not_parse_gets_the_same_verdict_without_its_value(prod, tmp_path):

@@ -123,6 +123,7 @@ class ServiceRuntime:
             "mongodb": lambda: self.db.command("ping"),
         }
         self._preflight: list[Callable[[], None]] = []
+        self._configuration_checked = False
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,8 +181,13 @@ class ServiceRuntime:
         self._preflight.append(fn)
 
     def check_configuration(self) -> None:
+        """Run the preflight checks (once: ``run_service`` runs them before serving, ``start`` then
+        does not run them again)."""
+        if self._configuration_checked:
+            return
         for fn in self._preflight:
             fn()
+        self._configuration_checked = True
 
     def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._startup.append(fn)
@@ -496,10 +502,14 @@ def run_service(
     import uvicorn
 
     configure_logging(settings.service_name, settings.log_level)
+    # The configuration is checked before anything listens: a misconfigured service exits 2 with the
+    # verdict line in its log, the same as ``--check-config`` prints.
+    app = checked_app(app_factory, settings)
     if "--check-config" in sys.argv[1:]:
-        raise SystemExit(check_config(app_factory, settings))
+        _verdict(settings.service_name, None)
+        raise SystemExit(0)
     config = uvicorn.Config(
-        app_factory(),
+        app,
         host=settings.http_host,
         port=settings.http_port,
         access_log=False,
@@ -549,10 +559,10 @@ def _verdict(service: str, reason: str | None) -> None:
     print(json.dumps(verdict), flush=True)
 
 
-def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> int:
-    """``enclave-<service> --check-config``: build the app and run its configuration checks, with no
-    network I/O; print the verdict as one JSON line; 0 if the service would start, 2 if not (e.g. as an
-    init container, or before a rollout). Messages name settings, never their values."""
+def checked_app(app_factory: Callable[[], FastAPI], settings: BaseServiceSettings) -> FastAPI:
+    """Build the app and run its configuration checks, with no network I/O. If either fails, print
+    the verdict as one JSON line and exit 2: ``enclave-<service> --check-config`` (an init container,
+    or a check before a rollout) and every start alike. Messages name settings, never their values."""
     try:
         app = app_factory()
         app.state.runtime.check_configuration()
@@ -561,9 +571,8 @@ def check_config(app_factory: Callable[[], FastAPI], settings: BaseServiceSettin
             settings.service_name,
             exc.reason if isinstance(exc, EnclaveError) else f"{type(exc).__name__}: {exc}",
         )
-        return 2
-    _verdict(settings.service_name, None)
-    return 0
+        raise SystemExit(2) from None
+    return app
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
