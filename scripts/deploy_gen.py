@@ -228,7 +228,8 @@ SERVICES: tuple[Service, ...] = (
         description="series assembly, brain MRI volumetrics, reports",
         # quarantined and rejected instances settle their series (they will never arrive).
         reads=(t.INSTANCE_DEIDENTIFIED, t.INSTANCE_QUARANTINED, t.INSTANCE_REJECTED, t.UPLOAD_COMPLETED),
-        writes=(t.ANALYSIS_COMPLETED, t.ANALYSIS_FAILED),
+        # access.recorded: the audit record of `enclave-analysis-rerun`, run in the pod.
+        writes=(t.ANALYSIS_COMPLETED, t.ANALYSIS_FAILED, t.ACCESS_RECORDED),
         resources=Resources("1", "2Gi", "4", "6Gi"),
         replicas=1,
         max_replicas=6,
@@ -718,11 +719,13 @@ def dead_letter_topics() -> dict[str, str]:
 
 def operator_user() -> dict[str, Any]:
     """The toolbox's identity for `enclave-dlq`: read every DLQ (and describe it), write each DLQ's
-    original topic (a replay publishes the original bytes there). No consumer group: the tool reads
-    by partition assignment. Used only while an operator runs the toolbox (deploy/k8s/ops)."""
+    original topic (a replay publishes the original bytes there) and ``access.recorded`` (a replay's
+    audit record). No consumer group: the tool reads by partition assignment. Used only while an
+    operator runs the toolbox (deploy/k8s/ops)."""
     dlqs = dead_letter_topics()
     acls = [_acl(dlq, ["Read", "Describe"]) for dlq in dlqs]
-    acls += [_acl(original, ["Write", "Describe"]) for original in dict.fromkeys(dlqs.values())]
+    written = dict.fromkeys([*dlqs.values(), t.ACCESS_RECORDED])
+    acls += [_acl(topic, ["Write", "Describe"]) for topic in written]
     return _kafka_user(OPERATOR_USER, PART_OF, acls)
 
 

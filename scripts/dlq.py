@@ -2,7 +2,8 @@
 for the local stack's commands.
 
     .venv/bin/python scripts/dlq.py inspect enclave.instance.stored.v1.dlq [--code C] [--group G]
-    .venv/bin/python scripts/dlq.py replay enclave.instance.stored.v1.dlq --code C [--group G]
+    .venv/bin/python scripts/dlq.py replay enclave.instance.stored.v1.dlq --code C [--group G] \
+        --actor user:NAME --reason "why (10 to 500 characters)"
 """
 
 from __future__ import annotations

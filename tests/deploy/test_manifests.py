@@ -221,10 +221,12 @@ def test_ownership_matches_the_design(gen):
     writers = {t: {s.name for s in gen.SERVICES if t in s.writes} for t in topics.ALL_TOPICS}
     # design.md gives each topic one owner. Three have more writers, each for its own actions
     # (docs/operations.md, "Kafka access"): access events and security alerts from every service a
-    # person acts through (audit's auditor API, deid's break-glass command), and key rotation from
-    # each key domain's own command. upload.rejected is reserved: a rejected upload is an access event.
+    # person acts through (audit's auditor API, deid's break-glass command, analysis's re-run command),
+    # and key rotation from each key domain's own command. upload.rejected is reserved: a rejected
+    # upload is an access event. (The operator's replay tool records access events too, under its own
+    # identity, which is not a service's.)
     several = {
-        topics.ACCESS_RECORDED: {"gateway", "deid", "audit"},
+        topics.ACCESS_RECORDED: {"gateway", "deid", "audit", "analysis"},
         topics.SECURITY_ALERT: {"gateway", "deid", "audit"},
         topics.KEY_ROTATED: {"ingest", "deid"},
         topics.UPLOAD_REJECTED: set(),
@@ -339,14 +341,15 @@ def test_dashboard_queries_metrics_that_exist(documents, lint):
 def test_the_operator_identity_reads_only_dead_letters_and_writes_only_their_original_topics(
     documents, lint, gen
 ):
-    """`enclave-dlq` in the toolbox (deploy/k8s/ops) needs to read every DLQ and to replay to the
-    topic each came from; nothing more (no consumer group: it reads by assignment). No service had
-    both: the runbook's replay could not run in a cluster."""
+    """`enclave-dlq` in the toolbox (deploy/k8s/ops) needs to read every DLQ, to replay to the
+    topic each came from, and to write a replay's audit record (``access.recorded``); nothing more
+    (no consumer group: it reads by assignment). No service had both: the runbook's replay could not
+    run in a cluster."""
     users = {u["metadata"]["name"]: u for u in lint.of_kind(documents["prod"], "KafkaUser")}
     operator = users[gen.OPERATOR_USER]
     consumed = {t.removesuffix(".dlq") for s in gen.SERVICES for t in s.reads}
     assert lint.acl_topics(operator, "Read") == {topics.dlq(t) for t in consumed}
-    assert lint.acl_topics(operator, "Write") == consumed
+    assert lint.acl_topics(operator, "Write") == consumed | {topics.ACCESS_RECORDED}
     assert not any(t.endswith(".dlq") for t in lint.acl_topics(operator, "Write"))
     assert all(a["resource"]["type"] == "topic" for a in operator["spec"]["authorization"]["acls"])
 

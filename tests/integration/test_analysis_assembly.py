@@ -191,14 +191,33 @@ async def test_an_operator_reruns_failed_series_and_each_gets_a_new_outcome():
     dry = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["series"] == 1
-    other = _rerun_cli("--reason-code", code, "--tenant", new_tenant("it-rerun"), "--actor", "user:it-sre")
+    reason = ("--reason", "the analysis bug of incident 7 is fixed")
+    other_tenant = new_tenant("it-rerun")
+    other = _rerun_cli("--reason-code", code, "--tenant", other_tenant, "--actor", "user:it-sre", *reason)
     assert json.loads(other.stdout)["series"] == 0
+    unexplained = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre")
+    assert unexplained.returncode == 2 and "--reason must be 10 to 500 characters" in unexplained.stderr
     assert await read_all(topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant, settle=1.0) == [first]
 
-    done = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre")
+    done = _rerun_cli("--reason-code", code, "--tenant", tenant, "--actor", "user:it-sre", *reason)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["series"] == 1 and result["series_ids"] == [f"{tenant}:{first.data['series_key']}"]
+    # audited, each re-run acknowledged before it marked anything; the dry run and the refused
+    # attempt recorded nothing
+    recorded = await read_all(
+        topics.ACCESS_RECORDED,
+        lambda e: e.tenant in (tenant, other_tenant) and e.source == "enclave-analysis-rerun",
+    )
+    runs = {t: [r.data["detail"] for r in recorded if r.tenant == t] for t in (other_tenant, tenant)}
+    said = "reason: the analysis bug of incident 7 is fixed"
+    assert runs == {
+        other_tenant: [f"{said}; started", f"{said}; re-opened 0 series"],
+        tenant: [f"{said}; started", f"{said}; re-opened 1 series"],
+    }  # one partition per run (keyed by its correlation id): in order within it
+    assert {(r.actor, r.data["action"], r.data["target"]) for r in recorded} == {
+        ("user:it-sre", "analysis_rerun", f"reason_code:{code}/status:failed")
+    }
     (again,) = await wait_for_events(
         topics.ANALYSIS_FAILED, lambda e: e.tenant == tenant and e.id != first.id, timeout=180
     )

@@ -2,7 +2,9 @@
 stack: it finds a message ingest dead-lettered, and its replay reaches the consumer again (which
 dead-letters it again: the cause is not fixed here). It reads the topic without a consumer group,
 to the end offsets taken at its start; before the tenth session it stopped at the first quiet poll,
-which on a production broker (a new group's initial rebalance delay) could be the first one."""
+which on a production broker (a new group's initial rebalance delay) could be the first one. A
+replay is audited: refused without an actor and a reason, and recorded in ``access.recorded``
+before the first message is re-published and again with the count after."""
 
 from __future__ import annotations
 
@@ -43,9 +45,26 @@ async def test_the_dlq_tool_lists_and_replays_what_a_consumer_dead_lettered():
     assert total == len(listed.stdout.splitlines()) - 1 >= 1
     assert "it-dlq-tool" not in listed.stdout  # headers only, never the payload
 
-    replayed = _dlq_tool("replay", DLQ, "--code", "contract_violation", "--group", "enclave-ingest")
+    actor = f"user:it-sre-{new_event_id()}"
+    selection = ("--code", "contract_violation", "--group", "enclave-ingest", "--actor", actor)
+    unexplained = _dlq_tool("replay", DLQ, *selection, "--reason", "fixed")
+    assert unexplained.returncode == 2 and "--reason must be 10 to 500 characters" in unexplained.stderr
+    anonymous = _dlq_tool("replay", DLQ, "--reason", "ingest's contract check was fixed")
+    assert anonymous.returncode == 2 and "--actor is required" in anonymous.stderr
+
+    replayed = _dlq_tool("replay", DLQ, *selection, "--reason", "ingest's contract check was fixed")
     assert replayed.returncode == 0, replayed.stderr
     assert replayed.stdout.strip() == f"replayed {total} message(s)"
+    records = await read_all(topics.ACCESS_RECORDED, lambda e: e.actor == actor, settle=2.0)
+    assert [r.data["detail"] for r in records] == [
+        "reason: ingest's contract check was fixed; started; code=contract_violation group=enclave-ingest",
+        f"reason: ingest's contract check was fixed; replayed {total} message(s); "
+        "code=contract_violation group=enclave-ingest",
+    ]  # the refused attempts recorded nothing: they did nothing
+    assert {(r.data["action"], r.data["target"], r.data["outcome"], r.tenant) for r in records} == {
+        ("dlq_replay", f"topic:{DLQ}", "success", "*")
+    }
+    assert len({r.correlation_id for r in records}) == 1
     for _ in range(30):
         if len(await _copies(inconsistent.id)) == 2:
             break

@@ -76,6 +76,9 @@ def test_key_rotation_is_a_security_configuration_change(make_envelope):
         ("logout", "success", codes.USER_AUTHENTICATION, "E", 0, (codes.LOGOUT,)),
         ("break_glass", "success", codes.SECURITY_ALERT, "E", 0, (codes.EMERGENCY_OVERRIDE_STARTED,)),
         ("audit_query", "success", codes.AUDIT_LOG_USED, "R", 0, ()),
+        # operator commands (enclave_common.operator_actions)
+        ("dlq_replay", "success", codes.APPLICATION_ACTIVITY, "E", 0, ()),
+        ("analysis_rerun", "error", codes.APPLICATION_ACTIVITY, "E", 8, ()),
         ("retrieve", "denied", codes.INSTANCES_ACCESSED, "R", 4, ()),
         ("retrieve", "error", codes.INSTANCES_ACCESSED, "R", 8, ()),
         ("retrieve", "something-new", codes.INSTANCES_ACCESSED, "R", 4, ()),
@@ -140,6 +143,8 @@ def test_participant_objects_come_from_pseudonymous_keys(make_envelope):
         ("/uploads/u-7?x=1", [(ObjectKind.UPLOAD, "u-7")]),
         ("/audit/events", [(ObjectKind.AUDIT_LOG, "/audit/events")]),
         ("/health", [(ObjectKind.OTHER, "/health")]),
+        # enclave-analysis-rerun's selection
+        ("series:se5/reason_code:analysis_internal_error/status:failed", [(ObjectKind.SERIES, "se5")]),
     ],
 )
 def test_access_targets_are_parsed_without_their_query(target, expected):

@@ -1,13 +1,16 @@
 """``enclave-dlq``: inspect and replay dead-letter topics (docs/operations.md, "Replay a DLQ").
 
     enclave-dlq inspect enclave.instance.stored.v1.dlq [--code unreadable_dicom] [--group enclave-deid]
-    enclave-dlq replay enclave.instance.stored.v1.dlq --code C [--group enclave-deid]
+    enclave-dlq replay enclave.instance.stored.v1.dlq --code C [--group enclave-deid] \
+        --actor user:sre-jane --reason "deid fixed for the unreadable files of incident 42"
 
 ``inspect`` prints one line per message: partition:offset, event id, type, consumer group, code and
 reason (never the payload). ``replay`` re-publishes each selected message's original bytes to its
 original topic (header ``x-original-topic``), with the same event id, so the consumer handles it
 again once the cause is fixed; consumers do not mark dead-lettered events as processed, so the
-replay is not skipped. Reads the same environment as the services (``ENCLAVE_KAFKA_BOOTSTRAP_SERVERS``,
+replay is not skipped. A replay is audited (``enclave_common.operator_actions``): an ``access.recorded``
+event naming the actor, the topic, the selection and the reason is acknowledged before the first
+message is re-published, and a second one says how many were replayed or where it stopped. Reads the same environment as the services (``ENCLAVE_KAFKA_BOOTSTRAP_SERVERS``,
 and ``ENCLAVE_KAFKA_SECURITY_PROTOCOL`` with the ``ENCLAVE_KAFKA_SSL_*`` files for TLS); in Kubernetes
 it runs with the operator's Kafka identity (the ``enclave-toolbox`` pod, deploy/k8s/ops).
 
@@ -33,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from enclave_common.kafka import connection_options
+from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record
 from enclave_common.settings import BaseServiceSettings
 
 
@@ -116,10 +120,32 @@ async def run(argv: Sequence[str]) -> int:
     parser.add_argument("topic", help="a dead-letter topic, <topic>.dlq")
     parser.add_argument("--code", help="only messages with this x-dlq-code")
     parser.add_argument("--group", help="only messages dead-lettered by this consumer group")
+    parser.add_argument(
+        "--actor", default="", help="replay: who runs it (e.g. user:sre-jane), for the audit trail"
+    )
+    parser.add_argument(
+        "--reason", default="", help="replay: why (10 to 500 characters), for the audit trail"
+    )
     args = parser.parse_args(argv)
     if not args.topic.endswith(".dlq"):
         parser.error("the topic must be a dead-letter topic ending in .dlq")
-    connection = connection_options(BaseServiceSettings())
+    settings = BaseServiceSettings()
+    connection = connection_options(settings)
+    selection = f"code={args.code or '*'} group={args.group or '*'}"
+    audited: OperatorAction | None = None
+    if args.command == "replay":
+        try:
+            audited = OperatorAction.checked(
+                source="enclave-dlq",
+                actor=args.actor,
+                action="dlq_replay",
+                target=f"topic:{args.topic}",
+                reason=args.reason,
+            )
+        except OperatorActionRefused as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 2
+        await record(settings, audited.event(detail=f"started; {selection}"))
 
     def selected(message: DeadLetter) -> bool:
         return (args.code is None or message.headers.get("x-dlq-code") == args.code) and (
@@ -128,7 +154,7 @@ async def run(argv: Sequence[str]) -> int:
 
     count = 0
     producer: AIOKafkaProducer | None = None
-    if args.command == "replay":
+    if audited is not None:
         producer = AIOKafkaProducer(
             **connection, acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
         )
@@ -137,9 +163,9 @@ async def run(argv: Sequence[str]) -> int:
         async for message in read_dead_letters(connection, args.topic):
             if not selected(message):
                 continue
-            count += 1
             h = message.headers
             if producer is None:
+                count += 1
                 envelope = message.envelope
                 print(
                     f"{message.partition}:{message.offset} id={envelope.get('id')} type={envelope.get('type')} "
@@ -151,15 +177,28 @@ async def run(argv: Sequence[str]) -> int:
             if not original:
                 raise DlqReadError(f"message {message.partition}:{message.offset} has no x-original-topic")
             await producer.send_and_wait(original, message.value, key=message.key)
-    except DlqReadError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        if producer is not None:
+            count += 1
+    except Exception as exc:
+        # A read that cannot go on is refused with its reason; anything else (Kafka failing under the
+        # replay) is raised, after the trail says how far the replay got.
+        cause = str(exc) if isinstance(exc, DlqReadError) else type(exc).__name__
+        if isinstance(exc, DlqReadError):
+            print(f"refused: {exc}", file=sys.stderr)
+        if audited is not None:
             print(f"replayed {count} message(s) before stopping", file=sys.stderr)
-        return 2
+            stopped = f"stopped after {count} message(s): {cause}; {selection}"
+            await record(settings, audited.event(outcome="error", status_code=500, detail=stopped))
+        if isinstance(exc, DlqReadError):
+            return 2
+        raise
     finally:
         if producer is not None:
             await producer.stop()
-    print(f"replayed {count} message(s)" if producer is not None else f"{count} message(s)")
+    if audited is None:
+        print(f"{count} message(s)")
+        return 0
+    await record(settings, audited.event(detail=f"replayed {count} message(s); {selection}"))
+    print(f"replayed {count} message(s)")
     return 0
 
 

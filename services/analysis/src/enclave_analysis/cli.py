@@ -4,7 +4,9 @@
 ``analysis_internal_error`` once the bug is fixed, or with ``pixel_data_unreadable`` once a decoder is
 installed. The series are marked changed in the analysis database; the running service picks them up
 after its quiet period and publishes a new outcome (a new event, which replaces the old one in the
-gateway's status). Nothing is published by the command itself.
+gateway's status). A re-run (not a dry run) is audited: an ``access.recorded`` event naming the
+actor, the selection and the reason is acknowledged by Kafka before any series is marked, and a
+second one says how many were (``enclave_common.operator_actions``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import structlog
 from enclave_common.logging import configure_logging
 from enclave_common.mongo import mongo_client
+from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record
 
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
@@ -29,7 +32,17 @@ log = structlog.get_logger("enclave.analysis.rerun")
 LISTED = 100
 
 
-async def _rerun(args: argparse.Namespace, settings: AnalysisSettings) -> dict[str, Any]:
+def _selection(args: argparse.Namespace) -> str:
+    """The access target: ``series:K/reason_code:C/status:S`` (the audit record names the series)."""
+    chosen = {"series": args.series_key, "reason_code": args.reason_code, "status": args.status}
+    return "/".join(f"{name}:{value}" for name, value in chosen.items() if value is not None)
+
+
+async def _rerun(
+    args: argparse.Namespace, settings: AnalysisSettings, audited: OperatorAction | None
+) -> dict[str, Any]:
+    if audited is not None:
+        await record(settings, audited.event(detail="started"))
     mongo = mongo_client(settings)
     try:
         assembly = SeriesAssembly(mongo[settings.mongo_database])
@@ -40,8 +53,15 @@ async def _rerun(args: argparse.Namespace, settings: AnalysisSettings) -> dict[s
             series_key=args.series_key,
             dry_run=args.dry_run,
         )
+    except Exception as exc:
+        if audited is not None:
+            stopped = f"stopped: {type(exc).__name__}"
+            await record(settings, audited.event(outcome="error", status_code=500, detail=stopped))
+        raise
     finally:
         await mongo.close()
+    if audited is not None:
+        await record(settings, audited.event(detail=f"re-opened {len(reopened)} series"))
     log.info(
         "series re-run requested" if not args.dry_run else "series that a re-run would take",
         actor=args.actor,
@@ -74,14 +94,32 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tenant", help="only this tenant's series")
     parser.add_argument("--series-key", help="one series, by its pseudonymous key (in its analysis events)")
-    parser.add_argument("--actor", required=True, help="who asks (e.g. user:sre-jane), for the log")
+    parser.add_argument("--actor", required=True, help="who asks (e.g. user:sre-jane), for the audit trail")
+    parser.add_argument(
+        "--reason",
+        default="",
+        help="why (10 to 500 characters), for the audit trail; required unless --dry-run",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the series, change nothing")
     args = parser.parse_args(argv)
     if args.reason_code is None and args.series_key is None:
         parser.error("give --reason-code or --series-key (or both)")
+    audited = None
+    if not args.dry_run:
+        try:
+            audited = OperatorAction.checked(
+                source="enclave-analysis-rerun",
+                actor=args.actor,
+                action="analysis_rerun",
+                target=_selection(args),
+                reason=args.reason,
+                tenant=args.tenant,
+            )
+        except OperatorActionRefused as exc:
+            parser.error(str(exc))
     settings = AnalysisSettings()
     configure_logging("analysis-rerun", settings.log_level, stream=sys.stderr)
-    print(json.dumps(asyncio.run(_rerun(args, settings)), indent=2))
+    print(json.dumps(asyncio.run(_rerun(args, settings, audited)), indent=2))
     return 0
 
 

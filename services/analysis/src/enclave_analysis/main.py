@@ -30,6 +30,9 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     settings = settings or AnalysisSettings()
     runtime = ServiceRuntime(settings)
     runtime.publishes(topics.ANALYSIS_COMPLETED, topics.ANALYSIS_FAILED)
+    # Published by the re-run command (`enclave-analysis-rerun`, its audit record), run in the
+    # service's pod with its Kafka identity: declared so the AsyncAPI document and the ACLs list it.
+    runtime.publishes(topics.ACCESS_RECORDED)
     store = S3ObjectStore(settings)
     assembly = SeriesAssembly(runtime.db)
     service = AnalysisService(runtime, settings, assembly, store, run_volumetrics, analysis_worker)

@@ -294,6 +294,10 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
         # its failure outcome, not "break-glass access used" (anomaly: ``break_glass_refused``).
         started = (codes.EMERGENCY_OVERRIDE_STARTED,) if outcome is EventOutcome.SUCCESS else ()
         code, action, types = codes.SECURITY_ALERT, EventAction.EXECUTE, started
+    elif has("replay", "rerun"):
+        # An operator command making the pipeline process stored data again (enclave-dlq replay,
+        # enclave-analysis-rerun; enclave_common.operator_actions).
+        code, action, types = codes.APPLICATION_ACTIVITY, EventAction.EXECUTE, ()
     elif has("audit"):
         code, action, types = codes.AUDIT_LOG_USED, EventAction.READ, ()
     elif has("export", "download"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from enclave_common import topics
-from enclave_common.auth.policy import JUSTIFICATION_MAX_CHARS, JUSTIFICATION_MIN_CHARS
+from enclave_common.auth.policy import check_justification as check_justification_text
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import PermanentError
 from enclave_common.events import AccessRecorded, SecurityAlert
@@ -42,13 +42,7 @@ class LinkageDisclosure:
 
 
 def check_justification(text: str) -> str:
-    cleaned = " ".join(text.split())
-    if not JUSTIFICATION_MIN_CHARS <= len(cleaned) <= JUSTIFICATION_MAX_CHARS:
-        raise BreakGlassRefused(
-            f"justification must be {JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters "
-            f"(got {len(cleaned)}); describe the reason, not the patient"
-        )
-    return cleaned
+    return check_justification_text(text, BreakGlassRefused)
 
 
 async def read_linkage(

@@ -16,7 +16,7 @@ The policy is pure: grants are passed in, or fetched by :meth:`AccessPolicy.auth
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -298,7 +298,7 @@ class AccessPolicy:
             actions=requested,
             not_before=not_before,
             expires_at=expires_at,
-            justification=_check_justification(justification),
+            justification=check_justification(justification),
             created_by=admin.subject,
             created_at=now,
         )
@@ -329,7 +329,7 @@ class AccessPolicy:
             actions=BREAK_GLASS_ACTIONS,
             not_before=now,
             expires_at=now + length,
-            justification=_check_justification(justification),
+            justification=check_justification(justification),
             created_by=clinician.subject,
             created_at=now,
         )
@@ -365,11 +365,15 @@ def _days(span: timedelta) -> str:
     return f"{days:.0f} days" if days == int(days) else f"{days:.1f} days"
 
 
-def _check_justification(text: str) -> str:
+def check_justification(
+    text: str, refused: Callable[[str], Exception] = InvalidGrantError, *, what: str = "justification"
+) -> str:
+    """``text`` with its whitespace collapsed, or ``refused(message)`` raised when it is too short or
+    too long (grants, break-glass, operator commands' reasons)."""
     cleaned = " ".join(text.split())
     if not JUSTIFICATION_MIN_CHARS <= len(cleaned) <= JUSTIFICATION_MAX_CHARS:
-        raise InvalidGrantError(
-            f"justification must be {JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters "
+        raise refused(
+            f"{what} must be {JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters "
             f"(got {len(cleaned)}); describe the reason, not the patient"
         )
     return cleaned

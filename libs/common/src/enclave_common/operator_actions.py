@@ -1,0 +1,90 @@
+"""The audit record of an operator command (docs/operations.md, "Operator commands are audited").
+
+A command that changes what the pipeline does with stored data (``enclave-dlq replay`` re-publishes
+dead-lettered events and sealed chunks; ``enclave-analysis-rerun`` analyses finished series again)
+publishes an ``access.recorded`` event naming the actor, the command's action, what it selected and
+the operator's reason, and waits for Kafka's acknowledgement *before* it changes anything, as the
+break-glass read does: no replay or re-run happens without a record. When the command then fails
+part-way, it records a second event with outcome ``error`` saying how far it got. The reason is
+free text checked like a grant's justification (10 to 500 characters; the reason, not the patient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from enclave_common import topics
+from enclave_common.auth.policy import check_justification
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.events import AccessOutcome, AccessRecorded
+from enclave_common.kafka import EventPublisher, create_broker
+from enclave_common.settings import BaseServiceSettings
+
+#: The tenant of a command that is not about one tenant (as the key commands' events).
+ALL_TENANTS = "*"
+
+
+class OperatorActionRefused(ValueError):
+    """The command was not run: its actor or reason is missing or unusable."""
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """One run of an operator command: its access events share a correlation id."""
+
+    source: str
+    actor: str
+    action: str
+    target: str
+    reason: str
+    tenant: str = ALL_TENANTS
+    correlation_id: str = ""
+
+    @classmethod
+    def checked(
+        cls, *, source: str, actor: str, action: str, target: str, reason: str, tenant: str | None = None
+    ) -> OperatorAction:
+        """Raises ``OperatorActionRefused`` (before anything is published) for a blank actor or a
+        reason that is too short or too long."""
+        if not actor.strip():
+            raise OperatorActionRefused("--actor is required: who runs the command (e.g. user:sre-jane)")
+        return cls(
+            source=source,
+            actor=actor.strip(),
+            action=action,
+            target=target,
+            reason=check_justification(reason, OperatorActionRefused, what="--reason"),
+            tenant=tenant or ALL_TENANTS,
+            correlation_id=new_event_id(),
+        )
+
+    def event(
+        self, *, outcome: AccessOutcome = "success", status_code: int = 200, detail: str = ""
+    ) -> Envelope:
+        data = AccessRecorded(
+            actor=self.actor,
+            roles=["operator"],
+            action=self.action,
+            target=self.target,
+            outcome=outcome,
+            status_code=status_code,
+            detail=f"reason: {self.reason}" + (f"; {detail}" if detail else ""),
+        )
+        return Envelope.for_topic(
+            topics.ACCESS_RECORDED,
+            data,
+            source=self.source,
+            tenant=self.tenant,
+            actor=self.actor,
+            correlation_id=self.correlation_id,
+        )
+
+
+async def record(settings: BaseServiceSettings, envelope: Envelope) -> None:
+    """Publish ``envelope`` to ``access.recorded`` and wait for Kafka's acknowledgement."""
+    broker = create_broker(settings)
+    await broker.start()
+    try:
+        await EventPublisher(broker).publish(topics.ACCESS_RECORDED, envelope, key=envelope.correlation_id)
+    finally:
+        await broker.stop()
