@@ -64,7 +64,8 @@ images: ## Build the five container images (needs a Docker engine; not available
 # recursion depth mismatch" after every test passed (CI, d7ffde6): the ast module's recursion counter
 # is shared, and 3.11's traceback module parses source lines, so a traceback formatted meanwhile (by
 # a finalizer's unraisable-exception hook, or a thread) upsets pytest's assertion rewriting of the
-# imported module (cpython#106905). Those runs leave the plugin out.
+# imported module (cpython#106905; reproduced here with a finalizer raising during ast.parse and a
+# hook formatting its traceback, as pytest's does). Those runs leave the plugin out.
 NO_HYPOTHESIS = -p no:hypothesispytest
 INTEGRATION_TESTS = $(PYTEST) tests/integration -q -m integration $(NO_HYPOTHESIS)
 
