@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from enclave_common import topics
-from enclave_common.crypto import LocalKeyring, ObjectIdentity, decrypt_bytes
+from enclave_common.crypto import LocalKeyring, ObjectHeader, ObjectIdentity, decrypt_bytes
 from enclave_common.envelope import Envelope, derived_event_id, new_event_id
 from enclave_common.events import AccessRecorded, InstanceDeidentified, InstanceQuarantined
 from enclave_common.settings import BaseServiceSettings
@@ -375,3 +375,49 @@ async def test_crypto_shredding_a_study_erases_its_linkage(mongo):
     await wait_for_events(
         topics.KEY_SHREDDED, lambda e: e.data.get("study_key") == shredded.study_key, count=2
     )
+
+
+async def test_rotating_the_deid_keyring_rewraps_every_released_copy_which_still_opens(mongo):
+    """`enclave-deid-keys rotate` (docs/deidentification.md, "Key rotation"): each released copy
+    gets a new object version whose key slot is wrapped under the new KEK version while its segments
+    stay byte for byte, it opens with the keyring file the analysis service reads (which follows the
+    file: no restart), ``key.rotated`` says how many were re-wrapped, and deid goes on releasing
+    under the new version. The command had no test until the eleventh session."""
+    data, _ = mr_instance()
+    event = await _deidentified(await _send(data))
+    released = event.payload(InstanceDeidentified)
+    old_blob, plaintext = await _open_copy(event)
+    old_header, old_length = ObjectHeader.from_bytes(old_blob[:4096])
+    keyring_file = Path(dev_env()["ENCLAVE_DEID_KEYRING_FILE"])
+    version_before = json.loads(keyring_file.read_text())["current_version"]
+
+    rotated = admin_command("enclave-deid-keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    result = json.loads(rotated.stdout)
+    assert result["version"] == version_before + 1 and result["rewrapped"] >= 1
+    [key_event] = await read_all(
+        topics.KEY_ROTATED,
+        lambda e: (
+            e.source == "deid"
+            and (e.data.get("key_id"), e.data.get("key_version")) == (result["key_id"], result["version"])
+        ),
+    )
+    assert key_event.data["rewrapped"] == result["rewrapped"]
+
+    record = await mongo["deid"]["deidentified"].find_one({"object.key": released.object.key})
+    ref = record["object"]
+    assert ref["version_id"] != released.object.version_id  # a new object version; the old one is kept
+    new_blob = await _store().read(ref["bucket"], ref["key"], ref["version_id"])
+    new_header, new_length = ObjectHeader.from_bytes(new_blob[:4096])
+    assert (old_header.wrapped_key.key_version, new_header.wrapped_key.key_version) == (
+        version_before,
+        result["version"],
+    )
+    assert new_blob[new_length:] == old_blob[old_length:]  # segments untouched
+    keyring = LocalKeyring.load(Path(dev_env()["ENCLAVE_ANALYSIS_KEYRING_FILE"]))
+    identity = ObjectIdentity(event.tenant, released.study_key, ref["key"])
+    assert decrypt_bytes(new_blob, identity, keyring) == plaintext
+
+    later = await _deidentified(await _send(mr_instance()[0]))
+    later_blob, _ = await _open_copy(later)
+    assert ObjectHeader.from_bytes(later_blob[:4096])[0].wrapped_key.key_version == result["version"]

@@ -1,10 +1,13 @@
-"""The database client as the services and their commands open it (no I/O until first used)."""
+"""The database client as the services and their commands open it (no I/O until first used), and
+the paged walk their long-running commands use."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 
 from enclave_common.settings import BaseServiceSettings
 
@@ -16,3 +19,25 @@ def mongo_client(settings: BaseServiceSettings, **options: Any) -> AsyncMongoCli
         settings.mongo_url.get_secret_value(), tz_aware=True, serverSelectionTimeoutMS=5000, **options
     )
     return client
+
+
+async def paged(
+    collection: AsyncCollection[dict[str, Any]],
+    query: Mapping[str, Any],
+    projection: Mapping[str, Any] | None = None,
+    *,
+    page: int = 100,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every document matching ``query``, in ``_id`` order, read ``page`` at a time with a fresh
+    query each: a command may take hours over them (reading, re-writing or decrypting an object per
+    document) without a server cursor timing out under it, and memory holds one page. Documents
+    changed while the walk goes on are seen at most once (``_id`` only grows)."""
+    after: Any = None
+    while True:
+        filter_ = dict(query) if after is None else {**query, "_id": {"$gt": after}}
+        docs = [doc async for doc in collection.find(filter_, projection).sort("_id", 1).limit(page)]
+        for doc in docs:
+            yield doc
+        if len(docs) < page:
+            return
+        after = docs[-1]["_id"]

@@ -13,7 +13,7 @@ import io
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, rewrap_object_header
@@ -93,6 +93,47 @@ def linkage_main(argv: Sequence[str] | None = None) -> int:
     return _run(_linkage(args, DeidSettings()))
 
 
+#: Enough of an object's start to hold its header (``rewrap_object_header``).
+HEADER_PREFIX_BYTES = 4096
+
+
+def _read_up_to(body: IO[bytes], size: int) -> bytes:
+    """The first ``size`` bytes of ``body`` (fewer only at its end): a network stream's ``read`` may
+    return less than asked."""
+    parts: list[bytes] = []
+    left = size
+    while left > 0:
+        part = body.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+class _Prepended(io.RawIOBase):
+    """``head`` then the rest of ``body``, read as one stream: a re-wrapped object is written as it
+    is read (multipart above 8 MiB), never held whole. (Before the eleventh session rotation read
+    each object whole into memory.)"""
+
+    def __init__(self, head: bytes, body: IO[bytes]) -> None:
+        self._head = memoryview(head)
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 async def _rotate(settings: DeidSettings) -> int:
     if settings.keyring_file is None:
         print(
@@ -107,14 +148,17 @@ async def _rotate(settings: DeidSettings) -> int:
     rewrapped = 0
     async with _Clients(settings) as clients:
         records = DeidRecords(clients.db)
-        for doc in await records.released_objects():
+        async for doc in records.released_objects():
             ref = doc["object"]
             identity = deid_object_identity(doc["tenant"], doc["study_key"], ref["key"])
-            blob = await store.read(ref["bucket"], ref["key"], ref.get("version_id"))
-            new_header = rewrap_object_header(blob[:4096], keyring, identity)
-            put = await store.put(
-                ref["bucket"], ref["key"], io.BytesIO(new_header.header + blob[new_header.replaced_length :])
-            )
+            body = await store.open(ref["bucket"], ref["key"], ref.get("version_id"))
+            try:
+                prefix = await asyncio.to_thread(_read_up_to, body, HEADER_PREFIX_BYTES)
+                new_header = rewrap_object_header(prefix, keyring, identity)
+                rewritten = _Prepended(new_header.header + prefix[new_header.replaced_length :], body)
+                put = await store.put(ref["bucket"], ref["key"], io.BufferedReader(rewritten))
+            finally:
+                body.close()
             await records.collection.update_one(
                 {"_id": doc["_id"]}, {"$set": {"object.version_id": put.version_id}}
             )

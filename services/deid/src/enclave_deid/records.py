@@ -9,11 +9,13 @@ has none, and a conditional update on the claim holder is enough.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from enclave_common.envelope import Envelope
 from enclave_common.errors import TransientError
+from enclave_common.mongo import paged
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -109,7 +111,7 @@ class DeidRecords:
             }
         )
 
-    async def released_objects(self) -> list[dict[str, Any]]:
-        """Every de-identified object (tenant, study key, object ref): what a KEK rotation re-wraps."""
-        cursor = self.collection.find({"status": "deidentified"}, {"tenant": 1, "study_key": 1, "object": 1})
-        return [doc async for doc in cursor]
+    def released_objects(self) -> AsyncIterator[dict[str, Any]]:
+        """Every de-identified object (tenant, study key, object ref): what a KEK rotation re-wraps,
+        paged (``enclave_common.mongo.paged``: the rotation re-writes an object per document)."""
+        return paged(self.collection, {"status": "deidentified"}, {"tenant": 1, "study_key": 1, "object": 1})

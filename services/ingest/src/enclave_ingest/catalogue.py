@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enclave_common.crypto import StudyKeyRecord, WrappedKey
+from enclave_common.mongo import paged
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
@@ -66,23 +67,13 @@ class Catalogue:
         async for doc in self.instances.find({"tenant": tenant, "study_key": study_key, "status": "stored"}):
             yield doc
 
-    async def all_stored(self, tenant: str | None = None, page: int = 100) -> AsyncIterator[dict[str, Any]]:
-        """Every stored instance (of ``tenant``), in ``_id`` order, read ``page`` at a time with a
-        fresh query each: a caller may take hours over them (the scrub reads and decrypts each
-        object) without a server cursor timing out under it."""
+    def all_stored(self, tenant: str | None = None, page: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Every stored instance (of ``tenant``), paged (``enclave_common.mongo.paged``): the scrub
+        may take hours over them, reading and decrypting each object."""
         query: dict[str, Any] = {"status": "stored"}
         if tenant is not None:
             query["tenant"] = tenant
-        after: str | None = None
-        while True:
-            if after is not None:
-                query["_id"] = {"$gt": after}
-            docs = [doc async for doc in self.instances.find(query).sort("_id", 1).limit(page)]
-            for doc in docs:
-                yield doc
-            if len(docs) < page:
-                return
-            after = docs[-1]["_id"]
+        return paged(self.instances, query, page=page)
 
     # ---- study keys -------------------------------------------------------------------------
 

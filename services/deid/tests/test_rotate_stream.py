@@ -1,0 +1,39 @@
+"""The streams `enclave-deid-keys rotate` writes a re-wrapped object through (never the whole
+object in memory); the command itself is tested on the real stack (tests/integration/test_deid.py)."""
+
+from __future__ import annotations
+
+import io
+
+from enclave_deid.cli import _Prepended, _read_up_to
+
+
+class _Trickle(io.RawIOBase):
+    """A network body that returns at most 3 bytes a read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self._data.read(min(3, len(buffer)))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_the_header_prefix_is_read_whole_from_a_body_that_trickles():
+    data = bytes(range(256)) * 20  # 5,120 bytes
+    body = _Trickle(data)
+    assert _read_up_to(body, 4096) == data[:4096]
+    assert _read_up_to(body, 4096) == data[4096:]  # fewer only at the end
+    assert _read_up_to(body, 10) == b""
+
+
+def test_the_new_header_then_the_rest_of_the_body_come_out_as_one_stream():
+    rest = bytes(range(256)) * 1000
+    stream = io.BufferedReader(_Prepended(b"NEW-HEADER", _Trickle(rest)), buffer_size=7)
+    out = b"".join(iter(lambda: stream.read(1000), b""))
+    assert out == b"NEW-HEADER" + rest
+    assert io.BufferedReader(_Prepended(b"", io.BytesIO(b""))).read() == b""
