@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 
-from enclave_deid.cli import _Prepended, _read_up_to
+from enclave_common.crypto.streaming import read_up_to
+from enclave_deid.cli import _Prepended
 
 
 class _Trickle(io.RawIOBase):
@@ -26,9 +27,9 @@ class _Trickle(io.RawIOBase):
 def test_the_header_prefix_is_read_whole_from_a_body_that_trickles():
     data = bytes(range(256)) * 20  # 5,120 bytes
     body = _Trickle(data)
-    assert _read_up_to(body, 4096) == data[:4096]
-    assert _read_up_to(body, 4096) == data[4096:]  # fewer only at the end
-    assert _read_up_to(body, 10) == b""
+    assert read_up_to(body, 4096) == data[:4096]
+    assert read_up_to(body, 4096) == data[4096:]  # fewer only at the end
+    assert read_up_to(body, 10) == b""
 
 
 def test_the_new_header_then_the_rest_of_the_body_come_out_as_one_stream():

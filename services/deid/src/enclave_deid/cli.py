@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, rewrap_object_header
+from enclave_common.crypto.streaming import read_up_to
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import EnclaveError
 from enclave_common.events import KeyEvent
@@ -97,20 +98,6 @@ def linkage_main(argv: Sequence[str] | None = None) -> int:
 HEADER_PREFIX_BYTES = 4096
 
 
-def _read_up_to(body: IO[bytes], size: int) -> bytes:
-    """The first ``size`` bytes of ``body`` (fewer only at its end): a network stream's ``read`` may
-    return less than asked."""
-    parts: list[bytes] = []
-    left = size
-    while left > 0:
-        part = body.read(left)
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
 class _Prepended(io.RawIOBase):
     """``head`` then the rest of ``body``, read as one stream: a re-wrapped object is written as it
     is read (multipart above 8 MiB), never held whole. (Before the eleventh session rotation read
@@ -153,7 +140,7 @@ async def _rotate(settings: DeidSettings) -> int:
             identity = deid_object_identity(doc["tenant"], doc["study_key"], ref["key"])
             body = await store.open(ref["bucket"], ref["key"], ref.get("version_id"))
             try:
-                prefix = await asyncio.to_thread(_read_up_to, body, HEADER_PREFIX_BYTES)
+                prefix = await asyncio.to_thread(read_up_to, body, HEADER_PREFIX_BYTES)
                 new_header = rewrap_object_header(prefix, keyring, identity)
                 rewritten = _Prepended(new_header.header + prefix[new_header.replaced_length :], body)
                 put = await store.put(ref["bucket"], ref["key"], io.BufferedReader(rewritten))

@@ -358,7 +358,9 @@ def encrypt_to_temp_file(
     return path, sink.size
 
 
-def _read_exact(source: ReadableBinary, size: int) -> bytes:
+def read_up_to(source: ReadableBinary, size: int) -> bytes:
+    """The next ``size`` bytes of ``source`` (fewer only at its end): a network stream's ``read``
+    may return less than asked."""
     parts: list[bytes] = []
     remaining = size
     while remaining > 0:
@@ -377,7 +379,7 @@ def _is_readable(source: object) -> bool:
 def _plaintext_pieces(source: ObjectSource, read_size: int) -> Iterator[ByteChunk]:
     if _is_readable(source):
         reader: ReadableBinary = source  # type: ignore[assignment]
-        while chunk := _read_exact(reader, read_size):
+        while chunk := read_up_to(reader, read_size):
             yield chunk
     else:
         yield from source  # type: ignore[misc]
@@ -389,15 +391,15 @@ def _ciphertext_pieces(source: ObjectSource) -> Iterator[ByteChunk]:
         yield from source  # type: ignore[misc]
         return
     reader: ReadableBinary = source  # type: ignore[assignment]
-    prefix = _read_exact(reader, HEADER_FIXED_BYTES)
+    prefix = read_up_to(reader, HEADER_FIXED_BYTES)
     yield prefix
     if len(prefix) < HEADER_FIXED_BYTES:
         return
     needed = ObjectHeader.needed_length(prefix)
-    rest = _read_exact(reader, needed - HEADER_FIXED_BYTES)
+    rest = read_up_to(reader, needed - HEADER_FIXED_BYTES)
     yield rest
     header, _ = ObjectHeader.from_bytes(prefix + rest)
-    while chunk := _read_exact(reader, header.segment_size + TAG_BYTES):
+    while chunk := read_up_to(reader, header.segment_size + TAG_BYTES):
         yield chunk
 
 
