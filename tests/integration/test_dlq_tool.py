@@ -65,6 +65,7 @@ async def test_the_dlq_tool_lists_and_replays_what_a_consumer_dead_lettered():
         ("dlq_replay", f"topic:{DLQ}", "success", "*")
     }
     assert len({r.correlation_id for r in records}) == 1
+    assert f"correlation id {records[0].correlation_id}" in replayed.stderr  # for the incident ticket
     for _ in range(30):
         if len(await _copies(inconsistent.id)) == 2:
             break

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from enclave_common.kafka import connection_options
-from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record
+from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record_end, record_start
 from enclave_common.settings import BaseServiceSettings
 
 
@@ -145,7 +145,7 @@ async def run(argv: Sequence[str]) -> int:
         except OperatorActionRefused as exc:
             print(f"refused: {exc}", file=sys.stderr)
             return 2
-        await record(settings, audited.event(detail=f"started; {selection}"))
+        await record_start(settings, audited, f"started; {selection}")
 
     def selected(message: DeadLetter) -> bool:
         return (args.code is None or message.headers.get("x-dlq-code") == args.code) and (
@@ -154,12 +154,12 @@ async def run(argv: Sequence[str]) -> int:
 
     count = 0
     producer: AIOKafkaProducer | None = None
-    if audited is not None:
-        producer = AIOKafkaProducer(
-            **connection, acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
-        )
-        await producer.start()
     try:
+        if audited is not None:
+            producer = AIOKafkaProducer(
+                **connection, acks="all", enable_idempotence=True, max_request_size=4 * 1024 * 1024
+            )
+            await producer.start()
         async for message in read_dead_letters(connection, args.topic):
             if not selected(message):
                 continue
@@ -178,16 +178,16 @@ async def run(argv: Sequence[str]) -> int:
                 raise DlqReadError(f"message {message.partition}:{message.offset} has no x-original-topic")
             await producer.send_and_wait(original, message.value, key=message.key)
             count += 1
-    except Exception as exc:
+    except BaseException as exc:
         # A read that cannot go on is refused with its reason; anything else (Kafka failing under the
-        # replay) is raised, after the trail says how far the replay got.
+        # replay, an interrupt) is raised, after the trail says how far the replay got.
         cause = str(exc) if isinstance(exc, DlqReadError) else type(exc).__name__
         if isinstance(exc, DlqReadError):
             print(f"refused: {exc}", file=sys.stderr)
         if audited is not None:
             print(f"replayed {count} message(s) before stopping", file=sys.stderr)
             stopped = f"stopped after {count} message(s): {cause}; {selection}"
-            await record(settings, audited.event(outcome="error", status_code=500, detail=stopped))
+            await record_end(settings, audited.event(outcome="error", status_code=500, detail=stopped))
         if isinstance(exc, DlqReadError):
             return 2
         raise
@@ -197,7 +197,7 @@ async def run(argv: Sequence[str]) -> int:
     if audited is None:
         print(f"{count} message(s)")
         return 0
-    await record(settings, audited.event(detail=f"replayed {count} message(s); {selection}"))
+    await record_end(settings, audited.event(detail=f"replayed {count} message(s); {selection}"))
     print(f"replayed {count} message(s)")
     return 0
 

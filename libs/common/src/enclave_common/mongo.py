@@ -30,11 +30,16 @@ async def paged(
 ) -> AsyncIterator[dict[str, Any]]:
     """Every document matching ``query``, in ``_id`` order, read ``page`` at a time with a fresh
     query each: a command may take hours over them (reading, re-writing or decrypting an object per
-    document) without a server cursor timing out under it, and memory holds one page. Documents
-    changed while the walk goes on are seen at most once (``_id`` only grows)."""
+    document) without a server cursor timing out under it, and memory holds one page. A document is
+    seen at most once even if it is updated meanwhile; one that starts matching during the walk is
+    missed if its ``_id`` sorts before the walk's position (run the command again)."""
+    if page < 1:
+        raise ValueError("page must be at least 1")
+    if projection is not None and not projection.get("_id", True):
+        raise ValueError("the walk resumes after the last _id: the projection must keep it")
     after: Any = None
     while True:
-        filter_ = dict(query) if after is None else {**query, "_id": {"$gt": after}}
+        filter_ = dict(query) if after is None else {"$and": [dict(query), {"_id": {"$gt": after}}]}
         docs = [doc async for doc in collection.find(filter_, projection).sort("_id", 1).limit(page)]
         for doc in docs:
             yield doc

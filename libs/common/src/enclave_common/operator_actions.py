@@ -11,6 +11,7 @@ free text checked like a grant's justification (10 to 500 characters; the reason
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from enclave_common import topics
@@ -20,7 +21,8 @@ from enclave_common.events import AccessOutcome, AccessRecorded
 from enclave_common.kafka import EventPublisher, create_broker
 from enclave_common.settings import BaseServiceSettings
 
-#: The tenant of a command that is not about one tenant (as the key commands' events).
+#: The tenant of a command that is not about one tenant (as ingest's key commands' events); only
+#: auditors of the operator tenant see such records.
 ALL_TENANTS = "*"
 
 
@@ -83,8 +85,31 @@ class OperatorAction:
 async def record(settings: BaseServiceSettings, envelope: Envelope) -> None:
     """Publish ``envelope`` to ``access.recorded`` and wait for Kafka's acknowledgement."""
     broker = create_broker(settings)
-    await broker.start()
     try:
+        await broker.start()
         await EventPublisher(broker).publish(topics.ACCESS_RECORDED, envelope, key=envelope.correlation_id)
     finally:
         await broker.stop()
+
+
+async def record_start(settings: BaseServiceSettings, action: OperatorAction, detail: str) -> None:
+    """The opening record (raises if Kafka cannot take it: the command must then not act), and the
+    run's correlation id on stderr, for the incident ticket."""
+    await record(settings, action.event(detail=detail))
+    print(f"audit trail: {action.action} recorded, correlation id {action.correlation_id}", file=sys.stderr)
+
+
+async def record_end(settings: BaseServiceSettings, envelope: Envelope) -> bool:
+    """The closing record. If it cannot be published, stderr says so (with the correlation id) and
+    False is returned instead of raising: the failure must neither hide the command's own error nor
+    turn work that was done into a failed run."""
+    try:
+        await record(settings, envelope)
+    except Exception as exc:
+        print(
+            f"warning: the audit trail lacks this run's closing record (correlation id "
+            f"{envelope.correlation_id}): {type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return False
+    return True

@@ -235,9 +235,11 @@ class SeriesAssembly:
         tenant: str | None = None,
         series_key: str | None = None,
         dry_run: bool = False,
+        into: list[str] | None = None,
     ) -> list[str]:
         """An operator's re-run: the finished series that match are assembled and analysed again, as
-        if they had changed (new attempts, a new outcome event). Returns their ids."""
+        if they had changed (new attempts, a new outcome event). Returns their ids, appended to
+        ``into`` (when given) as each is marked, so a caller can tell how far a failed run got."""
         query: dict[str, Any] = {"status": status}
         if reason_code == UNRECORDED:
             query["reason_code"] = {"$exists": False}
@@ -248,7 +250,7 @@ class SeriesAssembly:
         if series_key is not None:
             query["series_key"] = series_key
         found = [doc async for doc in self.series.find(query, {"_id": 1, "correlation_id": 1})]
-        reopened: list[str] = []
+        reopened: list[str] = into if into is not None else []
         for doc in found:
             if dry_run:
                 reopened.append(doc["_id"])

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from enclave_common.logging import configure_logging
 from enclave_common.mongo import mongo_client
-from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record
+from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record_end, record_start
 
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
@@ -42,26 +42,28 @@ async def _rerun(
     args: argparse.Namespace, settings: AnalysisSettings, audited: OperatorAction | None
 ) -> dict[str, Any]:
     if audited is not None:
-        await record(settings, audited.event(detail="started"))
+        await record_start(settings, audited, "started")
     mongo = mongo_client(settings)
+    reopened: list[str] = []
     try:
         assembly = SeriesAssembly(mongo[settings.mongo_database])
-        reopened = await assembly.reopen(
+        await assembly.reopen(
             status=args.status,
             reason_code=args.reason_code,
             tenant=args.tenant,
             series_key=args.series_key,
             dry_run=args.dry_run,
+            into=reopened,
         )
-    except Exception as exc:
+    except BaseException as exc:
         if audited is not None:
-            stopped = f"stopped: {type(exc).__name__}"
-            await record(settings, audited.event(outcome="error", status_code=500, detail=stopped))
+            stopped = f"stopped after re-opening {len(reopened)} series: {type(exc).__name__}"
+            await record_end(settings, audited.event(outcome="error", status_code=500, detail=stopped))
         raise
     finally:
         await mongo.close()
     if audited is not None:
-        await record(settings, audited.event(detail=f"re-opened {len(reopened)} series"))
+        await record_end(settings, audited.event(detail=f"re-opened {len(reopened)} series"))
     log.info(
         "series re-run requested" if not args.dry_run else "series that a re-run would take",
         actor=args.actor,

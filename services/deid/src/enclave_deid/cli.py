@@ -180,7 +180,7 @@ def keys_main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "rotate",
-        help="new deid keyring version; re-wrap every DEK under it (restart deid and analysis after)",
+        help="new deid keyring version; re-wrap every DEK under it (deid and analysis follow the keyring file)",
     )
     parser.parse_args(argv)
     return _run(_rotate(DeidSettings()))
