@@ -392,13 +392,15 @@ async def test_rotating_the_deid_keyring_rewraps_every_released_copy_which_still
     version_before = json.loads(keyring_file.read_text())["current_version"]
 
     earlier = {e.id for e in await read_all(topics.KEY_ROTATED, lambda e: e.source == "deid", settle=0.5)}
-    rotated = admin_command("enclave-deid-keys", "rotate")
+    actor = f"user:it-sre-{new_event_id()[-6:]}"
+    rotated = admin_command("enclave-deid-keys", "--actor", actor, "rotate")
     assert rotated.returncode == 0, rotated.stderr
     result = json.loads(rotated.stdout)
     assert result["version"] == version_before + 1 and result["rewrapped"] >= 1
     [key_event] = await read_all(topics.KEY_ROTATED, lambda e: e.source == "deid" and e.id not in earlier)
     assert (key_event.data["key_id"], key_event.data["key_version"]) == (result["key_id"], result["version"])
     assert key_event.data["rewrapped"] == result["rewrapped"]
+    assert (key_event.actor, key_event.tenant) == (actor, "*")  # who rotated; not one tenant's event
 
     record = await mongo["deid"]["deidentified"].find_one({"object.key": released.object.key})
     ref = record["object"]

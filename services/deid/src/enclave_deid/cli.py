@@ -22,7 +22,8 @@ from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import EnclaveError
 from enclave_common.events import KeyEvent
 from enclave_common.kafka import EventPublisher, create_broker
-from enclave_common.mongo import mongo_client
+from enclave_common.mongo import mongo_client, paged
+from enclave_common.operator_actions import ALL_TENANTS
 from enclave_common.storage import S3ObjectStore
 
 from enclave_deid.break_glass import read_linkage
@@ -121,7 +122,7 @@ class _Prepended(io.RawIOBase):
         return len(data)
 
 
-async def _rotate(settings: DeidSettings) -> int:
+async def _rotate(settings: DeidSettings, actor: str) -> int:
     if settings.keyring_file is None:
         print(
             "rotate needs ENCLAVE_DEID_KEYRING_FILE (with KMS, rotation is KMS's own key rotation)",
@@ -131,46 +132,58 @@ async def _rotate(settings: DeidSettings) -> int:
     keyring = LocalKeyring.load(settings.keyring_file)
     version = keyring.rotate()
     keyring.save(settings.keyring_file)
-    store = S3ObjectStore(settings)
-    rewrapped = 0
+    rewrapped = [0]
     async with _Clients(settings) as clients:
-        records = DeidRecords(clients.db)
-        async for doc in records.released_objects():
-            ref = doc["object"]
-            identity = deid_object_identity(doc["tenant"], doc["study_key"], ref["key"])
-            body = await store.open(ref["bucket"], ref["key"], ref.get("version_id"))
-            try:
-                prefix = await asyncio.to_thread(read_up_to, body, HEADER_PREFIX_BYTES)
-                new_header = rewrap_object_header(prefix, keyring, identity)
-                rewritten = _Prepended(new_header.header + prefix[new_header.replaced_length :], body)
-                put = await store.put(ref["bucket"], ref["key"], io.BufferedReader(rewritten))
-            finally:
-                body.close()
-            await records.collection.update_one(
-                {"_id": doc["_id"]}, {"$set": {"object.version_id": put.version_id}}
+        try:
+            await _rewrap_all(settings, clients, keyring, rewrapped)
+        finally:
+            # Published even when the walk stopped part-way (the new version exists, and so many
+            # keys were re-wrapped under it); running the command again re-wraps everything.
+            event = KeyEvent(
+                operation="rotated", key_id=keyring.key_id, key_version=version, rewrapped=rewrapped[0]
             )
-            rewrapped += 1
-        if settings.linkage_keyring_file is None and not settings.linkage_kms_key_id:
-            vault = LinkageVault(clients.db, keyring)
-            async for doc in vault.collection.find({}):
-                new_wrapped = rewrap_linkage(keyring, doc)
-                if new_wrapped is not None:
-                    await vault.collection.update_one(
-                        {"_id": doc["_id"]}, {"$set": {"wrapped_key": new_wrapped}}
-                    )
-                    rewrapped += 1
-        event = KeyEvent(operation="rotated", key_id=keyring.key_id, key_version=version, rewrapped=rewrapped)
-        envelope = Envelope.for_topic(
-            topics.KEY_ROTATED,
-            event,
-            source="deid",
-            tenant="platform",
-            actor="operator:enclave-deid-keys",
-            correlation_id=new_event_id(),
-        )
-        await clients.publisher.publish(topics.KEY_ROTATED, envelope, key=keyring.key_id)
-    print(json.dumps({"key_id": keyring.key_id, "version": version, "rewrapped": rewrapped}))
+            envelope = Envelope.for_topic(
+                topics.KEY_ROTATED,
+                event,
+                source="deid",
+                tenant=ALL_TENANTS,
+                actor=actor,
+                correlation_id=new_event_id(),
+            )
+            await clients.publisher.publish(topics.KEY_ROTATED, envelope, key=keyring.key_id)
+    print(json.dumps({"key_id": keyring.key_id, "version": version, "rewrapped": rewrapped[0]}))
     return 0
+
+
+async def _rewrap_all(
+    settings: DeidSettings, clients: _Clients, keyring: LocalKeyring, count: list[int]
+) -> None:
+    """Every released object's key slot, then the linkage keys that share the KEK, re-wrapped under
+    the keyring's current version; ``count[0]`` counts them as they are done."""
+    store = S3ObjectStore(settings)
+    records = DeidRecords(clients.db)
+    async for doc in records.released_objects():
+        ref = doc["object"]
+        identity = deid_object_identity(doc["tenant"], doc["study_key"], ref["key"])
+        body = await store.open(ref["bucket"], ref["key"], ref.get("version_id"))
+        try:
+            prefix = await asyncio.to_thread(read_up_to, body, HEADER_PREFIX_BYTES)
+            new_header = rewrap_object_header(prefix, keyring, identity)
+            rewritten = _Prepended(new_header.header + prefix[new_header.replaced_length :], body)
+            put = await store.put(ref["bucket"], ref["key"], io.BufferedReader(rewritten))
+        finally:
+            body.close()
+        await records.collection.update_one(
+            {"_id": doc["_id"]}, {"$set": {"object.version_id": put.version_id}}
+        )
+        count[0] += 1
+    if settings.linkage_keyring_file is None and not settings.linkage_kms_key_id:
+        vault = LinkageVault(clients.db, keyring)
+        async for doc in paged(vault.collection, {}):
+            new_wrapped = rewrap_linkage(keyring, doc)
+            if new_wrapped is not None:
+                await vault.collection.update_one({"_id": doc["_id"]}, {"$set": {"wrapped_key": new_wrapped}})
+                count[0] += 1
 
 
 def keys_main(argv: Sequence[str] | None = None) -> int:
@@ -178,12 +191,15 @@ def keys_main(argv: Sequence[str] | None = None) -> int:
         prog="enclave-deid-keys", description="Key operations of the deid key domain."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--actor", default="admin-cli", help="who runs the operation (recorded in the audit trail)"
+    )
     sub.add_parser(
         "rotate",
         help="new deid keyring version; re-wrap every DEK under it (deid and analysis follow the keyring file)",
     )
-    parser.parse_args(argv)
-    return _run(_rotate(DeidSettings()))
+    args = parser.parse_args(argv)
+    return _run(_rotate(DeidSettings(), args.actor))
 
 
 def _run(coro: Any) -> int:
