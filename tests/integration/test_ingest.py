@@ -192,10 +192,19 @@ async def test_rotation_rewraps_every_study_key_and_shredding_makes_a_study_unre
     before = json.loads(Path(keyring_path).read_text())["current_version"]
     blobs_before = [await _store().read(s.object.bucket, s.object.key, s.object.version_id) for s in events]
     cli = str(ROOT / ".venv/bin/enclave-ingest-keys")
-    out = subprocess.run([cli, "rotate"], env=env, capture_output=True, text=True, check=True)
+    anonymous = subprocess.run([cli, "rotate"], env=env, capture_output=True, text=True)
+    assert anonymous.returncode == 2 and "--actor is required" in anonymous.stderr
+    assert json.loads(Path(keyring_path).read_text())["current_version"] == before  # refused: nothing done
+    out = subprocess.run(
+        [cli, "--actor", "it-admin", "rotate"], env=env, capture_output=True, text=True, check=True
+    )
     assert "study keys re-wrapped" in out.stdout
     subprocess.run(
-        [cli, "retire", "--version", str(before)], env=env, capture_output=True, text=True, check=True
+        [cli, "--actor", "it-admin", "retire", "--version", str(before)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     keyring = json.loads(Path(keyring_path).read_text())
     assert keyring["current_version"] == before + 1 and str(before) not in keyring["versions"]

@@ -192,7 +192,9 @@ def keys_main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     parser.add_argument(
-        "--actor", default="admin-cli", help="who runs the operation (recorded in the audit trail)"
+        "--actor",
+        required=True,
+        help="who runs the operation (e.g. user:sre-jane), recorded in the audit trail",
     )
     sub.add_parser(
         "rotate",

@@ -3,9 +3,9 @@
 Every key operation publishes a ``key.*`` event (audited). Runs with the ingest service's settings
 (the same environment), against the same Kafka, MongoDB and object store.
 
-    enclave-ingest-keys rotate                       new KEK version; every study key re-wrapped
-    enclave-ingest-keys retire --version N           destroy KEK version N (refused while in use)
-    enclave-ingest-keys shred --tenant T --study-key S --actor A --reason "..."
+    enclave-ingest-keys --actor A rotate             new KEK version; every study key re-wrapped
+    enclave-ingest-keys --actor A retire --version N destroy KEK version N (refused while in use)
+    enclave-ingest-keys --actor A shred --tenant T --study-key S --reason "..."
     enclave-ingest-keys scrub [--tenant T]           verify every stored object (tags and SHA-256)
 """
 
@@ -101,7 +101,7 @@ class KeyAdmin:
         async for record in self.catalogue.active_study_keys():
             if record.wrapped.key_version == version:
                 raise SystemExit(
-                    f"KEK version {version} still wraps study keys; run `enclave-ingest-keys rotate` first"
+                    f"KEK version {version} still wraps study keys; run `enclave-ingest-keys --actor A rotate` first"
                 )
         keyring.retire(version)
         keyring.save(self.kek.path)  # type: ignore[attr-defined]
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="enclave-ingest-keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--actor", default="admin-cli", help="who runs the operation (recorded in the audit trail)"
+        "--actor",
+        default="",
+        help="who runs the operation (e.g. user:sre-jane), recorded in the audit trail; required but for scrub",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("rotate")
@@ -199,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     scrub = sub.add_parser("scrub")
     scrub.add_argument("--tenant")
     args = parser.parse_args(argv)
+    if args.command != "scrub" and not args.actor.strip():
+        # Until the eleventh session it defaulted to "admin-cli": a shred's audit record named no one.
+        parser.error(
+            "--actor is required for rotate, retire and shred: who runs it (recorded in the audit trail)"
+        )
     settings = IngestSettings()
     configure_logging("ingest-keys", "WARNING", stream=sys.stderr)
 
