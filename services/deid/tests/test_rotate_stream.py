@@ -66,8 +66,9 @@ async def test_a_rotation_stopped_part_way_still_publishes_key_rotated_with_its_
         async def publish(self, topic, envelope, *, key):
             published.append((topic, envelope))
 
-    async def _stops_after_two(settings, clients, keyring, count):
-        count[0] += 2
+    async def _stops_after_two(settings, clients, keyring):
+        yield
+        yield
         raise ConnectionError("object store went away")
 
     monkeypatch.setattr(cli, "_Clients", _FakeClients)

@@ -153,6 +153,14 @@ async def run(argv: Sequence[str]) -> int:
         )
 
     count = 0
+
+    async def stopped(cause: str) -> None:
+        """A replay that stops part-way says, and records, how far it got."""
+        if audited is not None:
+            print(f"replayed {count} message(s) before stopping", file=sys.stderr)
+            detail = f"stopped after {count} message(s): {cause}; {selection}"
+            await record_end(settings, audited.event(outcome="error", status_code=500, detail=detail))
+
     producer: AIOKafkaProducer | None = None
     try:
         if audited is not None:
@@ -178,18 +186,12 @@ async def run(argv: Sequence[str]) -> int:
                 raise DlqReadError(f"message {message.partition}:{message.offset} has no x-original-topic")
             await producer.send_and_wait(original, message.value, key=message.key)
             count += 1
-    except BaseException as exc:
-        # A read that cannot go on is refused with its reason; anything else (Kafka failing under the
-        # replay, an interrupt) is raised, after the trail says how far the replay got.
-        cause = str(exc) if isinstance(exc, DlqReadError) else type(exc).__name__
-        if isinstance(exc, DlqReadError):
-            print(f"refused: {exc}", file=sys.stderr)
-        if audited is not None:
-            print(f"replayed {count} message(s) before stopping", file=sys.stderr)
-            stopped = f"stopped after {count} message(s): {cause}; {selection}"
-            await record_end(settings, audited.event(outcome="error", status_code=500, detail=stopped))
-        if isinstance(exc, DlqReadError):
-            return 2
+    except DlqReadError as exc:  # a read that cannot go on is refused with its reason
+        print(f"refused: {exc}", file=sys.stderr)
+        await stopped(str(exc))
+        return 2
+    except BaseException as exc:  # Kafka failing under the replay, an interrupt: raised
+        await stopped(type(exc).__name__)
         raise
     finally:
         if producer is not None:

@@ -12,7 +12,7 @@ free text checked like a grant's justification (10 to 500 characters; the reason
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from enclave_common import topics
 from enclave_common.auth.policy import check_justification
@@ -40,7 +40,7 @@ class OperatorAction:
     target: str
     reason: str
     tenant: str = ALL_TENANTS
-    correlation_id: str = ""
+    correlation_id: str = field(default_factory=new_event_id)
 
     @classmethod
     def checked(
@@ -57,7 +57,6 @@ class OperatorAction:
             target=target,
             reason=check_justification(reason, OperatorActionRefused, what="--reason"),
             tenant=tenant or ALL_TENANTS,
-            correlation_id=new_event_id(),
         )
 
     def event(

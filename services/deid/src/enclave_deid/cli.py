@@ -12,7 +12,7 @@ import asyncio
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import IO, Any
 
 from enclave_common import topics
@@ -132,15 +132,16 @@ async def _rotate(settings: DeidSettings, actor: str) -> int:
     keyring = LocalKeyring.load(settings.keyring_file)
     version = keyring.rotate()
     keyring.save(settings.keyring_file)
-    rewrapped = [0]
+    rewrapped = 0
     async with _Clients(settings) as clients:
         try:
-            await _rewrap_all(settings, clients, keyring, rewrapped)
+            async for _ in _rewrap_all(settings, clients, keyring):
+                rewrapped += 1
         finally:
             # Published even when the walk stopped part-way (the new version exists, and so many
             # keys were re-wrapped under it); running the command again re-wraps everything.
             event = KeyEvent(
-                operation="rotated", key_id=keyring.key_id, key_version=version, rewrapped=rewrapped[0]
+                operation="rotated", key_id=keyring.key_id, key_version=version, rewrapped=rewrapped
             )
             envelope = Envelope.for_topic(
                 topics.KEY_ROTATED,
@@ -151,15 +152,15 @@ async def _rotate(settings: DeidSettings, actor: str) -> int:
                 correlation_id=new_event_id(),
             )
             await clients.publisher.publish(topics.KEY_ROTATED, envelope, key=keyring.key_id)
-    print(json.dumps({"key_id": keyring.key_id, "version": version, "rewrapped": rewrapped[0]}))
+    print(json.dumps({"key_id": keyring.key_id, "version": version, "rewrapped": rewrapped}))
     return 0
 
 
 async def _rewrap_all(
-    settings: DeidSettings, clients: _Clients, keyring: LocalKeyring, count: list[int]
-) -> None:
+    settings: DeidSettings, clients: _Clients, keyring: LocalKeyring
+) -> AsyncIterator[None]:
     """Every released object's key slot, then the linkage keys that share the KEK, re-wrapped under
-    the keyring's current version; ``count[0]`` counts them as they are done."""
+    the keyring's current version; yields once for each, as it is done."""
     store = S3ObjectStore(settings)
     records = DeidRecords(clients.db)
     async for doc in records.released_objects():
@@ -176,14 +177,14 @@ async def _rewrap_all(
         await records.collection.update_one(
             {"_id": doc["_id"]}, {"$set": {"object.version_id": put.version_id}}
         )
-        count[0] += 1
+        yield
     if settings.linkage_keyring_file is None and not settings.linkage_kms_key_id:
         vault = LinkageVault(clients.db, keyring)
         async for doc in paged(vault.collection, {}):
             new_wrapped = rewrap_linkage(keyring, doc)
             if new_wrapped is not None:
                 await vault.collection.update_one({"_id": doc["_id"]}, {"$set": {"wrapped_key": new_wrapped}})
-                count[0] += 1
+                yield
 
 
 def keys_main(argv: Sequence[str] | None = None) -> int:
