@@ -84,8 +84,8 @@ class Service:
     #: Settings whose value is a secret: (env suffix, Secret name, key), as environment variables.
     secret_env: tuple[tuple[str, str, str], ...] = ()
     #: The size limit of the pod's /tmp emptyDir (the kubelet evicts the pod past it). The gateway's
-    #: spool is budgeted below it; ingest holds the chunks of unfinished instances (up to 2 GiB each,
-    #: the gateway's limit), deid a de-identified copy's ciphertext, analysis ANTs' files of one
+    #: spool is budgeted below it; ingest holds the chunks of unfinished instances (up to 768 MiB
+    #: each, the gateway's limit), deid a de-identified copy's ciphertext, analysis ANTs' files of one
     #: analysis, audit the export it is building.
     memory_tmp: str = "256Mi"
 

@@ -205,3 +205,44 @@ def test_a_setting_that_does_not_parse_gets_the_same_verdict_without_its_value(p
     assert verdict["configuration"] == "invalid"
     assert verdict["reason"].startswith("ENCLAVE_GATEWAY_SPOOL_DISK_BYTES: ")
     assert "lots-of-bytes" not in result.stdout + result.stderr
+
+
+def _settings_of(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's settings object as its container would build it from ``env`` alone."""
+    config = __import__(f"enclave_{service}.config", fromlist=["config"])
+    (settings_class,) = (
+        value
+        for name, value in vars(config).items()
+        if name.endswith("Settings") and name != "BaseServiceSettings" and isinstance(value, type)
+    )
+    with monkeypatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("ENCLAVE_")]:
+            patch.delenv(name)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return settings_class()
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_the_gateway_acknowledges_no_instance_that_deid_would_quarantine_for_its_size(
+    overlay, documents, lint, tmp_path, monkeypatch
+):
+    """An instance above deid's limit would be acknowledged, stored, then quarantined
+    (``instance_too_large``): the hospital would learn it only from the status. The gateway's
+    limit must be at most deid's, so it is refused at upload with the allowed size instead."""
+    docs = documents[overlay]
+    deployments = {d["metadata"]["name"]: d for d in lint.of_kind(docs, "Deployment")}
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in lint.of_kind(docs, "ConfigMap")}
+    limits = {}
+    for service in ("gateway", "deid"):
+        files = tmp_path / service
+        files.mkdir()
+        env = _container_environment(deployments[f"enclave-{service}"], config_maps, files)
+        limits[service] = _settings_of(service, env, monkeypatch).max_instance_bytes
+    assert 0 < limits["gateway"] <= limits["deid"], limits
+
+    # The check can fail: a gateway configured past deid's limit.
+    (tmp_path / "past").mkdir()
+    env = _container_environment(deployments["enclave-gateway"], config_maps, tmp_path / "past")
+    env["ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES"] = str(limits["deid"] + 1)
+    assert _settings_of("gateway", env, monkeypatch).max_instance_bytes > limits["deid"]

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from enclave_common import topics
+from enclave_deid.config import DeidSettings
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .support import PHI, mr_instance
-from .test_gateway_support import TopicWatch, bearer, builders, gateway_process, new_tenant
+from .test_gateway_support import GATEWAY, TopicWatch, bearer, builders, gateway_process, new_tenant
 
 MAX_INSTANCE = 64 * 1024
 MAX_REQUEST = 256 * 1024
@@ -208,6 +209,35 @@ async def test_hostile_corpus_over_http(small_gateway):
             assert completed[0].data["rejected"] == len(case.failure_reasons), case.name
     assert small_gateway.alive()
     await _still_accepts(small_gateway.url)
+
+
+async def test_the_stack_gateway_refuses_an_instance_larger_than_deid_can_process():
+    """The running gateway, on its default settings, refuses at upload an instance above deid's
+    limit: before the twelfth session it acknowledged up to 2 GiB, and deid then quarantined
+    anything over 768 MiB (``instance_too_large``), so the hospital learned it only from the status.
+    The part declares its size, so the refusal comes before its bytes; nothing of the request,
+    including the valid instance before it, is handed off."""
+    deid_limit = DeidSettings.model_fields["max_instance_bytes"].default
+    tenant = new_tenant("it-hostile")
+    body = _related([_valid(), b"\x00" * 1024], content_length=False)
+    oversized = body.data.replace(
+        b"Content-Type: application/dicom\r\n\r\n\x00",
+        f"Content-Type: application/dicom\r\nContent-Length: {deid_limit + 1}\r\n\r\n\x00".encode(),
+    )
+    assert oversized != body.data
+    async with TopicWatch(*UPLOAD_TOPICS) as watch:
+        async with httpx.AsyncClient(timeout=60) as client:
+            answer = await client.post(
+                f"{GATEWAY}/dicomweb/studies",
+                content=oversized,
+                headers={**bearer("it-hostile", tenant, "uploader"), "Content-Type": body.content_type},
+            )
+        published = await watch.read(lambda env: env.tenant == tenant)
+    assert answer.status_code == 413, answer.text
+    error = answer.json()
+    assert error["error"] == "instance_too_large"
+    assert f"the maximum instance size is {deid_limit} bytes" in error["message"]
+    assert published == []
 
 
 async def test_upload_api_names_each_rejection(small_gateway):

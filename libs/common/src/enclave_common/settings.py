@@ -25,6 +25,15 @@ PLACEHOLDER_SECRETS = frozenset(
     {"", "changeme", "change-me", "secret", "password", "enclave-dev-secret", "dev", "test", "minioadmin"}
 )
 
+#: The largest DICOM instance the pipeline takes, by default: the gateway refuses larger ones at upload
+#: (413 ``instance_too_large``) and deid quarantines them. design.md's edge limit
+#: is 2 GiB, but de-identification parses an instance whole (peak about 3x its size, measured), and
+#: 768 MiB is what fits deid's 3 GiB pod memory in deploy/k8s. One default for both services, so a
+#: hospital learns at upload what the pipeline cannot process, not later from a quarantined status.
+#: Raise ``ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES`` and ``ENCLAVE_DEID_MAX_INSTANCE_BYTES`` together
+#: (with deid's memory: 2 GiB instances need about 6.5 GiB).
+DEFAULT_MAX_INSTANCE_BYTES = 768 * 1024 * 1024
+
 
 class BaseServiceSettings(BaseSettings):
     """Connection and runtime settings every service shares."""

@@ -12,13 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from enclave_common.errors import ConfigurationError
-from enclave_common.settings import BaseServiceSettings
+from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSettings
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from enclave_deid.policy import DeidPolicy
-
-MIB = 1024 * 1024
 
 
 class DeidSettings(BaseServiceSettings):
@@ -52,9 +50,10 @@ class DeidSettings(BaseServiceSettings):
     tenant_policies: dict[str, DeidPolicy] = Field(default_factory=dict)
 
     #: De-identification parses the whole instance in memory (peak 3x its size, measured): instances above
-    #: this are dead-lettered with reason ``instance_too_large``. 768 MiB fits the 3 GiB pod memory limit of
-    #: deploy/k8s; raise both together (2 GiB instances need about 6.5 GiB).
-    max_instance_bytes: int = Field(default=768 * MIB, ge=1024)
+    #: this are quarantined with reason ``instance_too_large``. 768 MiB fits the 3 GiB pod memory limit of
+    #: deploy/k8s; raise both together (2 GiB instances need about 6.5 GiB), and the gateway's limit with
+    #: them (``DEFAULT_MAX_INSTANCE_BYTES``).
+    max_instance_bytes: int = Field(default=DEFAULT_MAX_INSTANCE_BYTES, ge=1024)
     #: Where the ciphertext of a de-identified copy waits for its upload (never plaintext).
     work_dir: Path | None = None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
-from enclave_common.settings import BaseServiceSettings
+from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSettings
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -38,7 +38,9 @@ class GatewaySettings(BaseServiceSettings):
     oidc_jwks_file: Path | None = None
 
     max_parts: int = Field(default=10_000, ge=1)
-    max_instance_bytes: int = Field(default=2 * GIB, ge=1024)
+    #: At most deid's ``max_instance_bytes`` (see ``DEFAULT_MAX_INSTANCE_BYTES``): a larger instance
+    #: would be acknowledged and then quarantined.
+    max_instance_bytes: int = Field(default=DEFAULT_MAX_INSTANCE_BYTES, ge=1024)
     max_request_bytes: int = Field(default=4 * GIB, ge=1024)
     chunk_bytes: int = Field(default=1 * MIB, ge=4096, le=1 * MIB)
     #: Sealed instances wait here until the whole request is read (ciphertext only, unnamed files).

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from enclave_common.errors import EnclaveError
+from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
 from python_multipart.multipart import parse_options_header
 
 KIB = 1024
@@ -116,7 +117,7 @@ class BodyLimits:
     """Limits enforced while the body streams; defaults from design.md ("Limits")."""
 
     max_parts: int = 10_000
-    max_instance_bytes: int = 2 * GIB
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_request_bytes: int = 4 * GIB
     max_part_header_bytes: int = 16 * KIB
     max_part_headers: int = 32

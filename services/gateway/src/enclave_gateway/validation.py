@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from io import BytesIO
 
+from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
@@ -133,7 +134,7 @@ class ValidationPolicy:
     allowed_transfer_syntaxes: frozenset[str] = DEFAULT_TRANSFER_SYNTAXES
     allowed_sop_classes: frozenset[str] | None = None  # None: every storage SOP class pydicom knows
     header_window_bytes: int = 1 * MIB
-    max_instance_bytes: int = 2 * GIB
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_sequence_depth: int = 16
     max_inflated_bytes: int = 2 * GIB
     max_inflation_ratio: int = 200
