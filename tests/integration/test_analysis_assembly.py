@@ -68,6 +68,25 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
         == []
     )
 
+    # The uploader, who may not read results, learns from the status that the analysis failed and
+    # why (its read model consumes the event a moment later); the quarantined instance says its own.
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(60):
+            views = [(await client.get(f"{GATEWAY}/api/v1/imaging/{i}", headers=headers)).json() for i in ids]
+            if all(view.get("analysis_status") for view in views[:2]):
+                break
+            await asyncio.sleep(0.5)
+    for view in views[:2]:
+        assert (view["status"], view["analysis_id"]) == ("deidentified", outcome.analysis_id), view
+        assert (view["analysis_status"], view["analysis_reason_code"]) == ("failed", outcome.reason_code), (
+            view
+        )
+    assert (views[2]["status"], views[2]["reason_code"], views[2]["analysis_status"]) == (
+        "quarantined",
+        "burned_in_risk",
+        None,
+    )
+
 
 async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_last_member_settles(mongo):
     """A member that never gets an outcome (here announced by an upload but lost before ingest; in

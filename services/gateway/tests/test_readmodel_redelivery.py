@@ -23,7 +23,7 @@ from enclave_common.events import (
 from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.main import create_app
-from enclave_gateway.readmodel import ReadModel, analysis_id_of, status_of
+from enclave_gateway.readmodel import LatestAnalysis, ReadModel, analysis_id_of, latest_analysis_of, status_of
 from pydantic import BaseModel, SecretStr
 
 TENANT = "tenant-a"
@@ -191,6 +191,9 @@ async def test_a_redelivered_analysis_event_writes_the_same_analysis(outcome: st
         assert analysis_id_of(db["instances"].docs[iuid]) == analysis_id
         expected = "analysed" if outcome == "completed" else "deidentified"
         assert status_of(db["instances"].docs[iuid]) == expected
+        # The outcome is kept with the id: the status route says a failed analysis failed, and why.
+        reason = "too_few_slices" if outcome == "failed" else None
+        assert latest_analysis_of(db["instances"].docs[iuid]) == LatestAnalysis(analysis_id, outcome, reason)
 
 
 @pytest.mark.parametrize("earlier", ["completed", "failed"])
@@ -210,6 +213,7 @@ async def test_an_earlier_analysis_delivered_again_does_not_replace_a_later_one(
     for iuid in members:
         assert analysis_id_of(db["instances"].docs[iuid]) == "an-later"
         assert status_of(db["instances"].docs[iuid]) == "analysed"
+        assert latest_analysis_of(db["instances"].docs[iuid]) == LatestAnalysis("an-later", "completed")
 
 
 async def test_an_analysis_outcome_arriving_before_the_instance_events_is_kept() -> None:
@@ -227,6 +231,8 @@ def test_documents_written_before_the_rank_was_the_source_of_truth_read_the_same
     assert status_of({"rank": 2, "status": "deidentified"}) == "deidentified"
     assert analysis_id_of({"analysis_id": "an-1"}) == "an-1"
     assert analysis_id_of({}) is None
+    # Before the outcome was kept with the id (twelfth session): the id, no outcome.
+    assert latest_analysis_of({"latest_analysis": "ev-1|an-1"}) == LatestAnalysis("an-1")
 
 
 def test_the_gateway_consumer_runs_without_the_event_id_guard() -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.multipart import RequestBodyError
-from enclave_gateway.readmodel import ReadModel, analysis_id_of, status_of
+from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
     DICOM_JSON_MEDIA_TYPE,
     FailedInstance,
@@ -265,6 +265,7 @@ IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 
 
 def _status_view(doc: dict[str, Any]) -> dict[str, Any]:
+    latest = latest_analysis_of(doc)
     return {
         "imaging_id": doc["_id"],
         "status": status_of(doc),
@@ -274,7 +275,11 @@ def _status_view(doc: dict[str, Any]) -> dict[str, Any]:
         "study_key": doc.get("study_key"),
         "series_key": doc.get("series_key"),
         "duplicate": doc.get("duplicate"),
-        "analysis_id": analysis_id_of(doc),
+        "analysis_id": latest.analysis_id if latest else None,
+        # The series' latest analysis, for roles that may not read its results: an instance stays
+        # ``deidentified`` when the analysis of its series failed, and this says so and why.
+        "analysis_status": latest.outcome if latest else None,
+        "analysis_reason_code": latest.reason_code if latest else None,
         "received_at": _iso(doc.get("received_at")),
         "updated_at": _iso(doc.get("updated_at")),
     }

@@ -11,7 +11,9 @@ events are applied:
 - ``updated_at`` is the latest event time (``$max``), not the time of handling;
 - the instance's analysis is a last-writer-wins register ordered by the analysis event's id (a
   UUIDv7 the analysis service draws when it claims a member set and keeps when it publishes again):
-  ``latest_analysis = "<event id>|<analysis id>"`` under ``$max``;
+  ``latest_analysis = "<event id>|<analysis id>|<outcome>[|<reason code>]"`` under ``$max``, so the
+  status route tells whether the series' latest analysis completed or failed (and why) without
+  another read;
 - an analysis is replaced by its id, with its event's time.
 
 So the consumer runs without the event-id guard (``IdempotentByBusinessKey``): a redelivered event is
@@ -27,6 +29,7 @@ collection: no write here needs one.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,18 +80,35 @@ def status_of(doc: dict[str, Any]) -> str:
     return _STATUS_OF_RANK.get(rank, str(doc.get("status", "received")))
 
 
-def analysis_id_of(doc: dict[str, Any]) -> str | None:
-    """The id of the latest analysis (by its event's id) that covered the instance."""
+@dataclass(frozen=True, slots=True)
+class LatestAnalysis:
+    """The latest analysis (by its event's id) that covered an instance, as its document keeps it."""
+
+    analysis_id: str
+    #: ``completed`` or ``failed``; None in documents written before the outcome was kept with the id.
+    outcome: str | None = None
+    #: Why it failed (docs/analysis.md § Failure reasons); None when it completed.
+    reason_code: str | None = None
+
+
+def latest_analysis_of(doc: dict[str, Any]) -> LatestAnalysis | None:
     latest = doc.get("latest_analysis")
     if isinstance(latest, str) and "|" in latest:
-        return latest.split("|", 1)[1]
+        _, analysis_id, *rest = latest.split("|", 3)
+        return LatestAnalysis(analysis_id, *rest)
     legacy = doc.get("analysis_id")
-    return str(legacy) if legacy else None
+    return LatestAnalysis(str(legacy)) if legacy else None
 
 
-def _register(order: str, value: str) -> str:
-    """``value`` ordered under ``$max`` by ``order`` (a UUIDv7 event id: fixed width, time first)."""
-    return f"{order}|{value}"
+def analysis_id_of(doc: dict[str, Any]) -> str | None:
+    """The id of the latest analysis (by its event's id) that covered the instance."""
+    latest = latest_analysis_of(doc)
+    return latest.analysis_id if latest else None
+
+
+def _register(order: str, *values: str) -> str:
+    """``values`` ordered under ``$max`` by ``order`` (a UUIDv7 event id: fixed width, time first)."""
+    return "|".join((order, *values))
 
 
 class GroupedInserts:
@@ -283,7 +303,7 @@ class ReadModel:
                     "reasons": envelope.data.get("reasons", {}),
                 },
             )
-            latest = _register(envelope.id, done.analysis_id)
+            latest = _register(envelope.id, done.analysis_id, "completed")
             for iuid in done.instance_upload_ids:
                 await self.advance(
                     iuid, envelope.tenant, "analysed", {}, envelope.time, maxed={"latest_analysis": latest}
@@ -300,7 +320,7 @@ class ReadModel:
                     "reason": failed.reason,
                 },
             )
-            latest = _register(envelope.id, failed.analysis_id)
+            latest = _register(envelope.id, failed.analysis_id, "failed", failed.reason_code)
             for iuid in failed.instance_upload_ids:  # by _id: FerretDB scans for ``$in``
                 # Upserted: the outcome may arrive before the instance's other events.
                 await self._upsert(
