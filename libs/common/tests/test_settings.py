@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
+
 import pytest
+from enclave_common.service import load_settings
 from enclave_common.settings import BaseServiceSettings
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
@@ -37,3 +40,24 @@ def test_secrets_are_not_rendered(monkeypatch):
     monkeypatch.setenv("ENCLAVE_DEMO_S3_SECRET_ACCESS_KEY", "s3cr3t-value")
     s = DemoSettings()
     assert "s3cr3t-value" not in repr(s) and "s3cr3t-value" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("variable", "named"),
+    [
+        # A shared setting set under the shared prefix: that variable is named, not one nobody set.
+        ("ENCLAVE_ENVIRONMENT", "ENCLAVE_ENVIRONMENT"),
+        ("ENCLAVE_DEMO_ENVIRONMENT", "ENCLAVE_DEMO_ENVIRONMENT"),
+    ],
+)
+def test_a_setting_that_does_not_parse_is_named_by_the_variable_that_holds_it(
+    monkeypatch, capsys, variable, named
+):
+    monkeypatch.setenv(variable, "banana")
+    with pytest.raises(SystemExit) as stopped:
+        load_settings(DemoSettings)
+    assert stopped.value.code == 2
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["configuration"] == "invalid"
+    assert verdict["reason"].startswith(f"{named}: Input should be 'dev'")
+    assert "banana" not in verdict["reason"]

@@ -539,16 +539,21 @@ def load_settings(cls: type[SettingsT]) -> SettingsT:
     try:
         return cls()
     except ValidationError as exc:
-        prefix = str(cls.model_config.get("env_prefix") or "")
         # A field's error names its variable; a check across fields (loc ()) names them in its message.
-        problems = [
-            f"{prefix}{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
-            if e["loc"]
-            else e["msg"]
-            for e in exc.errors()
-        ]
+        problems = [f"{_variable(cls, e['loc'])}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
         _verdict(cls.model_fields["service_name"].default, "; ".join(problems))
         raise SystemExit(2) from None
+
+
+def _variable(cls: type[BaseServiceSettings], loc: tuple[int | str, ...]) -> str:
+    """The environment variable a setting came from: the service's prefix wins over the shared
+    ``ENCLAVE_`` one (``settings_customise_sources``), so name whichever of the two is set."""
+    name = "__".join(str(part) for part in loc).upper()
+    prefixed = f"{cls.model_config.get('env_prefix') or ''}{name}"
+    shared = f"{BaseServiceSettings.model_config.get('env_prefix') or ''}{name}"
+    if prefixed not in os.environ and shared in os.environ and loc[0] in BaseServiceSettings.model_fields:
+        return shared
+    return prefixed
 
 
 def _verdict(service: str, reason: str | None) -> None:
