@@ -156,6 +156,10 @@ async def test_an_outcome_kafka_does_not_take_yet_is_published_once_it_does(tmp_
     await asyncio.wait_for(consumer.on_chunk(None, msg), 10)
     assert published.topics == [topics.INSTANCE_STORED] and msg.settled == []
     assert consumer.tracker.pending == {} and list(tmp_path.iterdir()) == []
+    # The chunk's handling is timed like every other service's events (enclave_handler_seconds).
+    (family,) = consumer.runtime.consumer_metrics.handler_seconds.collect()
+    samples = {s.name: s.value for s in family.samples if s.labels.get("topic") == topics.UPLOAD_CHUNK}
+    assert samples["enclave_handler_seconds_count"] == 1 and samples["enclave_handler_seconds_sum"] > 0
 
 
 async def test_a_chunk_whose_handling_fails_is_rewound_not_left_behind(tmp_path: Path) -> None:

@@ -164,7 +164,9 @@ class ChunkConsumer:
                 correlation_id=envelope.correlation_id, event_id=envelope.id
             )
             try:
-                await self._handle(envelope, chunk, partition, record.offset, record.timestamp, msg)
+                # One chunk is the event here: the last one's time includes storing the instance.
+                with self.runtime.consumer_metrics.handler_seconds.labels(topics.UPLOAD_CHUNK).time():
+                    await self._handle(envelope, chunk, partition, record.offset, record.timestamp, msg)
             except Exception as exc:
                 # Left to FastStream, the chunk would be neither committed nor redelivered: the consumer
                 # would move on and the instance stay unstored until a restart. Rewind to it instead;
