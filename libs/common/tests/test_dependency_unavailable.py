@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, KafkaError, UnsupportedVersionError
-from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
 from enclave_common.errors import TransientError
 from enclave_common.logging import configure_logging
 from enclave_common.service import ServiceRuntime
@@ -33,6 +33,8 @@ FAILURES: dict[str, tuple[Exception, str]] = {
     "kafka": (KafkaConnectionError(f"broker gone {PLANTED}"), "Kafka"),
     "kafka-client": (KafkaError(f"Unexpected error during batch delivery {PLANTED}"), "Kafka"),
     "s3-connect": (ConnectTimeoutError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
+    # No S3 credentials configured: a setup problem like refused ones, never the event's fault.
+    "s3-no-credentials": (NoCredentialsError(), "the object store"),
     "timeout": (TimeoutError(PLANTED), "a dependency"),
 }
 

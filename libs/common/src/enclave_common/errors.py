@@ -67,10 +67,15 @@ def _transient_types() -> tuple[type[BaseException], ...]:
             ConnectionClosedError,
             ConnectTimeoutError,
             EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
             ReadTimeoutError,
         )
 
         found += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError]
+        # The service has no (complete) S3 credentials: like credentials the store refuses
+        # (storage._TRANSIENT_CODES), fixed outside the event, never a reason to dead-letter it.
+        found += [NoCredentialsError, PartialCredentialsError]
     except ImportError:  # pragma: no cover - botocore is a dependency of enclave-common
         pass
     try:
