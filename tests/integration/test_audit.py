@@ -214,6 +214,48 @@ async def test_tampering_in_the_database_is_found_at_the_exact_record(
     assert (await verify_range(auditor_client, operator_auditor, first, last))["ok"] is True
 
 
+async def test_a_range_past_the_end_of_the_chain_is_refused_not_reported_as_tampering(
+    mongo, unique, auditor_client, operator_auditor
+):
+    """Before: `from_sequence` past the end answered `missing_sequence` ("the anchor of the range is
+    missing"), a `to_sequence` past it `truncated`, each counted in enclave_audit_verify_failures_total
+    (paged as possible tampering); the CLI said NOT VERIFIED, exit 1."""
+    events = [access_event(actor=f"it-range-{unique}-{i}", tenant=f"it-{unique}") for i in range(3)]
+    await publish(topics.ACCESS_RECORDED, events, key=f"range-{unique}")
+    stored = await wait_for_records(mongo, [e.id for e in events])
+    sequences = sorted(d["sequence"] for d in stored.values())
+    failures = _verify_failures((await auditor_client.get("/metrics")).text)
+
+    clamped = await verify_range(auditor_client, operator_auditor, sequences[0], 10**12)
+    assert clamped["ok"] is True, clamped
+    assert sequences[-1] <= clamped["last_sequence"] < 10**12
+    beyond = clamped["last_sequence"] + 1000
+    for params in ({"from_sequence": beyond, "to_sequence": beyond + 1000}, {"from_sequence": beyond}):
+        response = await auditor_client.get("/audit/verify", params=params, headers=operator_auditor)
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"]["code"] == "bad_range"
+        assert "past the end of the chain: it holds records 1.." in response.json()["detail"]["message"]
+    assert _verify_failures((await auditor_client.get("/metrics")).text) == failures
+
+    cli = subprocess.run(
+        [str(ROOT / ".venv/bin/enclave-audit-verify"), "--from", str(beyond), "--to", str(beyond + 1000)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | dev_env() | {"ENCLAVE_MONGO_URL": MONGO_URL},
+    )
+    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert f"the range starts at {beyond}, past the end of the chain" in cli.stderr
+    assert "nothing was verified" in cli.stderr
+
+
+def _verify_failures(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("enclave_audit_verify_failures_total "):
+            return float(line.split()[1])
+    raise AssertionError("enclave_audit_verify_failures_total is not exported")
+
+
 # ---- WORM checkpoints --------------------------------------------------------------------------
 
 
@@ -514,6 +556,63 @@ async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_
         ("break_glass", clinician, "high"),
         ("break_glass_refused", admin, "medium"),
     ]
+
+
+async def test_grants_are_security_attribute_changes_and_an_opened_break_glass_an_override(mongo, unique):
+    """Through the gateway (action `manage_grants`): a grant, its revocation and a second revocation
+    (409) are 110113 + 110137, action U; before, they were 110103 DICOM Instances Accessed, R. The
+    gateway's `break_glass_opened` alert carries 110127 (before: 110113 alone)."""
+    tenant, admin, clinician = f"it-grants-{unique}", f"adm-grants-{unique}", f"dr-grants-{unique}"
+    gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
+    grant = {
+        "grantee": f"cg-{unique}",
+        "patient_id": f"P-{unique}",
+        "actions": ["read_status"],
+        "expires_at": (datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        "justification": "caregiver follow-up agreed with the care team",
+    }
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        created = await client.post("/api/v1/grants", json=grant, headers=bearer(admin, tenant, "admin"))
+        assert created.status_code == 201, created.text
+        url = f"/api/v1/grants/{created.json()['grant_id']}"
+        assert (await client.delete(url, headers=bearer(admin, tenant, "admin"))).status_code == 200
+        assert (await client.delete(url, headers=bearer(admin, tenant, "admin"))).status_code == 409
+        opened = await client.post(
+            "/api/v1/break-glass",
+            json={"patient_id": f"P-{unique}", "justification": "unconscious patient, no consent possible"},
+            headers=bearer(clinician, tenant, "clinician"),
+        )
+        assert opened.status_code == 201, opened.text
+
+    changes = ("grant_created:", "grant_revoked:", "grant_already_revoked:")
+    records = mongo["audit"]["records"]
+    deadline = time.monotonic() + 90
+    while True:
+        found = [
+            d
+            async for d in records.find({"actor": admin, "tenant": tenant})
+            if str(d["envelope"]["data"].get("detail")).startswith(changes)
+        ]
+        alert = await records.find_one(
+            {
+                "tenant": tenant,
+                "event_type": "enclave.security.alert",
+                "outcome_description": "break_glass_opened",
+            }
+        )
+        if len(found) == 3 and alert is not None:
+            break
+        assert time.monotonic() < deadline, f"{len(found)} of 3 grant records, alert {alert is not None}"
+        await asyncio.sleep(0.5)
+    for record in found:
+        assert record["envelope"]["data"]["action"] == "manage_grants"
+        assert (record["event_code"]["code"], record["action"]) == ("110113", "U")
+        assert [c["code"] for c in record["event_type_codes"]] == ["110137"]
+    assert sorted(r["outcome"] for r in found) == [0, 0, 4]
+    assert (alert["event_code"]["code"], [c["code"] for c in alert["event_type_codes"]]) == (
+        "110113",
+        ["110127"],
+    )
 
 
 async def test_gateway_reads_are_filed_under_patient_and_study_and_many_studies_alert(

@@ -18,7 +18,7 @@ from enclave_audit.export import (
     overlapping_checkpoints,
 )
 from enclave_audit.signing import Ed25519Signer
-from enclave_audit.verify_bundle import main, verify_bundle
+from enclave_audit.verify_bundle import NotATarArchive, main, verify_bundle
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -196,6 +196,23 @@ def test_cli_exit_codes(tmp_path, trail, signer, capsys):
 
 
 def test_not_a_tar_is_reported(signer):
-    outcome = verify_bundle(io.BytesIO(b"definitely not a tar archive" * 40), signer.public_key)
-    assert not outcome.ok
-    assert "not a tar archive" in outcome.problems[0]
+    with pytest.raises(NotATarArchive, match="not a tar archive"):
+        verify_bundle(io.BytesIO(b"definitely not a tar archive" * 40), signer.public_key)
+
+
+def test_a_file_that_is_not_a_tar_archive_is_unusable_input(tmp_path, trail, signer, capsys):
+    """Before: "FAIL not a tar archive ... NOT VERIFIED", exit 1, as if a check of a bundle had failed."""
+    key_path = tmp_path / "audit.pub.pem"
+    key_path.write_bytes(signer.public_key_pem())
+    refused = tmp_path / "bundle.tar"  # what curl -o saved of a refused export
+    refused.write_text('{"detail":{"code":"bad_range","message":"the chain holds records 1..780"}}')
+    assert main([str(refused), "--public-key", str(key_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read bundle {refused}: not a tar archive (it holds JSON" in err
+    assert "nothing was verified" in err
+    refused.write_bytes(b"")
+    assert main([str(refused), "--public-key", str(key_path)]) == 2
+    assert "not a tar archive; nothing was verified" in capsys.readouterr().err
+    refused.write_bytes(bundle_for(*trail, signer, 1, 30)[:600])  # a download cut short (was: a traceback)
+    assert main([str(refused), "--public-key", str(key_path)]) == 2
+    assert "not a complete tar archive (cut short?); nothing was verified" in capsys.readouterr().err

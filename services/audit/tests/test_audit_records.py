@@ -94,6 +94,44 @@ def test_access_events_are_coded_from_action_and_outcome(
     assert draft.event_type_codes == types
 
 
+_CHANGED = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
+
+
+@pytest.mark.parametrize(
+    ("action", "outcome", "code", "verb", "result", "types"),
+    [
+        # enclave_common.auth.Action values, as the gateway's and the audit API's guards emit them
+        ("upload", "success", codes.INSTANCES_TRANSFERRED, "C", 0, ()),
+        ("read_status", "success", codes.INSTANCES_ACCESSED, "R", 0, ()),
+        ("read_results_phi", "success", codes.INSTANCES_ACCESSED, "R", 0, ()),
+        ("read_results_deid", "success", codes.INSTANCES_ACCESSED, "R", 0, ()),
+        ("read_linkage", "success", codes.INSTANCES_ACCESSED, "R", 0, ()),
+        ("query_patient", "success", codes.QUERY, "E", 0, ()),
+        ("audit_query", "denied", codes.AUDIT_LOG_USED, "R", 4, ()),
+        ("audit_verify", "success", codes.AUDIT_LOG_USED, "R", 0, ()),
+        ("audit_export", "success", codes.AUDIT_LOG_USED, "R", 0, ()),
+        # POST /api/v1/grants 201, DELETE 200, their 409/422 refusals (before: 110103, R)
+        ("manage_grants", "success", codes.SECURITY_ALERT, "U", 0, _CHANGED),
+        ("manage_grants", "rejected", codes.SECURITY_ALERT, "U", 4, _CHANGED),
+        ("manage_grants", "denied", codes.SECURITY_ALERT, "U", 4, _CHANGED),
+        ("manage_grants", "unauthenticated", codes.USER_AUTHENTICATION, "E", 4, (codes.LOGIN,)),
+        ("break_glass", "rejected", codes.SECURITY_ALERT, "E", 4, ()),
+        # deid's break-glass linkage read (enclave-deid-link)
+        ("break_glass_linkage", "success", codes.SECURITY_ALERT, "E", 0, (codes.EMERGENCY_OVERRIDE_STARTED,)),
+    ],
+)
+def test_the_action_strings_enclave_emits_are_coded_as_what_they_do(
+    action, outcome, code, verb, result, types, make_access
+):
+    draft = record_from_event(make_access(action=action, outcome=outcome), "enclave.access.recorded.v1")
+    assert (draft.event_code, draft.action, draft.outcome, draft.event_type_codes) == (
+        code,
+        verb,
+        result,
+        types,
+    )
+
+
 def test_access_event_keeps_actor_roles_and_source_address(make_access):
     draft = record_from_event(
         make_access(actor="dr-x", roles=["clinician", "researcher"], source_address="192.0.2.7"),
@@ -206,14 +244,23 @@ def test_dead_lettered_event_is_a_serious_failure_of_its_topic(make_envelope):
     assert draft.event_type == "enclave.instance.stored"
 
 
-def test_break_glass_alert_is_an_emergency_override_with_severity_outcome(make_envelope):
-    data = {"rule": "break_glass", "severity": "high", "subject": "dr-x", "detail": "justification given"}
+@pytest.mark.parametrize("rule", ["break_glass", "break_glass_opened"])  # audit and deid; the gateway
+def test_break_glass_alert_is_an_emergency_override_with_severity_outcome(rule, make_envelope):
+    data = {"rule": rule, "severity": "high", "subject": "dr-x", "detail": "justification given"}
     draft = record_from_event(
         make_envelope("enclave.security.alert", data=data, source="audit"), "enclave.security.alert.v1"
     )
     assert draft.event_code == codes.SECURITY_ALERT
     assert draft.event_type_codes == (codes.EMERGENCY_OVERRIDE_STARTED,)
     assert draft.outcome == EventOutcome.SERIOUS_FAILURE
+
+
+def test_a_refused_break_glass_alert_overrode_nothing(make_envelope):
+    data = {"rule": "break_glass_refused", "severity": "medium", "subject": "adm-x", "detail": "refused"}
+    draft = record_from_event(
+        make_envelope("enclave.security.alert", data=data, source="audit"), "enclave.security.alert.v1"
+    )
+    assert (draft.event_type_codes, draft.outcome) == ((), EventOutcome.MINOR_FAILURE)
 
 
 def test_missing_id_is_derived_from_content_so_redelivery_is_idempotent(make_envelope):

@@ -71,3 +71,52 @@ def test_the_cli_stops_when_the_store_does_not_answer_and_reports_a_copy_that_is
     CliStore.failure = PermanentError("object store get failed (NoSuchKey)", code="s3_NoSuchKey")
     assert cli._worm_copies(settings, entries) == {}  # verify_trail reports it: exit 1
     assert "warn  checkpoints/1-100.json: PermanentError" in capsys.readouterr().err
+
+
+class CliDatabase:
+    """What ``cli.main`` needs of MongoClient and SyncRecordReader, without a database."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getitem__(self, name: str) -> Any:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def checkpoints_between(self, first: int, last: int | None) -> list[Any]:
+        return [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
+
+
+@pytest.mark.parametrize("code", ["InvalidAccessKeyId", "SignatureDoesNotMatch"])
+def test_wrong_s3_credentials_are_named_by_their_s3_error_code(code, monkeypatch, capsys):
+    """Before: "cannot read the WORM bucket: TransientError", whatever S3 answered."""
+    from botocore.exceptions import ClientError
+    from enclave_audit import cli
+    from enclave_common.storage import s3_error
+
+    monkeypatch.setattr(cli, "MongoClient", CliDatabase)
+    monkeypatch.setattr(cli, "SyncRecordReader", CliDatabase)
+    monkeypatch.setattr(cli, "S3ObjectStore", CliStore)
+    answer: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+    CliStore.failure = s3_error(ClientError(answer, "GetObject"), "get")
+    monkeypatch.delenv("ENCLAVE_AUDIT_SIGNING_KEY_FILE", raising=False)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the WORM bucket: object store get failed ({code}); nothing was verified" in err
+
+
+def test_missing_s3_credentials_are_a_setup_problem_not_a_verification_failure(monkeypatch, capsys):
+    """Before: each WORM copy "could not be read" and the answer was NOT VERIFIED, exit 1, as if the
+    copies were gone; the CLI now stops, exit 2, and names what is missing."""
+    from botocore.exceptions import NoCredentialsError
+    from enclave_audit import cli
+
+    monkeypatch.setattr(cli, "MongoClient", CliDatabase)
+    monkeypatch.setattr(cli, "SyncRecordReader", CliDatabase)
+    monkeypatch.setattr(cli, "S3ObjectStore", CliStore)
+    CliStore.failure = NoCredentialsError()
+    monkeypatch.delenv("ENCLAVE_AUDIT_SIGNING_KEY_FILE", raising=False)
+    assert cli.main([]) == 2
+    assert "cannot read the WORM bucket: NoCredentialsError; nothing was verified" in capsys.readouterr().err

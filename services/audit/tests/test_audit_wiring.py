@@ -24,7 +24,7 @@ from enclave_audit.store import (
     json_form,
     to_document,
 )
-from enclave_audit.verification import verify_trail
+from enclave_audit.verification import RangeBeyondChain, verify_trail
 
 from .conftest import BASE_TIME, access, chained_records
 
@@ -129,8 +129,16 @@ def test_stored_document_round_trips_to_the_hashed_form():
 class FakeReader:
     """SyncRecordReader over a list of stored documents."""
 
-    def __init__(self, documents: list[dict[str, Any]]) -> None:
+    def __init__(self, documents: list[dict[str, Any]], signed: int = 0) -> None:
         self.documents = documents
+        self.signed = signed
+
+    def last_signed_sequence(self) -> int:
+        return self.signed
+
+    def head(self) -> ChainHead:
+        last = max(self.documents, key=lambda d: d["sequence"], default=None)
+        return GENESIS if last is None else ChainHead(last["sequence"], last["record_hash"])
 
     def anchor_before(self, first: int) -> ChainHead | None:
         if first <= 1:
@@ -195,6 +203,44 @@ def test_index_differing_from_worm_copy_and_truncation_are_reported():
     report = verify_trail(reader, checkpoints=entries, public_key=signer.public_key, worm_copies=worm)  # type: ignore[arg-type]
     assert report.chain.reason == "truncated" and report.chain.broken_sequence == 8
     assert "checkpoint 1..4: the database index differs from the WORM copy" in report.checkpoint_problems
+
+
+def test_a_range_past_the_end_is_a_client_error_and_its_end_is_clamped():
+    """Before: records past the last one were "missing" or "truncated", a verification failure that
+    pages as possible tampering, for a range the chain never reached."""
+    signer = Ed25519Signer.generate()
+    records = chained_records(8)
+    entries = _checkpointed(records, signer, 4)
+    reader = FakeReader([to_document(r, r.event_id) for r in records])
+    report = verify_trail(
+        reader, first=5, last=100_000, checkpoints=entries[1:], public_key=signer.public_key
+    )  # type: ignore[arg-type]
+    assert report.ok, report
+    assert (report.last_sequence, report.chain.checked) == (8, 4)
+    for first in (9, 1000):
+        with pytest.raises(
+            RangeBeyondChain, match=r"starts at \d+, past the end of the chain: it holds records 1..8"
+        ):
+            verify_trail(reader, first=first, last=first + 1000, checkpoints=[], public_key=signer.public_key)  # type: ignore[arg-type]
+    empty = verify_trail(FakeReader([]), first=1, last=5, checkpoints=[])  # type: ignore[arg-type]
+    assert empty.ok and empty.chain.checked == 0
+
+
+def test_records_deleted_from_the_tail_of_a_signed_range_are_still_found_however_far_the_range_reaches():
+    signer = Ed25519Signer.generate()
+    records = chained_records(8)
+    entries = _checkpointed(records, signer, 4)
+    reader = FakeReader([to_document(r, r.event_id) for r in records[:6]], signed=8)  # 7 and 8 deleted
+    for last in (None, 8, 100_000):
+        report = verify_trail(reader, first=1, last=last, checkpoints=entries, public_key=signer.public_key)  # type: ignore[arg-type]
+        assert not report.ok
+        assert (report.chain.reason, report.chain.broken_sequence) == ("truncated", 7), last
+    inside = verify_trail(
+        reader, first=8, last=100_000, checkpoints=entries[1:], public_key=signer.public_key
+    )  # type: ignore[arg-type]
+    assert (inside.ok, inside.chain.reason, inside.chain.broken_sequence) == (False, "missing_sequence", 7)
+    with pytest.raises(RangeBeyondChain, match=r"records 1..8 \(signed; the last one stored is 6"):
+        verify_trail(reader, first=9, last=100_000, checkpoints=[], public_key=signer.public_key)  # type: ignore[arg-type]
 
 
 def test_settings_read_nested_anomaly_thresholds_and_refuse_bad_pages(monkeypatch):

@@ -44,7 +44,7 @@ from enclave_audit.store import (
     decode_cursor,
     encode_cursor,
 )
-from enclave_audit.verification import TrailReport, read_worm_copies, verify_trail
+from enclave_audit.verification import RangeBeyondChain, TrailReport, read_worm_copies, verify_trail
 
 _OUTCOME_WORDS: Final = {
     "allow": "success",
@@ -215,7 +215,10 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             raise HTTPException(
                 400, detail={"code": "bad_range", "message": "to_sequence must be >= from_sequence"}
             )
-        report = await verify_stored(ctx, from_sequence, to_sequence)
+        try:
+            report = await verify_stored(ctx, from_sequence, to_sequence)
+        except RangeBeyondChain as exc:
+            raise HTTPException(400, detail={"code": "bad_range", "message": str(exc)}) from None
         if not report.ok:
             ctx.metrics.verify_failures.inc()
         elif from_sequence == 1 and to_sequence is None:

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from enclave_common.errors import unavailable_dependency
+from enclave_common.errors import PermanentError, TransientError, unavailable_dependency
 from enclave_common.storage import S3ObjectStore
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
@@ -26,7 +26,7 @@ from pymongo.errors import PyMongoError
 from enclave_audit.config import AuditSettings
 from enclave_audit.signing import Ed25519Signer, load_public_key_pem
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
-from enclave_audit.verification import TrailReport, read_worm_copies, verify_trail
+from enclave_audit.verification import RangeBeyondChain, TrailReport, read_worm_copies, verify_trail
 
 
 def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) -> dict[str, bytes]:
@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_key=public_key,
             worm_copies=worm,
         )
+    except RangeBeyondChain as exc:
+        print(f"{exc}; nothing was verified", file=sys.stderr)
+        return 2
     except PyMongoError as exc:
         print(f"cannot read the audit database: {type(exc).__name__}", file=sys.stderr)
         return 2
@@ -86,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unavailable_dependency(exc) is None:
             raise
         print(
-            f"cannot read the WORM bucket: {type(exc).__name__}; nothing was verified "
-            "(retry, or --no-worm to verify without the WORM copies)",
+            f"cannot read the WORM bucket: {_store_failure(exc)}; nothing was verified "
+            "(check ENCLAVE_S3_* and retry, or --no-worm to verify without the WORM copies)",
             file=sys.stderr,
         )
         return 2
@@ -95,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.close()
     print_report(report, as_json=args.json, signatures_checked=public_key is not None)
     return 0 if report.ok else 1
+
+
+def _store_failure(exc: Exception) -> str:
+    """What the object store answered: the text of Enclave's own error, which names the S3 error
+    code only (``object store get failed (InvalidAccessKeyId)``), else the exception's type."""
+    return str(exc) if isinstance(exc, TransientError | PermanentError) else type(exc).__name__
 
 
 def print_report(report: TrailReport, *, as_json: bool, signatures_checked: bool) -> None:

@@ -192,8 +192,10 @@ _ALERT_SEVERITY_OUTCOMES: Final[dict[str, EventOutcome]] = {
     "critical": EventOutcome.MAJOR_FAILURE,
 }
 
-#: Alert rules whose security alert is an emergency override (break-glass).
-BREAK_GLASS_RULES: Final = frozenset({"break_glass", "emergency_override"})
+#: Alert rules whose security alert is an emergency override (break-glass): the audit service's and
+#: deid's ``break_glass`` (an access under break-glass), the gateway's ``break_glass_opened`` (a
+#: session opened). Not ``break_glass_refused``: a refused attempt overrode nothing.
+BREAK_GLASS_RULES: Final = frozenset({"break_glass", "break_glass_opened", "emergency_override"})
 
 _WORD = re.compile(r"[a-z0-9]+")
 #: Action words of an access event that asks for an emergency override (break-glass).
@@ -275,8 +277,10 @@ def record_from_event(
 
 
 def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
-    """Code an ``access.recorded`` event from its action word and outcome."""
-    action_words = set(_WORD.findall(str(data.get("action") or "").lower()))
+    """Code an ``access.recorded`` event from its action words (a plural as its singular:
+    ``manage_grants`` is a grant) and outcome."""
+    words = _WORD.findall(str(data.get("action") or "").lower())
+    action_words = {*words, *(w.removesuffix("s") for w in words)}
     outcome_word = str(data.get("outcome") or "").lower()
     outcome = _outcome_of(data.get("outcome"))
     status = data.get("status_code")
@@ -304,7 +308,7 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
         code, action, types = codes.EXPORT, EventAction.READ, ()
     elif has("query", "search", "list", "qido"):
         code, action, types = codes.QUERY, EventAction.EXECUTE, ()
-    elif has("grant", "revoke", "role", "roles"):
+    elif has("grant", "revoke", "role"):
         code, action = codes.SECURITY_ALERT, EventAction.UPDATE
         types = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
     elif has("upload", "stow", "store", "create"):

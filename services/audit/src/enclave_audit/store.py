@@ -381,6 +381,11 @@ class SyncRecordReader:
         )
         return GENESIS if last is None else ChainHead(last["sequence"], last["record_hash"])
 
+    def last_signed_sequence(self) -> int:
+        """The last sequence a checkpoint signed (0 before the first): records up to it must exist."""
+        document = self.checkpoints.find_one({}, sort=[("_id", DESCENDING)], projection={"last_sequence": 1})
+        return 0 if document is None else int(document["last_sequence"])
+
     def anchor_before(self, first: int) -> ChainHead | None:
         """The head just before ``first`` (genesis for 1); None when that record is missing."""
         if first <= 1:

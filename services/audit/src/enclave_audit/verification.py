@@ -32,6 +32,19 @@ class TrailReport(BaseModel):
     checkpoint_problems: list[str] = []
 
 
+class RangeBeyondChain(ValueError):
+    """A range starting after the chain's end: nothing to verify, and nothing said about the trail.
+
+    A client error (the API answers 400 ``bad_range``, the CLI exits 2), not a broken trail that
+    would count in ``enclave_audit_verify_failures_total`` and page as possible tampering."""
+
+    def __init__(self, first: int, end: int, stored: int) -> None:
+        message = f"the range starts at {first}, past the end of the chain: it holds records 1..{end}"
+        if stored < end:
+            message += f" (signed; the last one stored is {stored}: verify the whole chain)"
+        super().__init__(message)
+
+
 def verify_trail(
     reader: SyncRecordReader,
     *,
@@ -46,7 +59,20 @@ def verify_trail(
     ``worm_copies`` maps a checkpoint's object key to the bytes read from the object-lock bucket;
     when given, the database index must match them byte for byte. Without ``public_key`` the
     checkpoint signatures are not checked (the chain and the roots still are).
+
+    The chain's end is its last stored record or the last sequence signed by a checkpoint,
+    whichever is higher: records deleted from the tail of a signed range stay ``truncated`` (or, for
+    a range starting among them, ``missing_sequence``) however far ``last`` reaches. A ``last``
+    past that end is clamped to it; a ``first`` past it raises :class:`RangeBeyondChain` (the whole
+    chain, ``first`` 1, never does: an empty chain verifies).
     """
+    stored = reader.head().sequence
+    signed = max([reader.last_signed_sequence(), *(e.checkpoint.last_sequence for e in checkpoints)])
+    end = max(stored, signed)
+    if first > max(end, 1):
+        raise RangeBeyondChain(first, end, stored)
+    if last is not None and last > end:
+        last = end or None
     anchor = reader.anchor_before(first)
     if anchor is None:
         missing = VerifyResult(

@@ -6,7 +6,8 @@ Checks, with nothing but the bundle and the audit service's Ed25519 public key: 
 signature; the SHA-256 and size of every file; each checkpoint's signature and the links between
 consecutive checkpoints; every record's hash and the hash chain from the manifest's anchor to the
 last record; and, for every checkpoint the bundle fully covers, the RFC 6962 Merkle root and the
-chain head it signed. Exits 0 when everything holds, 1 when anything fails, 2 on usage errors.
+chain head it signed. Exits 0 when everything holds, 1 when anything fails, 2 on usage errors
+(a missing file or key, a file that is not a tar archive).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ from enclave_audit.signing import ed25519_key_id, load_public_key_pem, verify_si
 MAX_SMALL_FILE: Final = 16 * 1024 * 1024
 
 
+class NotATarArchive(ValueError):
+    """The file is no bundle at all (e.g. the JSON error of a refused export saved by ``curl -o``):
+    unusable input, not a check that failed."""
+
+
 class BundleVerification(BaseModel):
     """Outcome of verifying a bundle: the checks that passed, and the problems found."""
 
@@ -51,7 +57,7 @@ class BundleVerification(BaseModel):
 
 
 def verify_bundle(bundle: IO[bytes], public_key: Ed25519PublicKey) -> BundleVerification:
-    """Verify a bundle read from a seekable binary file."""
+    """Verify a bundle read from a seekable binary file; :class:`NotATarArchive` if it is not a tar."""
     passed: list[str] = []
     problems: list[str] = []
 
@@ -67,12 +73,15 @@ def verify_bundle(bundle: IO[bytes], public_key: Ed25519PublicKey) -> BundleVeri
 
     try:
         tar = tarfile.open(fileobj=bundle, mode="r:*")  # noqa: SIM115 (closed by the ``with tar`` below)
-    except tarfile.TarError as exc:
-        problems.append(f"not a tar archive: {exc}")
-        return result()
+    except tarfile.TarError:
+        raise NotATarArchive("not a tar archive") from None
     with tar:
+        try:
+            listed_members = tar.getmembers()
+        except tarfile.TarError:
+            raise NotATarArchive("not a complete tar archive (cut short?)") from None
         members = {}
-        for member in tar.getmembers():
+        for member in listed_members:
             if not member.isfile():
                 problems.append(f"{member.name}: only regular files are allowed in a bundle")
             elif member.name in members:
@@ -281,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"cannot read bundle {args.bundle}: {exc}", file=sys.stderr)
         return 2
+    except NotATarArchive as exc:
+        hint = _json_hint(args.bundle)
+        print(f"cannot read bundle {args.bundle}: {exc}{hint}; nothing was verified", file=sys.stderr)
+        return 2
     for line in outcome.passed:
         print(f"ok    {line}")
     for line in outcome.problems:
@@ -293,6 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"NOT VERIFIED: {len(outcome.problems)} problem(s)")
     return 1
+
+
+def _json_hint(path: Path) -> str:
+    """A hint when the file holds JSON: most likely the error answer of a refused export."""
+    with path.open("rb") as file:
+        start = file.read(64).lstrip()
+    if start.startswith(b"{"):
+        return " (it holds JSON, likely the export's error answer: download with curl -f)"
+    return ""
 
 
 if __name__ == "__main__":
