@@ -307,6 +307,53 @@ async def test_checkpoint_object_cannot_be_deleted_or_overwritten(mongo, s3, uni
         s3.delete_object(Bucket=WORM_BUCKET, Key=key, VersionId=forged["VersionId"])  # not locked: removable
 
 
+async def test_a_checkpoint_removed_from_the_index_is_reported_and_adopted_back_not_signed_again(
+    mongo, s3, unique, auditor_client, operator_auditor
+):
+    """Whoever can write the database removes the index entry of the last checkpoint. Before the
+    twelfth session verification saw nothing (it only read the WORM copies the index named), and the
+    checkpointer signed that range again, as a second version of the same object: records changed
+    before the removal would have been signed as they were. Now verification lists the object-lock
+    bucket past the last indexed checkpoint and reports the one it finds, and the checkpointer adopts
+    it (the records still match) instead of signing anew."""
+    await publish(
+        topics.ACCESS_RECORDED, [access_event(actor=f"it-adopt-{unique}", tenant=f"it-{unique}")], key=unique
+    )
+    entry = await _a_checkpoint(mongo)
+    checkpoints = mongo["audit"]["checkpoints"]
+    await checkpoints.delete_one({"_id": entry["_id"]})
+    try:
+        report = await verify_range(auditor_client, operator_auditor, entry["_id"], entry["last_sequence"])
+        assert not report["ok"], report
+        assert (
+            f"checkpoint {entry['_id']}..{entry['last_sequence']} is in the object-lock bucket but not in "
+            "the database index"
+        ) in " ".join(report["checkpoint_problems"])
+
+        # The next checkpoint is due once a record is pending: the missing one is adopted first.
+        await publish(
+            topics.ACCESS_RECORDED,
+            [access_event(actor=f"it-adopt2-{unique}", tenant=f"it-{unique}")],
+            key=unique,
+        )
+        deadline = time.monotonic() + 150
+        while (adopted := await checkpoints.find_one({"_id": entry["_id"]})) is None:
+            assert time.monotonic() < deadline, "the checkpointer did not adopt the stored checkpoint"
+            await asyncio.sleep(2)
+    finally:
+        if await checkpoints.find_one({"_id": entry["_id"]}) is None:
+            await checkpoints.insert_one(entry)  # leave the shared trail as it was
+    assert (adopted["object_key"], adopted["version_id"], adopted["document"]) == (
+        entry["object_key"],
+        entry["version_id"],
+        entry["document"],
+    )
+    versions = s3.list_object_versions(Bucket=WORM_BUCKET, Prefix=entry["object_key"])["Versions"]
+    assert [v["VersionId"] for v in versions if v["Key"] == entry["object_key"]] == [entry["version_id"]]
+    again = await verify_range(auditor_client, operator_auditor, entry["_id"], entry["last_sequence"])
+    assert again["ok"], again
+
+
 # ---- crash safety ------------------------------------------------------------------------------
 
 

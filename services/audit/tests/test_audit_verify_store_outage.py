@@ -21,10 +21,16 @@ class Objects:
     async def open(self, bucket: str, key: str, version_id: str | None = None) -> Any:
         raise self.failure
 
+    async def keys_after(self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000) -> list[str]:
+        return []
+
 
 class Store:
     async def checkpoints_between(self, first: int, last: int | None) -> list[Any]:
         return [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
+
+    async def last_checkpoint(self) -> Any:
+        return None
 
 
 def context(failure: Exception) -> Any:

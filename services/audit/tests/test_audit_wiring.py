@@ -261,3 +261,36 @@ def test_settings_read_nested_anomaly_thresholds_and_refuse_bad_pages(monkeypatc
     monkeypatch.delenv("ENCLAVE_AUDIT_ANOMALY__TIMEZONE")
     with pytest.raises(ValidationError, match="default_page_size"):
         AuditSettings(default_page_size=500, max_page_size=100)
+
+
+def test_removing_the_index_entries_of_the_tail_does_not_hide_its_truncation():
+    """Whoever can write the database deletes the last records and the index entry of the
+    checkpoint that signed them: the object-lock bucket still has the checkpoint, so the chain's
+    end is where it signed, and the unindexed checkpoint is a problem of its own."""
+    signer = Ed25519Signer.generate()
+    records = chained_records(8)
+    entries = _checkpointed(records, signer, 4)
+    reader = FakeReader([to_document(r, r.event_id) for r in records[:5]], signed=4)  # 6..8 deleted
+    hidden = verify_trail(reader, checkpoints=entries[:1], public_key=signer.public_key)  # type: ignore[arg-type]
+    assert hidden.ok  # what the database alone says: nothing is missing
+    report = verify_trail(
+        reader, checkpoints=entries[:1], public_key=signer.public_key, unindexed=[entries[1].object_key]
+    )  # type: ignore[arg-type]
+    assert not report.ok
+    assert (report.chain.reason, report.chain.broken_sequence) == ("truncated", 6)
+    assert report.checkpoint_problems == [
+        "checkpoint 5..8 is in the object-lock bucket but not in the database index (index entries "
+        "removed, or not yet indexed after a replica died: the checkpointer then adopts it)"
+    ]
+
+
+def test_a_checkpoint_missing_between_indexed_ones_is_reported():
+    signer = Ed25519Signer.generate()
+    records = chained_records(12)
+    entries = _checkpointed(records, signer, 4)
+    reader = FakeReader([to_document(r, r.event_id) for r in records], signed=12)
+    report = verify_trail(reader, checkpoints=[entries[0], entries[2]], public_key=signer.public_key)  # type: ignore[arg-type]
+    assert report.chain.ok and not report.ok
+    assert report.checkpoint_problems == ["no indexed checkpoint covers 5..8: index entries were removed"]
+    first_gone = verify_trail(reader, checkpoints=entries[1:], public_key=signer.public_key)  # type: ignore[arg-type]
+    assert first_gone.checkpoint_problems == ["no indexed checkpoint covers 1..4: index entries were removed"]

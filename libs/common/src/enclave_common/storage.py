@@ -62,6 +62,12 @@ class ObjectStore(Protocol):
 
     async def delete_all_versions(self, bucket: str, key: str) -> int: ...
 
+    async def keys_after(
+        self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000
+    ) -> list[str]: ...
+
+    async def versions_of(self, bucket: str, key: str) -> list[str]: ...
+
     async def ping(self) -> None: ...
 
 
@@ -200,6 +206,32 @@ class S3ObjectStore:
             return len(items)
 
         return await self._call("delete", delete)  # type: ignore[no-any-return]
+
+    async def keys_after(self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000) -> list[str]:
+        """Up to ``limit`` (at most 1000) keys under ``prefix`` that sort after ``start_after``, in order."""
+        response = await self._call(
+            "list",
+            self._client.list_objects_v2,
+            Bucket=bucket,
+            Prefix=prefix,
+            StartAfter=start_after,
+            MaxKeys=min(limit, 1000),
+        )
+        return [item["Key"] for item in response.get("Contents", [])]
+
+    async def versions_of(self, bucket: str, key: str) -> list[str]:
+        """The version ids of ``key`` (not of keys it is a prefix of), newest first; no delete markers."""
+
+        def versions() -> list[str]:
+            found = []
+            paginator = self._client.get_paginator("list_object_versions")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                found += [
+                    (v["LastModified"], v["VersionId"]) for v in page.get("Versions", []) if v["Key"] == key
+                ]
+            return [version for _, version in sorted(found, reverse=True)]
+
+        return await self._call("list versions", versions)  # type: ignore[no-any-return]
 
     def iter_keys(self, bucket: str, prefix: str = "") -> Iterator[str]:
         paginator = self._client.get_paginator("list_objects_v2")

@@ -44,7 +44,13 @@ from enclave_audit.store import (
     decode_cursor,
     encode_cursor,
 )
-from enclave_audit.verification import RangeBeyondChain, TrailReport, read_worm_copies, verify_trail
+from enclave_audit.verification import (
+    RangeBeyondChain,
+    TrailReport,
+    read_worm_copies,
+    unindexed_checkpoints,
+    verify_trail,
+)
 
 _OUTCOME_WORDS: Final = {
     "allow": "success",
@@ -289,6 +295,8 @@ async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> T
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
     worm = await read_worm_copies(ctx.objects, ctx.bucket, entries, _unreadable)
+    indexed = await ctx.store.last_checkpoint()
+    unindexed = await unindexed_checkpoints(ctx.objects, ctx.bucket, indexed.object_key if indexed else None)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,
@@ -297,6 +305,7 @@ async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> T
         checkpoints=entries,
         public_key=ctx.public_key,
         worm_copies=worm,
+        unindexed=unindexed,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Final, Literal
@@ -27,6 +28,20 @@ from enclave_audit.signing import Signer, ed25519_key_id, verify_signature
 CHECKPOINT_FORMAT: Final = "enclave.audit.checkpoint.v1"
 #: ``prev_checkpoint_hash`` of the first checkpoint.
 CHECKPOINT_GENESIS_HASH: Final = hashlib.sha256(b"enclave.audit.checkpoint.genesis.v1").hexdigest()
+#: Where checkpoints are in the object-lock bucket: ``checkpoints/<first>-<last>.json``, each number
+#: zero-padded to 12 digits, so names sort by sequence (S3 lists keys in that order).
+CHECKPOINT_PREFIX: Final = "checkpoints/"
+_OBJECT_KEY = re.compile(r"checkpoints/(\d{12})-(\d{12})\.json")
+
+
+def checkpoint_object_key(first: int, last: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{first:012d}-{last:012d}.json"
+
+
+def checkpoint_range(object_key: str) -> tuple[int, int] | None:
+    """``(first, last)`` of a checkpoint's object key; None for any other name."""
+    match = _OBJECT_KEY.fullmatch(object_key)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 class CheckpointError(ValueError):
@@ -68,7 +83,7 @@ class Checkpoint(BaseModel):
     @property
     def object_key(self) -> str:
         """Object name in the checkpoint bucket; zero-padded so names sort by sequence."""
-        return f"checkpoints/{self.first_sequence:012d}-{self.last_sequence:012d}.json"
+        return checkpoint_object_key(self.first_sequence, self.last_sequence)
 
     def covers(self, sequence: int) -> bool:
         return self.first_sequence <= sequence <= self.last_sequence

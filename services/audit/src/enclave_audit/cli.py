@@ -26,7 +26,13 @@ from pymongo.errors import PyMongoError
 from enclave_audit.config import AuditSettings
 from enclave_audit.signing import Ed25519Signer, load_public_key_pem
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
-from enclave_audit.verification import RangeBeyondChain, TrailReport, read_worm_copies, verify_trail
+from enclave_audit.verification import (
+    RangeBeyondChain,
+    TrailReport,
+    read_worm_copies,
+    unindexed_checkpoints,
+    verify_trail,
+)
 
 
 def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) -> dict[str, bytes]:
@@ -34,6 +40,10 @@ def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) ->
         print(f"warn  {object_key}: {type(exc).__name__}", file=sys.stderr)
 
     return asyncio.run(read_worm_copies(S3ObjectStore(settings), settings.worm_bucket, entries, unreadable))
+
+
+def _unindexed(settings: AuditSettings, last_indexed: str | None) -> list[str]:
+    return asyncio.run(unindexed_checkpoints(S3ObjectStore(settings), settings.worm_bucket, last_indexed))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reader = SyncRecordReader(client[settings.mongo_database])
         entries = reader.checkpoints_between(args.first, args.last)
         worm = None if args.no_worm else _worm_copies(settings, entries)
+        unindexed = [] if args.no_worm else _unindexed(settings, reader.last_checkpoint_key())
         report = verify_trail(
             reader,
             first=args.first,
@@ -78,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoints=entries,
             public_key=public_key,
             worm_copies=worm,
+            unindexed=unindexed,
         )
     except RangeBeyondChain as exc:
         print(f"{exc}; nothing was verified", file=sys.stderr)

@@ -30,11 +30,17 @@ from faststream.kafka.annotations import KafkaMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from enclave_audit.anomaly import AlertDraft, AnomalyDetector
-from enclave_audit.chain import GENESIS, ChainHead, verify_chain
-from enclave_audit.checkpoints import build_checkpoint
+from enclave_audit.chain import GENESIS, ChainHead, VerifyResult, verify_chain
+from enclave_audit.checkpoints import (
+    Checkpoint,
+    build_checkpoint,
+    checkpoint_range,
+    verify_checkpoint,
+)
 from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
-from enclave_audit.signing import Signer
+from enclave_audit.signing import Ed25519Signer
 from enclave_audit.store import AuditStore, CheckpointEntry, json_form
+from enclave_audit.verification import unindexed_checkpoints
 
 log = structlog.get_logger("enclave.audit")
 
@@ -247,13 +253,21 @@ class AuditConsumer:
 
 class Checkpointer:
     """Signs a checkpoint over the records since the last one, after verifying them, and stores it
-    in the object-lock bucket (COMPLIANCE mode) and the checkpoint index, in that order."""
+    in the object-lock bucket (COMPLIANCE mode) and the checkpoint index, in that order.
+
+    Before signing, it looks in the bucket for a checkpoint after the last indexed one. One is there
+    when a replica died between storing a checkpoint and indexing it, or when someone removed index
+    entries from the database. Such a checkpoint is **adopted** (indexed as it is) when it starts
+    right after the last indexed one, has one version, its signature and link verify, and the
+    records still match its root; otherwise nothing is signed any more (``verify_failures`` counts
+    and the log says why). Signing anew over that range would let whoever can write the database
+    remove the index entries of the tail, change the records and have them signed again."""
 
     def __init__(
         self,
         store: AuditStore,
         objects: ObjectStore,
-        signer: Signer,
+        signer: Ed25519Signer,
         *,
         bucket: str,
         retention_days: int,
@@ -298,12 +312,74 @@ class Checkpointer:
             )
             if not due:
                 return made
-            entry = await self.make(previous, start, min(head.sequence, start + self.every_records - 1))
+            unindexed = await unindexed_checkpoints(
+                self.objects, self.bucket, previous.object_key if previous else None
+            )
+            if unindexed:
+                entry = await self.adopt(previous, start, unindexed[0])
+            else:
+                entry = await self.make(previous, start, min(head.sequence, start + self.every_records - 1))
             if entry is None:
                 return made
             made.append(entry)
 
-    async def make(self, previous: CheckpointEntry | None, first: int, last: int) -> CheckpointEntry | None:
+    async def adopt(self, previous: CheckpointEntry | None, start: int, key: str) -> CheckpointEntry | None:
+        """Index the stored checkpoint ``key`` if it is the one that follows ``previous`` and the
+        records match it; None, with the reason logged and counted, if not."""
+        problem = None
+        entry = None
+        span = checkpoint_range(key)
+        versions = await self.objects.versions_of(self.bucket, key)
+        if span is None or span[0] != start:
+            problem = f"it does not start at {start}, right after the last indexed checkpoint"
+        elif len(versions) != 1:
+            problem = f"it has {len(versions)} versions, not 1"
+        else:
+            body = await self.objects.open(self.bucket, key, versions[0])
+            raw = await asyncio.to_thread(body.read)
+            try:
+                checkpoint = Checkpoint.from_bytes(raw)
+            except ValueError:
+                problem = "it is not a checkpoint document"
+            else:
+                problem = await self._mismatch(previous, checkpoint)
+                entry = CheckpointEntry(checkpoint, key, versions[0], raw)
+        if problem is not None or entry is None:
+            self.metrics.verify_failures.inc()
+            log.error(
+                "refusing to sign: the object-lock bucket holds a checkpoint the index lacks, and it "
+                "cannot be adopted (was the checkpoint index changed?)",
+                object_key=key,
+                problem=problem,
+            )
+            return None
+        if not await self.store.add_checkpoint(entry):
+            return None  # another replica indexed it first
+        self.metrics.last_checkpoint_sequence.set(entry.checkpoint.last_sequence)
+        log.warning(
+            "checkpoint adopted from the object-lock bucket: its index entry was missing",
+            first=entry.checkpoint.first_sequence,
+            last=entry.checkpoint.last_sequence,
+        )
+        return entry
+
+    async def _mismatch(self, previous: CheckpointEntry | None, checkpoint: Checkpoint) -> str | None:
+        """Why ``checkpoint`` is not the signed checkpoint of the stored records after ``previous``."""
+        records, chain = await self._records(previous, checkpoint.first_sequence, checkpoint.last_sequence)
+        if not chain.ok:
+            return f"the records it covers do not verify ({chain.reason} at {chain.broken_sequence})"
+        check = verify_checkpoint(
+            checkpoint,
+            self.signer.public_key,
+            record_hashes=[r.record_hash for r in records],
+            previous=previous.checkpoint if previous else None,
+        )
+        return None if check.ok else check.reason
+
+    async def _records(
+        self, previous: CheckpointEntry | None, first: int, last: int
+    ) -> tuple[list[AuditRecord], VerifyResult]:
+        """The stored records ``first..last``, and whether they chain on from ``previous``."""
         anchor = (
             ChainHead(previous.checkpoint.last_sequence, previous.checkpoint.last_record_hash)
             if previous
@@ -312,6 +388,10 @@ class Checkpointer:
         documents = [json_form(d) async for d in self.store.iter_range(first, last)]
         records: list[AuditRecord] = []
         result = verify_chain(documents, anchor=anchor, expected_last_sequence=last, on_record=records.append)
+        return records, result
+
+    async def make(self, previous: CheckpointEntry | None, first: int, last: int) -> CheckpointEntry | None:
+        records, result = await self._records(previous, first, last)
         if not result.ok:
             self.metrics.verify_failures.inc()
             log.error(

@@ -17,7 +17,13 @@ from enclave_common.storage import ObjectStore
 from pydantic import BaseModel
 
 from enclave_audit.chain import BreakReason, VerifyResult, verify_chain
-from enclave_audit.checkpoints import Checkpoint, CheckpointRoots, verify_checkpoint
+from enclave_audit.checkpoints import (
+    CHECKPOINT_PREFIX,
+    Checkpoint,
+    CheckpointRoots,
+    checkpoint_range,
+    verify_checkpoint,
+)
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
 
 
@@ -53,6 +59,7 @@ def verify_trail(
     checkpoints: Sequence[CheckpointEntry] = (),
     public_key: Ed25519PublicKey | None = None,
     worm_copies: Mapping[str, bytes] | None = None,
+    unindexed: Sequence[str] = (),
 ) -> TrailReport:
     """Verify records ``first..last`` (``last`` None: to the end) and the checkpoints overlapping them.
 
@@ -65,9 +72,23 @@ def verify_trail(
     a range starting among them, ``missing_sequence``) however far ``last`` reaches. A ``last``
     past that end is clamped to it; a ``first`` past it raises :class:`RangeBeyondChain` (the whole
     chain, ``first`` 1, never does: an empty chain verifies).
+
+    ``unindexed`` are the object keys of checkpoints in the object-lock bucket after the last one the
+    database indexes (:func:`unindexed_checkpoints`). Each is a problem (index entries were removed,
+    or a replica died between storing and indexing it, which the checkpointer repairs by adopting
+    it), and what they sign counts toward the chain's end. So do checkpoints missing between two
+    indexed ones. Without this, removing the tail's index entries along with its records would hide
+    the truncation.
     """
     stored = reader.head().sequence
-    signed = max([reader.last_signed_sequence(), *(e.checkpoint.last_sequence for e in checkpoints)])
+    spans = [(key, checkpoint_range(key)) for key in unindexed]
+    signed = max(
+        [
+            reader.last_signed_sequence(),
+            *(e.checkpoint.last_sequence for e in checkpoints),
+            *(span[1] for _, span in spans if span is not None),
+        ]
+    )
     end = max(stored, signed)
     if first > max(end, 1):
         raise RangeBeyondChain(first, end, stored)
@@ -89,9 +110,8 @@ def verify_trail(
         for e in checkpoints
         if e.checkpoint.first_sequence >= first and (last is None or e.checkpoint.last_sequence <= last)
     ]
-    expected_last = last
-    if expected_last is None and checkpoints:
-        expected_last = max(e.checkpoint.last_sequence for e in checkpoints)
+    # To the end: at least to the last sequence any checkpoint signed, indexed or not.
+    expected_last = last if last is not None else (signed or None)
     computed = CheckpointRoots(covered)
     chain = verify_chain(
         reader.iter_documents(first, last),
@@ -102,10 +122,24 @@ def verify_trail(
     roots = {cp.first_sequence: (root, last_hash) for cp, root, last_hash in computed.completed}
 
     problems: list[str] = []
+    for key, span in spans:
+        where = f"checkpoint {span[0]}..{span[1]}" if span else f"object {key}"
+        problems.append(
+            f"{where} is in the object-lock bucket but not in the database index (index entries "
+            "removed, or not yet indexed after a replica died: the checkpointer then adopts it)"
+        )
     previous: Checkpoint | None = None
     for entry in checkpoints:
         cp = entry.checkpoint
         span = f"{cp.first_sequence}..{cp.last_sequence}"
+        if (previous is None and first == 1 and cp.first_sequence != 1) or (
+            previous is not None and previous.last_sequence + 1 < cp.first_sequence
+        ):
+            gap_start = previous.last_sequence + 1 if previous else 1
+            problems.append(
+                f"no indexed checkpoint covers {gap_start}..{cp.first_sequence - 1}: "
+                "index entries were removed"
+            )
         if worm_copies is not None:
             worm = worm_copies.get(entry.object_key)
             if worm is None:
@@ -136,6 +170,19 @@ def verify_trail(
         checkpoints_checked=len(checkpoints),
         checkpoint_problems=problems,
     )
+
+
+async def unindexed_checkpoints(objects: ObjectStore, bucket: str, last_indexed: str | None) -> list[str]:
+    """Object keys of the checkpoints in the object-lock bucket that start after the last indexed one
+    (its key; None: there is none), in order; at most 1,000 are listed.
+
+    Left out: checkpoints that start inside the last indexed one. A second writer that lost the race
+    to index the same range stored them (the index refused its insert); they are harmless orphans,
+    and any with a smaller end sort before the indexed one anyway."""
+    span = checkpoint_range(last_indexed) if last_indexed else None
+    indexed_end = span[1] if span else 0
+    keys = await objects.keys_after(bucket, CHECKPOINT_PREFIX, last_indexed or CHECKPOINT_PREFIX)
+    return [key for key in keys if (found := checkpoint_range(key)) is None or found[0] > indexed_end]
 
 
 async def read_worm_copies(
