@@ -551,7 +551,7 @@ def _variable(cls: type[BaseServiceSettings], loc: tuple[int | str, ...]) -> str
     name = "__".join(str(part) for part in loc).upper()
     prefixed = f"{cls.model_config.get('env_prefix') or ''}{name}"
     shared = f"{BaseServiceSettings.model_config.get('env_prefix') or ''}{name}"
-    if prefixed not in os.environ and shared in os.environ and loc[0] in BaseServiceSettings.model_fields:
+    if prefixed not in os.environ and shared in os.environ:
         return shared
     return prefixed
 

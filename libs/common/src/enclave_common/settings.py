@@ -30,8 +30,8 @@ PLACEHOLDER_SECRETS = frozenset(
 #: is 2 GiB, but de-identification parses an instance whole (peak about 3x its size, measured), and
 #: 768 MiB is what fits deid's 3 GiB pod memory in deploy/k8s. One default for both services, so a
 #: hospital learns at upload what the pipeline cannot process, not later from a quarantined status.
-#: Raise ``ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES`` and ``ENCLAVE_DEID_MAX_INSTANCE_BYTES`` together
-#: (with deid's memory: 2 GiB instances need about 6.5 GiB).
+#: Raise ``ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES`` and ``ENCLAVE_DEID_MAX_INSTANCE_BYTES`` together, or both
+#: at once with ``ENCLAVE_MAX_INSTANCE_BYTES`` (with deid's memory: 2 GiB instances need about 6.5 GiB).
 DEFAULT_MAX_INSTANCE_BYTES = 768 * 1024 * 1024
 
 

@@ -136,7 +136,8 @@ class ValidationPolicy:
     header_window_bytes: int = 1 * MIB
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_sequence_depth: int = 16
-    max_inflated_bytes: int = 2 * GIB
+    #: A deflated dataset is inflated whole by deid too: the same bound as an instance.
+    max_inflated_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_inflation_ratio: int = 200
     inflation_ratio_floor_bytes: int = 16 * MIB
 
