@@ -1,9 +1,12 @@
-"""The checkpointer finds a checkpoint in the object-lock bucket that the database index lacks.
+"""What the checkpointer does with checkpoints the object-lock bucket holds and the index does not.
 
-A replica that died between storing a checkpoint and indexing it leaves one; so does whoever removed
-index entries from the database. Signing that range anew would let a database writer change the
-tail's records, remove its index entries and have the audit service sign the forgery: the stored
-checkpoint is adopted when the records still match it, and nothing is signed any more when not.
+A replica that died between storing a checkpoint and indexing it leaves one; so does a writer that
+lost the race to index the same range; so does whoever removes index entries from the database.
+Signing a range again would let whoever can write the database change the records, remove or
+redirect the index entries, and have the audit service sign the forgery: a checkpoint stored at the
+next start is adopted when the records match it, a stored checkpoint covering the records to be
+signed must match them, and the last indexed entry must be a genuine checkpoint under its own name.
+Otherwise nothing is signed. Verification (``verify_trail`` with ``stored``) reads the same bucket.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from enclave_audit.chain import ChainHead, HashChain
+from enclave_audit.chain import GENESIS, ChainHead, HashChain
 from enclave_audit.checkpoints import CHECKPOINT_PREFIX, build_checkpoint
 from enclave_audit.handlers import AuditMetrics, Checkpointer
 from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer
-from enclave_audit.store import CheckpointEntry, to_document
-from enclave_audit.verification import unindexed_checkpoints
+from enclave_audit.store import CheckpointEntry, json_form, to_document
+from enclave_audit.verification import StoredCheckpoint, TrailReport, index_copies, verify_trail
 from enclave_common.storage import StoredObject
 from prometheus_client import CollectorRegistry
 
@@ -27,16 +30,21 @@ from .conftest import chained_records
 
 
 class Bucket:
-    """The object-lock bucket: versions per key, listed in key order."""
+    """The object-lock bucket: every version of every key is kept, listed in key order."""
 
     def __init__(self) -> None:
         self.versions: dict[str, list[bytes]] = {}
 
-    async def keys_after(self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000) -> list[str]:
-        return sorted(k for k in self.versions if k.startswith(prefix) and k > start_after)[:limit]
-
-    async def versions_of(self, bucket: str, key: str) -> list[str]:
-        return [f"v{i}" for i in reversed(range(len(self.versions.get(key, []))))]
+    async def list_versions(
+        self, bucket: str, prefix: str, *, after: str = "", until: str | None = None
+    ) -> list[tuple[str, str]]:
+        keys = sorted(k for k in self.versions if k.startswith(prefix) and k > after)
+        return [
+            (k, f"v{i}")
+            for k in keys
+            if until is None or k <= until
+            for i in reversed(range(len(self.versions[k])))
+        ]
 
     async def open(self, bucket: str, key: str, version_id: str | None = None) -> Any:
         return io.BytesIO(self.versions[key][int((version_id or "v0")[1:])])
@@ -47,7 +55,7 @@ class Bucket:
 
 
 class Index:
-    """The audit database: records and the checkpoint index."""
+    """The audit database: records and the checkpoint index; also the verifier's reader."""
 
     def __init__(self, records: list[AuditRecord]) -> None:
         self.records = {r.sequence: to_document(r, r.event_id) for r in records}
@@ -58,13 +66,18 @@ class Index:
         return self.entries[max(self.entries)] if self.entries else None
 
     async def read_head(self) -> ChainHead:
+        return self.head_of()
+
+    def head_of(self) -> ChainHead:
         last = self.records[max(self.records)]
         return ChainHead(last["sequence"], last["record_hash"])
 
     async def iter_range(self, first: int = 1, last: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        for sequence in sorted(self.records):
-            if sequence >= first and (last is None or sequence <= last):
-                yield self.records[sequence]
+        for sequence in self._sequences(first, last):
+            yield self.records[sequence]
+
+    def _sequences(self, first: int, last: int | None) -> list[int]:
+        return [s for s in sorted(self.records) if s >= first and (last is None or s <= last)]
 
     async def add_checkpoint(self, entry: CheckpointEntry) -> bool:
         if entry.checkpoint.first_sequence in self.entries:
@@ -72,8 +85,36 @@ class Index:
         self.entries[entry.checkpoint.first_sequence] = entry
         return True
 
+    def add(self, records: list[AuditRecord]) -> None:
+        self.records |= {r.sequence: to_document(r, r.event_id) for r in records}
 
-def _checkpointer(index: Index, bucket: Bucket, signer: Ed25519Signer) -> tuple[Checkpointer, AuditMetrics]:
+
+class Reader:
+    """The same database as ``verify_trail`` reads it (``SyncRecordReader``)."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def head(self) -> ChainHead:
+        return self.index.head_of()
+
+    def last_signed_sequence(self) -> int:
+        entries = self.index.entries
+        return entries[max(entries)].checkpoint.last_sequence if entries else 0
+
+    def anchor_before(self, first: int) -> ChainHead | None:
+        if first <= 1:
+            return GENESIS
+        found = self.index.records.get(first - 1)
+        return ChainHead(found["sequence"], found["record_hash"]) if found else None
+
+    def iter_documents(self, first: int = 1, last: int | None = None) -> Any:
+        return (json_form(self.index.records[s]) for s in self.index._sequences(first, last))
+
+
+def _checkpointer(
+    index: Index, bucket: Bucket, signer: Ed25519Signer, every: int = 4
+) -> tuple[Checkpointer, AuditMetrics]:
     metrics = AuditMetrics(CollectorRegistry())
     checkpointer = Checkpointer(
         index,  # type: ignore[arg-type]
@@ -81,7 +122,7 @@ def _checkpointer(index: Index, bucket: Bucket, signer: Ed25519Signer) -> tuple[
         signer,
         bucket="worm",
         retention_days=1,
-        every_records=4,
+        every_records=every,
         interval_s=3600,
         metrics=metrics,
     )
@@ -91,6 +132,30 @@ def _checkpointer(index: Index, bucket: Bucket, signer: Ed25519Signer) -> tuple[
 def _failures(metrics: AuditMetrics) -> float:
     (family,) = metrics.verify_failures.collect()
     return next(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+def _forge(index: Index, records: list[AuditRecord], start: int, last: int, target: int) -> None:
+    """Rewrite record ``target`` and re-hash ``start..last`` after it: a chain that verifies."""
+    forger = HashChain(ChainHead(start - 1, records[start - 2].record_hash))
+    for record in records[start - 1 : last]:
+        changed = record.model_copy(update={"actor": "mallory"}) if record.sequence == target else record
+        index.add([forger.append(changed)])
+
+
+async def _verify(index: Index, bucket: Bucket, signer: Ed25519Signer) -> TrailReport:
+    """Whole-chain verification as the API does it."""
+    entries = [index.entries[k] for k in sorted(index.entries)]
+    stored = [
+        StoredCheckpoint(key, version, (await bucket.open("worm", key, version)).read())
+        for key, version in await bucket.list_versions("worm", CHECKPOINT_PREFIX)
+    ]
+    return verify_trail(
+        Reader(index),  # type: ignore[arg-type]
+        checkpoints=entries,
+        public_key=signer.public_key,
+        worm_copies=index_copies(entries, stored),
+        stored=stored,
+    )
 
 
 async def _two_checkpoints(records: list[AuditRecord]) -> tuple[Index, Bucket, Ed25519Signer]:
@@ -107,6 +172,7 @@ async def test_a_stored_checkpoint_the_index_lacks_is_adopted_when_the_records_m
     index, bucket, signer = await _two_checkpoints(records)
     key = index.entries[5].object_key
     del index.entries[5]  # a replica died after storing it, before indexing it
+    assert (await _verify(index, bucket, signer)).ok  # nothing is wrong with the trail meanwhile
     checkpointer, metrics = _checkpointer(index, bucket, signer)
 
     (adopted,) = await checkpointer.tick(force=True)
@@ -115,17 +181,12 @@ async def test_a_stored_checkpoint_the_index_lacks_is_adopted_when_the_records_m
     assert sorted(index.entries) == [1, 5] and _failures(metrics) == 0
 
 
-async def test_a_forged_tail_whose_index_entry_was_removed_is_not_signed() -> None:
+async def test_a_forged_tail_whose_index_entry_was_removed_is_not_signed_and_is_found() -> None:
     """Before: the checkpointer signed records 5..8 again, forgery included, as a new version of the
     same object; verification then read the version the index named and found nothing wrong."""
-    records = chained_records(8)
-    index, bucket, signer = await _two_checkpoints(records)
-    forger = HashChain(ChainHead(4, records[3].record_hash))
-    for record in records[4:]:
-        forged = forger.append(
-            record.model_copy(update={"actor": "mallory"}) if record.sequence == 6 else record
-        )
-        index.records[forged.sequence] = to_document(forged, forged.event_id)
+    records = chained_records(10)
+    index, bucket, signer = await _two_checkpoints(records[:8])
+    _forge(index, records, 5, 8, target=6)
     key = index.entries[5].object_key
     del index.entries[5]
     checkpointer, metrics = _checkpointer(index, bucket, signer)
@@ -134,26 +195,81 @@ async def test_a_forged_tail_whose_index_entry_was_removed_is_not_signed() -> No
     assert len(bucket.versions[key]) == 1 and sorted(index.entries) == [1]
     assert _failures(metrics) == 1
 
-    # More records arrive: still nothing signed while the stored checkpoint cannot be adopted.
-    for record in chained_records(10)[8:]:
-        appended = forger.append(record)
-        index.records[appended.sequence] = to_document(appended, appended.event_id)
+    # More records arrive: still nothing signed while the stored checkpoint disagrees.
+    forger = HashChain(ChainHead(8, index.records[8]["record_hash"]))
+    index.add([forger.append(r) for r in records[8:]])
     assert await checkpointer.tick(force=True) == []
-    assert list(bucket.versions) == [index.entries[1].object_key, key] and _failures(metrics) == 2
+    assert len(bucket.versions) == 2 and _failures(metrics) == 2
+
+    report = await _verify(index, bucket, signer)
+    assert not report.ok
+    assert report.checkpoint_problems == [
+        "checkpoint 5..8 in the object-lock bucket (v0): the records do not match its signed Merkle root"
+    ]
 
 
-async def test_a_stored_checkpoint_with_a_second_version_is_not_adopted() -> None:
+async def test_an_index_entry_redirected_to_another_object_is_refused_and_found() -> None:
+    """The last remaining entry's object key rewritten to the removed checkpoint's: the bucket
+    search then started past the genuine 5..8 and the forgery was signed as its second version."""
     records = chained_records(8)
     index, bucket, signer = await _two_checkpoints(records)
-    key = index.entries[5].object_key
-    bucket.versions[key].append(bucket.versions[key][0])  # someone wrote the key again
-    del index.entries[5]
+    _forge(index, records, 5, 8, target=6)
+    genuine = index.entries.pop(5).object_key
+    index.entries[1].object_key = genuine
     checkpointer, metrics = _checkpointer(index, bucket, signer)
     assert await checkpointer.tick(force=True) == []
-    assert sorted(index.entries) == [1] and _failures(metrics) == 1
+    assert len(bucket.versions[genuine]) == 1 and _failures(metrics) == 1
+    problems = (await _verify(index, bucket, signer)).checkpoint_problems
+    assert f"checkpoint 1..4: its index entry names another object, {genuine}" in problems
 
 
-async def test_with_nothing_unindexed_the_checkpointer_signs_as_before() -> None:
+async def test_a_lost_race_orphan_indexed_in_place_of_the_winner_does_not_get_later_records_signed() -> None:
+    """Two writers signed 5..6 (indexed) and 5..7 (orphan); 7..8 followed. Someone indexes the
+    orphan instead of 5..6 and 7..8, and rewrites record 8: the genuine 7..8 still covers it."""
+    records = chained_records(10)
+    signer = Ed25519Signer.generate()
+    index, bucket = Index(records[:6]), Bucket()
+    checkpointer, _ = _checkpointer(index, bucket, signer, every=4)
+    await checkpointer.tick(force=True)  # 1..4
+    await checkpointer.tick(force=True)  # 5..6
+    orphan = build_checkpoint(
+        records[4:7], signer=signer, created_at=records[0].event_time, previous=index.entries[1].checkpoint
+    )
+    await bucket.put_locked("worm", orphan.object_key, orphan.to_bytes(), retain_until=datetime.now())
+    index.add(records[6:8])
+    await checkpointer.tick(force=True)  # 7..8
+    assert sorted(index.entries) == [1, 5, 7] and (await _verify(index, bucket, signer)).ok
+
+    del index.entries[5], index.entries[7]
+    index.entries[5] = CheckpointEntry(orphan, orphan.object_key, "v0", orphan.to_bytes())
+    _forge(index, records, 8, 8, target=8)
+    forger = HashChain(ChainHead(8, index.records[8]["record_hash"]))
+    index.add([forger.append(r) for r in records[8:]])
+    attacked, metrics = _checkpointer(index, bucket, signer)
+    assert await attacked.tick(force=True) == []
+    assert _failures(metrics) == 1
+    assert not (await _verify(index, bucket, signer)).ok
+
+
+async def test_a_writer_that_lost_the_race_to_index_leaves_an_orphan_that_blocks_nothing() -> None:
+    records = chained_records(8)
+    signer = Ed25519Signer.generate()
+    index, bucket = Index(records[:4]), Bucket()
+    checkpointer, metrics = _checkpointer(index, bucket, signer)
+    await checkpointer.tick(force=True)  # 1..4
+    for orphan in (records[:3], records[:5]):  # 1..3 sorts before 1..4, 1..5 after it
+        cp = build_checkpoint(orphan, signer=signer, created_at=records[0].event_time, previous=None)
+        await bucket.put_locked("worm", cp.object_key, cp.to_bytes(), retain_until=datetime.now())
+    index.add(records[4:])
+
+    (made,) = await checkpointer.tick(force=True)
+    assert (made.checkpoint.first_sequence, made.checkpoint.last_sequence) == (5, 8)
+    assert _failures(metrics) == 0
+    report = await _verify(index, bucket, signer)
+    assert report.ok, report  # genuine orphans that match the records are no alarm
+
+
+async def test_with_nothing_stored_the_checkpointer_signs_as_before() -> None:
     records = chained_records(4)
     signer = Ed25519Signer.generate()
     index, bucket = Index(records), Bucket()
@@ -162,23 +278,3 @@ async def test_with_nothing_unindexed_the_checkpointer_signs_as_before() -> None
     assert made.object_key == f"{CHECKPOINT_PREFIX}000000000001-000000000004.json"
     expected = build_checkpoint(records, signer=signer, created_at=made.checkpoint.created_at, previous=None)
     assert made.checkpoint == expected and _failures(metrics) == 0
-
-
-async def test_a_second_writer_that_lost_the_race_to_index_leaves_an_orphan_that_blocks_nothing() -> None:
-    """Two replicas sign at once from the same start: both store, one index insert wins. The loser's
-    object starts inside the indexed checkpoint; it is neither adopted nor reported."""
-    records = chained_records(8)
-    signer = Ed25519Signer.generate()
-    index, bucket = Index(records[:4]), Bucket()
-    checkpointer, metrics = _checkpointer(index, bucket, signer)
-    await checkpointer.tick(force=True)  # 1..4
-    lost = build_checkpoint(records[:3], signer=signer, created_at=records[0].event_time, previous=None)
-    longer = build_checkpoint(records[:5], signer=signer, created_at=records[0].event_time, previous=None)
-    for orphan in (lost, longer):  # 1..3 sorts before 1..4, 1..5 after it
-        await bucket.put_locked("worm", orphan.object_key, orphan.to_bytes(), retain_until=datetime.now())
-    index.records |= {r.sequence: to_document(r, r.event_id) for r in records[4:]}
-
-    (made,) = await checkpointer.tick(force=True)
-    assert (made.checkpoint.first_sequence, made.checkpoint.last_sequence) == (5, 8)
-    assert _failures(metrics) == 0
-    assert await unindexed_checkpoints(bucket, "worm", made.object_key) == []  # type: ignore[arg-type]

@@ -13,6 +13,9 @@ from botocore.exceptions import EndpointConnectionError
 from enclave_audit import api
 from enclave_common.errors import PermanentError
 
+KEY = "checkpoints/000000000001-000000000100.json"
+ENTRY = SimpleNamespace(object_key=KEY, version_id="v1", checkpoint=SimpleNamespace(first_sequence=1))
+
 
 class Objects:
     def __init__(self, failure: Exception) -> None:
@@ -21,16 +24,13 @@ class Objects:
     async def open(self, bucket: str, key: str, version_id: str | None = None) -> Any:
         raise self.failure
 
-    async def keys_after(self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000) -> list[str]:
-        return []
+    async def list_versions(self, bucket: str, prefix: str, **_: Any) -> list[tuple[str, str]]:
+        return [(KEY, "v1")]
 
 
 class Store:
     async def checkpoints_between(self, first: int, last: int | None) -> list[Any]:
-        return [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
-
-    async def last_checkpoint(self) -> Any:
-        return None
+        return [ENTRY]
 
 
 def context(failure: Exception) -> Any:
@@ -64,19 +64,21 @@ class CliStore:
     async def open(self, bucket: str, key: str, version_id: str | None = None) -> Any:
         raise CliStore.failure
 
+    async def list_versions(self, bucket: str, prefix: str, **_: Any) -> list[tuple[str, str]]:
+        return [(KEY, "v1")]
+
 
 def test_the_cli_stops_when_the_store_does_not_answer_and_reports_a_copy_that_is_gone(monkeypatch, capsys):
     from enclave_audit import cli
 
     monkeypatch.setattr(cli, "S3ObjectStore", CliStore)
     settings: Any = SimpleNamespace(worm_bucket="audit")
-    entries: Any = [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
     CliStore.failure = EndpointConnectionError(endpoint_url="http://minio")
     with pytest.raises(EndpointConnectionError):  # main() turns it into exit 2, "nothing was verified"
-        cli._worm_copies(settings, entries)
+        cli._stored(settings, 1, None)
     CliStore.failure = PermanentError("object store get failed (NoSuchKey)", code="s3_NoSuchKey")
-    assert cli._worm_copies(settings, entries) == {}  # verify_trail reports it: exit 1
-    assert "warn  checkpoints/1-100.json: PermanentError" in capsys.readouterr().err
+    assert cli._stored(settings, 1, None) == []  # verify_trail reports the indexed copy: exit 1
+    assert f"warn  {KEY}: PermanentError" in capsys.readouterr().err
 
 
 class CliDatabase:
@@ -92,7 +94,7 @@ class CliDatabase:
         pass
 
     def checkpoints_between(self, first: int, last: int | None) -> list[Any]:
-        return [SimpleNamespace(object_key="checkpoints/1-100.json", version_id="v1")]
+        return [ENTRY]
 
 
 @pytest.mark.parametrize("code", ["InvalidAccessKeyId", "SignatureDoesNotMatch"])

@@ -24,7 +24,7 @@ from enclave_audit.store import (
     json_form,
     to_document,
 )
-from enclave_audit.verification import RangeBeyondChain, verify_trail
+from enclave_audit.verification import RangeBeyondChain, StoredCheckpoint, verify_trail
 
 from .conftest import BASE_TIME, access, chained_records
 
@@ -266,21 +266,39 @@ def test_settings_read_nested_anomaly_thresholds_and_refuse_bad_pages(monkeypatc
 def test_removing_the_index_entries_of_the_tail_does_not_hide_its_truncation():
     """Whoever can write the database deletes the last records and the index entry of the
     checkpoint that signed them: the object-lock bucket still has the checkpoint, so the chain's
-    end is where it signed, and the unindexed checkpoint is a problem of its own."""
+    end is where it signed."""
     signer = Ed25519Signer.generate()
     records = chained_records(8)
     entries = _checkpointed(records, signer, 4)
+    stored = [StoredCheckpoint(e.object_key, "v1", e.raw) for e in entries]
     reader = FakeReader([to_document(r, r.event_id) for r in records[:5]], signed=4)  # 6..8 deleted
     hidden = verify_trail(reader, checkpoints=entries[:1], public_key=signer.public_key)  # type: ignore[arg-type]
     assert hidden.ok  # what the database alone says: nothing is missing
-    report = verify_trail(
-        reader, checkpoints=entries[:1], public_key=signer.public_key, unindexed=[entries[1].object_key]
-    )  # type: ignore[arg-type]
+    report = verify_trail(reader, checkpoints=entries[:1], public_key=signer.public_key, stored=stored)  # type: ignore[arg-type]
     assert not report.ok
     assert (report.chain.reason, report.chain.broken_sequence) == ("truncated", 6)
+
+
+def test_every_stored_version_must_be_a_signed_checkpoint_under_its_own_name():
+    signer = Ed25519Signer.generate()
+    records = chained_records(8)
+    entries = _checkpointed(records, signer, 4)
+    reader = FakeReader([to_document(r, r.event_id) for r in records], signed=8)
+    other = Ed25519Signer.generate()
+    forged = build_checkpoint(records[4:], signer=other, created_at=BASE_TIME, previous=entries[0].checkpoint)
+    stored = [
+        *(StoredCheckpoint(e.object_key, "v1", e.raw) for e in entries),
+        StoredCheckpoint(entries[1].object_key, "v2", forged.to_bytes()),  # a second version, other key
+        StoredCheckpoint(entries[0].object_key, "v2", entries[1].raw),  # 5..8 under 1..4's name
+        StoredCheckpoint("checkpoints/000000000009-000000000010.json", "v1", b"{}"),
+    ]
+    report = verify_trail(reader, checkpoints=entries, public_key=signer.public_key, stored=stored)  # type: ignore[arg-type]
+    assert report.chain.ok and not report.ok
     assert report.checkpoint_problems == [
-        "checkpoint 5..8 is in the object-lock bucket but not in the database index (index entries "
-        "removed, or not yet indexed after a replica died: the checkpointer then adopts it)"
+        f"object {entries[0].object_key} (v2) holds checkpoint 5..8",
+        "object checkpoints/000000000009-000000000010.json (v1) in the object-lock bucket is no checkpoint",
+        f"checkpoint 5..8 in the object-lock bucket (v2): signed with key {other.key_id}, which is not "
+        "among the trusted keys",
     ]
 
 

@@ -62,11 +62,9 @@ class ObjectStore(Protocol):
 
     async def delete_all_versions(self, bucket: str, key: str) -> int: ...
 
-    async def keys_after(
-        self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000
-    ) -> list[str]: ...
-
-    async def versions_of(self, bucket: str, key: str) -> list[str]: ...
+    async def list_versions(
+        self, bucket: str, prefix: str, *, after: str = "", until: str | None = None
+    ) -> list[tuple[str, str]]: ...
 
     async def ping(self) -> None: ...
 
@@ -207,29 +205,25 @@ class S3ObjectStore:
 
         return await self._call("delete", delete)  # type: ignore[no-any-return]
 
-    async def keys_after(self, bucket: str, prefix: str, start_after: str, *, limit: int = 1000) -> list[str]:
-        """Up to ``limit`` (at most 1000) keys under ``prefix`` that sort after ``start_after``, in order."""
-        response = await self._call(
-            "list",
-            self._client.list_objects_v2,
-            Bucket=bucket,
-            Prefix=prefix,
-            StartAfter=start_after,
-            MaxKeys=min(limit, 1000),
-        )
-        return [item["Key"] for item in response.get("Contents", [])]
+    async def list_versions(
+        self, bucket: str, prefix: str, *, after: str = "", until: str | None = None
+    ) -> list[tuple[str, str]]:
+        """``(key, version id)`` of every stored version under ``prefix``, keys in order, each key's
+        newest version first; only keys after ``after`` and up to ``until``. Delete markers are left
+        out: a version hidden behind one is still there."""
 
-    async def versions_of(self, bucket: str, key: str) -> list[str]:
-        """The version ids of ``key`` (not of keys it is a prefix of), newest first; no delete markers."""
-
-        def versions() -> list[str]:
-            found = []
-            paginator = self._client.get_paginator("list_object_versions")
-            for page in paginator.paginate(Bucket=bucket, Prefix=key):
-                found += [
-                    (v["LastModified"], v["VersionId"]) for v in page.get("Versions", []) if v["Key"] == key
-                ]
-            return [version for _, version in sorted(found, reverse=True)]
+        def versions() -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            markers: dict[str, str] = {"KeyMarker": after} if after else {}
+            while True:
+                page = self._client.list_object_versions(Bucket=bucket, Prefix=prefix, **markers)
+                for version in page.get("Versions", []):
+                    if until is not None and version["Key"] > until:
+                        return found
+                    found.append((version["Key"], version["VersionId"]))
+                if not page.get("IsTruncated"):
+                    return found
+                markers = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
 
         return await self._call("list versions", versions)  # type: ignore[no-any-return]
 

@@ -47,8 +47,8 @@ from enclave_audit.store import (
 from enclave_audit.verification import (
     RangeBeyondChain,
     TrailReport,
-    read_worm_copies,
-    unindexed_checkpoints,
+    index_copies,
+    read_stored_checkpoints,
     verify_trail,
 )
 
@@ -294,9 +294,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
-    worm = await read_worm_copies(ctx.objects, ctx.bucket, entries, _unreadable)
-    indexed = await ctx.store.last_checkpoint()
-    unindexed = await unindexed_checkpoints(ctx.objects, ctx.bucket, indexed.object_key if indexed else None)
+    start = entries[0].checkpoint.first_sequence if entries else first
+    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, start, last, _unreadable)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,
@@ -304,8 +303,8 @@ async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> T
         last=last,
         checkpoints=entries,
         public_key=ctx.public_key,
-        worm_copies=worm,
-        unindexed=unindexed,
+        worm_copies=index_copies(entries, stored),
+        stored=stored,
     )
 
 

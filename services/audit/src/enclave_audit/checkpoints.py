@@ -38,6 +38,16 @@ def checkpoint_object_key(first: int, last: int) -> str:
     return f"{CHECKPOINT_PREFIX}{first:012d}-{last:012d}.json"
 
 
+def checkpoint_key_prefix(first: int) -> str:
+    """What the object keys of the checkpoints starting at ``first`` begin with."""
+    return f"{CHECKPOINT_PREFIX}{first:012d}-"
+
+
+def checkpoint_key_bound(first: int) -> str:
+    """A key after those of every checkpoint starting at ``first`` or before, and before the others."""
+    return f"{checkpoint_key_prefix(first)}~"
+
+
 def checkpoint_range(object_key: str) -> tuple[int, int] | None:
     """``(first, last)`` of a checkpoint's object key; None for any other name."""
     match = _OBJECT_KEY.fullmatch(object_key)

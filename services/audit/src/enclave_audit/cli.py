@@ -25,25 +25,23 @@ from pymongo.errors import PyMongoError
 
 from enclave_audit.config import AuditSettings
 from enclave_audit.signing import Ed25519Signer, load_public_key_pem
-from enclave_audit.store import CheckpointEntry, SyncRecordReader
+from enclave_audit.store import SyncRecordReader
 from enclave_audit.verification import (
     RangeBeyondChain,
+    StoredCheckpoint,
     TrailReport,
-    read_worm_copies,
-    unindexed_checkpoints,
+    index_copies,
+    read_stored_checkpoints,
     verify_trail,
 )
 
 
-def _worm_copies(settings: AuditSettings, entries: Sequence[CheckpointEntry]) -> dict[str, bytes]:
+def _stored(settings: AuditSettings, first: int, last: int | None) -> list[StoredCheckpoint]:
     def unreadable(object_key: str, exc: Exception) -> None:
         print(f"warn  {object_key}: {type(exc).__name__}", file=sys.stderr)
 
-    return asyncio.run(read_worm_copies(S3ObjectStore(settings), settings.worm_bucket, entries, unreadable))
-
-
-def _unindexed(settings: AuditSettings, last_indexed: str | None) -> list[str]:
-    return asyncio.run(unindexed_checkpoints(S3ObjectStore(settings), settings.worm_bucket, last_indexed))
+    objects = S3ObjectStore(settings)
+    return asyncio.run(read_stored_checkpoints(objects, settings.worm_bucket, first, last, unreadable))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,16 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reader = SyncRecordReader(client[settings.mongo_database])
         entries = reader.checkpoints_between(args.first, args.last)
-        worm = None if args.no_worm else _worm_copies(settings, entries)
-        unindexed = [] if args.no_worm else _unindexed(settings, reader.last_checkpoint_key())
+        start = entries[0].checkpoint.first_sequence if entries else args.first
+        stored = [] if args.no_worm else _stored(settings, start, args.last)
         report = verify_trail(
             reader,
             first=args.first,
             last=args.last,
             checkpoints=entries,
             public_key=public_key,
-            worm_copies=worm,
-            unindexed=unindexed,
+            worm_copies=None if args.no_worm else index_copies(entries, stored),
+            stored=stored,
         )
     except RangeBeyondChain as exc:
         print(f"{exc}; nothing was verified", file=sys.stderr)

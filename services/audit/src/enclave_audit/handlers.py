@@ -32,15 +32,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from enclave_audit.anomaly import AlertDraft, AnomalyDetector
 from enclave_audit.chain import GENESIS, ChainHead, VerifyResult, verify_chain
 from enclave_audit.checkpoints import (
+    CHECKPOINT_PREFIX,
     Checkpoint,
     build_checkpoint,
+    checkpoint_key_bound,
+    checkpoint_key_prefix,
     checkpoint_range,
     verify_checkpoint,
 )
 from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
 from enclave_audit.signing import Ed25519Signer
 from enclave_audit.store import AuditStore, CheckpointEntry, json_form
-from enclave_audit.verification import unindexed_checkpoints
 
 log = structlog.get_logger("enclave.audit")
 
@@ -312,56 +314,96 @@ class Checkpointer:
             )
             if not due:
                 return made
-            unindexed = await unindexed_checkpoints(
-                self.objects, self.bucket, previous.object_key if previous else None
-            )
-            if unindexed:
-                entry = await self.adopt(previous, start, unindexed[0])
+            last = min(head.sequence, start + self.every_records - 1)
+            stored = await self._stored(previous, last)
+            if previous is not None and (problem := _not_genuine(previous, self.signer)) is not None:
+                entry = await self._refuse(problem)
+            elif at_start := [(k, v) for k, v in stored if _first_of(k) == start]:
+                entry = await self.adopt(previous, start, at_start)
+            elif (problem := await self._stored_disagree(previous, start, last, stored)) is not None:
+                entry = await self._refuse(problem)
             else:
-                entry = await self.make(previous, start, min(head.sequence, start + self.every_records - 1))
+                entry = await self.make(previous, start, last)
             if entry is None:
                 return made
             made.append(entry)
 
-    async def adopt(self, previous: CheckpointEntry | None, start: int, key: str) -> CheckpointEntry | None:
-        """Index the stored checkpoint ``key`` if it is the one that follows ``previous`` and the
-        records match it; None, with the reason logged and counted, if not."""
-        problem = None
-        entry = None
-        span = checkpoint_range(key)
-        versions = await self.objects.versions_of(self.bucket, key)
-        if span is None or span[0] != start:
-            problem = f"it does not start at {start}, right after the last indexed checkpoint"
-        elif len(versions) != 1:
-            problem = f"it has {len(versions)} versions, not 1"
-        else:
-            body = await self.objects.open(self.bucket, key, versions[0])
-            raw = await asyncio.to_thread(body.read)
-            try:
-                checkpoint = Checkpoint.from_bytes(raw)
-            except ValueError:
-                problem = "it is not a checkpoint document"
-            else:
-                problem = await self._mismatch(previous, checkpoint)
-                entry = CheckpointEntry(checkpoint, key, versions[0], raw)
-        if problem is not None or entry is None:
-            self.metrics.verify_failures.inc()
-            log.error(
-                "refusing to sign: the object-lock bucket holds a checkpoint the index lacks, and it "
-                "cannot be adopted (was the checkpoint index changed?)",
-                object_key=key,
-                problem=problem,
-            )
-            return None
-        if not await self.store.add_checkpoint(entry):
-            return None  # another replica indexed it first
-        self.metrics.last_checkpoint_sequence.set(entry.checkpoint.last_sequence)
-        log.warning(
-            "checkpoint adopted from the object-lock bucket: its index entry was missing",
-            first=entry.checkpoint.first_sequence,
-            last=entry.checkpoint.last_sequence,
+    async def _stored(self, previous: CheckpointEntry | None, last: int) -> list[tuple[str, str]]:
+        """Every stored version of the checkpoints starting from ``previous``'s first sequence (so
+        its own, and what a writer that lost the race to index it stored) up to ``last``."""
+        after = checkpoint_key_prefix(previous.checkpoint.first_sequence) if previous else ""
+        return await self.objects.list_versions(
+            self.bucket, CHECKPOINT_PREFIX, after=after, until=checkpoint_key_bound(last)
         )
-        return entry
+
+    async def _read(self, key: str, version_id: str) -> Checkpoint | None:
+        body = await self.objects.open(self.bucket, key, version_id)
+        raw = await asyncio.to_thread(body.read)
+        try:
+            return Checkpoint.from_bytes(raw)
+        except ValueError:
+            return None
+
+    async def adopt(
+        self, previous: CheckpointEntry | None, start: int, stored: list[tuple[str, str]]
+    ) -> CheckpointEntry | None:
+        """Index the first stored checkpoint starting at ``start`` that follows ``previous`` and that
+        the records match; refuse (None, the reasons logged and counted) if none does."""
+        problems = []
+        for key, version_id in stored:
+            checkpoint = await self._read(key, version_id)
+            if checkpoint is None or checkpoint.object_key != key:
+                problems.append(f"{key} ({version_id}) is not the checkpoint its name says")
+                continue
+            if (problem := await self._mismatch(previous, checkpoint)) is not None:
+                problems.append(f"{key} ({version_id}): {problem}")
+                continue
+            entry = CheckpointEntry(checkpoint, key, version_id, checkpoint.to_bytes())
+            if not await self.store.add_checkpoint(entry):
+                return None  # another replica indexed this range first
+            self.metrics.last_checkpoint_sequence.set(checkpoint.last_sequence)
+            log.warning(
+                "checkpoint adopted from the object-lock bucket: its index entry was missing",
+                first=checkpoint.first_sequence,
+                last=checkpoint.last_sequence,
+            )
+            return entry
+        return await self._refuse("; ".join(problems))
+
+    async def _stored_disagree(
+        self, previous: CheckpointEntry | None, start: int, last: int, stored: list[tuple[str, str]]
+    ) -> str | None:
+        """Why records ``start..last`` may not be signed: a stored checkpoint other than ``previous``
+        covers some of them and does not match them (or is no checkpoint). Checkpoints that a writer
+        which lost an indexing race stored match the records, and block nothing."""
+        for key, version_id in stored:
+            span = checkpoint_range(key)
+            if span is not None and (span[1] < start or span[0] > last):
+                continue
+            if previous is not None and (key, version_id) == (previous.object_key, previous.version_id):
+                continue
+            checkpoint = await self._read(key, version_id)
+            if checkpoint is None or checkpoint.object_key != key:
+                return f"{key} ({version_id}) is not the checkpoint its name says"
+            records = [
+                json_form(d)["record_hash"]
+                async for d in self.store.iter_range(checkpoint.first_sequence, checkpoint.last_sequence)
+            ]
+            check = verify_checkpoint(checkpoint, self.signer.public_key, record_hashes=records)
+            if not check.ok:
+                return f"{key} ({version_id}) covers records {start}..{last} and {check.reason}"
+        return None
+
+    async def _refuse(self, problem: str) -> None:
+        """Sign nothing: counted as a verification failure, logged, tried again an interval later."""
+        self.metrics.verify_failures.inc()
+        self._last_made = time.monotonic()
+        log.error(
+            "refusing to sign a checkpoint: the stored checkpoints and the index or records disagree "
+            "(was the audit database changed?)",
+            problem=problem,
+        )
+        return None
 
     async def _mismatch(self, previous: CheckpointEntry | None, checkpoint: Checkpoint) -> str | None:
         """Why ``checkpoint`` is not the signed checkpoint of the stored records after ``previous``."""
@@ -420,3 +462,19 @@ class Checkpointer:
         self.metrics.last_checkpoint_sequence.set(checkpoint.last_sequence)
         log.info("checkpoint signed", first=first, last=last, key_id=checkpoint.key_id)
         return entry
+
+
+def _first_of(key: str) -> int | None:
+    span = checkpoint_range(key)
+    return span[0] if span else None
+
+
+def _not_genuine(entry: CheckpointEntry, signer: Ed25519Signer) -> str | None:
+    """Why the index entry ``entry`` is not a checkpoint this service signed, under its own name."""
+    cp = entry.checkpoint
+    if entry.object_key != cp.object_key:
+        return (
+            f"the index entry of checkpoint {cp.first_sequence}..{cp.last_sequence} names {entry.object_key}"
+        )
+    check = verify_checkpoint(cp, signer.public_key)
+    return None if check.ok else f"indexed checkpoint {cp.first_sequence}..{cp.last_sequence}: {check.reason}"

@@ -386,11 +386,6 @@ class SyncRecordReader:
         document = self.checkpoints.find_one({}, sort=[("_id", DESCENDING)], projection={"last_sequence": 1})
         return 0 if document is None else int(document["last_sequence"])
 
-    def last_checkpoint_key(self) -> str | None:
-        """The object key of the last indexed checkpoint (None before the first)."""
-        document = self.checkpoints.find_one({}, sort=[("_id", DESCENDING)], projection={"object_key": 1})
-        return None if document is None else str(document["object_key"])
-
     def anchor_before(self, first: int) -> ChainHead | None:
         """The head just before ``first`` (genesis for 1); None when that record is missing."""
         if first <= 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from enclave_common.errors import unavailable_dependency
@@ -21,7 +22,8 @@ from enclave_audit.checkpoints import (
     CHECKPOINT_PREFIX,
     Checkpoint,
     CheckpointRoots,
-    checkpoint_range,
+    checkpoint_key_bound,
+    checkpoint_key_prefix,
     verify_checkpoint,
 )
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
@@ -59,7 +61,7 @@ def verify_trail(
     checkpoints: Sequence[CheckpointEntry] = (),
     public_key: Ed25519PublicKey | None = None,
     worm_copies: Mapping[str, bytes] | None = None,
-    unindexed: Sequence[str] = (),
+    stored: Sequence[StoredCheckpoint] = (),
 ) -> TrailReport:
     """Verify records ``first..last`` (``last`` None: to the end) and the checkpoints overlapping them.
 
@@ -73,25 +75,28 @@ def verify_trail(
     past that end is clamped to it; a ``first`` past it raises :class:`RangeBeyondChain` (the whole
     chain, ``first`` 1, never does: an empty chain verifies).
 
-    ``unindexed`` are the object keys of checkpoints in the object-lock bucket after the last one the
-    database indexes (:func:`unindexed_checkpoints`). Each is a problem (index entries were removed,
-    or a replica died between storing and indexing it, which the checkpointer repairs by adopting
-    it), and what they sign counts toward the chain's end. So do checkpoints missing between two
-    indexed ones. Without this, removing the tail's index entries along with its records would hide
-    the truncation.
+    ``stored`` is every version of every checkpoint in the object-lock bucket from the first one
+    overlapping the range on (:func:`read_stored_checkpoints`), indexed or not: the bucket, not the
+    database index, is what nobody can rewrite. Each must be a checkpoint under its own name, signed,
+    and match the records it covers; what it signs counts toward the chain's end. So removing index
+    entries hides nothing: a truncated tail is still ``truncated``, and records a checkpoint signed
+    cannot be signed again differently (the checkpointer refuses) without a stored one disagreeing.
+    Checkpoints that are stored but not indexed are not a problem in themselves: a writer that lost
+    the race to index a range stores one, and so does a replica that dies before indexing its own
+    (the checkpointer adopts it). A gap between two indexed checkpoints is.
     """
-    stored = reader.head().sequence
-    spans = [(key, checkpoint_range(key)) for key in unindexed]
+    last_stored = reader.head().sequence
+    found = _stored_checkpoints(stored)
     signed = max(
         [
             reader.last_signed_sequence(),
             *(e.checkpoint.last_sequence for e in checkpoints),
-            *(span[1] for _, span in spans if span is not None),
+            *(cp.last_sequence for _, cp in found.versions),
         ]
     )
-    end = max(stored, signed)
+    end = max(last_stored, signed)
     if first > max(end, 1):
-        raise RangeBeyondChain(first, end, stored)
+        raise RangeBeyondChain(first, end, last_stored)
     if last is not None and last > end:
         last = end or None
     anchor = reader.anchor_before(first)
@@ -105,11 +110,13 @@ def verify_trail(
         )
         return TrailReport(ok=False, first_sequence=first, last_sequence=last, chain=missing)
 
-    covered = [
-        e.checkpoint
-        for e in checkpoints
-        if e.checkpoint.first_sequence >= first and (last is None or e.checkpoint.last_sequence <= last)
-    ]
+    def inside(cp: Checkpoint) -> bool:
+        return cp.first_sequence >= first and (last is None or cp.last_sequence <= last)
+
+    indexed = {e.raw for e in checkpoints}
+    unindexed = [(s, cp) for s, cp in found.versions if s.raw not in indexed]
+    covered = [e.checkpoint for e in checkpoints if inside(e.checkpoint)]
+    covered += [cp for _, cp in unindexed if inside(cp)]
     # To the end: at least to the last sequence any checkpoint signed, indexed or not.
     expected_last = last if last is not None else (signed or None)
     computed = CheckpointRoots(covered)
@@ -119,19 +126,27 @@ def verify_trail(
         expected_last_sequence=expected_last,
         on_record=computed.add,
     )
-    roots = {cp.first_sequence: (root, last_hash) for cp, root, last_hash in computed.completed}
+    roots = {cp.checkpoint_hash(): (root, last_hash) for cp, root, last_hash in computed.completed}
 
-    problems: list[str] = []
-    for key, span in spans:
-        where = f"checkpoint {span[0]}..{span[1]}" if span else f"object {key}"
-        problems.append(
-            f"{where} is in the object-lock bucket but not in the database index (index entries "
-            "removed, or not yet indexed after a replica died: the checkpointer then adopts it)"
+    def disagrees(cp: Checkpoint) -> bool:
+        root, last_hash = roots.get(cp.checkpoint_hash(), (cp.root_hash, cp.last_record_hash))
+        return root != cp.root_hash or last_hash != cp.last_record_hash
+
+    problems = list(found.problems)
+    for s, cp in unindexed:
+        where = (
+            f"checkpoint {cp.first_sequence}..{cp.last_sequence} in the object-lock bucket ({s.version_id})"
         )
+        if public_key is not None and not (check := verify_checkpoint(cp, public_key)).ok:
+            problems.append(f"{where}: {check.reason}")
+        elif disagrees(cp):
+            problems.append(f"{where}: the records do not match its signed Merkle root")
     previous: Checkpoint | None = None
     for entry in checkpoints:
         cp = entry.checkpoint
         span = f"{cp.first_sequence}..{cp.last_sequence}"
+        if entry.object_key != cp.object_key:
+            problems.append(f"checkpoint {span}: its index entry names another object, {entry.object_key}")
         if (previous is None and first == 1 and cp.first_sequence != 1) or (
             previous is not None and previous.last_sequence + 1 < cp.first_sequence
         ):
@@ -153,13 +168,11 @@ def verify_trail(
             check = verify_checkpoint(cp, public_key, previous=adjacent)
             if not check.ok:
                 problems.append(f"checkpoint {span}: {check.reason}")
-        if cp.first_sequence in roots:
-            root, last_hash = roots[cp.first_sequence]
-            if root != cp.root_hash or last_hash != cp.last_record_hash:
-                problems.append(
-                    f"checkpoint {span}: the records do not match the signed Merkle root "
-                    "(a record in this range was changed and the chain re-hashed)"
-                )
+        if disagrees(cp):
+            problems.append(
+                f"checkpoint {span}: the records do not match the signed Merkle root "
+                "(a record in this range was changed and the chain re-hashed)"
+            )
         previous = cp
 
     return TrailReport(
@@ -172,39 +185,78 @@ def verify_trail(
     )
 
 
-async def unindexed_checkpoints(objects: ObjectStore, bucket: str, last_indexed: str | None) -> list[str]:
-    """Object keys of the checkpoints in the object-lock bucket that start after the last indexed one
-    (its key; None: there is none), in order; at most 1,000 are listed.
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One version of a checkpoint object, as the object-lock bucket holds it."""
 
-    Left out: checkpoints that start inside the last indexed one. A second writer that lost the race
-    to index the same range stored them (the index refused its insert); they are harmless orphans,
-    and any with a smaller end sort before the indexed one anyway."""
-    span = checkpoint_range(last_indexed) if last_indexed else None
-    indexed_end = span[1] if span else 0
-    keys = await objects.keys_after(bucket, CHECKPOINT_PREFIX, last_indexed or CHECKPOINT_PREFIX)
-    return [key for key in keys if (found := checkpoint_range(key)) is None or found[0] > indexed_end]
+    key: str
+    version_id: str
+    raw: bytes = field(repr=False)
 
 
-async def read_worm_copies(
+@dataclass
+class _Found:
+    versions: list[tuple[StoredCheckpoint, Checkpoint]]
+    problems: list[str]
+
+
+def _stored_checkpoints(stored: Sequence[StoredCheckpoint]) -> _Found:
+    found = _Found([], [])
+    for s in stored:
+        try:
+            cp = Checkpoint.from_bytes(s.raw)
+        except ValueError:
+            found.problems.append(
+                f"object {s.key} ({s.version_id}) in the object-lock bucket is no checkpoint"
+            )
+            continue
+        if cp.object_key != s.key:
+            found.problems.append(
+                f"object {s.key} ({s.version_id}) holds checkpoint {cp.first_sequence}..{cp.last_sequence}"
+            )
+            continue
+        found.versions.append((s, cp))
+    return found
+
+
+async def read_stored_checkpoints(
     objects: ObjectStore,
     bucket: str,
-    entries: Sequence[CheckpointEntry],
+    first: int,
+    last: int | None,
     on_unreadable: Callable[[str, Exception], None],
-) -> dict[str, bytes]:
-    """The WORM copy of each checkpoint, by object key (the API's and the CLI's verification).
+) -> list[StoredCheckpoint]:
+    """Every version of every checkpoint object starting at ``first..last`` (``last`` None: to the
+    end), for the API's and the CLI's verification.
 
     A store that does not answer raises: that says nothing about the trail, so the call answers 503
     (the CLI exits 2) instead of reporting "the WORM copy could not be read", a verification failure
-    that counts in ``enclave_audit_verify_failures_total`` and pages as possible tampering. A copy the
-    store cannot give (e.g. it is gone) is left out and passed to ``on_unreadable``; ``verify_trail``
-    then reports it as a problem of its checkpoint."""
-    worm: dict[str, bytes] = {}
-    for entry in entries:
+    that counts in ``enclave_audit_verify_failures_total`` and pages as possible tampering. A version
+    the store cannot give (e.g. it is gone) is left out and passed to ``on_unreadable``; if the
+    index names it, ``verify_trail`` reports it as a problem of its checkpoint."""
+    listed = await objects.list_versions(
+        bucket,
+        CHECKPOINT_PREFIX,
+        after=checkpoint_key_prefix(first),
+        until=None if last is None else checkpoint_key_bound(last),
+    )
+    stored = []
+    for key, version_id in listed:
         try:
-            body = await objects.open(bucket, entry.object_key, entry.version_id)
-            worm[entry.object_key] = await asyncio.to_thread(body.read)
+            body = await objects.open(bucket, key, version_id)
+            stored.append(StoredCheckpoint(key, version_id, await asyncio.to_thread(body.read)))
         except Exception as exc:
             if unavailable_dependency(exc) is not None:
                 raise
-            on_unreadable(entry.object_key, exc)
-    return worm
+            on_unreadable(key, exc)
+    return stored
+
+
+def index_copies(entries: Sequence[CheckpointEntry], stored: Sequence[StoredCheckpoint]) -> dict[str, bytes]:
+    """The stored bytes of the version each index entry names (``verify_trail``'s ``worm_copies``)."""
+    by_version = {(s.key, s.version_id): s.raw for s in stored}
+    return {
+        e.object_key: by_version[(e.object_key, e.version_id or "")]
+        for e in entries
+        if (e.object_key, e.version_id or "") in by_version
+    }
