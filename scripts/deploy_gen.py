@@ -61,6 +61,16 @@ class SecretFile:
 
 
 @dataclass(frozen=True)
+class ConfigDir:
+    """An optional ConfigMap (created when needed, outside git) mounted read-only as a directory,
+    and the env var naming the directory; empty while the ConfigMap does not exist."""
+
+    config_map: str
+    mount: str
+    env: str
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     port: int
@@ -81,6 +91,7 @@ class Service:
     scale_on_lag: bool = True
     config: dict[str, str] = field(default_factory=dict)
     secret_files: tuple[SecretFile, ...] = ()
+    config_dirs: tuple[ConfigDir, ...] = ()
     #: Settings whose value is a secret: (env suffix, Secret name, key), as environment variables.
     secret_env: tuple[tuple[str, str, str], ...] = ()
     #: The size limit of the pod's /tmp emptyDir (the kubelet evicts the pod past it). The gateway's
@@ -266,6 +277,14 @@ SERVICES: tuple[Service, ...] = (
                 "SIGNING_KEY_FILE",
             ),
         ),
+        # Public keys of the other checkpoint signing keys (a rotation: docs/operations.md).
+        config_dirs=(
+            ConfigDir(
+                "enclave-audit-trusted-public-keys",
+                "/etc/enclave/audit-trusted-public-keys",
+                "TRUSTED_PUBLIC_KEYS_DIR",
+            ),
+        ),
         # An export bundle is built here before it is sent: at most ENCLAVE_AUDIT_MAX_EXPORT_RECORDS
         # (200,000) records, ~660 MB with its records file and tar.
         memory_tmp="2Gi",
@@ -404,6 +423,8 @@ def config_map(s: Service) -> dict[str, Any]:
         data[s.env_prefix + key] = value
     for f in s.secret_files:
         data[s.env_prefix + f.env] = f"{f.mount}/{f.key}"
+    for d in s.config_dirs:
+        data[s.env_prefix + d.env] = d.mount
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -433,6 +454,9 @@ def deployment(s: Service) -> dict[str, Any]:
     for f in s.secret_files:
         volumes.append({"name": f.secret, "secret": {"secretName": f.secret, "defaultMode": 0o440}})
         mounts.append({"name": f.secret, "mountPath": f.mount, "readOnly": True})
+    for d in s.config_dirs:
+        volumes.append({"name": d.config_map, "configMap": {"name": d.config_map, "optional": True}})
+        mounts.append({"name": d.config_map, "mountPath": d.mount, "readOnly": True})
 
     def probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {

@@ -113,7 +113,7 @@ class Reader:
 
 
 def _checkpointer(
-    index: Index, bucket: Bucket, signer: Ed25519Signer, every: int = 4
+    index: Index, bucket: Bucket, signer: Ed25519Signer, every: int = 4, trusted: Any = None
 ) -> tuple[Checkpointer, AuditMetrics]:
     metrics = AuditMetrics(CollectorRegistry())
     checkpointer = Checkpointer(
@@ -125,6 +125,7 @@ def _checkpointer(
         every_records=every,
         interval_s=3600,
         metrics=metrics,
+        trusted=trusted,
     )
     return checkpointer, metrics
 
@@ -278,3 +279,72 @@ async def test_with_nothing_stored_the_checkpointer_signs_as_before() -> None:
     assert made.object_key == f"{CHECKPOINT_PREFIX}000000000001-000000000004.json"
     expected = build_checkpoint(records, signer=signer, created_at=made.checkpoint.created_at, previous=None)
     assert made.checkpoint == expected and _failures(metrics) == 0
+
+
+async def test_a_lost_race_checkpoint_that_started_before_the_last_indexed_one_still_guards_its_records() -> (
+    None
+):
+    """Three writers at once (two replicas and the surge pod of a rolling update), each sizing its
+    checkpoint from its own idea of the head: 7..8 is indexed, 7..12 lost the race, 9..9 follows.
+    The stored 7..12 covers records after the last indexed checkpoint although it starts before it:
+    when record 11 is rewritten, nothing may be signed over it."""
+    records = chained_records(16)
+    signer = Ed25519Signer.generate()
+    index, bucket = Index(records[:6]), Bucket()
+    checkpointer, metrics = _checkpointer(index, bucket, signer, every=8)
+    await checkpointer.tick(force=True)  # 1..6
+    index.add(records[6:12])
+    first = index.entries[1]
+    await checkpointer.make(first, 7, 8)  # the winner
+    lost = build_checkpoint(
+        records[6:12], signer=signer, created_at=records[0].event_time, previous=first.checkpoint
+    )
+    await bucket.put_locked("worm", lost.object_key, lost.to_bytes(), retain_until=datetime.now())
+    await checkpointer.make(index.entries[7], 9, 9)
+    assert sorted(index.entries) == [1, 7, 9] and (await _verify(index, bucket, signer)).ok
+
+    _forge(index, records, 10, 16, target=11)
+    assert await checkpointer.tick(force=True) == []
+    assert sorted(index.entries) == [1, 7, 9] and _failures(metrics) == 1
+    assert not (await _verify(index, bucket, signer)).ok
+
+
+async def test_after_a_signing_key_rotation_the_old_keys_checkpoints_are_trusted_when_configured() -> None:
+    """Without the old public key (ENCLAVE_AUDIT_TRUSTED_PUBLIC_KEYS_DIR) the last checkpoint is not
+    genuine to the new key: nothing is signed, and it says why."""
+    records = chained_records(8)
+    old, new = Ed25519Signer.generate(), Ed25519Signer.generate()
+    index, bucket = Index(records[:4]), Bucket()
+    await _checkpointer(index, bucket, old)[0].tick(force=True)
+    index.add(records[4:])
+
+    untrusting, metrics = _checkpointer(index, bucket, new)
+    assert await untrusting.tick(force=True) == [] and _failures(metrics) == 1
+
+    rotated, metrics = _checkpointer(index, bucket, new, trusted={old.key_id: old.public_key})
+    (made,) = await rotated.tick(force=True)
+    assert (made.checkpoint.first_sequence, made.checkpoint.key_id) == (5, new.key_id)
+    assert _failures(metrics) == 0
+
+
+async def test_an_object_that_is_no_checkpoint_by_name_does_not_block_signing() -> None:
+    """A console's folder marker or a stray file under the prefix (verification reports it)."""
+    records = chained_records(4)
+    signer = Ed25519Signer.generate()
+    index, bucket = Index(records), Bucket()
+    for stray in (CHECKPOINT_PREFIX, f"{CHECKPOINT_PREFIX}.keep"):
+        await bucket.put_locked("worm", stray, b"", retain_until=datetime.now())
+    checkpointer, metrics = _checkpointer(index, bucket, signer)
+    assert len(await checkpointer.tick(force=True)) == 1 and _failures(metrics) == 0
+
+
+async def test_a_refused_checkpointer_tries_again_an_interval_later_not_at_every_poll() -> None:
+    records = chained_records(12)
+    index, bucket, signer = await _two_checkpoints(records[:8])
+    _forge(index, records, 5, 8, target=6)
+    del index.entries[5]
+    index.add(records[8:])  # pending >= every_records: due at every poll
+    checkpointer, metrics = _checkpointer(index, bucket, signer)
+    for _ in range(3):
+        assert await checkpointer.tick() == []
+    assert _failures(metrics) == 1

@@ -216,3 +216,22 @@ def test_a_file_that_is_not_a_tar_archive_is_unusable_input(tmp_path, trail, sig
     refused.write_bytes(bundle_for(*trail, signer, 1, 30)[:600])  # a download cut short (was: a traceback)
     assert main([str(refused), "--public-key", str(key_path)]) == 2
     assert "not a complete tar archive (cut short?); nothing was verified" in capsys.readouterr().err
+
+
+def test_a_bundle_spanning_a_signing_key_rotation_verifies_with_the_earlier_key_also_trusted(
+    tmp_path, make_chain, capsys
+):
+    """Checkpoints signed before a rotation carry the old key; the manifest, the new one."""
+    old, new = Ed25519Signer.generate(), Ed25519Signer.generate()
+    records = make_chain(20)
+    first = build_checkpoint(records[:10], signer=old, created_at=NOW)
+    second = build_checkpoint(records[10:], signer=new, created_at=NOW, previous=first)
+    bundle = tmp_path / "bundle.tar"
+    bundle.write_bytes(bundle_for(records, [first, second], new, 1, 20))
+    keys = {}
+    for name, signer in (("new", new), ("old", old)):
+        keys[name] = tmp_path / f"{name}.pem"
+        keys[name].write_bytes(signer.public_key_pem())
+    assert main([str(bundle), "--public-key", str(keys["new"])]) == 1
+    assert "not among the trusted keys" in capsys.readouterr().out
+    assert main([str(bundle), "--public-key", str(keys["new"]), "--also-trust", str(keys["old"])]) == 0

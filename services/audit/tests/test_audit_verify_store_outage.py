@@ -35,7 +35,7 @@ class Store:
 
 def context(failure: Exception) -> Any:
     return SimpleNamespace(
-        store=Store(), objects=Objects(failure), bucket="audit", reader=None, public_key=None
+        store=Store(), objects=Objects(failure), bucket="audit", reader=None, trusted_keys={}
     )
 
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any, Final
 
@@ -34,7 +34,7 @@ from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
 from enclave_audit.fhir import FHIR_JSON, to_fhir_bundle
 from enclave_audit.handlers import AuditMetrics
-from enclave_audit.signing import Ed25519Signer
+from enclave_audit.signing import Ed25519Signer, ed25519_key_id
 from enclave_audit.store import (
     AuditStore,
     CursorError,
@@ -134,6 +134,8 @@ class AuditApiContext:
     #: Records one bundle may hold (it is built on the pod's /tmp before the first byte is sent).
     max_export_records: int = 200_000
     signer: Ed25519Signer | None = None
+    #: Public keys of the other signing keys whose checkpoints are genuine (a rotation), by key id.
+    other_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -142,6 +144,12 @@ class AuditApiContext:
                 503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
             )
         return self.signer.public_key
+
+    @property
+    def trusted_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Every key whose checkpoints verify: the signing key's and ``other_keys``."""
+        own = self.public_key
+        return {ed25519_key_id(own): own, **self.other_keys}
 
     def scope_tenant(self, principal: Principal) -> str | None:
         """The tenant filter forced on a caller (None: the operator's auditors see all tenants)."""
@@ -294,15 +302,14 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
-    start = entries[0].checkpoint.first_sequence if entries else first
-    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, start, last, _unreadable)
+    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, first, last, _unreadable)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,
         first=first,
         last=last,
         checkpoints=entries,
-        public_key=ctx.public_key,
+        public_key=ctx.trusted_keys,
         worm_copies=index_copies(entries, stored),
         stored=stored,
     )

@@ -31,6 +31,10 @@ CHECKPOINT_GENESIS_HASH: Final = hashlib.sha256(b"enclave.audit.checkpoint.genes
 #: Where checkpoints are in the object-lock bucket: ``checkpoints/<first>-<last>.json``, each number
 #: zero-padded to 12 digits, so names sort by sequence (S3 lists keys in that order).
 CHECKPOINT_PREFIX: Final = "checkpoints/"
+#: No checkpoint spans more records (``ENCLAVE_AUDIT_CHECKPOINT_EVERY_RECORDS`` is at most this), so
+#: the stored checkpoints overlapping a sequence start at most this far before it: that is where
+#: the checkpointer and verification start listing the bucket.
+MAX_CHECKPOINT_RECORDS: Final = 10_000
 _OBJECT_KEY = re.compile(r"checkpoints/(\d{12})-(\d{12})\.json")
 
 
@@ -41,6 +45,11 @@ def checkpoint_object_key(first: int, last: int) -> str:
 def checkpoint_key_prefix(first: int) -> str:
     """What the object keys of the checkpoints starting at ``first`` begin with."""
     return f"{CHECKPOINT_PREFIX}{first:012d}-"
+
+
+def overlap_search_start(sequence: int) -> str:
+    """The key to list the bucket after, to find every stored checkpoint that covers ``sequence``."""
+    return checkpoint_key_prefix(max(1, sequence - MAX_CHECKPOINT_RECORDS))
 
 
 def checkpoint_key_bound(first: int) -> str:

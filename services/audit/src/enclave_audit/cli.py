@@ -24,7 +24,7 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from enclave_audit.config import AuditSettings
-from enclave_audit.signing import Ed25519Signer, load_public_key_pem
+from enclave_audit.signing import Ed25519Signer, load_public_key_pem, trusted_keys
 from enclave_audit.store import SyncRecordReader
 from enclave_audit.verification import (
     RangeBeyondChain,
@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             public_key = Ed25519Signer.from_pem(settings.signing_key_file.read_bytes()).public_key
         else:
             public_key = None
+        # With the keys of a rotation (ENCLAVE_AUDIT_TRUSTED_PUBLIC_KEYS_DIR), as the service does.
+        keys = trusted_keys(public_key, settings.trusted_public_keys_dir) if public_key else None
     except (OSError, ValueError) as exc:
         print(f"cannot load the public key: {exc}", file=sys.stderr)
         return 2
@@ -78,14 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reader = SyncRecordReader(client[settings.mongo_database])
         entries = reader.checkpoints_between(args.first, args.last)
-        start = entries[0].checkpoint.first_sequence if entries else args.first
-        stored = [] if args.no_worm else _stored(settings, start, args.last)
+        stored = [] if args.no_worm else _stored(settings, args.first, args.last)
         report = verify_trail(
             reader,
             first=args.first,
             last=args.last,
             checkpoints=entries,
-            public_key=public_key,
+            public_key=keys,
             worm_copies=None if args.no_worm else index_copies(entries, stored),
             stored=stored,
         )

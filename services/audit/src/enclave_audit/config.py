@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from enclave_audit.anomaly import AnomalyThresholds
+from enclave_audit.checkpoints import MAX_CHECKPOINT_RECORDS
 
 #: HIPAA: documentation of security activity is kept 6 years (45 CFR 164.316(b)(2)(i)).
 SIX_YEARS_DAYS = 2192
@@ -35,8 +36,15 @@ class AuditSettings(BaseServiceSettings):
     worm_bucket: str = "enclave-audit-worm"
     retention_days: int = Field(default=SIX_YEARS_DAYS, ge=1)
 
+    #: Public keys (``*.pem``) of the other Ed25519 keys whose checkpoints are genuine: those that
+    #: signed before a rotation, and the next one (set here before it replaces ``signing_key_file``,
+    #: so no replica of a rolling update refuses the other's checkpoints). Without them, checkpoints
+    #: signed before a rotation do not verify, and the checkpointer, which checks the last one before
+    #: it signs, stops.
+    trusted_public_keys_dir: Path | None = None
+
     #: A checkpoint is signed when this many records are pending ...
-    checkpoint_every_records: int = Field(default=1000, ge=1)
+    checkpoint_every_records: int = Field(default=1000, ge=1, le=MAX_CHECKPOINT_RECORDS)
     #: ... or when records are pending and this many seconds passed since the last one.
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
     #: Whether this replica signs checkpoints (one writer per deployment is enough; a second one

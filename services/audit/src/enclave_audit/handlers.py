@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from enclave_common import topics
 from enclave_common.envelope import Envelope, derived_event_id
 from enclave_common.events import SecurityAlert
@@ -36,8 +37,8 @@ from enclave_audit.checkpoints import (
     Checkpoint,
     build_checkpoint,
     checkpoint_key_bound,
-    checkpoint_key_prefix,
     checkpoint_range,
+    overlap_search_start,
     verify_checkpoint,
 )
 from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
@@ -257,13 +258,14 @@ class Checkpointer:
     """Signs a checkpoint over the records since the last one, after verifying them, and stores it
     in the object-lock bucket (COMPLIANCE mode) and the checkpoint index, in that order.
 
-    Before signing, it looks in the bucket for a checkpoint after the last indexed one. One is there
-    when a replica died between storing a checkpoint and indexing it, or when someone removed index
-    entries from the database. Such a checkpoint is **adopted** (indexed as it is) when it starts
-    right after the last indexed one, has one version, its signature and link verify, and the
-    records still match its root; otherwise nothing is signed any more (``verify_failures`` counts
-    and the log says why). Signing anew over that range would let whoever can write the database
-    remove the index entries of the tail, change the records and have them signed again."""
+    The object-lock bucket, not the index, decides what may be signed (docs/audit.md): the last
+    index entry must be a genuine checkpoint under its own name; a checkpoint already stored at the
+    next start (a replica died between storing and indexing it, or its index entry was removed) is
+    **adopted** if it links and the records match it; every other stored checkpoint covering the
+    records to sign must match them. Otherwise nothing is signed (``verify_failures`` counts, the
+    log says why) until an interval later. Signing anew over a stored range would let whoever can
+    write the database change the records, remove or redirect index entries, and have the forgery
+    signed."""
 
     def __init__(
         self,
@@ -276,16 +278,20 @@ class Checkpointer:
         every_records: int,
         interval_s: float,
         metrics: AuditMetrics,
+        trusted: Mapping[str, Ed25519PublicKey] | None = None,
     ) -> None:
         self.store = store
         self.objects = objects
         self.signer = signer
+        #: Keys whose checkpoints are genuine (the signing key's and those of a rotation), by key id.
+        self.trusted = {signer.key_id: signer.public_key, **(trusted or {})}
         self.bucket = bucket
         self.retention_days = retention_days
         self.every_records = every_records
         self.interval_s = interval_s
         self.metrics = metrics
         self._last_made = time.monotonic()
+        self._refused_at: float | None = None
 
     async def run_forever(self, poll_s: float = 2.0) -> None:
         while True:
@@ -312,11 +318,14 @@ class Checkpointer:
             due = pending >= self.every_records or (
                 pending > 0 and (force or time.monotonic() - self._last_made >= self.interval_s)
             )
-            if not due:
+            refused_lately = (
+                self._refused_at is not None and time.monotonic() - self._refused_at < self.interval_s
+            )
+            if not due or (refused_lately and not force):
                 return made
             last = min(head.sequence, start + self.every_records - 1)
-            stored = await self._stored(previous, last)
-            if previous is not None and (problem := _not_genuine(previous, self.signer)) is not None:
+            stored = await self._stored(start, last)
+            if previous is not None and (problem := _not_genuine(previous, self.trusted)) is not None:
                 entry = await self._refuse(problem)
             elif at_start := [(k, v) for k, v in stored if _first_of(k) == start]:
                 entry = await self.adopt(previous, start, at_start)
@@ -328,13 +337,18 @@ class Checkpointer:
                 return made
             made.append(entry)
 
-    async def _stored(self, previous: CheckpointEntry | None, last: int) -> list[tuple[str, str]]:
-        """Every stored version of the checkpoints starting from ``previous``'s first sequence (so
-        its own, and what a writer that lost the race to index it stored) up to ``last``."""
-        after = checkpoint_key_prefix(previous.checkpoint.first_sequence) if previous else ""
-        return await self.objects.list_versions(
-            self.bucket, CHECKPOINT_PREFIX, after=after, until=checkpoint_key_bound(last)
+    async def _stored(self, start: int, last: int) -> list[tuple[str, str]]:
+        """Every stored version of the checkpoints that may cover ``start..last``: those starting at
+        most ``MAX_CHECKPOINT_RECORDS`` before it (what a writer that lost an indexing race stored
+        included), up to ``last``. Objects under the prefix that are no checkpoint by name are left
+        to verification, which reports them."""
+        listed = await self.objects.list_versions(
+            self.bucket,
+            CHECKPOINT_PREFIX,
+            after=overlap_search_start(start),
+            until=checkpoint_key_bound(last),
         )
+        return [(key, version) for key, version in listed if checkpoint_range(key) is not None]
 
     async def _read(self, key: str, version_id: str) -> Checkpoint | None:
         body = await self.objects.open(self.bucket, key, version_id)
@@ -389,7 +403,7 @@ class Checkpointer:
                 json_form(d)["record_hash"]
                 async for d in self.store.iter_range(checkpoint.first_sequence, checkpoint.last_sequence)
             ]
-            check = verify_checkpoint(checkpoint, self.signer.public_key, record_hashes=records)
+            check = verify_checkpoint(checkpoint, self.trusted, record_hashes=records)
             if not check.ok:
                 return f"{key} ({version_id}) covers records {start}..{last} and {check.reason}"
         return None
@@ -397,7 +411,7 @@ class Checkpointer:
     async def _refuse(self, problem: str) -> None:
         """Sign nothing: counted as a verification failure, logged, tried again an interval later."""
         self.metrics.verify_failures.inc()
-        self._last_made = time.monotonic()
+        self._refused_at = time.monotonic()
         log.error(
             "refusing to sign a checkpoint: the stored checkpoints and the index or records disagree "
             "(was the audit database changed?)",
@@ -412,7 +426,7 @@ class Checkpointer:
             return f"the records it covers do not verify ({chain.reason} at {chain.broken_sequence})"
         check = verify_checkpoint(
             checkpoint,
-            self.signer.public_key,
+            self.trusted,
             record_hashes=[r.record_hash for r in records],
             previous=previous.checkpoint if previous else None,
         )
@@ -469,12 +483,12 @@ def _first_of(key: str) -> int | None:
     return span[0] if span else None
 
 
-def _not_genuine(entry: CheckpointEntry, signer: Ed25519Signer) -> str | None:
+def _not_genuine(entry: CheckpointEntry, trusted: Mapping[str, Ed25519PublicKey]) -> str | None:
     """Why the index entry ``entry`` is not a checkpoint this service signed, under its own name."""
     cp = entry.checkpoint
     if entry.object_key != cp.object_key:
         return (
             f"the index entry of checkpoint {cp.first_sequence}..{cp.last_sequence} names {entry.object_key}"
         )
-    check = verify_checkpoint(cp, signer.public_key)
+    check = verify_checkpoint(cp, trusted)
     return None if check.ok else f"indexed checkpoint {cp.first_sequence}..{cp.last_sequence}: {check.reason}"

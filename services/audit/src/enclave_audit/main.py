@@ -20,7 +20,7 @@ from enclave_audit.anomaly import AnomalyDetector
 from enclave_audit.api import AuditApiContext, LazyFileKeySource, access_hook, build_router, verify_stored
 from enclave_audit.config import AuditSettings
 from enclave_audit.handlers import AuditConsumer, AuditMetrics, Checkpointer
-from enclave_audit.signing import Ed25519Signer
+from enclave_audit.signing import Ed25519Signer, trusted_keys
 from enclave_audit.store import AuditStore, SyncRecordReader
 from enclave_audit.windows import BucketedAuditHistory
 
@@ -79,6 +79,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
                 "ENCLAVE_AUDIT_SIGNING_KEY_FILE is not set (an Ed25519 private key, PEM)"
             )
         ctx.signer = Ed25519Signer.from_pem(settings.signing_key_file.read_bytes())
+        ctx.other_keys = trusted_keys(None, settings.trusted_public_keys_dir)
 
     async def prepare() -> None:
         signer = ctx.signer
@@ -97,6 +98,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
                 every_records=settings.checkpoint_every_records,
                 interval_s=settings.checkpoint_interval_s,
                 metrics=metrics,
+                trusted=ctx.other_keys,
             )
             runtime.spawn(checkpointer.run_forever(), "audit-checkpoints")
         runtime.spawn(_verify_periodically(ctx, settings.verify_interval_s), "audit-verify")

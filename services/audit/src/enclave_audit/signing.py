@@ -8,6 +8,7 @@ trusting anything but the key it was given.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -72,6 +73,16 @@ def load_public_key_pem(pem: bytes) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"public key is {type(key).__name__}; only Ed25519 public keys are accepted")
     return key
+
+
+def trusted_keys(own: Ed25519PublicKey | None, directory: Path | None) -> dict[str, Ed25519PublicKey]:
+    """The public keys whose checkpoints are genuine, by key id: ``own`` (the signing key's) and
+    every ``*.pem`` in ``directory`` (the keys signing used before a rotation, or the next one)."""
+    keys = {ed25519_key_id(own): own} if own is not None else {}
+    for path in sorted(directory.glob("*.pem")) if directory is not None else ():
+        key = load_public_key_pem(path.read_bytes())
+        keys[ed25519_key_id(key)] = key
+    return keys
 
 
 def verify_signature(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:

@@ -23,7 +23,7 @@ from enclave_audit.checkpoints import (
     Checkpoint,
     CheckpointRoots,
     checkpoint_key_bound,
-    checkpoint_key_prefix,
+    overlap_search_start,
     verify_checkpoint,
 )
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
@@ -59,7 +59,7 @@ def verify_trail(
     first: int = 1,
     last: int | None = None,
     checkpoints: Sequence[CheckpointEntry] = (),
-    public_key: Ed25519PublicKey | None = None,
+    public_key: Ed25519PublicKey | Mapping[str, Ed25519PublicKey] | None = None,
     worm_copies: Mapping[str, bytes] | None = None,
     stored: Sequence[StoredCheckpoint] = (),
 ) -> TrailReport:
@@ -226,8 +226,8 @@ async def read_stored_checkpoints(
     last: int | None,
     on_unreadable: Callable[[str, Exception], None],
 ) -> list[StoredCheckpoint]:
-    """Every version of every checkpoint object starting at ``first..last`` (``last`` None: to the
-    end), for the API's and the CLI's verification.
+    """Every version of every checkpoint object that may cover some of ``first..last`` (``last``
+    None: to the end), for the API's and the CLI's verification.
 
     A store that does not answer raises: that says nothing about the trail, so the call answers 503
     (the CLI exits 2) instead of reporting "the WORM copy could not be read", a verification failure
@@ -237,7 +237,7 @@ async def read_stored_checkpoints(
     listed = await objects.list_versions(
         bucket,
         CHECKPOINT_PREFIX,
-        after=checkpoint_key_prefix(first),
+        after=overlap_search_start(first),
         until=None if last is None else checkpoint_key_bound(last),
     )
     stored = []

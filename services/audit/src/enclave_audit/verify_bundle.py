@@ -19,7 +19,7 @@ import hashlib
 import json
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -56,7 +56,9 @@ class BundleVerification(BaseModel):
     last_sequence: int | None = None
 
 
-def verify_bundle(bundle: IO[bytes], public_key: Ed25519PublicKey) -> BundleVerification:
+def verify_bundle(
+    bundle: IO[bytes], public_key: Ed25519PublicKey, other_keys: Sequence[Ed25519PublicKey] = ()
+) -> BundleVerification:
     """Verify a bundle read from a seekable binary file; :class:`NotATarArchive` if it is not a tar."""
     passed: list[str] = []
     problems: list[str] = []
@@ -143,7 +145,8 @@ def verify_bundle(bundle: IO[bytes], public_key: Ed25519PublicKey) -> BundleVeri
             return result()
         passed.append(f"{len(manifest.files)} files match their manifest hashes")
 
-        checkpoints = _verify_checkpoints(tar, members, manifest, public_key, passed, problems)
+        trusted = {ed25519_key_id(k): k for k in (public_key, *other_keys)}
+        checkpoints = _verify_checkpoints(tar, members, manifest, trusted, passed, problems)
         count, first, last = _verify_records(
             tar, members[RECORDS_PATH], manifest, checkpoints, passed, problems
         )
@@ -165,7 +168,7 @@ def _verify_checkpoints(
     tar: tarfile.TarFile,
     members: dict[str, tarfile.TarInfo],
     manifest: BundleManifest,
-    public_key: Ed25519PublicKey,
+    trusted: Mapping[str, Ed25519PublicKey],
     passed: list[str],
     problems: list[str],
 ) -> list[Checkpoint]:
@@ -178,7 +181,7 @@ def _verify_checkpoints(
         handle = tar.extractfile(members[ref.path])
         raw = handle.read() if handle is not None else b""
         adjacent = previous if previous and previous.last_sequence + 1 == ref.first_sequence else None
-        check = verify_checkpoint(raw, public_key, previous=adjacent)
+        check = verify_checkpoint(raw, trusted, previous=adjacent)
         if not check.ok:
             problems.append(f"{ref.path}: {check.reason}")
             continue
@@ -278,15 +281,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--public-key", type=Path, required=True, help="the audit service's Ed25519 public key (PEM)"
     )
+    parser.add_argument(
+        "--also-trust",
+        type=Path,
+        action="append",
+        default=[],
+        help="the public key (PEM) of an earlier signing key, for checkpoints signed before a rotation",
+    )
     args = parser.parse_args(argv)
-    try:
-        public_key = load_public_key_pem(args.public_key.read_bytes())
-    except (OSError, ValueError) as exc:
-        print(f"cannot use public key {args.public_key}: {exc}", file=sys.stderr)
-        return 2
+    keys = []
+    for path in (args.public_key, *args.also_trust):
+        try:
+            keys.append(load_public_key_pem(path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            print(f"cannot use public key {path}: {exc}", file=sys.stderr)
+            return 2
     try:
         with args.bundle.open("rb") as bundle:
-            outcome = verify_bundle(bundle, public_key)
+            outcome = verify_bundle(bundle, keys[0], keys[1:])
     except OSError as exc:
         print(f"cannot read bundle {args.bundle}: {exc}", file=sys.stderr)
         return 2
