@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import pytest
 from enclave_audit.chain import GENESIS, ChainHead, HashChain
 from enclave_audit.checkpoints import CHECKPOINT_PREFIX, build_checkpoint
 from enclave_audit.handlers import AuditMetrics, Checkpointer
 from enclave_audit.records import AuditRecord
-from enclave_audit.signing import Ed25519Signer
+from enclave_audit.signing import Ed25519Signer, trusted_keys
 from enclave_audit.store import CheckpointEntry, json_form, to_document
 from enclave_audit.verification import StoredCheckpoint, TrailReport, index_copies, verify_trail
 from enclave_common.storage import StoredObject
@@ -348,3 +349,21 @@ async def test_a_refused_checkpointer_tries_again_an_interval_later_not_at_every
     for _ in range(3):
         assert await checkpointer.tick() == []
     assert _failures(metrics) == 1
+
+
+async def test_a_broken_chain_is_refused_once_an_interval_too() -> None:
+    records = chained_records(12)
+    index, bucket, signer = await _two_checkpoints(records[:8])
+    index.add(records[8:])
+    del index.records[10]  # a record deleted after the last checkpoint
+    checkpointer, metrics = _checkpointer(index, bucket, signer)
+    for _ in range(3):
+        assert await checkpointer.tick() == []
+    assert _failures(metrics) == 1
+
+
+def test_a_trusted_key_file_that_is_no_public_key_is_named(tmp_path) -> None:
+    (tmp_path / "next.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ValueError, match=r"next\.pem: not an Ed25519 public key in PEM"):
+        trusted_keys(None, tmp_path)
+    assert trusted_keys(None, tmp_path / "absent") == {}  # an optional ConfigMap not created yet

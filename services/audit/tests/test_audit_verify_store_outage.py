@@ -128,3 +128,30 @@ def test_missing_s3_credentials_are_a_setup_problem_not_a_verification_failure(m
     monkeypatch.delenv("ENCLAVE_AUDIT_SIGNING_KEY_FILE", raising=False)
     assert cli.main([]) == 2
     assert "cannot read the WORM bucket: NoCredentialsError; nothing was verified" in capsys.readouterr().err
+
+
+async def test_a_range_inside_a_checkpoint_longer_than_the_span_cap_still_lists_it(monkeypatch):
+    """Deployments that ran with CHECKPOINT_EVERY_RECORDS above today's cap have longer checkpoints:
+    the listing starts at the first indexed one overlapping the range when that is further back."""
+    from enclave_audit.checkpoints import checkpoint_key_prefix
+
+    listed: list[str] = []
+
+    class Listing(Objects):
+        async def list_versions(self, bucket: str, prefix: str, **kwargs: Any) -> list[tuple[str, str]]:
+            listed.append(kwargs["after"])
+            return []
+
+    ctx = context(EndpointConnectionError(endpoint_url="http://minio"))
+    ctx.objects = Listing(ctx.objects.failure)
+    monkeypatch.setattr(api, "verify_trail", lambda *a, **k: "report")
+    long_entry = SimpleNamespace(
+        object_key=KEY, version_id="v1", checkpoint=SimpleNamespace(first_sequence=1)
+    )
+
+    async def between(first: int, last: int | None) -> list[Any]:
+        return [long_entry]
+
+    ctx.store.checkpoints_between = between
+    assert await api.verify_stored(ctx, 50_000, 50_010) == "report"
+    assert listed == [checkpoint_key_prefix(1)]

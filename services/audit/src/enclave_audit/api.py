@@ -302,7 +302,10 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
-    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, first, last, _unreadable)
+    # From the first indexed checkpoint overlapping the range too: one signed before the span cap
+    # may reach further back than the cap.
+    start = min(first, entries[0].checkpoint.first_sequence) if entries else first
+    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, start, last, _unreadable)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,

@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reader = SyncRecordReader(client[settings.mongo_database])
         entries = reader.checkpoints_between(args.first, args.last)
-        stored = [] if args.no_worm else _stored(settings, args.first, args.last)
+        start = min(args.first, entries[0].checkpoint.first_sequence) if entries else args.first
+        stored = [] if args.no_worm else _stored(settings, start, args.last)
         report = verify_trail(
             reader,
             first=args.first,

@@ -449,13 +449,9 @@ class Checkpointer:
     async def make(self, previous: CheckpointEntry | None, first: int, last: int) -> CheckpointEntry | None:
         records, result = await self._records(previous, first, last)
         if not result.ok:
-            self.metrics.verify_failures.inc()
-            log.error(
-                "refusing to sign a checkpoint over a broken chain",
-                broken_sequence=result.broken_sequence,
-                reason=result.reason,
+            return await self._refuse(
+                f"the chain is broken at {result.broken_sequence} ({result.reason}): it is not signed"
             )
-            return None
         now = datetime.now(UTC)
         checkpoint = build_checkpoint(
             records, signer=self.signer, created_at=now, previous=previous.checkpoint if previous else None

@@ -80,7 +80,10 @@ def trusted_keys(own: Ed25519PublicKey | None, directory: Path | None) -> dict[s
     every ``*.pem`` in ``directory`` (the keys signing used before a rotation, or the next one)."""
     keys = {ed25519_key_id(own): own} if own is not None else {}
     for path in sorted(directory.glob("*.pem")) if directory is not None else ():
-        key = load_public_key_pem(path.read_bytes())
+        try:
+            key = load_public_key_pem(path.read_bytes())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not an Ed25519 public key in PEM ({exc})") from None
         keys[ed25519_key_id(key)] = key
     return keys
 
