@@ -57,7 +57,8 @@ class ObjectIdentity:
         return _IDENTITY_LABEL + b"".join(struct.pack(">H", len(p)) + p for p in parts)
 
     def key_context(self) -> KeyContext:
-        """The context a study's DEK is generated and unwrapped with (one DEK per tenant+study)."""
+        """The context an object's DEK is generated and unwrapped with (a fresh DEK per object, bound
+        to its tenant and study)."""
         return study_key_context(self.tenant, self.study_key)
 
 
