@@ -64,3 +64,14 @@ def test_a_setting_that_does_not_parse_is_named_by_the_variable_that_holds_it(
     assert verdict["configuration"] == "invalid"
     assert verdict["reason"].startswith(f"{named}: Input should be ")
     assert "banana" not in verdict["reason"]
+
+
+def test_a_service_without_a_key_encryption_key_is_told_which_variables_to_set():
+    """Before: "set a keyring file or a KMS key id", naming no variable."""
+    from enclave_common.errors import ConfigurationError
+    from enclave_common.keys_config import kek_provider
+
+    with pytest.raises(ConfigurationError) as missing:
+        kek_provider(DemoSettings(), None, None)
+    assert "ENCLAVE_DEMO_KEYRING_FILE" in missing.value.reason
+    assert "ENCLAVE_DEMO_KMS_KEY_ID" in missing.value.reason

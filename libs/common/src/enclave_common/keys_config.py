@@ -59,4 +59,8 @@ def kek_provider(
         provider = FileKeyring(keyring_file)
         _ = provider.keyring  # fail at startup, not at the first message, if the file is unusable
         return provider
-    raise ConfigurationError("no key-encryption key configured: set a keyring file or a KMS key id")
+    prefix = settings.model_config.get("env_prefix") or "ENCLAVE_"
+    raise ConfigurationError(
+        f"no key-encryption key configured: set {prefix}KEYRING_FILE (a keyring file) or "
+        f"{prefix}KMS_KEY_ID (a KMS key id)"
+    )

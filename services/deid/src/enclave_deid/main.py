@@ -78,10 +78,17 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
         keys = load_keys(settings)
         pseudonym_key = settings.pseudonym_key_base64()
         if pseudonym_key and pseudonym_key == os.environ.get("ENCLAVE_PSEUDONYM_KEY"):
+            own = {"ENCLAVE_DEID_PSEUDONYM_KEY", "ENCLAVE_DEID_PSEUDONYM_KEY_FILE"} & set(os.environ)
             raise ConfigurationError(
-                "the deid pseudonym key equals ENCLAVE_PSEUDONYM_KEY (gateway/ingest): set "
-                "ENCLAVE_DEID_PSEUDONYM_KEY to a key of its own, so output pseudonyms cannot be recomputed "
-                "from the ingest keys"
+                # Unset, the shared ENCLAVE_ prefix would hand deid the gateway/ingest key: say so.
+                (
+                    "the deid pseudonym key equals ENCLAVE_PSEUDONYM_KEY (gateway/ingest)"
+                    if own
+                    else "ENCLAVE_DEID_PSEUDONYM_KEY (or ENCLAVE_DEID_PSEUDONYM_KEY_FILE) is not set; deid never "
+                    "uses ENCLAVE_PSEUDONYM_KEY (gateway/ingest) in its place"
+                )
+                + ": set ENCLAVE_DEID_PSEUDONYM_KEY to a key of its own, so output pseudonyms cannot be "
+                "recomputed from the ingest keys"
             )
         vault.kek = keys.linkage
         handler.pipeline = DeidPipeline(
