@@ -88,6 +88,29 @@ async def test_a_series_with_a_quarantined_member_still_gets_its_outcome_and_not
     )
 
 
+async def test_an_instance_uploaded_twice_counts_once_toward_the_minimum():
+    """Before: the same instance uploaded twice (the second answered ``duplicate``) was reported as
+    "the series has 2 de-identified instance(s)", though the volume drops repeated SOP Instance UIDs."""
+    tenant = new_tenant("it-asm")
+    headers = bearer("it-asm-pacs", tenant, "uploader")
+    data = mr_instance()[0]
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(2):  # two requests within the quiet period: one analysis sees both
+            answer = await client.post(
+                f"{GATEWAY}/api/v1/imaging/upload",
+                files=[("file", ("a.dcm", data, "application/dicom"))],
+                headers=headers,
+            )
+            assert answer.status_code == 200, answer.text
+    (failed,) = await wait_for_events(
+        topics.ANALYSIS_FAILED,
+        lambda e: e.tenant == tenant and len(e.data.get("instance_upload_ids", [])) == 2,
+        timeout=180,
+    )
+    assert "has 1 de-identified instance(s)" in failed.data["reason"]
+    assert "instances uploaded more than once count once: 2 uploads" in failed.data["reason"]
+
+
 async def test_a_series_that_stays_incomplete_is_reported_and_analysed_when_its_last_member_settles(mongo):
     """A member that never gets an outcome (here announced by an upload but lost before ingest; in
     production, e.g., dead-lettered by deid for a key problem) no longer leaves its series waiting

@@ -223,12 +223,20 @@ class AnalysisService:
                     f"{_duration(self.settings.incomplete_after_s)}; the status of each uploaded instance "
                     "says where it stopped. The series is analysed when they arrive"
                 )
-            if len(members) < self.settings.min_instances:
-                raise AnalysisError(
-                    f"the series has {len(members)} de-identified instance(s); a volume needs at least "
-                    f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
-                )
+            # Loaded first: an instance uploaded twice is two members but one slice (the volume drops
+            # repeated SOP Instance UIDs), so only distinct ones count toward the minimum.
             datasets = [await self._load(tenant, m) for m in members]
+            distinct = len({str(ds.get("SOPInstanceUID", f"member-{i}")) for i, ds in enumerate(datasets)})
+            if distinct < self.settings.min_instances:
+                raise AnalysisError(
+                    f"the series has {distinct} de-identified instance(s); a volume needs at least "
+                    f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
+                    + (
+                        f" (instances uploaded more than once count once: {len(members)} uploads)"
+                        if distinct < len(members)
+                        else ""
+                    )
+                )
             measures, qc, reasons, reports = await self._run_analyser(datasets)
             refs = [await self._store_report(tenant, study_key, analysis_id, *report) for report in reports]
             data = AnalysisCompleted(**base, measures=measures, qc=qc, reports=refs)
