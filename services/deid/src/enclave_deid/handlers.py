@@ -52,9 +52,10 @@ class InstanceStoredHandler:
     async def on_key_shredded(self, envelope: Envelope) -> None:
         """A crypto-shredded study: drop its key from the cache and erase its linkage records.
 
-        The de-identified copies are under the same study key and became unreadable with the shred; the
-        linkage records are under the linkage KEK, so without this they would still disclose the
-        study's original identifiers through break-glass. Idempotent (a redelivery deletes nothing).
+        The shred made the originals unreadable. The de-identified copies are under the deid KEK and
+        stay readable (they hold no identifiers); the linkage records are under the linkage KEK, so
+        without this they would still disclose the study's original identifiers through break-glass.
+        Idempotent (a redelivery deletes nothing).
         """
         event = envelope.payload(KeyEvent)
         if event.operation != "shredded" or not event.study_key:
