@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 from enclave_common.crypto import generate_ingest_keypair, private_key_to_pem, public_key_to_pem
+from enclave_deid.config import DeidSettings
+from enclave_gateway.config import GatewaySettings
 
 from .conftest import REPO_ROOT, SERVICES
 
@@ -209,12 +211,7 @@ def test_a_setting_that_does_not_parse_gets_the_same_verdict_without_its_value(p
 
 def _settings_of(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """The service's settings object as its container would build it from ``env`` alone."""
-    config = __import__(f"enclave_{service}.config", fromlist=["config"])
-    (settings_class,) = (
-        value
-        for name, value in vars(config).items()
-        if name.endswith("Settings") and name != "BaseServiceSettings" and isinstance(value, type)
-    )
+    settings_class = {"gateway": GatewaySettings, "deid": DeidSettings}[service]
     with monkeypatch.context() as patch:
         for name in [name for name in os.environ if name.startswith("ENCLAVE_")]:
             patch.delenv(name)

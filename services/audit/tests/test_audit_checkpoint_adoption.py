@@ -73,7 +73,9 @@ class Index:
         last = self.records[max(self.records)]
         return ChainHead(last["sequence"], last["record_hash"])
 
-    async def iter_range(self, first: int = 1, last: int | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def iter_range(
+        self, first: int = 1, last: int | None = None, *, projection: Any = None
+    ) -> AsyncIterator[dict[str, Any]]:
         for sequence in self._sequences(first, last):
             yield self.records[sequence]
 

@@ -302,10 +302,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:
     """Read the overlapping checkpoints and their WORM copies, then verify in a worker thread."""
     entries = await ctx.store.checkpoints_between(first, last)
-    # From the first indexed checkpoint overlapping the range too: one signed before the span cap
-    # may reach further back than the cap.
-    start = min(first, entries[0].checkpoint.first_sequence) if entries else first
-    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, start, last, _unreadable)
+    stored = await read_stored_checkpoints(ctx.objects, ctx.bucket, first, last, _unreadable, entries)
     return await asyncio.to_thread(
         verify_trail,
         ctx.reader,

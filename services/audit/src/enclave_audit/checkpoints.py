@@ -108,6 +108,18 @@ class Checkpoint(BaseModel):
         return self.first_sequence <= sequence <= self.last_sequence
 
 
+def stored_checkpoint(key: str, raw: bytes) -> Checkpoint | str:
+    """The checkpoint the object ``key`` of the bucket holds, or what is wrong with it (it holds no
+    checkpoint, or one whose name is another's)."""
+    try:
+        checkpoint = Checkpoint.from_bytes(raw)
+    except ValueError:
+        return "in the object-lock bucket is no checkpoint"
+    if checkpoint.object_key != key:
+        return f"holds checkpoint {checkpoint.first_sequence}..{checkpoint.last_sequence}"
+    return checkpoint
+
+
 class CheckpointRoots:
     """The Merkle root and the last record hash of each checkpoint, computed while the records are
     walked once in ascending sequence order (``add``, as ``verify_chain``'s ``on_record``).

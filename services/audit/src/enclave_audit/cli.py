@@ -25,7 +25,7 @@ from pymongo.errors import PyMongoError
 
 from enclave_audit.config import AuditSettings
 from enclave_audit.signing import Ed25519Signer, load_public_key_pem, trusted_keys
-from enclave_audit.store import SyncRecordReader
+from enclave_audit.store import CheckpointEntry, SyncRecordReader
 from enclave_audit.verification import (
     RangeBeyondChain,
     StoredCheckpoint,
@@ -36,12 +36,16 @@ from enclave_audit.verification import (
 )
 
 
-def _stored(settings: AuditSettings, first: int, last: int | None) -> list[StoredCheckpoint]:
+def _stored(
+    settings: AuditSettings, first: int, last: int | None, indexed: Sequence[CheckpointEntry] = ()
+) -> list[StoredCheckpoint]:
     def unreadable(object_key: str, exc: Exception) -> None:
         print(f"warn  {object_key}: {type(exc).__name__}", file=sys.stderr)
 
     objects = S3ObjectStore(settings)
-    return asyncio.run(read_stored_checkpoints(objects, settings.worm_bucket, first, last, unreadable))
+    return asyncio.run(
+        read_stored_checkpoints(objects, settings.worm_bucket, first, last, unreadable, indexed)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reader = SyncRecordReader(client[settings.mongo_database])
         entries = reader.checkpoints_between(args.first, args.last)
-        start = min(args.first, entries[0].checkpoint.first_sequence) if entries else args.first
-        stored = [] if args.no_worm else _stored(settings, start, args.last)
+        stored = [] if args.no_worm else _stored(settings, args.first, args.last, entries)
         report = verify_trail(
             reader,
             first=args.first,

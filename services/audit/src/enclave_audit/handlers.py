@@ -39,6 +39,7 @@ from enclave_audit.checkpoints import (
     checkpoint_key_bound,
     checkpoint_range,
     overlap_search_start,
+    stored_checkpoint,
     verify_checkpoint,
 )
 from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
@@ -323,50 +324,50 @@ class Checkpointer:
             )
             if not due or (refused_lately and not force):
                 return made
+            if previous is not None and (problem := _not_genuine(previous, self.trusted)) is not None:
+                self._refuse(problem)
+                return made
             last = min(head.sequence, start + self.every_records - 1)
             stored = await self._stored(start, last)
-            if previous is not None and (problem := _not_genuine(previous, self.trusted)) is not None:
-                entry = await self._refuse(problem)
-            elif at_start := [(k, v) for k, v in stored if _first_of(k) == start]:
-                entry = await self.adopt(previous, start, at_start)
+            if at_start := [(k, v) for k, v, span in stored if span[0] == start]:
+                entry = await self.adopt(previous, at_start)
             elif (problem := await self._stored_disagree(previous, start, last, stored)) is not None:
-                entry = await self._refuse(problem)
+                entry = self._refuse(problem)
             else:
                 entry = await self.make(previous, start, last)
             if entry is None:
                 return made
             made.append(entry)
 
-    async def _stored(self, start: int, last: int) -> list[tuple[str, str]]:
-        """Every stored version of the checkpoints that may cover ``start..last``: those starting at
-        most ``MAX_CHECKPOINT_RECORDS`` before it (what a writer that lost an indexing race stored
-        included), up to ``last``. Objects under the prefix that are no checkpoint by name are left
-        to verification, which reports them."""
+    async def _stored(self, start: int, last: int) -> list[tuple[str, str, tuple[int, int]]]:
+        """Every stored version of the checkpoints that may cover ``start..last`` (key, version id,
+        the range its name says): those starting at most ``MAX_CHECKPOINT_RECORDS`` before it (what a
+        writer that lost an indexing race stored included), up to ``last``. Objects under the prefix
+        that are no checkpoint by name are left to verification, which reports them."""
         listed = await self.objects.list_versions(
             self.bucket,
             CHECKPOINT_PREFIX,
             after=overlap_search_start(start),
             until=checkpoint_key_bound(last),
         )
-        return [(key, version) for key, version in listed if checkpoint_range(key) is not None]
+        return [(key, version, span) for key, version in listed if (span := checkpoint_range(key))]
 
     async def _read(self, key: str, version_id: str) -> Checkpoint | None:
+        """The stored checkpoint, or None if the object is no checkpoint under its own name."""
         body = await self.objects.open(self.bucket, key, version_id)
-        raw = await asyncio.to_thread(body.read)
-        try:
-            return Checkpoint.from_bytes(raw)
-        except ValueError:
-            return None
+        checkpoint = stored_checkpoint(key, await asyncio.to_thread(body.read))
+        return checkpoint if isinstance(checkpoint, Checkpoint) else None
 
     async def adopt(
-        self, previous: CheckpointEntry | None, start: int, stored: list[tuple[str, str]]
+        self, previous: CheckpointEntry | None, stored: list[tuple[str, str]]
     ) -> CheckpointEntry | None:
-        """Index the first stored checkpoint starting at ``start`` that follows ``previous`` and that
-        the records match; refuse (None, the reasons logged and counted) if none does."""
+        """Index the first of the ``stored`` checkpoints (those starting right after ``previous``)
+        that follows ``previous`` and that the records match; refuse (None, the reasons logged and
+        counted) if none does."""
         problems = []
         for key, version_id in stored:
             checkpoint = await self._read(key, version_id)
-            if checkpoint is None or checkpoint.object_key != key:
+            if checkpoint is None:
                 problems.append(f"{key} ({version_id}) is not the checkpoint its name says")
                 continue
             if (problem := await self._mismatch(previous, checkpoint)) is not None:
@@ -382,33 +383,36 @@ class Checkpointer:
                 last=checkpoint.last_sequence,
             )
             return entry
-        return await self._refuse("; ".join(problems))
+        return self._refuse("; ".join(problems))
 
     async def _stored_disagree(
-        self, previous: CheckpointEntry | None, start: int, last: int, stored: list[tuple[str, str]]
+        self,
+        previous: CheckpointEntry | None,
+        start: int,
+        last: int,
+        stored: list[tuple[str, str, tuple[int, int]]],
     ) -> str | None:
         """Why records ``start..last`` may not be signed: a stored checkpoint other than ``previous``
         covers some of them and does not match them (or is no checkpoint). Checkpoints that a writer
         which lost an indexing race stored match the records, and block nothing."""
-        for key, version_id in stored:
-            span = checkpoint_range(key)
-            if span is not None and (span[1] < start or span[0] > last):
+        for key, version_id, (first, end) in stored:
+            if end < start or first > last:
                 continue
             if previous is not None and (key, version_id) == (previous.object_key, previous.version_id):
                 continue
             checkpoint = await self._read(key, version_id)
-            if checkpoint is None or checkpoint.object_key != key:
+            if checkpoint is None:
                 return f"{key} ({version_id}) is not the checkpoint its name says"
-            records = [
-                json_form(d)["record_hash"]
-                async for d in self.store.iter_range(checkpoint.first_sequence, checkpoint.last_sequence)
+            hashes = [
+                d["record_hash"]
+                async for d in self.store.iter_range(first, end, projection={"record_hash": 1})
             ]
-            check = verify_checkpoint(checkpoint, self.trusted, record_hashes=records)
+            check = verify_checkpoint(checkpoint, self.trusted, record_hashes=hashes)
             if not check.ok:
                 return f"{key} ({version_id}) covers records {start}..{last} and {check.reason}"
         return None
 
-    async def _refuse(self, problem: str) -> None:
+    def _refuse(self, problem: str) -> None:
         """Sign nothing: counted as a verification failure, logged, tried again an interval later."""
         self.metrics.verify_failures.inc()
         self._refused_at = time.monotonic()
@@ -449,7 +453,7 @@ class Checkpointer:
     async def make(self, previous: CheckpointEntry | None, first: int, last: int) -> CheckpointEntry | None:
         records, result = await self._records(previous, first, last)
         if not result.ok:
-            return await self._refuse(
+            return self._refuse(
                 f"the chain is broken at {result.broken_sequence} ({result.reason}): it is not signed"
             )
         now = datetime.now(UTC)
@@ -472,11 +476,6 @@ class Checkpointer:
         self.metrics.last_checkpoint_sequence.set(checkpoint.last_sequence)
         log.info("checkpoint signed", first=first, last=last, key_id=checkpoint.key_id)
         return entry
-
-
-def _first_of(key: str) -> int | None:
-    span = checkpoint_range(key)
-    return span[0] if span else None
 
 
 def _not_genuine(entry: CheckpointEntry, trusted: Mapping[str, Ed25519PublicKey]) -> str | None:

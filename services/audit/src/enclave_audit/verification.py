@@ -24,6 +24,7 @@ from enclave_audit.checkpoints import (
     CheckpointRoots,
     checkpoint_key_bound,
     overlap_search_start,
+    stored_checkpoint,
     verify_checkpoint,
 )
 from enclave_audit.store import CheckpointEntry, SyncRecordReader
@@ -203,19 +204,11 @@ class _Found:
 def _stored_checkpoints(stored: Sequence[StoredCheckpoint]) -> _Found:
     found = _Found([], [])
     for s in stored:
-        try:
-            cp = Checkpoint.from_bytes(s.raw)
-        except ValueError:
-            found.problems.append(
-                f"object {s.key} ({s.version_id}) in the object-lock bucket is no checkpoint"
-            )
-            continue
-        if cp.object_key != s.key:
-            found.problems.append(
-                f"object {s.key} ({s.version_id}) holds checkpoint {cp.first_sequence}..{cp.last_sequence}"
-            )
-            continue
-        found.versions.append((s, cp))
+        cp = stored_checkpoint(s.key, s.raw)
+        if isinstance(cp, Checkpoint):
+            found.versions.append((s, cp))
+        else:
+            found.problems.append(f"object {s.key} ({s.version_id}) {cp}")
     return found
 
 
@@ -225,19 +218,23 @@ async def read_stored_checkpoints(
     first: int,
     last: int | None,
     on_unreadable: Callable[[str, Exception], None],
+    indexed: Sequence[CheckpointEntry] = (),
 ) -> list[StoredCheckpoint]:
     """Every version of every checkpoint object that may cover some of ``first..last`` (``last``
-    None: to the end), for the API's and the CLI's verification.
+    None: to the end), for the API's and the CLI's verification. Listed from the first of the
+    ``indexed`` checkpoints overlapping the range too, when that is further back: one signed before
+    the span cap (``MAX_CHECKPOINT_RECORDS``) may reach further than the cap.
 
     A store that does not answer raises: that says nothing about the trail, so the call answers 503
     (the CLI exits 2) instead of reporting "the WORM copy could not be read", a verification failure
     that counts in ``enclave_audit_verify_failures_total`` and pages as possible tampering. A version
     the store cannot give (e.g. it is gone) is left out and passed to ``on_unreadable``; if the
     index names it, ``verify_trail`` reports it as a problem of its checkpoint."""
+    start = min(first, indexed[0].checkpoint.first_sequence) if indexed else first
     listed = await objects.list_versions(
         bucket,
         CHECKPOINT_PREFIX,
-        after=overlap_search_start(first),
+        after=overlap_search_start(start),
         until=None if last is None else checkpoint_key_bound(last),
     )
     stored = []
