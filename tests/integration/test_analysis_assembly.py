@@ -22,6 +22,7 @@ import json
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -299,6 +300,41 @@ async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_
 
     await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # a new member: a new analysis
     assert (await assembly.series.find_one({"_id": claimed["_id"]}))["attempts"] == 0
+
+
+def _outcome(event_id: str, outcome: str) -> dict[str, Any]:
+    return {
+        "analysis_id": "an-1",
+        "event_id": event_id,
+        "topic": f"analysis.{outcome}",
+        "outcome": outcome,
+        "reason_code": None,
+        "envelope": json.dumps({"id": event_id}),
+    }
+
+
+async def test_a_claim_records_one_outcome_on_the_real_database_and_a_change_drops_it(assembly):
+    """The outbox the analysis outcome rests on, on FerretDB: the first outcome recorded for a claim
+    is the one every replica publishes (a second replica whose lease overlapped gets it back, not its
+    own); a change drops it, and a run of the old claim then publishes nothing."""
+    await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
+    await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+    [ready] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    first = await assembly.claim(ready, lease_s=0)  # its lease runs out at once
+    assert first is not None
+    [expired] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    second = await assembly.claim(expired, lease_s=900)
+    assert second is not None and second["attempts"] == 2
+
+    assert await assembly.decide(second, _outcome("ev-b", "completed")) == _outcome("ev-b", "completed")
+    assert await assembly.decide(first, _outcome("ev-a", "failed")) == _outcome("ev-b", "completed")
+    stored = await assembly.series.find_one({"_id": second["_id"]})
+    assert stored["pending_event"] == _outcome("ev-b", "completed")
+
+    await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # the series changed
+    assert "pending_event" not in await assembly.series.find_one({"_id": second["_id"]})
+    assert await assembly.decide(second, _outcome("ev-c", "completed")) is None
+    assert "pending_event" not in await assembly.series.find_one({"_id": second["_id"]})
 
 
 async def test_a_rejected_member_settles_the_series_of_its_upload_on_the_real_database(assembly):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from enclave_analysis.assembly import SeriesAssembly
+from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
 from enclave_common import topics
@@ -47,6 +47,13 @@ class FakeAssembly:
         self, series: dict[str, Any], analysis_id: str, outcome: str, reason_code: str | None = None
     ) -> None:
         self.finished.append((outcome, reason_code))
+
+    #: What ``decide`` answers: the outcome given (``...``), another replica's, or None (changed).
+    decision: Any = ...
+
+    async def decide(self, series: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any] | None:
+        self.decided = outcome
+        return outcome if self.decision is ... else self.decision
 
 
 class FakePublisher:
@@ -125,3 +132,64 @@ async def test_a_series_still_incomplete_when_overdue_is_reported_with_what_it_a
     assert envelope.data["awaiting_instance_upload_ids"] == ["iu-lost-1", "iu-lost-2"]
     assert sorted(envelope.data["instance_upload_ids"]) == [m["_id"] for m in MEMBERS]
     assert assembly.finished == [("failed", "series_incomplete")]
+
+
+def recorded(outcome: str, reason_code: str | None) -> dict[str, Any]:
+    """A claim's outcome as ``SeriesAssembly.decide`` records it."""
+    topic = topics.ANALYSIS_COMPLETED if outcome == "completed" else topics.ANALYSIS_FAILED
+    analysis_id = analysis_id_for("sk", [m["_id"] for m in MEMBERS])
+    envelope = Envelope(
+        type=topics.event_type(topic),
+        source="analysis",
+        tenant="t",
+        actor="service:analysis",
+        correlation_id="c",
+        data={"analysis_id": analysis_id, "reason_code": reason_code},
+    )
+    return {
+        "analysis_id": analysis_id,
+        "event_id": envelope.id,
+        "topic": topic,
+        "outcome": outcome,
+        "reason_code": reason_code,
+        "envelope": envelope.model_dump_json(),
+    }
+
+
+async def test_a_claim_whose_outcome_was_recorded_publishes_that_event_again_not_a_new_run() -> None:
+    """The process died after publishing an outcome and before finishing the series, until the
+    attempts ran out. The next claim publishes the recorded event unchanged: before the outbox it
+    ran again, past the last attempt, and published ``failed`` under the id of the ``completed``
+    already published (consumers skipped it; the gateway's status preferred it)."""
+    analysis, assembly, publisher = service(AssertionError("a recorded outcome must not be analysed again"))
+    earlier = recorded("completed", None)
+    await analysis.attempt({**series(attempts=9), "pending_event": earlier})
+    [(topic, envelope)] = publisher.published
+    assert topic == topics.ANALYSIS_COMPLETED
+    assert envelope == Envelope.model_validate_json(earlier["envelope"])
+    assert assembly.finished == [("completed", None)] and assembly.retried == []
+
+
+async def test_an_outcome_is_recorded_before_it_is_published_and_a_replica_publishes_the_first_recorded() -> (
+    None
+):
+    """Two replicas ran one claim (the first one's lease ran out): the one that records second
+    publishes the first one's event, so the claim has one outcome event."""
+    analysis, assembly, publisher = service(ValueError("never reached"))
+    first = recorded("completed", None)
+    assembly.decision = first
+    await analysis.attempt(series(attempts=4))  # this replica's own outcome: failed, past the last attempt
+    assert assembly.decided["outcome"] == "failed"
+    assert Envelope.model_validate_json(assembly.decided["envelope"]).data["reason_code"] == (
+        "analysis_internal_error"
+    )
+    [(topic, envelope)] = publisher.published
+    assert (topic, envelope.id) == (topics.ANALYSIS_COMPLETED, first["event_id"])
+    assert assembly.finished == [("completed", None)]
+
+
+async def test_a_series_that_changed_while_it_was_analysed_publishes_no_outcome_of_the_old_run() -> None:
+    analysis, assembly, publisher = service(ValueError("never reached"))
+    assembly.decision = None
+    await analysis.attempt(series(attempts=4))
+    assert publisher.published == [] and assembly.finished == [] and assembly.retried == []

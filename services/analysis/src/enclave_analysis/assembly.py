@@ -211,6 +211,27 @@ class SeriesAssembly:
             {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}, update
         )
 
+    async def decide(self, series: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any] | None:
+        """Record the claim's outcome event (``pending_event``: its topic, outcome, reason code and
+        envelope as JSON) before it is published: an outbox. Returns what to publish: ``outcome``,
+        or the outcome another replica recorded first for the same claim (its lease ran out while
+        this one analysed), so that one claim publishes one event, whichever replica runs it. None
+        if the series changed since it was claimed (``_changed`` drops a recorded outcome): a new run
+        follows, and no outcome of this one is published. A process that dies after publishing
+        publishes the recorded event again at the next claim (``AnalysisService.analyse``), not the
+        outcome of a new run under the same event id."""
+        claim = {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}
+        recorded = await self.series.update_one(
+            {**claim, "pending_event.envelope": {"$exists": False}}, {"$set": {"pending_event": outcome}}
+        )
+        if recorded.matched_count:
+            return outcome
+        current = await self.series.find_one(claim, {"pending_event": 1})
+        earlier = (current or {}).get("pending_event") or {}
+        if earlier.get("analysis_id") == outcome["analysis_id"] and earlier.get("envelope"):
+            return dict(earlier)
+        return None
+
     async def finish(
         self, series: dict[str, Any], analysis_id: str, outcome: str, reason_code: str | None = None
     ) -> None:

@@ -189,15 +189,17 @@ class AnalysisService:
         ]
         member_ids = sorted(m["_id"] for m in members)
         analysis_id = analysis_id_for(series["series_key"], member_ids)
-        pending = series.get("pending_event") or {}
-        event_id = pending.get("event_id") if pending.get("analysis_id") == analysis_id else None
-        if event_id is None:
-            event_id = new_event_id()
-            await self.assembly.series.update_one(
-                {"_id": series["_id"]},
-                {"$set": {"pending_event": {"analysis_id": analysis_id, "event_id": event_id}}},
-            )
         tenant, series_key = series["tenant"], series["series_key"]
+        pending = series.get("pending_event") or {}
+        if pending.get("analysis_id") == analysis_id and pending.get("envelope"):
+            # This claim's outcome was recorded, and perhaps published, by a process that died before
+            # it finished the series: the same event again, not a new run (whose outcome could
+            # differ: a completed analysis published, then past the last attempt, was published again
+            # as failed under the same event id before this outbox).
+            await self._publish(series, pending, again=True)
+            return
+        # A claim recorded by an earlier version kept only the event id.
+        event_id = pending.get("event_id") if pending.get("analysis_id") == analysis_id else None
         study_key = members[0]["study_key"] if members else ""
         base = {
             "analysis_id": analysis_id,
@@ -248,7 +250,7 @@ class AnalysisService:
             )
             topic, outcome = topics.ANALYSIS_FAILED, "failed"
         envelope = Envelope(
-            id=event_id,
+            id=event_id or new_event_id(),
             type=topics.event_type(topic),
             source="analysis",
             tenant=tenant,
@@ -256,16 +258,48 @@ class AnalysisService:
             correlation_id=series.get("correlation_id") or analysis_id,
             data={**data.model_dump(mode="json"), **extra},
         )
-        await self.runtime.publisher.publish(topic, envelope, key=series_key)
-        await self.assembly.finish(series, analysis_id, outcome, getattr(data, "reason_code", None))
+        decided = await self.assembly.decide(
+            series,
+            {
+                "analysis_id": analysis_id,
+                "event_id": envelope.id,
+                "topic": topic,
+                "outcome": outcome,
+                "reason_code": getattr(data, "reason_code", None),
+                # As JSON text: the keys of the measures and reasons are not field names to store.
+                "envelope": envelope.model_dump_json(),
+            },
+        )
+        if decided is None:
+            log.info(
+                "series changed, or was finished by another replica, while it was analysed; this run's outcome is not published",
+                outcome_dropped=outcome,
+                analysis_id=analysis_id,
+            )
+            return
+        await self._publish(series, decided, again=decided["event_id"] != envelope.id)
         log.info(
             "series analysed",
-            outcome=outcome,
-            reason_code=getattr(data, "reason_code", None),
+            outcome=decided["outcome"],
+            reason_code=decided.get("reason_code"),
             analysis_id=analysis_id,
             instances=len(members),
             awaiting=len(missing),
         )
+
+    async def _publish(self, series: dict[str, Any], decided: dict[str, Any], *, again: bool) -> None:
+        """Publish a claim's recorded outcome event (``SeriesAssembly.decide``), then finish the series."""
+        envelope = Envelope.model_validate_json(decided["envelope"])
+        await self.runtime.publisher.publish(decided["topic"], envelope, key=series["series_key"])
+        await self.assembly.finish(
+            series, decided["analysis_id"], decided["outcome"], decided.get("reason_code")
+        )
+        if again:
+            log.info(
+                "series outcome recorded earlier published",
+                outcome=decided["outcome"],
+                analysis_id=decided["analysis_id"],
+            )
 
     async def _run_analyser(
         self, datasets: list[pydicom.Dataset]
