@@ -42,6 +42,8 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
                 "admin": (403, 403), "caregiver": (404, 404), "caregiver+grant": (200, 404)},
     "grant_create": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                      "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
+    "grant_read": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403), "auditor": (403, 403),
+                   "admin": (200, 404), "caregiver": (403, 403), "caregiver+grant": (403, 403)},
     "grant_revoke": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403), "auditor": (403, 403),
                      "admin": (200, 404), "caregiver": (403, 403), "caregiver+grant": (403, 403)},
     "break_glass": {"uploader": (403,), "clinician": (201,), "researcher": (403,), "auditor": (403,),
@@ -132,6 +134,8 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         return "GET", f"{GATEWAY}/api/v1/imaging/patient/{world.patient_a if own else world.patient_b}", {}
     if endpoint == "grant_create":
         return "POST", f"{GATEWAY}/api/v1/grants", {"json": _grant_body(world.patient_a, "it-cg-other")}
+    if endpoint == "grant_read":
+        return "GET", f"{GATEWAY}/api/v1/grants/{world.grant_a if own else world.grant_b}", {}
     if endpoint == "grant_revoke":
         return "DELETE", f"{GATEWAY}/api/v1/grants/{world.grant_a if own else world.grant_b}", {}
     if endpoint == "break_glass":

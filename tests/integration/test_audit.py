@@ -625,7 +625,8 @@ async def test_one_break_glass_opening_is_one_audit_alert_and_a_refused_attempt_
 
 async def test_grants_are_security_attribute_changes_and_an_opened_break_glass_an_override(mongo, unique):
     """Through the gateway (action `manage_grants`): a grant, its revocation and a second revocation
-    (409) are 110113 + 110137, action U; before, they were 110103 DICOM Instances Accessed, R. The
+    (409) are 110113 + 110137, action U; before, they were 110103 DICOM Instances Accessed, R.
+    Reading the grant (`read_grants`) is 110100, action R: before, it was coded as a change. The
     gateway's `break_glass_opened` alert carries 110127 (before: 110113 alone)."""
     tenant, admin, clinician = f"it-grants-{unique}", f"adm-grants-{unique}", f"dr-grants-{unique}"
     gateway = f"http://127.0.0.1:{SERVICE_PORTS['gateway']}"
@@ -640,6 +641,8 @@ async def test_grants_are_security_attribute_changes_and_an_opened_break_glass_a
         created = await client.post("/api/v1/grants", json=grant, headers=bearer(admin, tenant, "admin"))
         assert created.status_code == 201, created.text
         url = f"/api/v1/grants/{created.json()['grant_id']}"
+        read = await client.get(url, headers=bearer(admin, tenant, "admin"))
+        assert read.status_code == 200, read.text
         assert (await client.delete(url, headers=bearer(admin, tenant, "admin"))).status_code == 200
         assert (await client.delete(url, headers=bearer(admin, tenant, "admin"))).status_code == 409
         opened = await client.post(
@@ -665,15 +668,22 @@ async def test_grants_are_security_attribute_changes_and_an_opened_break_glass_a
                 "outcome_description": "break_glass_opened",
             }
         )
-        if len(found) == 3 and alert is not None:
+        reads = [d async for d in records.find({"actor": admin, "tenant": tenant})]
+        reads = [d for d in reads if d["envelope"]["data"].get("action") == "read_grants"]
+        if len(found) == 3 and alert is not None and reads:
             break
-        assert time.monotonic() < deadline, f"{len(found)} of 3 grant records, alert {alert is not None}"
+        assert time.monotonic() < deadline, (
+            f"{len(found)} of 3 grant records, alert {alert is not None}, {len(reads)} reads"
+        )
         await asyncio.sleep(0.5)
     for record in found:
         assert record["envelope"]["data"]["action"] == "manage_grants"
         assert (record["event_code"]["code"], record["action"]) == ("110113", "U")
         assert [c["code"] for c in record["event_type_codes"]] == ["110137"]
     assert sorted(r["outcome"] for r in found) == [0, 0, 4]
+    [read_record] = reads
+    assert (read_record["event_code"]["code"], read_record["action"]) == ("110100", "R")
+    assert read_record["event_type_codes"] == [] and read_record["outcome"] == 0
     assert (alert["event_code"]["code"], [c["code"] for c in alert["event_type_codes"]]) == (
         "110113",
         ["110127"],

@@ -115,6 +115,9 @@ _CHANGED = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
         ("manage_grants", "rejected", codes.SECURITY_ALERT, "U", 4, _CHANGED),
         ("manage_grants", "denied", codes.SECURITY_ALERT, "U", 4, _CHANGED),
         ("manage_grants", "unauthenticated", codes.USER_AUTHENTICATION, "E", 4, (codes.LOGIN,)),
+        # GET /api/v1/grants/{id} and its refusals: a read, not a change (before: as manage_grants)
+        ("read_grants", "success", codes.APPLICATION_ACTIVITY, "R", 0, ()),
+        ("read_grants", "not_found", codes.APPLICATION_ACTIVITY, "R", 4, ()),
         ("break_glass", "rejected", codes.SECURITY_ALERT, "E", 4, ()),
         # deid's break-glass linkage read (enclave-deid-link)
         ("break_glass_linkage", "success", codes.SECURITY_ALERT, "E", 0, (codes.EMERGENCY_OVERRIDE_STARTED,)),

@@ -17,6 +17,7 @@ class Action(StrEnum):
     AUDIT_QUERY = "audit_query"
     AUDIT_VERIFY = "audit_verify"
     AUDIT_EXPORT = "audit_export"
+    READ_GRANTS = "read_grants"
     MANAGE_GRANTS = "manage_grants"
     MANAGE_KEYS = "manage_keys"
     BREAK_GLASS = "break_glass"

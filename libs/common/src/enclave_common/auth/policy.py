@@ -59,6 +59,7 @@ POLICY: PolicyTable = MappingProxyType(
         Action.AUDIT_QUERY: {_A: _T},
         Action.AUDIT_VERIFY: {_A: _T, _ADM: _T},
         Action.AUDIT_EXPORT: {_A: _T},
+        Action.READ_GRANTS: {_ADM: _T},
         Action.MANAGE_GRANTS: {_ADM: _T},
         Action.MANAGE_KEYS: {_ADM: _T},
         Action.BREAK_GLASS: {_C: _T},
