@@ -124,6 +124,8 @@ OIDC = {
 }
 #: The keyed-HMAC pseudonym key the gateway and ingest share (base64 of at least 32 random bytes;
 #: deid has its own, mounted as a file).
+#: The size of ingest's /tmp emptyDir, which holds its spool (its settings publish it for the alert).
+INGEST_TMP_GIB = 6
 PSEUDONYM_SECRET = "enclave-upload-pseudonym-key"  # noqa: S105 - the Secret's name, not its value
 
 SERVICES: tuple[Service, ...] = (
@@ -186,6 +188,8 @@ SERVICES: tuple[Service, ...] = (
             "KEK_PROVIDER": "aws-kms",
             "KMS_KEY_ID": "alias/enclave-ingest",
             "ORIGINALS_BUCKET": "enclave-originals",
+            # The /tmp emptyDir's size (the spool is on it), for the alert EnclaveIngestSpoolFilling.
+            "SPOOL_CAPACITY_BYTES": str(INGEST_TMP_GIB * 1024**3),
         },
         secret_files=(
             SecretFile(
@@ -196,7 +200,7 @@ SERVICES: tuple[Service, ...] = (
             ),
         ),
         secret_env=(("PSEUDONYM_KEY", PSEUDONYM_SECRET, "key"),),
-        memory_tmp="6Gi",
+        memory_tmp=f"{INGEST_TMP_GIB}Gi",
     ),
     Service(
         name="deid",

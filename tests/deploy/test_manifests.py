@@ -14,6 +14,7 @@ import pytest
 import yaml
 from enclave_common import topics
 from enclave_gateway.config import GatewaySettings
+from enclave_ingest.config import IngestSettings
 
 from .conftest import OVERLAYS, REPO_ROOT, SERVICES
 
@@ -401,6 +402,27 @@ def test_the_gateway_spool_budget_fits_its_volume_and_the_largest_request(docume
     default = GatewaySettings.model_fields["max_request_bytes"].default
     max_request = int(config["data"].get("ENCLAVE_GATEWAY_MAX_REQUEST_BYTES", default))
     assert max_request * 1.01 <= budget < size_limit - 256 * 1024**2  # room for the rest of /tmp
+
+
+def test_ingest_publishes_its_spool_volume_size_for_the_filling_alert(documents, lint):
+    """EnclaveIngestSpoolFilling divides what the spool holds by ENCLAVE_INGEST_SPOOL_CAPACITY_BYTES:
+    it must be the size of the emptyDir the spool is on, or the alert fires too late (or never)."""
+    docs = documents["prod"]
+    [config] = [c for c in lint.of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "enclave-ingest"]
+    [deployment] = [d for d in lint.of_kind(docs, "Deployment") if d["metadata"]["name"] == "enclave-ingest"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    spool_dir = config["data"].get(
+        "ENCLAVE_INGEST_SPOOL_DIR", str(IngestSettings.model_fields["spool_dir"].default)
+    )
+    [volume] = [name for path, name in mounts.items() if spool_dir.startswith(path.rstrip("/") + "/")]
+    size_limit = _quantity_bytes(volumes[volume]["emptyDir"]["sizeLimit"])
+    assert int(config["data"]["ENCLAVE_INGEST_SPOOL_CAPACITY_BYTES"]) == size_limit
+    (rule,) = lint.of_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    expr = alerts["EnclaveIngestSpoolFilling"]["expr"]
+    assert "enclave_ingest_spool_bytes / enclave_ingest_spool_capacity_bytes" in expr
 
 
 def test_public_services_take_the_client_address_from_the_ingress_controller(documents, lint, gen):

@@ -146,11 +146,10 @@ def test_transform_without_a_work_dir_uses_the_system_temporary_directory() -> N
     """The service's default (``ENCLAVE_DEID_WORK_DIR`` unset) is None: the system's temp directory."""
     written = _transform(_pipeline(None, LocalKeyring.generate("deid")), _instance())
     assert isinstance(written, _Written)
-    path = Path(written.ciphertext_path)
-    try:
-        assert path.parent == Path(tempfile.gettempdir()) and path.stat().st_size > written.size
-    finally:
-        path.unlink()
+    with written.ciphertext as ciphertext:
+        where = os.readlink(f"/proc/self/fd/{ciphertext.fileno()}")  # unnamed: "<dir>/#<inode> (deleted)"
+        assert Path(where).parent == Path(tempfile.gettempdir()), where
+        assert os.fstat(ciphertext.fileno()).st_size > written.size
 
 
 def test_transform_writes_a_copy_only_the_deid_keyring_opens(tmp_path: Path) -> None:
@@ -158,7 +157,9 @@ def test_transform_writes_a_copy_only_the_deid_keyring_opens(tmp_path: Path) -> 
     original = _instance()
     written = _transform(_pipeline(tmp_path, deid_kek), original)
     assert isinstance(written, _Written)
-    ciphertext = Path(written.ciphertext_path).read_bytes()
+    with written.ciphertext as file:
+        ciphertext = file.read()
+    assert list(tmp_path.iterdir()) == []  # the ciphertext had no name in the work directory
     assert PATIENT_ID.encode() not in ciphertext
     copy = decrypt_bytes(ciphertext, ObjectIdentity("t", "study-key", "deidentified/1"), deid_kek)
     assert PATIENT_ID.encode() not in copy
@@ -170,7 +171,6 @@ def test_transform_writes_a_copy_only_the_deid_keyring_opens(tmp_path: Path) -> 
     assert written.size == len(copy)
     with pytest.raises(KeyUnwrapError):
         decrypt_bytes(ciphertext, ObjectIdentity("t", "other-study", "deidentified/1"), deid_kek)
-    os.unlink(written.ciphertext_path)
 
 
 def test_burned_in_annotation_is_quarantined_and_nothing_is_written(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_size_limit_at_the_limit_and_just_past_it(tmp_path: Path) -> None:
     at_limit.check_size(len(original))
     written = _transform(at_limit, original)
     assert isinstance(written, _Written)
-    os.unlink(written.ciphertext_path)
+    written.ciphertext.close()
     past = _pipeline(tmp_path, LocalKeyring.generate("deid"), limit=len(original) - 1)
     with pytest.raises(InstanceTooLarge, match="ENCLAVE_DEID_MAX_INSTANCE_BYTES"):
         past.check_size(len(original))

@@ -25,6 +25,7 @@ from enclave_common.crypto import (
     encrypt_bytes,
     encrypt_object,
     encrypt_object_async,
+    encrypt_to_temp_file,
     scrub_object,
 )
 from hypothesis import given, settings
@@ -320,3 +321,39 @@ def test_round_trip_property(data: bytes, segment_size: int, piece: int) -> None
     ct_pieces = [blob[i : i + piece] for i in range(0, len(blob), piece)]
     assert b"".join(decrypt_object(ct_pieces, IDENTITY, keyring)) == data
     assert scrub_object(io.BytesIO(blob), IDENTITY, keyring).ok
+
+
+def test_the_ciphertext_file_has_no_name_and_round_trips(tmp_path, keyring, data_key) -> None:
+    data = os.urandom(5 * SEG + 3)
+    dek, wrapped = data_key
+    encryptor = ObjectEncryptor(dek, wrapped, IDENTITY, segment_size=SEG)
+    out, size = encrypt_to_temp_file(
+        lambda sink: sink.write(data), encryptor, directory=tmp_path, prefix="c-"
+    )
+    with out:
+        assert list(tmp_path.iterdir()) == []
+        assert size == len(data) and decrypt_bytes(out.read(), IDENTITY, keyring) == data
+
+
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from enclave_common.crypto import LocalKeyring, ObjectEncryptor, ObjectIdentity, encrypt_to_temp_file
+identity = ObjectIdentity("t", "s", "o")
+dek, wrapped = LocalKeyring.generate("k").generate_data_key(identity.key_context())
+def write(sink):
+    sink.write(b"x" * (4 << 20))
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer or kubectl delete --force would
+encrypt_to_temp_file(write, ObjectEncryptor(dek, wrapped, identity), directory=sys.argv[1], prefix="c-")
+"""
+
+
+def test_a_process_killed_while_writing_the_ciphertext_leaves_nothing_on_disk(tmp_path) -> None:
+    """Ingest and deid write each object's ciphertext here before uploading it. A named file stayed
+    behind when the process was killed mid-write, in a Kubernetes emptyDir that outlives the
+    container: up to 768 MiB per kill, until the pod was evicted."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(tmp_path)], check=False)
+    assert done.returncode == -9
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,6 @@ streamed (multipart) upload.
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -92,7 +91,8 @@ class Quarantined:
 
 @dataclass(frozen=True)
 class _Written:
-    ciphertext_path: str
+    #: The ciphertext, in an unnamed temporary file at its start (closed after the upload).
+    ciphertext: IO[bytes]
     patient_pseudonym: str
     deid_study_uid: str
     deid_series_uid: str
@@ -142,14 +142,8 @@ class DeidPipeline:
             body.close()
         if isinstance(outcome, Quarantined):
             return outcome
-        try:
-            ciphertext = await asyncio.to_thread(open, outcome.ciphertext_path, "rb")
-            try:
-                put = await self.store.put(self.bucket, object_key, ciphertext)
-            finally:
-                ciphertext.close()
-        finally:
-            os.unlink(outcome.ciphertext_path)
+        with outcome.ciphertext:
+            put = await self.store.put(self.bucket, object_key, outcome.ciphertext)
         return Released(
             object=ObjectRef(bucket=self.bucket, key=object_key, version_id=put.version_id),
             patient_pseudonym=outcome.patient_pseudonym,
@@ -203,9 +197,9 @@ class DeidPipeline:
                 f"the instance could not be de-identified ({type(exc).__name__}); "
                 "storable DICOM instances with a SOP Instance UID are supported"
             ) from None
-        path, size = self._encrypt_to_file(result.dataset, target, original)
+        ciphertext, size = self._encrypt_to_file(result.dataset, target, original)
         written = _Written(
-            ciphertext_path=path,
+            ciphertext=ciphertext,
             patient_pseudonym=result.patient_pseudonym,
             deid_study_uid=result.study_instance_uid,
             deid_series_uid=result.series_instance_uid,
@@ -233,8 +227,8 @@ class DeidPipeline:
 
     def _encrypt_to_file(
         self, dataset: Dataset, identity: ObjectIdentity, original: bytes | None = None
-    ) -> tuple[str, int]:
-        """Write the Part 10 file of ``dataset`` straight into the encryptor; (ciphertext path, plaintext size)."""
+    ) -> tuple[IO[bytes], int]:
+        """Write the Part 10 file of ``dataset`` straight into the encryptor; (ciphertext file, plaintext size)."""
         dek, wrapped = self.deid_kek.generate_data_key(identity.key_context())
         encryptor = ObjectEncryptor(dek, wrapped, identity, segment_size=SEGMENT_SIZE)
 
@@ -246,10 +240,9 @@ class DeidPipeline:
                     f"the de-identified instance could not be written as Part 10 ({type(exc).__name__})"
                 ) from None
 
-        path, size = encrypt_to_temp_file(
+        return encrypt_to_temp_file(
             write_plaintext, encryptor, directory=self.work_dir, prefix="deid-ciphertext-"
         )
-        return str(path), size
 
 
 def describe_policy(policy: DeidPolicy) -> tuple[str, list[str]]:

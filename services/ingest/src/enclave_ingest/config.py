@@ -30,6 +30,10 @@ class IngestSettings(BaseServiceSettings):
     duplicate_policy: Literal["reject", "new_version"] = "reject"
     #: Where sealed chunks wait until their instance is complete (ciphertext only; safe to lose).
     spool_dir: Path = Path("/tmp/enclave-ingest-spool")  # noqa: S108 - an emptyDir in Kubernetes
+    #: The size of the spool's volume (the emptyDir's sizeLimit; deploy/k8s sets it), published as
+    #: ``enclave_ingest_spool_capacity_bytes`` for the alert EnclaveIngestSpoolFilling. Not a limit:
+    #: the spool holds what unfinished instances need (docs/ingest.md § The spool's size).
+    spool_capacity_bytes: int | None = Field(default=None, ge=1)
     #: An instance whose upload broke off is given up (``upload_incomplete``) once its partition holds
     #: a record appended this long after its newest chunk (Kafka timestamps; see ``spool``). The gateway
     #: appends an instance's chunks within one request; the margin covers clocks of gateway replicas.

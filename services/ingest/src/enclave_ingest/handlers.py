@@ -22,7 +22,7 @@ from enclave_common.kafka import CONSUMER_GROUP_TIMING, dead_letter, rewind
 from enclave_common.service import ServiceRuntime
 from faststream import AckPolicy
 from faststream.kafka.annotations import KafkaMessage
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from enclave_ingest.catalogue import Catalogue
@@ -106,6 +106,7 @@ class ChunkConsumer:
         spool: ChunkSpool,
         *,
         abandon_after_s: float = 3600.0,
+        spool_capacity_bytes: int | None = None,
     ) -> None:
         self.runtime = runtime
         self.catalogue = catalogue
@@ -118,6 +119,22 @@ class ChunkConsumer:
             "Instances given up because their upload broke off (upload_incomplete)",
             registry=runtime.registry,
         )
+        Gauge(
+            "enclave_ingest_spool_bytes",
+            "Sealed chunks held in the spool for instances not yet complete",
+            registry=runtime.registry,
+        ).set_function(lambda: spool.held_bytes)
+        Gauge(
+            "enclave_ingest_spool_instances",
+            "Unfinished instances with chunks in the spool (broken-off uploads stay until given up)",
+            registry=runtime.registry,
+        ).set_function(lambda: spool.held_instances)
+        if spool_capacity_bytes is not None:
+            Gauge(
+                "enclave_ingest_spool_capacity_bytes",
+                "Size of the spool's volume (ENCLAVE_INGEST_SPOOL_CAPACITY_BYTES), for the filling alert",
+                registry=runtime.registry,
+            ).set(spool_capacity_bytes)
         self.lock = asyncio.Lock()
         self.listener = _ForgetRevoked(self.tracker, self.spool, self.lock)
 

@@ -29,7 +29,13 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
     store = S3ObjectStore(settings)
     catalogue = Catalogue(runtime.db)
     spool = ChunkSpool(settings.spool_dir)
-    consumer = ChunkConsumer(runtime, catalogue, spool, abandon_after_s=settings.incomplete_after_s)
+    consumer = ChunkConsumer(
+        runtime,
+        catalogue,
+        spool,
+        abandon_after_s=settings.incomplete_after_s,
+        spool_capacity_bytes=settings.spool_capacity_bytes,
+    )
     consumer.register()
     runtime.readiness["object_store"] = store.ping
     runtime.readiness["spool"] = local_disk_check(settings.spool_dir)

@@ -224,14 +224,11 @@ class InstancePipeline:
             for piece in self._plaintext(meta):
                 sink.write(piece)
 
-        path, _ = await asyncio.to_thread(
+        body, _ = await asyncio.to_thread(
             encrypt_to_temp_file, write_plaintext, encryptor, directory=self.spool.root, prefix="ciphertext-"
         )
-        try:
-            with path.open("rb") as body:
-                return await self.store.put(self.bucket, object_key, body)
-        finally:
-            path.unlink()
+        with body:
+            return await self.store.put(self.bucket, object_key, body)
 
     @staticmethod
     def _rejected(meta: ChunkStreamMeta, code: str, reason: str) -> Outcome:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,27 @@ class PendingInstance:
 
 
 class ChunkSpool:
-    """Sealed chunks on local disk, one folder per instance upload id."""
+    """Sealed chunks on local disk, one folder per instance upload id. It has no budget of its own:
+    the chunks it holds are what unfinished instances need to complete (they arrive interleaved on
+    one partition), so refusing them would stall the partition for good. What it holds is counted
+    instead (``held_bytes``, ``held_instances``; the metrics ``enclave_ingest_spool_*``), for an alert
+    before the volume fills (docs/ingest.md § The spool's size)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        #: Bytes of sealed chunks held, per instance upload id (written from worker threads).
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    @property
+    def held_instances(self) -> int:
+        with self._lock:
+            return len(self._held)
 
     def prepare(self) -> None:
         """Create the spool and forget what a previous run left (Kafka redelivers what was not committed)."""
@@ -65,9 +83,15 @@ class ChunkSpool:
     def write(self, instance_upload_id: str, index: int, sealed: bytes, meta: dict[str, object]) -> None:
         folder = self._folder(instance_upload_id)
         folder.mkdir(exist_ok=True)
-        tmp = folder / f"{index}.tmp"
+        tmp, final = folder / f"{index}.tmp", folder / f"{index}.sealed"
         tmp.write_bytes(sealed)
-        tmp.replace(folder / f"{index}.sealed")
+        try:
+            replaced = final.stat().st_size  # a redelivered chunk overwrites the same file
+        except FileNotFoundError:
+            replaced = 0
+        tmp.replace(final)
+        with self._lock:
+            self._held[instance_upload_id] = self._held.get(instance_upload_id, 0) + len(sealed) - replaced
         if index == 0 or not (folder / "meta.json").exists():
             (folder / "meta.json").write_text(json.dumps(meta))
 
@@ -82,11 +106,18 @@ class ChunkSpool:
 
     def discard(self, instance_upload_id: str) -> None:
         shutil.rmtree(self._folder(instance_upload_id), ignore_errors=True)
+        with self._lock:
+            self._held.pop(instance_upload_id, None)
 
     def clear(self) -> None:
         """Forget everything (on start: Kafka redelivers whatever was not committed)."""
         for child in self.root.iterdir():
-            shutil.rmtree(child, ignore_errors=True)
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        with self._lock:
+            self._held.clear()
 
 
 class OffsetTracker:

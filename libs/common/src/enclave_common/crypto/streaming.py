@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from io import UnsupportedOperation
-from pathlib import Path
 from typing import IO, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -339,23 +338,24 @@ def encrypt_to_temp_file(
     *,
     directory: str | os.PathLike[str] | None,
     prefix: str,
-) -> tuple[Path, int]:
-    """Encrypt what ``write_plaintext`` writes into a new file in ``directory``: (its path, plaintext
-    size); ``directory`` None is the system's temporary directory. Memory stays one segment whatever
-    the size; the file is removed if anything fails, and otherwise belongs to the caller (upload it,
-    then unlink it)."""
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=directory)
-    path = Path(name)
+) -> tuple[IO[bytes], int]:
+    """Encrypt what ``write_plaintext`` writes into a new, unnamed file in ``directory``: (the file,
+    positioned at its start, plaintext size); ``directory`` None is the system's temporary
+    directory. Memory stays one segment whatever the size. The file has no name (``O_TMPFILE``, or
+    unlinked at once), so nothing of it outlives the process, even one killed mid-write: a named
+    file stayed behind, in a Kubernetes emptyDir that outlives the container, until the pod was
+    evicted. The caller uploads it, then closes it, which frees the space."""
+    out = tempfile.TemporaryFile(prefix=prefix, dir=directory)  # noqa: SIM115 - returned to the caller
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(encryptor.header_bytes)
-            sink = EncryptingSink(encryptor, out)
-            write_plaintext(sink)
-            out.write(encryptor.finalize())
+        out.write(encryptor.header_bytes)
+        sink = EncryptingSink(encryptor, out)
+        write_plaintext(sink)
+        out.write(encryptor.finalize())
+        out.seek(0)
     except BaseException:
-        path.unlink(missing_ok=True)
+        out.close()
         raise
-    return path, sink.size
+    return out, sink.size
 
 
 def read_up_to(source: ReadableBinary, size: int) -> bytes:
