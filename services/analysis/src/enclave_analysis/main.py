@@ -11,6 +11,7 @@ from enclave_common.service import ServiceRuntime, load_settings, run_service
 from enclave_common.storage import S3ObjectStore
 from fastapi import FastAPI
 
+from enclave_analysis import workdir
 from enclave_analysis.assembly import SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
@@ -20,9 +21,14 @@ from enclave_analysis.series_analysis import run_volumetrics
 
 def analysis_worker() -> ProcessPoolExecutor:
     """One worker process for the analyses (spawned: no state inherited from the service's threads).
-    It is replaced after 50 analyses, so memory that ANTs and ITK do not give back stays bounded."""
+    It is replaced after 50 analyses, so memory that ANTs and ITK do not give back stays bounded.
+    Each worker writes its temporary files to a directory of its own, which the next worker removes
+    if the process died (``workdir``)."""
     return ProcessPoolExecutor(
-        max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=50
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        max_tasks_per_child=50,
+        initializer=workdir.claim,
     )
 
 
