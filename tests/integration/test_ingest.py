@@ -302,20 +302,27 @@ async def test_an_instance_whose_upload_broke_off_is_given_up_and_no_longer_hold
     complete = sealed_chunk_envelopes(mr_instance()[0], tenant=TENANT, upload_id=new_event_id())
     complete_iuid = complete[0].data["instance_upload_id"]
 
+    # A partition that nothing else holds back: after `make chaos`, for example, instances broken off
+    # less than an hour ago hold theirs (rightly), and the committed offset could not pass them.
+    free = await _partition_fully_committed(topics.UPLOAD_CHUNK, "enclave-ingest")
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA, acks="all", enable_idempotence=True)
     await producer.start()
     try:
         two_hours_ago = int((time.time() - 7200) * 1000)
         sent = await producer.send_and_wait(
-            topics.UPLOAD_CHUNK, broken[0].to_bytes(), key=broken_iuid.encode(), timestamp_ms=two_hours_ago
+            topics.UPLOAD_CHUNK,
+            broken[0].to_bytes(),
+            key=broken_iuid.encode(),
+            partition=free,
+            timestamp_ms=two_hours_ago,
         )
-        for envelope in complete:  # the broken instance's key: the same partition
+        for envelope in complete:  # the same partition
             last = await producer.send_and_wait(
-                topics.UPLOAD_CHUNK, envelope.to_bytes(), key=broken_iuid.encode()
+                topics.UPLOAD_CHUNK, envelope.to_bytes(), key=broken_iuid.encode(), partition=free
             )
     finally:
         await producer.stop()
-    assert last.partition == sent.partition
+    assert last.partition == sent.partition == free
 
     (rejected,) = await wait_for_events(topics.INSTANCE_REJECTED, _for(broken_iuid), timeout=120)
     outcome = rejected.payload(InstanceRejected)
@@ -357,3 +364,31 @@ async def test_the_catalogue_walk_of_the_scrub_pages_by_id_on_the_real_database(
         assert only_a == [d["_id"] for d in docs if d["tenant"] == "t-a"]
     finally:
         await mongo.drop_database(db.name)
+
+
+async def _partition_fully_committed(topic: str, group: str, timeout_s: float = 90) -> int:
+    """A partition of ``topic`` whose committed offset for ``group`` is its end: no unfinished
+    instance holds it back."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
+        await producer.start()
+        try:
+            partitions = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+        finally:
+            await producer.stop()
+        assert partitions, topic
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ends = await consumer.end_offsets(partitions)
+            for partition in partitions:
+                if await consumer.committed(partition) == ends[partition]:
+                    return partition.partition
+            assert time.monotonic() < deadline, (
+                f"every partition of {topic} is held back by an unfinished instance (an upload broken "
+                f"off less than ENCLAVE_INGEST_INCOMPLETE_AFTER_S ago, e.g. by make chaos)"
+            )
+            await asyncio.sleep(2)
+    finally:
+        await consumer.stop()
