@@ -331,6 +331,11 @@ async def test_a_claim_records_one_outcome_on_the_real_database_and_a_change_dro
     stored = await assembly.series.find_one({"_id": second["_id"]})
     assert stored["pending_event"] == _outcome("ev-b", "completed")
 
+    # An outcome recorded for another member set (a member settled, and the process died before the
+    # series was marked changed) is replaced by the outcome of the members the series has now.
+    other = {**_outcome("ev-d", "completed"), "analysis_id": "an-2"}
+    assert await assembly.decide(second, other) == other
+
     await assembly.expect("t", ["sk"], ["iu-2"], "up-2")  # the series changed
     assert "pending_event" not in await assembly.series.find_one({"_id": second["_id"]})
     assert await assembly.decide(second, _outcome("ev-c", "completed")) is None

@@ -383,7 +383,8 @@ async def _partition_fully_committed(topic: str, group: str, timeout_s: float = 
         while True:
             ends = await consumer.end_offsets(partitions)
             for partition in partitions:
-                if await consumer.committed(partition) == ends[partition]:
+                committed = await consumer.committed(partition)  # None: never committed
+                if committed == ends[partition] or (committed is None and ends[partition] == 0):
                     return partition.partition
             assert time.monotonic() < deadline, (
                 f"every partition of {topic} is held back by an unfinished instance (an upload broken "

@@ -37,8 +37,16 @@ class FakeAssembly:
     async def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
+    #: What members_of answers after the first call (a member settled meanwhile), if set.
+    later_members: list[dict[str, Any]] | None = None
+    calls = 0
+
     async def members_of(self, series_id: str) -> list[dict[str, Any]]:
-        return MEMBERS
+        self.calls += 1
+        return MEMBERS if self.calls == 1 or self.later_members is None else self.later_members
+
+    async def mark_changed(self, series: dict[str, Any]) -> None:
+        self.changed = True
 
     async def retry_later(self, series: dict[str, Any], delay_s: float, *, counted: bool) -> None:
         self.retried.append((delay_s, counted))
@@ -193,3 +201,28 @@ async def test_a_series_that_changed_while_it_was_analysed_publishes_no_outcome_
     assembly.decision = None
     await analysis.attempt(series(attempts=4))
     assert publisher.published == [] and assembly.finished == [] and assembly.retried == []
+
+
+async def test_a_member_that_settled_while_analysed_makes_the_series_change_not_publish() -> None:
+    """The members collection says a member was de-identified since the run read them, but the
+    series document does not say it changed (FerretDB 1.x: decide's write undid the settle's change
+    mark). The run marks the series changed and publishes nothing; before, the series was finished
+    without that member."""
+    analysis, assembly, publisher = service(ValueError("never reached"))
+    late = {"_id": "iu-late", "state": "deidentified", "study_key": "st-1", "object": {}}
+    assembly.later_members = [*MEMBERS, late]
+    await analysis.attempt(series(attempts=4))
+    assert getattr(assembly, "changed", False)
+    assert publisher.published == [] and assembly.finished == []
+
+
+async def test_a_repeated_failure_never_takes_an_event_id_an_earlier_version_kept() -> None:
+    """A claim recorded by an earlier version kept only the event id, under which that version may
+    have published a completed analysis before it died: past the last attempt, the failure gets an
+    id of its own."""
+    analysis, assembly, publisher = service(ValueError("never reached"))
+    analysis_id = analysis_id_for("sk", [m["_id"] for m in MEMBERS])
+    legacy = {"analysis_id": analysis_id, "event_id": "01a2033b-be48-704a-8a9d-b1a1f0d0f75b"}
+    await analysis.attempt({**series(attempts=4), "pending_event": legacy})
+    [(topic, envelope)] = publisher.published
+    assert topic == topics.ANALYSIS_FAILED and envelope.id != legacy["event_id"]

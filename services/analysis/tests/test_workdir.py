@@ -39,26 +39,38 @@ def _worker(parent: Path, fate: str) -> tuple[subprocess.Popen[str], Path]:
 def test_the_directory_of_a_killed_worker_is_removed_and_a_living_one_kept(tmp_path: Path) -> None:
     killed, killed_dir = _worker(tmp_path, "killed")
     assert killed.wait(timeout=30) == -signal.SIGKILL
-    living, living_dir = _worker(tmp_path, "living")
+    assert killed_dir.parent == tmp_path
+    assert list(killed_dir.glob("enclave-ants-*/transform.mat"))  # what the kill left
+    living, living_dir = _worker(tmp_path, "living")  # its start removes what the killed one left
     try:
-        assert killed_dir.parent == living_dir.parent == tmp_path
-        assert list(killed_dir.glob("enclave-ants-*/transform.mat"))  # what the kill left
-        assert workdir.sweep(tmp_path, min_age_s=0) == [killed_dir]
         assert not killed_dir.exists()
+        assert workdir.sweep(tmp_path) == []  # a living worker's directory stays, however old
         assert list(living_dir.glob("enclave-ants-*/transform.mat"))
     finally:
         living.kill()
         living.wait(timeout=30)
-    assert workdir.sweep(tmp_path, min_age_s=0) == [living_dir]
+    assert workdir.sweep(tmp_path) == [living_dir]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_directory_just_made_is_left_alone_whatever_its_lock(tmp_path: Path) -> None:
-    """Between creating its directory and locking it, a starting worker holds no lock."""
+def test_a_directory_not_locked_yet_is_left_alone_while_young(tmp_path: Path) -> None:
+    """A starting worker holds no lock between creating its directory and locking it."""
     fresh = Path(tempfile.mkdtemp(prefix=workdir.PREFIX, dir=tmp_path))
     assert workdir.sweep(tmp_path) == []
     assert fresh.exists()
     assert workdir.sweep(tmp_path, min_age_s=0) == [fresh]
+
+
+def test_what_cannot_be_examined_does_not_stop_a_worker_from_starting(tmp_path: Path) -> None:
+    """A file (or another user's directory) with the prefix: before, ``claim`` raised, and every
+    analysis failed with BrokenProcessPool."""
+    (tmp_path / f"{workdir.PREFIX}junk").write_text("not a directory")
+    assert workdir.sweep(tmp_path, min_age_s=0) == []
+    mine = workdir.claim(tmp_path)
+    try:
+        assert mine.is_dir() and (mine / workdir.LOCK).exists()
+    finally:
+        tempfile.tempdir = None
 
 
 def test_the_analysis_worker_process_writes_its_temporary_files_in_its_own_directory(tmp_path: Path) -> None:

@@ -221,8 +221,15 @@ class SeriesAssembly:
         publishes the recorded event again at the next claim (``AnalysisService.analyse``), not the
         outcome of a new run under the same event id."""
         claim = {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}
+        # Nothing recorded for this member set yet. An outcome recorded for another member set (a
+        # member settled, and the process died before the series was marked changed) is replaced:
+        # this run analysed the members the series has now.
+        unrecorded = [
+            {"pending_event.envelope": {"$exists": False}},
+            {"pending_event.analysis_id": {"$ne": outcome["analysis_id"]}},
+        ]
         recorded = await self.series.update_one(
-            {**claim, "pending_event.envelope": {"$exists": False}}, {"$set": {"pending_event": outcome}}
+            {**claim, "$or": unrecorded}, {"$set": {"pending_event": outcome}}
         )
         if recorded.matched_count:
             return outcome
@@ -231,6 +238,13 @@ class SeriesAssembly:
         if earlier.get("analysis_id") == outcome["analysis_id"] and earlier.get("envelope"):
             return dict(earlier)
         return None
+
+    async def mark_changed(self, series: dict[str, Any]) -> None:
+        """Mark a claimed series changed (``_changed``), unless it changed already."""
+        await self.series.update_one(
+            {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]},
+            self._changed(series.get("correlation_id") or series["_id"]),
+        )
 
     async def finish(
         self, series: dict[str, Any], analysis_id: str, outcome: str, reason_code: str | None = None

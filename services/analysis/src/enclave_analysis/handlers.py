@@ -198,7 +198,8 @@ class AnalysisService:
             # as failed under the same event id before this outbox).
             await self._publish(series, pending, again=True)
             return
-        # A claim recorded by an earlier version kept only the event id.
+        # A claim recorded by an earlier version kept only the event id (and may have published an
+        # outcome under it; not a repeated failure, below).
         event_id = pending.get("event_id") if pending.get("analysis_id") == analysis_id else None
         study_key = members[0]["study_key"] if members else ""
         base = {
@@ -245,6 +246,8 @@ class AnalysisService:
             extra = {"reasons": reasons}
             topic, outcome = topics.ANALYSIS_COMPLETED, "completed"
         except AnalysisError as exc:
+            if isinstance(exc, RepeatedFailure):
+                event_id = None  # never under an id an earlier run may have published a result under
             data = AnalysisFailed(
                 **base, reason_code=getattr(exc, "code", "analysis_error"), reason=exc.reason
             )
@@ -277,6 +280,8 @@ class AnalysisService:
                 analysis_id=analysis_id,
             )
             return
+        if decided["event_id"] == envelope.id and await self._members_changed(series, member_ids):
+            return
         await self._publish(series, decided, again=decided["event_id"] != envelope.id)
         log.info(
             "series analysed",
@@ -286,6 +291,28 @@ class AnalysisService:
             instances=len(members),
             awaiting=len(missing),
         )
+
+    async def _members_changed(self, series: dict[str, Any], analysed: list[str]) -> bool:
+        """Whether a member settled as de-identified since this run read them (the members collection
+        is the source of truth) although the series document does not say it changed: then it is
+        marked changed, and this run's outcome is not published. On MongoDB the change marks the
+        document itself and ``decide`` refuses; FerretDB 1.x applies an update as a read and a write
+        outside a transaction, and ``decide``'s write could undo the change a settling member made in
+        between (the series would be finished with that member left out)."""
+        now = sorted(
+            m["_id"]
+            for m in await self.assembly.members_of(series["_id"])
+            if m.get("state") == "deidentified"
+        )
+        if now == analysed:
+            return False
+        await self.assembly.mark_changed(series)
+        log.info(
+            "a member settled while the series was analysed; it is analysed again",
+            analysed=len(analysed),
+            members=len(now),
+        )
+        return True
 
     async def _publish(self, series: dict[str, Any], decided: dict[str, Any], *, again: bool) -> None:
         """Publish a claim's recorded outcome event (``SeriesAssembly.decide``), then finish the series."""

@@ -25,8 +25,8 @@ from typing import IO
 
 PREFIX = "enclave-analysis-work-"
 LOCK = ".lock"
-#: A directory younger than this is left alone even when its lock is free: its process may be
-#: between creating it and locking it.
+#: A directory without a lock file younger than this is left alone: its process may be between
+#: creating it and locking it.
 MIN_AGE_S = 60.0
 
 _held: IO[str] | None = None
@@ -40,38 +40,43 @@ def claim(parent: Path | None = None) -> Path:
     parent = Path(parent or tempfile.gettempdir())
     sweep(parent)
     path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
-    lock = (path / LOCK).open("w")
+    # Locked before it gets its name: a sweep never sees an unlocked lock file of a living worker.
+    lock = (path / f"{LOCK}.new").open("w")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (path / f"{LOCK}.new").rename(path / LOCK)
     _held = lock  # kept open (and locked) until the process exits
     tempfile.tempdir = str(path)
     return path
 
 
 def sweep(parent: Path, *, min_age_s: float = MIN_AGE_S) -> list[Path]:
-    """Remove the worker directories under ``parent`` whose process is gone; returns them."""
+    """Remove the worker directories under ``parent`` whose process is gone; returns them. Best
+    effort: what cannot be examined or removed (another user's, say) is left, and the worker
+    starts anyway."""
     removed: list[Path] = []
-    now = time.time()
     for path in parent.glob(f"{PREFIX}*"):
         try:
-            born = (path / LOCK).stat().st_mtime if (path / LOCK).exists() else path.stat().st_mtime
-            fd: int | None = os.open(path / LOCK, os.O_RDONLY)
-        except FileNotFoundError:  # never locked (its process died first), or removed meanwhile
-            fd = None
-            try:
-                born = path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-        try:
-            if now - born < min_age_s or not path.is_dir():
-                continue
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its process lives
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        finally:
-            if fd is not None:
-                os.close(fd)
+            if _abandoned(path, min_age_s):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:
+            continue
     return removed
+
+
+def _abandoned(path: Path, min_age_s: float) -> bool:
+    """Whether no living worker holds ``path``: its lock can be taken, or it never got one and is
+    older than ``min_age_s`` (a worker between creating it and locking it is younger)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return time.time() - path.stat().st_mtime >= min_age_s
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its process lives
+    finally:
+        os.close(fd)  # the lock goes with it; the directory is removed next, unlocked
+    return True
