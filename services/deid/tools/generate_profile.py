@@ -144,6 +144,10 @@ MASKED_ROWS: Final[tuple[tuple[int, int, tuple[str, ...]], ...]] = (
 
 # Attributes the {OPTIONS_EDITION} extraction lists that the {BASIC_EDITION} column no longer does.
 RETIRED_FROM_TABLE: Final[tuple[int, ...]] = ({"".join(f"0x{t:08X}, " for t in missing_options)})
+
+# Attributes the {OPTIONS_EDITION} extraction lists: their empty option cells mean "no exception"; the
+# others were added to the table after it and have no option cells at all.
+IN_OPTIONS_EDITION: Final[frozenset[int]] = frozenset(({"".join(f"0x{t:08X}, " for t in sorted(options))}))
 '''
     OUTPUT.write_text(text, encoding="utf-8")
     print(f"wrote {OUTPUT}: {len(exact)} attributes, {len(masked)} masked rows")

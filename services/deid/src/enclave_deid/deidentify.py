@@ -20,7 +20,7 @@ from io import BytesIO
 from typing import NamedTuple, Protocol
 
 from pydicom._uid_dict import UID_dictionary  # what pydicom.uid re-exports (outside its __all__)
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry, private_dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -114,6 +114,19 @@ _SERIES_INSTANCE_UID = 0x0020000E
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _DUMMY_TEXT = "REMOVED"
+#: Unlisted attributes removed whatever their tag: person names, and URLs/URIs (a RetrieveURL carries
+#: the original Study Instance UID, a RetrieveURI whatever query the sender put in it).
+_UNLISTED_REMOVED_VRS = frozenset({"PN", "UR"})
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+#: Unlisted free text, replaced with a dummy (kept present: Type 1 in SR content items and graphic
+#: text objects): reports (TextValue), annotations (UnformattedTextValue), comments. Table E.1-1 leaves
+#: them to the sequences that hold them, and the Basic Profile's D on those sequences cannot keep them.
+_UNLISTED_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+#: Unlisted attributes removed by tag: Encrypted Attributes Sequence (original attributes, encrypted
+#: for another recipient).
+_UNLISTED_REMOVED_TAGS = frozenset({0x04000500})
 _DUMMY_STRINGS = {
     "DA": "19000101",
     "DT": "19000101000000",
@@ -301,8 +314,18 @@ class _Walker:
                 continue
             action = self.profile.action_for(tag)
             vr = elem.VR
+            allowed = _dictionary_vrs(tag)
             if vr is None or vr == "UN":
-                vr = dictionary_VR(tag) if dictionary_has_tag(tag) else "UN"
+                vr = allowed[0] if len(allowed) == 1 else (vr or "UN")
+            elif allowed and vr not in allowed:
+                if len(allowed) == 1 and vr in _STRING_VRS and allowed[0] in _STRING_VRS:
+                    vr = allowed[0]  # text either way (a date written as LO): its own VR's rules apply
+                else:
+                    # A sequence or binary value under another VR (a sequence as OB): what it holds
+                    # cannot be walked, so it is removed.
+                    del dataset[tag]
+                    self.actions.append(AppliedAction((*path, tag), "X"))
+                    continue
             if action is None:
                 self._unlisted(dataset, tag, elem, vr, path)
             else:
@@ -313,10 +336,20 @@ class _Walker:
     def _unlisted(
         self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
     ) -> None:
-        """Attributes Table E.1-1 does not list: kept if standard and safe by VR, removed otherwise."""
-        if tag & 0xFFFF == 0 or not _is_standard(tag) or vr == "PN":
+        """Attributes Table E.1-1 does not list: kept if standard and safe by VR, free text replaced with
+        a dummy, removed otherwise (group lengths, the command group, unknown tags, names, URLs)."""
+        if (
+            tag & 0xFFFF == 0
+            or tag >> 16 == 0
+            or not _is_standard(tag)
+            or vr in _UNLISTED_REMOVED_VRS
+            or tag in _UNLISTED_REMOVED_TAGS
+        ):
             del dataset[tag]
             self.actions.append(AppliedAction((*path, tag), "X"))
+        elif vr in _UNLISTED_FREE_TEXT_VRS:
+            _put_dummy(dataset, tag, vr, elem)
+            self.actions.append(AppliedAction((*path, tag), "D"))
         elif vr == "UI":
             if not self.policy.retain_uids and tag not in _CLASS_UID_TAGS:
                 self._remap_uids(dataset, tag, elem)
@@ -426,13 +459,21 @@ class _Walker:
             element = tag & 0xFFFF
             if self.safe_private and element >= 0x1000:
                 creator_tag = (tag & 0xFFFF0000) | (element >> 8)
-                creator = self.text(dataset, creator_tag).upper() if creator_tag in dataset else ""
-                if (creator, tag >> 16, element & 0xFF) in self.safe_private:
+                creator_text = self.text(dataset, creator_tag) if creator_tag in dataset else ""
+                creator = creator_text.upper()
+                elem = dataset.get_item(tag)
+                vr = elem.VR
+                if vr is None or vr == "UN":  # implicit VR: pydicom's private dictionary may know it
+                    try:
+                        vr = private_dictionary_VR(tag, creator_text)
+                    except KeyError:
+                        vr = None
+                # An element whose VR is unknown could be a UID or a sequence: it is not kept.
+                if vr is not None and (creator, tag >> 16, element & 0xFF) in self.safe_private:
                     kept_blocks.add(creator_tag)
-                    elem = dataset.get_item(tag)
-                    if elem.VR == "UI" and not self.policy.retain_uids:
+                    if vr == "UI" and not self.policy.retain_uids:
                         self._remap_uids(dataset, tag, elem)
-                    elif elem.VR == "SQ":
+                    elif vr == "SQ":
                         self._recurse(dataset, tag, path)
                     self.actions.append(AppliedAction((*path, tag), "K"))
                     continue
@@ -497,6 +538,16 @@ def _put_dummy(dataset: Dataset, tag: int, vr: str, like: DataElement | RawDataE
 
 
 @lru_cache(maxsize=4096)
+def _dictionary_vrs(tag: int) -> tuple[str, ...]:
+    """The VRs the data dictionary allows for ``tag`` ("US or SS" is two); () when it has none."""
+    try:
+        vr = get_entry(tag)[0]
+    except KeyError:
+        return ()
+    return tuple(v.strip() for v in vr.split(" or ") if v.strip())
+
+
+@lru_cache(maxsize=4096)
 def _is_standard(tag: int) -> bool:
     """In pydicom's data dictionary, directly or as a repeater (e.g. overlay groups 60xx)."""
     if dictionary_has_tag(tag):
@@ -509,6 +560,9 @@ def _is_standard(tag: int) -> bool:
 
 
 _DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
+#: What may follow the date in a DT: a time (HHMMSS.FFFFFF, each part optional from the right) and a
+#: UTC offset. Anything else (a range, text) is dropped, not carried into the shifted value.
+_DT_REST = re.compile(r"^(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?([+-]\d{4})?$")
 
 
 def _shift_date(value: str, vr: str, days: int) -> str:
@@ -527,7 +581,7 @@ def _shift_date(value: str, vr: str, days: int) -> str:
     if month:
         text += f"{shifted.month:02d}"
     if day:
-        text += f"{shifted.day:02d}" + rest
+        text += f"{shifted.day:02d}" + (rest.strip() if _DT_REST.match(rest.strip()) else "")
     return text
 
 

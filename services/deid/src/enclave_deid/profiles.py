@@ -14,7 +14,7 @@ from functools import lru_cache
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 
 from enclave_deid.policy import DeidOption, DeidPolicy
-from enclave_deid.profile_table import MASKED_ROWS, OPTION_COLUMNS, TABLE_E1_1
+from enclave_deid.profile_table import IN_OPTIONS_EDITION, MASKED_ROWS, OPTION_COLUMNS, TABLE_E1_1
 
 
 class ActionCode(StrEnum):
@@ -67,7 +67,9 @@ class ResolvedProfile:
         return None
 
 
-def _resolve_row(row: tuple[str, ...], enabled: frozenset[str], vr: str) -> ActionCode:
+def _resolve_row(
+    row: tuple[str, ...], enabled: frozenset[str], vr: str, *, in_options_edition: bool
+) -> ActionCode:
     chosen: ActionCode | None = None
     for column, cell in zip(OPTION_COLUMNS, row[2:], strict=True):
         if cell and column in enabled:
@@ -78,8 +80,15 @@ def _resolve_row(row: tuple[str, ...], enabled: frozenset[str], vr: str) -> Acti
         return chosen
     basic = ActionCode(row[1])
     # Rows added to the table after the options edition have no option cells; the Modified Dates option
-    # (E.3.6) covers every date, so dates the Basic Profile would remove are shifted instead.
-    if "retain_longitudinal_modified_dates" in enabled and vr in _DATE_VRS and basic is not ActionCode.U:
+    # (E.3.6) covers every date, so dates the Basic Profile would remove are shifted instead. A row the
+    # options edition lists without a cell has no exception: Patient's Birth Date stays Z (before the
+    # thirteenth session it was shifted with the study dates, which kept the patient's exact age).
+    if (
+        not in_options_edition
+        and "retain_longitudinal_modified_dates" in enabled
+        and vr in _DATE_VRS
+        and basic is not ActionCode.U
+    ):
         return ActionCode.C
     return basic
 
@@ -91,8 +100,16 @@ def resolve_profile(policy: DeidPolicy) -> ResolvedProfile:
         option.column for option in policy.options if option is not DeidOption.RETAIN_SAFE_PRIVATE
     )
     actions = {
-        tag: _resolve_row(row, enabled, dictionary_VR(tag) if dictionary_has_tag(tag) else "")
+        tag: _resolve_row(
+            row,
+            enabled,
+            dictionary_VR(tag) if dictionary_has_tag(tag) else "",
+            in_options_edition=tag in IN_OPTIONS_EDITION,
+        )
         for tag, row in TABLE_E1_1.items()
     }
-    masked = tuple((mask, value, _resolve_row(row, enabled, "")) for mask, value, row in MASKED_ROWS)
+    masked = tuple(
+        (mask, value, _resolve_row(row, enabled, "", in_options_edition=True))
+        for mask, value, row in MASKED_ROWS
+    )
     return ResolvedProfile(actions=actions, masked=masked)
