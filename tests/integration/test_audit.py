@@ -776,3 +776,23 @@ async def test_an_export_larger_than_a_bundle_may_hold_is_refused_with_what_to_d
         detail = response.json()["detail"]
         assert detail["code"] == "export_too_large"
         assert "at most 3" in detail["message"] and "from_sequence and to_sequence" in detail["message"]
+
+
+async def test_times_and_sequences_past_what_the_store_holds_are_client_errors(
+    auditor_client, operator_auditor
+):
+    """Found by an API hunt (thirteenth session): each of these was a 500. A time whose UTC value is
+    past the year 9999 (or before 1), and a sequence number past 64 bits."""
+    for params in (
+        {"since": "9999-12-31T23:59:59-14:00"},
+        {"since": "0001-01-01T00:00:00+14:00"},
+        {"until": "9999-12-31T23:59:59-23:59"},
+    ):
+        response = await auditor_client.get("/audit/events", params=params, headers=operator_auditor)
+        assert response.status_code == 400, (params, response.text)
+        assert response.json()["detail"]["code"] == "bad_time"
+    for route in ("/audit/verify", "/audit/export"):
+        for params in ({"from_sequence": 2**63}, {"from_sequence": 1, "to_sequence": 10**20}):
+            response = await auditor_client.get(route, params=params, headers=operator_auditor)
+            assert response.status_code == 422, (route, params, response.text)
+            assert "less than or equal to 9223372036854775807" in response.text

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from enclave_common.auth import (
@@ -67,6 +67,20 @@ def test_admin_creates_a_grant_in_its_own_tenant() -> None:
         ({"not_before": datetime(2026, 3, 1), "expires_at": datetime(2026, 4, 1)}, "timezone"),
         ({"justification": "because"}, "justification"),
         ({"justification": "x" * 501}, "justification"),
+        # Found by an API hunt (thirteenth session): each was a 500 when the store wrote it.
+        ({"justification": "daughter \ud800 consent form on file"}, "printable"),
+        ({"justification": "\x01" * 11}, "printable"),
+        (
+            {
+                "not_before": datetime(9999, 12, 31, tzinfo=timezone(timedelta(hours=-14))),
+                "expires_at": datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-14))),
+            },
+            "valid times in UTC",
+        ),
+        (
+            {"not_before": NOW + timedelta(days=400), "expires_at": NOW + timedelta(days=401)},
+            "not_before may be at most 366 days from now",
+        ),
     ],
 )
 def test_invalid_grants_are_refused(overrides: dict[str, object], message: str) -> None:

@@ -377,3 +377,11 @@ async def test_the_cache_holds_at_most_cache_size_tokens(
     await verifier.verify_bearer(a)
     await verifier.verify_bearer(b)
     assert decoded == [a, b, c, b]
+
+
+async def test_an_exp_past_the_year_9999_is_refused_not_a_crash(
+    issuer: DevIssuer, verifier: TokenVerifier
+) -> None:
+    """A signed token with ``exp`` 1e30: building the principal's expiry overflowed (a 500 on every
+    protected route of the gateway and the audit service; found by an API hunt)."""
+    await refused(verifier, mint(issuer, extra_claims={"exp": 10**30}), AuthFailure.MALFORMED)

@@ -63,6 +63,8 @@ _OUTCOME_WORDS: Final = {
 log = structlog.get_logger("enclave.audit")
 EXPORT_CHUNK: Final = 1 << 20
 SPOOL_BYTES: Final = 32 * 1024 * 1024
+#: The largest sequence number a query may name: the database stores 64-bit signed integers.
+MAX_SEQUENCE: Final = 2**63 - 1
 
 
 class LazyFileKeySource:
@@ -222,8 +224,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     @router.get("/verify", summary="Verify the hash chain and checkpoints (whole chain or a range)")
     async def verify(
         auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_VERIFY))],
-        from_sequence: Annotated[int, Query(ge=1)] = 1,
-        to_sequence: Annotated[int | None, Query(ge=1)] = None,
+        from_sequence: Annotated[int, Query(ge=1, le=MAX_SEQUENCE)] = 1,
+        to_sequence: Annotated[int | None, Query(ge=1, le=MAX_SEQUENCE)] = None,
     ) -> TrailReport:
         if to_sequence is not None and to_sequence < from_sequence:
             raise HTTPException(
@@ -243,8 +245,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     async def export(
         request: Request,
         principal: Annotated[Principal, Depends(guard.require_principal(Action.AUDIT_EXPORT))],
-        from_sequence: Annotated[int, Query(ge=1)] = 1,
-        to_sequence: Annotated[int | None, Query(ge=1)] = None,
+        from_sequence: Annotated[int, Query(ge=1, le=MAX_SEQUENCE)] = 1,
+        to_sequence: Annotated[int | None, Query(ge=1, le=MAX_SEQUENCE)] = None,
     ) -> StreamingResponse:
         await guard.check_resource(
             request, principal, Action.AUDIT_EXPORT, Resource(tenant=ctx.operator_tenant)
@@ -347,4 +349,13 @@ def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last datetime in UTC
+        raise HTTPException(
+            400,
+            detail={
+                "code": "bad_time",
+                "message": "since and until must be times between the years 1 and 9999 in UTC",
+            },
+        ) from None

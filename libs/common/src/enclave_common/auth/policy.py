@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -350,6 +350,12 @@ def _not_found(action: Action, reason: str) -> Decision:
 def _check_window(not_before: datetime, expires_at: datetime, now: datetime, longest: timedelta) -> None:
     if not_before.tzinfo is None or expires_at.tzinfo is None:
         raise InvalidGrantError("not_before and expires_at must carry a timezone (UTC recommended)")
+    try:  # 9999-12-31T23:59-14:00 is past the last datetime in UTC: the store could not write it
+        not_before.astimezone(UTC), expires_at.astimezone(UTC)
+    except OverflowError:
+        raise InvalidGrantError("not_before and expires_at must be valid times in UTC") from None
+    if not_before - now > longest:
+        raise InvalidGrantError(f"not_before may be at most {_days(longest)} from now")
     if expires_at <= not_before:
         raise InvalidGrantError("expires_at must be after not_before")
     if expires_at <= now:
@@ -372,6 +378,8 @@ def check_justification(
     """``text`` with its whitespace collapsed, or ``refused(message)`` raised when it is too short or
     too long (grants, break-glass, operator commands' reasons)."""
     cleaned = " ".join(text.split())
+    if not cleaned.isprintable():  # control characters, lone surrogates (the store cannot write them)
+        raise refused(f"{what} must be printable Unicode text (no control characters or lone surrogates)")
     if not JUSTIFICATION_MIN_CHARS <= len(cleaned) <= JUSTIFICATION_MAX_CHARS:
         raise refused(
             f"{what} must be {JUSTIFICATION_MIN_CHARS} to {JUSTIFICATION_MAX_CHARS} characters "

@@ -196,13 +196,17 @@ class TokenVerifier:
         roles = frozenset(_KNOWN_ROLES[r] for r in raw_roles if r in _KNOWN_ROLES)
         ignored = frozenset(r for r in raw_roles if r not in _KNOWN_ROLES)
         jti = claims.get("jti")
+        try:
+            expires_at = datetime.fromtimestamp(int(claims["exp"]), tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            raise _fail(AuthFailure.MALFORMED, "token exp must be a time before the year 10000") from None
         return Principal(
             subject=subject,
             tenant=tenant,
             roles=roles,
             issuer=rules.issuer,
             token_id=jti if isinstance(jti, str) else None,
-            expires_at=datetime.fromtimestamp(int(claims["exp"]), tz=UTC),
+            expires_at=expires_at,
             ignored_roles=ignored,
         )
 
