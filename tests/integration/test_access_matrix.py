@@ -328,3 +328,30 @@ async def test_jwt_attacks_get_401_with_a_challenge_and_are_audited(world: World
         (event,) = [e for e in events if e.correlation_id == ids[name]]
         assert event.data["outcome"] == "unauthenticated" and event.data["status_code"] == 401, name
         assert event.data["detail"] == code and event.data["actor"] == "anonymous", name
+
+
+async def test_another_tenants_id_is_recorded_exactly_as_an_absent_one(world: World):
+    """The access record of a refused lookup is filed under the actor's tenant, whose own auditors
+    read it. It carried ``other_tenant`` and the other tenant's patient and study pseudonyms, so a
+    principal with clinician and auditor roles could confirm an id existed elsewhere and learn its
+    pseudonyms (found by an API hunt). Now both records say what a missing id's does."""
+    absent = str(uuid.uuid4())
+    clinician = bearer("it-clinician", world.tenant_a, "clinician")
+    sent: dict[str, str] = {}
+    async with TopicWatch(topics.ACCESS_RECORDED) as watch:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for imaging_id in (world.imaging_b, absent):
+                request_id = str(uuid.uuid4())
+                answer = await client.get(
+                    f"{GATEWAY}/api/v1/imaging/{imaging_id}",
+                    headers={**clinician, "X-Request-ID": request_id},
+                )
+                assert answer.status_code == 404
+                sent[request_id] = imaging_id
+        events = await watch.read(lambda env: env.correlation_id in sent)
+    by_id = {sent[e.correlation_id]: e.data for e in events}
+    assert set(by_id) == {world.imaging_b, absent}
+    for imaging_id, data in by_id.items():
+        assert (data["outcome"], data["status_code"], data["detail"]) == ("not_found", 404, "not_found"), data
+        assert data["target"] == imaging_id
+    assert patient_key(world.tenant_b, world.patient_b) not in json.dumps(by_id[world.imaging_b])

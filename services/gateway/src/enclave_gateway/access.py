@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NotRequired, TypedDict, Unpack
 
+import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
@@ -22,6 +23,8 @@ from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
 from fastapi import HTTPException, Request
 
 from enclave_gateway.handoff import Acknowledgements, Handoff, KafkaUnavailable
+
+log = structlog.get_logger("enclave.gateway")
 
 _OUTCOMES: dict[str, AccessOutcome] = {
     "allow": "success",
@@ -142,6 +145,19 @@ class AccessRecorder:
         if action == Action.BREAK_GLASS and outcome.kind == "allow":
             return
         resource = outcome.resource
+        reason = outcome.reason
+        if reason == "other_tenant":
+            # Recorded exactly as an absent resource is: the record is filed under the actor's tenant,
+            # whose own auditors read it, and the other tenant's pseudonyms or the word other_tenant
+            # would tell them the id exists elsewhere (found by an API hunt). The log, which only
+            # operators read, keeps the distinction.
+            log.warning(
+                "a resource of another tenant was asked for; answered and recorded as not found",
+                action=str(action),
+                subject=principal.subject if principal is not None else None,
+                tenant=principal.tenant if principal is not None else None,
+            )
+            resource, reason = None, "not_found"
         target = (
             access_target(resource.patient_key, resource.study_key)
             if resource is not None
@@ -154,7 +170,7 @@ class AccessRecorder:
             outcome=_OUTCOMES.get(outcome.kind, "error"),
             status=status,
             target=target,
-            detail=outcome.reason,
+            detail=reason,
         )
         if action == Action.UPLOAD and outcome.kind == "allow":
             setattr(request.state, _PENDING, acks)
