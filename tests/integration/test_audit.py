@@ -796,3 +796,11 @@ async def test_times_and_sequences_past_what_the_store_holds_are_client_errors(
             response = await auditor_client.get(route, params=params, headers=operator_auditor)
             assert response.status_code == 422, (route, params, response.text)
             assert "less than or equal to 9223372036854775807" in response.text
+    reversed_range = await auditor_client.get(
+        "/audit/export", params={"from_sequence": 5, "to_sequence": 2}, headers=operator_auditor
+    )
+    assert reversed_range.status_code == 400
+    assert (
+        "to_sequence must be greater than or equal to from_sequence"
+        in reversed_range.json()["detail"]["message"]
+    )

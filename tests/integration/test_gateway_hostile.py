@@ -416,3 +416,35 @@ async def _still_accepts(url: str) -> None:
             },
         )
         assert answer.status_code == 200, answer.text
+
+
+async def test_compressed_bodies_and_a_study_url_that_is_no_uid_are_request_errors():
+    """Found by an API hunt: a gzip body was answered 400 missing_boundary, an unknown encoding was
+    read as plain (200), and a study URL that is no UID failed every instance (0xC409) after the
+    whole body. Each is now a request-level refusal naming what is allowed, and nothing is published."""
+    tenant = new_tenant("it-hostile-line")
+    body = _related([_valid()])
+    headers = {**bearer("it-hostile", tenant, "uploader"), "Content-Type": body.content_type}
+    cases = [
+        ("/dicomweb/studies", {"Content-Encoding": "gzip"}, 415, "unsupported_media_type", "uncompressed"),
+        ("/dicomweb/studies", {"Content-Encoding": "br"}, 415, "unsupported_media_type", "uncompressed"),
+        ("/dicomweb/studies/not-a-uid", {}, 400, "bad_study_uid", "at most 64 characters"),
+        ("/dicomweb/studies/1.02.3", {}, 400, "bad_study_uid", "leading zero"),
+    ]
+    async with TopicWatch(topics.UPLOAD_CHUNK) as watch:
+        async with httpx.AsyncClient(timeout=60) as client:
+            for path, extra, status, code, hint in cases:
+                answer = await client.post(
+                    f"{GATEWAY}{path}", content=body.data, headers={**headers, **extra}
+                )
+                assert answer.status_code == status, (path, extra, answer.text)
+                assert answer.json()["error"] == code and hint in answer.json()["message"], answer.text
+            plain = await client.post(
+                f"{GATEWAY}/dicomweb/studies",
+                content=body.data,
+                headers={**headers, "Content-Encoding": "identity"},
+            )
+            assert plain.status_code == 200, plain.text
+        chunks = await watch.read(lambda env: env.tenant == tenant)
+    assert len(chunks) >= 1  # the identity upload only
+    assert all(c.data["upload_id"] == chunks[0].data["upload_id"] for c in chunks)

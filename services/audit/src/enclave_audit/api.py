@@ -256,6 +256,14 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             raise HTTPException(
                 503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
             )
+        if to_sequence is not None and to_sequence < from_sequence:
+            raise HTTPException(
+                400,
+                detail={
+                    "code": "bad_range",
+                    "message": "to_sequence must be greater than or equal to from_sequence",
+                },
+            )
         head = await asyncio.to_thread(ctx.reader.head)
         last = min(to_sequence or head.sequence, head.sequence)
         if head.sequence == 0 or last < from_sequence:

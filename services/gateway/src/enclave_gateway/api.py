@@ -13,10 +13,11 @@ from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from pydicom.uid import RE_VALID_UID
 
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
-from enclave_gateway.multipart import RequestBodyError
+from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
 from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
     DICOM_JSON_MEDIA_TYPE,
@@ -56,6 +57,7 @@ def build_router(
         request: Request, principal: Principal, study: str | None, form: bool
     ) -> UploadResult | JSONResponse:
         try:
+            _check_request_line(request.headers.get("content-encoding"), study)
             return await uploads.receive(
                 request.headers.get("content-type"),
                 request.stream(),
@@ -310,3 +312,24 @@ def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         "reports": doc.get("reports", []),
         **{seed: measures.get(name) for seed, name in SEED_FIELDS.items()},
     }
+
+
+class _BadStudyUid(RequestBodyError):
+    code = "bad_study_uid"
+
+
+def _check_request_line(content_encoding: str | None, study: str | None) -> None:
+    """Request-level refusals decided before the body is read (found by an API hunt): a compressed
+    body was answered as a body without its boundary, an unknown encoding was read as if plain, and a
+    study UID in the URL that is no UID failed every instance one by one after the whole body."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed "
+            "(a Deflated Explicit VR Little Endian transfer syntax is accepted inside a part)"
+        )
+    if study is not None and not (len(study) <= 64 and RE_VALID_UID.match(study)):
+        raise _BadStudyUid(
+            "the StudyInstanceUID in the URL is not a UID: digits and dots, at most 64 characters, "
+            "no leading zero in a component (e.g. 1.2.840.113619.2.1)"
+        )

@@ -357,7 +357,7 @@ def _check_window(not_before: datetime, expires_at: datetime, now: datetime, lon
     if not_before - now > longest:
         raise InvalidGrantError(f"not_before may be at most {_days(longest)} from now")
     if expires_at <= not_before:
-        raise InvalidGrantError("expires_at must be after not_before")
+        raise InvalidGrantError("expires_at must be after not_before (not_before is now when not given)")
     if expires_at <= now:
         raise InvalidGrantError("expires_at must be in the future")
     if expires_at - not_before > longest:
