@@ -23,6 +23,10 @@ def client() -> Iterator[TestClient]:
     async def make_thing() -> dict[str, str]:
         return {"made": "yes"}
 
+    @router.post("/named")
+    async def name_thing(body: dict[str, str]) -> dict[str, str]:
+        return body
+
     @router.get("/things/{thing}")
     async def get_thing(thing: str) -> dict[str, str]:
         raise HTTPException(404, detail={"code": "not_found", "message": "no such resource"})
@@ -72,3 +76,13 @@ def test_a_wrong_method_names_every_method_of_every_route_on_the_path(client: Te
     assert answer.status_code == 405
     assert answer.headers["allow"] == "DELETE, GET"
     assert "it takes DELETE, GET" in answer.json()["detail"]["message"]
+
+
+def test_a_body_that_cannot_be_parsed_says_what_to_send(client: TestClient) -> None:
+    """Invalid UTF-8 or nesting past the parser's limit: FastAPI's bare "There was an error parsing the
+    body" said neither what was wrong nor what is allowed (found by an API hunt)."""
+    for body in (b'{"name": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000):
+        answer = client.post("/named", content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 400, answer.text
+        detail = answer.json()["detail"]
+        assert detail["code"] == "unparseable_body" and "UTF-8 JSON" in detail["message"]

@@ -340,6 +340,11 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+#: What FastAPI raises (400) when a JSON body cannot be parsed at all (invalid UTF-8, nesting past the
+#: parser's limit), before validation; a body that parses but is not JSON is a 422 of its own.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
     """404 and 405 raised by routing itself (a path no route takes; a path taken, but not with this
     method) answer in the services' error shape, ``{"detail": {"code", "message"}}``, saying what is
@@ -356,9 +361,15 @@ def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
         elif exc.status_code == 404 and request.scope.get("route") is None:  # no route matched
             code = "no_such_route"
             message = "no route takes this path; the routes are listed in /openapi.json"
+        elif exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # invalid UTF-8, deep nesting
+            code = "unparseable_body"
+            message = (
+                "the body could not be read as JSON: send UTF-8 JSON (Content-Type: application/json) "
+                "as the route's schema in /openapi.json describes"
+            )
         else:
             return await http_exception_handler(request, exc)
-        if hint:
+        if hint and code != "unparseable_body":
             message = f"{message}. {hint}"
         return JSONResponse(
             {"detail": {"code": code, "message": message}}, status_code=exc.status_code, headers=headers
