@@ -20,7 +20,7 @@ from io import BytesIO
 from typing import NamedTuple, Protocol
 
 from pydicom._uid_dict import UID_dictionary  # what pydicom.uid re-exports (outside its __all__)
-from pydicom.datadict import dictionary_has_tag, dictionary_VR, get_entry, private_dictionary_VR
+from pydicom.datadict import get_entry, private_dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -272,7 +272,8 @@ class _Walker:
                 continue
             vr = dataset.get_item(key).VR
             if vr is None or vr == "UN":
-                vr = dictionary_VR(key) if _is_standard(key) else "UN"
+                known = _dictionary_vrs(key)
+                vr = known[0] if len(known) == 1 else "UN"
             if vr not in _TEXT_VRS and vr not in ("DA", "DT"):
                 continue  # SQ included; only these are decoded (iterating the dataset decodes every element)
             elem = _decoded(dataset, key)
@@ -547,16 +548,9 @@ def _dictionary_vrs(tag: int) -> tuple[str, ...]:
     return tuple(v.strip() for v in vr.split(" or ") if v.strip())
 
 
-@lru_cache(maxsize=4096)
 def _is_standard(tag: int) -> bool:
     """In pydicom's data dictionary, directly or as a repeater (e.g. overlay groups 60xx)."""
-    if dictionary_has_tag(tag):
-        return True
-    try:
-        get_entry(tag)
-    except KeyError:
-        return False
-    return True
+    return bool(_dictionary_vrs(tag))
 
 
 _DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")

@@ -13,7 +13,6 @@ from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydicom.uid import RE_VALID_UID
 
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
@@ -28,6 +27,7 @@ from enclave_gateway.stow import (
     stow_status,
 )
 from enclave_gateway.uploads import UploadNotRecorded, UploadProcessor, UploadResult
+from enclave_gateway.validation import uid_is_valid
 
 log = structlog.get_logger("enclave.gateway")
 
@@ -328,7 +328,7 @@ def _check_request_line(content_encoding: str | None, study: str | None) -> None
             f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed "
             "(a Deflated Explicit VR Little Endian transfer syntax is accepted inside a part)"
         )
-    if study is not None and not (len(study) <= 64 and RE_VALID_UID.match(study)):
+    if study is not None and not uid_is_valid(study):
         raise _BadStudyUid(
             "the StudyInstanceUID in the URL is not a UID: digits and dots, at most 64 characters, "
             "no leading zero in a component (e.g. 1.2.840.113619.2.1)"

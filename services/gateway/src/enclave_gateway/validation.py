@@ -941,7 +941,7 @@ class InstanceInspector:
                     "missing_attribute",
                     f"Required attribute {name} is missing or empty",
                 )
-            if not _uid_is_valid(values[tag]):
+            if not uid_is_valid(values[tag]):
                 raise _Refused(
                     FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                     "invalid_uid",
@@ -996,7 +996,7 @@ def _text(raw: bytes) -> str:
     return raw.decode("ascii", "replace").rstrip("\x00 ").strip()
 
 
-def _uid_is_valid(uid: str) -> bool:
+def uid_is_valid(uid: str) -> bool:
     return len(uid) <= 64 and RE_VALID_UID.match(uid) is not None
 
 
