@@ -473,8 +473,22 @@ async def test_auditor_api_filters_pages_fhir_and_tenant_scope(
     assert bundle["type"] == "searchset" and len(bundle["entry"]) == 2
     assert any(link["relation"] == "next" for link in bundle["link"])
     assert bundle["entry"][0]["resource"]["resourceType"] == "AuditEvent"
+    entry = bundle["entry"][0]
+    read = await auditor_client.get(entry["fullUrl"], headers=operator_auditor)  # the fullUrl resolves
+    assert read.status_code == 200 and read.headers["content-type"].startswith(FHIR_JSON)
+    assert read.json() == entry["resource"]
+    validate_fhir(read.json())
 
     tenant_auditor = bearer(f"it-auditor-{unique}", tenant, "auditor")
+    assert entry["resource"]["id"] == events[0].id
+    assert (await auditor_client.get(entry["fullUrl"], headers=tenant_auditor)).json() == entry["resource"]
+    other_auditor = bearer(f"it-auditor-{unique}", f"other-{unique}", "auditor")
+    refused = await auditor_client.get(entry["fullUrl"], headers=other_auditor)
+    assert refused.status_code == 404, "another tenant's record is as absent as a made-up id"
+    made_up = await auditor_client.get("/audit/fhir/AuditEvent/no-such-event", headers=operator_auditor)
+    assert made_up.status_code == 404 and made_up.json() == refused.json()
+    bad_id = await auditor_client.get("/audit/fhir/AuditEvent/not_a_fhir_id!", headers=operator_auditor)
+    assert bad_id.status_code == 422 and "not_a_fhir_id" not in bad_id.text
     own = (await auditor_client.get("/audit/events", params={"actor": actor}, headers=tenant_auditor)).json()
     assert {r["tenant"] for r in own["records"]} == {tenant}
     assert len(own["records"]) == 7
@@ -804,3 +818,26 @@ async def test_times_and_sequences_past_what_the_store_holds_are_client_errors(
         "to_sequence must be greater than or equal to from_sequence"
         in reversed_range.json()["detail"]["message"]
     )
+
+
+async def test_the_auditor_api_limits_heads_answers_head_and_echoes_no_input(
+    auditor_client, operator_auditor
+):
+    """Found by an API hunt (thirteenth session): the audit service had no limit on a request's head
+    (the gateway's 431 was the gateway's alone), its 422 echoed the value sent, a trailing slash was
+    a 307 and HEAD a 405. The service's HTTP app now has what the gateway has."""
+    padded = operator_auditor | {"X-Padding": "x" * (33 * 1024)}
+    response = await auditor_client.get("/audit/public-key", headers=padded)
+    assert response.status_code == 431
+    detail = response.json()["detail"]
+    assert detail["code"] == "headers_too_large" and "ENCLAVE_AUDIT_MAX_HEADER_BYTES" in detail["message"]
+
+    planted = "PHI-MRN-40412-QQ"
+    response = await auditor_client.get("/audit/events", params={"limit": planted}, headers=operator_auditor)
+    assert response.status_code == 422 and planted not in response.text
+    assert response.json()["detail"]["problems"][0]["field"] == "query.limit"
+
+    head = await auditor_client.head("/audit/public-key", headers=operator_auditor)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    slashed = await auditor_client.get("/audit/events/", headers=operator_auditor)
+    assert slashed.status_code == 404 and "do not end in '/'" in slashed.json()["detail"]["message"]

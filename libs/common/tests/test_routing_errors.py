@@ -27,6 +27,10 @@ def client() -> Iterator[TestClient]:
     async def name_thing(body: dict[str, str]) -> dict[str, str]:
         return body
 
+    @router.get("/listed")
+    async def listed(limit: int = 10) -> dict[str, int]:
+        return {"limit": limit}
+
     @router.get("/things/{thing}")
     async def get_thing(thing: str) -> dict[str, str]:
         raise HTTPException(404, detail={"code": "not_found", "message": "no such resource"})
@@ -35,7 +39,7 @@ def client() -> Iterator[TestClient]:
     async def delete_thing(thing: str) -> dict[str, str]:
         raise HTTPException(404)  # a route's own 404 with the default (string) detail
 
-    runtime = ServiceRuntime(BaseServiceSettings(service_name="routing-test"))
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="routing-test", max_header_bytes=2048))
     app = runtime.http_app(
         title="t", routers=[router], start_runtime=False, unknown_route_hint="Nothing else is offered"
     )
@@ -74,8 +78,8 @@ def test_what_a_route_raises_is_answered_unchanged(client: TestClient) -> None:
 def test_a_wrong_method_names_every_method_of_every_route_on_the_path(client: TestClient) -> None:
     answer = client.patch("/things/one")
     assert answer.status_code == 405
-    assert answer.headers["allow"] == "DELETE, GET"
-    assert "it takes DELETE, GET" in answer.json()["detail"]["message"]
+    assert answer.headers["allow"] == "DELETE, GET, HEAD"
+    assert "it takes DELETE, GET, HEAD" in answer.json()["detail"]["message"]
 
 
 def test_a_body_that_cannot_be_parsed_says_what_to_send(client: TestClient) -> None:
@@ -86,3 +90,44 @@ def test_a_body_that_cannot_be_parsed_says_what_to_send(client: TestClient) -> N
         assert answer.status_code == 400, answer.text
         detail = answer.json()["detail"]
         assert detail["code"] == "unparseable_body" and "UTF-8 JSON" in detail["message"]
+
+
+def test_head_answers_like_get_without_a_body(client: TestClient) -> None:
+    """RFC 9110: a general-purpose server supports HEAD; FastAPI's GET routes answered it 405."""
+    got = client.get("/listed")
+    head = client.head("/listed")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] != "0"
+    answer = client.head("/things")  # a POST-only path
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+
+
+def test_a_trailing_slash_is_not_redirected(client: TestClient) -> None:
+    """A 307 to the path without the slash made clients resend the request (and its body) elsewhere."""
+    answer = client.get("/listed/", follow_redirects=False)
+    assert answer.status_code == 404
+    assert "paths do not end in '/'" in answer.json()["detail"]["message"]
+
+
+def test_a_request_that_does_not_match_the_api_names_the_field_and_does_not_echo_it(
+    client: TestClient,
+) -> None:
+    """FastAPI's own 422 echoes the value sent ("input"): a client's PHI would come back and be logged
+    by anything that logs responses (found by an API hunt)."""
+    answer = client.get("/listed", params={"limit": PLANTED})
+    assert answer.status_code == 422
+    detail = answer.json()["detail"]
+    assert detail["code"] == "invalid_request"
+    assert detail["problems"][0]["field"] == "query.limit"
+    assert PLANTED not in answer.text
+    answer = client.post("/named", json={"name": {"nested": PLANTED}})
+    assert answer.status_code == 422 and PLANTED not in answer.text
+
+
+def test_an_oversized_head_is_431_naming_the_setting(client: TestClient) -> None:
+    answer = client.get("/listed", headers={"X-Padding": "x" * 2048})
+    assert answer.status_code == 431
+    detail = answer.json()["detail"]
+    assert detail["code"] == "headers_too_large"
+    assert "at most 2048 bytes" in detail["message"] and "ENCLAVE_MAX_HEADER_BYTES" in detail["message"]
+    assert client.get("/listed", headers={"X-Padding": "x" * 1500}).status_code == 200

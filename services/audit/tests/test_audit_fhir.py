@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pydantic
 import pytest
 from enclave_audit import codes
+from enclave_audit.api import read_fhir_id
 from enclave_audit.chain import HashChain
 from enclave_audit.fhir import DCM_SYSTEM, to_fhir_audit_event, to_fhir_bundle, validate_fhir
 from enclave_audit.records import record_from_event
+from enclave_audit.store import EventQuery
 
 
 @pytest.fixture
@@ -107,3 +111,40 @@ def test_validator_rejects_a_broken_shape(access_record):
     event["outcome"] = "3"
     with pytest.raises(ValueError, match="outcome"):
         validate_fhir(to_fhir_bundle([], base_url="https://a.example") | {"entry": [{"resource": event}]})
+
+
+class ListStore:
+    """``AuditStore.query`` over a list: the filters the FHIR read uses (tenant, event id, sequence)."""
+
+    def __init__(self, records: list) -> None:
+        self.records = records
+
+    async def query(self, query: EventQuery, limit: int) -> list:
+        def keep(r) -> bool:
+            return (
+                query.tenant in (None, r.tenant)
+                and query.event_id in (None, r.event_id)
+                and (query.after_sequence is None or r.sequence > query.after_sequence)
+            )
+
+        return [r for r in self.records if keep(r)][:limit]
+
+
+async def test_a_fhir_id_reads_its_record_within_the_tenant(make_envelope):
+    """The searchset's fullUrl names ``<base>/AuditEvent/<id>``: the read finds the record by the id the
+    resource carries (the event id, or ``seq-<n>`` when FHIR does not allow the event id), and only
+    within the caller's tenant."""
+    chain = HashChain()
+    plain = chain.append(record_from_event(make_envelope() | {"tenant": "t1"}, "enclave.instance.stored.v1"))
+    odd = chain.append(
+        record_from_event(make_envelope() | {"id": "ev:1/2", "tenant": "t1"}, "enclave.instance.stored.v1")
+    )
+    ctx = SimpleNamespace(store=ListStore([plain, odd]))
+    for record in (plain, odd):
+        resource_id = to_fhir_audit_event(record)["id"]
+        assert await read_fhir_id(ctx, resource_id, "t1") == record  # type: ignore[arg-type]
+        assert await read_fhir_id(ctx, resource_id, None) == record  # type: ignore[arg-type]
+        assert await read_fhir_id(ctx, resource_id, "t2") is None  # type: ignore[arg-type]
+    assert to_fhir_audit_event(odd)["id"] == "seq-2"
+    for absent in ("seq-3", "seq-1", "no-such-id", f"seq-{2**63}"):  # seq-1's fhir id is its event id
+        assert await read_fhir_id(ctx, absent, None) is None  # type: ignore[arg-type]

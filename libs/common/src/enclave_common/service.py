@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
@@ -43,6 +44,7 @@ from enclave_common.errors import (
     unavailable_dependency,
 )
 from enclave_common.events import envelope_schema
+from enclave_common.header_limit import ErrorBody, HeaderSizeLimit
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
     BrokerProducerSlot,
@@ -258,13 +260,20 @@ class ServiceRuntime:
         start_runtime: bool = True,
         middleware: Sequence[tuple[Any, dict[str, Any]]] = (),
         unknown_route_hint: str = "",
+        error_body: ErrorBody | None = None,
     ) -> FastAPI:
         """The service's HTTP app: health, readiness, metrics, plus the service's own routers.
 
         ``middleware``: (ASGI middleware class, options), run inside the request metrics and span,
         so what they answer is counted like any other response. ``unknown_route_hint``: a sentence
         added to the answer for a path no route matches (what this service does not offer).
+        ``error_body``: the shape of the errors answered here for the service (an oversized head, a
+        request that does not match the API); ``{"detail": {"code", "message"}}`` by default.
+
+        Every GET route also answers HEAD (RFC 9110 requires it of a general-purpose server), and a
+        path with a trailing slash is not redirected: it answers 404 saying paths do not end in '/'.
         """
+        body = error_body or detail_error_body
         self._subscribe()
 
         @asynccontextmanager
@@ -277,13 +286,19 @@ class ServiceRuntime:
                 if start_runtime:
                     await self.stop()
 
-        app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
+        app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, redirect_slashes=False)
         app.state.runtime = self
         app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint))
+        app.add_exception_handler(RequestValidationError, _validation_errors(body))
         for failure in (*dependency_failure_types(), OSError):
             app.add_exception_handler(failure, _dependency_unavailable)
         for cls, options in middleware:
             app.add_middleware(cls, **options)
+        setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}MAX_HEADER_BYTES"
+        app.add_middleware(
+            HeaderSizeLimit, max_bytes=self.settings.max_header_bytes, setting=setting, error_body=body
+        )
+        app.add_middleware(HeadAsGet)
         instrument_http(app, self.registry, self.tracer_provider)
 
         @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
@@ -340,6 +355,55 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
+def detail_error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    """The services' error shape (the gateway has its own, ``{"status", "error", "message"}``)."""
+    return {"detail": {"code": code, "message": message}}
+
+
+def validation_problems(exc: RequestValidationError) -> list[dict[str, str]]:
+    """Each wrong field and what is allowed there, without the value sent (it may be PHI)."""
+    return [
+        {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "invalid")}
+        for error in exc.errors()
+    ]
+
+
+def _validation_errors(error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
+    """422 naming each wrong field, instead of FastAPI's shape, which echoes the input to its sender
+    (and to anything that logs responses)."""
+
+    async def handle(request: Request, exc: Any) -> Response:  # registered for RequestValidationError
+        body = error_body(422, "invalid_request", "the request does not match the API")
+        target = body["detail"] if isinstance(body.get("detail"), dict) else body
+        target["problems"] = validation_problems(exc)
+        return JSONResponse(body, status_code=422)
+
+    return handle
+
+
+class HeadAsGet:
+    """HEAD is answered as GET without the body: the same status and headers (Content-Length of the
+    body it would send). FastAPI's routes take only the methods they declare, so without this every
+    HEAD was a 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headless(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET", "enclave.head": True}, receive, headless)
+
+
 #: What FastAPI raises (400) when a JSON body cannot be parsed at all (invalid UTF-8, nesting past the
 #: parser's limit), before validation; a body that parses but is not JSON is a 422 of its own.
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
@@ -355,12 +419,17 @@ def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
         headers = dict(exc.headers or {})
         if exc.status_code == 405 and "Allow" in headers:  # raised by a route matching the path only
             methods = _methods_taking(request.app.routes, request.scope) or set(headers["Allow"].split(", "))
+            if "GET" in methods:
+                methods.add("HEAD")
             headers["Allow"] = ", ".join(sorted(methods))
             code = "method_not_allowed"
-            message = f"this path does not take {request.method[:16]}; it takes {headers['Allow']}"
+            method = "HEAD" if request.scope.get("enclave.head") else request.method
+            message = f"this path does not take {method[:16]}; it takes {headers['Allow']}"
         elif exc.status_code == 404 and request.scope.get("route") is None:  # no route matched
             code = "no_such_route"
             message = "no route takes this path; the routes are listed in /openapi.json"
+            if request.url.path.endswith("/") and request.url.path != "/":
+                message += " (paths do not end in '/')"
         elif exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # invalid UTF-8, deep nesting
             code = "unparseable_body"
             message = (

@@ -47,6 +47,8 @@ class BaseServiceSettings(BaseSettings):
     #: Bind with SO_REUSEPORT, so several replicas of a service on one host share the port and the
     #: kernel spreads connections over them (a Python process uses one core).
     http_reuse_port: bool = False
+    #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     log_level: str = "INFO"
     #: Python's generation-0 garbage-collection threshold (allocations between collections), set
     #: with ``gc.freeze()`` of what startup allocated; None keeps Python's default (700).

@@ -9,6 +9,7 @@ the policy's 404).
 """
 
 import asyncio
+import re
 import tempfile
 import time
 import uuid
@@ -26,14 +27,15 @@ from enclave_common.envelope import Envelope
 from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher
 from enclave_common.storage import ObjectStore
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jwt import PyJWK
 
 from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
-from enclave_audit.fhir import FHIR_JSON, to_fhir_bundle
+from enclave_audit.fhir import FHIR_ID_PATTERN, FHIR_JSON, fhir_id, to_fhir_audit_event, to_fhir_bundle
 from enclave_audit.handlers import AuditMetrics
+from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer, ed25519_key_id
 from enclave_audit.store import (
     AuditStore,
@@ -65,6 +67,7 @@ EXPORT_CHUNK: Final = 1 << 20
 SPOOL_BYTES: Final = 32 * 1024 * 1024
 #: The largest sequence number a query may name: the database stores 64-bit signed integers.
 MAX_SEQUENCE: Final = 2**63 - 1
+_SEQ_ID: Final = re.compile(r"seq-([1-9][0-9]{0,18})")
 
 
 class LazyFileKeySource:
@@ -212,7 +215,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         if wants_fhir(request):
             next_url = str(request.url.include_query_params(cursor=next_cursor)) if next_cursor else None
             bundle = to_fhir_bundle(
-                page, base_url=str(request.base_url) + "fhir", self_url=str(request.url), next_url=next_url
+                page, base_url=fhir_base(request), self_url=str(request.url), next_url=next_url
             )
             return JSONResponse(bundle, media_type=FHIR_JSON)
         return {
@@ -220,6 +223,21 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             "count": len(page),
             "next_cursor": next_cursor,
         }
+
+    @router.get(
+        "/fhir/AuditEvent/{resource_id}",
+        summary="One audit record as a FHIR R4 AuditEvent (the read a searchset entry's fullUrl names)",
+    )
+    async def fhir_audit_event(
+        resource_id: Annotated[str, Path(max_length=64, pattern=FHIR_ID_PATTERN)],
+        auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_QUERY))],
+    ) -> JSONResponse:
+        record = await read_fhir_id(ctx, resource_id, ctx.scope_tenant(auth.principal))
+        if record is None:  # absent, or another tenant's: the same answer
+            raise HTTPException(
+                404, detail={"code": "not_found", "message": "no audit record with this id is visible to you"}
+            )
+        return JSONResponse(to_fhir_audit_event(record), media_type=FHIR_JSON)
 
     @router.get("/verify", summary="Verify the hash chain and checkpoints (whole chain or a range)")
     async def verify(
@@ -307,6 +325,21 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         return PlainTextResponse(signer.public_key_pem().decode(), media_type="application/x-pem-file")
 
     return router
+
+
+def fhir_base(request: Request) -> str:
+    """The FHIR base of this service's AuditEvent reads (``<base>/AuditEvent/<id>``)."""
+    return str(request.base_url) + "audit/fhir"
+
+
+async def read_fhir_id(ctx: AuditApiContext, resource_id: str, tenant: str | None) -> AuditRecord | None:
+    """The record a FHIR id names (:func:`fhir_id`: the event id, or ``seq-<sequence>`` for an event
+    id FHIR does not allow), within ``tenant`` (None: any)."""
+    found = await ctx.store.query(EventQuery(tenant=tenant, event_id=resource_id), 1)
+    sequence = _SEQ_ID.fullmatch(resource_id)
+    if not found and sequence is not None and int(sequence.group(1)) <= MAX_SEQUENCE:
+        found = await ctx.store.query(EventQuery(tenant=tenant, after_sequence=int(sequence.group(1)) - 1), 1)
+    return next((r for r in found if fhir_id(r) == resource_id), None)
 
 
 async def verify_stored(ctx: AuditApiContext, first: int, last: int | None) -> TrailReport:

@@ -32,7 +32,9 @@ OBJECT_ROLE_DISPLAY: Final = {
     20: "Job",
     24: "Query",
 }
-_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+#: A FHIR id (R4: 1-64 of A-Z, a-z, 0-9, '-' and '.').
+FHIR_ID_PATTERN: Final = r"^[A-Za-z0-9\-.]{1,64}$"
+_FHIR_ID = re.compile(FHIR_ID_PATTERN)
 
 
 def fhir_id(record: AuditRecord) -> str:

@@ -58,8 +58,6 @@ class GatewaySettings(BaseServiceSettings):
     #: never goes idle would otherwise hold a connection and a spool file forever).
     body_min_rate_bytes_per_s: int = Field(default=1024, ge=1)
     body_min_rate_grace_s: float = Field(default=30.0, gt=0)
-    #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
-    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     #: Allow-lists; None = every Storage SOP class / the default transfer syntaxes.
     allowed_sop_classes: list[str] | None = None
     allowed_transfer_syntaxes: list[str] | None = None

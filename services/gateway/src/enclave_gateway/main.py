@@ -19,18 +19,16 @@ from enclave_common.idempotency import IdempotentByBusinessKey
 from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
-from enclave_gateway.header_limit import HeaderSizeLimit
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
+from enclave_gateway.stow import error_body
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
 
@@ -148,30 +146,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = runtime.http_app(
         title="Enclave gateway",
         routers=[router, grants_router],
-        middleware=[(HeaderSizeLimit, {"max_bytes": settings.max_header_bytes})],
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
+        error_body=error_body,
     )
-    app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.read_model = read_model
     return app
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """422 naming each wrong field and what is allowed, without echoing the value sent (it may be PHI)."""
-    assert isinstance(exc, RequestValidationError)
-    problems = [
-        {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "invalid")}
-        for error in exc.errors()
-    ]
-    return JSONResponse(
-        {
-            "status": 422,
-            "error": "invalid_request",
-            "message": "the request does not match the API",
-            "problems": problems,
-        },
-        status_code=422,
-    )
 
 
 def run() -> None:

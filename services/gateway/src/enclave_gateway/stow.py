@@ -112,6 +112,11 @@ def _failed_item(instance: FailedInstance) -> Dataset:
     return item
 
 
+def error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    """The gateway's error shape: the HTTP status, a code to branch on, and what was wrong."""
+    return {"status": status, "error": code, "message": message}
+
+
 def request_error_body(error: RequestBodyError) -> dict[str, Any]:
     """JSON body for a request-level 400/413/415: what was wrong and what is allowed."""
-    return {"status": error.status_code, "error": error.code, "message": str(error)}
+    return error_body(error.status_code, error.code, str(error))

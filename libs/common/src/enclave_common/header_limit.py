@@ -2,16 +2,21 @@
 
 Uvicorn's HTTP parser has a limit of its own (httptools refused ~200 KiB, accepted 70 KiB in one
 header line), but it is not configurable and answers with a bare 400. This ASGI middleware runs before
-routing, authentication and the body, so an oversized head costs nothing downstream. Hand-written
-because Starlette has no such middleware; it is a few lines.
+routing, authentication and the body, so an oversized head costs nothing downstream. Every service's
+HTTP app has it (``max_header_bytes``, ``ENCLAVE_<SERVICE>_MAX_HEADER_BYTES``). Hand-written because
+Starlette has no such middleware; it is a few lines.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+#: Builds a service's error body from (status, code, message): each service keeps its own shape.
+ErrorBody = Callable[[int, str, str], dict[str, Any]]
 
 HEADERS_TOO_LARGE = 431
 
@@ -25,28 +30,28 @@ def head_size(scope: Scope) -> int:
 
 
 class HeaderSizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """``setting``: the environment variable that sets ``max_bytes``, named in the answer."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, setting: str, error_body: ErrorBody) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.setting = setting
+        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             size = head_size(scope)
             if size > self.max_bytes:
-                await _refuse(send, size, self.max_bytes)
+                message = (
+                    f"The request line and headers are {size} bytes; at most {self.max_bytes} bytes are "
+                    f"allowed ({self.setting})"
+                )
+                await _refuse(send, self.error_body(HEADERS_TOO_LARGE, "headers_too_large", message))
                 return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Send, size: int, limit: int) -> None:
-    body: dict[str, Any] = {
-        "status": HEADERS_TOO_LARGE,
-        "error": "headers_too_large",
-        "message": (
-            f"The request line and headers are {size} bytes; at most {limit} bytes are allowed "
-            "(ENCLAVE_GATEWAY_MAX_HEADER_BYTES)"
-        ),
-    }
+async def _refuse(send: Send, body: dict[str, Any]) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
