@@ -112,3 +112,7 @@ async def test_the_patient_query_pages_through_every_instance_in_upload_order():
             refused = await client.get(url, params=bad, headers=clinician)
             assert refused.status_code == 422, (bad, refused.text)
             assert patient_id not in refused.text
+        too_long = "P" * 65  # no upload holds it: PatientID is an LO, at most 64 characters
+        refused = await client.get(f"{GATEWAY}/api/v1/imaging/patient/{too_long}", headers=clinician)
+        assert refused.status_code == 422 and too_long not in refused.text
+        assert "at most 64 characters" in refused.json()["problems"][0]["problem"]

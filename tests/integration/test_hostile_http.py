@@ -64,6 +64,21 @@ def raw(
     return path, ({"Content-Type": content_type} if content_type else {}), data
 
 
+def native_pixels_labelled_rle() -> bytes:
+    """Native Pixel Data under the RLE Lossless transfer syntax: no reader downstream decodes it."""
+    data = instance(pixel_bytes=64)
+    native, rle = (uid.encode().ljust(20, b"\0") for uid in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"))
+    assert data.count(native) == 1
+    return data.replace(native, rle)
+
+
+def content_lengths_disagree() -> tuple[str, dict[str, str], bytes]:
+    """A part with two Content-Length fields, the true length and another (a smuggling shape)."""
+    data = instance(pixel_bytes=64)
+    head = b"--cd\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(data), len(data) + 10)
+    return raw("multipart/related; boundary=cd", head + data + b"\r\n--cd--")
+
+
 def instance(**fields: Any) -> bytes:
     return builders.make_instance(pixel_bytes=fields.pop("pixel_bytes", 2048), **fields)
 
@@ -190,6 +205,7 @@ CASES: list[Case] = [
         0xC000,
     ),
     Case("tags_out_of_order", lambda: related(tags_out_of_order()), 409, 0xC000),
+    Case("native_pixel_data_under_rle", lambda: related(native_pixels_labelled_rle()), 409, 0xC000),
     Case("sequence_depth_17", lambda: related(builders.nested_sequences(17)), 409, 0xC000),
     Case("sequence_depth_5000", lambda: related(builders.nested_sequences(5000)), 409, 0xC000),
     Case("deflate_bomb", lambda: related(builders.deflate_bomb()), 409, 0xA700),
@@ -277,6 +293,7 @@ CASES: list[Case] = [
         400,
         "part_length_mismatch",
     ),
+    Case("part_content_lengths_disagree", content_lengths_disagree, 400, "bad_part_headers"),
     Case(
         "malformed_part_header_line",
         lambda: raw("multipart/related; boundary=mh", b"--mh\r\nthis is no header\r\n\r\nx\r\n--mh--"),

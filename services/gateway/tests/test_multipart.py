@@ -292,6 +292,18 @@ def test_content_length_must_match_the_part() -> None:
         _expect((PartLengthMismatchError, PartHeaderError), "multipart/related; boundary=b", data)
 
 
+def test_content_length_headers_that_disagree_are_refused() -> None:
+    """Two Content-Length fields with different values: which frames the part is ambiguous (a request
+    smuggling shape; found by an API hunt), so the request is refused. Repeated equal values frame it."""
+    type_ = "multipart/related; boundary=b"
+    for first, second in ((3, 4), (3, 2), (3, "3x")):
+        data = f"--b\r\nContent-Length: {first}\r\nContent-Length: {second}\r\n\r\nabc\r\n--b--".encode()
+        err = _expect(PartHeaderError, type_, data)
+        assert "Content-Length headers that disagree" in str(err) and err.status_code == 400
+    same = b"--b\r\nContent-Length: 3\r\nContent-length:  3\r\n\r\nabc\r\n--b--"
+    assert [body for _, body, _ in parse(type_, [same])] == [b"abc"]
+
+
 def test_single_dicom_instance_limit() -> None:
     limits = BodyLimits(max_instance_bytes=100)
     assert bodies_of(corpus.Body("application/dicom", b"x" * 100), (7,), limits) == [b"x" * 100]

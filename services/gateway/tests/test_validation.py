@@ -18,12 +18,14 @@ from enclave_gateway.validation import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
+    RLELossless,
 )
 
 PHI = (corpus.PLANTED_PATIENT_ID, corpus.PLANTED_PATIENT_NAME, "Secretname")
@@ -391,3 +393,31 @@ def test_arbitrary_bytes_are_refused_without_crashing(data) -> None:
     result = validate_instance(data)
     assert isinstance(result, ValidationFailure)
     assert result.problem != "unparseable", result
+
+
+def _with_transfer_syntax(data: bytes, old: str, new: str) -> bytes:
+    """Swap the meta's transfer syntax for another of the same padded length (the meta stays valid)."""
+    old_value, new_value = (uid.encode().ljust(20, b"\0") for uid in (old, new))
+    assert data.count(old_value) == 1
+    return data.replace(old_value, new_value)
+
+
+def test_pixel_data_encoded_unlike_its_transfer_syntax_is_refused() -> None:
+    """Native Pixel Data under an encapsulated transfer syntax, or fragments under a native one (found by
+    an API hunt): accepted before, and no reader downstream could decode it."""
+    native = corpus.make_instance(ExplicitVRLittleEndian, pixel_bytes=64)
+    mislabelled = _with_transfer_syntax(native, ExplicitVRLittleEndian, RLELossless)
+    failure = validate_instance(mislabelled)
+    assert isinstance(failure, ValidationFailure) and failure.problem == "pixel_data_encoding"
+    assert failure.reason_code == FailureReason.CANNOT_UNDERSTAND
+    assert (
+        "Pixel Data (7FE0,0010) is native, but the transfer syntax requires encapsulated" in failure.message
+    )
+
+    ds = corpus.make_dataset(pixel_bytes=64)
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    encapsulated = corpus.encode(ds, syntax=RLELossless)
+    assert isinstance(validate_instance(encapsulated), InstanceInfo)
+    failure = validate_instance(_with_transfer_syntax(encapsulated, RLELossless, ExplicitVRLittleEndian))
+    assert isinstance(failure, ValidationFailure) and failure.problem == "pixel_data_encoding"
+    assert "is encapsulated, but the transfer syntax requires native" in failure.message

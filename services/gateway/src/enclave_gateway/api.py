@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
 from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from enclave_gateway.access import AccessRecorder
@@ -232,7 +232,14 @@ def build_router(
         summary="Instances of one patient (own tenant)",
     )
     async def by_patient(
-        patient_id: str,
+        patient_id: Annotated[
+            str,
+            Path(
+                min_length=1,
+                max_length=64,
+                description="the PatientID (0010,0020) as uploaded: an LO value, at most 64 characters",
+            ),
+        ],
         request: Request,
         principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT)),
         limit: int = Query(

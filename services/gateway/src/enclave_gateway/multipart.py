@@ -154,6 +154,10 @@ class PartHeaders:
                 return value
         return None
 
+    def get_all(self, name: str) -> list[str]:
+        wanted = name.lower()
+        return [value for key, value in self.fields if key == wanted]
+
     @property
     def media_type(self) -> str:
         """The part's media type, lower-cased, without parameters (the body's ``type`` if absent)."""
@@ -447,6 +451,12 @@ class MultipartParser:
         del buf[:consumed]
         headers = self._parse_headers(block)
         part = self._current()
+        lengths = {value.strip() for value in headers.get_all("content-length")}
+        if len(lengths) > 1:  # RFC 9112 6.3: which one frames the part is ambiguous, so neither does
+            raise PartHeaderError(
+                f"Part {part.index} has {len(lengths)} Content-Length headers that disagree; send one "
+                "(or none: the boundary ends the part)"
+            )
         raw_length = headers.get("content-length")
         if raw_length is not None:
             text = raw_length.strip()

@@ -37,7 +37,7 @@ from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import RE_VALID_UID
+from pydicom.uid import RE_VALID_UID, UID
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -236,9 +236,17 @@ class _DatasetWalker:
     """
 
     def __init__(
-        self, implicit: bool, policy: ValidationPolicy, header_window: int, *, detect_encoding: bool = False
+        self,
+        implicit: bool,
+        policy: ValidationPolicy,
+        header_window: int,
+        *,
+        detect_encoding: bool = False,
+        encapsulated: bool | None = False,
     ) -> None:
         self.implicit = implicit
+        #: Whether the transfer syntax encapsulates Pixel Data (None: a syntax pydicom does not know).
+        self.encapsulated = encapsulated
         self._detect_encoding = detect_encoding
         self.policy = policy
         self.position = 0
@@ -410,6 +418,8 @@ class _DatasetWalker:
 
     def _value(self, tag: int, vr: bytes, length: int) -> None:
         implicit = self._element_implicit()
+        if tag == _PIXEL_DATA and not self.frames:
+            self._check_pixel_encoding(length == _UNDEFINED)
         if length == _UNDEFINED:
             if tag == _PIXEL_DATA and vr in (b"", b"OB", b"OW"):
                 self._push(_Frame("fragments", None, implicit, tag))
@@ -431,6 +441,20 @@ class _DatasetWalker:
             return
         self._skip = length
         self._skip_tag = tag
+
+    def _check_pixel_encoding(self, fragments: bool) -> None:
+        """Pixel Data in fragments (undefined length) exactly when the transfer syntax encapsulates it
+        (PS3.5 A.4). Otherwise no reader decodes it: deid's burned-in-text check and the analysis
+        would fail on an instance the edge had acknowledged."""
+        if self.encapsulated is None or fragments == self.encapsulated:
+            return
+        found, expected = ("encapsulated", "native") if fragments else ("native", "encapsulated")
+        raise _Refused(
+            FailureReason.CANNOT_UNDERSTAND,
+            "pixel_data_encoding",
+            f"Pixel Data (7FE0,0010) is {found}, but the transfer syntax requires {expected} pixel data "
+            "(PS3.5 A.4: fragments of undefined length exactly under an encapsulated transfer syntax)",
+        )
 
     def _sequence_member(self, tag: int, length: int, start: int) -> None:
         frame = self.frames[-1]
@@ -912,6 +936,7 @@ class InstanceInspector:
             self.policy,
             self.policy.header_window_bytes,
             detect_encoding=syntax != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+            encapsulated=UID(syntax).is_encapsulated if UID(syntax).is_transfer_syntax else None,
         )
 
     # -- header attributes
