@@ -72,6 +72,12 @@ def native_pixels_labelled_rle() -> bytes:
     return data.replace(native, rle)
 
 
+def accepting(accept: str) -> tuple[str, dict[str, str], bytes]:
+    """A well-formed STOW-RS request whose Accept admits no response the gateway sends."""
+    path, headers, body = related(instance())
+    return path, {**headers, "Accept": accept}, body
+
+
 def content_lengths_disagree() -> tuple[str, dict[str, str], bytes]:
     """A part with two Content-Length fields, the true length and another (a smuggling shape)."""
     data = instance(pixel_bytes=64)
@@ -238,6 +244,7 @@ CASES: list[Case] = [
     Case("part_type_text_plain", lambda: related(instance(), part_type="text/plain"), 409, 0xC000),
     # ---- multipart abuse: request-level refusals (400/413/415 + error code)
     Case("no_content_type", lambda: raw(None, instance()), 415, "unsupported_media_type"),
+    Case("accept_only_dicom_xml", lambda: accepting("application/dicom+xml"), 406, "not_acceptable"),
     Case("content_type_text_plain", lambda: raw("text/plain", instance()), 415, "unsupported_media_type"),
     Case(
         "related_type_png",

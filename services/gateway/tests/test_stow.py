@@ -19,8 +19,10 @@ from enclave_gateway.multipart import (
 )
 from enclave_gateway.stow import (
     DICOM_JSON_MEDIA_TYPE,
+    STOW_RESPONSE_TYPES,
     FailedInstance,
     StoredInstance,
+    accepts,
     build_stow_response,
     request_error_body,
     stow_status,
@@ -180,3 +182,29 @@ def test_python_dicomweb_client_store_instances_round_trip(monkeypatch) -> None:
         ds.SOPInstanceUID for ds in datasets
     ]
     assert "FailedSOPSequence" not in result
+
+
+@pytest.mark.parametrize(
+    ("accept", "admitted"),
+    [
+        (None, True),
+        ("", True),
+        ("application/dicom+json", True),
+        ("application/json", True),
+        ("*/*", True),
+        ("application/*", True),
+        ("Application/DICOM+JSON; charset=utf-8", True),
+        ("application/dicom+xml, application/dicom+json;q=0.5", True),
+        ("multipart/related; type=application/dicom+xml, */*;q=0.1", True),
+        ("application/dicom+xml", False),
+        ("multipart/related; type=application/dicom+xml", False),
+        ("text/html", False),
+        ("application/dicom+json;q=0, application/dicom+xml", False),
+        ("*/*;q=0.0", False),
+        ("text/*", False),
+    ],
+)
+def test_accept_header_admits_the_json_response_or_not(accept, admitted) -> None:
+    """PS3.18 10.5: the origin server answers 406 when it cannot send any of the accepted media types;
+    the STOW response is JSON only (application/dicom+xml is not offered)."""
+    assert accepts(accept, STOW_RESPONSE_TYPES) is admitted

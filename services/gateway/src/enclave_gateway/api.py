@@ -20,8 +20,10 @@ from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeErro
 from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
     DICOM_JSON_MEDIA_TYPE,
+    STOW_RESPONSE_TYPES,
     FailedInstance,
     StoredInstance,
+    accepts,
     build_stow_response,
     request_error_body,
     stow_status,
@@ -58,6 +60,11 @@ def build_router(
     ) -> UploadResult | JSONResponse:
         try:
             _check_request_line(request.headers.get("content-encoding"), study)
+            if not form and not accepts(request.headers.get("accept"), STOW_RESPONSE_TYPES):
+                raise _NotAcceptable(
+                    "the STOW-RS response is sent as application/dicom+json (or application/json) and "
+                    "the Accept header admits neither; application/dicom+xml is not offered"
+                )
             return await uploads.receive(
                 request.headers.get("content-type"),
                 request.stream(),
@@ -323,6 +330,13 @@ def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
 
 class _BadStudyUid(RequestBodyError):
     code = "bad_study_uid"
+
+
+class _NotAcceptable(RequestBodyError):
+    """PS3.18 10.5: a STOW-RS request whose Accept admits no response media type the origin sends."""
+
+    code = "not_acceptable"
+    status_code = 406
 
 
 def _check_request_line(content_encoding: str | None, study: str | None) -> None:

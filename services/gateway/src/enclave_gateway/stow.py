@@ -18,6 +18,34 @@ from enclave_gateway.multipart import RequestBodyError
 from enclave_gateway.validation import FailureReason, InstanceInfo, ValidationFailure, WarningReason
 
 DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
+#: What a STOW-RS response can be sent as: PS3.18's JSON, also under its generic name. The XML
+#: response (application/dicom+xml) is not offered.
+STOW_RESPONSE_TYPES = (DICOM_JSON_MEDIA_TYPE, "application/json")
+
+
+def accepts(accept: str | None, offered: Sequence[str]) -> bool:
+    """Whether an ``Accept`` header (RFC 9110 12.5.1) admits one of ``offered``: no header admits
+    anything; ``*/*``, ``type/*`` and exact media ranges match unless their ``q`` is 0. Hand-written:
+    neither Starlette nor FastAPI negotiates content, and this is the whole of what STOW needs."""
+    if accept is None or not accept.strip():
+        return True
+    for media_range in accept.split(","):
+        name, *params = (piece.strip().lower() for piece in media_range.split(";"))
+        if any(p.replace(" ", "").startswith("q=") and _weight(p.split("=", 1)[1]) == 0 for p in params):
+            continue  # "not acceptable" (q=0)
+        if name in ("*/*", "*") or name in offered:
+            return True
+        if name.endswith("/*") and any(media.startswith(name[:-1]) for media in offered):
+            return True
+    return False
+
+
+def _weight(text: str) -> float:
+    """A media range's ``q``; one that is not a number counts as 1 (the range is not refused)."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return 1.0
 
 
 @dataclass(frozen=True, slots=True)
