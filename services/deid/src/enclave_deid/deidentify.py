@@ -12,10 +12,10 @@ keeps raw, so writing costs no more than a plain read-and-write.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from io import BytesIO
 from typing import NamedTuple, Protocol
 
@@ -205,6 +205,24 @@ def _raw_text(elem: DataElement | RawDataElement) -> list[str]:
     return [text] if text else []
 
 
+@dataclass(frozen=True)
+class _Identifiers:
+    """What Clean Descriptors removes from the text it keeps: the instance's identifying words (one
+    pattern) and the days of its identifying dates, however text writes them."""
+
+    words: re.Pattern[str] | None
+    days: frozenset[date]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with each identifying word and each written identifying day replaced by ``*``."""
+        if self.words is not None:
+            text = self.words.sub("*", text)
+        if self.days:
+            for pattern, orders in _WRITTEN_DATES:
+                text = pattern.sub(partial(_scrub_day, orders=orders, days=self.days), text)
+        return text
+
+
 class _Walker:
     """State of one de-identification: resolved actions, keys, UID cache and the actions log."""
 
@@ -219,7 +237,7 @@ class _Walker:
         self.uid_cache: dict[str, str] = {}
         self.patient_pseudonym = ""
         self.shift_days: int | None = None
-        self.scrub: re.Pattern[str] | None = None
+        self.identifiers: _Identifiers | None = None
         self.safe_private = (
             {
                 (item.creator.strip().upper(), item.group, item.element)
@@ -260,33 +278,55 @@ class _Walker:
         if self.policy.retain_longitudinal_modified_dates:
             self.shift_days = self.keys.date_shift_days(self.tenant, self.patient_pseudonym)
         if self.policy.clean_descriptors or self.policy.retain_patient_characteristics:
-            self.scrub = self._identifier_pattern(dataset)
+            self.identifiers = self._collect_identifiers(dataset)
         return patient_id, patient_name, issuer
 
-    def _identifier_pattern(self, dataset: Dataset) -> re.Pattern[str] | None:
-        """Identifying words of this instance (text and dates the profile removes), to clean descriptors."""
+    def _collect_identifiers(self, dataset: Dataset) -> _Identifiers:
+        """Identifying words and days of this instance (what the output does not carry as it is, at any
+        depth), to clean descriptors."""
         words: set[str] = set()
-        for key in list(dataset.keys()):
-            action = self.profile.action_for(key)
-            if action is None or action in (ActionCode.K, ActionCode.C, ActionCode.U):
+        days: set[date] = set()
+        for vr, value in self._identifying_values(dataset):
+            if vr not in ("DA", "DT"):
+                words.update(_word_patterns(value, vr))
+            elif (day := _full_date(value)) is not None:
+                days.add(day)
+                words.add(f"{day:%Y%m%d}")  # as DICOM writes it, wherever it occurs (20190312101112)
+            elif _is_word(value):
+                words.add(re.escape(value))  # a partial or malformed date, as written
+        # The longest first (a whole name before its parts), ties in a fixed order: instances of one
+        # series give the same pattern text, which re's cache then compiles once.
+        ordered = sorted(words, key=lambda word: (-len(word), word))
+        pattern = re.compile("|".join(ordered), re.IGNORECASE) if ordered else None
+        return _Identifiers(pattern, frozenset(days))
+
+    def _identifying_values(self, dataset: Dataset) -> Iterator[tuple[str, str]]:
+        """(VR, value) of what the output loses, read before the walk changes it, in every sequence item:
+        an identifier held only in a sequence (Other Patient IDs, Request Attributes) names the patient
+        as well as one at the top. Private attributes are not read: they are removed, and what they hold
+        is not known (it could be ordinary words)."""
+        for key, elem in list(dataset.items()):
+            tag = int(key)
+            if tag >> 16 & 1:
                 continue
-            vr = dataset.get_item(key).VR
-            if vr is None or vr == "UN":
-                known = _dictionary_vrs(key)
-                vr = known[0] if len(known) == 1 else "UN"
-            if vr not in _TEXT_VRS and vr not in ("DA", "DT"):
-                continue  # SQ included; only these are decoded (iterating the dataset decodes every element)
-            elem = _decoded(dataset, key)
-            values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
-            for value in values:
-                text = str(value or "")
-                words.add(text)
-                words.update(re.split(r"[\^=\s,./\\-]+", text))
-        words = {word.strip() for word in words if len(word.strip()) >= 3}
-        if not words:
-            return None
-        alternatives = sorted(words, key=len, reverse=True)
-        return re.compile("|".join(re.escape(word) for word in alternatives), re.IGNORECASE)
+            vr = _walked_vr(tag, elem.VR)
+            if vr == "SQ":
+                for item in dataset[tag].value or ():
+                    yield from self._identifying_values(item)
+            elif vr is not None and self._loses_verbatim(tag, vr):
+                values = _raw_text(elem) if vr in ("DA", "DT") else _string_values(_decoded(dataset, tag))
+                yield from ((vr, value.strip()) for value in values if value.strip())
+
+    def _loses_verbatim(self, tag: int, vr: str) -> bool:
+        """Whether the walk removes or changes this value, so that a descriptor repeating it would leak
+        it: text the profile removes or replaces (not descriptors it cleans), dates it does not keep
+        (shifted ones too: the original in a description would undo the shift), unlisted person names."""
+        action = self.profile.action_for(tag)
+        if action is None:
+            return vr == "PN"
+        if vr in ("DA", "DT"):
+            return action is not ActionCode.K
+        return vr in _TEXT_VRS and action not in (ActionCode.K, ActionCode.C, ActionCode.U)
 
     # -- UIDs -----------------------------------------------------------------------------------------
 
@@ -314,19 +354,11 @@ class _Walker:
                 private.append(tag)
                 continue
             action = self.profile.action_for(tag)
-            vr = elem.VR
-            allowed = _dictionary_vrs(tag)
-            if vr is None or vr == "UN":
-                vr = allowed[0] if len(allowed) == 1 else (vr or "UN")
-            elif allowed and vr not in allowed:
-                if len(allowed) == 1 and vr in _STRING_VRS and allowed[0] in _STRING_VRS:
-                    vr = allowed[0]  # text either way (a date written as LO): its own VR's rules apply
-                else:
-                    # A sequence or binary value under another VR (a sequence as OB): what it holds
-                    # cannot be walked, so it is removed.
-                    del dataset[tag]
-                    self.actions.append(AppliedAction((*path, tag), "X"))
-                    continue
+            vr = _walked_vr(tag, elem.VR)
+            if vr is None:
+                del dataset[tag]
+                self.actions.append(AppliedAction((*path, tag), "X"))
+                continue
             if action is None:
                 self._unlisted(dataset, tag, elem, vr, path)
             else:
@@ -432,15 +464,11 @@ class _Walker:
         elif vr == "UI":
             self._remap_uids(dataset, tag, elem)
         elif vr in _TEXT_VRS and vr != "CS":
-            converted = dataset[tag]
-            values = converted.value if isinstance(converted.value, (list, MultiValue)) else [converted.value]
-            cleaned = [self._scrub(str(value or "")) for value in values]
+            cleaned = [self._scrub(value) for value in _string_values(dataset[tag])]
             dataset[tag] = DataElement(tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])
 
     def _scrub(self, text: str) -> str:
-        if self.scrub is None:
-            return text
-        return self.scrub.sub("*", text)
+        return text if self.identifiers is None else self.identifiers.scrub(text)
 
     def _shift(self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str) -> None:
         assert self.shift_days is not None
@@ -492,6 +520,26 @@ def _decoded(dataset: Dataset, tag: int) -> DataElement:
     if isinstance(elem, RawDataElement):
         return convert_raw_data_element(elem, encoding=dataset.original_character_set, ds=dataset)
     return elem
+
+
+def _string_values(elem: DataElement) -> list[str]:
+    """The values of a decoded element as strings, one per value of a multi-valued one."""
+    values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+    return [str(value or "") for value in values]
+
+
+def _walked_vr(tag: int, vr: str | None) -> str | None:
+    """The VR the walk handles an element as: the dictionary's when the file gives none (implicit VR, UN)
+    or another text VR (a date written as LO is a date, under a date's rules); None for a sequence or
+    binary value under a VR its tag cannot have (a sequence as OB), which cannot be walked and is removed."""
+    allowed = _dictionary_vrs(tag)
+    if vr is None or vr == "UN":
+        return allowed[0] if len(allowed) == 1 else (vr or "UN")
+    if allowed and vr not in allowed:
+        if len(allowed) == 1 and vr in _STRING_VRS and allowed[0] in _STRING_VRS:
+            return allowed[0]
+        return None
+    return vr
 
 
 def _encoding(like: DataElement | RawDataElement) -> tuple[bool, bool] | None:
@@ -553,6 +601,48 @@ def _is_standard(tag: int) -> bool:
     return bool(_dictionary_vrs(tag))
 
 
+#: What separates the words of an identifying value (PN components and groups included).
+_WORD_SEPARATORS = re.compile(r"[\^=\s,./\\-]+")
+#: What text puts between a family and a given name: nothing (山田太郎), a space, a comma, a middle dot.
+_NAME_JOINER = r"[\s,.^\u30fb\u00b7]*"
+#: Han, kana, Hangul (and their compatibility and half-width forms): scripts in which a two-character
+#: name component (山田, 太郎, 민수) is common and a two-character word is not an abbreviation.
+_CJK = re.compile(
+    "[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\uff66-\uffdc\U00020000-\U0003134f]"
+)
+
+
+def _is_word(word: str) -> bool:
+    """Long enough to be scrubbed wherever it occurs: three characters, or two in a CJK script. Shorter
+    Latin words (MR, WO, T1) are too ordinary: scrubbing them would blank descriptors, not names."""
+    return len(word) >= 3 or (len(word) == 2 and _CJK.search(word) is not None)
+
+
+def _word_patterns(value: str, vr: str) -> set[str]:
+    """Regex alternatives for one identifying text value: the value and its words, and for a person name
+    the family and given name of each component group written together."""
+    words = {value, *_WORD_SEPARATORS.split(value)}
+    patterns = {re.escape(word) for word in words if _is_word(word)}
+    if vr == "PN":
+        patterns.update(_name_patterns(value))
+    return patterns
+
+
+def _name_patterns(name: str) -> set[str]:
+    """A PN's family and given names as text writes them, in either order and with or without a space
+    (山田太郎, 山田 太郎, Tarou Yamada), once per component group (alphabetic, ideographic, phonetic):
+    a name whose components are one character each (王^伟) is still caught as a whole."""
+    patterns = set()
+    for group in name.split("="):
+        family, given = [*group.split("^"), ""][:2]
+        family, given = family.strip(), given.strip()
+        if family and given and _is_word(family + given):
+            patterns.add(re.escape(family) + _NAME_JOINER + re.escape(given))
+            patterns.add(re.escape(given) + _NAME_JOINER + re.escape(family))
+    return patterns
+
+
 _DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
 #: What may follow the date in a DT: a time (HHMMSS.FFFFFF, each part optional from the right) and a
 #: UTC offset. Anything else (a range, text) is dropped, not carried into the shifted value.
@@ -577,6 +667,61 @@ def _shift_date(value: str, vr: str, days: int) -> str:
     if day:
         text += f"{shifted.day:02d}" + (rest.strip() if _DT_REST.match(rest.strip()) else "")
     return text
+
+
+def _calendar_day(year: int, month: int, day: int) -> date | None:
+    """The day, or None for one the calendar does not have (2019-02-30, month 13)."""
+    try:
+        return date(year, month, day)
+    except ValueError:
+        return None
+
+
+def _full_date(value: str) -> date | None:
+    """The calendar day a DA or DT value names; None when it names only a year or month, or none."""
+    match = _DT.match(value)
+    if not match or not match.group(3):
+        return None
+    return _calendar_day(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+
+
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_MONTH_NAME = rf"(?<![a-z])({'|'.join(_MONTHS)})[a-z]*\.?"
+_SEP = "[-/. ]"
+#: Dates as free text writes them, with the groups holding (year, month, day): 2019-03-12, 12/03/2019,
+#: 3.12.19, 12-MAR-2019, March 12th, 2019, 2019年3月12日. A numeric day and month are read in both
+#: orders, since 03/12/2019 does not say which it uses. YYYYMMDD is matched as an identifying word.
+_WRITTEN_DATES: tuple[tuple[re.Pattern[str], tuple[tuple[int, int, int], ...]], ...] = (
+    (re.compile(rf"(?<!\d)(\d{{4}}){_SEP}(\d{{1,2}}){_SEP}(\d{{1,2}})(?!\d)"), ((1, 2, 3),)),
+    (
+        re.compile(rf"(?<!\d)(\d{{1,2}}){_SEP}(\d{{1,2}}){_SEP}(\d{{4}}|\d{{2}})(?!\d)"),
+        ((3, 2, 1), (3, 1, 2)),
+    ),
+    (
+        re.compile(rf"(?<!\d)(\d{{1,2}}){_SEP}?{_MONTH_NAME}{_SEP}?(\d{{4}}|\d{{2}})(?!\d)", re.IGNORECASE),
+        ((3, 2, 1),),
+    ),
+    (
+        re.compile(
+            rf"{_MONTH_NAME}{_SEP}?(\d{{1,2}})(?:st|nd|rd|th)?,?{_SEP}?(\d{{4}})(?!\d)", re.IGNORECASE
+        ),
+        ((3, 1, 2),),
+    ),
+    (re.compile(r"(\d{4})\s*\u5e74\s*(\d{1,2})\s*\u6708\s*(\d{1,2})\s*\u65e5"), ((1, 2, 3),)),
+)
+
+
+def _scrub_day(match: re.Match[str], orders: tuple[tuple[int, int, int], ...], days: frozenset[date]) -> str:
+    """``*`` for a written date that reads as one of ``days`` (a two-digit year in either century), the
+    text as it was otherwise: a date that identifies no one (a protocol's version) is kept."""
+    for year_group, month_group, day_group in orders:
+        year, month = match.group(year_group), match.group(month_group)
+        month_number = int(month) if month.isdigit() else _MONTHS.index(month[:3].upper()) + 1
+        years = (int(year),) if len(year) == 4 else (1900 + int(year), 2000 + int(year))
+        for full_year in years:
+            if _calendar_day(full_year, month_number, int(match.group(day_group))) in days:
+                return "*"
+    return match.group(0)
 
 
 _FILE_META_KEPT = frozenset({0x00020001, 0x00020002, 0x00020010})
