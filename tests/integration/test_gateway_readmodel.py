@@ -5,10 +5,12 @@ without an event-id guard)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
 
 import httpx
+import pydicom
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from enclave_common import topics
 
@@ -116,3 +118,41 @@ async def test_the_patient_query_pages_through_every_instance_in_upload_order():
         refused = await client.get(f"{GATEWAY}/api/v1/imaging/patient/{too_long}", headers=clinician)
         assert refused.status_code == 422 and too_long not in refused.text
         assert "at most 64 characters" in refused.json()["problems"][0]["problem"]
+
+
+async def test_a_non_ascii_patient_id_finds_every_instance_whatever_ingest_decides():
+    """Found by a pipeline hunt: the gateway read PatientID's bytes as ASCII while ingest decoded them
+    in the instance's character set, so the two derived different patient keys. An instance ingest
+    refused (here a second, different instance under a SOP Instance UID already stored) kept the
+    gateway's key and was missing from the patient query under the id the hospital uses."""
+    tenant = new_tenant()
+    patient_id = f"HÜNTER-山田-{uuid.uuid4().hex[:6]}"
+    uploader = bearer("it-portal", tenant, "uploader")
+    clinician = bearer("it-dr", tenant, "clinician")
+
+    def utf8_instance(sop_instance_uid: str | None = None, comment: str = "first") -> bytes:
+        _, ds = mr_instance(patient_id=patient_id)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.ImageComments = comment
+        if sop_instance_uid:
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    first = utf8_instance()
+    sop_uid = pydicom.dcmread(io.BytesIO(first)).SOPInstanceUID
+    async with httpx.AsyncClient(timeout=30) as client:
+        ids = []
+        for data in (first, utf8_instance(sop_uid, comment="second, different")):
+            files = [("files", ("x.dcm", data, "application/dicom"))]
+            answer = await client.post(f"{GATEWAY}/api/v1/imaging/upload", files=files, headers=uploader)
+            assert answer.status_code == 200, answer.text
+            ids.append(answer.json()["accepted"][0]["imaging_id"])
+            url = f"{GATEWAY}/api/v1/imaging/{ids[-1]}"
+            await wait_for_status(client, url, clinician, {"stored", "failed", *PAST_STORED})
+        second = (await client.get(f"{GATEWAY}/api/v1/imaging/{ids[1]}", headers=clinician)).json()
+        assert second["status"] == "failed" and second["reason_code"] == "duplicate_conflict", second
+        listed = await client.get(f"{GATEWAY}/api/v1/imaging/patient/{patient_id}", headers=clinician)
+        assert listed.status_code == 200, listed.text
+        assert sorted(i["imaging_id"] for i in listed.json()["instances"]) == sorted(ids)

@@ -421,3 +421,35 @@ def test_pixel_data_encoded_unlike_its_transfer_syntax_is_refused() -> None:
     failure = validate_instance(_with_transfer_syntax(encapsulated, RLELossless, ExplicitVRLittleEndian))
     assert isinstance(failure, ValidationFailure) and failure.problem == "pixel_data_encoding"
     assert "is encapsulated, but the transfer syntax requires native" in failure.message
+
+
+@pytest.mark.parametrize(
+    ("charset", "written", "expected"),
+    [
+        ("ISO_IR 192", "HÜNTER-山田", "HÜNTER-山田"),
+        ("ISO_IR 192", "HUNTPID-" + "Å" * 30, "HUNTPID-" + "Å" * 30),
+        ("ISO_IR 100", "MÜLLER-0042", "MÜLLER-0042"),
+        ("GB18030", "王伟-7", "王伟-7"),
+        ("", ["FIRST", "SECOND"], "FIRST\\SECOND"),
+    ],
+)
+def test_the_patient_id_is_read_in_its_character_set(charset, written, expected) -> None:
+    """Found by a pipeline hunt: the gateway read PatientID's bytes as ASCII, so a non-ASCII id got
+    another patient key than ingest's (its instances went missing from the patient query), and a
+    38-character UTF-8 id (68 bytes) was refused as "longer than 64 characters". The same cases are in
+    services/ingest/tests/test_dicom_check.py: both services must read the same text."""
+    ds = corpus.make_dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.PatientID = written
+    info = validate_instance(corpus.encode(ds))
+    assert isinstance(info, InstanceInfo), info
+    assert info.patient_id == expected
+
+
+def test_a_patient_id_past_64_characters_is_refused() -> None:
+    ds = corpus.make_dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientID = "Å" * 65
+    failure = validate_instance(corpus.encode(ds))
+    assert isinstance(failure, ValidationFailure) and failure.problem == "invalid_patient_id"

@@ -8,6 +8,7 @@ them from the decrypted instance) always agree. Keys are per-tenant keyed HMACs 
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from enclave_common.crypto import Pseudonymizer
@@ -37,6 +38,23 @@ def instance_keys(
         series_key=pseudonymizer.pseudonym(tenant, "series", series_uid),
         instance_key=pseudonymizer.pseudonym(tenant, "instance", sop_instance_uid),
     )
+
+
+def patient_id_text(value: object) -> str:
+    """PatientID (0010,0020) as the patient key is derived from it, by the gateway from the upload and
+    by ingest from the decrypted instance: pydicom's value, which it decodes with the instance's Specific
+    Character Set, without padding; several values (a backslash in the bytes) joined as written. Until
+    the fourteenth session the gateway decoded the raw bytes as ASCII, so a non-ASCII id (HÜNTER, 山田)
+    got another key than ingest's and its instances were missing from the patient query."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bytes):  # not decoded by pydicom (no string VR known): read as the default set
+        return value.decode("latin-1").rstrip("\x00 ").strip()
+    if isinstance(value, Iterable):  # pydicom's MultiValue
+        return "\\".join(str(part).strip() for part in value)
+    return str(value).strip()
 
 
 def pseudonymizer_from_base64(value: str | None, setting: str) -> Pseudonymizer:

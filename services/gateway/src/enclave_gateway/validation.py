@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from io import BytesIO
 
+from enclave_common.pseudonyms import patient_id_text
 from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
@@ -949,10 +950,13 @@ class InstanceInspector:
             warnings.simplefilter("ignore")
             dataset = read_dataset(BytesIO(raw), walker.implicit, True)
         values: dict[int, str] = {}
-        for tag in (*_REQUIRED_UIDS, _PATIENT_ID):
+        for tag in _REQUIRED_UIDS:
             element = dataset.get_item(Tag(tag))
             value = element.value if element is not None else None
             values[tag] = _text(value) if isinstance(value, bytes) else ""
+        with warnings.catch_warnings():  # an unknown character set or bytes it cannot hold: replaced
+            warnings.simplefilter("ignore")
+            values[_PATIENT_ID] = patient_id_text(dataset.get("PatientID"))
         if not any(values[tag] for tag in _REQUIRED_UIDS):
             raise _Refused(
                 FailureReason.CANNOT_UNDERSTAND,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pydicom
 from enclave_common.errors import PermanentError
+from enclave_common.pseudonyms import patient_id_text
 from pydicom.errors import InvalidDicomError
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -57,6 +58,6 @@ def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
         sop_instance_uid=str(ds.SOPInstanceUID).strip(),
         study_instance_uid=str(ds.StudyInstanceUID).strip(),
         series_instance_uid=str(ds.SeriesInstanceUID).strip(),
-        patient_id=str(ds.PatientID).strip(),
+        patient_id=patient_id_text(ds.get("PatientID")),
         transfer_syntax_uid=ts,
     )
