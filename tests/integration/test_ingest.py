@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from enclave_common.events import InstanceRejected, InstanceStored
 from enclave_common.settings import BaseServiceSettings
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pymongo import AsyncMongoClient
 
 from .conftest import KAFKA, MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
@@ -82,6 +85,25 @@ async def test_instance_is_reassembled_encrypted_and_readable_back():
     text = event.to_bytes().decode()
     for value in PHI.values():
         assert value not in text
+
+
+async def test_a_deflated_instance_larger_than_the_header_prefix_is_stored():
+    """Found by a pipeline hunt: the gateway accepts deflated instances up to its instance limit, but
+    ingest parsed the 4 MiB header prefix with pydicom, which inflates the whole rest of a deflated
+    file at once: a truncated stream, so every deflated instance past 4 MiB was refused (as
+    "unexpected_error"). 5 MiB of incompressible pixel data keep it past the prefix once deflated."""
+    _, ds = mr_instance()
+    ds.Rows, ds.Columns = 5 * 1024, 512  # 16-bit: 5 MiB
+    ds.PixelData = os.urandom(5 * 1024 * 1024)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert len(data) > 5 * 1024 * 1024
+    iuid = await _send(data, new_event_id(), chunk_bytes=512 * 1024)
+    (event,) = await wait_for_events((topics.INSTANCE_STORED, topics.INSTANCE_REJECTED), _for(iuid))
+    assert event.type == topics.event_type(topics.INSTANCE_STORED), event.data  # not rejected
+    assert await _decrypt_original(event.payload(InstanceStored)) == data
 
 
 async def test_identical_resend_is_a_duplicate_and_different_content_is_refused():

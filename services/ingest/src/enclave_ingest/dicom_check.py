@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import io
 import re
+import zlib
 from dataclasses import dataclass
 
 import pydicom
 from enclave_common.errors import PermanentError
 from enclave_common.pseudonyms import patient_id_text
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")
@@ -38,8 +42,17 @@ class InstanceIdentity:
 def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
     """Parse the header in ``prefix`` (the whole instance when ``complete``) and check the required attributes."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(prefix), stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+        ds = _read_header(prefix)
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        zlib.error,
+    ) as exc:
         hint = "" if complete else " (the header may be larger than the configured prefix)"
         raise InvalidInstance(f"instance header could not be parsed ({type(exc).__name__}){hint}") from exc
     missing = [name for name in REQUIRED if not str(ds.get(name, "") or "").strip()]
@@ -61,3 +74,23 @@ def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
         patient_id=patient_id_text(ds.get("PatientID")),
         transfer_syntax_uid=ts,
     )
+
+
+def _read_header(prefix: bytes) -> Dataset:
+    """The dataset before Pixel Data. A deflated dataset is inflated only as far as ``prefix`` is long:
+    pydicom inflates the whole rest of a file in one call, which fails on a prefix (a truncated stream)
+    and, on a whole file, would hold all of it inflated. Until the fourteenth session every deflated
+    instance past the 4 MiB prefix was refused as unparseable after the gateway had accepted it."""
+    stream = io.BytesIO(prefix)
+    if read_preamble(stream, True) is not None:  # a Part 10 file (force: None, rewound, if not)
+        meta = _read_file_meta_info(stream)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(prefix[stream.tell() :], len(prefix))
+            ds = read_dataset(io.BytesIO(head), False, True, stop_when=_at_pixel_data)
+            ds.file_meta = meta
+            return ds
+    return pydicom.dcmread(io.BytesIO(prefix), stop_before_pixels=True, force=True)
+
+
+def _at_pixel_data(tag: object, vr: object, length: object) -> bool:
+    return int(tag) >= 0x7FE00010  # type: ignore[call-overload]
