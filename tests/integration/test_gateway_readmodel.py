@@ -153,6 +153,10 @@ async def test_a_non_ascii_patient_id_finds_every_instance_whatever_ingest_decid
             await wait_for_status(client, url, clinician, {"stored", "failed", *PAST_STORED})
         second = (await client.get(f"{GATEWAY}/api/v1/imaging/{ids[1]}", headers=clinician)).json()
         assert second["status"] == "failed" and second["reason_code"] == "duplicate_conflict", second
+        results = await client.get(f"{GATEWAY}/api/v1/imaging/{ids[1]}/analysis", headers=clinician)
+        assert results.status_code == 200, results.text
+        assert results.json()["status"] == "not_analysed", "not pending forever: no analysis will include it"
+        assert results.json()["instance_status"] == "failed" and results.json()["analysis"] is None
         listed = await client.get(f"{GATEWAY}/api/v1/imaging/patient/{patient_id}", headers=clinician)
         assert listed.status_code == 200, listed.text
         assert sorted(i["imaging_id"] for i in listed.json()["instances"]) == sorted(ids)

@@ -222,15 +222,7 @@ def build_router(
         analysis_id = analysis_id_of(doc)
         result = await read_model.analysis(analysis_id) if analysis_id else None
         if result is None:
-            return JSONResponse(
-                {
-                    "imaging_id": imaging_id,
-                    "status": "pending",
-                    "instance_status": status_of(doc),
-                    "analysis": None,
-                },
-                status_code=200,
-            )
+            return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
         return JSONResponse(_analysis_view(imaging_id, result))
 
     @router.get(
@@ -310,6 +302,21 @@ SEED_FIELDS = {
     "hippocampal_volume_total": "hippocampal_volume_total",
     "cortical_thickness_mean": "cortical_thickness_mean",
 }
+
+
+def _no_analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """No analysis covers the instance yet: ``pending`` while it can still be analysed, ``not_analysed``
+    once it failed or was quarantined (no de-identified copy, so no analysis will ever include it;
+    until the fourteenth session this said ``pending`` forever)."""
+    instance_status = status_of(doc)
+    view: dict[str, Any] = {"imaging_id": imaging_id, "status": "pending", "instance_status": instance_status}
+    if instance_status in ("failed", "quarantined"):
+        view["status"] = "not_analysed"
+        view["reason"] = (
+            f"the instance was {instance_status} before it was de-identified, so no analysis includes it; "
+            f"its status (GET /api/v1/imaging/{imaging_id}) says why"
+        )
+    return {**view, "analysis": None}
 
 
 def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
