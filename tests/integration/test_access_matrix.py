@@ -29,7 +29,8 @@ ROLES = ("uploader", "clinician", "researcher", "auditor", "admin", "caregiver",
 OWN, OTHER = "own", "other"
 
 #: THE table: endpoint -> role -> (status on own tenant's target, status on other tenant's target).
-#: Endpoints without a target in another tenant (upload, create grant, break-glass) list one status.
+#: Endpoints without a target in another tenant (upload, the research listing of one's own tenant,
+#: create grant, break-glass) list one status.
 EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "upload": {"uploader": (200,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
@@ -40,6 +41,8 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     # A patient of another tenant is, in one's own tenant, a patient with no instances (200, empty).
     "patient": {"uploader": (403, 403), "clinician": (200, 200), "researcher": (403, 403), "auditor": (403, 403),
                 "admin": (403, 403), "caregiver": (404, 404), "caregiver+grant": (200, 404)},
+    "research": {"uploader": (403,), "clinician": (200,), "researcher": (200,), "auditor": (403,),
+                 "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
     "grant_create": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                      "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
     "grant_read": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403), "auditor": (403, 403),
@@ -132,6 +135,8 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         return "GET", f"{GATEWAY}/api/v1/imaging/{imaging}/analysis", {}
     if endpoint == "patient":
         return "GET", f"{GATEWAY}/api/v1/imaging/patient/{world.patient_a if own else world.patient_b}", {}
+    if endpoint == "research":
+        return "GET", f"{GATEWAY}/api/v1/research/analyses", {}
     if endpoint == "grant_create":
         return "POST", f"{GATEWAY}/api/v1/grants", {"json": _grant_body(world.patient_a, "it-cg-other")}
     if endpoint == "grant_read":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import uuid
 
@@ -13,9 +14,11 @@ import httpx
 import pydicom
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from enclave_common import topics
+from enclave_common.envelope import Envelope
+from enclave_common.events import AnalysisCompleted
 
 from .conftest import KAFKA
-from .support import mr_instance, wait_for_events
+from .support import mr_instance, publish, wait_for_events
 from .test_gateway_support import GATEWAY, bearer, new_tenant, wait_for_status
 
 PAST_STORED = {"deidentified", "quarantined", "analysed"}
@@ -160,3 +163,63 @@ async def test_a_non_ascii_patient_id_finds_every_instance_whatever_ingest_decid
         listed = await client.get(f"{GATEWAY}/api/v1/imaging/patient/{patient_id}", headers=clinician)
         assert listed.status_code == 200, listed.text
         assert sorted(i["imaging_id"] for i in listed.json()["instances"]) == sorted(ids)
+
+
+async def test_researchers_page_through_their_tenants_de_identified_results():
+    """``read_results_deid`` had no route: a researcher could read instance statuses only. The results
+    of a tenant's analyses are listed without the imaging ids and report objects that lead back to an
+    identified instance, page by page, and never another tenant's."""
+    tenant, other = new_tenant(), new_tenant()
+    done = [
+        AnalysisCompleted(
+            analysis_id=f"an-{uuid.uuid4().hex}",
+            study_key=f"sk-{i}",
+            series_key=f"se-{i}",
+            instance_upload_ids=[str(uuid.uuid4())],
+            measures={"total_brain_volume_ml": 1000.0 + i},
+            qc={"verdict": "pass"},
+            reports=[],
+        )
+        for i in range(3)
+    ]
+    for owner, results in (
+        (tenant, done),
+        (other, [done[0].model_copy(update={"analysis_id": "an-" + "0" * 32})]),
+    ):
+        envelopes = [
+            Envelope.for_topic(
+                topics.ANALYSIS_COMPLETED, d, source="analysis", tenant=owner, actor="it", correlation_id="c"
+            )
+            for d in results
+        ]
+        await publish(topics.ANALYSIS_COMPLETED, envelopes, key=f"research-{owner}")
+    researcher = bearer("it-researcher", tenant, "researcher")
+    url = f"{GATEWAY}/api/v1/research/analyses"
+    async with httpx.AsyncClient(timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            listed = (await client.get(url, headers=researcher)).json()["analyses"]
+            if len(listed) == 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert sorted(a["analysis_id"] for a in listed) == sorted(d.analysis_id for d in done)
+        pages, after = [], None
+        while True:
+            page = (
+                await client.get(
+                    url, params={"limit": 2, **({"after": after} if after else {})}, headers=researcher
+                )
+            ).json()
+            pages.append([a["analysis_id"] for a in page["analyses"]])
+            if (after := page["next_after"]) is None:
+                break
+        assert [len(p) for p in pages] == [2, 1] and sorted(sum(pages, [])) == sorted(
+            d.analysis_id for d in done
+        )
+        first = next(a for a in listed if a["analysis_id"] == done[0].analysis_id)
+        assert first["status"] == "completed" and first["series_key"] == "se-0"
+        assert first["measures"] == {"total_brain_volume_ml": 1000.0} and first["qc"] == {"verdict": "pass"}
+        assert "imaging_id" not in first and "reports" not in first
+        assert done[0].instance_upload_ids[0] not in json.dumps(listed)
+        refused = await client.get(url, params={"after": "not-an-analysis-id"}, headers=researcher)
+        assert refused.status_code == 422

@@ -263,11 +263,40 @@ def build_router(
             "next_after": page[-1]["_id"] if len(docs) > limit else None,
         }
 
+    @router.get(
+        "/api/v1/research/analyses",
+        tags=["research"],
+        summary="De-identified analysis results of your tenant (researcher, clinician)",
+    )
+    async def research_analyses(
+        request: Request,
+        principal: Principal = Depends(guard.require_principal(Action.READ_RESULTS_DEID)),
+        limit: int = Query(
+            PATIENT_PAGE_MAX, ge=1, le=PATIENT_PAGE_MAX, description="analyses per page (at most 1000)"
+        ),
+        after: str | None = Query(
+            None,
+            pattern=ANALYSIS_ID_PATTERN,
+            description="the previous page's `next_after`: the page starts after this analysis id",
+        ),
+    ) -> dict[str, Any]:
+        await guard.check_resource(
+            request, principal, Action.READ_RESULTS_DEID, Resource(tenant=principal.tenant)
+        )
+        docs = await read_model.analyses_of(principal.tenant, limit + 1, after)
+        page = docs[:limit]
+        return {
+            "analyses": [_research_view(d) for d in page],
+            "next_after": page[-1]["_id"] if len(docs) > limit else None,
+        }
+
     return router
 
 
 #: A page of the patient query holds at most this many instances (and this many by default).
 PATIENT_PAGE_MAX = 1000
+#: Analysis ids: ``an-`` and the analysis service's digest of the series and its members.
+ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 #: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -317,6 +346,14 @@ def _no_analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
             f"its status (GET /api/v1/imaging/{imaging_id}) says why"
         )
     return {**view, "analysis": None}
+
+
+def _research_view(doc: dict[str, Any]) -> dict[str, Any]:
+    """One analysis without anything that leads to an identified instance: no imaging ids, no report
+    objects (they are rendered per study), only the series' pseudonymous key, the measures and QC
+    computed on the de-identified series, and a failure's reason (which names no value)."""
+    view = {k: v for k, v in _analysis_view("", doc).items() if k not in ("imaging_id", "reports")}
+    return {**view, "series_key": doc.get("series_key"), "recorded_at": doc.get("recorded_at")}
 
 
 def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:

@@ -168,6 +168,7 @@ class ReadModel:
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
+        await self.analyses.create_index([("tenant", ASCENDING), ("_id", ASCENDING)])
 
     async def record_uploads(
         self, tenant: str, upload_id: str, instances: list[tuple[str, InstanceKeys, str]]
@@ -238,6 +239,15 @@ class ReadModel:
         if after is not None:
             query["_id"] = {"$gt": after}
         cursor = self.instances.find(query).sort("_id", ASCENDING).limit(limit)
+        return [doc async for doc in cursor]
+
+    async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
+        """Up to ``limit`` analyses of the tenant by analysis id (a digest: a stable order to page in,
+        not a time order), those after ``after`` when given; the (tenant, _id) index finds them."""
+        query: dict[str, Any] = {"tenant": tenant}
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        cursor = self.analyses.find(query).sort("_id", ASCENDING).limit(limit)
         return [doc async for doc in cursor]
 
     async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
