@@ -169,6 +169,23 @@ def safe_exception(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
+#: A quoted span of a log message: where libraries put the value they warn about.
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def redact_foreign_text(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor for records of loggers not Enclave's own (pydicom, highdicom, Python
+    warnings): their message quotes what they warn about, and that can be PHI (pydicom: "Invalid value
+    for VR AS: 'BADAGE-JONES'."). Every quoted span is replaced; the rest of the message, which says
+    what kind of problem it is, is kept. Enclave's own messages never hold values (their fields are
+    redacted by key)."""
+    logger = str(event_dict.get("logger") or "")
+    event = event_dict.get("event")
+    if isinstance(event, str) and not logger.startswith("enclave"):
+        event_dict["event"] = _QUOTED.sub(f"'{REDACTED}'", event)
+    return event_dict
+
+
 def configure_logging(service: str, level: str = "INFO", stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger to emit one JSON object per line."""
     out = stream or sys.stdout
@@ -193,7 +210,13 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.JSONRenderer(),
             ],
-            foreign_pre_chain=[*shared[:-2], structlog.stdlib.add_logger_name, safe_exception, redact_phi],
+            foreign_pre_chain=[
+                *shared[:-2],
+                structlog.stdlib.add_logger_name,
+                safe_exception,
+                redact_phi,
+                redact_foreign_text,
+            ],
         )
     )
     root = logging.getLogger()
@@ -201,6 +224,9 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "botocore", "urllib3", "pymongo", "faststream", "enclave.faststream"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Python warnings (pydicom's and highdicom's about a file's values) went to stderr as raw text,
+    # around the redaction; as log records of "py.warnings" they are JSON lines redacted as above.
+    logging.captureWarnings(True)
 
 
 def get_logger(name: str | None = None) -> Any:
