@@ -127,6 +127,22 @@ _UNLISTED_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 #: Unlisted attributes removed by tag: Encrypted Attributes Sequence (original attributes, encrypted
 #: for another recipient).
 _UNLISTED_REMOVED_TAGS = frozenset({0x04000500})
+#: The shape of one value of each VR whose character repertoire is constrained (PS3.5 6.2), padding
+#: aside. A value the walk would release as it is must have it: text in a DS, IS, AS, date, time or
+#: UID is free text in disguise (``_Walker.release_as_is``). Lengths are not checked (vendors write
+#: longer DS values, and digits carry no more than a valid number does), nor are the zero padding of
+#: an age (22Y for 022Y) and the pre-3.0 forms PS3.5 asks readers to accept (YYYY.MM.DD, HH:MM:SS):
+#: they hold no text. CS is not checked: its repertoire has the upper-case letters and space, so a
+#: name passes it, and vendors' lower-case codes in Type 1 attributes (Modality) would be blanked.
+_VALUE_SHAPES = {
+    "DS": re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"),
+    "IS": re.compile(r"[+-]?\d+"),
+    "AS": re.compile(r"\d{1,3}[DWMY]?"),
+    "DA": re.compile(r"\d{8}|\d{4}\.\d{2}\.\d{2}"),
+    "DT": re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"),
+    "TM": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?|\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?"),
+    "UI": re.compile(r"\d+(\.\d+)*"),
+}
 _DUMMY_STRINGS = {
     "DA": "19000101",
     "DT": "19000101000000",
@@ -383,11 +399,12 @@ class _Walker:
         elif vr in _UNLISTED_FREE_TEXT_VRS:
             _put_dummy(dataset, tag, vr, elem)
             self.actions.append(AppliedAction((*path, tag), "D"))
-        elif vr == "UI":
-            if not self.policy.retain_uids and tag not in _CLASS_UID_TAGS:
-                self._remap_uids(dataset, tag, elem)
+        elif vr == "UI" and not self.policy.retain_uids and tag not in _CLASS_UID_TAGS:
+            self._remap_uids(dataset, tag, elem)
         elif vr == "SQ":
             self._recurse(dataset, tag, path)
+        elif (applied := self.release_as_is(dataset, tag, elem, vr)) is not None:
+            self.actions.append(AppliedAction((*path, tag), applied))
 
     def _apply(
         self,
@@ -404,11 +421,14 @@ class _Walker:
                 _put_text(dataset, tag, vr, [self._pseudonym_for(dataset, tag, path)], elem)
                 self.actions.append(AppliedAction(here, "pseudonym"))
             return
+        applied = action.value
         if action is ActionCode.X:
             del dataset[tag]
         elif action is ActionCode.K:
             if vr == "SQ":
                 self._recurse(dataset, tag, path)
+            else:
+                applied = self.release_as_is(dataset, tag, elem, vr) or applied
         elif action is ActionCode.Z:
             _put_empty(dataset, tag, vr, elem)
         elif action is ActionCode.U or (action is ActionCode.X_Z_U_STAR and vr == "UI"):
@@ -427,7 +447,32 @@ class _Walker:
             self._dummy(dataset, tag, elem, vr, path)
         elif action is ActionCode.C:
             self._clean(dataset, tag, elem, vr, path)
-        self.actions.append(AppliedAction(here, action.value))
+        self.actions.append(AppliedAction(here, applied))
+
+    def release_as_is(
+        self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str
+    ) -> str | None:
+        """Keep a value the walk does not change, unless it is malformed for its VR (``_VALUE_SHAPES``);
+        then the action taken instead (None when the value is kept).
+
+        A malformed UID is remapped (U), value by value: references keep pointing at each other, and
+        UIDs are mostly Type 1. Any other malformed value is made zero-length (Z). The IOD is not known
+        here; zero-length is valid wherever removal is (Type 3) and for Type 2 too, and a Type 1 value
+        of that kind was not valid either. A dummy number would pass a made-up measurement (a pixel
+        spacing of 0) off as a real one.
+        """
+        shape = _VALUE_SHAPES.get(vr)
+        if shape is None or not _malformed(elem, shape):
+            return None
+        if vr == "UI":
+            values = [
+                value if not value or shape.fullmatch(value) else self.map_uid(value)
+                for value in _raw_text(elem)
+            ]
+            _put_text(dataset, tag, vr, values, elem)
+            return ActionCode.U.value
+        _put_empty(dataset, tag, vr, elem)
+        return ActionCode.Z.value
 
     def _pseudonym_for(self, dataset: Dataset, tag: int, path: tuple[int, ...]) -> str:
         if not path:
@@ -466,6 +511,8 @@ class _Walker:
         elif vr in _TEXT_VRS and vr != "CS":
             cleaned = [self._scrub(value) for value in _string_values(dataset[tag])]
             dataset[tag] = DataElement(tag, vr, cleaned if len(cleaned) != 1 else cleaned[0])
+        else:
+            self.release_as_is(dataset, tag, elem, vr)  # a time kept under Modified Dates
 
     def _scrub(self, text: str) -> str:
         return text if self.identifiers is None else self.identifiers.scrub(text)
@@ -504,6 +551,8 @@ class _Walker:
                         self._remap_uids(dataset, tag, elem)
                     elif vr == "SQ":
                         self._recurse(dataset, tag, path)
+                    else:
+                        self.release_as_is(dataset, tag, elem, vr)
                     self.actions.append(AppliedAction((*path, tag), "K"))
                     continue
             removed.append(tag)
@@ -528,12 +577,34 @@ def _string_values(elem: DataElement) -> list[str]:
     return [str(value or "") for value in values]
 
 
+def _malformed(elem: DataElement | RawDataElement, shape: re.Pattern[str]) -> bool:
+    """Whether a value of the element (padding aside; empty values are fine) lacks ``shape``."""
+    value = elem.value
+    if value is None:
+        return False
+    if isinstance(value, bytes):
+        try:
+            values = value.decode("ascii").split("\\")
+        except UnicodeDecodeError:
+            return True
+    elif isinstance(value, (list, MultiValue)):
+        values = ["" if v is None else str(v) for v in value]
+    else:
+        values = [str(value)]
+    for text in values:
+        text = text.strip(" \x00")
+        if text and shape.fullmatch(text) is None:
+            return True
+    return False
+
+
 def _walked_vr(tag: int, vr: str | None) -> str | None:
-    """The VR the walk handles an element as: the dictionary's when the file gives none (implicit VR, UN)
+    """The VR the walk handles an element as: the dictionary's when the file gives none (implicit VR, UN,
+    or the dictionary's own "OB or OW" that pydicom gives an undefined-length value read without a VR)
     or another text VR (a date written as LO is a date, under a date's rules); None for a sequence or
     binary value under a VR its tag cannot have (a sequence as OB), which cannot be walked and is removed."""
     allowed = _dictionary_vrs(tag)
-    if vr is None or vr == "UN":
+    if vr is None or vr == "UN" or " or " in vr:
         return allowed[0] if len(allowed) == 1 else (vr or "UN")
     if allowed and vr not in allowed:
         if len(allowed) == 1 and vr in _STRING_VRS and allowed[0] in _STRING_VRS:

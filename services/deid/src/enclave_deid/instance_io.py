@@ -13,7 +13,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomIO
 from pydicom.filewriter import dcmwrite, write_data_element, write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 
@@ -43,12 +49,56 @@ def read_instance(data: bytes | BinaryIO) -> Dataset:
         if not little:
             raise InvalidDicomError("a big-endian dataset without file meta is not supported")
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    _follow_the_bytes(dataset, meta)
     if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in dataset:
         meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     if "MediaStorageSOPInstanceUID" not in meta and "SOPInstanceUID" in dataset:
         meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     dataset.file_meta = meta
     return dataset
+
+
+#: The transfer syntaxes without compression, by the (implicit VR, little endian) encoding they name.
+_NATIVE_SYNTAXES = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+def _follow_the_bytes(dataset: Dataset, meta: FileMetaDataset) -> None:
+    """Make the file meta and ``dataset.original_encoding`` say how the dataset was actually read.
+
+    pydicom reads a dataset whose first element contradicts the meta's transfer syntax as the bytes
+    are (with a warning), but still records the meta's encoding as the dataset's: the writer then
+    wrote implicit-VR elements, which have no VR, as explicit VR, and failed. A native syntax is
+    replaced by the one the bytes use, so the copy is written as it was read. An encapsulated syntax
+    (JPEG and the like are explicit VR) is kept, and the writer converts the dataset to it. Deflated
+    and private syntaxes are left as they are.
+    """
+    syntax: UID | None = meta.get("TransferSyntaxUID")
+    if (
+        syntax is None
+        or syntax == DeflatedExplicitVRLittleEndian
+        or syntax.is_private
+        or not syntax.is_transfer_syntax
+    ):
+        return
+    read_as = _read_encoding(dataset)
+    if read_as is None or read_as == (syntax.is_implicit_VR, syntax.is_little_endian):
+        return
+    dataset.set_original_encoding(read_as[0], read_as[1], dataset.original_character_set)
+    if syntax in _NATIVE_SYNTAXES.values() and read_as in _NATIVE_SYNTAXES:
+        meta.TransferSyntaxUID = _NATIVE_SYNTAXES[read_as]
+
+
+def _read_encoding(dataset: Dataset) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) the reader used for the dataset's elements, from its first raw
+    element (the command group, read as implicit VR whatever the file says, does not count)."""
+    for tag, elem in dataset.items():  # in file order, not converted
+        if isinstance(elem, RawDataElement) and tag >> 16:
+            return bool(elem.is_implicit_VR), bool(elem.is_little_endian)
+    return None
 
 
 def write_instance_to(dataset: Dataset, out: BinaryIO, source: bytes | None = None) -> None:
