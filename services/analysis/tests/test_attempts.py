@@ -12,14 +12,19 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
+from enclave_analysis.phantoms import write_mr_series
+from enclave_analysis.series_analysis import run_volumetrics
+from enclave_analysis.volume import Volume
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 MEMBERS = [{"_id": f"iu-{n}", "state": "deidentified", "study_key": "st-1", "object": {}} for n in range(3)]
 
@@ -226,3 +231,65 @@ async def test_a_repeated_failure_never_takes_an_event_id_an_earlier_version_kep
     await analysis.attempt({**series(attempts=4), "pending_event": legacy})
     [(topic, envelope)] = publisher.published
     assert topic == topics.ANALYSIS_FAILED and envelope.id != legacy["event_id"]
+
+
+def _bad_series(problem: str) -> list[Any]:
+    volume = Volume(
+        voxels=np.random.default_rng(5).uniform(0, 800, (12, 10, 9)).astype(np.float32),
+        affine_ras=np.diag([0.9, 1.1, 2.0, 1.0]),
+    )
+    datasets = write_mr_series(volume, patient_id="PSEUDO-PATIENT-1")
+    for n, ds in enumerate(datasets):
+        if problem == "pixel spacing 0":
+            ds.PixelSpacing = ["0", "0"]
+        elif problem == "rescale slope 1e308":
+            ds.RescaleSlope = "1e308"
+        elif problem == "rescale slope 0":
+            ds.RescaleSlope = "0"
+        elif problem == "two patients" and n % 2:
+            ds.PatientID = "PSEUDO-PATIENT-2"
+    return datasets
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("problem", "reason_code"),
+    [
+        ("pixel spacing 0", "series_geometry"),
+        ("rescale slope 1e308", "pixel_values_invalid"),
+        ("rescale slope 0", "pixel_values_invalid"),
+        ("two patients", "series_mixed_patients"),
+    ],
+)
+async def test_a_series_no_volume_can_be_made_of_fails_at_once_with_its_reason(problem, reason_code) -> None:
+    """Before, the first two failed in ANTs on each of three attempts (``analysis_internal_error``
+    after ~3 minutes), and the last two were analysed."""
+    analysis, assembly, publisher = service(AssertionError("unused"))
+    datasets = _bad_series(problem)
+    members = [{"_id": f"iu-{n}", "state": "deidentified", "study_key": "st-1"} for n in range(len(datasets))]
+
+    async def members_of(series_id: str) -> list[dict[str, Any]]:
+        return members
+
+    async def load(tenant: str, member: dict[str, Any]) -> Any:
+        return datasets[int(member["_id"].removeprefix("iu-"))]
+
+    assembly.members_of = members_of  # type: ignore[method-assign]
+    analysis._load = load  # type: ignore[method-assign]
+    analysis.analyser = run_volumetrics
+    await analysis.attempt(series(attempts=1))
+    assert assembly.retried == []
+    [(topic, envelope)] = publisher.published
+    assert (topic, envelope.data["reason_code"]) == (topics.ANALYSIS_FAILED, reason_code)
+    assert assembly.finished == [("failed", reason_code)]
+
+
+async def test_where_itk_raised_is_logged_with_an_unexpected_failure() -> None:
+    """``native_stderr`` attaches it in the worker process; the text ITK printed is not logged."""
+    failure = RuntimeError("Registration failed with error code 1")
+    failure.native_error_at = "itkImageMomentsCalculator.hxx:123"  # type: ignore[attr-defined]
+    analysis, _, _ = service(failure)
+    with capture_logs() as logs:
+        await analysis.attempt(series(attempts=1))
+    [entry] = [e for e in logs if e["event"] == "series analysis failed; it will be tried again"]
+    assert entry["native_error_at"] == "itkImageMomentsCalculator.hxx:123"

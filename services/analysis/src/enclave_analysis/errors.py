@@ -50,3 +50,18 @@ class SeriesIncomplete(AnalysisError):
     analysed again if they arrive."""
 
     code = "series_incomplete"
+
+
+class PixelValueError(AnalysisError):
+    """The stored pixel values do not give an image: an unusable ``RescaleSlope`` or
+    ``RescaleIntercept`` (zero slope, not a number, not finite), rescaled values beyond 32-bit
+    floating point, or the same value in every voxel."""
+
+    code = "pixel_values_invalid"
+
+
+class MixedPatientsError(AnalysisError):
+    """The instances of one series carry different patient identities (after de-identification, a
+    pseudonymous PatientID per patient): a volume of two people is not computed."""
+
+    code = "series_mixed_patients"

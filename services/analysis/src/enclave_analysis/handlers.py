@@ -10,6 +10,7 @@ re-run after a crash publishes the same event again, not a second one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -38,6 +39,7 @@ from prometheus_client import Counter
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.errors import AnalysisError, RepeatedFailure, SeriesIncomplete
+from enclave_analysis.native_stderr import run_capturing_native_stderr
 
 log = structlog.get_logger("enclave.analysis")
 
@@ -173,12 +175,15 @@ class AnalysisService:
             raise
         except Exception as exc:
             transient = isinstance(classify_exception(exc), TransientError)
+            # Where ITK raised, when it said so on stderr in the worker (``native_stderr``): no text.
+            native = getattr(exc, "native_error_at", None)
             log.error(
                 "series analysis failed; it will be tried again",
                 series_id=series["_id"],
                 attempt=series.get("attempts"),
                 counted=not transient,
                 exc_info=exc,
+                **({"native_error_at": native} if isinstance(native, str) else {}),
             )
             self.attempt_failures.labels("dependency" if transient else "unexpected").inc()
             await self.assembly.retry_later(series, self.settings.retry_delay_s, counted=not transient)
@@ -333,8 +338,10 @@ class AnalysisService:
     ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
         if self._executor is None:
             return await asyncio.to_thread(self.analyser, datasets)
+        # What ITK and ANTs print to stderr in the worker stays out of the service's log (native_stderr).
+        captured = functools.partial(run_capturing_native_stderr, self.analyser)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self.analyser, datasets)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
         except BrokenProcessPool:
             # The worker died (killed for memory, say): a new one for the next analysis; this attempt
             # counts as an unexpected failure (``attempt``).

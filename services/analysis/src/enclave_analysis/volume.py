@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, AllTransferSyntaxes, UncompressedTransferSyntaxes
 
-from enclave_analysis.errors import PixelDataError, SeriesGeometryError
+from enclave_analysis.errors import MixedPatientsError, PixelDataError, PixelValueError, SeriesGeometryError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -37,6 +37,12 @@ ORIENTATION_TOLERANCE = 1e-4
 SPACING_RELATIVE_TOLERANCE = 0.02
 #: In-plane offset between consecutive slice origins above this (mm) means gantry tilt or shear.
 TILT_TOLERANCE_MM = 0.05
+#: A voxel edge (each PixelSpacing value, the spacing of the slice positions) outside this range (mm)
+#: is a wrong attribute, not an in-vivo brain MR acquisition (0.2 to 7 mm). ITK refuses a zero spacing
+#: and a negative one mirrors the image.
+VOXEL_SIZE_RANGE_MM = (0.05, 20.0)
+#: Rescaled intensities are stored as 32-bit floats.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
 
     Raises :class:`SeriesGeometryError` with a precise, PHI-free reason when the instances do
     not form a single regular volume: missing geometry attributes, several series, mixed
-    orientation or in-plane geometry, gantry tilt, two different slices at one position, or a
-    missing slice / non-uniform spacing.
+    orientation or in-plane geometry, a voxel size out of range, gantry tilt, two different slices
+    at one position, or a missing slice / non-uniform spacing. Raises :class:`MixedPatientsError`
+    when the instances belong to different patients, and :class:`PixelValueError` when the stored
+    values do not give an image (unusable rescale attributes, non-finite or uniform intensities).
     """
     if not datasets:
         raise SeriesGeometryError("the series has no instances; at least 2 slices are required")
@@ -98,6 +106,7 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
         raise SeriesGeometryError(
             f"instances belong to {len(series_uids)} different series; one series is allowed"
         )
+    _check_one_patient(datasets)
     planes = [plane for number, ds in enumerate(datasets) for plane in _planes_of(ds, number)]
     planes = _without_duplicates(planes)
     if len(planes) < 2:
@@ -111,6 +120,11 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     _check_positions_distinct(heights)
     _check_no_tilt(planes, normal)
     slice_spacing = _check_uniform_spacing(heights)
+    if not _voxel_size_allowed(slice_spacing):
+        raise SeriesGeometryError(
+            f"slices are {slice_spacing:.3g} mm apart (from ImagePositionPatient); the spacing between "
+            f"slices must be between {_voxel_size_range()}"
+        )
 
     first = planes[0]
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
@@ -125,13 +139,47 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
 
     voxels = np.empty((first.columns, first.rows, len(planes)), dtype=np.float32)
     for k, plane in enumerate(planes):
-        frame = np.asarray(plane.pixels(), dtype=np.float32)
+        frame = np.asarray(plane.pixels(), dtype=np.float64)
         if frame.shape != (plane.rows, plane.columns):
             raise SeriesGeometryError(
                 f"slice {k} pixel data has shape {frame.shape}; expected ({plane.rows}, {plane.columns})"
             )
-        voxels[:, :, k] = (frame * plane.slope + plane.intercept).T
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below, with a reason
+            rescaled = frame * plane.slope + plane.intercept
+        if not np.all(np.abs(rescaled) <= FLOAT32_MAX):  # also false for NaN
+            raise PixelValueError(
+                f"RescaleSlope and RescaleIntercept turn the stored values of slice {k} into numbers that "
+                "are not finite or exceed 32-bit floating point (3.4e38); rescaled values must stay "
+                "within that range"
+            )
+        voxels[:, :, k] = rescaled.T
+    if float(voxels.min()) == float(voxels.max()):
+        raise PixelValueError(
+            "every voxel of the volume has the same value: there is no image to analyse (blank pixel "
+            "data, or a RescaleSlope that gives every voxel one value); a T1-weighted brain volume is required"
+        )
     return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps)
+
+
+def _patient_identity(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _check_one_patient(datasets: Sequence[Dataset]) -> None:
+    """The series' instances must carry one patient identity: their PatientID (a pseudonym per
+    patient once de-identified), or their PatientName if none carries a PatientID. Instances without
+    either are not compared. The identities are never quoted (PHI when the policy keeps them)."""
+    for keyword in ("PatientID", "PatientName"):
+        identities = {_patient_identity(ds, keyword) for ds in datasets} - {""}
+        if len(identities) > 1:
+            raise MixedPatientsError(
+                f"the instances of this series belong to {len(identities)} different patients (their "
+                f"{keyword} differs); one patient per series is allowed. Series of different patients "
+                "probably share a SeriesInstanceUID: each series needs its own"
+            )
+        if identities:
+            return
 
 
 def _float_list(value: object, count: int, name: str) -> npt.NDArray[np.float64]:
@@ -200,9 +248,52 @@ def _require(ds: Dataset, keyword: str, where: str) -> object:
     return ds[keyword].value
 
 
-def _rescale(ds: Dataset) -> tuple[float, float]:
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+def _voxel_size_allowed(size: float) -> bool:
+    low, high = VOXEL_SIZE_RANGE_MM
+    return bool(low <= size <= high)  # also false for NaN
+
+
+def _voxel_size_range() -> str:
+    return f"{VOXEL_SIZE_RANGE_MM[0]:g} and {VOXEL_SIZE_RANGE_MM[1]:g} mm"
+
+
+def _pixel_spacing(value: object, where: str) -> tuple[float, float]:
+    spacing = _float_list(value, 2, "PixelSpacing")
+    if not all(_voxel_size_allowed(float(v)) for v in spacing):
+        raise SeriesGeometryError(
+            f"PixelSpacing of {where} is {float(spacing[0]):g}\\{float(spacing[1]):g} mm; each value "
+            f"must be between {_voxel_size_range()}"
+        )
+    return float(spacing[0]), float(spacing[1])
+
+
+def _rescale_value(ds: Dataset, keyword: str, default: float, where: str) -> float:
+    """One rescale attribute as a finite number; absent or empty, its identity value (PS3.3
+    C.11.1.1.2). Its text is never quoted: it need not be a number."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PixelValueError(
+            f"{keyword} of {where} is not a number; one decimal value is required"
+        ) from None
+    if not np.isfinite(number):
+        raise PixelValueError(f"{keyword} of {where} is not finite; a finite decimal value is required")
+    return number
+
+
+def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
+    """``RescaleSlope`` and ``RescaleIntercept``. A slope of 0 would make every voxel the intercept:
+    refused (it was taken as 1 before, and the analysis ran on intensities the data does not state)."""
+    slope = _rescale_value(ds, "RescaleSlope", 1.0, where)
+    intercept = _rescale_value(ds, "RescaleIntercept", 0.0, where)
+    if slope == 0.0:
+        raise PixelValueError(
+            f"RescaleSlope of {where} is 0, which gives every voxel the value of RescaleIntercept; a "
+            "non-zero slope is required (without RescaleSlope, 1 is used)"
+        )
     return slope, intercept
 
 
@@ -211,14 +302,14 @@ def _planes_of(ds: Dataset, number: int) -> list[_Plane]:
         return _frames_of_enhanced(ds, number)
     where = f"instance {number}"
     rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
-    spacing = _float_list(_require(ds, "PixelSpacing", where), 2, "PixelSpacing")
-    slope, intercept = _rescale(ds)
+    spacing = _pixel_spacing(_require(ds, "PixelSpacing", where), where)
+    slope, intercept = _rescale(ds, where)
     return [
         _Plane(
             key=str(ds.get("SOPInstanceUID", f"instance-{number}")),
             position=_float_list(_require(ds, "ImagePositionPatient", where), 3, "ImagePositionPatient"),
             orientation=_orientation(_require(ds, "ImageOrientationPatient", where)),
-            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            pixel_spacing=spacing,
             rows=rows,
             columns=columns,
             slope=slope,
@@ -269,8 +360,9 @@ def _frames_of_enhanced(ds: Dataset, number: int) -> list[_Plane]:
                 "all three functional groups are required"
             )
         transform = _functional_group(ds, frame, "PixelValueTransformationSequence")
-        slope, intercept = _rescale(transform) if transform is not None else _rescale(ds)
-        spacing = _float_list(_require(measures, "PixelSpacing", f"frame {index}"), 2, "PixelSpacing")
+        frame_where = f"frame {index} of {where}"
+        slope, intercept = _rescale(transform if transform is not None else ds, frame_where)
+        spacing = _pixel_spacing(_require(measures, "PixelSpacing", f"frame {index}"), frame_where)
         planes.append(
             _Plane(
                 key=f"{sop_uid}#{index}",
@@ -278,7 +370,7 @@ def _frames_of_enhanced(ds: Dataset, number: int) -> list[_Plane]:
                     _require(position, "ImagePositionPatient", f"frame {index}"), 3, "ImagePositionPatient"
                 ),
                 orientation=_orientation(_require(orientation, "ImageOrientationPatient", f"frame {index}")),
-                pixel_spacing=(float(spacing[0]), float(spacing[1])),
+                pixel_spacing=spacing,
                 rows=rows,
                 columns=columns,
                 slope=slope,
