@@ -839,5 +839,7 @@ async def test_the_auditor_api_limits_heads_answers_head_and_echoes_no_input(
 
     head = await auditor_client.head("/audit/public-key", headers=operator_auditor)
     assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    head_export = await auditor_client.head("/audit/export", headers=operator_auditor)
+    assert head_export.status_code == 200 and head_export.content == b""  # no bundle was built for it
     slashed = await auditor_client.get("/audit/events/", headers=operator_auditor)
     assert slashed.status_code == 404 and "do not end in '/'" in slashed.json()["detail"]["message"]

@@ -453,3 +453,28 @@ def test_a_patient_id_past_64_characters_is_refused() -> None:
     ds.PatientID = "Å" * 65
     failure = validate_instance(corpus.encode(ds))
     assert isinstance(failure, ValidationFailure) and failure.problem == "invalid_patient_id"
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"\xfe\xff", b"AB\x1b$BCD"])
+def test_a_patient_id_that_is_not_text_in_its_character_set_is_refused(raw) -> None:
+    """Found by an API hunt: bytes invalid in the declared set decoded to replacement characters, so
+    different patients (FF FE, FE FF) got one patient key."""
+    ds = corpus.make_dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    data = corpus.encode(ds)
+    old = corpus.PLANTED_PATIENT_ID.encode() + b" "  # padded to an even length
+    new = raw.ljust(len(old), b" ")
+    assert data.count(old) == 1
+    data = data.replace(old, new)
+    failure = validate_instance(data)
+    assert isinstance(failure, ValidationFailure) and failure.problem == "invalid_patient_id", failure
+    assert "Specific Character Set" in failure.message
+
+
+def test_a_patient_id_written_as_pn_is_one_value() -> None:
+    from pydicom.dataelem import DataElement
+
+    ds = corpus.make_dataset()
+    ds[0x00100020] = DataElement(0x00100020, "PN", "PHIMARKERPN")
+    info = validate_instance(corpus.encode(ds))
+    assert isinstance(info, InstanceInfo) and info.patient_id == "PHIMARKERPN"

@@ -8,7 +8,7 @@ them from the decrypted instance) always agree. Keys are per-tenant keyed HMACs 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import MutableSequence
 from dataclasses import dataclass
 
 from enclave_common.crypto import Pseudonymizer
@@ -52,8 +52,8 @@ def patient_id_text(value: object) -> str:
         return value.strip()
     if isinstance(value, bytes):  # not decoded by pydicom (no string VR known): read as the default set
         return value.decode("latin-1").rstrip("\x00 ").strip()
-    if isinstance(value, Iterable):  # pydicom's MultiValue
-        return "\\".join(str(part).strip() for part in value)
+    if isinstance(value, MutableSequence | tuple):  # pydicom's MultiValue (not a PersonName: an id
+        return "\\".join(str(part).strip() for part in value)  # written as PN is one value)
     return str(value).strip()
 
 

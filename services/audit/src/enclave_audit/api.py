@@ -28,7 +28,7 @@ from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher
 from enclave_common.storage import ObjectStore
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from jwt import PyJWK
 
 from enclave_audit.codes import EventAction, EventOutcome
@@ -105,7 +105,9 @@ def access_hook(publisher: EventPublisher) -> Any:
             actor=actor,
             roles=sorted(r.value for r in principal.roles) if principal else [],
             action=action.value,
-            target=request.url.path,
+            # The route's template, not the path: a path parameter is client text (an id where a
+            # name was typed), and the record is written once, to WORM storage.
+            target=getattr(request.scope.get("route"), "path", None) or request.url.path,
             outcome=_OUTCOME_WORDS.get(outcome.kind, "error"),
             status_code=status,
             source_address=request.client.host if request.client else None,
@@ -265,7 +267,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         principal: Annotated[Principal, Depends(guard.require_principal(Action.AUDIT_EXPORT))],
         from_sequence: Annotated[int, Query(ge=1, le=MAX_SEQUENCE)] = 1,
         to_sequence: Annotated[int | None, Query(ge=1, le=MAX_SEQUENCE)] = None,
-    ) -> StreamingResponse:
+    ) -> Response:
         await guard.check_resource(
             request, principal, Action.AUDIT_EXPORT, Resource(tenant=ctx.operator_tenant)
         )
@@ -274,6 +276,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             raise HTTPException(
                 503, detail={"code": "not_ready", "message": "the signing key is not loaded yet"}
             )
+        if request.scope.get("enclave.head"):  # the headers only: not a whole bundle built and dropped
+            return Response(media_type="application/x-tar")
         if to_sequence is not None and to_sequence < from_sequence:
             raise HTTPException(
                 400,

@@ -12,6 +12,7 @@ from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
 from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from enclave_gateway.access import AccessRecorder
@@ -60,7 +61,8 @@ def build_router(
     ) -> UploadResult | JSONResponse:
         try:
             _check_request_line(request.headers.get("content-encoding"), study)
-            if not form and not accepts(request.headers.get("accept"), STOW_RESPONSE_TYPES):
+            accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
+            if not form and not accepts(accept, STOW_RESPONSE_TYPES):
                 raise _NotAcceptable(
                     "the STOW-RS response is sent as application/dicom+json (or application/json) and "
                     "the Accept header admits neither; application/dicom+xml is not offered"
@@ -250,6 +252,17 @@ def build_router(
             description="the previous page's `next_after`: the page starts after this imaging id",
         ),
     ) -> dict[str, Any]:
+        patient_id = patient_id.strip()  # DICOM pads values with spaces; uploads are keyed without them
+        if not patient_id:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("path", "patient_id"),
+                        "msg": "a PatientID, not only spaces",
+                        "type": "value_error",
+                    }
+                ]
+            )
         key = pseudonymizer.pseudonym(principal.tenant, "patient", patient_id)
         await guard.check_resource(
             request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key)

@@ -460,7 +460,7 @@ class MultipartParser:
         raw_length = headers.get("content-length")
         if raw_length is not None:
             text = raw_length.strip()
-            if not text.isdigit() or len(text) > 18:
+            if not (text.isascii() and text.isdigit()) or len(text) > 18:  # "²".isdigit() is True
                 raise PartHeaderError(
                     f"Part {part.index} has a Content-Length that is not a non-negative integer"
                 )

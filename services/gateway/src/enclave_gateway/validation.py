@@ -984,6 +984,13 @@ class InstanceInspector:
                 "missing_attribute",
                 "Required attribute PatientID (0010,0020) is missing or empty",
             )
+        if "\ufffd" in patient_id or any(ord(c) < 0x20 for c in patient_id):
+            raise _Refused(
+                FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "invalid_patient_id",
+                "PatientID (0010,0020) is not valid text in the instance's Specific Character Set "
+                "(0008,0005): declare the character set it is written in",
+            )
         if len(patient_id) > 64:
             raise _Refused(
                 FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS,
