@@ -50,3 +50,11 @@ def storable_instance(path: Path) -> bytes | None:
 
 def _has_private(dataset: Dataset) -> bool:
     return any(elem.tag.is_private for elem in dataset)
+
+
+def item(**elements: object) -> Dataset:
+    """A sequence item with these attributes (keyword=value)."""
+    made = Dataset()
+    for keyword, value in elements.items():
+        setattr(made, keyword, value)
+    return made

@@ -15,6 +15,7 @@ Ordinary descriptor words, short Latin ones (MR, WO, T1) included, are kept.
 from __future__ import annotations
 
 import pytest
+from deid_corpus import item
 from deid_keys import ALL_OPTIONS
 from enclave_deid.deidentify import DeidContext, deidentify
 from enclave_deid.instance_io import read_instance, write_instance
@@ -49,13 +50,6 @@ def _base(charset: str | list[str] = "ISO_IR 100", transfer_syntax: str = Explic
     return ds
 
 
-def _item(**elements: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in elements.items():
-        setattr(item, keyword, value)
-    return item
-
-
 def _deidentify(ds: Dataset, keys, policy: DeidPolicy) -> tuple[bytes, Dataset]:
     parsed = read_instance(write_instance(ds))
     out = write_instance(deidentify(parsed, policy, keys, DeidContext(TENANT)).dataset)
@@ -65,13 +59,13 @@ def _deidentify(ds: Dataset, keys, policy: DeidPolicy) -> tuple[bytes, Dataset]:
 def _sequence_identifiers_instance(transfer_syntax: str) -> Dataset:
     ds = _base(transfer_syntax=transfer_syntax)
     ds.OtherPatientIDsSequence = Sequence(
-        [_item(PatientID="QXOTHER-30551", IssuerOfPatientID="QXSAINTJUDE", TypeOfPatientID="TEXT")]
+        [item(PatientID="QXOTHER-30551", IssuerOfPatientID="QXSAINTJUDE", TypeOfPatientID="TEXT")]
     )
     # Not what the module puts there, but what a sender may: a copy of the patient's identity.
-    ds.ReferencedPatientSequence = Sequence([_item(PatientName="QUIMBY^ZEBEDEE", PatientID="QXREF-4471")])
+    ds.ReferencedPatientSequence = Sequence([item(PatientName="QUIMBY^ZEBEDEE", PatientID="QXREF-4471")])
     ds.RequestAttributesSequence = Sequence(
         [
-            _item(
+            item(
                 AccessionNumber="QXACC8812",
                 RequestedProcedureID="QXRP-5510",
                 ScheduledProcedureStepID="QXSPS-6620",
@@ -80,7 +74,7 @@ def _sequence_identifiers_instance(transfer_syntax: str) -> Dataset:
         ]
     )
     ds.EvaluatorSequence = Sequence(  # unlisted sequence, unlisted PN: removed by VR
-        [_item(EvaluatorSequence=Sequence([_item(EvaluatorName="VOSKUIJLEN^ANNEKE")]))]
+        [item(EvaluatorSequence=Sequence([item(EvaluatorName="VOSKUIJLEN^ANNEKE")]))]
     )
     ds.StudyDescription = "MR BRAIN QXOTHER-30551 QXACC8812"
     ds.SeriesDescription = "for Zebedee Quimby, QXRP-5510 (QXSAINTJUDE)"
@@ -113,7 +107,7 @@ def _dated_instance() -> Dataset:
     ds.SeriesDate = "20190313"
     ds.AcquisitionDateTime = "20190312101112.5+0100"
     ds.RequestAttributesSequence = Sequence(
-        [_item(ScheduledProcedureStepStartDate="20190301", RequestedProcedureDescription="booked 1.3.2019")]
+        [item(ScheduledProcedureStepStartDate="20190301", RequestedProcedureDescription="booked 1.3.2019")]
     )
     ds.StudyDescription = "MR BRAIN 20190312"
     ds.SeriesDescription = "follow-up of 12/03/2019, prior 2019-03-01"
@@ -160,7 +154,7 @@ def test_a_japanese_name_in_a_sequence_is_scrubbed_under_iso_2022(keys) -> None:
     """ISO 2022 IR 87 (JIS X 0208, escape sequences), the encoding of pydicom's chrJapMulti; the name is
     only in a sequence item, which is decoded with the instance's character set."""
     ds = _base(["", "ISO 2022 IR 87"])
-    ds.ReferencedPatientSequence = Sequence([_item(PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう")])
+    ds.ReferencedPatientSequence = Sequence([item(PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう")])
     ds.StudyDescription = "山田 太郎 頭部MRI"
     ds.SeriesDescription = "Tarou Yamada 造影なし"
     _, result = _deidentify(ds, keys, CLEAN)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
+from deid_corpus import item
 from deid_keys import ALL_OPTIONS
 from enclave_deid.deidentify import DeidContext, deidentify
 from enclave_deid.instance_io import read_instance, write_instance
@@ -56,13 +57,6 @@ def _base(transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
     return ds
 
 
-def _item(**elements: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in elements.items():
-        setattr(item, keyword, value)
-    return item
-
-
 def _deidentify(ds: Dataset, keys, policy: DeidPolicy) -> bytes:
     parsed = read_instance(write_instance(ds))
     result = deidentify(parsed, policy, keys, DeidContext(TENANT))
@@ -73,26 +67,26 @@ def _free_text_instance() -> Dataset:
     ds = _base()
     ds.ContentSequence = Sequence(
         [
-            _item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=f"Patient {MARK}1 seen"),
-            _item(
+            item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=f"Patient {MARK}1 seen"),
+            item(
                 RelationshipType="CONTAINS",
                 ValueType="CONTAINER",
                 ContinuityOfContent="SEPARATE",
                 ContentSequence=Sequence(
-                    [_item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=f"deep {MARK}2")]
+                    [item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=f"deep {MARK}2")]
                 ),
             ),
         ]
     )
     ds.GraphicAnnotationSequence = Sequence(
-        [_item(TextObjectSequence=Sequence([_item(UnformattedTextValue=f"{MARK}3 annotated")]))]
+        [item(TextObjectSequence=Sequence([item(UnformattedTextValue=f"{MARK}3 annotated")]))]
     )
-    ds.WaveformAnnotationSequence = Sequence([_item(UnformattedTextValue=f"{MARK}4 rhythm")])
+    ds.WaveformAnnotationSequence = Sequence([item(UnformattedTextValue=f"{MARK}4 rhythm")])
     ds.HL7InstanceIdentifier = f"ACC-{MARK}5^HOSP"
     ds.RetrieveURL = f"https://pacs.example.org/studies/{STUDY_UID}?who={MARK}6"
     ds.ReferencedSeriesSequence = Sequence(
         [
-            _item(
+            item(
                 RetrieveURI=f"https://pacs.example.org/wado?patient={MARK}7",
                 SeriesInstanceUID=STUDY_UID + ".1",
             )
@@ -143,7 +137,7 @@ def test_command_group_and_encrypted_attributes_are_removed(keys) -> None:
     ds.add(DataElement(0x00000902, "LO", f"{MARK}10 error"))  # ErrorComment
     ds.EncryptedAttributesSequence = Sequence(
         [
-            _item(
+            item(
                 EncryptedContentTransferSyntaxUID=ExplicitVRLittleEndian,
                 EncryptedContent=MARK.encode() + b"11",
             )
