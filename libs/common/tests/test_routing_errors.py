@@ -98,6 +98,8 @@ def test_head_answers_like_get_without_a_body(client: TestClient) -> None:
     head = client.head("/listed")
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == got.headers["content-length"] != "0"
+    metrics = client.get("/metrics").text
+    assert 'enclave_http_requests_total{method="HEAD",route="/listed",status="200"} 1.0' in metrics
     answer = client.head("/things")  # a POST-only path
     assert answer.status_code == 405 and answer.headers["allow"] == "POST"
 

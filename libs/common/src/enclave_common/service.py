@@ -401,7 +401,9 @@ class HeadAsGet:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET", "enclave.head": True}, receive, headless)
+        # In place, so the request metrics around this (which read the method before) see the route.
+        scope["method"], scope["enclave.head"] = "GET", True
+        await self.app(scope, receive, headless)
 
 
 #: What FastAPI raises (400) when a JSON body cannot be parsed at all (invalid UTF-8, nesting past the
