@@ -15,8 +15,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-#: Builds a service's error body from (status, code, message): each service keeps its own shape.
-ErrorBody = Callable[[int, str, str], dict[str, Any]]
+#: Builds a service's error body from (status, code, message, **fields the error adds): each service
+#: keeps its own shape.
+ErrorBody = Callable[..., dict[str, Any]]
 
 HEADERS_TOO_LARGE = 431
 

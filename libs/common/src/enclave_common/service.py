@@ -355,12 +355,12 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     )
 
 
-def detail_error_body(status: int, code: str, message: str) -> dict[str, Any]:
+def detail_error_body(status: int, code: str, message: str, **fields: Any) -> dict[str, Any]:
     """The services' error shape (the gateway has its own, ``{"status", "error", "message"}``)."""
-    return {"detail": {"code": code, "message": message}}
+    return {"detail": {"code": code, "message": message, **fields}}
 
 
-def validation_problems(exc: RequestValidationError) -> list[dict[str, str]]:
+def _validation_problems(exc: RequestValidationError) -> list[dict[str, str]]:
     """Each wrong field and what is allowed there, without the value sent (it may be PHI)."""
     return [
         {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "invalid")}
@@ -373,9 +373,8 @@ def _validation_errors(error_body: ErrorBody) -> Callable[[Request, Any], Awaita
     (and to anything that logs responses)."""
 
     async def handle(request: Request, exc: Any) -> Response:  # registered for RequestValidationError
-        body = error_body(422, "invalid_request", "the request does not match the API")
-        target = body["detail"] if isinstance(body.get("detail"), dict) else body
-        target["problems"] = validation_problems(exc)
+        message = "the request does not match the API"
+        body = error_body(422, "invalid_request", message, problems=_validation_problems(exc))
         return JSONResponse(body, status_code=422)
 
     return handle

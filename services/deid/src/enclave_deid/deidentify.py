@@ -216,7 +216,7 @@ def _raw_text(elem: DataElement | RawDataElement) -> list[str]:
         text = value.decode("ascii", errors="replace").rstrip("\x00 ")
         return [part.strip() for part in text.split("\\")] if text else []
     if isinstance(value, (list, MultiValue)):
-        return [str(v).strip() for v in value]
+        return ["" if v is None else str(v).strip() for v in value]
     text = str(value).strip()
     return [text] if text else []
 
@@ -578,24 +578,9 @@ def _string_values(elem: DataElement) -> list[str]:
 
 
 def _malformed(elem: DataElement | RawDataElement, shape: re.Pattern[str]) -> bool:
-    """Whether a value of the element (padding aside; empty values are fine) lacks ``shape``."""
-    value = elem.value
-    if value is None:
-        return False
-    if isinstance(value, bytes):
-        try:
-            values = value.decode("ascii").split("\\")
-        except UnicodeDecodeError:
-            return True
-    elif isinstance(value, (list, MultiValue)):
-        values = ["" if v is None else str(v) for v in value]
-    else:
-        values = [str(value)]
-    for text in values:
-        text = text.strip(" \x00")
-        if text and shape.fullmatch(text) is None:
-            return True
-    return False
+    """Whether a value of the element (padding aside; empty values are fine) lacks ``shape``; bytes
+    that are not ASCII never have it (they read as replacement characters)."""
+    return any(text and shape.fullmatch(text) is None for text in _raw_text(elem))
 
 
 def _walked_vr(tag: int, vr: str | None) -> str | None:

@@ -60,13 +60,7 @@ def build_router(
         request: Request, principal: Principal, study: str | None, form: bool
     ) -> UploadResult | JSONResponse:
         try:
-            _check_request_line(request.headers.get("content-encoding"), study)
-            accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
-            if not form and not accepts(accept, STOW_RESPONSE_TYPES):
-                raise _NotAcceptable(
-                    "the STOW-RS response is sent as application/dicom+json (or application/json) and "
-                    "the Accept header admits neither; application/dicom+xml is not offered"
-                )
+            _check_request_line(request, study, stow=not form)
             return await uploads.receive(
                 request.headers.get("content-type"),
                 request.stream(),
@@ -365,14 +359,17 @@ def _research_view(doc: dict[str, Any]) -> dict[str, Any]:
     """One analysis without anything that leads to an identified instance: no imaging ids, no report
     objects (they are rendered per study), only the series' pseudonymous key, the measures and QC
     computed on the de-identified series, and a failure's reason (which names no value)."""
-    view = {k: v for k, v in _analysis_view("", doc).items() if k not in ("imaging_id", "reports")}
-    return {**view, "series_key": doc.get("series_key"), "recorded_at": doc.get("recorded_at")}
+    return {**_results(doc), "series_key": doc.get("series_key"), "recorded_at": doc.get("recorded_at")}
 
 
 def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+    return {"imaging_id": imaging_id, **_results(doc), "reports": doc.get("reports", [])}
+
+
+def _results(doc: dict[str, Any]) -> dict[str, Any]:
+    """What an analysis found, as both views show it."""
     measures = doc.get("measures") or {}
     return {
-        "imaging_id": imaging_id,
         "analysis_id": doc["_id"],
         "status": doc.get("status"),
         "reason_code": doc.get("reason_code"),
@@ -380,7 +377,6 @@ def _analysis_view(imaging_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         "measures": measures,
         "unavailable_reasons": doc.get("reasons", {}),
         "qc": doc.get("qc"),
-        "reports": doc.get("reports", []),
         **{seed: measures.get(name) for seed, name in SEED_FIELDS.items()},
     }
 
@@ -396,11 +392,18 @@ class _NotAcceptable(RequestBodyError):
     status_code = 406
 
 
-def _check_request_line(content_encoding: str | None, study: str | None) -> None:
-    """Request-level refusals decided before the body is read (found by an API hunt): a compressed
-    body was answered as a body without its boundary, an unknown encoding was read as if plain, and a
-    study UID in the URL that is no UID failed every instance one by one after the whole body."""
-    encoding = (content_encoding or "").strip().lower()
+def _check_request_line(request: Request, study: str | None, *, stow: bool) -> None:
+    """Request-level refusals decided before the body is read (found by API hunts): a compressed
+    body was answered as a body without its boundary, an unknown encoding was read as if plain, a
+    study UID in the URL that is no UID failed every instance one by one after the whole body, and a
+    STOW-RS request whose Accept admits no JSON got JSON."""
+    accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
+    if stow and not accepts(accept, STOW_RESPONSE_TYPES):
+        raise _NotAcceptable(
+            "the STOW-RS response is sent as application/dicom+json (or application/json) and "
+            "the Accept header admits neither; application/dicom+xml is not offered"
+        )
+    encoding = (request.headers.get("content-encoding") or "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaTypeError(
             f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed "

@@ -235,20 +235,12 @@ class ReadModel:
         first), those after the imaging id ``after`` when given. The (tenant, patient_key) index finds
         them; their sort by ``_id`` is in memory (one patient's instances: thousands at most). No index
         with ``_id`` was added: every index costs each upload's read-model insert."""
-        query: dict[str, Any] = {"tenant": tenant, "patient_key": patient_key}
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        cursor = self.instances.find(query).sort("_id", ASCENDING).limit(limit)
-        return [doc async for doc in cursor]
+        return await _page_by_id(self.instances, {"tenant": tenant, "patient_key": patient_key}, limit, after)
 
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` analyses of the tenant by analysis id (a digest: a stable order to page in,
         not a time order), those after ``after`` when given; the (tenant, _id) index finds them."""
-        query: dict[str, Any] = {"tenant": tenant}
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        cursor = self.analyses.find(query).sort("_id", ASCENDING).limit(limit)
-        return [doc async for doc in cursor]
+        return await _page_by_id(self.analyses, {"tenant": tenant}, limit, after)
 
     async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self.analyses.find_one({"_id": analysis_id})
@@ -352,6 +344,16 @@ class ReadModel:
             },
             upsert=True,
         )
+
+
+async def _page_by_id(
+    collection: Any, query: dict[str, Any], limit: int, after: str | None
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` documents matching ``query`` in ``_id`` order, those after ``after`` when given."""
+    if after is not None:
+        query = {**query, "_id": {"$gt": after}}
+    cursor = collection.find(query).sort("_id", ASCENDING).limit(limit)
+    return [doc async for doc in cursor]
 
 
 READ_MODEL_TOPICS = (

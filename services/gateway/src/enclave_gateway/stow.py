@@ -140,9 +140,10 @@ def _failed_item(instance: FailedInstance) -> Dataset:
     return item
 
 
-def error_body(status: int, code: str, message: str) -> dict[str, Any]:
-    """The gateway's error shape: the HTTP status, a code to branch on, and what was wrong."""
-    return {"status": status, "error": code, "message": message}
+def error_body(status: int, code: str, message: str, **fields: Any) -> dict[str, Any]:
+    """The gateway's error shape: the HTTP status, a code to branch on, what was wrong, and what the
+    error adds (``problems`` of a 422)."""
+    return {"status": status, "error": code, "message": message, **fields}
 
 
 def request_error_body(error: RequestBodyError) -> dict[str, Any]:

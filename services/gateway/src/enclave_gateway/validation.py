@@ -946,17 +946,15 @@ class InstanceInspector:
         cutoff = walker.header_cutoff or 0
         raw = bytes(walker.header[:cutoff])
         walker.header = bytearray()
-        with warnings.catch_warnings():
+        values: dict[int, str] = {}
+        with warnings.catch_warnings():  # also: an unknown character set, bytes it cannot hold
             warnings.simplefilter("ignore")
             dataset = read_dataset(BytesIO(raw), walker.implicit, True)
-        values: dict[int, str] = {}
+            values[_PATIENT_ID] = patient_id_text(dataset.get("PatientID"))
         for tag in _REQUIRED_UIDS:
             element = dataset.get_item(Tag(tag))
             value = element.value if element is not None else None
             values[tag] = _text(value) if isinstance(value, bytes) else ""
-        with warnings.catch_warnings():  # an unknown character set or bytes it cannot hold: replaced
-            warnings.simplefilter("ignore")
-            values[_PATIENT_ID] = patient_id_text(dataset.get("PatientID"))
         if not any(values[tag] for tag in _REQUIRED_UIDS):
             raise _Refused(
                 FailureReason.CANNOT_UNDERSTAND,
