@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import tarfile
 import time
@@ -839,7 +840,32 @@ async def test_the_auditor_api_limits_heads_answers_head_and_echoes_no_input(
 
     head = await auditor_client.head("/audit/public-key", headers=operator_auditor)
     assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+    assert _two_on_one_connection(operator_auditor, "HEAD", "GET") == [200, 200]
     head_export = await auditor_client.head("/audit/export", headers=operator_auditor)
     assert head_export.status_code == 200 and head_export.content == b""  # no bundle was built for it
     slashed = await auditor_client.get("/audit/events/", headers=operator_auditor)
     assert slashed.status_code == 404 and "do not end in '/'" in slashed.json()["detail"]["message"]
+
+
+def _two_on_one_connection(headers: dict[str, str], *methods: str) -> list[int]:
+    """The statuses of requests for the public key sent one after the other on one kept-alive
+    connection. A HEAD once made the server expect a GET's body: it dropped the connection after the
+    headers, so the next request on it got no answer (seen as a flaky "Server disconnected")."""
+    url = httpx.URL(AUDIT_URL)
+    statuses = []
+    with socket.create_connection((url.host, url.port), timeout=30) as conn:
+        reader = conn.makefile("rb")
+        for method in methods:
+            head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            conn.sendall(f"{method} /audit/public-key HTTP/1.1\r\nHost: {url.host}\r\n{head}\r\n".encode())
+            status_line = reader.readline()
+            assert status_line, f"no answer to the {method} on the kept-alive connection"
+            statuses.append(int(status_line.split()[1]))
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if method != "HEAD":
+                reader.read(length)
+    return statuses

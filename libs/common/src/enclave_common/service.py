@@ -400,9 +400,15 @@ class HeadAsGet:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        # In place, so the request metrics around this (which read the method before) see the route.
-        scope["method"], scope["enclave.head"] = "GET", True
-        await self.app(scope, receive, headless)
+        # A copy: the server reads the same scope, and for a GET it would wait for the body (uvicorn
+        # raised "Response content shorter than Content-Length" and dropped the connection). The
+        # route found is carried back, so the request metrics around this count it under its route.
+        inner = {**scope, "method": "GET", "enclave.head": True}
+        try:
+            await self.app(inner, receive, headless)
+        finally:
+            if "route" in inner:
+                scope["route"] = inner["route"]
 
 
 #: What FastAPI raises (400) when a JSON body cannot be parsed at all (invalid UTF-8, nesting past the
