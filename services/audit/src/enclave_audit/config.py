@@ -53,6 +53,12 @@ class AuditSettings(BaseServiceSettings):
     #: Whole-chain verification in the background (feeds the verify metrics the alerts watch).
     verify_interval_s: float = Field(default=3600.0, gt=0)
 
+    #: Whether the service creates its indexes at start. In production it runs under the
+    #: append-only role (``find``/``insert``), which cannot: set this to false there, run
+    #: ``enclave-audit-migrate`` under the migration user at deploy time, and the service only checks
+    #: at start that every index exists (and refuses to start, naming the missing ones, if not).
+    create_indexes: bool = True
+
     #: How often the pattern subscriber refreshes topic metadata, i.e. how soon a new topic is audited.
     metadata_max_age_ms: int = Field(default=30_000, ge=1000)
 

@@ -85,7 +85,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
         signer = ctx.signer
         assert signer is not None
         await objects.ensure_bucket(settings.worm_bucket, object_lock=True)
-        await store.ensure_indexes()
+        await prepare_indexes(store, create=settings.create_indexes)
         head = await store.read_head()
         metrics.chain_length.set(head.sequence)
         if settings.checkpoint_writer:
@@ -112,6 +112,20 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     app = runtime.http_app(title="Enclave audit", routers=[build_router(ctx, guard)])
     app.state.audit = ctx
     return app
+
+
+async def prepare_indexes(store: AuditStore, *, create: bool) -> None:
+    """Create the indexes, or (under the append-only role) refuse to start without them."""
+    if create:
+        await store.ensure_indexes()
+        return
+    missing = await store.missing_indexes()
+    if missing:
+        log.error("audit database not migrated: refusing to start", missing_indexes=missing)
+        raise ConfigurationError(
+            f"the audit database lacks the indexes {', '.join(missing)}: run enclave-audit-migrate "
+            "as the migration user (ENCLAVE_AUDIT_CREATE_INDEXES=false: this service does not create them)"
+        )
 
 
 def _token_verifier(settings: AuditSettings) -> TokenVerifier:

@@ -63,6 +63,17 @@ RECORD_INDEXES: Final[tuple[tuple[str, list[tuple[str, int]], bool], ...]] = (
     ("actor_type_time", [("actor", ASCENDING), ("event_type", ASCENDING), ("event_time", ASCENDING)], False),
     ("code_time", [("event_code.code", ASCENDING), ("event_time", ASCENDING)], False),
 )
+#: Every index the service needs, as (collection, name, keys, unique).
+INDEXES: Final[tuple[tuple[str, str, list[tuple[str, int]], bool], ...]] = (
+    *((RECORDS, name, keys, unique) for name, keys, unique in RECORD_INDEXES),
+    (
+        ALERTS,
+        "rule_1_subject_1_at_-1",
+        [("rule", ASCENDING), ("subject", ASCENDING), ("at", DESCENDING)],
+        False,
+    ),
+    (CHECKPOINTS, "last_sequence", [("last_sequence", ASCENDING)], False),
+)
 
 
 def to_document(record: AuditRecord, audit_key: str) -> dict[str, Any]:
@@ -194,10 +205,18 @@ class AuditStore:
         self._head: ChainHead | None = None
 
     async def ensure_indexes(self) -> None:
-        for name, keys, unique in RECORD_INDEXES:
-            await self.records.create_index(keys, name=name, unique=unique)
-        await self.alerts.create_index([("rule", ASCENDING), ("subject", ASCENDING), ("at", DESCENDING)])
-        await self.checkpoints.create_index([("last_sequence", ASCENDING)], name="last_sequence")
+        """Create the indexes (the migration's job: needs ``createIndex``, which the service's own
+        role does not hold in production; see ``enclave-audit-migrate``)."""
+        for collection, name, keys, unique in INDEXES:
+            await self.db[collection].create_index(keys, name=name, unique=unique)
+
+    async def missing_indexes(self) -> list[str]:
+        """``collection.name`` of every index the queries need that the database lacks (reads only:
+        ``listIndexes``, which the append-only role holds)."""
+        present: dict[str, set[str]] = {}
+        for collection in sorted({c for c, *_ in INDEXES}):
+            present[collection] = {index["name"] async for index in await self.db[collection].list_indexes()}
+        return [f"{c}.{name}" for c, name, _, _ in INDEXES if name not in present[c]]
 
     async def read_head(self) -> ChainHead:
         """The last stored record (resume point after a restart), or the genesis head."""
