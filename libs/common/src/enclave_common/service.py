@@ -37,6 +37,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_common.errors import (
+    ConfigurationError,
     EnclaveError,
     TransientError,
     dependency_failure_types,
@@ -214,7 +215,11 @@ class ServiceRuntime:
         self.check_configuration()
         self._subscribe()
         for fn in self._startup:
-            await fn()
+            try:
+                await fn()
+            except ConfigurationError as exc:  # one line that says what to fix, before the traceback
+                log.error("cannot start", reason=str(exc))
+                raise
         await self.broker.start()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform / loop
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)

@@ -67,6 +67,12 @@ class BaseServiceSettings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
+    #: Whether a service creates its bucket at start, and turns on versioning and default encryption
+    #: where they are off. An existing configuration is never replaced (an SSE-KMS default stays
+    #: SSE-KMS). False when the buckets are provisioned beforehand and the service's S3 user may
+    #: only read their configuration: the service then checks it and refuses to start, saying what
+    #: is missing.
+    s3_create_buckets: bool = True
 
     #: Where OpenTelemetry spans go: "none", "console", "otlp" (OTEL_EXPORTER_OTLP_* env) or "file".
     tracing_exporter: Literal["none", "console", "otlp", "file"] = "none"

@@ -16,7 +16,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from enclave_common.errors import PermanentError, TransientError
+from enclave_common.errors import ConfigurationError, PermanentError, TransientError
 from enclave_common.settings import BaseServiceSettings
 
 #: S3 error codes that mean "try again later". Besides the store being busy or starting, the service's
@@ -69,6 +69,14 @@ class ObjectStore(Protocol):
     async def ping(self) -> None: ...
 
 
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
 def s3_error(exc: ClientError, action: str) -> PermanentError | TransientError:
     """Classify a botocore ClientError; the message names the action and S3's code only."""
     code = exc.response.get("Error", {}).get("Code", "Unknown")
@@ -82,6 +90,7 @@ class S3ObjectStore:
     """boto3-backed store; every call runs in a worker thread so the event loop never blocks."""
 
     def __init__(self, settings: BaseServiceSettings) -> None:
+        self._create = settings.s3_create_buckets
         self._client: Any = boto3.client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -111,37 +120,78 @@ class S3ObjectStore:
         await self._call("list buckets", self._client.list_buckets)
 
     async def ensure_bucket(self, bucket: str, *, object_lock: bool = False) -> None:
-        """Create the bucket if missing, with versioning and default server-side encryption on."""
+        """Make sure ``bucket`` exists with versioning, default server-side encryption and (with
+        ``object_lock``) Object Lock. With ``s3_create_buckets`` what is missing is created or turned
+        on; without, nothing is written and what is missing is a :class:`ConfigurationError`. An
+        existing encryption configuration is kept whatever its algorithm."""
+        client = self._client
+        problems: list[str] = []
         try:
-            await asyncio.to_thread(self._client.head_bucket, Bucket=bucket)
-        except ClientError:
-            kwargs: dict[str, Any] = {"Bucket": bucket}
-            if object_lock:
-                kwargs["ObjectLockEnabledForBucket"] = True
-            try:
-                await asyncio.to_thread(self._client.create_bucket, **kwargs)
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in (
-                    "BucketAlreadyOwnedByYou",
-                    "BucketAlreadyExists",
-                ):
-                    raise s3_error(exc, "create bucket") from exc
-        await self._call(
-            "enable versioning",
-            self._client.put_bucket_versioning,
-            Bucket=bucket,
-            VersioningConfiguration={"Status": "Enabled"},
-        )
-        try:
-            await asyncio.to_thread(
-                self._client.put_bucket_encryption,
-                Bucket=bucket,
-                ServerSideEncryptionConfiguration={
-                    "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
-                },
-            )
+            await asyncio.to_thread(client.head_bucket, Bucket=bucket)
         except ClientError as exc:
-            raise s3_error(exc, "enable default encryption") from exc
+            if _status(exc) != 404:
+                raise s3_error(exc, "head bucket") from exc
+            if not self._create:
+                raise ConfigurationError(
+                    f"bucket {bucket} does not exist: create it (versioning on, default encryption"
+                    f"{', Object Lock' if object_lock else ''}) or set ENCLAVE_S3_CREATE_BUCKETS=true"
+                ) from None
+            await self._create_bucket(bucket, object_lock)
+        versioning = await self._call("get versioning", client.get_bucket_versioning, Bucket=bucket)
+        if versioning.get("Status") != "Enabled":
+            if self._create:
+                await self._call(
+                    "enable versioning",
+                    client.put_bucket_versioning,
+                    Bucket=bucket,
+                    VersioningConfiguration={"Status": "Enabled"},
+                )
+            else:
+                problems.append("versioning is not enabled")
+        if not await self._has_default_encryption(bucket):
+            if self._create:
+                await self._call(
+                    "enable default encryption",
+                    client.put_bucket_encryption,
+                    Bucket=bucket,
+                    ServerSideEncryptionConfiguration={
+                        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                    },
+                )
+            else:
+                problems.append("it has no default server-side encryption")
+        if object_lock and not await self._has_object_lock(bucket):
+            problems.append("Object Lock is not enabled (it can only be enabled when a bucket is created)")
+        if problems:
+            raise ConfigurationError(f"bucket {bucket}: {'; '.join(problems)}")
+
+    async def _create_bucket(self, bucket: str, object_lock: bool) -> None:
+        kwargs: dict[str, Any] = {"Bucket": bucket}
+        if object_lock:
+            kwargs["ObjectLockEnabledForBucket"] = True
+        try:
+            await asyncio.to_thread(self._client.create_bucket, **kwargs)
+        except ClientError as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise s3_error(exc, "create bucket") from exc
+
+    async def _has_default_encryption(self, bucket: str) -> bool:
+        try:
+            found = await asyncio.to_thread(self._client.get_bucket_encryption, Bucket=bucket)
+        except ClientError as exc:
+            if _code(exc) == "ServerSideEncryptionConfigurationNotFoundError":
+                return False
+            raise s3_error(exc, "get default encryption") from exc
+        return bool(found.get("ServerSideEncryptionConfiguration", {}).get("Rules"))
+
+    async def _has_object_lock(self, bucket: str) -> bool:
+        try:
+            found = await asyncio.to_thread(self._client.get_object_lock_configuration, Bucket=bucket)
+        except ClientError as exc:
+            if _code(exc) == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise s3_error(exc, "get object lock configuration") from exc
+        return bool(found.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     async def put(
         self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None

@@ -121,7 +121,6 @@ async def prepare_indexes(store: AuditStore, *, create: bool) -> None:
         return
     missing = await store.missing_indexes()
     if missing:
-        log.error("audit database not migrated: refusing to start", missing_indexes=missing)
         raise ConfigurationError(
             f"the audit database lacks the indexes {', '.join(missing)}: run enclave-audit-migrate "
             "as the migration user (ENCLAVE_AUDIT_CREATE_INDEXES=false: this service does not create them)"
