@@ -24,7 +24,7 @@ from enclave_common.auth import (
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
 from enclave_common.auth.jwks import RemoteKeySource
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 
 RECORDS = {
     "img-a": Resource("hospital-a", "pt-a"),
@@ -61,7 +61,9 @@ def build_app(guard: AccessGuard) -> FastAPI:
 
     @app.get("/imaging/{imaging_id}/results")
     async def results(
-        imaging_id: str, access: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, lookup))
+        imaging_id: str,
+        access: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, lookup)),
+        page_size: int = Query(default=10, ge=1, le=100),
     ) -> dict[str, Any]:
         return {"id": imaging_id, "break_glass": access.decision.break_glass, "basis": access.decision.basis}
 
@@ -161,6 +163,18 @@ async def test_clinician_reads_own_tenant(h: Harness) -> None:
     assert principal is not None
     assert principal.subject == "alice"
     assert (outcome.kind, status, outcome.resource) == ("allow", 200, RECORDS["img-a"])
+
+
+async def test_an_allowed_call_answered_422_is_recorded_as_rejected_not_allowed(h: Harness) -> None:
+    # FastAPI runs the guard before it validates the route's own parameters.
+    response = await h.get("/imaging/img-a/results?page_size=500", h.token(["clinician"]))
+    assert response.status_code == 422
+    assert [(c[2].kind, c[3]) for c in h.hook.calls] == [("invalid_request", 422)]
+    assert h.hook.last[2].resource == RECORDS["img-a"]
+    assert (await h.get("/imaging/img-a/results?page_size=5", h.token(["clinician"]))).status_code == 200
+    assert (h.hook.last[2].kind, h.hook.last[3]) == ("allow", 200)
+    refused = await h.get("/imaging/img-a/results?page_size=500", h.token(["researcher"]))
+    assert (refused.status_code, h.hook.last[2].kind) == (403, "forbidden")  # a refusal stays a refusal
 
 
 async def test_other_tenant_is_indistinguishable_from_absent(h: Harness) -> None:

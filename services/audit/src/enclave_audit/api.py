@@ -61,6 +61,7 @@ _OUTCOME_WORDS: Final = {
     "unauthenticated": "unauthenticated",
     "rate_limited": "rejected",
     "unavailable": "error",
+    "invalid_request": "rejected",
 }
 log = structlog.get_logger("enclave.audit")
 EXPORT_CHUNK: Final = 1 << 20

@@ -33,6 +33,7 @@ _OUTCOMES: dict[str, AccessOutcome] = {
     "unauthenticated": "unauthenticated",
     "rate_limited": "denied",
     "unavailable": "error",
+    "invalid_request": "rejected",
 }
 
 

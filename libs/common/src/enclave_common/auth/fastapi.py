@@ -18,6 +18,9 @@ from datetime import UTC, datetime
 from typing import NoReturn, Protocol
 
 from fastapi import HTTPException, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import request_params_to_args
+from fastapi.exceptions import RequestValidationError
 
 from enclave_common.auth.actions import Action
 from enclave_common.auth.errors import AuthenticationError, AuthFailure, KeySourceUnavailable
@@ -39,8 +42,8 @@ from enclave_common.auth.tokens import TokenVerifier
 class AccessResult:
     """What happened to one request, for the audit event.
 
-    ``kind`` is ``allow``, ``forbidden``, ``not_found``, ``unauthenticated``, ``rate_limited`` or
-    ``unavailable``; ``reason`` a machine code (an :class:`AuthFailure` value, a decision reason
+    ``kind`` is ``allow``, ``forbidden``, ``not_found``, ``unauthenticated``, ``rate_limited``,
+    ``unavailable`` or ``invalid_request`` (allowed, but a parameter is invalid: answered 422); ``reason`` a machine code (an :class:`AuthFailure` value, a decision reason
     such as ``other_tenant`` or ``no_grant``, ``rate_limited``). ``break_glass`` True means the
     caller must raise a security alert.
     """
@@ -81,6 +84,42 @@ class Authorized:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+_FLAT: dict[int, list[Dependant]] = {}
+
+
+def _dependants(route: object) -> list[Dependant]:
+    """The route's dependant and all its sub-dependants (each route's list is built once)."""
+    found = _FLAT.get(id(route))
+    if found is None:
+        found, stack = [], [getattr(route, "dependant", None)]
+        while stack:
+            dependant = stack.pop()
+            if isinstance(dependant, Dependant):
+                found.append(dependant)
+                stack.extend(dependant.dependencies)
+        _FLAT[id(route)] = found
+    return found
+
+
+def parameter_errors(request: Request) -> list[object]:
+    """FastAPI's validation errors for the request's path, query, header and cookie parameters.
+
+    FastAPI runs a route's dependencies (this guard) before it validates the route's own
+    parameters, so without this check a call answered 422 would be recorded as an allowed access
+    (found by an API hunt). Uses FastAPI's own validation, on the same fields."""
+    errors: list[object] = []
+    for dependant in _dependants(request.scope.get("route")):
+        for fields, received in (
+            (dependant.path_params, request.path_params),
+            (dependant.query_params, request.query_params),
+            (dependant.header_params, request.headers),
+            (dependant.cookie_params, request.cookies),
+        ):
+            if fields:
+                errors.extend(request_params_to_args(fields, received)[1])
+    return errors
 
 
 class AccessGuard:
@@ -192,6 +231,10 @@ class AccessGuard:
         decision: Decision,
         resource: Resource | None,
     ) -> None:
+        if decision.allowed and (errors := parameter_errors(request)):
+            result = AccessResult("invalid_request", "invalid_request", decision, resource)
+            await self._report(principal, action, result, 422, request)
+            raise RequestValidationError(errors)
         result = AccessResult(decision.outcome.value, decision.reason, decision, resource)
         await self._report(principal, action, result, decision.status_code, request)
         if decision.outcome is Outcome.NOT_FOUND:
