@@ -159,6 +159,25 @@ async def test_single_part_application_dicom():
         parsed = Dataset.from_json(answer.json())
         assert _referenced(parsed) == [ds.SOPInstanceUID]
         assert parsed.RetrieveURL.endswith(f"/dicomweb/studies/{ds.StudyInstanceUID}")
+        assert answer.headers["content-type"].startswith("application/dicom+json")
+
+
+async def test_a_client_declining_dicom_json_gets_the_same_answer_as_application_json():
+    tenant = new_tenant()
+    data, ds = mr_instance()
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.post(
+            f"{GATEWAY}/dicomweb/studies",
+            content=data,
+            headers={
+                **bearer("it-pacs", tenant, "uploader"),
+                "Content-Type": "application/dicom",
+                "Accept": "application/dicom+json;q=0, application/json",
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert _referenced(Dataset.from_json(answer.json())) == [ds.SOPInstanceUID]
 
 
 async def test_form_upload_returns_imaging_ids_and_status_advances():

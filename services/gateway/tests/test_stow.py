@@ -22,8 +22,8 @@ from enclave_gateway.stow import (
     STOW_RESPONSE_TYPES,
     FailedInstance,
     StoredInstance,
-    accepts,
     build_stow_response,
+    negotiate,
     request_error_body,
     stow_status,
 )
@@ -184,27 +184,37 @@ def test_python_dicomweb_client_store_instances_round_trip(monkeypatch) -> None:
     assert "FailedSOPSequence" not in result
 
 
+DJ, JS = "application/dicom+json", "application/json"
+
+
 @pytest.mark.parametrize(
-    ("accept", "admitted"),
+    ("accept", "chosen"),
     [
-        (None, True),
-        ("", True),
-        ("application/dicom+json", True),
-        ("application/json", True),
-        ("*/*", True),
-        ("application/*", True),
-        ("Application/DICOM+JSON; charset=utf-8", True),
-        ("application/dicom+xml, application/dicom+json;q=0.5", True),
-        ("multipart/related; type=application/dicom+xml, */*;q=0.1", True),
-        ("application/dicom+xml", False),
-        ("multipart/related; type=application/dicom+xml", False),
-        ("text/html", False),
-        ("application/dicom+json;q=0, application/dicom+xml", False),
-        ("*/*;q=0.0", False),
-        ("text/*", False),
+        (None, DJ),
+        ("", DJ),
+        ("application/dicom+json", DJ),
+        ("application/json", JS),
+        ("*/*", DJ),
+        ("application/*", DJ),
+        ("Application/DICOM+JSON; charset=utf-8", DJ),
+        ("application/dicom+xml, application/dicom+json;q=0.5", DJ),
+        ("multipart/related; type=application/dicom+xml, */*;q=0.1", DJ),
+        # a declined application/dicom+json is not sent when application/json is admitted
+        ("application/dicom+json;q=0, application/json", JS),
+        ("application/dicom+json;q=0, */*", JS),
+        ("application/json, application/dicom+json;q=0.5", JS),
+        ("application/dicom+json;q=0.5, application/*;q=0.9", JS),
+        ("application/dicom+xml", None),
+        ("multipart/related; type=application/dicom+xml", None),
+        ("text/html", None),
+        ("application/dicom+json;q=0, application/dicom+xml", None),
+        ("application/dicom+json;q=0, application/json;q=0, */*", None),
+        ("*/*;q=0.0", None),
+        ("text/*", None),
     ],
 )
-def test_accept_header_admits_the_json_response_or_not(accept, admitted) -> None:
+def test_accept_header_chooses_the_json_response_type_or_none(accept, chosen) -> None:
     """PS3.18 10.5: the origin server answers 406 when it cannot send any of the accepted media types;
-    the STOW response is JSON only (application/dicom+xml is not offered)."""
-    assert accepts(accept, STOW_RESPONSE_TYPES) is admitted
+    the STOW response is JSON only (application/dicom+xml is not offered), under the name the client
+    prefers."""
+    assert negotiate(accept, STOW_RESPONSE_TYPES) == chosen

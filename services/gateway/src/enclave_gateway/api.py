@@ -24,8 +24,8 @@ from enclave_gateway.stow import (
     STOW_RESPONSE_TYPES,
     FailedInstance,
     StoredInstance,
-    accepts,
     build_stow_response,
+    negotiate,
     request_error_body,
     stow_status,
 )
@@ -125,7 +125,9 @@ def build_router(
         stored = [StoredInstance.from_info(p.info) for p in outcome.accepted]
         failed = [FailedInstance.from_failure(p.failure) for p in outcome.failed]
         body = build_stow_response(f"{public_base_url.rstrip('/')}/dicomweb", stored, failed, study)
-        return JSONResponse(body, status_code=stow_status(stored, failed), media_type=DICOM_JSON_MEDIA_TYPE)
+        # The type the Accept header prefers: application/json when application/dicom+json is declined.
+        media_type = request.state.response_media_type or DICOM_JSON_MEDIA_TYPE
+        return JSONResponse(body, status_code=stow_status(stored, failed), media_type=media_type)
 
     upload = guard.require(Action.UPLOAD)
 
@@ -398,7 +400,8 @@ def _check_request_line(request: Request, study: str | None, *, stow: bool) -> N
     study UID in the URL that is no UID failed every instance one by one after the whole body, and a
     STOW-RS request whose Accept admits no JSON got JSON."""
     accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
-    if stow and not accepts(accept, STOW_RESPONSE_TYPES):
+    request.state.response_media_type = negotiate(accept, STOW_RESPONSE_TYPES)
+    if stow and request.state.response_media_type is None:
         raise _NotAcceptable(
             "the STOW-RS response is sent as application/dicom+json (or application/json) and "
             "the Accept header admits neither; application/dicom+xml is not offered"

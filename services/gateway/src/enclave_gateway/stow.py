@@ -23,21 +23,34 @@ DICOM_JSON_MEDIA_TYPE = "application/dicom+json"
 STOW_RESPONSE_TYPES = (DICOM_JSON_MEDIA_TYPE, "application/json")
 
 
-def accepts(accept: str | None, offered: Sequence[str]) -> bool:
-    """Whether an ``Accept`` header (RFC 9110 12.5.1) admits one of ``offered``: no header admits
-    anything; ``*/*``, ``type/*`` and exact media ranges match unless their ``q`` is 0. Hand-written:
-    neither Starlette nor FastAPI negotiates content, and this is the whole of what STOW needs."""
+def negotiate(accept: str | None, offered: Sequence[str]) -> str | None:
+    """The media type of ``offered`` to answer with under an ``Accept`` header (RFC 9110 12.5.1), or
+    None when it admits none: each offered type takes the ``q`` of the most specific range that
+    matches it (exact, then ``type/*``, then ``*/*``), ``q=0`` declines it, and the highest ``q``
+    wins (ties: the first offered). No header admits the first. Hand-written: neither Starlette nor
+    FastAPI negotiates content, and this is the whole of what STOW needs."""
     if accept is None or not accept.strip():
-        return True
+        return offered[0]
+    ranges: dict[str, float] = {}
     for media_range in accept.split(","):
         name, *params = (piece.strip().lower() for piece in media_range.split(";"))
-        if any(p.replace(" ", "").startswith("q=") and _weight(p.split("=", 1)[1]) == 0 for p in params):
-            continue  # "not acceptable" (q=0)
-        if name in ("*/*", "*") or name in offered:
-            return True
-        if name.endswith("/*") and any(media.startswith(name[:-1]) for media in offered):
-            return True
-    return False
+        if not name:
+            continue
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                weight = _weight(value)
+        ranges[name] = max(weight, ranges.get(name, 0.0))
+    best, best_weight = None, 0.0
+    for media in offered:
+        kind = media.split("/", 1)[0]
+        for candidate in (media, f"{kind}/*", "*/*", "*"):
+            if candidate in ranges:
+                if ranges[candidate] > best_weight:
+                    best, best_weight = media, ranges[candidate]
+                break
+    return best
 
 
 def _weight(text: str) -> float:
