@@ -78,13 +78,18 @@ class Service:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     resources: Resources
-    replicas: int
+    #: The autoscaler's floor and ceiling (HPA or KEDA). The Deployment sets no ``replicas``: the
+    #: autoscaler owns the count, and an apply would otherwise reset it.
+    min_replicas: int
     max_replicas: int
     #: Reached from outside through the ingress controller.
     public: bool = False
     s3: bool = False
-    #: Egress to HTTPS outside the cluster (S3, AWS KMS, the OIDC issuer's JWKS).
+    #: Egress to HTTPS outside the cluster (S3, AWS KMS, the auditor API's OIDC JWKS). The gateway
+    #: has none: it needs only its IdP's JWKS, which an overlay allows by address (docs/operations.md).
     https_egress: bool = False
+    #: Holds a claim on work outside Kafka that a stop releases (analysis: its series claim).
+    releases_claim: bool = False
     #: Subscribes by regex (audit): the KEDA trigger then watches every topic of its group.
     pattern: bool = False
     #: Consumers scale on their group's lag (KEDA); the HTTP edge on CPU (HPA).
@@ -94,6 +99,10 @@ class Service:
     config_dirs: tuple[ConfigDir, ...] = ()
     #: Settings whose value is a secret: (env suffix, Secret name, key), as environment variables.
     secret_env: tuple[tuple[str, str, str], ...] = ()
+    #: A migration run before the service starts, as an init container under its own MongoDB user
+    #: (the Secret ``<group>-mongo-migrate``), which the service's container never sees: audit's
+    #: indexes, which its append-only role cannot create (docs/audit.md).
+    migrate: str | None = None
     #: The size limit of the pod's /tmp emptyDir (the kubelet evicts the pod past it). The gateway's
     #: spool is budgeted below it; ingest holds the chunks of unfinished instances (up to 768 MiB
     #: each, the gateway's limit), deid a de-identified copy's ciphertext, analysis ANTs' files of one
@@ -146,10 +155,9 @@ SERVICES: tuple[Service, ...] = (
         # ``upload.rejected``, so the gateway gets no grant for it.
         writes=(t.UPLOAD_CHUNK, t.UPLOAD_RECEIVED, t.UPLOAD_COMPLETED, t.ACCESS_RECORDED, t.SECURITY_ALERT),
         resources=Resources("500m", "512Mi", "2", "1Gi"),
-        replicas=2,
+        min_replicas=2,
         max_replicas=10,
         public=True,
-        https_egress=True,
         scale_on_lag=False,
         config={
             **OIDC,
@@ -180,12 +188,11 @@ SERVICES: tuple[Service, ...] = (
         # key.rotated and key.shredded come from `enclave-ingest-keys`, run in this pod.
         writes=(t.INSTANCE_STORED, t.INSTANCE_REJECTED, t.KEY_CREATED, t.KEY_ROTATED, t.KEY_SHREDDED),
         resources=Resources("500m", "1Gi", "2", "3Gi"),
-        replicas=2,
+        min_replicas=2,
         max_replicas=12,
         s3=True,
         https_egress=True,
         config={
-            "KEK_PROVIDER": "aws-kms",
             "KMS_KEY_ID": "alias/enclave-ingest",
             "ORIGINALS_BUCKET": "enclave-originals",
             # The /tmp emptyDir's size (the spool is on it), for the alert EnclaveIngestSpoolFilling.
@@ -218,12 +225,11 @@ SERVICES: tuple[Service, ...] = (
             t.SECURITY_ALERT,
         ),
         resources=Resources("500m", "1Gi", "2", "3Gi"),
-        replicas=2,
+        min_replicas=2,
         max_replicas=6,
         s3=True,
         https_egress=True,
         config={
-            "KEK_PROVIDER": "aws-kms",
             "KMS_KEY_ID": "alias/enclave-deid",
             # Deid reads the originals: their study keys are wrapped under ingest's KEK.
             "ORIGINALS_KMS_KEY_ID": "alias/enclave-ingest",
@@ -246,10 +252,11 @@ SERVICES: tuple[Service, ...] = (
         # access.recorded: the audit record of `enclave-analysis-rerun`, run in the pod.
         writes=(t.ANALYSIS_COMPLETED, t.ANALYSIS_FAILED, t.ACCESS_RECORDED),
         resources=Resources("1", "2Gi", "4", "6Gi"),
-        replicas=1,
+        min_replicas=1,
         max_replicas=6,
         s3=True,
         https_egress=True,
+        releases_claim=True,
         config={
             # The de-identified copies' keys are wrapped under deid's KEK (analysis only unwraps).
             "KMS_KEY_ID": "alias/enclave-deid",
@@ -266,13 +273,21 @@ SERVICES: tuple[Service, ...] = (
         # access.recorded: every auditor query is itself audited.
         writes=(t.SECURITY_ALERT, t.ACCESS_RECORDED),
         resources=Resources("250m", "512Mi", "1", "1Gi"),
-        replicas=2,
+        min_replicas=2,
         max_replicas=6,
         public=True,
         s3=True,
         https_egress=True,
         pattern=True,
-        config={**OIDC, "WORM_BUCKET": "enclave-audit-worm", "CHECKPOINT_INTERVAL_S": "300"},
+        # CREATE_INDEXES=false: the service's MongoDB role is append-only; the init container
+        # creates the indexes under the migration user.
+        config={
+            **OIDC,
+            "WORM_BUCKET": "enclave-audit-worm",
+            "CHECKPOINT_INTERVAL_S": "300",
+            "CREATE_INDEXES": "false",
+        },
+        migrate="enclave-audit-migrate",
         secret_files=(
             SecretFile(
                 "enclave-audit-signing-key",
@@ -401,7 +416,8 @@ def _kafka_user(name: str, labels: dict[str, str], acls: list[dict[str, Any]]) -
     }
 
 
-def config_map(s: Service) -> dict[str, Any]:
+def config_data(s: Service) -> dict[str, str]:
+    """The service's settings, read by its container from the ConfigMap ``enclave-<name>``."""
     data = {
         "ENCLAVE_ENVIRONMENT": "prod",
         "ENCLAVE_HTTP_HOST": "0.0.0.0",
@@ -429,12 +445,75 @@ def config_map(s: Service) -> dict[str, Any]:
         data[s.env_prefix + f.env] = f"{f.mount}/{f.key}"
     for d in s.config_dirs:
         data[s.env_prefix + d.env] = d.mount
+    return data
+
+
+def env_file(s: Service) -> str:
+    """``services/<name>.env``: the data of the service's ConfigMap, which kustomize generates with a
+    hash of it in its name, so a changed setting rolls the Deployment (``services_kustomization``)."""
+    body = "".join(f"{key}={value}\n" for key, value in config_data(s).items())
+    return HEADER + body
+
+
+def services_kustomization() -> dict[str, Any]:
+    """``services/kustomization.yaml``: the services' manifests and their generated ConfigMaps."""
     return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": s.group, "labels": labels(s)},
-        "data": data,
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [f"{s.name}.yaml" for s in SERVICES] + ["keda-trigger-auth.yaml"],
+        "configMapGenerator": [
+            {"name": s.group, "envs": [f"{s.name}.env"], "options": {"labels": labels(s)}} for s in SERVICES
+        ],
     }
+
+
+#: The longest each step of a pod's shutdown can take, in the order it runs, each bounded by the code
+#: (docs/operations.md, "Shutdown and drain"; tests/deploy reads the code's values and checks these).
+#: The ingress controller stops routing to a public pod while it sleeps in preStop, before SIGTERM.
+PRE_STOP_SLEEP_S = 5
+#: uvicorn's ``timeout_graceful_shutdown`` (``enclave_common.service.run_service``): requests still
+#: open then are cancelled.
+HTTP_DRAIN_S = 20
+#: A service with no API of its own has only probes and scrapes in flight; /readyz's checks time
+#: out after 5 s (``ServiceRuntime.readiness_report``).
+PROBE_DRAIN_S = 5
+#: Analysis: a stopped analysis kills its worker process and releases its claim at once, so another
+#: replica takes the series over without losing an attempt (``enclave_analysis.handlers``,
+#: ``RELEASE_TIMEOUT_S``). The ANTs run itself is not waited for.
+CLAIM_RELEASE_S = 5
+#: FastStream's ``graceful_timeout`` (``enclave_common.kafka.create_broker``): the event in hand is
+#: finished (its retries included) or cancelled and redelivered to another member.
+CONSUMER_DRAIN_S = 30
+#: Producers flush what they hold; a batch unacknowledged after ``request_timeout_ms`` fails.
+PRODUCER_FLUSH_S = 15
+#: The OTLP span exporter's last export (``BatchSpanProcessor.shutdown``'s default timeout).
+SPAN_EXPORT_S = 30
+#: Margin for what no setting bounds: a worker thread finishing its step, process exit.
+GRACE_MARGIN_S = 20
+
+
+def drain_phases(s: Service) -> dict[str, int]:
+    """The worst case of each shutdown step of ``s``'s pods, in seconds, in the order they run."""
+    phases = {"preStop sleep": PRE_STOP_SLEEP_S} if s.public else {}
+    phases["HTTP requests"] = HTTP_DRAIN_S if s.public else PROBE_DRAIN_S
+    if s.releases_claim:
+        phases["claim release"] = CLAIM_RELEASE_S
+    phases |= {
+        "Kafka event in hand": CONSUMER_DRAIN_S,
+        "producer flush": PRODUCER_FLUSH_S,
+        "span export": SPAN_EXPORT_S,
+    }
+    return phases
+
+
+def termination_grace_s(s: Service) -> int:
+    return sum(drain_phases(s).values()) + GRACE_MARGIN_S
+
+
+def drain_arithmetic(s: Service) -> str:
+    """The grace period's sum, written on the Deployment (``kubectl describe`` shows it)."""
+    steps = " + ".join(f"{name} {seconds}" for name, seconds in drain_phases(s).items())
+    return f"{steps} + margin {GRACE_MARGIN_S} = {termination_grace_s(s)} s"
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
@@ -487,11 +566,15 @@ def deployment(s: Service) -> dict[str, Any]:
         "securityContext": _container_security_context(),
         "volumeMounts": mounts,
     }
+    if s.public:
+        # Endpoints are removed while the pod sleeps: the ingress controller stops sending it new
+        # requests before uvicorn closes its listener (which would answer them 502).
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}}
     pod_spec = {
         "serviceAccountName": s.group,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_s(s),
         "securityContext": _pod_security_context(),
         "topologySpreadConstraints": [
             {
@@ -504,16 +587,36 @@ def deployment(s: Service) -> dict[str, Any]:
         "containers": [container],
         "volumes": volumes,
     }
+    if s.migrate is not None:
+        pod_spec["initContainers"] = [
+            {
+                "name": "migrate",
+                "image": f"enclave-{s.name}",
+                "imagePullPolicy": "IfNotPresent",
+                "command": [s.migrate],
+                "envFrom": [{"configMapRef": {"name": s.group}}],
+                "env": [_secret_env("ENCLAVE_MONGO_URL", f"{s.group}-mongo-migrate", "url")],
+                "resources": {
+                    "requests": {"cpu": "50m", "memory": "128Mi"},
+                    "limits": {"cpu": "500m", "memory": "256Mi"},
+                },
+                "securityContext": _container_security_context(),
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],  # noqa: S108 -- the pod's emptyDir
+            }
+        ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
             "name": s.group,
             "labels": labels(s),
-            "annotations": {"enclave.io/description": s.description},
+            "annotations": {
+                "enclave.io/description": s.description,
+                "enclave.io/termination-grace": drain_arithmetic(s),
+            },
         },
+        # No replicas: the HPA or the ScaledObject owns the count (an apply would reset it).
         "spec": {
-            "replicas": s.replicas,
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector(s)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -551,7 +654,7 @@ def hpa(s: Service) -> dict[str, Any]:
         "metadata": {"name": s.group, "labels": labels(s)},
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": s.group},
-            "minReplicas": s.replicas,
+            "minReplicas": s.min_replicas,
             "maxReplicas": s.max_replicas,
             "metrics": [
                 {
@@ -614,7 +717,7 @@ def scaled_object(s: Service) -> dict[str, Any]:
         "metadata": {"name": s.group, "labels": labels(s)},
         "spec": {
             "scaleTargetRef": {"name": s.group},
-            "minReplicaCount": s.replicas,
+            "minReplicaCount": s.min_replicas,
             "maxReplicaCount": min(s.max_replicas, most),
             "pollingInterval": 15,
             "cooldownPeriod": 300,
@@ -671,7 +774,7 @@ def network_policy(s: Service) -> dict[str, Any]:
 
 
 def service_documents(s: Service) -> list[dict[str, Any]]:
-    docs = [service_account(s), config_map(s), deployment(s), k8s_service(s), pdb(s), network_policy(s)]
+    docs = [service_account(s), deployment(s), k8s_service(s), pdb(s), network_policy(s)]
     docs.append(scaled_object(s) if s.scale_on_lag else hpa(s))
     return docs
 
@@ -881,6 +984,8 @@ def dockerfile(s: Service) -> str:
 
 def generated_files() -> dict[Path, str]:
     files = {BASE / "services" / f"{s.name}.yaml": render(service_documents(s)) for s in SERVICES}
+    files |= {BASE / "services" / f"{s.name}.env": env_file(s) for s in SERVICES}
+    files[BASE / "services" / "kustomization.yaml"] = render([services_kustomization()])
     files[BASE / "services" / "keda-trigger-auth.yaml"] = render([trigger_authentication()])
     files[BASE / "kafka" / "topics.yaml"] = render(topic_documents())
     files[BASE / "kafka" / "users.yaml"] = render(user_documents())

@@ -60,11 +60,13 @@ def deployment_problems(deployment: Manifest) -> list[str]:
     containers = pod.get("containers", []) + pod.get("initContainers", [])
     if not pod.get("containers"):
         problems.append(f"{name}: has no containers")
+    serving = {id(c) for c in pod.get("containers", [])}
     for c in containers:
         where = f"{name} container {c.get('name')}"
+        # Init containers run to completion before the pod serves: Kubernetes refuses probes on them.
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             got = c.get(probe, {}).get("httpGet", {}).get("path")
-            if got != path:
+            if id(c) in serving and got != path:
                 problems.append(f"{where}: {probe} must GET {path} (found {got!r})")
         resources = c.get("resources", {})
         for section in ("requests", "limits"):

@@ -74,21 +74,51 @@ def tools() -> dict[str, Path]:
     return found
 
 
+def kustomize_build(tools: dict[str, Path], directory: Path) -> str:
+    result = subprocess.run(
+        [str(tools["kustomize"]), "build", str(directory)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"kustomize build {directory} failed:\n{result.stderr}"
+    return result.stdout
+
+
 @pytest.fixture(scope="session")
 def rendered(tools: dict[str, Path]) -> dict[str, str]:
     """`kustomize build` of every overlay, as YAML text."""
-    out = {}
-    for overlay in OVERLAYS:
-        result = subprocess.run(
-            [str(tools["kustomize"]), "build", str(REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay)],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, f"kustomize build {overlay} failed:\n{result.stderr}"
-        out[overlay] = result.stdout
-    return out
+    return {
+        overlay: kustomize_build(tools, REPO_ROOT / "deploy" / "k8s" / "overlays" / overlay)
+        for overlay in OVERLAYS
+    }
 
 
 @pytest.fixture(scope="session")
 def documents(rendered: dict[str, str], lint: ModuleType) -> dict[str, list[dict[str, Any]]]:
     return {overlay: lint.load_documents(text) for overlay, text in rendered.items()}
+
+
+def config_of(docs: list[dict[str, Any]], deployment: str) -> dict[str, str]:
+    """The data of the ConfigMap ``deployment``'s container takes its environment from (its name
+    carries kustomize's hash suffix, so it is found through the Deployment's reference)."""
+    [dep] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == deployment]
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    [source] = container["envFrom"]
+    name = source["configMapRef"]["name"]
+    [config] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    return dict(config.get("data", {}))
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels and matchExpressions) selects ``labels``."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True

@@ -32,11 +32,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
-from enclave_common.crypto import generate_ingest_keypair, private_key_to_pem, public_key_to_pem
+from enclave_analysis.config import AnalysisSettings
+from enclave_audit.config import AuditSettings
+from enclave_common.crypto import LocalKeyring, generate_ingest_keypair, private_key_to_pem, public_key_to_pem
+from enclave_common.settings import BaseServiceSettings
 from enclave_deid.config import DeidSettings
 from enclave_gateway.config import GatewaySettings
+from enclave_ingest.config import IngestSettings
 
-from .conftest import REPO_ROOT, SERVICES
+from .conftest import OVERLAYS, REPO_ROOT, SERVICES, config_of
+
+SETTINGS: dict[str, type[BaseServiceSettings]] = {
+    "gateway": GatewaySettings,
+    "ingest": IngestSettings,
+    "deid": DeidSettings,
+    "analysis": AnalysisSettings,
+    "audit": AuditSettings,
+}
 
 
 def _x25519_private() -> bytes:
@@ -100,6 +112,8 @@ SECRET_VALUES: dict[str, Callable[[], bytes]] = {
     "ca.crt": lambda: _kafka_tls()["ca.crt"],
     "user.crt": lambda: _kafka_tls()["user.crt"],
     "user.key": lambda: _kafka_tls()["user.key"],
+    # The dev overlay's local keyrings (ingest's and deid's), in place of AWS KMS.
+    "keyring.json": lambda: LocalKeyring.generate("dev-kek").to_json().encode(),
 }
 
 
@@ -159,6 +173,74 @@ def _check_config(
         text=True,
         timeout=120,
     )
+
+
+def _read_settings(service: str) -> set[str]:
+    """The ``ENCLAVE_*`` variables ``service`` reads: each setting under the service's prefix and
+    under the shared ``ENCLAVE_`` one (``BaseServiceSettings.settings_customise_sources``)."""
+    settings = SETTINGS[service]
+    prefix = settings.model_config.get("env_prefix") or ""
+    return {f"{p}{name.upper()}" for name in settings.model_fields for p in (prefix, "ENCLAVE_")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_enclave_setting_of_the_manifests_is_one_the_service_reads(overlay, documents, lint, tmp_path):
+    """Settings are ``extra="ignore"``: a variable no service reads is silently dropped, so a
+    manifest that sets one says something the service does not do. ``KEK_PROVIDER`` (``local`` in
+    dev, ``aws-kms`` in the base) was one: KMS_KEY_ID or KEYRING_FILE choose the key provider."""
+    docs = documents[overlay]
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in lint.of_kind(docs, "ConfigMap")}
+    for deployment in lint.of_kind(docs, "Deployment"):
+        service = deployment["metadata"]["name"].removeprefix("enclave-")
+        files = tmp_path / overlay / service
+        files.mkdir(parents=True)
+        env = _container_environment(deployment, config_maps, files)
+        unread = sorted(
+            name for name in env if name.startswith("ENCLAVE_") and name not in _read_settings(service)
+        )
+        assert unread == [], f"{overlay} {service}: no setting reads {unread}"
+
+
+def test_dev_services_hold_keyring_files_not_kms_keys(documents, lint):
+    """The dev overlay has no AWS role (IRSA) on its service accounts, so no service there may name a
+    KMS key: a key id wins over a keyring file (``enclave_common.keys_config.kek_provider``). Until
+    now dev kept the base's KMS key ids and named its keyring in a setting nothing reads."""
+    docs = documents["dev"]
+    roles = {
+        sa["metadata"]["name"]
+        for sa in lint.of_kind(docs, "ServiceAccount")
+        if "eks.amazonaws.com/role-arn" in sa["metadata"].get("annotations", {})
+    }
+    assert roles == set()
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in lint.of_kind(docs, "ConfigMap")}
+    keyrings = {}
+    for deployment in lint.of_kind(docs, "Deployment"):
+        (source,) = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        config = config_maps[source["configMapRef"]["name"]]
+        assert not [name for name in config if name.endswith("KMS_KEY_ID")], deployment["metadata"]["name"]
+        keyrings[deployment["metadata"]["name"]] = {k for k in config if k.endswith("KEYRING_FILE")}
+    assert keyrings == {
+        "enclave-gateway": set(),
+        "enclave-ingest": {"ENCLAVE_INGEST_KEYRING_FILE"},
+        "enclave-deid": {"ENCLAVE_DEID_KEYRING_FILE", "ENCLAVE_DEID_ORIGINALS_KEYRING_FILE"},
+        "enclave-analysis": {"ENCLAVE_ANALYSIS_KEYRING_FILE"},
+        "enclave-audit": set(),
+    }
+
+
+@pytest.mark.parametrize("service", ["ingest", "deid", "analysis"])
+def test_each_key_holding_service_accepts_the_configuration_of_its_dev_manifests(
+    service, documents, lint, tmp_path
+):
+    """The keyring files the dev overlay mounts load (``--check-config`` opens them)."""
+    docs = documents["dev"]
+    deployments = {d["metadata"]["name"]: d for d in lint.of_kind(docs, "Deployment")}
+    config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in lint.of_kind(docs, "ConfigMap")}
+    env = _container_environment(deployments[f"enclave-{service}"], config_maps, tmp_path)
+    assert env.get("ENCLAVE_ENVIRONMENT") == "dev"
+    result = _check_config(service, env)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"service": service, "configuration": "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +325,23 @@ def test_the_gateway_acknowledges_no_instance_that_deid_would_quarantine_for_its
     env = _container_environment(deployments["enclave-gateway"], config_maps, tmp_path / "past")
     env["ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES"] = str(limits["deid"] + 1)
     assert _settings_of("gateway", env, monkeypatch).max_instance_bytes > limits["deid"]
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_audit_indexes_are_created_by_an_init_container_under_the_migration_user(overlay, documents, lint):
+    """The audit service runs under an append-only MongoDB role that cannot create indexes
+    (docs/audit.md): it only checks them, and `enclave-audit-migrate` creates them first, with a
+    credential its own container never holds."""
+    docs = documents[overlay]
+    [audit] = [d for d in lint.of_kind(docs, "Deployment") if d["metadata"]["name"] == "enclave-audit"]
+    pod = audit["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    [service] = pod["containers"]
+    assert init["command"] == ["enclave-audit-migrate"]
+    assert init["image"] == service["image"] and init["envFrom"] == service["envFrom"]
+    [url] = [e for e in init["env"] if e["name"] == "ENCLAVE_MONGO_URL"]
+    assert url["valueFrom"]["secretKeyRef"]["name"] == "enclave-audit-mongo-migrate"
+    assert "mongo-migrate" not in json.dumps(service)
+    assert config_of(docs, "enclave-audit")["ENCLAVE_AUDIT_CREATE_INDEXES"] == "false"
+    scripts = (REPO_ROOT / "services" / "audit" / "pyproject.toml").read_text()
+    assert 'enclave-audit-migrate = "enclave_audit.migrate:main"' in scripts
