@@ -595,7 +595,8 @@ def deployment(s: Service) -> dict[str, Any]:
                 "imagePullPolicy": "IfNotPresent",
                 "command": [s.migrate],
                 "envFrom": [{"configMapRef": {"name": s.group}}],
-                "env": [_secret_env("ENCLAVE_MONGO_URL", f"{s.group}-mongo-migrate", "url")],
+                # The service's own prefix: it wins over ENCLAVE_MONGO_URL whatever the ConfigMap holds.
+                "env": [_secret_env(s.env_prefix + "MONGO_URL", f"{s.group}-mongo-migrate", "url")],
                 "resources": {
                     "requests": {"cpu": "50m", "memory": "128Mi"},
                     "limits": {"cpu": "500m", "memory": "256Mi"},

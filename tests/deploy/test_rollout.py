@@ -101,7 +101,7 @@ def test_each_grace_period_covers_the_longest_shutdown_of_its_service(overlay, d
 def _configmap_refs(deployment) -> set[str]:
     pod = deployment["spec"]["template"]["spec"]
     refs = set()
-    for container in pod["containers"]:
+    for container in pod["containers"] + pod.get("initContainers", []):
         refs |= {s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s}
         refs |= {
             e["valueFrom"]["configMapKeyRef"]["name"]

@@ -339,7 +339,7 @@ def test_audit_indexes_are_created_by_an_init_container_under_the_migration_user
     [service] = pod["containers"]
     assert init["command"] == ["enclave-audit-migrate"]
     assert init["image"] == service["image"] and init["envFrom"] == service["envFrom"]
-    [url] = [e for e in init["env"] if e["name"] == "ENCLAVE_MONGO_URL"]
+    [url] = [e for e in init["env"] if e["name"] == "ENCLAVE_AUDIT_MONGO_URL"]
     assert url["valueFrom"]["secretKeyRef"]["name"] == "enclave-audit-mongo-migrate"
     assert "mongo-migrate" not in json.dumps(service)
     assert config_of(docs, "enclave-audit")["ENCLAVE_AUDIT_CREATE_INDEXES"] == "false"

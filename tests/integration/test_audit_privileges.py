@@ -26,10 +26,10 @@ from enclave_audit.config import AuditSettings
 from enclave_audit.handlers import AuditConsumer, AuditMetrics, Checkpointer
 from enclave_audit.main import prepare_indexes
 from enclave_audit.privileges import (
-    COMMAND_ACTIONS,
     MIGRATION_PRIVILEGES,
     SERVICE_PRIVILEGES,
     UNPRIVILEGED_COMMANDS,
+    actions_needed,
     allows,
 )
 from enclave_audit.signing import Ed25519Signer
@@ -73,9 +73,7 @@ def refused(privileges: dict[str, tuple[str, ...]] | Any, recorder: CommandRecor
     for name, collection, command in recorder.seen:
         if name in UNPRIVILEGED_COMMANDS:
             continue
-        needed = list(COMMAND_ACTIONS.get(name, (f"<unknown command {name}>",)))
-        if name == "update" and any(u.get("upsert") for u in command.get("updates", ())):
-            needed.append("insert")
+        needed = actions_needed(name, command)
         for action in needed:
             if not allows(privileges, action, collection or ""):
                 out.append(f"{name} ({action}) on {collection}")

@@ -210,6 +210,8 @@ DJ, JS = "application/dicom+json", "application/json"
         ("application/dicom+json;q=0, application/dicom+xml", None),
         ("application/dicom+json;q=0, application/json;q=0, */*", None),
         ("*/*;q=0.0", None),
+        ("application/dicom+json;q=nan", DJ),  # not a finite number: the range is not refused
+        ("application/json;q=7, application/dicom+json", DJ),  # q is at most 1: a tie, the first offered
         ("text/*", None),
     ],
 )

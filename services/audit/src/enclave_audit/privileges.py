@@ -72,6 +72,21 @@ COMMAND_ACTIONS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 
 
+def actions_needed(name: str, command: Mapping[str, object]) -> tuple[str, ...]:
+    """The actions a command needs on its collection (an upsert also inserts; a findAndModify that
+    removes needs ``remove``); ``<unknown command ...>`` for one the table does not know."""
+    needed = list(COMMAND_ACTIONS.get(name, (f"<unknown command {name}>",)))
+    updates = command.get("updates")
+    if name == "update" and isinstance(updates, list) and any(u.get("upsert") for u in updates):
+        needed.append("insert")
+    if name == "findAndModify":
+        if command.get("upsert"):
+            needed.append("insert")
+        if command.get("remove"):
+            needed = ["find", "remove"]
+    return tuple(needed)
+
+
 def allows(privileges: Mapping[str, tuple[str, ...]], action: str, collection: str) -> bool:
     """Whether ``privileges`` grant ``action`` on ``collection`` (directly or database-wide)."""
     return action in privileges.get(collection, ()) or action in privileges.get("", ())

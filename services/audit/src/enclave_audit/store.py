@@ -211,12 +211,20 @@ class AuditStore:
             await self.db[collection].create_index(keys, name=name, unique=unique)
 
     async def missing_indexes(self) -> list[str]:
-        """``collection.name`` of every index the queries need that the database lacks (reads only:
-        ``listIndexes``, which the append-only role holds)."""
-        present: dict[str, set[str]] = {}
+        """``collection.name`` of every index the queries need that the database lacks, or holds
+        under that name with other keys or without ``unique`` (reads only: ``listIndexes``, which the
+        append-only role holds)."""
+        present: dict[str, dict[str, tuple[list[tuple[str, int]], bool]]] = {}
         for collection in sorted({c for c, *_ in INDEXES}):
-            present[collection] = {index["name"] async for index in await self.db[collection].list_indexes()}
-        return [f"{c}.{name}" for c, name, _, _ in INDEXES if name not in present[c]]
+            present[collection] = {
+                index["name"]: ([(k, int(v)) for k, v in index["key"].items()], bool(index.get("unique")))
+                async for index in await self.db[collection].list_indexes()
+            }
+        return [
+            f"{c}.{name}"
+            for c, name, keys, unique in INDEXES
+            if present[c].get(name) != ([(k, int(v)) for k, v in keys], unique)
+        ]
 
     async def read_head(self) -> ChainHead:
         """The last stored record (resume point after a restart), or the genesis head."""

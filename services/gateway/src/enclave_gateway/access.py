@@ -178,7 +178,7 @@ class AccessRecorder:
             return
         with _unaudited():
             await acks.settle()
-        if outcome.break_glass and principal is not None:
+        if outcome.kind == "allow" and outcome.break_glass and principal is not None:
             await self.alert(
                 request,
                 principal,

@@ -8,6 +8,7 @@ but warnings or failures exist, 409 when none was stored.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +55,13 @@ def negotiate(accept: str | None, offered: Sequence[str]) -> str | None:
 
 
 def _weight(text: str) -> float:
-    """A media range's ``q``; one that is not a number counts as 1 (the range is not refused)."""
+    """A media range's ``q``, within 0 to 1; one that is not a finite number counts as 1 (the range is
+    not refused)."""
     try:
-        return float(text.strip())
+        weight = float(text.strip())
     except ValueError:
         return 1.0
+    return min(max(weight, 0.0), 1.0) if math.isfinite(weight) else 1.0
 
 
 @dataclass(frozen=True, slots=True)

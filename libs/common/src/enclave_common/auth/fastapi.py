@@ -86,20 +86,21 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_FLAT: dict[int, list[Dependant]] = {}
+_FLAT = "_enclave_dependants"
 
 
 def _dependants(route: object) -> list[Dependant]:
-    """The route's dependant and all its sub-dependants (each route's list is built once)."""
-    found = _FLAT.get(id(route))
+    """The route's dependant and all its sub-dependants, each once (the list is kept on the route)."""
+    found: list[Dependant] | None = getattr(route, _FLAT, None)
     if found is None:
         found, stack = [], [getattr(route, "dependant", None)]
         while stack:
             dependant = stack.pop()
-            if isinstance(dependant, Dependant):
+            if isinstance(dependant, Dependant) and not any(d is dependant for d in found):
                 found.append(dependant)
                 stack.extend(dependant.dependencies)
-        _FLAT[id(route)] = found
+        if route is not None:
+            setattr(route, _FLAT, found)
     return found
 
 
@@ -118,7 +119,7 @@ def parameter_errors(request: Request) -> list[object]:
             (dependant.cookie_params, request.cookies),
         ):
             if fields:
-                errors.extend(request_params_to_args(fields, received)[1])
+                errors.extend(e for e in request_params_to_args(fields, received)[1] if e not in errors)
     return errors
 
 
