@@ -195,7 +195,12 @@ async def test_access_matrix_and_one_access_event_per_decision(world: World):
             found = {i["imaging_id"] for i in body["instances"]}
             assert (world.imaging_a in found) if target == OWN else not found, (role, target)
         if status == 404:
-            assert body == {"detail": {"code": "not_found", "message": "no such resource"}}  # no tenant leak
+            assert body == {  # no tenant leak: the same answer as for an id that does not exist
+                "status": 404,
+                "error": "not_found",
+                "message": "no such resource",
+                "detail": {"code": "not_found", "message": "no such resource"},
+            }
         mine = [
             e
             for e in events

@@ -133,3 +133,40 @@ def test_an_oversized_head_is_431_naming_the_setting(client: TestClient) -> None
     assert detail["code"] == "headers_too_large"
     assert "at most 2048 bytes" in detail["message"] and "ENCLAVE_MAX_HEADER_BYTES" in detail["message"]
     assert client.get("/listed", headers={"X-Padding": "x" * 1500}).status_code == 200
+
+
+def test_a_service_with_its_own_error_shape_answers_it_for_every_error_and_keeps_detail() -> None:
+    """The gateway's shape is {status, error, message}; what the guard and routing raised answered
+    {detail: {code, message}} only, so a client had to read two shapes (found by an API hunt)."""
+
+    def shaped(status: int, code: str, message: str, **fields: object) -> dict[str, object]:
+        return {"status": status, "error": code, "message": message, **fields}
+
+    router = APIRouter()
+
+    @router.get("/things/{thing}")
+    async def get_thing(thing: str) -> dict[str, str]:
+        detail = {"code": "break_glass_required", "message": "restricted", "break_glass_available": True}
+        raise HTTPException(403, detail=detail, headers={"X-Why": "restricted"})
+
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="shape-test"))
+    app = runtime.http_app(title="t", routers=[router], start_runtime=False, error_body=shaped)
+    with TestClient(app) as shaped_client:
+        refused = shaped_client.get("/things/a")
+        assert refused.status_code == 403 and refused.headers["x-why"] == "restricted"
+        detail = {"code": "break_glass_required", "message": "restricted", "break_glass_available": True}
+        assert refused.json() == {
+            "status": 403,
+            "error": "break_glass_required",
+            "message": "restricted",
+            "break_glass_available": True,
+            "detail": detail,
+        }
+        missing = shaped_client.get("/nowhere").json()
+        assert (missing["status"], missing["error"]) == (404, "no_such_route")
+        assert missing["detail"] == {"code": "no_such_route", "message": missing["message"]}
+        assert shaped_client.get("/things/a", params={"x": 1}).status_code == 403
+
+
+def test_a_service_without_its_own_shape_answers_detail_only(client: TestClient) -> None:
+    assert client.get("/things/x").json() == {"detail": {"code": "not_found", "message": "no such resource"}}

@@ -293,10 +293,10 @@ class ServiceRuntime:
 
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, redirect_slashes=False)
         app.state.runtime = self
-        app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint))
+        app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint, body))
         app.add_exception_handler(RequestValidationError, _validation_errors(body))
         for failure in (*dependency_failure_types(), OSError):
-            app.add_exception_handler(failure, _dependency_unavailable)
+            app.add_exception_handler(failure, _dependency_unavailable(body))
         for cls, options in middleware:
             app.add_middleware(cls, **options)
         setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}MAX_HEADER_BYTES"
@@ -329,7 +329,24 @@ class ServiceRuntime:
 RETRY_AFTER_S = 10
 
 
-async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
+def error_content(error_body: ErrorBody, status: int, detail: dict[str, Any]) -> dict[str, Any]:
+    """An error raised as ``{"detail": {"code", "message", ...}}`` in the service's shape. A service
+    with its own shape (the gateway's ``{"status", "error", "message"}``) answers that shape and keeps
+    ``detail`` beside it, so a client reading either finds the same code and message."""
+    if error_body is detail_error_body:
+        return {"detail": detail}
+    extra = {k: v for k, v in detail.items() if k not in ("code", "message")}
+    return {**error_body(status, str(detail["code"]), str(detail["message"]), **extra), "detail": detail}
+
+
+def _dependency_unavailable(error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        return await _answer_unavailable(request, exc, error_body)
+
+    return handle
+
+
+async def _answer_unavailable(request: Request, exc: Exception, error_body: ErrorBody) -> Response:
     """A route failed because a dependency did not answer (the database, the object store, Kafka):
     503 with ``Retry-After`` in the services' error shape, naming what did not answer, instead of a
     bare 500. So is a service whose machine ran out of disk space or open files (``resource_exhausted``:
@@ -349,12 +366,11 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> Response:
     else:
         raise exc
     return JSONResponse(
-        {
-            "detail": {
-                "code": code,
-                "message": f"{message}, so the request could not be completed; retry later",
-            }
-        },
+        error_content(
+            error_body,
+            503,
+            {"code": code, "message": f"{message}, so the request could not be completed; retry later"},
+        ),
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
@@ -421,7 +437,7 @@ class HeadAsGet:
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
 
 
-def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
+def _routing_errors(hint: str, error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
     """404 and 405 raised by routing itself (a path no route takes; a path taken, but not with this
     method) answer in the services' error shape, ``{"detail": {"code", "message"}}``, saying what is
     allowed instead of Starlette's bare "Not Found" / "Method Not Allowed". The path is never echoed:
@@ -448,13 +464,16 @@ def _routing_errors(hint: str) -> Callable[[Request, Any], Awaitable[Response]]:
                 "the body could not be read as JSON: send UTF-8 JSON (Content-Type: application/json) "
                 "as the route's schema in /openapi.json describes"
             )
+        elif isinstance(exc.detail, dict) and {"code", "message"} <= exc.detail.keys():
+            # What a route or the access guard raised: answered in the service's error shape.
+            content = error_content(error_body, exc.status_code, exc.detail)
+            return JSONResponse(content, status_code=exc.status_code, headers=exc.headers)
         else:
             return await http_exception_handler(request, exc)
         if hint and code != "unparseable_body":
             message = f"{message}. {hint}"
-        return JSONResponse(
-            {"detail": {"code": code, "message": message}}, status_code=exc.status_code, headers=headers
-        )
+        content = error_content(error_body, exc.status_code, {"code": code, "message": message})
+        return JSONResponse(content, status_code=exc.status_code, headers=headers)
 
     return handle
 
