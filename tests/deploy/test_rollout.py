@@ -58,7 +58,7 @@ def _code_drain_bounds() -> dict[str, float]:
         "http": float(re.search(r"timeout_graceful_shutdown=(\d+)", serve).group(1)),
         "probe": float(re.search(r"wait_for\(fn\(\), timeout=([\d.]+)\)", readiness).group(1)),
         # The analysis change that releases a stopped analysis's claim at once; 0 until it lands.
-        "release": float(getattr(analysis_handlers, "RELEASE_TIMEOUT_S", 0.0)),
+        "release": float(analysis_handlers.RELEASE_TIMEOUT_S),
         "consumer": float(kafka.create_broker(BaseServiceSettings()).config.graceful_timeout),
         "producer": kafka._PRODUCER_OPTIONS["request_timeout_ms"] / 1000,
         "spans": span_timeout / 1000,

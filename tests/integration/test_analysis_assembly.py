@@ -302,6 +302,33 @@ async def test_attempts_are_counted_per_claim_on_the_real_database_and_reset_by_
     assert (await assembly.series.find_one({"_id": claimed["_id"]}))["attempts"] == 0
 
 
+async def test_a_stopped_analysis_releases_only_its_own_unrecorded_claim_on_the_real_database(assembly):
+    """What a replica stopped mid-analysis does, on FerretDB: its release makes the series claimable
+    at once without counting the attempt; a release by a replica whose lease ran out leaves the
+    claim another replica took; a claim whose outcome is recorded is not released."""
+    await assembly.expect("t", ["sk"], ["iu-1"], "up-1")
+    await assembly.settle("t", "sk", "iu-1", "up-1", "deidentified", {}, "up-1")
+    [ready] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    stalled = await assembly.claim(ready, lease_s=0)  # its lease runs out at once
+    [expired] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    current = await assembly.claim(expired, lease_s=900)
+    assert stalled is not None and current is not None and current["attempts"] == 2
+
+    assert await assembly.release(stalled) is False
+    stored = await assembly.series.find_one({"_id": current["_id"]})
+    assert (stored["claim_id"], stored["attempts"]) == (current["claim_id"], 2)
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []  # still leased
+
+    assert await assembly.release(current) is True
+    [released] = await assembly.ready(quiet_period_s=0, incomplete_after_s=3600)
+    taken = await assembly.claim(released, lease_s=900)
+    assert taken is not None and taken["attempts"] == 2
+
+    assert await assembly.decide(taken, _outcome("ev-r", "completed")) == _outcome("ev-r", "completed")
+    assert await assembly.release(taken) is False
+    assert await assembly.ready(quiet_period_s=0, incomplete_after_s=3600) == []
+
+
 def _outcome(event_id: str, outcome: str) -> dict[str, Any]:
     return {
         "analysis_id": "an-1",

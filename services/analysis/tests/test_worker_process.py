@@ -8,9 +8,11 @@ be unpickled by the spawned worker, which does not import the tests."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 from types import SimpleNamespace
 from typing import Any
 
@@ -55,3 +57,28 @@ async def test_a_worker_that_dies_fails_its_analysis_and_is_replaced(make_servic
         await service._run_analyser(9)  # type: ignore[arg-type]
     service.analyser = eval  # the next series
     assert await service._run_analyser(WORKER_PID) not in (None, os.getpid())  # type: ignore[arg-type]
+
+
+async def test_a_stopped_analysis_kills_its_worker_at_once_and_a_new_one_takes_the_next(
+    make_service, tmp_path
+) -> None:
+    """The service stops mid-analysis (its assembler is cancelled): the worker running ANTs is
+    killed rather than left to finish an analysis nobody waits for (and the service's exit with it)."""
+    started = tmp_path / "started"
+    service = make_service(eval)
+    running = asyncio.create_task(
+        service._run_analyser(  # type: ignore[arg-type]
+            f"__import__('pathlib').Path({str(started)!r}).touch() or __import__('time').sleep(120)"
+        )
+    )
+    for _ in range(300):
+        if started.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert started.exists()
+    [worker] = service._executor._processes.values()  # type: ignore[union-attr]
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert await asyncio.to_thread(wait, [worker.sentinel], 5.0) == [worker.sentinel]
+    assert await service._run_analyser(WORKER_PID) not in (None, os.getpid(), worker.pid)  # type: ignore[arg-type]

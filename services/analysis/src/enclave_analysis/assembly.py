@@ -15,6 +15,7 @@ Every lookup on the hot path is by ``_id``: a MongoDB-wire server without second
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -189,17 +190,40 @@ class SeriesAssembly:
     async def claim(self, series: dict[str, Any], lease_s: float) -> dict[str, Any] | None:
         """Take the series for analysis unless it changed (or another replica took it) meanwhile.
         Every claim counts an attempt (``attempts``): a process that dies while analysing cannot
-        count its own."""
+        count its own. Each claim gets an id of its own (``claim_id``), so a replica can tell its
+        claim from the one another replica made after its lease ran out (``release``)."""
         now = datetime.now(UTC)
         claimed: dict[str, Any] | None = await self.series.find_one_and_update(
             {"_id": series["_id"], "status": series["status"], "changed_at": series["changed_at"]},
             {
-                "$set": {"status": "analysing", "lease_until": now + timedelta(seconds=lease_s)},
+                "$set": {
+                    "status": "analysing",
+                    "lease_until": now + timedelta(seconds=lease_s),
+                    "claim_id": uuid.uuid4().hex,
+                },
                 "$inc": {"attempts": 1},
             },
             return_document=ReturnDocument.AFTER,
         )
         return claimed
+
+    async def release(self, series: dict[str, Any]) -> bool:
+        """Give up a claim whose analysis was stopped (the replica is shutting down): the series can
+        be claimed again at once, and the attempt does not count. Only this very claim is released,
+        not one another replica made after its lease ran out, and only while no outcome is recorded
+        for it (``decide``): a recorded outcome is published by the next claim, after the lease, so
+        that one claim publishes one event. True if released."""
+        released = await self.series.update_one(
+            {
+                "_id": series["_id"],
+                "status": "analysing",
+                "changed_at": series["changed_at"],
+                "claim_id": series["claim_id"],
+                "pending_event.envelope": {"$exists": False},
+            },
+            {"$set": {"lease_until": datetime.now(UTC)}, "$inc": {"attempts": -1}},
+        )
+        return bool(released.modified_count)
 
     async def retry_later(self, series: dict[str, Any], delay_s: float, *, counted: bool) -> None:
         """Let the series be claimed again after ``delay_s`` (its attempt not counted when a
@@ -207,8 +231,11 @@ class SeriesAssembly:
         update: dict[str, Any] = {"$set": {"lease_until": datetime.now(UTC) + timedelta(seconds=delay_s)}}
         if not counted:
             update["$inc"] = {"attempts": -1}
+        # This very claim: a replica whose lease ran out must not shorten the lease of the replica
+        # that took the series over, nor give back its attempt.
+        mine = {"claim_id": series["claim_id"]} if "claim_id" in series else {}
         await self.series.update_one(
-            {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"]}, update
+            {"_id": series["_id"], "status": "analysing", "changed_at": series["changed_at"], **mine}, update
         )
 
     async def decide(self, series: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any] | None:

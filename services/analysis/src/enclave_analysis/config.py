@@ -32,7 +32,8 @@ class AnalysisSettings(BaseServiceSettings):
     incomplete_after_s: float = Field(default=21600.0, gt=0)
     #: How often the assembler looks for series that became complete.
     scan_interval_s: float = Field(default=5.0, gt=0)
-    #: An analysis claimed by a replica that died is taken over after this lease.
+    #: An analysis claimed by a replica that died is taken over after this lease (a replica stopped
+    #: in order, SIGTERM, releases its claim at once instead: ``AnalysisService._release``).
     lease_s: float = Field(default=900.0, gt=0)
     #: A series whose analysis fails with an unexpected error (or whose process dies) is tried again
     #: after ``retry_delay_s`` (after the lease, for a process that died), at most this many times in

@@ -1,9 +1,9 @@
 """Analysis wiring: collect de-identified members per series, analyse complete series, publish.
 
 Event handlers only record facts (idempotent upserts); a background assembler finds series that
-are complete, claims one at a time (a lease, so a replica that dies is taken over), runs the
-CPU-bound pipeline in a worker process (ANTs holds the GIL for seconds), stores the reports
-encrypted, and publishes ``analysis.completed`` or ``analysis.failed``. The outcome's event id is kept with the claim, so a
+are complete, claims one at a time (a lease, so a replica that dies is taken over; one stopped in
+order releases its claim at once), runs the CPU-bound pipeline in a worker process (ANTs holds the
+GIL for seconds), stores the reports encrypted, and publishes ``analysis.completed`` or ``analysis.failed``. The outcome's event id is kept with the claim, so a
 re-run after a crash publishes the same event again, not a second one.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -46,6 +47,10 @@ log = structlog.get_logger("enclave.analysis")
 #: At most this many of a series' missing instance upload ids are listed in its ``series_incomplete``
 #: failure (``awaiting_instance_upload_ids``; the reason gives the count).
 AWAITING_LISTED = 100
+
+#: A claim whose analysis was stopped is released within this long, or left to its lease (the
+#: database did not answer): the service's shutdown does not wait longer for it.
+RELEASE_TIMEOUT_S = 5.0
 
 
 def _duration(seconds: float) -> str:
@@ -168,10 +173,12 @@ class AnalysisService:
     async def attempt(self, series: dict[str, Any]) -> None:
         """Analyse a claimed series. An unexpected error lets it be claimed again after
         ``retry_delay_s``; after ``max_attempts`` it is reported failed instead (``analyse``). A
-        dependency outage is retried the same way without counting."""
+        dependency outage is retried the same way without counting. Stopped (the service shuts
+        down), the claim is released at once without counting (``_release``)."""
         try:
             await self.analyse(series)
         except asyncio.CancelledError:
+            await self._release(series)
             raise
         except Exception as exc:
             transient = isinstance(classify_exception(exc), TransientError)
@@ -187,6 +194,32 @@ class AnalysisService:
             )
             self.attempt_failures.labels("dependency" if transient else "unexpected").inc()
             await self.assembly.retry_later(series, self.settings.retry_delay_s, counted=not transient)
+
+    async def _release(self, series: dict[str, Any]) -> None:
+        """The analysis of a claimed series was stopped (a rolling update, a scale-down; its worker
+        process is killed, ``_run_analyser``): another replica may claim the series now rather than
+        after the lease, and the attempt is not counted, so restarts cannot fail a good series. A
+        claim whose outcome was recorded, or that another replica took over, stays as it is
+        (``SeriesAssembly.release``); a crash leaves the claim to its lease, as before."""
+        started = time.monotonic()
+        try:
+            released = await asyncio.wait_for(self.assembly.release(series), RELEASE_TIMEOUT_S)
+        except Exception as exc:
+            log.warning(
+                "analysis stopped; its claim could not be released and is taken over after its lease",
+                series_id=series["_id"],
+                exc_info=exc,
+            )
+            return
+        log.info(
+            "analysis stopped; claim released, attempt not counted"
+            if released
+            else "analysis stopped; claim kept: its outcome was recorded, or another replica holds it",
+            series_id=series["_id"],
+            attempt=series.get("attempts"),
+            released=released,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
     async def analyse(self, series: dict[str, Any]) -> None:
         members = [
@@ -342,6 +375,13 @@ class AnalysisService:
         captured = functools.partial(run_capturing_native_stderr, self.analyser)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
+        except asyncio.CancelledError:
+            # The service stops: ANTs would run on to the end of the analysis in the worker, for
+            # minutes, orphaned once the service exits, its result waited for by nobody.
+            _kill_workers(self._executor)
+            assert self._executor_factory is not None
+            self._executor = self._executor_factory()  # its process starts with the next analysis
+            raise
         except BrokenProcessPool:
             # The worker died (killed for memory, say): a new one for the next analysis; this attempt
             # counts as an unexpected failure (``attempt``).
@@ -357,8 +397,10 @@ class AnalysisService:
             self._executor.submit(fn)
 
     def shutdown(self) -> None:
+        """Stop the worker process now, busy or not (an analysis was stopped and released, or the
+        warm-up is still loading templates)."""
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            _kill_workers(self._executor)
 
     async def _load(self, tenant: str, member: dict[str, Any]) -> pydicom.Dataset:
         assert self.kek is not None
@@ -383,3 +425,14 @@ class AnalysisService:
             self.settings.results_bucket, key, io.BytesIO(ciphertext), metadata={"media-type": media_type}
         )
         return ObjectRef(bucket=stored.bucket, key=key, version_id=stored.version_id)
+
+
+def _kill_workers(executor: Executor) -> None:
+    """Shut ``executor`` down and kill its worker processes (SIGKILL: nothing in an analysis that
+    did not finish is worth keeping; the next worker removes its temporary files, ``workdir``).
+    ``ProcessPoolExecutor`` has no public way to do it before Python 3.14 (``kill_workers``)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    if isinstance(executor, ProcessPoolExecutor):
+        for process in processes:
+            process.kill()
