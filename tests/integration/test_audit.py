@@ -528,6 +528,25 @@ async def test_non_auditors_are_refused_and_every_call_is_audited(mongo, unique,
     assert all(c["event_code"]["code"] == "110101" for c in calls)  # Audit Log Used
 
 
+async def test_a_call_answered_422_is_audited_as_rejected_not_as_allowed(mongo, unique, auditor_client):
+    """FastAPI runs the guard before it validates a route's parameters: an auditor's query with an
+    invalid parameter was recorded as an allowed call with status 200 (found by an API hunt)."""
+    auditor = bearer(f"it-aud422-{unique}", f"it-{unique}", "auditor")
+    response = await auditor_client.get("/audit/events", params={"limit": "many"}, headers=auditor)
+    assert response.status_code == 422
+    deadline = time.monotonic() + 60
+    while (
+        record := await mongo["audit"]["records"].find_one(
+            {"event_type": "enclave.access.recorded", "actor": f"it-aud422-{unique}"}
+        )
+    ) is None:
+        assert time.monotonic() < deadline, "the refused call was not audited"
+        await asyncio.sleep(0.5)
+    data = record["envelope"]["data"]
+    assert (data["outcome"], data["status_code"], data["detail"]) == ("rejected", 422, "invalid_request")
+    assert record["outcome"] != 0  # not a success in the record's DICOM outcome either
+
+
 async def test_export_bundle_verifies_offline_and_cli_verifies_the_database(
     mongo, unique, auditor_client, operator_auditor, tmp_path: Path
 ):
