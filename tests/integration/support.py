@@ -261,3 +261,36 @@ def admin_command(name: str, *args: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL},
         timeout=300,
     )
+
+
+from enclave_common.events import AccessRecorded  # noqa: E402
+
+
+def access_event(
+    *,
+    actor: str,
+    tenant: str,
+    action: str = "read_status",
+    target: str | None = None,
+    roles: list[str] | None = None,
+    correlation_id: str | None = None,
+    outcome: str = "success",
+) -> Envelope:
+    """An ``access.recorded`` event as a service emits it (a test's own actor and tenant)."""
+    data = AccessRecorded(
+        actor=actor,
+        roles=roles or ["uploader"],
+        action=action,
+        target=target,
+        outcome=outcome,  # type: ignore[arg-type]
+        status_code=200 if outcome == "success" else 401,
+        source_address="10.9.8.7",
+    )
+    return Envelope.for_topic(
+        topics.ACCESS_RECORDED,
+        data,
+        source="it-audit",
+        tenant=tenant,
+        actor=actor,
+        correlation_id=correlation_id or f"corr-{actor}",
+    )

@@ -26,10 +26,19 @@ from enclave_audit.fhir import FHIR_JSON, validate_fhir
 from enclave_common import topics
 from enclave_common.auth.dev_issuer import DevIssuer
 from enclave_common.envelope import Envelope
-from enclave_common.events import AccessRecorded
 
 from .conftest import KAFKA, MONGO_URL, SERVICE_PORTS
-from .support import ROOT, STATE, dev_env, kill_hard, publish, restart, restarted_with, wait_for_events
+from .support import (
+    ROOT,
+    STATE,
+    access_event,
+    dev_env,
+    kill_hard,
+    publish,
+    restart,
+    restarted_with,
+    wait_for_events,
+)
 
 AUDIT_URL = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
 OPERATOR_TENANT = "enclave-operator"
@@ -45,34 +54,6 @@ def token(subject: str, tenant: str, roles: Iterable[str]) -> str:
 
 def bearer(subject: str, tenant: str, *roles: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(subject, tenant, roles)}"}
-
-
-def access_event(
-    *,
-    actor: str,
-    tenant: str,
-    action: str = "read_status",
-    target: str | None = None,
-    roles: list[str] | None = None,
-    correlation_id: str | None = None,
-) -> Envelope:
-    data = AccessRecorded(
-        actor=actor,
-        roles=roles or ["uploader"],
-        action=action,
-        target=target,
-        outcome="success",
-        status_code=200,
-        source_address="10.9.8.7",
-    )
-    return Envelope.for_topic(
-        topics.ACCESS_RECORDED,
-        data,
-        source="it-audit",
-        tenant=tenant,
-        actor=actor,
-        correlation_id=correlation_id or f"corr-{actor}",
-    )
 
 
 async def wait_for_records(mongo: Any, keys: list[str], timeout: float = 90.0) -> dict[str, dict[str, Any]]:

@@ -36,16 +36,14 @@ from enclave_audit.signing import Ed25519Signer
 from enclave_audit.store import INDEXES, AuditStore, EventQuery, SyncRecordReader
 from enclave_audit.windows import BucketedAuditHistory
 from enclave_common import topics
-from enclave_common.envelope import Envelope
-from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher, RetryPolicy
 from enclave_common.storage import S3ObjectStore
 from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 
-from .conftest import KAFKA, MONGO_URL
-from .support import ROOT, dev_env
+from .conftest import KAFKA, MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
+from .support import ROOT, access_event, dev_env
 
 
 @dataclass
@@ -78,26 +76,6 @@ def refused(privileges: dict[str, tuple[str, ...]] | Any, recorder: CommandRecor
             if not allows(privileges, action, collection or ""):
                 out.append(f"{name} ({action}) on {collection}")
     return out
-
-
-def access(tenant: str, actor: str, action: str, target: str | None, outcome: str = "success") -> Envelope:
-    data = AccessRecorded(
-        actor=actor,
-        roles=["clinician"],
-        action=action,
-        target=target,
-        outcome=outcome,  # type: ignore[arg-type]
-        status_code=200 if outcome == "success" else 401,
-        source_address="10.9.8.7",
-    )
-    return Envelope.for_topic(
-        topics.ACCESS_RECORDED,
-        data,
-        source="it-audit",
-        tenant=tenant,
-        actor=actor,
-        correlation_id=f"c-{actor}",
-    )
 
 
 def _free_port() -> int:
@@ -152,6 +130,9 @@ async def test_every_command_the_service_sends_is_within_its_append_only_role(un
     tenant = f"it-priv-{unique}"
     settings = AuditSettings(
         service_name=database,
+        s3_endpoint_url=S3_ENDPOINT,
+        s3_access_key_id=S3_KEY,
+        s3_secret_access_key=S3_SECRET,
         worm_bucket=f"enclave-audit-priv-{unique}",
         retention_days=1,
         anomaly=AnomalyThresholds(distinct_studies_limit=3, auth_failure_limit=2),
@@ -187,9 +168,17 @@ async def test_every_command_the_service_sends_is_within_its_append_only_role(un
             store, EventPublisher(broker), AnomalyDetector(settings.anomaly, history), metrics, RetryPolicy()
         )
         events = [
-            access(tenant, f"dr-{unique}", "read_study", f"/studies/priv-{unique}-{i}") for i in range(4)
+            access_event(
+                actor=f"dr-{unique}", tenant=tenant, action="read_study", target=f"/studies/p-{unique}-{i}"
+            )
+            for i in range(4)
         ]
-        events += [access(tenant, f"who-{unique}", "authenticate", None, "unauthenticated") for _ in range(3)]
+        events += [
+            access_event(
+                actor=f"who-{unique}", tenant=tenant, action="authenticate", outcome="unauthenticated"
+            )
+            for _ in range(3)
+        ]
         for event in events:
             await consumer.audit(event.to_bytes(), topics.ACCESS_RECORDED, {})
         await consumer.audit(events[0].to_bytes(), topics.ACCESS_RECORDED, {})  # redelivered: no new record

@@ -176,22 +176,31 @@ class S3ObjectStore:
                 raise s3_error(exc, "create bucket") from exc
 
     async def _has_default_encryption(self, bucket: str) -> bool:
-        try:
-            found = await asyncio.to_thread(self._client.get_bucket_encryption, Bucket=bucket)
-        except ClientError as exc:
-            if _code(exc) == "ServerSideEncryptionConfigurationNotFoundError":
-                return False
-            raise s3_error(exc, "get default encryption") from exc
+        found = await self._configuration(
+            "get default encryption",
+            self._client.get_bucket_encryption,
+            bucket,
+            "ServerSideEncryptionConfigurationNotFoundError",
+        )
         return bool(found.get("ServerSideEncryptionConfiguration", {}).get("Rules"))
 
     async def _has_object_lock(self, bucket: str) -> bool:
-        try:
-            found = await asyncio.to_thread(self._client.get_object_lock_configuration, Bucket=bucket)
-        except ClientError as exc:
-            if _code(exc) == "ObjectLockConfigurationNotFoundError":
-                return False
-            raise s3_error(exc, "get object lock configuration") from exc
+        found = await self._configuration(
+            "get object lock configuration",
+            self._client.get_object_lock_configuration,
+            bucket,
+            "ObjectLockConfigurationNotFoundError",
+        )
         return bool(found.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
+
+    async def _configuration(self, action: str, fn: Any, bucket: str, absent_code: str) -> dict[str, Any]:
+        """A bucket configuration, or ``{}`` when S3 answers ``absent_code`` (none is set)."""
+        try:
+            return dict(await asyncio.to_thread(fn, Bucket=bucket))
+        except ClientError as exc:
+            if _code(exc) == absent_code:
+                return {}
+            raise s3_error(exc, action) from exc
 
     async def put(
         self, bucket: str, key: str, body: IO[bytes], *, metadata: dict[str, str] | None = None
