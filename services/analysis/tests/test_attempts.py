@@ -9,6 +9,8 @@ waited for in silence."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -293,3 +295,32 @@ async def test_where_itk_raised_is_logged_with_an_unexpected_failure() -> None:
         await analysis.attempt(series(attempts=1))
     [entry] = [e for e in logs if e["event"] == "series analysis failed; it will be tried again"]
     assert entry["native_error_at"] == "itkImageMomentsCalculator.hxx:123"
+
+
+async def test_the_assembler_shows_its_backlog_its_last_look_and_the_outcomes_it_published() -> None:
+    """Analysis's Kafka lag stays at zero whatever its assembler does: these metrics are what an
+    alert can read (deploy/k8s: EnclaveAnalysisBacklogStuck, EnclaveAnalysisAssemblerNotLooking)."""
+    analysis, assembly, publisher = service(ValueError("never reached"))
+    registry = analysis.runtime.registry
+    assert registry.get_sample_value("enclave_analysis_outcomes_total", {"outcome": "failed"}) == 0
+    waiting = [series(attempts=4), {**series(attempts=4), "_id": "t:sk2"}]
+
+    async def ready(quiet_period_s: float, incomplete_after_s: float) -> list[dict[str, Any]]:
+        return waiting
+
+    async def claim(found: dict[str, Any], lease_s: float) -> dict[str, Any] | None:
+        analysis.settings = analysis.settings.model_copy(update={"scan_interval_s": 3600.0})
+        return found if found is waiting[0] else None  # the second was taken by another replica
+
+    assembly.ready = ready  # type: ignore[attr-defined]
+    assembly.claim = claim  # type: ignore[attr-defined]
+    before = time.time()
+    assembler = asyncio.create_task(analysis.run_assembler())
+    while not publisher.published:
+        await asyncio.sleep(0.01)
+    assembler.cancel()
+    assert registry.get_sample_value("enclave_analysis_series_ready") == 2
+    looked = registry.get_sample_value("enclave_analysis_assembler_last_look_timestamp_seconds")
+    assert looked is not None and looked >= before
+    assert registry.get_sample_value("enclave_analysis_outcomes_total", {"outcome": "failed"}) == 1
+    assert registry.get_sample_value("enclave_analysis_outcomes_total", {"outcome": "completed"}) == 0

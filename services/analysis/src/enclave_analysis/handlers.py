@@ -35,7 +35,7 @@ from enclave_common.events import (
 )
 from enclave_common.service import ServiceRuntime
 from enclave_common.storage import S3ObjectStore
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
@@ -87,6 +87,28 @@ class AnalysisService:
             ["cause"],
             registry=runtime.registry,
         )
+        # Analysis's Kafka lag says nothing of its work (each instance is filed in the assembler at
+        # once): these show it. A replica sees the whole assembler, so across replicas read max().
+        self.series_ready = Gauge(
+            "enclave_analysis_series_ready",
+            "Series ready to be analysed or reported at the assembler's last look (complete and quiet, "
+            "overdue, or whose lease ran out), at most 20",
+            registry=runtime.registry,
+        )
+        self.assembler_last_look = Gauge(
+            "enclave_analysis_assembler_last_look_timestamp_seconds",
+            "When the assembler last looked for ready series (Unix time); it does not look while it "
+            "analyses a series",
+            registry=runtime.registry,
+        )
+        self.outcomes = Counter(
+            "enclave_analysis_outcomes",
+            "Series outcomes published, by outcome (completed, failed)",
+            ["outcome"],
+            registry=runtime.registry,
+        )
+        for outcome in ("completed", "failed"):  # present at 0, so a rule on their increase can fire
+            self.outcomes.labels(outcome)
         self.store = store
         self.analyser = analyser
         #: Where the analyser runs: a worker process (main.py), so ANTs, which holds the GIL for
@@ -158,9 +180,12 @@ class AnalysisService:
     async def run_assembler(self) -> None:
         while True:
             try:
-                for series in await self.assembly.ready(
+                ready = await self.assembly.ready(
                     self.settings.quiet_period_s, self.settings.incomplete_after_s
-                ):
+                )
+                self.series_ready.set(len(ready))
+                self.assembler_last_look.set_to_current_time()
+                for series in ready:
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
                         await self.attempt(claimed)
@@ -356,6 +381,7 @@ class AnalysisService:
         """Publish a claim's recorded outcome event (``SeriesAssembly.decide``), then finish the series."""
         envelope = Envelope.model_validate_json(decided["envelope"])
         await self.runtime.publisher.publish(decided["topic"], envelope, key=series["series_key"])
+        self.outcomes.labels(decided["outcome"]).inc()
         await self.assembly.finish(
             series, decided["analysis_id"], decided["outcome"], decided.get("reason_code")
         )
