@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import ssl
@@ -99,7 +100,78 @@ def _ssl_context(settings: BaseServiceSettings) -> ssl.SSLContext | None:
     if settings.kafka_ssl_certfile:
         context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    TLS_RELOADER.watch(context, settings)
     return context
+
+
+class TlsMaterialReloader:
+    """Reloads the Kafka client certificate, key and CA into the SSL contexts built from them when
+    the files change (Strimzi renews a KafkaUser's certificate before it expires, and Kubernetes
+    updates the mounted Secret in place). New connections then present the new certificate and trust
+    the new CA; open ones go on until the broker closes them. Without this a service kept the
+    certificate it started with and could not reconnect once that one expired. Written by hand:
+    neither aiokafka nor FastStream reloads TLS material."""
+
+    def __init__(self) -> None:
+        self._watched: list[tuple[ssl.SSLContext, tuple[str | None, str | None, str | None]]] = []
+        self._seen: dict[tuple[str | None, str | None, str | None], bytes] = {}
+
+    def watch(self, context: ssl.SSLContext, settings: BaseServiceSettings) -> None:
+        files = (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile)
+        self._watched.append((context, files))
+        self._seen.setdefault(files, _digest(files))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._watched)
+
+    def check(self) -> int:
+        """Reload every context whose files changed since they were last read; how many were."""
+        reloaded = 0
+        for files, seen in list(self._seen.items()):
+            now = _digest(files)
+            if now == seen:
+                continue
+            certfile, keyfile, cafile = files
+            try:
+                for context, watched in self._watched:
+                    if watched == files:
+                        if certfile:
+                            context.load_cert_chain(certfile, keyfile)
+                        if cafile:
+                            context.load_verify_locations(cafile=cafile)
+                        reloaded += 1
+            except (OSError, ssl.SSLError) as exc:  # mid-update (key and certificate not yet a pair)
+                log.warning(
+                    "kafka TLS material changed but could not be loaded yet", error_type=type(exc).__name__
+                )
+                continue
+            self._seen[files] = now
+            log.info("kafka TLS material reloaded", contexts=reloaded)
+        return reloaded
+
+    async def run_forever(self, interval_s: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.check()
+
+
+def _digest(files: tuple[str | None, ...]) -> bytes:
+    digest = hashlib.sha256()
+    for path in files:
+        if path:
+            try:
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+            except OSError:
+                digest.update(b"<unreadable>")
+        digest.update(b"\x00")
+    return digest.digest()
+
+
+#: The process's reloader: every SSL context built for Kafka is watched by it (``ServiceRuntime``
+#: runs it; the operator tools, which live minutes, do not).
+TLS_RELOADER = TlsMaterialReloader()
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from enclave_common.events import envelope_schema
 from enclave_common.header_limit import ErrorBody, HeaderSizeLimit
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
+    TLS_RELOADER,
     BrokerProducerSlot,
     ConsumerMetrics,
     EventPublisher,
@@ -231,6 +232,8 @@ class ServiceRuntime:
             [BrokerProducerSlot(self.broker), *self.producer_slots], self.consumer_metrics
         )
         self.spawn(senders.run_forever(), "kafka-sender-watchdog")
+        if TLS_RELOADER.active:  # a renewed client certificate is used without a restart
+            self.spawn(TLS_RELOADER.run_forever(), "kafka-tls-reloader")
         log.info("service started", port=self.settings.http_port)
 
     async def stop(self) -> None:
