@@ -19,6 +19,7 @@ import hashlib
 import logging
 import random
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -96,11 +97,12 @@ def connection_options(settings: BaseServiceSettings) -> dict[str, Any]:
 def _ssl_context(settings: BaseServiceSettings) -> ssl.SSLContext | None:
     if settings.kafka_security_protocol == "PLAINTEXT":
         return None
+    read = TLS_RELOADER.digest(settings)  # before loading: a change while loading is seen later
     context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
     if settings.kafka_ssl_certfile:
         context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    TLS_RELOADER.watch(context, settings)
+    TLS_RELOADER.watch(context, settings, read)
     return context
 
 
@@ -113,13 +115,23 @@ class TlsMaterialReloader:
     neither aiokafka nor FastStream reloads TLS material."""
 
     def __init__(self) -> None:
-        self._watched: list[tuple[ssl.SSLContext, tuple[str | None, str | None, str | None]]] = []
+        #: Contexts no client holds any more (a replaced producer's) are dropped with it.
+        self._watched: weakref.WeakKeyDictionary[
+            ssl.SSLContext, tuple[str | None, str | None, str | None]
+        ] = weakref.WeakKeyDictionary()
         self._seen: dict[tuple[str | None, str | None, str | None], bytes] = {}
 
-    def watch(self, context: ssl.SSLContext, settings: BaseServiceSettings) -> None:
+    @staticmethod
+    def digest(settings: BaseServiceSettings) -> bytes:
+        return _digest((settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile))
+
+    def watch(
+        self, context: ssl.SSLContext, settings: BaseServiceSettings, read: bytes | None = None
+    ) -> None:
+        """Reload ``context`` when its files change; ``read``: their digest when it was loaded."""
         files = (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile)
-        self._watched.append((context, files))
-        self._seen.setdefault(files, _digest(files))
+        self._watched[context] = files
+        self._seen.setdefault(files, read if read is not None else _digest(files))
 
     @property
     def active(self) -> bool:
@@ -134,7 +146,7 @@ class TlsMaterialReloader:
                 continue
             certfile, keyfile, cafile = files
             try:
-                for context, watched in self._watched:
+                for context, watched in list(self._watched.items()):
                     if watched == files:
                         if certfile:
                             context.load_cert_chain(certfile, keyfile)

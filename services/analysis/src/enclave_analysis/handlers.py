@@ -97,8 +97,8 @@ class AnalysisService:
         )
         self.assembler_last_look = Gauge(
             "enclave_analysis_assembler_last_look_timestamp_seconds",
-            "When the assembler last looked for ready series (Unix time); it does not look while it "
-            "analyses a series",
+            "When the assembler last looked for ready series or took the next one of them (Unix time); "
+            "nothing moves it while one series is analysed",
             registry=runtime.registry,
         )
         self.outcomes = Counter(
@@ -186,6 +186,7 @@ class AnalysisService:
                 self.series_ready.set(len(ready))
                 self.assembler_last_look.set_to_current_time()
                 for series in ready:
+                    self.assembler_last_look.set_to_current_time()  # a pass may hold 20 analyses
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
                         await self.attempt(claimed)
