@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -343,13 +344,10 @@ def error_content(error_body: ErrorBody, status: int, detail: dict[str, Any]) ->
 
 
 def _dependency_unavailable(error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
-    async def handle(request: Request, exc: Exception) -> Response:
-        return await _answer_unavailable(request, exc, error_body)
-
-    return handle
+    return functools.partial(_answer_unavailable, error_body=error_body)
 
 
-async def _answer_unavailable(request: Request, exc: Exception, error_body: ErrorBody) -> Response:
+async def _answer_unavailable(request: Request, exc: Exception, *, error_body: ErrorBody) -> Response:
     """A route failed because a dependency did not answer (the database, the object store, Kafka):
     503 with ``Retry-After`` in the services' error shape, naming what did not answer, instead of a
     bare 500. So is a service whose machine ran out of disk space or open files (``resource_exhausted``:

@@ -79,9 +79,8 @@ def _status(exc: ClientError) -> int:
 
 def s3_error(exc: ClientError, action: str) -> PermanentError | TransientError:
     """Classify a botocore ClientError; the message names the action and S3's code only."""
-    code = exc.response.get("Error", {}).get("Code", "Unknown")
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    if code in _TRANSIENT_CODES or status >= 500:
+    code = _code(exc)
+    if code in _TRANSIENT_CODES or _status(exc) >= 500:
         return TransientError(f"object store {action} failed ({code})")
     return PermanentError(f"object store {action} failed ({code})", code=f"s3_{code}")
 

@@ -20,7 +20,6 @@ from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
 from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
-    DICOM_JSON_MEDIA_TYPE,
     STOW_RESPONSE_TYPES,
     FailedInstance,
     StoredInstance,
@@ -126,7 +125,7 @@ def build_router(
         failed = [FailedInstance.from_failure(p.failure) for p in outcome.failed]
         body = build_stow_response(f"{public_base_url.rstrip('/')}/dicomweb", stored, failed, study)
         # The type the Accept header prefers: application/json when application/dicom+json is declined.
-        media_type = request.state.response_media_type or DICOM_JSON_MEDIA_TYPE
+        media_type = request.state.response_media_type
         return JSONResponse(body, status_code=stow_status(stored, failed), media_type=media_type)
 
     upload = guard.require(Action.UPLOAD)
@@ -399,13 +398,14 @@ def _check_request_line(request: Request, study: str | None, *, stow: bool) -> N
     body was answered as a body without its boundary, an unknown encoding was read as if plain, a
     study UID in the URL that is no UID failed every instance one by one after the whole body, and a
     STOW-RS request whose Accept admits no JSON got JSON."""
-    accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
-    request.state.response_media_type = negotiate(accept, STOW_RESPONSE_TYPES)
-    if stow and request.state.response_media_type is None:
-        raise _NotAcceptable(
-            "the STOW-RS response is sent as application/dicom+json (or application/json) and "
-            "the Accept header admits neither; application/dicom+xml is not offered"
-        )
+    if stow:
+        accept = ", ".join(request.headers.getlist("accept")) or None  # repeated lines are one list
+        request.state.response_media_type = negotiate(accept, STOW_RESPONSE_TYPES)
+        if request.state.response_media_type is None:
+            raise _NotAcceptable(
+                "the STOW-RS response is sent as application/dicom+json (or application/json) and "
+                "the Accept header admits neither; application/dicom+xml is not offered"
+            )
     encoding = (request.headers.get("content-encoding") or "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaTypeError(
