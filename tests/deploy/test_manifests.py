@@ -307,6 +307,9 @@ def test_alerts_cover_the_required_conditions(documents, lint):
         "EnclaveAuditVerifyFailed",
         "EnclaveCertificateExpiringSoon",
         "EnclavePodNotReady",
+        "EnclaveKafkaClientCertificateExpiring",
+        "EnclaveKafkaTlsReloadFailing",
+        "EnclaveKafkaRetiredCaTrusted",
     ):
         assert required in alerts
     docs = (REPO_ROOT / "docs" / "operations.md").read_text()

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaConnectionError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -36,7 +38,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.security import BaseSecurity
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, TracerProvider
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from enclave_common import topics
@@ -106,24 +108,86 @@ def _ssl_context(settings: BaseServiceSettings) -> ssl.SSLContext | None:
     return context
 
 
+_Files = tuple[str | None, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class _Material:
+    """What a set of TLS files held when it was last loaded into the contexts built from it."""
+
+    #: The client certificate's notAfter (epoch seconds); None without a client certificate.
+    not_after: float | None
+    #: SHA-256 fingerprints of the CA certificates in the CA file.
+    cas: frozenset[bytes]
+
+    @classmethod
+    def read(cls, files: _Files) -> _Material:
+        certfile, _, cafile = files
+        not_after = None
+        if certfile:
+            with open(certfile, "rb") as handle:
+                not_after = x509.load_pem_x509_certificates(handle.read())[0].not_valid_after_utc.timestamp()
+        cas: frozenset[bytes] = frozenset()
+        if cafile:
+            with open(cafile, "rb") as handle:
+                cas = frozenset(
+                    c.fingerprint(hashes.SHA256()) for c in x509.load_pem_x509_certificates(handle.read())
+                )
+        return cls(not_after, cas)
+
+
+class TlsMetrics:
+    """The reloader's state on a service's /metrics (``ServiceRuntime`` attaches them)."""
+
+    def __init__(self, reloader: TlsMaterialReloader, registry: CollectorRegistry | None) -> None:
+        expiry = Gauge(
+            "enclave_kafka_tls_certificate_expiry_timestamp_seconds",
+            "When the Kafka client certificate in use expires (the earliest, if several)",
+            registry=registry,
+        )
+        expiry.set_function(lambda: reloader.earliest_expiry or float("nan"))
+        retired = Gauge(
+            "enclave_kafka_tls_retired_ca_trusted",
+            "1 when a CA removed from the Kafka CA file is still trusted (an SSL context can only add "
+            "CAs): restart the service to stop trusting it",
+            registry=registry,
+        )
+        retired.set_function(lambda: 1.0 if reloader.retired_ca_trusted else 0.0)
+        self.reload_failures = Counter(
+            "enclave_kafka_tls_reload_failures",
+            "Changed Kafka TLS files that could not be loaded (retried every minute)",
+            registry=registry,
+        )
+        reloader.attach(self)
+
+
 class TlsMaterialReloader:
     """Reloads the Kafka client certificate, key and CA into the SSL contexts built from them when
     the files change (Strimzi renews a KafkaUser's certificate before it expires, and Kubernetes
     updates the mounted Secret in place). New connections then present the new certificate and trust
     the new CA; open ones go on until the broker closes them. Without this a service kept the
     certificate it started with and could not reconnect once that one expired. Written by hand:
-    neither aiokafka nor FastStream reloads TLS material."""
+    neither aiokafka nor FastStream reloads TLS material.
+
+    An SSL context can add CAs but not remove one: a CA taken out of the CA file stays trusted until
+    the process restarts. The reloader says so (``retired_ca_trusted``, a metric and an alert)
+    instead of restarting the service itself."""
 
     def __init__(self) -> None:
         #: Contexts no client holds any more (a replaced producer's) are dropped with it.
-        self._watched: weakref.WeakKeyDictionary[
-            ssl.SSLContext, tuple[str | None, str | None, str | None]
-        ] = weakref.WeakKeyDictionary()
-        self._seen: dict[tuple[str | None, str | None, str | None], bytes] = {}
+        self._watched: weakref.WeakKeyDictionary[ssl.SSLContext, _Files] = weakref.WeakKeyDictionary()
+        self._seen: dict[_Files, bytes] = {}
+        self._loaded: dict[_Files, _Material] = {}
+        #: Every CA each set of files ever loaded: what its contexts trust.
+        self._trusted: dict[_Files, frozenset[bytes]] = {}
+        self._metrics: list[TlsMetrics] = []
 
     @staticmethod
     def digest(settings: BaseServiceSettings) -> bytes:
         return _digest((settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile))
+
+    def attach(self, metrics: TlsMetrics) -> None:
+        self._metrics.append(metrics)
 
     def watch(
         self, context: ssl.SSLContext, settings: BaseServiceSettings, read: bytes | None = None
@@ -131,11 +195,23 @@ class TlsMaterialReloader:
         """Reload ``context`` when its files change; ``read``: their digest when it was loaded."""
         files = (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile)
         self._watched[context] = files
-        self._seen.setdefault(files, read if read is not None else _digest(files))
+        if files not in self._seen:
+            self._seen[files] = read if read is not None else _digest(files)
+            with contextlib.suppress(OSError, ValueError):  # the context loaded them: only if replaced since
+                self._record(files, _Material.read(files))
 
     @property
     def active(self) -> bool:
         return bool(self._watched)
+
+    @property
+    def earliest_expiry(self) -> float | None:
+        """The earliest notAfter of the client certificates in use (epoch seconds)."""
+        return min((m.not_after for m in self._loaded.values() if m.not_after is not None), default=None)
+
+    @property
+    def retired_ca_trusted(self) -> bool:
+        return any(self._trusted[files] - material.cas for files, material in self._loaded.items())
 
     def check(self) -> int:
         """Reload every context whose files changed since they were last read; how many were."""
@@ -146,6 +222,7 @@ class TlsMaterialReloader:
                 continue
             certfile, keyfile, cafile = files
             try:
+                material = _Material.read(files)
                 for context, watched in list(self._watched.items()):
                     if watched == files:
                         if certfile:
@@ -153,14 +230,29 @@ class TlsMaterialReloader:
                         if cafile:
                             context.load_verify_locations(cafile=cafile)
                         reloaded += 1
-            except (OSError, ssl.SSLError) as exc:  # mid-update (key and certificate not yet a pair)
+            except (
+                OSError,
+                ValueError,
+                ssl.SSLError,
+            ) as exc:  # mid-update (key and certificate not yet a pair)
                 log.warning(
                     "kafka TLS material changed but could not be loaded yet", error_type=type(exc).__name__
                 )
+                for metrics in self._metrics:
+                    metrics.reload_failures.inc()
                 continue
             self._seen[files] = now
-            log.info("kafka TLS material reloaded", contexts=reloaded)
+            self._record(files, material)
+            log.info(
+                "kafka TLS material reloaded",
+                contexts=reloaded,
+                retired_ca_trusted=bool(self._trusted[files] - material.cas),
+            )
         return reloaded
+
+    def _record(self, files: _Files, material: _Material) -> None:
+        self._loaded[files] = material
+        self._trusted[files] = self._trusted.get(files, frozenset()) | material.cas
 
     async def run_forever(self, interval_s: float = 60.0) -> None:
         while True:

@@ -58,6 +58,7 @@ from enclave_common.kafka import (
     ProducerSlot,
     RetryPolicy,
     SenderWatchdog,
+    TlsMetrics,
     create_broker,
     reliable_consumer,
 )
@@ -122,6 +123,8 @@ class ServiceRuntime:
         self.db = self.mongo[settings.mongo_database]
         self.processed: ProcessedEvents = processed or MongoProcessedEvents(self.db)
         self.consumer_metrics = ConsumerMetrics(self.registry)
+        #: The Kafka TLS reloader's state, on /metrics when the clients use TLS (set in start()).
+        self.tls_metrics: TlsMetrics | None = None
         self.retry = RetryPolicy.from_settings(settings)
         self.readiness: dict[str, ReadinessCheck] = {
             "kafka": self._kafka_ready,
@@ -234,6 +237,7 @@ class ServiceRuntime:
         )
         self.spawn(senders.run_forever(), "kafka-sender-watchdog")
         if TLS_RELOADER.active:  # a renewed client certificate is used without a restart
+            self.tls_metrics = TlsMetrics(TLS_RELOADER, self.registry)
             self.spawn(TLS_RELOADER.run_forever(), "kafka-tls-reloader")
         log.info("service started", port=self.settings.http_port)
 
