@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 from enclave_common import topics as t
+from enclave_common.settings import BaseServiceSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE = REPO_ROOT / "deploy" / "k8s" / "base"
@@ -40,6 +41,10 @@ UID = 10001
 KEDA_USER = "enclave-keda"
 #: The operators' identity for dead-letter replay (`enclave-dlq`), used only from the toolbox pod.
 OPERATOR_USER = "enclave-operator"
+#: The in-cluster Prometheus KEDA asks for backlogs Kafka does not see (analysis's series): the
+#: Service prometheus-operator creates for the Prometheus in namespace ``monitoring``, which scrapes
+#: the services (base/monitoring). Edit it for a Prometheus elsewhere (docs/operations.md, "Scale").
+PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,15 @@ class Service:
     max_replicas: int
     #: Reached from outside through the ingress controller.
     public: bool = False
+    #: Public services: how long requests still open at a stop may run (``ENCLAVE_<SERVICE>_HTTP_DRAIN_S``,
+    #: uvicorn's graceful timeout), written to the ConfigMap and counted in the grace period. None:
+    #: the code's default.
+    http_drain_s: int | None = None
     s3: bool = False
     #: Egress to HTTPS outside the cluster (S3, AWS KMS, the auditor API's OIDC JWKS). The gateway
     #: has none: it needs only its IdP's JWKS, which an overlay allows by address (docs/operations.md).
+    #: Public addresses only: private endpoints of S3, KMS or STS (VPC interface endpoints) are allowed
+    #: by CIDR in an overlay (``enclave-private-endpoints`` in overlays/prod/network.yaml).
     https_egress: bool = False
     #: Holds a claim on work outside Kafka that a stop releases (analysis: its series claim).
     releases_claim: bool = False
@@ -94,6 +105,9 @@ class Service:
     pattern: bool = False
     #: Consumers scale on their group's lag (KEDA); the HTTP edge on CPU (HPA).
     scale_on_lag: bool = True
+    #: A gauge of the work waiting outside Kafka, counted in what one replica works on at a time, which
+    #: every replica reports alike: KEDA scales on its ``max()`` as well as on the lag (``scaled_object``).
+    backlog_gauge: str | None = None
     config: dict[str, str] = field(default_factory=dict)
     secret_files: tuple[SecretFile, ...] = ()
     config_dirs: tuple[ConfigDir, ...] = ()
@@ -135,6 +149,13 @@ OIDC = {
 #: deid has its own, mounted as a file).
 #: The size of ingest's /tmp emptyDir, which holds its spool (its settings publish it for the alert).
 INGEST_TMP_GIB = 6
+#: The gateway's largest request (``MAX_REQUEST_BYTES``, 4 GiB) at the slowest rate measured for a
+#: 1 GiB STOW request (28 MiB/s, docs/gateway.md) takes 146 s: a stop lets it finish.
+GATEWAY_HTTP_DRAIN_S = 150
+#: Audit's largest export (200,000 records, ~660 MB) is built in about 100 s at the measured 2,000
+#: records/s before its first byte is sent; 120 s leaves 20 s to send it. A slower export (a slow
+#: client, a slower database) is still cut: export in parts (docs/audit.md).
+AUDIT_HTTP_DRAIN_S = 120
 PSEUDONYM_SECRET = "enclave-upload-pseudonym-key"  # noqa: S105 - the Secret's name, not its value
 
 SERVICES: tuple[Service, ...] = (
@@ -158,6 +179,7 @@ SERVICES: tuple[Service, ...] = (
         min_replicas=2,
         max_replicas=10,
         public=True,
+        http_drain_s=GATEWAY_HTTP_DRAIN_S,
         scale_on_lag=False,
         config={
             **OIDC,
@@ -257,6 +279,11 @@ SERVICES: tuple[Service, ...] = (
         s3=True,
         https_egress=True,
         releases_claim=True,
+        # Its lag stays near zero (each instance is filed in MongoDB at once): its work is the series
+        # waiting there, minutes of CPU each, analysed one at a time per replica (its worker process).
+        # Series being analysed are not counted (their lease holds them); a replica reports what it
+        # saw at the start of its pass until the pass ends.
+        backlog_gauge="enclave_analysis_series_ready",
         config={
             # The de-identified copies' keys are wrapped under deid's KEK (analysis only unwraps).
             "KMS_KEY_ID": "alias/enclave-deid",
@@ -276,6 +303,7 @@ SERVICES: tuple[Service, ...] = (
         min_replicas=2,
         max_replicas=6,
         public=True,
+        http_drain_s=AUDIT_HTTP_DRAIN_S,
         s3=True,
         https_egress=True,
         pattern=True,
@@ -439,6 +467,8 @@ def config_data(s: Service) -> dict[str, str]:
     if s.s3:
         data["ENCLAVE_S3_ENDPOINT_URL"] = "https://s3.eu-central-1.amazonaws.com"
         data["ENCLAVE_S3_REGION"] = "eu-central-1"
+    if s.http_drain_s is not None:
+        data[f"{s.env_prefix}HTTP_DRAIN_S"] = str(s.http_drain_s)
     for key, value in s.config.items():
         data[s.env_prefix + key] = value
     for f in s.secret_files:
@@ -471,9 +501,10 @@ def services_kustomization() -> dict[str, Any]:
 #: (docs/operations.md, "Shutdown and drain"; tests/deploy reads the code's values and checks these).
 #: The ingress controller stops routing to a public pod while it sleeps in preStop, before SIGTERM.
 PRE_STOP_SLEEP_S = 5
-#: uvicorn's ``timeout_graceful_shutdown`` (``enclave_common.service.run_service``): requests still
-#: open then are cancelled.
-HTTP_DRAIN_S = 20
+#: uvicorn's ``timeout_graceful_shutdown`` where a service sets no ``http_drain_s`` of its own
+#: (``BaseServiceSettings.http_drain_s``, passed by ``enclave_common.service.run_service``): requests
+#: still open then are cancelled.
+DEFAULT_HTTP_DRAIN_S: int = BaseServiceSettings.model_fields["http_drain_s"].default
 #: A service with no API of its own has only probes and scrapes in flight; /readyz's checks time
 #: out after 5 s (``ServiceRuntime.readiness_report``).
 PROBE_DRAIN_S = 5
@@ -492,10 +523,15 @@ SPAN_EXPORT_S = 30
 GRACE_MARGIN_S = 20
 
 
+def http_drain_s(s: Service) -> int:
+    """How long ``s``'s requests still open at a stop may run: its setting, else the code's default."""
+    return DEFAULT_HTTP_DRAIN_S if s.http_drain_s is None else s.http_drain_s
+
+
 def drain_phases(s: Service) -> dict[str, int]:
     """The worst case of each shutdown step of ``s``'s pods, in seconds, in the order they run."""
     phases = {"preStop sleep": PRE_STOP_SLEEP_S} if s.public else {}
-    phases["HTTP requests"] = HTTP_DRAIN_S if s.public else PROBE_DRAIN_S
+    phases["HTTP requests"] = http_drain_s(s) if s.public else PROBE_DRAIN_S
     if s.releases_claim:
         phases["claim release"] = CLAIM_RELEASE_S
     phases |= {
@@ -689,7 +725,8 @@ def trigger_authentication() -> dict[str, Any]:
 
 
 def scaled_object(s: Service) -> dict[str, Any]:
-    """Scale a consumer on its group's lag; never past the partitions it can be assigned."""
+    """Scale a consumer on its group's lag, and on its backlog outside Kafka where it has one; never
+    past the partitions it can be assigned."""
     base = {
         "bootstrapServers": KAFKA_BOOTSTRAP_FQDN,
         "consumerGroup": s.group,
@@ -711,6 +748,19 @@ def scaled_object(s: Service) -> dict[str, Any]:
             }
             for topic in consumed
         ]
+    if s.backlog_gauge is not None:
+        # Threshold 1: one replica per unit waiting, each a replica's work for a while (analysis: one
+        # series, minutes of CPU), up to maxReplicaCount. The HPA takes the larger of this and the lag.
+        triggers.append(
+            {
+                "type": "prometheus",
+                "metadata": {
+                    "serverAddress": PROMETHEUS_URL,
+                    "query": f'max({s.backlog_gauge}{{namespace="{NAMESPACE}"}})',
+                    "threshold": "1",
+                },
+            }
+        )
     most = max(partitions(topic) for topic in consumed)
     return {
         "apiVersion": "keda.sh/v1alpha1",

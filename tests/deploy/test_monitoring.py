@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 
 import pytest
 from enclave_common import topics
@@ -127,3 +128,45 @@ def test_prometheus_selects_the_rules_and_the_scrape_targets_by_the_same_labels(
     assert set(labels) == set(kinds)
     assert len({json.dumps(v, sort_keys=True) for v in labels.values()}) == 1, labels
     assert labels["PrometheusRule"].get("release") == "prometheus"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_analysis_scales_on_the_series_waiting_for_it(overlay, documents):
+    """Analysis's lag stays near zero while series wait in MongoDB for minutes of CPU each: scaled on
+    lag alone it stayed at its floor with a backlog. KEDA asks Prometheus for the backlog every
+    replica reports (``max``, not ``sum``), one replica per waiting series, besides the lag."""
+    docs = documents[overlay]
+    (scaled,) = [
+        d for d in docs if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "enclave-analysis"
+    ]
+    triggers = scaled["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"kafka", "prometheus"}
+    (backlog,) = [t for t in triggers if t["type"] == "prometheus"]
+    query = backlog["metadata"]["query"]
+    (metric,) = METRIC.findall(query)
+    assert metric in _exported_enclave_metrics()
+    assert metric == "enclave_analysis_series_ready"
+    assert re.fullmatch(rf'max\({metric}\{{namespace="{scaled["metadata"]["namespace"]}"\}}\)', query)
+    assert float(backlog["metadata"]["threshold"]) == 1
+    # The Prometheus asked is the one the services admit scrapes from.
+    address = urllib.parse.urlsplit(backlog["metadata"]["serverAddress"])
+    assert address.scheme == "http" and address.port == 9090
+    _, namespace, svc = address.hostname.split(".")
+    assert svc == "svc"
+    (policy,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "enclave-analysis"
+    ]
+    scrapers = [
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+    ]
+    assert namespace in scrapers
+    others = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "ScaledObject"
+        and d is not scaled
+        and any(t["type"] != "kafka" for t in d["spec"]["triggers"])
+    ]
+    assert others == []

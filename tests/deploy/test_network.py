@@ -111,3 +111,32 @@ def test_the_gateway_reaches_outside_the_cluster_only_its_identity_providers_jwk
         [dep] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "enclave-gateway"]
         mounts = [m["mountPath"] for m in dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]]
         assert any(config["ENCLAVE_GATEWAY_OIDC_JWKS_FILE"].startswith(m + "/") for m in mounts)
+
+
+def test_prod_reaches_private_endpoints_of_s3_and_kms_only_from_their_users_on_443(documents, gen):
+    """The base's HTTPS egress excludes the private ranges, so S3, KMS and STS behind VPC interface
+    endpoints (private addresses) were unreachable. The prod overlay allows 443 to the endpoints'
+    subnets, for exactly the services that call S3 or KMS, and nothing wider than a subnet."""
+    docs = documents["prod"]
+    (policy,) = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "enclave-private-endpoints"
+    ]
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    users = {s.group for s in gen.SERVICES if s.s3 or "KMS_KEY_ID" in s.config}
+    selector = policy["spec"]["podSelector"]
+    selected = {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "Deployment" and selects(selector, d["spec"]["template"]["metadata"]["labels"])
+    }
+    assert users and selected == users
+    for rule in policy["spec"]["egress"]:
+        assert rule["ports"] == [{"protocol": "TCP", "port": 443}], rule
+        peers = rule["to"]
+        assert peers and all(set(peer) == {"ipBlock"} for peer in peers), peers
+        for peer in peers:
+            block = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+            assert any(block.subnet_of(private) for private in PRIVATE), f"{block} is not private"
+            assert block.prefixlen >= 20, f"{block} is wider than the endpoints' subnets"

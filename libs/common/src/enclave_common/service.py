@@ -614,7 +614,8 @@ def run_service(
 
     With a certificate (``ssl_certfile``/``ssl_keyfile``), Python's server context refuses
     anything older than TLS 1.2. With ``http_reuse_port`` the listening socket is bound with
-    SO_REUSEPORT, so replicas on one host share the port."""
+    SO_REUSEPORT, so replicas on one host share the port. At a stop, requests still open get
+    ``http_drain_s`` seconds to finish before they are cancelled."""
     import uvicorn
 
     configure_logging(settings.service_name, settings.log_level)
@@ -630,7 +631,7 @@ def run_service(
         port=settings.http_port,
         access_log=False,
         log_config=None,
-        timeout_graceful_shutdown=20,
+        timeout_graceful_shutdown=settings.http_drain_s,
         loop="uvloop",
         http="httptools",
         **uvicorn_options,

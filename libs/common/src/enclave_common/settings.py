@@ -47,6 +47,10 @@ class BaseServiceSettings(BaseSettings):
     #: Bind with SO_REUSEPORT, so several replicas of a service on one host share the port and the
     #: kernel spreads connections over them (a Python process uses one core).
     http_reuse_port: bool = False
+    #: How long requests still open at a stop may run before they are cancelled (uvicorn's
+    #: ``timeout_graceful_shutdown``). Long enough for the largest request the service takes at the
+    #: rate it is served (deploy/k8s sets it per service and counts it in the pod's grace period).
+    http_drain_s: int = Field(default=20, ge=1, le=600)
     #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
     max_header_bytes: int = Field(default=32 * 1024, ge=1024)
     log_level: str = "INFO"
