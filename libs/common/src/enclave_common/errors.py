@@ -10,6 +10,7 @@ Messages must never contain PHI: they end up in logs, DLQ headers and events.
 from __future__ import annotations
 
 import errno
+import re
 from functools import cache
 from types import CodeType
 
@@ -70,9 +71,14 @@ def _transient_types() -> tuple[type[BaseException], ...]:
             NoCredentialsError,
             PartialCredentialsError,
             ReadTimeoutError,
+            SSLError,
         )
 
         found += [EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError]
+        # TLS with the object store failed (its certificate is not trusted, or it does not speak
+        # TLS): fixed outside the event, by the CA bundle or the endpoint, never a reason to
+        # dead-letter it.
+        found += [SSLError]
         # The service has no (complete) S3 credentials: like credentials the store refuses
         # (storage._TRANSIENT_CODES), fixed outside the event, never a reason to dead-letter it.
         found += [NoCredentialsError, PartialCredentialsError]
@@ -137,6 +143,29 @@ def unavailable_dependency(exc: BaseException) -> str | None:
     if not (isinstance(exc, _transient_types()) or _retriable_kafka_error(exc)):
         return None
     return _DEPENDENCY_OF_PACKAGE.get(type(exc).__module__.split(".", 1)[0], "a dependency")
+
+
+_OPENSSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\][^(\n]*")
+
+
+def startup_failure(exc: BaseException) -> str:
+    """Why a service could not start, for its one ``cannot start`` log line: Enclave's own message,
+    or the dependency and the exception's type (a third-party message may quote data); a TLS
+    failure with OpenSSL's reason, which names no data (``[SSL: CERTIFICATE_VERIFY_FAILED] ...``)."""
+    if isinstance(exc, EnclaveError):
+        return str(exc)
+    dependency = unavailable_dependency(exc)
+    tls = _OPENSSL_REASON.search(str(exc)) if dependency is not None else None
+    if tls is not None:
+        hint = (
+            " (an object store whose certificate a private CA signs: ENCLAVE_<SERVICE>_S3_CA_BUNDLE)"
+            if dependency == "the object store"
+            else ""
+        )
+        return f"TLS with {dependency} failed: {tls.group(0).strip()}{hint}"
+    if dependency is not None:
+        return f"{dependency} is unavailable ({type(exc).__name__})"
+    return f"unexpected {type(exc).__name__}"
 
 
 #: ``OSError`` numbers that mean the service's machine ran out of something, not that the input was

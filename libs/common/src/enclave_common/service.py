@@ -38,11 +38,11 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_common.errors import (
-    ConfigurationError,
     EnclaveError,
     TransientError,
     dependency_failure_types,
     exhausted_resource,
+    startup_failure,
     unavailable_dependency,
 )
 from enclave_common.events import envelope_schema
@@ -222,8 +222,8 @@ class ServiceRuntime:
         for fn in self._startup:
             try:
                 await fn()
-            except ConfigurationError as exc:  # one line that says what to fix, before the traceback
-                log.error("cannot start", reason=str(exc))
+            except Exception as exc:  # one line that says what to fix, before the traceback
+                log.error("cannot start", reason=startup_failure(exc))
                 raise
         await self.broker.start()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform / loop

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from cryptography import x509
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -71,6 +72,10 @@ class BaseServiceSettings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
+    #: PEM file of the CA certificates that sign the object store's TLS certificate (an on-premises
+    #: S3 with a private CA). Unset: the system's trust store. For the object store only: AWS KMS
+    #: keeps the public trust store (``AWS_CA_BUNDLE`` would replace it for every AWS call).
+    s3_ca_bundle: str | None = None
     #: Whether a service creates its bucket at start, and turns on versioning and default encryption
     #: where they are off. An existing configuration is never replaced (an SSE-KMS default stays
     #: SSE-KMS). False when the buckets are provisioned beforehand and the service's S3 user may
@@ -104,6 +109,22 @@ class BaseServiceSettings(BaseSettings):
     def mongo_database(self) -> str:
         """Each service owns one database, named after it."""
         return self.service_name
+
+    @field_validator("s3_ca_bundle")
+    @classmethod
+    def _readable_ca_bundle(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as handle:
+                found = x509.load_pem_x509_certificates(handle.read())
+        except OSError as exc:
+            raise ValueError(f"cannot read {path} ({exc.strerror or type(exc).__name__})") from None
+        except ValueError:
+            found = []
+        if not found:
+            raise ValueError(f"{path} holds no PEM certificate (BEGIN CERTIFICATE)")
+        return path
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> BaseServiceSettings:

@@ -100,6 +100,7 @@ class S3ObjectStore:
             aws_secret_access_key=(
                 settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
             ),
+            verify=settings.s3_ca_bundle,  # None: the system's trust store
             config=Config(
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,
