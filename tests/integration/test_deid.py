@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from enclave_common import topics
@@ -25,7 +26,7 @@ from enclave_common.settings import BaseServiceSettings
 from enclave_common.storage import S3ObjectStore
 from pydicom.uid import generate_uid
 
-from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET
+from .conftest import MONGO_URL, S3_ENDPOINT, S3_KEY, S3_SECRET, SERVICE_PORTS
 from .support import (
     PHI,
     ROOT,
@@ -39,6 +40,7 @@ from .support import (
     sealed_chunk_envelopes,
     wait_for_events,
 )
+from .test_gateway_support import bearer
 
 sys.path.insert(0, str(ROOT / "services/deid/tests"))
 from deid_leakscan import find_leaks  # noqa: E402
@@ -283,12 +285,19 @@ def _linkage_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 async def test_break_glass_reads_linkage_only_with_justification_and_is_audited(mongo):
     data, original = mr_instance()
-    event = await _deidentified(await _send(data))
-    pseudonym = event.payload(InstanceDeidentified).patient_pseudonym
+    iuid = await _send(data)
+    event = await _deidentified(iuid)
+    (stored,) = await wait_for_events(topics.INSTANCE_STORED, _for(iuid))
+    patient_key = stored.data["patient_key"]
+    released = event.payload(InstanceDeidentified)
+    pseudonym = released.patient_pseudonym
+    assert released.patient_key == patient_key  # one key finds the patient's trail (below)
     stored_linkage = [
         d async for d in mongo["deid"]["linkage"].find({"tenant": TENANT, "patient_pseudonym": pseudonym})
     ]
     assert stored_linkage and not [n for n in _phi_needles(original) if n in repr(stored_linkage).encode()]
+    mine = next(d for d in stored_linkage if d["instance_key"] == stored.data["instance_key"])
+    assert mine["patient_key"] == patient_key
     actor = f"user:dr-it-{new_event_id()[-6:]}"
     base = ["--tenant", TENANT, "--pseudonym", pseudonym, "--actor", actor, "--role", "clinician"]
     refused = _linkage_cli(*base, "--justification", "because")
@@ -303,13 +312,29 @@ async def test_break_glass_reads_linkage_only_with_justification_and_is_audited(
     (access,) = await wait_for_events(topics.ACCESS_RECORDED, lambda e: e.actor == actor)
     recorded = access.payload(AccessRecorded)
     assert recorded.action == "break_glass_linkage" and recorded.outcome == "success"
-    assert recorded.target == f"patient_pseudonym:{pseudonym}" and "incidental finding" in (
-        recorded.detail or ""
-    )
+    # Records stored before the sixteenth session carry no patient key: every key here is this one.
+    assert recorded.target == f"patient_pseudonym:{pseudonym}/patient:{patient_key}"
+    assert "incidental finding" in (recorded.detail or "")
     assert access.correlation_id == disclosure["session_id"] and access.tenant == TENANT
     (alert,) = await wait_for_events(topics.SECURITY_ALERT, lambda e: e.actor == actor)
     assert alert.data["rule"] == "break_glass" and alert.data["subject"] == actor
     assert alert.correlation_id == disclosure["session_id"]
+
+    # The auditor's accounting of disclosures: the patient key the gateway answers with finds the
+    # break-glass read and the de-identification, not only the upload (before: only the upload).
+    auditor = bearer(f"it-auditor-{new_event_id()[-6:]}", "enclave-operator", "auditor")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{SERVICE_PORTS['audit']}") as client:
+        found: dict[str, str] = {}
+        for _ in range(60):
+            page = await client.get(
+                "/audit/events", params={"patient": patient_key, "limit": 1000}, headers=auditor
+            )
+            assert page.status_code == 200, page.text
+            found = {r["event_id"]: r["topic"] for r in page.json()["records"]}
+            if event.id in found and access.id in found:
+                break
+            await asyncio.sleep(0.5)
+    assert found.get(event.id) == topics.INSTANCE_DEIDENTIFIED and access.id in found
 
 
 async def test_deid_log_is_free_of_planted_phi():

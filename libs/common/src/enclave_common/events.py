@@ -122,7 +122,12 @@ class InstanceRejected(EventData):
 class InstanceDeidentified(EventData):
     upload_id: str
     instance_upload_id: str
+    #: The de-identified copy's patient pseudonym (deid's key; its PatientID).
     patient_pseudonym: str
+    #: The upload-side patient key of the original (``InstanceStored.patient_key``), so that a
+    #: patient's audit trail is found by the one key the gateway answers with. None in events
+    #: published before the sixteenth session.
+    patient_key: str | None = None
     study_key: str
     series_key: str
     instance_key: str

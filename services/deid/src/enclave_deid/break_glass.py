@@ -45,6 +45,14 @@ def check_justification(text: str) -> str:
     return check_justification_text(text, BreakGlassRefused)
 
 
+def linkage_target(patient_pseudonym: str, docs: list[dict[str, Any]]) -> str:
+    """The access record's target: the pseudonym read, then the upload-side patient key of each
+    record found (``patient_pseudonym:P/patient:K``), so the disclosure is in the trail of the key
+    the gateway answers with as well (records stored before the sixteenth session have none)."""
+    keys = sorted({doc["patient_key"] for doc in docs if doc.get("patient_key")})
+    return f"patient_pseudonym:{patient_pseudonym}" + "".join(f"/patient:{key}" for key in keys)
+
+
 async def read_linkage(
     *,
     vault: LinkageVault,
@@ -70,7 +78,7 @@ async def read_linkage(
         actor=actor,
         roles=list(roles),
         action=ACTION,
-        target=f"patient_pseudonym:{patient_pseudonym}",
+        target=linkage_target(patient_pseudonym, docs),
         outcome="success" if found else "not_found",
         status_code=200 if found else 404,
         detail=f"justification: {reason}",

@@ -119,6 +119,7 @@ class InstanceStoredHandler:
                 upload_id=stored.upload_id,
                 instance_upload_id=stored.instance_upload_id,
                 patient_pseudonym=outcome.patient_pseudonym,
+                patient_key=stored.patient_key,
                 study_key=stored.study_key,
                 series_key=stored.series_key,
                 instance_key=stored.instance_key,
@@ -129,7 +130,9 @@ class InstanceStoredHandler:
                 profile=profile,
                 options=options,
             )
-            await self.vault.store(outcome.linkage, stored.instance_key, stored.study_key)
+            await self.vault.store(
+                outcome.linkage, stored.instance_key, stored.study_key, patient_key=stored.patient_key
+            )
             topic, status = topics.INSTANCE_DEIDENTIFIED, "deidentified"
             extra = {
                 "study_key": stored.study_key,

@@ -47,12 +47,17 @@ def _aad(tenant: str, patient_pseudonym: str, instance_key: str) -> bytes:
 
 
 def seal_linkage(
-    kek: KeyEncryptionKeyProvider, record: LinkageRecord, instance_key: str, study_key: str
+    kek: KeyEncryptionKeyProvider,
+    record: LinkageRecord,
+    instance_key: str,
+    study_key: str,
+    patient_key: str | None = None,
 ) -> dict[str, Any]:
     """The stored document of ``record``.
 
-    In clear are only opaque ids: tenant, pseudonym, instance key and study key (the study key is what
-    crypto-shredding a study erases the linkage by).
+    In clear are only opaque ids: tenant, pseudonym, instance key, study key (what crypto-shredding a
+    study erases the linkage by) and the upload-side patient key (what a break-glass read names in
+    its audit record, so that the patient's trail shows it).
     """
     context = linkage_context(record.tenant, record.patient_pseudonym)
     dek, wrapped = kek.generate_data_key(context)
@@ -67,6 +72,7 @@ def seal_linkage(
         "patient_pseudonym": record.patient_pseudonym,
         "instance_key": instance_key,
         "study_key": study_key,
+        **({"patient_key": patient_key} if patient_key is not None else {}),
         "wrapped_key": wrapped.to_json_dict(),
         "nonce": base64.b64encode(nonce).decode(),
         "ciphertext": base64.b64encode(ciphertext).decode(),
@@ -114,9 +120,13 @@ class LinkageVault:
             raise RuntimeError("the linkage KEK is loaded at startup; the vault is not ready")
         return self.kek
 
-    async def store(self, record: LinkageRecord, instance_key: str, study_key: str) -> None:
+    async def store(
+        self, record: LinkageRecord, instance_key: str, study_key: str, *, patient_key: str | None = None
+    ) -> None:
         """Seal (in a worker thread: a KMS call blocks) and store the linkage of one instance."""
-        await self.save(await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key, study_key))
+        await self.save(
+            await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key, study_key, patient_key)
+        )
 
     async def erase_study(self, tenant: str, study_key: str) -> int:
         """Delete the linkage of a crypto-shredded study (every record carries its study key)."""
