@@ -23,8 +23,9 @@ from enclave_common.logging import configure_logging
 from enclave_common.mongo import mongo_client
 from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record_end, record_start
 
-from enclave_analysis.assembly import SeriesAssembly
+from enclave_analysis.assembly import UNRECORDED, SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
+from enclave_analysis.errors import REASON_CODES
 
 log = structlog.get_logger("enclave.analysis.rerun")
 
@@ -91,8 +92,11 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reason-code",
-        help="only series that failed with this reason_code; 'unrecorded' for series that finished before "
-        "reason codes were recorded",
+        choices=sorted(REASON_CODES | {UNRECORDED}),
+        metavar="REASON_CODE",
+        help="only series that failed with this reason_code (one of: "
+        + ", ".join(sorted(REASON_CODES))
+        + "); 'unrecorded' for series that finished before reason codes were recorded",
     )
     parser.add_argument("--tenant", help="only this tenant's series")
     parser.add_argument("--series-key", help="one series, by its pseudonymous key (in its analysis events)")

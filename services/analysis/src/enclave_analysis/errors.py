@@ -65,3 +65,12 @@ class MixedPatientsError(AnalysisError):
     pseudonymous PatientID per patient): a volume of two people is not computed."""
 
     code = "series_mixed_patients"
+
+
+def _codes(cls: type[AnalysisError]) -> set[str]:
+    return {cls.code}.union(*(_codes(sub) for sub in cls.__subclasses__()))
+
+
+#: Every ``reason_code`` an ``analysis.failed`` event can carry (what ``enclave-analysis-rerun``
+#: accepts): the codes of the errors above, ``analysis_error`` for one without its own.
+REASON_CODES: frozenset[str] = frozenset(_codes(AnalysisError))
