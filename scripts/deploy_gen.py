@@ -509,9 +509,10 @@ DEFAULT_HTTP_DRAIN_S: int = BaseServiceSettings.model_fields["http_drain_s"].def
 #: out after 5 s (``ServiceRuntime.readiness_report``).
 PROBE_DRAIN_S = 5
 #: Analysis: a stopped analysis kills its worker process and releases its claim at once, so another
-#: replica takes the series over without losing an attempt (``enclave_analysis.handlers``,
-#: ``RELEASE_TIMEOUT_S``). The ANTs run itself is not waited for.
-CLAIM_RELEASE_S = 5
+#: replica takes the series over without losing an attempt, or, stopped after its outcome was
+#: recorded, publishes that outcome (``enclave_analysis.handlers``, ``RELEASE_TIMEOUT_S`` each). The
+#: ANTs run itself is not waited for.
+CLAIM_RELEASE_S = 10
 #: FastStream's ``graceful_timeout`` (``enclave_common.kafka.create_broker``): the event in hand is
 #: finished (its retries included) or cancelled and redelivered to another member.
 CONSUMER_DRAIN_S = 30

@@ -58,8 +58,8 @@ def _code_drain_bounds() -> dict[str, float]:
     span_timeout = inspect.signature(BatchProcessor.shutdown).parameters["timeout_millis"].default
     return {
         "probe": float(re.search(r"wait_for\(fn\(\), timeout=([\d.]+)\)", readiness).group(1)),
-        # The analysis change that releases a stopped analysis's claim at once; 0 until it lands.
-        "release": float(analysis_handlers.RELEASE_TIMEOUT_S),
+        # A stopped analysis releases its claim, or publishes the outcome it recorded: each bounded.
+        "release": 2 * float(analysis_handlers.RELEASE_TIMEOUT_S),
         "consumer": float(kafka.create_broker(BaseServiceSettings()).config.graceful_timeout),
         "producer": kafka._PRODUCER_OPTIONS["request_timeout_ms"] / 1000,
         "spans": span_timeout / 1000,

@@ -191,22 +191,59 @@ async def test_a_stopped_analysis_releases_its_claim_uncounted_and_another_repli
     assert taken is not None and taken["attempts"] == 1 and taken["claim_id"] != claimed["claim_id"]
 
 
-async def test_a_stopped_analysis_whose_outcome_was_recorded_releases_nothing_and_that_outcome_is_published(
-    db,
-) -> None:
-    """Stopped while it publishes: the recorded outcome is published by the next claim, after the
-    lease, as when the process dies; releasing the claim early changes nothing of that."""
-    publishing = Publisher(blocked=True)
-    stopping = replica(db, publishing)
-    claimed = await claim(stopping)
-    assert claimed is not None
+def _one_slice(service: AnalysisService) -> None:
+    """Every member loads as the same one slice: the analysis fails at once (too few instances),
+    without ANTs."""
 
-    async def load(tenant: str, member: dict[str, Any]) -> Any:  # one slice thrice: fails, no ANTs
+    async def load(tenant: str, member: dict[str, Any]) -> Any:
         dataset = pydicom.Dataset()
         dataset.SOPInstanceUID = "1.2.3"
         return dataset
 
-    stopping._load = load  # type: ignore[method-assign]
+    service._load = load  # type: ignore[method-assign]
+
+
+async def test_stopped_after_its_outcome_was_recorded_a_replica_publishes_it_before_it_stops(db) -> None:
+    """Stopped between recording its outcome and publishing it: the stopping replica publishes the
+    recorded outcome itself and finishes the series. Before, the claim was kept and the outcome
+    waited for the 15-minute lease and the next claim."""
+    publisher = Publisher()
+    stopping = replica(db, publisher)
+    claimed = await claim(stopping)
+    assert claimed is not None
+    _one_slice(stopping)
+    recorded = asyncio.Event()
+
+    async def members_changed(series: dict[str, Any], analysed: list[str]) -> bool:  # after decide()
+        recorded.set()
+        await asyncio.Event().wait()
+        return False
+
+    stopping._members_changed = members_changed  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await stop_while(stopping, claimed, recorded)
+
+    stored = db["series"].docs[SERIES_ID]
+    [(topic, envelope)] = publisher.published
+    assert topic == topics.ANALYSIS_FAILED
+    assert envelope == Envelope.model_validate_json(stored["pending_event"]["envelope"])
+    assert stored["status"] == "failed" and stored["attempts"] == 1
+    [entry] = [e for e in logs if e.get("released") is not None]
+    assert entry["event"] == "analysis stopped after its outcome was recorded; outcome published"
+    assert await claim(replica(db)) is None  # finished: nothing left to claim
+
+
+async def test_a_recorded_outcome_the_stop_cannot_publish_is_published_by_the_next_claim(
+    db, monkeypatch
+) -> None:
+    """Stopped while it publishes, and the publish does not finish within the stop's bound: the
+    recorded outcome is published by the next claim, after the lease, as when the process dies."""
+    monkeypatch.setattr("enclave_analysis.handlers.RELEASE_TIMEOUT_S", 0.2)
+    publishing = Publisher(blocked=True)
+    stopping = replica(db, publishing)
+    claimed = await claim(stopping)
+    assert claimed is not None
+    _one_slice(stopping)
     with capture_logs() as logs:
         await stop_while(stopping, claimed, publishing.started)
 
@@ -214,8 +251,9 @@ async def test_a_stopped_analysis_whose_outcome_was_recorded_releases_nothing_an
     assert stored["attempts"] == 1 and stored["lease_until"] == claimed["lease_until"]
     recorded = Envelope.model_validate_json(stored["pending_event"]["envelope"])
     assert await claim(replica(db)) is None  # leased
-    [entry] = [e for e in logs if e.get("released") is not None]
-    assert entry["released"] is False and entry["event"].startswith("analysis stopped; claim kept")
+    assert [e["event"] for e in logs if e.get("series_id") == SERIES_ID] == [
+        "analysis stopped; its claim could not be released and is taken over after its lease"
+    ]
 
     db["series"].docs[SERIES_ID]["lease_until"] = datetime.now(UTC)  # the lease ran out
     publisher = Publisher()

@@ -211,8 +211,9 @@ class SeriesAssembly:
         """Give up a claim whose analysis was stopped (the replica is shutting down): the series can
         be claimed again at once, and the attempt does not count. Only this very claim is released,
         not one another replica made after its lease ran out, and only while no outcome is recorded
-        for it (``decide``): a recorded outcome is published by the next claim, after the lease, so
-        that one claim publishes one event. True if released."""
+        for it (``decide``): a recorded outcome is published by this claim (``AnalysisService``
+        publishes it before it stops) or, failing that, by the next claim after the lease, so that one
+        claim publishes one event. True if released."""
         released = await self.series.update_one(
             {
                 "_id": series["_id"],
@@ -224,6 +225,18 @@ class SeriesAssembly:
             {"$set": {"lease_until": datetime.now(UTC)}, "$inc": {"attempts": -1}},
         )
         return bool(released.modified_count)
+
+    async def held(self, series: dict[str, Any]) -> dict[str, Any] | None:
+        """The series as it is now if this very claim still holds it (unchanged, not taken over)."""
+        found: dict[str, Any] | None = await self.series.find_one(
+            {
+                "_id": series["_id"],
+                "status": "analysing",
+                "changed_at": series["changed_at"],
+                "claim_id": series["claim_id"],
+            }
+        )
+        return found
 
     async def retry_later(self, series: dict[str, Any], delay_s: float, *, counted: bool) -> None:
         """Let the series be claimed again after ``delay_s`` (its attempt not counted when a

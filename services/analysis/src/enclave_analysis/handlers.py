@@ -228,8 +228,11 @@ class AnalysisService:
         claim whose outcome was recorded, or that another replica took over, stays as it is
         (``SeriesAssembly.release``); a crash leaves the claim to its lease, as before."""
         started = time.monotonic()
+        published = False
         try:
             released = await asyncio.wait_for(self.assembly.release(series), RELEASE_TIMEOUT_S)
+            if not released:  # stopped after its outcome was recorded: publish it now, not after the lease
+                published = await asyncio.wait_for(self._publish_recorded(series), RELEASE_TIMEOUT_S)
         except Exception as exc:
             log.warning(
                 "analysis stopped; its claim could not be released and is taken over after its lease",
@@ -237,15 +240,41 @@ class AnalysisService:
                 exc_info=exc,
             )
             return
+        if released:
+            event = "analysis stopped; claim released, attempt not counted"
+        elif published:
+            event = "analysis stopped after its outcome was recorded; outcome published"
+        else:
+            event = "analysis stopped; claim kept: another replica holds it, or the series changed"
         log.info(
-            "analysis stopped; claim released, attempt not counted"
-            if released
-            else "analysis stopped; claim kept: its outcome was recorded, or another replica holds it",
+            event,
             series_id=series["_id"],
             attempt=series.get("attempts"),
             released=released,
             ms=round((time.monotonic() - started) * 1000, 1),
         )
+
+    async def _publish_recorded(self, series: dict[str, Any]) -> bool:
+        """Publish the outcome this claim recorded (``decide``) if it still holds the series and the
+        outcome is for the members the series has now (what the next claim would check); True if so."""
+        held = await self.assembly.held(series)
+        recorded = await self._recorded_outcome(held) if held is not None else None
+        if held is None or recorded is None:
+            return False
+        await self._publish(held, recorded, again=False)
+        return True
+
+    async def _recorded_outcome(self, series: dict[str, Any]) -> dict[str, Any] | None:
+        """The outcome recorded for this claim (``pending_event``) when it is for the series' current
+        de-identified members, else None (none recorded, or a member settled since)."""
+        members = [
+            m for m in await self.assembly.members_of(series["_id"]) if m.get("state") == "deidentified"
+        ]
+        analysis_id = analysis_id_for(series["series_key"], sorted(m["_id"] for m in members))
+        pending = series.get("pending_event") or {}
+        if pending.get("analysis_id") == analysis_id and pending.get("envelope"):
+            return dict(pending)
+        return None
 
     async def analyse(self, series: dict[str, Any]) -> None:
         members = [
