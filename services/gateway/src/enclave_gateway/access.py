@@ -10,6 +10,7 @@ handed off and before the answer: the Kafka round trip overlaps the body instead
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NotRequired, TypedDict, Unpack
@@ -21,8 +22,12 @@ from enclave_common.auth.fastapi import AccessResult
 from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
 from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_gateway.handoff import Acknowledgements, Handoff, KafkaUnavailable
+from enclave_gateway.stow import error_body
 
 log = structlog.get_logger("enclave.gateway")
 
@@ -37,23 +42,81 @@ _OUTCOMES: dict[str, AccessOutcome] = {
 }
 
 
-#: A client may name its request (``X-Request-ID``, a UUID); the access event carries it as its
-#: correlation id, so the caller can find the audit record of its own request.
+#: A client may name its request (``X-Request-ID``): a UUID in any case, or 32 hex digits (nginx's
+#: ``$request_id``). The gateway records it in one form, a lowercase UUID with dashes, as the access
+#: event's correlation id, and answers every request with the id it used in the same header, so the
+#: caller can find the audit record of its own request.
 REQUEST_ID_HEADER = "x-request-id"
 #: With Kafka down nothing can be audited: the request is refused with 503 and this hint.
 RETRY_LATER = {"Retry-After": "10"}
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_REQUEST_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
+)
+
+
+def canonical_request_id(given: str | None) -> str | None:
+    """``given`` as a lowercase dashed UUID when it is a UUID (any case) or 32 hex digits, else None:
+    free text from a client is never recorded (it could carry PHI)."""
+    if given is None or not _REQUEST_ID.fullmatch(given.strip()):
+        return None
+    return str(uuid.UUID(hex=given.strip()))
 
 
 def request_correlation_id(request: Request) -> str:
-    """The client's ``X-Request-ID`` when it is a UUID, else a fresh id (never free text from a client)."""
+    """The request's correlation id: its ``X-Request-ID`` in canonical form, else a fresh id
+    (:class:`RequestIdHeader` fixes it when the request arrives and names it in the answer)."""
     known = getattr(request.state, "correlation_id", None)
     if isinstance(known, str):
         return known
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    chosen = given.lower() if _UUID.match(given) else new_event_id()
+    chosen = canonical_request_id(request.headers.get(REQUEST_ID_HEADER)) or new_event_id()
     request.state.correlation_id = chosen
     return chosen
+
+
+class RequestIdHeader:
+    """ASGI middleware: every answer names the correlation id its request is recorded under
+    (``X-Request-ID``), whether the client's, normalised, or a fresh one that replaced what it sent.
+
+    Outermost of the gateway's middleware, so the head-size refusal and the request metrics' answers
+    carry it too. A request that fails with an unexpected exception (a bug) is answered here, 500 in
+    the gateway's error shape with the header, before the exception goes on to the server's log:
+    that id is what an operator needs to find the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chosen = canonical_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER)) or new_event_id()
+        scope.setdefault("state", {})["correlation_id"] = chosen
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(raw=list(message.get("headers", [])))
+                headers[REQUEST_ID_HEADER] = chosen
+                message = {**message, "headers": headers.raw}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not started:
+                failed = JSONResponse(
+                    error_body(
+                        500,
+                        "internal_error",
+                        "the gateway failed on this request (it is logged); retry, an instance sent "
+                        "again is stored once. If it fails again, report this answer's X-Request-ID",
+                    ),
+                    status_code=500,
+                )
+                await failed(scope, receive, send_with_id)
+            raise
 
 
 _OPAQUE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -11,9 +11,10 @@ from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from enclave_gateway.access import AccessRecorder
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
@@ -28,7 +29,7 @@ from enclave_gateway.stow import (
     request_error_body,
     stow_status,
 )
-from enclave_gateway.uploads import UploadNotRecorded, UploadProcessor, UploadResult
+from enclave_gateway.uploads import ClientClosedRequest, UploadNotRecorded, UploadProcessor, UploadResult
 from enclave_gateway.validation import uid_is_valid
 
 log = structlog.get_logger("enclave.gateway")
@@ -60,13 +61,22 @@ def build_router(
     ) -> UploadResult | JSONResponse:
         try:
             _check_request_line(request, study, stow=not form)
-            return await uploads.receive(
-                request.headers.get("content-type"),
-                request.stream(),
-                tenant=principal.tenant,
-                expected_study_uid=study,
-                form_fields=UPLOAD_FORM_FIELDS if form else None,
-            )
+            try:
+                return await uploads.receive(
+                    request.headers.get("content-type"),
+                    request.stream(),
+                    tenant=principal.tenant,
+                    expected_study_uid=study,
+                    form_fields=UPLOAD_FORM_FIELDS if form else None,
+                )
+            except ClientDisconnect:
+                # Refused like any other body (its sealed instances were discarded, nothing was
+                # handed off) and recorded; the answer goes nowhere, but the request metrics and
+                # the access log count it as 499, not as a 500.
+                raise ClientClosedRequest(
+                    "the client closed the connection before the request body ended; nothing of "
+                    "the request was kept, send it again"
+                ) from None
         except SpoolUnavailable as exc:
             log.error("upload refused: the spool could not be written", code=exc.code, exc_info=exc)
             return _unavailable(exc)
@@ -190,42 +200,14 @@ def build_router(
         status = 200 if not outcome.failed else (202 if outcome.accepted else 409)
         return JSONResponse(body, status_code=status)
 
-    async def instance_resource(request: Request) -> Resource | None:
-        doc = await read_model.get(request.path_params["imaging_id"])
-        if doc is None:
-            return None
-        return Resource(
-            tenant=doc["tenant"], patient_key=doc.get("patient_key"), study_key=doc.get("study_key")
-        )
-
-    @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
-    async def status(
-        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))
-    ) -> dict[str, Any]:
-        doc = await read_model.get(imaging_id)
-        assert doc is not None
-        return _status_view(doc)
-
+    # Before the instance routes: /api/v1/imaging/{imaging_id}/analysis would otherwise take the
+    # patient query of a PatientID "analysis". ``:path`` because a PatientID may hold '/', which the
+    # client sends as %2F and the server decodes before routing.
     @router.get(
-        "/api/v1/imaging/{imaging_id}/analysis",
-        tags=["imaging"],
-        summary="Analysis results of an instance's series",
-    )
-    async def analysis(
-        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, instance_resource))
-    ) -> JSONResponse:
-        doc = await read_model.get(imaging_id)
-        assert doc is not None
-        analysis_id = analysis_id_of(doc)
-        result = await read_model.analysis(analysis_id) if analysis_id else None
-        if result is None:
-            return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
-        return JSONResponse(_analysis_view(imaging_id, result))
-
-    @router.get(
-        "/api/v1/imaging/patient/{patient_id}",
+        "/api/v1/imaging/patient/{patient_id:path}",
         tags=["imaging"],
         summary="Instances of one patient (own tenant)",
+        dependencies=[Depends(_no_trailing_slash)],
     )
     async def by_patient(
         patient_id: Annotated[
@@ -233,7 +215,11 @@ def build_router(
             Path(
                 min_length=1,
                 max_length=64,
-                description="the PatientID (0010,0020) as uploaded: an LO value, at most 64 characters",
+                description=(
+                    "the PatientID (0010,0020) as uploaded: an LO value, at most 64 characters, "
+                    "percent-encoded as one path segment ('/' as %2F, '\\' as %5C, '%' as %25, "
+                    "'?' as %3F, '#' as %23)"
+                ),
             ),
         ],
         request: Request,
@@ -270,6 +256,38 @@ def build_router(
             # More instances follow: ask again with ``after`` set to this.
             "next_after": page[-1]["_id"] if len(docs) > limit else None,
         }
+
+    async def instance_resource(request: Request) -> Resource | None:
+        doc = await read_model.get(request.path_params["imaging_id"])
+        if doc is None:
+            return None
+        return Resource(
+            tenant=doc["tenant"], patient_key=doc.get("patient_key"), study_key=doc.get("study_key")
+        )
+
+    @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
+    async def status(
+        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))
+    ) -> dict[str, Any]:
+        doc = await read_model.get(imaging_id)
+        assert doc is not None
+        return _status_view(doc)
+
+    @router.get(
+        "/api/v1/imaging/{imaging_id}/analysis",
+        tags=["imaging"],
+        summary="Analysis results of an instance's series",
+    )
+    async def analysis(
+        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, instance_resource))
+    ) -> JSONResponse:
+        doc = await read_model.get(imaging_id)
+        assert doc is not None
+        analysis_id = analysis_id_of(doc)
+        result = await read_model.analysis(analysis_id) if analysis_id else None
+        if result is None:
+            return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
+        return JSONResponse(_analysis_view(imaging_id, result))
 
     @router.get(
         "/api/v1/research/analyses",
@@ -380,6 +398,24 @@ def _results(doc: dict[str, Any]) -> dict[str, Any]:
         "qc": doc.get("qc"),
         **{seed: measures.get(name) for seed, name in SEED_FIELDS.items()},
     }
+
+
+def _no_trailing_slash(request: Request) -> None:
+    """A route ending in ``{...:path}`` takes every path below it, including one that ends in '/'.
+    Such a path is refused as on every other route (404 ``no_such_route``, before the token is read):
+    the '/' as sent, not the decoded one, so an identifier ending in '/' is still sent as %2F."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    if raw.endswith(b"/"):
+        raise HTTPException(
+            404,
+            detail={
+                "code": "no_such_route",
+                "message": (
+                    "no route takes this path; the routes are listed in /openapi.json (paths do not "
+                    "end in '/'; an identifier that ends in '/' is sent with it as %2F)"
+                ),
+            },
+        )
 
 
 class _BadStudyUid(RequestBodyError):

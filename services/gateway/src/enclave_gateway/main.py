@@ -21,7 +21,7 @@ from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
 from fastapi import FastAPI
 
-from enclave_gateway.access import AccessRecorder
+from enclave_gateway.access import AccessRecorder, RequestIdHeader
 from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
@@ -149,6 +149,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
     )
+    app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app
 

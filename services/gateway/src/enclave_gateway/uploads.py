@@ -30,6 +30,7 @@ from enclave_gateway.multipart import (
     PartData,
     PartEnd,
     PartStart,
+    RequestBodyError,
     parse_body_format,
     parser_for,
 )
@@ -62,6 +63,15 @@ class BodyTimeout(MalformedMultipartError):
 
 class BodyTooSlow(BodyTimeout):
     code = "body_too_slow"
+
+
+class ClientClosedRequest(RequestBodyError):
+    """The client closed the connection before its body ended (a PACS that timed out, a user who
+    cancelled): nginx's 499 "client closed request". The client's fault or choice, not the
+    gateway's, so it is counted and logged as 499, not as a 500; nothing of the request is kept."""
+
+    code = "client_closed_request"
+    status_code = 499
 
 
 @dataclass(frozen=True)
