@@ -2,10 +2,11 @@
 
 Every call, allowed or refused, is itself audited: the access guard's decision hook publishes an
 ``access.recorded`` event before the route runs (if it cannot be published, the call fails).
-Tenant isolation: an auditor sees its own tenant's records; auditors of the operator tenant see
-all, and only they may export, because a bundle is a contiguous slice of the one chain that all
-tenants share (the export is authorized as a resource of the operator tenant, so anyone else gets
-the policy's 404).
+Tenant isolation: an auditor sees its own tenant's records (its ``tenant`` filter narrows within
+them, so naming another tenant finds nothing); auditors of the operator tenant see all, and only
+they may export, because a bundle is a contiguous slice of the one chain that all tenants share
+(the export is authorized as a resource of the operator tenant, so anyone else gets the policy's
+404).
 """
 
 import asyncio
@@ -38,6 +39,7 @@ from enclave_audit.handlers import AuditMetrics
 from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer, ed25519_key_id
 from enclave_audit.store import (
+    MAX_SEQUENCE,
     AuditStore,
     CursorError,
     EventQuery,
@@ -46,6 +48,7 @@ from enclave_audit.store import (
     decode_cursor,
     encode_cursor,
 )
+from enclave_audit.time_bounds import TIME_FORMS, SinceTime, TimeBoundError, UntilTime, utc_range
 from enclave_audit.verification import (
     RangeBeyondChain,
     TrailReport,
@@ -66,8 +69,6 @@ _OUTCOME_WORDS: Final = {
 log = structlog.get_logger("enclave.audit")
 EXPORT_CHUNK: Final = 1 << 20
 SPOOL_BYTES: Final = 32 * 1024 * 1024
-#: The largest sequence number a query may name: the database stores 64-bit signed integers.
-MAX_SEQUENCE: Final = 2**63 - 1
 _SEQ_ID: Final = re.compile(r"seq-([1-9][0-9]{0,18})")
 
 
@@ -163,6 +164,16 @@ class AuditApiContext:
         """The tenant filter forced on a caller (None: the operator's auditors see all tenants)."""
         return None if principal.tenant == self.operator_tenant else principal.tenant
 
+    def visible_tenant(self, principal: Principal, requested: str | None) -> tuple[bool, str | None]:
+        """The caller's ``tenant`` filter intersected with what it may see: (anything visible, the
+        tenant filter). Another tenant's name finds nothing, as a tenant without records would: the
+        caller learns nothing of it, and is not answered its own records as if they were that
+        tenant's."""
+        scope = self.scope_tenant(principal)
+        if scope is None or requested is None:
+            return True, scope or requested
+        return requested == scope, scope
+
 
 def wants_fhir(request: Request) -> bool:
     return FHIR_JSON in request.headers.get("accept", "")
@@ -176,7 +187,13 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         request: Request,
         auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_QUERY))],
         tenant: Annotated[
-            str | None, Query(description="operator auditors only; others see their own")
+            str | None,
+            Query(
+                description=(
+                    "only this tenant's records. An auditor outside the operator tenant sees only its "
+                    "own tenant's, so naming another tenant answers an empty page"
+                )
+            ),
         ] = None,
         actor: str | None = None,
         patient: Annotated[str | None, Query(description="patient pseudonym (patient_key)")] = None,
@@ -186,10 +203,25 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         event_type: str | None = None,
         correlation_id: str | None = None,
         event_id: str | None = None,
-        since: Annotated[datetime | None, Query(description="event time >= (ISO 8601)")] = None,
-        until: Annotated[datetime | None, Query(description="event time < (ISO 8601)")] = None,
+        since: Annotated[
+            SinceTime | None,
+            Query(description=f"event time at or after this: {TIME_FORMS}; a date is its 00:00 UTC"),
+        ] = None,
+        until: Annotated[
+            UntilTime | None,
+            Query(
+                description=(
+                    f"event time before this: {TIME_FORMS}; a date includes that whole UTC day "
+                    "(until=2026-11-23 is before 2026-11-24T00:00:00Z). Must be after since, else 400 "
+                    "bad_range"
+                )
+            ),
+        ] = None,
         order: Order = "asc",
-        cursor: str | None = None,
+        cursor: Annotated[
+            str | None,
+            Query(description="the previous page's next_cursor, unchanged, with the same order"),
+        ] = None,
         limit: Annotated[int | None, Query(ge=1)] = None,
     ) -> Any:
         size = min(limit or ctx.default_page_size, ctx.max_page_size)
@@ -197,8 +229,13 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             after = decode_cursor(cursor, order) if cursor else None
         except CursorError as exc:
             raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
+        try:
+            first, end = utc_range(since, until)
+        except TimeBoundError as exc:
+            raise HTTPException(400, detail={"code": exc.code, "message": str(exc)}) from None
+        visible, tenant_filter = ctx.visible_tenant(auth.principal, tenant)
         query = EventQuery(
-            tenant=ctx.scope_tenant(auth.principal) or tenant,
+            tenant=tenant_filter,
             actor=actor,
             patient=patient,
             study=study,
@@ -207,12 +244,12 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             event_type=event_type,
             correlation_id=correlation_id,
             event_id=event_id,
-            since=_utc(since),
-            until=_utc(until),
+            since=first,
+            until=end,
             order=order,
             after_sequence=after,
         )
-        found = await ctx.store.query(query, size + 1)
+        found = await ctx.store.query(query, size + 1) if visible else []
         page, more = found[:size], len(found) > size
         next_cursor = encode_cursor(page[-1].sequence, order) if more and page else None
         if wants_fhir(request):
@@ -390,18 +427,3 @@ def _chunks(spool: IO[bytes]) -> Iterator[bytes]:
     with spool:
         while block := spool.read(EXPORT_CHUNK):
             yield block
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:59:59-14:00 is past the last datetime in UTC
-        raise HTTPException(
-            400,
-            detail={
-                "code": "bad_time",
-                "message": "since and until must be times between the years 1 and 9999 in UTC",
-            },
-        ) from None

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -151,7 +152,21 @@ class EventQuery:
 
 
 class CursorError(ValueError):
-    """A pagination cursor that this service did not issue (or for another sort order)."""
+    """A pagination cursor that this service did not issue (or for another sort order).
+
+    Its message never quotes the text decoded from the cursor: an auditor may paste anything there.
+    """
+
+
+#: The largest sequence number a query may name: the database stores 64-bit signed integers.
+MAX_SEQUENCE: Final = 2**63 - 1
+#: Unpadded base64url (RFC 4648 section 5) of at most 64 characters: an issued cursor is 50 at most.
+_CURSOR_TEXT: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CURSOR_RULE: Final = (
+    "a cursor is the next_cursor of the previous page, passed unchanged with the same order "
+    f"(unpadded base64url naming a sequence number 1..{MAX_SEQUENCE} and the order asc or desc); "
+    "omit it to start from the first page"
+)
 
 
 def encode_cursor(sequence: int, order: Order) -> str:
@@ -160,15 +175,25 @@ def encode_cursor(sequence: int, order: Order) -> str:
 
 
 def decode_cursor(cursor: str, order: Order) -> int:
+    """The sequence after which the next page starts, from a cursor :func:`encode_cursor` made."""
+    not_issued = CursorError(f"the cursor is not one this API issued: {_CURSOR_RULE}")
+    if not _CURSOR_TEXT.fullmatch(cursor):
+        raise not_issued
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        sequence, cursor_order = value["s"], value["o"]
-    except (binascii.Error, ValueError, TypeError, KeyError):
-        raise CursorError("cursor is not one returned by this API; pass next_cursor unchanged") from None
-    if not isinstance(sequence, int) or sequence < 0:
-        raise CursorError("cursor is not one returned by this API; pass next_cursor unchanged")
+    except (binascii.Error, ValueError):
+        raise not_issued from None
+    if not isinstance(value, dict) or value.keys() != {"s", "o"}:
+        raise not_issued
+    sequence, cursor_order = value["s"], value["o"]
+    # type(), not isinstance(): JSON true is a Python bool, which is an int.
+    if type(sequence) is not int or not 1 <= sequence <= MAX_SEQUENCE or cursor_order not in ("asc", "desc"):
+        raise not_issued
     if cursor_order != order:
-        raise CursorError(f"cursor was issued for order={cursor_order}; repeat the query with that order")
+        raise CursorError(
+            f"the cursor was issued for order={cursor_order}: repeat the query with order={cursor_order}, "
+            "or omit the cursor to start from the first page"
+        )
     return sequence
 
 
