@@ -241,3 +241,66 @@ async def test_a_number_is_not_read_as_unix_seconds(client, issuer, value) -> No
         response = await client.get("/audit/events", params={name: value}, headers=auditor(issuer, OPERATOR))
         assert response.status_code == 422, response.text
         assert "not a number" in response.text
+
+
+# ---- request ids ------------------------------------------------------------------------------
+
+
+class Published:
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    async def publish(self, topic: str, envelope: Any, *, key: str) -> None:
+        self.envelopes.append(envelope)
+
+
+@pytest.mark.parametrize(
+    ("sent", "recorded"),
+    [
+        ("0190A1B2-C3D4-7E5F-8A9B-0C1D2E3F4A5B", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
+        ("0190a1b2c3d47e5f8a9b0c1d2e3f4a5b", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),  # nginx
+        (PLANTED, None),  # free text: replaced, never written to the trail
+    ],
+)
+async def test_an_auditor_calls_own_record_carries_its_request_id_in_canonical_form_never_free_text(
+    issuer: DevIssuer, store: ListStore, sent: str, recorded: str | None
+) -> None:
+    """The audit API recorded any ``X-Correlation-ID`` text a client sent as the correlation id of its
+    own access record (written once, to WORM storage); it now takes ``X-Request-ID`` as the gateway
+    does."""
+    from enclave_audit.api import access_hook
+
+    rules = TokenRules(issuer=DEV_ISSUER, audience=DEV_AUDIENCE)
+    verifier = TokenVerifier(rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms))
+    published = Published()
+    ctx = AuditApiContext(
+        store=store,  # type: ignore[arg-type]
+        reader=SimpleNamespace(),  # type: ignore[arg-type]
+        objects=SimpleNamespace(),  # type: ignore[arg-type]
+        bucket="worm",
+        metrics=SimpleNamespace(),  # type: ignore[arg-type]
+        operator_tenant=OPERATOR,
+        default_page_size=10,
+        max_page_size=10,
+    )
+    app = FastAPI()
+    app.include_router(
+        build_router(ctx, AccessGuard(verifier, on_decision=access_hook(published)))  # type: ignore[arg-type]
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as http:
+        headers = auditor(issuer, OPERATOR) | {"X-Request-ID": sent, "X-Correlation-ID": sent}
+        assert (await http.get("/audit/events", headers=headers)).status_code == 200
+    [envelope] = published.envelopes
+    if recorded is None:
+        assert PLANTED not in envelope.model_dump_json() and len(envelope.correlation_id) == 36
+    else:
+        assert envelope.correlation_id == recorded
+
+
+async def test_a_request_id_as_the_client_sent_it_finds_its_canonical_record(
+    client: httpx.AsyncClient, issuer: DevIssuer, store: ListStore
+) -> None:
+    upper = "0190A1B2-C3D4-7E5F-8A9B-0C1D2E3F4A5B"
+    await client.get("/audit/events", params={"correlation_id": upper}, headers=auditor(issuer, OPERATOR))
+    await client.get("/audit/events", params={"correlation_id": "c-42"}, headers=auditor(issuer, OPERATOR))
+    assert [q.correlation_id for q in store.queries] == [upper.lower(), "c-42"]

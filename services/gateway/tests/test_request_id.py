@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from enclave_gateway.access import canonical_request_id
+from enclave_common.envelope import canonical_request_id
 from route_harness import Exchange, Harness, asgi_request, gateway_routes
 
 NGINX_ID = "6f1c9d0b2a4e4f7c8d3b5a1e9f0c2d4b"

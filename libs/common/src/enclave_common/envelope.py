@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
@@ -23,6 +24,22 @@ SCHEMA_VERSION = "1.0"
 def new_event_id() -> str:
     """A fresh UUIDv7 (time-ordered, so ids sort by creation time)."""
     return str(uuid_utils.uuid7())
+
+
+#: A request id a client may give (``X-Request-ID``): a UUID in any case, or 32 hex digits (nginx's
+#: ``$request_id``).
+_REQUEST_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
+)
+
+
+def canonical_request_id(given: str | None) -> str | None:
+    """``given`` as a lowercase dashed UUID when it is a UUID (any case) or 32 hex digits, else None:
+    free text from a client is never recorded (it could carry PHI). The form every service records a
+    client's request id in, and the form an auditor's ``correlation_id`` filter is read in."""
+    if given is None or not _REQUEST_ID.fullmatch(given.strip()):
+        return None
+    return str(uuid.UUID(hex=given.strip()))
 
 
 def derived_event_id(causation_id: str, event_type: str, discriminator: str = "") -> str:

@@ -13,7 +13,6 @@ import asyncio
 import re
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from enclave_common import topics
 from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
-from enclave_common.envelope import Envelope
+from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.events import AccessRecorded
 from enclave_common.kafka import EventPublisher
 from enclave_common.storage import ObjectStore
@@ -121,7 +120,9 @@ def access_hook(publisher: EventPublisher) -> Any:
             source="audit",
             tenant=principal.tenant if principal else "unknown",
             actor=actor,
-            correlation_id=request.headers.get("x-correlation-id") or str(uuid.uuid4()),
+            # The client's request id (X-Request-ID, as at the gateway) in canonical form, never
+            # free text: the record is written once, to WORM storage, and text could carry PHI.
+            correlation_id=canonical_request_id(request.headers.get("x-request-id")) or new_event_id(),
         )
         await publisher.publish(topics.ACCESS_RECORDED, envelope, key=envelope.id)
 
@@ -242,7 +243,9 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             action=action.value if action else None,
             outcome=int(outcome) if outcome is not None else None,
             event_type=event_type,
-            correlation_id=correlation_id,
+            # A request id as the client sent it (upper-case, nginx's 32 hex digits) finds the
+            # record, which holds its canonical form; any other id is matched as given.
+            correlation_id=canonical_request_id(correlation_id) or correlation_id,
             event_id=event_id,
             since=first,
             until=end,

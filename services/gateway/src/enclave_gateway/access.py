@@ -10,7 +10,6 @@ handed off and before the answer: the Kafka round trip overlaps the body instead
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NotRequired, TypedDict, Unpack
@@ -19,7 +18,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
-from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -49,17 +48,6 @@ _OUTCOMES: dict[str, AccessOutcome] = {
 REQUEST_ID_HEADER = "x-request-id"
 #: With Kafka down nothing can be audited: the request is refused with 503 and this hint.
 RETRY_LATER = {"Retry-After": "10"}
-_REQUEST_ID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}"
-)
-
-
-def canonical_request_id(given: str | None) -> str | None:
-    """``given`` as a lowercase dashed UUID when it is a UUID (any case) or 32 hex digits, else None:
-    free text from a client is never recorded (it could carry PHI)."""
-    if given is None or not _REQUEST_ID.fullmatch(given.strip()):
-        return None
-    return str(uuid.UUID(hex=given.strip()))
 
 
 def request_correlation_id(request: Request) -> str:
