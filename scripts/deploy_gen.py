@@ -106,8 +106,10 @@ class Service:
     #: Consumers scale on their group's lag (KEDA); the HTTP edge on CPU (HPA).
     scale_on_lag: bool = True
     #: A gauge of the work waiting outside Kafka, counted in what one replica works on at a time, which
-    #: every replica reports alike: KEDA scales on its ``max()`` as well as on the lag (``scaled_object``).
+    #: every replica reports alike, and a gauge of the work each replica has in hand: KEDA scales on
+    #: ``max(waiting) + sum(in hand)`` as well as on the lag (``scaled_object``).
     backlog_gauge: str | None = None
+    in_progress_gauge: str | None = None
     config: dict[str, str] = field(default_factory=dict)
     secret_files: tuple[SecretFile, ...] = ()
     config_dirs: tuple[ConfigDir, ...] = ()
@@ -284,6 +286,9 @@ SERVICES: tuple[Service, ...] = (
         # Series being analysed are not counted (their lease holds them); a replica reports what it
         # saw at the start of its pass until the pass ends.
         backlog_gauge="enclave_analysis_series_ready",
+        # Counted too, so that a replica busy with a series is not scaled away once the series it
+        # took leaves the ready count (it would give the series back and another would start over).
+        in_progress_gauge="enclave_analysis_series_in_progress",
         config={
             # The de-identified copies' keys are wrapped under deid's KEK (analysis only unwraps).
             "KMS_KEY_ID": "alias/enclave-deid",
@@ -750,16 +755,17 @@ def scaled_object(s: Service) -> dict[str, Any]:
             for topic in consumed
         ]
     if s.backlog_gauge is not None:
-        # Threshold 1: one replica per unit waiting, each a replica's work for a while (analysis: one
-        # series, minutes of CPU), up to maxReplicaCount. The HPA takes the larger of this and the lag.
+        # Threshold 1: one replica per unit waiting or in hand, each a replica's work for a while
+        # (analysis: one series, minutes of CPU), up to maxReplicaCount. The HPA takes the larger of
+        # this and the lag. ``or vector(0)``: replicas that export no in-hand gauge count none.
+        where = f'{{namespace="{NAMESPACE}"}}'
+        query = f"max({s.backlog_gauge}{where})"
+        if s.in_progress_gauge is not None:
+            query += f" + (sum({s.in_progress_gauge}{where}) or vector(0))"
         triggers.append(
             {
                 "type": "prometheus",
-                "metadata": {
-                    "serverAddress": PROMETHEUS_URL,
-                    "query": f'max({s.backlog_gauge}{{namespace="{NAMESPACE}"}})',
-                    "threshold": "1",
-                },
+                "metadata": {"serverAddress": PROMETHEUS_URL, "query": query, "threshold": "1"},
             }
         )
     most = max(partitions(topic) for topic in consumed)

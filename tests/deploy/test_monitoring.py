@@ -143,10 +143,13 @@ def test_analysis_scales_on_the_series_waiting_for_it(overlay, documents):
     assert {t["type"] for t in triggers} == {"kafka", "prometheus"}
     (backlog,) = [t for t in triggers if t["type"] == "prometheus"]
     query = backlog["metadata"]["query"]
-    (metric,) = METRIC.findall(query)
-    assert metric in _exported_enclave_metrics()
-    assert metric == "enclave_analysis_series_ready"
-    assert re.fullmatch(rf'max\({metric}\{{namespace="{scaled["metadata"]["namespace"]}"\}}\)', query)
+    ready, in_hand = METRIC.findall(query)
+    assert {ready, in_hand} <= _exported_enclave_metrics()
+    assert (ready, in_hand) == ("enclave_analysis_series_ready", "enclave_analysis_series_in_progress")
+    # Waiting series (every replica sees them all: max) plus those being analysed (each replica its
+    # own: sum), so a replica in an analysis is not scaled away once its series leaves the ready count.
+    where = f'{{namespace="{scaled["metadata"]["namespace"]}"}}'
+    assert query == f"max({ready}{where}) + (sum({in_hand}{where}) or vector(0))"
     assert float(backlog["metadata"]["threshold"]) == 1
     # The Prometheus asked is the one the services admit scrapes from.
     address = urllib.parse.urlsplit(backlog["metadata"]["serverAddress"])

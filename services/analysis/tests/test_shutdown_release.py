@@ -172,13 +172,19 @@ async def test_a_stopped_analysis_releases_its_claim_uncounted_and_another_repli
     assert claimed is not None and claimed["attempts"] == 1
     loading = asyncio.Event()
 
+    in_progress: list[float | None] = []
+
     async def load(tenant: str, member: dict[str, Any]) -> Any:  # mid-analysis: reading the series
+        in_progress.append(stopping.runtime.registry.get_sample_value("enclave_analysis_series_in_progress"))
         loading.set()
         await asyncio.Event().wait()
 
     stopping._load = load  # type: ignore[method-assign]
     with capture_logs() as logs:
         await stop_while(stopping, claimed, loading)
+    # What the autoscaling counts (deploy/k8s): 1 while the replica analyses, 0 once it stopped.
+    assert in_progress == [1.0]
+    assert stopping.runtime.registry.get_sample_value("enclave_analysis_series_in_progress") == 0
 
     stored = db["series"].docs[SERIES_ID]
     assert stored["status"] == "analysing" and stored["attempts"] == 0

@@ -101,6 +101,12 @@ class AnalysisService:
             "nothing moves it while one series is analysed",
             registry=runtime.registry,
         )
+        self.in_progress = Gauge(
+            "enclave_analysis_series_in_progress",
+            "Series this replica is analysing now (0 or 1): with the series ready, the work analysis "
+            "has, which its autoscaling follows",
+            registry=runtime.registry,
+        )
         self.outcomes = Counter(
             "enclave_analysis_outcomes",
             "Series outcomes published, by outcome (completed, failed)",
@@ -201,6 +207,7 @@ class AnalysisService:
         ``retry_delay_s``; after ``max_attempts`` it is reported failed instead (``analyse``). A
         dependency outage is retried the same way without counting. Stopped (the service shuts
         down), the claim is released at once without counting (``_release``)."""
+        self.in_progress.inc()
         try:
             await self.analyse(series)
         except asyncio.CancelledError:
@@ -220,6 +227,8 @@ class AnalysisService:
             )
             self.attempt_failures.labels("dependency" if transient else "unexpected").inc()
             await self.assembly.retry_later(series, self.settings.retry_delay_s, counted=not transient)
+        finally:
+            self.in_progress.dec()
 
     async def _release(self, series: dict[str, Any]) -> None:
         """The analysis of a claimed series was stopped (a rolling update, a scale-down; its worker
