@@ -62,6 +62,22 @@ def _valid() -> bytes:
     return mr_instance()[0]
 
 
+DICOMDIR = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a file-set's directory
+HARDCOPY = "1.2.840.10008.5.1.1.29"  # Hardcopy Grayscale Image Storage, retired
+
+
+def _of_sop_class(sop_class_uid: str) -> bytes:
+    return builders.make_instance(
+        patient_id=PHI["PatientID"], sop_instance_uid=generate_uid(), sop_class_uid=sop_class_uid
+    )
+
+
+def _series_uid_as_fd() -> bytes:
+    """SeriesInstanceUID (0020,000E) written with VR FD: the conformance review's case, which the
+    gateway accepted and ingest failed as ``unexpected_error``."""
+    return builders.with_element_vr(_valid(), 0x0020000E, b"FD")
+
+
 @dataclass(frozen=True)
 class Case:
     """One request and what must come back: an HTTP status, and either the request-level error
@@ -97,6 +113,15 @@ def _cases() -> list[Case]:
     past_request_limit = builders.Body(padded.content_type, at_request_limit.data + b" ")
     assert len(at_request_limit.data) == MAX_REQUEST
     return [
+        Case("uid_with_another_vr", _related([_series_uid_as_fd()]), 409, failure_reasons=(0xA900,)),
+        Case(
+            "modality_with_another_vr",
+            _related([builders.with_element_vr(_valid(), 0x00080060, b"FD")]),
+            409,
+            failure_reasons=(0xA900,),
+        ),
+        Case("dicomdir_sop_class", _related([_of_sop_class(DICOMDIR)]), 409, failure_reasons=(0x0122,)),
+        Case("retired_sop_class", _related([_of_sop_class(HARDCOPY)]), 409, failure_reasons=(0x0122,)),
         Case("truncated", _related([truncated]), 409, failure_reasons=(0xC000,)),
         Case("bad_vr", _related([bad_vr]), 409, failure_reasons=(0xC000,)),
         Case("huge_declared_length", _related([huge_length]), 409, failure_reasons=(0xC000,)),
@@ -263,6 +288,41 @@ async def test_upload_api_names_each_rejection(small_gateway):
     assert "accepted: application/dicom" in rejected["photo.png"]["message"]
     for value in PHI.values():
         assert value not in answer.text
+
+
+async def test_upload_api_names_the_attribute_under_another_vr_and_the_sop_class_it_refuses(small_gateway):
+    """Per file: an attribute the pipeline reads written under another VR is refused at upload, naming
+    the attribute, both VRs and the instance; a class that is no composite instance Storage SOP class
+    (a DICOMDIR, a retired class) is refused as 0x0122, naming the class and what is accepted."""
+    tenant = new_tenant("it-hostile")
+    files = [
+        ("file", ("series-fd.dcm", _series_uid_as_fd(), "application/dicom")),
+        ("file", ("dicomdir.dcm", _of_sop_class(DICOMDIR), "application/dicom")),
+        ("file", ("hardcopy.dcm", _of_sop_class(HARDCOPY), "application/dicom")),
+    ]
+    async with TopicWatch(*UPLOAD_TOPICS) as watch:
+        async with httpx.AsyncClient(timeout=30) as client:
+            answer = await client.post(
+                f"{small_gateway.url}/api/v1/imaging/upload",
+                files=files,
+                headers=bearer("it-portal", tenant, "uploader"),
+            )
+        published = await watch.read(lambda env: env.tenant == tenant)
+    assert answer.status_code == 409, answer.text
+    rejected = {r["filename"]: r for r in answer.json()["rejected"]}
+    wrong_vr = rejected["series-fd.dcm"]
+    assert (wrong_vr["problem"], wrong_vr["failure_reason"]) == ("wrong_vr", 0xA900)
+    assert wrong_vr["message"] == "SeriesInstanceUID (0020,000E) has VR FD; it must be UI (PS3.6)"
+    for name, title in (("dicomdir.dcm", "Media Storage Directory Storage"), ("hardcopy.dcm", "Hardcopy")):
+        refusal = rejected[name]
+        assert (refusal["problem"], refusal["failure_reason"]) == ("sop_class_not_allowed", 0x0122), refusal
+        assert (
+            title in refusal["message"]
+            and "accepted: the Storage SOP classes of PS3.4 Annex B" in (refusal["message"])
+        )
+    for value in PHI.values():
+        assert value not in answer.text
+    assert published == []
 
 
 async def test_upload_api_refuses_a_form_without_files(small_gateway):

@@ -18,6 +18,7 @@ from enclave_gateway.validation import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
@@ -266,6 +267,72 @@ def test_sop_class_allow_list() -> None:
 
 
 @pytest.mark.parametrize(
+    ("sop_class_uid", "name", "why"),
+    [
+        ("1.2.840.10008.1.3.10", "Media Storage Directory Storage", "the directory (DICOMDIR) of a file-set"),
+        ("1.2.840.10008.5.1.1.29", "Hardcopy Grayscale Image Storage SOP Class", "it is retired"),
+        ("1.2.840.10008.5.1.1.30", "Hardcopy Color Image Storage SOP Class", "it is retired"),
+        ("1.2.840.10008.5.1.4.1.1.8", "Standalone Overlay Storage", "it is retired"),
+        ("1.2.840.10008.5.1.4.1.1.6", "Ultrasound Image Storage", "it is retired"),
+        ("1.2.840.10008.5.1.4.38.1", "Hanging Protocol Storage", "non-patient object (PS3.4 Annex GG)"),
+        ("1.2.840.10008.5.1.4.1.1.501.1", "DICOS CT Image Storage", "it belongs to DICOS, not to PS3.4"),
+        ("1.2.840.10008.1.1", "Verification SOP Class", "it is not a Storage SOP class"),
+        ("1.2.826.0.1.3680043.8.498.1", None, "not in the DICOM UID registry"),
+    ],
+)
+def test_the_default_allow_list_refuses_classes_other_than_composite_instance_storage(
+    sop_class_uid, name, why
+) -> None:
+    """Found by a conformance review: every class with "Storage" in its name was accepted, so a
+    DICOMDIR and retired classes (Hardcopy, Standalone Overlay) were de-identified and released."""
+    failure = refused(
+        validate_instance(corpus.make_instance(sop_class_uid=sop_class_uid)),
+        FailureReason.SOP_CLASS_NOT_SUPPORTED,
+        "sop_class_not_allowed",
+    )
+    named = f"SOP class {sop_class_uid} ({name})" if name else f"SOP class {sop_class_uid}"
+    assert failure.message.startswith(f"{named} is not accepted: "), failure.message
+    assert why in failure.message
+    assert failure.message.endswith(
+        "; accepted: the Storage SOP classes of PS3.4 Annex B (composite instances of a patient) that are "
+        "not retired"
+    )
+    assert failure.sop_class_uid == sop_class_uid  # the STOW response references the instance
+
+
+@pytest.mark.parametrize(
+    "sop_class_uid",
+    [
+        MRImageStorage,
+        CTImageStorage,
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR Storage
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF Storage
+        "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan Storage
+        "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform Storage
+        "1.2.840.10008.5.1.4.1.1.200.2",  # CT Performed Procedure Protocol Storage (of a patient)
+    ],
+)
+def test_the_default_allow_list_accepts_composite_instance_storage_classes(sop_class_uid) -> None:
+    assert isinstance(validate_instance(corpus.make_instance(sop_class_uid=sop_class_uid)), InstanceInfo)
+
+
+def test_a_configured_allow_list_may_take_a_class_the_default_leaves_out() -> None:
+    hardcopy = "1.2.840.10008.5.1.1.29"
+    legacy = ValidationPolicy(allowed_sop_classes=frozenset({hardcopy}))
+    assert isinstance(validate_instance(corpus.make_instance(sop_class_uid=hardcopy), legacy), InstanceInfo)
+    failure = refused(
+        validate_instance(corpus.make_instance(), legacy), FailureReason.SOP_CLASS_NOT_SUPPORTED
+    )
+    assert (
+        failure.message
+        == f"SOP class {MRImageStorage} (MR Image Storage) is not accepted; accepted: the configured SOP classes"
+    )
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [
         ("sop_class_uid", ""),
@@ -471,10 +538,73 @@ def test_a_patient_id_that_is_not_text_in_its_character_set_is_refused(raw) -> N
     assert "Specific Character Set" in failure.message
 
 
-def test_a_patient_id_written_as_pn_is_one_value() -> None:
-    from pydicom.dataelem import DataElement
+# --------------------------------------------------------------------------- VRs of what the pipeline reads
 
+#: (keyword, tag, VR written): an explicit-VR attribute the gateway, ingest or deid read, under a VR
+#: that is not its standard one.
+WRONG_VRS = [
+    ("SeriesInstanceUID", 0x0020000E, b"FD", "UI"),
+    ("SOPClassUID", 0x00080016, b"SH", "UI"),
+    ("StudyInstanceUID", 0x0020000D, b"UL", "UI"),
+    ("PatientID", 0x00100020, b"FD", "LO"),
+    ("PatientID", 0x00100020, b"PN", "LO"),
+    ("Modality", 0x00080060, b"FD", "CS"),
+    ("ImageType", 0x00080008, b"FD", "CS"),
+    ("BurnedInAnnotation", 0x00280301, b"US", "CS"),
+]
+
+
+def _reading_the_pipeline_attributes() -> Dataset:
     ds = corpus.make_dataset()
-    ds[0x00100020] = DataElement(0x00100020, "PN", "PHIMARKERPN")
-    info = validate_instance(corpus.encode(ds))
-    assert isinstance(info, InstanceInfo) and info.patient_id == "PHIMARKERPN"
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.BurnedInAnnotation = "NO"
+    return ds
+
+
+@pytest.mark.parametrize(("keyword", "tag", "written", "standard"), WRONG_VRS)
+def test_an_attribute_the_pipeline_reads_under_another_vr_is_refused(keyword, tag, written, standard) -> None:
+    """Found by a conformance review: a SeriesInstanceUID written as FD was accepted (the gateway
+    read its bytes without its VR) and ingest failed it as ``unexpected_error`` with a stack location;
+    the same defect in PatientID was ``unparseable``, and in Modality it stopped deid."""
+    ds = _reading_the_pipeline_attributes()
+    data = corpus.with_element_vr(corpus.encode(ds), tag, written)
+    failure = refused(validate_instance(data), FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS, "wrong_vr")
+    name = f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    assert failure.message == f"{name} has VR {written.decode()}; it must be {standard} (PS3.6)"
+    # the failure names the instance, for the STOW response
+    assert (failure.sop_class_uid, failure.sop_instance_uid) == (ds.SOPClassUID, ds.SOPInstanceUID)
+    assert streamed(data, [1]) == failure
+    assert streamed(data, [7, 64, 3]) == failure
+
+
+def test_the_first_attribute_under_another_vr_is_the_one_named() -> None:
+    data = corpus.encode(_reading_the_pipeline_attributes())
+    data = corpus.with_element_vr(data, 0x00280301, b"US")
+    data = corpus.with_element_vr(data, 0x00080060, b"FD")
+    failure = validate_instance(data)
+    assert isinstance(failure, ValidationFailure) and failure.message.startswith("Modality (0008,0060)")
+
+
+@pytest.mark.parametrize("tag", [0x0020000E, 0x00100020, 0x00080060, 0x00280301])
+def test_an_attribute_written_as_un_of_defined_length_is_read_by_its_standard_vr(tag) -> None:
+    """PS3.5 6.2.2: UN is what a sender writes when it does not know the VR; pydicom reads it by the
+    dictionary, so the pipeline reads the same value."""
+    ds = _reading_the_pipeline_attributes()
+    info = validate_instance(corpus.with_element_vr(corpus.encode(ds), tag, b"UN"))
+    assert isinstance(info, InstanceInfo), info
+    assert (info.series_instance_uid, info.patient_id) == (ds.SeriesInstanceUID, corpus.PLANTED_PATIENT_ID)
+
+
+def test_an_attribute_written_as_un_of_undefined_length_is_refused() -> None:
+    data = corpus.with_element_vr(
+        corpus.encode(corpus.make_dataset()), 0x00080060, b"UN", undefined_length=True
+    )
+    failure = refused(validate_instance(data), FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS, "wrong_vr")
+    assert failure.message == "Modality (0008,0060) has VR UN of undefined length; it must be CS (PS3.6)"
+
+
+def test_an_implicit_vr_instance_is_read_by_the_dictionary() -> None:
+    ds = _reading_the_pipeline_attributes()
+    info = validate_instance(corpus.encode(ds, syntax=ImplicitVRLittleEndian))
+    assert isinstance(info, InstanceInfo) and info.patient_id == corpus.PLANTED_PATIENT_ID

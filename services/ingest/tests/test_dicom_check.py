@@ -79,3 +79,67 @@ def test_a_corrupt_deflated_stream_is_an_invalid_instance() -> None:
     corrupt = data[: stream.tell()] + b"\xff" * 64 + data[stream.tell() + 64 :]
     with pytest.raises(InvalidInstance, match="could not be parsed"):
         read_identity(corrupt, complete=True)
+
+
+def with_vr(data: bytes, element_header: bytes, vr: bytes) -> bytes:
+    """Rewrite the VR of the short-VR element whose tag and VR start with ``element_header``."""
+    assert data.count(element_header) == 1
+    return data.replace(element_header, element_header[:4] + vr)
+
+
+@pytest.mark.parametrize(
+    ("element_header", "vr", "reason"),
+    [
+        (b"\x20\x00\x0e\x00UI", b"FD", "SeriesInstanceUID (0020,000E) has VR FD; it must be UI"),
+        (b"\x08\x00\x18\x00UI", b"SH", "SOPInstanceUID (0008,0018) has VR SH; it must be UI"),
+        (b"\x10\x00\x20\x00LO", b"FD", "PatientID (0010,0020) has VR FD; it must be LO"),
+    ],
+    ids=["series-uid-as-FD", "sop-instance-uid-as-SH", "patient-id-as-FD"],
+)
+def test_a_required_attribute_under_another_vr_is_an_invalid_instance(element_header, vr, reason) -> None:
+    """Found by a conformance review: a SeriesInstanceUID written as FD (6 bytes, no whole double)
+    raised while its value was converted, outside the checks' error handling, and the hospital saw
+    ``unexpected_error`` with a stack location for a reason."""
+    data = with_vr(encoded("ISO_IR 192", "HÜNTER-山田"), element_header, vr)
+    with pytest.raises(InvalidInstance) as refused:
+        read_identity(data, complete=True)
+    assert refused.value.code == "invalid_instance"
+    assert refused.value.reason == reason
+
+
+def test_a_required_attribute_written_as_un_is_read_by_its_standard_vr() -> None:
+    data = encoded("ISO_IR 192", "HÜNTER-山田")
+    at = data.index(b"\x20\x00\x0e\x00UI")
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    un = data[:at] + b"\x20\x00\x0e\x00UN\x00\x00" + length.to_bytes(4, "little") + data[at + 8 :]
+    assert read_identity(un, complete=True) == read_identity(data, complete=True)
+
+
+def test_a_value_pydicom_cannot_convert_is_an_invalid_instance_that_quotes_nothing(monkeypatch) -> None:
+    """Defence in depth: whatever conversion error pydicom raises while the identity is read (its
+    messages quote the value) ends as ``invalid_instance`` naming the attribute and the error type."""
+    from enclave_ingest import dicom_check
+    from pydicom.errors import BytesLengthException
+
+    def conversion_fails(value: object) -> str:
+        raise BytesLengthException("Instead received b'HUNTER' with length 6")
+
+    monkeypatch.setattr(dicom_check, "patient_id_text", conversion_fails)
+    with pytest.raises(InvalidInstance) as refused:
+        read_identity(encoded("", "HUNTER"), complete=True)
+    assert refused.value.reason == (
+        "PatientID (0010,0020) could not be read as its value representation (BytesLengthException)"
+    )
+
+
+def test_a_header_pydicom_fails_on_in_any_way_is_an_invalid_instance(monkeypatch) -> None:
+    from enclave_ingest import dicom_check
+    from pydicom.errors import BytesLengthException
+
+    def parse_fails(prefix: bytes) -> None:
+        raise BytesLengthException("b'HUNTER'")
+
+    monkeypatch.setattr(dicom_check, "_read_header", parse_fails)
+    with pytest.raises(InvalidInstance, match=r"could not be parsed \(BytesLengthException\)$") as refused:
+        read_identity(encoded("", "HUNTER"), complete=True)
+    assert "HUNTER" not in refused.value.reason

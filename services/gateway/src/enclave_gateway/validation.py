@@ -35,7 +35,7 @@ from io import BytesIO
 from enclave_common.pseudonyms import patient_id_text
 from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import RE_VALID_UID, UID
@@ -91,13 +91,53 @@ DEFAULT_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
 )
 
 
+MEDIA_STORAGE_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
+#: PS3.4 Table GG.3-1, the Non-Patient Object Storage SOP classes: objects of no patient, study or
+#: series (hanging protocols, palettes, implant templates, protocols, inventories).
+NON_PATIENT_STORAGE_SOP_CLASSES: frozenset[str] = frozenset(
+    {
+        "1.2.840.10008.5.1.4.38.1",  # Hanging Protocol Storage
+        "1.2.840.10008.5.1.4.39.1",  # Color Palette Storage
+        "1.2.840.10008.5.1.4.43.1",  # Generic Implant Template Storage
+        "1.2.840.10008.5.1.4.44.1",  # Implant Assembly Template Storage
+        "1.2.840.10008.5.1.4.45.1",  # Implant Template Group Storage
+        "1.2.840.10008.5.1.4.1.1.200.1",  # CT Defined Procedure Protocol Storage
+        "1.2.840.10008.5.1.4.1.1.200.3",  # Protocol Approval Storage
+        "1.2.840.10008.5.1.4.1.1.200.7",  # XA Defined Procedure Protocol Storage
+        "1.2.840.10008.5.1.4.1.1.201.1",  # Inventory Storage
+    }
+)
+_DEFAULT_SOP_CLASSES_TEXT = (
+    "the Storage SOP classes of PS3.4 Annex B (composite instances of a patient) that are not retired"
+)
+
+
+def _sop_class_excluded(uid: str) -> str | None:
+    """Why the default allow-list leaves out ``uid``, or None when it is a composite instance Storage
+    SOP class of PS3.4 Annex B. pydicom's UID registry says which classes are retired, and which are
+    DICOS or DICONDE (security screening, industrial testing: not PS3.4)."""
+    entry = UID_dictionary.get(uid)
+    if entry is None:
+        return "it is not in the DICOM UID registry (PS3.6 Annex A) this gateway knows"
+    name, kind, info, retired, _keyword = entry
+    if kind != "SOP Class" or "Storage" not in name or "Commitment" in name:
+        return "it is not a Storage SOP class"
+    if uid == MEDIA_STORAGE_DIRECTORY_STORAGE:
+        return "it is the directory (DICOMDIR) of a file-set, not a composite instance"
+    if retired:
+        return "it is retired"
+    if uid in NON_PATIENT_STORAGE_SOP_CLASSES:
+        return "it stores a non-patient object (PS3.4 Annex GG), without the patient, study and series"
+    if info:
+        return f"it belongs to {info}, not to PS3.4"
+    return None
+
+
 def storage_sop_classes() -> frozenset[str]:
-    """Every Storage SOP Class in pydicom's UID registry: the default SOP class allow-list."""
-    return frozenset(
-        uid
-        for uid, (name, kind, *_rest) in UID_dictionary.items()
-        if kind == "SOP Class" and "Storage" in name and "Commitment" not in name
-    )
+    """The default SOP class allow-list: the composite instance Storage SOP classes of PS3.4 Annex B in
+    pydicom's UID registry. Until the sixteenth session any class with "Storage" in its name passed,
+    so a DICOMDIR (Media Storage Directory Storage) and retired classes were de-identified."""
+    return frozenset(uid for uid in UID_dictionary if _sop_class_excluded(uid) is None)
 
 
 _SOP_CLASS_UID = 0x00080016
@@ -133,7 +173,7 @@ class ValidationPolicy:
     """What the edge accepts per instance; every field is configurable by the service settings."""
 
     allowed_transfer_syntaxes: frozenset[str] = DEFAULT_TRANSFER_SYNTAXES
-    allowed_sop_classes: frozenset[str] | None = None  # None: every storage SOP class pydicom knows
+    allowed_sop_classes: frozenset[str] | None = None  # None: storage_sop_classes()
     header_window_bytes: int = 1 * MIB
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_sequence_depth: int = 16
@@ -152,6 +192,15 @@ class ValidationPolicy:
     def sop_class_allowed(self, uid: str) -> bool:
         allowed = self.allowed_sop_classes
         return uid in (allowed if allowed is not None else _STORAGE_SOP_CLASSES)
+
+    def sop_class_refusal(self, uid: str) -> str:
+        """Why ``uid`` is refused and what is accepted; ``uid`` is a valid UID, never PHI."""
+        entry = UID_dictionary.get(uid)
+        named = f"SOP class {uid} ({entry[0]})" if entry is not None and entry[0] else f"SOP class {uid}"
+        if self.allowed_sop_classes is not None:
+            return f"{named} is not accepted; accepted: the configured SOP classes"
+        why = _sop_class_excluded(uid)
+        return f"{named} is not accepted: {why}; accepted: {_DEFAULT_SOP_CLASSES_TEXT}"
 
 
 _STORAGE_SOP_CLASSES = storage_sop_classes()
@@ -202,13 +251,61 @@ class ValidationFailure:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: FailureReason, problem: str, message: str) -> None:
+    def __init__(
+        self,
+        reason: FailureReason,
+        problem: str,
+        message: str,
+        *,
+        sop_class_uid: str = "",
+        sop_instance_uid: str = "",
+    ) -> None:
+        """The UIDs, given before the header is known, are kept only when they are valid UIDs."""
         super().__init__(message)
-        self.failure = ValidationFailure(reason, message, problem)
+        known = uid_is_valid(sop_class_uid) and uid_is_valid(sop_instance_uid)
+        self.failure = ValidationFailure(
+            reason,
+            message,
+            problem,
+            sop_class_uid if known else None,
+            sop_instance_uid if known else None,
+        )
 
 
 def _tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+#: Attributes the gateway, ingest or deid's release decision (burned-in text) read as values, with
+#: the VR PS3.6 gives each. In an explicit-VR dataset pydicom converts a value by the VR written in
+#: the stream: under another VR (a UID written as FD) reading it fails or gives another value.
+_PIPELINE_ATTRIBUTES = (
+    "SpecificCharacterSet",
+    "ImageType",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "Modality",
+    "ConversionType",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "BurnedInAnnotation",
+    "RecognizableVisualFeatures",
+    "SpecimenLabelInImage",
+)
+
+
+def _standard_vrs() -> dict[int, tuple[str, bytes]]:
+    """Tag -> (name for messages, the VR PS3.6 gives it) of each attribute in ``_PIPELINE_ATTRIBUTES``."""
+    table: dict[int, tuple[str, bytes]] = {}
+    for keyword in _PIPELINE_ATTRIBUTES:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        table[tag] = (f"{keyword} {_tag_text(tag)}", str(dictionary_VR(tag)).encode())
+    return table
+
+
+_STANDARD_VRS = _standard_vrs()
 
 
 # --------------------------------------------------------------------------- structure walker
@@ -259,6 +356,11 @@ class _DatasetWalker:
         self.header = bytearray()
         self._header_window = header_window
         self.header_cutoff: int | None = None
+        #: The first attribute of the header with a VR other than its standard one; the inspector
+        #: refuses it when it reads the header, naming the instance.
+        self.header_vr_error: str | None = None
+        #: The same for an attribute after the header: ``feed`` stops right after its element header.
+        self.vr_error: str | None = None
 
     @property
     def sequence_depth(self) -> int:
@@ -294,7 +396,7 @@ class _DatasetWalker:
                     self.position += need
                     cutoff_before = self.header_cutoff
                     self._element(raw)
-                    if cutoff_before is None and self.header_cutoff is not None:
+                    if (cutoff_before is None and self.header_cutoff is not None) or self.vr_error:
                         return offset
                     continue
             need = self._header_size_needed()
@@ -310,8 +412,8 @@ class _DatasetWalker:
             cutoff_before = self.header_cutoff
             self._element(bytes(self._pending))
             self._pending.clear()
-            if cutoff_before is None and self.header_cutoff is not None:
-                return offset  # let the inspector read the header before anything after it
+            if (cutoff_before is None and self.header_cutoff is not None) or self.vr_error:
+                return offset  # let the inspector read the header (or refuse) before anything after it
         return offset
 
     def _detect_first_element_encoding(self) -> None:
@@ -399,9 +501,24 @@ class _DatasetWalker:
             length = (
                 struct.unpack_from("<I", raw, 8)[0] if len(raw) == 12 else struct.unpack_from("<H", raw, 6)[0]
             )
+            if not self.frames and tag in _STANDARD_VRS:
+                self._check_standard_vr(tag, vr, length)
         if not self.frames:
             self._top_level(tag, start)
         self._value(tag, vr, length)
+
+    def _check_standard_vr(self, tag: int, vr: bytes, length: int) -> None:
+        """A pipeline attribute must have its standard VR, or UN of defined length (PS3.5 §6.2.2: a
+        sender that does not know the VR; pydicom reads it by its dictionary VR)."""
+        name, standard = _STANDARD_VRS[tag]
+        if vr == standard or (vr == b"UN" and length != _UNDEFINED):
+            return
+        written = "UN of undefined length" if vr == b"UN" else vr.decode()
+        message = f"{name} has VR {written}; it must be {standard.decode()} (PS3.6)"
+        if tag > _LAST_HEADER_TAG:
+            self.vr_error = message
+        elif self.header_vr_error is None:
+            self.header_vr_error = message
 
     def _top_level(self, tag: int, start: int) -> None:
         if tag <= self._last_top_tag:
@@ -775,6 +892,8 @@ class InstanceInspector:
             consumed = walker.feed(view)
             if self.header is None and walker.header_cutoff is not None:
                 self._read_header(walker)
+            if walker.vr_error is not None:
+                raise _Refused(FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS, "wrong_vr", walker.vr_error)
             view = view[consumed:]
 
     def _complete(self) -> None:
@@ -950,11 +1069,19 @@ class InstanceInspector:
         with warnings.catch_warnings():  # also: an unknown character set, bytes it cannot hold
             warnings.simplefilter("ignore")
             dataset = read_dataset(BytesIO(raw), walker.implicit, True)
+            for tag in _REQUIRED_UIDS:
+                element = dataset.get_item(Tag(tag))
+                value = element.value if element is not None else None
+                values[tag] = _text(value) if isinstance(value, bytes) else ""
+            if walker.header_vr_error is not None:  # before any value is converted by that VR
+                raise _Refused(
+                    FailureReason.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "wrong_vr",
+                    walker.header_vr_error,
+                    sop_class_uid=values[_SOP_CLASS_UID],
+                    sop_instance_uid=values[_SOP_INSTANCE_UID],
+                )
             values[_PATIENT_ID] = patient_id_text(dataset.get("PatientID"))
-        for tag in _REQUIRED_UIDS:
-            element = dataset.get_item(Tag(tag))
-            value = element.value if element is not None else None
-            values[tag] = _text(value) if isinstance(value, bytes) else ""
         if not any(values[tag] for tag in _REQUIRED_UIDS):
             raise _Refused(
                 FailureReason.CANNOT_UNDERSTAND,
@@ -1011,12 +1138,7 @@ class InstanceInspector:
             raise _Refused(
                 FailureReason.SOP_CLASS_NOT_SUPPORTED,
                 "sop_class_not_allowed",
-                f"SOP class {header.sop_class_uid} is not accepted; accepted: "
-                + (
-                    "the configured SOP classes"
-                    if self.policy.allowed_sop_classes is not None
-                    else "Storage SOP classes of PS3.4 Annex B"
-                ),
+                self.policy.sop_class_refusal(header.sop_class_uid),
             )
         if self.expected_study_uid is not None and header.study_instance_uid != self.expected_study_uid:
             raise _Refused(

@@ -114,6 +114,26 @@ def with_bad_vr(data: bytes) -> bytes:
     return data[: at + 4] + b"Q!" + data[at + 6 :]
 
 
+def with_element_vr(data: bytes, tag: int, vr: bytes, *, undefined_length: bool = False) -> bytes:
+    """Rewrite the VR of the top-level element ``tag`` (written with a short VR) of an explicit-VR
+    little-endian file, keeping its value. A long VR (UN) takes the 12-byte header; with
+    ``undefined_length`` the value becomes an empty sequence of undefined length instead."""
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    at = data.find(head)
+    while at >= 0 and data[at + 4 : at + 6] not in (b"AE", b"CS", b"LO", b"PN", b"SH", b"UI", b"US"):
+        at = data.find(head, at + 1)
+    assert at > 0, hex(tag)
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    value = data[at + 8 : at + 8 + length]
+    if undefined_length:
+        element = head + vr + b"\0\0" + struct.pack("<I", 0xFFFFFFFF) + b"\xfe\xff\xdd\xe0" + bytes(4)
+    elif vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"):
+        element = head + vr + b"\0\0" + struct.pack("<I", length) + value
+    else:
+        element = head + vr + struct.pack("<H", length) + value
+    return data[:at] + element + data[at + 8 + length :]
+
+
 def with_huge_pixel_length(data: bytes, length: int = 0xFFFFFFF0) -> bytes:
     """Declare a PixelData length far beyond what is sent (explicit VR: tag, VR, 2 reserved, 4 length)."""
     at = pixel_data_offset(data)

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import pydicom
 from enclave_common.errors import PermanentError
 from enclave_common.pseudonyms import patient_id_text
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")
@@ -40,40 +42,71 @@ class InstanceIdentity:
 
 
 def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
-    """Parse the header in ``prefix`` (the whole instance when ``complete``) and check the required attributes."""
+    """Parse the header in ``prefix`` (the whole instance when ``complete``) and check the required attributes.
+
+    Whatever the bytes, the outcome is an identity or :class:`InvalidInstance`, whose reason names
+    attributes and exception types, never a value (pydicom's own messages quote the value).
+    """
     try:
         ds = _read_header(prefix)
-    except (
-        InvalidDicomError,
-        EOFError,
-        ValueError,
-        OSError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        zlib.error,
-    ) as exc:
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:  # any parse failure of these bytes: a hostile or broken instance
         hint = "" if complete else " (the header may be larger than the configured prefix)"
         raise InvalidInstance(f"instance header could not be parsed ({type(exc).__name__}){hint}") from exc
-    missing = [name for name in REQUIRED if not str(ds.get(name, "") or "").strip()]
+    for name in REQUIRED:
+        _check_vr(ds, name)
+    values = {name: _value_text(ds, name) for name in REQUIRED}
+    missing = [name for name in REQUIRED if not values[name]]
     if missing:
         raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
     for name in REQUIRED[:4]:
-        value = str(ds.get(name)).strip()
-        if len(value) > 64 or not _UID.match(value):
+        if len(values[name]) > 64 or not _UID.match(values[name]):
             raise InvalidInstance(f"{name} is not a valid UID (PS3.5 9.1: digits and dots, at most 64 chars)")
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not ts:
         ts = "1.2.840.10008.1.2.1" if not ds.is_implicit_VR else "1.2.840.10008.1.2"
     return InstanceIdentity(
-        sop_class_uid=str(ds.SOPClassUID).strip(),
-        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
-        study_instance_uid=str(ds.StudyInstanceUID).strip(),
-        series_instance_uid=str(ds.SeriesInstanceUID).strip(),
-        patient_id=patient_id_text(ds.get("PatientID")),
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        patient_id=values["PatientID"],
         transfer_syntax_uid=ts,
     )
+
+
+def _check_vr(ds: Dataset, keyword: str) -> None:
+    """In an explicit-VR dataset the attribute must have its standard VR (or UN, which pydicom reads
+    by its dictionary VR): pydicom converts a value by the VR written in the stream. Before the
+    sixteenth session a SeriesInstanceUID written as FD reached the conversion and ended the instance
+    as ``unexpected_error``, with a stack location for a reason."""
+    element = ds.get_item(keyword)
+    standard = dictionary_VR(keyword)
+    if element is None or element.VR in (None, standard, VR.UN):
+        return
+    raise InvalidInstance(f"{keyword} ({_tag_text(keyword)}) has VR {element.VR}; it must be {standard}")
+
+
+def _value_text(ds: Dataset, keyword: str) -> str:
+    """The attribute's value as text; a value pydicom cannot convert is an invalid instance."""
+    try:
+        if keyword == "PatientID":
+            return patient_id_text(ds.get(keyword))
+        return str(ds.get(keyword, "") or "").strip()
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:
+        raise InvalidInstance(
+            f"{keyword} ({_tag_text(keyword)}) could not be read as its value representation "
+            f"({type(exc).__name__})"
+        ) from exc
+
+
+def _tag_text(keyword: str) -> str:
+    tag = Tag(keyword)
+    return f"{tag.group:04X},{tag.element:04X}"
 
 
 def _read_header(prefix: bytes) -> Dataset:
