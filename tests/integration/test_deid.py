@@ -444,3 +444,72 @@ async def test_rotating_the_deid_keyring_rewraps_every_released_copy_which_still
     later = await _deidentified(await _send(mr_instance()[0]))
     later_blob, _ = await _open_copy(later)
     assert ObjectHeader.from_bytes(later_blob[:4096])[0].wrapped_key.key_version == result["version"]
+
+
+async def test_unlisted_dates_personal_attributes_and_overlay_text_leave_nothing():
+    """Conformance review (sixteenth session): the birth and death dates in an alternative calendar, an
+    unlisted date (Study Update DateTime, unshifted beside the shifted Study Date: the patient's shift),
+    unlisted address and free text, and overlay description and label text came out as sent."""
+    data, ds = mr_instance()
+    ds.PatientBirthDateInAlternativeCalendar = "1340/01/23"
+    ds.PatientDeathDateInAlternativeCalendar = "1402/07/01"
+    ds.PatientAlternativeCalendar = "I"
+    ds.StudyDate, ds.StudyUpdateDateTime = "20190312", "20190315083000"
+    ds.NTPSourceAddress = "ntp.hospital-hunt16.example"
+    ds.DoseComment = "HUNT16DOSE by the night shift"
+    ds.add_new(0x60000010, "US", 8)
+    ds.add_new(0x60000011, "US", 8)
+    ds.add_new(0x60000022, "LO", "HUNT16OVL description")
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60001500, "LO", "HUNT16OVL label")
+    ds.add_new(0x60003000, "OW", b"\xff" * 8)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    iuid = await _send(out.getvalue())
+    event = await _deidentified(iuid)
+    _, plaintext = await _open_copy(event)
+    for needle in (b"1340/01/23", b"1402/07/01", b"20190315", b"20190312", b"hospital-hunt16", b"HUNT16"):
+        assert needle not in plaintext, needle
+    copy = pydicom.dcmread(io.BytesIO(plaintext))
+    for keyword in (
+        "PatientBirthDateInAlternativeCalendar",
+        "PatientDeathDateInAlternativeCalendar",
+        "PatientAlternativeCalendar",
+        "NTPSourceAddress",
+    ):
+        assert keyword not in copy
+    shifted = copy.StudyDate
+    assert copy.StudyUpdateDateTime[:8] != "20190315"
+    study_shift = pydicom.valuerep.DA(shifted) - pydicom.valuerep.DA("20190312")
+    update_shift = pydicom.valuerep.DA(copy.StudyUpdateDateTime[:8]) - pydicom.valuerep.DA("20190315")
+    assert study_shift == update_shift and study_shift.days < 0  # one shift for every date
+    assert copy.StudyUpdateDateTime[8:] == "083000"
+    assert copy.DoseComment == "REMOVED"
+    assert not [elem.tag for elem in copy if 0x6000 <= elem.tag.group <= 0x601E]
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "modality", "image_type"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.6.1", "", ["ORIGINAL", "PRIMARY"]),  # Ultrasound without a Modality
+        ("1.2.840.10008.5.1.4.1.1.77.1.6", "SM", ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]),
+        ("1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", ["ORIGINAL", "PRIMARY"]),
+    ],
+)
+async def test_kinds_known_for_text_in_pixels_are_quarantined_by_sop_class(sop_class, modality, image_type):
+    """Conformance review (sixteenth session): the rule keyed on Modality only, so these were released
+    with their pixels as they were."""
+    _, ds = mr_instance()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality, ds.ImageType = modality, image_type
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    iuid = await _send(out.getvalue())
+    (event,) = await wait_for_events(topics.INSTANCE_QUARANTINED, _for(iuid), timeout=90)
+    quarantined = event.payload(InstanceQuarantined)
+    assert quarantined.reason_code == "burned_in_risk" and "not verified clean" in quarantined.reason
+    assert PHI["PatientID"] not in quarantined.reason
+    assert await read_all(topics.INSTANCE_DEIDENTIFIED, _for(iuid), settle=1.0) == []

@@ -180,7 +180,7 @@ def test_marks_record_profile_and_options(keys) -> None:
     assert codes == ["113100", "113105", "113107", "113108", "113109"]
     assert all(item.CodingSchemeDesignator == "DCM" for item in out.DeidentificationMethodCodeSequence)
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
-    assert "2024b" in out.DeidentificationMethod[0]
+    assert "2025b" in out.DeidentificationMethod[0]
     basic = deidentify(
         dcmread(BytesIO(_instance(0x00080050, "SH", ExplicitVRLittleEndian))),
         BASIC,

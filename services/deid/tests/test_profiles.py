@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from enclave_deid.policy import DeidPolicy, SafePrivateAttribute
+from enclave_deid.profile_supplement import ADDED_AFTER_2024B, ENCLAVE_REMOVED, TABLE_EDITION
 from enclave_deid.profile_table import BASIC_PROFILE_EDITION, TABLE_E1_1
-from enclave_deid.profiles import ActionCode, resolve_profile
+from enclave_deid.profiles import MERGED_TABLE, ActionCode, resolve_profile
 from pydantic import ValidationError
 
 
@@ -16,6 +17,13 @@ def test_table_is_the_2024b_basic_profile_with_every_code() -> None:
     assert codes == {"D", "Z", "X", "U", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"}
     assert TABLE_E1_1[0x00100010][1] == "Z"
     assert TABLE_E1_1[0x00080018][1] == "U"
+
+
+def test_the_merged_table_is_2025b_plus_enclaves_removals() -> None:
+    """The 2024b column with the 34 rows 2025b added (its other 617 rows are the same in 2025b)."""
+    assert TABLE_EDITION == "2025b"
+    assert len(ADDED_AFTER_2024B) == 34 and len(ENCLAVE_REMOVED) == 3
+    assert len(MERGED_TABLE) == len(TABLE_E1_1) + 34 + 3 == 617 + 37
 
 
 def test_options_override_the_basic_profile() -> None:

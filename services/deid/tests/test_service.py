@@ -18,11 +18,13 @@ from enclave_deid.config import DeidSettings
 from enclave_deid.deidentify import LinkageRecord
 from enclave_deid.linkage import LinkageUnreadable, open_linkage, rewrap_linkage, seal_linkage
 from enclave_deid.pipeline import (
+    WITHHELD,
     DeidPipeline,
     InstanceTooLarge,
     OriginalUndecryptable,
     Quarantined,
     UnreadableInstance,
+    UnsupportedInstance,
     _Written,
 )
 from enclave_deid.policy import DeidPolicy
@@ -179,6 +181,23 @@ def test_burned_in_annotation_is_quarantined_and_nothing_is_written(tmp_path: Pa
     )
     assert isinstance(outcome, Quarantined)
     assert "BurnedInAnnotation" in outcome.reason
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_modality_that_cannot_be_read_is_withheld_as_unsupported_not_dead_lettered(tmp_path: Path) -> None:
+    """Modality written as FD with a 6-byte value passes the gateway; the burned-in check raised
+    BytesLengthException outside the guarded steps, so the event was dead-lettered and the instance
+    stayed ``stored`` for good (conformance review, sixteenth session). ``UnsupportedInstance`` is one
+    of the errors the handler quarantines (``WITHHELD``)."""
+    original = _instance()
+    header = b"\x08\x00\x60\x00CS\x02\x00MR"
+    assert original.count(header) == 1
+    mangled = original.replace(header, b"\x08\x00\x60\x00FD\x06\x00" + b"\x00" * 6)
+    with pytest.raises(UnsupportedInstance, match="could not be read") as caught:
+        _transform(_pipeline(tmp_path, LocalKeyring.generate("deid")), mangled)
+    assert isinstance(caught.value, WITHHELD)
+    assert PATIENT_ID not in str(caught.value) and "QUIXOTE" not in str(caught.value)
+    assert "burned_in.py" not in str(caught.value) and caught.value.__cause__ is None
     assert list(tmp_path.iterdir()) == []
 
 

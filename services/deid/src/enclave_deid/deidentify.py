@@ -32,8 +32,9 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from enclave_deid.policy import DeidPolicy, MethodCode
-from enclave_deid.profile_table import BASIC_PROFILE_EDITION
+from enclave_deid.profile_supplement import TABLE_EDITION
 from enclave_deid.profiles import COMBINED_CHOICE, ActionCode, ResolvedProfile, resolve_profile
+from enclave_deid.unlisted import UnlistedKind, unlisted_kind
 
 
 class PseudonymKeys(Protocol):
@@ -127,6 +128,9 @@ _UNLISTED_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 #: Unlisted attributes removed by tag: Encrypted Attributes Sequence (original attributes, encrypted
 #: for another recipient).
 _UNLISTED_REMOVED_TAGS = frozenset({0x04000500})
+#: Maximum length of one value of the text VRs an identifier pseudonym replaces (PS3.5 6.2).
+_MAX_LENGTH = {"SH": 16, "LO": 64}
+_OVERLAY_DATA = 0x60003000
 #: The shape of one value of each VR whose character repertoire is constrained (PS3.5 6.2), padding
 #: aside. A value the walk would release as it is must have it: text in a DS, IS, AS, date, time or
 #: UID is free text in disguise (``_Walker.release_as_is``). Lengths are not checked (vendors write
@@ -254,6 +258,9 @@ class _Walker:
         self.patient_pseudonym = ""
         self.shift_days: int | None = None
         self.identifiers: _Identifiers | None = None
+        #: Overlay Data removed (the Basic Profile's X; Clean Graphics is not implemented): the whole
+        #: overlay group goes with it, its description and label text included.
+        self.overlays_removed = profile.action_for(_OVERLAY_DATA) is ActionCode.X
         self.safe_private = (
             {
                 (item.creator.strip().upper(), item.group, item.element)
@@ -336,10 +343,14 @@ class _Walker:
     def _loses_verbatim(self, tag: int, vr: str) -> bool:
         """Whether the walk removes or changes this value, so that a descriptor repeating it would leak
         it: text the profile removes or replaces (not descriptors it cleans), dates it does not keep
-        (shifted ones too: the original in a description would undo the shift), unlisted person names."""
+        (shifted ones too: the original in a description would undo the shift), unlisted person names,
+        dates and what ``unlisted`` removes or pseudonymises."""
         action = self.profile.action_for(tag)
         if action is None:
-            return vr == "PN"
+            return vr in ("PN", "DA", "DT") or unlisted_kind(tag, vr) in (
+                UnlistedKind.PERSONAL,
+                UnlistedKind.IDENTIFIER,
+            )
         if vr in ("DA", "DT"):
             return action is not ActionCode.K
         return vr in _TEXT_VRS and action not in (ActionCode.K, ActionCode.C, ActionCode.U)
@@ -369,6 +380,10 @@ class _Walker:
             if group & 1:
                 private.append(tag)
                 continue
+            if self.overlays_removed and 0x6000 <= group <= 0x601E:
+                del dataset[tag]
+                self.actions.append(AppliedAction((*path, tag), "X"))
+                continue
             action = self.profile.action_for(tag)
             vr = _walked_vr(tag, elem.VR)
             if vr is None:
@@ -385,20 +400,36 @@ class _Walker:
     def _unlisted(
         self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str, path: tuple[int, ...]
     ) -> None:
-        """Attributes Table E.1-1 does not list: kept if standard and safe by VR, free text replaced with
-        a dummy, removed otherwise (group lengths, the command group, unknown tags, names, URLs)."""
+        """Attributes Table E.1-1 does not list: removed when nothing vouches for them (group lengths, the
+        command group, unknown tags, names, URLs) or their name says they identify someone (``unlisted``);
+        dates shifted (Modified Dates) or replaced by a dummy, as the table does with the dates it lists;
+        free text replaced with a dummy; identifiers pseudonymised; everything else kept if valid for its VR."""
+        here = (*path, tag)
+        kind = unlisted_kind(tag, vr)
         if (
             tag & 0xFFFF == 0
             or tag >> 16 == 0
             or not _is_standard(tag)
             or vr in _UNLISTED_REMOVED_VRS
             or tag in _UNLISTED_REMOVED_TAGS
+            or kind is UnlistedKind.PERSONAL
         ):
             del dataset[tag]
-            self.actions.append(AppliedAction((*path, tag), "X"))
-        elif vr in _UNLISTED_FREE_TEXT_VRS:
+            self.actions.append(AppliedAction(here, "X"))
+        elif vr in ("DA", "DT"):
+            self._dummy(dataset, tag, elem, vr, path)
+            self.actions.append(AppliedAction(here, "D" if self.shift_days is None else "C"))
+        elif vr in _UNLISTED_FREE_TEXT_VRS or (
+            kind is UnlistedKind.DESCRIPTION and not self.policy.clean_descriptors
+        ):
             _put_dummy(dataset, tag, vr, elem)
-            self.actions.append(AppliedAction((*path, tag), "D"))
+            self.actions.append(AppliedAction(here, "D"))
+        elif kind is UnlistedKind.DESCRIPTION:
+            self._clean(dataset, tag, elem, vr, path)
+            self.actions.append(AppliedAction(here, "C"))
+        elif kind is UnlistedKind.IDENTIFIER:
+            self._pseudonymise_identifier(dataset, tag, elem, vr)
+            self.actions.append(AppliedAction(here, "pseudonym"))
         elif vr == "UI" and not self.policy.retain_uids and tag not in _CLASS_UID_TAGS:
             self._remap_uids(dataset, tag, elem)
         elif vr == "SQ":
@@ -422,6 +453,9 @@ class _Walker:
                 self.actions.append(AppliedAction(here, "pseudonym"))
             return
         applied = action.value
+        if vr == "UN" and action in (ActionCode.K, ActionCode.C):
+            action = ActionCode.X  # a tag pydicom does not know, read without a VR: it cannot be checked
+            applied = "X"
         if action is ActionCode.X:
             del dataset[tag]
         elif action is ActionCode.K:
@@ -473,6 +507,18 @@ class _Walker:
             return ActionCode.U.value
         _put_empty(dataset, tag, vr, elem)
         return ActionCode.Z.value
+
+    def _pseudonymise_identifier(
+        self, dataset: Dataset, tag: int, elem: DataElement | RawDataElement, vr: str
+    ) -> None:
+        """An unlisted identifier (LO, SH): each value becomes the tenant's keyed pseudonym of it, cut to
+        the VR's length, so equal values stay equal and none is released."""
+        width = _MAX_LENGTH[vr]
+        values = [
+            self.keys.pseudonym(self.tenant, "identifier", value.strip())[:width] if value.strip() else ""
+            for value in _string_values(_decoded(dataset, tag))
+        ]
+        _put_text(dataset, tag, vr, values, elem)
 
     def _pseudonym_for(self, dataset: Dataset, tag: int, path: tuple[int, ...]) -> str:
         if not path:
@@ -819,7 +865,7 @@ def _marks(
     read-only between datasets; pydicom replaces, never mutates, an element on assignment)."""
     marks = Dataset()
     marks.PatientIdentityRemoved = "YES"
-    marks.DeidentificationMethod = [f"PS3.15 {BASIC_PROFILE_EDITION} Table E.1-1"] + [
+    marks.DeidentificationMethod = [f"PS3.15 {TABLE_EDITION} Table E.1-1"] + [
         code.meaning[:64] for code in policy.method_codes[1:]
     ]
     items = []

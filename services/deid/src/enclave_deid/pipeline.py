@@ -36,7 +36,7 @@ from enclave_deid.burned_in import assess_burned_in_risk
 from enclave_deid.deidentify import DeidContext, LinkageRecord, PseudonymKeys, deidentify
 from enclave_deid.instance_io import read_instance, write_instance_to
 from enclave_deid.policy import DeidPolicy
-from enclave_deid.profile_table import BASIC_PROFILE_EDITION
+from enclave_deid.profile_supplement import TABLE_EDITION
 
 SEGMENT_SIZE = 1024 * 1024
 #: Up to this size the decrypted original is kept while writing, for instance_io's spliced writer.
@@ -187,7 +187,14 @@ class DeidPipeline:
             ) from None
         dataset.buffer = None  # the parsed elements hold their own bytes: let the decrypted copy go
         del buffer
-        reason = assess_burned_in_risk(dataset)
+        try:
+            reason = assess_burned_in_risk(dataset)
+        except Exception as exc:
+            raise UnsupportedInstance(
+                f"the attributes that say whether the pixels may carry text could not be read "
+                f"({type(exc).__name__}); Modality, ImageType, SOPClassUID and the burned-in flags must "
+                "be valid for their VR"
+            ) from None
         if reason is not None:
             return Quarantined(reason)
         try:
@@ -247,6 +254,6 @@ class DeidPipeline:
 
 def describe_policy(policy: DeidPolicy) -> tuple[str, list[str]]:
     """(profile, options) as the event names them: the Basic Profile edition and the option fields."""
-    return f"PS3.15 {BASIC_PROFILE_EDITION} Basic Application Confidentiality Profile", [
+    return f"PS3.15 {TABLE_EDITION} Basic Application Confidentiality Profile", [
         option.column for option in policy.options
     ]

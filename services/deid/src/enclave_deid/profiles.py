@@ -1,8 +1,10 @@
 """PS3.15 Annex E actions resolved for one policy: a dict from tag to action, built once per policy.
 
-The table itself is generated data (``profile_table``). Hand-written here, because the table leaves it to
-the implementer: which option wins when two enabled options disagree, which of the alternatives of a
-combined code (X/Z, Z/D, ...) we take, and the treatment of attributes the table does not list.
+The table itself is data: generated (``profile_table``, 2024b) plus the hand-written rows of later
+editions and Enclave's own removals (``profile_supplement``). Hand-written here, because the table
+leaves it to the implementer: which option wins when two enabled options disagree, which of the
+alternatives of a combined code (X/Z, Z/D, ...) we take, and the treatment of attributes the table
+does not list.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from functools import lru_cache
 from pydicom.datadict import dictionary_has_tag, dictionary_VR
 
 from enclave_deid.policy import DeidOption, DeidPolicy
+from enclave_deid.profile_supplement import ADDED_AFTER_2024B, ENCLAVE_REMOVED
 from enclave_deid.profile_table import IN_OPTIONS_EDITION, MASKED_ROWS, OPTION_COLUMNS, TABLE_E1_1
+
+#: The generated table with the rows added after its edition and Enclave's own removals
+#: (``profile_supplement``); those rows carry their own option cells.
+MERGED_TABLE: dict[int, tuple[str, ...]] = {**TABLE_E1_1, **ADDED_AFTER_2024B, **ENCLAVE_REMOVED}
+_OWN_OPTION_CELLS = IN_OPTIONS_EDITION | ADDED_AFTER_2024B.keys() | ENCLAVE_REMOVED.keys()
 
 
 class ActionCode(StrEnum):
@@ -104,9 +112,9 @@ def resolve_profile(policy: DeidPolicy) -> ResolvedProfile:
             row,
             enabled,
             dictionary_VR(tag) if dictionary_has_tag(tag) else "",
-            in_options_edition=tag in IN_OPTIONS_EDITION,
+            in_options_edition=tag in _OWN_OPTION_CELLS,
         )
-        for tag, row in TABLE_E1_1.items()
+        for tag, row in MERGED_TABLE.items()
     }
     masked = tuple(
         (mask, value, _resolve_row(row, enabled, "", in_options_edition=True))
