@@ -67,6 +67,20 @@ def _records() -> list[AuditRecord]:
     ]
 
 
+def _context(store: ListStore) -> AuditApiContext:
+    """What the routes need, over ``store``; nothing else is reached by these tests."""
+    return AuditApiContext(
+        store=store,  # type: ignore[arg-type]
+        reader=SimpleNamespace(),  # type: ignore[arg-type]
+        objects=SimpleNamespace(),  # type: ignore[arg-type]
+        bucket="worm",
+        metrics=SimpleNamespace(),  # type: ignore[arg-type]
+        operator_tenant=OPERATOR,
+        default_page_size=10,
+        max_page_size=10,
+    )
+
+
 @pytest.fixture(scope="module")
 def issuer() -> DevIssuer:
     return DevIssuer.generate(["ES256"])
@@ -85,16 +99,7 @@ async def client(issuer: DevIssuer, store: ListStore):
     async def on_decision(*_: Any) -> None:
         return None
 
-    ctx = AuditApiContext(
-        store=store,  # type: ignore[arg-type]
-        reader=SimpleNamespace(),  # type: ignore[arg-type]
-        objects=SimpleNamespace(),  # type: ignore[arg-type]
-        bucket="worm",
-        metrics=SimpleNamespace(),  # type: ignore[arg-type]
-        operator_tenant=OPERATOR,
-        default_page_size=10,
-        max_page_size=10,
-    )
+    ctx = _context(store)
     app = FastAPI()
     app.include_router(build_router(ctx, AccessGuard(verifier, on_decision=on_decision)))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit") as http:
@@ -273,16 +278,7 @@ async def test_an_auditor_calls_own_record_carries_its_request_id_in_canonical_f
     rules = TokenRules(issuer=DEV_ISSUER, audience=DEV_AUDIENCE)
     verifier = TokenVerifier(rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms))
     published = Published()
-    ctx = AuditApiContext(
-        store=store,  # type: ignore[arg-type]
-        reader=SimpleNamespace(),  # type: ignore[arg-type]
-        objects=SimpleNamespace(),  # type: ignore[arg-type]
-        bucket="worm",
-        metrics=SimpleNamespace(),  # type: ignore[arg-type]
-        operator_tenant=OPERATOR,
-        default_page_size=10,
-        max_page_size=10,
-    )
+    ctx = _context(store)
     app = FastAPI()
     app.include_router(
         build_router(ctx, AccessGuard(verifier, on_decision=access_hook(published)))  # type: ignore[arg-type]
