@@ -190,3 +190,33 @@ async def test_a_consumer_whose_group_coordinator_stays_unknown_while_the_broker
 def test_aiokafka_still_keeps_the_coordinator_id_where_the_watchdog_looks():
     source = inspect.getsource(GroupCoordinator.ensure_coordinator_known)
     assert "while self.coordinator_id is None" in source and "self.coordinator_id = coordinator_id" in source
+
+
+async def test_a_restarted_consumer_that_gets_no_partitions_is_stopped_and_started_again():
+    """Seen after a Kafka restart: the new consumer's start() waited for its assignment for good, the
+    watchdog with it, and the service consumed nothing while /readyz said ready. A start is bounded;
+    one that times out is stopped and started afresh at the next check."""
+    dead = FakeSubscriber(_ended(RuntimeError("boom")))
+    starts = 0
+
+    async def start_waiting_the_first_time() -> None:
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            await asyncio.Event().wait()  # aiokafka's wait_for_assignment() that never ends
+        await FakeSubscriber.start(dead)
+
+    dead.start = start_waiting_the_first_time  # type: ignore[method-assign]
+    registry = CollectorRegistry()
+    broker: Any = SimpleNamespace(subscribers=[dead])
+    watchdog = FetcherWatchdog(broker, ConsumerMetrics(registry), interval_s=0.01, start_timeout_s=0.05)
+    task = asyncio.create_task(watchdog.run_forever())
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if dead.running and starts == 2:
+                break
+    finally:
+        task.cancel()
+    assert starts == 2 and dead.running and not FetcherWatchdog.fetcher_ended(dead)
+    assert dead.calls == ["stop", "stop", "start"]  # stopped, the stuck start stopped, started

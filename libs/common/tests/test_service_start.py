@@ -49,3 +49,18 @@ def test_a_ca_bundle_that_is_missing_or_holds_no_certificate_is_refused_by_name(
     (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     with pytest.raises(ValidationError, match="holds no PEM certificate"):
         BaseServiceSettings(service_name="t", s3_ca_bundle=str(tmp_path / "key.pem"))
+
+
+def test_a_tls_failure_with_kms_is_named_kms_without_the_object_store_hint() -> None:
+    """KMS keeps the public trust store (``ENCLAVE_S3_CA_BUNDLE`` is the object store's only)."""
+    import ssl
+
+    from botocore.exceptions import SSLError
+    from enclave_common.errors import startup_failure
+
+    reason = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer"
+    error = ssl.SSLError(1, f"{reason} (_ssl.c:1006)")  # as OpenSSL words it
+    kms = SSLError(endpoint_url="https://kms.eu-central-1.amazonaws.com/", error=error)
+    assert startup_failure(kms) == f"TLS with AWS KMS failed: {reason}"
+    s3 = SSLError(endpoint_url="https://s3.example.org/bucket", error=error)
+    assert startup_failure(s3).startswith(f"TLS with the object store failed: {reason} (an object store")

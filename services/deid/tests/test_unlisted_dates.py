@@ -79,3 +79,16 @@ def test_without_modified_dates_no_date_is_released(policy: DeidPolicy, keys) ->
         if profile.action_for(tag) is None:
             assert value in ("19000101", "19000101000000"), hex(tag)  # a dummy, as for the X/D dates
     assert out.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+@pytest.mark.parametrize(
+    "policy", [DeidPolicy(), DeidPolicy(retain_longitudinal_modified_dates=True)], ids=["basic", "modified"]
+)
+def test_an_unlisted_date_left_empty_stays_empty(policy: DeidPolicy, keys) -> None:
+    """An unknown date stays unknown: a dummy would turn it into a concrete, fake one."""
+    ds = _every_date()
+    ds.StudyUpdateDateTime = ""  # (0008,041F), unlisted
+    ds.PatientBirthDate = ""
+    result = deidentify(read_instance(write_instance(ds)), policy, keys, DeidContext(TENANT))
+    out = read_instance(BytesIO(write_instance(result.dataset)))
+    assert out.StudyUpdateDateTime in ("", None)

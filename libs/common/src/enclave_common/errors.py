@@ -13,6 +13,7 @@ import errno
 import re
 from functools import cache
 from types import CodeType
+from urllib.parse import urlsplit
 
 
 class EnclaveError(Exception):
@@ -148,6 +149,15 @@ def unavailable_dependency(exc: BaseException) -> str | None:
 _OPENSSL_REASON = re.compile(r"\[SSL: [A-Z0-9_]+\][^(\n]*")
 
 
+def _kms_endpoint(exc: BaseException) -> bool:
+    """Whether a botocore error came from AWS KMS (``kms.<region>...``, ``kms-fips.<region>...``)
+    rather than the object store: botocore names the endpoint it called in the error's kwargs."""
+    kwargs = getattr(exc, "kwargs", None)
+    endpoint = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
+    host = urlsplit(endpoint).hostname if isinstance(endpoint, str) else None
+    return host is not None and host.split(".", 1)[0] in ("kms", "kms-fips")
+
+
 def startup_failure(exc: BaseException) -> str:
     """Why a service could not start, for its one ``cannot start`` log line: Enclave's own message,
     or the dependency and the exception's type (a third-party message may quote data); a TLS
@@ -156,6 +166,8 @@ def startup_failure(exc: BaseException) -> str:
         return str(exc)
     dependency = unavailable_dependency(exc)
     tls = _OPENSSL_REASON.search(str(exc)) if dependency is not None else None
+    if dependency == "the object store" and _kms_endpoint(exc):
+        dependency = "AWS KMS"
     if tls is not None:
         hint = (
             " (an object store whose certificate a private CA signs: ENCLAVE_<SERVICE>_S3_CA_BUNDLE)"

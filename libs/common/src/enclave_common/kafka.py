@@ -605,11 +605,17 @@ class FetcherWatchdog:
         *,
         interval_s: float = 5.0,
         coordinator_timeout_s: float = 60.0,
+        start_timeout_s: float = 60.0,
     ) -> None:
         self.broker = broker
         self.metrics = metrics
         self.interval_s = interval_s
         self.coordinator_timeout_s = coordinator_timeout_s
+        #: How long a restarted consumer may take to join its group and get partitions. aiokafka's
+        #: start() waits for the assignment without a bound: seen after a Kafka restart, a new
+        #: consumer of a group whose old one had not stopped cleanly waited for good, and the
+        #: service consumed nothing while /readyz said ready.
+        self.start_timeout_s = start_timeout_s
         self._stopped: list[Any] = []  # stopped by the watchdog, not started again yet
         self._coordinator_unknown_since: dict[int, float] = {}
 
@@ -691,7 +697,18 @@ class FetcherWatchdog:
         started = 0
         while self._stopped:
             subscriber = self._stopped[0]
-            await subscriber.start()
+            try:
+                async with asyncio.timeout(self.start_timeout_s):
+                    await subscriber.start()
+            except TimeoutError:
+                # Given up: stopped again, and started afresh at the next check (still in _stopped).
+                log.error(
+                    "a restarted kafka consumer got no partitions in time; starting it again",
+                    group=self._group(subscriber),
+                    waited_s=self.start_timeout_s,
+                )
+                await self._stop(subscriber)
+                raise
             self._stopped.pop(0)
             log.info("kafka consumer restarted", group=self._group(subscriber))
             started += 1
@@ -710,7 +727,8 @@ class FetcherWatchdog:
             client = getattr(consumer, "_client", None)
             if client is not None:
                 with contextlib.suppress(Exception):
-                    await client.close()
+                    async with asyncio.timeout(10):
+                        await client.close()
 
     @staticmethod
     def _group(subscriber: Any) -> str:

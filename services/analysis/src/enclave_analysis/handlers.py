@@ -191,8 +191,11 @@ class AnalysisService:
                 )
                 self.series_ready.set(len(ready))
                 self.assembler_last_look.set_to_current_time()
-                for series in ready:
+                for taken, series in enumerate(ready, start=1):
                     self.assembler_last_look.set_to_current_time()  # a pass may hold 20 analyses
+                    # This one is taken now (or by another replica): it is in hand, not waiting, for
+                    # what autoscaling adds up (waiting + in progress), so it is not counted twice.
+                    self.series_ready.set(len(ready) - taken)
                     claimed = await self.assembly.claim(series, self.settings.lease_s)
                     if claimed is not None:
                         await self.attempt(claimed)

@@ -243,9 +243,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             action=action.value if action else None,
             outcome=int(outcome) if outcome is not None else None,
             event_type=event_type,
-            # A request id as the client sent it (upper-case, nginx's 32 hex digits) finds the
-            # record, which holds its canonical form; any other id is matched as given.
-            correlation_id=canonical_request_id(correlation_id) or correlation_id,
+            correlation_id=correlation_id,
             event_id=event_id,
             since=first,
             until=end,

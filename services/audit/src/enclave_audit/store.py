@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 from enclave_common import topics
+from enclave_common.envelope import canonical_request_id
 from enclave_common.errors import TransientError
 from pydantic import TypeAdapter
 from pymongo import ASCENDING, DESCENDING
@@ -129,6 +130,11 @@ class EventQuery:
             value = getattr(self, name)
             if value is not None:
                 query[name] = value
+        canonical = canonical_request_id(self.correlation_id)
+        if self.correlation_id is not None and canonical not in (None, self.correlation_id):
+            # A request id as the client sent it (upper case, nginx's 32 hex digits) finds the record,
+            # which holds its canonical form, and a record stored as sent before (the sixteenth session).
+            query["correlation_id"] = {"$in": [self.correlation_id, canonical]}
         object_ids = [v for v in (self.patient, self.study) if v is not None]
         if object_ids:
             # Dotted paths, not whole sub-documents: FerretDB v1 matches neither those nor $elemMatch

@@ -20,7 +20,7 @@ from io import BytesIO
 from typing import NamedTuple, Protocol
 
 from pydicom._uid_dict import UID_dictionary  # what pydicom.uid re-exports (outside its __all__)
-from pydicom.datadict import get_entry, private_dictionary_VR
+from pydicom.datadict import get_entry, keyword_for_tag, private_dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -416,6 +416,8 @@ class _Walker:
         ):
             del dataset[tag]
             self.actions.append(AppliedAction(here, "X"))
+        elif vr in ("DA", "DT") and _is_empty(elem):
+            pass  # an unknown date stays unknown: a dummy would turn it into a concrete fake one
         elif vr in ("DA", "DT"):
             self._dummy(dataset, tag, elem, vr, path)
             self.actions.append(AppliedAction(here, "D" if self.shift_days is None else "C"))
@@ -427,6 +429,15 @@ class _Walker:
         elif kind is UnlistedKind.DESCRIPTION:
             self._clean(dataset, tag, elem, vr, path)
             self.actions.append(AppliedAction(here, "C"))
+        elif (
+            kind is UnlistedKind.IDENTIFIER
+            and self.policy.retain_device_identity
+            and "Device" in keyword_for_tag(tag)
+        ):
+            # Retain Device Identity keeps a device's identifiers, as the table's K cells do for the
+            # ones it lists (Device Serial Number, Secondary Capture Device ID).
+            if (applied := self.release_as_is(dataset, tag, elem, vr)) is not None:
+                self.actions.append(AppliedAction(here, applied))
         elif kind is UnlistedKind.IDENTIFIER:
             self._pseudonymise_identifier(dataset, tag, elem, vr)
             self.actions.append(AppliedAction(here, "pseudonym"))
@@ -667,6 +678,14 @@ def _put_text(
         dataset[tag] = _raw(tag, vr, payload, encoding)
     else:
         dataset[tag] = DataElement(tag, vr, values if len(values) != 1 else values[0])
+
+
+def _is_empty(elem: DataElement | RawDataElement) -> bool:
+    """No value (an empty or all-padding one): nothing to shift or replace."""
+    value = elem.value
+    if isinstance(value, bytes):
+        return not value.strip(b" \x00")
+    return value is None or (isinstance(value, str) and not value.strip()) or value == []
 
 
 def _put_empty(dataset: Dataset, tag: int, vr: str, like: DataElement | RawDataElement) -> None:
