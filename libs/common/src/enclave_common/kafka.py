@@ -183,8 +183,12 @@ class TlsMaterialReloader:
         self._metrics: list[TlsMetrics] = []
 
     @staticmethod
+    def _files(settings: BaseServiceSettings) -> _Files:
+        return (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile)
+
+    @staticmethod
     def digest(settings: BaseServiceSettings) -> bytes:
-        return _digest((settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile))
+        return _digest(TlsMaterialReloader._files(settings))
 
     def attach(self, metrics: TlsMetrics) -> None:
         self._metrics.append(metrics)
@@ -193,7 +197,7 @@ class TlsMaterialReloader:
         self, context: ssl.SSLContext, settings: BaseServiceSettings, read: bytes | None = None
     ) -> None:
         """Reload ``context`` when its files change; ``read``: their digest when it was loaded."""
-        files = (settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile, settings.kafka_ssl_cafile)
+        files = self._files(settings)
         self._watched[context] = files
         if files not in self._seen:
             self._seen[files] = read if read is not None else _digest(files)
@@ -230,11 +234,7 @@ class TlsMaterialReloader:
                         if cafile:
                             context.load_verify_locations(cafile=cafile)
                         reloaded += 1
-            except (
-                OSError,
-                ValueError,
-                ssl.SSLError,
-            ) as exc:  # mid-update (key and certificate not yet a pair)
+            except (OSError, ValueError, ssl.SSLError) as exc:  # mid-update: key and certificate not a pair
                 log.warning(
                     "kafka TLS material changed but could not be loaded yet", error_type=type(exc).__name__
                 )

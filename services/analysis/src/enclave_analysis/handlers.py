@@ -279,29 +279,24 @@ class AnalysisService:
     async def _recorded_outcome(self, series: dict[str, Any]) -> dict[str, Any] | None:
         """The outcome recorded for this claim (``pending_event``) when it is for the series' current
         de-identified members, else None (none recorded, or a member settled since)."""
-        members = [
-            m for m in await self.assembly.members_of(series["_id"]) if m.get("state") == "deidentified"
-        ]
-        analysis_id = analysis_id_for(series["series_key"], sorted(m["_id"] for m in members))
-        pending = series.get("pending_event") or {}
-        if pending.get("analysis_id") == analysis_id and pending.get("envelope"):
-            return dict(pending)
-        return None
+        member_ids = sorted(m["_id"] for m in await self._deidentified_members(series["_id"]))
+        return _recorded(series, analysis_id_for(series["series_key"], member_ids))
+
+    async def _deidentified_members(self, series_id: str) -> list[dict[str, Any]]:
+        return [m for m in await self.assembly.members_of(series_id) if m.get("state") == "deidentified"]
 
     async def analyse(self, series: dict[str, Any]) -> None:
-        members = [
-            m for m in await self.assembly.members_of(series["_id"]) if m.get("state") == "deidentified"
-        ]
+        members = await self._deidentified_members(series["_id"])
         member_ids = sorted(m["_id"] for m in members)
         analysis_id = analysis_id_for(series["series_key"], member_ids)
         tenant, series_key = series["tenant"], series["series_key"]
         pending = series.get("pending_event") or {}
-        if pending.get("analysis_id") == analysis_id and pending.get("envelope"):
+        if (recorded := _recorded(series, analysis_id)) is not None:
             # This claim's outcome was recorded, and perhaps published, by a process that died before
             # it finished the series: the same event again, not a new run (whose outcome could
             # differ: a completed analysis published, then past the last attempt, was published again
             # as failed under the same event id before this outbox).
-            await self._publish(series, pending, again=True)
+            await self._publish(series, recorded, again=True)
             return
         # A claim recorded by an earlier version kept only the event id (and may have published an
         # outcome under it; not a repeated failure, below).
@@ -404,11 +399,7 @@ class AnalysisService:
         document itself and ``decide`` refuses; FerretDB 1.x applies an update as a read and a write
         outside a transaction, and ``decide``'s write could undo the change a settling member made in
         between (the series would be finished with that member left out)."""
-        now = sorted(
-            m["_id"]
-            for m in await self.assembly.members_of(series["_id"])
-            if m.get("state") == "deidentified"
-        )
+        now = sorted(m["_id"] for m in await self._deidentified_members(series["_id"]))
         if now == analysed:
             return False
         await self.assembly.mark_changed(series)
@@ -504,3 +495,10 @@ def _kill_workers(executor: Executor) -> None:
     if isinstance(executor, ProcessPoolExecutor):
         for process in processes:
             process.kill()
+
+
+def _recorded(series: dict[str, Any], analysis_id: str) -> dict[str, Any] | None:
+    """The outcome event a claim recorded (``SeriesAssembly.decide``) when it is for ``analysis_id``
+    (the series' members now), else None."""
+    pending = series.get("pending_event") or {}
+    return dict(pending) if pending.get("analysis_id") == analysis_id and pending.get("envelope") else None
