@@ -4,6 +4,7 @@ identifier there)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -170,3 +171,50 @@ def test_a_service_with_its_own_error_shape_answers_it_for_every_error_and_keeps
 
 def test_a_service_without_its_own_shape_answers_detail_only(client: TestClient) -> None:
     assert client.get("/things/x").json() == {"detail": {"code": "not_found", "message": "no such resource"}}
+
+
+def test_a_json_body_the_client_stopped_sending_is_a_499_not_a_400() -> None:
+    """FastAPI answers a JSON body cut off by the client's disconnect as an unparseable body (400),
+    counting the client's choice among its errors; every route counts it as 499, as the uploads do."""
+    router = APIRouter()
+
+    @router.post("/named")
+    async def name_thing(body: dict[str, str]) -> dict[str, str]:
+        return body
+
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="routing-test", max_header_bytes=2048))
+    app = runtime.http_app(title="t", routers=[router], start_runtime=False)
+    incoming = [
+        {"type": "http.request", "body": b'{"name": "PHI-MRN', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/named",
+        "raw_path": b"/named",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"200")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")  # type: ignore[misc]
+    assert b"client_closed_request" in body and b"PHI-MRN" not in body
+    with TestClient(app) as client:
+        metrics = client.get("/metrics").text
+    assert 'enclave_http_requests_total{method="POST",route="/named",status="499"} 1.0' in metrics

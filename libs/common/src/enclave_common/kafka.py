@@ -440,6 +440,13 @@ class ConsumerMetrics:
             ["producer"],
             **kwargs,
         )
+        self.consumer_stuck_seconds = Gauge(
+            "enclave_kafka_consumer_stuck_seconds",
+            "How long a Kafka consumer of the group has been unable to consume, counted while Kafka "
+            "answered (0: consuming); /healthz fails past ENCLAVE_<SERVICE>_KAFKA_CONSUMER_STUCK_S",
+            ["group"],
+            **kwargs,
+        )
 
 
 class ProducerSlot(Protocol):
@@ -569,6 +576,37 @@ class SenderWatchdog:
         await _every(self.interval_s, self.check, "kafka producer replacement failed; will retry")
 
 
+@dataclass
+class StuckConsumer:
+    """A consumer the watchdog found unable to consume, until one of its restarts succeeds: what
+    ``/healthz`` reports about it (names, times and counts; never a message)."""
+
+    group: str
+    topics: tuple[str, ...]
+    #: ``fetch_task_ended``, ``coordinator_routine_ended`` or ``coordinator_unknown``, as last seen.
+    cause: str
+    since: datetime
+    #: The loop time up to which ``stuck_for_s`` is counted.
+    counted_at: float
+    #: Time unable to consume while the broker answered (an outage is not counted).
+    stuck_for_s: float = 0.0
+    failed_restarts: int = 0
+    #: The type of the last failed restart's error (``TimeoutError``: no partitions in time).
+    last_restart_error: str | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "check": "kafka_consumer",
+            "group": self.group,
+            "topics": list(self.topics),
+            "cause": self.cause,
+            "since": self.since.isoformat(timespec="seconds"),
+            "stuck_while_kafka_answered_s": round(self.stuck_for_s),
+            "failed_restarts": self.failed_restarts,
+            "last_restart_error": self.last_restart_error,
+        }
+
+
 class FetcherWatchdog:
     """Restarts a subscriber whose Kafka consumer stopped fetching.
 
@@ -596,6 +634,13 @@ class FetcherWatchdog:
     The fetcher is aiokafka's private ``_fetcher._fetch_task``, the coordinator's
     ``_coordinator._coordination_task`` and ``coordinator_id``: there is no public way to ask.
     aiokafka is pinned, and a unit test fails if those attributes go away.
+
+    Restarting may not help (every start times out, or fails), so the watchdog also keeps, for
+    ``/healthz``, each consumer it found unable to consume until one of its restarts succeeds, and how
+    long that has lasted while the broker answered: past ``stuck_after_s`` the process is not alive,
+    and Kubernetes restarts the pod. The clock stands still while the broker does not answer, since a
+    new pod could not consume either, and a round that has not finished after ``stuck_after_s`` (a
+    stop or start that ignored its bound) is reported too.
     """
 
     def __init__(
@@ -606,6 +651,7 @@ class FetcherWatchdog:
         interval_s: float = 5.0,
         coordinator_timeout_s: float = 60.0,
         start_timeout_s: float = 60.0,
+        stuck_after_s: float = 300.0,
     ) -> None:
         self.broker = broker
         self.metrics = metrics
@@ -616,8 +662,13 @@ class FetcherWatchdog:
         #: consumer of a group whose old one had not stopped cleanly waited for good, and the
         #: service consumed nothing while /readyz said ready.
         self.start_timeout_s = start_timeout_s
+        #: How long a consumer may stay unable to consume while the broker answers before
+        #: :meth:`liveness_problems` names it (``BaseServiceSettings.kafka_consumer_stuck_s``).
+        self.stuck_after_s = stuck_after_s
         self._stopped: list[Any] = []  # stopped by the watchdog, not started again yet
         self._coordinator_unknown_since: dict[int, float] = {}
+        self._stuck: dict[int, StuckConsumer] = {}
+        self._round_started_at: float | None = None  # loop time; None between rounds
 
     @staticmethod
     def fetcher_ended(subscriber: Any) -> bool:
@@ -665,17 +716,31 @@ class FetcherWatchdog:
         """Restart every subscriber whose fetcher ended, or whose group coordinator stayed unknown while
         the broker answers (and any whose restart failed before); how many were started again. A start
         that fails is tried again on the next check."""
-        subscriber: Any
         now = asyncio.get_running_loop().time()
+        self._round_started_at = now
+        try:
+            return await self._check(now)
+        finally:
+            self._round_started_at = None
+            self._publish_stuck()
+
+    async def _check(self, now: float) -> int:
+        subscriber: Any
         broker_answers: bool | None = None  # asked at most once a check, and only if needed
         for subscriber in list(self.broker.subscribers):
             group = self._group(subscriber)
             task = self._ended_fetch(subscriber)
             if task is not None:
+                self._unable_to_consume(subscriber, self._cause(subscriber, task), now)
                 failure = None if task.cancelled() else task.exception()
                 log.error("kafka consumer stopped fetching; restarting it", group=group, exc_info=failure)
             else:
                 unknown = self._coordinator_unknown(subscriber)
+                if unknown:
+                    self._unable_to_consume(subscriber, "coordinator_unknown", now)
+                elif not any(stopped is subscriber for stopped in self._stopped):
+                    # Consuming again, or not the watchdog's to restart (stopping, never started).
+                    self._stuck.pop(id(subscriber), None)
                 if unknown and broker_answers is None:
                     broker_answers = await self._broker_answers()
                 if not (unknown and broker_answers):
@@ -694,25 +759,99 @@ class FetcherWatchdog:
             self.metrics.consumer_restarts.labels(group).inc()
             self._stopped.append(subscriber)
             await self._stop(subscriber)
+        if self._stuck:
+            if broker_answers is None:
+                broker_answers = await self._broker_answers()
+            self._count_stuck(now, broker_answers)
         started = 0
         while self._stopped:
             subscriber = self._stopped[0]
             try:
                 async with asyncio.timeout(self.start_timeout_s):
                     await subscriber.start()
-            except TimeoutError:
-                # Given up: stopped again, and started afresh at the next check (still in _stopped).
-                log.error(
-                    "a restarted kafka consumer got no partitions in time; starting it again",
-                    group=self._group(subscriber),
-                    waited_s=self.start_timeout_s,
-                )
-                await self._stop(subscriber)
+            except Exception as exc:
+                if (stuck := self._stuck.get(id(subscriber))) is not None:
+                    stuck.failed_restarts += 1
+                    stuck.last_restart_error = type(exc).__name__
+                if isinstance(exc, TimeoutError):
+                    # Given up: stopped again, and started afresh at the next check (still in _stopped).
+                    log.error(
+                        "a restarted kafka consumer got no partitions in time; starting it again",
+                        group=self._group(subscriber),
+                        waited_s=self.start_timeout_s,
+                    )
+                    await self._stop(subscriber)
                 raise
             self._stopped.pop(0)
+            self._stuck.pop(id(subscriber), None)
             log.info("kafka consumer restarted", group=self._group(subscriber))
             started += 1
         return started
+
+    def _unable_to_consume(self, subscriber: Any, cause: str, now: float) -> None:
+        """Note that ``subscriber`` cannot consume (kept from the first time until it consumes again)."""
+        stuck = self._stuck.get(id(subscriber))
+        if stuck is None:
+            stuck = StuckConsumer(
+                group=self._group(subscriber),
+                topics=self._topics(subscriber),
+                cause=cause,
+                since=datetime.now(UTC),
+                counted_at=now,
+            )
+            self._stuck[id(subscriber)] = stuck
+        stuck.cause = cause
+
+    def _count_stuck(self, now: float, broker_answers: bool) -> None:
+        """Add the time since the last round to each stuck consumer's count if the broker answers; an
+        outage is not counted. Crossing ``stuck_after_s`` is logged once: /healthz fails from then."""
+        for stuck in self._stuck.values():
+            before = stuck.stuck_for_s
+            if broker_answers:
+                stuck.stuck_for_s += now - stuck.counted_at
+            stuck.counted_at = now
+            if before < self.stuck_after_s <= stuck.stuck_for_s:
+                log.error("kafka consumer still unable to consume; /healthz fails", **stuck.report())
+
+    def _publish_stuck(self) -> None:
+        """``enclave_kafka_consumer_stuck_seconds``: the longest-stuck consumer of each group, 0 if none."""
+        longest = {self._group(subscriber): 0.0 for subscriber in self.broker.subscribers}
+        for stuck in self._stuck.values():
+            longest[stuck.group] = max(longest.get(stuck.group, 0.0), stuck.stuck_for_s)
+        for group, seconds in longest.items():
+            self.metrics.consumer_stuck_seconds.labels(group).set(round(seconds, 1))
+
+    def liveness_problems(self) -> list[dict[str, Any]]:
+        """What ``/healthz`` fails on: each consumer unable to consume for ``stuck_after_s`` while the
+        broker answered, and a round that has run for ``stuck_after_s`` (the watchdog itself stuck)."""
+        problems = [
+            stuck.report() for stuck in self._stuck.values() if stuck.stuck_for_s >= self.stuck_after_s
+        ]
+        started = self._round_started_at
+        if started is not None:
+            running_for = asyncio.get_running_loop().time() - started
+            if running_for >= self.stuck_after_s:
+                problems.append(
+                    {
+                        "check": "kafka_consumer_watchdog",
+                        "problem": "round_not_finishing",
+                        "running_for_s": round(running_for),
+                    }
+                )
+        return problems
+
+    @staticmethod
+    def _cause(subscriber: Any, ended: asyncio.Future[Any]) -> str:
+        fetcher = getattr(getattr(subscriber.consumer, "_fetcher", None), "_fetch_task", None)
+        return "fetch_task_ended" if ended is fetcher else "coordinator_routine_ended"
+
+    @staticmethod
+    def _topics(subscriber: Any) -> tuple[str, ...]:
+        """The topics ``subscriber`` consumes, or its pattern: names only."""
+        pattern = getattr(subscriber, "pattern", None)
+        if pattern is not None:
+            return (str(getattr(pattern, "broker_address", pattern)),)
+        return tuple(getattr(subscriber, "topic_names_for_subscribe", ()))
 
     @staticmethod
     async def _stop(subscriber: Any) -> None:

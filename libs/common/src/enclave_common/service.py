@@ -34,6 +34,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -139,6 +140,10 @@ class ServiceRuntime:
         self._subscribed = False
         #: Producers of the service's own besides the broker's (e.g. a DirectPublisher), watched too.
         self.producer_slots: list[ProducerSlot] = []
+        #: The consumers' watchdog and its task, which /healthz reads (set in start()).
+        self.consumer_watchdog: FetcherWatchdog | None = None
+        self._consumer_watchdog_task: asyncio.Task[Any] | None = None
+        self._stopping = False
 
     async def _kafka_ready(self) -> None:
         if not await self.broker.ping(timeout=3.0):
@@ -229,8 +234,11 @@ class ServiceRuntime:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform / loop
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
         if self.broker.subscribers:  # a consumer whose fetcher ended is restarted (FetcherWatchdog)
-            watchdog = FetcherWatchdog(self.broker, self.consumer_metrics)
-            self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
+            self.watch_consumers(
+                FetcherWatchdog(
+                    self.broker, self.consumer_metrics, stuck_after_s=self.settings.kafka_consumer_stuck_s
+                )
+            )
         # A producer whose sender ended is replaced (SenderWatchdog).
         senders = SenderWatchdog(
             [BrokerProducerSlot(self.broker), *self.producer_slots], self.consumer_metrics
@@ -241,7 +249,33 @@ class ServiceRuntime:
             self.spawn(TLS_RELOADER.run_forever(), "kafka-tls-reloader")
         log.info("service started", port=self.settings.http_port)
 
+    def watch_consumers(self, watchdog: FetcherWatchdog) -> None:
+        """Run ``watchdog`` over the service's consumers; ``/healthz`` reports what it could not mend,
+        and fails if it stops running."""
+        self.consumer_watchdog = watchdog
+        self._consumer_watchdog_task = self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
+
+    def liveness_problems(self) -> list[dict[str, Any]]:
+        """Why this process should be restarted, for ``/healthz``: a consumer its watchdog could not
+        bring back while Kafka answered, or a watchdog that no longer runs. A dependency outage is not
+        one (a new pod could not reach it either): ``/readyz`` reports that."""
+        watchdog, task = self.consumer_watchdog, self._consumer_watchdog_task
+        if watchdog is None or task is None:
+            return []
+        problems = watchdog.liveness_problems()
+        if task.done() and not self._stopping:
+            error = None if task.cancelled() else task.exception()
+            problems.append(
+                {
+                    "check": "kafka_consumer_watchdog",
+                    "problem": "ended",
+                    "error_type": type(error).__name__ if error is not None else None,
+                }
+            )
+        return problems
+
     async def stop(self) -> None:
+        self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -313,10 +347,26 @@ class ServiceRuntime:
         )
         app.add_middleware(HeadAsGet)
         instrument_http(app, self.registry, self.tracer_provider)
+        stuck_setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}KAFKA_CONSUMER_STUCK_S"
 
-        @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
-        async def healthz() -> dict[str, str]:
-            return {"status": "alive", "service": self.settings.service_name}
+        @app.get(
+            "/healthz",
+            tags=["operations"],
+            summary="Liveness: the process answers and its Kafka consumers are not stuck for good",
+            responses={
+                503: {
+                    "description": f"A Kafka consumer has been unable to consume for {stuck_setting} "
+                    "seconds while Kafka answered, or the consumers' watchdog stopped: each is named in "
+                    "problems"
+                }
+            },
+        )
+        async def healthz() -> JSONResponse:
+            body: dict[str, Any] = {"status": "alive", "service": self.settings.service_name}
+            problems = self.liveness_problems()
+            if problems:
+                return JSONResponse(body | {"status": "stuck", "problems": problems}, status_code=503)
+            return JSONResponse(body)
 
         @app.get("/readyz", tags=["operations"], summary="Readiness: every dependency is reachable")
         async def readyz() -> JSONResponse:
@@ -440,6 +490,7 @@ class HeadAsGet:
 #: What FastAPI raises (400) when a JSON body cannot be parsed at all (invalid UTF-8, nesting past the
 #: parser's limit), before validation; a body that parses but is not JSON is a 422 of its own.
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
+_CLOSED = "the client closed the connection before the request body ended; nothing of it was kept"
 
 
 def _routing_errors(hint: str, error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
@@ -463,6 +514,13 @@ def _routing_errors(hint: str, error_body: ErrorBody) -> Callable[[Request, Any]
             message = "no route takes this path; the routes are listed in /openapi.json"
             if request.url.path.endswith("/") and request.url.path != "/":
                 message += " (paths do not end in '/')"
+        elif exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
+            # FastAPI answers a body the client stopped sending as unparseable (400): it is nginx's 499,
+            # the client's choice, counted apart from the client's errors; the answer goes nowhere.
+            return JSONResponse(
+                error_content(error_body, 499, {"code": "client_closed_request", "message": _CLOSED}),
+                status_code=499,
+            )
         elif exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # invalid UTF-8, deep nesting
             code = "unparseable_body"
             message = (

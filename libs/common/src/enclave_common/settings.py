@@ -65,6 +65,12 @@ class BaseServiceSettings(BaseSettings):
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
     kafka_max_message_bytes: int = 2 * 1024 * 1024
+    #: How long a Kafka consumer may stay unable to consume, counted only while Kafka answers, before
+    #: ``/healthz`` fails and Kubernetes restarts the pod: by then the consumer watchdog's own restarts
+    #: have not helped. At least one full watchdog cycle on its slowest path (coordinator unknown 60 s,
+    #: a stop 40 s, a start 60 s, that start's stop 40 s, the next check 5 s), so that a restart that
+    #: succeeds never fails liveness; the default leaves room for a second restart.
+    kafka_consumer_stuck_s: int = Field(default=300, ge=210, le=3600)
 
     mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27018/")
 

@@ -1,0 +1,208 @@
+"""``/healthz`` fails when a Kafka consumer stays stuck despite its watchdog while Kafka answers, or
+when the watchdog itself stops: Kubernetes then restarts the pod. A restart that succeeds and a Kafka
+outage keep it alive (restarting pods during an outage mends nothing; ``/readyz`` reports that)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+from enclave_common.kafka import FetcherWatchdog
+from enclave_common.service import ServiceRuntime
+from enclave_common.settings import BaseServiceSettings
+from pydantic import ValidationError
+
+PLANTED = "PHI-MRN-51077-QX"
+GROUP = "enclave-liveness"
+BOUND_S = 0.3
+
+
+class StuckSubscriber:
+    """A FastStream subscriber whose aiokafka fetch task has ended, and whose ``start`` is ``starts``."""
+
+    group_id = GROUP
+    pattern = None
+    topic_names_for_subscribe = ("enclave.instance.stored.v1",)
+
+    def __init__(self, starts: Callable[[], Any]) -> None:
+        self.running = True
+        self.consumer: Any = _consumer(_ended())
+        self.starts = starts
+        self.start_attempts = 0
+
+    async def stop(self) -> None:
+        self.running = False
+
+    async def start(self) -> None:
+        self.start_attempts += 1
+        await self.starts()
+        self.running = True
+        self.consumer = _consumer(asyncio.get_running_loop().create_future())
+
+
+def _consumer(fetch_task: asyncio.Future[Any]) -> Any:
+    return SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=fetch_task))
+
+
+def _ended() -> asyncio.Future[Any]:
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(RuntimeError(f"Unexpected error in fetcher routine {PLANTED}"))
+    return future
+
+
+class FakeBroker:
+    def __init__(self, *subscribers: StuckSubscriber) -> None:
+        self.subscribers = list(subscribers)
+        self.answers = True
+
+    async def ping(self, timeout: float) -> bool:
+        return self.answers
+
+
+async def _refused() -> None:
+    raise ConnectionError(f"start refused {PLANTED}")
+
+
+@contextlib.asynccontextmanager
+async def _service(
+    broker: FakeBroker, **watchdog: Any
+) -> AsyncIterator[tuple[ServiceRuntime, httpx.AsyncClient]]:
+    """The service's HTTP app, on this loop, with a fast consumer watchdog over ``broker``."""
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="liveness-test"))
+    app = runtime.http_app(title="liveness", start_runtime=False)
+    options = {"interval_s": 0.01, "stuck_after_s": BOUND_S, **watchdog}
+    runtime.watch_consumers(FetcherWatchdog(broker, runtime.consumer_metrics, **options))  # type: ignore[arg-type]
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            yield runtime, client
+    finally:
+        await runtime.stop()
+
+
+def _stuck_seconds(runtime: ServiceRuntime) -> float | None:
+    return runtime.registry.get_sample_value("enclave_kafka_consumer_stuck_seconds", {"group": GROUP})
+
+
+async def _statuses_for(client: httpx.AsyncClient, seconds: float) -> set[int]:
+    seen: set[int] = set()
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        seen.add((await client.get("/healthz")).status_code)
+        await asyncio.sleep(0.02)
+    return seen
+
+
+async def test_healthz_fails_naming_the_consumer_whose_restarts_keep_failing_past_the_bound() -> None:
+    stuck = StuckSubscriber(_refused)
+    async with _service(FakeBroker(stuck)) as (runtime, client):
+        assert (await client.get("/healthz")).status_code == 200
+        for _ in range(200):
+            answer = await client.get("/healthz")
+            if answer.status_code == 503:
+                break
+            await asyncio.sleep(0.01)
+        assert answer.status_code == 503
+        body = answer.json()
+        assert body["status"] == "stuck" and body["service"] == "liveness-test"
+        [problem] = body["problems"]
+        assert problem["check"] == "kafka_consumer" and problem["group"] == GROUP
+        assert problem["topics"] == ["enclave.instance.stored.v1"] and problem["cause"] == "fetch_task_ended"
+        assert problem["failed_restarts"] >= 2 and problem["last_restart_error"] == "ConnectionError"
+        assert problem["since"] and problem["stuck_while_kafka_answered_s"] >= 0
+        assert PLANTED not in answer.text  # neither error's text is echoed
+        assert (_stuck_seconds(runtime) or 0) >= BOUND_S
+
+
+async def test_a_restart_that_succeeds_keeps_healthz_alive() -> None:
+    """A first start refused, the second taking partitions: under the bound, alive throughout; the
+    gauge shows the stuck time while it lasts and 0 once the consumer consumes again."""
+    attempts = 0
+
+    async def refused_once() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("not yet")
+        await asyncio.sleep(0.05)  # joining the group
+
+    stuck = StuckSubscriber(refused_once)
+    async with _service(FakeBroker(stuck), stuck_after_s=1.0) as (runtime, client):
+        assert await _statuses_for(client, 1.5) == {200}
+        assert stuck.running and stuck.start_attempts == 2
+        assert _stuck_seconds(runtime) == 0.0
+        assert runtime.consumer_watchdog is not None and runtime.consumer_watchdog.liveness_problems() == []
+
+
+async def test_a_kafka_outage_keeps_healthz_alive_and_its_time_is_not_counted() -> None:
+    """Restarts fail while the broker does not answer, for several bounds: alive (a new pod could not
+    consume either). Once it answers and the restarts still fail, the bound runs from there."""
+    broker = FakeBroker(StuckSubscriber(_refused))
+    broker.answers = False
+    async with _service(broker) as (runtime, client):
+        assert await _statuses_for(client, 4 * BOUND_S) == {200}
+        assert _stuck_seconds(runtime) == 0.0
+        broker.answers = True
+        assert 503 in await _statuses_for(client, 4 * BOUND_S)
+
+
+async def test_healthz_fails_when_the_consumer_watchdog_has_ended() -> None:
+    """A CancelledError raised inside a round (not a cancel of the task) ends the watchdog's loop."""
+
+    class EndingWatchdog(FetcherWatchdog):
+        async def check(self) -> int:
+            raise asyncio.CancelledError
+
+    runtime = ServiceRuntime(BaseServiceSettings(service_name="liveness-test"))
+    app = runtime.http_app(title="liveness", start_runtime=False)
+    broker: Any = FakeBroker()
+    runtime.watch_consumers(EndingWatchdog(broker, runtime.consumer_metrics, interval_s=0.01))
+    await asyncio.sleep(0.1)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        answer = await client.get("/healthz")
+    assert answer.status_code == 503
+    assert answer.json()["problems"] == [
+        {"check": "kafka_consumer_watchdog", "problem": "ended", "error_type": None}
+    ]
+    await runtime.stop()
+    assert runtime.liveness_problems() == []  # a watchdog cancelled by the stop has not failed
+
+
+async def test_healthz_fails_when_a_watchdog_round_does_not_finish() -> None:
+    """A start that swallows its timeout's cancellation holds the round, and the watchdog with it."""
+    released = asyncio.Event()
+
+    async def swallowing_its_timeout() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await released.wait()
+
+    async with _service(FakeBroker(StuckSubscriber(swallowing_its_timeout)), start_timeout_s=0.05) as (
+        _,
+        client,
+    ):
+        await asyncio.sleep(BOUND_S + 0.1)
+        answer = await client.get("/healthz")
+        released.set()
+    assert answer.status_code == 503
+    assert {"check": "kafka_consumer_watchdog", "problem": "round_not_finishing"}.items() <= answer.json()[
+        "problems"
+    ][-1].items()
+
+
+def test_the_bound_is_a_setting_of_every_service_and_covers_a_full_watchdog_cycle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert BaseServiceSettings().kafka_consumer_stuck_s == 300
+    monkeypatch.setenv("ENCLAVE_KAFKA_CONSUMER_STUCK_S", "600")
+    assert BaseServiceSettings().kafka_consumer_stuck_s == 600
+    watchdog = FetcherWatchdog(SimpleNamespace(subscribers=[]), None)  # type: ignore[arg-type]
+    cycle = watchdog.interval_s + watchdog.coordinator_timeout_s + 2 * (30 + 10) + watchdog.start_timeout_s
+    assert BaseServiceSettings.model_fields["kafka_consumer_stuck_s"].metadata[0].ge >= cycle
+    monkeypatch.setenv("ENCLAVE_KAFKA_CONSUMER_STUCK_S", "120")
+    with pytest.raises(ValidationError, match="kafka_consumer_stuck_s"):
+        BaseServiceSettings()
