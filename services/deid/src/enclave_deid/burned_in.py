@@ -6,11 +6,17 @@ released only when it says BurnedInAnnotation NO, or when it is of a kind not kn
 does not say YES. Kinds at risk must also say RecognizableVisualFeatures NO. A kind is recognised by its
 SOP class as well as its Modality: a sender may leave Modality empty (Ultrasound Image Storage without
 one was released) or write another one.
+
+Graphics in the pixels also include a retired overlay embedded in Pixel Data that cannot be cleared
+(``pixel_bits``: compressed pixels, or an overlay inside the stored value): such an instance is
+quarantined with the same code, since the Basic Profile removes overlays (PS3.15 E.3.3, Note 1).
 """
 
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
+
+from enclave_deid.pixel_bits import unclearable_reason
 
 # Ultrasound, ophthalmic photography and the photographic / screen-capture modalities that routinely carry
 # text in pixels.
@@ -87,6 +93,8 @@ def assess_burned_in_risk(dataset: Dataset) -> str | None:
         return "BurnedInAnnotation is YES"
     if _code_string(dataset, "SpecimenLabelInImage") == "YES":
         return "SpecimenLabelInImage is YES (the slide label, with its identifiers, is in the pixels)"
+    if (overlay := unclearable_reason(dataset)) is not None:
+        return overlay
     kind = _kind_at_risk(dataset)
     if kind is None:
         return None

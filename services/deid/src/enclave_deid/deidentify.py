@@ -6,7 +6,8 @@ applies the resolved actions, UID remapping through a keyed HMAC, the per-patien
 and the linkage record, private-attribute filtering by creator, and the de-identification marks.
 
 The walk reads values from pydicom's raw elements where it can (UIDs, dates) and leaves every element it
-keeps raw, so writing costs no more than a plain read-and-write.
+keeps raw, so writing costs no more than a plain read-and-write. Pixel Data is not decoded: only the bits
+outside the stored value, where a retired overlay may be embedded, are cleared (``pixel_bits``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from enclave_deid.pixel_bits import PIXEL_DATA, clear_unused_pixel_bits
 from enclave_deid.policy import DeidPolicy, MethodCode
 from enclave_deid.profile_supplement import TABLE_EDITION
 from enclave_deid.profiles import COMBINED_CHOICE, ActionCode, ResolvedProfile, resolve_profile
@@ -174,7 +176,11 @@ _ZERO_VALUES = {"US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "AT": 0, "FD": 0.
 
 
 def deidentify(dataset: Dataset, policy: DeidPolicy, keys: PseudonymKeys, context: DeidContext) -> DeidResult:
-    """De-identify ``dataset`` in place under ``policy`` (PS3.15 Basic Profile plus the policy's options)."""
+    """De-identify ``dataset`` in place under ``policy`` (PS3.15 Basic Profile plus the policy's options).
+
+    Raises ``pixel_bits.UnclearablePixelBits`` (a ValueError), with nothing changed, when Pixel Data
+    declares an embedded overlay that cannot be cleared (``burned_in`` quarantines those first).
+    """
     if not context.tenant:
         raise ValueError("context.tenant is empty; a tenant id is required to scope pseudonyms")
     if _SOP_INSTANCE_UID not in dataset:
@@ -182,6 +188,9 @@ def deidentify(dataset: Dataset, policy: DeidPolicy, keys: PseudonymKeys, contex
             "SOPInstanceUID (0008,0018) is missing; only storable instances can be de-identified"
         )
     walker = _Walker(policy, resolve_profile(policy), keys, context.tenant)
+    # Before the walk, which removes the overlay groups that say where an embedded overlay is.
+    if clear_unused_pixel_bits(dataset):
+        walker.actions.append(AppliedAction((PIXEL_DATA,), ActionCode.C.value))
     original = walker.identify_patient(dataset)
     instance_tags = (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _SOP_INSTANCE_UID)
     original_uids = {tag: walker.text(dataset, tag) for tag in instance_tags}

@@ -82,8 +82,9 @@ class Released:
 @dataclass(frozen=True)
 class Quarantined:
     """Nothing was released, for ``reason`` (attributes and limits only, never a value): burned-in
-    identifying text is possible (``burned_in_risk``), or the instance could not be de-identified
-    (``code`` of the :data:`WITHHELD` error)."""
+    identifying text, or an overlay embedded in Pixel Data that cannot be cleared, is possible
+    (``burned_in_risk``), or the instance could not be de-identified (``code`` of the :data:`WITHHELD`
+    error)."""
 
     reason: str
     code: str = "burned_in_risk"
@@ -192,8 +193,8 @@ class DeidPipeline:
         except Exception as exc:
             raise UnsupportedInstance(
                 f"the attributes that say whether the pixels may carry text could not be read "
-                f"({type(exc).__name__}); Modality, ImageType, SOPClassUID and the burned-in flags must "
-                "be valid for their VR"
+                f"({type(exc).__name__}); Modality, ImageType, SOPClassUID, the burned-in flags and the "
+                "Image Pixel and overlay bit attributes must be valid for their VR"
             ) from None
         if reason is not None:
             return Quarantined(reason)
