@@ -50,7 +50,7 @@ lint: bootstrap ## ruff, mypy (strict on libs/common), spec drift
 unit: bootstrap ## Unit tests (no network)
 	@$(PYTEST) libs/common/tests services -q -m "not integration"
 
-deploy-tools: ## Install the pinned kustomize, kubeconform and schemas for deploy-test (cached)
+deploy-tools: ## Install the pinned kustomize, kubeconform, promtool and schemas for deploy-test (cached)
 	@scripts/install-deploy-tools.sh >/dev/null
 
 deploy-test: bootstrap deploy-tools ## kustomize build + offline schema validation of deploy/k8s, Dockerfile lint

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned tools that build and validate deploy/k8s offline (idempotent, once per version):
-#   kustomize and kubeconform, built with `go install` from the Go module proxy;
+#   kustomize, kubeconform and promtool, built with `go install` from the Go module proxy;
 #   Kubernetes JSON schemas from the kubernetes-validate wheel (PyPI), made standalone;
 #   KEDA and prometheus-operator CRD schemas, converted from the CRD YAML in their Go modules;
 #   Strimzi CRD schemas, from CRDs generated with Strimzi's CRD generator out of its api jar (Maven).
@@ -15,11 +15,15 @@ PY="$REPO_ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=python3
 log() { printf '[deploy-tools] %s\n' "$*" >&2; }
 
 go_tool() { # name module version
-  local name="$1" module="$2" version="$3" dir="$ENCLAVE_CACHE/$1-$3"
+  local name="$1" module="$2" version="$3" dir="$ENCLAVE_CACHE/$1-$3" started=$SECONDS
   if [ -x "$dir/$name" ]; then return; fi
   log "building $name $version with go install"
-  mkdir -p "$dir"
-  GOBIN="$dir" go install "$module@$version"
+  # Into a side directory, then renamed: a build cut short (promtool's takes ~9 minutes cold) leaves
+  # no half-written binary that a later run would take for the tool.
+  rm -rf "$dir.partial" && mkdir -p "$dir.partial" "$dir"
+  GOBIN="$dir.partial" go install "$module@$version"
+  mv "$dir.partial/$name" "$dir/$name" && rmdir "$dir.partial"
+  log "built $name $version in $((SECONDS - started)) s"
 }
 
 go_module_dir() { # module version -> directory of the downloaded module
@@ -78,4 +82,5 @@ schemas() {
 
 go_tool kustomize "$KUSTOMIZE_MODULE" "$KUSTOMIZE_VERSION"
 go_tool kubeconform "$KUBECONFORM_MODULE" "$KUBECONFORM_VERSION"
+go_tool promtool "$PROMTOOL_MODULE" "$PROMTOOL_VERSION"
 schemas

@@ -61,6 +61,7 @@ def tools() -> dict[str, Path]:
     found = {
         "kustomize": cache / f"kustomize-{pins['KUSTOMIZE_VERSION']}" / "kustomize",
         "kubeconform": cache / f"kubeconform-{pins['KUBECONFORM_VERSION']}" / "kubeconform",
+        "promtool": cache / f"promtool-{pins['PROMTOOL_VERSION']}" / "promtool",
         "schemas": cache
         / (
             f"deploy-schemas-k8s{pins['KUBERNETES_VERSION']}-kv{pins['K8S_SCHEMA_PYPI_VERSION']}"
