@@ -879,13 +879,18 @@ class FetcherWatchdog:
 
 async def _every(interval_s: float, check: Callable[[], Awaitable[object]], failed: str) -> None:
     """A watchdog's loop: ``check()`` every ``interval_s``; a round that fails is logged as ``failed``
-    and the next round tries again."""
+    and the next round tries again. A CancelledError that does not cancel this task (raised by the
+    Kafka client from a future of its own, e.g. a connection closed under it) is such a failure too:
+    it used to end the watchdog for good."""
+    task = asyncio.current_task()
     while True:
         await asyncio.sleep(interval_s)
         try:
             await check()
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if task is None or task.cancelling():
+                raise
+            log.error(failed, exc_info=exc)
         except Exception as exc:
             log.error(failed, exc_info=exc)
 
