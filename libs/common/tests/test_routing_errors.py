@@ -86,7 +86,7 @@ def test_a_wrong_method_names_every_method_of_every_route_on_the_path(client: Te
 def test_a_body_that_cannot_be_parsed_says_what_to_send(client: TestClient) -> None:
     """Invalid UTF-8 or nesting past the parser's limit: FastAPI's bare "There was an error parsing the
     body" said neither what was wrong nor what is allowed (found by an API hunt)."""
-    for body in (b'{"name": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000):
+    for body in (b'{"name": "\xff\xfe"}', b"[" * 20_000 + b"]" * 20_000):  # 40 KB: under the body limit
         answer = client.post("/named", content=body, headers={"Content-Type": "application/json"})
         assert answer.status_code == 400, answer.text
         detail = answer.json()["detail"]

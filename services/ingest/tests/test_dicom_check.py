@@ -4,13 +4,16 @@ the gateway (``enclave_common.pseudonyms.patient_id_text``), or the two derive d
 from __future__ import annotations
 
 import os
+import zlib
 from io import BytesIO
 
 import pydicom
 import pytest
 from enclave_ingest.dicom_check import InvalidInstance, read_identity
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 #: (Specific Character Set, PatientID as the hospital wrote it, the text both services key it by)
@@ -136,10 +139,75 @@ def test_a_header_pydicom_fails_on_in_any_way_is_an_invalid_instance(monkeypatch
     from enclave_ingest import dicom_check
     from pydicom.errors import BytesLengthException
 
-    def parse_fails(prefix: bytes) -> None:
+    def parse_fails(prefix: bytes, *bound: int) -> None:
         raise BytesLengthException("b'HUNTER'")
 
     monkeypatch.setattr(dicom_check, "_read_header", parse_fails)
     with pytest.raises(InvalidInstance, match=r"could not be parsed \(BytesLengthException\)$") as refused:
         read_identity(encoded("", "HUNTER"), complete=True)
     assert "HUNTER" not in refused.value.reason
+
+
+def deflated_with_items(items: int) -> bytes:
+    """A deflated instance whose header holds a private sequence of ``items`` empty items before the
+    identity's last attributes: highly compressible (8 bytes an item inflated, almost nothing deflated)."""
+    ds = pydicom.dcmread(BytesIO(encoded("ISO_IR 192", "HÜNTER-山田")))
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    body = fp.getvalue()
+    at = body.index(b"\x20\x00\x0d\x00")  # StudyInstanceUID: the items go before it
+    items_sq = (
+        b"\x19\x00\x10\x00LO\x04\x00HUNT"
+        + b"\x19\x00\x10\x10SQ\x00\x00\xff\xff\xff\xff"
+        + b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * items
+        + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    )
+    body = body[:at] + items_sq + body[at:]
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return bytes(128) + b"DICM" + meta.getvalue() + compressor.compress(body) + compressor.flush()
+
+
+def test_a_highly_compressible_deflated_header_is_inflated_up_to_the_header_bound() -> None:
+    """Found by a security hunt (F8): the header was inflated to at most the compressed size, so a
+    valid deflated instance smaller than the prefix whose header inflates past its own size (here
+    ~0.8 MB from a few KiB) was refused as ``invalid_instance`` after the gateway had accepted it."""
+    data = deflated_with_items(100_000)
+    assert len(data) < 16 * 1024
+    identity = read_identity(data, complete=True, max_header_bytes=4 * 1024 * 1024)
+    assert identity.patient_id == "HÜNTER-山田"
+    assert identity.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    assert read_identity(data, complete=True) == identity  # the default bound is the 4 MiB prefix
+
+
+def test_a_deflated_header_past_the_bound_is_parsed_as_far_as_it_goes_and_a_bomb_stays_bounded(
+    monkeypatch,
+) -> None:
+    """Past the bound the inflated header is cut there and parsed like a prefix cut short: here the
+    identity lies beyond it, so the instance is refused as the header of a non-deflated instance
+    larger than the prefix is; the inflater never yields more than the bound (a bomb of 64 MB)."""
+    from enclave_ingest import dicom_check
+
+    produced: list[int] = []
+    real = zlib.decompressobj
+
+    class Recording:
+        def __init__(self, *args: object) -> None:
+            self._inner = real(*args)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            out = self._inner.decompress(data, max_length)
+            produced.append(len(out))
+            return out
+
+    monkeypatch.setattr(dicom_check.zlib, "decompressobj", Recording)
+    bomb = deflated_with_items(8_000_000)  # 64 MB inflated
+    with pytest.raises(InvalidInstance, match="could not be parsed"):
+        read_identity(bomb, complete=True, max_header_bytes=1024 * 1024)
+    assert produced and max(produced) <= 1024 * 1024
+    # a bound past the identity reads it, from the same bytes
+    assert read_identity(deflated_with_items(1000), complete=True, max_header_bytes=64 * 1024).patient_id

@@ -47,17 +47,20 @@ class HeaderSizeLimit:
                     f"The request line and headers are {size} bytes; at most {self.max_bytes} bytes are "
                     f"allowed ({self.setting})"
                 )
-                await _refuse(send, self.error_body(HEADERS_TOO_LARGE, "headers_too_large", message))
+                body = self.error_body(HEADERS_TOO_LARGE, "headers_too_large", message)
+                await refuse(send, HEADERS_TOO_LARGE, body)
                 return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Send, body: dict[str, Any]) -> None:
+async def refuse(send: Send, status: int, body: dict[str, Any]) -> None:
+    """Answer ``status`` with ``body`` (JSON) and close the connection: what the client sent past the
+    head is not read."""
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": HEADERS_TOO_LARGE,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

@@ -18,7 +18,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from enclave_common.body_limit import BodyLimit
 from enclave_common.errors import (
     EnclaveError,
     TransientError,
@@ -308,6 +309,7 @@ class ServiceRuntime:
         middleware: Sequence[tuple[Any, dict[str, Any]]] = (),
         unknown_route_hint: str = "",
         error_body: ErrorBody | None = None,
+        streamed_body_routes: Collection[str] = (),
     ) -> FastAPI:
         """The service's HTTP app: health, readiness, metrics, plus the service's own routers.
 
@@ -316,6 +318,9 @@ class ServiceRuntime:
         added to the answer for a path no route matches (what this service does not offer).
         ``error_body``: the shape of the errors answered here for the service (an oversized head, a
         request that does not match the API); ``{"detail": {"code", "message"}}`` by default.
+        ``streamed_body_routes``: path templates of the routes that read their bodies themselves, with
+        limits and a pace rule of their own (the gateway's uploads); every other route's body is held
+        to ``max_body_bytes`` and ``body_timeout_s`` (413, 408) before routing and authentication.
 
         Every GET route also answers HEAD (RFC 9110 requires it of a general-purpose server), and a
         path with a trailing slash is not redirected: it answers 404 saying paths do not end in '/'.
@@ -341,9 +346,21 @@ class ServiceRuntime:
             app.add_exception_handler(failure, _dependency_unavailable(body))
         for cls, options in middleware:
             app.add_middleware(cls, **options)
-        setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}MAX_HEADER_BYTES"
+        prefix = self.settings.model_config.get("env_prefix", "ENCLAVE_")
         app.add_middleware(
-            HeaderSizeLimit, max_bytes=self.settings.max_header_bytes, setting=setting, error_body=body
+            BodyLimit,
+            max_bytes=self.settings.max_body_bytes,
+            timeout_s=self.settings.body_timeout_s,
+            size_setting=f"{prefix}MAX_BODY_BYTES",
+            timeout_setting=f"{prefix}BODY_TIMEOUT_S",
+            error_body=body,
+            exempt=tuple(streamed_body_routes),
+        )
+        app.add_middleware(
+            HeaderSizeLimit,
+            max_bytes=self.settings.max_header_bytes,
+            setting=f"{prefix}MAX_HEADER_BYTES",
+            error_body=body,
         )
         app.add_middleware(HeadAsGet)
         instrument_http(app, self.registry, self.tracer_provider)
@@ -380,6 +397,9 @@ class ServiceRuntime:
 
         for router in routers:
             app.include_router(router)
+        unknown = set(streamed_body_routes) - _route_paths(app.routes)
+        if unknown:  # a typo would hold an upload route to the small body limit
+            raise ValueError(f"streamed_body_routes names no route: {', '.join(sorted(unknown))}")
         return app
 
 
@@ -436,21 +456,34 @@ def detail_error_body(status: int, code: str, message: str, **fields: Any) -> di
     return {"detail": {"code": code, "message": message, **fields}}
 
 
-def _validation_problems(exc: RequestValidationError) -> list[dict[str, str]]:
-    """Each wrong field and what is allowed there, without the value sent (it may be PHI)."""
-    return [
+#: Problems a 422 lists at most; the rest are counted (``problems_not_listed``). A list of a million
+#: invalid items answered a 256 MiB body and blocked the event loop for 11 s.
+MAX_LISTED_PROBLEMS = 20
+
+
+def _validation_problems(exc: RequestValidationError) -> tuple[list[dict[str, str]], int]:
+    """The first wrong fields and what is allowed there, without the value sent (it may be PHI), and
+    how many more problems there are."""
+    errors = exc.errors()
+    listed = [
         {"field": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "invalid")}
-        for error in exc.errors()
+        for error in errors[:MAX_LISTED_PROBLEMS]
     ]
+    return listed, len(errors) - len(listed)
 
 
 def _validation_errors(error_body: ErrorBody) -> Callable[[Request, Any], Awaitable[Response]]:
-    """422 naming each wrong field, instead of FastAPI's shape, which echoes the input to its sender
-    (and to anything that logs responses)."""
+    """422 naming each wrong field (the first :data:`MAX_LISTED_PROBLEMS`, and how many more), instead
+    of FastAPI's shape, which echoes the input to its sender (and to anything that logs responses)."""
 
     async def handle(request: Request, exc: Any) -> Response:  # registered for RequestValidationError
         message = "the request does not match the API"
-        body = error_body(422, "invalid_request", message, problems=_validation_problems(exc))
+        problems, more = _validation_problems(exc)
+        if more:
+            message += f"; the first {len(problems)} problems are listed, {more} more are not"
+            body = error_body(422, "invalid_request", message, problems=problems, problems_not_listed=more)
+        else:
+            body = error_body(422, "invalid_request", message, problems=problems)
         return JSONResponse(body, status_code=422)
 
     return handle
@@ -539,6 +572,18 @@ def _routing_errors(hint: str, error_body: ErrorBody) -> Callable[[Request, Any]
         return JSONResponse(content, status_code=exc.status_code, headers=headers)
 
     return handle
+
+
+def _route_paths(routes: Iterable[Any]) -> set[str]:
+    """The path templates of the routes, those of included routers too."""
+    paths: set[str] = set()
+    for route in routes:
+        included = getattr(getattr(route, "original_router", None), "routes", None)  # FastAPI's include
+        if included is not None:
+            paths |= _route_paths(included)
+        elif isinstance(path := getattr(route, "path", None), str):
+            paths.add(path)
+    return paths
 
 
 def _methods_taking(routes: Iterable[Any], scope: Scope) -> set[str]:

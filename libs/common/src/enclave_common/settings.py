@@ -34,6 +34,10 @@ PLACEHOLDER_SECRETS = frozenset(
 #: Raise ``ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES`` and ``ENCLAVE_DEID_MAX_INSTANCE_BYTES`` together, or both
 #: at once with ``ENCLAVE_MAX_INSTANCE_BYTES`` (with deid's memory: 2 GiB instances need about 6.5 GiB).
 DEFAULT_MAX_INSTANCE_BYTES = 768 * 1024 * 1024
+#: Data elements plus sequence items one instance may hold, for deid (which holds each as about 1 KiB:
+#: its 3 GiB pod holds 400,000 next to an instance at ``DEFAULT_MAX_INSTANCE_BYTES``) and for the
+#: gateway, which refuses an instance deid would refuse where the client is told.
+DEFAULT_MAX_ELEMENTS_PER_INSTANCE = 400_000
 
 
 class BaseServiceSettings(BaseSettings):
@@ -54,6 +58,13 @@ class BaseServiceSettings(BaseSettings):
     http_drain_s: int = Field(default=20, ge=1, le=600)
     #: Request line plus headers, in bytes; larger requests get 431 (a bearer token is 1-4 KiB).
     max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    #: Request body, in bytes, on every route but those that stream their bodies with limits of their
+    #: own (the gateway's uploads: ``max_request_bytes``); larger bodies get 413 before any route or
+    #: authentication runs. The largest body a route takes is a grant request, under 2 KiB.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: How long such a body may take to arrive, in seconds waited for it in all; then 408 and the
+    #: connection is closed (a body that stops, or never ends, holds no connection).
+    body_timeout_s: float = Field(default=30.0, gt=0, le=600)
     log_level: str = "INFO"
     #: Python's generation-0 garbage-collection threshold (allocations between collections), set
     #: with ``gc.freeze()`` of what startup allocated; None keeps Python's default (700).

@@ -16,6 +16,7 @@ from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSetti
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from enclave_deid.complexity import DEFAULT_MAX_ELEMENTS
 from enclave_deid.policy import DeidPolicy
 
 
@@ -54,6 +55,12 @@ class DeidSettings(BaseServiceSettings):
     #: deploy/k8s; raise both together (2 GiB instances need about 6.5 GiB), and the gateway's limit with
     #: them (``DEFAULT_MAX_INSTANCE_BYTES``).
     max_instance_bytes: int = Field(default=DEFAULT_MAX_INSTANCE_BYTES, ge=1024)
+    #: Each parsed data element or sequence item costs about 1 KiB of memory whatever its size (an
+    #: instance of a few MiB can hold millions): instances with more data elements plus sequence items
+    #: than this are quarantined with reason ``instance_too_complex``, counted before the parse. The
+    #: default, 400,000, is what the 3 GiB pod holds next to an instance at ``max_instance_bytes``
+    #: (``complexity.DEFAULT_MAX_ELEMENTS``); the gateway refuses more at the edge (same default).
+    max_elements_per_instance: int = Field(default=DEFAULT_MAX_ELEMENTS, ge=1000)
     #: Where the ciphertext of a de-identified copy waits for its upload (never plaintext).
     work_dir: Path | None = None
 

@@ -98,6 +98,7 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
             keys=DeidPseudonymKeys.from_base64(pseudonym_key, "ENCLAVE_DEID_PSEUDONYM_KEY"),
             bucket=settings.deidentified_bucket,
             max_instance_bytes=settings.max_instance_bytes,
+            max_elements=settings.max_elements_per_instance,
             work_dir=settings.work_dir,
         )
 

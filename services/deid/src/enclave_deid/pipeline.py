@@ -4,7 +4,9 @@ The CPU-bound part (decrypt, parse, burned-in check, de-identify, write, encrypt
 thread, so the consumer's event loop keeps heart-beating to Kafka. pydicom needs the whole instance in
 memory: the decrypted original lives until the dataset is parsed, and pydicom's writer copies each
 value twice while it encodes it, so the peak is 3x the instance size (measured), hence
-``max_instance_bytes``. The writer writes straight into the encryptor (no plaintext output buffer).
+``max_instance_bytes``; and each parsed data element or sequence item costs about 1 KiB of Python
+objects whatever its size in bytes (0.4 KiB an element, 1.3 KiB an empty item), hence
+``max_elements``, counted before the parse (``complexity.count_elements``). The writer writes straight into the encryptor (no plaintext output buffer).
 Plaintext never touches the disk; the ciphertext of the copy is spooled to a temporary file for a
 streamed (multipart) upload.
 """
@@ -33,6 +35,13 @@ from enclave_common.study_key_objects import StudyKeyObjects
 from pydicom.dataset import Dataset
 
 from enclave_deid.burned_in import assess_burned_in_risk
+from enclave_deid.complexity import (
+    DEFAULT_MAX_ELEMENTS,
+    InflatesTooLarge,
+    NestedTooDeeply,
+    TooManyElements,
+    count_elements,
+)
 from enclave_deid.deidentify import DeidContext, LinkageRecord, PseudonymKeys, deidentify
 from enclave_deid.instance_io import read_instance, write_instance_to
 from enclave_deid.policy import DeidPolicy
@@ -45,6 +54,10 @@ SPLICE_SOURCE_MAX_BYTES = 4 * 1024 * 1024
 
 class InstanceTooLarge(PermanentError):
     code = "instance_too_large"
+
+
+class InstanceTooComplex(PermanentError):
+    code = "instance_too_complex"
 
 
 class OriginalUndecryptable(PermanentError):
@@ -62,7 +75,7 @@ class UnsupportedInstance(PermanentError):
 #: Failures that are about the instance itself: it is quarantined with their code and reason (a
 #: recorded outcome, visible in its status), not dead-lettered. A key problem
 #: (``original_undecryptable``) or a shredded study stays a dead-lettered permanent error.
-WITHHELD = (InstanceTooLarge, UnreadableInstance, UnsupportedInstance)
+WITHHELD = (InstanceTooLarge, InstanceTooComplex, UnreadableInstance, UnsupportedInstance)
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,7 @@ class DeidPipeline:
         keys: PseudonymKeys,
         bucket: str,
         max_instance_bytes: int,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
         work_dir: Path | None = None,
     ) -> None:
         self.store = store
@@ -126,6 +140,7 @@ class DeidPipeline:
         self.keys = keys
         self.bucket = bucket
         self.max_instance_bytes = max_instance_bytes
+        self.max_elements = max_elements
         self.work_dir = work_dir
 
     async def run(
@@ -163,6 +178,29 @@ class DeidPipeline:
                 f"most {self.max_instance_bytes} bytes (ENCLAVE_DEID_MAX_INSTANCE_BYTES)"
             )
 
+    def check_complexity(self, plaintext: bytes) -> None:
+        """Count the data elements and sequence items before pydicom builds an object for each (the
+        count allocates nothing per element and stops at the limit); a deflated dataset is inflated
+        for it at most up to ``max_instance_bytes``."""
+        try:
+            count_elements(plaintext, self.max_elements, self.max_instance_bytes)
+        except TooManyElements:
+            raise InstanceTooComplex(
+                f"instance has more than {self.max_elements} data elements and sequence items; "
+                "de-identification holds each in memory (about 1 KiB apiece) and accepts at most "
+                f"{self.max_elements} (ENCLAVE_DEID_MAX_ELEMENTS_PER_INSTANCE)"
+            ) from None
+        except NestedTooDeeply:
+            raise InstanceTooComplex(
+                "instance has sequences nested too deeply to be parsed (past Python's recursion limit)"
+            ) from None
+        except InflatesTooLarge:
+            raise InstanceTooLarge(
+                f"the deflated dataset inflates to more than {self.max_instance_bytes} bytes; "
+                "de-identification holds an instance in memory and accepts at most "
+                f"{self.max_instance_bytes} bytes (ENCLAVE_DEID_MAX_INSTANCE_BYTES)"
+            ) from None
+
     # -- the worker thread --------------------------------------------------------------------------------
 
     def _transform(
@@ -175,6 +213,7 @@ class DeidPipeline:
         target: ObjectIdentity,
     ) -> _Written | Quarantined:
         plaintext = self._decrypt_bounded(body, source, provider)
+        self.check_complexity(plaintext)
         buffer = BytesIO(plaintext)  # shares the bytes object: no copy
         # Small instances keep their bytes so the writer can copy unchanged elements from them; for
         # large ones (pixel data dominates) that gains little and would hold a second copy in memory.

@@ -10,6 +10,9 @@ from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSetti
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from enclave_gateway.handoff import DEFAULT_SPOOL_MEMORY_TOTAL_BYTES
+from enclave_gateway.validation import DEFAULT_MAX_ELEMENTS_PER_INSTANCE
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -42,6 +45,10 @@ class GatewaySettings(BaseServiceSettings):
     #: would be acknowledged and then quarantined.
     max_instance_bytes: int = Field(default=DEFAULT_MAX_INSTANCE_BYTES, ge=1024)
     max_request_bytes: int = Field(default=4 * GIB, ge=1024)
+    #: Data elements plus sequence items of one instance, all nesting levels: deid holds each as an
+    #: object of about 1 KiB, so this bounds its memory where the byte limits cannot (an empty
+    #: element is 8 bytes). Past it the instance is refused 0xA700 ``too_many_elements``.
+    max_elements_per_instance: int = Field(default=DEFAULT_MAX_ELEMENTS_PER_INSTANCE, ge=1000)
     chunk_bytes: int = Field(default=1 * MIB, ge=4096, le=1 * MIB)
     #: Sealed instances wait here until the whole request is read (ciphertext only, unnamed files).
     spool_dir: Path = Path("/tmp/enclave-gateway-spool")  # noqa: S108 - an emptyDir in Kubernetes
@@ -52,6 +59,9 @@ class GatewaySettings(BaseServiceSettings):
     spool_disk_bytes: int | None = Field(default=None, ge=1)
     #: Sealed bytes one request may keep in memory before its instances spill to ``spool_dir``.
     spool_memory_bytes: int = Field(default=4 * MIB, ge=0, le=64 * MIB)
+    #: Sealed bytes all requests of the process together may keep in memory: past it, further
+    #: chunks spill to ``spool_dir`` as past ``spool_memory_bytes`` (a quarter of the 1 Gi pod limit).
+    spool_memory_total_bytes: int = Field(default=DEFAULT_SPOOL_MEMORY_TOTAL_BYTES, ge=0)
     #: A request body that sends nothing for this long is cut off (slow-loris protection).
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
     #: After the grace period, a body must arrive at this average rate at least (a trickle that

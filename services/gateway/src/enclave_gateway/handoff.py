@@ -56,19 +56,55 @@ def _spool_io() -> Iterator[None]:
         ) from exc
 
 
+#: Sealed bytes all the requests of a process may keep in memory together: a quarter of the gateway's
+#: 1 Gi pod memory limit in deploy/k8s (``ENCLAVE_GATEWAY_SPOOL_MEMORY_TOTAL_BYTES``).
+DEFAULT_SPOOL_MEMORY_TOTAL_BYTES = 256 * 1024 * 1024
+
+
+class SpoolMemoryBudget:
+    """Bytes of sealed data all the requests of this process may keep in memory at once
+    (``ENCLAVE_GATEWAY_SPOOL_MEMORY_TOTAL_BYTES``). Each request's :class:`SpoolBudget` draws on it:
+    past it, instances spill to the spool directory as past the request's own budget, so many slow
+    requests in flight cannot hold ``SPOOL_MEMORY_BYTES`` each in memory without bound. A sealed
+    instance gives its bytes back when it rolls over to disk or is discarded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
 class SpoolBudget:
     """Bytes of sealed data one request may keep in memory; past it, its instances spill to files in
     the spool directory. Memory per request stays bounded whatever its size, and the common small
-    upload costs no file at all."""
+    upload costs no file at all. With ``shared``, the process-wide :class:`SpoolMemoryBudget` must
+    also have room."""
 
-    def __init__(self, memory_bytes: int) -> None:
+    def __init__(self, memory_bytes: int, shared: SpoolMemoryBudget | None = None) -> None:
         self.remaining = memory_bytes
+        self.shared = shared
 
     def take(self, size: int) -> bool:
         if size > self.remaining:
             return False
+        if self.shared is not None and not self.shared.take(size):
+            return False
         self.remaining -= size
         return True
+
+    def release(self, size: int) -> None:
+        """Memory an instance no longer holds (rolled over to disk, or discarded): back to the
+        process. The request's own budget is not refilled: it bounds what the request ever kept."""
+        if self.shared is not None:
+            self.shared.release(size)
 
 
 class SpoolDiskBudget:
@@ -98,8 +134,8 @@ class SealedInstance:
     """One part being sealed as it streams; plaintext is buffered at most one chunk at a time.
 
     The ciphertext is kept in a :class:`tempfile.SpooledTemporaryFile`: in memory while the request's
-    :class:`SpoolBudget` allows, otherwise an unnamed file in ``spool_dir`` (gone when closed, or with
-    the process)."""
+    :class:`SpoolBudget` (and the process-wide :class:`SpoolMemoryBudget`) allow, otherwise an unnamed
+    file in ``spool_dir`` (gone when closed, or with the process)."""
 
     def __init__(
         self,
@@ -120,6 +156,7 @@ class SealedInstance:
         self._budget = budget
         self._disk = disk or SpoolDiskBudget(None)
         self._on_disk = 0
+        self._in_memory_bytes = 0  # taken from the budget, given back at the rollover or discard
         # max_size=0: never rolls over by itself; _write decides against the request's budget.
         self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by discard()
             max_size=0, mode="w+b", prefix="sealed-", dir=str(spool_dir)
@@ -144,12 +181,15 @@ class SealedInstance:
     def _write(self, sealed: bytes | bytearray) -> None:
         size = _LEN.size + len(sealed)
         with _spool_io():
-            if self._in_memory and not self._budget.take(size):
+            if self._in_memory and self._budget.take(size):
+                self._in_memory_bytes += size
+            elif self._in_memory:
                 self._disk.reserve(self._file.tell() + size)  # what the rollover moves to disk, and this
                 self._on_disk = self._file.tell() + size
                 self._file.rollover()
                 self._in_memory = False
-            elif not self._in_memory:
+                self._give_back_memory()
+            else:
                 self._disk.reserve(size)
                 self._on_disk += size
             self._file.write(_LEN.pack(len(sealed)))
@@ -166,10 +206,15 @@ class SealedInstance:
             while header := self._file.read(_LEN.size):
                 yield self._file.read(_LEN.unpack(header)[0])
 
+    def _give_back_memory(self) -> None:
+        self._budget.release(self._in_memory_bytes)
+        self._in_memory_bytes = 0
+
     def discard(self) -> None:
         self._file.close()
         self._disk.release(self._on_disk)
         self._on_disk = 0
+        self._give_back_memory()
 
 
 class Handoff:

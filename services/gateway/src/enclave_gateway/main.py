@@ -97,6 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         ),
         allowed_sop_classes=frozenset(settings.allowed_sop_classes) if settings.allowed_sop_classes else None,
         max_instance_bytes=settings.max_instance_bytes,
+        max_elements_per_instance=settings.max_elements_per_instance,
     )
     uploads = UploadProcessor(
         recipient=None,  # type: ignore[arg-type]  # set at startup
@@ -107,6 +108,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         policy=policy,
         spool_dir=settings.spool_dir,
         spool_memory_bytes=settings.spool_memory_bytes,
+        spool_memory_total_bytes=settings.spool_memory_total_bytes,
         spool_disk_bytes=settings.spool_disk_bytes,
         chunk_bytes=settings.chunk_bytes,
         pace=BodyPace(
@@ -148,6 +150,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         routers=[router, grants_router],
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
+        streamed_body_routes=("/dicomweb/studies", "/dicomweb/studies/{study}", "/api/v1/imaging/upload"),
     )
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model

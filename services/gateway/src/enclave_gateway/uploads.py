@@ -21,7 +21,14 @@ from enclave_common.errors import TransientError, unavailable_dependency
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
-from enclave_gateway.handoff import Handoff, SealedInstance, SpoolBudget, SpoolDiskBudget
+from enclave_gateway.handoff import (
+    DEFAULT_SPOOL_MEMORY_TOTAL_BYTES,
+    Handoff,
+    SealedInstance,
+    SpoolBudget,
+    SpoolDiskBudget,
+    SpoolMemoryBudget,
+)
 from enclave_gateway.multipart import (
     DICOM_MEDIA_TYPE,
     BodyLimits,
@@ -131,6 +138,7 @@ class UploadProcessor:
         pace: BodyPace,
         spool_memory_bytes: int,
         spool_disk_bytes: int | None = None,
+        spool_memory_total_bytes: int = DEFAULT_SPOOL_MEMORY_TOTAL_BYTES,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer
@@ -140,6 +148,8 @@ class UploadProcessor:
         self.policy = policy
         self.spool_dir = spool_dir
         self.spool_memory_bytes = spool_memory_bytes
+        #: Shared by every request of the process: what their sealed instances hold in memory.
+        self.spool_memory = SpoolMemoryBudget(spool_memory_total_bytes)
         self.spool_disk = SpoolDiskBudget(spool_disk_bytes)
         self.chunk_bytes = chunk_bytes
         self.pace = pace
@@ -155,7 +165,9 @@ class UploadProcessor:
     ) -> UploadResult:
         """Read and validate the whole body; RequestBodyError (nothing kept) on a request-level error."""
         parser = parser_for(parse_body_format(content_type), self.limits)
-        result = UploadResult(upload_id=new_event_id(), budget=SpoolBudget(self.spool_memory_bytes))
+        result = UploadResult(
+            upload_id=new_event_id(), budget=SpoolBudget(self.spool_memory_bytes, self.spool_memory)
+        )
         current: _Current | None = None
         try:
             async for chunk in _paced(body, self.pace):

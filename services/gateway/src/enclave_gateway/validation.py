@@ -33,7 +33,7 @@ from enum import IntEnum
 from io import BytesIO
 
 from enclave_common.pseudonyms import patient_id_text
-from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
+from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE, DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset
@@ -177,6 +177,9 @@ class ValidationPolicy:
     header_window_bytes: int = 1 * MIB
     max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_sequence_depth: int = 16
+    #: Data elements plus sequence items, all nesting levels, file meta included, counted after
+    #: inflation (``ENCLAVE_GATEWAY_MAX_ELEMENTS_PER_INSTANCE``); Pixel Data fragments are not counted.
+    max_elements_per_instance: int = DEFAULT_MAX_ELEMENTS_PER_INSTANCE
     #: A deflated dataset is inflated whole by deid too: the same bound as an instance.
     max_inflated_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     max_inflation_ratio: int = 200
@@ -341,8 +344,12 @@ class _DatasetWalker:
         *,
         detect_encoding: bool = False,
         encapsulated: bool | None = False,
+        elements: int = 0,
     ) -> None:
         self.implicit = implicit
+        #: Data elements and sequence items seen so far (``elements``: those of the file meta).
+        self.elements = elements
+        self._max_elements = policy.max_elements_per_instance
         #: Whether the transfer syntax encapsulates Pixel Data (None: a syntax pydicom does not know).
         self.encapsulated = encapsulated
         self._detect_encoding = detect_encoding
@@ -463,6 +470,16 @@ class _DatasetWalker:
                 )
             self.frames.pop()
 
+    def _too_many_elements(self) -> None:
+        """Past ``max_elements_per_instance``: deid holds each element and item as an object of about
+        1 KiB (counted inline where they are read, the walker's hottest path)."""
+        raise _Refused(
+            FailureReason.OUT_OF_RESOURCES,
+            "too_many_elements",
+            f"Instance has more than {self._max_elements} data elements and sequence items, the maximum "
+            "(ENCLAVE_GATEWAY_MAX_ELEMENTS_PER_INSTANCE)",
+        )
+
     def _element(self, raw: bytes) -> None:
         start = self.position - len(raw)
         group, element = struct.unpack_from("<HH", raw)
@@ -486,6 +503,9 @@ class _DatasetWalker:
                 "unexpected_delimiter",
                 f"Item tag {_tag_text(tag)} found where a data element was expected",
             )
+        self.elements += 1
+        if self.elements > self._max_elements:
+            self._too_many_elements()
         if self._element_implicit():
             vr = b""
             length = struct.unpack_from("<I", raw, 4)[0]
@@ -602,6 +622,9 @@ class _DatasetWalker:
             self._skip = length
             self._skip_tag = _PIXEL_DATA
             return
+        self.elements += 1
+        if self.elements > self._max_elements:
+            self._too_many_elements()
         if length == _UNDEFINED:
             self.frames.append(_Frame("item", None, frame.implicit, frame.tag))
         else:
@@ -786,6 +809,7 @@ class InstanceInspector:
         self._prefix = bytearray()  # bytes before the dataset: preamble, DICM, file meta
         self._meta_progress: tuple[int, dict[int, bytes], int | None] | None = None
         self._has_meta = False
+        self._meta_elements = 0
         self._transfer_syntax: str | None = None
         self._walker: _DatasetWalker | None = None
         self._inflater: _Inflater | None = None
@@ -1009,6 +1033,7 @@ class InstanceInspector:
                 self._check_meta_size(buf)
                 return None
             values[tag] = bytes(buf[value_at : value_at + length])
+            self._meta_elements += 1
             position = value_at + length
             if tag == 0x00020000 and length == 4:
                 meta_end = position + struct.unpack_from("<I", buf, value_at)[0]
@@ -1057,6 +1082,7 @@ class InstanceInspector:
             self.policy.header_window_bytes,
             detect_encoding=syntax != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
             encapsulated=UID(syntax).is_encapsulated if UID(syntax).is_transfer_syntax else None,
+            elements=self._meta_elements,
         )
 
     # -- header attributes

@@ -22,6 +22,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+#: The default bound of an inflated header (ingest's ``header_prefix_bytes``).
+DEFAULT_MAX_HEADER_BYTES = 4 * 1024 * 1024
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID")
 
 
@@ -41,14 +43,17 @@ class InstanceIdentity:
     transfer_syntax_uid: str
 
 
-def read_identity(prefix: bytes, *, complete: bool) -> InstanceIdentity:
+def read_identity(
+    prefix: bytes, *, complete: bool, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> InstanceIdentity:
     """Parse the header in ``prefix`` (the whole instance when ``complete``) and check the required attributes.
+    A deflated dataset is inflated to at most ``max_header_bytes`` (ingest's header prefix size).
 
     Whatever the bytes, the outcome is an identity or :class:`InvalidInstance`, whose reason names
     attributes and exception types, never a value (pydicom's own messages quote the value).
     """
     try:
-        ds = _read_header(prefix)
+        ds = _read_header(prefix, max_header_bytes)
     except (MemoryError, RecursionError):
         raise
     except Exception as exc:  # any parse failure of these bytes: a hostile or broken instance
@@ -109,16 +114,21 @@ def _tag_text(keyword: str) -> str:
     return f"{tag.group:04X},{tag.element:04X}"
 
 
-def _read_header(prefix: bytes) -> Dataset:
-    """The dataset before Pixel Data. A deflated dataset is inflated only as far as ``prefix`` is long:
-    pydicom inflates the whole rest of a file in one call, which fails on a prefix (a truncated stream)
-    and, on a whole file, would hold all of it inflated. Until the fourteenth session every deflated
-    instance past the 4 MiB prefix was refused as unparseable after the gateway had accepted it."""
+def _read_header(prefix: bytes, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Dataset:
+    """The dataset before Pixel Data. A deflated dataset is inflated to at most ``max_header_bytes``
+    (what the header prefix holds of a dataset that is not deflated) and what is there is parsed, as
+    a prefix is: pydicom inflates the whole rest of a file in one call, which fails on a prefix (a
+    truncated stream) and, on a whole file, would hold all of it inflated (a decompression bomb).
+    Until the fourteenth session every deflated instance past the 4 MiB prefix was refused as
+    unparseable after the gateway had accepted it; until a later security hunt (F8) the inflated
+    header was bounded by the compressed size instead, and a highly compressible deflated instance smaller than
+    the prefix was refused (``invalid_instance``, OSError) as its header came out cut short."""
     stream = io.BytesIO(prefix)
     if read_preamble(stream, True) is not None:  # a Part 10 file (force: None, rewound, if not)
         meta = _read_file_meta_info(stream)
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(prefix[stream.tell() :], len(prefix))
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            head = inflater.decompress(memoryview(prefix)[stream.tell() :], max_header_bytes)
             ds = read_dataset(io.BytesIO(head), False, True, stop_when=_at_pixel_data)
             ds.file_meta = meta
             return ds

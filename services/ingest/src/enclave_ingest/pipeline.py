@@ -117,7 +117,9 @@ class InstancePipeline:
                 meta, "integrity", "SHA-256 or size of the reassembled instance differs from the gateway's"
             )
         try:
-            identity = read_identity(prefix, complete=size <= len(prefix))
+            identity = read_identity(
+                prefix, complete=size <= len(prefix), max_header_bytes=self.header_prefix_bytes
+            )
         except PermanentError as exc:
             return self._rejected(meta, exc.code, exc.reason)
         keys = instance_keys(
