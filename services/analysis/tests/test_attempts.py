@@ -86,7 +86,7 @@ def service(load_failure: Exception) -> tuple[AnalysisService, FakeAssembly, Fak
     settings = AnalysisSettings(max_attempts=3, retry_delay_s=42.0)
     analysis = AnalysisService(runtime, settings, assembly, store=None, analyser=None)  # type: ignore[arg-type]
 
-    async def load(tenant: str, member: dict[str, Any]) -> Any:
+    async def load(tenant: str, member: dict[str, Any], *_: Any) -> Any:
         raise load_failure
 
     analysis._load = load  # type: ignore[method-assign]
@@ -273,7 +273,7 @@ async def test_a_series_no_volume_can_be_made_of_fails_at_once_with_its_reason(p
     async def members_of(series_id: str) -> list[dict[str, Any]]:
         return members
 
-    async def load(tenant: str, member: dict[str, Any]) -> Any:
+    async def load(tenant: str, member: dict[str, Any], *_: Any) -> Any:
         return datasets[int(member["_id"].removeprefix("iu-"))]
 
     assembly.members_of = members_of  # type: ignore[method-assign]

@@ -30,7 +30,7 @@ def _jpeg_lossless_series(slices: int = 3) -> list[pydicom.Dataset]:
         ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
         ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
         ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 2.0 * k]
-        ds.PixelSpacing = [1, 1]
+        ds.PixelSpacing = [0.25, 0.25]  # a 1024x256 image: a field of view within 500 mm
         out.append(ds)
     return out
 

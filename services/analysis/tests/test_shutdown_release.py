@@ -174,7 +174,7 @@ async def test_a_stopped_analysis_releases_its_claim_uncounted_and_another_repli
 
     in_progress: list[float | None] = []
 
-    async def load(tenant: str, member: dict[str, Any]) -> Any:  # mid-analysis: reading the series
+    async def load(tenant: str, member: dict[str, Any], *_: Any) -> Any:  # mid-analysis: reading the series
         in_progress.append(stopping.runtime.registry.get_sample_value("enclave_analysis_series_in_progress"))
         loading.set()
         await asyncio.Event().wait()
@@ -201,7 +201,7 @@ def _one_slice(service: AnalysisService) -> None:
     """Every member loads as the same one slice: the analysis fails at once (too few instances),
     without ANTs."""
 
-    async def load(tenant: str, member: dict[str, Any]) -> Any:
+    async def load(tenant: str, member: dict[str, Any], *_: Any) -> Any:
         dataset = pydicom.Dataset()
         dataset.SOPInstanceUID = "1.2.3"
         return dataset

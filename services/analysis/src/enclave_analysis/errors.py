@@ -60,6 +60,14 @@ class PixelValueError(AnalysisError):
     code = "pixel_values_invalid"
 
 
+class SeriesTooLargeError(AnalysisError):
+    """The series is larger than the analysis takes, told from its attributes before anything is
+    decoded: a slice matrix, the volume's voxels, or the bytes of its members (inflated, for a
+    deflated instance) beyond the configured limits (``ENCLAVE_ANALYSIS_MAX_*``)."""
+
+    code = "series_too_large"
+
+
 class MixedPatientsError(AnalysisError):
     """The instances of one series carry different patient identities (after de-identification, a
     pseudonymous PatientID per patient): a volume of two people is not computed."""

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import io
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,10 +37,12 @@ from enclave_common.events import (
 from enclave_common.service import ServiceRuntime
 from enclave_common.storage import S3ObjectStore
 from prometheus_client import Counter, Gauge
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
 from enclave_analysis.config import AnalysisSettings
-from enclave_analysis.errors import AnalysisError, RepeatedFailure, SeriesIncomplete
+from enclave_analysis.errors import AnalysisError, RepeatedFailure, SeriesIncomplete, SeriesTooLargeError
 from enclave_analysis.native_stderr import run_capturing_native_stderr
 
 log = structlog.get_logger("enclave.analysis")
@@ -328,7 +331,8 @@ class AnalysisService:
                 )
             # Loaded first: an instance uploaded twice is two members but one slice (the volume drops
             # repeated SOP Instance UIDs), so only distinct ones count toward the minimum.
-            datasets = [await self._load(tenant, m) for m in members]
+            budget = ByteBudget(self.settings.max_series_bytes)
+            datasets = [await self._load(tenant, m, budget) for m in members]
             distinct = len({str(ds.get("SOPInstanceUID", f"member-{i}")) for i, ds in enumerate(datasets)})
             if distinct < self.settings.min_instances:
                 raise AnalysisError(
@@ -461,15 +465,18 @@ class AnalysisService:
         if self._executor is not None:
             _kill_workers(self._executor)
 
-    async def _load(self, tenant: str, member: dict[str, Any]) -> pydicom.Dataset:
+    async def _load(self, tenant: str, member: dict[str, Any], budget: ByteBudget) -> pydicom.Dataset:
+        """One member, read and parsed in a thread (not in the event loop: a large or deflated one
+        took seconds), its bytes (inflated, for a deflated one) counted against the series' ``budget``."""
         assert self.kek is not None
         ref = ObjectRef(**member["object"])
         blob = await self.store.read(ref.bucket, ref.key, ref.version_id)
         plain = await asyncio.to_thread(
             decrypt_bytes, blob, ObjectIdentity(tenant, member["study_key"], ref.key), self.kek
         )
+        del blob
         self.runtime.count_crypto("decrypt")
-        return pydicom.dcmread(io.BytesIO(plain))
+        return await asyncio.to_thread(read_member, plain, budget)
 
     async def _store_report(
         self, tenant: str, study_key: str, analysis_id: str, name: str, media_type: str, body: bytes
@@ -484,6 +491,65 @@ class AnalysisService:
             self.settings.results_bucket, key, io.BytesIO(ciphertext), metadata={"media-type": media_type}
         )
         return ObjectRef(bucket=stored.bucket, key=key, version_id=stored.version_id)
+
+
+class ByteBudget:
+    """What is left of the bytes a series' members may hold (``ENCLAVE_ANALYSIS_MAX_SERIES_BYTES``):
+    every member is held in memory at once, in the service and again in the worker."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.remaining = limit
+
+    def take(self, size: int) -> None:
+        if size > self.remaining:
+            raise SeriesTooLargeError(
+                f"the de-identified instances of this series hold more than {_mib(self.limit)} (a deflated "
+                f"instance counted inflated); at most {_mib(self.limit)} per series are analysed "
+                "(ENCLAVE_ANALYSIS_MAX_SERIES_BYTES)"
+            )
+        self.remaining -= size
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
+def member_size(plain: bytes, bound: int) -> int:
+    """The bytes ``plain`` (a DICOM file) holds once read: its length, or for a deflated one its
+    length inflated (pydicom inflates it whole), counted in 1 MiB pieces that are dropped, and only
+    up to just past ``bound``."""
+    fp = io.BytesIO(plain)
+    try:
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+    except Exception:  # not a file pydicom reads: dcmread says so
+        return len(plain)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return len(plain)
+    start = fp.tell()
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size, pending = start, plain[start:]
+    try:
+        while size <= bound and not inflater.eof:
+            piece = inflater.decompress(pending, 2**20)
+            size += len(piece)
+            pending = inflater.unconsumed_tail
+            if not piece and not pending:  # truncated: dcmread fails on it
+                break
+    except zlib.error:  # dcmread fails on it too
+        return len(plain)
+    return size
+
+
+def read_member(plain: bytes, budget: ByteBudget) -> pydicom.Dataset:
+    """Parse one member once its size fits the series' ``budget``. The dataset does not keep the
+    bytes it was read from (pydicom's ``buffer``): it held each member twice, and both were pickled
+    to the worker."""
+    budget.take(member_size(plain, budget.remaining))
+    dataset = pydicom.dcmread(io.BytesIO(plain))
+    dataset.buffer = None
+    return dataset
 
 
 def _kill_workers(executor: Executor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
@@ -17,6 +18,7 @@ from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.handlers import AnalysisService
 from enclave_analysis.segmentation import warm_up
 from enclave_analysis.series_analysis import run_volumetrics
+from enclave_analysis.volume import VolumeLimits
 
 
 def analysis_worker() -> ProcessPoolExecutor:
@@ -41,7 +43,9 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     runtime.publishes(topics.ACCESS_RECORDED)
     store = S3ObjectStore(settings)
     assembly = SeriesAssembly(runtime.db)
-    service = AnalysisService(runtime, settings, assembly, store, run_volumetrics, analysis_worker)
+    limits = VolumeLimits(max_matrix=settings.max_matrix, max_voxels=settings.max_series_voxels)
+    analyser = functools.partial(run_volumetrics, limits=limits)  # picklable: runs in the worker
+    service = AnalysisService(runtime, settings, assembly, store, analyser, analysis_worker)
     service.register()
     runtime.readiness["object_store"] = store.ping
 

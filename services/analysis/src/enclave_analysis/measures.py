@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from enclave_analysis.segmentation import PipelineOptions, Segmentation, StageTimer, segment_brain
-from enclave_analysis.volume import Volume, build_volume
+from enclave_analysis.volume import DEFAULT_LIMITS, Volume, VolumeLimits, build_volume
 
 #: Below these fractions of the template's intracranial space / hippocampi inside the field of
 #: view, the whole-brain / hippocampal volumes are reported as unavailable.
@@ -66,10 +66,13 @@ class BrainVolumetrics(BaseModel):
 
 
 def analyse_series(
-    datasets: Sequence[Dataset], options: PipelineOptions | None = None, stage: StageTimer | None = None
+    datasets: Sequence[Dataset],
+    options: PipelineOptions | None = None,
+    stage: StageTimer | None = None,
+    limits: VolumeLimits = DEFAULT_LIMITS,
 ) -> tuple[BrainVolumetrics, Segmentation]:
     """Build the volume of one series, segment it and measure it (raises AnalysisError subclasses)."""
-    volume = build_volume(datasets)
+    volume = build_volume(datasets, limits)
     return analyse_volume(volume, options, stage)
 
 

@@ -33,8 +33,8 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from enclave_analysis.atlas import DEFAULT_ATLAS, atlas_named, hippocampus_masks, mni_template
-from enclave_analysis.errors import NotBrainT1Error, SeriesGeometryError
-from enclave_analysis.volume import LPS_TO_RAS, Volume
+from enclave_analysis.errors import NotBrainT1Error
+from enclave_analysis.volume import LPS_TO_RAS, Volume, check_field_of_view
 
 if TYPE_CHECKING:
     import ants
@@ -48,11 +48,6 @@ FloatArray = npt.NDArray[np.float32]
 MAX_CORTICAL_THICKNESS_MM = 8.0
 #: Added to every prior so that a class the template deems impossible can still win on intensity.
 PRIOR_FLOOR = 0.1
-#: The field of view along each axis (voxels times spacing, mm) the pipeline takes. A larger one is
-#: resampled to the 2 mm registration grid whatever it holds: a 1.3 m field ran for over 10 minutes
-#: and 3.6 GB, a 0.45 m one 133 s and 2.1 GB (a head is ~0.25 m). Below a few mm the pipeline failed
-#: with an internal error (1.5 mm).
-FIELD_OF_VIEW_RANGE_MM = (20.0, 500.0)
 StageTimer = Callable[[str], AbstractContextManager[None]]
 
 
@@ -304,14 +299,7 @@ def _segment_brain(
 
 def _check_field_of_view(volume: Volume) -> None:
     """Refuse, before any ANTs work, a field of view no brain series has (wrong spacing attributes)."""
-    field = [n * size for n, size in zip(volume.shape, volume.spacing_mm, strict=True)]
-    low, high = FIELD_OF_VIEW_RANGE_MM
-    if not all(low <= extent <= high for extent in field):
-        raise SeriesGeometryError(
-            "the field of view is {:.0f} x {:.0f} x {:.0f} mm (columns, rows and slices times their "
-            "spacing); a brain series covers between {:g} and {:g} mm along each axis. Check PixelSpacing "
-            "and ImagePositionPatient".format(*field, low, high)
-        )
+    check_field_of_view([n * size for n, size in zip(volume.shape, volume.spacing_mm, strict=True)])
 
 
 def _n4(subject: ants.ANTsImage, spacing_mm: float) -> ants.ANTsImage:

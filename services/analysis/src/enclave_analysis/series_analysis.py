@@ -11,6 +11,7 @@ import pydicom
 
 from enclave_analysis.measures import analyse_series
 from enclave_analysis.report import png_report, segmentation_dicom, structured_report
+from enclave_analysis.volume import DEFAULT_LIMITS, VolumeLimits
 
 MEASURE_FIELDS = (
     "intracranial_volume",
@@ -27,11 +28,12 @@ MEASURE_FIELDS = (
 
 
 def run_volumetrics(
-    datasets: list[pydicom.Dataset],
+    datasets: list[pydicom.Dataset], limits: VolumeLimits = DEFAULT_LIMITS
 ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
     """Measures (mL; thickness in mm), QC, why any measure is null, and the report files: a DICOM SR
-    (TID 1500), a DICOM Segmentation of the tissue and hippocampus labels (both highdicom) and a PNG."""
-    volumetrics, segmentation = analyse_series(datasets)
+    (TID 1500), a DICOM Segmentation of the tissue and hippocampus labels (both highdicom) and a PNG.
+    ``limits`` bound the volume before anything is decoded (``build_volume``)."""
+    volumetrics, segmentation = analyse_series(datasets, limits=limits)
     measures = {name: getattr(volumetrics, name) for name in MEASURE_FIELDS}
     qc = volumetrics.qc.model_dump(mode="json") | {
         "atlas": volumetrics.atlas,

@@ -17,6 +17,7 @@ dicom2nifti tolerates gaps silently).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,10 +25,17 @@ from functools import cached_property
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID, AllTransferSyntaxes, UncompressedTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes, RLELossless, UncompressedTransferSyntaxes
 
-from enclave_analysis.errors import MixedPatientsError, PixelDataError, PixelValueError, SeriesGeometryError
+from enclave_analysis.errors import (
+    MixedPatientsError,
+    PixelDataError,
+    PixelValueError,
+    SeriesGeometryError,
+    SeriesTooLargeError,
+)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -43,6 +51,32 @@ TILT_TOLERANCE_MM = 0.05
 VOXEL_SIZE_RANGE_MM = (0.05, 20.0)
 #: Rescaled intensities are stored as 32-bit floats.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The field of view along each axis (voxels times spacing, mm) the pipeline takes. A larger one is
+#: resampled to the 2 mm registration grid whatever it holds: a 1.3 m field ran for over 10 minutes
+#: and 3.6 GB, a 0.45 m one 133 s and 2.1 GB (a head is ~0.25 m). Below a few mm the pipeline failed
+#: with an internal error (1.5 mm). The upper bound is checked by ``build_volume`` before it allocates
+#: the volume, the lower one by ``segment_brain`` (the unit tests build tiny volumes).
+FIELD_OF_VIEW_RANGE_MM = (20.0, 500.0)
+#: A decoded RLE segment may exceed Rows x Columns by at most this many bytes (one run: encoders that
+#: pad a segment; pydicom warns and drops the excess). More is refused before it is decoded.
+RLE_SEGMENT_SLACK = 128
+
+
+@dataclass(frozen=True)
+class VolumeLimits:
+    """Size bounds checked from the attributes, before any pixel data is decoded or the volume is
+    allocated (``SeriesTooLargeError``). Set from ``AnalysisSettings`` in the service."""
+
+    #: Rows and Columns of each slice at most this (brain MR matrices are 64 to 512, rarely 1024).
+    max_matrix: int = 1024
+    #: Voxels of the whole volume (columns x rows x slices) at most this: 24 Mi, a 0.8 mm
+    #: 320x320x240 T1, almost three times the 1 mm MNI template (8.7 M voxels, < 2 GiB peak in the
+    #: worker). The pipeline needs ~160 bytes per voxel besides a ~0.5 GiB base, so 24 Mi voxels is
+    #: ~4.3 GiB of the pod's 6 GiB (extrapolated from the template, not measured).
+    max_voxels: int = 24 * 2**20
+
+
+DEFAULT_LIMITS = VolumeLimits()
 
 
 @dataclass(frozen=True)
@@ -89,8 +123,14 @@ class _Plane:
     pixels: Callable[[], npt.NDArray[np.generic]]
 
 
-def build_volume(datasets: Sequence[Dataset]) -> Volume:
+def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIMITS) -> Volume:
     """Stack the instances of one series into a :class:`Volume`.
+
+    Before any pixel data is decoded and before the volume is allocated, the matrix of each slice
+    and the voxels of the whole volume are checked against ``limits`` (:class:`SeriesTooLargeError`)
+    and the field of view against ``FIELD_OF_VIEW_RANGE_MM``'s upper bound; an RLE segment that
+    would decode to more than its frame's Rows x Columns is refused before it is decoded
+    (:class:`PixelDataError`).
 
     Raises :class:`SeriesGeometryError` with a precise, PHI-free reason when the instances do
     not form a single regular volume: missing geometry attributes, several series, mixed
@@ -107,16 +147,24 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             f"instances belong to {len(series_uids)} different series; one series is allowed"
         )
     _check_one_patient(datasets)
-    planes = [plane for number, ds in enumerate(datasets) for plane in _planes_of(ds, number)]
+    planes = [plane for number, ds in enumerate(datasets) for plane in _planes_of(ds, number, limits)]
     planes = _without_duplicates(planes)
     if len(planes) < 2:
         raise SeriesGeometryError(f"the series has {len(planes)} slice; at least 2 are required")
+    voxel_count = sum(plane.rows * plane.columns for plane in planes)
+    if voxel_count > limits.max_voxels:
+        raise SeriesTooLargeError(
+            f"the series' {len(planes)} slices of {planes[0].rows}x{planes[0].columns} make a volume of "
+            f"{voxel_count:,} voxels; at most {limits.max_voxels:,} are analysed "
+            "(ENCLAVE_ANALYSIS_MAX_SERIES_VOXELS)"
+        )
     _check_same_in_plane_geometry(planes)
     normal = _slice_normal(planes[0].orientation)
     heights = np.array([float(p.position @ normal) for p in planes])
     order = np.argsort(heights, kind="stable")
     planes = [planes[int(n)] for n in order]
     heights = heights[order]
+    _check_finite_gaps(heights)
     _check_positions_distinct(heights)
     _check_no_tilt(planes, normal)
     slice_spacing = _check_uniform_spacing(heights)
@@ -136,6 +184,10 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     affine_lps[:3, 3] = first.position
     if not np.isclose(np.linalg.norm(affine_lps[:3, 2]), slice_spacing, rtol=1e-3, atol=1e-3):
         raise SeriesGeometryError("slice positions are inconsistent with the slice normal")
+    # Before the volume is allocated (segment_brain checks the lower bound too).
+    check_field_of_view(
+        (first.columns * col_spacing, first.rows * row_spacing, len(planes) * slice_spacing), low=False
+    )
 
     voxels = np.empty((first.columns, first.rows, len(planes)), dtype=np.float32)
     for k, plane in enumerate(planes):
@@ -159,6 +211,31 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
             "data, or a RescaleSlope that gives every voxel one value); a T1-weighted brain volume is required"
         )
     return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps)
+
+
+def check_field_of_view(field: Sequence[float], *, low: bool = True) -> None:
+    """Refuse a field of view (mm along i, j, k) no brain series has (wrong spacing attributes): above
+    ``FIELD_OF_VIEW_RANGE_MM``, and below it unless ``low`` is False."""
+    minimum, maximum = FIELD_OF_VIEW_RANGE_MM
+    if not all((minimum <= extent or not low) and extent <= maximum for extent in field):
+        raise SeriesGeometryError(
+            "the field of view is {:.0f} x {:.0f} x {:.0f} mm (columns, rows and slices times their "
+            "spacing); a brain series covers between {:g} and {:g} mm along each axis. Check PixelSpacing "
+            "and ImagePositionPatient".format(*field, minimum, maximum)
+        )
+
+
+def _check_matrix(rows: int, columns: int, where: str, limits: VolumeLimits) -> None:
+    """Rows and Columns from the attributes, before anything is decoded."""
+    if rows < 1 or columns < 1:
+        raise SeriesGeometryError(
+            f"{where} has a matrix of {rows}x{columns}; Rows and Columns must be positive"
+        )
+    if rows > limits.max_matrix or columns > limits.max_matrix:
+        raise SeriesTooLargeError(
+            f"{where} has a matrix of {rows}x{columns} (Rows x Columns); at most {limits.max_matrix} "
+            "rows and columns per slice are analysed (ENCLAVE_ANALYSIS_MAX_MATRIX)"
+        )
 
 
 def _patient_identity(ds: Dataset, keyword: str) -> str:
@@ -228,6 +305,7 @@ def _decodable(syntax: UID) -> bool:
 def _pixel_array(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
     """``ds.pixel_array``, or :class:`PixelDataError` saying why it cannot be had and what can. The
     decoder's own message is not repeated (it may quote the data)."""
+    _check_rle_sizes(ds, where)
     try:
         return ds.pixel_array
     except Exception as exc:
@@ -240,6 +318,55 @@ def _pixel_array(ds: Dataset, where: str) -> npt.NDArray[np.generic]:
             f"the pixel data of {where} cannot be decoded: {problem}; decodable here: "
             + ", ".join(decodable_transfer_syntaxes())
         ) from exc
+
+
+def _check_rle_sizes(ds: Dataset, where: str) -> None:
+    """Refuse RLE Lossless pixel data whose segments decode to more than their frame's Rows x Columns
+    bytes, before it is decoded: pydicom decodes each segment whole and then cuts it to the frame
+    (a 64x64 frame of 24 MiB segments decoded to 256 MiB each). The run headers (PS3.5 G.3.1) give a
+    segment's decoded length without decoding it; counting stops once the bound is passed. Anything
+    else that is wrong is left to pydicom's decoder (``pixel_data_unreadable`` too)."""
+    meta = ds.get("file_meta")
+    if meta is None or getattr(meta, "TransferSyntaxUID", None) != RLELossless or "PixelData" not in ds:
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = generate_frames(ds.PixelData, number_of_frames=count)
+        bound = rows * columns + RLE_SEGMENT_SLACK
+        for frame_number, frame in enumerate(frames):
+            segments, *offsets = struct.unpack("<16L", frame[:64])
+            ends = [*offsets[:segments], len(frame)][1:]
+            for segment_number, (start, end) in enumerate(zip(offsets[:segments], ends, strict=True)):
+                if rle_decoded_length(frame[start:end], bound) > bound:
+                    raise PixelDataError(
+                        f"the pixel data of {where} cannot be decoded: RLE segment {segment_number} of "
+                        f"frame {frame_number} decodes to more than the {rows * columns} bytes its Rows and "
+                        "Columns allow; it is not valid RLE Lossless data for its Rows and Columns"
+                    )
+    except PixelDataError:
+        raise
+    except Exception:  # not parseable here: pydicom's decoder says so (and is refused as unreadable)
+        return
+
+
+def rle_decoded_length(segment: bytes, bound: int) -> int:
+    """The number of bytes an RLE segment (PS3.5 G.3.1) decodes to, as pydicom's decoder does it,
+    counted without decoding; counting stops once it exceeds ``bound``."""
+    total, position, size = 0, 0, len(segment)
+    while position < size and total <= bound:
+        header = segment[position]
+        if header < 128:  # a literal run of header + 1 bytes
+            run = min(header + 1, size - position - 1)
+            position += header + 2
+        elif header > 128:  # the next byte 257 - header times
+            run = 257 - header if position + 1 < size else 0
+            position += 2
+        else:  # 128: no operation
+            run = 0
+            position += 1
+        total += run
+    return total
 
 
 def _require(ds: Dataset, keyword: str, where: str) -> object:
@@ -297,11 +424,12 @@ def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
     return slope, intercept
 
 
-def _planes_of(ds: Dataset, number: int) -> list[_Plane]:
+def _planes_of(ds: Dataset, number: int, limits: VolumeLimits) -> list[_Plane]:
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-        return _frames_of_enhanced(ds, number)
+        return _frames_of_enhanced(ds, number, limits)
     where = f"instance {number}"
     rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
+    _check_matrix(rows, columns, where, limits)
     spacing = _pixel_spacing(_require(ds, "PixelSpacing", where), where)
     slope, intercept = _rescale(ds, where)
     return [
@@ -331,10 +459,11 @@ def _functional_group(ds: Dataset, frame: Dataset | None, sequence: str) -> Data
     return None
 
 
-def _frames_of_enhanced(ds: Dataset, number: int) -> list[_Plane]:
+def _frames_of_enhanced(ds: Dataset, number: int, limits: VolumeLimits) -> list[_Plane]:
     where = f"enhanced instance {number}"
     frames = _require(ds, "PerFrameFunctionalGroupsSequence", where)
     rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
+    _check_matrix(rows, columns, where, limits)
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if len(frames) != count:  # type: ignore[arg-type]
         raise SeriesGeometryError(
@@ -436,7 +565,20 @@ def _check_no_tilt(planes: list[_Plane], normal: npt.NDArray[np.float64]) -> Non
             )
 
 
+def _check_finite_gaps(heights: npt.NDArray[np.float64]) -> None:
+    """Positions such as z = -1e308 and 1e308 are finite, their distance is not (an OverflowError in
+    ``round`` below, an internal error three times over, before)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below, with a reason
+        gaps = np.diff(heights)
+    if not (np.all(np.isfinite(heights)) and np.all(np.isfinite(gaps))):
+        raise SeriesGeometryError(
+            "slice positions (ImagePositionPatient) are so far apart that their distances are not finite "
+            f"numbers; a brain series spans at most {FIELD_OF_VIEW_RANGE_MM[1]:g} mm"
+        )
+
+
 def _check_uniform_spacing(heights: npt.NDArray[np.float64]) -> float:
+    _check_finite_gaps(heights)
     gaps = np.diff(heights)
     spacing = float(np.median(gaps))
     tolerance = SPACING_RELATIVE_TOLERANCE * spacing + 0.01
