@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import io
 import json
 import os
@@ -108,7 +109,7 @@ LARGE_ROWS, LARGE_COLUMNS = 1024, 1280
 def mr_bytes(study_uid: str, series_uid: str, sop_uid: str, number: int, *, large: bool = False) -> bytes:
     """pydicom's MR_small (64x64, ~10 KB) with the planted PHI and the given UIDs; ``large``: the same
     with a 2.5 MiB pixel matrix (random values)."""
-    ds = _template().copy()
+    ds = copy.deepcopy(_template())  # Dataset.copy() shares its elements: setting Rows changed the template
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.InstanceNumber = number

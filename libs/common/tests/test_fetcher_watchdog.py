@@ -63,6 +63,14 @@ async def test_a_subscriber_whose_fetcher_died_is_restarted_and_counted():
     assert await watchdog.check() == 0  # the new consumers fetch: nothing more to do
 
 
+async def test_each_group_is_counted_from_0_before_any_restart():
+    """A series created at its first restart starts at 1, where increase() sees no rise:
+    EnclaveKafkaConsumerRestarted missed the first restart of each pod."""
+    watchdog, registry = _watchdog(FakeSubscriber(_pending()))
+    assert await watchdog.check() == 0
+    assert registry.get_sample_value("enclave_kafka_consumer_restarts_total", {"group": "enclave-test"}) == 0
+
+
 async def test_stopping_closed_and_unstarted_subscribers_are_left_alone():
     stopping = FakeSubscriber(_ended(), running=False)
     closed = FakeSubscriber(_ended())

@@ -113,7 +113,14 @@ async def test_healthy_closed_and_absent_producers_are_left_alone():
 
     assert await watchdog.check() == 0
     assert healthy.replacements == closed.replacements == absent.replacements == 0
-    assert _restarts(registry, "healthy") is None
+    assert _restarts(registry, "healthy") == 0
+
+
+def test_each_producer_slot_is_counted_from_0_before_any_replacement() -> None:
+    """A series created at its first replacement starts at 1, where increase() sees no rise:
+    EnclaveKafkaProducerReplaced missed the first replacement of each pod."""
+    _, registry = _watchdog(FakeSlot("broker", None), FakeSlot("direct", None))
+    assert _restarts(registry, "broker") == 0 and _restarts(registry, "direct") == 0
 
 
 async def test_a_replacement_that_fails_is_tried_again_and_nothing_waits_meanwhile():

@@ -97,6 +97,17 @@ def series(attempts: int) -> dict[str, Any]:
     return {"_id": "t:sk", "tenant": "t", "series_key": "sk", "changed_at": 1, "attempts": attempts}
 
 
+def test_failures_are_counted_from_0_before_the_first() -> None:
+    """A series created at the first failure starts at 1, where increase() sees no rise:
+    EnclaveAnalysisFailedUnexpectedly missed the first unexpected failure of each pod."""
+    analysis, _, _ = service(ValueError("unused"))
+    for cause in ("unexpected", "dependency"):
+        counted = analysis.runtime.registry.get_sample_value(
+            "enclave_analysis_attempt_failures_total", {"cause": cause}
+        )
+        assert counted == 0
+
+
 async def test_an_unexpected_error_is_tried_again_later_and_counted() -> None:
     analysis, assembly, publisher = service(ValueError("a bug, or data the code does not expect"))
     await analysis.attempt(series(attempts=1))

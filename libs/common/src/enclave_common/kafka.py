@@ -525,6 +525,10 @@ class SenderWatchdog:
         self.metrics = metrics
         self.interval_s = interval_s
         self.replace_timeout_s = replace_timeout_s
+        for slot in slots:
+            # At 0 before any replacement: a series that appears at its first one starts at 1, where
+            # increase() sees no rise, and EnclaveKafkaProducerReplaced missed it.
+            metrics.producer_restarts.labels(slot.name)
 
     @staticmethod
     def sender_ended(producer: Any) -> bool:
@@ -726,6 +730,10 @@ class FetcherWatchdog:
 
     async def _check(self, now: float) -> int:
         subscriber: Any
+        for subscriber in self.broker.subscribers:
+            # At 0 before any restart: a series that appears at its first restart starts at 1, where
+            # increase() sees no rise, and EnclaveKafkaConsumerRestarted missed that restart.
+            self.metrics.consumer_restarts.labels(self._group(subscriber))
         broker_answers: bool | None = None  # asked at most once a check, and only if needed
         for subscriber in list(self.broker.subscribers):
             group = self._group(subscriber)

@@ -90,6 +90,10 @@ class AnalysisService:
             ["cause"],
             registry=runtime.registry,
         )
+        for cause in ("unexpected", "dependency"):
+            # At 0 from the start: a series that appears at its first failure starts at 1, where
+            # increase() sees no rise, and EnclaveAnalysisFailedUnexpectedly missed that failure.
+            self.attempt_failures.labels(cause)
         # Analysis's Kafka lag says nothing of its work (each instance is filed in the assembler at
         # once): these show it. A replica sees the whole assembler, so across replicas read max().
         self.series_ready = Gauge(
