@@ -45,8 +45,9 @@ KAFKA_EXPORTER_LABELS = {
     "kafka_consumergroup_members": {"consumergroup"},
     "kafka_topic_partition_current_offset": {"topic", "partition"},
 }
-#: Series of other exporters the rules read: kube-state-metrics and cert-manager, both scraped with
-#: their own labels kept (honor_labels), so ``namespace`` is the object's namespace.
+#: Series of other exporters the rules read: kube-state-metrics (scraped with its labels kept,
+#: honor_labels, so ``namespace`` is the object's namespace) and cert-manager (either way: with its
+#: Helm chart's default, honorLabels false, the Certificate's namespace is ``exported_namespace``).
 OTHER_EXPORTER_LABELS = {
     "kube_pod_status_ready": {"namespace", "pod", "uid", "condition"},
     "kube_deployment_status_replicas_available": {"namespace", "deployment"},
