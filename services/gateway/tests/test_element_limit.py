@@ -53,7 +53,7 @@ def counted(data: bytes) -> int:
         total = 0
         for element in dataset:
             total += 1
-            if element.VR == "SQ":
+            if element.VR == "SQ" or isinstance(element.value, Sequence):  # a UN read as one too
                 for item in element.value:
                     total += 1 + count(item)
         return total
@@ -146,3 +146,74 @@ def test_the_setting_defaults_to_the_policy_default_and_has_a_floor(monkeypatch:
     monkeypatch.setenv("ENCLAVE_GATEWAY_MAX_ELEMENTS_PER_INSTANCE", "10")
     with pytest.raises(ValueError, match="max_elements_per_instance"):
         GatewaySettings()
+
+
+# --------------------------------------------------------------------------- parity with deid's count
+
+_CREATOR = 0x7FE1
+
+
+def _implicit_items(items: int) -> bytes:
+    """``items`` implicit-VR items of one element (MACIDNumber), then an empty one."""
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 10) + struct.pack("<HHIH", 0x0400, 0x0005, 2, 7)
+    return item * items + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+
+
+def _sequence_in_disguise(kind: str, items: int) -> bytes:
+    """An MR with, after Pixel Data, a defined-length value that deid's count walks as a sequence:
+    ``private_un`` a private UN value holding items, ``public_un`` the DigitalSignaturesSequence
+    (FFFA,FFFA) encoded as UN, ``private_implicit`` an implicit-VR private value holding items."""
+    implicit = kind == "private_implicit"
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    data = corpus.encode(corpus.make_dataset(pixel_bytes=512), syntax=syntax, with_meta=True)
+    value = _implicit_items(items)
+    if kind == "public_un":
+        return data + struct.pack("<HH2sHI", 0xFFFA, 0xFFFA, b"UN", 0, len(value)) + value
+    if implicit:
+        creator = struct.pack("<HHI", _CREATOR, 0x0010, 4) + b"ACME"
+        element = struct.pack("<HHI", _CREATOR, 0x1010, len(value))
+    else:
+        creator = struct.pack("<HH2sH", _CREATOR, 0x0010, b"LO", 4) + b"ACME"
+        element = struct.pack("<HH2sHI", _CREATOR, 0x1010, b"UN", 0, len(value))
+    return data + creator + element + value
+
+
+@pytest.mark.parametrize("kind", ["private_un", "public_un", "private_implicit"])
+def test_values_deid_walks_as_sequences_are_counted_alike(kind: str) -> None:
+    """deid counts the items (and their elements) of a public UN whose dictionary VR is SQ and of a
+    private UN or implicit-VR value that starts with an Item tag: the gateway must count them too, or
+    it accepts what deid quarantines as too complex."""
+    from enclave_deid.complexity import TooManyElements, count_elements
+
+    items = 300
+    data = _sequence_in_disguise(kind, items)
+    elements = count_elements(data, 10**9, 10**9)
+    without = count_elements(_sequence_in_disguise(kind, 0), 10**9, 10**9)
+    assert elements - without == 2 * items  # each item and its element
+    if kind == "public_un":  # pydicom reads it as SQ; a private one only with a private dictionary
+        assert counted(data) == elements
+    at_limit = ValidationPolicy(max_elements_per_instance=elements)
+    assert isinstance(validate_instance(data, at_limit), InstanceInfo)
+    assert isinstance(streamed(data, at_limit, [7, 1000, 3]), InstanceInfo)
+    assert isinstance(streamed(data, at_limit, [1]), InstanceInfo)  # the Item tag peeked byte by byte
+    past = ValidationPolicy(max_elements_per_instance=elements - 1)
+    with pytest.raises(TooManyElements):
+        count_elements(data, elements - 1, 10**9)
+    refused_for_count(validate_instance(data, past), elements - 1)
+    refused_for_count(streamed(data, past, [7, 1000, 3]), elements - 1)
+
+
+def test_a_private_value_without_an_item_tag_stays_opaque() -> None:
+    """Bytes that do not start with an Item tag are a value, skipped uncounted, as deid skips them."""
+    from enclave_deid.complexity import count_elements
+
+    data = corpus.encode(corpus.make_dataset(pixel_bytes=512), syntax=ExplicitVRLittleEndian, with_meta=True)
+    value = b"\xfe\xff\x00\xe1" + bytes(60)
+    data += struct.pack("<HH2sH", _CREATOR, 0x0010, b"LO", 4) + b"ACME"
+    data += struct.pack("<HH2sHI", _CREATOR, 0x1010, b"UN", 0, len(value)) + value
+    elements = count_elements(data, 10**9, 10**9)
+    policy = ValidationPolicy(max_elements_per_instance=elements)
+    assert isinstance(validate_instance(data, policy), InstanceInfo)
+    assert isinstance(streamed(data, policy, [1]), InstanceInfo)
+    truncated = validate_instance(data[:-62], policy)  # ends inside the first 4 bytes of the value
+    assert isinstance(truncated, ValidationFailure) and truncated.problem == "truncated"

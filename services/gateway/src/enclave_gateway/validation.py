@@ -33,7 +33,8 @@ from enum import IntEnum
 from io import BytesIO
 
 from enclave_common.pseudonyms import patient_id_text
-from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE, DEFAULT_MAX_INSTANCE_BYTES
+from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE as DEFAULT_MAX_ELEMENTS_PER_INSTANCE
+from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset
@@ -156,6 +157,7 @@ _REQUIRED_UIDS = {
 
 _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
+_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # the Item tag, little endian
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _VALID_VRS = frozenset(
@@ -359,6 +361,11 @@ class _DatasetWalker:
         self._pending = bytearray()
         self._skip = 0
         self._skip_tag = 0
+        #: A defined-length value that is a sequence if it starts with an Item tag (a private UN or
+        #: implicit-VR value, as deid's count walks it): its tag and end, while its first 4 bytes are
+        #: gathered in ``_pending``.
+        self._peek_tag: int | None = None
+        self._peek_end = 0
         self._last_top_tag = -1
         self.header = bytearray()
         self._header_window = header_window
@@ -389,6 +396,16 @@ class _DatasetWalker:
                 self.position += step
                 if self.header_cutoff is None and self.position > self._header_window:
                     self._refuse_large_header()
+                continue
+            if self._peek_tag is not None:
+                take = min(4 - len(self._pending), size - offset)
+                self._pending += view[offset : offset + take]
+                offset += take
+                self.position += take
+                if self.header_cutoff is None and self.position > self._header_window:
+                    self._refuse_large_header()
+                if len(self._pending) == 4:
+                    self._peeked()
                 continue
             if not self._pending:
                 self._close_finished_frames()
@@ -577,7 +594,31 @@ class _DatasetWalker:
         if vr == b"SQ" or (implicit and vr == b"" and _dictionary_vr(tag) == "SQ"):
             self._push(_Frame("sequence", self.position + length, implicit, tag))
             return
+        if length >= 8 and (vr == b"UN" or (implicit and vr == b"")):
+            # deid's count (pydicom on access) reads these as sequences of implicit-VR items: a public
+            # UN whose dictionary VR is SQ, and a private value that starts with an Item tag
+            if not tag >> 16 & 1:
+                if vr == b"UN" and _dictionary_vr(tag) == "SQ":
+                    self._push(_Frame("sequence", self.position + length, True, tag))
+                    return
+            else:
+                self._peek_tag = tag
+                self._peek_end = self.position + length
+                return
         self._skip = length
+        self._skip_tag = tag
+
+    def _peeked(self) -> None:
+        """The first 4 bytes of a private value are in ``_pending``: an Item tag makes it a sequence
+        (they stay as the start of the item header), anything else an opaque value to skip."""
+        tag, end = self._peek_tag, self._peek_end
+        assert tag is not None
+        self._peek_tag = None
+        if bytes(self._pending) == _ITEM_BYTES:
+            self._push(_Frame("sequence", end, True, tag))
+            return
+        self._pending.clear()
+        self._skip = end - self.position
         self._skip_tag = tag
 
     def _check_pixel_encoding(self, fragments: bool) -> None:
@@ -662,6 +703,9 @@ class _DatasetWalker:
 
     def finish(self) -> None:
         self._close_finished_frames()
+        if self._peek_tag is not None:
+            self._skip, self._skip_tag = self._peek_end - self.position, self._peek_tag
+            self._pending.clear()
         if self._skip:
             name = "PixelData (7FE0,0010)" if self._skip_tag == _PIXEL_DATA else _tag_text(self._skip_tag)
             raise _Refused(
