@@ -253,3 +253,32 @@ def test_the_service_releases_cleared_pixels_and_quarantines_what_it_cannot_clea
     quarantined, _ = _transform(_encapsulated_with((12,)))
     assert isinstance(quarantined, Quarantined)
     assert quarantined.code == "burned_in_risk" and "encapsulated" in quarantined.reason
+
+
+def test_padding_outside_the_stored_value_keeps_the_pixels_as_they_are(keys) -> None:
+    """Pixel Padding Value 0xFFFF above 12-bit values (a review's case): clearing the high bits would turn
+    the padding pixels into the ordinary value 0x0FFF that no longer matches it, so nothing is cleared;
+    with an overlay declared there the instance cannot be released (quarantined)."""
+    words = UNSIGNED_12.copy()
+    words[0, :4, :] = 0xFFFF
+    original = read_instance(_mr(words))
+    original.add_new(0x00280120, "US", 0xFFFF)
+    buffer = BytesIO()
+    original.save_as(buffer, enforce_file_format=True)
+    copy, actions = _released(buffer.getvalue(), DeidPolicy(), keys)
+    assert np.array_equal(_cells(copy), words)
+    assert ((PIXEL_DATA,), "C") not in actions
+    declared = read_instance(_mr(words, declared=(13,)))
+    declared.add_new(0x00280120, "US", 0xFFFF)
+    reason = assess_burned_in_risk(declared)
+    assert reason is not None and "Pixel Padding Value (0028,0120)" in reason
+
+
+def test_padding_inside_the_stored_value_does_not_stop_the_clearing(keys) -> None:
+    words = _with_overlays(UNSIGNED_12, (13,))
+    original = read_instance(_mr(words))
+    original.add_new(0x00280120, "US", 0)
+    buffer = BytesIO()
+    original.save_as(buffer, enforce_file_format=True)
+    copy, _ = _released(buffer.getvalue(), DeidPolicy(), keys)
+    assert np.array_equal(_cells(copy), UNSIGNED_12)

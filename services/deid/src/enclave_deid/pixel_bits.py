@@ -179,7 +179,36 @@ def _plan(dataset: Dataset) -> tuple[str | None, PixelCells | None, str | None]:
             "8, 16, 32 or 64; its unused bits cannot be cleared"
         )
         return (reason if declared else None), None, None
+    if (padding := _padding_outside_stored_value(dataset, cells)) is not None:
+        # Clearing would turn padding pixels into ordinary values that no longer match it.
+        reason = (
+            f"an overlay is declared in the unused bits of Pixel Data, and {padding} lies outside the "
+            "stored pixel value (Bits Stored, High Bit): clearing the bits would change padding pixels"
+        )
+        return (reason if declared else None), None, None
     return None, cells, order
+
+
+_PIXEL_PADDING = {
+    0x00280120: "Pixel Padding Value (0028,0120)",
+    0x00280121: "Pixel Padding Range Limit (0028,0121)",
+}
+
+
+def _padding_outside_stored_value(dataset: Dataset, cells: PixelCells) -> str | None:
+    """The padding attribute whose value a cell cannot hold once its unused bits are cleared, if any
+    (some unsigned images pad with 0xFFFF above a 12-bit value, for one)."""
+    width = cells.bits_allocated
+    for tag, name in _PIXEL_PADDING.items():
+        value = _int(dataset, tag)
+        if value is None:
+            continue
+        cell = np.array([value & ((1 << width) - 1)], dtype=np.dtype(f"<u{width // 8}"))
+        before = int(cell[0])
+        _normalise(cell, cells, np.dtype(f"<i{width // 8}"))
+        if int(cell[0]) != before:
+            return name
+    return None
 
 
 def _cells(dataset: Dataset) -> tuple[PixelCells | None, str]:
@@ -240,6 +269,14 @@ def _first_chunk_to_clear(
 
 
 # -- elements ------------------------------------------------------------------------------------------------
+
+
+def _int(dataset: Dataset, tag: int) -> int | None:
+    """An US or SS value (first), read as :func:`_us` reads; None when absent, empty or unreadable."""
+    try:
+        return _us(dataset, tag)
+    except (TypeError, ValueError):
+        return None
 
 
 def _us(dataset: Dataset, tag: int) -> int | None:
