@@ -76,3 +76,30 @@ def test_png_axial_panel_is_radiological(phantom_result):
     green = (axial[..., 1] - axial[..., 0] > 60) & (axial[..., 1] - axial[..., 2] > 60)
     assert red.sum() > 20 and green.sum() > 20
     assert np.argwhere(red)[:, 1].mean() > 128 > np.argwhere(green)[:, 1].mean()
+
+
+def test_a_volume_reduced_in_plane_gets_its_segmentation_on_the_source_matrix(phantom_series):
+    """Past the voxel budget the volume is reduced in-plane (build_volume); highdicom refused a label map
+    smaller than the source frames, so such a series failed at its report. Each label now covers its
+    f x f block of source pixels."""
+    from enclave_analysis.measures import analyse_series
+    from enclave_analysis.segmentation import PipelineOptions
+    from enclave_analysis.volume import VolumeLimits
+
+    phantom_options = PipelineOptions(min_template_correlation=-1.0, prior_weight=0.5)  # as conftest's
+    first = phantom_series[0]
+    voxels = int(first.Rows) * int(first.Columns) * len(phantom_series)
+    _, segmentation = analyse_series(
+        phantom_series, phantom_options, limits=VolumeLimits(max_voxels=voxels // 3)
+    )
+    reduced = label_map(segmentation)
+    assert reduced.shape[:2] == (int(first.Columns) // 2, int(first.Rows) // 2)
+    seg = hd.seg.segread(io.BytesIO(segmentation_dicom(phantom_series, segmentation)))
+    sources = [ds.SOPInstanceUID for ds in sorted(phantom_series, key=lambda d: float(d.SliceLocation))]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=sources, combine_segments=True, relabel=False, skip_overlap_checks=True
+    )
+    assert frames.shape == (len(phantom_series), int(first.Rows), int(first.Columns))
+    expected = np.repeat(np.repeat(np.transpose(reduced, (2, 1, 0)), 2, axis=1), 2, axis=2)
+    np.testing.assert_array_equal(frames[:, : expected.shape[1], : expected.shape[2]], expected)
+    assert not frames[:, expected.shape[1] :, :].any() and not frames[:, :, expected.shape[2] :].any()

@@ -80,22 +80,33 @@ def test_an_enhanced_instance_s_matrix_is_bounded_too() -> None:
 # ---- voxels of the volume -----------------------------------------------------------------------
 
 
-def test_the_volume_s_voxels_at_the_limit_are_taken_and_one_past_refused() -> None:
+def test_the_volume_s_voxels_at_the_limit_are_taken_and_one_past_reduced_in_plane() -> None:
+    """Past the budget the volume is reduced in-plane (test_in_plane_reduction.py); refused only when
+    a reduction by 4 does not fit either."""
     series = _series()  # 9 slices of 10 rows x 12 columns: 1080 voxels
     assert build_volume(series, VolumeLimits(max_voxels=1080)).shape == (12, 10, 9)
+    assert build_volume(series, VolumeLimits(max_voxels=1079)).shape == (6, 5, 9)
+    assert build_volume(series, VolumeLimits(max_voxels=54)).shape == (3, 2, 9)  # by 4
     with pytest.raises(SeriesTooLargeError) as refused:
-        build_volume(series, VolumeLimits(max_voxels=1079))
-    assert "9 slices of 10x12 make a volume of 1,080 voxels; at most 1,079" in refused.value.reason
+        build_volume(series, VolumeLimits(max_voxels=53))
+    assert (
+        "9 slices of 10x12 make a volume of 1,080 voxels, more than 53 even reduced" in refused.value.reason
+    )
 
 
-def test_the_default_voxel_budget_refuses_a_large_series_before_decoding() -> None:
-    """1024x1024 slices pass the matrix bound; 25 of them (26.2 M voxels) pass the field of view at
-    0.05 mm, and would have been allocated (and decoded) before."""
-    series = _series(shape=(12, 10, 25), spacing=(0.9, 1.1, 0.5))
-    _declare(series, 1024, 1024, spacing=0.05)
-    with pytest.raises(SeriesTooLargeError, match="26,214,400 voxels; at most 25,165,824"):
+def test_the_default_voxel_budget_reduces_a_zip512_t1_and_refuses_past_a_reduction_by_4() -> None:
+    """512x512x176 (GE BRAVO ZIP512, 46 M voxels) was refused; halved in-plane it fits and reaches the
+    decoding (which fails on the tiny data). 1024x1024 slices pass the matrix bound; 385 of them do not
+    fit even reduced by 4 (256x256x385 > 24 Mi) and are refused before anything is decoded."""
+    series = _series(shape=(12, 10, 176), spacing=(0.9, 1.1, 1.0))
+    _declare(series, 512, 512, spacing=0.47)
+    with pytest.raises(PixelDataError, match="cannot be decoded"):
         build_volume(series)
-    series = series[:24]  # exactly 24 Mi voxels: reaches the decoding, which fails on the tiny data
+    series = _series(shape=(12, 10, 385), spacing=(0.9, 1.1, 0.5))
+    _declare(series, 1024, 1024, spacing=0.05)
+    with pytest.raises(SeriesTooLargeError, match="403,701,760 voxels, more than 25,165,824 even reduced"):
+        build_volume(series)
+    series = series[:384]  # by 4: exactly 24 Mi voxels
     with pytest.raises(PixelDataError, match="cannot be decoded"):
         build_volume(series)
 

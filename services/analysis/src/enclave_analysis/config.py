@@ -44,7 +44,8 @@ class AnalysisSettings(BaseServiceSettings):
     #: Series with fewer de-identified instances fail at once (a volume needs slices).
     min_instances: int = Field(default=3, ge=1)
     #: Size bounds, checked before anything is decoded or allocated (``series_too_large``): Rows and
-    #: Columns of each slice, the voxels of the volume (24 Mi, a 0.8 mm 320x320x240 T1; the worker needs ~0.5 GiB
+    #: Columns of each slice, the voxels of the volume (24 Mi, a 0.8 mm 320x320x240 T1; past it the volume is
+    #: reduced in-plane by 2 to 4, refused only beyond that; the worker needs ~0.5 GiB
     #: plus ~160 bytes per voxel, ~4.3 GiB here, in a pod limited to 6 GiB), and the bytes of a series'
     #: members as read (a deflated member counts inflated), all of which are held in memory at once.
     max_matrix: int = Field(default=1024, ge=1)

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from enclave_analysis.errors import AnalysisError
 from enclave_analysis.measures import BrainVolumetrics
 from enclave_analysis.segmentation import Segmentation
+from enclave_analysis.volume import Volume
 
 ALGORITHM_NAME = "Enclave brain volumetrics (ANTs + MNI152 2009a)"
 ALGORITHM_VERSION = "1"
@@ -60,6 +61,26 @@ def _single_frame_in_volume_order(datasets: Sequence[Dataset], segmentation: Seg
     return ordered
 
 
+def _on_source_matrix(
+    frames: npt.NDArray[np.uint8], source: Dataset, volume: Volume
+) -> npt.NDArray[np.uint8]:
+    """``frames`` (slices, rows, columns) on the source instances' matrix. A volume reduced in-plane by
+    f (``volume.build_volume``, past the voxel budget) labels f x f source pixels per voxel: each label
+    is repeated over its block, and the rows and columns the reduction cropped are left unlabelled
+    (highdicom needs the frames on the source's matrix)."""
+    rows, columns = int(source.Rows), int(source.Columns)
+    if frames.shape[1:] == (rows, columns):
+        return frames
+    row_spacing = float(source.PixelSpacing[0])
+    factor = round(volume.spacing_mm[1] / row_spacing) if row_spacing > 0 else 0
+    if not 1 < factor <= 4 or frames.shape[1] * factor > rows or frames.shape[2] * factor > columns:
+        raise AnalysisError("the analysed volume's matrix does not match the source instances'")
+    full = np.zeros((frames.shape[0], rows, columns), dtype=frames.dtype)
+    expanded = np.repeat(np.repeat(frames, factor, axis=1), factor, axis=2)
+    full[:, : expanded.shape[1], : expanded.shape[2]] = expanded
+    return full
+
+
 def _algorithm() -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, version=ALGORITHM_VERSION, family=codes.cid7162.ArtificialIntelligence
@@ -70,7 +91,7 @@ def segmentation_dicom(datasets: Sequence[Dataset], segmentation: Segmentation) 
     """A DICOM Segmentation (binary, 5 segments) of tissue and hippocampus on the source frames."""
     sources = _single_frame_in_volume_order(datasets, segmentation)
     labels = label_map(segmentation)
-    frames = np.transpose(labels, (2, 1, 0))  # (slices, rows, columns) in source order
+    frames = _on_source_matrix(np.transpose(labels, (2, 1, 0)), sources[0], segmentation.volume)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,

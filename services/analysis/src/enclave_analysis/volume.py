@@ -24,6 +24,7 @@ from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
@@ -36,6 +37,8 @@ from enclave_analysis.errors import (
     SeriesGeometryError,
     SeriesTooLargeError,
 )
+
+log = structlog.get_logger("enclave.analysis")
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -60,6 +63,10 @@ FIELD_OF_VIEW_RANGE_MM = (20.0, 500.0)
 #: A decoded RLE segment may exceed Rows x Columns by at most this many bytes (one run: encoders that
 #: pad a segment; pydicom warns and drops the excess). More is refused before it is decoded.
 RLE_SEGMENT_SLACK = 128
+#: A volume past ``VolumeLimits.max_voxels`` is reduced in-plane by block averaging with the smallest
+#: integer factor up to this one that brings it within the budget (a 512x512 ZIP512 / interpolated T1
+#: by 2); past it, refused. The pipeline registers on a 2 mm grid and bias-corrects at 4 mm.
+MAX_IN_PLANE_REDUCTION = 4
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class VolumeLimits:
 
     #: Rows and Columns of each slice at most this (brain MR matrices are 64 to 512, rarely 1024).
     max_matrix: int = 1024
-    #: Voxels of the whole volume (columns x rows x slices) at most this: 24 Mi, a 0.8 mm
+    #: Voxels of the whole volume as analysed (columns x rows x slices, after any in-plane reduction,
+    #: ``MAX_IN_PLANE_REDUCTION``) at most this: 24 Mi, a 0.8 mm
     #: 320x320x240 T1, almost three times the 1 mm MNI template (8.7 M voxels, < 2 GiB peak in the
     #: worker). The pipeline needs ~160 bytes per voxel besides a ~0.5 GiB base, so 24 Mi voxels is
     #: ~4.3 GiB of the pod's 6 GiB (extrapolated from the template, not measured).
@@ -130,7 +138,10 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
     and the voxels of the whole volume are checked against ``limits`` (:class:`SeriesTooLargeError`)
     and the field of view against ``FIELD_OF_VIEW_RANGE_MM``'s upper bound; an RLE segment that
     would decode to more than its frame's Rows x Columns is refused before it is decoded
-    (:class:`PixelDataError`).
+    (:class:`PixelDataError`). A volume past ``limits.max_voxels`` is reduced in-plane, each decoded
+    slice averaged in f x f blocks before it is written into a volume allocated at the reduced size,
+    with the smallest f up to ``MAX_IN_PLANE_REDUCTION`` that fits (spacing x f, the first voxel at
+    the first block's centre); only when none fits is it refused.
 
     Raises :class:`SeriesGeometryError` with a precise, PHI-free reason when the instances do
     not form a single regular volume: missing geometry attributes, several series, mixed
@@ -151,13 +162,7 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
     planes = _without_duplicates(planes)
     if len(planes) < 2:
         raise SeriesGeometryError(f"the series has {len(planes)} slice; at least 2 are required")
-    voxel_count = sum(plane.rows * plane.columns for plane in planes)
-    if voxel_count > limits.max_voxels:
-        raise SeriesTooLargeError(
-            f"the series' {len(planes)} slices of {planes[0].rows}x{planes[0].columns} make a volume of "
-            f"{voxel_count:,} voxels; at most {limits.max_voxels:,} are analysed "
-            "(ENCLAVE_ANALYSIS_MAX_SERIES_VOXELS)"
-        )
+    factor = _in_plane_reduction(planes, limits)
     _check_same_in_plane_geometry(planes)
     normal = _slice_normal(planes[0].orientation)
     heights = np.array([float(p.position @ normal) for p in planes])
@@ -181,7 +186,9 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
     affine_lps[:3, 0] = row_dir * col_spacing
     affine_lps[:3, 1] = col_dir * row_spacing
     affine_lps[:3, 2] = (planes[-1].position - first.position) / (len(planes) - 1)
-    affine_lps[:3, 3] = first.position
+    # The first voxel of a reduced volume is the centre of the first f x f block.
+    affine_lps[:3, 3] = first.position + (factor - 1) / 2 * (affine_lps[:3, 0] + affine_lps[:3, 1])
+    affine_lps[:3, :2] *= factor
     if not np.isclose(np.linalg.norm(affine_lps[:3, 2]), slice_spacing, rtol=1e-3, atol=1e-3):
         raise SeriesGeometryError("slice positions are inconsistent with the slice normal")
     # Before the volume is allocated (segment_brain checks the lower bound too).
@@ -189,7 +196,7 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
         (first.columns * col_spacing, first.rows * row_spacing, len(planes) * slice_spacing), low=False
     )
 
-    voxels = np.empty((first.columns, first.rows, len(planes)), dtype=np.float32)
+    voxels = np.empty((first.columns // factor, first.rows // factor, len(planes)), dtype=np.float32)
     for k, plane in enumerate(planes):
         frame = np.asarray(plane.pixels(), dtype=np.float64)
         if frame.shape != (plane.rows, plane.columns):
@@ -204,13 +211,41 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
                 "are not finite or exceed 32-bit floating point (3.4e38); rescaled values must stay "
                 "within that range"
             )
+        if factor > 1:
+            rescaled = _block_mean(rescaled, factor)
         voxels[:, :, k] = rescaled.T
+    if factor > 1:
+        log.info("volume reduced in-plane", factor=factor, shape=list(voxels.shape))
     if float(voxels.min()) == float(voxels.max()):
         raise PixelValueError(
             "every voxel of the volume has the same value: there is no image to analyse (blank pixel "
             "data, or a RescaleSlope that gives every voxel one value); a T1-weighted brain volume is required"
         )
     return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps)
+
+
+def _in_plane_reduction(planes: list[_Plane], limits: VolumeLimits) -> int:
+    """The smallest in-plane reduction factor (1 = none, up to ``MAX_IN_PLANE_REDUCTION``) with which
+    the volume has at most ``limits.max_voxels`` voxels, from the attributes; none fits: refused."""
+    voxel_count = sum(plane.rows * plane.columns for plane in planes)
+    for factor in range(1, MAX_IN_PLANE_REDUCTION + 1):
+        if any(plane.rows < factor or plane.columns < factor for plane in planes):
+            break
+        if sum((plane.rows // factor) * (plane.columns // factor) for plane in planes) <= limits.max_voxels:
+            return factor
+    raise SeriesTooLargeError(
+        f"the series' {len(planes)} slices of {planes[0].rows}x{planes[0].columns} make a volume of "
+        f"{voxel_count:,} voxels, more than {limits.max_voxels:,} even reduced in-plane by "
+        f"{MAX_IN_PLANE_REDUCTION} (ENCLAVE_ANALYSIS_MAX_SERIES_VOXELS)"
+    )
+
+
+def _block_mean(frame: npt.NDArray[np.float64], factor: int) -> npt.NDArray[np.float64]:
+    """The means of ``factor`` x ``factor`` blocks of a frame; rows and columns that do not fill a
+    block (the last ones) are dropped."""
+    rows, columns = frame.shape[0] // factor, frame.shape[1] // factor
+    blocks = frame[: rows * factor, : columns * factor].reshape(rows, factor, columns, factor)
+    return np.asarray(blocks.mean(axis=(1, 3)), dtype=np.float64)
 
 
 def check_field_of_view(field: Sequence[float], *, low: bool = True) -> None:
