@@ -165,12 +165,11 @@ def promtool_test(
     return _run([str(promtool), "test", "rules", *extra, test_file.name], cwd=directory)
 
 
-def rule_groups_or_skip(docs: list[dict[str, Any]], overlay: str) -> list[dict[str, Any]]:
-    """The overlay's rule groups; an overlay that deploys no PrometheusRule has nothing to check
-    (test_every_alert_has_a_unit_test... asserts that prod has them)."""
+def deployed_rule_groups(docs: list[dict[str, Any]], overlay: str) -> list[dict[str, Any]]:
+    """The overlay's rule groups: every overlay deploys the base's PrometheusRule, so an overlay
+    without it lost its alerts."""
     groups = prometheus_rule_groups(docs)
-    if not groups:
-        pytest.skip(f"{overlay} deploys no PrometheusRule")
+    assert groups, f"{overlay} deploys no PrometheusRule"
     return groups
 
 
@@ -226,7 +225,7 @@ def _declared_enclave_metrics() -> dict[str, set[str]]:
 def test_every_prometheus_rule_loads_in_prometheus(overlay, documents, tools, tmp_path):
     """What prometheus-operator hands Prometheus parses, its templates parse, and no two rules
     duplicate each other (``--lint=all``, fatal)."""
-    groups = rule_groups_or_skip(documents[overlay], overlay)
+    groups = deployed_rule_groups(documents[overlay], overlay)
     path = tmp_path / ALERTS_RULES
     path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     result = _run([str(tools["promtool"]), "check", "rules", "--lint=all", "--lint-fatal", str(path)])
@@ -256,7 +255,7 @@ def test_the_alerts_and_the_keda_query_behave_as_the_unit_tests_say(overlay, doc
     """Series as the services, the Kafka exporter, kube-state-metrics and cert-manager serve them,
     evaluated by Prometheus's own rule engine: each alert fires when it should, not before its
     ``for:``, and not on the look-alikes; KEDA reads ready + in progress (tests/deploy/promql/)."""
-    rule_groups_or_skip(documents[overlay], overlay)
+    deployed_rule_groups(documents[overlay], overlay)
     result = promtool_test(tools["promtool"], ALERT_TESTS, tmp_path, documents[overlay])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout, result.stdout

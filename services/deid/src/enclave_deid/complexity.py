@@ -23,16 +23,9 @@ from __future__ import annotations
 import struct
 import zlib
 
-from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
-
-#: The default of ``ENCLAVE_DEID_MAX_ELEMENTS_PER_INSTANCE``. deid's 3 GiB pod (deploy/k8s) holds an
-#: instance at the size limit (768 MiB, 3x while parsed and written: 2.25 GiB) plus the process (about
-#: 250 MiB); the rest, about 500 MiB, is about 400,000 elements or items at 1.3 KiB (an empty item,
-#: the costliest). The gateway refuses more at the edge with the same constant.
-DEFAULT_MAX_ELEMENTS = DEFAULT_MAX_ELEMENTS_PER_INSTANCE
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000

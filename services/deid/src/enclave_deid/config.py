@@ -12,11 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from enclave_common.errors import ConfigurationError
-from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSettings
+from enclave_common.settings import (
+    DEFAULT_MAX_ELEMENTS_PER_INSTANCE,
+    DEFAULT_MAX_INSTANCE_BYTES,
+    BaseServiceSettings,
+)
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from enclave_deid.complexity import DEFAULT_MAX_ELEMENTS
 from enclave_deid.policy import DeidPolicy
 
 
@@ -59,8 +62,8 @@ class DeidSettings(BaseServiceSettings):
     #: instance of a few MiB can hold millions): instances with more data elements plus sequence items
     #: than this are quarantined with reason ``instance_too_complex``, counted before the parse. The
     #: default, 400,000, is what the 3 GiB pod holds next to an instance at ``max_instance_bytes``
-    #: (``complexity.DEFAULT_MAX_ELEMENTS``); the gateway refuses more at the edge (same default).
-    max_elements_per_instance: int = Field(default=DEFAULT_MAX_ELEMENTS, ge=1000)
+    #: (``enclave_common.settings.DEFAULT_MAX_ELEMENTS_PER_INSTANCE``); the gateway refuses more at the edge (same default).
+    max_elements_per_instance: int = Field(default=DEFAULT_MAX_ELEMENTS_PER_INSTANCE, ge=1000)
     #: Where the ciphertext of a de-identified copy waits for its upload (never plaintext).
     work_dir: Path | None = None
 

@@ -30,13 +30,13 @@ from enclave_common.crypto import (
 )
 from enclave_common.errors import PermanentError
 from enclave_common.events import InstanceStored, ObjectRef
+from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE
 from enclave_common.storage import S3ObjectStore
 from enclave_common.study_key_objects import StudyKeyObjects
 from pydicom.dataset import Dataset
 
 from enclave_deid.burned_in import assess_burned_in_risk
 from enclave_deid.complexity import (
-    DEFAULT_MAX_ELEMENTS,
     InflatesTooLarge,
     NestedTooDeeply,
     TooManyElements,
@@ -131,7 +131,7 @@ class DeidPipeline:
         keys: PseudonymKeys,
         bucket: str,
         max_instance_bytes: int,
-        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_elements: int = DEFAULT_MAX_ELEMENTS_PER_INSTANCE,
         work_dir: Path | None = None,
     ) -> None:
         self.store = store

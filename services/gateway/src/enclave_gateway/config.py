@@ -6,12 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER
-from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES, BaseServiceSettings
+from enclave_common.settings import (
+    DEFAULT_MAX_ELEMENTS_PER_INSTANCE,
+    DEFAULT_MAX_INSTANCE_BYTES,
+    BaseServiceSettings,
+)
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from enclave_gateway.handoff import DEFAULT_SPOOL_MEMORY_TOTAL_BYTES
-from enclave_gateway.validation import DEFAULT_MAX_ELEMENTS_PER_INSTANCE
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -33,8 +33,7 @@ from enum import IntEnum
 from io import BytesIO
 
 from enclave_common.pseudonyms import patient_id_text
-from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE as DEFAULT_MAX_ELEMENTS_PER_INSTANCE
-from enclave_common.settings import DEFAULT_MAX_INSTANCE_BYTES
+from enclave_common.settings import DEFAULT_MAX_ELEMENTS_PER_INSTANCE, DEFAULT_MAX_INSTANCE_BYTES
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset
