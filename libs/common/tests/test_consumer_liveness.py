@@ -1,6 +1,8 @@
 """``/healthz`` fails when a Kafka consumer stays stuck despite its watchdog while Kafka answers, or
-when the watchdog itself stops: Kubernetes then restarts the pod. A restart that succeeds and a Kafka
-outage keep it alive (restarting pods during an outage mends nothing; ``/readyz`` reports that)."""
+when the watchdog itself stops: Kubernetes then restarts the pod. A consumer that breaks again after
+every restart is stuck too: only a fetch returned by a running consumer ends the count. A restart
+that holds, a consumer that consumes between occasional restarts, and a Kafka outage keep it alive
+(restarting pods during an outage mends nothing; ``/readyz`` reports that)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import TopicPartition
 from enclave_common.kafka import FetcherWatchdog
 from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
@@ -22,17 +25,39 @@ GROUP = "enclave-liveness"
 BOUND_S = 0.3
 
 
+class FakeConsumer:
+    """An aiokafka consumer as the watchdog reads it: its fetch task, the partitions it holds, and
+    whether a fetch response has recorded their high watermark (a fetch returned)."""
+
+    def __init__(self, fetch_task: asyncio.Future[Any], *, fetched: bool = True, holds: int = 1) -> None:
+        self._closed = False
+        self._fetcher = SimpleNamespace(_fetch_task=fetch_task)
+        self.fetched = fetched
+        self.partitions = {TopicPartition("enclave.instance.stored.v1", p) for p in range(holds)}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.partitions)
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        assert partition in self.partitions, "aiokafka asserts the partition is assigned"
+        return 7 if self.fetched else None
+
+
 class StuckSubscriber:
-    """A FastStream subscriber whose aiokafka fetch task has ended, and whose ``start`` is ``starts``."""
+    """A FastStream subscriber whose aiokafka fetch task has ended, whose ``start`` is ``starts``, and
+    whose restarted consumer is ``restarted()`` (by default one that fetches)."""
 
     group_id = GROUP
     pattern = None
     topic_names_for_subscribe = ("enclave.instance.stored.v1",)
 
-    def __init__(self, starts: Callable[[], Any]) -> None:
+    def __init__(
+        self, starts: Callable[[], Any], restarted: Callable[[], FakeConsumer] | None = None
+    ) -> None:
         self.running = True
         self.consumer: Any = _consumer(_ended())
         self.starts = starts
+        self.restarted = restarted or (lambda: _consumer(asyncio.get_running_loop().create_future()))
         self.start_attempts = 0
 
     async def stop(self) -> None:
@@ -42,11 +67,11 @@ class StuckSubscriber:
         self.start_attempts += 1
         await self.starts()
         self.running = True
-        self.consumer = _consumer(asyncio.get_running_loop().create_future())
+        self.consumer = self.restarted()
 
 
-def _consumer(fetch_task: asyncio.Future[Any]) -> Any:
-    return SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=fetch_task))
+def _consumer(fetch_task: asyncio.Future[Any], **kwargs: Any) -> FakeConsumer:
+    return FakeConsumer(fetch_task, **kwargs)
 
 
 def _ended() -> asyncio.Future[Any]:
@@ -113,6 +138,7 @@ async def test_healthz_fails_naming_the_consumer_whose_restarts_keep_failing_pas
         assert problem["check"] == "kafka_consumer" and problem["group"] == GROUP
         assert problem["topics"] == ["enclave.instance.stored.v1"] and problem["cause"] == "fetch_task_ended"
         assert problem["failed_restarts"] >= 2 and problem["last_restart_error"] == "ConnectionError"
+        assert problem["restarts"] == 0
         assert problem["since"] and problem["stuck_while_kafka_answered_s"] >= 0
         assert PLANTED not in answer.text  # neither error's text is echoed
         assert (_stuck_seconds(runtime) or 0) >= BOUND_S
@@ -148,6 +174,79 @@ async def test_a_kafka_outage_keeps_healthz_alive_and_its_time_is_not_counted() 
         assert _stuck_seconds(runtime) == 0.0
         broker.answers = True
         assert 503 in await _statuses_for(client, 4 * BOUND_S)
+
+
+async def _joins() -> None:
+    await asyncio.sleep(0.005)  # joining the group: the start returns with partitions
+
+
+async def _until_503(client: httpx.AsyncClient, seconds: float = 4.0) -> httpx.Response:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        answer = await client.get("/healthz")
+        if answer.status_code == 503 or asyncio.get_running_loop().time() > deadline:
+            return answer
+        await asyncio.sleep(0.01)
+
+
+async def test_a_consumer_that_breaks_again_after_every_restart_fails_healthz() -> None:
+    """Every restart returns with partitions and the new consumer's fetcher ends at once (before the
+    next round): it never consumes. Until the eighteenth session each restart that returned ended
+    the count, and /healthz stayed 200 through 100 restarts in 6 bounds."""
+    flapping = StuckSubscriber(_joins, restarted=lambda: _consumer(_ended()))
+    async with _service(FakeBroker(flapping)) as (runtime, client):
+        answer = await _until_503(client)
+        assert answer.status_code == 503, answer.text
+        [problem] = answer.json()["problems"]
+        assert problem["check"] == "kafka_consumer" and problem["group"] == GROUP
+        assert problem["cause"] == "fetch_task_ended"
+        assert problem["restarts"] >= 2 and problem["failed_restarts"] == 0
+        assert problem["last_restart_error"] is None
+        assert problem["stuck_while_kafka_answered_s"] >= 0 and problem["since"]
+        assert PLANTED not in answer.text
+        assert (_stuck_seconds(runtime) or 0) >= BOUND_S
+
+
+async def test_a_restarted_consumer_that_runs_but_never_fetches_fails_healthz() -> None:
+    """The restart returns with partitions and the new consumer's tasks run, but no fetch for its
+    partitions ever returns: it consumes nothing, and the cause says so."""
+    silent = StuckSubscriber(
+        _joins, restarted=lambda: _consumer(asyncio.get_running_loop().create_future(), fetched=False)
+    )
+    async with _service(FakeBroker(silent)) as (_, client):
+        answer = await _until_503(client)
+        assert answer.status_code == 503, answer.text
+        [problem] = answer.json()["problems"]
+        assert problem["cause"] == "no_fetch_returned"
+        assert problem["restarts"] == 1 and silent.start_attempts == 1  # running: not restarted again
+
+
+async def test_a_consumer_that_consumes_between_occasional_restarts_stays_alive() -> None:
+    """Its fetcher ends again some rounds after each restart, but it fetches in between: each
+    restart ends its stuck time, and /healthz stays 200 over many bounds."""
+    loop = asyncio.get_running_loop()
+
+    def fetches_then_breaks() -> FakeConsumer:
+        fetch_task = loop.create_future()
+        loop.call_later(BOUND_S / 3, fetch_task.set_exception, RuntimeError("Unexpected error in fetcher"))
+        return _consumer(fetch_task)
+
+    occasional = StuckSubscriber(_joins, restarted=fetches_then_breaks)
+    async with _service(FakeBroker(occasional)) as (runtime, client):
+        assert await _statuses_for(client, 8 * BOUND_S) == {200}
+        assert occasional.start_attempts >= 5
+        assert (_stuck_seconds(runtime) or 0) < BOUND_S
+
+
+async def test_a_restarted_consumer_holding_no_partition_has_nothing_to_fetch_and_is_alive() -> None:
+    """More members than partitions: the restart returns with none, so no fetch is owed."""
+    spare = StuckSubscriber(
+        _joins,
+        restarted=lambda: _consumer(asyncio.get_running_loop().create_future(), fetched=False, holds=0),
+    )
+    async with _service(FakeBroker(spare)) as (runtime, client):
+        assert await _statuses_for(client, 4 * BOUND_S) == {200}
+        assert spare.start_attempts == 1 and _stuck_seconds(runtime) == 0.0
 
 
 class WatchdogEnding(BaseException):
@@ -231,7 +330,11 @@ def test_the_bound_is_a_setting_of_every_service_and_covers_a_full_watchdog_cycl
     assert BaseServiceSettings().kafka_consumer_stuck_s == 600
     watchdog = FetcherWatchdog(SimpleNamespace(subscribers=[]), None)  # type: ignore[arg-type]
     cycle = watchdog.interval_s + watchdog.coordinator_timeout_s + 2 * (30 + 10) + watchdog.start_timeout_s
-    assert BaseServiceSettings.model_fields["kafka_consumer_stuck_s"].metadata[0].ge >= cycle
+    floor = BaseServiceSettings.model_fields["kafka_consumer_stuck_s"].metadata[0].ge
+    assert floor >= cycle
+    # A restart that succeeds on that path is stuck until the next round sees it fetch (and pings).
+    succeeds = watchdog.interval_s + watchdog.coordinator_timeout_s + (30 + 10) + watchdog.start_timeout_s
+    assert floor >= succeeds + watchdog.interval_s + 3
     monkeypatch.setenv("ENCLAVE_KAFKA_CONSUMER_STUCK_S", "120")
     with pytest.raises(ValidationError, match="kafka_consumer_stuck_s"):
         BaseServiceSettings()

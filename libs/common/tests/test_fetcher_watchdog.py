@@ -8,19 +8,35 @@ import inspect
 from types import SimpleNamespace
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.consumer.subscription_state import TopicPartitionState
 from aiokafka.errors import KafkaError
 from enclave_common.kafka import ConsumerMetrics, FetcherWatchdog
 from prometheus_client import CollectorRegistry
+
+
+class FakeConsumer:
+    """An aiokafka consumer as the watchdog reads it: its fetch task, the partitions it holds, and the
+    high watermark a fetch response recorded for them (one has returned)."""
+
+    def __init__(self, fetch_task: asyncio.Future[Any] | None) -> None:
+        self._closed = False
+        self._fetcher = SimpleNamespace(_fetch_task=fetch_task)
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("enclave.instance.stored.v1", 0)}
+
+    def highwater(self, partition: TopicPartition) -> int | None:
+        return 7
 
 
 class FakeSubscriber:
     def __init__(self, fetch_task: asyncio.Future[Any] | None, *, running: bool = True) -> None:
         self.group_id = "enclave-test"
         self.running = running
-        self.consumer: Any = SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=fetch_task))
+        self.consumer: Any = FakeConsumer(fetch_task)
         self.calls: list[str] = []
 
     async def stop(self) -> None:
@@ -30,7 +46,7 @@ class FakeSubscriber:
     async def start(self) -> None:
         self.calls.append("start")
         self.running = True
-        self.consumer = SimpleNamespace(_closed=False, _fetcher=SimpleNamespace(_fetch_task=_pending()))
+        self.consumer = FakeConsumer(_pending())
 
 
 def _pending() -> asyncio.Future[Any]:
@@ -228,3 +244,17 @@ async def test_a_restarted_consumer_that_gets_no_partitions_is_stopped_and_start
         task.cancel()
     assert starts == 2 and dead.running and not FetcherWatchdog.fetcher_ended(dead)
     assert dead.calls == ["stop", "stop", "start"]  # stopped, the stuck start stopped, started
+
+
+def test_aiokafka_still_records_a_high_watermark_from_every_fetch_response():
+    """A restarted consumer counts as consuming again once a fetch for its partitions has returned:
+    aiokafka records each partition's high watermark from every fetch response, before looking at
+    its records (an empty fetch counts too), behind the public ``highwater()``; a new consumer's
+    partitions have none. This fails if that moves."""
+    proc = inspect.getsource(Fetcher._proc_fetch_request)
+    assert proc.index("tp_state.highwater = highwater") < proc.index("records.has_next()")
+    assert "self.highwater = None" in inspect.getsource(TopicPartitionState.__init__)
+    assert "return assignment.state_value(partition).highwater" in inspect.getsource(
+        AIOKafkaConsumer.highwater
+    )
+    assert "assigned_partitions()" in inspect.getsource(AIOKafkaConsumer.assignment)

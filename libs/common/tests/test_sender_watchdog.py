@@ -77,9 +77,15 @@ def _ended(exc: BaseException) -> asyncio.Future[Any]:
     return future
 
 
+class AnsweringBroker:
+    async def ping(self, timeout: float) -> bool:
+        return True
+
+
 def _watchdog(*slots: FakeSlot) -> tuple[SenderWatchdog, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SenderWatchdog(list(slots), ConsumerMetrics(registry), interval_s=0.01), registry
+    broker: Any = AnsweringBroker()
+    return SenderWatchdog(list(slots), ConsumerMetrics(registry), broker=broker, interval_s=0.01), registry
 
 
 def _restarts(registry: CollectorRegistry, name: str) -> float | None:
@@ -121,6 +127,8 @@ def test_each_producer_slot_is_counted_from_0_before_any_replacement() -> None:
     EnclaveKafkaProducerReplaced missed the first replacement of each pod."""
     _, registry = _watchdog(FakeSlot("broker", None), FakeSlot("direct", None))
     assert _restarts(registry, "broker") == 0 and _restarts(registry, "direct") == 0
+    stuck = "enclave_kafka_producer_stuck_seconds"
+    assert registry.get_sample_value(stuck, {"producer": "direct"}) == 0  # served from the start
 
 
 async def test_a_replacement_that_fails_is_tried_again_and_nothing_waits_meanwhile():
@@ -147,6 +155,10 @@ def test_aiokafka_and_faststream_still_keep_what_the_watchdog_reads():
     they move."""
     assert "self._sender_task = create_task(self._sender_routine())" in inspect.getsource(Sender.start)
     assert "def sender_task" in inspect.getsource(Sender)
+    # /healthz names what ended the sender from under the KafkaError aiokafka wraps it in.
+    assert 'raise KafkaError("Unexpected error during batch delivery") from exc' in inspect.getsource(
+        Sender._sender_routine
+    )
     init = inspect.getsource(AIOKafkaProducer.__init__)
     assert "self._message_accumulator = MessageAccumulator(" in init and "self._sender = Sender(" in init
     assert "self._closed" in inspect.getsource(AIOKafkaProducer.stop)

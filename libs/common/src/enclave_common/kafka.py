@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -447,6 +447,14 @@ class ConsumerMetrics:
             ["group"],
             **kwargs,
         )
+        self.producer_stuck_seconds = Gauge(
+            "enclave_kafka_producer_stuck_seconds",
+            "How long the Kafka producer has been unable to publish (its sender ended and no replacement "
+            "has held), counted while Kafka answered (0: can publish, idle or not); /healthz fails past "
+            "ENCLAVE_<SERVICE>_KAFKA_PRODUCER_STUCK_S",
+            ["producer"],
+            **kwargs,
+        )
 
 
 class ProducerSlot(Protocol):
@@ -493,7 +501,135 @@ async def _started(producer: AIOKafkaProducer, start: Awaitable[None]) -> None:
         raise
 
 
-class SenderWatchdog:
+@dataclass(kw_only=True)
+class _Stuck:
+    """A Kafka client a watchdog found unable to work, kept from the round that found it until a later
+    round finds it working: how long that has lasted while the broker answered."""
+
+    since: datetime
+    #: The loop time up to which ``stuck_for_s`` is counted.
+    counted_at: float
+    #: Time unable to work while the broker answered (an outage is not counted).
+    stuck_for_s: float = 0.0
+
+    def count(self, now: float, broker_answers: bool) -> None:
+        """Add the time since the last count, if the broker answered."""
+        if broker_answers:
+            self.stuck_for_s += now - self.counted_at
+        self.counted_at = now
+
+    def report(self) -> dict[str, Any]:
+        """What ``/healthz`` says about it: names, error types, times and counts; never a message."""
+        raise NotImplementedError
+
+    def _since(self) -> str:
+        return self.since.isoformat(timespec="seconds")
+
+
+_StuckT = TypeVar("_StuckT", bound=_Stuck)
+
+
+class _Liveness(Generic[_StuckT]):
+    """What a Kafka watchdog keeps for ``/healthz``: each client it found unable to work, from that
+    round until a later round finds it working (a restart or replacement alone does not end it), and
+    how long that has lasted while the broker answered its ping. Past ``stuck_after_s`` the process is
+    not alive and Kubernetes restarts the pod. The clock stands still while the broker does not answer,
+    since a new pod could not do better, and a round that has not finished after ``stuck_after_s`` (a
+    step that ignored its bound) is reported too."""
+
+    #: ``check`` of the problem a round that does not finish (or a watchdog that ended) is reported as.
+    watchdog_check: str
+    #: Logged once, with the client's report, when its stuck time crosses ``stuck_after_s``.
+    still_stuck: str
+
+    def __init__(self, broker: KafkaBroker, stuck_after_s: float) -> None:
+        self.broker = broker
+        self.stuck_after_s = stuck_after_s
+        self._stuck: dict[int, _StuckT] = {}
+        self._round_started_at: float | None = None  # loop time; None between rounds
+
+    async def check(self) -> int:
+        """One round of the watchdog (:meth:`_check`); how many clients it mended."""
+        now = asyncio.get_running_loop().time()
+        self._round_started_at = now
+        try:
+            return await self._check(now)
+        finally:
+            self._round_started_at = None
+            self._publish_stuck()
+
+    async def _check(self, now: float) -> int:
+        raise NotImplementedError
+
+    def _publish_stuck(self) -> None:
+        raise NotImplementedError
+
+    async def _broker_answers(self) -> bool:
+        try:
+            return bool(await self.broker.ping(timeout=3.0))
+        except Exception:
+            return False
+
+    def _count_stuck(self, now: float, broker_answers: bool) -> None:
+        """Add the time since the last round to each stuck client's count if the broker answers; an
+        outage is not counted. Crossing ``stuck_after_s`` is logged once: /healthz fails from then."""
+        for stuck in self._stuck.values():
+            before = stuck.stuck_for_s
+            stuck.count(now, broker_answers)
+            if before < self.stuck_after_s <= stuck.stuck_for_s:
+                log.error(self.still_stuck, **stuck.report())
+
+    def liveness_problems(self) -> list[dict[str, Any]]:
+        """What ``/healthz`` fails on: each client unable to work for ``stuck_after_s`` while the broker
+        answered, and a round that has run for ``stuck_after_s`` (the watchdog itself stuck)."""
+        problems = [
+            stuck.report() for stuck in self._stuck.values() if stuck.stuck_for_s >= self.stuck_after_s
+        ]
+        started = self._round_started_at
+        if started is not None:
+            running_for = asyncio.get_running_loop().time() - started
+            if running_for >= self.stuck_after_s:
+                problems.append(
+                    {
+                        "check": self.watchdog_check,
+                        "problem": "round_not_finishing",
+                        "running_for_s": round(running_for),
+                    }
+                )
+        return problems
+
+
+@dataclass(kw_only=True)
+class StuckProducer(_Stuck):
+    """A producer slot whose producer's sender the watchdog found ended, until a later round finds a
+    replacement's sender still running."""
+
+    producer: str
+    #: The type of the error that ended the sender last found ended, under aiokafka's ``KafkaError``
+    #: ("Unexpected error during batch delivery") that wraps it; None: it returned, or was cancelled.
+    sender_error: str | None
+    #: Replacements put in place meanwhile: each but the latest had its sender end again before the
+    #: next round (a producer that is replaced over and over cannot publish either).
+    replacements: int = 0
+    failed_replacements: int = 0
+    #: The type of the last failed replacement's error (``TimeoutError``: not started in its bound).
+    last_replacement_error: str | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "check": "kafka_producer",
+            "producer": self.producer,
+            "cause": "sender_ended",
+            "sender_error": self.sender_error,
+            "since": self._since(),
+            "stuck_while_kafka_answered_s": round(self.stuck_for_s),
+            "replacements": self.replacements,
+            "failed_replacements": self.failed_replacements,
+            "last_replacement_error": self.last_replacement_error,
+        }
+
+
+class SenderWatchdog(_Liveness[StuckProducer]):
     """Replaces a Kafka producer whose sender stopped.
 
     aiokafka (0.14) sends each producer's batches from one background task. If that task ends on an
@@ -508,19 +644,31 @@ class SenderWatchdog:
     A replacement that fails or takes longer than ``replace_timeout_s`` is tried again on the next
     check; each slot is checked on its own.
 
+    Replacing may not help (every replacement fails, or each new sender ends again), so the watchdog
+    also keeps, for ``/healthz``, each slot from the round that finds its sender ended until a later
+    round finds a replacement's sender still running (:class:`_Liveness`; ``stuck_after_s`` is
+    ``BaseServiceSettings.kafka_producer_stuck_s``). A running sender is all it asks, since a producer
+    sends only when asked: one with nothing to send is healthy.
+
     The sender is aiokafka's private ``_sender.sender_task`` and the waiting batches its
     ``_message_accumulator``: there is no public way to ask. aiokafka is pinned, and a unit test fails
     if those attributes go away.
     """
+
+    watchdog_check = "kafka_producer_watchdog"
+    still_stuck = "kafka producer still unable to publish; /healthz fails"
 
     def __init__(
         self,
         slots: list[ProducerSlot],
         metrics: ConsumerMetrics,
         *,
+        broker: KafkaBroker,
         interval_s: float = 5.0,
         replace_timeout_s: float = 60.0,
+        stuck_after_s: float = 300.0,
     ) -> None:
+        super().__init__(broker, stuck_after_s)
         self.slots = slots
         self.metrics = metrics
         self.interval_s = interval_s
@@ -529,6 +677,7 @@ class SenderWatchdog:
             # At 0 before any replacement: a series that appears at its first one starts at 1, where
             # increase() sees no rise, and EnclaveKafkaProducerReplaced missed it.
             metrics.producer_restarts.labels(slot.name)
+            metrics.producer_stuck_seconds.labels(slot.name).set(0)
 
     @staticmethod
     def sender_ended(producer: Any) -> bool:
@@ -538,7 +687,7 @@ class SenderWatchdog:
         task = getattr(getattr(producer, "_sender", None), "sender_task", None)
         return task is not None and task.done()
 
-    async def check(self) -> int:
+    async def _check(self, now: float) -> int:
         """Replace every producer whose sender ended; how many were replaced. A replacement that fails
         (Kafka unreachable) is logged and tried again on the next check; the old producer stays until
         then. One slot's failure does not keep the others from being checked."""
@@ -546,16 +695,57 @@ class SenderWatchdog:
         for slot in self.slots:
             old: Any = slot.producer()
             if not self.sender_ended(old):
+                self._can_publish(slot)
                 continue
+            stuck = self._unable_to_publish(slot, old, now)
             try:
                 await self._replace(slot, old)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                stuck.failed_replacements += 1
+                stuck.last_replacement_error = type(exc).__name__
                 log.error("kafka producer replacement failed; will retry", producer=slot.name, exc_info=exc)
                 continue
+            stuck.replacements += 1
             replaced += 1
+        if self._stuck:
+            self._count_stuck(now, await self._broker_answers())
         return replaced
+
+    def _unable_to_publish(self, slot: ProducerSlot, old: Any, now: float) -> StuckProducer:
+        """Note that ``slot``'s producer cannot publish (kept from the first time until it can)."""
+        task = old._sender.sender_task
+        failure = None if task.cancelled() else task.exception()
+        stuck = self._stuck.get(id(slot))
+        if stuck is None:
+            stuck = StuckProducer(
+                producer=slot.name, since=datetime.now(UTC), counted_at=now, sender_error=None
+            )
+            self._stuck[id(slot)] = stuck
+        while failure is not None and failure.__cause__ is not None:  # aiokafka raises KafkaError from it
+            failure = failure.__cause__
+        stuck.sender_error = type(failure).__name__ if failure is not None else None
+        return stuck
+
+    def _can_publish(self, slot: ProducerSlot) -> None:
+        """``slot``'s sender runs (or it has no producer: not started, or stopping): not stuck."""
+        stuck = self._stuck.pop(id(slot), None)
+        if stuck is not None and stuck.replacements:
+            log.info(
+                "kafka producer sending again",
+                producer=slot.name,
+                replacements=stuck.replacements,
+                stuck_while_kafka_answered_s=round(stuck.stuck_for_s),
+            )
+
+    def _publish_stuck(self) -> None:
+        """``enclave_kafka_producer_stuck_seconds``: each slot's stuck time, 0 if none."""
+        longest = {slot.name: 0.0 for slot in self.slots}
+        for stuck in self._stuck.values():
+            longest[stuck.producer] = max(longest.get(stuck.producer, 0.0), stuck.stuck_for_s)
+        for name, seconds in longest.items():
+            self.metrics.producer_stuck_seconds.labels(name).set(round(seconds, 1))
 
     async def _replace(self, slot: ProducerSlot, old: Any) -> None:
         task = old._sender.sender_task
@@ -580,20 +770,19 @@ class SenderWatchdog:
         await _every(self.interval_s, self.check, "kafka producer replacement failed; will retry")
 
 
-@dataclass
-class StuckConsumer:
-    """A consumer the watchdog found unable to consume, until one of its restarts succeeds: what
-    ``/healthz`` reports about it (names, times and counts; never a message)."""
+@dataclass(kw_only=True)
+class StuckConsumer(_Stuck):
+    """A consumer the watchdog found unable to consume, until a later round finds it running with a
+    fetch returned for its partitions (or none assigned to it)."""
 
     group: str
     topics: tuple[str, ...]
-    #: ``fetch_task_ended``, ``coordinator_routine_ended`` or ``coordinator_unknown``, as last seen.
+    #: ``fetch_task_ended``, ``coordinator_routine_ended``, ``coordinator_unknown`` or, once restarted
+    #: and running, ``no_fetch_returned``: as last seen.
     cause: str
-    since: datetime
-    #: The loop time up to which ``stuck_for_s`` is counted.
-    counted_at: float
-    #: Time unable to consume while the broker answered (an outage is not counted).
-    stuck_for_s: float = 0.0
+    #: Restarts that returned with partitions meanwhile: each but the latest broke again before it
+    #: fetched (a consumer restarted over and over consumes nothing either).
+    restarts: int = 0
     failed_restarts: int = 0
     #: The type of the last failed restart's error (``TimeoutError``: no partitions in time).
     last_restart_error: str | None = None
@@ -604,14 +793,15 @@ class StuckConsumer:
             "group": self.group,
             "topics": list(self.topics),
             "cause": self.cause,
-            "since": self.since.isoformat(timespec="seconds"),
+            "since": self._since(),
             "stuck_while_kafka_answered_s": round(self.stuck_for_s),
+            "restarts": self.restarts,
             "failed_restarts": self.failed_restarts,
             "last_restart_error": self.last_restart_error,
         }
 
 
-class FetcherWatchdog:
+class FetcherWatchdog(_Liveness[StuckConsumer]):
     """Restarts a subscriber whose Kafka consumer stopped fetching.
 
     aiokafka (0.14) fetches for each consumer in one background task. If that task ends, for
@@ -639,13 +829,18 @@ class FetcherWatchdog:
     ``_coordinator._coordination_task`` and ``coordinator_id``: there is no public way to ask.
     aiokafka is pinned, and a unit test fails if those attributes go away.
 
-    Restarting may not help (every start times out, or fails), so the watchdog also keeps, for
-    ``/healthz``, each consumer it found unable to consume until one of its restarts succeeds, and how
-    long that has lasted while the broker answered: past ``stuck_after_s`` the process is not alive,
-    and Kubernetes restarts the pod. The clock stands still while the broker does not answer, since a
-    new pod could not consume either, and a round that has not finished after ``stuck_after_s`` (a
-    stop or start that ignored its bound) is reported too.
+    Restarting may not help (every start fails or times out, or each restarted consumer breaks again),
+    so the watchdog also keeps, for ``/healthz``, each consumer from the round that finds it unable to
+    consume until a later round finds it running with a fetch returned (:class:`_Liveness`;
+    ``stuck_after_s`` is ``BaseServiceSettings.kafka_consumer_stuck_s``). A consumer fetches whether or
+    not there is anything to consume (an empty fetch returns too), so an idle one passes; one that
+    holds no partition (more members than partitions) has nothing to fetch and passes as well. Until
+    the eighteenth session a restart that returned ended the count, and a consumer that broke again
+    after every restart never failed liveness.
     """
+
+    watchdog_check = "kafka_consumer_watchdog"
+    still_stuck = "kafka consumer still unable to consume; /healthz fails"
 
     def __init__(
         self,
@@ -657,7 +852,7 @@ class FetcherWatchdog:
         start_timeout_s: float = 60.0,
         stuck_after_s: float = 300.0,
     ) -> None:
-        self.broker = broker
+        super().__init__(broker, stuck_after_s)
         self.metrics = metrics
         self.interval_s = interval_s
         self.coordinator_timeout_s = coordinator_timeout_s
@@ -666,13 +861,8 @@ class FetcherWatchdog:
         #: consumer of a group whose old one had not stopped cleanly waited for good, and the
         #: service consumed nothing while /readyz said ready.
         self.start_timeout_s = start_timeout_s
-        #: How long a consumer may stay unable to consume while the broker answers before
-        #: :meth:`liveness_problems` names it (``BaseServiceSettings.kafka_consumer_stuck_s``).
-        self.stuck_after_s = stuck_after_s
         self._stopped: list[Any] = []  # stopped by the watchdog, not started again yet
         self._coordinator_unknown_since: dict[int, float] = {}
-        self._stuck: dict[int, StuckConsumer] = {}
-        self._round_started_at: float | None = None  # loop time; None between rounds
 
     @staticmethod
     def fetcher_ended(subscriber: Any) -> bool:
@@ -710,25 +900,26 @@ class FetcherWatchdog:
         running = getattr(subscriber, "running", False) and not getattr(consumer, "_closed", True)
         return bool(running and coordinator is not None and getattr(coordinator, "coordinator_id", 0) is None)
 
-    async def _broker_answers(self) -> bool:
-        try:
-            return bool(await self.broker.ping(timeout=3.0))
-        except Exception:
-            return False
+    @staticmethod
+    def _fetch_returned(subscriber: Any) -> bool:
+        """True when a fetch has returned for one of the partitions ``subscriber``'s running consumer
+        holds, or it holds none (nothing to fetch). aiokafka records a partition's high watermark from
+        every fetch response, empty or not (public: ``assignment()``, ``highwater()``); a restarted
+        consumer is a new one, with none recorded."""
+        consumer = getattr(subscriber, "consumer", None)
+        if (
+            consumer is None
+            or not getattr(subscriber, "running", False)
+            or getattr(consumer, "_closed", True)
+        ):
+            return True  # stopping or never started: not the watchdog's to judge
+        partitions = consumer.assignment()
+        return not partitions or any(consumer.highwater(tp) is not None for tp in partitions)
 
-    async def check(self) -> int:
+    async def _check(self, now: float) -> int:
         """Restart every subscriber whose fetcher ended, or whose group coordinator stayed unknown while
         the broker answers (and any whose restart failed before); how many were started again. A start
         that fails is tried again on the next check."""
-        now = asyncio.get_running_loop().time()
-        self._round_started_at = now
-        try:
-            return await self._check(now)
-        finally:
-            self._round_started_at = None
-            self._publish_stuck()
-
-    async def _check(self, now: float) -> int:
         subscriber: Any
         for subscriber in self.broker.subscribers:
             # At 0 before any restart: a series that appears at its first restart starts at 1, where
@@ -747,8 +938,8 @@ class FetcherWatchdog:
                 if unknown:
                     self._unable_to_consume(subscriber, "coordinator_unknown", now)
                 elif not any(stopped is subscriber for stopped in self._stopped):
-                    # Consuming again, or not the watchdog's to restart (stopping, never started).
-                    self._stuck.pop(id(subscriber), None)
+                    # Running with a coordinator, or not the watchdog's to restart (stopping, never started).
+                    self._running(subscriber)
                 if unknown and broker_answers is None:
                     broker_answers = await self._broker_answers()
                 if not (unknown and broker_answers):
@@ -774,11 +965,12 @@ class FetcherWatchdog:
         started = 0
         while self._stopped:
             subscriber = self._stopped[0]
+            stuck = self._stuck.get(id(subscriber))
             try:
                 async with asyncio.timeout(self.start_timeout_s):
                     await subscriber.start()
             except Exception as exc:
-                if (stuck := self._stuck.get(id(subscriber))) is not None:
+                if stuck is not None:
                     stuck.failed_restarts += 1
                     stuck.last_restart_error = type(exc).__name__
                 if isinstance(exc, TimeoutError):
@@ -791,7 +983,8 @@ class FetcherWatchdog:
                     await self._stop(subscriber)
                 raise
             self._stopped.pop(0)
-            self._stuck.pop(id(subscriber), None)
+            if stuck is not None:  # stuck until a later round finds it running with a fetch returned
+                stuck.restarts += 1
             log.info("kafka consumer restarted", group=self._group(subscriber))
             started += 1
         return started
@@ -810,16 +1003,22 @@ class FetcherWatchdog:
             self._stuck[id(subscriber)] = stuck
         stuck.cause = cause
 
-    def _count_stuck(self, now: float, broker_answers: bool) -> None:
-        """Add the time since the last round to each stuck consumer's count if the broker answers; an
-        outage is not counted. Crossing ``stuck_after_s`` is logged once: /healthz fails from then."""
-        for stuck in self._stuck.values():
-            before = stuck.stuck_for_s
-            if broker_answers:
-                stuck.stuck_for_s += now - stuck.counted_at
-            stuck.counted_at = now
-            if before < self.stuck_after_s <= stuck.stuck_for_s:
-                log.error("kafka consumer still unable to consume; /healthz fails", **stuck.report())
+    def _running(self, subscriber: Any) -> None:
+        """``subscriber`` runs with a coordinator: consuming again once a fetch has returned for it."""
+        stuck = self._stuck.get(id(subscriber))
+        if stuck is None:
+            return
+        if not self._fetch_returned(subscriber):
+            stuck.cause = "no_fetch_returned"
+            return
+        del self._stuck[id(subscriber)]
+        if stuck.restarts:
+            log.info(
+                "kafka consumer consuming again",
+                group=stuck.group,
+                restarts=stuck.restarts,
+                stuck_while_kafka_answered_s=round(stuck.stuck_for_s),
+            )
 
     def _publish_stuck(self) -> None:
         """``enclave_kafka_consumer_stuck_seconds``: the longest-stuck consumer of each group, 0 if none."""
@@ -828,25 +1027,6 @@ class FetcherWatchdog:
             longest[stuck.group] = max(longest.get(stuck.group, 0.0), stuck.stuck_for_s)
         for group, seconds in longest.items():
             self.metrics.consumer_stuck_seconds.labels(group).set(round(seconds, 1))
-
-    def liveness_problems(self) -> list[dict[str, Any]]:
-        """What ``/healthz`` fails on: each consumer unable to consume for ``stuck_after_s`` while the
-        broker answered, and a round that has run for ``stuck_after_s`` (the watchdog itself stuck)."""
-        problems = [
-            stuck.report() for stuck in self._stuck.values() if stuck.stuck_for_s >= self.stuck_after_s
-        ]
-        started = self._round_started_at
-        if started is not None:
-            running_for = asyncio.get_running_loop().time() - started
-            if running_for >= self.stuck_after_s:
-                problems.append(
-                    {
-                        "check": "kafka_consumer_watchdog",
-                        "problem": "round_not_finishing",
-                        "running_for_s": round(running_for),
-                    }
-                )
-        return problems
 
     @staticmethod
     def _cause(subscriber: Any, ended: asyncio.Future[Any]) -> str:

@@ -141,9 +141,12 @@ class ServiceRuntime:
         self._subscribed = False
         #: Producers of the service's own besides the broker's (e.g. a DirectPublisher), watched too.
         self.producer_slots: list[ProducerSlot] = []
-        #: The consumers' watchdog and its task, which /healthz reads (set in start()).
+        #: The consumers' and the producers' watchdogs and their tasks, which /healthz reads (set in
+        #: start()).
         self.consumer_watchdog: FetcherWatchdog | None = None
         self._consumer_watchdog_task: asyncio.Task[Any] | None = None
+        self.producer_watchdog: SenderWatchdog | None = None
+        self._producer_watchdog_task: asyncio.Task[Any] | None = None
         self._stopping = False
 
     async def _kafka_ready(self) -> None:
@@ -241,10 +244,14 @@ class ServiceRuntime:
                 )
             )
         # A producer whose sender ended is replaced (SenderWatchdog).
-        senders = SenderWatchdog(
-            [BrokerProducerSlot(self.broker), *self.producer_slots], self.consumer_metrics
+        self.watch_producers(
+            SenderWatchdog(
+                [BrokerProducerSlot(self.broker), *self.producer_slots],
+                self.consumer_metrics,
+                broker=self.broker,
+                stuck_after_s=self.settings.kafka_producer_stuck_s,
+            )
         )
-        self.spawn(senders.run_forever(), "kafka-sender-watchdog")
         if TLS_RELOADER.active:  # a renewed client certificate is used without a restart
             self.tls_metrics = TlsMetrics(TLS_RELOADER, self.registry)
             self.spawn(TLS_RELOADER.run_forever(), "kafka-tls-reloader")
@@ -256,23 +263,34 @@ class ServiceRuntime:
         self.consumer_watchdog = watchdog
         self._consumer_watchdog_task = self.spawn(watchdog.run_forever(), "kafka-fetcher-watchdog")
 
+    def watch_producers(self, watchdog: SenderWatchdog) -> None:
+        """Run ``watchdog`` over the service's producers; ``/healthz`` reports what it could not mend,
+        and fails if it stops running."""
+        self.producer_watchdog = watchdog
+        self._producer_watchdog_task = self.spawn(watchdog.run_forever(), "kafka-sender-watchdog")
+
     def liveness_problems(self) -> list[dict[str, Any]]:
-        """Why this process should be restarted, for ``/healthz``: a consumer its watchdog could not
-        bring back while Kafka answered, or a watchdog that no longer runs. A dependency outage is not
-        one (a new pod could not reach it either): ``/readyz`` reports that."""
-        watchdog, task = self.consumer_watchdog, self._consumer_watchdog_task
-        if watchdog is None or task is None:
-            return []
-        problems = watchdog.liveness_problems()
-        if task.done() and not self._stopping:
-            error = None if task.cancelled() else task.exception()
-            problems.append(
-                {
-                    "check": "kafka_consumer_watchdog",
-                    "problem": "ended",
-                    "error_type": type(error).__name__ if error is not None else None,
-                }
-            )
+        """Why this process should be restarted, for ``/healthz``: a consumer or producer its watchdog
+        could not bring back while Kafka answered, or a watchdog that no longer runs. A dependency
+        outage is not one (a new pod could not reach it either): ``/readyz`` reports that."""
+        problems: list[dict[str, Any]] = []
+        watched: tuple[tuple[FetcherWatchdog | SenderWatchdog | None, asyncio.Task[Any] | None], ...] = (
+            (self.consumer_watchdog, self._consumer_watchdog_task),
+            (self.producer_watchdog, self._producer_watchdog_task),
+        )
+        for watchdog, task in watched:
+            if watchdog is None or task is None:
+                continue
+            problems += watchdog.liveness_problems()
+            if task.done() and not self._stopping:
+                error = None if task.cancelled() else task.exception()
+                problems.append(
+                    {
+                        "check": watchdog.watchdog_check,
+                        "problem": "ended",
+                        "error_type": type(error).__name__ if error is not None else None,
+                    }
+                )
         return problems
 
     async def stop(self) -> None:
@@ -364,17 +382,19 @@ class ServiceRuntime:
         )
         app.add_middleware(HeadAsGet)
         instrument_http(app, self.registry, self.tracer_provider)
-        stuck_setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}KAFKA_CONSUMER_STUCK_S"
+        kafka_setting = f"{self.settings.model_config.get('env_prefix', 'ENCLAVE_')}KAFKA"
 
         @app.get(
             "/healthz",
             tags=["operations"],
-            summary="Liveness: the process answers and its Kafka consumers are not stuck for good",
+            summary="Liveness: the process answers and its Kafka consumers and producers are not stuck "
+            "for good",
             responses={
                 503: {
-                    "description": f"A Kafka consumer has been unable to consume for {stuck_setting} "
-                    "seconds while Kafka answered, or the consumers' watchdog stopped: each is named in "
-                    "problems"
+                    "description": f"A Kafka consumer has been unable to consume for {kafka_setting}"
+                    f"_CONSUMER_STUCK_S seconds, or a producer unable to publish for {kafka_setting}"
+                    "_PRODUCER_STUCK_S seconds, while Kafka answered; or the watchdog of either stopped: "
+                    "each is named in problems"
                 }
             },
         )

@@ -82,6 +82,13 @@ class BaseServiceSettings(BaseSettings):
     #: a stop 40 s, a start 60 s, that start's stop 40 s, the next check 5 s), so that a restart that
     #: succeeds never fails liveness; the default leaves room for a second restart.
     kafka_consumer_stuck_s: int = Field(default=300, ge=210, le=3600)
+    #: How long a Kafka producer may stay unable to publish (its sender ended, and no replacement has
+    #: held), counted only while Kafka answers, before ``/healthz`` fails and Kubernetes restarts the
+    #: pod. Its own setting: the producer watchdog's cycle is shorter than the consumer's (the next
+    #: check 5 s, a replacement 60 s, Kafka's ping 3 s, the round that sees the new sender run 5 s and
+    #: its ping 3 s), and a site may want a gateway that can publish nothing (every upload 503)
+    #: restarted sooner than the consumers' 210 s floor allows.
+    kafka_producer_stuck_s: int = Field(default=300, ge=90, le=3600)
 
     mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27018/")
 
