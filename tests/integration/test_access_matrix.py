@@ -273,6 +273,46 @@ async def test_invalid_grants_are_refused_with_what_is_allowed(world: World):
             assert world.patient_a not in answer.text
 
 
+#: A body that is not JSON, under the 64 KiB body limit: what anyone may send the grant routes.
+NOT_JSON = b'{"patient_id": "PHI-' + b"x" * 60_000
+
+
+async def test_the_grant_routes_decide_access_before_they_parse_the_body(world: World):
+    """No token is 401 and a role the table refuses gets the table's status, whatever the body; the
+    role the route is for gets the 422 of a body that does not parse. Until the eighteenth session
+    FastAPI parsed the body before the access guard ran: every caller got that 422."""
+    paths = {"grant_create": "/api/v1/grants", "break_glass": "/api/v1/break-glass"}
+    sent: dict[str, tuple[str, str, int, httpx.Response]] = {}
+    async with TopicWatch(topics.ACCESS_RECORDED) as watch:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for endpoint, path in paths.items():
+                cells = [(role, EXPECTED[endpoint][role][0]) for role in ROLES] + [("anonymous", 401)]
+                for role, status in cells:
+                    request_id = str(uuid.uuid4())
+                    headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+                    if role != "anonymous":
+                        headers.update(_role_headers(world, role))
+                    expected = 422 if status == 201 else status
+                    response = await client.post(f"{GATEWAY}{path}", content=NOT_JSON, headers=headers)
+                    sent[request_id] = (endpoint, role, expected, response)
+        events = await watch.read(lambda env: env.correlation_id in sent)
+    wrong = [
+        f"{endpoint}/{role}: expected {expected}, got {response.status_code}"
+        for endpoint, role, expected, response in sent.values()
+        if response.status_code != expected
+    ]
+    assert not wrong, "\n".join(wrong)
+    for request_id, (endpoint, role, expected, response) in sent.items():
+        assert b"PHI-" not in response.content, (endpoint, role)
+        if expected == 422:
+            assert response.json()["problems"] == [{"field": "body.15", "problem": "JSON decode error"}]
+            continue
+        recorded = [e.data for e in events if e.correlation_id == request_id]
+        assert [(e["status_code"], e["outcome"]) for e in recorded] == [
+            (expected, "unauthenticated" if expected == 401 else "denied")
+        ], (endpoint, role, recorded)
+
+
 # ---- JWT attacks -------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The gateway's routes on fakes, for unit tests that go through HTTP (this module holds no tests).
 
-The real router, access guard, access recorder and upload processor in the service's HTTP app (its
+The real routers (uploads and reads, grants), access guard, access recorder, upload processor and
+metrics in the service's HTTP app (its
 middleware, request metrics and error answers, as ``create_app`` builds it), with a publisher that
 acknowledges every event at once and keeps it, a read model in memory, and tokens of a throwaway dev
 issuer; nothing is started and nothing connects. Requests are driven as raw ASGI calls, so a test can do what a client on a
@@ -18,17 +19,27 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from enclave_common.auth import InMemoryGrantStore, StaticKeySource, TokenRules, TokenVerifier
+from enclave_common.auth import (
+    InMemoryGrantStore,
+    RateLimit,
+    RateLimiter,
+    StaticKeySource,
+    TokenRules,
+    TokenVerifier,
+)
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.envelope import Envelope
 from enclave_common.service import ServiceRuntime
 from enclave_gateway.access import AccessRecorder, RequestIdHeader
+from enclave_gateway.admission import DEFAULT_MAX_CONCURRENT_UPLOADS
 from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
+from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
-from enclave_gateway.main import UNKNOWN_ROUTE_HINT
+from enclave_gateway.main import UNKNOWN_ROUTE_HINT, UPLOAD_ROUTES
+from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.stow import error_body
 from enclave_gateway.uploads import BodyPace, UploadProcessor
@@ -100,6 +111,7 @@ class Harness:
     read_model: MemoryReadModel
     registry: CollectorRegistry
     issuer: DevIssuer
+    uploads: UploadProcessor
 
     def token(self, tenant: str, *roles: str, subject: str = "it-unit") -> str:
         return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600)
@@ -111,7 +123,13 @@ class Harness:
         return value or 0.0
 
 
-def gateway_routes(tmp_path: Path) -> Harness:
+def gateway_routes(
+    tmp_path: Path,
+    *,
+    max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
+    rate_limit: RateLimit | None = None,
+) -> Harness:
+    """The harness; ``rate_limit``: the per-principal limit (none by default)."""
     issuer = DevIssuer.generate(["ES256"])
     rules = TokenRules(issuer=DEV_ISSUER, audience=DEV_AUDIENCE)
     verifier = TokenVerifier(rules, StaticKeySource.from_jwks(issuer.jwks(), algorithms=rules.algorithms))
@@ -119,7 +137,13 @@ def gateway_routes(tmp_path: Path) -> Harness:
     handoff = Handoff(publisher, timeout_s=5)  # type: ignore[arg-type]
     recorder = AccessRecorder(handoff)
     read_model = MemoryReadModel()
-    guard = AccessGuard(verifier, grants=InMemoryGrantStore(), on_decision=recorder.on_decision)
+    grants = InMemoryGrantStore()
+    guard = AccessGuard(
+        verifier,
+        grants=grants,
+        limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
+        on_decision=recorder.on_decision,
+    )
     uploads = UploadProcessor(
         recipient=X25519PrivateKey.generate().public_key(),
         pseudonymizer=PSEUDONYMIZER,
@@ -131,7 +155,9 @@ def gateway_routes(tmp_path: Path) -> Harness:
         chunk_bytes=1 << 20,
         pace=BodyPace(idle_timeout_s=5),
         spool_memory_bytes=1 << 26,
+        max_concurrent_uploads=max_concurrent_uploads,
     )
+    runtime = ServiceRuntime(GatewaySettings(pseudonym_key=SecretStr(base64.b64encode(bytes(32)).decode())))
     router = build_router(
         guard=guard,
         uploads=uploads,
@@ -139,18 +165,22 @@ def gateway_routes(tmp_path: Path) -> Harness:
         recorder=recorder,
         pseudonymizer=PSEUDONYMIZER,
         public_base_url="http://gateway.test",
+        metrics=GatewayMetrics(runtime.registry, uploads),
     )
-    runtime = ServiceRuntime(GatewaySettings(pseudonym_key=SecretStr(base64.b64encode(bytes(32)).decode())))
+    grants_router = build_grants_router(
+        guard=guard, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER
+    )
     app = runtime.http_app(
         title="gateway under test",
-        routers=[router],
+        routers=[router, grants_router],
         start_runtime=False,
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
+        streamed_body_routes=UPLOAD_ROUTES,
     )
     app.add_middleware(RequestIdHeader)  # as create_app does
     registry = runtime.registry
-    return Harness(app, publisher, read_model, registry, issuer)
+    return Harness(app, publisher, read_model, registry, issuer, uploads)
 
 
 @dataclass
@@ -158,6 +188,8 @@ class Exchange:
     """What the app sent for one request."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
+    #: Messages of the request body the app asked for (``receive`` calls answered with a piece).
+    body_messages_read: int = 0
 
     @property
     def status(self) -> int | None:
@@ -185,11 +217,13 @@ async def asgi_request(
     body_pieces: Iterable[bytes] = (),
     *,
     disconnect: bool = False,
+    hold: asyncio.Event | None = None,
     exchange: Exchange | None = None,
 ) -> Exchange:
     """One request as uvicorn hands it over: ``raw_path`` as sent, ``path`` percent-decoded. With
-    ``disconnect`` the client closes the connection after the pieces, before the body ended. What the
-    app sends goes into ``exchange`` (a new one by default), which a test can read when the app
+    ``disconnect`` the client closes the connection after the pieces, before the body ended; with
+    ``hold`` the last piece is sent only once ``hold`` is set (a slow client still sending). What the app
+    sends goes into ``exchange`` (a new one by default), which a test can read when the app
     raises."""
     from urllib.parse import unquote_to_bytes
 
@@ -217,6 +251,9 @@ async def asgi_request(
 
     async def receive() -> dict[str, Any]:
         if messages:
+            if hold is not None and len(messages) == 1:
+                await hold.wait()
+            exchange.body_messages_read += 1
             return messages.pop(0)
         if disconnect:
             return {"type": "http.disconnect"}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 
 import structlog
@@ -17,7 +18,9 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from enclave_gateway.access import AccessRecorder
+from enclave_gateway.admission import TooManyUploads
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
+from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
 from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
@@ -53,6 +56,7 @@ def build_router(
     recorder: AccessRecorder,
     pseudonymizer: Pseudonymizer,
     public_base_url: str,
+    metrics: GatewayMetrics,
 ) -> APIRouter:
     router = APIRouter()
 
@@ -79,6 +83,7 @@ def build_router(
                 ) from None
         except SpoolUnavailable as exc:
             log.error("upload refused: the spool could not be written", code=exc.code, exc_info=exc)
+            metrics.refused(exc.code)
             return _unavailable(exc)
         except RequestBodyError as exc:
             await recorder.record(
@@ -103,6 +108,8 @@ def build_router(
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
         except (KafkaUnavailable, UploadNotRecorded, SpoolUnavailable) as exc:
             uploads.discard(result)
+            if isinstance(exc, SpoolUnavailable):
+                metrics.refused(exc.code)
             return _unavailable(exc)
         for part in result.failed:
             await recorder.record(
@@ -116,11 +123,29 @@ def build_router(
             )
         return None
 
-    async def settled(request: Request, answer: Awaitable[JSONResponse]) -> JSONResponse:
-        """``answer``, given only once the upload's queued access event is acknowledged (503 if it
-        could not be recorded), whichever way the route ends."""
+    async def settled(
+        request: Request, principal: Principal, upload: Callable[[], Awaitable[JSONResponse]]
+    ) -> JSONResponse:
+        """The answer of ``upload``, run in one of the gateway's upload slots, given only once the
+        upload's queued access event is acknowledged (503 if it could not be recorded), whichever way
+        the route ends. Without a free slot the upload is refused before its body is read: 503
+        ``too_many_uploads`` with ``Retry-After``, recorded as a rejected upload."""
         try:
-            return await answer
+            try:
+                with uploads.slots.hold():
+                    return await upload()
+            except TooManyUploads as exc:
+                log.warning("upload refused: every upload slot is held", limit=uploads.slots.limit)
+                metrics.refused(exc.code)
+                await recorder.record(
+                    request,
+                    principal=principal,
+                    action="upload",
+                    outcome="rejected",
+                    status=503,
+                    detail=exc.code,
+                )
+                return _unavailable(exc)
         finally:
             await recorder.settle(request)
 
@@ -151,11 +176,11 @@ def build_router(
         },
     )
     async def stow_studies(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
-        return await settled(request, stow(request, auth, None))
+        return await settled(request, auth.principal, partial(stow, request, auth, None))
 
     @router.post("/dicomweb/studies/{study}", tags=["dicomweb"], summary="STOW-RS into one study")
     async def stow_study(study: str, request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
-        return await settled(request, stow(request, auth, study))
+        return await settled(request, auth.principal, partial(stow, request, auth, study))
 
     @router.post(
         "/api/v1/imaging/upload",
@@ -163,7 +188,7 @@ def build_router(
         summary="Upload DICOM files (multipart/form-data, field 'file' or 'files'): imaging id per instance",
     )
     async def upload_files(request: Request, auth: Authorized = Depends(upload)) -> JSONResponse:
-        return await settled(request, store_files(request, auth))
+        return await settled(request, auth.principal, partial(store_files, request, auth))
 
     async def store_files(request: Request, auth: Authorized) -> JSONResponse:
         outcome = await receive(request, auth.principal, None, form=True)

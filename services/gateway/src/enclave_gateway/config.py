@@ -14,6 +14,7 @@ from enclave_common.settings import (
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from enclave_gateway.admission import DEFAULT_MAX_CONCURRENT_UPLOADS
 from enclave_gateway.handoff import DEFAULT_SPOOL_MEMORY_TOTAL_BYTES
 
 MIB = 1024 * 1024
@@ -65,6 +66,10 @@ class GatewaySettings(BaseServiceSettings):
     #: Sealed bytes all requests of the process together may keep in memory: past it, further
     #: chunks spill to ``spool_dir`` as past ``spool_memory_bytes`` (a quarter of the 1 Gi pod limit).
     spool_memory_total_bytes: int = Field(default=DEFAULT_SPOOL_MEMORY_TOTAL_BYTES, ge=0)
+    #: Uploads (STOW-RS and the form upload) the process receives at once: each holds about 1 to 2.5
+    #: MiB outside the spool's budgets (admission.py). Past it an upload answers 503
+    #: ``too_many_uploads`` with Retry-After before its body is read; other routes do not count.
+    max_concurrent_uploads: int = Field(default=DEFAULT_MAX_CONCURRENT_UPLOADS, ge=1)
     #: A request body that sends nothing for this long is cut off (slow-loris protection).
     body_idle_timeout_s: float = Field(default=30.0, gt=0)
     #: After the grace period, a body must arrive at this average rate at least (a trickle that

@@ -2,9 +2,10 @@
 
 The patient is named by ``patient_id`` in the request and kept only as its tenant-scoped keyed-HMAC
 pseudonym; no response, event or log carries the patient id. Every decision goes through the
-access guard (so it is an ``access.recorded`` event), and every grant created or revoked and every
-break-glass session opened is one more ``access.recorded`` event naming the grant; opening a
-break-glass session also raises a ``security.alert``. Validation is :class:`AccessPolicy`'s.
+access guard (so it is an ``access.recorded`` event; the routes with a body authenticate and check
+the role before the body is parsed, :mod:`enclave_gateway.auth_first`), and every grant created or
+revoked and every break-glass session opened is one more ``access.recorded`` event naming the grant;
+opening a break-glass session also raises a ``security.alert``. Validation is :class:`AccessPolicy`'s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import AccessRecorder, access_target
+from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 
 GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -84,7 +86,7 @@ def _invalid(exc: InvalidGrantError) -> JSONResponse:
 def build_grants_router(
     *, guard: AccessGuard, grants: GrantStore, recorder: AccessRecorder, pseudonymizer: Pseudonymizer
 ) -> APIRouter:
-    router = APIRouter(tags=["access"])
+    router = APIRouter(tags=["access"], route_class=AuthenticatedBodyRoute)
     policy = guard.policy
 
     async def record(
@@ -114,7 +116,7 @@ def build_grants_router(
     async def create_grant(
         body: GrantRequest,
         request: Request,
-        principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
         await guard.check_resource(request, principal, Action.MANAGE_GRANTS, Resource(principal.tenant, key))
@@ -213,7 +215,7 @@ def build_grants_router(
     async def open_break_glass(
         body: BreakGlassRequest,
         request: Request,
-        principal: Principal = Depends(guard.require_principal(Action.BREAK_GLASS)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.BREAK_GLASS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
         await guard.check_resource(request, principal, Action.BREAK_GLASS, Resource(principal.tenant, key))

@@ -26,6 +26,7 @@ from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
+from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
 from enclave_gateway.stow import error_body
@@ -40,6 +41,10 @@ UNKNOWN_ROUTE_HINT = (
     "DICOMweb retrieval (WADO-RS, the RetrieveURLs of a STOW-RS answer) and search (QIDO-RS) are not "
     "offered: the gateway holds no key that opens stored data"
 )
+
+#: The routes that read their own bodies (limits and a pace rule of their own, one upload slot each),
+#: by path template: exempt from the common body limit.
+UPLOAD_ROUTES = ("/dicomweb/studies", "/dicomweb/studies/{study}", "/api/v1/imaging/upload")
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -110,6 +115,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         spool_memory_bytes=settings.spool_memory_bytes,
         spool_memory_total_bytes=settings.spool_memory_total_bytes,
         spool_disk_bytes=settings.spool_disk_bytes,
+        max_concurrent_uploads=settings.max_concurrent_uploads,
         chunk_bytes=settings.chunk_bytes,
         pace=BodyPace(
             idle_timeout_s=settings.body_idle_timeout_s,
@@ -141,6 +147,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         recorder=recorder,
         pseudonymizer=pseudonymizer,
         public_base_url=settings.public_base_url,
+        metrics=GatewayMetrics(runtime.registry, uploads),
     )
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
@@ -150,7 +157,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         routers=[router, grants_router],
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
-        streamed_body_routes=("/dicomweb/studies", "/dicomweb/studies/{study}", "/api/v1/imaging/upload"),
+        streamed_body_routes=UPLOAD_ROUTES,
     )
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model

@@ -21,6 +21,7 @@ from enclave_common.errors import TransientError, unavailable_dependency
 from enclave_common.events import UploadCompleted
 from enclave_common.pseudonyms import InstanceKeys, instance_keys
 
+from enclave_gateway.admission import DEFAULT_MAX_CONCURRENT_UPLOADS, UploadSlots
 from enclave_gateway.handoff import (
     DEFAULT_SPOOL_MEMORY_TOTAL_BYTES,
     Handoff,
@@ -139,6 +140,7 @@ class UploadProcessor:
         spool_memory_bytes: int,
         spool_disk_bytes: int | None = None,
         spool_memory_total_bytes: int = DEFAULT_SPOOL_MEMORY_TOTAL_BYTES,
+        max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
     ) -> None:
         self.recipient = recipient
         self.pseudonymizer = pseudonymizer
@@ -151,6 +153,8 @@ class UploadProcessor:
         #: Shared by every request of the process: what their sealed instances hold in memory.
         self.spool_memory = SpoolMemoryBudget(spool_memory_total_bytes)
         self.spool_disk = SpoolDiskBudget(spool_disk_bytes)
+        #: The upload routes hold one of these while they receive and hand off a request.
+        self.slots = UploadSlots(max_concurrent_uploads)
         self.chunk_bytes = chunk_bytes
         self.pace = pace
 
