@@ -112,6 +112,11 @@ def test_mni_brain_series_is_analysed_end_to_end():
     # overestimates in buried sulci (docs/analysis.md reports 4.7 mm for it)
     assert result["cortical_thickness_mean"] is not None and 1.5 < result["cortical_thickness_mean"] < 6.0
     assert result["qc"]["verdict"] in ("pass", "warn")
+    # the volume the measures were computed on: the template's own 1 mm matrix (8.7 M voxels, within
+    # the voxel budget), not reduced in-plane
+    assert result["qc"]["in_plane_reduction"] == 1
+    assert result["qc"]["analysed_shape"] == [197, 233, 189]
+    assert result["qc"]["analysed_voxel_size_mm"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-3)
 
     # every encryption and decryption of the series shows in the services' crypto counters
     crypto = _crypto_operations()
@@ -148,6 +153,7 @@ def test_mni_brain_series_is_analysed_end_to_end():
     seg = pydicom.dcmread(io.BytesIO(asyncio.run(fetch("segmentation.dcm"))))
     png = asyncio.run(fetch("report.png"))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (TID 1500 container)
+    assert "in-plane reduction: 1 (none)" in sr.to_json()  # TID 4019 Algorithm Parameters
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     for report in (sr, seg):

@@ -7,6 +7,7 @@ import pytest
 from enclave_analysis.measures import BrainVolumetrics, analyse_series
 from enclave_analysis.phantoms import HeadPhantom, head_phantom, mni152_volume, write_mr_series
 from enclave_analysis.segmentation import PipelineOptions, Segmentation
+from enclave_analysis.volume import VolumeLimits
 
 #: An ellipsoid phantom is not a brain: the brain-likeness gate is off and the template priors,
 #: which do not fit it, get less weight; the volumes and thickness are what is checked.
@@ -46,3 +47,11 @@ def phantom_series(phantom) -> list:
 def phantom_result(phantom_series) -> tuple[BrainVolumetrics, Segmentation]:
     """The phantom through the same path as a real upload: DICOM series -> volume -> measures."""
     return analyse_series(phantom_series, PHANTOM_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def reduced_phantom_result(phantom_series) -> tuple[BrainVolumetrics, Segmentation]:
+    """The phantom with a voxel budget of a third of its voxels: analysed halved in-plane."""
+    first = phantom_series[0]
+    voxels = int(first.Rows) * int(first.Columns) * len(phantom_series)
+    return analyse_series(phantom_series, PHANTOM_OPTIONS, limits=VolumeLimits(max_voxels=voxels // 3))

@@ -48,6 +48,7 @@ def _check_reduced(series: list[pydicom.Dataset], limits: VolumeLimits, f: int) 
     reduced = build_volume(series, limits)
     columns, rows, slices = full.shape
     assert reduced.shape == (columns // f, rows // f, slices)
+    assert (reduced.in_plane_reduction, full.in_plane_reduction) == (f, 1)
     np.testing.assert_array_equal(reduced.voxels, _block_means(full.voxels, f))
     # spacing x f in-plane, the slice axis unchanged
     np.testing.assert_allclose(reduced.affine_ras[:3, :2], f * full.affine_ras[:3, :2], rtol=0, atol=1e-9)
@@ -118,6 +119,7 @@ def test_a_volume_within_the_budget_is_not_changed() -> None:
     )
     for volume in (at, unlimited):
         assert volume.shape == (9, 7, 3)
+        assert volume.in_plane_reduction == 1
         np.testing.assert_array_equal(volume.voxels, expected)
     np.testing.assert_array_equal(at.affine_ras, unlimited.affine_ras)
     first = min(series, key=lambda ds: int(ds.InstanceNumber))
@@ -139,6 +141,6 @@ def test_an_enhanced_instance_is_reduced_per_frame() -> None:
     )
     classic = build_volume(series, VolumeLimits(max_voxels=128))
     reduced = build_volume([enhanced], VolumeLimits(max_voxels=128))
-    assert reduced.shape == (4, 4, 4)
+    assert reduced.shape == (4, 4, 4) and reduced.in_plane_reduction == 2
     np.testing.assert_array_equal(reduced.voxels, classic.voxels)
     np.testing.assert_allclose(reduced.affine_ras, classic.affine_ras, atol=1e-6)

@@ -78,20 +78,14 @@ def test_png_axial_panel_is_radiological(phantom_result):
     assert np.argwhere(red)[:, 1].mean() > 128 > np.argwhere(green)[:, 1].mean()
 
 
-def test_a_volume_reduced_in_plane_gets_its_segmentation_on_the_source_matrix(phantom_series):
+def test_a_volume_reduced_in_plane_gets_its_segmentation_on_the_source_matrix(
+    phantom_series, reduced_phantom_result
+):
     """Past the voxel budget the volume is reduced in-plane (build_volume); highdicom refused a label map
     smaller than the source frames, so such a series failed at its report. Each label now covers its
     f x f block of source pixels."""
-    from enclave_analysis.measures import analyse_series
-    from enclave_analysis.segmentation import PipelineOptions
-    from enclave_analysis.volume import VolumeLimits
-
-    phantom_options = PipelineOptions(min_template_correlation=-1.0, prior_weight=0.5)  # as conftest's
     first = phantom_series[0]
-    voxels = int(first.Rows) * int(first.Columns) * len(phantom_series)
-    _, segmentation = analyse_series(
-        phantom_series, phantom_options, limits=VolumeLimits(max_voxels=voxels // 3)
-    )
+    _, segmentation = reduced_phantom_result
     reduced = label_map(segmentation)
     assert reduced.shape[:2] == (int(first.Columns) // 2, int(first.Rows) // 2)
     seg = hd.seg.segread(io.BytesIO(segmentation_dicom(phantom_series, segmentation)))
@@ -103,3 +97,67 @@ def test_a_volume_reduced_in_plane_gets_its_segmentation_on_the_source_matrix(ph
     expected = np.repeat(np.repeat(np.transpose(reduced, (2, 1, 0)), 2, axis=1), 2, axis=2)
     np.testing.assert_array_equal(frames[:, : expected.shape[1], : expected.shape[2]], expected)
     assert not frames[:, expected.shape[1] :, :].any() and not frames[:, :, expected.shape[2] :].any()
+
+
+# ---- the volume the measures were computed on -----------------------------------------------------
+
+
+def _algorithm_parameters(dataset) -> list[str]:
+    """The TEXT items named Algorithm Parameters (DCM 111002, TID 4019) anywhere in an SR."""
+    found = []
+    for item in dataset.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "TEXT" and (name.CodeValue, name.CodingSchemeDesignator) == ("111002", "DCM"):
+            found.append(str(item.TextValue))
+        found.extend(_algorithm_parameters(item))
+    return found
+
+
+def _run_volumetrics_on(result, series, monkeypatch):
+    """``series_analysis.run_volumetrics`` (what the service publishes) on an analysis already run."""
+    from enclave_analysis import series_analysis
+
+    monkeypatch.setattr(series_analysis, "analyse_series", lambda datasets, limits: result)
+    return series_analysis.run_volumetrics(series)
+
+
+def test_a_series_reduced_in_plane_reports_its_factor_in_the_qc_and_the_sr(
+    phantom_series, reduced_phantom_result, monkeypatch
+):
+    """The measures of a reduced series are computed on the reduced volume; the result said nothing
+    of it (only the log did)."""
+    first = phantom_series[0]
+    measures, segmentation = reduced_phantom_result
+    spacing = [float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), segmentation.volume.spacing_mm[2]]
+    assert measures.qc.in_plane_reduction == 2
+    _, qc, _, reports = _run_volumetrics_on(reduced_phantom_result, phantom_series, monkeypatch)
+    assert qc["in_plane_reduction"] == 2
+    assert qc["analysed_shape"] == [int(first.Columns) // 2, int(first.Rows) // 2, len(phantom_series)]
+    assert qc["analysed_shape"] == list(segmentation.volume.shape)
+    np.testing.assert_allclose(
+        qc["analysed_voxel_size_mm"], [2 * spacing[0], 2 * spacing[1], spacing[2]], atol=1e-3
+    )
+    sr = pydicom.dcmread(io.BytesIO(dict((name, data) for name, _, data in reports)["measurements-sr.dcm"]))
+    columns, rows, slices = qc["analysed_shape"]
+    size = " x ".join(f"{edge:g}" for edge in qc["analysed_voxel_size_mm"])
+    assert set(_algorithm_parameters(sr)) == {  # in every measurement group
+        "in-plane reduction: 2 (each slice averaged in 2x2 blocks)",
+        f"analysed volume: {columns} x {rows} x {slices} voxels (columns, rows, slices) of {size} mm",
+    }
+
+
+def test_a_series_analysed_at_its_acquired_matrix_reports_a_factor_of_1(
+    phantom_series, phantom_result, monkeypatch
+):
+    first = phantom_series[0]
+    _, qc, _, reports = _run_volumetrics_on(phantom_result, phantom_series, monkeypatch)
+    assert qc["in_plane_reduction"] == 1
+    assert qc["analysed_shape"] == [int(first.Columns), int(first.Rows), len(phantom_series)]
+    np.testing.assert_allclose(
+        qc["analysed_voxel_size_mm"][:2],
+        [float(first.PixelSpacing[1]), float(first.PixelSpacing[0])],
+        atol=1e-4,
+    )
+    sr = pydicom.dcmread(io.BytesIO(dict((name, data) for name, _, data in reports)["measurements-sr.dcm"]))
+    parameters = _algorithm_parameters(sr)
+    assert "in-plane reduction: 1 (none)" in parameters and len(set(parameters)) == 2

@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from enclave_analysis.errors import AnalysisError
-from enclave_analysis.measures import BrainVolumetrics
+from enclave_analysis.measures import BrainVolumetrics, QualityControl
 from enclave_analysis.segmentation import Segmentation
 from enclave_analysis.volume import Volume
 
@@ -128,19 +128,39 @@ def _measurement(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcep
 
 
 def _volume_group(
-    tracking: str, structure: hd.sr.CodedConcept, value: float, laterality: hd.sr.CodedConcept | None = None
+    tracking: str,
+    structure: hd.sr.CodedConcept,
+    value: float,
+    algorithm: hd.sr.AlgorithmIdentification,
+    laterality: hd.sr.CodedConcept | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     site = hd.sr.FindingSite(anatomic_location=structure, laterality=laterality)
     measurement = hd.sr.Measurement(name=codes.SCT.Volume, value=value, unit=MILLILITRE, finding_sites=[site])
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=tracking),
         measurements=[measurement],
-        algorithm_id=_algorithm_sr(),
+        algorithm_id=algorithm,
     )
 
 
-def _algorithm_sr() -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME, version=ALGORITHM_VERSION)
+def _algorithm_sr(qc: QualityControl) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with the volume the measures were computed on as its Algorithm Parameters (DCM
+    111002, text): the in-plane reduction (``volume.build_volume``), the analysed shape and voxel size."""
+    return hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME, version=ALGORITHM_VERSION, parameters=_analysis_parameters(qc)
+    )
+
+
+def _analysis_parameters(qc: QualityControl) -> list[str]:
+    """The volume the measures were computed on, as the SR states it."""
+    factor = qc.in_plane_reduction
+    how = f"each slice averaged in {factor}x{factor} blocks" if factor > 1 else "none"
+    columns, rows, slices = qc.analysed_shape
+    size = " x ".join(f"{edge:g}" for edge in qc.analysed_voxel_size_mm)
+    return [
+        f"in-plane reduction: {factor} ({how})",
+        f"analysed volume: {columns} x {rows} x {slices} voxels (columns, rows, slices) of {size} mm",
+    ]
 
 
 def structured_report(datasets: Sequence[Dataset], volumetrics: BrainVolumetrics) -> bytes:
@@ -148,6 +168,7 @@ def structured_report(datasets: Sequence[Dataset], volumetrics: BrainVolumetrics
     if not datasets:
         raise AnalysisError("a structured report needs the source instances")
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    algorithm = _algorithm_sr(volumetrics.qc)
     volumes = [
         ("intracranial volume", codes.SCT.IntracranialStructure, volumetrics.intracranial_volume, None),
         ("grey matter volume", codes.SCT.GrayMatter, volumetrics.grey_matter_volume, None),
@@ -170,7 +191,7 @@ def structured_report(datasets: Sequence[Dataset], volumetrics: BrainVolumetrics
     ]
     for tracking, structure, value, side in volumes:
         if value is not None:
-            groups.append(_volume_group(tracking, structure, value, side))
+            groups.append(_volume_group(tracking, structure, value, algorithm, side))
     extra: list[hd.sr.Measurement] = []
     if volumetrics.brain_parenchymal_fraction is not None:
         extra.append(
@@ -202,7 +223,7 @@ def structured_report(datasets: Sequence[Dataset], volumetrics: BrainVolumetrics
                 uid=generate_uid(), identifier="whole brain summary and QC"
             ),
             measurements=extra,
-            algorithm_id=_algorithm_sr(),
+            algorithm_id=algorithm,
         )
     )
     observation = hd.sr.ObservationContext(
@@ -273,6 +294,14 @@ def _format(value: float | None, unit: str, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f} {unit}".strip()
 
 
+def _analysed(qc: QualityControl) -> str:
+    """e.g. ``256x256x176 of 1x1x1.2 mm (2x2 in-plane)``; ``(as acquired)`` without a reduction."""
+    shape = "x".join(str(n) for n in qc.analysed_shape)
+    size = "x".join(f"{edge:.3g}" for edge in qc.analysed_voxel_size_mm)
+    factor = qc.in_plane_reduction
+    return f"{shape} of {size} mm ({f'{factor}x{factor} in-plane' if factor > 1 else 'as acquired'})"
+
+
 def png_report(segmentation: Segmentation, volumetrics: BrainVolumetrics, panel_size: int = 256) -> bytes:
     """Axial, coronal and sagittal overlays through the intracranial centre plus the measures."""
     affine = segmentation.volume.affine_ras
@@ -308,6 +337,7 @@ def png_report(segmentation: Segmentation, volumetrics: BrainVolumetrics, panel_
             "Coverage / template r",
             f"{volumetrics.qc.brain_coverage:.0%} / {volumetrics.qc.template_correlation:.2f}",
         ),
+        ("Voxels analysed", _analysed(volumetrics.qc)),
     ]
     font = ImageFont.load_default()
     line = 16

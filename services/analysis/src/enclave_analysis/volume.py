@@ -30,6 +30,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, AllTransferSyntaxes, RLELossless, UncompressedTransferSyntaxes
 
+from enclave_analysis.codestream import check_codestreams
 from enclave_analysis.errors import (
     MixedPatientsError,
     PixelDataError,
@@ -89,10 +90,13 @@ DEFAULT_LIMITS = VolumeLimits()
 
 @dataclass(frozen=True)
 class Volume:
-    """A 3D scalar volume in real-world units with its voxel-to-RAS affine (see module doc)."""
+    """A 3D scalar volume in real-world units with its voxel-to-RAS affine (see module doc).
+    ``in_plane_reduction`` is the factor f by which ``build_volume`` averaged each slice in f x f
+    blocks (the series was past its voxel budget); 1 when the slices kept their acquired matrix."""
 
     voxels: npt.NDArray[np.float32]
     affine_ras: npt.NDArray[np.float64]
+    in_plane_reduction: int = 1
 
     @property
     def affine_lps(self) -> npt.NDArray[np.float64]:
@@ -136,12 +140,15 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
 
     Before any pixel data is decoded and before the volume is allocated, the matrix of each slice
     and the voxels of the whole volume are checked against ``limits`` (:class:`SeriesTooLargeError`)
-    and the field of view against ``FIELD_OF_VIEW_RANGE_MM``'s upper bound; an RLE segment that
-    would decode to more than its frame's Rows x Columns is refused before it is decoded
-    (:class:`PixelDataError`). A volume past ``limits.max_voxels`` is reduced in-plane, each decoded
-    slice averaged in f x f blocks before it is written into a volume allocated at the reduced size,
-    with the smallest f up to ``MAX_IN_PLANE_REDUCTION`` that fits (spacing x f, the first voxel at
-    the first block's centre); only when none fits is it refused.
+    and the field of view against ``FIELD_OF_VIEW_RANGE_MM``'s upper bound; then a JPEG, JPEG-LS,
+    JPEG 2000 or HTJ2K frame whose codestream header declares another image than its instance's
+    attributes (``codestream.check_codestreams``), and an RLE segment that would decode to more than
+    its frame's Rows x Columns, are refused (:class:`PixelDataError`): the codestreams before any
+    frame of the series is decoded, the RLE segment before its instance is. A volume past
+    ``limits.max_voxels`` is reduced in-plane, each decoded slice averaged in f x f blocks before it
+    is written into a volume allocated at the reduced size, with the smallest f up to
+    ``MAX_IN_PLANE_REDUCTION`` that fits (spacing x f, the first voxel at the first block's centre;
+    ``Volume.in_plane_reduction`` is f); only when none fits is it refused.
 
     Raises :class:`SeriesGeometryError` with a precise, PHI-free reason when the instances do
     not form a single regular volume: missing geometry attributes, several series, mixed
@@ -195,6 +202,9 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
     check_field_of_view(
         (first.columns * col_spacing, first.rows * row_spacing, len(planes) * slice_spacing), low=False
     )
+    # The image each compressed frame declares, before any frame of the series is decoded.
+    for number, ds in enumerate(datasets):
+        check_codestreams(ds, _instance_where(ds, number))
 
     voxels = np.empty((first.columns // factor, first.rows // factor, len(planes)), dtype=np.float32)
     for k, plane in enumerate(planes):
@@ -221,7 +231,7 @@ def build_volume(datasets: Sequence[Dataset], limits: VolumeLimits = DEFAULT_LIM
             "every voxel of the volume has the same value: there is no image to analyse (blank pixel "
             "data, or a RescaleSlope that gives every voxel one value); a T1-weighted brain volume is required"
         )
-    return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps)
+    return Volume(voxels=voxels, affine_ras=LPS_TO_RAS @ affine_lps, in_plane_reduction=factor)
 
 
 def _in_plane_reduction(planes: list[_Plane], limits: VolumeLimits) -> int:
@@ -459,10 +469,19 @@ def _rescale(ds: Dataset, where: str) -> tuple[float, float]:
     return slope, intercept
 
 
+def _is_enhanced(ds: Dataset) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _instance_where(ds: Dataset, number: int) -> str:
+    """How a reason names the ``number``-th instance of the series (never by a UID)."""
+    return f"enhanced instance {number}" if _is_enhanced(ds) else f"instance {number}"
+
+
 def _planes_of(ds: Dataset, number: int, limits: VolumeLimits) -> list[_Plane]:
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+    if _is_enhanced(ds):
         return _frames_of_enhanced(ds, number, limits)
-    where = f"instance {number}"
+    where = _instance_where(ds, number)
     rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
     _check_matrix(rows, columns, where, limits)
     spacing = _pixel_spacing(_require(ds, "PixelSpacing", where), where)
@@ -495,7 +514,7 @@ def _functional_group(ds: Dataset, frame: Dataset | None, sequence: str) -> Data
 
 
 def _frames_of_enhanced(ds: Dataset, number: int, limits: VolumeLimits) -> list[_Plane]:
-    where = f"enhanced instance {number}"
+    where = _instance_where(ds, number)
     frames = _require(ds, "PerFrameFunctionalGroupsSequence", where)
     rows, columns = int(_require(ds, "Rows", where)), int(_require(ds, "Columns", where))  # type: ignore[call-overload]
     _check_matrix(rows, columns, where, limits)
