@@ -22,6 +22,7 @@ from enclave_analysis.codestream import (
     check_codestreams,
     j2k_declared_image,
     jpeg_declared_image,
+    without_fill_bytes,
 )
 from enclave_analysis.errors import PixelDataError
 from enclave_analysis.phantoms import write_mr_series
@@ -394,3 +395,39 @@ def _jp2(codestream: bytes, empty_box_first: bool = False) -> bytes:
         + box(b"jp2h", header)
         + box(b"jp2c", codestream)
     )
+
+
+# ---- fill bytes before markers (T.81 B.1.1.2) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "before"),
+    [
+        ("JPEG-LL.dcm", b"\xff\xc3"),  # lossless SOF3
+        ("SC_rgb_jpeg_dcmtk.dcm", b"\xff\xc0"),  # baseline SOF0
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", b"\xff\xc3"),
+        ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7"),  # JPEG-LS SOF55
+    ],
+)
+def test_fill_bytes_before_a_marker_are_allowed_as_the_decoder_allows_them(name, before) -> None:
+    """Any number of 0xFF may precede a marker; pydicom's header walk alone reads ``FF FF`` as a
+    marker and gives up, so such a valid frame was refused ``header cannot be read``. Its decoder
+    decodes it to the same pixels."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    reference = ds.pixel_array.copy()
+    codestream = _frame(ds)
+    at = codestream.index(before)
+    filled = codestream[:at] + b"\xff\xff\xff" + codestream[at:]
+    assert jpeg_declared_image(filled) == jpeg_declared_image(codestream) is not None
+    _set_frame(ds, filled)
+    check_codestreams(ds, name)
+    assert np.array_equal(ds.pixel_array, reference)
+
+
+def test_fill_bytes_are_taken_out_only_before_markers_not_inside_a_segment() -> None:
+    """An ``FF FF`` inside an APP payload is data: the walk steps over the segment by its length."""
+    app = b"\xff\xe1" + struct.pack(">H", 2 + 6) + b"\xff\xff\xff\xff\x00\x01"
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, 3, 5, 1) + b"\x01\x11\x00"
+    head = b"\xff\xd8" + app + b"\xff\xff" + sof + b"\xff\xda\x00\x02" + b"\xff\xff\x00"
+    assert without_fill_bytes(head) == b"\xff\xd8" + app + sof + b"\xff\xda\x00\x02" + b"\xff\xff\x00"
+    assert jpeg_declared_image(head) == DeclaredImage(rows=3, columns=5, components=1, precision=8)

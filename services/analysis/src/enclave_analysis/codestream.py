@@ -18,15 +18,18 @@ never usable here: the volume is built on Rows x Columns, and the decoded frame 
 process with an uncaught C++ exception).
 
 JPEG and JPEG-LS headers are read with pydicom's own parser (``_get_jpg_parameters``, what its
-decoders use). The JPEG 2000 / HTJ2K SIZ segment is read by hand: pydicom's ``get_j2k_parameters``
-gives only the precision and signedness, and never returns for a JP2 box whose length is 0 (its
-decoders call it before each JPEG 2000 frame, so such a frame would stall the worker for good); and
-openjpeg's ``get_parameters`` parses the header in native code, which this check keeps such headers
-from.
+decoders use), once the fill bytes T.81 B.1.1.2 allows before any marker are taken out: pydicom's
+walk reads ``FF FF`` as a marker and gives up, though its decoders decode such frames
+(``without_fill_bytes``, by hand for that reason). The JPEG 2000 / HTJ2K SIZ segment is read by
+hand: pydicom's ``get_j2k_parameters`` gives only the precision and signedness, and never returns for
+a JP2 box whose length is 0 (its decoders call it before each JPEG 2000 frame, so such a frame would
+stall the worker for good); and openjpeg's ``get_parameters`` parses the header in native code, which
+this check keeps such headers from.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,17 +101,17 @@ def check_codestreams(ds: Dataset, where: str) -> None:
 
 
 def _frame_heads(ds: Dataset) -> Iterator[bytes]:
-    """The first ``CODESTREAM_HEADER_BYTES`` of each frame, split as pydicom's decoders split them
-    (the offset tables, else the number of frames); a frame's fragments are joined only that far, and
+    """The first ``CODESTREAM_HEADER_BYTES`` of each of the ``NumberOfFrames`` frames the decoder
+    decodes, split as pydicom's decoders split them (the offset tables, else the number of frames):
+    pydicom reads each frame's fragments whole, and a frame's head is joined from them only that far;
     one frame is held at a time. Stops at the first frame pydicom cannot split off."""
     count = int(ds.get("NumberOfFrames", 1) or 1)
     extended = None
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
     try:
-        for fragments in generate_fragmented_frames(
-            ds.PixelData, number_of_frames=count, extended_offsets=extended
-        ):
+        frames = generate_fragmented_frames(ds.PixelData, number_of_frames=count, extended_offsets=extended)
+        for fragments in itertools.islice(frames, count):
             head = b""
             for fragment in fragments:
                 head += fragment[: CODESTREAM_HEADER_BYTES - len(head)]
@@ -123,7 +126,7 @@ def jpeg_declared_image(head: bytes) -> DeclaredImage | None:
     """The image a JPEG (ISO/IEC 10918-1) or JPEG-LS (14495-1) frame header declares, from its first
     start-of-frame segment (pydicom's parser); ``None`` when there is none to read. A height of 0 (to
     be given later, by a DNL marker or a JPEG-LS LSE segment) is returned as 0."""
-    info = _get_jpg_parameters(head)
+    info = _get_jpg_parameters(without_fill_bytes(head))
     try:
         return DeclaredImage(
             rows=int(info["height"]),
@@ -133,6 +136,37 @@ def jpeg_declared_image(head: bytes) -> DeclaredImage | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI
+_START_OF_SCAN = 0xDA
+
+
+def without_fill_bytes(head: bytes) -> bytes:
+    """``head`` with the fill bytes (``0xFF``, any number, T.81 B.1.1.2; JPEG-LS the same) before each
+    marker of its header taken out, walked segment by segment up to the start of scan so that an
+    ``FF FF`` inside a segment (a table, an APP payload) stays. A head that does not start with SOI, or
+    that stops making sense, is returned from that point as it is, for the parser to refuse."""
+    if not head.startswith(b"\xff\xd8"):
+        return head
+    out, i = bytearray(head[:2]), 2
+    while i < len(head) and head[i] == 0xFF:
+        while i + 1 < len(head) and head[i + 1] == 0xFF:
+            i += 1  # a fill byte
+        if i + 1 >= len(head):
+            break
+        marker = head[i + 1]
+        out += head[i : i + 2]
+        i += 2
+        if marker in _MARKERS_WITHOUT_LENGTH:
+            continue
+        length = int.from_bytes(head[i : i + 2], "big")
+        out += head[i : i + length]
+        i += length
+        if marker == _START_OF_SCAN:
+            break
+    out += head[i:]
+    return bytes(out)
 
 
 def j2k_declared_image(head: bytes) -> DeclaredImage | None:
