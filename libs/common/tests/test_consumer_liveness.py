@@ -29,11 +29,15 @@ class FakeConsumer:
     """An aiokafka consumer as the watchdog reads it: its fetch task, the partitions it holds, and
     whether a fetch response has recorded their high watermark (a fetch returned)."""
 
-    def __init__(self, fetch_task: asyncio.Future[Any], *, fetched: bool = True, holds: int = 1) -> None:
+    def __init__(
+        self, fetch_task: asyncio.Future[Any], *, fetched: bool = True, holds: int = 1, leader: int | None = 1
+    ) -> None:
         self._closed = False
         self._fetcher = SimpleNamespace(_fetch_task=fetch_task)
         self.fetched = fetched
         self.partitions = {TopicPartition("enclave.instance.stored.v1", p) for p in range(holds)}
+        # aiokafka's cluster metadata: the leader of each partition (-1: none, None: unknown).
+        self._client = SimpleNamespace(cluster=SimpleNamespace(leader_for_partition=lambda tp: leader))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.partitions)
@@ -219,6 +223,30 @@ async def test_a_restarted_consumer_that_runs_but_never_fetches_fails_healthz() 
         [problem] = answer.json()["problems"]
         assert problem["cause"] == "no_fetch_returned"
         assert problem["restarts"] == 1 and silent.start_attempts == 1  # running: not restarted again
+
+
+@pytest.mark.parametrize("leader", [-1, None])
+async def test_a_restarted_consumer_whose_partitions_have_no_leader_is_not_counted(leader) -> None:
+    """A partial outage: some broker answers the ping, but the leader of every partition the restarted
+    consumer holds is gone, so no fetch can return and a new pod would do no better. The round is not
+    counted (the cause says why); once a leader is back and nothing fetches, it counts again."""
+    leaders = {"now": leader}
+
+    def leaderless() -> FakeConsumer:
+        consumer = _consumer(asyncio.get_running_loop().create_future(), fetched=False)
+        consumer._client.cluster.leader_for_partition = lambda tp: leaders["now"]
+        return consumer
+
+    silent = StuckSubscriber(_joins, restarted=leaderless)
+    async with _service(FakeBroker(silent)) as (runtime, client):
+        assert await _statuses_for(client, 3 * BOUND_S) == {200}
+        assert silent.start_attempts == 1
+        answer = await client.get("/healthz")
+        assert answer.status_code == 200 and (_stuck_seconds(runtime) or 0) < BOUND_S
+        leaders["now"] = 2
+        answer = await _until_503(client)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["problems"][0]["cause"] == "no_fetch_returned"
 
 
 async def test_a_consumer_that_consumes_between_occasional_restarts_stays_alive() -> None:

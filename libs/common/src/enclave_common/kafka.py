@@ -511,10 +511,14 @@ class _Stuck:
     counted_at: float
     #: Time unable to work while the broker answered (an outage is not counted).
     stuck_for_s: float = 0.0
+    #: Set by the round that found it waiting on Kafka itself although a broker answers the ping (a
+    #: consumer whose partitions have no leader): that round is not counted either.
+    waiting_on_kafka: bool = False
 
     def count(self, now: float, broker_answers: bool) -> None:
-        """Add the time since the last count, if the broker answered."""
-        if broker_answers:
+        """Add the time since the last count, if the broker answered and the client was not waiting on
+        Kafka itself."""
+        if broker_answers and not self.waiting_on_kafka:
             self.stuck_for_s += now - self.counted_at
         self.counted_at = now
 
@@ -778,7 +782,8 @@ class StuckConsumer(_Stuck):
     group: str
     topics: tuple[str, ...]
     #: ``fetch_task_ended``, ``coordinator_routine_ended``, ``coordinator_unknown`` or, once restarted
-    #: and running, ``no_fetch_returned``: as last seen.
+    #: and running, ``no_fetch_returned`` (``no_partition_leader`` while none of its partitions has a
+    #: leader: not counted, a partial outage): as last seen.
     cause: str
     #: Restarts that returned with partitions meanwhile: each but the latest broke again before it
     #: fetched (a consumer restarted over and over consumes nothing either).
@@ -916,6 +921,19 @@ class FetcherWatchdog(_Liveness[StuckConsumer]):
         partitions = consumer.assignment()
         return not partitions or any(consumer.highwater(tp) is not None for tp in partitions)
 
+    @staticmethod
+    def _partitions_leaderless(subscriber: Any) -> bool:
+        """True when no partition ``subscriber``'s consumer holds has a leader in its cluster metadata
+        (private: ``_client.cluster``; -1: no leader, None: unknown). A fetch cannot return then, and a
+        new pod would fetch no better: a partial Kafka outage, in which some broker still answers the
+        watchdog's ping."""
+        consumer = getattr(subscriber, "consumer", None)
+        cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+        if consumer is None or cluster is None:
+            return False
+        partitions = consumer.assignment()
+        return bool(partitions) and all(cluster.leader_for_partition(tp) in (None, -1) for tp in partitions)
+
     async def _check(self, now: float) -> int:
         """Restart every subscriber whose fetcher ended, or whose group coordinator stayed unknown while
         the broker answers (and any whose restart failed before); how many were started again. A start
@@ -1002,6 +1020,7 @@ class FetcherWatchdog(_Liveness[StuckConsumer]):
             )
             self._stuck[id(subscriber)] = stuck
         stuck.cause = cause
+        stuck.waiting_on_kafka = False
 
     def _running(self, subscriber: Any) -> None:
         """``subscriber`` runs with a coordinator: consuming again once a fetch has returned for it."""
@@ -1009,7 +1028,8 @@ class FetcherWatchdog(_Liveness[StuckConsumer]):
         if stuck is None:
             return
         if not self._fetch_returned(subscriber):
-            stuck.cause = "no_fetch_returned"
+            stuck.waiting_on_kafka = self._partitions_leaderless(subscriber)
+            stuck.cause = "no_partition_leader" if stuck.waiting_on_kafka else "no_fetch_returned"
             return
         del self._stuck[id(subscriber)]
         if stuck.restarts:
