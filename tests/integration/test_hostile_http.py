@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from enclave_common import topics
+from enclave_gateway.linger import LINGER_IDLE_S
 from pydicom.uid import generate_uid
 
 from .conftest import SERVICE_PORTS
@@ -557,6 +558,27 @@ def test_http_level_attack_is_refused(name, payload, statuses, where, small_gate
         assert time.monotonic() - started < SMALL["idle_s"] + 15, (
             "a stalled body is cut off by the idle timeout"
         )
+
+
+@pytest.mark.parametrize("token", [False, True], ids=["no_token", "wrong_role"])
+def test_a_refused_upload_whose_client_stalls_mid_body_is_closed(token: bool, small_gateway) -> None:
+    """Refused before its body is read (401, or 403 for a role that may not upload), the client sends
+    a little more and stops. uvicorn alone held such a connection for good (one byte after the answer
+    cancelled its keep-alive timer); the gateway now drops the rest of the body for at most
+    ``LINGER_IDLE_S`` of silence, then answers and closes (``enclave_gateway.linger``)."""
+    headers = {"Host": "x", "Content-Type": "application/dicom", "Content-Length": str(1024 * 1024)}
+    if token:
+        headers |= bearer("hostile-sender", REJECTED_TENANT, "auditor")
+    head = b"POST /dicomweb/studies HTTP/1.1\r\n" + b"".join(
+        f"{k}: {v}\r\n".encode() for k, v in headers.items()
+    )
+    head += b"\r\n"
+    started = time.monotonic()
+    answer = _exchange(small_gateway.port, [(head, 0.3), (b"\0" * 4096, 0.0)], timeout=40)
+    closed_after = time.monotonic() - started
+    assert _status(answer) == (403 if token else 401), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert closed_after < LINGER_IDLE_S + 10, f"held {closed_after:.1f} s"
 
 
 def test_a_stalled_client_does_not_block_others(small_gateway) -> None:

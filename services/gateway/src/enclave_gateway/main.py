@@ -26,6 +26,7 @@ from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
+from enclave_gateway.linger import LingeringAnswer
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
@@ -159,6 +160,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         error_body=error_body,
         streamed_body_routes=UPLOAD_ROUTES,
     )
+    # An upload answered before its body ended drops the rest first, for a bounded time (linger.py).
+    app.add_middleware(LingeringAnswer, routes=UPLOAD_ROUTES)
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app

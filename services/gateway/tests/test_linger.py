@@ -1,0 +1,208 @@
+"""An upload answered before its body ended (401, 503 ``too_many_uploads``, 413 ...) reads and drops
+the rest of the body for a bounded time, then answers; a client that stops sending is closed. Served
+by a real uvicorn with httptools, as the gateway is: the fault was in its keep-alive handling, which
+no ASGI-level harness shows."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from enclave_gateway.linger import LingeringAnswer
+from starlette.types import Receive, Scope, Send
+
+IDLE_S = 0.4
+TOTAL_S = 2.0
+DECLARED = 1024 * 1024
+
+
+async def refuse_at_once(scope: Scope, receive: Receive, send: Send) -> None:
+    """The access guard's 401: answered without reading the body."""
+    if scope["type"] != "http":
+        return
+    body = json.dumps({"status": 401, "error": "unauthenticated"}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_then_answer(scope: Scope, receive: Receive, send: Send) -> None:
+    """An upload that read its whole body before it answered."""
+    if scope["type"] != "http":
+        return
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = json.dumps({"received": size}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _serve(app) -> Iterator[int]:
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, http="httptools", log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def lingering() -> Iterator[int]:
+    yield from _serve(
+        LingeringAnswer(refuse_at_once, routes=["/upload/{study}"], idle_s=IDLE_S, total_s=TOTAL_S)
+    )
+
+
+@pytest.fixture
+def reading() -> Iterator[int]:
+    yield from _serve(
+        LingeringAnswer(read_then_answer, routes=["/upload/{study}"], idle_s=IDLE_S, total_s=TOTAL_S)
+    )
+
+
+@pytest.fixture
+def bare() -> Iterator[int]:
+    yield from _serve(refuse_at_once)
+
+
+def _connect(port: int, *, length: int = DECLARED, extra: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = (
+        f"POST /upload/1.2.3 HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n".encode() + extra + b"\r\n"
+    )
+    sock.sendall(head)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket, within_s: float) -> tuple[bytes, float | None]:
+    """What the server sent, and after how long it closed the connection (None: still open)."""
+    sock.settimeout(0.05)
+    started, data = time.monotonic(), b""
+    while time.monotonic() - started < within_s:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return data, time.monotonic() - started
+        data += chunk
+    return data, None
+
+
+def test_uvicorn_alone_holds_a_refused_upload_whose_client_stalls_for_good(bare: int) -> None:
+    """Why the middleware exists: one more byte after the answer cancels uvicorn's keep-alive timer
+    (0.54, httptools) and nothing closes the connection. Should this fail after an upgrade, uvicorn
+    bounds it itself and linger.py can go."""
+    sock = _connect(bare)
+    time.sleep(0.2)  # the answer is sent
+    sock.sendall(b"x" * 1024)
+    data, closed_after = _read_until_closed(sock, 6.0)  # uvicorn's keep-alive timeout is 5 s
+    sock.close()
+    assert b" 401 " in data and closed_after is None
+
+
+def test_a_refused_upload_whose_client_stalls_is_answered_and_closed_after_the_idle_bound(
+    lingering: int,
+) -> None:
+    sock = _connect(lingering)
+    sock.sendall(b"x" * 1024)
+    data, closed_after = _read_until_closed(sock, 5.0)
+    sock.close()
+    assert b" 401 " in data and b"connection: close" in data.lower()
+    assert closed_after is not None and IDLE_S <= closed_after < IDLE_S + 1.5
+
+
+def test_a_refused_upload_that_trickles_is_closed_after_the_total_bound(lingering: int) -> None:
+    sock = _connect(lingering)
+    started, data = time.monotonic(), b""
+    sock.settimeout(0.05)
+    while time.monotonic() - started < TOTAL_S + 2:
+        try:
+            sock.sendall(b"x" * 64)  # never silent for IDLE_S, never done
+        except OSError:
+            break
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            time.sleep(IDLE_S / 4)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert b" 401 " in data and b"connection: close" in data.lower()
+    assert TOTAL_S <= elapsed < TOTAL_S + 1.5
+
+
+def test_a_refused_upload_sent_whole_gets_its_answer_and_keeps_the_connection(lingering: int) -> None:
+    """A client that sends its whole body before it reads (most do) reads the answer, not a reset,
+    and may send its next request on the same connection."""
+    sock = _connect(lingering)
+    sock.sendall(b"x" * DECLARED)
+    sock.settimeout(5)
+    first = sock.recv(65536)
+    assert b" 401 " in first and b"connection: close" not in first.lower()
+    sock.sendall(b"POST /upload/1.2.3 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+    second = sock.recv(65536)
+    sock.close()
+    assert b" 401 " in second
+
+
+def test_a_refusal_before_a_100_continue_body_is_answered_at_once_and_closed(lingering: int) -> None:
+    """The client waits for 100 Continue or the answer before it sends the body: it gets the answer
+    at once, and no 100 Continue."""
+    sock = _connect(lingering, extra=b"Expect: 100-continue\r\n")
+    data, closed_after = _read_until_closed(sock, 3.0)
+    sock.close()
+    assert b" 401 " in data and b"100 Continue" not in data and b"connection: close" in data.lower()
+    assert closed_after is not None and closed_after < IDLE_S
+
+
+def test_an_upload_that_read_its_body_is_answered_as_it_is(reading: int) -> None:
+    sock = _connect(reading, length=10)
+    sock.sendall(b"0123456789")
+    sock.settimeout(5)
+    answer = sock.recv(65536)
+    sock.close()
+    assert b" 200 " in answer and b'{"received": 10}' in answer and b"connection: close" not in answer.lower()
+
+
+def test_other_routes_are_passed_through(lingering: int) -> None:
+    """Only the upload routes linger: elsewhere the common body limit answers and closes."""
+    sock = socket.create_connection(("127.0.0.1", lingering), timeout=10)
+    sock.sendall(b"POST /api/v1/grants HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n")
+    time.sleep(0.2)
+    data, _ = _read_until_closed(sock, 1.0)
+    sock.close()
+    assert b" 401 " in data and b"connection: close" not in data.lower()
