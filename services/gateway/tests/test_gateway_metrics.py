@@ -114,3 +114,39 @@ async def test_an_upload_the_spool_cannot_hold_is_counted_as_refused_for_want_of
     refused = "enclave_gateway_uploads_refused_total"
     assert harness.registry.get_sample_value(refused, {"reason": "spool_unavailable"}) == 1
     assert harness.registry.get_sample_value(refused, {"reason": "too_many_uploads"}) == 0
+    # Recorded as refused, not only as the allowed decision (until a review of the eighteenth session).
+    mine = [
+        e for e in harness.publisher.access_events() if e["correlation_id"] == answer.header("x-request-id")
+    ]
+    assert [(e["action"], e["outcome"], e["status_code"], e["detail"]) for e in mine] == [
+        ("upload", "success", 200, "role"),
+        ("upload", "rejected", 503, "spool_unavailable"),
+    ]
+
+
+async def test_an_upload_the_database_did_not_record_is_recorded_as_refused(tmp_path: Path) -> None:
+    """503 ``database_unavailable``: the access trail says the upload was refused, not only that the
+    uploader's role allowed it (until a review of the eighteenth session)."""
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    harness = gateway_routes(tmp_path)
+
+    async def silent(*_: object) -> None:
+        raise ServerSelectionTimeoutError("no server answered")
+
+    harness.read_model.record_uploads = silent  # type: ignore[method-assign]
+    body = builders.multipart_body([builders.make_instance()])
+    answer = await asgi_request(
+        harness.app,
+        "POST",
+        b"/dicomweb/studies",
+        [
+            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
+            ("content-type", body.content_type),
+        ],
+        [body.data],
+    )
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["error"] == "database_unavailable"
+    mine = [e for e in harness.publisher.access_events() if e["detail"] == "database_unavailable"]
+    assert [(e["action"], e["outcome"], e["status_code"]) for e in mine] == [("upload", "rejected", 503)]

@@ -60,6 +60,21 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter()
 
+    async def refused(
+        request: Request, principal: Principal, exc: TransientError, correlation_id: str | None = None
+    ) -> None:
+        """Record an upload answered 503 for a cause of the gateway's own (its spool, its database):
+        the access decision alone said it was allowed."""
+        await recorder.record(
+            request,
+            principal=principal,
+            action="upload",
+            outcome="rejected",
+            status=503,
+            detail=exc.code,
+            correlation_id=correlation_id,
+        )
+
     async def receive(
         request: Request, principal: Principal, study: str | None, form: bool
     ) -> UploadResult | JSONResponse:
@@ -84,6 +99,7 @@ def build_router(
         except SpoolUnavailable as exc:
             log.error("upload refused: the spool could not be written", code=exc.code, exc_info=exc)
             metrics.refused(exc.code)
+            await refused(request, principal, exc)
             return _unavailable(exc)
         except RequestBodyError as exc:
             await recorder.record(
@@ -110,6 +126,8 @@ def build_router(
             uploads.discard(result)
             if isinstance(exc, SpoolUnavailable):
                 metrics.refused(exc.code)
+            if not isinstance(exc, KafkaUnavailable):  # with Kafka down no record can be made
+                await refused(request, principal, exc, correlation_id=result.upload_id)
             return _unavailable(exc)
         for part in result.failed:
             await recorder.record(
