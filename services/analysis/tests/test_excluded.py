@@ -46,9 +46,19 @@ async def test_a_quarantined_instance_settles_its_series_and_its_upload() -> Non
         reason_code="burned_in_risk",
         reason="BurnedInAnnotation is YES",
     )
-    await analysis.on_excluded(envelope(topics.INSTANCE_QUARANTINED, data))
+    event = envelope(topics.INSTANCE_QUARANTINED, data)
+    await analysis.on_excluded(event)
     assert assembly.settled == [
-        ("hospital-a", "se", "iu-1", "up-1", "excluded", {"reason_code": "burned_in_risk"}, "up-1")
+        (
+            "hospital-a",
+            "se",
+            "iu-1",
+            "up-1",
+            "excluded",
+            {"reason_code": "burned_in_risk"},
+            "up-1",
+            event.time,
+        )
     ]
 
 
@@ -57,7 +67,8 @@ async def test_a_rejected_instance_settles_the_series_of_its_upload() -> None:
     data = InstanceRejected(
         upload_id="up-1", instance_upload_id="iu-2", reason_code="integrity", reason="sha-256 differs"
     )
-    await analysis.on_excluded(envelope(topics.INSTANCE_REJECTED, data))
+    event = envelope(topics.INSTANCE_REJECTED, data)
+    await analysis.on_excluded(event)
     assert assembly.settled == [
-        ("hospital-a", None, "iu-2", "up-1", "excluded", {"reason_code": "integrity"}, "up-1")
+        ("hospital-a", None, "iu-2", "up-1", "excluded", {"reason_code": "integrity"}, "up-1", event.time)
     ]

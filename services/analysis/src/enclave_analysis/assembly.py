@@ -8,6 +8,12 @@ series doc alone says whether it is complete: ``expected ⊆ settled``, and noth
 quiet period. Out-of-order, duplicate and late events are fine: every write is an idempotent upsert
 or ``$addToSet``; a late member re-opens a finished series (analysed again, under a new analysis id).
 
+A member keeps the time of the event that settled it (``event_time``, the envelope's): an older event
+for the same upload (a redelivery that arrives after ``enclave-deid-redo`` re-published the upload's
+outcome) changes nothing, so it cannot bring back a copy the redo deleted. An instance uploaded more
+than once is several members but one instance: it is analysed from the copy of the most recent
+outcome among its members (``instance_copies``).
+
 Every lookup on the hot path is by ``_id``: a MongoDB-wire server without secondary-index pushdown
 (FerretDB v1) would otherwise scan a collection per event.
 """
@@ -20,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 #: ``reopen``'s reason code for series that finished before their reason code was recorded (before
 #: the tenth session's release).
@@ -30,6 +37,37 @@ def analysis_id_for(series_key: str, members: list[str]) -> str:
     """Deterministic: the same set of members always gives the same analysis id."""
     digest = hashlib.sha256("|".join([series_key, *sorted(members)]).encode()).hexdigest()
     return f"an-{digest[:32]}"
+
+
+def _recency(member: dict[str, Any]) -> tuple[bool, datetime]:
+    at = member.get("event_time")
+    if not isinstance(at, datetime):
+        return (False, datetime.min)
+    return (True, at.replace(tzinfo=None) if at.tzinfo is None else at.astimezone(UTC).replace(tzinfo=None))
+
+
+def instance_copies(members: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The series' de-identified instances, each as the de-identified members that carry a copy of
+    it, the most recent outcome first (``event_time``).
+
+    An instance is its ``instance_key`` (deid's own identity of an instance, which its records and
+    the copies' object keys are made of); every upload of it is a member. ``enclave-deid-redo``
+    re-publishes an instance's outcome, with a new copy, only for the uploads its record knows of
+    (records before the eighteenth session knew only the first upload), and deletes the old copy: so
+    members of the same instance may name a copy that is gone, and the most recent outcome is the
+    one to read. An instance whose most recent outcome excluded it (the redo withdrew the copy:
+    ``instance.quarantined``) is left out, whatever its other members say. A member without an
+    ``instance_key`` (recorded before it was kept) is an instance of its own."""
+    by_instance: dict[str, list[dict[str, Any]]] = {}
+    for member in members:
+        if member.get("state") in ("deidentified", "excluded"):
+            by_instance.setdefault(member.get("instance_key") or f"upload:{member['_id']}", []).append(member)
+    out = []
+    for _, group in sorted(by_instance.items()):
+        group.sort(key=lambda m: (_recency(m), m["_id"]), reverse=True)
+        if group[0]["state"] == "deidentified":
+            out.append([m for m in group if m["state"] == "deidentified"])
+    return out
 
 
 class SeriesAssembly:
@@ -82,14 +120,23 @@ class SeriesAssembly:
         state: str,
         fields: dict[str, Any],
         correlation_id: str,
+        event_time: datetime | None = None,
     ) -> None:
-        """A member got its outcome: ``deidentified`` (with its object) or ``excluded``."""
+        """A member got its outcome: ``deidentified`` (with its object) or ``excluded``, told by an
+        event of ``event_time``. An outcome older than the one the member has (a redelivery after a
+        newer outcome of the same upload) changes nothing."""
         own = self.series_id(tenant, series_key) if series_key else None
-        await self.members.update_one(
-            {"_id": instance_upload_id},
-            {"$set": {"state": state, "tenant": tenant, "series_id": own, **fields}},
-            upsert=True,
-        )
+        member: dict[str, Any] = {"_id": instance_upload_id}
+        values = {"state": state, "tenant": tenant, "series_id": own, **fields}
+        if event_time is not None:
+            member["$or"] = [{"event_time": {"$exists": False}}, {"event_time": {"$lte": event_time}}]
+            values["event_time"] = event_time
+        try:
+            await self.members.update_one(member, {"$set": values}, upsert=True)
+        except DuplicateKeyError:
+            # The member exists and has a newer outcome (the filter did not match it, so the upsert
+            # tried to insert it): this event is superseded; the newer one settled the series.
+            return
         upload = await self.uploads.find_one({"_id": upload_id})
         targets = set(upload["series_ids"]) if upload else set()
         if own and series_key:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from enclave_common.settings import BaseServiceSettings
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 
@@ -40,6 +40,11 @@ class AnalysisSettings(BaseServiceSettings):
     #: all; then it is reported failed (``analysis_internal_error``). A dependency outage (the object
     #: store, Kafka, the database) does not count as an attempt.
     max_attempts: int = Field(default=3, ge=1)
+    #: The worker's analysis of one series (decoding, ANTs, the reports) is stopped after this long,
+    #: its process killed, and the series reported failed (``analysis_timed_out``), not tried again
+    #: unless it changes. The 1 mm MNI brain takes 24 s on a quiet 2-core machine and 60-69 s under
+    #: load (docs/analysis.md); below ``lease_s``, so a hung analysis is not handed to another replica.
+    max_analysis_s: float = Field(default=600.0, gt=0)
     retry_delay_s: float = Field(default=60.0, ge=0)
     #: Series with fewer de-identified instances fail at once (a volume needs slices).
     min_instances: int = Field(default=3, ge=1)
@@ -51,3 +56,13 @@ class AnalysisSettings(BaseServiceSettings):
     max_matrix: int = Field(default=1024, ge=1)
     max_series_voxels: int = Field(default=24 * 2**20, ge=1)
     max_series_bytes: int = Field(default=256 * 2**20, ge=1)
+
+    @model_validator(mode="after")
+    def _analysis_ends_within_its_lease(self) -> AnalysisSettings:
+        if self.max_analysis_s >= self.lease_s:
+            raise ValueError(
+                f"ENCLAVE_ANALYSIS_MAX_ANALYSIS_S ({self.max_analysis_s:g}) must be below "
+                f"ENCLAVE_ANALYSIS_LEASE_S ({self.lease_s:g}): a longer analysis would be handed to "
+                "another replica before it is stopped"
+            )
+        return self

@@ -37,6 +37,14 @@ class RepeatedFailure(AnalysisError):
     code = "analysis_internal_error"
 
 
+class AnalysisTimedOut(AnalysisError):
+    """The analysis ran past ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` (a native decoder or ANTs that does
+    not return, on a pathological codestream, say): its worker was killed. Permanent: the same series
+    would hang again, on every replica the lease handed it to."""
+
+    code = "analysis_timed_out"
+
+
 class PixelDataError(AnalysisError):
     """An instance's pixel data cannot be decoded (no decoder for its transfer syntax here, or data
     that does not match its own description)."""

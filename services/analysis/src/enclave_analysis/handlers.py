@@ -24,7 +24,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.crypto import KeyEncryptionKeyProvider, ObjectIdentity, decrypt_bytes, encrypt_bytes
 from enclave_common.envelope import Envelope, new_event_id
-from enclave_common.errors import TransientError, classify_exception
+from enclave_common.errors import PermanentError, TransientError, classify_exception
 from enclave_common.events import (
     AnalysisCompleted,
     AnalysisFailed,
@@ -40,16 +40,26 @@ from prometheus_client import Counter, Gauge
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from enclave_analysis.assembly import SeriesAssembly, analysis_id_for
+from enclave_analysis.assembly import SeriesAssembly, analysis_id_for, instance_copies
 from enclave_analysis.config import AnalysisSettings
-from enclave_analysis.errors import AnalysisError, RepeatedFailure, SeriesIncomplete, SeriesTooLargeError
+from enclave_analysis.errors import (
+    AnalysisError,
+    AnalysisTimedOut,
+    RepeatedFailure,
+    SeriesIncomplete,
+    SeriesTooLargeError,
+)
 from enclave_analysis.native_stderr import run_capturing_native_stderr
+from enclave_analysis.report_versions import ReportVersions, S3ReportVersions
 
 log = structlog.get_logger("enclave.analysis")
 
 #: At most this many of a series' missing instance upload ids are listed in its ``series_incomplete``
 #: failure (``awaiting_instance_upload_ids``; the reason gives the count).
 AWAITING_LISTED = 100
+
+#: S3 error codes of an object (or version) that is not there (``enclave_common.storage.s3_error``).
+MISSING_OBJECT = frozenset({"s3_NoSuchKey", "s3_NoSuchVersion", "s3_404"})
 
 #: A claim whose analysis was stopped is released within this long, or left to its lease (the
 #: database did not answer): the service's shutdown does not wait longer for it.
@@ -80,6 +90,7 @@ class AnalysisService:
         store: S3ObjectStore,
         analyser: SeriesAnalyser,
         executor_factory: Callable[[], Executor] | None = None,
+        report_versions: ReportVersions | None = None,
     ) -> None:
         self.runtime = runtime
         self.settings = settings
@@ -122,7 +133,17 @@ class AnalysisService:
         )
         for outcome in ("completed", "failed"):  # present at 0, so a rule on their increase can fire
             self.outcomes.labels(outcome)
+        self.superseded_reports = Counter(
+            "enclave_analysis_superseded_report_versions",
+            "Report versions a newer result of the same series superseded, by outcome (deleted; kept: "
+            "the object store refused to delete them, see the log)",
+            ["outcome"],
+            registry=runtime.registry,
+        )
+        for kept in ("deleted", "kept"):
+            self.superseded_reports.labels(kept)
         self.store = store
+        self.report_versions = report_versions or (S3ReportVersions(store) if store is not None else None)
         self.analyser = analyser
         #: Where the analyser runs: a worker process (main.py), so ANTs, which holds the GIL for
         #: seconds at a time, does not stall the event loop (Kafka heartbeats, /healthz), and a worker
@@ -152,6 +173,7 @@ class AnalysisService:
                 "instance_key": deid.instance_key,
             },
             envelope.correlation_id,
+            envelope.time,
         )
 
     async def on_excluded(self, envelope: Envelope) -> None:
@@ -165,6 +187,7 @@ class AnalysisService:
                 "excluded",
                 {"reason_code": quarantined.reason_code},
                 envelope.correlation_id,
+                envelope.time,
             )
         else:
             rejected = envelope.payload(InstanceRejected)
@@ -179,6 +202,7 @@ class AnalysisService:
                 "excluded",
                 {"reason_code": rejected.reason_code},
                 envelope.correlation_id,
+                envelope.time,
             )
 
     async def on_upload_completed(self, envelope: Envelope) -> None:
@@ -290,10 +314,16 @@ class AnalysisService:
         return _recorded(series, analysis_id_for(series["series_key"], member_ids))
 
     async def _deidentified_members(self, series_id: str) -> list[dict[str, Any]]:
-        return [m for m in await self.assembly.members_of(series_id) if m.get("state") == "deidentified"]
+        return [m for copies in await self._instances(series_id) for m in copies]
+
+    async def _instances(self, series_id: str) -> list[list[dict[str, Any]]]:
+        """The series' de-identified instances, each as its members, most recent outcome first
+        (``instance_copies``)."""
+        return instance_copies(await self.assembly.members_of(series_id))
 
     async def analyse(self, series: dict[str, Any]) -> None:
-        members = await self._deidentified_members(series["_id"])
+        instances = await self._instances(series["_id"])
+        members = [m for copies in instances for m in copies]
         member_ids = sorted(m["_id"] for m in members)
         analysis_id = analysis_id_for(series["series_key"], member_ids)
         tenant, series_key = series["tenant"], series["series_key"]
@@ -333,10 +363,10 @@ class AnalysisService:
                     f"{_duration(self.settings.incomplete_after_s)}; the status of each uploaded instance "
                     "says where it stopped. The series is analysed when they arrive"
                 )
-            # Loaded first: an instance uploaded twice is two members but one slice (the volume drops
-            # repeated SOP Instance UIDs), so only distinct ones count toward the minimum.
+            # One copy per instance (an instance uploaded twice is two members but one slice), then
+            # distinct SOP Instance UIDs count toward the minimum (the volume drops repeated ones).
             budget = ByteBudget(self.settings.max_series_bytes)
-            datasets = [await self._load(tenant, m, budget) for m in members]
+            datasets = [await self._load_instance(tenant, copies, budget) for copies in instances]
             distinct = len({str(ds.get("SOPInstanceUID", f"member-{i}")) for i, ds in enumerate(datasets)})
             if distinct < self.settings.min_instances:
                 raise AnalysisError(
@@ -423,6 +453,7 @@ class AnalysisService:
         envelope = Envelope.model_validate_json(decided["envelope"])
         await self.runtime.publisher.publish(decided["topic"], envelope, key=series["series_key"])
         self.outcomes.labels(decided["outcome"]).inc()
+        await self._purge_superseded_reports(series, decided["analysis_id"], envelope)
         await self.assembly.finish(
             series, decided["analysis_id"], decided["outcome"], decided.get("reason_code")
         )
@@ -433,6 +464,50 @@ class AnalysisService:
                 analysis_id=decided["analysis_id"],
             )
 
+    async def _purge_superseded_reports(
+        self, series: dict[str, Any], analysis_id: str, envelope: Envelope
+    ) -> None:
+        """Delete the report versions a completed outcome, once published, supersedes: every version
+        under its reports' prefix but its own (the same keys, written again when the same members are
+        analysed again), and the reports of the series' previous analysis (other members). Done before
+        the series is finished: a process that dies part-way publishes the recorded outcome again at
+        the next claim and deletes the rest (``analyse``). An object store that refuses (no
+        permission) leaves them, logged and counted; the series is finished all the same. A failed
+        outcome deletes nothing (the last result stays the one there is), nor does a bucket without
+        versioning (no version ids to keep)."""
+        if envelope.type != topics.event_type(topics.ANALYSIS_COMPLETED) or self.report_versions is None:
+            return
+        reports = envelope.data.get("reports") or []
+        if not reports or any(not r.get("version_id") for r in reports):
+            return
+        keep = {(r["key"], r["version_id"]) for r in reports}
+        bucket = reports[0]["bucket"]
+        prefixes = [f"reports/{analysis_id}/"]
+        previous = series.get("analysis_id")
+        if isinstance(previous, str) and previous and previous != analysis_id:
+            prefixes.append(f"reports/{previous}/")
+        stale = [
+            v
+            for prefix in prefixes
+            for v in await self.report_versions.versions(bucket, prefix)
+            if v not in keep
+        ]
+        if not stale:
+            return
+        try:
+            await self.report_versions.delete(bucket, stale)
+        except PermanentError as exc:
+            self.superseded_reports.labels("kept").inc(len(stale))
+            log.error(
+                "superseded report versions could not be deleted; they stay in the results bucket",
+                analysis_id=analysis_id,
+                versions=len(stale),
+                code=exc.code,
+            )
+            return
+        self.superseded_reports.labels("deleted").inc(len(stale))
+        log.info("superseded report versions deleted", analysis_id=analysis_id, versions=len(stale))
+
     async def _run_analyser(
         self, datasets: list[pydicom.Dataset]
     ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[tuple[str, str, bytes]]]:
@@ -440,8 +515,21 @@ class AnalysisService:
             return await asyncio.to_thread(self.analyser, datasets)
         # What ITK and ANTs print to stderr in the worker stays out of the service's log (native_stderr).
         captured = functools.partial(run_capturing_native_stderr, self.analyser)
+        limit = self.settings.max_analysis_s
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
+            async with asyncio.timeout(limit):
+                return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
+        except TimeoutError:
+            # Hung (a native decoder that does not return): the worker is killed, not waited for.
+            log.error("analysis ran past its time limit; its worker process is killed", limit_s=limit)
+            _kill_workers(self._executor)
+            assert self._executor_factory is not None
+            self._executor = self._executor_factory()
+            raise AnalysisTimedOut(
+                f"the analysis of this series ran longer than {_duration(limit)} and was stopped "
+                "(ENCLAVE_ANALYSIS_MAX_ANALYSIS_S); it is not tried again unless the series changes. "
+                "The operators can re-run it (enclave-analysis-rerun --reason-code analysis_timed_out)"
+            ) from None
         except asyncio.CancelledError:
             # The service stops: ANTs would run on to the end of the analysis in the worker, for
             # minutes, orphaned once the service exits, its result waited for by nobody.
@@ -468,6 +556,33 @@ class AnalysisService:
         warm-up is still loading templates)."""
         if self._executor is not None:
             _kill_workers(self._executor)
+
+    async def _load_instance(
+        self, tenant: str, copies: list[dict[str, Any]], budget: ByteBudget
+    ) -> pydicom.Dataset:
+        """An instance from the copy its most recent outcome names, or, when that copy is gone, from
+        the next most recent one that is there (an outcome can be read before the one that replaced
+        its copy, ``enclave-deid-redo``, arrives). Each copy is tried once; none there: the first
+        copy's error (an unexpected failure: the attempt is counted)."""
+        tried: set[tuple[str | None, str | None, str | None]] = set()
+        first: PermanentError | None = None
+        for member in copies:
+            ref = member.get("object") or {}
+            at = (ref.get("bucket"), ref.get("key"), ref.get("version_id"))
+            if at in tried:
+                continue
+            tried.add(at)
+            try:
+                return await self._load(tenant, member, budget)
+            except PermanentError as exc:
+                if exc.code not in MISSING_OBJECT:
+                    raise
+                first = first or exc
+                log.warning(
+                    "a member's copy is not in the object store; trying an older outcome's", code=exc.code
+                )
+        assert first is not None
+        raise first
 
     async def _load(self, tenant: str, member: dict[str, Any], budget: ByteBudget) -> pydicom.Dataset:
         """One member, read and parsed in a thread (not in the event loop: a large or deflated one
