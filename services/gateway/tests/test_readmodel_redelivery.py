@@ -25,6 +25,7 @@ from enclave_gateway.config import GatewaySettings
 from enclave_gateway.main import create_app
 from enclave_gateway.readmodel import LatestAnalysis, ReadModel, analysis_id_of, latest_analysis_of, status_of
 from pydantic import BaseModel, SecretStr
+from pymongo.errors import DuplicateKeyError
 
 TENANT = "tenant-a"
 KEY = "k" * 43
@@ -51,7 +52,13 @@ class FakeCollection:
                 doc[field] = value
 
     async def replace_one(self, filter: dict[str, Any], doc: dict[str, Any], upsert: bool = False) -> None:
+        """By ``_id``, and ``recorded_at`` ``$lte`` when given; an unmatched upsert of an existing
+        ``_id`` is a duplicate key, as in MongoDB and FerretDB."""
         self.commands.append("replace")
+        existing = self.docs.get(filter["_id"])
+        bound = filter.get("recorded_at", {}).get("$lte")
+        if existing is not None and bound is not None and not existing["recorded_at"] <= bound:
+            raise DuplicateKeyError("E11000 duplicate key error")
         self.docs[filter["_id"]] = copy.deepcopy(doc)
 
 
@@ -214,6 +221,25 @@ async def test_an_earlier_analysis_delivered_again_does_not_replace_a_later_one(
         assert analysis_id_of(db["instances"].docs[iuid]) == "an-later"
         assert status_of(db["instances"].docs[iuid]) == "analysed"
         assert latest_analysis_of(db["instances"].docs[iuid]) == LatestAnalysis("an-later", "completed")
+
+
+async def test_an_earlier_outcome_of_the_same_analysis_delivered_again_does_not_replace_the_later() -> None:
+    """A series analysed again under its id (a rerun, or after ``enclave-deid-redo`` changed its
+    copies): Kafka delivers the first outcome again after the second. The analysis keeps the second's
+    measures; until a review of the eighteenth session the first's came back."""
+    model, db = read_model()
+    members = [new_event_id()]
+    start = datetime.now(UTC)
+    first = analysis_event("completed", "an-1", members, start)
+    again = analysis_event("completed", "an-1", members, start + timedelta(minutes=5))
+    again.data["measures"] = {"brain_volume_ml": 1187.25}
+    for e in (first, again, first):
+        await model.on_event(e)
+    stored_analysis = db["analyses"].docs["an-1"]
+    assert stored_analysis["measures"] == {"brain_volume_ml": 1187.25}
+    assert stored_analysis["recorded_at"] == again.time
+    await model.on_event(again)  # the later one delivered again writes the same
+    assert db["analyses"].docs["an-1"]["measures"] == {"brain_volume_ml": 1187.25}
 
 
 async def test_an_analysis_outcome_arriving_before_the_instance_events_is_kept() -> None:

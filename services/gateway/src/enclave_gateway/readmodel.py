@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_common.events import (
@@ -46,6 +47,8 @@ from enclave_common.events import (
 from enclave_common.pseudonyms import InstanceKeys
 from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+log = structlog.get_logger("enclave.gateway")
 
 DUPLICATE_KEY = 11000
 
@@ -332,18 +335,26 @@ class ReadModel:
     async def _store_analysis(
         self, envelope: Envelope, analysis_id: str, series_key: str, status: str, fields: dict[str, Any]
     ) -> None:
-        await self.analyses.replace_one(
-            {"_id": analysis_id},
-            {
-                "_id": analysis_id,
-                "tenant": envelope.tenant,
-                "series_key": series_key,
-                "status": status,
-                "recorded_at": envelope.time,  # the event's, not now: redelivering the record writes the same
-                **fields,
-            },
-            upsert=True,
-        )
+        """The analysis's outcome, unless a later one of the same analysis id is recorded: a series
+        analysed again under its id (``enclave-analysis-rerun``, or after ``enclave-deid-redo``) has
+        a new outcome, and the earlier event delivered again must not bring back its measures. The
+        analysis service publishes only its current outcome, so a later event time is a later
+        outcome; an earlier one finds the filter unmatched and its upsert a duplicate ``_id``."""
+        try:
+            await self.analyses.replace_one(
+                {"_id": analysis_id, "recorded_at": {"$lte": envelope.time}},
+                {
+                    "_id": analysis_id,
+                    "tenant": envelope.tenant,
+                    "series_key": series_key,
+                    "status": status,
+                    "recorded_at": envelope.time,  # the event's, not now: redelivering it writes the same
+                    **fields,
+                },
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            log.info("an earlier outcome of an analysis delivered again; the later one is kept")
 
 
 async def _page_by_id(
