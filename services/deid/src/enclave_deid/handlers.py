@@ -3,7 +3,8 @@
 
 Idempotent on (tenant, instance key): the first delivery claims the instance and records the outcome;
 a redelivery, or another upload of the same instance (``duplicate``), re-emits that outcome with an id
-derived from its own cause and its own upload ids, and stores nothing new.
+derived from its own cause and its own upload ids, and stores nothing new but the upload's ids
+(``emitted``, for ``enclave-deid-redo``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pydantic import ValidationError
 from enclave_deid.config import DeidSettings
 from enclave_deid.linkage import LinkageVault
 from enclave_deid.pipeline import WITHHELD, DeidPipeline, Quarantined, Released, describe_policy
-from enclave_deid.records import DeidRecords
+from enclave_deid.records import DeidRecords, InstanceBeingProcessed
+from enclave_deid.revision import DEID_REVISION
 
 log = structlog.get_logger("enclave.deid")
 
@@ -111,7 +113,8 @@ class InstanceStoredHandler:
                 reason_code=outcome.code,
                 reason=outcome.reason,
             )
-            topic, status, extra = topics.INSTANCE_QUARANTINED, "quarantined", {}
+            topic, status = topics.INSTANCE_QUARANTINED, "quarantined"
+            extra: dict[str, Any] = {"study_key": stored.study_key}
         else:
             self.runtime.count_crypto("encrypt")  # the de-identified copy
             profile, options = describe_policy(policy)
@@ -141,6 +144,13 @@ class InstanceStoredHandler:
                 "kek_id": outcome.kek_id,
                 "size": outcome.size,
             }
+        # What a later ``enclave-deid-redo`` needs: the rules' revision, the original, every upload.
+        extra |= {
+            "revision": DEID_REVISION,
+            "original": stored.object.model_dump(),
+            "source_size": stored.size,
+            "emitted": [{"upload_id": stored.upload_id, "instance_upload_id": stored.instance_upload_id}],
+        }
         envelope = self._envelope(topic, data, cause, stored)
         await self.records.finish(
             tenant, stored.instance_key, status=status, topic=topic, envelope=envelope, extra=extra
@@ -149,22 +159,44 @@ class InstanceStoredHandler:
         log.info("instance " + status, topic=topic, reason_code=getattr(data, "reason_code", None))
 
     async def _reemit(self, done: dict[str, Any], cause: Envelope, stored: InstanceStored) -> None:
-        """Publish the recorded outcome again, for this delivery's upload ids, with an id derived from it."""
-        topic: str = done["outcome"]["topic"]
+        """Publish the recorded outcome again, for this delivery's upload ids, with an id derived from it.
+
+        The upload is noted in the record first (``emitted``): ``enclave-deid-redo`` publishes a new
+        copy for every upload that was told of the old one. If a redo replaced the outcome meanwhile,
+        before the note or before the publication, this delivery waits and re-emits the new one (so
+        the last event of each upload names the current copy)."""
+        outcome = done["outcome"]
+        topic: str = outcome["topic"]
+        if not await self.records.note_emitted(
+            cause.tenant,
+            stored.instance_key,
+            outcome["event_id"],
+            stored.upload_id,
+            stored.instance_upload_id,
+        ):
+            raise InstanceBeingProcessed("the instance's outcome was replaced while re-emitting it; retrying")
         fields = {
-            **done["outcome"]["data"],
+            **outcome["data"],
             "upload_id": stored.upload_id,
             "instance_upload_id": stored.instance_upload_id,
         }
         model = InstanceDeidentified if topic == topics.INSTANCE_DEIDENTIFIED else InstanceQuarantined
-        envelope = self._envelope(topic, model.model_validate(fields), cause, stored)
+        # An outcome a redo recorded gets ids of its own (a redelivery of the old one is not a duplicate).
+        discriminator = stored.instance_upload_id + (
+            f"|{outcome['event_id']}" if done.get("redone_at") else ""
+        )
+        envelope = self._envelope(topic, model.model_validate(fields), cause, stored, discriminator)
         await self.runtime.publisher.publish(topic, envelope, key=stored.series_key)
+        if await self.records.outcome_event_id(cause.tenant, stored.instance_key) != outcome["event_id"]:
+            raise InstanceBeingProcessed("the instance's outcome was replaced while re-emitting it; retrying")
         log.info(
             "outcome re-emitted for an instance already handled", topic=topic, duplicate=stored.duplicate
         )
 
     @staticmethod
-    def _envelope(topic: str, data: EventData, cause: Envelope, stored: InstanceStored) -> Envelope:
+    def _envelope(
+        topic: str, data: EventData, cause: Envelope, stored: InstanceStored, discriminator: str | None = None
+    ) -> Envelope:
         return Envelope.for_topic(
             topic,
             data,
@@ -173,5 +205,5 @@ class InstanceStoredHandler:
             actor=ACTOR,
             correlation_id=cause.correlation_id,
             cause=cause,
-            discriminator=stored.instance_upload_id,
+            discriminator=discriminator or stored.instance_upload_id,
         )

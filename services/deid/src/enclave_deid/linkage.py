@@ -124,13 +124,25 @@ class LinkageVault:
         self, record: LinkageRecord, instance_key: str, study_key: str, *, patient_key: str | None = None
     ) -> None:
         """Seal (in a worker thread: a KMS call blocks) and store the linkage of one instance."""
-        await self.save(
-            await asyncio.to_thread(seal_linkage, self._kek(), record, instance_key, study_key, patient_key)
+        await self.save(await self.seal(record, instance_key, study_key, patient_key=patient_key))
+
+    async def seal(
+        self, record: LinkageRecord, instance_key: str, study_key: str, *, patient_key: str | None = None
+    ) -> dict[str, Any]:
+        """The sealed document of one instance's linkage, not stored (``enclave-deid-redo`` stores it
+        once the record names the copy it belongs to)."""
+        return await asyncio.to_thread(
+            seal_linkage, self._kek(), record, instance_key, study_key, patient_key
         )
 
     async def erase_study(self, tenant: str, study_key: str) -> int:
         """Delete the linkage of a crypto-shredded study (every record carries its study key)."""
         erased = await self.collection.delete_many({"tenant": tenant, "study_key": study_key})
+        return erased.deleted_count
+
+    async def erase_instance(self, tenant: str, instance_key: str) -> int:
+        """Delete the linkage of one instance (its released copy was withdrawn: ``enclave-deid-redo``)."""
+        erased = await self.collection.delete_one({"_id": f"{tenant}|{instance_key}"})
         return erased.deleted_count
 
     async def disclose(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

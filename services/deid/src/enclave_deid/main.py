@@ -58,11 +58,48 @@ def load_keys(settings: DeidSettings) -> DeidKeys:
     return DeidKeys(originals=originals, deid=deid, linkage=linkage)
 
 
+def load_checked_keys(settings: DeidSettings) -> DeidKeys:
+    """The service's keys (``load_keys``) after its configuration guard: deid's pseudonym key must be
+    its own, never the gateway/ingest ``ENCLAVE_PSEUDONYM_KEY``. The service and ``enclave-deid-redo``
+    both call it, so neither makes copies under another key."""
+    keys = load_keys(settings)
+    pseudonym_key = settings.pseudonym_key_base64()
+    if pseudonym_key and pseudonym_key == os.environ.get("ENCLAVE_PSEUDONYM_KEY"):
+        own = {"ENCLAVE_DEID_PSEUDONYM_KEY", "ENCLAVE_DEID_PSEUDONYM_KEY_FILE"} & set(os.environ)
+        raise ConfigurationError(
+            # Unset, the shared ENCLAVE_ prefix would hand deid the gateway/ingest key: say so.
+            (
+                "the deid pseudonym key equals ENCLAVE_PSEUDONYM_KEY (gateway/ingest)"
+                if own
+                else "ENCLAVE_DEID_PSEUDONYM_KEY (or ENCLAVE_DEID_PSEUDONYM_KEY_FILE) is not set; deid never "
+                "uses ENCLAVE_PSEUDONYM_KEY (gateway/ingest) in its place"
+            )
+            + ": set ENCLAVE_DEID_PSEUDONYM_KEY to a key of its own, so output pseudonyms cannot be "
+            "recomputed from the ingest keys"
+        )
+    return keys
+
+
+def build_pipeline(settings: DeidSettings, keys: DeidKeys, store: S3ObjectStore) -> DeidPipeline:
+    """The pipeline of the service (and of ``enclave-deid-redo``, which must release what it releases)."""
+    return DeidPipeline(
+        store=store,
+        study_keys=StudyKeyObjects(store, settings.originals_bucket, keys.originals),
+        deid_kek=keys.deid,
+        keys=DeidPseudonymKeys.from_base64(settings.pseudonym_key_base64(), "ENCLAVE_DEID_PSEUDONYM_KEY"),
+        bucket=settings.deidentified_bucket,
+        max_instance_bytes=settings.max_instance_bytes,
+        max_elements=settings.max_elements_per_instance,
+        work_dir=settings.work_dir,
+    )
+
+
 def create_app(settings: DeidSettings | None = None) -> FastAPI:
     settings = settings or DeidSettings()
     runtime = ServiceRuntime(settings)
     runtime.publishes(topics.INSTANCE_DEIDENTIFIED, topics.INSTANCE_QUARANTINED)
-    # Published by the key and break-glass commands (`enclave-deid-keys`, `enclave-deid-linkage`), run
+    # Published by the key, break-glass and redo commands (`enclave-deid-keys`, `enclave-deid-linkage`,
+    # `enclave-deid-redo`, which also publishes the two topics above), run
     # in the service's pod with its Kafka identity: declared here so the AsyncAPI document, and the
     # Kafka ACLs checked against it, list them.
     runtime.publishes(topics.KEY_ROTATED, topics.ACCESS_RECORDED, topics.SECURITY_ALERT)
@@ -75,32 +112,9 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
     runtime.readiness["work_dir"] = local_disk_check(settings.work_dir)
 
     def check_keys() -> None:
-        keys = load_keys(settings)
-        pseudonym_key = settings.pseudonym_key_base64()
-        if pseudonym_key and pseudonym_key == os.environ.get("ENCLAVE_PSEUDONYM_KEY"):
-            own = {"ENCLAVE_DEID_PSEUDONYM_KEY", "ENCLAVE_DEID_PSEUDONYM_KEY_FILE"} & set(os.environ)
-            raise ConfigurationError(
-                # Unset, the shared ENCLAVE_ prefix would hand deid the gateway/ingest key: say so.
-                (
-                    "the deid pseudonym key equals ENCLAVE_PSEUDONYM_KEY (gateway/ingest)"
-                    if own
-                    else "ENCLAVE_DEID_PSEUDONYM_KEY (or ENCLAVE_DEID_PSEUDONYM_KEY_FILE) is not set; deid never "
-                    "uses ENCLAVE_PSEUDONYM_KEY (gateway/ingest) in its place"
-                )
-                + ": set ENCLAVE_DEID_PSEUDONYM_KEY to a key of its own, so output pseudonyms cannot be "
-                "recomputed from the ingest keys"
-            )
+        keys = load_checked_keys(settings)
         vault.kek = keys.linkage
-        handler.pipeline = DeidPipeline(
-            store=store,
-            study_keys=StudyKeyObjects(store, settings.originals_bucket, keys.originals),
-            deid_kek=keys.deid,
-            keys=DeidPseudonymKeys.from_base64(pseudonym_key, "ENCLAVE_DEID_PSEUDONYM_KEY"),
-            bucket=settings.deidentified_bucket,
-            max_instance_bytes=settings.max_instance_bytes,
-            max_elements=settings.max_elements_per_instance,
-            work_dir=settings.work_dir,
-        )
+        handler.pipeline = build_pipeline(settings, keys, store)
 
     async def prepare() -> None:
         await store.ensure_bucket(settings.deidentified_bucket)

@@ -14,6 +14,7 @@ streamed (multipart) upload.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -62,6 +63,12 @@ class InstanceTooComplex(PermanentError):
 
 class OriginalUndecryptable(PermanentError):
     code = "original_undecryptable"
+
+
+class OriginalChanged(PermanentError):
+    """The original is not the content the record was made from (its SHA-256 differs)."""
+
+    code = "original_changed"
 
 
 class UnreadableInstance(PermanentError):
@@ -148,12 +155,29 @@ class DeidPipeline:
     ) -> Released | Quarantined:
         """De-identify one stored original under ``policy``; store the copy at ``object_key``."""
         self.check_size(stored.size)
-        provider = await self.study_keys.object_provider(tenant, stored.study_key)
-        body = await self.store.open(stored.object.bucket, stored.object.key, stored.object.version_id)
-        source = ObjectIdentity(tenant, stored.study_key, stored.object.key)
-        target = deid_object_identity(tenant, stored.study_key, object_key)
+        return await self.run_original(tenant, stored.study_key, stored.object, policy, object_key)
+
+    async def run_original(
+        self,
+        tenant: str,
+        study_key: str,
+        original: ObjectRef,
+        policy: DeidPolicy,
+        object_key: str,
+        *,
+        expected_sha256: str | None = None,
+    ) -> Released | Quarantined:
+        """De-identify the original at ``original`` (of study ``study_key``); with ``expected_sha256``,
+        :class:`OriginalChanged` unless its decrypted content has that digest (``enclave-deid-redo``).
+        Raises ``StudyKeyShredded`` for a crypto-shredded study."""
+        provider = await self.study_keys.object_provider(tenant, study_key)
+        body = await self.store.open(original.bucket, original.key, original.version_id)
+        source = ObjectIdentity(tenant, study_key, original.key)
+        target = deid_object_identity(tenant, study_key, object_key)
         try:
-            outcome = await asyncio.to_thread(self._transform, body, source, provider, tenant, policy, target)
+            outcome = await asyncio.to_thread(
+                self._transform, body, source, provider, tenant, policy, target, expected_sha256
+            )
         finally:
             body.close()
         if isinstance(outcome, Quarantined):
@@ -211,8 +235,14 @@ class DeidPipeline:
         tenant: str,
         policy: DeidPolicy,
         target: ObjectIdentity,
+        expected_sha256: str | None = None,
     ) -> _Written | Quarantined:
         plaintext = self._decrypt_bounded(body, source, provider)
+        if expected_sha256 is not None and hashlib.sha256(plaintext).hexdigest() != expected_sha256:
+            raise OriginalChanged(
+                "the original's SHA-256 is not the one the de-identified record was made from; "
+                "it is not de-identified again"
+            )
         self.check_complexity(plaintext)
         buffer = BytesIO(plaintext)  # shares the bytes object: no copy
         # Small instances keep their bytes so the writer can copy unchanged elements from them; for
