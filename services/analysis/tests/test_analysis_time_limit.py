@@ -115,3 +115,13 @@ def test_the_time_limit_must_end_an_analysis_before_its_lease_does() -> None:
     with pytest.raises(pydantic.ValidationError, match="must be below ENCLAVE_ANALYSIS_LEASE_S"):
         AnalysisSettings(max_analysis_s=900.0, lease_s=900.0)
     assert AnalysisSettings().max_analysis_s == 600.0
+
+
+async def test_a_timeout_error_the_analyser_raises_itself_is_not_the_time_limit(service) -> None:
+    """Only the limit's own expiry is ``analysis_timed_out``; a TimeoutError from inside the analysis
+    is an error of the analysis, and the worker is not killed for it (review, eighteenth session)."""
+    worker_pid = await service._run_analyser(WORKER_PID)
+    with pytest.raises(TimeoutError) as raised:
+        await service._run_analyser("(_ for _ in ()).throw(TimeoutError('inside'))")
+    assert not isinstance(raised.value, AnalysisTimedOut)
+    assert await service._run_analyser(WORKER_PID) == worker_pid  # the same worker

@@ -38,6 +38,7 @@ class Journal:
     def __init__(self) -> None:
         self.steps: list[Any] = []
         self.pending: dict[str, Any] | None = None
+        self.taken_over = False
 
 
 class Assembly:
@@ -61,6 +62,9 @@ class Assembly:
     ) -> None:
         self.journal.steps.append(("finish", outcome))
 
+    async def held(self, series: dict[str, Any]) -> dict[str, Any] | None:
+        return None if self.journal.taken_over else series
+
 
 class Versions:
     """The results bucket's versions; ``refuse`` makes the next delete fail with it."""
@@ -69,9 +73,14 @@ class Versions:
         self.journal = journal
         self.stored = stored
         self.refuse: BaseException | None = None
+        self.refuse_listing: BaseException | None = None
 
     async def versions(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
-        return [v for v in self.stored if v[0].startswith(prefix)]
+        """As S3 lists them: keys in order, each key's newest version (the last stored) first."""
+        if self.refuse_listing is not None:
+            raise self.refuse_listing
+        newest_first = [v for v in reversed(self.stored) if v[0].startswith(prefix)]
+        return sorted(newest_first, key=lambda v: v[0])
 
     async def delete(self, bucket: str, versions: list[tuple[str, str]]) -> None:
         if self.refuse is not None:
@@ -195,3 +204,45 @@ async def test_a_failed_outcome_deletes_no_report() -> None:
     await analysis.attempt(series())
     assert [s[0] for s in journal.steps] == ["publish", "finish"]
     assert len(versions.stored) == 4
+
+
+async def test_versions_the_store_refuses_to_list_are_kept_and_the_series_finishes() -> None:
+    """Without ``s3:ListBucketVersions`` the listing is refused: the series finishes once (until a
+    review of the eighteenth session the refusal was an unexpected error, and the recorded outcome
+    was published again at every claim, for good)."""
+    analysis, journal, versions = service(old_versions(analysis_id()))
+    versions.refuse_listing = PermanentError(
+        "object store list versions failed (AccessDenied)", code="s3_AccessDenied"
+    )
+    await analysis.attempt(series())
+    assert [s[0] for s in journal.steps] == ["publish", "finish"]
+    assert len(versions.stored) == 6
+
+
+async def test_a_purge_keeps_newer_versions_than_its_own_and_keys_whose_kept_version_is_gone() -> None:
+    """A replica that stalled before its purge while another analysed the same members again and
+    published newer reports deletes none of those (it deleted them all before the review)."""
+    current = analysis_id()
+    analysis, journal, versions = service(old_versions(current))
+    real_store = analysis._store_report
+
+    async def store_then_overtaken(*args: Any) -> ObjectRef:
+        ref = await real_store(*args)
+        versions.stored.append((ref.key, "v-newer"))  # the other replica's, written after ours
+        return ref
+
+    analysis._store_report = store_then_overtaken  # type: ignore[method-assign]
+    await analysis.attempt(series())
+    [_, delete, _] = journal.steps
+    assert delete == ("delete", sorted(old_versions(current)))
+    assert sorted(v for v in versions.stored) == sorted(
+        [(f"reports/{current}/{name}", v) for name in NAMES for v in ("v-new", "v-newer")]
+    )
+
+
+async def test_a_purge_deletes_nothing_once_the_series_was_taken_over() -> None:
+    analysis, journal, versions = service(old_versions(analysis_id()))
+    journal.taken_over = True
+    await analysis.attempt(series())
+    assert "delete" not in [s[0] for s in journal.steps]
+    assert len(versions.stored) == 6

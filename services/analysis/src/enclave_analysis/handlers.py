@@ -480,23 +480,26 @@ class AnalysisService:
         reports = envelope.data.get("reports") or []
         if not reports or any(not r.get("version_id") for r in reports):
             return
-        keep = {(r["key"], r["version_id"]) for r in reports}
+        keep = {r["key"]: r["version_id"] for r in reports}
         bucket = reports[0]["bucket"]
-        prefixes = [f"reports/{analysis_id}/"]
         previous = series.get("analysis_id")
-        if isinstance(previous, str) and previous and previous != analysis_id:
-            prefixes.append(f"reports/{previous}/")
-        stale = [
-            v
-            for prefix in prefixes
-            for v in await self.report_versions.versions(bucket, prefix)
-            if v not in keep
-        ]
-        if not stale:
-            return
+        stale: list[tuple[str, str]] = []
         try:
-            await self.report_versions.delete(bucket, stale)
-        except PermanentError as exc:
+            # Under this analysis's prefix only versions older than the one kept of the same key go
+            # (a listing gives each key's newest version first): a replica that stalled here while
+            # another analysed the same members again and published newer reports deletes none of
+            # them (the review of the eighteenth session), and a key whose kept version is already
+            # gone is left alone.
+            stale += _older_than_kept(
+                await self.report_versions.versions(bucket, f"reports/{analysis_id}/"), keep
+            )
+            if isinstance(previous, str) and previous and previous != analysis_id:
+                stale += await self.report_versions.versions(bucket, f"reports/{previous}/")
+            if stale and await self.assembly.held(series) is None:
+                return  # taken over meanwhile: the replica that holds the series decides
+            if stale:
+                await self.report_versions.delete(bucket, stale)
+        except PermanentError as exc:  # no permission to list or delete versions: they stay
             self.superseded_reports.labels("kept").inc(len(stale))
             log.error(
                 "superseded report versions could not be deleted; they stay in the results bucket",
@@ -504,6 +507,8 @@ class AnalysisService:
                 versions=len(stale),
                 code=exc.code,
             )
+            return
+        if not stale:
             return
         self.superseded_reports.labels("deleted").inc(len(stale))
         log.info("superseded report versions deleted", analysis_id=analysis_id, versions=len(stale))
@@ -516,10 +521,13 @@ class AnalysisService:
         # What ITK and ANTs print to stderr in the worker stays out of the service's log (native_stderr).
         captured = functools.partial(run_capturing_native_stderr, self.analyser)
         limit = self.settings.max_analysis_s
+        bound = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with bound:
                 return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
         except TimeoutError:
+            if not bound.expired():
+                raise  # the analyser's own TimeoutError, not the limit
             # Hung (a native decoder that does not return): the worker is killed, not waited for.
             log.error("analysis ran past its time limit; its worker process is killed", limit_s=limit)
             _kill_workers(self._executor)
@@ -687,3 +695,19 @@ def _recorded(series: dict[str, Any], analysis_id: str) -> dict[str, Any] | None
     (the series' members now), else None."""
     pending = series.get("pending_event") or {}
     return dict(pending) if pending.get("analysis_id") == analysis_id and pending.get("envelope") else None
+
+
+def _older_than_kept(listed: list[tuple[str, str]], keep: dict[str, str]) -> list[tuple[str, str]]:
+    """The versions of ``listed`` (each key's newest first) that are older than the version ``keep``
+    names for their key, and every version of a key ``keep`` does not name; none of a key whose kept
+    version is not listed."""
+    stale: list[tuple[str, str]] = []
+    seen_kept: set[str] = set()
+    for key, version in listed:
+        if key not in keep:
+            stale.append((key, version))
+        elif version == keep[key]:
+            seen_kept.add(key)
+        elif key in seen_kept:
+            stale.append((key, version))
+    return stale

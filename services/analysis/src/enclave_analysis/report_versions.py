@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from enclave_common.errors import PermanentError
+from enclave_common.errors import PermanentError, TransientError
 from enclave_common.storage import S3ObjectStore
 
 #: ``DeleteObjects`` takes at most this many keys per request.
 DELETE_BATCH = 1000
+#: Per-key error codes of ``DeleteObjects`` that say "later", not "never".
+TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 
 
 class ReportVersions(Protocol):
@@ -53,6 +55,12 @@ class S3ReportVersions:
         errors = await self.store._call("delete versions", delete)
         if errors:
             code = str(errors[0].get("Code", "Unknown"))
+            if any(str(e.get("Code")) in TRANSIENT_CODES for e in errors):
+                raise TransientError(
+                    f"object store delete versions failed for {len(errors)} of {len(versions)} versions "
+                    f"({code}); tried again",
+                    code=f"s3_{code}",
+                )
             raise PermanentError(
                 f"object store delete versions failed for {len(errors)} of {len(versions)} versions ({code})",
                 code=f"s3_{code}",
