@@ -64,12 +64,14 @@ def build_router(
         request: Request, principal: Principal, exc: TransientError, correlation_id: str | None = None
     ) -> None:
         """Record an upload answered 503 for a cause of the gateway's own (its spool, its database):
-        the access decision alone said it was allowed."""
+        the access decision alone said it was allowed. ``rejected`` when nothing of it was handed off
+        (the spool); ``error`` when the database did not record it, since its instances may have been
+        handed off already and ingest stores them."""
         await recorder.record(
             request,
             principal=principal,
             action="upload",
-            outcome="rejected",
+            outcome="error" if isinstance(exc, UploadNotRecorded) else "rejected",
             status=503,
             detail=exc.code,
             correlation_id=correlation_id,

@@ -11,18 +11,22 @@ client that sent one more chunk and stopped held its connection for good, outsid
 bytes, and a client still sending (most send the whole body before they read) would see the reset,
 not the answer.
 
-So, on the upload routes, an answer that comes before the body ended is held while the rest of the
-body is read and dropped: it goes out as it is once the body ends, and with ``Connection: close``
-(uvicorn then closes the connection after it) when the body stays silent for ``idle_s`` or is not in
-after ``total_s``. A request that asked for ``100-continue`` and sent nothing yet is answered at once
-with ``Connection: close``: its client waits for that answer before it sends the body. Written by hand:
-neither uvicorn nor Starlette bounds this.
+So, on the upload routes, an answer that comes before the body ended goes out at once, with
+``Connection: close``, all but its end: a client that reads while it sends (curl, Go) stops sending.
+Then the rest of the body is read and dropped, for as long as it keeps arriving (never silent for
+``idle_s``, in all ``total_s``), as nginx's lingering close does, and only then is the answer ended and
+the connection closed: a client that reads the answer only once it has sent its body gets it, not a
+reset, whenever it sent the body in time. The drain runs after the app returned, so the request's
+latency, access log and span do not count it; at most ``max_draining`` drains run at once, past it
+the answer ends at once. A request that asked for ``100-continue`` and sent nothing yet is not
+drained: its client sends no body after the answer. Written by hand: neither uvicorn nor Starlette
+bounds this.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from enclave_common.body_limit import route_path
 from starlette.routing import compile_path
@@ -32,6 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LINGER_IDLE_S = 5.0
 #: As nginx's ``lingering_time``: the longest the rest of a refused body is read for.
 LINGER_TOTAL_S = 30.0
+#: Drains running at once per process, past which an answer ends without one (each holds a task and
+#: up to uvicorn's 64 KiB read buffer for at most ``LINGER_TOTAL_S``).
+MAX_DRAINING = 256
 
 
 class LingeringAnswer:
@@ -44,11 +51,14 @@ class LingeringAnswer:
         routes: Collection[str],
         idle_s: float = LINGER_IDLE_S,
         total_s: float = LINGER_TOTAL_S,
+        max_draining: int = MAX_DRAINING,
     ) -> None:
         self.app = app
         self.routes = [compile_path(template)[0] for template in routes]
         self.idle_s = idle_s
         self.total_s = total_s
+        self.max_draining = max_draining
+        self.draining = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not any(p.match(route_path(scope)) for p in self.routes):
@@ -56,7 +66,8 @@ class LingeringAnswer:
             return
         body_ended = False  # the last body message was received, or the client left
         received_any = False
-        held: Message | None = None  # the answer's start, while the rest of the body is dropped
+        lingering = False  # the answer started before the body ended
+        end_held = False  # its last body message is held until the drain is over
         expects_continue = any(
             name.lower() == b"expect" and value.lower() == b"100-continue"
             for name, value in scope.get("headers", ())
@@ -72,34 +83,43 @@ class LingeringAnswer:
                 body_ended = True  # http.disconnect: nothing more will come
             return message
 
-        async def drained() -> bool:
-            """Read and drop the rest of the body: True when it ended in time."""
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.total_s
-            while not body_ended:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                try:
-                    async with asyncio.timeout(min(self.idle_s, remaining)):
-                        message = await tracked_receive()
-                except TimeoutError:
-                    return False
-                if message["type"] == "http.disconnect":
-                    return False
-            return True
-
         async def lingering_send(message: Message) -> None:
-            nonlocal held
+            nonlocal lingering, end_held
             if message["type"] == "http.response.start" and not body_ended:
-                held = message
-                return
-            if held is not None and message["type"] == "http.response.body":
-                start, held = held, None
-                waits_for_answer = expects_continue and not received_any
-                if message.get("more_body", False) or waits_for_answer or not await drained():
-                    start = {**start, "headers": [*start.get("headers", ()), (b"connection", b"close")]}
-                await send(start)
+                lingering = True
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            elif lingering and message["type"] == "http.response.body" and not message.get("more_body"):
+                end_held = True
+                message = {**message, "more_body": True}
             await send(message)
 
         await self.app(scope, tracked_receive, lingering_send)
+        if not end_held:
+            return
+        if not (expects_continue and not received_any) and self.draining < self.max_draining:
+            self.draining += 1
+            try:
+                await self._drain(tracked_receive, lambda: body_ended)
+            finally:
+                self.draining -= 1
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _drain(self, receive: Receive, ended: Callable[[], bool]) -> None:
+        """Read and drop the rest of the body until it ends, stays silent ``idle_s`` or ``total_s``
+        passed, or the client leaves."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total_s
+        while not ended():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(min(self.idle_s, remaining)):
+                    message = await receive()
+            except TimeoutError:
+                return
+            if message["type"] == "http.disconnect":
+                return
