@@ -459,15 +459,18 @@ class Verifier:
             analysing = self.mongo["analysis"]["series"].count_documents(
                 {"tenant": self.tenant, "status": {"$in": ["collecting", "analysing"]}}
             )
+            # Analysis's own progress: its members settle after deid is done, slowly on a large
+            # database (a run on a long-lived stack checked while they still did).
+            settled = self.mongo["analysis"]["members"].count_documents({"tenant": self.tenant})
             print(
                 f"  settle {time.monotonic() - start:5.0f}s: stored {stored}, de-identified {deid}, "
-                f"series still open {analysing} (acknowledged {len(keys)})",
+                f"analysis members {settled}, series still open {analysing} (acknowledged {len(keys)})",
                 flush=True,
             )
             if deid >= len(keys) and stored >= len(keys) and analysing == 0:
                 return time.monotonic() - start
-            if (stored, deid, analysing) != last:
-                last, last_change = (stored, deid, analysing), time.monotonic()
+            if (stored, deid, settled, analysing) != last:
+                last, last_change = (stored, deid, settled, analysing), time.monotonic()
             elif time.monotonic() - last_change > self.u.args.stall_s:
                 print(f"  nothing moved for {self.u.args.stall_s:.0f} s: checking now", flush=True)
                 return time.monotonic() - start
