@@ -11,6 +11,7 @@ free text checked like a grant's justification (10 to 500 characters; the reason
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 
@@ -58,6 +59,33 @@ class OperatorAction:
             reason=check_justification(reason, OperatorActionRefused, what="--reason"),
             tenant=tenant or ALL_TENANTS,
         )
+
+    @classmethod
+    def from_command_line(
+        cls,
+        parser: argparse.ArgumentParser,
+        args: argparse.Namespace,
+        *,
+        source: str,
+        action: str,
+        target: str,
+    ) -> OperatorAction | None:
+        """The run of a command whose arguments carry ``actor``, ``reason``, ``tenant`` and
+        ``dry_run``: None for a dry run (not audited), else the checked action; an unusable actor or
+        reason ends the command as a usage error (exit 2, nothing published)."""
+        if args.dry_run:
+            return None
+        try:
+            return cls.checked(
+                source=source,
+                actor=args.actor,
+                action=action,
+                target=target,
+                reason=args.reason,
+                tenant=args.tenant,
+            )
+        except OperatorActionRefused as exc:
+            parser.error(str(exc))
 
     def event(
         self, *, outcome: AccessOutcome = "success", status_code: int = 200, detail: str = ""

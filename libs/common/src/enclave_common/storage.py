@@ -264,6 +264,32 @@ class S3ObjectStore:
 
         return await self._call("delete", delete)  # type: ignore[no-any-return]
 
+    async def delete_versions(self, bucket: str, versions: list[tuple[str, str]]) -> None:
+        """Delete these ``(key, version id)`` versions, ``DeleteObjects`` batches of 1,000. A version
+        the store refused to delete makes it raise: ``TransientError`` for a code that says "later"
+        (the store's transient codes, as for any call), ``PermanentError`` otherwise (``s3_<code>``)."""
+
+        def delete() -> list[dict[str, Any]]:
+            errors: list[dict[str, Any]] = []
+            for start in range(0, len(versions), 1000):
+                objects = [
+                    {"Key": key, "VersionId": version} for key, version in versions[start : start + 1000]
+                ]
+                answer = self._client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                )
+                errors += answer.get("Errors", [])
+            return errors
+
+        errors = await self._call("delete versions", delete)
+        if not errors:
+            return
+        code = str(errors[0].get("Code", "Unknown"))
+        failed = f"object store delete versions failed for {len(errors)} of {len(versions)} versions ({code})"
+        if any(str(e.get("Code")) in _TRANSIENT_CODES for e in errors):
+            raise TransientError(f"{failed}; tried again", code=f"s3_{code}")
+        raise PermanentError(failed, code=f"s3_{code}")
+
     async def list_versions(
         self, bucket: str, prefix: str, *, after: str = "", until: str | None = None
     ) -> list[tuple[str, str]]:

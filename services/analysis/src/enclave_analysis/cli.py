@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from enclave_common.logging import configure_logging
 from enclave_common.mongo import mongo_client
-from enclave_common.operator_actions import OperatorAction, OperatorActionRefused, record_end, record_start
+from enclave_common.operator_actions import OperatorAction, record_end, record_start
 
 from enclave_analysis.assembly import UNRECORDED, SeriesAssembly
 from enclave_analysis.config import AnalysisSettings
@@ -110,19 +110,9 @@ def rerun_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reason_code is None and args.series_key is None:
         parser.error("give --reason-code or --series-key (or both)")
-    audited = None
-    if not args.dry_run:
-        try:
-            audited = OperatorAction.checked(
-                source="enclave-analysis-rerun",
-                actor=args.actor,
-                action="analysis_rerun",
-                target=_selection(args),
-                reason=args.reason,
-                tenant=args.tenant,
-            )
-        except OperatorActionRefused as exc:
-            parser.error(str(exc))
+    audited = OperatorAction.from_command_line(
+        parser, args, source="enclave-analysis-rerun", action="analysis_rerun", target=_selection(args)
+    )
     settings = AnalysisSettings()
     configure_logging("analysis-rerun", settings.log_level, stream=sys.stderr)
     print(json.dumps(asyncio.run(_rerun(args, settings, audited)), indent=2))

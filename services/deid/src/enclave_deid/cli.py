@@ -30,7 +30,6 @@ from enclave_common.mongo import mongo_client, paged
 from enclave_common.operator_actions import (
     ALL_TENANTS,
     OperatorAction,
-    OperatorActionRefused,
     record_end,
     record_start,
 )
@@ -364,19 +363,9 @@ def redo_main(argv: Sequence[str] | None = None) -> int:
         "changed): every version deleted, linkage erased, instance.quarantined published",
     )
     args = parser.parse_args(argv)
-    audited = None
-    if not args.dry_run:
-        try:
-            audited = OperatorAction.checked(
-                source="enclave-deid-redo",
-                actor=args.actor,
-                action="deid_redo",
-                target=_redo_target(args),
-                reason=args.reason,
-                tenant=args.tenant,
-            )
-        except OperatorActionRefused as exc:
-            parser.error(str(exc))
+    audited = OperatorAction.from_command_line(
+        parser, args, source="enclave-deid-redo", action="deid_redo", target=_redo_target(args)
+    )
     settings = DeidSettings()
     configure_logging("deid-redo", settings.log_level, stream=sys.stderr)
     return _run(_redo(args, settings, audited))
