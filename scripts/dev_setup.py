@@ -3,6 +3,13 @@
 Everything goes under the state folder given as argument, never in the repo; `scripts/services.sh`
 sources ``dev.env`` so the services find their keys. Production reads the same variables from
 Kubernetes Secrets (deploy/k8s) and uses AWS KMS instead of keyring files.
+
+On the local MinIO (the root user's credentials in effect) it also gives each service that touches the
+object store its own MinIO user, bound to its policy in ``deploy/iam/`` (the same documents production
+gives the services' IAM roles), and writes that user's keys to ``s3/<service>.env``; `scripts/services.sh`
+starts each service with them, so the local stack and the integration tests run with the least
+privilege production has. ``dev.env`` keeps the root user, for tests and admin commands that inspect
+every bucket.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from enclave_common import topics
 from enclave_common.crypto import LocalKeyring, generate_ingest_keypair, private_key_to_pem, public_key_to_pem
 
 PARTITIONS = 3
+#: The services with an object-store identity (the gateway has none) and their policies.
+IAM_DIR = Path(__file__).resolve().parent.parent / "deploy" / "iam"
+S3_SERVICES = ("ingest", "deid", "analysis", "audit")
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -105,6 +115,57 @@ def main(state: Path) -> None:
     )
     created = asyncio.run(make_topics(bootstrap))
     print(f"[dev-setup] keys and dev.env under {state}; {created} Kafka topics created", file=sys.stderr)
+    root_user = os.environ.get("ENCLAVE_LOCAL_MINIO_ROOT_USER")
+    if root_user and os.environ.get("ENCLAVE_S3_ACCESS_KEY_ID") == root_user:
+        make_s3_identities(state / "s3")
+        print(f"[dev-setup] MinIO users {', '.join(S3_SERVICES)} with deploy/iam policies", file=sys.stderr)
+
+
+def make_s3_identities(folder: Path) -> None:
+    """One MinIO user per service, bound to ``deploy/iam/enclave-<service>.json`` (re-read each time, so
+    a changed policy takes effect at the next ``make up``); keys in ``folder/<service>.env`` (0600),
+    generated once."""
+    from urllib.parse import urlsplit
+
+    from minio.credentials import StaticProvider
+    from minio.error import MinioAdminException
+    from minio.minioadmin import MinioAdmin
+
+    endpoint = urlsplit(os.environ["ENCLAVE_S3_ENDPOINT_URL"])
+    admin = MinioAdmin(
+        endpoint=endpoint.netloc,
+        credentials=StaticProvider(
+            os.environ["ENCLAVE_S3_ACCESS_KEY_ID"], os.environ["ENCLAVE_S3_SECRET_ACCESS_KEY"]
+        ),
+        secure=endpoint.scheme == "https",
+    )
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, 0o700)
+    for service in S3_SERVICES:
+        user = f"enclave-{service}"
+        env_file = folder / f"{service}.env"
+        # token_hex: nothing in it a shell or MinIO would read as anything but the secret
+        _write_secret(
+            env_file,
+            f"export ENCLAVE_S3_ACCESS_KEY_ID='{user}'\n"
+            f"export ENCLAVE_S3_SECRET_ACCESS_KEY='{secrets.token_hex(24)}'\n".encode(),
+        )
+        secret = _env_value(env_file, "ENCLAVE_S3_SECRET_ACCESS_KEY")
+        admin.policy_add(user, policy_file=IAM_DIR / f"{user}.json")
+        admin.user_add(user, secret)
+        try:
+            admin.attach_policy([user], user=user)
+        except MinioAdminException as exc:
+            if "XMinioAdminPolicyChangeAlreadyApplied" not in str(exc):
+                raise
+
+
+def _env_value(path: Path, name: str) -> str:
+    for line in path.read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        if key == name:
+            return value.strip("'")
+    raise SystemExit(f"{path} has no {name}: delete it and run `make up` again")
 
 
 def _dev_issuer_env(script: Path, keys: Path) -> dict[str, str]:

@@ -24,8 +24,17 @@ fi
 up() {
   for s in $SERVICES; do
     if pid_alive "$s"; then log "$s already running (pid $(cat "$PIDS_DIR/$s.pid"))"; continue; fi
-    ENCLAVE_TRACING_FILE="${ENCLAVE_TRACING_FILE:-$ENCLAVE_STATE/traces/$s.jsonl}" \
-      setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null &
+    (
+      # Each service's own object-store identity on the local MinIO (scripts/dev_setup.py, deploy/iam/);
+      # the gateway holds none. S3 credentials the caller exported for another store are kept.
+      if [ "$s" = gateway ]; then
+        unset ENCLAVE_S3_ACCESS_KEY_ID ENCLAVE_S3_SECRET_ACCESS_KEY
+      elif [ "$ENCLAVE_S3_ACCESS_KEY_ID" = "$MINIO_ROOT_USER" ] && [ -f "$ENCLAVE_STATE/s3/$s.env" ]; then
+        . "$ENCLAVE_STATE/s3/$s.env"
+      fi
+      ENCLAVE_TRACING_FILE="${ENCLAVE_TRACING_FILE:-$ENCLAVE_STATE/traces/$s.jsonl}" \
+        exec setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null
+    ) &
     echo $! > "$PIDS_DIR/$s.pid"
     log "$s started (pid $!), log: $LOGS_DIR/$s.log"
   done

@@ -43,12 +43,24 @@ PHI = {
 
 def dev_env() -> dict[str, str]:
     """The variables `scripts/dev-setup.sh` wrote (key file paths, pseudonym keys)."""
+    return env_file(STATE / "dev.env")
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """The ``export NAME='value'`` lines of a file `scripts/dev-setup.sh` wrote."""
     env: dict[str, str] = {}
-    for line in (STATE / "dev.env").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("export "):
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = shlex.split(value)[0] if value else ""
     return env
+
+
+def service_identity(service: str) -> dict[str, str]:
+    """The service's own object-store keys on the local MinIO (``.state/s3/<service>.env``, bound to
+    its deploy/iam policy by `make up`); none when the stack runs without them."""
+    path = STATE / "s3" / f"{service}.env"
+    return env_file(path) if path.exists() else {}
 
 
 def mr_instance(
@@ -259,12 +271,14 @@ def restarted_with(service: str, settings: dict[str, str]) -> Iterator[None]:
 
 def admin_command(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run one of the project's commands (``.venv/bin/<name>``) with the stack's environment, as an
-    operator would (docs/operations.md); output captured."""
+    operator would in the service's pod (docs/operations.md): ``enclave-deid-redo`` with deid's
+    object-store identity, and so on; output captured."""
+    service = name.removeprefix("enclave-").split("-")[0]
     return subprocess.run(
         [str(ROOT / ".venv/bin" / name), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL},
+        env={**os.environ, **dev_env(), **service_identity(service), "ENCLAVE_MONGO_URL": MONGO_URL},
         timeout=300,
     )
 

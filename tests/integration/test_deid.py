@@ -38,6 +38,7 @@ from .support import (
     read_all,
     restarted_with,
     sealed_chunk_envelopes,
+    service_identity,
     wait_for_events,
 )
 from .test_gateway_support import bearer
@@ -357,7 +358,7 @@ async def test_crypto_shredding_a_study_erases_its_linkage(mongo):
     linkage = mongo["deid"]["linkage"]
     doc = await linkage.find_one({"_id": f"{TENANT}|{shredded.instance_key}"})
     assert doc is not None and doc["study_key"] == shredded.study_key
-    env = {**os.environ, **dev_env(), "ENCLAVE_MONGO_URL": MONGO_URL}
+    env = {**os.environ, **dev_env(), **service_identity("ingest"), "ENCLAVE_MONGO_URL": MONGO_URL}
 
     def shred() -> str:
         done = subprocess.run(

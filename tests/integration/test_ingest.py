@@ -31,6 +31,7 @@ from .support import (
     publish,
     restart,
     sealed_chunk_envelopes,
+    service_identity,
     wait_for_events,
 )
 
@@ -209,7 +210,7 @@ async def test_rotation_rewraps_every_study_key_and_shredding_makes_a_study_unre
     for data in (a, b):
         iuid = await _send(data, new_event_id())
         events.append((await wait_for_events(topics.INSTANCE_STORED, _for(iuid)))[0].payload(InstanceStored))
-    env = {**os.environ, **dev_env()}
+    env = {**os.environ, **dev_env(), **service_identity("ingest")}  # as in the ingest pod
     keyring_path = dev_env()["ENCLAVE_INGEST_KEYRING_FILE"]
     before = json.loads(Path(keyring_path).read_text())["current_version"]
     blobs_before = [await _store().read(s.object.bucket, s.object.key, s.object.version_id) for s in events]
@@ -295,7 +296,7 @@ async def test_scrub_reports_the_corrupted_object_and_segment():
         await client["ingest"]["instances"].update_one({"_id": iuid}, {"$set": {"object.version_id": None}})
     finally:
         await client.close()
-    env = {**os.environ, **dev_env()}
+    env = {**os.environ, **dev_env(), **service_identity("ingest")}  # as in the ingest pod
     out = subprocess.run(
         [str(ROOT / ".venv/bin/enclave-ingest-keys"), "scrub", "--tenant", TENANT],
         env=env,

@@ -251,18 +251,29 @@ class S3ObjectStore:
             raise s3_error(exc, "head") from exc
 
     async def delete_all_versions(self, bucket: str, key: str) -> int:
-        def delete() -> int:
-            versions = self._client.list_object_versions(Bucket=bucket, Prefix=key)
-            items = [
-                {"Key": v["Key"], "VersionId": v["VersionId"]}
-                for v in versions.get("Versions", []) + versions.get("DeleteMarkers", [])
-                if v["Key"] == key
-            ]
-            if items:
-                self._client.delete_objects(Bucket=bucket, Delete={"Objects": items, "Quiet": True})
-            return len(items)
+        """Delete every version and delete marker of ``key`` (exactly that key, not the keys it
+        prefixes); the number deleted. A version the store refused to delete raises as in
+        :meth:`delete_versions`: ``DeleteObjects`` answers 200 and only lists its refusals, and a
+        crypto-shred or a redo must not report a deletion that did not happen."""
 
-        return await self._call("delete", delete)  # type: ignore[no-any-return]
+        def listed() -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            markers: dict[str, str] = {}
+            while True:
+                page = self._client.list_object_versions(Bucket=bucket, Prefix=key, **markers)
+                found += [
+                    (v["Key"], v["VersionId"])
+                    for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+                    if v["Key"] == key
+                ]
+                if not page.get("IsTruncated"):
+                    return found
+                markers = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+
+        versions: list[tuple[str, str]] = await self._call("list versions", listed)
+        if versions:
+            await self.delete_versions(bucket, versions)
+        return len(versions)
 
     async def delete_versions(self, bucket: str, versions: list[tuple[str, str]]) -> None:
         """Delete these ``(key, version id)`` versions, ``DeleteObjects`` batches of 1,000. A version

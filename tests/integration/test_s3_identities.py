@@ -1,0 +1,206 @@
+"""Each service's object-store identity can do its work and nothing else (deploy/iam/, on real MinIO).
+
+`make up` gives ingest, deid, analysis and audit their own MinIO users bound to the policies in
+deploy/iam/ (the documents production gives their IAM roles) and starts each service with its user;
+the gateway gets none. The rest of the integration suite runs the pipeline through those services, so
+it proves the policies suffice; this file proves they deny what the service has no business doing:
+one table, every cell tried against MinIO with the service's own keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from .conftest import S3_ENDPOINT, S3_KEY, S3_SECRET
+from .support import STATE, service_identity
+
+ORIGINALS, DEIDENTIFIED, WORM = "enclave-originals", "enclave-deidentified", "enclave-audit-worm"
+IDENTITIES = ("ingest", "deid", "analysis", "audit")
+
+#: Where each object lives: (bucket, key prefix).
+PLACES = {
+    "originals": (ORIGINALS, "originals/"),
+    "study_keys": (ORIGINALS, "keys/"),
+    "deidentified": (DEIDENTIFIED, "deidentified/"),
+    "reports": (DEIDENTIFIED, "reports/"),
+    "worm": (WORM, "iam-test/"),
+}
+OPERATIONS = ("put", "get", "delete_version")
+
+#: (service, place) -> the operations allowed; every other operation on every place is denied.
+ALLOWED: dict[tuple[str, str], set[str]] = {
+    ("ingest", "originals"): {"put", "get"},
+    ("ingest", "study_keys"): {"put", "get", "delete_version"},
+    ("deid", "originals"): {"get"},
+    ("deid", "study_keys"): {"get"},
+    ("deid", "deidentified"): {"put", "get", "delete_version"},
+    ("analysis", "deidentified"): {"get"},
+    ("analysis", "reports"): {"put", "get", "delete_version"},
+    ("audit", "worm"): {"put", "get"},
+}
+
+CELLS = [
+    (service, place, operation) for service in IDENTITIES for place in PLACES for operation in OPERATIONS
+]
+
+
+def _keys(service: str) -> tuple[str, str]:
+    identity = service_identity(service)
+    return identity["ENCLAVE_S3_ACCESS_KEY_ID"], identity["ENCLAVE_S3_SECRET_ACCESS_KEY"]
+
+
+def _client(key: str, secret: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=S3_ENDPOINT,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}),
+    )
+
+
+def _put(client, bucket: str, key: str):
+    extra = {}
+    if bucket == WORM:  # the audit service writes its checkpoints under a retention
+        extra = {
+            "ObjectLockMode": "COMPLIANCE",
+            "ObjectLockRetainUntilDate": dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2),
+        }
+    return client.put_object(Bucket=bucket, Key=key, Body=b"iam test", **extra)["VersionId"]
+
+
+@pytest.fixture(scope="module")
+def root():
+    """The root user of `make up`'s MinIO (dev.env), as the tests and admin commands use it."""
+    return _client(S3_KEY, S3_SECRET)
+
+
+@pytest.fixture(scope="module")
+def seeded(root):
+    """One object per place, written with the root user (each identity then tries to read it)."""
+    made = {}
+    for place, (bucket, prefix) in PLACES.items():
+        key = f"{prefix}iam-test-{os.urandom(6).hex()}"
+        made[place] = (bucket, key, _put(root, bucket, key))
+    yield made
+    for bucket, key, _ in made.values():
+        _remove_all_versions(root, bucket, key)
+
+
+def _remove_all_versions(root, bucket: str, key: str) -> None:
+    listed = root.list_object_versions(Bucket=bucket, Prefix=key)
+    for version in listed.get("Versions", []) + listed.get("DeleteMarkers", []):
+        try:
+            root.delete_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+        except ClientError:
+            pass  # a WORM copy still under its (2 s) retention: it is tiny and under iam-test/
+
+
+def _attempt(client, root, operation: str, bucket: str, key: str, version: str) -> str:
+    """``allowed`` or the S3 error code; every object this makes is removed by the root user."""
+    try:
+        if operation == "put":
+            _put(client, bucket, f"{key}-{operation}")
+        elif operation == "get":
+            client.get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read()
+        else:
+            target = root.put_object(Bucket=bucket, Key=f"{key}-target", Body=b"x")["VersionId"]
+            client.delete_object(Bucket=bucket, Key=f"{key}-target", VersionId=target)
+        return "allowed"
+    except ClientError as exc:
+        return str(exc.response["Error"]["Code"])
+    finally:
+        if operation != "get":
+            _remove_all_versions(root, bucket, f"{key}-{operation if operation == 'put' else 'target'}")
+
+
+@pytest.mark.parametrize(("service", "place", "operation"), CELLS)
+def test_each_identity_may_do_its_work_and_nothing_else(service, place, operation, seeded, root):
+    bucket, key, version = seeded[place]
+    got = _attempt(_client(*_keys(service)), root, operation, bucket, key, version)
+    expected = "allowed" if operation in ALLOWED.get((service, place), set()) else "AccessDenied"
+    assert got == expected, f"{service} {operation} on {place}: {got}, expected {expected}"
+
+
+def test_the_identities_cannot_touch_bucket_configuration_they_only_read(root):
+    """Versioning and encryption can be set up by the services (`ENCLAVE_S3_CREATE_BUCKETS`) only on
+    their own buckets, and no identity may switch off versioning of another's bucket."""
+    for service, foreign in (("analysis", ORIGINALS), ("ingest", DEIDENTIFIED), ("deid", WORM)):
+        client = _client(*_keys(service))
+        with pytest.raises(ClientError) as denied:
+            client.put_bucket_versioning(Bucket=foreign, VersioningConfiguration={"Status": "Suspended"})
+        assert denied.value.response["Error"]["Code"] == "AccessDenied", service
+    assert root.get_bucket_versioning(Bucket=ORIGINALS)["Status"] == "Enabled"
+
+
+def _environment(service: str) -> dict[str, str]:
+    pid = (STATE / "pids" / f"{service}.pid").read_text().strip()
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_the_running_services_use_their_own_identities_and_the_gateway_none():
+    """What `make up` started: each service with its own user's keys, the gateway with no S3 keys at
+    all (it seals to ingest's public key and never touches the store)."""
+    gateway = _environment("gateway")
+    assert "ENCLAVE_S3_ACCESS_KEY_ID" not in gateway and "ENCLAVE_S3_SECRET_ACCESS_KEY" not in gateway
+    for service in IDENTITIES:
+        key, secret = _keys(service)
+        env = _environment(service)
+        assert env.get("ENCLAVE_S3_ACCESS_KEY_ID") == key == f"enclave-{service}"
+        assert env.get("ENCLAVE_S3_SECRET_ACCESS_KEY") == secret
+
+
+def test_an_identity_reads_no_other_bucket_listing(root):
+    """Object keys are opaque, but which buckets hold what is still not another service's business:
+    listing a bucket the policy does not name is refused."""
+    for service, foreign in (("ingest", DEIDENTIFIED), ("analysis", ORIGINALS), ("audit", ORIGINALS)):
+        with pytest.raises(ClientError) as denied:
+            _client(*_keys(service)).list_objects_v2(Bucket=foreign, MaxKeys=1)
+        assert denied.value.response["Error"]["Code"] == "AccessDenied", service
+    assert root.list_objects_v2(Bucket=ORIGINALS, MaxKeys=1)["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_the_keys_files_are_private():
+    for service in IDENTITIES:
+        assert (STATE / "s3" / f"{service}.env").stat().st_mode & 0o077 == 0
+    assert (STATE / "s3").stat().st_mode & 0o077 == 0
+
+
+def test_root_can_still_inspect_everything(root, seeded):
+    """The test suite and admin commands keep the root user (dev.env): the identities restrict the
+    services, not the operator."""
+    for bucket, key, version in seeded.values():
+        assert root.get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read() == b"iam test"
+
+
+async def test_a_deletion_the_store_refuses_is_an_error_not_a_count(root, seeded):
+    """``DeleteObjects`` answers 200 and lists what it refused. Deid may read the study-key records
+    but not delete them: through the services' own store class the refusal must raise, or a
+    crypto-shred run with the wrong identity would report a key destroyed that still opens the study."""
+    from enclave_common.errors import PermanentError
+    from enclave_common.settings import BaseServiceSettings
+    from enclave_common.storage import S3ObjectStore
+
+    key, secret = _keys("deid")
+    store = S3ObjectStore(
+        BaseServiceSettings(
+            s3_endpoint_url=S3_ENDPOINT,
+            s3_access_key_id=key,
+            s3_secret_access_key=secret,
+            s3_region="us-east-1",
+        )
+    )
+    bucket, object_key, version = seeded["study_keys"]
+    with pytest.raises(PermanentError) as refused:
+        await store.delete_all_versions(bucket, object_key)
+    assert refused.value.code == "s3_AccessDenied"
+    assert root.get_object(Bucket=bucket, Key=object_key, VersionId=version)["Body"].read() == b"iam test"
