@@ -102,8 +102,7 @@ async def test_an_upload_the_client_abandons_is_a_499_that_hands_nothing_off(
     assert [
         (e.data["action"], e.data["outcome"], e.data["status_code"], e.data["detail"]) for e in access
     ] == [
-        ("upload", "success", 200, "role"),
-        ("upload", "rejected", 499, "client_closed_request"),
+        ("upload", "rejected", 499, "client_closed_request"),  # not preceded by a success 200 any more
     ]
     assert {e.correlation_id for e in access} == {RECORDED_ID}
 

@@ -112,6 +112,7 @@ class Harness:
     registry: CollectorRegistry
     issuer: DevIssuer
     uploads: UploadProcessor
+    grants: InMemoryGrantStore
 
     def token(self, tenant: str, *roles: str, subject: str = "it-unit") -> str:
         return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600)
@@ -180,7 +181,7 @@ def gateway_routes(
     )
     app.add_middleware(RequestIdHeader)  # as create_app does
     registry = runtime.registry
-    return Harness(app, publisher, read_model, registry, issuer, uploads)
+    return Harness(app, publisher, read_model, registry, issuer, uploads, grants)
 
 
 @dataclass

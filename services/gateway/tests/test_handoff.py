@@ -9,7 +9,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -86,13 +86,10 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """Spilling to the spool lands on /dev/full: every write fails with the kernel's own ENOSPC, as
     on a full disk."""
 
-    def rollover(self: tempfile.SpooledTemporaryFile[bytes]) -> None:
-        if self._rolled:
-            return
-        self._file = open("/dev/full", "w+b", buffering=0)  # noqa: SIM115 - closed with the spool
-        self._rolled = True
+    def on_dev_full(**_: Any) -> BinaryIO:
+        return open("/dev/full", "w+b", buffering=0)  # noqa: SIM115 - closed with the spool file
 
-    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", rollover)
+    monkeypatch.setattr(tempfile, "TemporaryFile", on_dev_full)
 
 
 def test_a_full_spool_disk_is_spool_unavailable_naming_what_ran_out(tmp_path: Path, full_disk: None) -> None:

@@ -91,7 +91,7 @@ async def test_a_database_that_did_not_answer_refuses_the_upload_and_publishes_n
     assert PLANTED not in message
     assert topics.UPLOAD_RECEIVED in publisher.topics  # the hand-off was acknowledged before
     assert topics.UPLOAD_COMPLETED not in publisher.topics
-    assert result.accepted[0].sealed._file.closed  # the sealed copy is released
+    assert result.accepted[0].sealed.discarded  # the sealed copy is released
 
 
 async def test_a_write_the_database_refused_is_not_turned_into_a_503(tmp_path: Path) -> None:

@@ -1,10 +1,15 @@
-"""Access events: every read, query, rejected upload, failed authentication and forbidden request
-becomes an ``access.recorded`` event for the audit trail (break-glass also a ``security.alert``).
+"""Access events: every read, query, upload, grant change, failed authentication and forbidden
+request becomes an ``access.recorded`` event for the audit trail (break-glass also a
+``security.alert``).
+
+One event per request, and it claims only the answer the request got: an auditor reads its outcome
+and status as the gateway's answer. A read or query is recorded at its decision, before its answer
+is built (the decision's status is the answer). An upload, a grant change and a break-glass opening are
+recorded by their routes once the answer is known (:data:`ANSWERED_BY_ROUTE`): their allowed
+decision is not the answer, since the body may still be refused, or the grant answered 201 or 422.
 
 Publishing is awaited: if the access cannot be recorded, the request fails (503) rather than happen
-unaudited. One refinement for allowed uploads: their event is queued at the decision and its
-acknowledgement awaited (:meth:`AccessRecorder.settle`) after the body was read, before anything is
-handed off and before the answer: the Kafka round trip overlaps the body instead of preceding it.
+unaudited.
 """
 
 from __future__ import annotations
@@ -12,20 +17,24 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NotRequired, TypedDict, Unpack
+from typing import Final, NotRequired, TypedDict, Unpack
 
 import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
+from enclave_common.errors import TransientError, exhausted_resource, unavailable_dependency
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
 from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from enclave_gateway.handoff import Acknowledgements, Handoff, KafkaUnavailable
+from enclave_gateway.handoff import Handoff, KafkaUnavailable
 from enclave_gateway.stow import error_body
 
 log = structlog.get_logger("enclave.gateway")
@@ -126,8 +135,59 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
     return "/".join(parts) or None
 
 
-#: Where an allowed upload's queued access event waits for :meth:`AccessRecorder.settle`.
-_PENDING = "pending_access"
+#: The actions whose routes record the request's one access event with the answer they give. An
+#: allowed decision of one of them records nothing: an allowed upload may still be refused for its
+#: body (400, 413, 499, 503, 409 when no instance is accepted) or answered 202, a grant change be
+#: answered 201, 409 or 422, a break-glass opening 201 or 422. Until the nineteenth session the
+#: allowed upload and grant decisions were recorded too, as ``success`` with status 200, followed by
+#: the route's own event: the first record of a refused upload read as an answer it never got.
+ANSWERED_BY_ROUTE: Final = frozenset({Action.UPLOAD, Action.MANAGE_GRANTS, Action.BREAK_GLASS})
+
+#: Set on a request once an access event of it was handed to the producer (see :func:`access_recorded`).
+_RECORDED = "access_recorded"
+
+
+class Unaudited(HTTPException):
+    """503: Kafka did not take an access event or an alert of the request (nothing more of it can be
+    recorded)."""
+
+
+def unrecorded_failure(request: Request, exc: Exception) -> tuple[int, str] | None:
+    """The answer (status, code) ``exc`` gets when it ends a request none of whose access events was
+    handed to the producer yet, so that the request is recorded with it; None when one was (the
+    route or the guard recorded the answer) or when Kafka refused an event of it (nothing more can
+    be recorded; the answer is 503)."""
+    if getattr(request.state, _RECORDED, False) or isinstance(exc, Unaudited):
+        return None
+    return failure_answer(exc)
+
+
+def failure_answer(exc: Exception) -> tuple[int, str]:
+    """The status and code the gateway answers for ``exc`` when it ends a route (the service's
+    exception handlers: a request that does not match the API 422, what a route or the guard raised
+    with its status, an unparseable JSON body 400, or 499 if the client left while it was read, a
+    dependency that did not answer or a resource run out 503, anything else 500), so the access
+    event of such a request claims the answer it got."""
+    if isinstance(exc, RequestValidationError):
+        return 422, "invalid_request"
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
+            return 499, "client_closed_request"
+        code = exc.detail.get("code") if isinstance(exc.detail, dict) else None
+        if isinstance(code, str):
+            return exc.status_code, code
+        return exc.status_code, "unparseable_body" if exc.status_code == 400 else f"http_{exc.status_code}"
+    if exhausted_resource(exc) is not None:
+        return 503, "resource_exhausted"
+    if unavailable_dependency(exc) is not None:
+        return 503, exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
+    return 500, "internal_error"
+
+
+def outcome_of_failure(status: int) -> AccessOutcome:
+    """A request refused for what it sent (4xx) was ``rejected``; one the gateway could not complete
+    (5xx) ended in an ``error``."""
+    return "rejected" if status < 500 else "error"
 
 
 class AccessFields(TypedDict):
@@ -149,12 +209,7 @@ class AccessRecorder:
 
     async def record(self, request: Request, **fields: Unpack[AccessFields]) -> None:
         """Publish one access event and wait for Kafka's acknowledgement (503 if it fails)."""
-        acks = await self.queue(request, **fields)
-        with _unaudited():
-            await acks.settle()
-
-    async def queue(self, request: Request, **fields: Unpack[AccessFields]) -> Acknowledgements:
-        """Hand one access event to the producer; its acknowledgement is to be settled."""
+        setattr(request.state, _RECORDED, True)
         principal = fields["principal"]
         tenant = principal.tenant if principal is not None else "unknown"
         event = Envelope.for_topic(
@@ -174,10 +229,8 @@ class AccessRecorder:
             actor=principal.subject if principal is not None else "anonymous",
             correlation_id=fields.get("correlation_id") or request_correlation_id(request),
         )
-        acks = self.handoff.acknowledgements()
         with _unaudited():
-            await acks.send(topics.ACCESS_RECORDED, event, tenant)
-        return acks
+            await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
 
     async def on_decision(
         self,
@@ -187,14 +240,12 @@ class AccessRecorder:
         status: int,
         request: Request,
     ) -> None:
-        """The AccessGuard hook: one event per decision.
+        """The AccessGuard hook: one event per decision, recorded before the route goes on.
 
-        An allowed upload's event is handed to the producer but its acknowledgement not awaited: the
-        route reads the body meanwhile and must :meth:`settle` it before it hands anything off or
-        answers. An allowed break-glass decision records nothing: the route records what it did (the
-        session opened, 201, or the request refused, 422), so one opening is one event, and the audit
-        service's break-glass rule fires once for it, not once per decision on the way."""
-        if action == Action.BREAK_GLASS and outcome.kind == "allow":
+        An allowed decision of an action in :data:`ANSWERED_BY_ROUTE` records nothing: its route
+        records the request's one event with the answer it gives (so one break-glass opening is also
+        one event, and the audit service's break-glass rule fires once for it)."""
+        if outcome.kind == "allow" and action in ANSWERED_BY_ROUTE:
             return
         resource = outcome.resource
         reason = outcome.reason
@@ -215,7 +266,7 @@ class AccessRecorder:
             if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
-        acks = await self.queue(
+        await self.record(
             request,
             principal=principal,
             action=str(action),
@@ -224,11 +275,6 @@ class AccessRecorder:
             target=target,
             detail=reason,
         )
-        if action == Action.UPLOAD and outcome.kind == "allow":
-            setattr(request.state, _PENDING, acks)
-            return
-        with _unaudited():
-            await acks.settle()
         if outcome.kind == "allow" and outcome.break_glass and principal is not None:
             await self.alert(
                 request,
@@ -236,16 +282,6 @@ class AccessRecorder:
                 rule="break_glass",
                 detail=f"break-glass access ({action}) to patient {resource.patient_key if resource else None}",
             )
-
-    @staticmethod
-    async def settle(request: Request) -> None:
-        """Wait until the access event queued for this request (an allowed upload) is acknowledged;
-        HTTPException 503 if it could not be recorded. A no-op when nothing is pending."""
-        pending: Acknowledgements | None = getattr(request.state, _PENDING, None)
-        if pending is not None:
-            setattr(request.state, _PENDING, None)
-            with _unaudited():
-                await pending.settle()
 
     async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:
         """A ``security.alert`` (high): break-glass opened or used. ``detail`` holds pseudonyms only."""
@@ -268,6 +304,6 @@ def _unaudited(what: str = "the access could not be audited") -> Iterator[None]:
     try:
         yield
     except KafkaUnavailable as exc:
-        raise HTTPException(
+        raise Unaudited(
             503, detail={"code": exc.code, "message": f"{what}; retry later"}, headers=RETRY_LATER
         ) from None

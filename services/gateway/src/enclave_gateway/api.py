@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from enclave_gateway.access import AccessRecorder
+from enclave_gateway.access import AccessRecorder, outcome_of_failure, unrecorded_failure
 from enclave_gateway.admission import TooManyUploads
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.metrics import GatewayMetrics
@@ -61,20 +61,19 @@ def build_router(
     router = APIRouter()
 
     async def refused(
-        request: Request, principal: Principal, exc: TransientError, correlation_id: str | None = None
+        request: Request, principal: Principal, exc: TransientError, result: UploadResult | None = None
     ) -> None:
-        """Record an upload answered 503 for a cause of the gateway's own (its spool, its database):
-        the access decision alone said it was allowed. ``rejected`` when nothing of it was handed off
-        (the spool); ``error`` when the database did not record it, since its instances may have been
-        handed off already and ingest stores them."""
+        """Record an upload answered 503 for a cause of the gateway's own (its spool, its database).
+        ``rejected`` when nothing of it was handed off (the spool); ``error`` when the database did
+        not record it, since its instances may have been handed off already and ingest stores them."""
         await recorder.record(
             request,
             principal=principal,
             action="upload",
             outcome="error" if isinstance(exc, UploadNotRecorded) else "rejected",
             status=503,
+            target=_upload_target(result),
             detail=exc.code,
-            correlation_id=correlation_id,
         )
 
     async def receive(
@@ -114,13 +113,14 @@ def build_router(
             )
             return JSONResponse(request_error_body(exc), status_code=exc.status_code)
 
-    async def hand_off(request: Request, principal: Principal, result: UploadResult) -> JSONResponse | None:
-        # Nothing is handed off before the upload's own access event is acknowledged.
-        try:
-            await recorder.settle(request)
-        except BaseException:
-            uploads.discard(result)
-            raise
+    async def hand_off(
+        request: Request, principal: Principal, result: UploadResult, status: int
+    ) -> JSONResponse | None:
+        """Hand off the accepted instances of a body that was read, then record the upload's one
+        access event with the answer it gets (``status``: 200, 202, or 409 when none was accepted and
+        nothing is handed off); None when that answer stands, else the 503 that replaces it. The
+        hand-off's own events (``upload.received`` per instance, ``upload.completed``) are audited
+        too, so an instance handed off before its access event failed is still in the audit trail."""
         try:
             if result.accepted:
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
@@ -129,59 +129,69 @@ def build_router(
             if isinstance(exc, SpoolUnavailable):
                 metrics.refused(exc.code)
             if not isinstance(exc, KafkaUnavailable):  # with Kafka down no record can be made
-                await refused(request, principal, exc, correlation_id=result.upload_id)
+                await refused(request, principal, exc, result)
             return _unavailable(exc)
-        for part in result.failed:
-            await recorder.record(
-                request,
-                principal=principal,
-                action="upload",
-                outcome="rejected",
-                status=409,
-                detail=part.failure.problem,
-                correlation_id=result.upload_id,
-            )
+        await recorder.record(
+            request,
+            principal=principal,
+            action="upload",
+            outcome="success" if result.accepted else "rejected",
+            status=status,
+            target=_upload_target(result),
+            detail=_upload_detail(result),
+        )
         return None
 
     async def settled(
         request: Request, principal: Principal, upload: Callable[[], Awaitable[JSONResponse]]
     ) -> JSONResponse:
-        """The answer of ``upload``, run in one of the gateway's upload slots, given only once the
-        upload's queued access event is acknowledged (503 if it could not be recorded), whichever way
-        the route ends. Without a free slot the upload is refused before its body is read: 503
-        ``too_many_uploads`` with ``Retry-After``, recorded as a rejected upload."""
+        """The answer of ``upload``, run in one of the gateway's upload slots. Without a free slot the
+        upload is refused before its body is read: 503 ``too_many_uploads`` with ``Retry-After``,
+        recorded as a rejected upload. An upload that ends in an exception before its access event
+        was recorded (a dependency that did not answer, a bug) is recorded with the answer the
+        exception gets (503, 500)."""
         try:
-            try:
-                with uploads.slots.hold():
-                    return await upload()
-            except TooManyUploads as exc:
-                log.warning("upload refused: every upload slot is held", limit=uploads.slots.limit)
-                metrics.refused(exc.code)
+            with uploads.slots.hold():
+                return await upload()
+        except TooManyUploads as exc:
+            log.warning("upload refused: every upload slot is held", limit=uploads.slots.limit)
+            metrics.refused(exc.code)
+            await recorder.record(
+                request,
+                principal=principal,
+                action="upload",
+                outcome="rejected",
+                status=503,
+                detail=exc.code,
+            )
+            return _unavailable(exc)
+        except Exception as exc:
+            if (answer := unrecorded_failure(request, exc)) is not None:
+                status, code = answer
                 await recorder.record(
                     request,
                     principal=principal,
                     action="upload",
-                    outcome="rejected",
-                    status=503,
-                    detail=exc.code,
+                    outcome=outcome_of_failure(status),
+                    status=status,
+                    detail=code,
                 )
-                return _unavailable(exc)
-        finally:
-            await recorder.settle(request)
+            raise
 
     async def stow(request: Request, auth: Authorized, study: str | None) -> JSONResponse:
         outcome = await receive(request, auth.principal, study, form=False)
         if isinstance(outcome, JSONResponse):
             return outcome
-        failure = await hand_off(request, auth.principal, outcome)
-        if failure is not None:
-            return failure
         stored = [StoredInstance.from_info(p.info) for p in outcome.accepted]
         failed = [FailedInstance.from_failure(p.failure) for p in outcome.failed]
+        status = stow_status(stored, failed)
+        failure = await hand_off(request, auth.principal, outcome, status)
+        if failure is not None:
+            return failure
         body = build_stow_response(f"{public_base_url.rstrip('/')}/dicomweb", stored, failed, study)
         # The type the Accept header prefers: application/json when application/dicom+json is declined.
         media_type = request.state.response_media_type
-        return JSONResponse(body, status_code=stow_status(stored, failed), media_type=media_type)
+        return JSONResponse(body, status_code=status, media_type=media_type)
 
     upload = guard.require(Action.UPLOAD)
 
@@ -214,7 +224,8 @@ def build_router(
         outcome = await receive(request, auth.principal, None, form=True)
         if isinstance(outcome, JSONResponse):
             return outcome
-        failure = await hand_off(request, auth.principal, outcome)
+        status = 200 if not outcome.failed else (202 if outcome.accepted else 409)
+        failure = await hand_off(request, auth.principal, outcome, status)
         if failure is not None:
             return failure
         body: dict[str, Any] = {
@@ -242,7 +253,6 @@ def build_router(
                 for p in outcome.failed
             ],
         }
-        status = 200 if not outcome.failed else (202 if outcome.accepted else 409)
         return JSONResponse(body, status_code=status)
 
     # Before the instance routes: /api/v1/imaging/{imaging_id}/analysis would otherwise take the
@@ -370,6 +380,20 @@ PATIENT_PAGE_MAX = 1000
 ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 #: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _upload_target(result: UploadResult | None) -> str | None:
+    """An upload's access event names the upload (``upload:<upload_id>``, the correlation id of its
+    events downstream), so the audit trail files the record under it; None when the body was refused
+    before the upload had an id."""
+    return f"upload:{result.upload_id}" if result is not None else None
+
+
+def _upload_detail(result: UploadResult) -> str:
+    """What the upload's answer says in counts and problem codes (each code once); never a value."""
+    detail = f"accepted={len(result.accepted)} rejected={len(result.failed)}"
+    problems = ",".join(dict.fromkeys(part.failure.problem for part in result.failed))
+    return f"{detail} problems={problems}" if problems else detail
 
 
 def _status_view(doc: dict[str, Any]) -> dict[str, Any]:

@@ -7,17 +7,24 @@ route). A route of :class:`AuthenticatedBodyRoute` whose principal comes from an
 :class:`AuthenticatedFirst` dependency makes that decision first, then FastAPI reads, parses and
 validates the body as it would (the same 422), and the route's OpenAPI document still names the body
 schema. The body's size is bounded before either, by the common body limit (413).
+
+A request the role check let through and that then ends without an access event (its body refused
+422 or 400, or the route failing) is reported to the guard's hook with the answer it gets, so it is
+recorded like any other refused request: the body's content is never part of the report.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from enclave_common.auth import Action, Principal
-from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.auth.fastapi import AccessGuard, AccessResult
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+
+from enclave_gateway.access import unrecorded_failure
 
 
 class AuthenticatedFirst:
@@ -40,6 +47,21 @@ class AuthenticatedFirst:
         decided: Principal | None = getattr(request.state, self._key, None)
         return decided if decided is not None else await self.guard.principal_for(request, self.action)
 
+    async def report_unrecorded(self, request: Request, exc: Exception) -> None:
+        """Report a request that :meth:`decide` let through and that ``exc`` ended before any access
+        event of it was recorded (FastAPI's 422 of a body that does not parse or match, a dependency
+        that did not answer) to the guard's hook, as the answer ``exc`` gets: ``invalid_request``
+        (``rejected``) below 500, an error from 500. Only the status and a code are reported."""
+        principal: Principal | None = getattr(request.state, self._key, None)
+        answer = unrecorded_failure(request, exc)
+        if principal is None or self.guard.on_decision is None or answer is None:
+            return
+        status, code = answer
+        kind = "invalid_request" if status < 500 else "error"
+        reported = self.guard.on_decision(principal, self.action, AccessResult(kind, code), status, request)
+        if inspect.isawaitable(reported):
+            await reported
+
 
 class AuthenticatedBodyRoute(APIRoute):
     """An API route whose :class:`AuthenticatedFirst` dependencies decide before FastAPI reads and
@@ -54,6 +76,10 @@ class AuthenticatedBodyRoute(APIRoute):
         async def authenticated_first(request: Request) -> Response:
             for dependency in first:
                 await dependency.decide(request)
-            return await read_body_and_answer(request)
+            try:
+                return await read_body_and_answer(request)
+            except Exception as exc:
+                await first[0].report_unrecorded(request, exc)
+                raise
 
         return authenticated_first

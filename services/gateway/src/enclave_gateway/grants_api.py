@@ -2,10 +2,13 @@
 
 The patient is named by ``patient_id`` in the request and kept only as its tenant-scoped keyed-HMAC
 pseudonym; no response, event or log carries the patient id. Every decision goes through the
-access guard (so it is an ``access.recorded`` event; the routes with a body authenticate and check
-the role before the body is parsed, :mod:`enclave_gateway.auth_first`), and every grant created or
-revoked and every break-glass session opened is one more ``access.recorded`` event naming the grant;
-opening a break-glass session also raises a ``security.alert``. Validation is :class:`AccessPolicy`'s.
+access guard (the routes with a body authenticate and check the role before the body is parsed,
+:mod:`enclave_gateway.auth_first`). Each request is one ``access.recorded`` event with the answer
+it got: a refused decision is recorded by the guard; an allowed change is recorded by its route,
+naming the grant when one was created or revoked (201, 200), or why it was refused (422, 409), or
+the failure that ended it (503), and a body that does not match the API (422) is recorded
+without its content. Opening a break-glass session also raises a ``security.alert``. Validation is
+:class:`AccessPolicy`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder, access_target
+from enclave_gateway.access import (
+    AccessRecorder,
+    access_target,
+    outcome_of_failure,
+    unrecorded_failure,
+)
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 
 GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -103,6 +111,25 @@ def build_grants_router(
             detail=detail,
         )
 
+    async def record_failure(
+        request: Request, principal: Principal, action: Action, patient_key: str, exc: Exception
+    ) -> None:
+        """A change ``exc`` ended (the grant store did not answer) before its event was recorded:
+        recorded with the answer it gets."""
+        answer = unrecorded_failure(request, exc)
+        if answer is None:
+            return
+        status, code = answer
+        await recorder.record(
+            request,
+            principal=principal,
+            action=str(action),
+            outcome=outcome_of_failure(status),
+            status=status,
+            target=access_target(patient_key),
+            detail=code,
+        )
+
     @router.post(
         "/api/v1/grants",
         status_code=201,
@@ -119,6 +146,13 @@ def build_grants_router(
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
+        try:
+            return await create(request, principal, body, key)
+        except Exception as exc:
+            await record_failure(request, principal, Action.MANAGE_GRANTS, key, exc)
+            raise
+
+    async def create(request: Request, principal: Principal, body: GrantRequest, key: str) -> JSONResponse:
         await guard.check_resource(request, principal, Action.MANAGE_GRANTS, Resource(principal.tenant, key))
         now = datetime.now(UTC)
         try:
@@ -181,6 +215,14 @@ def build_grants_router(
         principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
         grant = await own_grant(request, principal, grant_id, Action.MANAGE_GRANTS)
+        try:
+            return await revoke(request, principal, grant)
+        except Exception as exc:
+            await record_failure(request, principal, Action.MANAGE_GRANTS, grant.patient_key, exc)
+            raise
+
+    async def revoke(request: Request, principal: Principal, grant: Grant) -> JSONResponse:
+        grant_id = grant.grant_id
         now = datetime.now(UTC)
         if not await grants.revoke(grant_id, tenant=principal.tenant, revoked_by=principal.subject, now=now):
             await record(
@@ -195,11 +237,11 @@ def build_grants_router(
                 {"status": 409, "error": "already_revoked", "message": "this grant was already revoked"},
                 status_code=409,
             )
+        revoked = await grants.get(grant_id, tenant=principal.tenant)  # before the event: it may fail
+        assert revoked is not None
         await record(
             request, principal, Action.MANAGE_GRANTS, 200, grant.patient_key, f"grant_revoked:{grant_id}"
         )
-        revoked = await grants.get(grant_id, tenant=principal.tenant)
-        assert revoked is not None
         return JSONResponse(grant_view(revoked))
 
     @router.post(
@@ -218,6 +260,15 @@ def build_grants_router(
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.BREAK_GLASS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
+        try:
+            return await open_session(request, principal, body, key)
+        except Exception as exc:
+            await record_failure(request, principal, Action.BREAK_GLASS, key, exc)
+            raise
+
+    async def open_session(
+        request: Request, principal: Principal, body: BreakGlassRequest, key: str
+    ) -> JSONResponse:
         await guard.check_resource(request, principal, Action.BREAK_GLASS, Resource(principal.tenant, key))
         now = datetime.now(UTC)
         duration = timedelta(minutes=body.duration_minutes) if body.duration_minutes is not None else None
@@ -229,6 +280,14 @@ def build_grants_router(
             await record(request, principal, Action.BREAK_GLASS, 422, key, f"break_glass_refused:{exc.code}")
             return _invalid(exc)
         await grants.create(session)
+        # The alert first: the access event, which says 201, is the last thing before the answer.
+        await recorder.alert(
+            request,
+            principal,
+            rule="break_glass_opened",
+            detail=f"break-glass session {session.grant_id} opened on patient {key}"
+            f" until {session.expires_at.isoformat()}",
+        )
         await record(
             request,
             principal,
@@ -236,13 +295,6 @@ def build_grants_router(
             201,
             key,
             f"break_glass_opened:{session.grant_id} until={session.expires_at.isoformat()}",
-        )
-        await recorder.alert(
-            request,
-            principal,
-            rule="break_glass_opened",
-            detail=f"break-glass session {session.grant_id} opened on patient {key}"
-            f" until {session.expires_at.isoformat()}",
         )
         return JSONResponse(grant_view(session), status_code=201)
 

@@ -10,13 +10,15 @@ write (its disk is full) is ``SpoolUnavailable``, answered the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from enclave_common import topics
@@ -83,14 +85,16 @@ class SpoolMemoryBudget:
 
 
 class SpoolBudget:
-    """Bytes of sealed data one request may keep in memory; past it, its instances spill to files in
-    the spool directory. Memory per request stays bounded whatever its size, and the common small
-    upload costs no file at all. With ``shared``, the process-wide :class:`SpoolMemoryBudget` must
-    also have room."""
+    """One request's spool: the bytes of sealed data it may keep in memory, and the file its
+    instances spill to past them. Memory per request stays bounded whatever its size, and the common
+    small upload costs no file at all. With ``shared``, the process-wide :class:`SpoolMemoryBudget`
+    must also have room. Every instance sealed under this budget spills to the same
+    :class:`SpoolFile`, so the request holds one file descriptor however many parts it has."""
 
     def __init__(self, memory_bytes: int, shared: SpoolMemoryBudget | None = None) -> None:
         self.remaining = memory_bytes
         self.shared = shared
+        self._file: SpoolFile | None = None
 
     def take(self, size: int) -> bool:
         if size > self.remaining:
@@ -105,6 +109,18 @@ class SpoolBudget:
         process. The request's own budget is not refilled: it bounds what the request ever kept."""
         if self.shared is not None:
             self.shared.release(size)
+
+    def spool_file(self, spool_dir: Path, disk: SpoolDiskBudget | None) -> SpoolFile:
+        """The request's spool file in ``spool_dir``, drawing on ``disk`` (None: no limit but the
+        disk's); its instances must all name the same directory and disk budget."""
+        if self._file is None:
+            self._file = SpoolFile(spool_dir, disk or SpoolDiskBudget(None))
+        elif self._file.directory != spool_dir or (disk is not None and disk is not self._file.disk):
+            raise ValueError(
+                "The instances of one request spill to one spool file: they must name the same spool "
+                "directory and disk budget"
+            )
+        return self._file
 
 
 class SpoolDiskBudget:
@@ -130,12 +146,140 @@ class SpoolDiskBudget:
         self.used -= size
 
 
+class SpoolExtent:
+    """Where one spilled instance's sealed chunks lie in its request's :class:`SpoolFile`: from
+    ``start`` to ``end``, each chunk behind its 4-byte length."""
+
+    __slots__ = ("end", "live", "start")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.end = start
+        self.live = True
+
+
+class SpoolFile:
+    """The one unnamed file in the spool directory that all the spilled instances of a request
+    share, each at its own :class:`SpoolExtent`, read back by offset at the hand-off.
+
+    Until the nineteenth session each spilled instance kept a file of its own open until the hand-off,
+    so a request of 10,000 parts (``MAX_PARTS``) could hold 10,000 descriptors, and the uploads in
+    flight together could exhaust the process's, failing every other request and the Kafka and
+    database sockets with them. Now a request holds at most one, opened at its first spill.
+
+    A request's instances are sealed one after another (multipart parts are sequential), so only the
+    last extent started grows, at the end of the file. An extent given back at the end of the file
+    (an instance refused half-way) is cut off at once: the file is truncated and its bytes given back
+    to the :class:`SpoolDiskBudget`; one given back before the end keeps its bytes until the extents
+    after it go too. When the last live extent goes, the file is closed, its descriptor and all its
+    bytes given back. The file has no name (``O_TMPFILE``, or unlinked at once), so it vanishes when
+    closed or when the process dies. Writes and reads are positional (``pwrite``/``pread``): no
+    buffer, no shared file position, and a full disk fails the write that hits it.
+    """
+
+    def __init__(self, directory: Path, disk: SpoolDiskBudget) -> None:
+        self.directory = directory
+        self.disk = disk
+        self._file: BinaryIO | None = None
+        self._extents: list[SpoolExtent] = []  # live ones, and dead ones before a live one, in file order
+        self._end = 0  # bytes written
+        self._reserved = 0  # bytes taken from the disk budget: at least what the file holds
+
+    def start(self) -> SpoolExtent:
+        """A new extent at the end of the file (opened now if the request had none open)."""
+        if self._file is None:
+            with _spool_io():
+                self._file = tempfile.TemporaryFile(  # noqa: SIM115 - closed by release()
+                    mode="w+b", buffering=0, prefix="sealed-", dir=str(self.directory)
+                )
+        extent = SpoolExtent(self._end)
+        self._extents.append(extent)
+        return extent
+
+    def append(self, extent: SpoolExtent, records: Sequence[bytes | bytearray]) -> None:
+        """Write ``records`` (sealed chunks) at the end of ``extent``, the last one started; their
+        bytes are reserved in the disk budget first, so a refusal writes nothing."""
+        if self._file is None or not self._extents or self._extents[-1] is not extent or not extent.live:
+            raise RuntimeError(
+                "Only the instance a request spilled last may append to its spool file; a request's "
+                "instances are sealed one after another"
+            )
+        size = sum(_LEN.size + len(record) for record in records)
+        self.disk.reserve(size)
+        self._reserved += size
+        fd = self._file.fileno()
+        with _spool_io():
+            for record in records:
+                _write_at(fd, _LEN.pack(len(record)), self._end)
+                _write_at(fd, record, self._end + _LEN.size)
+                self._end += _LEN.size + len(record)
+                extent.end = self._end
+
+    def read(self, extent: SpoolExtent) -> Iterator[bytes]:
+        """The sealed chunks of ``extent``, in order, read one at a time."""
+        at = extent.start
+        while at < extent.end:
+            if self._file is None or not extent.live:  # checked at every chunk: the file may close between
+                raise RuntimeError("The instance's spooled chunks were discarded; they cannot be read")
+            fd = self._file.fileno()
+            with _spool_io():  # only the reads raise here: nothing is thrown into a generator at its yield
+                (size,) = _LEN.unpack(_read_at(fd, _LEN.size, at))
+                record = _read_at(fd, size, at + _LEN.size)
+            at += _LEN.size + size
+            yield record
+
+    def release(self, extent: SpoolExtent) -> None:
+        """Give ``extent`` back: what lies at the end of the file is cut off, and the file is closed
+        with the last live extent. Never raises (it runs when a request ends, however it ends)."""
+        if not extent.live:
+            return
+        extent.live = False
+        while self._extents and not self._extents[-1].live:
+            self._extents.pop()
+        end = self._extents[-1].end if self._extents else 0
+        if self._file is None or not self._extents:
+            self._close()
+        elif end < self._reserved:
+            try:
+                os.ftruncate(self._file.fileno(), end)
+            except OSError:
+                return  # the bytes stay reserved until the file is closed
+            self.disk.release(self._reserved - end)
+            self._reserved = self._end = end
+
+    def _close(self) -> None:
+        if self._file is not None:
+            with suppress(OSError):
+                self._file.close()
+            self._file = None
+        self.disk.release(self._reserved)
+        self._reserved = self._end = 0
+
+
+def _write_at(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _read_at(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise OSError(errno.EIO, "the spool file ends before the chunk written there")
+        data += more
+    return data
+
+
 class SealedInstance:
     """One part being sealed as it streams; plaintext is buffered at most one chunk at a time.
 
-    The ciphertext is kept in a :class:`tempfile.SpooledTemporaryFile`: in memory while the request's
-    :class:`SpoolBudget` (and the process-wide :class:`SpoolMemoryBudget`) allow, otherwise an unnamed
-    file in ``spool_dir`` (gone when closed, or with the process)."""
+    The sealed chunks are kept in memory while the request's :class:`SpoolBudget` (and the
+    process-wide :class:`SpoolMemoryBudget`) allow; past them, they and every later chunk of the
+    instance go to its own extent of the request's :class:`SpoolFile`, an unnamed file in
+    ``spool_dir`` (gone when closed, or with the process)."""
 
     def __init__(
         self,
@@ -154,14 +298,13 @@ class SealedInstance:
         self._chunk_bytes = chunk_bytes
         self._buffer = bytearray()
         self._budget = budget
-        self._disk = disk or SpoolDiskBudget(None)
-        self._on_disk = 0
+        self._spool_dir = spool_dir
+        self._disk = disk
+        self._in_memory: list[bytes] = []  # sealed chunks, while the budget allows
         self._in_memory_bytes = 0  # taken from the budget, given back at the rollover or discard
-        # max_size=0: never rolls over by itself; _write decides against the request's budget.
-        self._file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by discard()
-            max_size=0, mode="w+b", prefix="sealed-", dir=str(spool_dir)
-        )
-        self._in_memory = True
+        self._spool: SpoolFile | None = None
+        self._extent: SpoolExtent | None = None  # where the chunks are once the instance spilled
+        self._discarded = False
         self.count = 0
         self.size = 0
 
@@ -175,46 +318,51 @@ class SealedInstance:
     def finish(self) -> None:
         self._write(self._sealer.seal_chunk(bytes(self._buffer), final=True))
         self._buffer.clear()
-        with _spool_io():
-            self._file.flush()
 
-    def _write(self, sealed: bytes | bytearray) -> None:
+    def _write(self, sealed: bytearray) -> None:
         size = _LEN.size + len(sealed)
-        with _spool_io():
-            if self._in_memory and self._budget.take(size):
-                self._in_memory_bytes += size
-            elif self._in_memory:
-                self._disk.reserve(self._file.tell() + size)  # what the rollover moves to disk, and this
-                self._on_disk = self._file.tell() + size
-                self._file.rollover()
-                self._in_memory = False
-                self._give_back_memory()
-            else:
-                self._disk.reserve(size)
-                self._on_disk += size
-            self._file.write(_LEN.pack(len(sealed)))
-            self._file.write(sealed)
+        if self._extent is None and self._budget.take(size):
+            self._in_memory.append(bytes(sealed))
+            self._in_memory_bytes += size
+        elif self._extent is None:  # the rollover: what the instance kept in memory goes first
+            self._spool = self._budget.spool_file(self._spool_dir, self._disk)
+            self._extent = self._spool.start()
+            self._spool.append(self._extent, [*self._in_memory, sealed])
+            self._in_memory.clear()
+            self._give_back_memory()
+        else:
+            assert self._spool is not None
+            self._spool.append(self._extent, [sealed])
         self.count += 1
 
     @property
     def in_memory(self) -> bool:
-        return self._in_memory
+        return self._extent is None
+
+    @property
+    def discarded(self) -> bool:
+        """Whether :meth:`discard` gave back what the instance held (its chunks are gone)."""
+        return self._discarded
 
     def chunks(self) -> Iterator[bytes]:
-        with _spool_io():  # only the reads raise here: nothing is thrown into a generator at its yield
-            self._file.seek(0)
-            while header := self._file.read(_LEN.size):
-                yield self._file.read(_LEN.unpack(header)[0])
+        if self._discarded:
+            raise RuntimeError("The instance's sealed chunks were discarded; they cannot be read")
+        if self._extent is None:
+            return iter(list(self._in_memory))
+        assert self._spool is not None
+        return self._spool.read(self._extent)
 
     def _give_back_memory(self) -> None:
         self._budget.release(self._in_memory_bytes)
         self._in_memory_bytes = 0
 
     def discard(self) -> None:
-        self._file.close()
-        self._disk.release(self._on_disk)
-        self._on_disk = 0
+        """Give back what the instance holds (memory, its extent of the spool file); idempotent."""
+        if self._spool is not None and self._extent is not None:
+            self._spool.release(self._extent)
+        self._in_memory.clear()
         self._give_back_memory()
+        self._discarded = True
 
 
 class Handoff:
