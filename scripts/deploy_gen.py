@@ -472,6 +472,9 @@ def config_data(s: Service) -> dict[str, str]:
     if s.s3:
         data["ENCLAVE_S3_ENDPOINT_URL"] = "https://s3.eu-central-1.amazonaws.com"
         data["ENCLAVE_S3_REGION"] = "eu-central-1"
+        # The buckets are provisioned beforehand: the services' S3 policies (deploy/iam/) may read
+        # their buckets' configuration, never create or change it.
+        data["ENCLAVE_S3_CREATE_BUCKETS"] = "false"
     if s.http_drain_s is not None:
         data[f"{s.env_prefix}HTTP_DRAIN_S"] = str(s.http_drain_s)
     for key, value in s.config.items():

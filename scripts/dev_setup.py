@@ -19,7 +19,11 @@ import base64
 import os
 import secrets
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -115,10 +119,62 @@ def main(state: Path) -> None:
     )
     created = asyncio.run(make_topics(bootstrap))
     print(f"[dev-setup] keys and dev.env under {state}; {created} Kafka topics created", file=sys.stderr)
-    root_user = os.environ.get("ENCLAVE_LOCAL_MINIO_ROOT_USER")
-    if root_user and os.environ.get("ENCLAVE_S3_ACCESS_KEY_ID") == root_user:
+    if _local_minio_as_root():
+        make_buckets()
         make_s3_identities(state / "s3")
-        print(f"[dev-setup] MinIO users {', '.join(S3_SERVICES)} with deploy/iam policies", file=sys.stderr)
+        print(
+            f"[dev-setup] buckets, and MinIO users {', '.join(S3_SERVICES)} with deploy/iam policies",
+            file=sys.stderr,
+        )
+
+
+def _local_minio_as_root() -> bool:
+    """The S3 settings in effect are the local stack's MinIO with its root user (not an external
+    store the caller exported: README, "Pointing Enclave at external Kafka, S3 and MongoDB")."""
+    return bool(os.environ.get("ENCLAVE_LOCAL_MINIO_ROOT_USER")) and (
+        os.environ.get("ENCLAVE_S3_ACCESS_KEY_ID") == os.environ["ENCLAVE_LOCAL_MINIO_ROOT_USER"]
+        and os.environ.get("ENCLAVE_S3_ENDPOINT_URL") == os.environ.get("ENCLAVE_LOCAL_MINIO_ENDPOINT")
+    )
+
+
+def make_buckets() -> None:
+    """The buckets, as the platform provisions them in production (versioned, encrypted by default,
+    the audit bucket with Object Lock), by the services' own check with the root user: the services'
+    policies may read a bucket's configuration, not create or change it."""
+    from enclave_analysis.config import AnalysisSettings
+    from enclave_audit.config import AuditSettings
+    from enclave_common.settings import BaseServiceSettings
+    from enclave_common.storage import S3ObjectStore
+    from enclave_deid.config import DeidSettings
+    from enclave_ingest.config import IngestSettings
+
+    store = S3ObjectStore(BaseServiceSettings(s3_create_buckets=True))
+    for settings, field in (
+        (IngestSettings, "originals_bucket"),
+        (DeidSettings, "deidentified_bucket"),
+        (AnalysisSettings, "results_bucket"),
+        (AuditSettings, "worm_bucket"),
+    ):
+        bucket = settings.model_fields[field].default
+        _retrying(partial(_ensure_bucket, store, bucket, object_lock=field == "worm_bucket"))
+
+
+def _ensure_bucket(store: Any, bucket: str, *, object_lock: bool) -> None:
+    asyncio.run(store.ensure_bucket(bucket, object_lock=object_lock))
+
+
+def _retrying(call: Callable[[], Any]) -> Any:
+    """MinIO answers ready before its IAM and bucket metadata have loaded (minio/minio#11862): its
+    "not initialized" answers are retried for up to a minute."""
+    for attempt in range(30):
+        try:
+            return call()
+        except Exception as exc:
+            text = f"{getattr(exc, 'code', '')} {exc}"
+            if attempt == 29 or not any(sign in text for sign in ("ServerNotInitialized", "Status: 503")):
+                raise
+            time.sleep(2)
+    return None
 
 
 def make_s3_identities(folder: Path) -> None:
@@ -151,10 +207,10 @@ def make_s3_identities(folder: Path) -> None:
             f"export ENCLAVE_S3_SECRET_ACCESS_KEY='{secrets.token_hex(24)}'\n".encode(),
         )
         secret = _env_value(env_file, "ENCLAVE_S3_SECRET_ACCESS_KEY")
-        admin.policy_add(user, policy_file=IAM_DIR / f"{user}.json")
-        admin.user_add(user, secret)
+        _retrying(partial(admin.policy_add, user, policy_file=IAM_DIR / f"{user}.json"))
+        _retrying(partial(admin.user_add, user, secret))
         try:
-            admin.attach_policy([user], user=user)
+            _retrying(partial(admin.attach_policy, [user], user=user))
         except MinioAdminException as exc:
             if "XMinioAdminPolicyChangeAlreadyApplied" not in str(exc):
                 raise

@@ -29,8 +29,13 @@ up() {
       # the gateway holds none. S3 credentials the caller exported for another store are kept.
       if [ "$s" = gateway ]; then
         unset ENCLAVE_S3_ACCESS_KEY_ID ENCLAVE_S3_SECRET_ACCESS_KEY
-      elif [ "$ENCLAVE_S3_ACCESS_KEY_ID" = "$MINIO_ROOT_USER" ] && [ -f "$ENCLAVE_STATE/s3/$s.env" ]; then
-        . "$ENCLAVE_STATE/s3/$s.env"
+      elif [ "$ENCLAVE_S3_ACCESS_KEY_ID" = "$MINIO_ROOT_USER" ] \
+        && [ "$ENCLAVE_S3_ENDPOINT_URL" = "http://127.0.0.1:$MINIO_PORT" ]; then
+        if [ -f "$ENCLAVE_STATE/s3/$s.env" ]; then
+          . "$ENCLAVE_STATE/s3/$s.env"
+        else
+          log "WARNING: $s runs as the MinIO root user: $ENCLAVE_STATE/s3/$s.env is missing (run scripts/dev-setup.sh)"
+        fi
       fi
       ENCLAVE_TRACING_FILE="${ENCLAVE_TRACING_FILE:-$ENCLAVE_STATE/traces/$s.jsonl}" \
         exec setsid "$REPO_ROOT/.venv/bin/enclave-$s" >>"$LOGS_DIR/$s.log" 2>&1 < /dev/null

@@ -37,6 +37,11 @@ NEVER = {
     "s3:PutLifecycleConfiguration",
     "s3:PutReplicationConfiguration",
     "s3:DeleteObjectTagging",
+    # the buckets are provisioned beforehand; a service only reads their configuration
+    "s3:CreateBucket",
+    "s3:PutBucketVersioning",
+    "s3:PutEncryptionConfiguration",
+    "s3:PutBucketObjectLockConfiguration",
 }
 
 
@@ -139,7 +144,7 @@ def test_each_place_has_exactly_one_writer():
     assert _writers("enclave-originals/originals/") == {"ingest"}
     assert _writers("enclave-originals/keys/") == {"ingest"}
     assert _writers("enclave-deidentified/deidentified/") == {"deid"}
-    assert _writers("enclave-deidentified/reports/") == {"analysis"}
+    assert _writers("enclave-deidentified/reports/") == set()  # analysis writes its own bucket
     assert _writers("enclave-results/") == {"analysis"}
     assert _writers("enclave-audit-worm/") == {"audit"}
 
@@ -169,3 +174,36 @@ def test_the_runbook_lists_every_identity():
     section = runbook.split("### Object-store identities", 1)[1].split("\n### ", 1)[0]
     for service in STORE_USERS:
         assert f"| {service} |" in section, service
+
+
+def _objects_granted(service: str) -> dict[str, set[str]]:
+    """Object resource ARN -> the actions granted on it."""
+    granted: dict[str, set[str]] = {}
+    for action, resource in _grants(service):
+        if "/" in resource.split(":::", 1)[1]:
+            granted.setdefault(resource, set()).add(action)
+    return granted
+
+
+@pytest.mark.parametrize("service", STORE_USERS)
+def test_what_aws_checks_and_minio_does_not_is_granted_too(service):
+    """MinIO's checks are not AWS's, so the integration suite on MinIO cannot prove these: a read of a
+    given version needs s3:GetObjectVersion; HEAD of a missing key answers 404 (not 403, which the
+    services would take for a refusal) only with s3:ListBucket on the bucket; whoever writes must be
+    able to abort the multipart upload boto3 starts above 8 MiB (or its parts stay, unlisted); an
+    Object Lock write with a retention needs s3:PutObjectRetention."""
+    grants = _grants(service)
+    for resource, actions in _objects_granted(service).items():
+        bucket = resource.split(":::", 1)[1].split("/", 1)[0]
+        if "s3:GetObject" in actions:
+            assert "s3:GetObjectVersion" in actions, resource
+            assert ("s3:ListBucket", f"arn:aws:s3:::{bucket}") in grants, resource
+        if "s3:PutObject" in actions:
+            assert "s3:AbortMultipartUpload" in actions, resource
+            if bucket == "enclave-audit-worm":
+                assert "s3:PutObjectRetention" in actions, resource
+
+
+def test_deploy_k8s_never_lets_a_service_create_its_buckets():
+    for service in STORE_USERS:
+        assert _k8s_env(service)["ENCLAVE_S3_CREATE_BUCKETS"] == "false", service

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from enclave_analysis.assembly import SeriesAssembly
+from enclave_analysis.config import AnalysisSettings
 from enclave_analysis.phantoms import mni152_volume, write_mr_series
 from enclave_analysis.report_versions import S3ReportVersions
 from enclave_common import topics
@@ -30,10 +31,12 @@ from pydicom.uid import generate_uid
 
 from .support import admin_command, mr_instance, read_all, wait_for_events
 from .test_deid import _store
-from .test_deid_redo import DEID_BUCKET, _versions
+from .test_deid_redo import _versions
 from .test_gateway_support import GATEWAY, bearer, new_tenant
 
 #: One report written three times (the results bucket of the local stack is the deid bucket).
+#: Where analysis writes its reports: its own bucket, not deid's (deploy/iam/enclave-analysis.json).
+RESULTS_BUCKET = AnalysisSettings.model_fields["results_bucket"].default
 SR_VERSIONS = [("sr.dcm", b"first"), ("sr.dcm", b"second"), ("seg.dcm", b"third")]
 
 
@@ -141,17 +144,17 @@ async def test_superseded_report_versions_are_deleted_from_the_versioned_results
     store = _store()
     prefix = f"reports/it-{uuid.uuid4().hex}/"
     written = [
-        await store.put(DEID_BUCKET, f"{prefix}{name}", io.BytesIO(body)) for name, body in SR_VERSIONS
+        await store.put(RESULTS_BUCKET, f"{prefix}{name}", io.BytesIO(body)) for name, body in SR_VERSIONS
     ]
     versions = S3ReportVersions(store)
-    listed = await versions.versions(DEID_BUCKET, prefix)
+    listed = await versions.versions(RESULTS_BUCKET, prefix)
     assert sorted(listed) == sorted((w.key, w.version_id) for w in written)
     newest = (written[-1].key, written[-1].version_id)
-    await versions.delete(DEID_BUCKET, [v for v in listed if v != newest])
-    assert await versions.versions(DEID_BUCKET, prefix) == [newest]
-    assert await store.read(DEID_BUCKET, newest[0]) == SR_VERSIONS[-1][1]
-    await versions.delete(DEID_BUCKET, [newest])
-    assert await versions.versions(DEID_BUCKET, prefix) == []
+    await versions.delete(RESULTS_BUCKET, [v for v in listed if v != newest])
+    assert await versions.versions(RESULTS_BUCKET, prefix) == [newest]
+    assert await store.read(RESULTS_BUCKET, newest[0]) == SR_VERSIONS[-1][1]
+    await versions.delete(RESULTS_BUCKET, [newest])
+    assert await versions.versions(RESULTS_BUCKET, prefix) == []
 
 
 @pytest.mark.slow
@@ -173,8 +176,9 @@ async def test_a_series_analysed_again_leaves_only_the_new_report_versions():
     done = first.payload(AnalysisCompleted)
     assert sorted(done.instance_upload_ids) == sorted(uploaded)
     prefix = f"reports/{done.analysis_id}/"
+    assert {r.bucket for r in done.reports} == {RESULTS_BUCKET}  # not in deid's bucket (deploy/iam)
     versions = S3ReportVersions(_store())
-    assert sorted(await versions.versions(DEID_BUCKET, prefix)) == sorted(
+    assert sorted(await versions.versions(RESULTS_BUCKET, prefix)) == sorted(
         (r.key, r.version_id) for r in done.reports
     )
 
@@ -191,7 +195,7 @@ async def test_a_series_analysed_again_leaves_only_the_new_report_versions():
     assert {r.key for r in again.reports} == {r.key for r in done.reports}
     assert {r.version_id for r in again.reports}.isdisjoint(r.version_id for r in done.reports)
     for _ in range(60):  # deleted after the event is published, before the series is finished
-        left = sorted(await versions.versions(DEID_BUCKET, prefix))
+        left = sorted(await versions.versions(RESULTS_BUCKET, prefix))
         if len(left) == len(again.reports):
             break
         await asyncio.sleep(0.5)

@@ -37,6 +37,7 @@ from .support import (
     publish,
     restart,
     restarted_with,
+    service_identity,
     wait_for_events,
 )
 
@@ -224,7 +225,7 @@ async def test_a_range_past_the_end_of_the_chain_is_refused_not_reported_as_tamp
         capture_output=True,
         text=True,
         timeout=300,
-        env=os.environ | dev_env() | {"ENCLAVE_MONGO_URL": MONGO_URL},
+        env=os.environ | dev_env() | service_identity("audit") | {"ENCLAVE_MONGO_URL": MONGO_URL},
     )
     assert cli.returncode == 2, cli.stdout + cli.stderr
     assert f"the range starts at {beyond}, past the end of the chain" in cli.stderr
@@ -564,7 +565,7 @@ async def test_export_bundle_verifies_offline_and_cli_verifies_the_database(
     )
     assert refused.returncode == 1, refused.stdout
 
-    env = os.environ | dev_env() | {"ENCLAVE_MONGO_URL": MONGO_URL}
+    env = os.environ | dev_env() | service_identity("audit") | {"ENCLAVE_MONGO_URL": MONGO_URL}
     cli = subprocess.run(
         [
             str(ROOT / ".venv/bin/enclave-audit-verify"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import TopicPartition
-from enclave_common.kafka import FetcherWatchdog
+from enclave_common.kafka_liveness import FetcherWatchdog
 from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from pydantic import ValidationError
@@ -247,6 +248,84 @@ async def test_a_restarted_consumer_whose_partitions_have_no_leader_is_not_count
         answer = await _until_503(client)
         assert answer.status_code == 503, answer.text
         assert answer.json()["problems"][0]["cause"] == "no_fetch_returned"
+
+
+async def _refusing_address() -> tuple[str, int]:
+    """An address on this host where nothing listens: a connection is refused at once."""
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    server.close()
+    await server.wait_closed()
+    return host, port
+
+
+async def test_a_restarted_consumer_whose_partition_leaders_refuse_connections_is_not_counted() -> None:
+    """A partial outage: some broker answers the ping and the cluster metadata (which aiokafka
+    refreshes after every failed connection) names a leader for each partition, but no leader accepts
+    a connection from this process, so a restarted container would fetch no better. The rounds are not
+    counted; once the leader accepts connections and still nothing fetches, they count again. Until
+    the nineteenth session such a consumer failed /healthz and its pod was restarted to no effect."""
+    accepting = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    address = {"now": await _refusing_address()}
+
+    def unreachable_leader() -> FakeConsumer:
+        consumer = _consumer(asyncio.get_running_loop().create_future(), fetched=False)
+        consumer._client.cluster.broker_metadata = lambda node: SimpleNamespace(
+            nodeId=node, host=address["now"][0], port=address["now"][1]
+        )
+        return consumer
+
+    silent = StuckSubscriber(_joins, restarted=unreachable_leader)
+    async with accepting, _service(FakeBroker(silent)) as (runtime, client):
+        assert await _statuses_for(client, 3 * BOUND_S) == {200}
+        assert silent.start_attempts == 1 and (_stuck_seconds(runtime) or 0) < BOUND_S
+        address["now"] = accepting.sockets[0].getsockname()[:2]
+        answer = await _until_503(client)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["problems"][0]["cause"] == "no_fetch_returned"
+
+
+async def test_a_leader_missing_from_the_cluster_metadata_counts_as_unreachable() -> None:
+    """The metadata names a leader whose broker it does not list (aiokafka: ``StaleMetadata``): no
+    connection can be made to it, so the rounds are not counted either."""
+
+    def unlisted_leader() -> FakeConsumer:
+        consumer = _consumer(asyncio.get_running_loop().create_future(), fetched=False)
+        consumer._client.cluster.broker_metadata = lambda node: None
+        return consumer
+
+    silent = StuckSubscriber(_joins, restarted=unlisted_leader)
+    async with _service(FakeBroker(silent)) as (runtime, client):
+        assert await _statuses_for(client, 3 * BOUND_S) == {200}
+        assert silent.start_attempts == 1 and (_stuck_seconds(runtime) or 0) < BOUND_S
+
+
+async def test_a_leader_that_does_not_complete_the_tls_handshake_in_time_is_unreachable() -> None:
+    """The consumer connects with TLS: a leader that accepts the TCP connection but never answers the
+    handshake is probed the same way, and given up after the probe's bound."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # never answers the ClientHello
+
+    silent_leader = await asyncio.start_server(silent_peer, "127.0.0.1", 0)
+    host, port = silent_leader.sockets[0].getsockname()[:2]
+
+    def tls_consumer() -> FakeConsumer:
+        consumer = _consumer(asyncio.get_running_loop().create_future(), fetched=False)
+        consumer._client._security_protocol = "SSL"
+        consumer._client._ssl_context = ssl.create_default_context()
+        consumer._client.cluster.broker_metadata = lambda node: SimpleNamespace(host=host, port=port)
+        return consumer
+
+    silent = StuckSubscriber(_joins, restarted=tls_consumer)
+    async with silent_leader, _service(FakeBroker(silent)) as (runtime, client):
+        assert runtime.consumer_watchdog is not None
+        runtime.consumer_watchdog.leader_probe_timeout_s = 0.05
+        assert await _statuses_for(client, 3 * BOUND_S) == {200}
+        assert held and (_stuck_seconds(runtime) or 0) < BOUND_S
+        for writer in held:
+            writer.close()
 
 
 async def test_a_consumer_that_consumes_between_occasional_restarts_stays_alive() -> None:

@@ -9,11 +9,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.consumer.subscription_state import TopicPartitionState
 from aiokafka.errors import KafkaError
-from enclave_common.kafka import ConsumerMetrics, FetcherWatchdog
+from enclave_common.kafka import ConsumerMetrics
+from enclave_common.kafka_liveness import FetcherWatchdog
 from prometheus_client import CollectorRegistry
 
 
@@ -258,3 +260,18 @@ def test_aiokafka_still_records_a_high_watermark_from_every_fetch_response():
         AIOKafkaConsumer.highwater
     )
     assert "assigned_partitions()" in inspect.getsource(AIOKafkaConsumer.assignment)
+
+
+def test_aiokafka_still_refreshes_its_metadata_after_a_failed_connection_and_connects_as_probed():
+    """A consumer whose partition leaders refuse connections is not counted as stuck because aiokafka
+    asks for new cluster metadata after every failed connection (so the leaders it names are the
+    cluster's own), and the watchdog probes them at the address and with the TLS settings aiokafka
+    connects with. This fails if that moves."""
+    get_conn = inspect.getsource(AIOKafkaClient._get_conn)
+    assert "broker = self.cluster.broker_metadata(node_id)" in get_conn
+    assert "broker.host" in get_conn and "broker.port" in get_conn
+    assert "ssl_context=self._ssl_context" in get_conn
+    assert "security_protocol=self._security_protocol" in get_conn
+    failed = get_conn[get_conn.index("except (OSError, asyncio.TimeoutError, KafkaError)") :]
+    assert "self.force_metadata_update()" in failed
+    assert "self._client = AIOKafkaClient(" in inspect.getsource(AIOKafkaConsumer.__init__)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from enclave_common.kafka import SenderWatchdog
+from enclave_common.kafka_liveness import SenderWatchdog
 from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from pydantic import ValidationError

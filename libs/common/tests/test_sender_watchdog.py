@@ -15,7 +15,8 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.producer.message_accumulator import MessageAccumulator
 from aiokafka.producer.sender import Sender
 from enclave_common.errors import classify_exception
-from enclave_common.kafka import BrokerProducerSlot, ConsumerMetrics, SenderWatchdog, create_broker
+from enclave_common.kafka import BrokerProducerSlot, ConsumerMetrics, create_broker
+from enclave_common.kafka_liveness import SenderWatchdog
 from enclave_common.settings import BaseServiceSettings
 from faststream.kafka.publisher.producer import AioKafkaFastProducerImpl
 from faststream.kafka.publisher.state import RealProducer

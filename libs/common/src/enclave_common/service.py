@@ -55,15 +55,13 @@ from enclave_common.kafka import (
     BrokerProducerSlot,
     ConsumerMetrics,
     EventPublisher,
-    FetcherWatchdog,
     Handler,
-    ProducerSlot,
     RetryPolicy,
-    SenderWatchdog,
     TlsMetrics,
     create_broker,
     reliable_consumer,
 )
+from enclave_common.kafka_liveness import FetcherWatchdog, ProducerSlot, SenderWatchdog
 from enclave_common.logging import code_location, configure_logging
 from enclave_common.mongo import mongo_client
 from enclave_common.settings import BaseServiceSettings

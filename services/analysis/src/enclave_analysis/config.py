@@ -21,7 +21,7 @@ class AnalysisSettings(BaseServiceSettings):
     kms_key_id: str | None = None
     #: Where the de-identified instances are, and where reports (SR, SEG, PNG) are written.
     deidentified_bucket: str = "enclave-deidentified"
-    results_bucket: str = "enclave-deidentified"
+    results_bucket: str = "enclave-results"
 
     #: A series is analysed once every instance its uploads announced has an outcome and nothing new
     #: arrived for this long.
@@ -40,10 +40,12 @@ class AnalysisSettings(BaseServiceSettings):
     #: all; then it is reported failed (``analysis_internal_error``). A dependency outage (the object
     #: store, Kafka, the database) does not count as an attempt.
     max_attempts: int = Field(default=3, ge=1)
-    #: The worker's analysis of one series (decoding, ANTs, the reports) is stopped after this long,
-    #: its process killed, and the series reported failed (``analysis_timed_out``), not tried again
-    #: unless it changes. The 1 mm MNI brain takes 24 s on a quiet 2-core machine and 60-69 s under
-    #: load (docs/analysis.md); below ``lease_s``, so a hung analysis is not handed to another replica.
+    #: One analysis of a series (reading its members from the object store, the worker's decoding,
+    #: ANTs and reports, storing the reports) is stopped after this long, a worker mid-analysis
+    #: killed, the reports stored by then deleted, and the series reported failed
+    #: (``analysis_timed_out``), not tried again unless it changes. The 1 mm MNI brain takes 24 s on a
+    #: quiet 2-core machine and 60-69 s under load (docs/analysis.md); below ``lease_s``, so a hung
+    #: analysis or a stalled object store does not hand the series to another replica.
     max_analysis_s: float = Field(default=600.0, gt=0)
     retry_delay_s: float = Field(default=60.0, ge=0)
     #: Series with fewer de-identified instances fail at once (a volume needs slices).

@@ -38,9 +38,11 @@ class RepeatedFailure(AnalysisError):
 
 
 class AnalysisTimedOut(AnalysisError):
-    """The analysis ran past ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` (a native decoder or ANTs that does
-    not return, on a pathological codestream, say): its worker was killed. Permanent: the same series
-    would hang again, on every replica the lease handed it to."""
+    """Reading the members, the analysis and storing the reports took longer than
+    ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` (a native decoder or ANTs that does not return, on a
+    pathological codestream, say, or an object store that stalls): the step under way was stopped, a
+    worker mid-analysis killed. Permanent: the same series would hang again, on every replica the
+    lease handed it to."""
 
     code = "analysis_timed_out"
 

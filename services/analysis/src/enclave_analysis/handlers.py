@@ -65,6 +65,10 @@ MISSING_OBJECT = frozenset({"s3_NoSuchKey", "s3_NoSuchVersion", "s3_404"})
 #: database did not answer): the service's shutdown does not wait longer for it.
 RELEASE_TIMEOUT_S = 5.0
 
+#: The reports stored by an analysis its time limit stopped are deleted within this long, or left to
+#: the purge of the series' next completed analysis (the object store may be what stalled).
+DISCARD_TIMEOUT_S = 10.0
+
 
 def _duration(seconds: float) -> str:
     if seconds >= 3600 and seconds % 3600 == 0:
@@ -363,23 +367,9 @@ class AnalysisService:
                     f"{_duration(self.settings.incomplete_after_s)}; the status of each uploaded instance "
                     "says where it stopped. The series is analysed when they arrive"
                 )
-            # One copy per instance (an instance uploaded twice is two members but one slice), then
-            # distinct SOP Instance UIDs count toward the minimum (the volume drops repeated ones).
-            budget = ByteBudget(self.settings.max_series_bytes)
-            datasets = [await self._load_instance(tenant, copies, budget) for copies in instances]
-            distinct = len({str(ds.get("SOPInstanceUID", f"member-{i}")) for i, ds in enumerate(datasets)})
-            if distinct < self.settings.min_instances:
-                raise AnalysisError(
-                    f"the series has {distinct} de-identified instance(s); a volume needs at least "
-                    f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
-                    + (
-                        f" (instances uploaded more than once count once: {len(members)} uploads)"
-                        if distinct < len(members)
-                        else ""
-                    )
-                )
-            measures, qc, reasons, reports = await self._run_analyser(datasets)
-            refs = [await self._store_report(tenant, study_key, analysis_id, *report) for report in reports]
+            measures, qc, reasons, refs = await self._analyse_within_limit(
+                tenant, study_key, analysis_id, instances, uploads=len(members)
+            )
             data = AnalysisCompleted(**base, measures=measures, qc=qc, reports=refs)
             extra = {"reasons": reasons}
             topic, outcome = topics.ANALYSIS_COMPLETED, "completed"
@@ -428,6 +418,98 @@ class AnalysisService:
             analysis_id=analysis_id,
             instances=len(members),
             awaiting=len(missing),
+        )
+
+    async def _analyse_within_limit(
+        self,
+        tenant: str,
+        study_key: str,
+        analysis_id: str,
+        instances: list[list[dict[str, Any]]],
+        *,
+        uploads: int,
+    ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[ObjectRef]]:
+        """Read the members, run the analyser and store its reports, all within
+        ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S``. Past it the step under way is stopped (a worker running
+        the analyser is killed, ``_run_analyser``), the reports this run stored are deleted, and
+        ``AnalysisTimedOut`` is raised. Only the limit's own expiry is that: a ``TimeoutError``
+        raised inside (the analyser's, a client's) is passed on as it is. Recording and publishing the
+        outcome come after and are not bounded: the outbox makes them safe past the lease
+        (``analyse``), and cutting them would turn an analysis that ended into one that timed out."""
+        limit = self.settings.max_analysis_s
+        stage = "reading the series' members"
+        written: list[ObjectRef] = []
+        bound = asyncio.timeout(limit)
+        try:
+            async with bound:
+                # One copy per instance (an instance uploaded twice is two members but one slice), then
+                # distinct SOP Instance UIDs count toward the minimum (the volume drops repeated ones).
+                budget = ByteBudget(self.settings.max_series_bytes)
+                datasets = [await self._load_instance(tenant, copies, budget) for copies in instances]
+                distinct = len(
+                    {str(ds.get("SOPInstanceUID", f"member-{i}")) for i, ds in enumerate(datasets)}
+                )
+                if distinct < self.settings.min_instances:
+                    raise AnalysisError(
+                        f"the series has {distinct} de-identified instance(s); a volume needs at least "
+                        f"{self.settings.min_instances} slices of a T1-weighted brain acquisition"
+                        + (
+                            f" (instances uploaded more than once count once: {uploads} uploads)"
+                            if distinct < uploads
+                            else ""
+                        )
+                    )
+                stage = "analysing the series"
+                measures, qc, reasons, reports = await self._run_analyser(datasets)
+                stage = "storing the reports"
+                for report in reports:
+                    written.append(await self._store_report(tenant, study_key, analysis_id, *report))
+        except TimeoutError:
+            if not bound.expired():
+                raise  # raised inside the analysis (the analyser's, a client's), not the limit
+            log.error(
+                "analysis ran past its time limit and was stopped",
+                stage=stage,
+                limit_s=limit,
+                worker_killed=stage == "analysing the series" and self._executor is not None,
+                reports_stored=len(written),
+            )
+            await self._discard_reports(analysis_id, written)
+            raise AnalysisTimedOut(
+                f"the analysis of this series ran longer than {_duration(limit)} and was stopped while "
+                f"{stage} (ENCLAVE_ANALYSIS_MAX_ANALYSIS_S, which bounds reading the members, the "
+                "analysis and storing the reports); it is not tried again unless the series changes. "
+                "The operators can re-run it (enclave-analysis-rerun --reason-code analysis_timed_out)"
+            ) from None
+        return measures, qc, reasons, written
+
+    async def _discard_reports(self, analysis_id: str, written: list[ObjectRef]) -> None:
+        """Delete the report versions a run stopped by its time limit stored: no outcome names them,
+        and they are not the whole result. Waits at most ``DISCARD_TIMEOUT_S`` (the object store may
+        be what stalled); what is left then, or a store that refuses, is logged, and the purge of the
+        series' next completed analysis deletes it (``_purge_superseded_reports``). So is a report
+        whose storing was under way at the limit and that lands later: a store's write in a thread
+        cannot be called back."""
+        versions = [(ref.key, ref.version_id) for ref in written if ref.version_id]
+        if not versions or self.report_versions is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self.report_versions.delete(written[0].bucket, versions), DISCARD_TIMEOUT_S
+            )
+        except Exception as exc:
+            log.warning(
+                "reports of an analysis stopped by its time limit could not be deleted; the next "
+                "completed analysis of the series deletes them",
+                analysis_id=analysis_id,
+                versions=len(versions),
+                exc_info=exc,
+            )
+            return
+        log.info(
+            "reports of an analysis stopped by its time limit deleted",
+            analysis_id=analysis_id,
+            versions=len(versions),
         )
 
     async def _members_changed(self, series: dict[str, Any], analysed: list[str]) -> bool:
@@ -520,27 +602,13 @@ class AnalysisService:
             return await asyncio.to_thread(self.analyser, datasets)
         # What ITK and ANTs print to stderr in the worker stays out of the service's log (native_stderr).
         captured = functools.partial(run_capturing_native_stderr, self.analyser)
-        limit = self.settings.max_analysis_s
-        bound = asyncio.timeout(limit)
         try:
-            async with bound:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
-        except TimeoutError:
-            if not bound.expired():
-                raise  # the analyser's own TimeoutError, not the limit
-            # Hung (a native decoder that does not return): the worker is killed, not waited for.
-            log.error("analysis ran past its time limit; its worker process is killed", limit_s=limit)
-            _kill_workers(self._executor)
-            assert self._executor_factory is not None
-            self._executor = self._executor_factory()
-            raise AnalysisTimedOut(
-                f"the analysis of this series ran longer than {_duration(limit)} and was stopped "
-                "(ENCLAVE_ANALYSIS_MAX_ANALYSIS_S); it is not tried again unless the series changes. "
-                "The operators can re-run it (enclave-analysis-rerun --reason-code analysis_timed_out)"
-            ) from None
+            return await asyncio.get_running_loop().run_in_executor(self._executor, captured, datasets)
         except asyncio.CancelledError:
-            # The service stops: ANTs would run on to the end of the analysis in the worker, for
-            # minutes, orphaned once the service exits, its result waited for by nobody.
+            # The service stops, or the analysis ran past its time limit (``_analyse_within_limit``;
+            # a native decoder that does not return, say): ANTs would run on to the end of the
+            # analysis in the worker, for minutes, orphaned once the service exits, its result waited
+            # for by nobody. The worker is killed, not waited for.
             _kill_workers(self._executor)
             assert self._executor_factory is not None
             self._executor = self._executor_factory()  # its process starts with the next analysis
