@@ -10,6 +10,7 @@ one table, every cell tried against MinIO with the service's own keys.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from .conftest import S3_ENDPOINT, S3_KEY, S3_SECRET
-from .support import STATE, service_identity
+from .support import ROOT, STATE, service_identity
 
 ORIGINALS, DEIDENTIFIED, RESULTS, WORM = (
     "enclave-originals",
@@ -182,6 +183,28 @@ def test_the_running_services_use_their_own_identities_and_the_gateway_none():
         env = _environment(service)
         assert env.get("ENCLAVE_S3_ACCESS_KEY_ID") == key == f"enclave-{service}"
         assert env.get("ENCLAVE_S3_SECRET_ACCESS_KEY") == secret
+
+
+def test_no_identity_learns_of_buckets_its_policy_does_not_name(root):
+    """Readiness asks the store for the service's own bucket (HeadBucket), and no policy grants
+    s3:ListAllMyBuckets: AWS refuses the listing; MinIO answers with the buckets the identity may use.
+    Either way no service learns which other buckets (other services', tenants' test buckets) exist."""
+    everything = {bucket["Name"] for bucket in root.list_buckets()["Buckets"]}
+    for service in IDENTITIES:
+        policy = json.loads((ROOT / "deploy" / "iam" / f"enclave-{service}.json").read_text())
+        named = {
+            resource.split(":::", 1)[1].split("/", 1)[0]
+            for statement in policy["Statement"]
+            for resource in statement["Resource"]
+        }
+        refused, seen = "", set()
+        try:
+            seen = {bucket["Name"] for bucket in _client(*_keys(service)).list_buckets()["Buckets"]}
+        except ClientError as exc:
+            refused = exc.response["Error"]["Code"]
+        assert refused in ("", "AccessDenied"), (service, refused)
+        assert seen <= named, (service, seen - named)
+        assert everything - named, "the root user sees buckets no policy names (the test's premise)"
 
 
 def test_an_identity_reads_no_other_bucket_listing(root):

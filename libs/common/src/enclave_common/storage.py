@@ -66,7 +66,7 @@ class ObjectStore(Protocol):
         self, bucket: str, prefix: str, *, after: str = "", until: str | None = None
     ) -> list[tuple[str, str]]: ...
 
-    async def ping(self) -> None: ...
+    async def ping(self, bucket: str) -> None: ...
 
 
 def _code(exc: ClientError) -> str:
@@ -116,8 +116,11 @@ class S3ObjectStore:
         except ClientError as exc:
             raise s3_error(exc, action) from exc
 
-    async def ping(self) -> None:
-        await self._call("list buckets", self._client.list_buckets)
+    async def ping(self, bucket: str) -> None:
+        """Readiness: the store answers for ``bucket`` (HeadBucket, the service's own ``s3:ListBucket``).
+        Until the nineteenth session it listed every bucket, which needed ``s3:ListAllMyBuckets`` and
+        showed each service the names of all the buckets of the account."""
+        await self._call("head bucket", self._client.head_bucket, Bucket=bucket)
 
     async def ensure_bucket(self, bucket: str, *, object_lock: bool = False) -> None:
         """Make sure ``bucket`` exists with versioning, default server-side encryption and (with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 from enclave_common import topics
 from enclave_common.keys_config import kek_provider
@@ -47,7 +48,7 @@ def create_app(settings: AnalysisSettings | None = None) -> FastAPI:
     analyser = functools.partial(run_volumetrics, limits=limits)  # picklable: runs in the worker
     service = AnalysisService(runtime, settings, assembly, store, analyser, analysis_worker)
     service.register()
-    runtime.readiness["object_store"] = store.ping
+    runtime.readiness["object_store"] = partial(store.ping, settings.deidentified_bucket)
 
     def load_keys() -> None:
         service.kek = kek_provider(settings, settings.keyring_file, settings.kms_key_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any
 
 import structlog
@@ -43,7 +44,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     )
     sync_db = sync_client[settings.mongo_database]
     objects = S3ObjectStore(settings)
-    runtime.readiness["object_store"] = objects.ping
+    runtime.readiness["object_store"] = partial(objects.ping, settings.worm_bucket)
 
     history = BucketedAuditHistory(sync_db)
     consumer = AuditConsumer(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from enclave_common import topics
@@ -108,7 +109,7 @@ def create_app(settings: DeidSettings | None = None) -> FastAPI:
     vault = LinkageVault(runtime.db)
     handler = InstanceStoredHandler(runtime, settings, records, vault)
     handler.register()
-    runtime.readiness["object_store"] = store.ping
+    runtime.readiness["object_store"] = partial(store.ping, settings.deidentified_bucket)
     runtime.readiness["work_dir"] = local_disk_check(settings.work_dir)
 
     def check_keys() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from enclave_common import topics
 from enclave_common.crypto import load_private_key
 from enclave_common.errors import ConfigurationError
@@ -37,7 +39,7 @@ def create_app(settings: IngestSettings | None = None) -> FastAPI:
         spool_capacity_bytes=settings.spool_capacity_bytes,
     )
     consumer.register()
-    runtime.readiness["object_store"] = store.ping
+    runtime.readiness["object_store"] = partial(store.ping, settings.originals_bucket)
     runtime.readiness["spool"] = local_disk_check(settings.spool_dir)
 
     def load_keys() -> None:
