@@ -5,7 +5,9 @@ same (docs/gateway.md, "Status codes common to every route"); the audit service 
 Until the nineteenth session the allowed decision of an upload or grant change was recorded first as
 ``success`` with status 200, then the route's own event: a refused upload read "success, 200", a
 partly refused one had a "rejected, 409" per refused part although it was answered 202. A grant or
-break-glass body that did not match the API (422) was not recorded at all.
+break-glass body that did not match the API (422) was not recorded at all. Until its review, a grant
+body the body limit refused (413) was recorded as the client leaving (499), and a grant id that is not
+a UUID (422) was not recorded.
 """
 
 from __future__ import annotations
@@ -99,6 +101,23 @@ async def test_each_request_is_one_access_event_claiming_the_answer_it_got():
             grant_id = next(r for n, r in sent.values() if n == "grant_201").json()["grant_id"]
             await send("revoke_200", "DELETE", f"/api/v1/grants/{grant_id}", admin)
             await send("revoke_409", "DELETE", f"/api/v1/grants/{grant_id}", admin)
+            await send("revoke_bad_id_422", "DELETE", "/api/v1/grants/not-a-grant-id", admin)
+            await send("read_bad_id_422", "GET", "/api/v1/grants/not-a-grant-id", admin)
+            grant = json.dumps(_grant(patient)).encode()
+
+            async def past_the_limit() -> Any:  # chunked (no Content-Length), over 64 KiB in all
+                yield grant[:-1]
+                for _ in range(9):
+                    yield b" " * 8192
+                yield grant[-1:]
+
+            await send(
+                "grant_chunked_413",
+                "POST",
+                "/api/v1/grants",
+                {**admin, "Content-Type": "application/json"},
+                content=past_the_limit(),
+            )
         events = await watch.read(lambda env: env.tenant == tenant, settle=3.0)
 
     expected = {
@@ -111,6 +130,9 @@ async def test_each_request_is_one_access_event_claiming_the_answer_it_got():
         "break_glass_body_422": ("break_glass", 422, "rejected"),
         "revoke_200": ("manage_grants", 200, "success"),
         "revoke_409": ("manage_grants", 409, "rejected"),
+        "revoke_bad_id_422": ("manage_grants", 422, "rejected"),
+        "read_bad_id_422": ("read_grants", 422, "rejected"),
+        "grant_chunked_413": ("manage_grants", 413, "rejected"),
     }
     access_type = topics.event_type(topics.ACCESS_RECORDED)
     by_name: dict[str, dict[str, Any]] = {}
@@ -131,8 +153,9 @@ async def test_each_request_is_one_access_event_claiming_the_answer_it_got():
     assert by_name["stow_202"]["target"] == f"upload:{completed.data['upload_id']}"
     assert by_name["stow_202"]["detail"].startswith("accepted=1 rejected=1 problems=")
     assert by_name["form_409"]["detail"].startswith("accepted=0 rejected=1 problems=")
-    for name in ("grant_body_422", "break_glass_body_422"):
+    for name in ("grant_body_422", "break_glass_body_422", "revoke_bad_id_422", "read_bad_id_422"):
         assert (by_name[name]["detail"], by_name[name]["target"]) == ("invalid_request", None), name
+    assert by_name["grant_chunked_413"]["detail"] == "body_too_large"
     for event in events:
         assert patient not in json.dumps(event.data), "no body content in an event"
 

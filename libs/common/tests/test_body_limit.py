@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from enclave_common.body_limit import BodyLimit, body_refusal
 from enclave_common.service import MAX_LISTED_PROBLEMS, ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -246,3 +247,62 @@ def test_a_422_with_few_problems_keeps_its_shape(client: TestClient) -> None:
             {"field": "body.1", "problem": detail["problems"][1]["problem"]},
         ],
     }
+
+
+def limited(app: Any, **options: Any) -> BodyLimit:
+    defaults: dict[str, Any] = {
+        "max_bytes": LIMIT,
+        "timeout_s": 0.3,
+        "size_setting": "SIZE",
+        "timeout_setting": "TIMEOUT",
+        "error_body": lambda status, code, message: {"status": status, "error": code},
+    }
+    return BodyLimit(app, **(defaults | options))
+
+
+@pytest.mark.parametrize(
+    ("headers", "pieces", "noted"),
+    [
+        ([(b"content-length", b"262144000")], [], (413, "body_too_large")),
+        ([(b"transfer-encoding", b"chunked")], [b" " * 600] * 3, (413, "body_too_large")),
+        ([(b"content-length", b"100")], [b'{"name": "a'], (408, "body_timeout")),
+        ([(b"content-length", b"2")], [b"{}"], None),
+    ],
+)
+def test_a_refusal_is_noted_in_the_request_state_for_the_route_to_record(
+    headers: list[tuple[bytes, bytes]], pieces: list[bytes], noted: tuple[int, str] | None
+) -> None:
+    """A route reading a refused body sees a client that left (``http.disconnect``); the refusal the
+    client got is in ``request.state`` (:func:`body_refusal`), so the route records that instead."""
+    seen: list[Any] = []
+
+    async def route(scope: Any, receive: Receive, send: Any) -> None:
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        seen.append((message["type"], body_refusal(scope)))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    messages = [{"type": "http.request", "body": p, "more_body": True} for p in pieces]
+    if noted is None:
+        messages[-1]["more_body"] = False
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    request = scope("/things", headers)
+    asyncio.run(asyncio.wait_for(limited(route)(request, receive, send), 10))
+    assert body_refusal(request) == noted
+    assert sent[0]["status"] == (noted[0] if noted else 200)
+    if noted is not None and noted[0] == 413 and not pieces:
+        assert seen == []  # refused from its Content-Length: the route never ran
+    else:
+        assert seen == [("http.disconnect" if noted else "http.request", noted)]

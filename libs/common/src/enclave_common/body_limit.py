@@ -8,7 +8,9 @@ authentication. A declared Content-Length over ``max_bytes`` is refused before a
 read; a body without one (chunked) is counted as the route reads it and refused once past the limit;
 a body the client takes more than ``timeout_s`` to send (time spent waiting for it, in all) is
 refused 408. The answer closes the connection; nothing sent is echoed. The route then sees the client
-as gone (``http.disconnect``), and what it answers is dropped.
+as gone (``http.disconnect``), and what it answers is dropped. The refusal's status and code are
+noted in the request's state (:func:`body_refusal`), so a route that records its requests records the
+answer the client got, not a client that left.
 
 Every service's HTTP app has it (``max_body_bytes``, ``ENCLAVE_<SERVICE>_MAX_BODY_BYTES``;
 ``body_timeout_s``, ``ENCLAVE_<SERVICE>_BODY_TIMEOUT_S``). Routes that read their own bodies with
@@ -30,6 +32,16 @@ BODY_TOO_LARGE = 413
 BODY_TIMEOUT = 408
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+#: The key in the ASGI scope's ``state`` (Starlette's ``request.state``) under which a refusal is noted.
+REFUSAL_STATE_KEY = "body_limit_refusal"
+
+
+def body_refusal(scope: Scope) -> tuple[int, str] | None:
+    """The (status, code) this middleware answered the request with when it refused its body (413
+    ``body_too_large``, 408 ``body_timeout``); None when it did not. A route reading the body then
+    sees the client as gone, but the client got this answer."""
+    noted = scope.get("state", {}).get(REFUSAL_STATE_KEY)
+    return (noted[0], noted[1]) if isinstance(noted, tuple) else None
 
 
 def route_path(scope: Scope) -> str:
@@ -92,9 +104,12 @@ class BodyLimit:
         if scope["type"] != "http" or self._is_exempt(scope):
             await self.app(scope, receive, send)
             return
+        # Taken before the app runs: a middleware inside may copy the scope, not its state.
+        state = scope.setdefault("state", {})
         declared = declared_length(scope)
         if declared is not None and declared > self.max_bytes:
             status, code, message = self._too_large(f"{declared} bytes (Content-Length)")
+            state[REFUSAL_STATE_KEY] = (status, code)
             await refuse(send, status, self.error_body(status, code, message))
             return
 
@@ -109,6 +124,7 @@ class BodyLimit:
             nonlocal refused
             refused = True
             if not started:  # else the answer under way is cut off, and the connection with it
+                state[REFUSAL_STATE_KEY] = (status, code)
                 await refuse(send, status, self.error_body(status, code, message))
             return _DISCONNECT
 

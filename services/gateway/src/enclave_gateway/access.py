@@ -9,11 +9,13 @@ recorded by their routes once the answer is known (:data:`ANSWERED_BY_ROUTE`): t
 decision is not the answer, since the body may still be refused, or the grant answered 201 or 422.
 
 Publishing is awaited: if the access cannot be recorded, the request fails (503) rather than happen
-unaudited.
+unaudited. A request already answered 503 (or cancelled) is still recorded where Kafka takes it
+(:meth:`AccessRecorder.record_if_possible`, :meth:`AccessRecorder.record_despite_cancel`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult
+from enclave_common.body_limit import body_refusal
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.errors import TransientError, exhausted_resource, unavailable_dependency
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
@@ -145,21 +148,30 @@ ANSWERED_BY_ROUTE: Final = frozenset({Action.UPLOAD, Action.MANAGE_GRANTS, Actio
 
 #: Set on a request once an access event of it was handed to the producer (see :func:`access_recorded`).
 _RECORDED = "access_recorded"
+#: How long a cancelled request (the server's graceful-shutdown timeout) waits for its access event.
+RECORD_ON_CANCEL_S: Final = 5.0
+
+
+def access_recorded(request: Request) -> bool:
+    """Whether an access event of ``request`` was handed to the producer (acknowledged or not)."""
+    return bool(getattr(request.state, _RECORDED, False))
 
 
 class Unaudited(HTTPException):
-    """503: Kafka did not take an access event or an alert of the request (nothing more of it can be
-    recorded)."""
+    """503: Kafka did not take an access event or an alert of the request. Nothing more of it is
+    recorded on the way out (:func:`unrecorded_failure`); a route that knows what may have taken
+    effect tries one more event itself (:meth:`AccessRecorder.record_if_possible`)."""
 
 
 def unrecorded_failure(request: Request, exc: Exception) -> tuple[int, str] | None:
     """The answer (status, code) ``exc`` gets when it ends a request none of whose access events was
     handed to the producer yet, so that the request is recorded with it; None when one was (the
     route or the guard recorded the answer) or when Kafka refused an event of it (nothing more can
-    be recorded; the answer is 503)."""
-    if getattr(request.state, _RECORDED, False) or isinstance(exc, Unaudited):
+    be recorded; the answer is 503). A body the body limit refused (413, 408) is recorded with that
+    refusal, the answer the client got, not as the client leaving (499) which the route then saw."""
+    if access_recorded(request) or isinstance(exc, Unaudited):
         return None
-    return failure_answer(exc)
+    return body_refusal(request.scope) or failure_answer(exc)
 
 
 def failure_answer(exc: Exception) -> tuple[int, str]:
@@ -206,6 +218,9 @@ class AccessFields(TypedDict):
 class AccessRecorder:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
+        #: Records of cancelled requests still running after a further cancellation (see
+        #: :meth:`record_despite_cancel`).
+        self._unfinished: set[asyncio.Future[bool]] = set()
 
     async def record(self, request: Request, **fields: Unpack[AccessFields]) -> None:
         """Publish one access event and wait for Kafka's acknowledgement (503 if it fails)."""
@@ -231,6 +246,42 @@ class AccessRecorder:
         )
         with _unaudited():
             await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
+
+    async def record_if_possible(self, request: Request, **fields: Unpack[AccessFields]) -> bool:
+        """:meth:`record` for a request already answered 503 (an event of it or its hand-off was
+        refused): Kafka may take this one (a timed-out chunk, a refused record); if it does not, the
+        failure is logged and the answer stands. False when it was not recorded."""
+        try:
+            await self.record(request, **fields)
+        except Unaudited:
+            log.error(
+                "an access answered 503 could not be recorded either",
+                action=fields["action"],
+                status=fields["status"],
+                detail=fields.get("detail"),
+                correlation_id=request_correlation_id(request),
+            )
+            return False
+        return True
+
+    async def record_despite_cancel(self, request: Request, **fields: Unpack[AccessFields]) -> None:
+        """:meth:`record_if_possible` for a request being cancelled (the server's graceful-shutdown
+        timeout), called before the cancellation goes on: shielded from a further cancellation and
+        bounded by :data:`RECORD_ON_CANCEL_S`. What the shield keeps running past a further
+        cancellation is kept in :attr:`_unfinished` until the hand-off's own timeout ends it."""
+        recording = asyncio.ensure_future(self.record_if_possible(request, **fields))
+        self._unfinished.add(recording)
+        recording.add_done_callback(self._unfinished.discard)
+        try:
+            async with asyncio.timeout(RECORD_ON_CANCEL_S):
+                await asyncio.shield(recording)
+        except TimeoutError:
+            recording.cancel()
+            log.error(
+                "a cancelled request's access event was not acknowledged in time",
+                action=fields["action"],
+                correlation_id=request_correlation_id(request),
+            )
 
     async def on_decision(
         self,

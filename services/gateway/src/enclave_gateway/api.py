@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
@@ -17,7 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from enclave_gateway.access import AccessRecorder, outcome_of_failure, unrecorded_failure
+from enclave_gateway.access import (
+    AccessRecorder,
+    Unaudited,
+    access_recorded,
+    outcome_of_failure,
+    unrecorded_failure,
+)
 from enclave_gateway.admission import TooManyUploads
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.metrics import GatewayMetrics
@@ -38,6 +45,19 @@ from enclave_gateway.validation import uid_is_valid
 log = structlog.get_logger("enclave.gateway")
 
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
+
+
+class AccessUnrecorded(TransientError):
+    """An upload whose instances were all handed off (ingest stores them) and whose access event
+    Kafka then did not take: answered 503 with its own code, since unlike ``kafka_unavailable``
+    something was accepted downstream, and a resend is what completes the record."""
+
+    code = "access_unrecorded"
+
+
+#: An access event of a request the server cancelled (its graceful-shutdown timeout) claims the 500
+#: uvicorn then answers, if it still can.
+CANCELLED_STATUS = 500
 
 
 def _unavailable(exc: TransientError) -> JSONResponse:
@@ -64,16 +84,32 @@ def build_router(
         request: Request, principal: Principal, exc: TransientError, result: UploadResult | None = None
     ) -> None:
         """Record an upload answered 503 for a cause of the gateway's own (its spool, its database).
-        ``rejected`` when nothing of it was handed off (the spool); ``error`` when the database did
-        not record it, since its instances may have been handed off already and ingest stores them."""
+        ``rejected`` when nothing of it was handed off (the spool, before any instance was queued);
+        ``error`` when the database did not record it, since its instances may have been handed off
+        already and ingest stores them, or when the spool failed while earlier instances were queued
+        to Kafka already."""
+        handed_off = result is not None and result.handed_off > 0
         await recorder.record(
             request,
             principal=principal,
             action="upload",
-            outcome="error" if isinstance(exc, UploadNotRecorded) else "rejected",
+            outcome="error" if isinstance(exc, UploadNotRecorded) or handed_off else "rejected",
             status=503,
             target=_upload_target(result),
             detail=exc.code,
+        )
+
+    async def record_cancelled(request: Request, principal: Principal, result: UploadResult | None) -> None:
+        """Record an upload the server cancels (its graceful-shutdown timeout): its instances may be
+        handed off already, so it is recorded, as the 500 it gets, before the cancellation goes on."""
+        await recorder.record_despite_cancel(
+            request,
+            principal=principal,
+            action="upload",
+            outcome="error",
+            status=CANCELLED_STATUS,
+            target=_upload_target(result),
+            detail="request_cancelled",
         )
 
     async def receive(
@@ -120,26 +156,63 @@ def build_router(
         access event with the answer it gets (``status``: 200, 202, or 409 when none was accepted and
         nothing is handed off); None when that answer stands, else the 503 that replaces it. The
         hand-off's own events (``upload.received`` per instance, ``upload.completed``) are audited
-        too, so an instance handed off before its access event failed is still in the audit trail."""
+        too, so an instance handed off before its access event failed is still in the audit trail.
+        A cancellation (the server's graceful-shutdown timeout) during either is recorded first."""
+        try:
+            return await publish_and_record(request, principal, result, status)
+        except asyncio.CancelledError:
+            await record_cancelled(request, principal, result)
+            raise
+
+    async def publish_and_record(
+        request: Request, principal: Principal, result: UploadResult, status: int
+    ) -> JSONResponse | None:
         try:
             if result.accepted:
                 await uploads.publish(result, tenant=principal.tenant, actor=principal.subject)
-        except (KafkaUnavailable, UploadNotRecorded, SpoolUnavailable) as exc:
+        except KafkaUnavailable as exc:
+            uploads.discard(result)
+            # One chunk's acknowledgement may have timed out, or one record been refused, while the
+            # access topic works and earlier instances were handed off (ingest stores them).
+            await recorder.record_if_possible(
+                request,
+                principal=principal,
+                action="upload",
+                outcome="error",
+                status=503,
+                target=_upload_target(result),
+                detail=exc.code,
+            )
+            return _unavailable(exc)
+        except (UploadNotRecorded, SpoolUnavailable) as exc:
             uploads.discard(result)
             if isinstance(exc, SpoolUnavailable):
                 metrics.refused(exc.code)
-            if not isinstance(exc, KafkaUnavailable):  # with Kafka down no record can be made
-                await refused(request, principal, exc, result)
+            await refused(request, principal, exc, result)
             return _unavailable(exc)
-        await recorder.record(
-            request,
-            principal=principal,
-            action="upload",
-            outcome="success" if result.accepted else "rejected",
-            status=status,
-            target=_upload_target(result),
-            detail=_upload_detail(result),
-        )
+        try:
+            await recorder.record(
+                request,
+                principal=principal,
+                action="upload",
+                outcome="success" if result.accepted else "rejected",
+                status=status,
+                target=_upload_target(result),
+                detail=_upload_detail(result),
+            )
+        except Unaudited:
+            if not result.accepted:
+                raise  # nothing was handed off: Kafka's 503, "retry later", says it all
+            log.error(
+                "an upload was handed off but its access event was not published", upload_id=result.upload_id
+            )
+            return _unavailable(
+                AccessUnrecorded(
+                    "The instances were handed off and will be stored, but the gateway could not "
+                    "record this upload in the audit trail, so it is not confirmed: send it again "
+                    "later (an instance sent again is stored once)"
+                )
+            )
         return None
 
     async def settled(
@@ -149,7 +222,7 @@ def build_router(
         upload is refused before its body is read: 503 ``too_many_uploads`` with ``Retry-After``,
         recorded as a rejected upload. An upload that ends in an exception before its access event
         was recorded (a dependency that did not answer, a bug) is recorded with the answer the
-        exception gets (503, 500)."""
+        exception gets (503, 500), and one the server cancels with the 500 it then gets."""
         try:
             with uploads.slots.hold():
                 return await upload()
@@ -176,6 +249,10 @@ def build_router(
                     status=status,
                     detail=code,
                 )
+            raise
+        except asyncio.CancelledError:
+            if not access_recorded(request):
+                await record_cancelled(request, principal, None)
             raise
 
     async def stow(request: Request, auth: Authorized, study: str | None) -> JSONResponse:

@@ -10,7 +10,11 @@ schema. The body's size is bounded before either, by the common body limit (413)
 
 A request the role check let through and that then ends without an access event (its body refused
 422 or 400, or the route failing) is reported to the guard's hook with the answer it gets, so it is
-recorded like any other refused request: the body's content is never part of the report.
+recorded like any other refused request: the body's content is never part of the report. A body the
+common body limit refused (413, 408) is reported with that answer, not as the client leaving (499),
+which is what the route sees after the refusal. The grant routes without a body (``GET`` and
+``DELETE /api/v1/grants/{grant_id}``) use the same dependency, so a grant id that does not match the
+API (422) or a grant store that did not answer the lookup (503) is recorded too.
 """
 
 from __future__ import annotations

@@ -6,17 +6,23 @@ access guard (the routes with a body authenticate and check the role before the 
 :mod:`enclave_gateway.auth_first`). Each request is one ``access.recorded`` event with the answer
 it got: a refused decision is recorded by the guard; an allowed change is recorded by its route,
 naming the grant when one was created or revoked (201, 200), or why it was refused (422, 409), or
-the failure that ended it (503), and a body that does not match the API (422) is recorded
-without its content. Opening a break-glass session also raises a ``security.alert``. Validation is
-:class:`AccessPolicy`'s.
+the failure that ended it (503), and a body or grant id that does not match the API (422) is
+recorded without its content. Opening a break-glass session also raises a ``security.alert``.
+Validation is :class:`AccessPolicy`'s.
+
+A grant or session is stored before its access event (and a session's alert) is published, so that
+the event can name it; if Kafka does not take them, the new grant is withdrawn at once (revoked by
+:data:`WITHDRAWN_BY`) and the request answered 503: an access that cannot be audited does not take
+effect.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
-from enclave_common.auth import Action, Grant, InvalidGrantError, Principal, Resource
+import structlog
+from enclave_common.auth import Action, Grant, GrantKind, InvalidGrantError, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.grants import GrantStore
 from enclave_common.crypto import Pseudonymizer
@@ -27,11 +33,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import (
     AccessRecorder,
+    Unaudited,
     access_target,
     outcome_of_failure,
     unrecorded_failure,
 )
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
+
+log = structlog.get_logger("enclave.gateway")
+
+#: ``revoked_by`` of a grant or session withdrawn because its access event or alert was not published.
+WITHDRAWN_BY: Final = "enclave-gateway:unaudited"
 
 GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -130,6 +142,40 @@ def build_grants_router(
             detail=code,
         )
 
+    async def withdraw(
+        request: Request, principal: Principal, action: Action, grant: Grant, cause: str
+    ) -> None:
+        """Revoke ``grant``, just stored, whose access event or alert Kafka did not take (``cause``:
+        ``access_unrecorded``, ``alert_unraised``), and record the 503 the request is answered if
+        Kafka takes that event: ``<kind>_withdrawn:<id>``, or ``<kind>_not_withdrawn:<id>`` when the
+        grant store did not answer the revocation either (the grant stays; logged as critical)."""
+        kind = "break_glass" if grant.kind is GrantKind.BREAK_GLASS else "grant"
+        try:
+            # False only if it is revoked already (an admin was faster): not in effect either way.
+            await grants.revoke(
+                grant.grant_id, tenant=grant.tenant, revoked_by=WITHDRAWN_BY, now=datetime.now(UTC)
+            )
+            state = "withdrawn"
+        except Exception as exc:
+            log.critical(
+                "an unaudited grant could not be withdrawn; revoke it (DELETE /api/v1/grants/{grant_id})",
+                grant_id=grant.grant_id,
+                kind=grant.kind.value,
+                tenant=grant.tenant,
+                cause=cause,
+                error=type(exc).__name__,
+            )
+            state = "not_withdrawn"
+        await recorder.record_if_possible(
+            request,
+            principal=principal,
+            action=str(action),
+            outcome="error",
+            status=503,
+            target=access_target(grant.patient_key),
+            detail=f"{kind}_{state}:{grant.grant_id} cause={cause}",
+        )
+
     @router.post(
         "/api/v1/grants",
         status_code=201,
@@ -171,15 +217,19 @@ def build_grants_router(
             return _invalid(exc)
         await grants.create(grant)
         actions = ",".join(sorted(a.value for a in grant.actions))
-        await record(
-            request,
-            principal,
-            Action.MANAGE_GRANTS,
-            201,
-            key,
-            f"grant_created:{grant.grant_id} grantee={grant.grantee} actions={actions}"
-            f" until={grant.expires_at.isoformat()}",
-        )
+        try:
+            await record(
+                request,
+                principal,
+                Action.MANAGE_GRANTS,
+                201,
+                key,
+                f"grant_created:{grant.grant_id} grantee={grant.grantee} actions={actions}"
+                f" until={grant.expires_at.isoformat()}",
+            )
+        except Unaudited:
+            await withdraw(request, principal, Action.MANAGE_GRANTS, grant, "access_unrecorded")
+            raise
         return JSONResponse(grant_view(grant), status_code=201)
 
     async def own_grant(request: Request, principal: Principal, grant_id: str, action: Action) -> Grant:
@@ -195,7 +245,7 @@ def build_grants_router(
     async def get_grant(
         request: Request,
         grant_id: str = Path(pattern=GRANT_ID_PATTERN),
-        principal: Principal = Depends(guard.require_principal(Action.READ_GRANTS)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_GRANTS)),
     ) -> dict[str, Any]:
         # Its own action (read_grants), so the audit trail files the read as a read, not as the
         # grant change that manage_grants is.
@@ -212,7 +262,7 @@ def build_grants_router(
     async def revoke_grant(
         request: Request,
         grant_id: str = Path(pattern=GRANT_ID_PATTERN),
-        principal: Principal = Depends(guard.require_principal(Action.MANAGE_GRANTS)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
         grant = await own_grant(request, principal, grant_id, Action.MANAGE_GRANTS)
         try:
@@ -280,22 +330,32 @@ def build_grants_router(
             await record(request, principal, Action.BREAK_GLASS, 422, key, f"break_glass_refused:{exc.code}")
             return _invalid(exc)
         await grants.create(session)
-        # The alert first: the access event, which says 201, is the last thing before the answer.
-        await recorder.alert(
-            request,
-            principal,
-            rule="break_glass_opened",
-            detail=f"break-glass session {session.grant_id} opened on patient {key}"
-            f" until {session.expires_at.isoformat()}",
-        )
-        await record(
-            request,
-            principal,
-            Action.BREAK_GLASS,
-            201,
-            key,
-            f"break_glass_opened:{session.grant_id} until={session.expires_at.isoformat()}",
-        )
+        # The access event first: a session is never open with an alert and no record of it. Until
+        # the review of the nineteenth session the alert came first, and a refused alert left the
+        # session open with neither.
+        try:
+            await record(
+                request,
+                principal,
+                Action.BREAK_GLASS,
+                201,
+                key,
+                f"break_glass_opened:{session.grant_id} until={session.expires_at.isoformat()}",
+            )
+        except Unaudited:
+            await withdraw(request, principal, Action.BREAK_GLASS, session, "access_unrecorded")
+            raise
+        try:
+            await recorder.alert(
+                request,
+                principal,
+                rule="break_glass_opened",
+                detail=f"break-glass session {session.grant_id} opened on patient {key}"
+                f" until {session.expires_at.isoformat()}",
+            )
+        except Unaudited:
+            await withdraw(request, principal, Action.BREAK_GLASS, session, "alert_unraised")
+            raise
         return JSONResponse(grant_view(session), status_code=201)
 
     return router

@@ -113,6 +113,10 @@ class UploadResult:
     budget: SpoolBudget
     accepted: list[AcceptedPart] = field(default_factory=list)
     failed: list[FailedPart] = field(default_factory=list)
+    #: Accepted instances whose every chunk and ``upload.received`` were queued to Kafka by
+    #: :meth:`UploadProcessor.publish` (acknowledged or not): once one is, a failure of the
+    #: hand-off no longer means that nothing of the upload was handed off.
+    handed_off: int = 0
 
 
 @dataclass
@@ -285,6 +289,7 @@ class UploadProcessor:
                         sop_class_uid=part.info.sop_class_uid,
                         transfer_syntax_uid=part.info.transfer_syntax_uid,
                     )
+                    result.handed_off += 1
                 await acks.settle()
             finally:
                 if not recorded.done():
