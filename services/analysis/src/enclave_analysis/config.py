@@ -9,6 +9,11 @@ from enclave_common.settings import BaseServiceSettings
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+#: The reports stored by an analysis its time limit stopped are deleted within this long, or left to
+#: the purge of the series' next completed analysis (the object store may be what stalled). The one
+#: bounded step after the limit: ``max_analysis_s`` plus this must end before ``lease_s``.
+DISCARD_TIMEOUT_S = 10.0
+
 
 class AnalysisSettings(BaseServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ENCLAVE_ANALYSIS_", extra="ignore", frozen=True)
@@ -41,11 +46,14 @@ class AnalysisSettings(BaseServiceSettings):
     #: store, Kafka, the database) does not count as an attempt.
     max_attempts: int = Field(default=3, ge=1)
     #: One analysis of a series (reading its members from the object store, the worker's decoding,
-    #: ANTs and reports, storing the reports) is stopped after this long, a worker mid-analysis
-    #: killed, the reports stored by then deleted, and the series reported failed
-    #: (``analysis_timed_out``), not tried again unless it changes. The 1 mm MNI brain takes 24 s on a
-    #: quiet 2-core machine and 60-69 s under load (docs/analysis.md); below ``lease_s``, so a hung
-    #: analysis or a stalled object store does not hand the series to another replica.
+    #: ANTs and reports, storing the reports) is stopped after this long. Run out in the worker: the
+    #: worker is killed and the series reported failed (``analysis_timed_out``), not tried again
+    #: unless it changes. Run out while the object store is read or written (a store that answers too
+    #: slowly): the reports stored by then are deleted and the series is tried again after
+    #: ``retry_delay_s``, its attempt not counted, as in a store outage. The 1 mm MNI brain takes 24 s
+    #: on a quiet 2-core machine and 60-69 s under load (docs/analysis.md). With the deletion of the
+    #: reports after it (``DISCARD_TIMEOUT_S``) it must end below ``lease_s``, so a hung analysis or a
+    #: stalled object store does not hand the series to another replica while this one holds it.
     max_analysis_s: float = Field(default=600.0, gt=0)
     retry_delay_s: float = Field(default=60.0, ge=0)
     #: Series with fewer de-identified instances fail at once (a volume needs slices).
@@ -61,10 +69,13 @@ class AnalysisSettings(BaseServiceSettings):
 
     @model_validator(mode="after")
     def _analysis_ends_within_its_lease(self) -> AnalysisSettings:
-        if self.max_analysis_s >= self.lease_s:
+        latest = self.max_analysis_s + DISCARD_TIMEOUT_S
+        if latest >= self.lease_s:
             raise ValueError(
                 f"ENCLAVE_ANALYSIS_MAX_ANALYSIS_S ({self.max_analysis_s:g}) must be below "
-                f"ENCLAVE_ANALYSIS_LEASE_S ({self.lease_s:g}): a longer analysis would be handed to "
-                "another replica before it is stopped"
+                f"ENCLAVE_ANALYSIS_LEASE_S ({self.lease_s:g}) minus {DISCARD_TIMEOUT_S:g} s (the deletion of "
+                "the reports of an analysis stopped at its limit), i.e. below "
+                f"{self.lease_s - DISCARD_TIMEOUT_S:g}: a longer analysis would be handed to another replica "
+                "before it is stopped"
             )
         return self

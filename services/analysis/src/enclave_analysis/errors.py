@@ -2,10 +2,13 @@
 
 Each error carries a ``reason``: a short, PHI-free sentence saying what was wrong and what is
 allowed. The service wiring maps these to an ``analysis.failed`` event (permanent: retrying the
-same series gives the same answer).
+same series gives the same answer). ``ObjectStoreTooSlow`` is the exception: a dependency problem,
+retried.
 """
 
 from __future__ import annotations
+
+from enclave_common.errors import TransientError
 
 
 class AnalysisError(Exception):
@@ -38,13 +41,22 @@ class RepeatedFailure(AnalysisError):
 
 
 class AnalysisTimedOut(AnalysisError):
-    """Reading the members, the analysis and storing the reports took longer than
-    ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` (a native decoder or ANTs that does not return, on a
-    pathological codestream, say, or an object store that stalls): the step under way was stopped, a
-    worker mid-analysis killed. Permanent: the same series would hang again, on every replica the
-    lease handed it to."""
+    """``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` ran out while the worker analysed the series (a native
+    decoder or ANTs that does not return, on a pathological codestream, say): the worker was killed.
+    Permanent: the same series would hang again, on every replica the lease handed it to. The limit
+    running out while the object store is read or written is ``ObjectStoreTooSlow`` instead."""
 
     code = "analysis_timed_out"
+
+
+class ObjectStoreTooSlow(TransientError):
+    """``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S`` ran out while the series' members were read from the object
+    store or its reports stored in it: a store that answers too slowly (or stalls) is a dependency
+    problem, not the series', and the series is analysed again later without counting an attempt
+    (``AnalysisService.attempt``), like a store that fails. Not an ``AnalysisError``: no outcome is
+    published for it."""
+
+    code = "object_store_too_slow"
 
 
 class PixelDataError(AnalysisError):

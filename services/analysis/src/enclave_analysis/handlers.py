@@ -41,10 +41,11 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from enclave_analysis.assembly import SeriesAssembly, analysis_id_for, instance_copies
-from enclave_analysis.config import AnalysisSettings
+from enclave_analysis.config import DISCARD_TIMEOUT_S, AnalysisSettings
 from enclave_analysis.errors import (
     AnalysisError,
     AnalysisTimedOut,
+    ObjectStoreTooSlow,
     RepeatedFailure,
     SeriesIncomplete,
     SeriesTooLargeError,
@@ -65,9 +66,10 @@ MISSING_OBJECT = frozenset({"s3_NoSuchKey", "s3_NoSuchVersion", "s3_404"})
 #: database did not answer): the service's shutdown does not wait longer for it.
 RELEASE_TIMEOUT_S = 5.0
 
-#: The reports stored by an analysis its time limit stopped are deleted within this long, or left to
-#: the purge of the series' next completed analysis (the object store may be what stalled).
-DISCARD_TIMEOUT_S = 10.0
+#: The stages of one analysis (``_analyse_within_limit``) that wait on the object store: the limit
+#: running out in one of them is the store's slowness (``ObjectStoreTooSlow``), not the series'.
+READING, ANALYSING, STORING = "reading the series' members", "analysing the series", "storing the reports"
+OBJECT_STORE_STAGES = frozenset({READING, STORING})
 
 
 def _duration(seconds: float) -> str:
@@ -101,11 +103,12 @@ class AnalysisService:
         self.assembly = assembly
         self.attempt_failures = Counter(
             "enclave_analysis_attempt_failures",
-            "Series analyses that failed and will be tried again, by cause (unexpected, dependency)",
+            "Series analyses that failed and will be tried again, by cause (unexpected; dependency; "
+            "slow_object_store: the time limit ran out while the object store was read or written)",
             ["cause"],
             registry=runtime.registry,
         )
-        for cause in ("unexpected", "dependency"):
+        for cause in ("unexpected", "dependency", "slow_object_store"):
             # At 0 from the start: a series that appears at its first failure starts at 1, where
             # increase() sees no rise, and EnclaveAnalysisFailedUnexpectedly missed that failure.
             self.attempt_failures.labels(cause)
@@ -243,8 +246,10 @@ class AnalysisService:
     async def attempt(self, series: dict[str, Any]) -> None:
         """Analyse a claimed series. An unexpected error lets it be claimed again after
         ``retry_delay_s``; after ``max_attempts`` it is reported failed instead (``analyse``). A
-        dependency outage is retried the same way without counting. Stopped (the service shuts
-        down), the claim is released at once without counting (``_release``)."""
+        dependency outage is retried the same way without counting, and so is an object store too
+        slow for the time limit (``ObjectStoreTooSlow``; counted apart, ``slow_object_store``, since a
+        store that stays that slow retries the series for good). Stopped (the service shuts down),
+        the claim is released at once without counting (``_release``)."""
         self.in_progress.inc()
         try:
             await self.analyse(series)
@@ -253,6 +258,13 @@ class AnalysisService:
             raise
         except Exception as exc:
             transient = isinstance(classify_exception(exc), TransientError)
+            cause = (
+                "slow_object_store"
+                if isinstance(exc, ObjectStoreTooSlow)
+                else "dependency"
+                if transient
+                else "unexpected"
+            )
             # Where ITK raised, when it said so on stderr in the worker (``native_stderr``): no text.
             native = getattr(exc, "native_error_at", None)
             log.error(
@@ -260,10 +272,11 @@ class AnalysisService:
                 series_id=series["_id"],
                 attempt=series.get("attempts"),
                 counted=not transient,
+                cause=cause,
                 exc_info=exc,
                 **({"native_error_at": native} if isinstance(native, str) else {}),
             )
-            self.attempt_failures.labels("dependency" if transient else "unexpected").inc()
+            self.attempt_failures.labels(cause).inc()
             await self.assembly.retry_later(series, self.settings.retry_delay_s, counted=not transient)
         finally:
             self.in_progress.dec()
@@ -431,13 +444,17 @@ class AnalysisService:
     ) -> tuple[dict[str, float | None], dict[str, Any], dict[str, str], list[ObjectRef]]:
         """Read the members, run the analyser and store its reports, all within
         ``ENCLAVE_ANALYSIS_MAX_ANALYSIS_S``. Past it the step under way is stopped (a worker running
-        the analyser is killed, ``_run_analyser``), the reports this run stored are deleted, and
-        ``AnalysisTimedOut`` is raised. Only the limit's own expiry is that: a ``TimeoutError``
-        raised inside (the analyser's, a client's) is passed on as it is. Recording and publishing the
-        outcome come after and are not bounded: the outbox makes them safe past the lease
-        (``analyse``), and cutting them would turn an analysis that ended into one that timed out."""
+        the analyser is killed, ``_run_analyser``) and the reports this run stored are deleted. Run out
+        in the worker, ``AnalysisTimedOut`` is raised (the series' outcome); run out while the object
+        store was read or written, ``ObjectStoreTooSlow`` (the store's slowness, not the series': tried
+        again, ``attempt``). Only the limit's own expiry is either: a ``TimeoutError`` raised inside
+        (the analyser's, a client's) is passed on as it is. Recording and publishing the outcome come
+        after and are not bounded: the outbox makes them safe past the lease (``analyse``), and
+        cutting them would turn an analysis that ended into one that timed out."""
         limit = self.settings.max_analysis_s
-        stage = "reading the series' members"
+        stage = READING
+        started = time.monotonic()
+        analysing_from: float | None = None
         written: list[ObjectRef] = []
         bound = asyncio.timeout(limit)
         try:
@@ -459,22 +476,32 @@ class AnalysisService:
                             else ""
                         )
                     )
-                stage = "analysing the series"
+                stage, analysing_from = ANALYSING, time.monotonic()
                 measures, qc, reasons, reports = await self._run_analyser(datasets)
-                stage = "storing the reports"
+                stage = STORING
                 for report in reports:
                     written.append(await self._store_report(tenant, study_key, analysis_id, *report))
         except TimeoutError:
             if not bound.expired():
                 raise  # raised inside the analysis (the analyser's, a client's), not the limit
+            slow_store = stage in OBJECT_STORE_STAGES
             log.error(
                 "analysis ran past its time limit and was stopped",
                 stage=stage,
                 limit_s=limit,
-                worker_killed=stage == "analysing the series" and self._executor is not None,
+                # How the limit was spent: a slow read leaves the worker less of it.
+                reading_s=round((analysing_from or time.monotonic()) - started, 1),
+                worker_killed=stage == ANALYSING and self._executor is not None,
                 reports_stored=len(written),
+                outcome="tried again (slow object store)" if slow_store else "failed (analysis_timed_out)",
             )
             await self._discard_reports(analysis_id, written)
+            if slow_store:
+                raise ObjectStoreTooSlow(
+                    f"the object store answered too slowly: the analysis's time limit of {_duration(limit)} "
+                    f"(ENCLAVE_ANALYSIS_MAX_ANALYSIS_S) ran out while {stage}; the series is analysed "
+                    "again later, its attempt not counted"
+                ) from None
             raise AnalysisTimedOut(
                 f"the analysis of this series ran longer than {_duration(limit)} and was stopped while "
                 f"{stage} (ENCLAVE_ANALYSIS_MAX_ANALYSIS_S, which bounds reading the members, the "
