@@ -10,6 +10,7 @@ one table, every cell tried against MinIO with the service's own keys.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,12 @@ CELLS = [
 def _keys(service: str) -> tuple[str, str]:
     identity = service_identity(service)
     return identity["ENCLAVE_S3_ACCESS_KEY_ID"], identity["ENCLAVE_S3_SECRET_ACCESS_KEY"]
+
+
+@functools.cache
+def _identity(service: str):
+    """A client with the service's own keys (one per service for the module's hundred cells)."""
+    return _client(*_keys(service))
 
 
 def _client(key: str, secret: str):
@@ -145,7 +152,7 @@ def _attempt(client, root, operation: str, bucket: str, key: str, version: str) 
 @pytest.mark.parametrize(("service", "place", "operation"), CELLS)
 def test_each_identity_may_do_its_work_and_nothing_else(service, place, operation, seeded, root):
     bucket, key, version = seeded[place]
-    got = _attempt(_client(*_keys(service)), root, operation, bucket, key, version)
+    got = _attempt(_identity(service), root, operation, bucket, key, version)
     allowed = ALLOWED.get((service, place), set())
     if "put" in allowed:
         allowed = allowed | {"abort_upload"}  # whoever writes must be able to abandon a write
@@ -158,7 +165,7 @@ def test_no_identity_may_create_a_bucket_or_change_its_configuration():
     services read their configuration at start and never change it, their own buckets included."""
     for service in IDENTITIES:
         for bucket in (ORIGINALS, DEIDENTIFIED, RESULTS, WORM):
-            client = _client(*_keys(service))
+            client = _identity(service)
             with pytest.raises(ClientError) as denied:  # "Enabled": no harm done if it were allowed
                 client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
             assert denied.value.response["Error"]["Code"] == "AccessDenied", (service, bucket)
@@ -199,7 +206,7 @@ def test_no_identity_learns_of_buckets_its_policy_does_not_name(root):
         }
         refused, seen = "", set()
         try:
-            seen = {bucket["Name"] for bucket in _client(*_keys(service)).list_buckets()["Buckets"]}
+            seen = {bucket["Name"] for bucket in _identity(service).list_buckets()["Buckets"]}
         except ClientError as exc:
             refused = exc.response["Error"]["Code"]
         assert refused in ("", "AccessDenied"), (service, refused)
@@ -212,7 +219,7 @@ def test_an_identity_reads_no_other_bucket_listing(root):
     listing a bucket the policy does not name is refused."""
     for service, foreign in (("ingest", DEIDENTIFIED), ("analysis", ORIGINALS), ("audit", ORIGINALS)):
         with pytest.raises(ClientError) as denied:
-            _client(*_keys(service)).list_objects_v2(Bucket=foreign, MaxKeys=1)
+            _identity(service).list_objects_v2(Bucket=foreign, MaxKeys=1)
         assert denied.value.response["Error"]["Code"] == "AccessDenied", service
     assert root.list_objects_v2(Bucket=ORIGINALS, MaxKeys=1)["ResponseMetadata"]["HTTPStatusCode"] == 200
 

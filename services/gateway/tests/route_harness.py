@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,3 +266,26 @@ async def asgi_request(
 
     await app(scope, receive, send)
     return exchange
+
+
+def stow_request(
+    harness: Harness,
+    body_pieces: Iterable[bytes],
+    *,
+    content_type: str,
+    headers: Iterable[tuple[str, str]] = (),
+    **options: Any,
+) -> Coroutine[Any, Any, Exchange]:
+    """``POST /dicomweb/studies`` as an uploader of hospital-a (:func:`asgi_request` ``options``)."""
+    return asgi_request(
+        harness.app,
+        "POST",
+        b"/dicomweb/studies",
+        [
+            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
+            ("content-type", content_type),
+            *headers,
+        ],
+        body_pieces,
+        **options,
+    )

@@ -48,18 +48,25 @@ async def upload(harness: Harness, route: str, body: builders.Body) -> Exchange:
     )
 
 
-async def post_json(harness: Harness, path: str, body: bytes, role: str) -> Exchange:
-    return await asgi_request(
-        harness.app,
-        "POST",
-        path.encode(),
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', role, subject=f'it-{role}')}"),
-            ("content-type", "application/json"),
-            ("content-length", str(len(body))),
-        ],
-        [body],
-    )
+async def post_json(
+    harness: Harness,
+    path: str,
+    body: bytes,
+    role: str,
+    pieces: list[bytes] | None = None,
+    *,
+    chunked: bool = False,
+    **options: Any,
+) -> Exchange:
+    """POST ``body`` as JSON by a principal of hospital-a with ``role``: sent whole, or as ``pieces``
+    (with ``chunked``, without a Content-Length); ``options`` as :func:`asgi_request`'s."""
+    headers = [
+        ("authorization", f"Bearer {harness.token('hospital-a', role, subject=f'it-{role}')}"),
+        ("content-type", "application/json"),
+    ]
+    if not chunked:
+        headers.append(("content-length", str(len(body))))
+    return await asgi_request(harness.app, "POST", path.encode(), headers, pieces or [body], **options)
 
 
 def grant_body(**change: object) -> bytes:

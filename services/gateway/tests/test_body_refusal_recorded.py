@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-from route_harness import asgi_request, gateway_routes
-from test_access_answers import PLANTED, grant_body
+from route_harness import gateway_routes
+from test_access_answers import PLANTED, grant_body, post_json
 from test_unaudited_grants import events_of
 
 ROUTES = {"/api/v1/grants": "admin", "/api/v1/break-glass": "clinician"}
@@ -32,16 +32,7 @@ async def test_a_chunked_body_past_the_limit_is_recorded_413(tmp_path: Path, pat
     body = body_for(path)
     pieces = [body[:-1], *[b" " * 8192] * 10, body[-1:]]  # no Content-Length, over 64 KiB in all
     role = ROUTES[path]
-    answer = await asgi_request(
-        harness.app,
-        "POST",
-        path.encode(),
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', role, subject=f'it-{role}')}"),
-            ("content-type", "application/json"),
-        ],
-        pieces,
-    )
+    answer = await post_json(harness, path, body, role, pieces, chunked=True)
     assert answer.status == 413, answer.body
     [event] = events_of(harness, answer)
     assert (event["outcome"], event["status_code"], event["detail"]) == ("rejected", 413, "body_too_large")
@@ -58,18 +49,8 @@ async def test_a_body_that_stops_is_recorded_408(
     body = body_for(path)
     role = ROUTES[path]
     answer = await asyncio.wait_for(
-        asgi_request(
-            harness.app,
-            "POST",
-            path.encode(),
-            [
-                ("authorization", f"Bearer {harness.token('hospital-a', role, subject=f'it-{role}')}"),
-                ("content-type", "application/json"),
-                ("content-length", str(len(body))),
-            ],
-            [body[:10], body[10:]],
-            hold=asyncio.Event(),  # never set: the last piece never comes
-        ),
+        # hold: never set, the last piece never comes
+        post_json(harness, path, body, role, [body[:10], body[10:]], hold=asyncio.Event()),
         10,
     )
     assert answer.status == 408, answer.body
@@ -81,18 +62,7 @@ async def test_a_client_that_leaves_mid_body_is_still_recorded_499(tmp_path: Pat
     """No refusal of the body limit: the client left, as before."""
     harness = gateway_routes(tmp_path)
     body = grant_body()
-    answer = await asgi_request(
-        harness.app,
-        "POST",
-        b"/api/v1/grants",
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', 'admin', subject='it-admin')}"),
-            ("content-type", "application/json"),
-            ("content-length", str(len(body))),
-        ],
-        [body[:10]],
-        disconnect=True,
-    )
+    answer = await post_json(harness, "/api/v1/grants", body, "admin", [body[:10]], disconnect=True)
     assert answer.status == 499
     [event] = events_of(harness, answer)
     assert (event["status_code"], event["detail"]) == (499, "client_closed_request")

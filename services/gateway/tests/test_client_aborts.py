@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from corpus import builders
 from enclave_common import topics
-from route_harness import asgi_request, gateway_routes
+from route_harness import asgi_request, gateway_routes, stow_request
 
 UPLOAD_TOPICS = {topics.UPLOAD_CHUNK, topics.UPLOAD_RECEIVED, topics.UPLOAD_COMPLETED}
 
@@ -70,16 +70,7 @@ async def test_the_same_upload_sent_whole_is_handed_off(tmp_path: Path) -> None:
     """The control: the cut, not the instances, made the difference above."""
     harness = gateway_routes(tmp_path)
     body = builders.multipart_body(list(_two_instances()))
-    exchange = await asgi_request(
-        harness.app,
-        "POST",
-        b"/dicomweb/studies",
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-            ("content-type", body.content_type),
-        ],
-        [body.data],
-    )
+    exchange = await stow_request(harness, [body.data], content_type=body.content_type)
     assert exchange.status == 200
     assert set(harness.publisher.topics()) >= UPLOAD_TOPICS
     assert len(harness.read_model.docs) == 2

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
-from route_harness import asgi_request, gateway_routes
+from route_harness import gateway_routes, stow_request
 from test_spool_memory import CHUNK, INSTANCE, body, holding, processor
 
 PSEUDONYM_KEY = SecretStr(base64.b64encode(bytes(32)).decode())
@@ -99,16 +99,7 @@ async def test_an_upload_the_spool_cannot_hold_is_counted_as_refused_for_want_of
     harness.uploads.spool_memory_bytes = 0  # every sealed chunk goes to the spool directory,
     harness.uploads.spool_dir = tmp_path / "removed"  # which is gone (a cleaner of /tmp, a full disk)
     body = builders.multipart_body([builders.make_instance()])
-    answer = await asgi_request(
-        harness.app,
-        "POST",
-        b"/dicomweb/studies",
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-            ("content-type", body.content_type),
-        ],
-        [body.data],
-    )
+    answer = await stow_request(harness, [body.data], content_type=body.content_type)
     assert answer.status == 503, answer.body
     assert json.loads(answer.body)["error"] == "spool_unavailable"
     refused = "enclave_gateway_uploads_refused_total"
@@ -136,16 +127,7 @@ async def test_an_upload_the_database_did_not_record_is_recorded_as_an_error(tmp
 
     harness.read_model.record_uploads = silent  # type: ignore[method-assign]
     body = builders.multipart_body([builders.make_instance()])
-    answer = await asgi_request(
-        harness.app,
-        "POST",
-        b"/dicomweb/studies",
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-            ("content-type", body.content_type),
-        ],
-        [body.data],
-    )
+    answer = await stow_request(harness, [body.data], content_type=body.content_type)
     assert answer.status == 503, answer.body
     assert json.loads(answer.body)["error"] == "database_unavailable"
     # "error", not "rejected": the instances may have been handed off already (ingest stores them).

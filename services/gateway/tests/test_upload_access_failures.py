@@ -23,7 +23,7 @@ from corpus import builders
 from enclave_common import topics
 from enclave_common.envelope import Envelope
 from enclave_gateway.handoff import SpoolUnavailable
-from route_harness import AckingPublisher, Exchange, Harness, asgi_request, gateway_routes
+from route_harness import AckingPublisher, Exchange, Harness, gateway_routes, stow_request
 from test_access_answers import PLANTED, upload
 from test_unaudited_grants import events_of, refuse
 
@@ -141,16 +141,11 @@ async def cancelled_upload(harness: Harness, stalled: asyncio.Event, body: build
     """The upload, cancelled (as uvicorn's graceful-shutdown timeout does) once ``stalled`` is set."""
     exchange = Exchange()
     request = asyncio.ensure_future(
-        asgi_request(
-            harness.app,
-            "POST",
-            b"/dicomweb/studies",
-            [
-                ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-                ("content-type", body.content_type),
-                ("x-request-id", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
-            ],
+        stow_request(
+            harness,
             [body.data],
+            content_type=body.content_type,
+            headers=[("x-request-id", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")],
             exchange=exchange,
         )
     )
@@ -189,16 +184,11 @@ async def test_an_upload_cancelled_while_its_body_arrives_is_recorded(tmp_path: 
     exchange = Exchange()
     hold = asyncio.Event()  # never set: the body's last piece never comes
     request = asyncio.ensure_future(
-        asgi_request(
-            harness.app,
-            "POST",
-            b"/dicomweb/studies",
-            [
-                ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-                ("content-type", body.content_type),
-                ("x-request-id", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
-            ],
+        stow_request(
+            harness,
             [body.data[:100], body.data[100:]],
+            content_type=body.content_type,
+            headers=[("x-request-id", "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")],
             hold=hold,
             exchange=exchange,
         )

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from corpus import builders
 from enclave_common import topics
-from route_harness import Exchange, Harness, asgi_request, gateway_routes
+from route_harness import Exchange, Harness, asgi_request, gateway_routes, stow_request
 
 UPLOAD_TOPICS = {topics.UPLOAD_CHUNK, topics.UPLOAD_RECEIVED, topics.UPLOAD_COMPLETED}
 ROUTES = {
@@ -140,17 +140,7 @@ async def _request_error(harness: Harness) -> Exchange:
 
 async def _abandoned(harness: Harness) -> Exchange:
     body = builders.multipart_body([builders.make_instance()])
-    return await asgi_request(
-        harness.app,
-        "POST",
-        b"/dicomweb/studies",
-        [
-            ("authorization", f"Bearer {harness.token('hospital-a', 'uploader')}"),
-            ("content-type", body.content_type),
-        ],
-        [body.data[:1000]],
-        disconnect=True,
-    )
+    return await stow_request(harness, [body.data[:1000]], content_type=body.content_type, disconnect=True)
 
 
 async def _failed_on_a_bug(harness: Harness) -> Exchange:

@@ -260,18 +260,12 @@ class S3ObjectStore:
         crypto-shred or a redo must not report a deletion that did not happen."""
 
         def listed() -> list[tuple[str, str]]:
-            found: list[tuple[str, str]] = []
-            markers: dict[str, str] = {}
-            while True:
-                page = self._client.list_object_versions(Bucket=bucket, Prefix=key, **markers)
-                found += [
-                    (v["Key"], v["VersionId"])
-                    for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
-                    if v["Key"] == key
-                ]
-                if not page.get("IsTruncated"):
-                    return found
-                markers = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+            return [
+                (v["Key"], v["VersionId"])
+                for page in self._version_pages(bucket, key)
+                for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+                if v["Key"] == key
+            ]
 
         versions: list[tuple[str, str]] = await self._call("list versions", listed)
         if versions:
@@ -313,18 +307,25 @@ class S3ObjectStore:
 
         def versions() -> list[tuple[str, str]]:
             found: list[tuple[str, str]] = []
-            markers: dict[str, str] = {"KeyMarker": after} if after else {}
-            while True:
-                page = self._client.list_object_versions(Bucket=bucket, Prefix=prefix, **markers)
+            for page in self._version_pages(bucket, prefix, after):
                 for version in page.get("Versions", []):
                     if until is not None and version["Key"] > until:
                         return found
                     found.append((version["Key"], version["VersionId"]))
-                if not page.get("IsTruncated"):
-                    return found
-                markers = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+            return found
 
         return await self._call("list versions", versions)  # type: ignore[no-any-return]
+
+    def _version_pages(self, bucket: str, prefix: str, after: str = "") -> Iterator[dict[str, Any]]:
+        """The pages of ``ListObjectVersions`` under ``prefix`` (keys after ``after``), fetched as they
+        are read (in the caller's worker thread)."""
+        markers: dict[str, str] = {"KeyMarker": after} if after else {}
+        while True:
+            page: dict[str, Any] = self._client.list_object_versions(Bucket=bucket, Prefix=prefix, **markers)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
 
     def iter_keys(self, bucket: str, prefix: str = "") -> Iterator[str]:
         paginator = self._client.get_paginator("list_objects_v2")

@@ -202,6 +202,12 @@ def outcome_of_failure(status: int) -> AccessOutcome:
     return "rejected" if status < 500 else "error"
 
 
+def outcome_of(status: int) -> AccessOutcome:
+    """The outcome an answered ``status`` records: ``success`` below 400, else as
+    :func:`outcome_of_failure`."""
+    return "success" if status < 400 else outcome_of_failure(status)
+
+
 class AccessFields(TypedDict):
     """What an access event says besides the request's source address and correlation id."""
 

@@ -26,7 +26,6 @@ from enclave_common.auth import Action, Grant, GrantKind, InvalidGrantError, Pri
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.grants import GrantStore
 from enclave_common.crypto import Pseudonymizer
-from enclave_common.events import AccessOutcome
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,7 +34,7 @@ from enclave_gateway.access import (
     AccessRecorder,
     Unaudited,
     access_target,
-    outcome_of_failure,
+    outcome_of,
     unrecorded_failure,
 )
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
@@ -112,12 +111,11 @@ def build_grants_router(
     async def record(
         request: Request, principal: Principal, action: Action, status: int, patient_key: str, detail: str
     ) -> None:
-        outcome: AccessOutcome = "success" if status < 400 else "rejected"
         await recorder.record(
             request,
             principal=principal,
             action=str(action),
-            outcome=outcome,
+            outcome=outcome_of(status),
             status=status,
             target=access_target(patient_key),
             detail=detail,
@@ -128,19 +126,9 @@ def build_grants_router(
     ) -> None:
         """A change ``exc`` ended (the grant store did not answer) before its event was recorded:
         recorded with the answer it gets."""
-        answer = unrecorded_failure(request, exc)
-        if answer is None:
-            return
-        status, code = answer
-        await recorder.record(
-            request,
-            principal=principal,
-            action=str(action),
-            outcome=outcome_of_failure(status),
-            status=status,
-            target=access_target(patient_key),
-            detail=code,
-        )
+        if (answer := unrecorded_failure(request, exc)) is not None:
+            status, code = answer
+            await record(request, principal, action, status, patient_key, code)
 
     async def withdraw(
         request: Request, principal: Principal, action: Action, grant: Grant, cause: str
