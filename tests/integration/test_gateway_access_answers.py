@@ -1,5 +1,5 @@
-"""On the running stack, each upload, grant change and break-glass request is one ``access.recorded``
-event, and that event claims the answer the client got: the same status, an outcome that says the
+"""On the running stack, each upload, grant change, break-glass request, read and query is one
+``access.recorded`` event, and that event claims the answer the client got: the same status, an outcome that says the
 same (docs/gateway.md, "Status codes common to every route"); the audit service files it so.
 
 Until the nineteenth session the allowed decision of an upload or grant change was recorded first as
@@ -7,7 +7,8 @@ Until the nineteenth session the allowed decision of an upload or grant change w
 partly refused one had a "rejected, 409" per refused part although it was answered 202. A grant or
 break-glass body that did not match the API (422) was not recorded at all. Until its review, a grant
 body the body limit refused (413) was recorded as the client leaving (499), and a grant id that is not
-a UUID (422) was not recorded.
+a UUID (422) was not recorded. Until the twentieth session a query parameter out of range (422) was
+not recorded either, and a read was recorded at its decision, before its data was read.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ async def test_each_request_is_one_access_event_claiming_the_answer_it_got():
             await send("revoke_409", "DELETE", f"/api/v1/grants/{grant_id}", admin)
             await send("revoke_bad_id_422", "DELETE", "/api/v1/grants/not-a-grant-id", admin)
             await send("read_bad_id_422", "GET", "/api/v1/grants/not-a-grant-id", admin)
+            await send("query_200", "GET", f"/api/v1/imaging/patient/{patient}", clinician)
+            await send("research_limit_422", "GET", "/api/v1/research/analyses?limit=0", clinician)
             grant = json.dumps(_grant(patient)).encode()
 
             async def past_the_limit() -> Any:  # chunked (no Content-Length), over 64 KiB in all
@@ -132,6 +135,8 @@ async def test_each_request_is_one_access_event_claiming_the_answer_it_got():
         "revoke_409": ("manage_grants", 409, "rejected"),
         "revoke_bad_id_422": ("manage_grants", 422, "rejected"),
         "read_bad_id_422": ("read_grants", 422, "rejected"),
+        "query_200": ("query_patient", 200, "success"),
+        "research_limit_422": ("read_results_deid", 422, "rejected"),
         "grant_chunked_413": ("manage_grants", 413, "rejected"),
     }
     access_type = topics.event_type(topics.ACCESS_RECORDED)

@@ -80,6 +80,10 @@ class MemoryReadModel:
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
         self.patient_queries: list[str] = []
+        #: The imaging ids :meth:`get` was asked for, in order.
+        self.gets: list[str] = []
+        #: Analyses by id (:meth:`analysis`) and in the research listing (:meth:`analyses_of`).
+        self.analyses: dict[str, dict[str, Any]] = {}
         #: Raised by :meth:`get` when set: a bug met while answering.
         self.broken: Exception | None = None
 
@@ -93,9 +97,16 @@ class MemoryReadModel:
             }
 
     async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
+        self.gets.append(instance_upload_id)
         if self.broken is not None:
             raise self.broken
         return self.docs.get(instance_upload_id)
+
+    async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
+        return self.analyses.get(analysis_id)
+
+    async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
+        return [d for d in self.analyses.values() if d.get("tenant") == tenant][:limit]
 
     async def for_patient(
         self, tenant: str, patient_key: str, limit: int, after: str | None = None

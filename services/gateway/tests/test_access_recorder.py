@@ -65,11 +65,23 @@ def request() -> Request:
 PRINCIPAL = Principal(subject="pacs", tenant="hospital-a", roles=frozenset({Role.UPLOADER}))
 
 
-@pytest.mark.parametrize("action", [Action.UPLOAD, Action.MANAGE_GRANTS, Action.BREAK_GLASS])
+@pytest.mark.parametrize(
+    "action",
+    [
+        Action.UPLOAD,
+        Action.MANAGE_GRANTS,
+        Action.BREAK_GLASS,
+        Action.READ_STATUS,
+        Action.READ_RESULTS_PHI,
+        Action.QUERY_PATIENT,
+        Action.READ_RESULTS_DEID,
+    ],
+)
 async def test_an_allowed_decision_the_route_answers_records_nothing(action: Action) -> None:
     """Its route records the request's one event with the answer it gives. Until the nineteenth
     session an allowed upload or grant change was recorded here too, as success with status 200,
-    whatever the answer then was (a refused body, 201, 409, 422)."""
+    whatever the answer then was (a refused body, 201, 409, 422); until the twentieth an allowed read
+    or query, whose database lookup could then fail (503)."""
     handoff = GatedHandoff()
     handoff.gate.set()
     recorder = AccessRecorder(handoff)  # type: ignore[arg-type]
@@ -88,7 +100,7 @@ async def test_an_access_event_that_cannot_be_recorded_is_a_503() -> None:
     recorder = AccessRecorder(handoff)  # type: ignore[arg-type]
     req = request()
     with pytest.raises(Unaudited) as refused:
-        await recorder.on_decision(PRINCIPAL, Action.READ_STATUS, AccessResult("allow", "allowed"), 200, req)
+        await recorder.on_decision(PRINCIPAL, Action.READ_GRANTS, AccessResult("allow", "allowed"), 200, req)
     assert refused.value.status_code == 503
     assert refused.value.headers == {"Retry-After": "10"}
     assert unrecorded_failure(req, refused.value) is None, "nothing more of the request can be recorded"
@@ -97,7 +109,8 @@ async def test_an_access_event_that_cannot_be_recorded_is_a_503() -> None:
 @pytest.mark.parametrize(
     ("action", "result"),
     [
-        (Action.READ_STATUS, AccessResult("allow", "allowed")),
+        (Action.READ_GRANTS, AccessResult("allow", "allowed")),
+        (Action.READ_STATUS, AccessResult("forbidden", "role")),
         (Action.UPLOAD, AccessResult("forbidden", "role")),
     ],
 )

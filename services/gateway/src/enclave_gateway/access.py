@@ -3,10 +3,12 @@ request becomes an ``access.recorded`` event for the audit trail (break-glass al
 ``security.alert``).
 
 One event per request, and it claims only the answer the request got: an auditor reads its outcome
-and status as the gateway's answer. A read or query is recorded at its decision, before its answer
-is built (the decision's status is the answer). An upload, a grant change and a break-glass opening are
-recorded by their routes once the answer is known (:data:`ANSWERED_BY_ROUTE`): their allowed
-decision is not the answer, since the body may still be refused, or the grant answered 201 or 422.
+and status as the gateway's answer. A refusal is recorded at its decision. The actions of
+:data:`ANSWERED_BY_ROUTE` are recorded by their routes once the answer is known: an upload, a grant
+change and a break-glass opening after their work (the body may still be refused, the grant answered
+201 or 422), and a read or query once its answer was read from the database, before it is sent
+(:meth:`AccessRecorder.disclose`), so a lookup that fails after the decision is recorded as the 503
+it gets, and no data leaves the gateway before its record.
 
 Publishing is awaited: if the access cannot be recorded, the request fails (503) rather than happen
 unaudited. A request already answered 503 (or cancelled) is still recorded where Kafka takes it
@@ -24,7 +26,7 @@ from typing import Final, NotRequired, TypedDict, Unpack
 import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
-from enclave_common.auth.fastapi import AccessResult
+from enclave_common.auth.fastapi import AccessResult, Authorized
 from enclave_common.body_limit import body_refusal
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.errors import TransientError, exhausted_resource, unavailable_dependency
@@ -141,10 +143,23 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
 #: The actions whose routes record the request's one access event with the answer they give. An
 #: allowed decision of one of them records nothing: an allowed upload may still be refused for its
 #: body (400, 413, 499, 503, 409 when no instance is accepted) or answered 202, a grant change be
-#: answered 201, 409 or 422, a break-glass opening 201 or 422. Until the nineteenth session the
-#: allowed upload and grant decisions were recorded too, as ``success`` with status 200, followed by
-#: the route's own event: the first record of a refused upload read as an answer it never got.
-ANSWERED_BY_ROUTE: Final = frozenset({Action.UPLOAD, Action.MANAGE_GRANTS, Action.BREAK_GLASS})
+#: answered 201, 409 or 422, a break-glass opening 201 or 422, and a read or query still needs its
+#: data from the database, which may not answer (503). Until the nineteenth session the allowed
+#: upload and grant decisions were recorded too, as ``success`` with status 200, followed by the
+#: route's own event: the first record of a refused upload read as an answer it never got. Until the
+#: twentieth session an allowed read or query was recorded at its decision, so one whose lookup then
+#: failed kept ``success``, 200, while it was answered 503.
+ANSWERED_BY_ROUTE: Final = frozenset(
+    {
+        Action.UPLOAD,
+        Action.MANAGE_GRANTS,
+        Action.BREAK_GLASS,
+        Action.READ_STATUS,
+        Action.READ_RESULTS_PHI,
+        Action.QUERY_PATIENT,
+        Action.READ_RESULTS_DEID,
+    }
+)
 
 #: Set on a request once an access event of it was handed to the producer (see :func:`access_recorded`).
 _RECORDED = "access_recorded"
@@ -304,6 +319,43 @@ class AccessRecorder:
         one event, and the audit service's break-glass rule fires once for it)."""
         if outcome.kind == "allow" and action in ANSWERED_BY_ROUTE:
             return
+        await self._record_decision(principal, action, outcome, status, request)
+
+    async def disclose(self, request: Request, authorized: Authorized, action: Action) -> None:
+        """Record an allowed read or query (``success``, 200) whose answer was read and built, before
+        the route sends it; a read under break-glass also raises its ``security.alert``. If Kafka
+        does not take either, :class:`Unaudited` (503): nothing read is sent."""
+        decision = authorized.decision
+        result = AccessResult("allow", decision.reason, decision, authorized.resource)
+        await self._record_decision(authorized.principal, action, result, 200, request)
+
+    async def record_unanswered(
+        self, request: Request, authorized: Authorized, action: Action, exc: Exception
+    ) -> None:
+        """Record an allowed read or query that ``exc`` ended before its answer was sent (the
+        database did not answer: 503), under its target, with the answer it gets."""
+        if (answer := unrecorded_failure(request, exc)) is None:
+            return
+        status, code = answer
+        resource = authorized.resource
+        await self.record(
+            request,
+            principal=authorized.principal,
+            action=str(action),
+            outcome=outcome_of_failure(status),
+            status=status,
+            target=access_target(resource.patient_key, resource.study_key) if resource else None,
+            detail=code,
+        )
+
+    async def _record_decision(
+        self,
+        principal: Principal | None,
+        action: Action,
+        outcome: AccessResult,
+        status: int,
+        request: Request,
+    ) -> None:
         resource = outcome.resource
         reason = outcome.reason
         if reason == "other_tenant":

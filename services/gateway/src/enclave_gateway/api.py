@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import structlog
 from enclave_common.auth import Action, Principal, Resource
@@ -26,6 +26,7 @@ from enclave_gateway.access import (
     unrecorded_failure,
 )
 from enclave_gateway.admission import TooManyUploads
+from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
@@ -43,6 +44,8 @@ from enclave_gateway.uploads import ClientClosedRequest, UploadNotRecorded, Uplo
 from enclave_gateway.validation import uid_is_valid
 
 log = structlog.get_logger("enclave.gateway")
+
+T = TypeVar("T")
 
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
@@ -332,10 +335,28 @@ def build_router(
         }
         return JSONResponse(body, status_code=status)
 
+    # The read routes decide who may read before FastAPI checks the path and query
+    # (:class:`AuthenticatedFirst`), then look the data up, make the resource decision and read the
+    # answer, and record the request's one access event with it before sending it
+    # (:meth:`AccessRecorder.disclose`). A lookup the database does not answer, before or after the
+    # decision, is recorded as the 503 it gets.
+    reads = APIRouter(route_class=AuthenticatedBodyRoute)
+
+    async def disclosed(request: Request, authorized: Authorized, action: Action, answer: Awaitable[T]) -> T:
+        """``answer``, read from the database for an allowed ``action``, once its access event was
+        recorded; a read that fails is recorded with the answer it gets."""
+        try:
+            body = await answer
+        except Exception as exc:
+            await recorder.record_unanswered(request, authorized, action, exc)
+            raise
+        await recorder.disclose(request, authorized, action)
+        return body
+
     # Before the instance routes: /api/v1/imaging/{imaging_id}/analysis would otherwise take the
     # patient query of a PatientID "analysis". ``:path`` because a PatientID may hold '/', which the
     # client sends as %2F and the server decodes before routing.
-    @router.get(
+    @reads.get(
         "/api/v1/imaging/patient/{patient_id:path}",
         tags=["imaging"],
         summary="Instances of one patient (own tenant)",
@@ -355,7 +376,7 @@ def build_router(
             ),
         ],
         request: Request,
-        principal: Principal = Depends(guard.require_principal(Action.QUERY_PATIENT)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.QUERY_PATIENT)),
         limit: int = Query(
             PATIENT_PAGE_MAX, ge=1, le=PATIENT_PAGE_MAX, description="instances per page (at most 1000)"
         ),
@@ -377,58 +398,75 @@ def build_router(
                 ]
             )
         key = pseudonymizer.pseudonym(principal.tenant, "patient", patient_id)
-        await guard.check_resource(
+        authorized = await guard.check_resource(
             request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key)
         )
-        docs = await read_model.for_patient(principal.tenant, key, limit + 1, after)
-        page = docs[:limit]
-        return {
-            "patient_key": key,
-            "instances": [_status_view(d) for d in page],
-            # More instances follow: ask again with ``after`` set to this.
-            "next_after": page[-1]["_id"] if len(docs) > limit else None,
-        }
 
-    async def instance_resource(request: Request) -> Resource | None:
-        doc = await read_model.get(request.path_params["imaging_id"])
-        if doc is None:
-            return None
-        return Resource(
-            tenant=doc["tenant"], patient_key=doc.get("patient_key"), study_key=doc.get("study_key")
-        )
+        async def page_of_instances() -> dict[str, Any]:
+            docs = await read_model.for_patient(principal.tenant, key, limit + 1, after)
+            page = docs[:limit]
+            return {
+                "patient_key": key,
+                "instances": [_status_view(d) for d in page],
+                # More instances follow: ask again with ``after`` set to this.
+                "next_after": page[-1]["_id"] if len(docs) > limit else None,
+            }
 
-    @router.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
-    async def status(
-        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_STATUS, instance_resource))
-    ) -> dict[str, Any]:
+        return await disclosed(request, authorized, Action.QUERY_PATIENT, page_of_instances())
+
+    async def instance(
+        request: Request, principal: Principal, action: Action, imaging_id: str
+    ) -> tuple[Authorized, dict[str, Any]]:
+        """The instance's record and the decision on it (404, recorded, if there is none)."""
         doc = await read_model.get(imaging_id)
+        resource = (
+            Resource(tenant=doc["tenant"], patient_key=doc.get("patient_key"), study_key=doc.get("study_key"))
+            if doc is not None
+            else None
+        )
+        authorized = await guard.check_resource(request, principal, action, resource)
         assert doc is not None
-        return _status_view(doc)
+        return authorized, doc
 
-    @router.get(
+    @reads.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
+    async def status(
+        imaging_id: str,
+        request: Request,
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_STATUS)),
+    ) -> dict[str, Any]:
+        # One lookup: until the twentieth session the guard read the record and the route read it again.
+        authorized, doc = await instance(request, principal, Action.READ_STATUS, imaging_id)
+        return await disclosed(request, authorized, Action.READ_STATUS, _ready(_status_view(doc)))
+
+    @reads.get(
         "/api/v1/imaging/{imaging_id}/analysis",
         tags=["imaging"],
         summary="Analysis results of an instance's series",
     )
     async def analysis(
-        imaging_id: str, auth: Authorized = Depends(guard.require(Action.READ_RESULTS_PHI, instance_resource))
+        imaging_id: str,
+        request: Request,
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_RESULTS_PHI)),
     ) -> JSONResponse:
-        doc = await read_model.get(imaging_id)
-        assert doc is not None
-        analysis_id = analysis_id_of(doc)
-        result = await read_model.analysis(analysis_id) if analysis_id else None
-        if result is None:
-            return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
-        return JSONResponse(_analysis_view(imaging_id, result))
+        authorized, doc = await instance(request, principal, Action.READ_RESULTS_PHI, imaging_id)
 
-    @router.get(
+        async def results() -> JSONResponse:
+            analysis_id = analysis_id_of(doc)
+            result = await read_model.analysis(analysis_id) if analysis_id else None
+            if result is None:
+                return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
+            return JSONResponse(_analysis_view(imaging_id, result))
+
+        return await disclosed(request, authorized, Action.READ_RESULTS_PHI, results())
+
+    @reads.get(
         "/api/v1/research/analyses",
         tags=["research"],
         summary="De-identified analysis results of your tenant (researcher, clinician)",
     )
     async def research_analyses(
         request: Request,
-        principal: Principal = Depends(guard.require_principal(Action.READ_RESULTS_DEID)),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_RESULTS_DEID)),
         limit: int = Query(
             PATIENT_PAGE_MAX, ge=1, le=PATIENT_PAGE_MAX, description="analyses per page (at most 1000)"
         ),
@@ -438,15 +476,21 @@ def build_router(
             description="the previous page's `next_after`: the page starts after this analysis id",
         ),
     ) -> dict[str, Any]:
-        await guard.check_resource(
+        authorized = await guard.check_resource(
             request, principal, Action.READ_RESULTS_DEID, Resource(tenant=principal.tenant)
         )
-        docs = await read_model.analyses_of(principal.tenant, limit + 1, after)
-        page = docs[:limit]
-        return {
-            "analyses": [_research_view(d) for d in page],
-            "next_after": page[-1]["_id"] if len(docs) > limit else None,
-        }
+
+        async def page_of_analyses() -> dict[str, Any]:
+            docs = await read_model.analyses_of(principal.tenant, limit + 1, after)
+            page = docs[:limit]
+            return {
+                "analyses": [_research_view(d) for d in page],
+                "next_after": page[-1]["_id"] if len(docs) > limit else None,
+            }
+
+        return await disclosed(request, authorized, Action.READ_RESULTS_DEID, page_of_analyses())
+
+    router.include_router(reads)
 
     return router
 
@@ -457,6 +501,11 @@ PATIENT_PAGE_MAX = 1000
 ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 #: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+async def _ready(value: T) -> T:
+    """An answer already read, awaited like one still to be read."""
+    return value
 
 
 def _upload_target(result: UploadResult | None) -> str | None:

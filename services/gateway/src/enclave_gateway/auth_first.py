@@ -14,7 +14,9 @@ recorded like any other refused request: the body's content is never part of the
 common body limit refused (413, 408) is reported with that answer, not as the client leaving (499),
 which is what the route sees after the refusal. The grant routes without a body (``GET`` and
 ``DELETE /api/v1/grants/{grant_id}``) use the same dependency, so a grant id that does not match the
-API (422) or a grant store that did not answer the lookup (503) is recorded too.
+API (422) or a grant store that did not answer the lookup (503) is recorded too. So do the read
+routes (status, analysis, the patient query, the research listing): a path or query parameter the API
+refuses (422) and a lookup the gateway's database does not answer (503) are recorded with that answer.
 """
 
 from __future__ import annotations
@@ -69,15 +71,24 @@ class AuthenticatedFirst:
 
 class AuthenticatedBodyRoute(APIRoute):
     """An API route whose :class:`AuthenticatedFirst` dependencies decide before FastAPI reads and
-    parses the request body (FastAPI's documented extension point: a wrapped route handler)."""
+    parses the request body (FastAPI's documented extension point: a wrapped route handler).
+
+    The route's own ``dependencies`` (the decorator's, not its parameters') are checks of the request
+    line that take the request only, such as a path that must not end in '/': they run before the
+    decision, as on a route without this class, so such a path is refused before the token is read."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         read_body_and_answer = super().get_route_handler()
         first = [d.call for d in self.dependant.dependencies if isinstance(d.call, AuthenticatedFirst)]
         if not first:
             return read_body_and_answer
+        request_line_checks = [d.dependency for d in self.dependencies if d.dependency is not None]
 
         async def authenticated_first(request: Request) -> Response:
+            for check in request_line_checks:
+                checked = check(request)
+                if inspect.isawaitable(checked):
+                    await checked
             for dependency in first:
                 await dependency.decide(request)
             try:
