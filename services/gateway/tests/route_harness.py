@@ -124,6 +124,7 @@ class Harness:
     issuer: DevIssuer
     uploads: UploadProcessor
     grants: InMemoryGrantStore
+    recorder: AccessRecorder
 
     def token(self, tenant: str, *roles: str, subject: str = "it-unit") -> str:
         return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600)
@@ -192,7 +193,7 @@ def gateway_routes(
     )
     app.add_middleware(RequestIdHeader)  # as create_app does
     registry = runtime.registry
-    return Harness(app, publisher, read_model, registry, issuer, uploads, grants)
+    return Harness(app, publisher, read_model, registry, issuer, uploads, grants, recorder)
 
 
 @dataclass

@@ -73,10 +73,26 @@ async def test_an_upload_refused_for_a_chunk_kafka_did_not_take_is_recorded_as_a
     assert answer.status == 503, answer.body
     assert json.loads(answer.body)["error"] == "kafka_unavailable"
     assert topics.UPLOAD_RECEIVED in harness.publisher.topics()  # instance 1 was handed off
+    await harness.recorder.settle_background()
     [event] = events_of(harness, answer)
     assert (event["outcome"], event["status_code"], event["detail"]) == ("error", 503, "kafka_unavailable")
     assert event["target"].startswith("upload:")
     assert topics.UPLOAD_COMPLETED not in harness.publisher.topics()
+
+
+async def test_a_503_for_a_chunk_does_not_wait_for_its_access_event(tmp_path: Path) -> None:
+    """With Kafka down the access event of a refused hand-off cannot be taken either: the answer goes
+    out without waiting for it (until the twentieth session it waited a second publish timeout), and
+    the event is still recorded if Kafka takes it later."""
+    harness = gateway_routes(tmp_path)
+    stalling = Stalling(harness.publisher, topics.ACCESS_RECORDED)
+    harness.uploads.handoff._publisher = FlakyChunks(stalling)  # type: ignore[assignment, arg-type]
+    # The harness's publish timeout is 5 s: an answer that waited for the access event comes later.
+    answer = await asyncio.wait_for(upload(harness, "/dicomweb/studies", two_instances()), 3)
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["error"] == "kafka_unavailable"
+    assert stalling.queued.is_set(), "the access event was handed to the producer"
+    assert harness.recorder._unfinished, "and is still waiting for Kafka"
 
 
 async def test_an_upload_refused_with_kafka_down_is_still_answered_503(tmp_path: Path) -> None:

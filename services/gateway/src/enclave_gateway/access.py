@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Final, NotRequired, TypedDict, Unpack
 
 import structlog
@@ -284,6 +284,27 @@ class AccessRecorder:
             )
             return False
         return True
+
+    def record_in_background(self, request: Request, **fields: Unpack[AccessFields]) -> None:
+        """:meth:`record_if_possible` for a request answered 503 because Kafka did not acknowledge
+        its hand-off, without waiting for it: the event is handed to the producer and the answer goes
+        out at once. With Kafka down the answer would otherwise wait a second publish timeout for an
+        event that cannot be taken either (until the twentieth session it did: up to twice
+        ``ENCLAVE_GATEWAY_PUBLISH_TIMEOUT_S``). Kafka takes the event if it answers within the
+        publish timeout; if not, the failure is logged as by :meth:`record_if_possible`. The task is
+        kept in :attr:`_unfinished` until it ends."""
+        setattr(request.state, _RECORDED, True)
+        recording = asyncio.ensure_future(self.record_if_possible(request, **fields))
+        self._unfinished.add(recording)
+        recording.add_done_callback(self._unfinished.discard)
+
+    async def settle_background(self, timeout_s: float = RECORD_ON_CANCEL_S) -> None:
+        """Wait, at most ``timeout_s``, for the records still running in the background (at
+        shutdown, before the producer stops; in tests)."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._unfinished:
+                    await asyncio.gather(*self._unfinished, return_exceptions=True)
 
     async def record_despite_cancel(self, request: Request, **fields: Unpack[AccessFields]) -> None:
         """:meth:`record_if_possible` for a request being cancelled (the server's graceful-shutdown

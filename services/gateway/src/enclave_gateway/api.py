@@ -176,8 +176,9 @@ def build_router(
         except KafkaUnavailable as exc:
             uploads.discard(result)
             # One chunk's acknowledgement may have timed out, or one record been refused, while the
-            # access topic works and earlier instances were handed off (ingest stores them).
-            await recorder.record_if_possible(
+            # access topic works and earlier instances were handed off (ingest stores them). Not
+            # waited for: with Kafka down it would hold the 503 for a second publish timeout.
+            recorder.record_in_background(
                 request,
                 principal=principal,
                 action="upload",

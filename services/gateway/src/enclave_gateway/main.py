@@ -68,6 +68,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     runtime.producer_slots.append(publisher)  # replaced if its sender stops (SenderWatchdog)
     handoff = Handoff(publisher, settings.publish_timeout_s)
     recorder = AccessRecorder(handoff)
+    # Runs before publisher.stop (hooks run in reverse): access events of 503s still on their way.
+    runtime.on_shutdown(recorder.settle_background)
     grants = MongoGrantStore(runtime.db)
     guard = AccessGuard(
         build_verifier(
