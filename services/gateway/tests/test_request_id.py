@@ -7,6 +7,7 @@ answer said which id was used."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -118,3 +119,26 @@ async def test_a_bug_is_answered_500_with_the_request_id_and_still_raised_for_th
     body = json.loads(exchange.body)
     assert (body["status"], body["error"]) == (500, "internal_error")
     assert "X-Request-ID" in body["message"]
+
+
+async def test_a_request_the_server_cancels_is_answered_500_with_the_request_id(tmp_path: Path) -> None:
+    """uvicorn cancels what still runs when its graceful-shutdown timeout ends and answers a plain 500
+    itself if nothing was sent; the gateway answers first, with the header and its error shape."""
+    harness = gateway_routes(tmp_path)
+
+    async def cancelled(_: str) -> None:
+        raise asyncio.CancelledError
+
+    harness.read_model.get = cancelled  # type: ignore[method-assign]
+    exchange = Exchange()
+    with pytest.raises(asyncio.CancelledError):
+        await asgi_request(
+            harness.app,
+            "GET",
+            b"/api/v1/imaging/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+            [*_clinician(harness), ("x-request-id", NGINX_ID)],
+            exchange=exchange,
+        )
+    assert exchange.status == 500
+    assert exchange.header("x-request-id") == "6f1c9d0b-2a4e-4f7c-8d3b-5a1e9f0c2d4b"
+    assert json.loads(exchange.body)["error"] == "request_cancelled"
