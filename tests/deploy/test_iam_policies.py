@@ -54,6 +54,7 @@ def _grants(service: str) -> set[tuple[str, str]]:
     return {
         (action, resource)
         for statement in _policy(service)["Statement"]
+        if statement["Effect"] == "Allow"
         for action in statement["Action"]
         for resource in statement["Resource"]
     }
@@ -95,6 +96,9 @@ def test_each_document_is_an_allow_only_iam_policy_without_administration(servic
     sids = [statement["Sid"] for statement in policy["Statement"]]
     assert len(sids) == len(set(sids)), sids
     for statement in policy["Statement"]:
+        if statement["Effect"] == "Deny":  # a guard on what is allowed, only under a condition
+            assert set(statement) == {"Sid", "Effect", "Action", "Resource", "Condition"}, statement["Sid"]
+            continue
         assert set(statement) == {"Sid", "Effect", "Action", "Resource"}, statement["Sid"]
         assert statement["Effect"] == "Allow"
         assert all(action.startswith("s3:") and "*" not in action for action in statement["Action"])
@@ -137,6 +141,26 @@ def _writers(place: str) -> set[str]:
         if action in ("s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion")
         and resource.split(":::", 1)[1].startswith(place)
     }
+
+
+def test_audit_may_write_only_under_a_compliance_retention():
+    """Its writes to the WORM bucket are denied unless they carry Object Lock's COMPLIANCE mode (an
+    object not retained, or retained in GOVERNANCE mode, which an administrator may bypass, cannot
+    be written); MinIO and AWS both evaluate ``s3:object-lock-mode`` (tests/integration/
+    test_s3_identities.py tries it)."""
+    denies = [s for s in _policy("audit")["Statement"] if s["Effect"] == "Deny"]
+    assert denies == [
+        {
+            "Sid": "CheckpointsOnlyUnderComplianceRetention",
+            "Effect": "Deny",
+            "Action": ["s3:PutObject"],
+            "Resource": ["arn:aws:s3:::enclave-audit-worm/*"],
+            "Condition": {"StringNotEquals": {"s3:object-lock-mode": "COMPLIANCE"}},
+        }
+    ]
+    for service in STORE_USERS:
+        if service != "audit":
+            assert all(s["Effect"] == "Allow" for s in _policy(service)["Statement"]), service
 
 
 def test_each_place_has_exactly_one_writer():

@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 import boto3
@@ -83,16 +84,27 @@ def _client(key: str, secret: str):
     )
 
 
-def _put(client, bucket: str, key: str):
+#: Seconds an identity's test object in the WORM bucket is retained (COMPLIANCE: nobody may remove it
+#: before, so the test waits this long before it removes it).
+WORM_TEST_RETENTION_S = 2
+
+
+def _put(client, bucket: str, key: str, *, mode: str = "COMPLIANCE"):
     extra = {}
-    if bucket == WORM:  # the audit service writes its checkpoints under a retention
-        extra = {
-            # GOVERNANCE (audit writes COMPLIANCE; the permission is the same): the root user may
-            # remove the test's objects at once, bypassing it, so none stay in the WORM bucket
-            "ObjectLockMode": "GOVERNANCE",
-            "ObjectLockRetainUntilDate": dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
-        }
+    if bucket == WORM:  # the audit service writes its checkpoints under a COMPLIANCE retention
+        extra = _retention(mode)
     return client.put_object(Bucket=bucket, Key=key, Body=b"iam test", **extra)["VersionId"]
+
+
+def _retention(mode: str) -> dict:
+    """Object Lock headers: COMPLIANCE (what the audit service writes, and all its policy lets it
+    write) retained ``WORM_TEST_RETENTION_S``; GOVERNANCE (the root user's seeded objects, which it may
+    remove at once, bypassing the retention) for a day."""
+    if mode == "COMPLIANCE":
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=WORM_TEST_RETENTION_S)
+    else:
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": until}
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +119,33 @@ def seeded(root):
     made = {}
     for place, (bucket, prefix) in PLACES.items():
         key = f"{prefix}iam-test-{os.urandom(6).hex()}"
-        made[place] = (bucket, key, _put(root, bucket, key))
+        made[place] = (bucket, key, _put(root, bucket, key, mode="GOVERNANCE"))
     yield made
     for bucket, key, _ in made.values():
         _remove_all_versions(root, bucket, key)
 
 
 def _remove_all_versions(root, bucket: str, key: str) -> None:
+    """Every version of ``key``, removed by the root user: in the WORM bucket bypassing a GOVERNANCE
+    retention, and once a COMPLIANCE one (``WORM_TEST_RETENTION_S``) has passed."""
+    deadline = time.monotonic() + WORM_TEST_RETENTION_S + 10
     listed = root.list_object_versions(Bucket=bucket, Prefix=key)
     for version in listed.get("Versions", []) + listed.get("DeleteMarkers", []):
-        root.delete_object(
-            Bucket=bucket,
-            Key=version["Key"],
-            VersionId=version["VersionId"],
-            **({"BypassGovernanceRetention": True} if bucket == WORM else {}),
-        )
+        while True:
+            try:
+                root.delete_object(
+                    Bucket=bucket,
+                    Key=version["Key"],
+                    VersionId=version["VersionId"],
+                    **({"BypassGovernanceRetention": True} if bucket == WORM else {}),
+                )
+                break
+            except ClientError as exc:
+                # MinIO answers InvalidRequest ("Object is WORM protected"), AWS AccessDenied
+                if bucket != WORM or exc.response["Error"]["Code"] not in ("AccessDenied", "InvalidRequest"):
+                    raise
+                assert time.monotonic() < deadline, f"a test object stays retained in {bucket}"
+                time.sleep(0.5)
 
 
 def _attempt(client, root, operation: str, bucket: str, key: str, version: str) -> str:
@@ -132,7 +156,8 @@ def _attempt(client, root, operation: str, bucket: str, key: str, version: str) 
         elif operation == "get":
             client.get_object(Bucket=bucket, Key=key, VersionId=version)["Body"].read()
         elif operation == "abort_upload":
-            upload = client.create_multipart_upload(Bucket=bucket, Key=f"{key}-mpu")["UploadId"]
+            lock = _retention("COMPLIANCE") if bucket == WORM else {}
+            upload = client.create_multipart_upload(Bucket=bucket, Key=f"{key}-mpu", **lock)["UploadId"]
             try:
                 client.abort_multipart_upload(Bucket=bucket, Key=f"{key}-mpu", UploadId=upload)
             except ClientError:
@@ -158,6 +183,23 @@ def test_each_identity_may_do_its_work_and_nothing_else(service, place, operatio
         allowed = allowed | {"abort_upload"}  # whoever writes must be able to abandon a write
     expected = "allowed" if operation in allowed else "AccessDenied"
     assert got == expected, f"{service} {operation} on {place}: {got}, expected {expected}"
+
+
+@pytest.mark.parametrize("mode", [None, "GOVERNANCE"])
+def test_audit_writes_the_worm_bucket_only_under_a_compliance_retention(root, mode):
+    """Its policy denies a write without Object Lock's COMPLIANCE mode: audit's identity cannot leave
+    an object there that is not retained, or whose GOVERNANCE retention an administrator could
+    bypass and delete (until the twentieth session the policy allowed both; the service itself
+    always wrote COMPLIANCE)."""
+    key = f"iam-test/lock-{os.urandom(6).hex()}"
+    extra = _retention(mode) if mode else {}
+    try:
+        with pytest.raises(ClientError) as denied:
+            _identity("audit").put_object(Bucket=WORM, Key=key, Body=b"iam test", **extra)
+        assert denied.value.response["Error"]["Code"] == "AccessDenied"
+        _put(_identity("audit"), WORM, key)  # COMPLIANCE, as the service writes: allowed
+    finally:
+        _remove_all_versions(root, WORM, key)
 
 
 def test_no_identity_may_create_a_bucket_or_change_its_configuration():
