@@ -18,6 +18,7 @@ import pytest
 from enclave_common import topics
 from pymongo.errors import ServerSelectionTimeoutError
 from route_harness import PSEUDONYMIZER, Exchange, Harness, asgi_request, gateway_routes
+from test_access_answers import the_event
 
 IMAGING_ID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
 ANALYSIS_ID = "an-" + "0" * 32
@@ -39,15 +40,6 @@ def stored(harness: Harness, **fields: Any) -> None:
 async def get(harness: Harness, path: str, role: str = "clinician") -> Exchange:
     headers = [("authorization", f"Bearer {harness.token('hospital-a', role)}")]
     return await asgi_request(harness.app, "GET", path.encode(), headers)
-
-
-def the_event(harness: Harness, answer: Exchange) -> dict[str, Any]:
-    mine = [
-        e for e in harness.publisher.access_events() if e["correlation_id"] == answer.header("x-request-id")
-    ]
-    assert len(mine) == 1, mine
-    assert mine[0]["status_code"] == answer.status, (mine, answer.body)
-    return mine[0]
 
 
 async def silent(*_: object, **__: object) -> None:

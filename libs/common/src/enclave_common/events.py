@@ -170,6 +170,14 @@ class AnalysisFailed(EventData):
 AccessOutcome = Literal["success", "denied", "not_found", "unauthenticated", "rejected", "error"]
 
 
+def answered_outcome(status: int) -> AccessOutcome:
+    """The outcome an access event records for a request answered ``status``: ``success`` below 400,
+    ``rejected`` for a 4xx (what the caller sent or asked for was refused), ``error`` for a 5xx."""
+    if status < 400:
+        return "success"
+    return "rejected" if status < 500 else "error"
+
+
 class AccessRecorded(EventData):
     """Every read, query, export, rejected upload and failed authentication (for the audit trail)."""
 

@@ -85,6 +85,30 @@ class LocalDirectoryUnusable(Exception):
     """A local directory a service writes to is missing or not writable."""
 
 
+def failure_answer(exc: Exception) -> tuple[int, str]:
+    """The status and machine code the exception handlers of :meth:`ServiceRuntime.http_app` answer
+    for ``exc`` when it ends a route, so that an access event of such a request claims the answer it
+    got: a request that does not match the API 422 ``invalid_request``; what a route or the access
+    guard raised, its status and ``detail.code`` (an unparseable JSON body 400, or 499 if the client
+    left while it was read); a machine out of disk or file handles 503 ``resource_exhausted``; a
+    dependency that did not answer 503 (its error's code, else ``dependency_unavailable``); anything
+    else 500 ``internal_error``."""
+    if isinstance(exc, RequestValidationError):
+        return 422, "invalid_request"
+    if isinstance(exc, StarletteHTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
+            return 499, "client_closed_request"
+        code = exc.detail.get("code") if isinstance(exc.detail, dict) else None
+        if isinstance(code, str):
+            return exc.status_code, code
+        return exc.status_code, "unparseable_body" if exc.status_code == 400 else f"http_{exc.status_code}"
+    if exhausted_resource(exc) is not None:
+        return 503, "resource_exhausted"
+    if unavailable_dependency(exc) is not None:
+        return 503, exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
+    return 500, "internal_error"
+
+
 def local_disk_check(directory: Path | None, min_free_bytes: int = MIN_FREE_DISK_BYTES) -> ReadinessCheck:
     """A readiness check for a directory the service writes to (the system's temporary directory when
     ``None``): present, writable, and at least ``min_free_bytes`` free. A replica whose disk filled up

@@ -1,7 +1,12 @@
 """The auditor API (role ``auditor``): records, verification, signed export, FHIR AuditEvent.
 
-Every call, allowed or refused, is itself audited: the access guard's decision hook publishes an
-``access.recorded`` event before the route runs (if it cannot be published, the call fails).
+Every call, allowed or refused, is itself audited by one ``access.recorded`` event that claims the
+answer the caller got. A refusal (401, 403, 404, 422, 429, 503) is recorded at the guard's decision.
+An allowed call is recorded by its route (:class:`AnsweredRoute`) once its answer is built, before
+any of it is sent: a 400 ``bad_cursor`` or ``bad_range``, a FHIR read's 404, a database that did not
+answer (503) with that answer, an export once its bundle is built. If Kafka does not take the
+record, the call answers 503 and sends nothing of its answer. Until the twentieth session an
+allowed call was recorded at its decision, ``success`` 200, whatever it was then answered.
 Tenant isolation: an auditor sees its own tenant's records (its ``tenant`` filter narrows within
 them, so naming another tenant finds nothing); auditors of the operator tenant see all, and only
 they may export, because a bundle is a contiguous slice of the one chain that all tenants share
@@ -13,7 +18,7 @@ import asyncio
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any, Final
@@ -24,11 +29,13 @@ from enclave_common import topics
 from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
-from enclave_common.events import AccessRecorded
+from enclave_common.events import AccessOutcome, AccessRecorded, answered_outcome
 from enclave_common.kafka import EventPublisher
+from enclave_common.service import failure_answer
 from enclave_common.storage import ObjectStore
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from jwt import PyJWK
 
 from enclave_audit.codes import EventAction, EventOutcome
@@ -56,7 +63,7 @@ from enclave_audit.verification import (
     verify_trail,
 )
 
-_OUTCOME_WORDS: Final = {
+_OUTCOME_WORDS: Final[dict[str, AccessOutcome]] = {
     "allow": "success",
     "forbidden": "denied",
     "not_found": "not_found",
@@ -69,6 +76,14 @@ log = structlog.get_logger("enclave.audit")
 EXPORT_CHUNK: Final = 1 << 20
 SPOOL_BYTES: Final = 32 * 1024 * 1024
 _SEQ_ID: Final = re.compile(r"seq-([1-9][0-9]{0,18})")
+#: Where an allowed call keeps the recording of its answer until its route answers (AnsweredRoute).
+_ANSWER_TO_RECORD: Final = "audit_access_answer_to_record"
+#: With Kafka down nothing can be audited: the call is refused with 503 and this hint.
+RETRY_LATER: Final = {"Retry-After": "10"}
+#: How long a call the server cancels waits for its access record.
+RECORD_ON_CANCEL_S: Final = 5.0
+
+RecordAnswer = Callable[[int, str | None], Awaitable[None]]
 
 
 class LazyFileKeySource:
@@ -96,10 +111,20 @@ class LazyFileKeySource:
 
 
 def access_hook(publisher: EventPublisher) -> Any:
-    """The guard's decision hook: one ``access.recorded`` event per call (no query string, no token)."""
+    """The guard's decision hook: one ``access.recorded`` event per call (no query string, no token).
 
-    async def on_decision(
-        principal: Principal | None, action: Action, outcome: AccessResult, status: int, request: Request
+    A refusal is recorded at its decision, with its answer. An allowed decision on a route of
+    :class:`AnsweredRoute` records nothing yet: it leaves the recording on the request, and the route
+    records the answer it gives. On any other route an allowed decision is recorded at once, as
+    ``success`` 200 (the only record that route would get)."""
+
+    async def record(
+        principal: Principal | None,
+        action: Action,
+        outcome: AccessOutcome,
+        status: int,
+        detail: str | None,
+        request: Request,
     ) -> None:
         actor = principal.subject if principal else "anonymous"
         data = AccessRecorded(
@@ -109,10 +134,10 @@ def access_hook(publisher: EventPublisher) -> Any:
             # The route's template, not the path: a path parameter is client text (an id where a
             # name was typed), and the record is written once, to WORM storage.
             target=getattr(request.scope.get("route"), "path", None) or request.url.path,
-            outcome=_OUTCOME_WORDS.get(outcome.kind, "error"),
+            outcome=outcome,
             status_code=status,
             source_address=request.client.host if request.client else None,
-            detail=outcome.reason,
+            detail=detail,
         )
         envelope = Envelope.for_topic(
             topics.ACCESS_RECORDED,
@@ -124,9 +149,87 @@ def access_hook(publisher: EventPublisher) -> Any:
             # free text: the record is written once, to WORM storage, and text could carry PHI.
             correlation_id=canonical_request_id(request.headers.get("x-request-id")) or new_event_id(),
         )
-        await publisher.publish(topics.ACCESS_RECORDED, envelope, key=envelope.id)
+        try:
+            await publisher.publish(topics.ACCESS_RECORDED, envelope, key=envelope.id)
+        except Exception as exc:
+            log.error(
+                "an auditor's call could not be recorded; it is refused",
+                action=action.value,
+                status=status,
+                error_type=type(exc).__name__,
+            )
+            raise HTTPException(
+                503,
+                detail={
+                    "code": "kafka_unavailable",
+                    "message": "the access could not be audited; retry later",
+                },
+                headers=RETRY_LATER,
+            ) from None
+
+    async def on_decision(
+        principal: Principal | None, action: Action, outcome: AccessResult, status: int, request: Request
+    ) -> None:
+        if outcome.kind == "allow" and isinstance(request.scope.get("route"), AnsweredRoute):
+
+            async def record_answer(answered: int, code: str | None) -> None:
+                await record(
+                    principal, action, answered_outcome(answered), answered, code or outcome.reason, request
+                )
+
+            setattr(request.state, _ANSWER_TO_RECORD, record_answer)
+            return
+        await record(
+            principal, action, _OUTCOME_WORDS.get(outcome.kind, "error"), status, outcome.reason, request
+        )
 
     return on_decision
+
+
+class AnsweredRoute(APIRoute):
+    """A route whose allowed calls are recorded with the answer they get, once it is built and before
+    any of it is sent (a streamed export: once its bundle is built, before its first byte). A call
+    the route or FastAPI ends with an exception is recorded with the answer the service's exception
+    handlers give it (:func:`failure_answer`). If Kafka does not take the record the call answers
+    503 (``kafka_unavailable``) instead, and nothing of its answer is sent. A call the server cancels
+    (its graceful-shutdown timeout) is recorded as the 500 it gets, ``request_cancelled``, if Kafka
+    takes the record within :data:`RECORD_ON_CANCEL_S`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        answer = super().get_route_handler()
+
+        async def recorded_answer(request: Request) -> Response:
+            try:
+                response = await answer(request)
+            except Exception as exc:
+                if (record := _answer_to_record(request)) is not None:
+                    await record(*failure_answer(exc))
+                raise
+            except asyncio.CancelledError:
+                # The server cancels what still runs when its graceful-shutdown timeout ends (an export
+                # being built) and answers 500 itself: recorded so, shielded and bounded, and the
+                # cancellation goes on.
+                if (record := _answer_to_record(request)) is not None:
+                    try:
+                        async with asyncio.timeout(RECORD_ON_CANCEL_S):
+                            await asyncio.shield(record(500, "request_cancelled"))
+                    except TimeoutError:
+                        log.error("a cancelled call's access record was not acknowledged in time")
+                    except HTTPException:
+                        pass  # Kafka did not take it: logged where it was refused
+                raise
+            if (record := _answer_to_record(request)) is not None:
+                await record(response.status_code, None)
+            return response
+
+        return recorded_answer
+
+
+def _answer_to_record(request: Request) -> RecordAnswer | None:
+    """The recording an allowed decision left on ``request``, taken once (one record per call)."""
+    record: RecordAnswer | None = getattr(request.state, _ANSWER_TO_RECORD, None)
+    setattr(request.state, _ANSWER_TO_RECORD, None)
+    return record
 
 
 @dataclass
@@ -181,7 +284,11 @@ def wants_fhir(request: Request) -> bool:
 
 
 def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
-    router = APIRouter(prefix="/audit", tags=["audit"])
+    router = APIRouter(prefix="/audit", tags=["audit"], route_class=AnsweredRoute)
+
+    async def operator_resource(_: Request) -> Resource:
+        # A bundle is a slice of the one chain all tenants share: a resource of the operator tenant.
+        return Resource(tenant=ctx.operator_tenant)
 
     @router.get("/events", summary="Audit records, filtered, with cursor pagination (JSON or FHIR)")
     async def events(
@@ -303,13 +410,10 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     @router.get("/export", summary="Signed evidence bundle (tar) of a range, verifiable offline")
     async def export(
         request: Request,
-        principal: Annotated[Principal, Depends(guard.require_principal(Action.AUDIT_EXPORT))],
+        _: Annotated[Authorized, Depends(guard.require(Action.AUDIT_EXPORT, operator_resource))],
         from_sequence: Annotated[int, Query(ge=1, le=MAX_SEQUENCE)] = 1,
         to_sequence: Annotated[int | None, Query(ge=1, le=MAX_SEQUENCE)] = None,
     ) -> Response:
-        await guard.check_resource(
-            request, principal, Action.AUDIT_EXPORT, Resource(tenant=ctx.operator_tenant)
-        )
         signer = ctx.signer
         if signer is None:
             raise HTTPException(

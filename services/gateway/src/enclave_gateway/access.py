@@ -29,14 +29,11 @@ from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult, Authorized
 from enclave_common.body_limit import body_refusal
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
-from enclave_common.errors import TransientError, exhausted_resource, unavailable_dependency
-from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert
+from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert, answered_outcome
+from enclave_common.service import failure_answer
 from fastapi import HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave_gateway.handoff import Handoff, KafkaUnavailable
@@ -207,38 +204,14 @@ def unrecorded_failure(request: Request, exc: Exception) -> tuple[int, str] | No
     return body_refusal(request.scope) or failure_answer(exc)
 
 
-def failure_answer(exc: Exception) -> tuple[int, str]:
-    """The status and code the gateway answers for ``exc`` when it ends a route (the service's
-    exception handlers: a request that does not match the API 422, what a route or the guard raised
-    with its status, an unparseable JSON body 400, or 499 if the client left while it was read, a
-    dependency that did not answer or a resource run out 503, anything else 500), so the access
-    event of such a request claims the answer it got."""
-    if isinstance(exc, RequestValidationError):
-        return 422, "invalid_request"
-    if isinstance(exc, StarletteHTTPException):
-        if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
-            return 499, "client_closed_request"
-        code = exc.detail.get("code") if isinstance(exc.detail, dict) else None
-        if isinstance(code, str):
-            return exc.status_code, code
-        return exc.status_code, "unparseable_body" if exc.status_code == 400 else f"http_{exc.status_code}"
-    if exhausted_resource(exc) is not None:
-        return 503, "resource_exhausted"
-    if unavailable_dependency(exc) is not None:
-        return 503, exc.code if isinstance(exc, TransientError) else "dependency_unavailable"
-    return 500, "internal_error"
-
-
 def outcome_of_failure(status: int) -> AccessOutcome:
     """A request refused for what it sent (4xx) was ``rejected``; one the gateway could not complete
     (5xx) ended in an ``error``."""
     return "rejected" if status < 500 else "error"
 
 
-def outcome_of(status: int) -> AccessOutcome:
-    """The outcome an answered ``status`` records: ``success`` below 400, else as
-    :func:`outcome_of_failure`."""
-    return "success" if status < 400 else outcome_of_failure(status)
+#: The outcome an answered ``status`` records: ``success`` below 400, else as :func:`outcome_of_failure`.
+outcome_of = answered_outcome
 
 
 class AccessFields(TypedDict):
