@@ -10,6 +10,7 @@ was not recorded at all, and the status and analysis routes read the instance's 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,56 @@ async def test_another_tenants_instance_is_recorded_as_not_found(tmp_path: Path)
     assert answer.status == 404, answer.body
     event = the_event(harness, answer)
     assert (event["outcome"], event["detail"], event["target"]) == ("not_found", "not_found", IMAGING_ID)
+
+
+async def test_a_query_is_recorded_after_its_lookup_and_before_its_answer(tmp_path: Path) -> None:
+    """The order the trail claims: the patient's instances were read, then the access was recorded
+    (until the twentieth session the record came first, before the lookup that could still fail)."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    order: list[str] = []
+    for_patient, send = harness.read_model.for_patient, harness.publisher.send
+
+    async def looked_up(*args: Any) -> Any:
+        order.append("lookup")
+        return await for_patient(*args)
+
+    async def published(topic: str, envelope: Any, *, key: str) -> Any:
+        order.append(topic)
+        return await send(topic, envelope, key=key)
+
+    harness.read_model.for_patient = looked_up  # type: ignore[method-assign]
+    harness.publisher.send = published  # type: ignore[method-assign]
+    answer = await get(harness, f"/api/v1/imaging/patient/{PLANTED}")
+    assert answer.status == 200, answer.body
+    assert order == ["lookup", topics.ACCESS_RECORDED]
+
+
+async def test_a_read_the_server_cancels_is_one_event_claiming_its_500(tmp_path: Path) -> None:
+    """uvicorn cancels what still runs when its graceful-shutdown timeout ends: a read cancelled during
+    its lookup is recorded as the 500 ``request_cancelled`` the gateway answers, once."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    reached = asyncio.Event()
+
+    async def stalled(*_: Any) -> Any:
+        reached.set()
+        await asyncio.Event().wait()
+
+    harness.read_model.for_patient = stalled  # type: ignore[method-assign]
+    exchange = Exchange()
+    headers = [("authorization", f"Bearer {harness.token('hospital-a', 'clinician')}")]
+    path = f"/api/v1/imaging/patient/{PLANTED}".encode()
+    task = asyncio.ensure_future(asgi_request(harness.app, "GET", path, headers, exchange=exchange))
+    await asyncio.wait_for(reached.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert exchange.status == 500
+    assert json.loads(exchange.body)["error"] == "request_cancelled"
+    event = the_event(harness, exchange)
+    assert (event["action"], event["outcome"], event["detail"]) == (
+        "query_patient",
+        "error",
+        "request_cancelled",
+    )

@@ -184,6 +184,9 @@ async def test_the_slot_is_given_back_however_the_upload_ends(
     for _ in range(3):  # a slot kept once would refuse every later upload at a limit of one
         exchange = await ending(harness)
         assert exchange.status == status, exchange.body
+        if ending is _cancelled:
+            assert json.loads(exchange.body)["error"] == "request_cancelled"
+            assert exchange.header("x-request-id")
         assert harness.uploads.slots.in_use == 0
     after = await upload(harness)
     assert after.status == 200, after.body

@@ -180,6 +180,9 @@ ANSWERED_BY_ROUTE: Final = frozenset(
 _RECORDED = "access_recorded"
 #: How long a cancelled request (the server's graceful-shutdown timeout) waits for its access event.
 RECORD_ON_CANCEL_S: Final = 5.0
+#: Access events of 503 answers that may wait for Kafka in the background at once
+#: (:meth:`AccessRecorder.record_in_background`); past it such a 503 is logged and not recorded.
+MAX_BACKGROUND_RECORDS: Final = 1024
 
 
 def access_recorded(request: Request) -> bool:
@@ -285,9 +288,19 @@ class AccessRecorder:
         publish timeout; if not, the failure is logged as by :meth:`record_if_possible`. The task is
         kept in :attr:`_unfinished` until it ends."""
         setattr(request.state, _RECORDED, True)
+        if len(self._unfinished) >= MAX_BACKGROUND_RECORDS:
+            log.error(
+                "an access answered 503 was not recorded: too many records already wait for Kafka",
+                action=fields["action"],
+                status=fields["status"],
+                detail=fields.get("detail"),
+                correlation_id=request_correlation_id(request),
+            )
+            return
         recording = asyncio.ensure_future(self.record_if_possible(request, **fields))
         self._unfinished.add(recording)
         recording.add_done_callback(self._unfinished.discard)
+        recording.add_done_callback(_log_failure)
 
     async def settle_background(self, timeout_s: float = RECORD_ON_CANCEL_S) -> None:
         """Wait, at most ``timeout_s``, for the records still running in the background (at
@@ -387,6 +400,16 @@ class AccessRecorder:
             if resource is not None
             else opaque_id_or_none(request.path_params.get("imaging_id"))
         )
+        if outcome.kind == "allow" and outcome.break_glass and principal is not None:
+            # Raised first: if Kafka refuses it the request answers 503 (Unaudited) with no event
+            # claiming a 200 it did not get; if it takes the alert and then refuses the access event,
+            # the alert tells of an access that was refused, which is the safer error.
+            await self.alert(
+                request,
+                principal,
+                rule="break_glass",
+                detail=f"break-glass access ({action}) to patient {resource.patient_key if resource else None}",
+            )
         await self.record(
             request,
             principal=principal,
@@ -396,13 +419,6 @@ class AccessRecorder:
             target=target,
             detail=reason,
         )
-        if outcome.kind == "allow" and outcome.break_glass and principal is not None:
-            await self.alert(
-                request,
-                principal,
-                rule="break_glass",
-                detail=f"break-glass access ({action}) to patient {resource.patient_key if resource else None}",
-            )
 
     async def alert(self, request: Request, principal: Principal, *, rule: str, detail: str) -> None:
         """A ``security.alert`` (high): break-glass opened or used. ``detail`` holds pseudonyms only."""
@@ -416,6 +432,13 @@ class AccessRecorder:
         )
         with _unaudited("the alert could not be raised"):
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
+
+
+def _log_failure(recording: asyncio.Future[bool]) -> None:
+    """A background record that failed other than by Kafka's refusal (which it logs itself): logged,
+    and its exception retrieved."""
+    if not recording.cancelled() and (exc := recording.exception()) is not None:
+        log.error("a background access record failed", error_type=type(exc).__name__)
 
 
 @contextmanager

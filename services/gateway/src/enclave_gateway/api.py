@@ -14,6 +14,7 @@ from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -59,7 +60,7 @@ class AccessUnrecorded(TransientError):
 
 
 #: An access event of a request the server cancelled (its graceful-shutdown timeout) claims the 500
-#: uvicorn then answers, if it still can.
+#: the gateway then answers (``request_cancelled``, :class:`~enclave_gateway.access.RequestIdHeader`).
 CANCELLED_STATUS = 500
 
 
@@ -362,6 +363,7 @@ def build_router(
         tags=["imaging"],
         summary="Instances of one patient (own tenant)",
         dependencies=[Depends(_no_trailing_slash)],
+        response_model=dict[str, Any],
     )
     async def by_patient(
         patient_id: Annotated[
@@ -386,7 +388,7 @@ def build_router(
             pattern=IMAGING_ID_PATTERN,
             description="the previous page's `next_after`: the page starts after this imaging id",
         ),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         patient_id = patient_id.strip()  # DICOM pads values with spaces; uploads are keyed without them
         if not patient_id:
             raise RequestValidationError(
@@ -403,15 +405,17 @@ def build_router(
             request, principal, Action.QUERY_PATIENT, Resource(tenant=principal.tenant, patient_key=key)
         )
 
-        async def page_of_instances() -> dict[str, Any]:
+        async def page_of_instances() -> JSONResponse:
             docs = await read_model.for_patient(principal.tenant, key, limit + 1, after)
             page = docs[:limit]
-            return {
-                "patient_key": key,
-                "instances": [_status_view(d) for d in page],
-                # More instances follow: ask again with ``after`` set to this.
-                "next_after": page[-1]["_id"] if len(docs) > limit else None,
-            }
+            return _json(
+                {
+                    "patient_key": key,
+                    "instances": [_status_view(d) for d in page],
+                    # More instances follow: ask again with ``after`` set to this.
+                    "next_after": page[-1]["_id"] if len(docs) > limit else None,
+                }
+            )
 
         return await disclosed(request, authorized, Action.QUERY_PATIENT, page_of_instances())
 
@@ -429,15 +433,24 @@ def build_router(
         assert doc is not None
         return authorized, doc
 
-    @reads.get("/api/v1/imaging/{imaging_id}", tags=["imaging"], summary="Status of one instance")
+    @reads.get(
+        "/api/v1/imaging/{imaging_id}",
+        tags=["imaging"],
+        summary="Status of one instance",
+        response_model=dict[str, Any],
+    )
     async def status(
         imaging_id: str,
         request: Request,
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_STATUS)),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         # One lookup: until the twentieth session the guard read the record and the route read it again.
         authorized, doc = await instance(request, principal, Action.READ_STATUS, imaging_id)
-        return await disclosed(request, authorized, Action.READ_STATUS, _ready(_status_view(doc)))
+
+        async def view() -> JSONResponse:
+            return _json(_status_view(doc))
+
+        return await disclosed(request, authorized, Action.READ_STATUS, view())
 
     @reads.get(
         "/api/v1/imaging/{imaging_id}/analysis",
@@ -455,8 +468,8 @@ def build_router(
             analysis_id = analysis_id_of(doc)
             result = await read_model.analysis(analysis_id) if analysis_id else None
             if result is None:
-                return JSONResponse(_no_analysis_view(imaging_id, doc), status_code=200)
-            return JSONResponse(_analysis_view(imaging_id, result))
+                return _json(_no_analysis_view(imaging_id, doc))
+            return _json(_analysis_view(imaging_id, result))
 
         return await disclosed(request, authorized, Action.READ_RESULTS_PHI, results())
 
@@ -464,6 +477,7 @@ def build_router(
         "/api/v1/research/analyses",
         tags=["research"],
         summary="De-identified analysis results of your tenant (researcher, clinician)",
+        response_model=dict[str, Any],
     )
     async def research_analyses(
         request: Request,
@@ -476,18 +490,20 @@ def build_router(
             pattern=ANALYSIS_ID_PATTERN,
             description="the previous page's `next_after`: the page starts after this analysis id",
         ),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         authorized = await guard.check_resource(
             request, principal, Action.READ_RESULTS_DEID, Resource(tenant=principal.tenant)
         )
 
-        async def page_of_analyses() -> dict[str, Any]:
+        async def page_of_analyses() -> JSONResponse:
             docs = await read_model.analyses_of(principal.tenant, limit + 1, after)
             page = docs[:limit]
-            return {
-                "analyses": [_research_view(d) for d in page],
-                "next_after": page[-1]["_id"] if len(docs) > limit else None,
-            }
+            return _json(
+                {
+                    "analyses": [_research_view(d) for d in page],
+                    "next_after": page[-1]["_id"] if len(docs) > limit else None,
+                }
+            )
 
         return await disclosed(request, authorized, Action.READ_RESULTS_DEID, page_of_analyses())
 
@@ -504,9 +520,11 @@ ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
-async def _ready(value: T) -> T:
-    """An answer already read, awaited like one still to be read."""
-    return value
+def _json(body: dict[str, Any]) -> JSONResponse:
+    """A read's answer rendered as FastAPI would render the route's return value, before its access
+    event is recorded: a value that cannot be rendered fails the read (500, recorded so) instead of
+    failing after a record that claims 200."""
+    return JSONResponse(jsonable_encoder(body))
 
 
 def _upload_target(result: UploadResult | None) -> str | None:

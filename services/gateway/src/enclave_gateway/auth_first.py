@@ -21,16 +21,20 @@ refuses (422) and a lookup the gateway's database does not answer (503) are reco
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import structlog
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessGuard, AccessResult
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from enclave_gateway.access import unrecorded_failure
+from enclave_gateway.access import RECORD_ON_CANCEL_S, Unaudited, access_recorded, unrecorded_failure
+
+log = structlog.get_logger("enclave.gateway")
 
 
 class AuthenticatedFirst:
@@ -68,6 +72,27 @@ class AuthenticatedFirst:
         if inspect.isawaitable(reported):
             await reported
 
+    async def report_cancelled(self, request: Request) -> None:
+        """Report a request :meth:`decide` let through that the server cancelled (its graceful-shutdown
+        timeout) before any access event of it was recorded, as the 500 ``request_cancelled`` the
+        gateway then answers: shielded from a further cancellation, at most
+        :data:`RECORD_ON_CANCEL_S`; if Kafka does not take it, the answer stands."""
+        principal: Principal | None = getattr(request.state, self._key, None)
+        if principal is None or self.guard.on_decision is None or access_recorded(request):
+            return
+        reported = self.guard.on_decision(
+            principal, self.action, AccessResult("error", "request_cancelled"), 500, request
+        )
+        if not inspect.isawaitable(reported):
+            return
+        recording = asyncio.ensure_future(reported)
+        try:
+            async with asyncio.timeout(RECORD_ON_CANCEL_S):
+                await asyncio.shield(recording)
+        except (TimeoutError, Unaudited):
+            recording.cancel()
+            log.error("a cancelled request's access event was not recorded", action=str(self.action))
+
 
 class AuthenticatedBodyRoute(APIRoute):
     """An API route whose :class:`AuthenticatedFirst` dependencies decide before FastAPI reads and
@@ -83,6 +108,9 @@ class AuthenticatedBodyRoute(APIRoute):
         if not first:
             return read_body_and_answer
         request_line_checks = [d.dependency for d in self.dependencies if d.dependency is not None]
+        for check in request_line_checks:
+            if list(inspect.signature(check).parameters) != ["request"]:
+                raise TypeError(f"{self.path}: a request-line check takes the request only, not {check}")
 
         async def authenticated_first(request: Request) -> Response:
             for check in request_line_checks:
@@ -95,6 +123,9 @@ class AuthenticatedBodyRoute(APIRoute):
                 return await read_body_and_answer(request)
             except Exception as exc:
                 await first[0].report_unrecorded(request, exc)
+                raise
+            except asyncio.CancelledError:
+                await first[0].report_cancelled(request)
                 raise
 
         return authenticated_first
