@@ -16,8 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from enclave_audit.fhir import FHIR_JSON
+from enclave_audit.store import AuditStore, EventQuery, QueryTimeout
 from enclave_common import topics
 from enclave_common.auth.dev_issuer import DevIssuer
+from pymongo import AsyncMongoClient
+from pymongo.errors import ServerSelectionTimeoutError
 
 from .conftest import SERVICE_PORTS
 from .support import STATE, access_event, publish
@@ -117,3 +120,31 @@ async def test_until_a_date_includes_that_day_and_an_inverted_range_is_refused(m
         assert response.status_code == 400, response.text
         detail = response.json()["detail"]
         assert detail["code"] == "bad_range" and "since must be before until" in detail["message"]
+
+
+async def test_a_query_past_its_time_limit_is_stopped_and_said_so(mongo, unique):
+    """The auditor query's time limit on FerretDB behind pymongo (``ENCLAVE_AUDIT_QUERY_TIMEOUT_S``):
+    a query that cannot finish in time raises :class:`QueryTimeout` (503 ``query_timeout`` at the API,
+    services/audit/tests/test_audit_access_answers.py), one with time to spare answers as before, and a
+    database that cannot be reached stays ``dependency_unavailable``. Until the twentieth session a
+    query had no limit: on a trail of millions of records a scan held the call for as long as it ran."""
+    actor = f"it-qt-{unique}"
+    event = access_event(actor=actor, tenant=f"it-qt-{unique}")
+    await publish(topics.ACCESS_RECORDED, [event], key=f"qt-{unique}")
+    await _stored(mongo, [event.id])
+    store = AuditStore(mongo["audit"])
+    query = EventQuery(actor=actor)
+
+    assert [r.event_id for r in await store.query(query, 10, timeout_s=30)] == [event.id]
+    with pytest.raises(QueryTimeout) as stopped:
+        await store.query(query, 10, timeout_s=1e-6)
+    assert stopped.value.code == "query_timeout"
+
+    unreachable: AsyncMongoClient = AsyncMongoClient(
+        "mongodb://127.0.0.1:9/", serverSelectionTimeoutMS=200, tz_aware=True
+    )
+    try:
+        with pytest.raises(ServerSelectionTimeoutError):
+            await AuditStore(unreachable["audit"]).query(query, 10, timeout_s=0.5)
+    finally:
+        await unreachable.close()

@@ -25,7 +25,7 @@ from enclave_audit.chain import GENESIS, ChainHead
 from enclave_audit.export import RECORDS_PATH
 from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer
-from enclave_audit.store import EventQuery
+from enclave_audit.store import EventQuery, QueryTimeout
 from enclave_common.auth import StaticKeySource, TokenRules, TokenVerifier
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from enclave_common.auth.fastapi import AccessGuard
@@ -53,7 +53,9 @@ class Trail:
         self.refusal: Exception | None = None  # raised by every publish
 
     # AuditStore
-    async def query(self, query: EventQuery, limit: int) -> list[AuditRecord]:
+    async def query(
+        self, query: EventQuery, limit: int, *, timeout_s: float | None = None
+    ) -> list[AuditRecord]:
         self._read("query")
         found = [r for r in self.records if query.event_id in (None, r.event_id)]
         after = query.after_sequence
@@ -216,6 +218,21 @@ async def test_a_database_that_does_not_answer_is_recorded_as_the_503(client, tr
     claims(the_one_record(trail), 503, "error", "dependency_unavailable")
 
 
+async def test_a_query_past_its_time_limit_is_a_503_that_says_how_to_narrow_it(client, trail, ctx) -> None:
+    """Past ``ENCLAVE_AUDIT_QUERY_TIMEOUT_S`` the store gives up (tests/integration/
+    test_audit_query_bounds.py shows it on FerretDB): 503 ``query_timeout`` naming the setting and the
+    filters that narrow a query, recorded as that answer (until the twentieth session a query had no
+    time limit)."""
+    trail.failure = QueryTimeout(ctx.query_timeout_s)
+    response = await client.get("/audit/events")
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "10"
+    detail = response.json()["detail"]
+    assert detail["code"] == "query_timeout"
+    assert "ENCLAVE_AUDIT_QUERY_TIMEOUT_S" in detail["message"] and "since/until" in detail["message"]
+    claims(the_one_record(trail), 503, "error", "query_timeout")
+
+
 async def test_a_route_that_fails_unexpectedly_is_recorded_as_the_500(client, trail) -> None:
     trail.failure = RuntimeError(PLANTED)
     response = await client.get("/audit/events")
@@ -318,14 +335,14 @@ async def test_a_call_the_server_cancels_is_recorded_as_the_500_it_gets(client, 
     call is recorded before the cancellation goes on. Before: ``success`` 200, at the decision."""
     reading = asyncio.Event()
 
-    async def stuck(query: EventQuery, limit: int) -> list[AuditRecord]:
+    async def stuck(query: EventQuery, limit: int, *, timeout_s: float | None = None) -> list[AuditRecord]:
         reading.set()
         await asyncio.Event().wait()
         raise AssertionError("never answered")
 
     monkeypatch.setattr(trail, "query", stuck)
     call = asyncio.ensure_future(client.get("/audit/events"))
-    await reading.wait()
+    await asyncio.wait_for(reading.wait(), 5)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

@@ -36,7 +36,9 @@ class ListStore:
         self.records = records
         self.queries: list[EventQuery] = []
 
-    async def query(self, query: EventQuery, limit: int) -> list[AuditRecord]:
+    async def query(
+        self, query: EventQuery, limit: int, *, timeout_s: float | None = None
+    ) -> list[AuditRecord]:
         self.queries.append(query)
 
         def keep(r: AuditRecord) -> bool:

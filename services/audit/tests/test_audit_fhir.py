@@ -119,7 +119,7 @@ class ListStore:
     def __init__(self, records: list) -> None:
         self.records = records
 
-    async def query(self, query: EventQuery, limit: int) -> list:
+    async def query(self, query: EventQuery, limit: int, *, timeout_s: float | None = None) -> list:
         def keep(r) -> bool:
             return (
                 query.tenant in (None, r.tenant)

@@ -50,6 +50,7 @@ from enclave_audit.store import (
     CursorError,
     EventQuery,
     Order,
+    QueryTimeout,
     SyncRecordReader,
     decode_cursor,
     encode_cursor,
@@ -244,6 +245,8 @@ class AuditApiContext:
     operator_tenant: str
     default_page_size: int
     max_page_size: int
+    #: Seconds an auditor's query may take in the database (``ENCLAVE_AUDIT_QUERY_TIMEOUT_S``).
+    query_timeout_s: float = 20.0
     #: Records one bundle may hold (it is built on the pod's /tmp before the first byte is sent).
     max_export_records: int = 200_000
     signer: Ed25519Signer | None = None
@@ -357,7 +360,12 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             order=order,
             after_sequence=after,
         )
-        found = await ctx.store.query(query, size + 1) if visible else []
+        try:
+            found = await ctx.store.query(query, size + 1, timeout_s=ctx.query_timeout_s) if visible else []
+        except QueryTimeout as exc:
+            raise HTTPException(
+                503, detail={"code": exc.code, "message": str(exc)}, headers=RETRY_LATER
+            ) from None
         page, more = found[:size], len(found) > size
         next_cursor = encode_cursor(page[-1].sequence, order) if more and page else None
         if wants_fhir(request):

@@ -79,6 +79,10 @@ class AuditSettings(BaseServiceSettings):
     #: limit evicts the pod) before it is sent, ~3.3 KB per record in all; larger ranges get 413.
     max_export_records: int = Field(default=200_000, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
+    #: Seconds an auditor's query (``GET /audit/events``) may take in the database: past it the call
+    #: answers 503 ``query_timeout`` (narrow the query, or retry) and the database stops it, instead of
+    #: holding the call, a connection and the database's CPU for as long as a scan of the trail lasts.
+    query_timeout_s: float = Field(default=20.0, gt=0, le=600)
 
     @property
     def retention(self) -> timedelta:

@@ -70,6 +70,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
         operator_tenant=settings.operator_tenant,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
+        query_timeout_s=settings.query_timeout_s,
         max_export_records=settings.max_export_records,
     )
     guard = AccessGuard(_token_verifier(settings), on_decision=access_hook(runtime.publisher))

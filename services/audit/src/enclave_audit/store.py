@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
 
+import pymongo
 from enclave_common import topics
 from enclave_common.envelope import canonical_request_id
 from enclave_common.errors import TransientError
 from pydantic import TypeAdapter
 from pymongo import ASCENDING, DESCENDING
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
 
 from enclave_audit import codes
 from enclave_audit.anomaly import AlertDraft
@@ -224,6 +225,19 @@ class CheckpointEntry:
     raw: bytes = field(repr=False, default=b"")
 
 
+class QueryTimeout(TransientError):
+    """An auditor's query the database did not finish within ``ENCLAVE_AUDIT_QUERY_TIMEOUT_S``."""
+
+    code = "query_timeout"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the query did not finish within {timeout_s:g} s (ENCLAVE_AUDIT_QUERY_TIMEOUT_S): narrow it "
+            "(since/until, patient, study, actor, correlation_id, event_type) or retry later"
+        )
+        self.timeout_s = timeout_s
+
+
 class AuditStore:
     """Async access to the audit database; the only writer of the hash chain in this process."""
 
@@ -309,10 +323,22 @@ class AuditStore:
         async for document in cursor.batch_size(READ_BATCH):
             yield document
 
-    async def query(self, query: EventQuery, limit: int) -> list[AuditRecord]:
+    async def query(
+        self, query: EventQuery, limit: int, *, timeout_s: float | None = None
+    ) -> list[AuditRecord]:
+        """The records ``query`` selects, at most ``limit``, read within ``timeout_s`` (pymongo's
+        client-side operation timeout, which also sends the server ``maxTimeMS``): past it
+        :class:`QueryTimeout`. A database that cannot be reached at all stays pymongo's
+        ``ServerSelectionTimeoutError`` (503 ``dependency_unavailable``)."""
         direction = ASCENDING if query.order == "asc" else DESCENDING
-        cursor = self.records.find(query.mongo_filter()).sort("sequence", direction).limit(limit)
-        records = [from_document(d) async for d in cursor]
+        try:
+            with pymongo.timeout(timeout_s):
+                cursor = self.records.find(query.mongo_filter()).sort("sequence", direction).limit(limit)
+                records = [from_document(d) async for d in cursor]
+        except PyMongoError as exc:
+            if exc.timeout and not isinstance(exc, ServerSelectionTimeoutError) and timeout_s is not None:
+                raise QueryTimeout(timeout_s) from exc
+            raise
         return [r for r in records if query.matches(r)]
 
     # checkpoints
