@@ -21,7 +21,7 @@ from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
-from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+from pymongo.errors import AutoReconnect, ExecutionTimeout, NetworkTimeout, ServerSelectionTimeoutError
 
 PLANTED = "PHI-MRN-66120-ZK"
 
@@ -29,6 +29,8 @@ FAILURES: dict[str, tuple[Exception, str]] = {
     "mongo-reconnect": (AutoReconnect(f"lost {PLANTED}"), "the database"),
     "mongo-timeout": (NetworkTimeout(f"timed out reading {PLANTED}"), "the database"),
     "mongo-selection": (ServerSelectionTimeoutError(f"no server for {PLANTED}"), "the database"),
+    # The server stopped the operation at its time limit (maxTimeMS): until the twentieth session a 500.
+    "mongo-time-limit": (ExecutionTimeout(f"operation exceeded time limit {PLANTED}", 50), "the database"),
     "s3": (EndpointConnectionError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
     "kafka": (KafkaConnectionError(f"broker gone {PLANTED}"), "Kafka"),
     "kafka-client": (KafkaError(f"Unexpected error during batch delivery {PLANTED}"), "Kafka"),

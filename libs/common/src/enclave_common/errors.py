@@ -86,9 +86,16 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - botocore is a dependency of enclave-common
         pass
     try:
-        from pymongo.errors import AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+        from pymongo.errors import (
+            AutoReconnect,
+            ExecutionTimeout,
+            NetworkTimeout,
+            ServerSelectionTimeoutError,
+        )
 
-        found += [AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError]
+        # ExecutionTimeout: the server stopped an operation past its time limit (``maxTimeMS``, or
+        # pymongo's ``timeout()``): the database did not answer in time, not a fault of the request.
+        found += [AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout]
     except ImportError:  # pragma: no cover
         pass
     try:
