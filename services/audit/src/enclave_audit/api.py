@@ -85,6 +85,9 @@ RETRY_LATER: Final = {"Retry-After": "10"}
 RECORD_ON_CANCEL_S: Final = 5.0
 
 RecordAnswer = Callable[[int, str | None], Awaitable[None]]
+#: Answers below 500 that tell of a fault in the trail, not in what the caller asked: recorded as an
+#: ``error``, not ``rejected`` (a 409 ``broken_chain``: the record before an export's range is missing).
+TRAIL_FAULTS: Final = frozenset({"broken_chain"})
 
 
 class LazyFileKeySource:
@@ -174,9 +177,8 @@ def access_hook(publisher: EventPublisher) -> Any:
         if outcome.kind == "allow" and isinstance(request.scope.get("route"), AnsweredRoute):
 
             async def record_answer(answered: int, code: str | None) -> None:
-                await record(
-                    principal, action, answered_outcome(answered), answered, code or outcome.reason, request
-                )
+                said = "error" if code in TRAIL_FAULTS else answered_outcome(answered)
+                await record(principal, action, said, answered, code or outcome.reason, request)
 
             setattr(request.state, _ANSWER_TO_RECORD, record_answer)
             return
