@@ -126,7 +126,8 @@ async def test_a_query_past_its_time_limit_is_stopped_and_said_so(mongo, unique)
     """The auditor query's time limit on FerretDB behind pymongo (``ENCLAVE_AUDIT_QUERY_TIMEOUT_S``):
     a query that cannot finish in time raises :class:`QueryTimeout` (503 ``query_timeout`` at the API,
     services/audit/tests/test_audit_access_answers.py), one with time to spare answers as before, and a
-    database that cannot be reached stays ``dependency_unavailable``. Until the twentieth session a
+    database that cannot be reached stays ``dependency_unavailable`` (so does a silent one:
+    tests/integration/test_dependency_outage.py). Until the twentieth session a
     query had no limit: on a trail of millions of records a scan held the call for as long as it ran."""
     actor = f"it-qt-{unique}"
     event = access_event(actor=actor, tenant=f"it-qt-{unique}")

@@ -33,7 +33,7 @@ from enclave_common.envelope import canonical_request_id
 from enclave_common.errors import TransientError
 from pydantic import TypeAdapter
 from pymongo import ASCENDING, DESCENDING
-from pymongo.errors import DuplicateKeyError, PyMongoError, ServerSelectionTimeoutError
+from pymongo.errors import DuplicateKeyError, ExecutionTimeout
 
 from enclave_audit import codes
 from enclave_audit.anomaly import AlertDraft
@@ -327,18 +327,20 @@ class AuditStore:
         self, query: EventQuery, limit: int, *, timeout_s: float | None = None
     ) -> list[AuditRecord]:
         """The records ``query`` selects, at most ``limit``, read within ``timeout_s`` (pymongo's
-        client-side operation timeout, which also sends the server ``maxTimeMS``): past it
-        :class:`QueryTimeout`. A database that cannot be reached at all stays pymongo's
-        ``ServerSelectionTimeoutError`` (503 ``dependency_unavailable``)."""
+        operation timeout, which also sends the server ``maxTimeMS``). A query the server stops at
+        that limit, or that pymongo does not send because no time is left, is :class:`QueryTimeout`.
+        A database that does not answer at all (unreachable, or silent until the limit passed) stays
+        pymongo's ``ServerSelectionTimeoutError`` or ``NetworkTimeout``: 503 ``dependency_unavailable``,
+        since a silent database is not a query to narrow."""
         direction = ASCENDING if query.order == "asc" else DESCENDING
         try:
             with pymongo.timeout(timeout_s):
                 cursor = self.records.find(query.mongo_filter()).sort("sequence", direction).limit(limit)
                 records = [from_document(d) async for d in cursor]
-        except PyMongoError as exc:
-            if exc.timeout and not isinstance(exc, ServerSelectionTimeoutError) and timeout_s is not None:
-                raise QueryTimeout(timeout_s) from exc
-            raise
+        except ExecutionTimeout as exc:
+            if timeout_s is None:
+                raise
+            raise QueryTimeout(timeout_s) from exc
         return [r for r in records if query.matches(r)]
 
     # checkpoints

@@ -46,6 +46,11 @@ UNKNOWN_ROUTE_HINT = (
 #: The routes that read their own bodies (limits and a pace rule of their own, one upload slot each),
 #: by path template: exempt from the common body limit.
 UPLOAD_ROUTES = ("/dicomweb/studies", "/dicomweb/studies/{study}", "/api/v1/imaging/upload")
+#: Routes whose answer may come before their body ended, which therefore drop the rest first
+#: (linger.py): the uploads, and the JSON routes the common body limit may refuse part-way (413, 408).
+#: Until the twentieth session only the uploads: a grant body refused 413 part-way could reach a client
+#: still sending as a connection reset instead of the answer.
+LINGER_ROUTES = (*UPLOAD_ROUTES, "/api/v1/grants", "/api/v1/break-glass")
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -162,8 +167,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         error_body=error_body,
         streamed_body_routes=UPLOAD_ROUTES,
     )
-    # An upload answered before its body ended drops the rest first, for a bounded time (linger.py).
-    app.add_middleware(LingeringAnswer, routes=UPLOAD_ROUTES)
+    # A request answered before its body ended drops the rest first, for a bounded time (linger.py).
+    app.add_middleware(LingeringAnswer, routes=LINGER_ROUTES)
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app
