@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import base64
 import socket
+from contextlib import contextmanager
 
 import pytest
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.main import create_app
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from test_linger import _read_until_closed
-from test_linger import _serve_app as _serve
+from test_linger import _read_until_closed, _serve
 
 BODY = b'{"patient_id": "PHI-MRN-80817-QX", "pad": "' + b"x" * 100_000 + b'"}'
 
 
+def gateway() -> FastAPI:
+    return create_app(GatewaySettings(pseudonym_key=SecretStr(base64.b64encode(bytes(32)).decode())))
+
+
 def client() -> TestClient:
-    return TestClient(
-        create_app(GatewaySettings(pseudonym_key=SecretStr(base64.b64encode(bytes(32)).decode())))
-    )
+    return TestClient(gateway())
 
 
 @pytest.mark.parametrize("path", ["/api/v1/grants", "/api/v1/break-glass"])
@@ -54,9 +57,7 @@ def test_a_json_body_refused_part_way_is_drained_so_the_client_reads_the_413(pat
     twentieth session only the upload routes drained; the integration test of the grant 413
     (test_gateway_access_answers.py) then failed now and then with a connection reset."""
     sent = b'{"patient_id": "x", "pad": "' + b"x" * 400_000 + b'"}'
-    with _serve(
-        create_app(GatewaySettings(pseudonym_key=SecretStr(base64.b64encode(bytes(32)).decode())))
-    ) as port:
+    with contextmanager(_serve)(gateway()) as port:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         # Declared past the limit: refused before any of it is read; the client sends it all anyway.
         sock.sendall(

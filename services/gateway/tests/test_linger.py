@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -56,12 +55,6 @@ async def read_then_answer(scope: Scope, receive: Receive, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-@contextmanager
-def _serve_app(app) -> Iterator[int]:
-    """``app`` on a real uvicorn (httptools) on a free port, for as long as the block runs."""
-    yield from _serve(app)
 
 
 def _serve(app) -> Iterator[int]:

@@ -102,18 +102,24 @@ async def test_every_answer_names_its_request_id(
     assert exchange.header("x-request-id") == "6f1c9d0b-2a4e-4f7c-8d3b-5a1e9f0c2d4b"
 
 
+async def _read_status(harness: Harness, exchange: Exchange) -> None:
+    """A clinician's status read with an nginx request id, whose answer ``exchange`` keeps (the app
+    may raise after it answered)."""
+    await asgi_request(
+        harness.app,
+        "GET",
+        b"/api/v1/imaging/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        [*_clinician(harness), ("x-request-id", NGINX_ID)],
+        exchange=exchange,
+    )
+
+
 async def test_a_bug_is_answered_500_with_the_request_id_and_still_raised_for_the_log(tmp_path: Path) -> None:
     harness = gateway_routes(tmp_path)
     harness.read_model.broken = RuntimeError("a bug")
     exchange = Exchange()
     with pytest.raises(RuntimeError, match="a bug"):
-        await asgi_request(
-            harness.app,
-            "GET",
-            b"/api/v1/imaging/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
-            [*_clinician(harness), ("x-request-id", NGINX_ID)],
-            exchange=exchange,
-        )
+        await _read_status(harness, exchange)
     assert exchange.status == 500
     assert exchange.header("x-request-id") == "6f1c9d0b-2a4e-4f7c-8d3b-5a1e9f0c2d4b"
     body = json.loads(exchange.body)
@@ -132,13 +138,7 @@ async def test_a_request_the_server_cancels_is_answered_500_with_the_request_id(
     harness.read_model.get = cancelled  # type: ignore[method-assign]
     exchange = Exchange()
     with pytest.raises(asyncio.CancelledError):
-        await asgi_request(
-            harness.app,
-            "GET",
-            b"/api/v1/imaging/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
-            [*_clinician(harness), ("x-request-id", NGINX_ID)],
-            exchange=exchange,
-        )
+        await _read_status(harness, exchange)
     assert exchange.status == 500
     assert exchange.header("x-request-id") == "6f1c9d0b-2a4e-4f7c-8d3b-5a1e9f0c2d4b"
     assert json.loads(exchange.body)["error"] == "request_cancelled"

@@ -235,7 +235,6 @@ class QueryTimeout(TransientError):
             f"the query did not finish within {timeout_s:g} s (ENCLAVE_AUDIT_QUERY_TIMEOUT_S): narrow it "
             "(since/until, patient, study, actor, correlation_id, event_type) or retry later"
         )
-        self.timeout_s = timeout_s
 
 
 class AuditStore:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Final, NotRequired, TypedDict, Unpack
+from typing import Any, Final, NotRequired, TypedDict, Unpack
 
 import structlog
 from enclave_common import topics
@@ -207,16 +207,6 @@ def unrecorded_failure(request: Request, exc: Exception) -> tuple[int, str] | No
     return body_refusal(request.scope) or failure_answer(exc)
 
 
-def outcome_of_failure(status: int) -> AccessOutcome:
-    """A request refused for what it sent (4xx) was ``rejected``; one the gateway could not complete
-    (5xx) ended in an ``error``."""
-    return "rejected" if status < 500 else "error"
-
-
-#: The outcome an answered ``status`` records: ``success`` below 400, else as :func:`outcome_of_failure`.
-outcome_of = answered_outcome
-
-
 class AccessFields(TypedDict):
     """What an access event says besides the request's source address and correlation id."""
 
@@ -315,14 +305,9 @@ class AccessRecorder:
         timeout), called before the cancellation goes on: shielded from a further cancellation and
         bounded by :data:`RECORD_ON_CANCEL_S`. What the shield keeps running past a further
         cancellation is kept in :attr:`_unfinished` until the hand-off's own timeout ends it."""
-        recording = asyncio.ensure_future(self.record_if_possible(request, **fields))
-        self._unfinished.add(recording)
-        recording.add_done_callback(self._unfinished.discard)
         try:
-            async with asyncio.timeout(RECORD_ON_CANCEL_S):
-                await asyncio.shield(recording)
+            await finish_despite_cancel(self.record_if_possible(request, **fields), self._unfinished)
         except TimeoutError:
-            recording.cancel()
             log.error(
                 "a cancelled request's access event was not acknowledged in time",
                 action=fields["action"],
@@ -367,7 +352,7 @@ class AccessRecorder:
             request,
             principal=authorized.principal,
             action=str(action),
-            outcome=outcome_of_failure(status),
+            outcome=answered_outcome(status),
             status=status,
             target=access_target(resource.patient_key, resource.study_key) if resource else None,
             detail=code,
@@ -432,6 +417,25 @@ class AccessRecorder:
         )
         with _unaudited("the alert could not be raised"):
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
+
+
+async def finish_despite_cancel(
+    recording: Awaitable[object], unfinished: set[asyncio.Future[Any]] | None = None
+) -> None:
+    """Await the record of a request being cancelled (the server's graceful-shutdown timeout), before
+    the cancellation goes on: shielded from a further cancellation, for at most
+    :data:`RECORD_ON_CANCEL_S` (then cancelled, and ``TimeoutError``). What the shield keeps running
+    past a further cancellation is kept in ``unfinished`` until it ends."""
+    task = asyncio.ensure_future(recording)
+    if unfinished is not None:
+        unfinished.add(task)
+        task.add_done_callback(unfinished.discard)
+    try:
+        async with asyncio.timeout(RECORD_ON_CANCEL_S):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        raise
 
 
 def _log_failure(recording: asyncio.Future[bool]) -> None:

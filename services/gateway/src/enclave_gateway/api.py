@@ -6,13 +6,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import structlog
 from enclave_common.auth import Action, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
+from enclave_common.events import answered_outcome
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +24,6 @@ from enclave_gateway.access import (
     AccessRecorder,
     Unaudited,
     access_recorded,
-    outcome_of_failure,
     unrecorded_failure,
 )
 from enclave_gateway.admission import TooManyUploads
@@ -45,8 +45,6 @@ from enclave_gateway.uploads import ClientClosedRequest, UploadNotRecorded, Uplo
 from enclave_gateway.validation import uid_is_valid
 
 log = structlog.get_logger("enclave.gateway")
-
-T = TypeVar("T")
 
 UPLOAD_FORM_FIELDS = frozenset({"file", "files", "files[]", "file[]"})
 
@@ -250,7 +248,7 @@ def build_router(
                     request,
                     principal=principal,
                     action="upload",
-                    outcome=outcome_of_failure(status),
+                    outcome=answered_outcome(status),
                     status=status,
                     detail=code,
                 )
@@ -344,7 +342,9 @@ def build_router(
     # decision, is recorded as the 503 it gets.
     reads = APIRouter(route_class=AuthenticatedBodyRoute)
 
-    async def disclosed(request: Request, authorized: Authorized, action: Action, answer: Awaitable[T]) -> T:
+    async def disclosed(
+        request: Request, authorized: Authorized, action: Action, answer: Awaitable[JSONResponse]
+    ) -> JSONResponse:
         """``answer``, read from the database for an allowed ``action``, once its access event was
         recorded; a read that fails is recorded with the answer it gets."""
         try:

@@ -32,7 +32,7 @@ from enclave_common.auth.fastapi import AccessGuard, AccessResult
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from enclave_gateway.access import RECORD_ON_CANCEL_S, Unaudited, access_recorded, unrecorded_failure
+from enclave_gateway.access import Unaudited, access_recorded, finish_despite_cancel, unrecorded_failure
 
 log = structlog.get_logger("enclave.gateway")
 
@@ -85,12 +85,9 @@ class AuthenticatedFirst:
         )
         if not inspect.isawaitable(reported):
             return
-        recording = asyncio.ensure_future(reported)
         try:
-            async with asyncio.timeout(RECORD_ON_CANCEL_S):
-                await asyncio.shield(recording)
+            await finish_despite_cancel(reported)
         except (TimeoutError, Unaudited):
-            recording.cancel()
             log.error("a cancelled request's access event was not recorded", action=str(self.action))
 
 

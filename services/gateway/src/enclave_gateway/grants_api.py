@@ -26,6 +26,7 @@ from enclave_common.auth import Action, Grant, GrantKind, InvalidGrantError, Pri
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.grants import GrantStore
 from enclave_common.crypto import Pseudonymizer
+from enclave_common.events import answered_outcome
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +35,6 @@ from enclave_gateway.access import (
     AccessRecorder,
     Unaudited,
     access_target,
-    outcome_of,
     unrecorded_failure,
 )
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
@@ -115,7 +115,7 @@ def build_grants_router(
             request,
             principal=principal,
             action=str(action),
-            outcome=outcome_of(status),
+            outcome=answered_outcome(status),
             status=status,
             target=access_target(patient_key),
             detail=detail,
