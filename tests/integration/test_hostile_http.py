@@ -36,7 +36,13 @@ RUN = uuid.uuid4().hex[:8]
 #: Every rejected case uploads under this tenant; nothing may ever be received for it.
 REJECTED_TENANT = f"hostile-{RUN}"
 #: The limits of the second gateway (every limit at the limit and just past it).
-SMALL = {"max_parts": 8, "max_instance_bytes": 64 * 1024, "max_request_bytes": 160 * 1024, "idle_s": 2.0}
+SMALL = {
+    "max_parts": 8,
+    "max_instance_bytes": 64 * 1024,
+    "max_request_bytes": 160 * 1024,
+    "idle_s": 2.0,
+    "header_timeout_s": 2.0,
+}
 PLANTED = (*PHI.values(), builders.PLANTED_PATIENT_ID, builders.PLANTED_PATIENT_NAME)
 KIB = 1024
 
@@ -382,6 +388,7 @@ def small_gateway(tmp_path_factory: pytest.TempPathFactory):
         "ENCLAVE_GATEWAY_MAX_INSTANCE_BYTES": str(SMALL["max_instance_bytes"]),
         "ENCLAVE_GATEWAY_MAX_REQUEST_BYTES": str(SMALL["max_request_bytes"]),
         "ENCLAVE_GATEWAY_BODY_IDLE_TIMEOUT_S": str(SMALL["idle_s"]),
+        "ENCLAVE_GATEWAY_HTTP_HEADER_TIMEOUT_S": str(SMALL["header_timeout_s"]),
     }
     with gateway_process(tmp_path_factory.mktemp("small-gateway"), overrides) as gateway:
         yield gateway
@@ -521,6 +528,18 @@ def _slow_trickle_then_stall() -> list[tuple[bytes, float]]:
     return [(head, 0.5), *[(b"-", 0.5) for _ in range(4)]]
 
 
+def _stalled_head() -> list[tuple[bytes, float]]:
+    """Half a request head, carrying a planted value, then nothing."""
+    head = _request_head("/dicomweb/studies", {"Content-Type": "application/dicom", "X-Note": PLANTED[0]})
+    return [(head[: len(head) // 2], 0.0)]
+
+
+def _head_a_byte_at_a_time() -> list[tuple[bytes, float]]:
+    """A head that never stops for long (slowloris): a byte every 50 ms, 4 s in all."""
+    head = b"GET /api/v1/imaging/" + b"0" * 40 + b" HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 40
+    return [(head[i : i + 1], 0.05) for i in range(80)]
+
+
 def _no_token() -> bytes:
     return b"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nContent-Length: 4\r\n\r\nDICM"
 
@@ -539,6 +558,8 @@ HTTP_CASES: list[tuple[str, Callable[[], bytes | list[tuple[bytes, float]]], tup
     ("chunked_bad_chunk_size", _bad_chunk_size, (400,), "main"),
     ("slow_loris_stalled_body", _slow_loris_body, (408,), "small"),
     ("slow_trickle_then_stall", _slow_trickle_then_stall, (408,), "small"),
+    ("head_stalled_part_way", _stalled_head, (408,), "small"),
+    ("head_a_byte_at_a_time", _head_a_byte_at_a_time, (408,), "small"),
     ("no_bearer_token", _no_token, (401,), "main"),
     ("garbage_bearer_token", _garbage_token, (401,), "main"),
 ]
@@ -579,6 +600,24 @@ def test_a_refused_upload_whose_client_stalls_mid_body_is_closed(token: bool, sm
     assert _status(answer) == (403 if token else 401), answer[:300]
     assert b"connection: close" in answer.lower()
     assert closed_after < LINGER_IDLE_S + 10, f"held {closed_after:.1f} s"
+
+
+def test_a_connection_that_sends_no_request_is_closed_and_every_timed_out_head_counted(small_gateway) -> None:
+    """uvicorn held a connection that never sent a byte for good; the gateway closes it once
+    ``ENCLAVE_GATEWAY_HTTP_HEADER_TIMEOUT_S`` passes, without an answer, and counts it apart from the
+    heads it answered 408."""
+
+    def counted(answered: str) -> float:
+        metrics = httpx.get(f"{small_gateway.url}/metrics", timeout=10).text
+        line = f'enclave_http_header_timeouts_total{{answered="{answered}"}} '
+        return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
+
+    before = counted("false"), counted("true")
+    started = time.monotonic()
+    assert _exchange(small_gateway.port, [], timeout=30) == b""
+    assert time.monotonic() - started < SMALL["header_timeout_s"] + 5
+    assert _status(_exchange(small_gateway.port, _stalled_head())) == 408
+    assert (counted("false"), counted("true")) == (before[0] + 1, before[1] + 1)
 
 
 def test_a_stalled_client_does_not_block_others(small_gateway) -> None:

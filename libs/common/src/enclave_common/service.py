@@ -49,6 +49,7 @@ from enclave_common.errors import (
 )
 from enclave_common.events import envelope_schema
 from enclave_common.header_limit import ErrorBody, HeaderSizeLimit
+from enclave_common.header_timeout import header_timeout_protocol
 from enclave_common.idempotency import MongoProcessedEvents, ProcessedEvents
 from enclave_common.kafka import (
     TLS_RELOADER,
@@ -380,6 +381,7 @@ class ServiceRuntime:
 
         app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, redirect_slashes=False)
         app.state.runtime = self
+        app.state.error_body = body
         app.add_exception_handler(StarletteHTTPException, _routing_errors(unknown_route_hint, body))
         app.add_exception_handler(RequestValidationError, _validation_errors(body))
         for failure in (*dependency_failure_types(), OSError):
@@ -778,7 +780,7 @@ def run_service(
         log_config=None,
         timeout_graceful_shutdown=settings.http_drain_s,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(app, settings),
         **uvicorn_options,
     )
     configure_gc(settings.gc_threshold0)
@@ -789,6 +791,35 @@ def run_service(
     server.run(sockets=sockets)
     if not server.started:
         raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits
+
+
+def http_protocol(app: FastAPI, settings: BaseServiceSettings) -> type[asyncio.Protocol]:
+    """Uvicorn's httptools protocol with ``http_header_timeout_s`` on each request's head, answering
+    in the app's error shape; each timeout is counted (``enclave_http_header_timeouts_total``) and
+    logged, without the client's address or anything it sent."""
+    prefix = settings.model_config.get("env_prefix", "ENCLAVE_")
+    runtime = getattr(app.state, "runtime", None)
+    registry = getattr(runtime, "registry", None)
+    counter = Counter(
+        "enclave_http_header_timeouts",
+        "Connections closed because a request's line and headers did not arrive in time "
+        "(answered: 408 sent to a request that had begun; false: a connection that sent none)",
+        ["answered"],
+        # An app without the runtime's registry (a test's) counts into one of its own, not the global.
+        registry=registry if isinstance(registry, CollectorRegistry) else CollectorRegistry(),
+    )
+    log = structlog.get_logger("enclave.http")
+
+    def timed_out(answered: bool) -> None:
+        counter.labels(answered=str(answered).lower()).inc()
+        log.warning("http.header_timeout", answered=answered, timeout_s=settings.http_header_timeout_s)
+
+    return header_timeout_protocol(
+        settings.http_header_timeout_s,
+        f"{prefix}HTTP_HEADER_TIMEOUT_S",
+        getattr(app.state, "error_body", detail_error_body),
+        timed_out,
+    )
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseServiceSettings)

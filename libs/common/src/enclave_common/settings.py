@@ -65,6 +65,10 @@ class BaseServiceSettings(BaseSettings):
     #: How long such a body may take to arrive, in seconds waited for it in all; then 408 and the
     #: connection is closed (a body that stops, or never ends, holds no connection).
     body_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    #: How long a request's line and headers may take to arrive, from the connection's opening or
+    #: the request's first byte, in seconds in all; then 408 and the connection is closed (a
+    #: connection that sent no request is closed). Real clients send a head in one packet.
+    http_header_timeout_s: float = Field(default=20.0, gt=0, le=600)
     log_level: str = "INFO"
     #: Python's generation-0 garbage-collection threshold (allocations between collections), set
     #: with ``gc.freeze()`` of what startup allocated; None keeps Python's default (700).
