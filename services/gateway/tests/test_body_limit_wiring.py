@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 from enclave_gateway.config import GatewaySettings
-from enclave_gateway.main import create_app
+from enclave_gateway.linger import LingeringAnswer
+from enclave_gateway.main import UPLOAD_ROUTES, create_app
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -70,3 +71,12 @@ def test_a_json_body_refused_part_way_is_drained_so_the_client_reads_the_413(pat
     assert data.startswith(b"HTTP/1.1 413 "), data[:200]
     assert b"ENCLAVE_GATEWAY_MAX_BODY_BYTES" in data and data.rstrip().endswith(b"}")
     assert closed is not None, "the connection was closed once the body had been read"
+
+
+def test_the_gateway_drains_every_route_that_takes_a_body() -> None:
+    """The routes the lingering answer covers are derived from the app (linger.body_routes): the
+    uploads, the grant routes and break-glass, and nothing that only reads."""
+    [lingering] = [m for m in gateway().user_middleware if m.cls is LingeringAnswer]
+    routes = set(lingering.kwargs["routes"])
+    assert routes >= {*UPLOAD_ROUTES, "/api/v1/grants", "/api/v1/grants/{grant_id}", "/api/v1/break-glass"}
+    assert not {"/api/v1/imaging/{imaging_id}", "/healthz", "/metrics"} & routes

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
-from enclave_gateway.linger import LingeringAnswer
+from enclave_gateway.linger import LingeringAnswer, body_routes, declares_body
+from fastapi import APIRouter, FastAPI
 from starlette.types import Receive, Scope, Send
 
 IDLE_S = 0.4
@@ -223,3 +224,49 @@ def test_other_routes_are_passed_through(lingering: int) -> None:
     data, _ = _read_until_closed(sock, 1.0)
     sock.close()
     assert b" 401 " in data and b"connection: close" not in data.lower()
+
+
+@pytest.mark.parametrize(
+    ("headers", "declared"),
+    [
+        ([], False),
+        ([(b"content-length", b"0")], False),
+        ([(b"content-length", b"00")], False),
+        ([(b"content-length", b"12")], True),
+        ([(b"transfer-encoding", b"chunked")], True),
+        ([(b"content-length", b"0"), (b"transfer-encoding", b"chunked")], True),
+    ],
+)
+def test_a_body_is_declared_by_a_length_or_a_transfer_encoding(headers: list, declared: bool) -> None:
+    assert declares_body({"type": "http", "headers": headers}) is declared
+
+
+def test_a_request_without_a_body_answered_unread_keeps_its_connection(lingering: int) -> None:
+    """A DELETE, say, on a route that drains: nothing to drain, so no ``Connection: close`` and the
+    connection serves the next request."""
+    with socket.create_connection(("127.0.0.1", lingering), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(b"DELETE /upload/1.2.3 HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = sock.recv(65536)
+            assert b" 401 " in answer and b"connection: close" not in answer.lower()
+
+
+def test_every_route_that_takes_a_body_drains_those_of_included_routers_too() -> None:
+    """Derived from the app: a new route with a body drains without being listed anywhere."""
+    inner = APIRouter()
+    inner.post("/grants")(lambda: None)
+    inner.delete("/grants/{grant_id}")(lambda: None)
+    inner.get("/grants")(lambda: None)
+    outer = APIRouter()
+    outer.include_router(inner, prefix="/v1")
+    outer.put("/things/{thing}")(lambda: None)
+    app = FastAPI()
+    app.include_router(outer, prefix="/api")
+    app.get("/status")(lambda: None)
+    app.patch("/status")(lambda: None)
+    assert set(body_routes(app.routes)) == {
+        "/api/v1/grants",
+        "/api/v1/grants/{grant_id}",
+        "/api/things/{thing}",
+        "/status",
+    }

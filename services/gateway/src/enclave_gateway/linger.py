@@ -26,10 +26,10 @@ bounds this.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 
 from enclave_common.body_limit import route_path
-from starlette.routing import compile_path
+from starlette.routing import BaseRoute, Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: As nginx's ``lingering_timeout``: the longest silence while the rest of a refused body is dropped.
@@ -39,6 +39,41 @@ LINGER_TOTAL_S = 30.0
 #: Drains running at once per process, past which an answer ends without one (each holds a task and
 #: up to uvicorn's 64 KiB read buffer for at most ``LINGER_TOTAL_S``).
 MAX_DRAINING = 256
+
+
+#: Methods whose requests carry no body the routes read (RFC 9110 gives them no defined body meaning).
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def body_routes(routes: Iterable[BaseRoute], prefix: str = "") -> tuple[str, ...]:
+    """Path templates of the routes that take a request body (any method but GET, HEAD and OPTIONS),
+    those of included routers too: each may be answered before its body ended (the common body limit's
+    413 and 408 part-way, or the uploads' own refusals), so each drains the rest. Derived from the app,
+    not listed by hand: until the twenty-first session a new route with a body had to be added to a
+    list, or a refusal part-way could reach its client as a reset connection."""
+    found: list[str] = []
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            context = getattr(route, "include_context", None)
+            found += body_routes(included.routes, prefix + (getattr(context, "prefix", "") or ""))
+        elif isinstance(route, Route) and set(route.methods or ()) - BODILESS_METHODS:
+            found.append(prefix + route.path)
+    return tuple(dict.fromkeys(found))
+
+
+def declares_body(scope: Scope) -> bool:
+    """Whether the request has a body (RFC 9112 6.3): a Transfer-Encoding, or a Content-Length other
+    than 0. Without either, an HTTP/1.1 request has none."""
+    chunked = False
+    length = b""
+    for name, value in scope.get("headers", ()):
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            chunked = True
+        elif lowered == b"content-length":
+            length = value.strip()
+    return chunked or length.lstrip(b"0") != b""
 
 
 class LingeringAnswer:
@@ -64,7 +99,9 @@ class LingeringAnswer:
         if scope["type"] != "http" or not any(p.match(route_path(scope)) for p in self.routes):
             await self.app(scope, receive, send)
             return
-        body_ended = False  # the last body message was received, or the client left
+        # The last body message was received, or the client left; or no body was declared (a DELETE
+        # answered without reading one keeps its connection, not a ``Connection: close``).
+        body_ended = not declares_body(scope)
         received_any = False
         lingering = False  # the answer started before the body ended
         end_held = False  # its last body message is held until the drain is over

@@ -26,7 +26,7 @@ from enclave_gateway.api import build_router
 from enclave_gateway.config import GatewaySettings
 from enclave_gateway.grants_api import build_grants_router
 from enclave_gateway.handoff import Handoff
-from enclave_gateway.linger import LingeringAnswer
+from enclave_gateway.linger import LingeringAnswer, body_routes
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
@@ -46,11 +46,6 @@ UNKNOWN_ROUTE_HINT = (
 #: The routes that read their own bodies (limits and a pace rule of their own, one upload slot each),
 #: by path template: exempt from the common body limit.
 UPLOAD_ROUTES = ("/dicomweb/studies", "/dicomweb/studies/{study}", "/api/v1/imaging/upload")
-#: Routes whose answer may come before their body ended, which therefore drop the rest first
-#: (linger.py): the uploads, and the JSON routes the common body limit may refuse part-way (413, 408).
-#: Until the twentieth session only the uploads: a grant body refused 413 part-way could reach a client
-#: still sending as a connection reset instead of the answer.
-LINGER_ROUTES = (*UPLOAD_ROUTES, "/api/v1/grants", "/api/v1/break-glass")
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -168,7 +163,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         streamed_body_routes=UPLOAD_ROUTES,
     )
     # A request answered before its body ended drops the rest first, for a bounded time (linger.py).
-    app.add_middleware(LingeringAnswer, routes=LINGER_ROUTES)
+    # Every route with a body (linger.body_routes): the uploads, and the JSON routes the common body
+    # limit may refuse part-way (413, 408).
+    app.add_middleware(LingeringAnswer, routes=body_routes(app.routes))
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app
