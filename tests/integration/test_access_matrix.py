@@ -247,6 +247,12 @@ async def test_revoked_grant_stops_access_on_the_next_request(world: World):
         )
         assert revoke.status_code == 200 and revoke.json()["revoked_by"] == "it-admin"
         assert (await client.get(url, headers=caregiver)).status_code == 404
+        # The revocation's event was acknowledged, and the grant store (FerretDB) says so.
+        stored = await client.get(
+            f"{GATEWAY}/api/v1/grants/{grant.json()['grant_id']}",
+            headers=bearer("it-admin", world.tenant_a, "admin"),
+        )
+        assert stored.json()["revocation_recorded"] is True
         again = await client.delete(
             f"{GATEWAY}/api/v1/grants/{grant.json()['grant_id']}",
             headers=bearer("it-admin", world.tenant_a, "admin"),

@@ -65,6 +65,7 @@ async def test_a_session_whose_alert_kafka_refused_is_withdrawn_and_both_answers
     assert answer.status == 503, answer.body
     session = the_only_grant(harness)
     assert session.revoked_by == WITHDRAWN_BY and session.revoked_at is not None
+    assert session.revocation_recorded is True  # the withdrawal's own event was taken
     opened, withdrawn = events_of(harness, answer)
     assert (opened["status_code"], opened["detail"].split(" ")[0]) == (
         201,
@@ -106,6 +107,8 @@ async def test_a_grant_whose_access_event_kafka_refused_is_withdrawn(tmp_path: P
     grant = the_only_grant(harness)
     assert (grant.revoked_by, grant.is_active(datetime.now(UTC))) == (WITHDRAWN_BY, False)
     assert harness.publisher.access_events() == []
+    # Neither the grant nor its withdrawal is in the trail: an admin's DELETE records the withdrawal.
+    assert grant.revocation_recorded is False
 
 
 async def test_a_grant_the_store_could_not_withdraw_is_recorded_as_not_withdrawn(tmp_path: Path) -> None:
@@ -162,3 +165,95 @@ async def test_a_grant_lookup_the_store_did_not_answer_is_recorded_503(tmp_path:
         503,
         "dependency_unavailable",
     )
+
+
+async def _created_grant(harness: Harness) -> str:
+    created = await post_json(harness, "/api/v1/grants", grant_body(), "admin")
+    assert created.status == 201, created.body
+    return str(json.loads(created.body)["grant_id"])
+
+
+async def _delete(harness: Harness, grant_id: str, tenant: str = "hospital-a") -> Exchange:
+    admin = [("authorization", f"Bearer {harness.token(tenant, 'admin')}")]
+    return await asgi_request(harness.app, "DELETE", f"/api/v1/grants/{grant_id}".encode(), admin)
+
+
+async def test_a_revocation_whose_event_kafka_refused_stays_in_effect_and_the_next_delete_records_it(
+    tmp_path: Path,
+) -> None:
+    """The revocation is not undone (a grant back in effect would be worse than a revocation recorded
+    late); the 503 says so, and the retry records who revoked it and when, answered 200. Until the
+    twenty-first session the retry answered 409 and the trail never named the revocation."""
+    harness = gateway_routes(tmp_path)
+    grant_id = await _created_grant(harness)
+    refuse(harness, topics.ACCESS_RECORDED, times=1)
+    refused = await _delete(harness, grant_id)
+    assert refused.status == 503, refused.body
+    error = json.loads(refused.body)
+    assert error["error"] == "kafka_unavailable"
+    assert "revoked and no longer in effect" in error["message"] and "repeat this DELETE" in error["message"]
+    grant = the_only_grant(harness)
+    assert not grant.is_active(datetime.now(UTC)) and grant.revocation_recorded is False
+    assert events_of(harness, refused) == []
+
+    retried = await _delete(harness, grant_id)
+    assert retried.status == 200, retried.body
+    view = json.loads(retried.body)
+    assert (view["revoked_at"], view["revocation_recorded"]) == (grant.revoked_at.isoformat(), True)
+    [event] = events_of(harness, retried)
+    assert (event["outcome"], event["status_code"], event["detail"]) == (
+        "success",
+        200,
+        f"grant_revoked:{grant_id} revoked_by={grant.revoked_by} revoked_at={grant.revoked_at.isoformat()}"
+        " recorded_late",
+    )
+    assert the_only_grant(harness).revocation_recorded is True
+
+    again = await _delete(harness, grant_id)
+    assert again.status == 409, again.body
+    [event] = events_of(harness, again)
+    assert event["detail"] == f"grant_already_revoked:{grant_id}"
+
+
+async def test_a_recorded_revocation_is_noted_and_a_second_delete_is_409(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    grant_id = await _created_grant(harness)
+    answer = await _delete(harness, grant_id)
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body)["revocation_recorded"] is True
+    assert the_only_grant(harness).revocation_recorded is True
+    [event] = events_of(harness, answer)
+    assert event["detail"] == f"grant_revoked:{grant_id}"
+    assert (await _delete(harness, grant_id)).status == 409
+
+
+async def test_a_revocation_the_store_could_not_note_as_recorded_is_answered_and_recorded_again(
+    tmp_path: Path,
+) -> None:
+    """The event is in the trail, so the answer stands; the flag stayed False, so the next DELETE
+    records the revocation a second time (a duplicate, never a gap)."""
+    harness = gateway_routes(tmp_path)
+    grant_id = await _created_grant(harness)
+    noted = harness.grants.mark_revocation_recorded
+
+    async def silent(*_: object, **__: object) -> None:
+        raise ServerSelectionTimeoutError("no server answered")
+
+    harness.grants.mark_revocation_recorded = silent  # type: ignore[method-assign]
+    answer = await _delete(harness, grant_id)
+    assert answer.status == 200, answer.body
+    assert the_only_grant(harness).revocation_recorded is False
+    harness.grants.mark_revocation_recorded = noted  # type: ignore[method-assign]
+    again = await _delete(harness, grant_id)
+    assert again.status == 200, again.body
+    [event] = events_of(harness, again)
+    assert event["detail"].endswith(" recorded_late")
+
+
+async def test_a_grant_never_revoked_shows_no_revocation_state(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    grant_id = await _created_grant(harness)
+    admin = [("authorization", f"Bearer {harness.token('hospital-a', 'admin')}")]
+    answer = await asgi_request(harness.app, "GET", f"/api/v1/grants/{grant_id}".encode(), admin)
+    assert answer.status == 200, answer.body
+    assert "revocation_recorded" not in json.loads(answer.body)

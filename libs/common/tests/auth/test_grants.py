@@ -186,6 +186,12 @@ def test_mongo_document_round_trip_restores_timezones() -> None:
     naive = {k: (v.replace(tzinfo=None) if isinstance(v, datetime) else v) for k, v in doc.items()}
     assert grant_from_document(naive) == grant
     assert grant_from_document(doc) == grant
+    # A grant revoked before revocation_recorded existed: its revocation is taken as recorded.
+    older = {k: v for k, v in doc.items() if k != "revocation_recorded"} | {
+        "revoked_at": NOW,
+        "revoked_by": "root",
+    }
+    assert grant_from_document(older).revocation_recorded is True
 
 
 def test_mongo_active_filter_scopes_by_tenant_subject_patient_and_time() -> None:
@@ -297,3 +303,8 @@ async def test_mongo_store_against_a_fake_collection() -> None:
     assert stored is not None
     assert stored.revoked_at == NOW + timedelta(hours=2)
     assert stored.revoked_at.tzinfo is not None
+    assert stored.revocation_recorded is False  # until its access event is acknowledged
+    await store.mark_revocation_recorded(grant.grant_id, tenant="hospital-b")  # another tenant's: no-op
+    assert (await store.get(grant.grant_id, tenant="hospital-a")).revocation_recorded is False  # type: ignore[union-attr]
+    await store.mark_revocation_recorded(grant.grant_id, tenant="hospital-a")
+    assert (await store.get(grant.grant_id, tenant="hospital-a")).revocation_recorded is True  # type: ignore[union-attr]

@@ -13,11 +13,16 @@ Validation is :class:`AccessPolicy`'s.
 A grant or session is stored before its access event (and a session's alert) is published, so that
 the event can name it; if Kafka does not take them, the new grant is withdrawn at once (revoked by
 :data:`WITHDRAWN_BY`) and the request answered 503: an access that cannot be audited does not take
-effect.
+effect. A revocation whose event Kafka refuses is not undone (a grant back in effect would be
+worse): the grant keeps ``revocation_recorded`` False and its next DELETE records the revocation
+(:func:`build_grants_router`'s ``record_late_revocation``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -95,7 +100,29 @@ def grant_view(grant: Grant) -> dict[str, Any]:
         "created_at": iso(grant.created_at),
         "revoked_at": iso(grant.revoked_at),
         "revoked_by": grant.revoked_by,
+        # Only of a revoked grant: False while its revocation is not in the audit trail yet.
+        **({"revocation_recorded": grant.revocation_recorded} if grant.revoked_at is not None else {}),
     }
+
+
+@contextmanager
+def revocation_unrecorded() -> Iterator[None]:
+    """Kafka did not take a revocation's event: the 503 says the revocation is in effect (it is not
+    undone: a revoked grant that is back in effect would be worse than a revocation recorded late),
+    and that repeating the DELETE records it."""
+    try:
+        yield
+    except Unaudited as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        raise Unaudited(
+            503,
+            detail={
+                "code": detail.get("code", "kafka_unavailable"),
+                "message": "the grant is revoked and no longer in effect, but its revocation could not be "
+                "recorded in the audit trail; repeat this DELETE later to record it",
+            },
+            headers=exc.headers,
+        ) from None
 
 
 def _invalid(exc: InvalidGrantError) -> JSONResponse:
@@ -154,7 +181,7 @@ def build_grants_router(
                 error=type(exc).__name__,
             )
             state = "not_withdrawn"
-        await recorder.record_if_possible(
+        withdrawal_recorded = await recorder.record_if_possible(
             request,
             principal=principal,
             action=str(action),
@@ -163,6 +190,8 @@ def build_grants_router(
             target=access_target(grant.patient_key),
             detail=f"{kind}_{state}:{grant.grant_id} cause={cause}",
         )
+        if withdrawal_recorded and state == "withdrawn":
+            await mark_recorded(grant)
 
     @router.post(
         "/api/v1/grants",
@@ -259,10 +288,26 @@ def build_grants_router(
             await record_failure(request, principal, Action.MANAGE_GRANTS, grant.patient_key, exc)
             raise
 
+    async def mark_recorded(grant: Grant) -> None:
+        """Note a revocation as recorded. If the store does not answer, the answer stands (the event is
+        in the trail); the grant's next DELETE records the revocation once more."""
+        try:
+            await grants.mark_revocation_recorded(grant.grant_id, tenant=grant.tenant)
+        except Exception as exc:
+            log.warning(
+                "a recorded revocation could not be noted as recorded; the grant's next DELETE records it "
+                "again",
+                grant_id=grant.grant_id,
+                error=type(exc).__name__,
+            )
+
     async def revoke(request: Request, principal: Principal, grant: Grant) -> JSONResponse:
         grant_id = grant.grant_id
         now = datetime.now(UTC)
         if not await grants.revoke(grant_id, tenant=principal.tenant, revoked_by=principal.subject, now=now):
+            current = await grants.get(grant_id, tenant=principal.tenant)
+            if current is not None and current.revoked_at is not None and not current.revocation_recorded:
+                return await record_late_revocation(request, principal, current)
             await record(
                 request,
                 principal,
@@ -277,10 +322,32 @@ def build_grants_router(
             )
         revoked = await grants.get(grant_id, tenant=principal.tenant)  # before the event: it may fail
         assert revoked is not None
-        await record(
-            request, principal, Action.MANAGE_GRANTS, 200, grant.patient_key, f"grant_revoked:{grant_id}"
-        )
-        return JSONResponse(grant_view(revoked))
+        with revocation_unrecorded():
+            await record(
+                request, principal, Action.MANAGE_GRANTS, 200, grant.patient_key, f"grant_revoked:{grant_id}"
+            )
+        await mark_recorded(revoked)
+        return JSONResponse(grant_view(replace(revoked, revocation_recorded=True)))
+
+    async def record_late_revocation(request: Request, principal: Principal, grant: Grant) -> JSONResponse:
+        """A DELETE of a grant whose revocation is in effect but not in the audit trail (Kafka refused
+        its event, and that DELETE answered 503): the revocation is recorded now, naming who revoked
+        it and when, and this DELETE is answered as that one would have been (200; a DELETE is
+        idempotent). Until the twenty-first session the retry answered 409 ``already_revoked`` and
+        the trail never said who revoked the grant."""
+        assert grant.revoked_at is not None
+        with revocation_unrecorded():
+            await record(
+                request,
+                principal,
+                Action.MANAGE_GRANTS,
+                200,
+                grant.patient_key,
+                f"grant_revoked:{grant.grant_id} revoked_by={grant.revoked_by}"
+                f" revoked_at={grant.revoked_at.isoformat()} recorded_late",
+            )
+        await mark_recorded(grant)
+        return JSONResponse(grant_view(replace(grant, revocation_recorded=True)))
 
     @router.post(
         "/api/v1/break-glass",

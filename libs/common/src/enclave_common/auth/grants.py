@@ -48,6 +48,10 @@ class Grant:
     created_at: datetime
     revoked_at: datetime | None = None
     revoked_by: str | None = None
+    #: False from a revocation until its access event is acknowledged: a revocation whose event Kafka
+    #: refused (its DELETE answered 503) is in effect but not yet in the audit trail, and is recorded
+    #: by the next DELETE of the grant. True for every grant revoked before the field existed.
+    revocation_recorded: bool = True
 
     def is_active(self, now: datetime) -> bool:
         """True while inside the window and not revoked (revocation is effective from its instant)."""
@@ -74,7 +78,12 @@ class GrantStore(Protocol):
         ...
 
     async def revoke(self, grant_id: str, *, tenant: str, revoked_by: str, now: datetime) -> bool:
-        """Revoke a grant of ``tenant``; False when there is no such unrevoked grant in that tenant."""
+        """Revoke a grant of ``tenant``, its revocation not yet recorded (``revocation_recorded``
+        False); False when there is no such unrevoked grant in that tenant."""
+        ...
+
+    async def mark_revocation_recorded(self, grant_id: str, *, tenant: str) -> None:
+        """Note that the revocation of ``grant_id`` is in the audit trail."""
         ...
 
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
@@ -104,8 +113,16 @@ class InMemoryGrantStore:
             grant = self._grants.get(grant_id)
             if grant is None or grant.tenant != tenant or grant.revoked_at is not None:
                 return False
-            self._grants[grant_id] = replace(grant, revoked_at=now, revoked_by=revoked_by)
+            self._grants[grant_id] = replace(
+                grant, revoked_at=now, revoked_by=revoked_by, revocation_recorded=False
+            )
             return True
+
+    async def mark_revocation_recorded(self, grant_id: str, *, tenant: str) -> None:
+        async with self._lock:
+            grant = self._grants.get(grant_id)
+            if grant is not None and grant.tenant == tenant:
+                self._grants[grant_id] = replace(grant, revocation_recorded=True)
 
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         grant = self._grants.get(grant_id)

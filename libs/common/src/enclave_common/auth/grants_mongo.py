@@ -35,6 +35,7 @@ def grant_to_document(grant: Grant) -> dict[str, Any]:
         "created_at": grant.created_at,
         "revoked_at": grant.revoked_at,
         "revoked_by": grant.revoked_by,
+        "revocation_recorded": grant.revocation_recorded,
     }
 
 
@@ -69,6 +70,7 @@ def grant_from_document(doc: Mapping[str, Any]) -> Grant:
         created_at=created_at,
         revoked_at=_aware(doc.get("revoked_at")),
         revoked_by=doc.get("revoked_by"),
+        revocation_recorded=bool(doc.get("revocation_recorded", True)),
     )
 
 
@@ -105,9 +107,14 @@ class MongoGrantStore:
     async def revoke(self, grant_id: str, *, tenant: str, revoked_by: str, now: datetime) -> bool:
         result = await self._collection.update_one(
             {"_id": grant_id, "tenant": tenant, "revoked_at": None},
-            {"$set": {"revoked_at": now, "revoked_by": revoked_by}},
+            {"$set": {"revoked_at": now, "revoked_by": revoked_by, "revocation_recorded": False}},
         )
         return result.modified_count == 1
+
+    async def mark_revocation_recorded(self, grant_id: str, *, tenant: str) -> None:
+        await self._collection.update_one(
+            {"_id": grant_id, "tenant": tenant}, {"$set": {"revocation_recorded": True}}
+        )
 
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
