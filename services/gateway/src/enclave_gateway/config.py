@@ -83,6 +83,10 @@ class GatewaySettings(BaseServiceSettings):
     rate_limit_burst: int = Field(default=120, ge=1)
     rate_limit_per_second: float = Field(default=40.0, gt=0)
     publish_timeout_s: float = Field(default=15.0, gt=0)
+    #: Seconds between rounds of the sweep that records revocations Kafka refused to record when
+    #: they were made (enclave_gateway.revocations); a revocation is swept once it is older than
+    #: twice ``publish_timeout_s`` plus 30 s.
+    revocation_sweep_interval_s: float = Field(default=60.0, ge=0.5, le=3600)
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -15,7 +15,8 @@ the event can name it; if Kafka does not take them, the new grant is withdrawn a
 :data:`WITHDRAWN_BY`) and the request answered 503: an access that cannot be audited does not take
 effect. A revocation whose event Kafka refuses is not undone (a grant back in effect would be
 worse): the grant keeps ``revocation_recorded`` False and its next DELETE records the revocation
-(:func:`build_grants_router`'s ``record_late_revocation``).
+(:func:`build_grants_router`'s ``record_late_revocation``), or else the gateway's own sweep
+(:mod:`enclave_gateway.revocations`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from enclave_gateway.access import (
     unrecorded_failure,
 )
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
+from enclave_gateway.revocations import late_revocation_detail
 
 log = structlog.get_logger("enclave.gateway")
 
@@ -335,7 +337,6 @@ def build_grants_router(
         it and when, and this DELETE is answered as that one would have been (200; a DELETE is
         idempotent). Until the twenty-first session the retry answered 409 ``already_revoked`` and
         the trail never said who revoked the grant."""
-        assert grant.revoked_at is not None
         with revocation_unrecorded():
             await record(
                 request,
@@ -343,8 +344,7 @@ def build_grants_router(
                 Action.MANAGE_GRANTS,
                 200,
                 grant.patient_key,
-                f"grant_revoked:{grant.grant_id} revoked_by={grant.revoked_by}"
-                f" revoked_at={grant.revoked_at.isoformat()} recorded_late",
+                late_revocation_detail(grant),
             )
         await mark_recorded(grant)
         return JSONResponse(grant_view(replace(grant, revocation_recorded=True)))

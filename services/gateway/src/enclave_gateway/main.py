@@ -30,6 +30,7 @@ from enclave_gateway.linger import LingeringAnswer, body_routes
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
+from enclave_gateway.revocations import UnrecordedRevocations
 from enclave_gateway.stow import error_body
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
@@ -135,10 +136,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             raise ConfigurationError("ENCLAVE_GATEWAY_INGEST_PUBLIC_KEY_FILE is not set")
         uploads.recipient = load_public_key(str(settings.ingest_public_key_file))
 
+    revocations = UnrecordedRevocations(
+        grants,
+        handoff,
+        grace_s=2 * settings.publish_timeout_s + 30,
+        interval_s=settings.revocation_sweep_interval_s,
+    )
+
     async def prepare() -> None:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         await read_model.ensure_indexes()
         await grants.ensure_indexes()
+        runtime.spawn(revocations.run_forever(), "gateway-unrecorded-revocations")
 
     runtime.preflight(load_keys)
     runtime.on_startup(prepare)

@@ -86,6 +86,12 @@ class GrantStore(Protocol):
         """Note that the revocation of ``grant_id`` is in the audit trail."""
         ...
 
+    async def unrecorded_revocations(self, *, before: datetime, limit: int) -> Sequence[Grant]:
+        """Revoked grants, of every tenant, whose revocation is not recorded and happened before
+        ``before``: at most ``limit``, oldest first. The one lookup across tenants: the gateway's own
+        sweep uses it (``enclave_gateway.revocations``), never a request."""
+        ...
+
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         """One grant of ``tenant`` (None for another tenant's grant: tenants never see each other)."""
         ...
@@ -123,6 +129,14 @@ class InMemoryGrantStore:
             grant = self._grants.get(grant_id)
             if grant is not None and grant.tenant == tenant:
                 self._grants[grant_id] = replace(grant, revocation_recorded=True)
+
+    async def unrecorded_revocations(self, *, before: datetime, limit: int) -> Sequence[Grant]:
+        unrecorded = [
+            g
+            for g in self._grants.values()
+            if g.revoked_at is not None and g.revoked_at < before and not g.revocation_recorded
+        ]
+        return sorted(unrecorded, key=lambda g: g.revoked_at or before)[:limit]
 
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         grant = self._grants.get(grant_id)

@@ -116,6 +116,14 @@ class MongoGrantStore:
             {"_id": grant_id, "tenant": tenant}, {"$set": {"revocation_recorded": True}}
         )
 
+    async def unrecorded_revocations(self, *, before: datetime, limit: int) -> Sequence[Grant]:
+        cursor = (
+            self._collection.find({"revocation_recorded": False, "revoked_at": {"$lt": before}})
+            .sort("revoked_at", 1)
+            .limit(limit)
+        )
+        return [grant_from_document(doc) async for doc in cursor]
+
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
         return None if doc is None else grant_from_document(doc)

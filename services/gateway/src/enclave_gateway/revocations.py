@@ -1,0 +1,92 @@
+"""Revocations that are in effect but not in the audit trail are recorded by the gateway itself.
+
+A grant's revocation is stored before its access event is published, and is not undone when Kafka
+refuses the event (a grant back in effect would be worse than a revocation recorded late): the
+grant keeps ``revocation_recorded`` False. The grant's next ``DELETE`` records it
+(``grants_api``); if nobody repeats the ``DELETE``, this sweep does, once the revocation is older
+than the longest its own request may still be publishing it. Each such record names the gateway as
+its actor (it is no request of anyone's) and who revoked the grant and when, with ``recorded_late``,
+as the ``DELETE`` path does. Two replicas sweeping the same revocation at once, or a sweep and a
+repeated ``DELETE``, may record it twice: a duplicate, never a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from enclave_common import topics
+from enclave_common.auth import Action, Grant
+from enclave_common.auth.grants import GrantStore
+from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.events import AccessRecorded
+
+from enclave_gateway.access import access_target
+from enclave_gateway.handoff import Handoff
+
+log = structlog.get_logger("enclave.gateway")
+
+#: The actor of a record the gateway makes on its own, not for a request.
+GATEWAY_ACTOR = "service:enclave-gateway"
+#: Revocations recorded per round, at most.
+SWEEP_BATCH = 100
+
+
+def late_revocation_detail(grant: Grant) -> str:
+    """What the record of a revocation recorded after its request says (the same for the repeated
+    ``DELETE`` and the sweep)."""
+    assert grant.revoked_at is not None
+    return (
+        f"grant_revoked:{grant.grant_id} revoked_by={grant.revoked_by}"
+        f" revoked_at={grant.revoked_at.isoformat()} recorded_late"
+    )
+
+
+class UnrecordedRevocations:
+    """``grace_s``: how old a revocation must be before the sweep records it (longer than a
+    ``DELETE`` may take to publish its own event); ``interval_s``: between rounds."""
+
+    def __init__(self, grants: GrantStore, handoff: Handoff, *, grace_s: float, interval_s: float) -> None:
+        self.grants = grants
+        self.handoff = handoff
+        self.grace = timedelta(seconds=grace_s)
+        self.interval_s = interval_s
+
+    async def sweep_once(self, now: datetime | None = None) -> int:
+        """Record the revocations older than the grace that are not in the trail; how many were. A
+        refused event (Kafka) or an unanswered store ends the round by raising: the rest wait."""
+        cutoff = (now or datetime.now(UTC)) - self.grace
+        recorded = 0
+        for grant in await self.grants.unrecorded_revocations(before=cutoff, limit=SWEEP_BATCH):
+            event = Envelope.for_topic(
+                topics.ACCESS_RECORDED,
+                AccessRecorded(
+                    actor=GATEWAY_ACTOR,
+                    roles=[],
+                    action=str(Action.MANAGE_GRANTS),
+                    target=access_target(grant.patient_key),
+                    outcome="success",
+                    status_code=200,
+                    detail=late_revocation_detail(grant),
+                ),
+                source="gateway",
+                tenant=grant.tenant,
+                actor=GATEWAY_ACTOR,
+                correlation_id=new_event_id(),  # a round of the sweep is no request
+            )
+            await self.handoff.publish_event(topics.ACCESS_RECORDED, event, grant.tenant)
+            await self.grants.mark_revocation_recorded(grant.grant_id, tenant=grant.tenant)
+            log.info("a revocation was recorded late", grant_id=grant.grant_id)
+            recorded += 1
+        return recorded
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception as exc:  # Kafka or the database did not answer: the next round retries
+                log.warning(
+                    "revocations not in the audit trail wait for the next round", error=type(exc).__name__
+                )
+            await asyncio.sleep(self.interval_s)
