@@ -61,6 +61,9 @@ from pydicom.uid import generate_uid
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("ENCLAVE_STATE", ROOT / ".state"))
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+#: The rows' server names the target compares.
+ORTHANC_LABEL = "Orthanc"
+GATEWAY_LABEL = "Enclave gateway"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 MIB = 1024 * 1024
 KAFKA = os.environ.get("ENCLAVE_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
@@ -191,7 +194,7 @@ def start_orthanc(workdir: Path) -> Server:
     config_path.write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")
     process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-    server = Server("Orthanc", f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, [process])
+    server = Server(ORTHANC_LABEL, f"http://127.0.0.1:{port}/dicom-web/studies", lambda _: {}, [process])
     return ready_or_stopped(server, f"http://127.0.0.1:{port}/system")
 
 
@@ -274,7 +277,7 @@ def start_gateway(workdir: Path, *, throwaway_ingest_key: bool = False, replicas
         )
         return {"Authorization": f"Bearer {token}"}
 
-    name = "Enclave gateway" if replicas == 1 else f"Enclave gateway x{replicas}"
+    name = GATEWAY_LABEL if replicas == 1 else f"{GATEWAY_LABEL} x{replicas}"
     server = Server(name, f"http://127.0.0.1:{port}/dicomweb/studies", headers, processes)
     try:
         deadline = time.monotonic() + 90
@@ -498,6 +501,20 @@ async def peak_rss_for_large_request(
 # ---- main ----------------------------------------------------------------------------------------
 
 
+def target_verdict(rows: list[tuple[object, ...]]) -> str:
+    """The benchmark's target, said in one line: the gateway (one replica) with 4 clients at least at
+    Orthanc's rate with 4 clients, measured in this run."""
+    rate = {(row[0], row[1]): row[4] for row in rows}
+    gateway, orthanc = rate.get((GATEWAY_LABEL, 4)), rate.get((ORTHANC_LABEL, 4))
+    if gateway is None or orthanc is None:
+        return "Target (gateway >= Orthanc with 4 clients): not measured in this run"
+    verdict = "met" if gateway >= orthanc else "NOT met"
+    return (
+        f"Target (gateway >= Orthanc with 4 clients): {verdict}: {gateway:.1f} against {orthanc:.1f}"
+        f" instances/s ({100 * gateway / orthanc:.0f} %)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -586,6 +603,7 @@ def main() -> int:
             "CPU ms/inst: the server's own processes; the stack's (Kafka, FerretDB, MinIO: what the"
             " gateway's publishes and read model cost); the benchmark client's"
         )
+        print(target_verdict(rows))
         if not args.skip_floor:
             print(
                 "HTTP floor: uvicorn (uvloop, httptools) reading each body and answering, nothing else:"
