@@ -620,6 +620,23 @@ def test_a_connection_that_sends_no_request_is_closed_and_every_timed_out_head_c
     assert (counted("false"), counted("true")) == (before[0] + 1, before[1] + 1)
 
 
+@pytest.mark.parametrize("path", ["/api/v1/no-such-route", "/healthz"])
+def test_a_client_answered_before_its_body_is_closed_once_it_goes_silent(path: str, small_gateway) -> None:
+    """A route that answers without reading a declared body (an unknown path's 404, a GET route), and
+    the client then sends one byte of it and stops: uvicorn dropped the byte, cancelled its
+    keep-alive timer and held the connection for good (found by the review of the twenty-first
+    session); the head's limit now counts what follows an answer."""
+    with socket.create_connection(("127.0.0.1", small_gateway.port), timeout=30) as sock:
+        method = "POST" if "no-such" in path else "GET"
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 ")
+        sock.sendall(b"x")
+        started = time.monotonic()
+        while sock.recv(65536):
+            pass
+    assert time.monotonic() - started < SMALL["header_timeout_s"] + 5
+
+
 def test_a_stalled_client_does_not_block_others(small_gateway) -> None:
     """While a slow-loris body holds a connection, other clients are served."""
     with socket.create_connection(("127.0.0.1", SERVICE_PORTS["gateway"]), timeout=30) as sock:

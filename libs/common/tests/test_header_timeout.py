@@ -38,8 +38,13 @@ class DemoSettings(BaseServiceSettings):
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the whole body, waits ``?wait`` seconds, then answers 200 with the body's length."""
+    """Reads the whole body (``/slow``: then waits 1.5 times the limit), answers 200 with the body's
+    length; ``/unread`` answers 401 at once without reading the body, as an access check does."""
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/unread":
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
         return
     size = 0
     while True:
@@ -127,7 +132,10 @@ def _assert_header_timeout(status: int, body: bytes) -> None:
     assert status == 408
     detail = json.loads(body)["detail"]
     assert detail["code"] == "header_timeout"
-    assert SETTING in detail["message"] and f"{TIMEOUT_S:g} seconds" in detail["message"]
+    assert (
+        SETTING in detail["message"]
+        and f"{TIMEOUT_S:g} seconds of the connection's opening" in detail["message"]
+    )
 
 
 def test_a_head_that_stops_part_way_gets_408_naming_the_setting(port: int, timeouts: list[bool]) -> None:
@@ -206,6 +214,22 @@ def test_on_a_kept_alive_connection_the_next_head_is_timed_from_its_first_byte(p
         data = _read_all(sock)
     [(status, body)] = _responses(data)
     _assert_header_timeout(status, body)
+
+
+def test_a_client_answered_before_its_body_cannot_hold_the_connection_with_the_rest(
+    port: int, timeouts: list[bool]
+) -> None:
+    """Answered 401 without its body being read, the client sends one byte of it and goes silent:
+    uvicorn drops the byte and cancels its keep-alive timer, and held such a connection for good (the
+    review of the twenty-first session). The bytes after an answer count against the limit."""
+    with _connect(port) as sock:
+        sock.sendall(b"POST /unread HTTP/1.1\r\nHost: demo\r\nContent-Length: 2\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        sock.sendall(b"x")
+        began = time.monotonic()
+        assert _read_all(sock) == b""
+    assert time.monotonic() - began < TIMEOUT_S + 2
+    assert timeouts == [False]
 
 
 def test_a_stalled_pipelined_head_does_not_cut_the_answer_before_it(port: int) -> None:

@@ -3,6 +3,7 @@ DELETE) is recorded by the gateway's own sweep, once older than its request's pu
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -86,3 +87,44 @@ async def test_a_refused_record_leaves_the_revocation_for_the_next_round() -> No
     assert (await store.get("old", tenant="hospital-a")).revocation_recorded is False  # type: ignore[union-attr]
     assert await sweeper(store, publisher).sweep_once(NOW) == 1
     assert (await store.get("old", tenant="hospital-a")).revocation_recorded is True  # type: ignore[union-attr]
+
+
+async def test_a_grant_that_cannot_be_recorded_does_not_hold_back_the_others() -> None:
+    """A failure of one grant that is neither Kafka nor the database (its event does not build, say)
+    is logged with the grant's id, and the round goes on with the next."""
+    store = InMemoryGrantStore()
+    await revoked(store, "broken", NOW - timedelta(minutes=9))
+    await revoked(store, "fine", NOW - timedelta(minutes=5))
+    publisher = AckingPublisher()
+    sweep = sweeper(store, publisher)
+    real = sweep._record
+
+    async def record(grant: Grant) -> None:
+        if grant.grant_id == "broken":
+            raise ValueError("an event that does not build")
+        await real(grant)
+
+    sweep._record = record  # type: ignore[method-assign]
+    assert await sweep.sweep_once(NOW) == 1
+    assert (await store.get("fine", tenant="hospital-a")).revocation_recorded is True  # type: ignore[union-attr]
+    assert (await store.get("broken", tenant="hospital-a")).revocation_recorded is False  # type: ignore[union-attr]
+
+
+async def test_a_database_that_never_answers_does_not_stop_the_sweep() -> None:
+    """Each round is bounded: the database client has no operation timeout of its own."""
+    calls = 0
+
+    class Silent(InMemoryGrantStore):
+        async def unrecorded_revocations(self, *, before: datetime, limit: int) -> list[Grant]:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(3600)
+            return []
+
+    sweep = UnrecordedRevocations(
+        Silent(), Handoff(AckingPublisher(), timeout_s=5), grace_s=0.05, interval_s=0.05
+    )  # type: ignore[arg-type]
+    task = asyncio.create_task(sweep.run_forever())
+    await asyncio.sleep(0.6)
+    task.cancel()
+    assert calls >= 2

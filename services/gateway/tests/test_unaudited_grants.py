@@ -107,7 +107,8 @@ async def test_a_grant_whose_access_event_kafka_refused_is_withdrawn(tmp_path: P
     grant = the_only_grant(harness)
     assert (grant.revoked_by, grant.is_active(datetime.now(UTC))) == (WITHDRAWN_BY, False)
     assert harness.publisher.access_events() == []
-    # Neither the grant nor its withdrawal is in the trail: an admin's DELETE records the withdrawal.
+    # Neither the grant nor its withdrawal is in the trail: the gateway's sweep records the withdrawal
+    # (no admin has the grant's id: its creation was answered 503).
     assert grant.revocation_recorded is False
 
 
@@ -257,3 +258,24 @@ async def test_a_grant_never_revoked_shows_no_revocation_state(tmp_path: Path) -
     answer = await asgi_request(harness.app, "GET", f"/api/v1/grants/{grant_id}".encode(), admin)
     assert answer.status == 200, answer.body
     assert "revocation_recorded" not in json.loads(answer.body)
+
+
+async def test_a_withdrawal_an_admin_beat_does_not_mark_that_revocation_recorded(tmp_path: Path) -> None:
+    """The grant store says it was revoked already: that revocation is an admin's, recorded (or not) by
+    its own DELETE, and must not be marked recorded by the withdrawal's event."""
+    harness = gateway_routes(tmp_path)
+    refuse(harness, topics.ACCESS_RECORDED, times=1)  # the 201 refused, the withdrawal's 503 taken
+    marked: list[str] = []
+
+    async def beaten(*_: object, **__: object) -> bool:
+        return False
+
+    async def mark(grant_id: str, *, tenant: str) -> None:
+        marked.append(grant_id)
+
+    harness.grants.revoke = beaten  # type: ignore[method-assign]
+    harness.grants.mark_revocation_recorded = mark  # type: ignore[method-assign]
+    answer = await post_json(harness, "/api/v1/grants", grant_body(), "admin")
+    assert answer.status == 503, answer.body
+    assert [e["detail"].split(":")[0] for e in events_of(harness, answer)] == ["grant_withdrawn"]
+    assert marked == []

@@ -7,8 +7,11 @@ ASGI middleware can see them, because the app is called only once the head is co
 uvicorn's httptools protocol with one timer more:
 
 * a **new connection** must complete a request's head within ``timeout_s`` of opening;
-* **between requests** on a kept-alive connection, the first byte of the next request starts the
-  same clock (uvicorn's keep-alive timeout still closes a connection that sends nothing);
+* **between requests** on a kept-alive connection, the first byte after an answer starts the same
+  clock (uvicorn's keep-alive timeout still closes a connection that sends nothing); bytes of a body
+  the route answered without reading count too, as uvicorn drops them and each cancels its
+  keep-alive timer (before the review of the twenty-first session they did not, and a client
+  answered early held its connection for good by sending one more byte);
 * the clock counts time in all, not idle time, so a head that keeps trickling is cut as surely as one
   that stops.
 
@@ -38,8 +41,8 @@ HEADER_TIMEOUT = 408
 def head_timeout_response(error_body: ErrorBody, timeout_s: float, setting: str) -> bytes:
     """The raw HTTP/1.1 408 a timed-out head gets: JSON in the service's error shape, then close."""
     message = (
-        f"The request line and headers did not arrive within {timeout_s:g} seconds of the request's "
-        f"first byte ({setting}); send them at once, then the body"
+        f"The request line and headers did not arrive within {timeout_s:g} seconds of the connection's "
+        f"opening or the request's first byte ({setting}); send them at once, then the body"
     )
     payload = json.dumps(error_body(HEADER_TIMEOUT, "header_timeout", message)).encode()
     return (
@@ -87,10 +90,12 @@ def header_timeout_protocol(
             super().connection_lost(exc)
 
         def _between_requests(self) -> bool:
-            # Bytes of a body still arriving after the answer (a refused upload being drained) are
-            # not the next request's head.
-            cycle = self.cycle
-            return cycle is None or (cycle.response_complete and not cycle.more_body)
+            # Once an answer is complete, whatever arrives (the rest of a body the route did not read,
+            # then the next head) counts in all: uvicorn drops such body bytes, and each cancels its
+            # keep-alive timer, so without this a client answered early could hold the connection
+            # for good. (A body the gateway drains after an early answer arrives while that answer's
+            # end is held, so before it is complete: not timed here.)
+            return self.cycle is None or self.cycle.response_complete
 
         def _arm(self) -> None:
             self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)

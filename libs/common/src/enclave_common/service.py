@@ -796,7 +796,7 @@ def run_service(
 def http_protocol(app: FastAPI, settings: BaseServiceSettings) -> type[asyncio.Protocol]:
     """Uvicorn's httptools protocol with ``http_header_timeout_s`` on each request's head, answering
     in the app's error shape; each timeout is counted (``enclave_http_header_timeouts_total``) and
-    logged, without the client's address or anything it sent."""
+    logged at debug level, without the client's address or anything it sent."""
     prefix = settings.model_config.get("env_prefix", "ENCLAVE_")
     runtime = getattr(app.state, "runtime", None)
     registry = getattr(runtime, "registry", None)
@@ -812,7 +812,8 @@ def http_protocol(app: FastAPI, settings: BaseServiceSettings) -> type[asyncio.P
 
     def timed_out(answered: bool) -> None:
         counter.labels(answered=str(answered).lower()).inc()
-        log.warning("http.header_timeout", answered=answered, timeout_s=settings.http_header_timeout_s)
+        # Debug: a flood of such connections must not flood the log too; the counter shows the rate.
+        log.debug("http.header_timeout", answered=answered, timeout_s=settings.http_header_timeout_s)
 
     return header_timeout_protocol(
         settings.http_header_timeout_s,

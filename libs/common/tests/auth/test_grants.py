@@ -278,7 +278,10 @@ async def test_mongo_store_against_a_fake_collection() -> None:
     collection = FakeCollection()
     store = MongoGrantStore({"grants": collection})  # type: ignore[arg-type]
     await store.ensure_indexes()
-    assert collection.indexes == [[("tenant", 1), ("grantee", 1), ("patient_key", 1)]]
+    assert collection.indexes == [
+        [("tenant", 1), ("grantee", 1), ("patient_key", 1)],
+        [("revocation_recorded", 1), ("revoked_at", 1)],
+    ]
     grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))
     await store.create(grant)
     with pytest.raises(ValueError, match="unique"):

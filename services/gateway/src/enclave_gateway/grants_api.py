@@ -168,8 +168,9 @@ def build_grants_router(
         grant store did not answer the revocation either (the grant stays; logged as critical)."""
         kind = "break_glass" if grant.kind is GrantKind.BREAK_GLASS else "grant"
         try:
-            # False only if it is revoked already (an admin was faster): not in effect either way.
-            await grants.revoke(
+            # False only if it is revoked already (an admin was faster): not in effect either way,
+            # and that revocation is recorded by its own DELETE, not marked here.
+            withdrew = await grants.revoke(
                 grant.grant_id, tenant=grant.tenant, revoked_by=WITHDRAWN_BY, now=datetime.now(UTC)
             )
             state = "withdrawn"
@@ -182,6 +183,7 @@ def build_grants_router(
                 cause=cause,
                 error=type(exc).__name__,
             )
+            withdrew = False
             state = "not_withdrawn"
         withdrawal_recorded = await recorder.record_if_possible(
             request,
@@ -192,7 +194,7 @@ def build_grants_router(
             target=access_target(grant.patient_key),
             detail=f"{kind}_{state}:{grant.grant_id} cause={cause}",
         )
-        if withdrawal_recorded and state == "withdrawn":
+        if withdrawal_recorded and withdrew:
             await mark_recorded(grant)
 
     @router.post(

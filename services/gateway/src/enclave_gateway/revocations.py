@@ -20,15 +20,16 @@ from enclave_common import topics
 from enclave_common.auth import Action, Grant
 from enclave_common.auth.grants import GrantStore
 from enclave_common.envelope import Envelope, new_event_id
+from enclave_common.errors import dependency_failure_types
 from enclave_common.events import AccessRecorded
 
 from enclave_gateway.access import access_target
-from enclave_gateway.handoff import Handoff
+from enclave_gateway.handoff import Handoff, KafkaUnavailable
 
 log = structlog.get_logger("enclave.gateway")
 
-#: The actor of a record the gateway makes on its own, not for a request.
-GATEWAY_ACTOR = "service:enclave-gateway"
+#: The actor of a record the gateway makes on its own, not for a request (as ``service:ingest``).
+GATEWAY_ACTOR = "service:gateway"
 #: Revocations recorded per round, at most.
 SWEEP_BATCH = 100
 
@@ -55,38 +56,59 @@ class UnrecordedRevocations:
 
     async def sweep_once(self, now: datetime | None = None) -> int:
         """Record the revocations older than the grace that are not in the trail; how many were. A
-        refused event (Kafka) or an unanswered store ends the round by raising: the rest wait."""
+        refused event (Kafka) or an unanswered store ends the round by raising: the rest wait. Any
+        other failure of one grant is logged with its id and the round goes on, so one grant that
+        cannot be recorded does not hold back the others."""
         cutoff = (now or datetime.now(UTC)) - self.grace
         recorded = 0
         for grant in await self.grants.unrecorded_revocations(before=cutoff, limit=SWEEP_BATCH):
-            event = Envelope.for_topic(
-                topics.ACCESS_RECORDED,
-                AccessRecorded(
-                    actor=GATEWAY_ACTOR,
-                    roles=[],
-                    action=str(Action.MANAGE_GRANTS),
-                    target=access_target(grant.patient_key),
-                    outcome="success",
-                    status_code=200,
-                    detail=late_revocation_detail(grant),
-                ),
-                source="gateway",
-                tenant=grant.tenant,
-                actor=GATEWAY_ACTOR,
-                correlation_id=new_event_id(),  # a round of the sweep is no request
-            )
-            await self.handoff.publish_event(topics.ACCESS_RECORDED, event, grant.tenant)
-            await self.grants.mark_revocation_recorded(grant.grant_id, tenant=grant.tenant)
-            log.info("a revocation was recorded late", grant_id=grant.grant_id)
+            try:
+                await self._record(grant)
+            except (KafkaUnavailable, *dependency_failure_types()):
+                raise
+            except Exception as exc:
+                log.error(
+                    "a revocation could not be recorded; it is tried again next round",
+                    grant_id=grant.grant_id,
+                    error=type(exc).__name__,
+                )
+                continue
             recorded += 1
         return recorded
 
+    async def _record(self, grant: Grant) -> None:
+        event = Envelope.for_topic(
+            topics.ACCESS_RECORDED,
+            AccessRecorded(
+                actor=GATEWAY_ACTOR,
+                roles=[],
+                action=str(Action.MANAGE_GRANTS),
+                target=access_target(grant.patient_key),
+                outcome="success",
+                status_code=200,
+                detail=late_revocation_detail(grant),
+            ),
+            source="gateway",
+            tenant=grant.tenant,
+            actor=GATEWAY_ACTOR,
+            correlation_id=new_event_id(),  # a round of the sweep is no request
+        )
+        await self.handoff.publish_event(topics.ACCESS_RECORDED, event, grant.tenant)
+        await self.grants.mark_revocation_recorded(grant.grant_id, tenant=grant.tenant)
+        log.info("a revocation was recorded late", grant_id=grant.grant_id)
+
     async def run_forever(self) -> None:
+        """A round every ``interval_s``, each bounded: the database client has no operation timeout
+        of its own, and a database that accepts and never answers would stop the sweep for good."""
+        bound = max(self.interval_s, 2 * self.grace.total_seconds())
         while True:
             try:
-                await self.sweep_once()
+                async with asyncio.timeout(bound):
+                    await self.sweep_once()
             except Exception as exc:  # Kafka or the database did not answer: the next round retries
                 log.warning(
-                    "revocations not in the audit trail wait for the next round", error=type(exc).__name__
+                    "revocations not in the audit trail wait for the next round: Kafka or the database "
+                    "did not answer",
+                    error=type(exc).__name__,
                 )
             await asyncio.sleep(self.interval_s)
