@@ -147,6 +147,8 @@ def test_a_head_that_stops_part_way_gets_408_naming_the_setting(port: int, timeo
     [(status, body)] = _responses(data)
     _assert_header_timeout(status, body)
     assert b"demo" not in body  # nothing the client sent is echoed
+    head = data.partition(b"\r\n\r\n")[0].lower()
+    assert b"\r\ndate: " in head and b"\r\nserver: uvicorn" in head  # as on every other answer
     assert timeouts == [True]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+from enclave_audit import api
 from enclave_audit.api import AuditApiContext, access_hook, build_router
 from enclave_audit.chain import GENESIS, ChainHead
 from enclave_audit.export import RECORDS_PATH
@@ -284,6 +285,26 @@ async def test_kafka_refusing_the_record_answers_503_and_sends_nothing_read(
         "detail": {"code": "kafka_unavailable", "message": "the access could not be audited; retry later"}
     }
     assert not any(r.event_id in response.text for r in trail.records)
+
+
+async def test_an_export_whose_record_kafka_refused_closes_its_bundle_spool(
+    client, trail, monkeypatch
+) -> None:
+    """Built, then not sent: its spool (memory, then a file on /tmp) is closed at once, not left to
+    the garbage collector."""
+    spools: list[Any] = []
+    real = api._write_bundle_file
+
+    def tracked(*args: Any) -> Any:
+        spools.append(real(*args))
+        return spools[-1]
+
+    monkeypatch.setattr(api, "_write_bundle_file", tracked)
+    trail.refusal = KafkaTimeoutError()
+    response = await client.get("/audit/export", params={"from_sequence": 1, "to_sequence": 5})
+    assert response.status_code == 503, response.text
+    [spool] = spools
+    assert spool.closed
 
 
 async def test_an_export_is_recorded_once_its_bundle_is_built_before_its_first_byte(client, trail) -> None:

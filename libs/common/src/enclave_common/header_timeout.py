@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -38,16 +38,19 @@ from enclave_common.header_limit import ErrorBody
 HEADER_TIMEOUT = 408
 
 
-def head_timeout_response(error_body: ErrorBody, timeout_s: float, setting: str) -> bytes:
-    """The raw HTTP/1.1 408 a timed-out head gets: JSON in the service's error shape, then close."""
+def head_timeout_response(
+    error_body: ErrorBody, timeout_s: float, setting: str, default_headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """The raw HTTP/1.1 408 a timed-out head gets: uvicorn's default headers (``date``, ``server``) as
+    on every other answer, JSON in the service's error shape, then close."""
     message = (
         f"The request line and headers did not arrive within {timeout_s:g} seconds of the connection's "
         f"opening or the request's first byte ({setting}); send them at once, then the body"
     )
     payload = json.dumps(error_body(HEADER_TIMEOUT, "header_timeout", message)).encode()
+    defaults = b"".join(name + b": " + value + b"\r\n" for name, value in default_headers)
     return (
-        b"HTTP/1.1 408 Request Timeout\r\n"
-        b"content-type: application/json\r\n"
+        b"HTTP/1.1 408 Request Timeout\r\n" + defaults + b"content-type: application/json\r\n"
         b"content-length: " + str(len(payload)).encode() + b"\r\n"
         b"connection: close\r\n\r\n" + payload
     )
@@ -59,7 +62,6 @@ def header_timeout_protocol(
     """Uvicorn's httptools protocol with the head's time limit, for ``uvicorn.Config(http=...)``.
     ``on_timeout(answered)`` is called each time a head runs out of time: True when a request had
     begun (answered 408), False for a connection that sent none (closed)."""
-    answer = head_timeout_response(error_body, timeout_s, setting)
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
@@ -115,7 +117,9 @@ def header_timeout_protocol(
                 self._arm()
                 return
             if self._head_begun:
-                self.transport.write(answer)
+                self.transport.write(
+                    head_timeout_response(error_body, timeout_s, setting, self.server_state.default_headers)
+                )
             on_timeout(self._head_begun)
             self.transport.close()
 

@@ -222,10 +222,28 @@ class AnsweredRoute(APIRoute):
                         pass  # Kafka did not take it: logged where it was refused
                 raise
             if (record := _answer_to_record(request)) is not None:
-                await record(response.status_code, None)
+                try:
+                    await record(response.status_code, None)
+                except BaseException:
+                    if isinstance(response, SpooledBundle):  # never sent: its spool is closed now
+                        response.close_unsent()
+                    raise
             return response
 
         return recorded_answer
+
+
+class SpooledBundle(StreamingResponse):
+    """An export's bundle, streamed from its spool (memory, then a file on /tmp), which is closed once
+    sent, or by :meth:`close_unsent` when it will not be (Kafka refused the call's record). Until the
+    twenty-first session an unsent spool waited for the garbage collector."""
+
+    def __init__(self, spool: IO[bytes], **options: Any) -> None:
+        super().__init__(_chunks(spool), **options)
+        self.spool = spool
+
+    def close_unsent(self) -> None:
+        self.spool.close()
 
 
 def _answer_to_record(request: Request) -> RecordAnswer | None:
@@ -464,8 +482,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         checkpoints = overlapping_checkpoints(first, last, [e.checkpoint for e in entries])
         spool = await asyncio.to_thread(_write_bundle_file, ctx.reader, signer, first, last, checkpoints)
         name = f"enclave-audit-{first}-{last}.tar"
-        return StreamingResponse(
-            _chunks(spool),
+        return SpooledBundle(
+            spool,
             media_type="application/x-tar",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
