@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 import structlog
 from enclave_common import topics
 from enclave_common.envelope import Envelope
@@ -163,10 +164,16 @@ class GroupedInserts:
 
 
 class ReadModel:
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, *, read_timeout_s: float | None = None) -> None:
+        """``read_timeout_s``: how long each read a route makes (:meth:`get`, :meth:`for_patient`,
+        :meth:`analyses_of`, :meth:`analysis`) may take in all, server selection included (pymongo's
+        client-side operation timeout, which also sends the server ``maxTimeMS``); past it the read
+        fails as a database that did not answer (503). None: pymongo's own bounds only (a silent
+        database took about 30 s, the monitor's cycle)."""
         self.instances = db["instances"]
         self.analyses = db["analyses"]
         self._inserts = GroupedInserts(self.instances)
+        self.read_timeout_s = read_timeout_s
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
@@ -228,7 +235,8 @@ class ReadModel:
             await self.instances.update_one({"_id": instance_upload_id}, update, upsert=True)
 
     async def get(self, instance_upload_id: str) -> dict[str, Any] | None:
-        doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
+        with pymongo.timeout(self.read_timeout_s):
+            doc: dict[str, Any] | None = await self.instances.find_one({"_id": instance_upload_id})
         return doc
 
     async def for_patient(
@@ -238,15 +246,20 @@ class ReadModel:
         first), those after the imaging id ``after`` when given. The (tenant, patient_key) index finds
         them; their sort by ``_id`` is in memory (one patient's instances: thousands at most). No index
         with ``_id`` was added: every index costs each upload's read-model insert."""
-        return await _page_by_id(self.instances, {"tenant": tenant, "patient_key": patient_key}, limit, after)
+        with pymongo.timeout(self.read_timeout_s):
+            return await _page_by_id(
+                self.instances, {"tenant": tenant, "patient_key": patient_key}, limit, after
+            )
 
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` analyses of the tenant by analysis id (a digest: a stable order to page in,
         not a time order), those after ``after`` when given; the (tenant, _id) index finds them."""
-        return await _page_by_id(self.analyses, {"tenant": tenant}, limit, after)
+        with pymongo.timeout(self.read_timeout_s):
+            return await _page_by_id(self.analyses, {"tenant": tenant}, limit, after)
 
     async def analysis(self, analysis_id: str) -> dict[str, Any] | None:
-        doc: dict[str, Any] | None = await self.analyses.find_one({"_id": analysis_id})
+        with pymongo.timeout(self.read_timeout_s):
+            doc: dict[str, Any] | None = await self.analyses.find_one({"_id": analysis_id})
         return doc
 
     # ---- event handlers ---------------------------------------------------------------------

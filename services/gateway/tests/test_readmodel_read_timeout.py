@@ -1,0 +1,62 @@
+"""Each database read of the status, results and patient routes runs under the gateway's read time
+limit (``ENCLAVE_GATEWAY_READ_TIMEOUT_S``): pymongo's client-side operation timeout, which bounds
+server selection and the reply and sends the server ``maxTimeMS``. Before, a database that stopped
+answering held a read for pymongo's monitor cycle, about 30 s. What the route answers past it (503
+``dependency_unavailable``) is the common handling of a database that did not answer; the bound
+itself is tried on FerretDB in tests/integration/test_dependency_outage.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from enclave_gateway.config import GatewaySettings
+from enclave_gateway.readmodel import ReadModel
+from pydantic import ValidationError
+from pymongo import _csot
+
+
+class Recording:
+    """A collection that notes the operation timeout in force when each read is made."""
+
+    def __init__(self, seen: list[float | None]) -> None:
+        self.seen = seen
+
+    async def find_one(self, query: dict[str, Any]) -> None:
+        self.seen.append(_csot.get_timeout())
+
+    def find(self, query: dict[str, Any]) -> Recording:
+        self.seen.append(_csot.get_timeout())
+        return self
+
+    def sort(self, *_: Any) -> Recording:
+        return self
+
+    def limit(self, _: int) -> Recording:
+        return self
+
+    def __aiter__(self) -> Recording:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        raise StopAsyncIteration
+
+
+async def test_every_read_of_the_routes_runs_under_the_limit() -> None:
+    seen: list[float | None] = []
+    model = ReadModel({"instances": Recording(seen), "analyses": Recording(seen)}, read_timeout_s=2.5)
+    await model.get("id")
+    await model.analysis("a")
+    await model.for_patient("t", "pk", 10)
+    await model.analyses_of("t", 10)
+    assert len(seen) == 4
+    assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
+    assert _csot.get_timeout() is None  # nothing outside the reads
+
+
+def test_the_limit_defaults_to_10_s_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert GatewaySettings().read_timeout_s == 10.0
+    for wrong in ("0", "121"):
+        monkeypatch.setenv("ENCLAVE_GATEWAY_READ_TIMEOUT_S", wrong)
+        with pytest.raises(ValidationError, match="read_timeout_s"):
+            GatewaySettings()
