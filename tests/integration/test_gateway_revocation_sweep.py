@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from enclave_common import topics
 from enclave_common.auth import Action, Grant, GrantKind
 from enclave_common.auth.grants_mongo import COLLECTION, grant_to_document
-from enclave_gateway.revocations import GATEWAY_ACTOR
+from enclave_gateway.access import GATEWAY_ACTOR
 from pymongo import AsyncMongoClient
 
 from .conftest import MONGO_URL

@@ -11,8 +11,9 @@ import pytest
 from enclave_common import topics
 from enclave_common.auth import Action, Grant, GrantKind
 from enclave_common.auth.grants import InMemoryGrantStore
+from enclave_gateway.access import GATEWAY_ACTOR, AccessRecorder
 from enclave_gateway.handoff import Handoff
-from enclave_gateway.revocations import GATEWAY_ACTOR, UnrecordedRevocations
+from enclave_gateway.revocations import UnrecordedRevocations
 from route_harness import AckingPublisher
 from test_unaudited_grants import Refusing
 
@@ -42,7 +43,9 @@ async def revoked(store: InMemoryGrantStore, grant_id: str, at: datetime, tenant
 
 
 def sweeper(store: InMemoryGrantStore, publisher: Any) -> UnrecordedRevocations:
-    return UnrecordedRevocations(store, Handoff(publisher, timeout_s=5), grace_s=GRACE_S, interval_s=1)
+    return UnrecordedRevocations(
+        store, AccessRecorder(Handoff(publisher, timeout_s=5)), grace_s=GRACE_S, interval_s=1
+    )
 
 
 async def test_old_unrecorded_revocations_are_recorded_by_the_gateway_and_noted() -> None:
@@ -122,7 +125,7 @@ async def test_a_database_that_never_answers_does_not_stop_the_sweep() -> None:
             return []
 
     sweep = UnrecordedRevocations(
-        Silent(), Handoff(AckingPublisher(), timeout_s=5), grace_s=0.05, interval_s=0.05
+        Silent(), AccessRecorder(Handoff(AckingPublisher(), timeout_s=5)), grace_s=0.05, interval_s=0.05
     )  # type: ignore[arg-type]
     task = asyncio.create_task(sweep.run_forever())
     await asyncio.sleep(0.6)

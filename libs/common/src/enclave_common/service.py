@@ -18,7 +18,16 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -618,16 +627,21 @@ def _routing_errors(hint: str, error_body: ErrorBody) -> Callable[[Request, Any]
     return handle
 
 
+def route_templates(routes: Iterable[Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(path template, route) of every route, those of included routers too, with the prefix each
+    was included under (FastAPI's ``include_router``)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            context_prefix = getattr(getattr(route, "include_context", None), "prefix", "") or ""
+            yield from route_templates(included.routes, prefix + context_prefix)
+        elif isinstance(path := getattr(route, "path", None), str):
+            yield prefix + path, route
+
+
 def _route_paths(routes: Iterable[Any]) -> set[str]:
     """The path templates of the routes, those of included routers too."""
-    paths: set[str] = set()
-    for route in routes:
-        included = getattr(getattr(route, "original_router", None), "routes", None)  # FastAPI's include
-        if included is not None:
-            paths |= _route_paths(included)
-        elif isinstance(path := getattr(route, "path", None), str):
-            paths.add(path)
-    return paths
+    return {path for path, _ in route_templates(routes)}
 
 
 def _methods_taking(routes: Iterable[Any], scope: Scope) -> set[str]:

@@ -220,6 +220,41 @@ class AccessFields(TypedDict):
     correlation_id: NotRequired[str | None]
 
 
+#: The actor of an access event the gateway records on its own, for no request (as ``service:ingest``).
+GATEWAY_ACTOR = "service:gateway"
+#: What a 503 says when Kafka did not take a request's access event (then "; retry later").
+UNAUDITED = "the access could not be audited"
+
+
+def _access_event(
+    *,
+    actor: str,
+    roles: list[str],
+    tenant: str,
+    source_address: str | None,
+    correlation_id: str,
+    fields: AccessFields,
+) -> Envelope:
+    """The ``access.recorded`` envelope of one access, as the gateway publishes it."""
+    return Envelope.for_topic(
+        topics.ACCESS_RECORDED,
+        AccessRecorded(
+            actor=actor,
+            roles=roles,
+            action=fields["action"],
+            target=fields.get("target"),
+            outcome=fields["outcome"],
+            status_code=fields["status"],
+            source_address=source_address,
+            detail=fields.get("detail"),
+        ),
+        source="gateway",
+        tenant=tenant,
+        actor=actor,
+        correlation_id=correlation_id,
+    )
+
+
 class AccessRecorder:
     def __init__(self, handoff: Handoff) -> None:
         self.handoff = handoff
@@ -227,30 +262,38 @@ class AccessRecorder:
         #: :meth:`record_despite_cancel`).
         self._unfinished: set[asyncio.Future[bool]] = set()
 
-    async def record(self, request: Request, **fields: Unpack[AccessFields]) -> None:
-        """Publish one access event and wait for Kafka's acknowledgement (503 if it fails)."""
+    async def record(
+        self, request: Request, *, unaudited: str = UNAUDITED, **fields: Unpack[AccessFields]
+    ) -> None:
+        """Publish one access event and wait for Kafka's acknowledgement (503 if it fails, its message
+        ``unaudited``, then "retry later")."""
         setattr(request.state, _RECORDED, True)
         principal = fields["principal"]
         tenant = principal.tenant if principal is not None else "unknown"
-        event = Envelope.for_topic(
-            topics.ACCESS_RECORDED,
-            AccessRecorded(
-                actor=principal.subject if principal is not None else "anonymous",
-                roles=sorted(str(r) for r in principal.roles) if principal is not None else [],
-                action=fields["action"],
-                target=fields.get("target"),
-                outcome=fields["outcome"],
-                status_code=fields["status"],
-                source_address=request.client.host if request.client else None,
-                detail=fields.get("detail"),
-            ),
-            source="gateway",
-            tenant=tenant,
+        event = _access_event(
             actor=principal.subject if principal is not None else "anonymous",
+            roles=sorted(str(r) for r in principal.roles) if principal is not None else [],
+            tenant=tenant,
+            source_address=request.client.host if request.client else None,
             correlation_id=fields.get("correlation_id") or request_correlation_id(request),
+            fields=fields,
         )
-        with _unaudited():
+        with _unaudited(unaudited):
             await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
+
+    async def record_own(self, tenant: str, **fields: Unpack[AccessFields]) -> None:
+        """Publish an access event the gateway makes on its own account, for no request (actor
+        :data:`GATEWAY_ACTOR`, no roles, no source address, a fresh correlation id; ``principal`` is
+        ignored), and wait for Kafka's acknowledgement: ``KafkaUnavailable`` if it fails."""
+        event = _access_event(
+            actor=GATEWAY_ACTOR,
+            roles=[],
+            tenant=tenant,
+            source_address=None,
+            correlation_id=fields.get("correlation_id") or new_event_id(),
+            fields=fields,
+        )
+        await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
 
     async def record_if_possible(self, request: Request, **fields: Unpack[AccessFields]) -> bool:
         """:meth:`record` for a request already answered 503 (an event of it or its hand-off was
@@ -446,7 +489,7 @@ def _log_failure(recording: asyncio.Future[bool]) -> None:
 
 
 @contextmanager
-def _unaudited(what: str = "the access could not be audited") -> Iterator[None]:
+def _unaudited(what: str = UNAUDITED) -> Iterator[None]:
     """Kafka did not take an access event (or an alert): the request is refused (503), it does not
     happen unaudited."""
     try:

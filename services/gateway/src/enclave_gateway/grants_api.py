@@ -15,14 +15,12 @@ the event can name it; if Kafka does not take them, the new grant is withdrawn a
 :data:`WITHDRAWN_BY`) and the request answered 503: an access that cannot be audited does not take
 effect. A revocation whose event Kafka refuses is not undone (a grant back in effect would be
 worse): the grant keeps ``revocation_recorded`` False and its next DELETE records the revocation
-(:func:`build_grants_router`'s ``record_late_revocation``), or else the gateway's own sweep
+(:func:`build_grants_router`'s ``revoke``), or else the gateway's own sweep
 (:mod:`enclave_gateway.revocations`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -38,6 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import (
+    UNAUDITED,
     AccessRecorder,
     Unaudited,
     access_target,
@@ -107,24 +106,12 @@ def grant_view(grant: Grant) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def revocation_unrecorded() -> Iterator[None]:
-    """Kafka did not take a revocation's event: the 503 says the revocation is in effect (it is not
-    undone: a revoked grant that is back in effect would be worse than a revocation recorded late),
-    and that repeating the DELETE records it."""
-    try:
-        yield
-    except Unaudited as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {}
-        raise Unaudited(
-            503,
-            detail={
-                "code": detail.get("code", "kafka_unavailable"),
-                "message": "the grant is revoked and no longer in effect, but its revocation could not be "
-                "recorded in the audit trail; repeat this DELETE later to record it",
-            },
-            headers=exc.headers,
-        ) from None
+#: The 503 of a revocation whose event Kafka refused (then "; retry later"): it is not undone (a
+#: revoked grant back in effect would be worse than a revocation recorded late).
+REVOCATION_UNRECORDED = (
+    "the grant is revoked and no longer in effect, but its revocation could not be recorded in the audit "
+    "trail: repeat this DELETE to record it"
+)
 
 
 def _invalid(exc: InvalidGrantError) -> JSONResponse:
@@ -138,10 +125,17 @@ def build_grants_router(
     policy = guard.policy
 
     async def record(
-        request: Request, principal: Principal, action: Action, status: int, patient_key: str, detail: str
+        request: Request,
+        principal: Principal,
+        action: Action,
+        status: int,
+        patient_key: str,
+        detail: str,
+        unaudited: str = UNAUDITED,
     ) -> None:
         await recorder.record(
             request,
+            unaudited=unaudited,
             principal=principal,
             action=str(action),
             outcome=answered_outcome(status),
@@ -309,9 +303,12 @@ def build_grants_router(
         grant_id = grant.grant_id
         now = datetime.now(UTC)
         if not await grants.revoke(grant_id, tenant=principal.tenant, revoked_by=principal.subject, now=now):
-            current = await grants.get(grant_id, tenant=principal.tenant)
-            if current is not None and current.revoked_at is not None and not current.revocation_recorded:
-                return await record_late_revocation(request, principal, current)
+            if grant.revoked_at is not None and not grant.revocation_recorded:
+                # In effect but not in the audit trail (Kafka refused its event, and that DELETE
+                # answered 503): recorded now, naming who revoked it and when, and answered as that
+                # DELETE would have been (200; a DELETE is idempotent). Until the twenty-first session
+                # this answered 409 and the trail never said who revoked the grant.
+                return await record_revocation(request, principal, grant, late_revocation_detail(grant))
             await record(
                 request,
                 principal,
@@ -326,30 +323,24 @@ def build_grants_router(
             )
         revoked = await grants.get(grant_id, tenant=principal.tenant)  # before the event: it may fail
         assert revoked is not None
-        with revocation_unrecorded():
-            await record(
-                request, principal, Action.MANAGE_GRANTS, 200, grant.patient_key, f"grant_revoked:{grant_id}"
-            )
+        return await record_revocation(request, principal, revoked, f"grant_revoked:{grant_id}")
+
+    async def record_revocation(
+        request: Request, principal: Principal, revoked: Grant, detail: str
+    ) -> JSONResponse:
+        """Record ``revoked``'s revocation (200), note it recorded, and answer with the grant. If Kafka
+        refuses the event, the 503 says the grant stays revoked and how to record it."""
+        await record(
+            request,
+            principal,
+            Action.MANAGE_GRANTS,
+            200,
+            revoked.patient_key,
+            detail,
+            unaudited=REVOCATION_UNRECORDED,
+        )
         await mark_recorded(revoked)
         return JSONResponse(grant_view(replace(revoked, revocation_recorded=True)))
-
-    async def record_late_revocation(request: Request, principal: Principal, grant: Grant) -> JSONResponse:
-        """A DELETE of a grant whose revocation is in effect but not in the audit trail (Kafka refused
-        its event, and that DELETE answered 503): the revocation is recorded now, naming who revoked
-        it and when, and this DELETE is answered as that one would have been (200; a DELETE is
-        idempotent). Until the twenty-first session the retry answered 409 ``already_revoked`` and
-        the trail never said who revoked the grant."""
-        with revocation_unrecorded():
-            await record(
-                request,
-                principal,
-                Action.MANAGE_GRANTS,
-                200,
-                grant.patient_key,
-                late_revocation_detail(grant),
-            )
-        await mark_recorded(grant)
-        return JSONResponse(grant_view(replace(grant, revocation_recorded=True)))
 
     @router.post(
         "/api/v1/break-glass",

@@ -29,6 +29,7 @@ import asyncio
 from collections.abc import Callable, Collection, Iterable
 
 from enclave_common.body_limit import route_path
+from enclave_common.service import route_templates
 from starlette.routing import BaseRoute, Route, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,21 +46,19 @@ MAX_DRAINING = 256
 BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def body_routes(routes: Iterable[BaseRoute], prefix: str = "") -> tuple[str, ...]:
+def body_routes(routes: Iterable[BaseRoute]) -> tuple[str, ...]:
     """Path templates of the routes that take a request body (any method but GET, HEAD and OPTIONS),
     those of included routers too: each may be answered before its body ended (the common body limit's
     413 and 408 part-way, or the uploads' own refusals), so each drains the rest. Derived from the app,
     not listed by hand: until the twenty-first session a new route with a body had to be added to a
     list, or a refusal part-way could reach its client as a reset connection."""
-    found: list[str] = []
-    for route in routes:
-        included = getattr(route, "original_router", None)  # FastAPI's include_router
-        if included is not None:
-            context = getattr(route, "include_context", None)
-            found += body_routes(included.routes, prefix + (getattr(context, "prefix", "") or ""))
-        elif isinstance(route, Route) and set(route.methods or ()) - BODILESS_METHODS:
-            found.append(prefix + route.path)
-    return tuple(dict.fromkeys(found))
+    return tuple(
+        dict.fromkeys(
+            path
+            for path, route in route_templates(routes)
+            if isinstance(route, Route) and set(route.methods or ()) - BODILESS_METHODS
+        )
+    )
 
 
 def declares_body(scope: Scope) -> bool:

@@ -138,7 +138,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     revocations = UnrecordedRevocations(
         grants,
-        handoff,
+        recorder,
         grace_s=2 * settings.publish_timeout_s + 30,
         interval_s=settings.revocation_sweep_interval_s,
     )

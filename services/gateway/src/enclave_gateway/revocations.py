@@ -16,20 +16,15 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from enclave_common import topics
 from enclave_common.auth import Action, Grant
 from enclave_common.auth.grants import GrantStore
-from enclave_common.envelope import Envelope, new_event_id
 from enclave_common.errors import dependency_failure_types
-from enclave_common.events import AccessRecorded
 
-from enclave_gateway.access import access_target
-from enclave_gateway.handoff import Handoff, KafkaUnavailable
+from enclave_gateway.access import AccessRecorder, access_target
+from enclave_gateway.handoff import KafkaUnavailable
 
 log = structlog.get_logger("enclave.gateway")
 
-#: The actor of a record the gateway makes on its own, not for a request (as ``service:ingest``).
-GATEWAY_ACTOR = "service:gateway"
 #: Revocations recorded per round, at most.
 SWEEP_BATCH = 100
 
@@ -48,9 +43,11 @@ class UnrecordedRevocations:
     """``grace_s``: how old a revocation must be before the sweep records it (longer than a
     ``DELETE`` may take to publish its own event); ``interval_s``: between rounds."""
 
-    def __init__(self, grants: GrantStore, handoff: Handoff, *, grace_s: float, interval_s: float) -> None:
+    def __init__(
+        self, grants: GrantStore, recorder: AccessRecorder, *, grace_s: float, interval_s: float
+    ) -> None:
         self.grants = grants
-        self.handoff = handoff
+        self.recorder = recorder
         self.grace = timedelta(seconds=grace_s)
         self.interval_s = interval_s
 
@@ -77,23 +74,15 @@ class UnrecordedRevocations:
         return recorded
 
     async def _record(self, grant: Grant) -> None:
-        event = Envelope.for_topic(
-            topics.ACCESS_RECORDED,
-            AccessRecorded(
-                actor=GATEWAY_ACTOR,
-                roles=[],
-                action=str(Action.MANAGE_GRANTS),
-                target=access_target(grant.patient_key),
-                outcome="success",
-                status_code=200,
-                detail=late_revocation_detail(grant),
-            ),
-            source="gateway",
-            tenant=grant.tenant,
-            actor=GATEWAY_ACTOR,
-            correlation_id=new_event_id(),  # a round of the sweep is no request
+        await self.recorder.record_own(
+            grant.tenant,
+            principal=None,
+            action=str(Action.MANAGE_GRANTS),
+            outcome="success",
+            status=200,
+            target=access_target(grant.patient_key),
+            detail=late_revocation_detail(grant),
         )
-        await self.handoff.publish_event(topics.ACCESS_RECORDED, event, grant.tenant)
         await self.grants.mark_revocation_recorded(grant.grant_id, tenant=grant.tenant)
         log.info("a revocation was recorded late", grant_id=grant.grant_id)
 
