@@ -30,7 +30,7 @@ OWN, OTHER = "own", "other"
 
 #: THE table: endpoint -> role -> (status on own tenant's target, status on other tenant's target).
 #: Endpoints without a target in another tenant (upload, the research listing of one's own tenant,
-#: create grant, break-glass) list one status.
+#: create grant, break-glass, create and list restrictions) list one status.
 EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "upload": {"uploader": (200,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
@@ -51,6 +51,15 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
                      "admin": (200, 404), "caregiver": (403, 403), "caregiver+grant": (403, 403)},
     "break_glass": {"uploader": (403,), "clinician": (201,), "researcher": (403,), "auditor": (403,),
                     "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
+    # Restricted patients: patient R of tenant A is restricted by the admin's cell, then lifted; the
+    # other tenant's cell names R's key in tenant B, restricted there by the fixture.
+    "restriction_create": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
+                           "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
+    "restriction_list": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
+                         "admin": (200,), "caregiver": (403,), "caregiver+grant": (403,)},
+    "restriction_lift": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403),
+                         "auditor": (403, 403), "admin": (200, 404), "caregiver": (403, 403),
+                         "caregiver+grant": (403, 403)},
 }  # fmt: skip
 
 
@@ -66,6 +75,8 @@ class World:
     imaging_b: str
     grant_a: str
     grant_b: str
+    #: A patient with no instances, restricted in tenant B by the fixture and in A by the matrix.
+    patient_r: str
 
 
 def _role_headers(world: World, role: str) -> dict[str, str]:
@@ -82,6 +93,10 @@ def _grant_body(patient_id: str, grantee: str = "it-cg-granted") -> dict[str, An
         "expires_at": (datetime.now(UTC) + timedelta(hours=2)).isoformat(),
         "justification": "caregiver follow-up agreed with the care team",
     }
+
+
+def _restriction_body(patient_id: str) -> dict[str, Any]:
+    return {"patient_id": patient_id, "justification": "hospital employee, privacy office request"}
 
 
 def _upload(client: httpx.Client, tenant: str, patient_id: str) -> str:
@@ -115,7 +130,14 @@ def world() -> World:
         _grant(client, tenant_a, patient_a)  # for it-cg-granted on P
         grant_a = _grant(client, tenant_a, patient_a)  # revoked by the matrix's admin cell
         grant_b = _grant(client, tenant_b, patient_b)
-    return World(tenant_a, tenant_b, patient_a, patient_b, imaging_a, imaging_b, grant_a, grant_b)
+        patient_r = f"PID-R-{uuid.uuid4().hex[:8]}"
+        restricted = client.post(
+            f"{GATEWAY}/api/v1/restrictions",
+            json=_restriction_body(patient_r),
+            headers=bearer("it-admin-setup", tenant_b, "admin"),
+        )
+        assert restricted.status_code == 201, restricted.text
+    return World(tenant_a, tenant_b, patient_a, patient_b, imaging_a, imaging_b, grant_a, grant_b, patient_r)
 
 
 def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[str, Any]]:
@@ -154,6 +176,13 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
                 }
             },
         )
+    if endpoint == "restriction_create":
+        return "POST", f"{GATEWAY}/api/v1/restrictions", {"json": _restriction_body(world.patient_r)}
+    if endpoint == "restriction_list":
+        return "GET", f"{GATEWAY}/api/v1/restrictions", {}
+    if endpoint == "restriction_lift":
+        key = patient_key(world.tenant_a if own else world.tenant_b, world.patient_r)
+        return "DELETE", f"{GATEWAY}/api/v1/restrictions/{key}", {}
     raise AssertionError(endpoint)
 
 

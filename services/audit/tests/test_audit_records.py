@@ -119,6 +119,10 @@ _CHANGED = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
         ("read_grants", "success", codes.APPLICATION_ACTIVITY, "R", 0, ()),
         ("read_grants", "not_found", codes.APPLICATION_ACTIVITY, "R", 4, ()),
         ("break_glass", "rejected", codes.SECURITY_ALERT, "E", 4, ()),
+        # A patient's restriction set or lifted (POST, DELETE /api/v1/restrictions), and the listing
+        ("manage_restrictions", "success", codes.SECURITY_ALERT, "U", 0, _CHANGED),
+        ("manage_restrictions", "rejected", codes.SECURITY_ALERT, "U", 4, _CHANGED),
+        ("read_restrictions", "success", codes.APPLICATION_ACTIVITY, "R", 0, ()),
         # deid's break-glass linkage read (enclave-deid-link)
         ("break_glass_linkage", "success", codes.SECURITY_ALERT, "E", 0, (codes.EMERGENCY_OVERRIDE_STARTED,)),
     ],

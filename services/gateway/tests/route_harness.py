@@ -1,6 +1,6 @@
 """The gateway's routes on fakes, for unit tests that go through HTTP (this module holds no tests).
 
-The real routers (uploads and reads, grants), access guard, access recorder, upload processor and
+The real routers (uploads and reads, grants, restrictions), access guard, access recorder, upload processor and
 metrics in the service's HTTP app (its
 middleware, request metrics and error answers, as ``create_app`` builds it), with a publisher that
 acknowledges every event at once and keeps it, a read model in memory, and tokens of a throwaway dev
@@ -21,6 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_common.auth import (
     InMemoryGrantStore,
+    InMemoryRestrictionStore,
     RateLimit,
     RateLimiter,
     StaticKeySource,
@@ -41,6 +42,7 @@ from enclave_gateway.handoff import Handoff
 from enclave_gateway.main import UNKNOWN_ROUTE_HINT, UPLOAD_ROUTES
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
+from enclave_gateway.restrictions_api import build_restrictions_router
 from enclave_gateway.stow import error_body
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import ValidationPolicy
@@ -125,6 +127,7 @@ class Harness:
     uploads: UploadProcessor
     grants: InMemoryGrantStore
     recorder: AccessRecorder
+    restrictions: InMemoryRestrictionStore
 
     def token(self, tenant: str, *roles: str, subject: str = "it-unit") -> str:
         return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600)
@@ -151,9 +154,11 @@ def gateway_routes(
     recorder = AccessRecorder(handoff)
     read_model = MemoryReadModel()
     grants = InMemoryGrantStore()
+    restrictions = InMemoryRestrictionStore()
     guard = AccessGuard(
         verifier,
         grants=grants,
+        restrictions=restrictions,
         limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
         on_decision=recorder.on_decision,
     )
@@ -183,9 +188,12 @@ def gateway_routes(
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER
     )
+    restrictions_router = build_restrictions_router(
+        guard=guard, restrictions=restrictions, recorder=recorder, pseudonymizer=PSEUDONYMIZER
+    )
     app = runtime.http_app(
         title="gateway under test",
-        routers=[router, grants_router],
+        routers=[router, grants_router, restrictions_router],
         start_runtime=False,
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
@@ -193,7 +201,7 @@ def gateway_routes(
     )
     app.add_middleware(RequestIdHeader)  # as create_app does
     registry = runtime.registry
-    return Harness(app, publisher, read_model, registry, issuer, uploads, grants, recorder)
+    return Harness(app, publisher, read_model, registry, issuer, uploads, grants, recorder, restrictions)
 
 
 @dataclass

@@ -337,6 +337,29 @@ async def test_authorize_reads_grants_only_when_they_can_matter() -> None:
     assert store.lookups == 2
 
 
+@pytest.mark.parametrize("roles", ROLE_SETS, ids=lambda r: "+".join(sorted(r)) or "none")
+@pytest.mark.parametrize("action", list(Action))
+@pytest.mark.parametrize("tenant", [OWN, OTHER])
+def test_a_restriction_is_looked_up_exactly_when_it_changes_the_decision(
+    roles: frozenset[Role], action: Action, tenant: str
+) -> None:
+    """``restriction_matters`` False means a restricted resource is decided as an unrestricted one, for
+    every grant and break-glass state; True means the restriction changes some decision."""
+    who = principal(roles)
+    plain, restricted = Resource(tenant, PATIENT), Resource(tenant, PATIENT, restricted=True)
+    sessions = [
+        patient_grants(g, action) + break_glass_sessions(b) for g in GRANT_STATES for b in BREAK_GLASS_STATES
+    ]
+    differs = any(
+        DEFAULT_POLICY.decide(who, action, plain, grants, NOW).outcome
+        != DEFAULT_POLICY.decide(who, action, restricted, grants, NOW).outcome
+        for grants in sessions
+    )
+    assert DEFAULT_POLICY.restriction_matters(who, action, plain) is differs
+    assert DEFAULT_POLICY.restriction_matters(who, action, restricted) is False  # known already
+    assert DEFAULT_POLICY.restriction_matters(who, action, Resource(tenant)) is False  # no patient
+
+
 def test_every_action_has_a_row_and_the_doc_matches_the_table() -> None:
     assert set(POLICY) == set(Action)
     doc = (Path(__file__).resolve().parents[4] / "docs" / "access.md").read_text(encoding="utf-8")

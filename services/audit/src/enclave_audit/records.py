@@ -308,11 +308,13 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
         code, action, types = codes.EXPORT, EventAction.READ, ()
     elif has("query", "search", "list", "qido"):
         code, action, types = codes.QUERY, EventAction.EXECUTE, ()
-    elif has("grant") and has("read"):
-        # Reading a grant (the gateway's read_grants) changes nothing; DICOM has no event for reading
-        # security attributes, so it is application activity, action R, not 110137's change.
+    elif has("grant", "restriction") and has("read"):
+        # Reading a grant or the restricted patients (the gateway's read_grants, read_restrictions)
+        # changes nothing; DICOM has no event for reading security attributes, so it is application
+        # activity, action R, not 110137's change.
         code, action, types = codes.APPLICATION_ACTIVITY, EventAction.READ, ()
-    elif has("grant", "revoke", "role"):
+    elif has("grant", "revoke", "role", "restriction"):
+        # A patient's restriction (manage_restrictions) changes who may read its PHI, as a grant does.
         code, action = codes.SECURITY_ALERT, EventAction.UPDATE
         types = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
     elif has("upload", "stow", "store", "create"):

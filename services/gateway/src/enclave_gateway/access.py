@@ -158,8 +158,8 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
 #: The actions whose routes record the request's one access event with the answer they give. An
 #: allowed decision of one of them records nothing: an allowed upload may still be refused for its
 #: body (400, 413, 499, 503, 409 when no instance is accepted) or answered 202, a grant change be
-#: answered 201, 409 or 422, a break-glass opening 201 or 422, and a read or query still needs its
-#: data from the database, which may not answer (503). Until the nineteenth session the allowed
+#: answered 201, 409 or 422 (a restriction 201, 200, 404 or 422), a break-glass opening 201 or 422,
+#: and a read or query still needs its data from the database, which may not answer (503). Until the nineteenth session the allowed
 #: upload and grant decisions were recorded too, as ``success`` with status 200, followed by the
 #: route's own event: the first record of a refused upload read as an answer it never got. Until the
 #: twentieth session an allowed read or query was recorded at its decision, so one whose lookup then
@@ -168,6 +168,8 @@ ANSWERED_BY_ROUTE: Final = frozenset(
     {
         Action.UPLOAD,
         Action.MANAGE_GRANTS,
+        Action.MANAGE_RESTRICTIONS,
+        Action.READ_RESTRICTIONS,
         Action.BREAK_GLASS,
         Action.READ_STATUS,
         Action.READ_RESULTS_PHI,
@@ -280,6 +282,38 @@ class AccessRecorder:
         )
         with _unaudited(unaudited):
             await self.handoff.publish_event(topics.ACCESS_RECORDED, event, tenant)
+
+    async def record_change(
+        self,
+        request: Request,
+        principal: Principal,
+        action: Action,
+        status: int,
+        patient_key: str,
+        detail: str,
+        unaudited: str = UNAUDITED,
+    ) -> None:
+        """:meth:`record` an answered change of access on one patient (a grant, a break-glass session,
+        a restriction): its outcome from ``status``, its target the patient."""
+        await self.record(
+            request,
+            unaudited=unaudited,
+            principal=principal,
+            action=str(action),
+            outcome=answered_outcome(status),
+            status=status,
+            target=access_target(patient_key),
+            detail=detail,
+        )
+
+    async def record_change_failure(
+        self, request: Request, principal: Principal, action: Action, patient_key: str, exc: Exception
+    ) -> None:
+        """A change ``exc`` ended (its store did not answer) before its event was recorded: recorded
+        with the answer it gets (:func:`unrecorded_failure`)."""
+        if (answer := unrecorded_failure(request, exc)) is not None:
+            status, code = answer
+            await self.record_change(request, principal, action, status, patient_key, code)
 
     async def record_own(self, tenant: str, **fields: Unpack[AccessFields]) -> None:
         """Publish an access event the gateway makes on its own account, for no request (actor

@@ -13,6 +13,7 @@ from enclave_common.auth import RateLimit, RateLimiter
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.file_keys import build_verifier
 from enclave_common.auth.grants_mongo import MongoGrantStore
+from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
 from enclave_common.crypto import load_public_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.idempotency import IdempotentByBusinessKey
@@ -30,6 +31,7 @@ from enclave_gateway.linger import LingeringAnswer, body_routes
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
+from enclave_gateway.restrictions_api import build_restrictions_router
 from enclave_gateway.revocations import UnrecordedRevocations
 from enclave_gateway.stow import error_body
 from enclave_gateway.uploads import BodyPace, UploadProcessor
@@ -38,8 +40,8 @@ from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPoli
 #: The gateway receives; it cannot give back what it sealed (it holds no key that opens stored data).
 UNKNOWN_ROUTE_HINT = (
     "This gateway stores and reports: DICOMweb STOW-RS (POST /dicomweb/studies[/{StudyInstanceUID}]), "
-    "POST /api/v1/imaging/upload, status, results and patient queries under /api/v1/imaging, and grants "
-    "under /api/v1/grants and /api/v1/break-glass. "
+    "POST /api/v1/imaging/upload, status, results and patient queries under /api/v1/imaging, grants "
+    "under /api/v1/grants and /api/v1/break-glass, and restricted patients under /api/v1/restrictions. "
     "DICOMweb retrieval (WADO-RS, the RetrieveURLs of a STOW-RS answer) and search (QIDO-RS) are not "
     "offered: the gateway holds no key that opens stored data"
 )
@@ -72,6 +74,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Runs before publisher.stop (hooks run in reverse): access events of 503s still on their way.
     runtime.on_shutdown(recorder.settle_background)
     grants = MongoGrantStore(runtime.db)
+    restrictions = MongoRestrictionStore(runtime.db)
     guard = AccessGuard(
         build_verifier(
             issuer=settings.oidc_issuer,
@@ -81,6 +84,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             environment=settings.environment,
         ),
         grants=grants,
+        restrictions=restrictions,
         limiter=RateLimiter(
             RateLimit(burst=settings.rate_limit_burst, per_second=settings.rate_limit_per_second)
         ),
@@ -147,6 +151,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         await read_model.ensure_indexes()
         await grants.ensure_indexes()
+        await restrictions.ensure_indexes()
         runtime.spawn(revocations.run_forever(), "gateway-unrecorded-revocations")
 
     runtime.preflight(load_keys)
@@ -164,9 +169,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
     )
+    restrictions_router = build_restrictions_router(
+        guard=guard, restrictions=restrictions, recorder=recorder, pseudonymizer=pseudonymizer
+    )
     app = runtime.http_app(
         title="Enclave gateway",
-        routers=[router, grants_router],
+        routers=[router, grants_router, restrictions_router],
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
         streamed_body_routes=UPLOAD_ROUTES,

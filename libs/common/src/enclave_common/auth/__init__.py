@@ -1,8 +1,9 @@
-"""Identity and access: bearer-token verification, roles, the access policy, grants, rate limits.
+"""Identity and access: bearer-token verification, roles, the access policy, grants, patient
+restrictions, rate limits.
 
-The FastAPI dependency lives in :mod:`enclave_common.auth.fastapi`, the MongoDB grant store in
-:mod:`enclave_common.auth.grants_mongo` and the development token issuer in
-:mod:`enclave_common.auth.dev_issuer`; they are not imported here.
+The FastAPI dependency lives in :mod:`enclave_common.auth.fastapi`, the MongoDB stores in
+:mod:`enclave_common.auth.grants_mongo` and :mod:`enclave_common.auth.restrictions_mongo`, and the
+development token issuer in :mod:`enclave_common.auth.dev_issuer`; they are not imported here.
 """
 
 from enclave_common.auth.actions import BREAK_GLASS_ACTIONS, Action
@@ -10,6 +11,7 @@ from enclave_common.auth.errors import (
     AuthenticationError,
     AuthFailure,
     InvalidGrantError,
+    InvalidRestrictionError,
     KeySourceUnavailable,
 )
 from enclave_common.auth.grants import Grant, GrantKind, GrantStore, InMemoryGrantStore
@@ -26,6 +28,7 @@ from enclave_common.auth.policy import (
     render_policy_table,
 )
 from enclave_common.auth.ratelimit import RateDecision, RateLimit, RateLimiter
+from enclave_common.auth.restrictions import InMemoryRestrictionStore, Restriction, RestrictionStore
 from enclave_common.auth.roles import Principal, Role
 from enclave_common.auth.tokens import TokenRules, TokenVerifier
 
@@ -43,7 +46,9 @@ __all__ = [
     "GrantKind",
     "GrantStore",
     "InMemoryGrantStore",
+    "InMemoryRestrictionStore",
     "InvalidGrantError",
+    "InvalidRestrictionError",
     "KeySource",
     "KeySourceUnavailable",
     "Outcome",
@@ -53,6 +58,8 @@ __all__ = [
     "RateLimiter",
     "RemoteKeySource",
     "Resource",
+    "Restriction",
+    "RestrictionStore",
     "Role",
     "Scope",
     "StaticKeySource",

@@ -19,6 +19,8 @@ class Action(StrEnum):
     AUDIT_EXPORT = "audit_export"
     READ_GRANTS = "read_grants"
     MANAGE_GRANTS = "manage_grants"
+    READ_RESTRICTIONS = "read_restrictions"
+    MANAGE_RESTRICTIONS = "manage_restrictions"
     MANAGE_KEYS = "manage_keys"
     BREAK_GLASS = "break_glass"
 

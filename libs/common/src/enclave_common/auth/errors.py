@@ -46,3 +46,9 @@ class InvalidGrantError(EnclaveError):
     """A grant or break-glass request was refused at validation (bad window, actions, justification)."""
 
     code = "invalid_grant"
+
+
+class InvalidRestrictionError(EnclaveError):
+    """A patient restriction was refused at validation (its justification)."""
+
+    code = "invalid_restriction"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import NoReturn, Protocol
 
@@ -34,6 +34,7 @@ from enclave_common.auth.policy import (
     Resource,
 )
 from enclave_common.auth.ratelimit import RateLimiter
+from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.auth.roles import Principal
 from enclave_common.auth.tokens import TokenVerifier
 
@@ -124,7 +125,7 @@ def parameter_errors(request: Request) -> list[object]:
 
 
 class AccessGuard:
-    """Holds the verifier, policy, grant store, rate limiters and audit hook of one app."""
+    """Holds the verifier, policy, grant and restriction stores, rate limiters and audit hook of one app."""
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class AccessGuard:
         *,
         policy: AccessPolicy = DEFAULT_POLICY,
         grants: GrantStore | None = None,
+        restrictions: RestrictionStore | None = None,
         limiter: RateLimiter | None = None,
         auth_failure_limiter: RateLimiter | None = None,
         on_decision: DecisionHook | None = None,
@@ -141,6 +143,7 @@ class AccessGuard:
         self.verifier = verifier
         self.policy = policy
         self.grants = grants
+        self.restrictions = restrictions
         self.limiter = limiter
         self.auth_failure_limiter = auth_failure_limiter
         self.on_decision = on_decision
@@ -216,10 +219,18 @@ class AccessGuard:
     async def check_resource(
         self, request: Request, principal: Principal, action: Action, resource: Resource | None
     ) -> Authorized:
-        """The resource-level decision (``resource=None``: the lookup found nothing -> 404)."""
+        """The resource-level decision (``resource=None``: the lookup found nothing -> 404). A
+        restriction on the resource's patient is looked up here when it could matter
+        (:meth:`AccessPolicy.restriction_matters`); the returned ``Authorized`` carries it."""
         if resource is None:
             decision = Decision(Outcome.NOT_FOUND, action, "not_found", NOT_FOUND_MESSAGE)
         else:
+            if (
+                self.restrictions is not None
+                and self.policy.restriction_matters(principal, action, resource)
+                and await self.restrictions.get(resource.tenant, resource.patient_key or "") is not None
+            ):
+                resource = replace(resource, restricted=True)
             decision = await self.policy.authorize(principal, action, resource, self.grants, self.clock())
         await self._conclude(request, principal, action, decision, resource)
         return Authorized(principal, decision, resource)

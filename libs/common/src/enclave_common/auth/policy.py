@@ -61,6 +61,8 @@ POLICY: PolicyTable = MappingProxyType(
         Action.AUDIT_EXPORT: {_A: _T},
         Action.READ_GRANTS: {_ADM: _T},
         Action.MANAGE_GRANTS: {_ADM: _T},
+        Action.READ_RESTRICTIONS: {_ADM: _T},
+        Action.MANAGE_RESTRICTIONS: {_ADM: _T},
         Action.MANAGE_KEYS: {_ADM: _T},
         Action.BREAK_GLASS: {_C: _T},
     }
@@ -154,6 +156,19 @@ class AccessPolicy:
         """Whether some resource exists on which the principal could perform ``action``."""
         return bool(self.scopes(principal, action))
 
+    def restriction_matters(self, principal: Principal, action: Action, resource: Resource) -> bool:
+        """Whether a restriction on ``resource``'s patient could change the decision: a PHI action on
+        a patient of the principal's own tenant that one of its roles allows by ``tenant`` cell (a
+        grant allows what it names, restricted or not; another tenant's patient is 404 anyway). Only
+        then need the restriction be looked up (:class:`~enclave_common.auth.restrictions.RestrictionStore`)."""
+        return (
+            action.phi
+            and not resource.restricted
+            and resource.patient_key is not None
+            and resource.tenant == principal.tenant
+            and _T in self.scopes(principal, action)
+        )
+
     def check_action(self, principal: Principal, action: Action) -> Decision:
         """Action-level check, before any resource lookup: FORBIDDEN or ALLOW (provisionally, when a
         resource-level decision is still due)."""
@@ -239,7 +254,8 @@ class AccessPolicy:
                 Outcome.FORBIDDEN,
                 action,
                 "break_glass_required",
-                f"{action} on this record needs an open break-glass session"
+                ("this patient's records are restricted by the hospital: " if needs_break_glass else "")
+                + f"{action} on this record needs an open break-glass session"
                 + (" (open one with a justification)" if available else ""),
                 break_glass_available=available,
             )

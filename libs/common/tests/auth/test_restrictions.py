@@ -1,0 +1,54 @@
+"""The restriction stores' contract, in memory (the MongoDB store runs it on FerretDB:
+tests/integration/test_gateway_restrictions.py), and the MongoDB document's round trip."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from enclave_common.auth import InMemoryRestrictionStore, Restriction
+from enclave_common.auth.restrictions_mongo import restriction_from_document, restriction_to_document
+
+AT = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+
+
+def restriction(patient_key: str, tenant: str = "hospital-a", by: str = "admin-1") -> Restriction:
+    return Restriction(tenant, patient_key, "privacy office request", by, AT)
+
+
+async def test_the_first_restriction_stands_and_a_second_one_gets_it_back() -> None:
+    store = InMemoryRestrictionStore()
+    assert await store.restrict(restriction("k1")) is None
+    assert await store.restrict(restriction("k1", by="admin-2")) == restriction("k1")
+    assert await store.get("hospital-a", "k1") == restriction("k1")
+
+
+async def test_every_method_is_scoped_by_tenant() -> None:
+    store = InMemoryRestrictionStore()
+    await store.restrict(restriction("k1"))
+    assert await store.get("hospital-b", "k1") is None
+    assert await store.lift("hospital-b", "k1") is None
+    assert await store.list("hospital-b", limit=10) == []
+    assert await store.get("hospital-a", "k1") == restriction("k1")
+
+
+async def test_lift_removes_it_once() -> None:
+    store = InMemoryRestrictionStore()
+    await store.restrict(restriction("k1"))
+    assert await store.lift("hospital-a", "k1") == restriction("k1")
+    assert await store.lift("hospital-a", "k1") is None
+    assert await store.get("hospital-a", "k1") is None
+
+
+async def test_list_pages_in_patient_key_order() -> None:
+    store = InMemoryRestrictionStore()
+    for key in ("k3", "k1", "k2"):
+        await store.restrict(restriction(key))
+    assert [r.patient_key for r in await store.list("hospital-a", limit=2)] == ["k1", "k2"]
+    assert [r.patient_key for r in await store.list("hospital-a", limit=2, after="k2")] == ["k3"]
+
+
+def test_the_document_is_keyed_by_the_pseudonym_and_reads_back_timezone_aware() -> None:
+    doc = restriction_to_document(restriction("k1"))
+    assert doc["_id"] == "k1" and doc["tenant"] == "hospital-a"
+    naive = {**doc, "restricted_at": AT.replace(tzinfo=None)}  # as pymongo reads a date without tz_aware
+    assert restriction_from_document(naive) == restriction("k1")

@@ -1,0 +1,373 @@
+"""Restricted patients (docs/gateway.md, "Restricted patients"): an admin's confidentiality flag on one
+patient makes its PHI need break-glass even for the tenant's clinicians; every read under break-glass
+raises a security alert; every request is recorded with the answer it got.
+
+Until the twenty-second session nothing could restrict a patient (``Resource.restricted`` was never
+set by the gateway), so the break-glass read path could not be reached: a clinician's role allowed
+every PHI read of its tenant, and a break-glass session changed nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from enclave_common import topics
+from enclave_gateway.restrictions_api import LIFT_UNRECORDED, RESTRICTION_UNRECORDED
+from pymongo.errors import ServerSelectionTimeoutError
+from route_harness import PSEUDONYMIZER, Exchange, Harness, asgi_request, gateway_routes
+from test_access_answers import the_event
+from test_unaudited_grants import refuse
+
+IMAGING_ID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+OTHER_ID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c"
+ANALYSIS_ID = "an-" + "1" * 32
+PLANTED = "PHI-MRN-77310-RV"
+OTHER_PATIENT = "PHI-MRN-77311-RW"
+KEY = PSEUDONYMIZER.pseudonym("hospital-a", "patient", PLANTED)
+REASON = "hospital employee, privacy office request"
+
+
+def stored(harness: Harness, imaging_id: str = IMAGING_ID, patient_id: str = PLANTED) -> None:
+    harness.read_model.docs[imaging_id] = {
+        "_id": imaging_id,
+        "tenant": "hospital-a",
+        "upload_id": "up-1",
+        "patient_key": PSEUDONYMIZER.pseudonym("hospital-a", "patient", patient_id),
+        "study_key": "st-1",
+        "latest_analysis": f"ev-1|{ANALYSIS_ID}|completed",
+    }
+
+
+async def call(
+    harness: Harness,
+    method: str,
+    path: str,
+    role: str,
+    body: dict[str, Any] | None = None,
+    *,
+    tenant: str = "hospital-a",
+    subject: str | None = None,
+) -> Exchange:
+    token = harness.token(tenant, role, subject=subject or f"it-{role}")
+    headers = [("authorization", f"Bearer {token}")]
+    pieces: list[bytes] = []
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers += [("content-type", "application/json"), ("content-length", str(len(data)))]
+        pieces = [data]
+    return await asgi_request(harness.app, method, path.encode(), headers, pieces)
+
+
+async def restrict(harness: Harness, patient_id: str = PLANTED, **kwargs: Any) -> Exchange:
+    return await call(
+        harness,
+        "POST",
+        "/api/v1/restrictions",
+        "admin",
+        {"patient_id": patient_id, "justification": REASON},
+        **kwargs,
+    )
+
+
+def alerts(harness: Harness) -> list[Any]:
+    return [e for t, e in harness.publisher.sent if t == topics.SECURITY_ALERT]
+
+
+def everything_sent(harness: Harness, *answers: Exchange) -> str:
+    return json.dumps([e.model_dump(mode="json") for _, e in harness.publisher.sent]) + "".join(
+        a.body.decode() for a in answers
+    )
+
+
+async def test_a_restricted_patients_phi_needs_break_glass_and_each_read_under_it_raises_an_alert(
+    tmp_path: Path,
+) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    restricted = await restrict(harness)
+    assert restricted.status == 201, restricted.body
+    view = json.loads(restricted.body)
+    assert (view["patient_key"], view["restricted"], view["restricted_by"]) == (KEY, True, "it-admin")
+    event = the_event(harness, restricted)
+    assert (event["action"], event["outcome"], event["detail"], event["target"]) == (
+        "manage_restrictions",
+        "success",
+        "patient_restricted",
+        f"patient:{KEY}",
+    )
+
+    # The clinician's role no longer suffices for PHI: 403, with how to proceed.
+    refusals = [
+        await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician"),
+        await call(harness, "GET", f"/api/v1/imaging/patient/{PLANTED}", "clinician"),
+    ]
+    for refused in refusals:
+        assert refused.status == 403, refused.body
+        body = json.loads(refused.body)
+        assert body["detail"]["code"] == "break_glass_required"
+        assert body["detail"]["break_glass_available"] is True
+        assert "restricted" in body["message"] and "break-glass" in body["message"]
+        assert the_event(harness, refused)["outcome"] == "denied"
+    # The status (no PHI) is read as before.
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}", "clinician")).status == 200
+    assert alerts(harness) == []
+
+    opened = await call(
+        harness,
+        "POST",
+        "/api/v1/break-glass",
+        "clinician",
+        {"patient_id": PLANTED, "justification": "unconscious patient in the emergency room"},
+    )
+    assert opened.status == 201, opened.body
+    reads = [
+        await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician"),
+        await call(harness, "GET", f"/api/v1/imaging/patient/{PLANTED}", "clinician"),
+    ]
+    for read in reads:
+        assert read.status == 200, read.body
+        assert the_event(harness, read)["detail"] == "break_glass"
+    rules = [a.data["rule"] for a in alerts(harness)]
+    assert rules == ["break_glass_opened", "break_glass", "break_glass"]
+    assert all(KEY in a.data["detail"] for a in alerts(harness))
+    assert PLANTED not in everything_sent(harness, restricted, *refusals, opened, *reads)
+
+
+async def test_only_the_restricted_patient_and_only_the_tenant_scope_is_affected(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    stored(harness, OTHER_ID, OTHER_PATIENT)
+    assert (await restrict(harness)).status == 201
+    # Another patient of the tenant: read by role, as before.
+    assert (await call(harness, "GET", f"/api/v1/imaging/{OTHER_ID}/analysis", "clinician")).status == 200
+    # The same patient key in another tenant's name is another patient (keys are tenant-scoped).
+    assert (await restrict(harness, tenant="hospital-b")).status == 201
+    assert len(harness.restrictions._restrictions) == 2
+    # A caregiver an admin granted this patient reads what the grant names: no break-glass, no alert.
+    grant = await call(
+        harness,
+        "POST",
+        "/api/v1/grants",
+        "admin",
+        {
+            "grantee": "it-caregiver",
+            "patient_id": PLANTED,
+            "actions": ["read_results_phi"],
+            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
+            "justification": "daughter, consent form on file",
+        },
+    )
+    assert grant.status == 201, grant.body
+    granted = await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "caregiver")
+    assert granted.status == 200, granted.body
+    assert the_event(harness, granted)["detail"] == "grant"
+    assert alerts(harness) == []
+
+
+async def test_restricting_twice_is_200_and_records_who_restricted_and_when(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    first = await restrict(harness)
+    again = await restrict(harness, subject="it-other-admin")
+    assert again.status == 200, again.body
+    assert json.loads(again.body)["restricted_by"] == "it-admin"
+    detail = the_event(harness, again)["detail"]
+    assert detail == (
+        f"patient_restricted_already restricted_by=it-admin restricted_at={json.loads(first.body)['restricted_at']}"
+    )
+
+
+async def test_lifting_restores_the_clinicians_role_and_lifting_again_is_404(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    await restrict(harness)
+    lifted = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    assert lifted.status == 200, lifted.body
+    view = json.loads(lifted.body)
+    assert (view["restricted"], view["lifted_by"], view["restricted_by"]) == (False, "it-admin", "it-admin")
+    event = the_event(harness, lifted)
+    assert (event["outcome"], event["target"]) == ("success", f"patient:{KEY}")
+    assert event["detail"].startswith("restriction_lifted restricted_by=it-admin restricted_at=")
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 200
+    again = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    assert again.status == 404, again.body
+    assert json.loads(again.body)["error"] == "not_found"  # the app's one 404
+    assert (the_event(harness, again)["outcome"], the_event(harness, again)["detail"]) == (
+        "rejected",
+        "not_restricted",
+    )
+
+
+async def test_another_tenants_restriction_is_neither_listed_nor_lifted(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    other_key = PSEUDONYMIZER.pseudonym("hospital-b", "patient", PLANTED)
+    await restrict(harness, tenant="hospital-b")
+    await restrict(harness)
+    lift = await call(harness, "DELETE", f"/api/v1/restrictions/{other_key}", "admin")
+    assert lift.status == 404, lift.body
+    assert len(harness.restrictions._restrictions) == 2
+    listing = await call(harness, "GET", "/api/v1/restrictions", "admin")
+    assert listing.status == 200, listing.body
+    assert [r["patient_key"] for r in json.loads(listing.body)["restrictions"]] == [KEY]
+    event = the_event(harness, listing)
+    assert (event["action"], event["outcome"]) == ("read_restrictions", "success")
+
+
+async def test_the_listing_pages_by_patient_key(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    for n in range(5):
+        await restrict(harness, f"PID-{n}")
+    keys: list[str] = []
+    path = "/api/v1/restrictions?limit=2"
+    while True:
+        page = json.loads((await call(harness, "GET", path, "admin")).body)
+        keys += [r["patient_key"] for r in page["restrictions"]]
+        if page["next_after"] is None:
+            break
+        path = f"/api/v1/restrictions?limit=2&after={page['next_after']}"
+    assert keys == sorted(PSEUDONYMIZER.pseudonym("hospital-a", "patient", f"PID-{n}") for n in range(5))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/v1/restrictions", {"patient_id": PLANTED, "justification": REASON}),
+        ("DELETE", f"/api/v1/restrictions/{KEY}", None),
+        ("GET", "/api/v1/restrictions", None),
+    ],
+)
+@pytest.mark.parametrize("role", ["uploader", "clinician", "researcher", "auditor", "caregiver"])
+async def test_only_admins_manage_restrictions(
+    tmp_path: Path, method: str, path: str, body: dict[str, Any] | None, role: str
+) -> None:
+    harness = gateway_routes(tmp_path)
+    answer = await call(harness, method, path, role, body)
+    assert answer.status == 403, answer.body
+    assert the_event(harness, answer)["outcome"] == "denied"
+    assert harness.restrictions._restrictions == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "detail"),
+    [
+        ({"patient_id": PLANTED, "justification": "short"}, "invalid_restriction", "restriction_refused"),
+        ({"patient_id": "   ", "justification": REASON}, "invalid_request", "invalid_request"),
+        ({"patient_id": "x" * 65, "justification": REASON}, "invalid_request", "invalid_request"),
+        ({"patient_id": PLANTED, "justification": REASON, "extra": 1}, "invalid_request", "invalid_request"),
+    ],
+)
+async def test_a_refused_restriction_says_what_is_allowed_stores_nothing_and_is_recorded(
+    tmp_path: Path, body: dict[str, Any], error: str, detail: str
+) -> None:
+    harness = gateway_routes(tmp_path)
+    answer = await call(harness, "POST", "/api/v1/restrictions", "admin", body)
+    assert answer.status == 422, answer.body
+    answered = json.loads(answer.body)
+    assert answered["error"] == error, answered
+    assert harness.restrictions._restrictions == {}
+    event = the_event(harness, answer)
+    assert (event["outcome"], event["detail"].split(":")[0]) == ("rejected", detail)
+    assert PLANTED not in everything_sent(harness, answer)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/restrictions/NOT-A-KEY", "/api/v1/restrictions?after=zz"])
+async def test_a_patient_key_that_is_no_pseudonym_is_422(tmp_path: Path, path: str) -> None:
+    harness = gateway_routes(tmp_path)
+    answer = await call(harness, "DELETE" if "?" not in path else "GET", path, "admin")
+    assert answer.status == 422, answer.body
+    assert the_event(harness, answer)["outcome"] == "rejected"
+
+
+async def test_a_restriction_kafka_did_not_record_stays_and_its_repeat_records_it(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    refuse(harness, topics.ACCESS_RECORDED, times=1)
+    first = await restrict(harness)
+    assert first.status == 503, first.body
+    assert json.loads(first.body)["message"].startswith(RESTRICTION_UNRECORDED)
+    assert harness.publisher.access_events() == []
+    # In effect although unrecorded: restricting is never undone.
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 403
+    again = await restrict(harness)
+    assert again.status == 200, again.body
+    assert the_event(harness, again)["detail"].startswith("patient_restricted_already restricted_by=it-admin")
+
+
+async def test_a_lifting_kafka_did_not_record_is_undone(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    await restrict(harness)
+    refuse(harness, topics.ACCESS_RECORDED, times=1)
+    answer = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["message"].startswith(LIFT_UNRECORDED)
+    assert list(harness.restrictions._restrictions) == [("hospital-a", KEY)]
+    event = the_event(harness, answer)
+    assert (event["outcome"], event["detail"]) == ("error", "restriction_restored cause=access_unrecorded")
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 403
+
+
+async def test_a_store_that_does_not_answer_is_503_and_recorded(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+
+    async def silent(*_: object, **__: object) -> Any:
+        raise ServerSelectionTimeoutError("no server answered")
+
+    harness.restrictions.restrict = silent  # type: ignore[method-assign]
+    answer = await restrict(harness)
+    assert answer.status == 503, answer.body
+    event = the_event(harness, answer)
+    assert (event["outcome"], event["detail"]) == ("error", "dependency_unavailable")
+
+
+async def test_a_clinicians_phi_read_of_an_unrestricted_patient_looks_the_restriction_up_once(
+    tmp_path: Path,
+) -> None:
+    """One lookup by the patient's key for a clinician's PHI read; none for a status read or a caregiver
+    (a restriction cannot change those decisions)."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    asked: list[tuple[str, str]] = []
+    get_restriction = harness.restrictions.get
+
+    async def counted(tenant: str, patient_key: str) -> Any:
+        asked.append((tenant, patient_key))
+        return await get_restriction(tenant, patient_key)
+
+    harness.restrictions.get = counted  # type: ignore[method-assign]
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 200
+    assert asked == [("hospital-a", KEY)]
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}", "clinician")).status == 200
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "caregiver")).status == 404
+    assert asked == [("hospital-a", KEY)]
+
+
+async def test_a_padded_patient_id_names_the_patient_its_uploads_name(tmp_path: Path) -> None:
+    """DICOM pads values with spaces and uploads are keyed without them; so are a restriction, a grant and
+    a break-glass session (until the twenty-second session a grant on " PID " was keyed apart)."""
+    harness = gateway_routes(tmp_path)
+    assert json.loads((await restrict(harness, f"  {PLANTED} ")).body)["patient_key"] == KEY
+    grant = await call(
+        harness,
+        "POST",
+        "/api/v1/grants",
+        "admin",
+        {
+            "grantee": "it-caregiver",
+            "patient_id": f"{PLANTED}  ",
+            "actions": ["read_status"],
+            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
+            "justification": "daughter, consent form on file",
+        },
+    )
+    session = await call(
+        harness,
+        "POST",
+        "/api/v1/break-glass",
+        "clinician",
+        {"patient_id": f" {PLANTED}", "justification": "unconscious patient in the emergency room"},
+    )
+    assert [json.loads(a.body)["patient_key"] for a in (grant, session)] == [KEY, KEY]

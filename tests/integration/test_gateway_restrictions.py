@@ -1,0 +1,168 @@
+"""Restricted patients on the running stack (docs/gateway.md, "Restricted patients"): an admin
+restricts a patient; the tenant's clinicians then read its PHI only under break-glass; each read under
+it is a ``security.alert`` the audit service records as an emergency override; the restriction's
+change is a security-attribute change in the audit trail; lifting it restores the role's reads. And the
+MongoDB restriction store's contract on FerretDB.
+
+Until the twenty-second session nothing set a restriction, so none of this path could be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from enclave_common import topics
+from enclave_common.auth import Restriction
+from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
+
+from .support import mr_instance
+from .test_gateway_support import GATEWAY, TopicWatch, bearer, new_tenant, patient_key
+
+REASON = "hospital employee, privacy office request"
+
+
+async def _upload(client: httpx.AsyncClient, tenant: str, patient_id: str) -> str:
+    data, _ = mr_instance(patient_id=patient_id)
+    answer = await client.post(
+        "/api/v1/imaging/upload",
+        files=[("file", ("x.dcm", data, "application/dicom"))],
+        headers=bearer("it-rs-uploader", tenant, "uploader"),
+    )
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["accepted"][0]["imaging_id"])
+
+
+async def _audit_records(mongo: Any, tenant: str, ready: Any, timeout: float = 90.0) -> list[dict[str, Any]]:
+    records = mongo["audit"]["records"]
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [d async for d in records.find({"tenant": tenant})]
+        if ready(found):
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} audit records of {tenant}"
+        await asyncio.sleep(0.5)
+
+
+async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read_is_an_audited_override(
+    mongo,
+):
+    tenant = new_tenant("it-rs")
+    patient = f"PID-RS-{uuid.uuid4().hex[:8]}"
+    key = patient_key(tenant, patient)
+    admin = bearer("it-rs-admin", tenant, "admin")
+    clinician = bearer("it-rs-clinician", tenant, "clinician")
+    answers: list[httpx.Response] = []
+    async with TopicWatch(topics.ACCESS_RECORDED, topics.SECURITY_ALERT) as watch:
+        async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
+            imaging_id = await _upload(client, tenant, patient)
+            phi_reads = (f"/api/v1/imaging/{imaging_id}/analysis", f"/api/v1/imaging/patient/{patient}")
+            for path in phi_reads:  # read by role before the restriction
+                assert (await client.get(path, headers=clinician)).status_code == 200
+
+            restricted = await client.post(
+                "/api/v1/restrictions", json={"patient_id": patient, "justification": REASON}, headers=admin
+            )
+            assert restricted.status_code == 201, restricted.text
+            assert restricted.json()["patient_key"] == key
+            listed = await client.get("/api/v1/restrictions", headers=admin)
+            assert [r["patient_key"] for r in listed.json()["restrictions"]] == [key]
+
+            refused = [await client.get(p, headers=clinician) for p in phi_reads]
+            for answer in refused:
+                assert answer.status_code == 403, answer.text
+                assert answer.json()["detail"]["code"] == "break_glass_required"
+                assert answer.json()["detail"]["break_glass_available"] is True
+            status = await client.get(f"/api/v1/imaging/{imaging_id}", headers=clinician)
+            assert status.status_code == 200, status.text  # not PHI: read by role
+
+            opened = await client.post(
+                "/api/v1/break-glass",
+                json={"patient_id": patient, "justification": "unconscious patient in the emergency room"},
+                headers=clinician,
+            )
+            assert opened.status_code == 201, opened.text
+            under_break_glass = [await client.get(p, headers=clinician) for p in phi_reads]
+            assert [a.status_code for a in under_break_glass] == [200, 200]
+            assert imaging_id in {i["imaging_id"] for i in under_break_glass[1].json()["instances"]}
+
+            lifted = await client.delete(f"/api/v1/restrictions/{key}", headers=admin)
+            assert lifted.status_code == 200, lifted.text
+            other_clinician = bearer("it-rs-clinician-2", tenant, "clinician")
+            after = await client.get(phi_reads[0], headers=other_clinician)
+            assert after.status_code == 200, after.text
+            answers += [restricted, listed, *refused, status, opened, *under_break_glass, lifted, after]
+        events = await watch.read(lambda e: e.tenant == tenant)
+
+    gateway_alerts = [
+        e for e in events if e.type == topics.event_type(topics.SECURITY_ALERT) and e.source == "gateway"
+    ]
+    assert sorted(a.data["rule"] for a in gateway_alerts) == [
+        "break_glass",
+        "break_glass",
+        "break_glass_opened",
+    ]
+    assert all(key in a.data["detail"] for a in gateway_alerts)
+    access = [e.data for e in events if e.type == topics.event_type(topics.ACCESS_RECORDED)]
+    changes = [
+        (a["action"], a["status_code"], a["detail"].split(" ")[0])
+        for a in access
+        if "restriction" in a["action"]
+    ]
+    assert changes == [
+        ("manage_restrictions", 201, "patient_restricted"),
+        ("read_restrictions", 200, "role"),
+        ("manage_restrictions", 200, "restriction_lifted"),
+    ]
+    assert [a["detail"] for a in access if a["status_code"] == 403] == ["break_glass_required"] * 2
+    # No PHI in any event or answer of this test.
+    assert patient not in json.dumps([e.model_dump(mode="json") for e in events])
+    assert all(patient not in a.text for a in answers)
+
+    # The audit trail: the restriction's changes are security-attribute changes (110113 + 110137, U),
+    # each read under break-glass an emergency override (110127).
+    def ready(found: list[dict[str, Any]]) -> bool:
+        overrides = [d for d in found if d.get("outcome_description") == "break_glass"]
+        changes = [d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"]
+        return len(overrides) >= 2 and len(changes) >= 2
+
+    found = await _audit_records(mongo, tenant, ready)
+    for record in (d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"):
+        assert (record["event_code"]["code"], record["action"]) == ("110113", "U")
+        assert [c["code"] for c in record["event_type_codes"]] == ["110137"]
+    for record in (d for d in found if d.get("outcome_description") == "break_glass"):
+        assert [c["code"] for c in record["event_type_codes"]] == ["110127"]
+
+
+async def test_the_mongo_restriction_store_keeps_its_contract_on_ferretdb(mongo):
+    database = mongo[f"it_restrictions_{uuid.uuid4().hex[:8]}"]
+    store = MongoRestrictionStore(database)
+    try:
+        await store.ensure_indexes()
+        at = datetime.now(UTC).replace(microsecond=0)
+
+        def restriction(key: str, tenant: str = "hospital-a", by: str = "admin-1") -> Restriction:
+            return Restriction(tenant, key, REASON, by, at)
+
+        assert await store.restrict(restriction("k1")) is None
+        assert await store.restrict(restriction("k1", by="admin-2")) == restriction("k1")
+        assert await store.get("hospital-a", "k1") == restriction("k1")
+        assert await store.get("hospital-b", "k1") is None
+        assert await store.lift("hospital-b", "k1") is None
+        for key in ("k3", "k2"):
+            await store.restrict(restriction(key))
+        await store.restrict(restriction("k9", tenant="hospital-b"))
+        assert [r.patient_key for r in await store.list("hospital-a", limit=2)] == ["k1", "k2"]
+        assert [r.patient_key for r in await store.list("hospital-a", limit=2, after="k2")] == ["k3"]
+        assert [r.patient_key for r in await store.list("hospital-b", limit=10)] == ["k9"]
+        assert await store.lift("hospital-a", "k1") == restriction("k1")
+        assert await store.lift("hospital-a", "k1") is None
+        assert await store.get("hospital-a", "k1") is None
+        assert await store.restrict(restriction("k1", by="admin-2")) is None  # restricted anew
+    finally:
+        await mongo.drop_database(database.name)
