@@ -120,12 +120,14 @@ def build_restrictions_router(
         except InvalidRestrictionError as exc:
             await record(request, principal, manage, 422, key, f"restriction_refused:{exc.code}")
             return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
+        now = datetime.now(UTC)
         new = Restriction(
             tenant=principal.tenant,
             patient_key=key,
             justification=justification,
             restricted_by=principal.subject,
-            restricted_at=datetime.now(UTC),
+            # In milliseconds, as the database keeps it: the 201 and every later answer say the same.
+            restricted_at=now.replace(microsecond=now.microsecond // 1000 * 1000),
         )
         existing = await restrictions.restrict(new)
         if existing is None:
