@@ -99,7 +99,12 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
         retry, _ = mr_instance()
         async with _silent(client, "ferretdb"):
             started = time.monotonic()
-            upload, stow, status, audit = await asyncio.gather(
+            # The patient query's decision looks the patient's restriction up (a clinician) or the
+            # principal's grants (a caregiver) before any read of the read model: under the same limit.
+            patient_query = f"{GATEWAY}/api/v1/imaging/patient/PID-OUTAGE"
+            clinician = bearer("it-db-clinician", tenant, "clinician")
+            caregiver = bearer("it-db-caregiver", tenant, "caregiver")
+            upload, stow, status, audit, restriction, grants = await asyncio.gather(
                 _upload(client, uploader, retry),
                 client.post(
                     f"{GATEWAY}/dicomweb/studies",
@@ -108,9 +113,14 @@ async def test_a_silent_database_is_a_503_on_every_route_and_a_retry_afterwards_
                 ),
                 _timed(client.get(f"{GATEWAY}/api/v1/imaging/{known}", headers=uploader)),
                 client.get(f"{AUDIT_URL}/audit/events", params={"limit": 1}, headers=auditor),
+                _timed(client.get(patient_query, headers=clinician)),
+                _timed(client.get(patient_query, headers=caregiver)),
             )
             took = time.monotonic() - started
             status, status_took = status
+            for looked_up, lookup_took in (restriction, grants):
+                _assert_refused(looked_up, "dependency_unavailable")
+                assert lookup_took < READ_ANSWERED_WITHIN_S, f"the decision's lookup took {lookup_took:.0f} s"
             _assert_refused(upload, "database_unavailable")
             assert "imaging_id" not in upload.text
             assert "recognised by ingest as a duplicate" in upload.text

@@ -60,3 +60,24 @@ def test_the_limit_defaults_to_10_s_and_is_bounded(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv("ENCLAVE_GATEWAY_READ_TIMEOUT_S", wrong)
         with pytest.raises(ValidationError, match="read_timeout_s"):
             GatewaySettings()
+
+
+async def test_the_grant_and_restriction_lookups_of_a_decision_run_under_the_limit() -> None:
+    """A caregiver's read looks its grants up, a clinician's PHI read the patient's restriction, an
+    admin's grant route the grant: each under the same limit (until the twenty-second session they had
+    pymongo's ~30 s bound while the read model's reads had this one)."""
+    from datetime import UTC, datetime
+
+    from enclave_common.auth.grants_mongo import MongoGrantStore
+    from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
+
+    seen: list[float | None] = []
+    grants = MongoGrantStore({"grants": Recording(seen)}, read_timeout_s=2.5)  # type: ignore[arg-type]
+    restrictions = MongoRestrictionStore({"restrictions": Recording(seen)}, read_timeout_s=2.5)  # type: ignore[arg-type]
+    await grants.get("g", tenant="t")
+    await grants.active_for("s", "t", "pk", datetime.now(UTC))
+    await restrictions.get("t", "pk")
+    await restrictions.list("t", limit=10)
+    assert len(seen) == 4
+    assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
+    assert _csot.get_timeout() is None

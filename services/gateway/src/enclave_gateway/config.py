@@ -83,9 +83,10 @@ class GatewaySettings(BaseServiceSettings):
     rate_limit_burst: int = Field(default=120, ge=1)
     rate_limit_per_second: float = Field(default=40.0, gt=0)
     publish_timeout_s: float = Field(default=15.0, gt=0)
-    #: Seconds each database read of the status, results and patient routes may take, server
-    #: selection included; past it the route answers 503 ``dependency_unavailable`` (a database that
-    #: did not answer took about 30 s before: pymongo's monitor cycle).
+    #: Seconds each database read of the status, results and patient routes may take, and each lookup
+    #: of grants and restrictions a request's decision makes, server selection included; past it the
+    #: route answers 503 ``dependency_unavailable`` (a database that did not answer took about 30 s
+    #: before: pymongo's monitor cycle).
     read_timeout_s: float = Field(default=10.0, gt=0, le=120)
     #: Seconds between rounds of the sweep that records revocations Kafka refused to record when
     #: they were made (enclave_gateway.revocations); a revocation is swept once it is older than

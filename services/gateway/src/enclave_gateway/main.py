@@ -73,8 +73,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     recorder = AccessRecorder(handoff)
     # Runs before publisher.stop (hooks run in reverse): access events of 503s still on their way.
     runtime.on_shutdown(recorder.settle_background)
-    grants = MongoGrantStore(runtime.db)
-    restrictions = MongoRestrictionStore(runtime.db)
+    # Their lookups are part of a request's decision: bounded like the read model's reads.
+    grants = MongoGrantStore(runtime.db, read_timeout_s=settings.read_timeout_s)
+    restrictions = MongoRestrictionStore(runtime.db, read_timeout_s=settings.read_timeout_s)
     guard = AccessGuard(
         build_verifier(
             issuer=settings.oidc_issuer,

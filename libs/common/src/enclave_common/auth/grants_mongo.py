@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
@@ -92,8 +93,12 @@ class MongoGrantStore:
     """Grants in ``database["grants"]``; the database object (pymongo ``AsyncMongoClient``) is
     passed in by the service's wiring."""
 
-    def __init__(self, database: AsyncDatabase[Any]) -> None:
+    def __init__(self, database: AsyncDatabase[Any], *, read_timeout_s: float | None = None) -> None:
+        """``read_timeout_s``: how long each lookup a request makes (:meth:`get`, :meth:`active_for`)
+        may take, server selection included (pymongo's client-side operation timeout, which also sends
+        the server ``maxTimeMS``); None leaves the client's own bounds."""
         self._collection = database[COLLECTION]
+        self._read_timeout_s = read_timeout_s
 
     async def ensure_indexes(self) -> None:
         await self._collection.create_index(
@@ -141,10 +146,12 @@ class MongoGrantStore:
         return grants
 
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
-        doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
+        with pymongo.timeout(self._read_timeout_s):
+            doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
         return None if doc is None else grant_from_document(doc)
 
     async def active_for(self, subject: str, tenant: str, patient_key: str, now: datetime) -> Sequence[Grant]:
-        cursor = self._collection.find(active_grants_filter(subject, tenant, patient_key, now))
-        grants = [grant_from_document(doc) async for doc in cursor]
+        with pymongo.timeout(self._read_timeout_s):
+            cursor = self._collection.find(active_grants_filter(subject, tenant, patient_key, now))
+            grants = [grant_from_document(doc) async for doc in cursor]
         return [g for g in grants if g.is_active(now)]

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -46,8 +47,12 @@ def restriction_from_document(doc: Mapping[str, Any]) -> Restriction:
 class MongoRestrictionStore:
     """Restrictions in ``database["restrictions"]`` (a pymongo ``AsyncMongoClient`` database)."""
 
-    def __init__(self, database: AsyncDatabase[Any]) -> None:
+    def __init__(self, database: AsyncDatabase[Any], *, read_timeout_s: float | None = None) -> None:
+        """``read_timeout_s``: how long each lookup (:meth:`get`, :meth:`list`) may take, server
+        selection included (pymongo's client-side operation timeout); None leaves the client's own
+        bounds. Writes are not bounded here: a write given up on may still be applied."""
         self._collection = database[COLLECTION]
+        self._read_timeout_s = read_timeout_s
 
     async def ensure_indexes(self) -> None:
         # The admins' listing of their tenant's restrictions (GET /api/v1/restrictions).
@@ -69,7 +74,8 @@ class MongoRestrictionStore:
         return None if doc is None else restriction_from_document(doc)
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
-        doc = await self._collection.find_one({"_id": patient_key})
+        with pymongo.timeout(self._read_timeout_s):
+            doc = await self._collection.find_one({"_id": patient_key})
         if doc is None or doc.get("tenant") != tenant:
             return None
         return restriction_from_document(doc)
@@ -78,5 +84,6 @@ class MongoRestrictionStore:
         query: dict[str, Any] = {"tenant": tenant}
         if after is not None:
             query["_id"] = {"$gt": after}
-        cursor = self._collection.find(query).sort("_id", 1).limit(limit)
-        return [restriction_from_document(doc) async for doc in cursor]
+        with pymongo.timeout(self._read_timeout_s):
+            cursor = self._collection.find(query).sort("_id", 1).limit(limit)
+            return [restriction_from_document(doc) async for doc in cursor]
