@@ -45,6 +45,8 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
                  "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
     "grant_create": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                      "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
+    "grant_list": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
+                   "admin": (200,), "caregiver": (403,), "caregiver+grant": (403,)},
     "grant_read": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403), "auditor": (403, 403),
                    "admin": (200, 404), "caregiver": (403, 403), "caregiver+grant": (403, 403)},
     "grant_revoke": {"uploader": (403, 403), "clinician": (403, 403), "researcher": (403, 403), "auditor": (403, 403),
@@ -161,6 +163,8 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         return "GET", f"{GATEWAY}/api/v1/research/analyses", {}
     if endpoint == "grant_create":
         return "POST", f"{GATEWAY}/api/v1/grants", {"json": _grant_body(world.patient_a, "it-cg-other")}
+    if endpoint == "grant_list":
+        return "GET", f"{GATEWAY}/api/v1/grants", {}
     if endpoint == "grant_read":
         return "GET", f"{GATEWAY}/api/v1/grants/{world.grant_a if own else world.grant_b}", {}
     if endpoint == "grant_revoke":
@@ -440,3 +444,40 @@ async def test_another_tenants_id_is_recorded_exactly_as_an_absent_one(world: Wo
         assert (data["outcome"], data["status_code"], data["detail"]) == ("not_found", 404, "not_found"), data
         assert data["target"] == imaging_id
     assert patient_key(world.tenant_b, world.patient_b) not in json.dumps(by_id[world.imaging_b])
+
+
+async def test_an_admin_finds_a_clinicians_break_glass_session_and_ends_it():
+    """The listing's filters on the real database: a session found by kind, state and patient, revoked,
+    then no longer listed as active (a grant of another tenant is never listed)."""
+    tenant, other = new_tenant("it-list"), new_tenant("it-list-b")
+    patient = f"PID-L-{uuid.uuid4().hex[:8]}"
+    admin = bearer("it-admin-list", tenant, "admin")
+    async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
+        opened = await client.post(
+            "/api/v1/break-glass",
+            json={"patient_id": patient, "justification": "unconscious patient in the emergency room"},
+            headers=bearer("it-dr-list", tenant, "clinician"),
+        )
+        assert opened.status_code == 201, opened.text
+        session = opened.json()["grant_id"]
+        granted = await client.post("/api/v1/grants", json=_grant_body(patient), headers=admin)
+        assert granted.status_code == 201, granted.text
+        elsewhere = await client.post(
+            "/api/v1/grants", json=_grant_body(patient), headers=bearer("it-admin-list-b", other, "admin")
+        )
+        assert elsewhere.status_code == 201, elsewhere.text
+
+        async def listed(**params: str) -> list[str]:
+            answer = await client.get("/api/v1/grants", params=params, headers=admin)
+            assert answer.status_code == 200, answer.text
+            return [g["grant_id"] for g in answer.json()["grants"]]
+
+        key = patient_key(tenant, patient)
+        assert await listed() == [session, granted.json()["grant_id"]]
+        assert await listed(kind="break_glass", state="active", patient_key=key) == [session]
+        assert await listed(grantee="it-cg-granted") == [granted.json()["grant_id"]]
+        assert (await client.delete(f"/api/v1/grants/{session}", headers=admin)).status_code == 200
+        assert await listed(kind="break_glass", state="active") == []
+        assert await listed(kind="break_glass") == [session]
+        page = await client.get("/api/v1/grants", params={"limit": 1}, headers=admin)
+        assert page.json()["next_after"] == session

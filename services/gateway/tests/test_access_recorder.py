@@ -70,6 +70,9 @@ PRINCIPAL = Principal(subject="pacs", tenant="hospital-a", roles=frozenset({Role
     [
         Action.UPLOAD,
         Action.MANAGE_GRANTS,
+        Action.READ_GRANTS,
+        Action.MANAGE_RESTRICTIONS,
+        Action.READ_RESTRICTIONS,
         Action.BREAK_GLASS,
         Action.READ_STATUS,
         Action.READ_RESULTS_PHI,
@@ -81,7 +84,7 @@ async def test_an_allowed_decision_the_route_answers_records_nothing(action: Act
     """Its route records the request's one event with the answer it gives. Until the nineteenth
     session an allowed upload or grant change was recorded here too, as success with status 200,
     whatever the answer then was (a refused body, 201, 409, 422); until the twentieth an allowed read
-    or query, whose database lookup could then fail (503)."""
+    or query, whose database lookup could then fail (503); until the twenty-second a grant read."""
     handoff = GatedHandoff()
     handoff.gate.set()
     recorder = AccessRecorder(handoff)  # type: ignore[arg-type]
@@ -100,7 +103,7 @@ async def test_an_access_event_that_cannot_be_recorded_is_a_503() -> None:
     recorder = AccessRecorder(handoff)  # type: ignore[arg-type]
     req = request()
     with pytest.raises(Unaudited) as refused:
-        await recorder.on_decision(PRINCIPAL, Action.READ_GRANTS, AccessResult("allow", "allowed"), 200, req)
+        await recorder.on_decision(PRINCIPAL, Action.MANAGE_KEYS, AccessResult("allow", "allowed"), 200, req)
     assert refused.value.status_code == 503
     assert refused.value.headers == {"Retry-After": "10"}
     assert unrecorded_failure(req, refused.value) is None, "nothing more of the request can be recorded"
@@ -109,7 +112,7 @@ async def test_an_access_event_that_cannot_be_recorded_is_a_503() -> None:
 @pytest.mark.parametrize(
     ("action", "result"),
     [
-        (Action.READ_GRANTS, AccessResult("allow", "allowed")),
+        (Action.MANAGE_KEYS, AccessResult("allow", "allowed")),
         (Action.READ_STATUS, AccessResult("forbidden", "role")),
         (Action.UPLOAD, AccessResult("forbidden", "role")),
     ],

@@ -163,11 +163,13 @@ def access_target(patient_key: str | None, study_key: str | None = None) -> str 
 #: upload and grant decisions were recorded too, as ``success`` with status 200, followed by the
 #: route's own event: the first record of a refused upload read as an answer it never got. Until the
 #: twentieth session an allowed read or query was recorded at its decision, so one whose lookup then
-#: failed kept ``success``, 200, while it was answered 503.
+#: failed kept ``success``, 200, while it was answered 503; a grant read (``read_grants``) so until the
+#: twenty-second.
 ANSWERED_BY_ROUTE: Final = frozenset(
     {
         Action.UPLOAD,
         Action.MANAGE_GRANTS,
+        Action.READ_GRANTS,
         Action.MANAGE_RESTRICTIONS,
         Action.READ_RESTRICTIONS,
         Action.BREAK_GLASS,

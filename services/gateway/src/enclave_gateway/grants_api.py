@@ -23,14 +23,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Final
 
 import structlog
-from enclave_common.auth import Action, Grant, GrantKind, InvalidGrantError, Principal, Resource
+from enclave_common.auth import (
+    Action,
+    Grant,
+    GrantKind,
+    GrantQuery,
+    InvalidGrantError,
+    Principal,
+    Resource,
+)
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.grants import GrantStore
 from enclave_common.crypto import Pseudonymizer
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -54,6 +63,17 @@ PatientId = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
     Field(description="PatientID (0010,0020), at most 64 characters; stored only as its pseudonym"),
 ]
+
+#: A patient key: the 32-character lowercase base32 pseudonym the gateway answers with.
+PATIENT_KEY_PATTERN: Final = r"^[a-z2-7]{32}$"
+#: A page of the grants listing holds at most this many (and this many by default).
+GRANTS_PAGE_MAX: Final = 1000
+
+
+class GrantState(StrEnum):
+    ALL = "all"
+    ACTIVE = "active"
+
 
 GRANT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
@@ -230,16 +250,69 @@ def build_grants_router(
         return grant
 
     @router.get(
+        "/api/v1/grants",
+        summary="The grants and break-glass sessions of the admin's tenant, oldest first (admin)",
+        response_model=dict[str, Any],
+    )
+    async def list_grants(
+        request: Request,
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_GRANTS)),
+        kind: GrantKind | None = Query(None, description="only grants (patient) or break-glass sessions"),
+        grantee: str | None = Query(None, min_length=1, max_length=256, description="only those of this sub"),
+        patient_key: str | None = Query(
+            None, pattern=PATIENT_KEY_PATTERN, description="only those on this patient (its pseudonym)"
+        ),
+        state: GrantState = Query(GrantState.ALL, description="`active`: only those in effect now"),
+        limit: int = Query(
+            GRANTS_PAGE_MAX, ge=1, le=GRANTS_PAGE_MAX, description=f"at most {GRANTS_PAGE_MAX} per page"
+        ),
+        after: str | None = Query(
+            None, pattern=GRANT_ID_PATTERN, description="the previous page's `next_after`"
+        ),
+    ) -> JSONResponse:
+        authorized = await guard.check_resource(
+            request, principal, Action.READ_GRANTS, Resource(principal.tenant, patient_key)
+        )
+        query = GrantQuery(
+            kind=kind,
+            grantee=grantee,
+            patient_key=patient_key,
+            active_at=datetime.now(UTC) if state is GrantState.ACTIVE else None,
+        )
+        try:
+            found = await grants.list(principal.tenant, query, limit=limit + 1, after=after)
+            page = found[:limit]
+            answer = JSONResponse(
+                {
+                    "grants": [grant_view(g) for g in page],
+                    "next_after": page[-1].grant_id if len(found) > limit else None,
+                }
+            )
+        except Exception as exc:
+            await recorder.record_unanswered(request, authorized, Action.READ_GRANTS, exc)
+            raise
+        await recorder.disclose(request, authorized, Action.READ_GRANTS)
+        return answer
+
+    @router.get(
         "/api/v1/grants/{grant_id}", summary="One grant or break-glass session of the admin's tenant (admin)"
     )
     async def get_grant(
         request: Request,
         grant_id: str = Path(pattern=GRANT_ID_PATTERN),
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_GRANTS)),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         # Its own action (read_grants), so the audit trail files the read as a read, not as the
-        # grant change that manage_grants is.
-        return grant_view(await own_grant(request, principal, grant_id, Action.READ_GRANTS))
+        # grant change that manage_grants is. Recorded once the answer is built, as every read is.
+        grant = await grants.get(grant_id, tenant=principal.tenant)
+        resource = Resource(grant.tenant, grant.patient_key) if grant is not None else None
+        authorized = await guard.check_resource(
+            request, principal, Action.READ_GRANTS, resource
+        )  # None -> 404
+        assert grant is not None
+        answer = JSONResponse(grant_view(grant))
+        await recorder.disclose(request, authorized, Action.READ_GRANTS)
+        return answer
 
     @router.delete(
         "/api/v1/grants/{grant_id}",

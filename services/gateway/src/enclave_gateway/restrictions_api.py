@@ -32,12 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import AccessRecorder, Unaudited, access_target
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
-from enclave_gateway.grants_api import PatientId
+from enclave_gateway.grants_api import PATIENT_KEY_PATTERN, PatientId
 
 log = structlog.get_logger("enclave.gateway")
 
-#: A patient key: the 32-character lowercase base32 pseudonym the gateway answers with.
-PATIENT_KEY_PATTERN: Final = r"^[a-z2-7]{32}$"
 #: A page of the listing holds at most this many restrictions (and this many by default).
 RESTRICTIONS_PAGE_MAX: Final = 1000
 

@@ -14,7 +14,7 @@ from enclave_common.auth.errors import (
     InvalidRestrictionError,
     KeySourceUnavailable,
 )
-from enclave_common.auth.grants import Grant, GrantKind, GrantStore, InMemoryGrantStore
+from enclave_common.auth.grants import Grant, GrantKind, GrantQuery, GrantStore, InMemoryGrantStore
 from enclave_common.auth.jwks import KeySource, RemoteKeySource, StaticKeySource, parse_jwks
 from enclave_common.auth.policy import (
     DEFAULT_POLICY,
@@ -44,6 +44,7 @@ __all__ = [
     "Decision",
     "Grant",
     "GrantKind",
+    "GrantQuery",
     "GrantStore",
     "InMemoryGrantStore",
     "InMemoryRestrictionStore",

@@ -70,6 +70,25 @@ class Grant:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class GrantQuery:
+    """Which grants a listing selects; a field left None selects any."""
+
+    kind: GrantKind | None = None
+    grantee: str | None = None
+    patient_key: str | None = None
+    #: Only the grants in effect at this instant (in their window and not revoked).
+    active_at: datetime | None = None
+
+    def selects(self, grant: Grant) -> bool:
+        return (
+            (self.kind is None or grant.kind is self.kind)
+            and (self.grantee is None or grant.grantee == self.grantee)
+            and (self.patient_key is None or grant.patient_key == self.patient_key)
+            and (self.active_at is None or (grant.revoked_at is None and grant.is_active(self.active_at)))
+        )
+
+
 class GrantStore(Protocol):
     """Where grants live. Implementations must scope every lookup by tenant."""
 
@@ -98,6 +117,13 @@ class GrantStore(Protocol):
 
     async def active_for(self, subject: str, tenant: str, patient_key: str, now: datetime) -> Sequence[Grant]:
         """Grants and break-glass sessions of ``subject`` on that patient that are active at ``now``."""
+        ...
+
+    async def list(
+        self, tenant: str, query: GrantQuery, *, limit: int, after: str | None = None
+    ) -> Sequence[Grant]:
+        """At most ``limit`` grants and sessions of ``tenant`` that ``query`` selects, in ``grant_id``
+        order (UUIDv7: the order they were made in), after ``after`` if given."""
         ...
 
 
@@ -141,6 +167,16 @@ class InMemoryGrantStore:
     async def get(self, grant_id: str, *, tenant: str) -> Grant | None:
         grant = self._grants.get(grant_id)
         return grant if grant is not None and grant.tenant == tenant else None
+
+    async def list(
+        self, tenant: str, query: GrantQuery, *, limit: int, after: str | None = None
+    ) -> Sequence[Grant]:
+        found = (
+            g
+            for g in self._grants.values()
+            if g.tenant == tenant and (after is None or g.grant_id > after) and query.selects(g)
+        )
+        return sorted(found, key=lambda g: g.grant_id)[:limit]
 
     async def active_for(self, subject: str, tenant: str, patient_key: str, now: datetime) -> Sequence[Grant]:
         return [

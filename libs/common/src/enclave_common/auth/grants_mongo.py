@@ -17,7 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from enclave_common.auth.actions import Action
-from enclave_common.auth.grants import Grant, GrantKind
+from enclave_common.auth.grants import Grant, GrantKind, GrantQuery
 
 COLLECTION = "grants"
 log = structlog.get_logger("enclave.grants")
@@ -89,14 +89,37 @@ def active_grants_filter(subject: str, tenant: str, patient_key: str, now: datet
     }
 
 
+def grant_query_filter(tenant: str, query: GrantQuery, after: str | None) -> dict[str, Any]:
+    """The query of :meth:`MongoGrantStore.list` (equality and range operators only; a revocation is
+    effective from its instant, so a grant in effect has no ``revoked_at``)."""
+    found: dict[str, Any] = {"tenant": tenant}
+    if after is not None:
+        found["_id"] = {"$gt": after}
+    if query.kind is not None:
+        found["kind"] = query.kind.value
+    if query.grantee is not None:
+        found["grantee"] = query.grantee
+    if query.patient_key is not None:
+        found["patient_key"] = query.patient_key
+    if query.active_at is not None:
+        found.update(
+            {
+                "revoked_at": None,
+                "not_before": {"$lte": query.active_at},
+                "expires_at": {"$gt": query.active_at},
+            }
+        )
+    return found
+
+
 class MongoGrantStore:
     """Grants in ``database["grants"]``; the database object (pymongo ``AsyncMongoClient``) is
     passed in by the service's wiring."""
 
     def __init__(self, database: AsyncDatabase[Any], *, read_timeout_s: float | None = None) -> None:
-        """``read_timeout_s``: how long each lookup a request makes (:meth:`get`, :meth:`active_for`)
-        may take, server selection included (pymongo's client-side operation timeout, which also sends
-        the server ``maxTimeMS``); None leaves the client's own bounds."""
+        """``read_timeout_s``: how long each lookup a request makes (:meth:`get`, :meth:`active_for`,
+        :meth:`list`) may take, server selection included (pymongo's client-side operation timeout,
+        which also sends the server ``maxTimeMS``); None leaves the client's own bounds."""
         self._collection = database[COLLECTION]
         self._read_timeout_s = read_timeout_s
 
@@ -149,6 +172,15 @@ class MongoGrantStore:
         with pymongo.timeout(self._read_timeout_s):
             doc = await self._collection.find_one({"_id": grant_id, "tenant": tenant})
         return None if doc is None else grant_from_document(doc)
+
+    async def list(
+        self, tenant: str, query: GrantQuery, *, limit: int, after: str | None = None
+    ) -> Sequence[Grant]:
+        with pymongo.timeout(self._read_timeout_s):
+            cursor = (
+                self._collection.find(grant_query_filter(tenant, query, after)).sort("_id", 1).limit(limit)
+            )
+            return [grant_from_document(doc) async for doc in cursor]
 
     async def active_for(self, subject: str, tenant: str, patient_key: str, now: datetime) -> Sequence[Grant]:
         with pymongo.timeout(self._read_timeout_s):
