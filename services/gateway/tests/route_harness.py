@@ -189,7 +189,7 @@ def gateway_routes(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER
     )
     restrictions_router = build_restrictions_router(
-        guard=guard, restrictions=restrictions, recorder=recorder, pseudonymizer=PSEUDONYMIZER
+        guard=guard, restrictions=restrictions, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER
     )
     app = runtime.http_app(
         title="gateway under test",

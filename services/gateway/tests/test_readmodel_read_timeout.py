@@ -68,16 +68,20 @@ async def test_the_grant_and_restriction_lookups_of_a_decision_run_under_the_lim
     pymongo's ~30 s bound while the read model's reads had this one)."""
     from datetime import UTC, datetime
 
+    from enclave_common.auth import GrantQuery
     from enclave_common.auth.grants_mongo import MongoGrantStore
     from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
 
     seen: list[float | None] = []
     grants = MongoGrantStore({"grants": Recording(seen)}, read_timeout_s=2.5)  # type: ignore[arg-type]
-    restrictions = MongoRestrictionStore({"restrictions": Recording(seen)}, read_timeout_s=2.5)  # type: ignore[arg-type]
+    restrictions = MongoRestrictionStore(
+        {"restrictions": Recording(seen), "restriction_history": None}, read_timeout_s=2.5
+    )  # type: ignore[arg-type]
     await grants.get("g", tenant="t")
     await grants.active_for("s", "t", "pk", datetime.now(UTC))
     await restrictions.get("t", "pk")
     await restrictions.list("t", limit=10)
-    assert len(seen) == 4
+    await grants.list("t", GrantQuery(), limit=10)
+    assert len(seen) == 5
     assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
     assert _csot.get_timeout() is None

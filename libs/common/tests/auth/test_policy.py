@@ -350,11 +350,12 @@ def test_a_restriction_is_looked_up_exactly_when_it_changes_the_decision(
     sessions = [
         patient_grants(g, action) + break_glass_sessions(b) for g in GRANT_STATES for b in BREAK_GLASS_STATES
     ]
-    differs = any(
-        DEFAULT_POLICY.decide(who, action, plain, grants, NOW).outcome
-        != DEFAULT_POLICY.decide(who, action, restricted, grants, NOW).outcome
-        for grants in sessions
-    )
+
+    def decided(resource: Resource, grants: list[Grant]) -> tuple[Outcome, Basis | None, bool]:
+        decision = DEFAULT_POLICY.decide(who, action, resource, grants, NOW)
+        return decision.outcome, decision.basis, decision.break_glass
+
+    differs = any(decided(plain, grants) != decided(restricted, grants) for grants in sessions)
     assert DEFAULT_POLICY.restriction_matters(who, action, plain) is differs
     assert DEFAULT_POLICY.restriction_matters(who, action, restricted) is False  # known already
     assert DEFAULT_POLICY.restriction_matters(who, action, Resource(tenant)) is False  # no patient

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from enclave_common.auth import InMemoryRestrictionStore, Restriction
-from enclave_common.auth.restrictions_mongo import restriction_from_document, restriction_to_document
+import pytest
+from enclave_common.auth import InMemoryRestrictionStore, LiftedRestriction, Restriction
+from enclave_common.auth.restrictions import RestrictionContended
+from enclave_common.auth.restrictions_mongo import (
+    MongoRestrictionStore,
+    restriction_from_document,
+    restriction_to_document,
+)
+from enclave_common.service import failure_answer
 
 AT = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
 
@@ -26,17 +33,45 @@ async def test_every_method_is_scoped_by_tenant() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
     assert await store.get("hospital-b", "k1") is None
-    assert await store.lift("hospital-b", "k1") is None
+    assert await store.lift(restriction("k1", tenant="hospital-b"), lifted_by="x", lifted_at=AT) is None
     assert await store.list("hospital-b", limit=10) == []
     assert await store.get("hospital-a", "k1") == restriction("k1")
 
 
-async def test_lift_removes_it_once() -> None:
+async def test_lift_removes_that_restriction_once_and_keeps_it_in_the_history() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
-    assert await store.lift("hospital-a", "k1") == restriction("k1")
-    assert await store.lift("hospital-a", "k1") is None
+    assert await store.lift(restriction("k1", by="someone-else"), lifted_by="a2", lifted_at=AT) is None
+    assert await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT) == restriction("k1")
+    assert await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT) is None
     assert await store.get("hospital-a", "k1") is None
+    assert store.history == [LiftedRestriction(restriction("k1"), "a2", AT)]
+
+
+class FakeCollection:
+    """insert_one that finds the key taken, and find_one that finds nothing: a restriction lifted
+    between the insert and the read, again and again."""
+
+    def __init__(self) -> None:
+        self.inserts = 0
+
+    async def insert_one(self, doc: dict[str, object]) -> None:
+        from pymongo.errors import DuplicateKeyError
+
+        self.inserts += 1
+        raise DuplicateKeyError("E11000")
+
+    async def find_one(self, query: dict[str, object]) -> None:
+        return None
+
+
+async def test_a_restriction_contended_three_times_is_a_transient_error_not_a_bug() -> None:
+    collection = FakeCollection()
+    store = MongoRestrictionStore({"restrictions": collection, "restriction_history": None})  # type: ignore[arg-type]
+    with pytest.raises(RestrictionContended) as contended:
+        await store.restrict(restriction("k1"))
+    assert collection.inserts == 3
+    assert failure_answer(contended.value) == (503, "restriction_contended")
 
 
 async def test_list_pages_in_patient_key_order() -> None:

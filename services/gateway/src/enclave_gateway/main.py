@@ -171,7 +171,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
     )
     restrictions_router = build_restrictions_router(
-        guard=guard, restrictions=restrictions, recorder=recorder, pseudonymizer=pseudonymizer
+        guard=guard, restrictions=restrictions, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
     )
     app = runtime.http_app(
         title="Enclave gateway",

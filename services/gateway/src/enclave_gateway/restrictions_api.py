@@ -7,11 +7,15 @@ in the request body and kept only as its tenant-scoped pseudonym; no response, e
 the patient id. Every request is one ``access.recorded`` event (action ``manage_restrictions``, or
 ``read_restrictions`` for the listing) with the answer it got, as for grants.
 
-Restricting is protective, so it is never undone: if Kafka refuses its event the restriction stays in
-effect, the answer is 503 and says so, and the repeated request (answered 200: the patient is
-restricted already) records who restricted the patient and when. Lifting widens access, so it takes
-effect only with its record: if Kafka refuses the event, the restriction is put back and the answer
-is 503.
+A change takes effect only once its access event is acknowledged: the restriction is stored, or
+removed, after its record, so the audit trail never lacks a change that is in effect, and a read is
+never allowed on a lifting that is still being recorded (until the review of the twenty-second
+session a restriction was stored first and a lifting applied first). If Kafka refuses the event,
+nothing changed and the answer (503) says so. If the store then fails, the answer is 503 and a second
+event of the request says the change was not made (``restriction_not_stored``,
+``restriction_not_lifted``): the patient keeps the state it had. Restricting a patient names, in its
+answer, the grants and break-glass sessions in effect on that patient: they still allow what they
+name, and the admin may revoke them.
 """
 
 from __future__ import annotations
@@ -19,30 +23,35 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import structlog
-from enclave_common.auth import Action, InvalidRestrictionError, Principal, Resource, Restriction
+from enclave_common.auth import (
+    Action,
+    GrantQuery,
+    InvalidRestrictionError,
+    Principal,
+    Resource,
+    Restriction,
+)
 from enclave_common.auth.fastapi import AccessGuard
-from enclave_common.auth.policy import NOT_FOUND_MESSAGE, check_justification
+from enclave_common.auth.grants import GrantStore
+from enclave_common.auth.policy import check_justification
 from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.crypto import Pseudonymizer
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from enclave_common.service import failure_answer
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder, Unaudited, access_target
+from enclave_gateway.access import AccessRecorder, access_target
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
-from enclave_gateway.grants_api import PATIENT_KEY_PATTERN, PatientId
-
-log = structlog.get_logger("enclave.gateway")
+from enclave_gateway.grants_api import GRANTS_PAGE_MAX, PATIENT_KEY_PATTERN, PatientId, grant_view
 
 #: A page of the listing holds at most this many restrictions (and this many by default).
 RESTRICTIONS_PAGE_MAX: Final = 1000
 
 #: The 503 of a restriction whose event Kafka refused (then "; retry later").
 RESTRICTION_UNRECORDED: Final = (
-    "the patient is restricted (in effect now), but the restriction could not be recorded in the audit "
-    "trail: repeat this request to record it"
+    "the patient is not restricted: the restriction could not be recorded in the audit trail"
 )
 #: The 503 of a lifting whose event Kafka refused (then "; retry later").
 LIFT_UNRECORDED: Final = (
@@ -75,10 +84,16 @@ def _in_effect(restriction: Restriction) -> str:
     return f"restricted_by={restriction.restricted_by} restricted_at={restriction.restricted_at.isoformat()}"
 
 
+def _milliseconds(moment: datetime) -> datetime:
+    """``moment`` as the database keeps it, so an answer and a later one say the same time."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def build_restrictions_router(
     *,
     guard: AccessGuard,
     restrictions: RestrictionStore,
+    grants: GrantStore,
     recorder: AccessRecorder,
     pseudonymizer: Pseudonymizer,
 ) -> APIRouter:
@@ -86,13 +101,27 @@ def build_restrictions_router(
     manage = Action.MANAGE_RESTRICTIONS
     record = recorder.record_change
 
+    async def not_done(request: Request, principal: Principal, key: str, detail: str, exc: Exception) -> None:
+        """The store failed after the change was recorded: a second event of the request says the change
+        was not made, with the answer the request gets."""
+        status, code = failure_answer(exc)
+        await recorder.record_if_possible(
+            request,
+            principal=principal,
+            action=str(manage),
+            outcome="error" if status >= 500 else "rejected",
+            status=status,
+            target=access_target(key),
+            detail=f"{detail} cause={code}",
+        )
+
     @router.post(
         "/api/v1/restrictions",
         status_code=201,
         summary="Restrict a patient: its PHI then needs break-glass, even for clinicians (admin)",
         responses={
             200: {"description": "the patient was restricted already (this request is recorded too)"},
-            201: {"description": "restricted"},
+            201: {"description": "restricted; `active_grants` lists the grants and sessions still in effect"},
             403: {"description": "not an admin"},
             422: {"description": "invalid"},
         },
@@ -118,31 +147,43 @@ def build_restrictions_router(
         except InvalidRestrictionError as exc:
             await record(request, principal, manage, 422, key, f"restriction_refused:{exc.code}")
             return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
-        now = datetime.now(UTC)
+        existing = await restrictions.get(principal.tenant, key)
+        if existing is not None:
+            await record(
+                request, principal, manage, 200, key, f"patient_restricted_already {_in_effect(existing)}"
+            )
+            return JSONResponse(restriction_view(existing))
+        now = _milliseconds(datetime.now(UTC))
         new = Restriction(
             tenant=principal.tenant,
             patient_key=key,
             justification=justification,
             restricted_by=principal.subject,
-            # In milliseconds, as the database keeps it: the 201 and every later answer say the same.
-            restricted_at=now.replace(microsecond=now.microsecond // 1000 * 1000),
+            restricted_at=now,
         )
-        existing = await restrictions.restrict(new)
-        if existing is None:
-            await record(request, principal, manage, 201, key, "patient_restricted", RESTRICTION_UNRECORDED)
-            return JSONResponse(restriction_view(new), status_code=201)
-        # Restricted already: recorded with who restricted the patient and when, so a restriction whose
-        # own record Kafka refused (answered 503) is in the trail once its request is repeated.
+        # What stays allowed: an admin's grant and an open session are not ended by a restriction.
+        active = await grants.list(
+            principal.tenant, GrantQuery(patient_key=key, active_at=now), limit=GRANTS_PAGE_MAX
+        )
         await record(
             request,
             principal,
             manage,
-            200,
+            201,
             key,
-            f"patient_restricted_already {_in_effect(existing)}",
+            f"patient_restricted restricted_at={now.isoformat()} active_grants={len(active)}",
             RESTRICTION_UNRECORDED,
         )
-        return JSONResponse(restriction_view(existing))
+        try:
+            stored = await restrictions.restrict(new) or new  # another admin's, made at the same moment
+        except Exception as exc:
+            await not_done(
+                request, principal, key, f"restriction_not_stored restricted_at={now.isoformat()}", exc
+            )
+            raise
+        return JSONResponse(
+            {**restriction_view(stored), "active_grants": [grant_view(g) for g in active]}, status_code=201
+        )
 
     @router.delete(
         "/api/v1/restrictions/{patient_key}",
@@ -161,59 +202,35 @@ def build_restrictions_router(
             raise
 
     async def lift_restriction(request: Request, principal: Principal, key: str) -> JSONResponse:
-        await guard.check_resource(request, principal, manage, Resource(principal.tenant, key))
-        lifted = await restrictions.lift(principal.tenant, key)
-        if lifted is None:
-            # The app's one 404 (no such resource), also for a patient key of another tenant: it names
-            # nothing here. The record says why.
-            await record(request, principal, manage, 404, key, "not_restricted")
-            raise HTTPException(404, detail={"code": "not_found", "message": NOT_FOUND_MESSAGE})
+        existing = await restrictions.get(principal.tenant, key)
+        # No restriction (also a key of another tenant: it names nothing here): the app's one 404,
+        # recorded by the guard as any absent resource is.
+        resource = Resource(principal.tenant, key) if existing is not None else None
+        await guard.check_resource(request, principal, manage, resource)
+        assert existing is not None
+        await record(
+            request,
+            principal,
+            manage,
+            200,
+            key,
+            f"restriction_lifted {_in_effect(existing)}",
+            LIFT_UNRECORDED,
+        )
+        lifted_at = _milliseconds(datetime.now(UTC))
         try:
-            await record(
-                request,
-                principal,
-                manage,
-                200,
-                key,
-                f"restriction_lifted {_in_effect(lifted)}",
-                LIFT_UNRECORDED,
-            )
-        except Unaudited:
-            await put_back(request, principal, lifted)
+            # None: lifted by another request meanwhile; the patient is not restricted either way.
+            await restrictions.lift(existing, lifted_by=principal.subject, lifted_at=lifted_at)
+        except Exception as exc:
+            await not_done(request, principal, key, f"restriction_not_lifted {_in_effect(existing)}", exc)
             raise
         return JSONResponse(
             {
-                **restriction_view(lifted),
+                **restriction_view(existing),
                 "restricted": False,
                 "lifted_by": principal.subject,
-                "lifted_at": datetime.now(UTC).isoformat(),
+                "lifted_at": lifted_at.isoformat(),
             }
-        )
-
-    async def put_back(request: Request, principal: Principal, lifted: Restriction) -> None:
-        """Restore ``lifted``, whose lifting Kafka did not record, and record the 503 the request is
-        answered if Kafka takes that event: ``restriction_restored``, or ``restriction_not_restored``
-        when the store did not answer either (the patient stays unrestricted; logged as critical)."""
-        try:
-            await restrictions.restrict(lifted)  # a restriction made in between is kept as it is
-            state = "restored"
-        except Exception as exc:
-            log.critical(
-                "a restriction whose lifting was not recorded could not be restored; restrict the patient "
-                "again (POST /api/v1/restrictions)",
-                patient_key=lifted.patient_key,
-                tenant=lifted.tenant,
-                error=type(exc).__name__,
-            )
-            state = "not_restored"
-        await recorder.record_if_possible(
-            request,
-            principal=principal,
-            action=str(manage),
-            outcome="error",
-            status=503,
-            target=access_target(lifted.patient_key),
-            detail=f"restriction_{state} cause=access_unrecorded",
         )
 
     @router.get(

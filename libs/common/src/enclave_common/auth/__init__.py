@@ -28,7 +28,12 @@ from enclave_common.auth.policy import (
     render_policy_table,
 )
 from enclave_common.auth.ratelimit import RateDecision, RateLimit, RateLimiter
-from enclave_common.auth.restrictions import InMemoryRestrictionStore, Restriction, RestrictionStore
+from enclave_common.auth.restrictions import (
+    InMemoryRestrictionStore,
+    LiftedRestriction,
+    Restriction,
+    RestrictionStore,
+)
 from enclave_common.auth.roles import Principal, Role
 from enclave_common.auth.tokens import TokenRules, TokenVerifier
 
@@ -52,6 +57,7 @@ __all__ = [
     "InvalidRestrictionError",
     "KeySource",
     "KeySourceUnavailable",
+    "LiftedRestriction",
     "Outcome",
     "Principal",
     "RateDecision",

@@ -8,8 +8,9 @@ what hospitals do for their own staff, public figures and other patients at risk
 names: the restriction narrows what a role gives, not what an admin granted one person.
 
 A restriction is kept server-side, keyed by the patient's tenant-scoped pseudonym (never the patient
-id), and takes effect on the next request. Lifting it removes it; its history is the audit trail's
-(each change is an ``access.recorded`` event of action ``manage_restrictions``).
+id), and takes effect on the next request. Lifting it moves it to the store's history, with who lifted
+it and when (the justification is kept there, never put in events); each change is also an
+``access.recorded`` event of action ``manage_restrictions``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+
+from enclave_common.errors import TransientError
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,21 @@ class Restriction:
     restricted_at: datetime
 
 
+class RestrictionContended(TransientError):
+    """A patient's restriction changed under a write several times in a row: try again (503)."""
+
+    code = "restriction_contended"
+
+
+@dataclass(frozen=True, slots=True)
+class LiftedRestriction:
+    """A restriction that was lifted, as the store's history keeps it."""
+
+    restriction: Restriction
+    lifted_by: str
+    lifted_at: datetime
+
+
 class RestrictionStore(Protocol):
     """Where restrictions live. Every method is scoped by tenant."""
 
@@ -40,9 +58,12 @@ class RestrictionStore(Protocol):
         patient (left unchanged)."""
         ...
 
-    async def lift(self, tenant: str, patient_key: str) -> Restriction | None:
-        """Remove the restriction on that patient of ``tenant``: the one removed, or None if there was
-        none."""
+    async def lift(
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+    ) -> Restriction | None:
+        """Remove ``restriction`` (that one: not one made after it), keeping it in the history with who
+        lifted it and when: the one removed, or None if it was no longer in effect. Repeating a lift
+        that failed part-way is safe."""
         ...
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
@@ -59,6 +80,7 @@ class InMemoryRestrictionStore:
 
     def __init__(self) -> None:
         self._restrictions: dict[tuple[str, str], Restriction] = {}
+        self.history: list[LiftedRestriction] = []
         self._lock = asyncio.Lock()
 
     async def restrict(self, restriction: Restriction) -> Restriction | None:
@@ -69,9 +91,15 @@ class InMemoryRestrictionStore:
             self._restrictions[key] = restriction
             return None
 
-    async def lift(self, tenant: str, patient_key: str) -> Restriction | None:
+    async def lift(
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+    ) -> Restriction | None:
         async with self._lock:
-            return self._restrictions.pop((tenant, patient_key), None)
+            key = (restriction.tenant, restriction.patient_key)
+            if self._restrictions.get(key) != restriction:
+                return None
+            self.history.append(LiftedRestriction(restriction, lifted_by, lifted_at))
+            return self._restrictions.pop(key)
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
         return self._restrictions.get((tenant, patient_key))

@@ -1,11 +1,13 @@
-"""The :class:`~enclave_common.auth.restrictions.RestrictionStore` in MongoDB (collection
-``restrictions``).
+"""The :class:`~enclave_common.auth.restrictions.RestrictionStore` in MongoDB (collections
+``restrictions`` and ``restriction_history``).
 
 One document per restricted patient, ``_id`` its pseudonym: pseudonyms are tenant-scoped keyed HMACs,
 so one pseudonym names one patient of one tenant, and the tenant is stored and checked as well. The
 lookup every PHI read of a clinician makes is a read by ``_id`` alone (the one query FerretDB v1
-answers from its primary key instead of a scan); the tenant is then compared here. Single-document
-writes only (FerretDB v1 has no transactions).
+answers from its primary key instead of a scan); the tenant is then compared here. A lifted
+restriction is copied to ``restriction_history`` (``_id`` its pseudonym and the time it was made, so
+a repeated lift writes the same document) before it is removed. Single-document writes only (FerretDB
+v1 has no transactions).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import pymongo
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from enclave_common.auth.restrictions import Restriction
+from enclave_common.auth.restrictions import Restriction, RestrictionContended
 
 COLLECTION = "restrictions"
+HISTORY = "restriction_history"
 
 
 def restriction_to_document(restriction: Restriction) -> dict[str, Any]:
@@ -33,14 +36,17 @@ def restriction_to_document(restriction: Restriction) -> dict[str, Any]:
     }
 
 
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def restriction_from_document(doc: Mapping[str, Any]) -> Restriction:
-    at: datetime = doc["restricted_at"]
     return Restriction(
         tenant=doc["tenant"],
-        patient_key=str(doc["_id"]),
+        patient_key=str(doc.get("patient_key", doc["_id"])),
         justification=doc["justification"],
         restricted_by=doc["restricted_by"],
-        restricted_at=at if at.tzinfo is not None else at.replace(tzinfo=UTC),
+        restricted_at=_aware(doc["restricted_at"]),
     )
 
 
@@ -52,11 +58,13 @@ class MongoRestrictionStore:
         selection included (pymongo's client-side operation timeout); None leaves the client's own
         bounds. Writes are not bounded here: a write given up on may still be applied."""
         self._collection = database[COLLECTION]
+        self._history = database[HISTORY]
         self._read_timeout_s = read_timeout_s
 
     async def ensure_indexes(self) -> None:
         # The admins' listing of their tenant's restrictions (GET /api/v1/restrictions).
         await self._collection.create_index([("tenant", 1), ("_id", 1)], name="tenant_patient")
+        await self._history.create_index([("tenant", 1), ("patient_key", 1)], name="tenant_patient")
 
     async def restrict(self, restriction: Restriction) -> Restriction | None:
         for _ in range(3):  # a restriction lifted between the insert and the read: insert again
@@ -67,11 +75,36 @@ class MongoRestrictionStore:
                     return existing
             else:
                 return None
-        raise RuntimeError("the patient's restriction was changed concurrently three times; try again")
+        raise RestrictionContended(
+            "the patient's restriction was changed by other requests while this one was stored; retry"
+        )
 
-    async def lift(self, tenant: str, patient_key: str) -> Restriction | None:
-        doc = await self._collection.find_one_and_delete({"_id": patient_key, "tenant": tenant})
-        return None if doc is None else restriction_from_document(doc)
+    async def lift(
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+    ) -> Restriction | None:
+        current = await self.get(restriction.tenant, restriction.patient_key)
+        if current != restriction:
+            return None
+        made = int(restriction.restricted_at.timestamp() * 1000)
+        await self._history.replace_one(
+            {"_id": f"{restriction.patient_key}:{made}"},
+            {
+                **restriction_to_document(restriction),
+                "_id": f"{restriction.patient_key}:{made}",
+                "patient_key": restriction.patient_key,
+                "lifted_by": lifted_by,
+                "lifted_at": lifted_at,
+            },
+            upsert=True,
+        )
+        removed = await self._collection.delete_one(
+            {
+                "_id": restriction.patient_key,
+                "tenant": restriction.tenant,
+                "restricted_at": restriction.restricted_at,
+            }
+        )
+        return restriction if removed.deleted_count == 1 else None
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
         with pymongo.timeout(self._read_timeout_s):
