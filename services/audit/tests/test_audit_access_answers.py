@@ -371,3 +371,39 @@ async def test_a_call_the_server_cancels_is_recorded_as_the_500_it_gets(client, 
     with pytest.raises(asyncio.CancelledError):
         await call
     claims(the_one_record(trail), 500, "error", "request_cancelled")
+
+
+async def test_a_cancelled_calls_record_that_cannot_finish_in_time_is_cancelled_too(
+    client, trail, monkeypatch
+) -> None:
+    """The record of a cancelled call waits at most RECORD_ON_CANCEL_S; past it the record itself is
+    cancelled, not left running shielded and unseen (until the twenty-second session it ran on)."""
+    from enclave_common import cancellation
+
+    monkeypatch.setattr(cancellation, "RECORD_ON_CANCEL_S", 0.2)
+    reading, publishing = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []
+
+    async def stuck(query: EventQuery, limit: int, *, timeout_s: float | None = None) -> list[AuditRecord]:
+        reading.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    async def silent_kafka(topic: str, envelope: Any, *, key: str) -> None:
+        publishing.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    monkeypatch.setattr(trail, "query", stuck)
+    monkeypatch.setattr(trail, "publish", silent_kafka)
+    call = asyncio.ensure_future(client.get("/audit/events"))
+    await asyncio.wait_for(reading.wait(), 5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 5)
+    assert publishing.is_set()
+    await asyncio.sleep(0)  # the cancelled record's task runs its handler
+    assert ended == ["cancelled"]

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from enclave_common import topics
 from enclave_common.auth import Action, KeySourceUnavailable, Principal, Resource
 from enclave_common.auth.fastapi import AccessGuard, AccessResult, Authorized
+from enclave_common.cancellation import finish_despite_cancel
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, answered_outcome
 from enclave_common.kafka import EventPublisher
@@ -81,8 +82,6 @@ _SEQ_ID: Final = re.compile(r"seq-([1-9][0-9]{0,18})")
 _ANSWER_TO_RECORD: Final = "audit_access_answer_to_record"
 #: With Kafka down nothing can be audited: the call is refused with 503 and this hint.
 RETRY_LATER: Final = {"Retry-After": "10"}
-#: How long a call the server cancels waits for its access record.
-RECORD_ON_CANCEL_S: Final = 5.0
 
 RecordAnswer = Callable[[int, str | None], Awaitable[None]]
 #: Answers below 500 that tell of a fault in the trail, not in what the caller asked: recorded as an
@@ -214,8 +213,8 @@ class AnsweredRoute(APIRoute):
                 # cancellation goes on.
                 if (record := _answer_to_record(request)) is not None:
                     try:
-                        async with asyncio.timeout(RECORD_ON_CANCEL_S):
-                            await asyncio.shield(record(500, "request_cancelled"))
+                        # Until the twenty-second session a record past the bound ran on, shielded.
+                        await finish_despite_cancel(record(500, "request_cancelled"))
                     except TimeoutError:
                         log.error("a cancelled call's access record was not acknowledged in time")
                     except HTTPException:

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Final, NotRequired, TypedDict, Unpack
+from typing import Final, NotRequired, TypedDict, Unpack
 
 import structlog
 from enclave_common import topics
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessResult, Authorized
 from enclave_common.body_limit import body_refusal
+from enclave_common.cancellation import RECORD_ON_CANCEL_S, finish_despite_cancel
 from enclave_common.envelope import Envelope, canonical_request_id, new_event_id
 from enclave_common.events import AccessOutcome, AccessRecorded, SecurityAlert, answered_outcome
 from enclave_common.service import failure_answer
@@ -182,8 +183,6 @@ ANSWERED_BY_ROUTE: Final = frozenset(
 
 #: Set on a request once an access event of it was handed to the producer (see :func:`access_recorded`).
 _RECORDED = "access_recorded"
-#: How long a cancelled request (the server's graceful-shutdown timeout) waits for its access event.
-RECORD_ON_CANCEL_S: Final = 5.0
 #: Access events of 503 answers that may wait for Kafka in the background at once
 #: (:meth:`AccessRecorder.record_in_background`); past it such a 503 is logged and not recorded.
 MAX_BACKGROUND_RECORDS: Final = 1024
@@ -500,25 +499,6 @@ class AccessRecorder:
         )
         with _unaudited("the alert could not be raised"):
             await self.handoff.publish_event(topics.SECURITY_ALERT, alert, principal.tenant)
-
-
-async def finish_despite_cancel(
-    recording: Awaitable[object], unfinished: set[asyncio.Future[Any]] | None = None
-) -> None:
-    """Await the record of a request being cancelled (the server's graceful-shutdown timeout), before
-    the cancellation goes on: shielded from a further cancellation, for at most
-    :data:`RECORD_ON_CANCEL_S` (then cancelled, and ``TimeoutError``). What the shield keeps running
-    past a further cancellation is kept in ``unfinished`` until it ends."""
-    task = asyncio.ensure_future(recording)
-    if unfinished is not None:
-        unfinished.add(task)
-        task.add_done_callback(unfinished.discard)
-    try:
-        async with asyncio.timeout(RECORD_ON_CANCEL_S):
-            await asyncio.shield(task)
-    except TimeoutError:
-        task.cancel()
-        raise
 
 
 def _log_failure(recording: asyncio.Future[bool]) -> None:

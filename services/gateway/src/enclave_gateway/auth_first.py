@@ -29,10 +29,11 @@ from typing import Any
 import structlog
 from enclave_common.auth import Action, Principal
 from enclave_common.auth.fastapi import AccessGuard, AccessResult
+from enclave_common.cancellation import finish_despite_cancel
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from enclave_gateway.access import Unaudited, access_recorded, finish_despite_cancel, unrecorded_failure
+from enclave_gateway.access import Unaudited, access_recorded, unrecorded_failure
 
 log = structlog.get_logger("enclave.gateway")
 
