@@ -74,6 +74,23 @@ async def restrict(harness: Harness, patient_id: str = PLANTED, **kwargs: Any) -
     )
 
 
+async def grant_results(harness: Harness, patient_id: str) -> Exchange:
+    """An admin's grant of the patient's results to it-caregiver."""
+    return await call(
+        harness,
+        "POST",
+        "/api/v1/grants",
+        "admin",
+        {
+            "grantee": "it-caregiver",
+            "patient_id": patient_id,
+            "actions": ["read_results_phi"],
+            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
+            "justification": "daughter, consent form on file",
+        },
+    )
+
+
 def alerts(harness: Harness) -> list[Any]:
     return [e for t, e in harness.publisher.sent if t == topics.SECURITY_ALERT]
 
@@ -154,19 +171,7 @@ async def test_only_the_restricted_patient_and_only_the_tenant_scope_is_affected
     assert (await restrict(harness, tenant="hospital-b")).status == 201
     assert len(harness.restrictions._restrictions) == 2
     # A caregiver an admin granted this patient reads what the grant names: no break-glass, no alert.
-    grant = await call(
-        harness,
-        "POST",
-        "/api/v1/grants",
-        "admin",
-        {
-            "grantee": "it-caregiver",
-            "patient_id": PLANTED,
-            "actions": ["read_results_phi"],
-            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
-            "justification": "daughter, consent form on file",
-        },
-    )
+    grant = await grant_results(harness, PLANTED)
     assert grant.status == 201, grant.body
     granted = await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "caregiver")
     assert granted.status == 200, granted.body
@@ -392,32 +397,8 @@ async def test_a_lookup_the_store_did_not_answer_is_503_and_recorded(tmp_path: P
 
 async def test_restricting_names_the_grants_and_sessions_that_stay_in_effect(tmp_path: Path) -> None:
     harness = gateway_routes(tmp_path)
-    grant = await call(
-        harness,
-        "POST",
-        "/api/v1/grants",
-        "admin",
-        {
-            "grantee": "it-caregiver",
-            "patient_id": PLANTED,
-            "actions": ["read_results_phi"],
-            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
-            "justification": "daughter, consent form on file",
-        },
-    )
-    other_patient = await call(
-        harness,
-        "POST",
-        "/api/v1/grants",
-        "admin",
-        {
-            "grantee": "it-caregiver",
-            "patient_id": OTHER_PATIENT,
-            "actions": ["read_results_phi"],
-            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
-            "justification": "daughter, consent form on file",
-        },
-    )
+    grant = await grant_results(harness, PLANTED)
+    other_patient = await grant_results(harness, OTHER_PATIENT)
     assert {grant.status, other_patient.status} == {201}
     answer = await restrict(harness)
     assert answer.status == 201, answer.body

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import Final, NotRequired, TypedDict, Unpack
+from typing import Final, NotRequired, TypedDict, TypeVar, Unpack
 
 import structlog
 from enclave_common import topics
@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from enclave_gateway.handoff import Handoff, KafkaUnavailable
 from enclave_gateway.stow import error_body
 
+T = TypeVar("T")
 log = structlog.get_logger("enclave.gateway")
 
 _OUTCOMES: dict[str, AccessOutcome] = {
@@ -417,6 +418,20 @@ class AccessRecorder:
         result = AccessResult("allow", decision.reason, decision, authorized.resource)
         await self._record_decision(authorized.principal, action, result, 200, request)
 
+    async def disclosed(
+        self, request: Request, authorized: Authorized, action: Action, answer: Awaitable[JSONResponse]
+    ) -> JSONResponse:
+        """``answer``, read from the database for an allowed ``action``, once its access event was
+        recorded (:meth:`disclose`); a read that fails is recorded with the answer it gets
+        (:meth:`record_unanswered`)."""
+        try:
+            body = await answer
+        except Exception as exc:
+            await self.record_unanswered(request, authorized, action, exc)
+            raise
+        await self.disclose(request, authorized, action)
+        return body
+
     async def record_unanswered(
         self, request: Request, authorized: Authorized, action: Action, exc: Exception
     ) -> None:
@@ -518,3 +533,10 @@ def _unaudited(what: str = UNAUDITED) -> Iterator[None]:
         raise Unaudited(
             503, detail={"code": exc.code, "message": f"{what}; retry later"}, headers=RETRY_LATER
         ) from None
+
+
+def page_of(found: Sequence[T], limit: int, key: Callable[[T], str]) -> tuple[Sequence[T], str | None]:
+    """A listing's page from ``found`` (read with ``limit + 1``), and its ``next_after``: the key of its
+    last item when more follow, else None."""
+    page = found[:limit]
+    return page, key(page[-1]) if len(found) > limit else None

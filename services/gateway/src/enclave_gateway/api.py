@@ -20,12 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from enclave_gateway.access import (
-    AccessRecorder,
-    Unaudited,
-    access_recorded,
-    unrecorded_failure,
-)
+from enclave_gateway.access import AccessRecorder, Unaudited, access_recorded, page_of, unrecorded_failure
 from enclave_gateway.admission import TooManyUploads
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
@@ -342,18 +337,7 @@ def build_router(
     # decision, is recorded as the 503 it gets.
     reads = APIRouter(route_class=AuthenticatedBodyRoute)
 
-    async def disclosed(
-        request: Request, authorized: Authorized, action: Action, answer: Awaitable[JSONResponse]
-    ) -> JSONResponse:
-        """``answer``, read from the database for an allowed ``action``, once its access event was
-        recorded; a read that fails is recorded with the answer it gets."""
-        try:
-            body = await answer
-        except Exception as exc:
-            await recorder.record_unanswered(request, authorized, action, exc)
-            raise
-        await recorder.disclose(request, authorized, action)
-        return body
+    disclosed = recorder.disclosed
 
     # Before the instance routes: /api/v1/imaging/{imaging_id}/analysis would otherwise take the
     # patient query of a PatientID "analysis". ``:path`` because a PatientID may hold '/', which the
@@ -407,13 +391,13 @@ def build_router(
 
         async def page_of_instances() -> JSONResponse:
             docs = await read_model.for_patient(principal.tenant, key, limit + 1, after)
-            page = docs[:limit]
+            page, next_after = page_of(docs, limit, _doc_id)
             return _json(
                 {
                     "patient_key": key,
                     "instances": [_status_view(d) for d in page],
                     # More instances follow: ask again with ``after`` set to this.
-                    "next_after": page[-1]["_id"] if len(docs) > limit else None,
+                    "next_after": next_after,
                 }
             )
 
@@ -497,13 +481,8 @@ def build_router(
 
         async def page_of_analyses() -> JSONResponse:
             docs = await read_model.analyses_of(principal.tenant, limit + 1, after)
-            page = docs[:limit]
-            return _json(
-                {
-                    "analyses": [_research_view(d) for d in page],
-                    "next_after": page[-1]["_id"] if len(docs) > limit else None,
-                }
-            )
+            page, next_after = page_of(docs, limit, _doc_id)
+            return _json({"analyses": [_research_view(d) for d in page], "next_after": next_after})
 
         return await disclosed(request, authorized, Action.READ_RESULTS_DEID, page_of_analyses())
 
@@ -518,6 +497,10 @@ PATIENT_PAGE_MAX = 1000
 ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 #: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _doc_id(doc: dict[str, Any]) -> str:
+    return str(doc["_id"])
 
 
 def _json(body: dict[str, Any]) -> JSONResponse:

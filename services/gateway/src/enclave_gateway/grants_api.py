@@ -43,11 +43,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from enclave_gateway.access import (
-    AccessRecorder,
-    Unaudited,
-    access_target,
-)
+from enclave_gateway.access import AccessRecorder, Unaudited, access_target, page_of
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.revocations import late_revocation_detail
 
@@ -279,20 +275,13 @@ def build_grants_router(
             patient_key=patient_key,
             active_at=datetime.now(UTC) if state is GrantState.ACTIVE else None,
         )
-        try:
+
+        async def page_of_grants() -> JSONResponse:
             found = await grants.list(principal.tenant, query, limit=limit + 1, after=after)
-            page = found[:limit]
-            answer = JSONResponse(
-                {
-                    "grants": [grant_view(g) for g in page],
-                    "next_after": page[-1].grant_id if len(found) > limit else None,
-                }
-            )
-        except Exception as exc:
-            await recorder.record_unanswered(request, authorized, Action.READ_GRANTS, exc)
-            raise
-        await recorder.disclose(request, authorized, Action.READ_GRANTS)
-        return answer
+            page, next_after = page_of(found, limit, lambda g: g.grant_id)
+            return JSONResponse({"grants": [grant_view(g) for g in page], "next_after": next_after})
+
+        return await recorder.disclosed(request, authorized, Action.READ_GRANTS, page_of_grants())
 
     @router.get(
         "/api/v1/grants/{grant_id}", summary="One grant or break-glass session of the admin's tenant (admin)"

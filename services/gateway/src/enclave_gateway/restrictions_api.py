@@ -38,11 +38,10 @@ from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.service import failure_answer
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder, access_target
+from enclave_gateway.access import AccessRecorder, access_target, page_of
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.grants_api import GRANTS_PAGE_MAX, PATIENT_KEY_PATTERN, PatientId, grant_view
 
@@ -256,21 +255,14 @@ def build_restrictions_router(
         authorized = await guard.check_resource(
             request, principal, Action.READ_RESTRICTIONS, Resource(principal.tenant)
         )
-        try:
+
+        async def page_of_restrictions() -> JSONResponse:
             found = await restrictions.list(principal.tenant, limit=limit + 1, after=after)
-            page = found[:limit]
-            answer = JSONResponse(
-                jsonable_encoder(
-                    {
-                        "restrictions": [restriction_view(r) for r in page],
-                        "next_after": page[-1].patient_key if len(found) > limit else None,
-                    }
-                )
+            page, next_after = page_of(found, limit, lambda r: r.patient_key)
+            return JSONResponse(
+                {"restrictions": [restriction_view(r) for r in page], "next_after": next_after}
             )
-        except Exception as exc:
-            await recorder.record_unanswered(request, authorized, Action.READ_RESTRICTIONS, exc)
-            raise
-        await recorder.disclose(request, authorized, Action.READ_RESTRICTIONS)
-        return answer
+
+        return await recorder.disclosed(request, authorized, Action.READ_RESTRICTIONS, page_of_restrictions())
 
     return router
