@@ -476,6 +476,13 @@ async def test_an_admin_finds_a_clinicians_break_glass_session_and_ends_it():
         assert await listed() == [session, granted.json()["grant_id"]]
         assert await listed(kind="break_glass", state="active", patient_key=key) == [session]
         assert await listed(grantee="it-cg-granted") == [granted.json()["grant_id"]]
+        later = await client.post(
+            "/api/v1/grants",
+            json={**_grant_body(patient), "not_before": (datetime.now(UTC) + timedelta(hours=1)).isoformat()},
+            headers=admin,
+        )
+        assert later.status_code == 201, later.text
+        assert await listed(kind="patient", state="active") == [granted.json()["grant_id"]]  # not later
         assert (await client.delete(f"/api/v1/grants/{session}", headers=admin)).status_code == 200
         assert await listed(kind="break_glass", state="active") == []
         assert await listed(kind="break_glass") == [session]

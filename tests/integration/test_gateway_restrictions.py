@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -73,7 +74,7 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
             listed = await client.get("/api/v1/restrictions", headers=admin)
             assert restricted.json().pop("active_grants") == []
             assert listed.json()["restrictions"] == [
-                {k: v for k, v in restricted.json().items() if k != "active_grants"}
+                {k: v for k, v in restricted.json().items() if not k.startswith("active_grants")}
             ]
 
             refused = [await client.get(p, headers=clinician) for p in phi_reads]
@@ -165,14 +166,24 @@ async def test_the_mongo_restriction_store_keeps_its_contract_on_ferretdb(mongo)
         assert [r.patient_key for r in await store.list("hospital-a", limit=2)] == ["k1", "k2"]
         assert [r.patient_key for r in await store.list("hospital-a", limit=2, after="k2")] == ["k3"]
         assert [r.patient_key for r in await store.list("hospital-b", limit=10)] == ["k9"]
-        # Only that restriction is lifted (not one made at another time), and it is kept in the history.
+        # Only that restriction at that revision is lifted (not one made or confirmed after it), and it
+        # is kept in the history, marked lifted once removed.
         newer = Restriction("hospital-a", "k1", REASON, "admin-1", at + timedelta(seconds=1))
         assert await store.lift(newer, lifted_by="admin-3", lifted_at=at) is None
-        assert await store.lift(restriction("k1"), lifted_by="admin-3", lifted_at=at) == restriction("k1")
-        assert await store.lift(restriction("k1"), lifted_by="admin-3", lifted_at=at) is None
+        confirmed = await store.confirm(restriction("k1"))
+        assert confirmed == replace(restriction("k1"), revision=1)
+        assert await store.confirm(newer) is None
+        assert await store.lift(restriction("k1"), lifted_by="admin-3", lifted_at=at) is None  # revision 0
+        assert await store.lift(confirmed, lifted_by="admin-3", lifted_at=at) == confirmed
+        assert await store.lift(confirmed, lifted_by="admin-3", lifted_at=at) is None
         assert await store.get("hospital-a", "k1") is None
         [kept] = [d async for d in database["restriction_history"].find({"tenant": "hospital-a"})]
-        assert (kept["patient_key"], kept["justification"], kept["lifted_by"]) == ("k1", REASON, "admin-3")
+        assert (kept["patient_key"], kept["justification"], kept["lifted_by"], kept["lifted"]) == (
+            "k1",
+            REASON,
+            "admin-3",
+            True,
+        )
         assert await store.restrict(restriction("k1", by="admin-2")) is None  # restricted anew
     finally:
         await mongo.drop_database(database.name)

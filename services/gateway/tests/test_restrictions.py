@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -303,7 +304,14 @@ async def test_a_restriction_kafka_did_not_record_is_not_made(tmp_path: Path) ->
     first = await restrict(harness)
     assert first.status == 503, first.body
     assert json.loads(first.body)["message"].startswith(RESTRICTION_UNRECORDED)
-    assert harness.publisher.access_events() == []
+    # The refused 201 may still reach the trail (a timed-out acknowledgement is not a recall): the
+    # request's second event says nothing was made.
+    [event] = harness.publisher.access_events()
+    assert (event["status_code"], event["detail"].split(" ")[0], event["detail"].split(" ")[-1]) == (
+        503,
+        "restriction_not_stored",
+        "cause=access_unrecorded",
+    )
     assert harness.restrictions._restrictions == {}
     assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 200
     again = await restrict(harness)
@@ -320,6 +328,11 @@ async def test_a_lifting_kafka_did_not_record_is_not_made(tmp_path: Path) -> Non
     assert json.loads(answer.body)["message"].startswith(LIFT_UNRECORDED)
     assert list(harness.restrictions._restrictions) == [("hospital-a", KEY)]
     assert harness.restrictions.history == []
+    event = the_event(harness, answer)
+    assert (event["detail"].split(" ")[0], event["detail"].split(" ")[-1]) == (
+        "restriction_not_lifted",
+        "cause=access_unrecorded",
+    )
     assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 403
 
 
@@ -456,3 +469,133 @@ async def test_a_padded_patient_id_names_the_patient_its_uploads_name(tmp_path: 
         {"patient_id": f" {PLANTED}", "justification": "unconscious patient in the emergency room"},
     )
     assert [json.loads(a.body)["patient_key"] for a in (grant, session)] == [KEY, KEY]
+
+
+def request_events(harness: Harness, answer: Exchange) -> list[dict[str, Any]]:
+    rid = answer.header("x-request-id")
+    return [e for e in harness.publisher.access_events() if e["correlation_id"] == rid]
+
+
+async def test_a_restriction_confirmed_while_a_lifting_is_recorded_is_not_lifted(tmp_path: Path) -> None:
+    """The review's race: admin B is told the patient is restricted (200) while admin A's lifting is
+    being recorded; A's lifting then removes nothing and is answered 409, with a second event."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    await restrict(harness)
+    held, release = asyncio.Event(), asyncio.Event()
+    send = harness.publisher.send
+
+    async def holding(topic: str, envelope: Any, *, key: str) -> Any:
+        if envelope.data.get("detail", "").startswith("restriction_lifted"):
+            held.set()
+            await release.wait()
+        return await send(topic, envelope, key=key)
+
+    harness.publisher.send = holding  # type: ignore[method-assign]
+    lifting = asyncio.create_task(call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin"))
+    await held.wait()
+    confirmed = await restrict(harness, subject="it-admin-b")
+    assert confirmed.status == 200, confirmed.body
+    release.set()
+    lifted = await lifting
+    assert lifted.status == 409, lifted.body
+    assert json.loads(lifted.body)["error"] == "restricted_again"
+    first, second = request_events(harness, lifted)
+    assert first["detail"].startswith("restriction_lifted ")
+    assert (second["status_code"], second["detail"].split(" ")[0]) == (409, "restriction_not_lifted")
+    assert "cause=restricted_again" in second["detail"]
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 403
+
+
+async def test_two_admins_restricting_at_once_get_one_restriction_and_a_true_record(tmp_path: Path) -> None:
+    """Both find no restriction; the second one's store finds the first's: it is answered 200 with the
+    restriction in effect, and its second event says its own was not made."""
+    harness = gateway_routes(tmp_path)
+    restrict_first = harness.restrictions.restrict
+    earlier = None
+
+    async def beaten(restriction: Any) -> Any:
+        nonlocal earlier
+        earlier = replace(restriction, restricted_by="it-admin-a")
+        await restrict_first(earlier)
+        return await restrict_first(restriction)
+
+    harness.restrictions.restrict = beaten  # type: ignore[method-assign]
+    answer = await restrict(harness)
+    assert answer.status == 200, answer.body
+    assert json.loads(answer.body)["restricted_by"] == "it-admin-a"
+    first, second = request_events(harness, answer)
+    assert (first["status_code"], second["status_code"]) == (201, 200)
+    assert second["detail"].startswith("restriction_not_stored ")
+    assert "cause=restricted_already restricted_by=it-admin-a" in second["detail"]
+
+
+@pytest.mark.parametrize("change", ["restrict", "lift"])
+async def test_a_write_whose_answer_was_lost_but_which_was_made_is_answered_as_made(
+    tmp_path: Path, change: str
+) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    if change == "lift":
+        await restrict(harness)
+    write = getattr(harness.restrictions, change)
+
+    async def applied_then_lost(*args: Any, **kwargs: Any) -> Any:
+        await write(*args, **kwargs)
+        raise ServerSelectionTimeoutError("the answer was lost")
+
+    setattr(harness.restrictions, change, applied_then_lost)
+    answer = await (
+        restrict(harness)
+        if change == "restrict"
+        else call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    )
+    assert answer.status == (201 if change == "restrict" else 200), answer.body
+    assert len(request_events(harness, answer)) == 1
+
+
+async def test_a_lift_whose_outcome_the_store_cannot_tell_says_so(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    await restrict(harness)
+
+    async def silent(*_: object, **__: object) -> Any:
+        raise ServerSelectionTimeoutError("no server answered")
+
+    harness.restrictions.lift = silent  # type: ignore[method-assign]
+    read = harness.restrictions.get
+    calls = 0
+
+    async def then_silent(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise ServerSelectionTimeoutError("no server answered")
+        return await read(*args)
+
+    harness.restrictions.get = then_silent  # type: ignore[method-assign]
+    answer = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    assert answer.status == 503, answer.body
+    _, second = request_events(harness, answer)
+    assert second["detail"].startswith("restriction_state_unknown ")
+
+
+async def test_restricting_names_grants_that_begin_later_too(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    later = await call(
+        harness,
+        "POST",
+        "/api/v1/grants",
+        "admin",
+        {
+            "grantee": "it-caregiver",
+            "patient_id": PLANTED,
+            "actions": ["read_results_phi"],
+            "not_before": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
+            "expires_at": (datetime.now(UTC) + timedelta(days=2)).isoformat(),
+            "justification": "daughter, consent form on file",
+        },
+    )
+    assert later.status == 201, later.body
+    answer = json.loads((await restrict(harness)).body)
+    assert [g["grant_id"] for g in answer["active_grants"]] == [json.loads(later.body)["grant_id"]]
+    assert answer["active_grants_truncated"] is False

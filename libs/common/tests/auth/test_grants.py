@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -280,6 +281,7 @@ async def test_mongo_store_against_a_fake_collection() -> None:
     await store.ensure_indexes()
     assert collection.indexes == [
         [("tenant", 1), ("grantee", 1), ("patient_key", 1)],
+        [("tenant", 1), ("_id", 1)],
         [("revocation_recorded", 1), ("revoked_at", 1)],
     ]
     grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))
@@ -311,3 +313,38 @@ async def test_mongo_store_against_a_fake_collection() -> None:
     assert (await store.get(grant.grant_id, tenant="hospital-a")).revocation_recorded is False  # type: ignore[union-attr]
     await store.mark_revocation_recorded(grant.grant_id, tenant="hospital-a")
     assert (await store.get(grant.grant_id, tenant="hospital-a")).revocation_recorded is True  # type: ignore[union-attr]
+
+
+def test_the_listing_filter_selects_what_grant_query_selects() -> None:
+    """The MongoDB filter of ``GrantQuery`` against a fake collection's matcher, for grants in every state
+    (equality and range operators only, as FerretDB v1 evaluates them)."""
+    from enclave_common.auth import GrantQuery
+    from enclave_common.auth.grants_mongo import grant_query_filter
+
+    hour = timedelta(hours=1)
+    made = NOW - 3 * hour
+    grants = [
+        new_grant(not_before=NOW - hour, expires_at=NOW + hour, now=made),  # in effect
+        new_grant(not_before=NOW + hour, expires_at=NOW + 2 * hour, now=made),  # later
+        new_grant(not_before=NOW - 2 * hour, expires_at=NOW, now=made),  # expired (its window ends at NOW)
+        replace(
+            new_grant(not_before=NOW - hour, expires_at=NOW + hour, now=made),
+            revoked_at=NOW - hour,
+            revoked_by="x",
+        ),
+    ]
+    grants = [replace(g, grant_id=f"g{n}") for n, g in enumerate(grants)]
+    docs = {g.grant_id: grant_to_document(g) for g in grants}
+    naive = {
+        k: {f: (v.replace(tzinfo=None) if isinstance(v, datetime) else v) for f, v in d.items()}
+        for k, d in docs.items()
+    }
+    for query in (GrantQuery(), GrantQuery(active_at=NOW), GrantQuery(unexpired_at=NOW)):
+        mongo_filter = {
+            k: ({op: x.replace(tzinfo=None) for op, x in v.items()} if isinstance(v, dict) else v)
+            for k, v in grant_query_filter("hospital-a", query, None).items()
+        }
+        by_filter = sorted(k for k, d in naive.items() if FakeCollection._matches(d, mongo_filter))
+        assert by_filter == sorted(g.grant_id for g in grants if query.selects(g)), query
+    assert [g.grant_id for g in grants if GrantQuery(active_at=NOW).selects(g)] == ["g0"]
+    assert [g.grant_id for g in grants if GrantQuery(unexpired_at=NOW).selects(g)] == ["g0", "g1"]

@@ -473,7 +473,7 @@ class AccessRecorder:
                 tenant=principal.tenant if principal is not None else None,
             )
             resource, reason = None, "not_found"
-        if resource is not None and resource.restricted and outcome.kind != "allow":
+        if resource is not None and resource.restricted and outcome.kind == "forbidden":
             # A refused attempt on a restricted patient's PHI, told apart from other refusals for the
             # privacy office (until the review of the twenty-second session it read as any 403).
             reason = f"{reason} restricted_patient"

@@ -36,12 +36,13 @@ from enclave_common.auth.grants import GrantStore
 from enclave_common.auth.policy import check_justification
 from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.crypto import Pseudonymizer
+from enclave_common.events import answered_outcome
 from enclave_common.service import failure_answer
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder, access_target, page_of
+from enclave_gateway.access import AccessRecorder, Unaudited, access_target, page_of
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.grants_api import GRANTS_PAGE_MAX, PATIENT_KEY_PATTERN, PatientId, grant_view
 
@@ -100,19 +101,28 @@ def build_restrictions_router(
     manage = Action.MANAGE_RESTRICTIONS
     record = recorder.record_change
 
-    async def not_done(request: Request, principal: Principal, key: str, detail: str, exc: Exception) -> None:
-        """The store failed after the change was recorded: a second event of the request says the change
-        was not made, with the answer the request gets."""
-        status, code = failure_answer(exc)
+    async def second_event(
+        request: Request, principal: Principal, key: str, status: int, detail: str
+    ) -> None:
+        """A second event of a request whose change was recorded and then not made as recorded (or not
+        known to be): it says what happened, with the answer the request gets."""
         await recorder.record_if_possible(
             request,
             principal=principal,
             action=str(manage),
-            outcome="error" if status >= 500 else "rejected",
+            outcome=answered_outcome(status),
             status=status,
             target=access_target(key),
-            detail=f"{detail} cause={code}",
+            detail=detail,
         )
+
+    async def state_after(tenant: str, key: str) -> Restriction | str | None:
+        """The patient's restriction after a write that failed (it may still have been applied), or
+        ``"unknown"`` when the store does not answer that either."""
+        try:
+            return await restrictions.get(tenant, key)
+        except Exception:
+            return "unknown"
 
     @router.post(
         "/api/v1/restrictions",
@@ -147,11 +157,13 @@ def build_restrictions_router(
             await record(request, principal, manage, 422, key, f"restriction_refused:{exc.code}")
             return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
         existing = await restrictions.get(principal.tenant, key)
-        if existing is not None:
+        confirmed = await restrictions.confirm(existing) if existing is not None else None
+        if confirmed is not None:
+            # Its revision is raised first: a lifting being recorded meanwhile then removes nothing.
             await record(
-                request, principal, manage, 200, key, f"patient_restricted_already {_in_effect(existing)}"
+                request, principal, manage, 200, key, f"patient_restricted_already {_in_effect(confirmed)}"
             )
-            return JSONResponse(restriction_view(existing))
+            return JSONResponse(restriction_view(confirmed))
         now = _milliseconds(datetime.now(UTC))
         new = Restriction(
             tenant=principal.tenant,
@@ -160,28 +172,57 @@ def build_restrictions_router(
             restricted_by=principal.subject,
             restricted_at=now,
         )
-        # What stays allowed: an admin's grant and an open session are not ended by a restriction.
-        active = await grants.list(
-            principal.tenant, GrantQuery(patient_key=key, active_at=now), limit=GRANTS_PAGE_MAX
+        # What stays allowed: an admin's grant or an open session is not ended by a restriction; those
+        # in effect now or later are named, for the admin to revoke.
+        staying = await grants.list(
+            principal.tenant, GrantQuery(patient_key=key, unexpired_at=now), limit=GRANTS_PAGE_MAX + 1
         )
-        await record(
-            request,
-            principal,
-            manage,
-            201,
-            key,
-            f"patient_restricted restricted_at={now.isoformat()} active_grants={len(active)}",
-            RESTRICTION_UNRECORDED,
-        )
+        more = len(staying) > GRANTS_PAGE_MAX
+        staying = staying[:GRANTS_PAGE_MAX]
+        made = f"restricted_at={now.isoformat()}"
         try:
-            stored = await restrictions.restrict(new) or new  # another admin's, made at the same moment
-        except Exception as exc:
-            await not_done(
-                request, principal, key, f"restriction_not_stored restricted_at={now.isoformat()}", exc
+            await record(
+                request,
+                principal,
+                manage,
+                201,
+                key,
+                f"patient_restricted {made} active_grants={len(staying)}{'+' if more else ''}",
+                RESTRICTION_UNRECORDED,
+            )
+        except Unaudited:
+            # Refused, yet Kafka may still deliver it: a second event says nothing was made.
+            await second_event(
+                request, principal, key, 503, f"restriction_not_stored {made} cause=access_unrecorded"
             )
             raise
+        try:
+            other = await restrictions.restrict(new)
+        except Exception as exc:
+            state = await state_after(principal.tenant, key)
+            if not (isinstance(state, Restriction) and state.restricted_at == now):
+                status, code = failure_answer(exc)
+                what = "restriction_state_unknown" if state == "unknown" else "restriction_not_stored"
+                await second_event(request, principal, key, status, f"{what} {made} cause={code}")
+                raise
+            other = None  # stored although the store's answer was lost
+        if other is not None:
+            # Another admin's restriction, made at the same moment: in effect, and this one not made.
+            await second_event(
+                request,
+                principal,
+                key,
+                200,
+                f"restriction_not_stored {made} cause=restricted_already {_in_effect(other)}",
+            )
+            return JSONResponse(restriction_view(other))
         return JSONResponse(
-            {**restriction_view(stored), "active_grants": [grant_view(g) for g in active]}, status_code=201
+            {
+                **restriction_view(new),
+                "active_grants": [grant_view(g) for g in staying],
+                "active_grants_truncated": more,
+            },
+            status_code=201,
         )
 
     @router.delete(
@@ -207,22 +248,52 @@ def build_restrictions_router(
         resource = Resource(principal.tenant, key) if existing is not None else None
         await guard.check_resource(request, principal, manage, resource)
         assert existing is not None
-        await record(
-            request,
-            principal,
-            manage,
-            200,
-            key,
-            f"restriction_lifted {_in_effect(existing)}",
-            LIFT_UNRECORDED,
-        )
-        lifted_at = _milliseconds(datetime.now(UTC))
+        lifting = f"restriction_lifted {_in_effect(existing)}"
         try:
-            # None: lifted by another request meanwhile; the patient is not restricted either way.
-            await restrictions.lift(existing, lifted_by=principal.subject, lifted_at=lifted_at)
-        except Exception as exc:
-            await not_done(request, principal, key, f"restriction_not_lifted {_in_effect(existing)}", exc)
+            await record(request, principal, manage, 200, key, lifting, LIFT_UNRECORDED)
+        except Unaudited:
+            await second_event(
+                request,
+                principal,
+                key,
+                503,
+                f"restriction_not_lifted {_in_effect(existing)} cause=access_unrecorded",
+            )
             raise
+        lifted_at = _milliseconds(datetime.now(UTC))
+        state: Restriction | str | None = None
+        try:
+            if await restrictions.lift(existing, lifted_by=principal.subject, lifted_at=lifted_at) is None:
+                # Not removed as it was read: lifted by another request (fine), or restricted again.
+                state = await restrictions.get(principal.tenant, key)
+        except Exception as exc:
+            state = await state_after(principal.tenant, key)
+            if state is not None:  # still restricted, or not known: the answer (503) and an event say so
+                status, code = failure_answer(exc)
+                what = "restriction_state_unknown" if state == "unknown" else "restriction_not_lifted"
+                await second_event(
+                    request, principal, key, status, f"{what} {_in_effect(existing)} cause={code}"
+                )
+                raise
+            # None: removed, although the store's answer was lost.
+        if isinstance(state, Restriction):
+            # Restricted again, or confirmed to an admin, while this lifting was recorded: it stays.
+            await second_event(
+                request,
+                principal,
+                key,
+                409,
+                f"restriction_not_lifted {_in_effect(existing)} cause=restricted_again {_in_effect(state)}",
+            )
+            return JSONResponse(
+                {
+                    "status": 409,
+                    "error": "restricted_again",
+                    "message": "the patient was restricted again, or its restriction confirmed by another "
+                    "request, while this lifting was recorded: it stays restricted (GET /api/v1/restrictions)",
+                },
+                status_code=409,
+            )
         return JSONResponse(
             {
                 **restriction_view(existing),

@@ -79,6 +79,8 @@ class GrantQuery:
     patient_key: str | None = None
     #: Only the grants in effect at this instant (in their window and not revoked).
     active_at: datetime | None = None
+    #: Only the grants in effect at this instant or later (not revoked, not expired by then).
+    unexpired_at: datetime | None = None
 
     def selects(self, grant: Grant) -> bool:
         return (
@@ -86,6 +88,10 @@ class GrantQuery:
             and (self.grantee is None or grant.grantee == self.grantee)
             and (self.patient_key is None or grant.patient_key == self.patient_key)
             and (self.active_at is None or (grant.revoked_at is None and grant.is_active(self.active_at)))
+            and (
+                self.unexpired_at is None
+                or (grant.revoked_at is None and grant.expires_at > self.unexpired_at)
+            )
         )
 
 

@@ -101,14 +101,11 @@ def grant_query_filter(tenant: str, query: GrantQuery, after: str | None) -> dic
         found["grantee"] = query.grantee
     if query.patient_key is not None:
         found["patient_key"] = query.patient_key
+    expires_after = [t for t in (query.active_at, query.unexpired_at) if t is not None]
+    if expires_after:
+        found.update({"revoked_at": None, "expires_at": {"$gt": max(expires_after)}})
     if query.active_at is not None:
-        found.update(
-            {
-                "revoked_at": None,
-                "not_before": {"$lte": query.active_at},
-                "expires_at": {"$gt": query.active_at},
-            }
-        )
+        found["not_before"] = {"$lte": query.active_at}
     return found
 
 
@@ -127,6 +124,8 @@ class MongoGrantStore:
         await self._collection.create_index(
             [("tenant", 1), ("grantee", 1), ("patient_key", 1)], name="grantee_patient"
         )
+        # The admins' listing (GET /api/v1/grants), in grant id order within the tenant.
+        await self._collection.create_index([("tenant", 1), ("_id", 1)], name="tenant_grants")
         # The gateway's sweep of revocations not yet in the audit trail (every minute, per replica).
         await self._collection.create_index(
             [("revocation_recorded", 1), ("revoked_at", 1)], name="unrecorded_revocations"

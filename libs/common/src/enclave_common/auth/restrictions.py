@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -33,6 +33,10 @@ class Restriction:
     justification: str
     restricted_by: str
     restricted_at: datetime
+    #: Raised each time a request finds the patient restricted already (:meth:`RestrictionStore.confirm`):
+    #: a lifting that read an earlier revision removes nothing, so a restriction an admin was just told
+    #: is in effect is not lifted under it.
+    revision: int = 0
 
 
 class RestrictionContended(TransientError):
@@ -58,12 +62,16 @@ class RestrictionStore(Protocol):
         patient (left unchanged)."""
         ...
 
+    async def confirm(self, restriction: Restriction) -> Restriction | None:
+        """``restriction`` with its revision raised, if it is still in effect (else None)."""
+        ...
+
     async def lift(
         self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
     ) -> Restriction | None:
-        """Remove ``restriction`` (that one: not one made after it), keeping it in the history with who
-        lifted it and when: the one removed, or None if it was no longer in effect. Repeating a lift
-        that failed part-way is safe."""
+        """Remove ``restriction`` (that one at that revision: not one made or confirmed after it),
+        keeping it in the history with who lifted it and when: the one removed, or None if it was no
+        longer in effect as it was. Repeating a lift that failed part-way is safe."""
         ...
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
@@ -90,6 +98,15 @@ class InMemoryRestrictionStore:
                 return existing
             self._restrictions[key] = restriction
             return None
+
+    async def confirm(self, restriction: Restriction) -> Restriction | None:
+        async with self._lock:
+            key = (restriction.tenant, restriction.patient_key)
+            current = self._restrictions.get(key)
+            if current is None or current.restricted_at != restriction.restricted_at:
+                return None
+            self._restrictions[key] = replace(current, revision=current.revision + 1)
+            return self._restrictions[key]
 
     async def lift(
         self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime

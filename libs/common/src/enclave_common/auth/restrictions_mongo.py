@@ -5,9 +5,10 @@ One document per restricted patient, ``_id`` its pseudonym: pseudonyms are tenan
 so one pseudonym names one patient of one tenant, and the tenant is stored and checked as well. The
 lookup every PHI read of a clinician makes is a read by ``_id`` alone (the one query FerretDB v1
 answers from its primary key instead of a scan); the tenant is then compared here. A lifted
-restriction is copied to ``restriction_history`` (``_id`` its pseudonym and the time it was made, so
-a repeated lift writes the same document) before it is removed. Single-document writes only (FerretDB
-v1 has no transactions).
+restriction is kept in ``restriction_history`` (``_id`` its pseudonym and the time it was made, so a
+repeated lift writes the same document): written before the restriction is removed, and marked
+``lifted`` with who and when only once the removal took (a document without ``lifted`` is a lifting
+that did not happen). Single-document writes only (FerretDB v1 has no transactions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pymongo
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -33,6 +35,18 @@ def restriction_to_document(restriction: Restriction) -> dict[str, Any]:
         "justification": restriction.justification,
         "restricted_by": restriction.restricted_by,
         "restricted_at": restriction.restricted_at,
+        "revision": restriction.revision,
+    }
+
+
+def _that_one(restriction: Restriction) -> dict[str, Any]:
+    """The filter of ``restriction`` as it was read: not one made or confirmed after it."""
+    return {
+        "_id": restriction.patient_key,
+        "tenant": restriction.tenant,
+        "restricted_at": restriction.restricted_at,
+        # A document written before revisions existed has none: revision 0.
+        "revision": restriction.revision if restriction.revision else {"$in": [0, None]},
     }
 
 
@@ -47,6 +61,7 @@ def restriction_from_document(doc: Mapping[str, Any]) -> Restriction:
         justification=doc["justification"],
         restricted_by=doc["restricted_by"],
         restricted_at=_aware(doc["restricted_at"]),
+        revision=int(doc.get("revision") or 0),
     )
 
 
@@ -79,32 +94,44 @@ class MongoRestrictionStore:
             "the patient's restriction was changed by other requests while this one was stored; retry"
         )
 
-    async def lift(
-        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
-    ) -> Restriction | None:
-        current = await self.get(restriction.tenant, restriction.patient_key)
-        if current != restriction:
-            return None
-        made = int(restriction.restricted_at.timestamp() * 1000)
-        await self._history.replace_one(
-            {"_id": f"{restriction.patient_key}:{made}"},
-            {
-                **restriction_to_document(restriction),
-                "_id": f"{restriction.patient_key}:{made}",
-                "patient_key": restriction.patient_key,
-                "lifted_by": lifted_by,
-                "lifted_at": lifted_at,
-            },
-            upsert=True,
-        )
-        removed = await self._collection.delete_one(
+    async def confirm(self, restriction: Restriction) -> Restriction | None:
+        doc = await self._collection.find_one_and_update(
             {
                 "_id": restriction.patient_key,
                 "tenant": restriction.tenant,
                 "restricted_at": restriction.restricted_at,
-            }
+            },
+            {"$inc": {"revision": 1}},
+            return_document=ReturnDocument.AFTER,
         )
-        return restriction if removed.deleted_count == 1 else None
+        return None if doc is None else restriction_from_document(doc)
+
+    async def lift(
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+    ) -> Restriction | None:
+        if await self.get(restriction.tenant, restriction.patient_key) != restriction:
+            return None
+        made = int(restriction.restricted_at.timestamp() * 1000)
+        history_id = f"{restriction.patient_key}:{made}"
+        # Kept first, so a removal is never without its history; marked lifted once the removal took.
+        await self._history.update_one(
+            {"_id": history_id},
+            {
+                "$setOnInsert": {
+                    **restriction_to_document(restriction),
+                    "_id": history_id,
+                    "patient_key": restriction.patient_key,
+                }
+            },
+            upsert=True,
+        )
+        removed = await self._collection.delete_one(_that_one(restriction))
+        if removed.deleted_count != 1:
+            return None
+        await self._history.update_one(
+            {"_id": history_id}, {"$set": {"lifted": True, "lifted_by": lifted_by, "lifted_at": lifted_at}}
+        )
+        return restriction
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:
         with pymongo.timeout(self._read_timeout_s):
