@@ -105,3 +105,19 @@ async def test_a_request_that_went_away_does_not_break_the_group() -> None:
     collection.release.set()
     assert await first == [] and await stays == []
     assert collection.calls[-1] == ["b", "c"], "already queued, so written with the group"
+
+
+async def test_requests_queued_behind_a_round_trip_the_database_did_not_answer_fail_with_it() -> None:
+    """They would otherwise wait one more time limit for their own round trip: with a silent database
+    the second group was answered after twice ENCLAVE_GATEWAY_WRITE_TIMEOUT_S (twenty-second session)."""
+    collection = FakeCollection()
+    collection.unreachable = True
+    inserts = GroupedInserts(collection)
+    first = asyncio.ensure_future(inserts.insert(docs("a")))
+    await asyncio.sleep(0)
+    queued = asyncio.ensure_future(inserts.insert(docs("b")))
+    await asyncio.sleep(0)
+    collection.release.set()
+    results = await asyncio.gather(first, queued, return_exceptions=True)
+    assert all(isinstance(r, ServerSelectionTimeoutError) for r in results), results
+    assert collection.calls == [["a"]], "the queued request was not sent on its own"

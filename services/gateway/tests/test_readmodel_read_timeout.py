@@ -85,3 +85,41 @@ async def test_the_grant_and_restriction_lookups_of_a_decision_run_under_the_lim
     assert len(seen) == 5
     assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
     assert _csot.get_timeout() is None
+
+
+class RecordingWrites:
+    """A collection that notes the operation timeout of each write; its insert finds the first id
+    taken (an event overtook the upload), so the upload's fields are then set on that record."""
+
+    def __init__(self, seen: list[float | None]) -> None:
+        self.seen = seen
+
+    async def insert_many(self, docs: list[dict[str, Any]], ordered: bool) -> None:
+        from pymongo.errors import BulkWriteError
+
+        self.seen.append(_csot.get_timeout())
+        raise BulkWriteError({"writeErrors": [{"index": 0, "code": 11000}]})
+
+    async def update_one(self, query: dict[str, Any], update: dict[str, Any]) -> None:
+        self.seen.append(_csot.get_timeout())
+
+
+async def test_an_uploads_record_writes_run_under_the_write_limit() -> None:
+    """Until the twenty-second session a silent database held an upload's record write for pymongo's
+    ~30 s, and the upload's slot and client with it."""
+    from enclave_common.pseudonyms import InstanceKeys
+
+    seen: list[float | None] = []
+    model = ReadModel({"instances": RecordingWrites(seen), "analyses": None}, write_timeout_s=2.5)
+    keys = InstanceKeys("pk", "sk", "se", "ik")
+    await model.record_uploads("t", "up-1", [("id-1", keys, "1.2.3"), ("id-2", keys, "1.2.3")])
+    assert len(seen) == 2  # the group's insert, then the overtaken record's update
+    assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
+
+
+def test_the_write_limit_defaults_to_10_s_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert GatewaySettings().write_timeout_s == 10.0
+    for wrong in ("0", "121"):
+        monkeypatch.setenv("ENCLAVE_GATEWAY_WRITE_TIMEOUT_S", wrong)
+        with pytest.raises(ValidationError, match="write_timeout_s"):
+            GatewaySettings()

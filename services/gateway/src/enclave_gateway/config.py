@@ -88,6 +88,11 @@ class GatewaySettings(BaseServiceSettings):
     #: route answers 503 ``dependency_unavailable`` (a database that did not answer took about 30 s
     #: before: pymongo's monitor cycle).
     read_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    #: Seconds each database write of an upload's records may take, server selection included; past
+    #: it the upload answers 503 ``database_unavailable`` (a database that did not answer took about
+    #: 30 s before, holding the upload's slot and its client). A write given up on may still be
+    #: applied: the retry's instances are ingest's duplicates, as after any such 503.
+    write_timeout_s: float = Field(default=10.0, gt=0, le=120)
     #: Seconds between rounds of the sweep that records revocations Kafka refused to record when
     #: they were made (enclave_gateway.revocations); a revocation is swept once it is older than
     #: twice ``publish_timeout_s`` plus 30 s.

@@ -62,7 +62,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         topics.ACCESS_RECORDED,
         topics.SECURITY_ALERT,
     )
-    read_model = ReadModel(runtime.db, read_timeout_s=settings.read_timeout_s)
+    read_model = ReadModel(
+        runtime.db, read_timeout_s=settings.read_timeout_s, write_timeout_s=settings.write_timeout_s
+    )
     # The upload path publishes several events per request: straight to an aiokafka producer of its
     # own rather than through FastStream's per-message middlewares (enclave_common.kafka).
     publisher = DirectPublisher(settings, tracer_provider=runtime.tracer_provider, registry=runtime.registry)

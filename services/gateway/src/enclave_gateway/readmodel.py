@@ -122,8 +122,12 @@ class GroupedInserts:
     Measured on FerretDB (SQLite): ~1.7 ms of its CPU per insert command and ~0.1 ms per document.
     """
 
-    def __init__(self, collection: Any) -> None:
+    def __init__(self, collection: Any, *, timeout_s: float | None = None) -> None:
+        """``timeout_s``: how long each ``insert_many`` may take, server selection included (pymongo's
+        client-side operation timeout); past it every request of the group fails as a database that
+        did not answer. None: pymongo's own bounds (about 30 s for a silent database)."""
         self._collection = collection
+        self._timeout_s = timeout_s
         self._queue: list[tuple[list[dict[str, Any]], asyncio.Future[list[int]]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -141,10 +145,15 @@ class GroupedInserts:
             group, self._queue = self._queue, []
             failure: BulkWriteError | None = None
             try:
-                await self._collection.insert_many([d for docs, _ in group for d in docs], ordered=False)
+                with pymongo.timeout(self._timeout_s):
+                    await self._collection.insert_many([d for docs, _ in group for d in docs], ordered=False)
             except BulkWriteError as exc:
                 failure = exc
-            except Exception as exc:  # the database is unreachable: every request of the group fails
+            except Exception as exc:
+                # The database is unreachable: every request of the group fails, and so does every
+                # request that queued meanwhile, instead of waiting one more time limit for its own
+                # round trip (a silent database answered the second group after twice the limit).
+                group, self._queue = group + self._queue, []
                 for _, done in group:
                     if not done.done():
                         done.set_exception(exc)
@@ -164,16 +173,20 @@ class GroupedInserts:
 
 
 class ReadModel:
-    def __init__(self, db: Any, *, read_timeout_s: float | None = None) -> None:
+    def __init__(
+        self, db: Any, *, read_timeout_s: float | None = None, write_timeout_s: float | None = None
+    ) -> None:
         """``read_timeout_s``: how long each read a route makes (:meth:`get`, :meth:`for_patient`,
         :meth:`analyses_of`, :meth:`analysis`) may take in all, server selection included (pymongo's
         client-side operation timeout, which also sends the server ``maxTimeMS``); past it the read
-        fails as a database that did not answer (503). None: pymongo's own bounds only (a silent
-        database took about 30 s, the monitor's cycle)."""
+        fails as a database that did not answer (503). ``write_timeout_s``: the same for the writes
+        of an upload's records (:meth:`record_uploads`). None: pymongo's own bounds only (a silent
+        database took about 30 s, the monitor's cycle). The consumers' writes keep those."""
         self.instances = db["instances"]
         self.analyses = db["analyses"]
-        self._inserts = GroupedInserts(self.instances)
+        self._inserts = GroupedInserts(self.instances, timeout_s=write_timeout_s)
         self.read_timeout_s = read_timeout_s
+        self.write_timeout_s = write_timeout_s
 
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
@@ -200,10 +213,11 @@ class ReadModel:
         ]
         for index in await self._inserts.insert(docs):
             instance_upload_id, keys, sop_class_uid = instances[index]
-            await self.instances.update_one(
-                {"_id": instance_upload_id},
-                {"$set": _upload_fields(tenant, upload_id, keys, sop_class_uid, now)},
-            )
+            with pymongo.timeout(self.write_timeout_s):
+                await self.instances.update_one(
+                    {"_id": instance_upload_id},
+                    {"$set": _upload_fields(tenant, upload_id, keys, sop_class_uid, now)},
+                )
 
     async def advance(
         self,
