@@ -186,7 +186,8 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         return "GET", f"{GATEWAY}/api/v1/restrictions", {}
     if endpoint == "restriction_lift":
         key = patient_key(world.tenant_a if own else world.tenant_b, world.patient_r)
-        return "DELETE", f"{GATEWAY}/api/v1/restrictions/{key}", {}
+        lifting = {"justification": "employment ended, privacy office decision"}
+        return "POST", f"{GATEWAY}/api/v1/restrictions/{key}/lift", {"json": lifting}
     raise AssertionError(endpoint)
 
 

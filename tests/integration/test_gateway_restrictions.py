@@ -95,7 +95,11 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
             assert [a.status_code for a in under_break_glass] == [200, 200]
             assert imaging_id in {i["imaging_id"] for i in under_break_glass[1].json()["instances"]}
 
-            lifted = await client.delete(f"/api/v1/restrictions/{key}", headers=admin)
+            lifted = await client.post(
+                f"/api/v1/restrictions/{key}/lift",
+                json={"justification": "employment ended, privacy office decision"},
+                headers=admin,
+            )
             assert lifted.status_code == 200, lifted.text
             other_clinician = bearer("it-rs-clinician-2", tenant, "clinician")
             after = await client.get(phi_reads[0], headers=other_clinician)
@@ -159,7 +163,12 @@ async def test_the_mongo_restriction_store_keeps_its_contract_on_ferretdb(mongo)
         assert await store.restrict(restriction("k1", by="admin-2")) == restriction("k1")
         assert await store.get("hospital-a", "k1") == restriction("k1")
         assert await store.get("hospital-b", "k1") is None
-        assert await store.lift(restriction("k1", tenant="hospital-b"), lifted_by="x", lifted_at=at) is None
+        assert (
+            await store.lift(
+                restriction("k1", tenant="hospital-b"), lifted_by="x", lifted_at=at, justification=REASON
+            )
+            is None
+        )
         for key in ("k3", "k2"):
             await store.restrict(restriction(key))
         await store.restrict(restriction("k9", tenant="hospital-b"))
@@ -169,15 +178,21 @@ async def test_the_mongo_restriction_store_keeps_its_contract_on_ferretdb(mongo)
         # Only that restriction at that revision is lifted (not one made or confirmed after it), and it
         # is kept in the history, marked lifted once removed.
         newer = Restriction("hospital-a", "k1", REASON, "admin-1", at + timedelta(seconds=1))
-        assert await store.lift(newer, lifted_by="admin-3", lifted_at=at) is None
+        assert await store.lift(newer, lifted_by="admin-3", lifted_at=at, justification=REASON) is None
         confirmed = await store.confirm(restriction("k1"))
         assert confirmed == replace(restriction("k1"), revision=1)
         assert await store.confirm(newer) is None
-        assert await store.lift(restriction("k1"), lifted_by="admin-3", lifted_at=at) is None  # revision 0
-        assert await store.lift(confirmed, lifted_by="admin-3", lifted_at=at) == confirmed
-        assert await store.lift(confirmed, lifted_by="admin-3", lifted_at=at) is None
+        assert (
+            await store.lift(restriction("k1"), lifted_by="admin-3", lifted_at=at, justification=REASON)
+            is None
+        )  # revision 0
+        assert (
+            await store.lift(confirmed, lifted_by="admin-3", lifted_at=at, justification=REASON) == confirmed
+        )
+        assert await store.lift(confirmed, lifted_by="admin-3", lifted_at=at, justification=REASON) is None
         assert await store.get("hospital-a", "k1") is None
         [kept] = [d async for d in database["restriction_history"].find({"tenant": "hospital-a"})]
+        assert kept["lift_justification"] == REASON
         assert (kept["patient_key"], kept["justification"], kept["lifted_by"], kept["lifted"]) == (
             "k1",
             REASON,

@@ -92,6 +92,15 @@ async def grant_results(harness: Harness, patient_id: str) -> Exchange:
     )
 
 
+LIFTED_BECAUSE = "employment ended, privacy office decision"
+
+
+async def lift(harness: Harness, patient_key: str, justification: str = LIFTED_BECAUSE) -> Exchange:
+    return await call(
+        harness, "POST", f"/api/v1/restrictions/{patient_key}/lift", "admin", {"justification": justification}
+    )
+
+
 def alerts(harness: Harness) -> list[Any]:
     return [e for t, e in harness.publisher.sent if t == topics.SECURITY_ALERT]
 
@@ -196,7 +205,7 @@ async def test_lifting_restores_the_clinicians_role_and_lifting_again_is_404(tmp
     harness = gateway_routes(tmp_path)
     stored(harness)
     await restrict(harness)
-    lifted = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    lifted = await lift(harness, KEY)
     assert lifted.status == 200, lifted.body
     view = json.loads(lifted.body)
     assert (view["restricted"], view["lifted_by"], view["restricted_by"]) == (False, "it-admin", "it-admin")
@@ -204,15 +213,19 @@ async def test_lifting_restores_the_clinicians_role_and_lifting_again_is_404(tmp
     assert (event["outcome"], event["target"]) == ("success", f"patient:{KEY}")
     assert event["detail"].startswith("restriction_lifted restricted_by=it-admin restricted_at=")
     assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 200
-    again = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    again = await lift(harness, KEY)
     assert again.status == 404, again.body
     assert json.loads(again.body)["error"] == "not_found"  # the app's one 404
     assert (the_event(harness, again)["outcome"], the_event(harness, again)["detail"]) == (
         "not_found",
         "not_found",
     )
-    [kept] = harness.restrictions.history  # the lifted restriction, its justification with it
-    assert (kept.restriction.justification, kept.lifted_by) == (REASON, "it-admin")
+    [kept] = harness.restrictions.history  # the lifted restriction, both justifications with it
+    assert (kept.restriction.justification, kept.lifted_by, kept.justification) == (
+        REASON,
+        "it-admin",
+        LIFTED_BECAUSE,
+    )
     assert kept.lifted_at.isoformat() == view["lifted_at"]
 
 
@@ -221,8 +234,8 @@ async def test_another_tenants_restriction_is_neither_listed_nor_lifted(tmp_path
     other_key = PSEUDONYMIZER.pseudonym("hospital-b", "patient", PLANTED)
     await restrict(harness, tenant="hospital-b")
     await restrict(harness)
-    lift = await call(harness, "DELETE", f"/api/v1/restrictions/{other_key}", "admin")
-    assert lift.status == 404, lift.body
+    refused = await lift(harness, other_key)
+    assert refused.status == 404, refused.body
     assert len(harness.restrictions._restrictions) == 2
     listing = await call(harness, "GET", "/api/v1/restrictions", "admin")
     assert listing.status == 200, listing.body
@@ -250,7 +263,7 @@ async def test_the_listing_pages_by_patient_key(tmp_path: Path) -> None:
     ("method", "path", "body"),
     [
         ("POST", "/api/v1/restrictions", {"patient_id": PLANTED, "justification": REASON}),
-        ("DELETE", f"/api/v1/restrictions/{KEY}", None),
+        ("POST", f"/api/v1/restrictions/{KEY}/lift", {"justification": LIFTED_BECAUSE}),
         ("GET", "/api/v1/restrictions", None),
     ],
 )
@@ -289,10 +302,13 @@ async def test_a_refused_restriction_says_what_is_allowed_stores_nothing_and_is_
         assert body["patient_id"] not in everything_sent(harness, answer)
 
 
-@pytest.mark.parametrize("path", ["/api/v1/restrictions/NOT-A-KEY", "/api/v1/restrictions?after=zz"])
+@pytest.mark.parametrize("path", ["/api/v1/restrictions/NOT-A-KEY/lift", "/api/v1/restrictions?after=zz"])
 async def test_a_patient_key_that_is_no_pseudonym_is_422(tmp_path: Path, path: str) -> None:
     harness = gateway_routes(tmp_path)
-    answer = await call(harness, "DELETE" if "?" not in path else "GET", path, "admin")
+    if "?" in path:
+        answer = await call(harness, "GET", path, "admin")
+    else:
+        answer = await call(harness, "POST", path, "admin", {"justification": LIFTED_BECAUSE})
     assert answer.status == 422, answer.body
     assert the_event(harness, answer)["outcome"] == "rejected"
 
@@ -323,7 +339,7 @@ async def test_a_lifting_kafka_did_not_record_is_not_made(tmp_path: Path) -> Non
     stored(harness)
     await restrict(harness)
     refuse(harness, topics.ACCESS_RECORDED, times=1)
-    answer = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    answer = await lift(harness, KEY)
     assert answer.status == 503, answer.body
     assert json.loads(answer.body)["message"].startswith(LIFT_UNRECORDED)
     assert list(harness.restrictions._restrictions) == [("hospital-a", KEY)]
@@ -354,7 +370,7 @@ async def test_no_read_is_allowed_by_role_while_a_lifting_is_being_recorded(tmp_
         return await send(topic, envelope, key=key)
 
     harness.publisher.send = holding  # type: ignore[method-assign]
-    lifting = asyncio.create_task(call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin"))
+    lifting = asyncio.create_task(lift(harness, KEY))
     await held.wait()
     meanwhile = await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")
     release.set()
@@ -375,11 +391,7 @@ async def test_a_change_the_store_did_not_make_after_its_record_is_a_503_with_a_
         raise ServerSelectionTimeoutError("no server answered")
 
     setattr(harness.restrictions, change, silent)
-    answer = await (
-        restrict(harness)
-        if change == "restrict"
-        else call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
-    )
+    answer = await (restrict(harness) if change == "restrict" else lift(harness, KEY))
     assert answer.status == 503, answer.body
     rid = answer.header("x-request-id")
     recorded, failed = [e for e in harness.publisher.access_events() if e["correlation_id"] == rid]
@@ -492,7 +504,7 @@ async def test_a_restriction_confirmed_while_a_lifting_is_recorded_is_not_lifted
         return await send(topic, envelope, key=key)
 
     harness.publisher.send = holding  # type: ignore[method-assign]
-    lifting = asyncio.create_task(call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin"))
+    lifting = asyncio.create_task(lift(harness, KEY))
     await held.wait()
     confirmed = await restrict(harness, subject="it-admin-b")
     assert confirmed.status == 200, confirmed.body
@@ -545,11 +557,7 @@ async def test_a_write_whose_answer_was_lost_but_which_was_made_is_answered_as_m
         raise ServerSelectionTimeoutError("the answer was lost")
 
     setattr(harness.restrictions, change, applied_then_lost)
-    answer = await (
-        restrict(harness)
-        if change == "restrict"
-        else call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
-    )
+    answer = await (restrict(harness) if change == "restrict" else lift(harness, KEY))
     assert answer.status == (201 if change == "restrict" else 200), answer.body
     assert len(request_events(harness, answer)) == 1
 
@@ -573,7 +581,7 @@ async def test_a_lift_whose_outcome_the_store_cannot_tell_says_so(tmp_path: Path
         return await read(*args)
 
     harness.restrictions.get = then_silent  # type: ignore[method-assign]
-    answer = await call(harness, "DELETE", f"/api/v1/restrictions/{KEY}", "admin")
+    answer = await lift(harness, KEY)
     assert answer.status == 503, answer.body
     _, second = request_events(harness, answer)
     assert second["detail"].startswith("restriction_state_unknown ")
@@ -599,3 +607,20 @@ async def test_restricting_names_grants_that_begin_later_too(tmp_path: Path) -> 
     answer = json.loads((await restrict(harness)).body)
     assert [g["grant_id"] for g in answer["active_grants"]] == [json.loads(later.body)["grant_id"]]
     assert answer["active_grants_truncated"] is False
+
+
+async def test_a_lifting_without_a_valid_justification_is_422_and_lifts_nothing(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    await restrict(harness)
+    short = await lift(harness, KEY, "ok")
+    assert short.status == 422, short.body
+    assert json.loads(short.body)["error"] == "invalid_restriction"
+    assert (the_event(harness, short)["outcome"], the_event(harness, short)["detail"]) == (
+        "rejected",
+        "lift_refused:invalid_restriction",
+    )
+    missing = await call(harness, "POST", f"/api/v1/restrictions/{KEY}/lift", "admin", {})
+    assert missing.status == 422, missing.body
+    assert list(harness.restrictions._restrictions) == [("hospital-a", KEY)]
+    assert (await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")).status == 403

@@ -33,7 +33,15 @@ async def test_every_method_is_scoped_by_tenant() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
     assert await store.get("hospital-b", "k1") is None
-    assert await store.lift(restriction("k1", tenant="hospital-b"), lifted_by="x", lifted_at=AT) is None
+    assert (
+        await store.lift(
+            restriction("k1", tenant="hospital-b"),
+            lifted_by="x",
+            lifted_at=AT,
+            justification="end of employment",
+        )
+        is None
+    )
     assert await store.list("hospital-b", limit=10) == []
     assert await store.get("hospital-a", "k1") == restriction("k1")
 
@@ -41,11 +49,24 @@ async def test_every_method_is_scoped_by_tenant() -> None:
 async def test_lift_removes_that_restriction_once_and_keeps_it_in_the_history() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
-    assert await store.lift(restriction("k1", by="someone-else"), lifted_by="a2", lifted_at=AT) is None
-    assert await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT) == restriction("k1")
-    assert await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT) is None
+    assert (
+        await store.lift(
+            restriction("k1", by="someone-else"),
+            lifted_by="a2",
+            lifted_at=AT,
+            justification="end of employment",
+        )
+        is None
+    )
+    assert await store.lift(
+        restriction("k1"), lifted_by="a2", lifted_at=AT, justification="end of employment"
+    ) == restriction("k1")
+    assert (
+        await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT, justification="end of employment")
+        is None
+    )
     assert await store.get("hospital-a", "k1") is None
-    assert store.history == [LiftedRestriction(restriction("k1"), "a2", AT)]
+    assert store.history == [LiftedRestriction(restriction("k1"), "a2", AT, "end of employment")]
 
 
 class FakeCollection:

@@ -59,6 +59,16 @@ LIFT_UNRECORDED: Final = (
 )
 
 
+class LiftRequest(BaseModel):
+    """An admin's lifting of a restriction: why (kept with the restriction's history, never in events)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    justification: str = Field(
+        description="10 to 500 characters: why the restriction ends, never the patient"
+    )
+
+
 class RestrictionRequest(BaseModel):
     """An admin's restriction of one patient of the admin's tenant."""
 
@@ -225,29 +235,41 @@ def build_restrictions_router(
             status_code=201,
         )
 
-    @router.delete(
-        "/api/v1/restrictions/{patient_key}",
-        summary="Lift a patient's restriction (admin)",
-        responses={404: {"description": "no restriction on this patient_key in your tenant"}},
+    @router.post(
+        "/api/v1/restrictions/{patient_key}/lift",
+        summary="Lift a patient's restriction, saying why (admin)",
+        responses={
+            404: {"description": "no restriction on this patient_key in your tenant"},
+            409: {"description": "restricted again while this lifting was recorded: it stays restricted"},
+            422: {"description": "invalid"},
+        },
     )
     async def lift(
+        body: LiftRequest,
         request: Request,
         patient_key: str = Path(pattern=PATIENT_KEY_PATTERN, description="the restriction's patient_key"),
         principal: Principal = Depends(AuthenticatedFirst(guard, manage)),
     ) -> JSONResponse:
         try:
-            return await lift_restriction(request, principal, patient_key)
+            return await lift_restriction(request, principal, patient_key, body)
         except Exception as exc:
             await recorder.record_change_failure(request, principal, manage, patient_key, exc)
             raise
 
-    async def lift_restriction(request: Request, principal: Principal, key: str) -> JSONResponse:
+    async def lift_restriction(
+        request: Request, principal: Principal, key: str, body: LiftRequest
+    ) -> JSONResponse:
         existing = await restrictions.get(principal.tenant, key)
         # No restriction (also a key of another tenant: it names nothing here): the app's one 404,
         # recorded by the guard as any absent resource is.
         resource = Resource(principal.tenant, key) if existing is not None else None
         await guard.check_resource(request, principal, manage, resource)
         assert existing is not None
+        try:
+            justification = check_justification(body.justification, InvalidRestrictionError)
+        except InvalidRestrictionError as exc:
+            await record(request, principal, manage, 422, key, f"lift_refused:{exc.code}")
+            return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
         lifting = f"restriction_lifted {_in_effect(existing)}"
         try:
             await record(request, principal, manage, 200, key, lifting, LIFT_UNRECORDED)
@@ -263,7 +285,10 @@ def build_restrictions_router(
         lifted_at = _milliseconds(datetime.now(UTC))
         state: Restriction | str | None = None
         try:
-            if await restrictions.lift(existing, lifted_by=principal.subject, lifted_at=lifted_at) is None:
+            lifted = await restrictions.lift(
+                existing, lifted_by=principal.subject, lifted_at=lifted_at, justification=justification
+            )
+            if lifted is None:
                 # Not removed as it was read: lifted by another request (fine), or restricted again.
                 state = await restrictions.get(principal.tenant, key)
         except Exception as exc:

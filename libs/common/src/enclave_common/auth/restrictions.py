@@ -52,6 +52,8 @@ class LiftedRestriction:
     restriction: Restriction
     lifted_by: str
     lifted_at: datetime
+    #: Why it was lifted (10 to 500 characters, like every justification; never put in events).
+    justification: str
 
 
 class RestrictionStore(Protocol):
@@ -67,10 +69,10 @@ class RestrictionStore(Protocol):
         ...
 
     async def lift(
-        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime, justification: str
     ) -> Restriction | None:
         """Remove ``restriction`` (that one at that revision: not one made or confirmed after it),
-        keeping it in the history with who lifted it and when: the one removed, or None if it was no
+        keeping it in the history with who lifted it, when and why: the one removed, or None if it was no
         longer in effect as it was. Repeating a lift that failed part-way is safe."""
         ...
 
@@ -109,13 +111,13 @@ class InMemoryRestrictionStore:
             return self._restrictions[key]
 
     async def lift(
-        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime, justification: str
     ) -> Restriction | None:
         async with self._lock:
             key = (restriction.tenant, restriction.patient_key)
             if self._restrictions.get(key) != restriction:
                 return None
-            self.history.append(LiftedRestriction(restriction, lifted_by, lifted_at))
+            self.history.append(LiftedRestriction(restriction, lifted_by, lifted_at, justification))
             return self._restrictions.pop(key)
 
     async def get(self, tenant: str, patient_key: str) -> Restriction | None:

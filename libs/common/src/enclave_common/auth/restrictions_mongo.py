@@ -7,7 +7,7 @@ lookup every PHI read of a clinician makes is a read by ``_id`` alone (the one q
 answers from its primary key instead of a scan); the tenant is then compared here. A lifted
 restriction is kept in ``restriction_history`` (``_id`` its pseudonym and the time it was made, so a
 repeated lift writes the same document): written before the restriction is removed, and marked
-``lifted`` with who and when only once the removal took (a document without ``lifted`` is a lifting
+``lifted`` with who, when and why only once the removal took (a document without ``lifted`` is a lifting
 that did not happen). Single-document writes only (FerretDB v1 has no transactions).
 """
 
@@ -107,7 +107,7 @@ class MongoRestrictionStore:
         return None if doc is None else restriction_from_document(doc)
 
     async def lift(
-        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime
+        self, restriction: Restriction, *, lifted_by: str, lifted_at: datetime, justification: str
     ) -> Restriction | None:
         if await self.get(restriction.tenant, restriction.patient_key) != restriction:
             return None
@@ -129,7 +129,15 @@ class MongoRestrictionStore:
         if removed.deleted_count != 1:
             return None
         await self._history.update_one(
-            {"_id": history_id}, {"$set": {"lifted": True, "lifted_by": lifted_by, "lifted_at": lifted_at}}
+            {"_id": history_id},
+            {
+                "$set": {
+                    "lifted": True,
+                    "lifted_by": lifted_by,
+                    "lifted_at": lifted_at,
+                    "lift_justification": justification,
+                }
+            },
         )
         return restriction
 
