@@ -282,6 +282,7 @@ async def test_mongo_store_against_a_fake_collection() -> None:
     assert collection.indexes == [
         [("tenant", 1), ("grantee", 1), ("patient_key", 1)],
         [("tenant", 1), ("_id", 1)],
+        [("tenant", 1), ("patient_key", 1)],
         [("revocation_recorded", 1), ("revoked_at", 1)],
     ]
     grant = new_grant(not_before=NOW + timedelta(hours=1), expires_at=NOW + timedelta(hours=5))

@@ -126,6 +126,8 @@ class MongoGrantStore:
         )
         # The admins' listing (GET /api/v1/grants), in grant id order within the tenant.
         await self._collection.create_index([("tenant", 1), ("_id", 1)], name="tenant_grants")
+        # A patient's grants (the listing filtered on a patient, and a restriction naming those in effect).
+        await self._collection.create_index([("tenant", 1), ("patient_key", 1)], name="tenant_patient")
         # The gateway's sweep of revocations not yet in the audit trail (every minute, per replica).
         await self._collection.create_index(
             [("revocation_recorded", 1), ("revoked_at", 1)], name="unrecorded_revocations"
