@@ -194,6 +194,10 @@ async def test_a_verify_range_refused_400_is_recorded_as_its_400(client, trail, 
         ("/audit/verify", {"from_sequence": 0}),
         ("/audit/export", {"from_sequence": 0}),  # not recorded at all before
         ("/audit/export", {"to_sequence": "ten"}),
+        # A misspelt filter (until the twenty-second session ignored: every record answered as if it
+        # were that patient's) and a parameter the export does not take.
+        ("/audit/events", {"patinet": "pk-1"}),
+        ("/audit/export", {"patient": "pk-1"}),
     ],
 )
 async def test_a_parameter_the_api_refuses_is_recorded_as_its_422(client, trail, path, params) -> None:
@@ -407,3 +411,12 @@ async def test_a_cancelled_calls_record_that_cannot_finish_in_time_is_cancelled_
     assert publishing.is_set()
     await asyncio.sleep(0)  # the cancelled record's task runs its handler
     assert ended == ["cancelled"]
+
+
+async def test_a_misspelt_filter_is_answered_with_the_filters_the_route_takes(client, trail) -> None:
+    response = await client.get("/audit/events", params={"patinet": "pk-1"})
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]["problems"]
+    assert problem["field"] == "query" and "patient" in problem["problem"] and "actor" in problem["problem"]
+    assert "patinet" not in response.text and "pk-1" not in response.text
+    assert trail.log == ["recorded"], "nothing was read; the refusal was recorded"

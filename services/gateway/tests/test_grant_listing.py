@@ -175,3 +175,36 @@ async def test_a_grant_read_is_recorded_once_after_its_lookup(tmp_path: Path) ->
         "success",
         f"patient:{KEY}",
     )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/grants?gratnee=cg-1",
+        f"/api/v1/imaging/patient/{PLANTED}?limt=5",
+        "/api/v1/research/analyses?aftr=x",
+    ],
+)
+async def test_a_misspelt_filter_of_a_read_is_422_naming_the_ones_it_takes(tmp_path: Path, path: str) -> None:
+    """FastAPI ignores query parameters a route does not declare: until the twenty-second session
+    ``?gratnee=cg-1`` answered every grant of the tenant as if filtered. The answer names the parameters
+    the route takes, never the one sent."""
+    harness = gateway_routes(tmp_path)
+    await made(harness)
+    role = "admin" if "grants" in path else "clinician"
+    answer = await call(harness, "GET", path, role)
+    assert answer.status == 422, answer.body
+    [problem] = json.loads(answer.body)["problems"]
+    assert problem["field"] == "query" and "it takes: " in problem["problem"]
+    assert all(sent not in answer.body.decode() for sent in ("gratnee", "limt", "aftr"))
+    event = the_event(harness, answer)
+    assert (event["outcome"], event["detail"]) == ("rejected", "invalid_request")
+
+
+async def test_a_read_without_query_parameters_still_ignores_extra_ones(tmp_path: Path) -> None:
+    """A route that takes none (the grant by id, the instance status) ignores them, as before: a
+    client's cache-busting ``?_=...`` keeps working."""
+    harness = gateway_routes(tmp_path)
+    [first, *_] = await made(harness)
+    answer = await call(harness, "GET", f"/api/v1/grants/{first}?_=1732460000", "admin")
+    assert answer.status == 200, answer.body

@@ -112,7 +112,8 @@ def parameter_errors(request: Request) -> list[object]:
     parameters, so without this check a call answered 422 would be recorded as an allowed access
     (found by an API hunt). Uses FastAPI's own validation, on the same fields."""
     errors: list[object] = []
-    for dependant in _dependants(request.scope.get("route")):
+    dependants = _dependants(request.scope.get("route"))
+    for dependant in dependants:
         for fields, received in (
             (dependant.path_params, request.path_params),
             (dependant.query_params, request.query_params),
@@ -121,7 +122,32 @@ def parameter_errors(request: Request) -> list[object]:
         ):
             if fields:
                 errors.extend(e for e in request_params_to_args(fields, received)[1] if e not in errors)
+    if (unknown := unknown_query_parameters(request, dependants)) is not None:
+        errors.append(unknown)
     return errors
+
+
+#: Methods whose routes' query parameters are filters: a misspelt one would silently widen the answer.
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def unknown_query_parameters(request: Request, dependants: list[Dependant]) -> dict[str, object] | None:
+    """A validation error when a read that takes query parameters (filters, paging) is sent one it
+    does not take: FastAPI ignores those, so ``?patinet=...`` answered every record as if it were
+    one patient's (until the twenty-second session). The error names the parameters the route takes,
+    never the ones sent (a name may be anything). Routes without query parameters, and writes, ignore
+    extra ones as before (a cache-busting ``?_=...``)."""
+    if request.method not in _READ_METHODS:
+        return None
+    known = {field.alias for dependant in dependants for field in dependant.query_params}
+    if not known or set(request.query_params) <= known:
+        return None
+    return {
+        "type": "value_error",
+        "loc": ("query",),
+        "msg": f"a query parameter this route does not take; it takes: {', '.join(sorted(known))}",
+        "input": None,
+    }
 
 
 class AccessGuard:
