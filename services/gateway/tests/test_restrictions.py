@@ -101,6 +101,24 @@ async def lift(harness: Harness, patient_key: str, justification: str = LIFTED_B
     )
 
 
+def hold_the_liftings_record(harness: Harness, *, then_refuse: bool) -> tuple[asyncio.Event, asyncio.Event]:
+    """Kafka holds a lifting's access event until ``release`` is set (``held`` is set once it is held),
+    then acknowledges it, or refuses it with ``then_refuse``."""
+    held, release = asyncio.Event(), asyncio.Event()
+    send = harness.publisher.send
+
+    async def holding(topic: str, envelope: Any, *, key: str) -> Any:
+        if envelope.data.get("detail", "").startswith("restriction_lifted"):
+            held.set()
+            await release.wait()
+            if then_refuse:
+                raise TimeoutError("not acknowledged")
+        return await send(topic, envelope, key=key)
+
+    harness.publisher.send = holding  # type: ignore[method-assign]
+    return held, release
+
+
 def alerts(harness: Harness) -> list[Any]:
     return [e for t, e in harness.publisher.sent if t == topics.SECURITY_ALERT]
 
@@ -359,17 +377,7 @@ async def test_no_read_is_allowed_by_role_while_a_lifting_is_being_recorded(tmp_
     harness = gateway_routes(tmp_path)
     stored(harness)
     await restrict(harness)
-    held, release = asyncio.Event(), asyncio.Event()
-    send = harness.publisher.send
-
-    async def holding(topic: str, envelope: Any, *, key: str) -> Any:
-        if envelope.data.get("detail", "").startswith("restriction_lifted"):
-            held.set()
-            await release.wait()
-            raise TimeoutError("not acknowledged")
-        return await send(topic, envelope, key=key)
-
-    harness.publisher.send = holding  # type: ignore[method-assign]
+    held, release = hold_the_liftings_record(harness, then_refuse=True)
     lifting = asyncio.create_task(lift(harness, KEY))
     await held.wait()
     meanwhile = await call(harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician")
@@ -494,16 +502,7 @@ async def test_a_restriction_confirmed_while_a_lifting_is_recorded_is_not_lifted
     harness = gateway_routes(tmp_path)
     stored(harness)
     await restrict(harness)
-    held, release = asyncio.Event(), asyncio.Event()
-    send = harness.publisher.send
-
-    async def holding(topic: str, envelope: Any, *, key: str) -> Any:
-        if envelope.data.get("detail", "").startswith("restriction_lifted"):
-            held.set()
-            await release.wait()
-        return await send(topic, envelope, key=key)
-
-    harness.publisher.send = holding  # type: ignore[method-assign]
+    held, release = hold_the_liftings_record(harness, then_refuse=False)
     lifting = asyncio.create_task(lift(harness, KEY))
     await held.wait()
     confirmed = await restrict(harness, subject="it-admin-b")
