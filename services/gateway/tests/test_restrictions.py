@@ -119,6 +119,20 @@ def hold_the_liftings_record(harness: Harness, *, then_refuse: bool) -> tuple[as
     return held, release
 
 
+async def ready_for(tmp_path: Path, change: str) -> Harness:
+    """A harness with the instance stored, and for ``change`` "lift" the patient restricted."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    if change == "lift":
+        await restrict(harness)
+    return harness
+
+
+async def make(harness: Harness, change: str) -> Exchange:
+    """The request of ``change``: restrict the patient, or lift its restriction."""
+    return await (restrict(harness) if change == "restrict" else lift(harness, KEY))
+
+
 def alerts(harness: Harness) -> list[Any]:
     return [e for t, e in harness.publisher.sent if t == topics.SECURITY_ALERT]
 
@@ -390,16 +404,13 @@ async def test_no_read_is_allowed_by_role_while_a_lifting_is_being_recorded(tmp_
 async def test_a_change_the_store_did_not_make_after_its_record_is_a_503_with_a_second_event(
     tmp_path: Path, change: str
 ) -> None:
-    harness = gateway_routes(tmp_path)
-    stored(harness)
-    if change == "lift":
-        await restrict(harness)
+    harness = await ready_for(tmp_path, change)
 
     async def silent(*_: object, **__: object) -> Any:
         raise ServerSelectionTimeoutError("no server answered")
 
     setattr(harness.restrictions, change, silent)
-    answer = await (restrict(harness) if change == "restrict" else lift(harness, KEY))
+    answer = await make(harness, change)
     assert answer.status == 503, answer.body
     rid = answer.header("x-request-id")
     recorded, failed = [e for e in harness.publisher.access_events() if e["correlation_id"] == rid]
@@ -545,10 +556,7 @@ async def test_two_admins_restricting_at_once_get_one_restriction_and_a_true_rec
 async def test_a_write_whose_answer_was_lost_but_which_was_made_is_answered_as_made(
     tmp_path: Path, change: str
 ) -> None:
-    harness = gateway_routes(tmp_path)
-    stored(harness)
-    if change == "lift":
-        await restrict(harness)
+    harness = await ready_for(tmp_path, change)
     write = getattr(harness.restrictions, change)
 
     async def applied_then_lost(*args: Any, **kwargs: Any) -> Any:
@@ -556,7 +564,7 @@ async def test_a_write_whose_answer_was_lost_but_which_was_made_is_answered_as_m
         raise ServerSelectionTimeoutError("the answer was lost")
 
     setattr(harness.restrictions, change, applied_then_lost)
-    answer = await (restrict(harness) if change == "restrict" else lift(harness, KEY))
+    answer = await make(harness, change)
     assert answer.status == (201 if change == "restrict" else 200), answer.body
     assert len(request_events(harness, answer)) == 1
 

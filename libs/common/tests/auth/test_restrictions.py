@@ -16,10 +16,15 @@ from enclave_common.auth.restrictions_mongo import (
 from enclave_common.service import failure_answer
 
 AT = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+BECAUSE = "end of employment"
 
 
 def restriction(patient_key: str, tenant: str = "hospital-a", by: str = "admin-1") -> Restriction:
     return Restriction(tenant, patient_key, "privacy office request", by, AT)
+
+
+async def lifted(store: InMemoryRestrictionStore, which: Restriction, by: str = "a2") -> Restriction | None:
+    return await store.lift(which, lifted_by=by, lifted_at=AT, justification=BECAUSE)
 
 
 async def test_the_first_restriction_stands_and_a_second_one_gets_it_back() -> None:
@@ -33,15 +38,7 @@ async def test_every_method_is_scoped_by_tenant() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
     assert await store.get("hospital-b", "k1") is None
-    assert (
-        await store.lift(
-            restriction("k1", tenant="hospital-b"),
-            lifted_by="x",
-            lifted_at=AT,
-            justification="end of employment",
-        )
-        is None
-    )
+    assert await lifted(store, restriction("k1", tenant="hospital-b"), by="x") is None
     assert await store.list("hospital-b", limit=10) == []
     assert await store.get("hospital-a", "k1") == restriction("k1")
 
@@ -49,24 +46,11 @@ async def test_every_method_is_scoped_by_tenant() -> None:
 async def test_lift_removes_that_restriction_once_and_keeps_it_in_the_history() -> None:
     store = InMemoryRestrictionStore()
     await store.restrict(restriction("k1"))
-    assert (
-        await store.lift(
-            restriction("k1", by="someone-else"),
-            lifted_by="a2",
-            lifted_at=AT,
-            justification="end of employment",
-        )
-        is None
-    )
-    assert await store.lift(
-        restriction("k1"), lifted_by="a2", lifted_at=AT, justification="end of employment"
-    ) == restriction("k1")
-    assert (
-        await store.lift(restriction("k1"), lifted_by="a2", lifted_at=AT, justification="end of employment")
-        is None
-    )
+    assert await lifted(store, restriction("k1", by="someone-else")) is None
+    assert await lifted(store, restriction("k1")) == restriction("k1")
+    assert await lifted(store, restriction("k1")) is None
     assert await store.get("hospital-a", "k1") is None
-    assert store.history == [LiftedRestriction(restriction("k1"), "a2", AT, "end of employment")]
+    assert store.history == [LiftedRestriction(restriction("k1"), "a2", AT, BECAUSE)]
 
 
 class FakeCollection:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Final, NotRequired, TypedDict, TypeVar, Unpack
 
 import structlog
@@ -298,24 +298,37 @@ class AccessRecorder:
         """:meth:`record` an answered change of access on one patient (a grant, a break-glass session,
         a restriction): its outcome from ``status``, its target the patient."""
         await self.record(
-            request,
-            unaudited=unaudited,
-            principal=principal,
-            action=str(action),
-            outcome=answered_outcome(status),
-            status=status,
-            target=access_target(patient_key),
-            detail=detail,
+            request, unaudited=unaudited, **_change_fields(principal, action, status, patient_key, detail)
         )
 
-    async def record_change_failure(
-        self, request: Request, principal: Principal, action: Action, patient_key: str, exc: Exception
-    ) -> None:
-        """A change ``exc`` ended (its store did not answer) before its event was recorded: recorded
-        with the answer it gets (:func:`unrecorded_failure`)."""
-        if (answer := unrecorded_failure(request, exc)) is not None:
-            status, code = answer
-            await self.record_change(request, principal, action, status, patient_key, code)
+    async def record_change_if_possible(
+        self,
+        request: Request,
+        principal: Principal,
+        action: Action,
+        status: int,
+        patient_key: str,
+        detail: str,
+    ) -> bool:
+        """:meth:`record_if_possible` of a change, as :meth:`record_change` builds it (a request already
+        answered, or about to be, whose change was undone or not made)."""
+        return await self.record_if_possible(
+            request, **_change_fields(principal, action, status, patient_key, detail)
+        )
+
+    @asynccontextmanager
+    async def change_failure_recorded(
+        self, request: Request, principal: Principal, action: Action, patient_key: str
+    ) -> AsyncIterator[None]:
+        """A change the block ends with an exception (its store did not answer) before its event was
+        recorded: recorded with the answer it gets (:func:`unrecorded_failure`), then raised on."""
+        try:
+            yield
+        except Exception as exc:
+            if (answer := unrecorded_failure(request, exc)) is not None:
+                status, code = answer
+                await self.record_change(request, principal, action, status, patient_key, code)
+            raise
 
     async def record_own(self, tenant: str, **fields: Unpack[AccessFields]) -> None:
         """Publish an access event the gateway makes on its own account, for no request (actor
@@ -533,6 +546,19 @@ def _unaudited(what: str = UNAUDITED) -> Iterator[None]:
         raise Unaudited(
             503, detail={"code": exc.code, "message": f"{what}; retry later"}, headers=RETRY_LATER
         ) from None
+
+
+def _change_fields(
+    principal: Principal, action: Action, status: int, patient_key: str, detail: str
+) -> AccessFields:
+    return {
+        "principal": principal,
+        "action": str(action),
+        "outcome": answered_outcome(status),
+        "status": status,
+        "target": access_target(patient_key),
+        "detail": detail,
+    }
 
 
 def page_of(found: Sequence[T], limit: int, key: Callable[[T], str]) -> tuple[Sequence[T], str | None]:

@@ -36,14 +36,15 @@ from enclave_common.auth import (
     Principal,
     Resource,
 )
-from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.auth.grants import GrantStore
 from enclave_common.crypto import Pseudonymizer
+from enclave_common.errors import EnclaveError
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from enclave_gateway.access import AccessRecorder, Unaudited, access_target, page_of
+from enclave_gateway.access import AccessRecorder, Unaudited, page_of
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
 from enclave_gateway.revocations import late_revocation_detail
 
@@ -131,7 +132,8 @@ REVOCATION_UNRECORDED = (
 )
 
 
-def _invalid(exc: InvalidGrantError) -> JSONResponse:
+def invalid_answer(exc: EnclaveError) -> JSONResponse:
+    """The 422 of a grant, session or restriction its validation refused: the code and what is allowed."""
     return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
 
 
@@ -142,7 +144,6 @@ def build_grants_router(
     policy = guard.policy
 
     record = recorder.record_change
-    record_failure = recorder.record_change_failure
 
     async def withdraw(
         request: Request, principal: Principal, action: Action, grant: Grant, cause: str
@@ -170,14 +171,13 @@ def build_grants_router(
             )
             withdrew = False
             state = "not_withdrawn"
-        withdrawal_recorded = await recorder.record_if_possible(
+        withdrawal_recorded = await recorder.record_change_if_possible(
             request,
-            principal=principal,
-            action=str(action),
-            outcome="error",
-            status=503,
-            target=access_target(grant.patient_key),
-            detail=f"{kind}_{state}:{grant.grant_id} cause={cause}",
+            principal,
+            action,
+            503,
+            grant.patient_key,
+            f"{kind}_{state}:{grant.grant_id} cause={cause}",
         )
         if withdrawal_recorded and withdrew:
             await mark_recorded(grant)
@@ -198,11 +198,8 @@ def build_grants_router(
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
-        try:
+        async with recorder.change_failure_recorded(request, principal, Action.MANAGE_GRANTS, key):
             return await create(request, principal, body, key)
-        except Exception as exc:
-            await record_failure(request, principal, Action.MANAGE_GRANTS, key, exc)
-            raise
 
     async def create(request: Request, principal: Principal, body: GrantRequest, key: str) -> JSONResponse:
         await guard.check_resource(request, principal, Action.MANAGE_GRANTS, Resource(principal.tenant, key))
@@ -220,7 +217,7 @@ def build_grants_router(
             )
         except InvalidGrantError as exc:
             await record(request, principal, Action.MANAGE_GRANTS, 422, key, f"grant_refused:{exc.code}")
-            return _invalid(exc)
+            return invalid_answer(exc)
         await grants.create(grant)
         actions = ",".join(sorted(a.value for a in grant.actions))
         try:
@@ -238,12 +235,14 @@ def build_grants_router(
             raise
         return JSONResponse(grant_view(grant), status_code=201)
 
-    async def own_grant(request: Request, principal: Principal, grant_id: str, action: Action) -> Grant:
+    async def own_grant(
+        request: Request, principal: Principal, grant_id: str, action: Action
+    ) -> tuple[Grant, Authorized]:
         grant = await grants.get(grant_id, tenant=principal.tenant)
         resource = Resource(grant.tenant, grant.patient_key) if grant is not None else None
-        await guard.check_resource(request, principal, action, resource)  # None -> 404
+        authorized = await guard.check_resource(request, principal, action, resource)  # None -> 404
         assert grant is not None
-        return grant
+        return grant, authorized
 
     @router.get(
         "/api/v1/grants",
@@ -293,12 +292,7 @@ def build_grants_router(
     ) -> JSONResponse:
         # Its own action (read_grants), so the audit trail files the read as a read, not as the
         # grant change that manage_grants is. Recorded once the answer is built, as every read is.
-        grant = await grants.get(grant_id, tenant=principal.tenant)
-        resource = Resource(grant.tenant, grant.patient_key) if grant is not None else None
-        authorized = await guard.check_resource(
-            request, principal, Action.READ_GRANTS, resource
-        )  # None -> 404
-        assert grant is not None
+        grant, authorized = await own_grant(request, principal, grant_id, Action.READ_GRANTS)
         answer = JSONResponse(grant_view(grant))
         await recorder.disclose(request, authorized, Action.READ_GRANTS)
         return answer
@@ -316,12 +310,11 @@ def build_grants_router(
         grant_id: str = Path(pattern=GRANT_ID_PATTERN),
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.MANAGE_GRANTS)),
     ) -> JSONResponse:
-        grant = await own_grant(request, principal, grant_id, Action.MANAGE_GRANTS)
-        try:
+        grant, _ = await own_grant(request, principal, grant_id, Action.MANAGE_GRANTS)
+        async with recorder.change_failure_recorded(
+            request, principal, Action.MANAGE_GRANTS, grant.patient_key
+        ):
             return await revoke(request, principal, grant)
-        except Exception as exc:
-            await record_failure(request, principal, Action.MANAGE_GRANTS, grant.patient_key, exc)
-            raise
 
     async def mark_recorded(grant: Grant) -> None:
         """Note a revocation as recorded. If the store does not answer, the answer stands (the event is
@@ -395,11 +388,8 @@ def build_grants_router(
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.BREAK_GLASS)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
-        try:
+        async with recorder.change_failure_recorded(request, principal, Action.BREAK_GLASS, key):
             return await open_session(request, principal, body, key)
-        except Exception as exc:
-            await record_failure(request, principal, Action.BREAK_GLASS, key, exc)
-            raise
 
     async def open_session(
         request: Request, principal: Principal, body: BreakGlassRequest, key: str
@@ -413,7 +403,7 @@ def build_grants_router(
             )
         except InvalidGrantError as exc:
             await record(request, principal, Action.BREAK_GLASS, 422, key, f"break_glass_refused:{exc.code}")
-            return _invalid(exc)
+            return invalid_answer(exc)
         await grants.create(session)
         # The access event first: a session is never open with an alert and no record of it. Until
         # the review of the nineteenth session the alert came first, and a refused alert left the

@@ -36,15 +36,20 @@ from enclave_common.auth.grants import GrantStore
 from enclave_common.auth.policy import check_justification
 from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.crypto import Pseudonymizer
-from enclave_common.events import answered_outcome
 from enclave_common.service import failure_answer
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from enclave_gateway.access import AccessRecorder, Unaudited, access_target, page_of
+from enclave_gateway.access import AccessRecorder, Unaudited, page_of
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
-from enclave_gateway.grants_api import GRANTS_PAGE_MAX, PATIENT_KEY_PATTERN, PatientId, grant_view
+from enclave_gateway.grants_api import (
+    GRANTS_PAGE_MAX,
+    PATIENT_KEY_PATTERN,
+    PatientId,
+    grant_view,
+    invalid_answer,
+)
 
 #: A page of the listing holds at most this many restrictions (and this many by default).
 RESTRICTIONS_PAGE_MAX: Final = 1000
@@ -116,15 +121,17 @@ def build_restrictions_router(
     ) -> None:
         """A second event of a request whose change was recorded and then not made as recorded (or not
         known to be): it says what happened, with the answer the request gets."""
-        await recorder.record_if_possible(
-            request,
-            principal=principal,
-            action=str(manage),
-            outcome=answered_outcome(status),
-            status=status,
-            target=access_target(key),
-            detail=detail,
-        )
+        await recorder.record_change_if_possible(request, principal, manage, status, key, detail)
+
+    async def justified(
+        request: Request, principal: Principal, key: str, text: str, refused: str
+    ) -> str | JSONResponse:
+        """``text`` as a justification, or the 422 that refuses it, recorded as ``<refused>:<code>``."""
+        try:
+            return check_justification(text, InvalidRestrictionError)
+        except InvalidRestrictionError as exc:
+            await record(request, principal, manage, 422, key, f"{refused}:{exc.code}")
+            return invalid_answer(exc)
 
     async def state_after(tenant: str, key: str) -> Restriction | str | None:
         """The patient's restriction after a write that failed (it may still have been applied), or
@@ -151,21 +158,16 @@ def build_restrictions_router(
         principal: Principal = Depends(AuthenticatedFirst(guard, manage)),
     ) -> JSONResponse:
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
-        try:
+        async with recorder.change_failure_recorded(request, principal, manage, key):
             return await set_restriction(request, principal, body, key)
-        except Exception as exc:
-            await recorder.record_change_failure(request, principal, manage, key, exc)
-            raise
 
     async def set_restriction(
         request: Request, principal: Principal, body: RestrictionRequest, key: str
     ) -> JSONResponse:
         await guard.check_resource(request, principal, manage, Resource(principal.tenant, key))
-        try:
-            justification = check_justification(body.justification, InvalidRestrictionError)
-        except InvalidRestrictionError as exc:
-            await record(request, principal, manage, 422, key, f"restriction_refused:{exc.code}")
-            return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
+        justification = await justified(request, principal, key, body.justification, "restriction_refused")
+        if isinstance(justification, JSONResponse):
+            return justification
         existing = await restrictions.get(principal.tenant, key)
         confirmed = await restrictions.confirm(existing) if existing is not None else None
         if confirmed is not None:
@@ -250,11 +252,8 @@ def build_restrictions_router(
         patient_key: str = Path(pattern=PATIENT_KEY_PATTERN, description="the restriction's patient_key"),
         principal: Principal = Depends(AuthenticatedFirst(guard, manage)),
     ) -> JSONResponse:
-        try:
+        async with recorder.change_failure_recorded(request, principal, manage, patient_key):
             return await lift_restriction(request, principal, patient_key, body)
-        except Exception as exc:
-            await recorder.record_change_failure(request, principal, manage, patient_key, exc)
-            raise
 
     async def lift_restriction(
         request: Request, principal: Principal, key: str, body: LiftRequest
@@ -265,11 +264,9 @@ def build_restrictions_router(
         resource = Resource(principal.tenant, key) if existing is not None else None
         await guard.check_resource(request, principal, manage, resource)
         assert existing is not None
-        try:
-            justification = check_justification(body.justification, InvalidRestrictionError)
-        except InvalidRestrictionError as exc:
-            await record(request, principal, manage, 422, key, f"lift_refused:{exc.code}")
-            return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)
+        justification = await justified(request, principal, key, body.justification, "lift_refused")
+        if isinstance(justification, JSONResponse):
+            return justification
         lifting = f"restriction_lifted {_in_effect(existing)}"
         try:
             await record(request, principal, manage, 200, key, lifting, LIFT_UNRECORDED)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 
 import pymongo
 import structlog
@@ -42,14 +42,19 @@ def grant_to_document(grant: Grant) -> dict[str, Any]:
     }
 
 
-def _aware(value: datetime | None) -> datetime | None:
+@overload
+def aware_utc(value: datetime) -> datetime: ...
+@overload
+def aware_utc(value: None) -> None: ...
+def aware_utc(value: datetime | None) -> datetime | None:
+    """A stored date as a timezone-aware UTC datetime (pymongo reads it naive without ``tz_aware``)."""
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
 
 
 def _required_time(doc: Mapping[str, Any], key: str) -> datetime:
-    value = _aware(doc.get(key))
+    value = aware_utc(doc.get(key))
     if value is None:
         raise ValueError(f"grant document lacks {key}")
     return value
@@ -71,7 +76,7 @@ def grant_from_document(doc: Mapping[str, Any]) -> Grant:
         justification=doc["justification"],
         created_by=doc["created_by"],
         created_at=created_at,
-        revoked_at=_aware(doc.get("revoked_at")),
+        revoked_at=aware_utc(doc.get("revoked_at")),
         revoked_by=doc.get("revoked_by"),
         revocation_recorded=bool(doc.get("revocation_recorded", True)),
     )

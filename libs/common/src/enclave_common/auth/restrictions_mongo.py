@@ -14,7 +14,7 @@ that did not happen). Single-document writes only (FerretDB v1 has no transactio
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pymongo
@@ -22,6 +22,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from enclave_common.auth.grants_mongo import aware_utc
 from enclave_common.auth.restrictions import Restriction, RestrictionContended
 
 COLLECTION = "restrictions"
@@ -39,29 +40,23 @@ def restriction_to_document(restriction: Restriction) -> dict[str, Any]:
     }
 
 
-def _that_one(restriction: Restriction) -> dict[str, Any]:
-    """The filter of ``restriction`` as it was read: not one made or confirmed after it."""
+def _made(restriction: Restriction) -> dict[str, Any]:
+    """The filter of ``restriction``: the one made then (not one made after it), at any revision."""
     return {
         "_id": restriction.patient_key,
         "tenant": restriction.tenant,
         "restricted_at": restriction.restricted_at,
-        # A document written before revisions existed has none: revision 0.
-        "revision": restriction.revision if restriction.revision else {"$in": [0, None]},
     }
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def restriction_from_document(doc: Mapping[str, Any]) -> Restriction:
     return Restriction(
         tenant=doc["tenant"],
-        patient_key=str(doc.get("patient_key", doc["_id"])),
+        patient_key=str(doc["_id"]),
         justification=doc["justification"],
         restricted_by=doc["restricted_by"],
-        restricted_at=_aware(doc["restricted_at"]),
-        revision=int(doc.get("revision") or 0),
+        restricted_at=aware_utc(doc["restricted_at"]),
+        revision=doc["revision"],
     )
 
 
@@ -96,11 +91,7 @@ class MongoRestrictionStore:
 
     async def confirm(self, restriction: Restriction) -> Restriction | None:
         doc = await self._collection.find_one_and_update(
-            {
-                "_id": restriction.patient_key,
-                "tenant": restriction.tenant,
-                "restricted_at": restriction.restricted_at,
-            },
+            _made(restriction),
             {"$inc": {"revision": 1}},
             return_document=ReturnDocument.AFTER,
         )
@@ -125,7 +116,8 @@ class MongoRestrictionStore:
             },
             upsert=True,
         )
-        removed = await self._collection.delete_one(_that_one(restriction))
+        # That one at the revision read: not one confirmed to an admin since.
+        removed = await self._collection.delete_one(_made(restriction) | {"revision": restriction.revision})
         if removed.deleted_count != 1:
             return None
         await self._history.update_one(
