@@ -95,16 +95,28 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
             assert [a.status_code for a in under_break_glass] == [200, 200]
             assert imaging_id in {i["imaging_id"] for i in under_break_glass[1].json()["instances"]}
 
-            lifted = await client.post(
-                f"/api/v1/restrictions/{key}/lift",
-                json={"justification": "employment ended, privacy office decision"},
-                headers=admin,
-            )
+            lifting = {"justification": "employment ended, privacy office decision"}
+            # Separation of duties: an admin who is also a clinician would lift its own limit.
+            both = bearer("it-rs-admin-clinician", tenant, "admin", "clinician")
+            refused_lift = await client.post(f"/api/v1/restrictions/{key}/lift", json=lifting, headers=both)
+            assert refused_lift.status_code == 403, refused_lift.text
+            assert refused_lift.json()["detail"]["code"] == "separation_of_duties"
+            lifted = await client.post(f"/api/v1/restrictions/{key}/lift", json=lifting, headers=admin)
             assert lifted.status_code == 200, lifted.text
             other_clinician = bearer("it-rs-clinician-2", tenant, "clinician")
             after = await client.get(phi_reads[0], headers=other_clinician)
             assert after.status_code == 200, after.text
-            answers += [restricted, listed, *refused, status, opened, *under_break_glass, lifted, after]
+            answers += [
+                restricted,
+                listed,
+                *refused,
+                status,
+                opened,
+                *under_break_glass,
+                refused_lift,
+                lifted,
+                after,
+            ]
         events = await watch.read(lambda e: e.tenant == tenant)
 
     gateway_alerts = [
@@ -125,11 +137,12 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
     assert changes == [
         ("manage_restrictions", 201, "patient_restricted"),
         ("read_restrictions", 200, "role"),
+        ("manage_restrictions", 403, "separation_of_duties"),
         ("manage_restrictions", 200, "restriction_lifted"),
     ]
     assert [a["detail"] for a in access if a["status_code"] == 403] == [
         "break_glass_required restricted_patient"
-    ] * 2
+    ] * 2 + ["separation_of_duties"]
     # No PHI in any event or answer of this test.
     assert patient not in json.dumps([e.model_dump(mode="json") for e in events])
     assert all(patient not in a.text for a in answers)

@@ -53,8 +53,10 @@ async def call(
     *,
     tenant: str = "hospital-a",
     subject: str | None = None,
+    also: tuple[str, ...] = (),
 ) -> Exchange:
-    token = harness.token(tenant, role, subject=subject or f"it-{role}")
+    """``method path`` as ``subject`` (default ``it-<role>``) holding ``role`` and the roles ``also``."""
+    token = harness.token(tenant, role, *also, subject=subject or f"it-{role}")
     headers = [("authorization", f"Bearer {token}")]
     pieces: list[bytes] = []
     if body is not None:
@@ -95,9 +97,16 @@ async def grant_results(harness: Harness, patient_id: str) -> Exchange:
 LIFTED_BECAUSE = "employment ended, privacy office decision"
 
 
-async def lift(harness: Harness, patient_key: str, justification: str = LIFTED_BECAUSE) -> Exchange:
+async def lift(
+    harness: Harness, patient_key: str, justification: str = LIFTED_BECAUSE, **kwargs: Any
+) -> Exchange:
     return await call(
-        harness, "POST", f"/api/v1/restrictions/{patient_key}/lift", "admin", {"justification": justification}
+        harness,
+        "POST",
+        f"/api/v1/restrictions/{patient_key}/lift",
+        "admin",
+        {"justification": justification},
+        **kwargs,
     )
 
 
@@ -219,6 +228,48 @@ async def test_only_the_restricted_patient_and_only_the_tenant_scope_is_affected
     assert granted.status == 200, granted.body
     assert the_event(harness, granted)["detail"] == "grant"
     assert alerts(harness) == []
+
+
+async def test_an_admin_whose_reads_a_restriction_holds_back_may_restrict_but_not_lift(
+    tmp_path: Path,
+) -> None:
+    """Separation of duties: an admin who is also a clinician lifting a restriction would lift its own
+    limit (lift, read by role, restrict again). It may restrict (that only narrows) and read under
+    break-glass; another admin lifts. Until the twenty-third session it could lift."""
+    harness = gateway_routes(tmp_path)
+    stored(harness)
+    both = {"subject": "it-admin-clinician", "also": ("clinician",)}
+    restricted = await restrict(harness, **both)
+    assert restricted.status == 201, restricted.body
+    refused = await lift(harness, KEY, **both)
+    assert refused.status == 403, refused.body
+    detail = json.loads(refused.body)["detail"]
+    assert detail["code"] == "separation_of_duties"
+    assert "clinician" in detail["message"]
+    assert "an admin without those roles must lift it" in detail["message"]
+    event = the_event(harness, refused)
+    assert (event["action"], event["outcome"], event["detail"], event["target"]) == (
+        "manage_restrictions",
+        "denied",
+        "separation_of_duties",
+        f"patient:{KEY}",
+    )
+    # Nothing was lifted: its reads by role are still held back.
+    assert await harness.restrictions.get("hospital-a", KEY) is not None
+    assert harness.restrictions.history == []
+    read = await call(
+        harness, "GET", f"/api/v1/imaging/{IMAGING_ID}/analysis", "clinician", subject="it-admin-clinician"
+    )
+    assert read.status == 403, read.body
+    assert json.loads(read.body)["detail"]["code"] == "break_glass_required"
+    # A refusal is not a bad request: the justification is not even looked at.
+    short = await lift(harness, KEY, "short", **both)
+    assert json.loads(short.body)["detail"]["code"] == "separation_of_duties"
+    # An admin holding a role the restriction does not hold back (a caregiver's grant still applies,
+    # restricted or not) lifts, as does an admin alone.
+    lifted = await lift(harness, KEY, subject="it-admin-caregiver", also=("caregiver",))
+    assert lifted.status == 200, lifted.body
+    assert PLANTED not in everything_sent(harness, restricted, refused, read, lifted)
 
 
 async def test_restricting_twice_is_200_and_records_who_restricted_and_when(tmp_path: Path) -> None:

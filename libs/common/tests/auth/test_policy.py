@@ -34,6 +34,7 @@ HOUR = timedelta(hours=1)
 ROLE_SETS: list[frozenset[Role]] = [frozenset({r}) for r in Role] + [
     frozenset({Role.CLINICIAN, Role.CAREGIVER}),
     frozenset({Role.ADMIN, Role.CAREGIVER}),
+    frozenset({Role.ADMIN, Role.CLINICIAN}),
     frozenset({Role.RESEARCHER, Role.AUDITOR}),
     frozenset(),
 ]
@@ -359,6 +360,35 @@ def test_a_restriction_is_looked_up_exactly_when_it_changes_the_decision(
     assert DEFAULT_POLICY.restriction_matters(who, action, plain) is differs
     assert DEFAULT_POLICY.restriction_matters(who, action, restricted) is False  # known already
     assert DEFAULT_POLICY.restriction_matters(who, action, Resource(tenant)) is False  # no patient
+
+
+@pytest.mark.parametrize("roles", ROLE_SETS, ids=lambda r: "+".join(sorted(r)) or "none")
+def test_a_restriction_is_lifted_only_by_a_principal_whose_reads_it_does_not_hold_back(
+    roles: frozenset[Role],
+) -> None:
+    """Separation of duties: ``held_back_by_restrictions`` names exactly the roles for which a
+    restriction turns some allowed read of the own tenant into a refusal (without grants or sessions),
+    and ``check_lift`` refuses a principal holding one of them."""
+    who = principal(roles)
+    held = {
+        role
+        for role in roles
+        for action in Action
+        if DEFAULT_POLICY.decide(
+            principal(frozenset({role})), action, Resource(OWN, PATIENT), [], NOW
+        ).allowed
+        and not DEFAULT_POLICY.decide(
+            principal(frozenset({role})), action, Resource(OWN, PATIENT, restricted=True), [], NOW
+        ).allowed
+    }
+    assert DEFAULT_POLICY.held_back_by_restrictions(who) == held
+    refusal = DEFAULT_POLICY.check_lift(who)
+    if held:
+        assert refusal is not None and refusal.status_code == 403
+        assert (refusal.reason, refusal.action) == ("separation_of_duties", Action.MANAGE_RESTRICTIONS)
+        assert all(role.value in refusal.message for role in held)
+    else:
+        assert refusal is None
 
 
 def test_every_action_has_a_row_and_the_doc_matches_the_table() -> None:

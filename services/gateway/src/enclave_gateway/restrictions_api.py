@@ -15,7 +15,8 @@ nothing changed and the answer (503) says so. If the store then fails, the answe
 event of the request says the change was not made (``restriction_not_stored``,
 ``restriction_not_lifted``): the patient keeps the state it had. Restricting a patient names, in its
 answer, the grants and break-glass sessions in effect on that patient: they still allow what they
-name, and the admin may revoke them.
+name, and the admin may revoke them. A restriction is lifted only by an admin whose own reads it does
+not hold back (separation of duties: an admin who is also a clinician would lift its own limit).
 """
 
 from __future__ import annotations
@@ -241,6 +242,10 @@ def build_restrictions_router(
         "/api/v1/restrictions/{patient_key}/lift",
         summary="Lift a patient's restriction, saying why (admin)",
         responses={
+            403: {
+                "description": "not an admin, or an admin whose own reads the restriction holds back "
+                "(`separation_of_duties`: also a clinician); another admin must lift it"
+            },
             404: {"description": "no restriction on this patient_key in your tenant"},
             409: {"description": "restricted again while this lifting was recorded: it stays restricted"},
             422: {"description": "invalid"},
@@ -263,7 +268,9 @@ def build_restrictions_router(
         # recorded by the guard as any absent resource is.
         resource = Resource(principal.tenant, key) if existing is not None else None
         await guard.check_resource(request, principal, manage, resource)
-        assert existing is not None
+        assert existing is not None and resource is not None
+        if (refusal := guard.policy.check_lift(principal)) is not None:
+            await guard.refuse(request, principal, refusal, resource)
         justification = await justified(request, principal, key, body.justification, "lift_refused")
         if isinstance(justification, JSONResponse):
             return justification

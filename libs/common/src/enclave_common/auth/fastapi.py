@@ -261,6 +261,16 @@ class AccessGuard:
         await self._conclude(request, principal, action, decision, resource)
         return Authorized(principal, decision, resource)
 
+    async def refuse(
+        self, request: Request, principal: Principal, decision: Decision, resource: Resource | None
+    ) -> NoReturn:
+        """Refuse a request on a rule the route applies (a FORBIDDEN ``decision`` the policy made,
+        such as :meth:`AccessPolicy.check_lift`): recorded and answered as the guard's own refusals."""
+        if decision.allowed:
+            raise ValueError("refuse() takes a decision that does not allow")
+        await self._conclude(request, principal, decision.action, decision, resource)
+        raise AssertionError("_conclude raises for a decision that does not allow")  # pragma: no cover
+
     async def _conclude(
         self,
         request: Request,

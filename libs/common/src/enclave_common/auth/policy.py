@@ -169,6 +169,32 @@ class AccessPolicy:
             and _T in self.scopes(principal, action)
         )
 
+    def held_back_by_restrictions(self, principal: Principal) -> frozenset[Role]:
+        """The principal's roles whose reads a restriction holds back: those with a ``tenant`` cell on
+        a PHI action (a grant or break-glass cell is not held back)."""
+        return frozenset(
+            role
+            for action, row in self.table.items()
+            if action.phi
+            for role, scope in row.items()
+            if scope is _T and role in principal.roles
+        )
+
+    def check_lift(self, principal: Principal) -> Decision | None:
+        """Separation of duties: None when ``principal`` may lift a restriction, else the FORBIDDEN
+        decision (``separation_of_duties``). A principal whose own reads the restriction holds back
+        (an admin who is also a clinician) would lift its own limit: another admin must."""
+        held = sorted(r.value for r in self.held_back_by_restrictions(principal))
+        if not held:
+            return None
+        return Decision(
+            Outcome.FORBIDDEN,
+            Action.MANAGE_RESTRICTIONS,
+            "separation_of_duties",
+            "a restriction cannot be lifted by a principal whose reads it holds back (your roles include "
+            f"{', '.join(held)}): an admin without those roles must lift it",
+        )
+
     def check_action(self, principal: Principal, action: Action) -> Decision:
         """Action-level check, before any resource lookup: FORBIDDEN or ALLOW (provisionally, when a
         resource-level decision is still due)."""
