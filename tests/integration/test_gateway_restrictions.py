@@ -22,6 +22,7 @@ from enclave_common import topics
 from enclave_common.auth import Restriction
 from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
 
+from .conftest import SERVICE_PORTS
 from .support import mr_instance
 from .test_gateway_support import GATEWAY, TopicWatch, bearer, new_tenant, patient_key
 
@@ -152,7 +153,7 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
     def ready(found: list[dict[str, Any]]) -> bool:
         overrides = [d for d in found if d.get("outcome_description") == "break_glass"]
         changes = [d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"]
-        return len(overrides) >= 2 and len(changes) >= 2
+        return len(overrides) >= 2 and len(changes) >= 3
 
     found = await _audit_records(mongo, tenant, ready)
     for record in (d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"):
@@ -160,6 +161,23 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
         assert [c["code"] for c in record["event_type_codes"]] == ["110137"]
     for record in (d for d in found if d.get("outcome_description") == "break_glass"):
         assert [c["code"] for c in record["event_type_codes"]] == ["110127"]
+
+    # The tenant's auditor finds every change of access (110137) with one filter, the refused lifting
+    # too, and every break-glass override (110127) with another.
+    auditor = bearer("it-rs-auditor", tenant, "auditor")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{SERVICE_PORTS['audit']}", timeout=30) as audit:
+        by_code = {}
+        for code in ("110137", "110127"):
+            answer = await audit.get("/audit/events", params={"event_type_code": code}, headers=auditor)
+            assert answer.status_code == 200, answer.text
+            by_code[code] = answer.json()["records"]
+    assert [
+        (r["envelope"]["data"]["status_code"], r["envelope"]["data"]["detail"].split(" ")[0])
+        for r in by_code["110137"]
+    ] == [(201, "patient_restricted"), (403, "separation_of_duties"), (200, "restriction_lifted")]
+    overrides = by_code["110127"]
+    assert len(overrides) >= 3 and all(r["tenant"] == tenant for r in overrides)  # opened, two reads
+    assert patient not in json.dumps(by_code)
 
 
 async def test_the_mongo_restriction_store_keeps_its_contract_on_ferretdb(mongo):

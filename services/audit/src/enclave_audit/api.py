@@ -82,6 +82,8 @@ _SEQ_ID: Final = re.compile(r"seq-([1-9][0-9]{0,18})")
 _ANSWER_TO_RECORD: Final = "audit_access_answer_to_record"
 #: With Kafka down nothing can be audited: the call is refused with 503 and this hint.
 RETRY_LATER: Final = {"Retry-After": "10"}
+#: A code value the code filters take: a DCM code is six digits; other schemes' codes are short tokens.
+CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 
 RecordAnswer = Callable[[int, str | None], Awaitable[None]]
 #: Answers below 500 that tell of a fault in the trail, not in what the caller asked: recorded as an
@@ -331,6 +333,24 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         action: EventAction | None = None,
         outcome: EventOutcome | None = None,
         event_type: str | None = None,
+        event_code: Annotated[
+            str | None,
+            Query(
+                pattern=CODE_PATTERN,
+                description="the record's EventID code (DCM), e.g. 110113 Security Alert, 110101 Audit Log Used",
+            ),
+        ] = None,
+        event_type_code: Annotated[
+            str | None,
+            Query(
+                pattern=CODE_PATTERN,
+                description=(
+                    "one of the record's EventTypeCodes (DCM): 110137 User Security Attributes Changed finds "
+                    "every grant, revocation, patient restriction and its lifting; 110127 Emergency Override "
+                    "Started every break-glass; 110129 Security Configuration every key change"
+                ),
+            ),
+        ] = None,
         correlation_id: str | None = None,
         event_id: str | None = None,
         since: Annotated[
@@ -372,6 +392,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             action=action.value if action else None,
             outcome=int(outcome) if outcome is not None else None,
             event_type=event_type,
+            event_code=event_code,
+            event_type_code=event_type_code,
             correlation_id=correlation_id,
             event_id=event_id,
             since=first,

@@ -65,6 +65,8 @@ RECORD_INDEXES: Final[tuple[tuple[str, list[tuple[str, int]], bool], ...]] = (
     ("event_time", [("event_time", ASCENDING)], False),
     ("actor_type_time", [("actor", ASCENDING), ("event_type", ASCENDING), ("event_time", ASCENDING)], False),
     ("code_time", [("event_code.code", ASCENDING), ("event_time", ASCENDING)], False),
+    # The event_type_code filter (GET /audit/events): few records carry a type code.
+    ("type_code_seq", [("event_type_codes.code", ASCENDING), ("sequence", DESCENDING)], False),
 )
 #: Every index the service needs, as (collection, name, keys, unique).
 INDEXES: Final[tuple[tuple[str, str, list[tuple[str, int]], bool], ...]] = (
@@ -117,6 +119,10 @@ class EventQuery:
     action: str | None = None
     outcome: int | None = None
     event_type: str | None = None
+    #: The record's EventID code (``event_code.code``: ``110113``...).
+    event_code: str | None = None
+    #: One of the record's EventTypeCodes (``110137`` a change of access, ``110127`` break-glass...).
+    event_type_code: str | None = None
     correlation_id: str | None = None
     event_id: str | None = None
     since: datetime | None = None
@@ -136,6 +142,11 @@ class EventQuery:
             # A request id as the client sent it (upper case, nginx's 32 hex digits) finds the record,
             # which holds its canonical form, and a record stored as sent before (the sixteenth session).
             query["correlation_id"] = {"$in": [self.correlation_id, canonical]}
+        if self.event_code is not None:
+            query["event_code.code"] = self.event_code
+        if self.event_type_code is not None:
+            # A dotted path into the array of codes: FerretDB v1 matches it (not $elemMatch).
+            query["event_type_codes.code"] = self.event_type_code
         object_ids = [v for v in (self.patient, self.study) if v is not None]
         if object_ids:
             # Dotted paths, not whole sub-documents: FerretDB v1 matches neither those nor $elemMatch
@@ -153,9 +164,17 @@ class EventQuery:
         return query
 
     def matches(self, record: AuditRecord) -> bool:
-        """The exact (kind, id) check of the object filters, after the database's dotted-path match."""
+        """The exact checks of the filters on nested fields (the object filters' (kind, id) pairs, the
+        codes), after the database's dotted-path match."""
         wanted = [(ObjectKind.PATIENT, self.patient), (ObjectKind.STUDY, self.study)]
-        return all(v is None or v in record.object_ids(kind) for kind, v in wanted)
+        return (
+            all(v is None or v in record.object_ids(kind) for kind, v in wanted)
+            and self.event_code in (None, record.event_code.code)
+            and (
+                self.event_type_code is None
+                or any(c.code == self.event_type_code for c in record.event_type_codes)
+            )
+        )
 
 
 class CursorError(ValueError):
