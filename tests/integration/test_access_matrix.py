@@ -36,6 +36,11 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
                "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
     "status": {"uploader": (200, 404), "clinician": (200, 404), "researcher": (200, 404), "auditor": (403, 403),
                "admin": (403, 403), "caregiver": (404, 404), "caregiver+grant": (200, 404)},
+    # One upload's instances: read by the roles that read status in the tenant; a caregiver's grant
+    # names one patient, not an upload.
+    "upload_status": {"uploader": (200, 404), "clinician": (200, 404), "researcher": (200, 404),
+                      "auditor": (403, 403), "admin": (403, 403), "caregiver": (404, 404),
+                      "caregiver+grant": (404, 404)},
     "analysis": {"uploader": (403, 403), "clinician": (200, 404), "researcher": (403, 403), "auditor": (403, 403),
                  "admin": (403, 403), "caregiver": (404, 404), "caregiver+grant": (200, 404)},
     # A patient of another tenant is, in one's own tenant, a patient with no instances (200, empty).
@@ -79,6 +84,9 @@ class World:
     grant_b: str
     #: A patient with no instances, restricted in tenant B by the fixture and in A by the matrix.
     patient_r: str
+    #: The uploads of imaging_a and imaging_b.
+    upload_a: str
+    upload_b: str
 
 
 def _role_headers(world: World, role: str) -> dict[str, str]:
@@ -101,7 +109,8 @@ def _restriction_body(patient_id: str) -> dict[str, Any]:
     return {"patient_id": patient_id, "justification": "hospital employee, privacy office request"}
 
 
-def _upload(client: httpx.Client, tenant: str, patient_id: str) -> str:
+def _upload(client: httpx.Client, tenant: str, patient_id: str) -> tuple[str, str]:
+    """The imaging id and the upload id of one instance of ``patient_id`` uploaded to ``tenant``."""
     data, _ = mr_instance(patient_id=patient_id)
     answer = client.post(
         f"{GATEWAY}/api/v1/imaging/upload",
@@ -109,7 +118,7 @@ def _upload(client: httpx.Client, tenant: str, patient_id: str) -> str:
         headers=bearer("it-setup", tenant, "uploader"),
     )
     assert answer.status_code == 200, answer.text
-    return str(answer.json()["accepted"][0]["imaging_id"])
+    return str(answer.json()["accepted"][0]["imaging_id"]), str(answer.json()["upload_id"])
 
 
 def _grant(client: httpx.Client, tenant: str, patient_id: str) -> str:
@@ -127,8 +136,8 @@ def world() -> World:
     tenant_a, tenant_b = new_tenant("it-acl-a"), new_tenant("it-acl-b")
     patient_a, patient_b = f"PID-A-{uuid.uuid4().hex[:8]}", f"PID-B-{uuid.uuid4().hex[:8]}"
     with httpx.Client(timeout=30) as client:
-        imaging_a = _upload(client, tenant_a, patient_a)
-        imaging_b = _upload(client, tenant_b, patient_b)
+        imaging_a, upload_a = _upload(client, tenant_a, patient_a)
+        imaging_b, upload_b = _upload(client, tenant_b, patient_b)
         _grant(client, tenant_a, patient_a)  # for it-cg-granted on P
         grant_a = _grant(client, tenant_a, patient_a)  # revoked by the matrix's admin cell
         grant_b = _grant(client, tenant_b, patient_b)
@@ -139,7 +148,19 @@ def world() -> World:
             headers=bearer("it-admin-setup", tenant_b, "admin"),
         )
         assert restricted.status_code == 201, restricted.text
-    return World(tenant_a, tenant_b, patient_a, patient_b, imaging_a, imaging_b, grant_a, grant_b, patient_r)
+    return World(
+        tenant_a,
+        tenant_b,
+        patient_a,
+        patient_b,
+        imaging_a,
+        imaging_b,
+        grant_a,
+        grant_b,
+        patient_r,
+        upload_a,
+        upload_b,
+    )
 
 
 def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[str, Any]]:
@@ -157,6 +178,8 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         return "GET", f"{GATEWAY}/api/v1/imaging/{imaging}", {}
     if endpoint == "analysis":
         return "GET", f"{GATEWAY}/api/v1/imaging/{imaging}/analysis", {}
+    if endpoint == "upload_status":
+        return "GET", f"{GATEWAY}/api/v1/uploads/{world.upload_a if own else world.upload_b}", {}
     if endpoint == "patient":
         return "GET", f"{GATEWAY}/api/v1/imaging/patient/{world.patient_a if own else world.patient_b}", {}
     if endpoint == "research":

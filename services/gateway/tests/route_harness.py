@@ -86,7 +86,7 @@ class MemoryReadModel:
         self.gets: list[str] = []
         #: Analyses by id (:meth:`analysis`) and in the research listing (:meth:`analyses_of`).
         self.analyses: dict[str, dict[str, Any]] = {}
-        #: Raised by :meth:`get` when set: a bug met while answering.
+        #: Raised by :meth:`get` and :meth:`of_upload` when set: a bug met while answering.
         self.broken: Exception | None = None
 
     async def record_uploads(self, tenant: str, upload_id: str, instances: list[Any]) -> None:
@@ -109,6 +109,14 @@ class MemoryReadModel:
 
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
         return [d for d in self.analyses.values() if d.get("tenant") == tenant][:limit]
+
+    async def of_upload(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
+        if self.broken is not None:
+            raise self.broken
+        found = [d for d in self.docs.values() if d["tenant"] == tenant and d.get("upload_id") == upload_id]
+        return sorted(
+            ({k: v for k, v in d.items() if k != "patient_key"} for d in found), key=lambda d: d["_id"]
+        )
 
     async def for_patient(
         self, tenant: str, patient_key: str, limit: int, after: str | None = None

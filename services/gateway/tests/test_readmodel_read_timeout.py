@@ -25,7 +25,7 @@ class Recording:
     async def find_one(self, query: dict[str, Any]) -> None:
         self.seen.append(_csot.get_timeout())
 
-    def find(self, query: dict[str, Any]) -> Recording:
+    def find(self, query: dict[str, Any], projection: dict[str, Any] | None = None) -> Recording:
         self.seen.append(_csot.get_timeout())
         return self
 
@@ -49,7 +49,8 @@ async def test_every_read_of_the_routes_runs_under_the_limit() -> None:
     await model.analysis("a")
     await model.for_patient("t", "pk", 10)
     await model.analyses_of("t", 10)
-    assert len(seen) == 4
+    await model.of_upload("t", "u")
+    assert len(seen) == 5
     assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
     assert _csot.get_timeout() is None  # nothing outside the reads
 

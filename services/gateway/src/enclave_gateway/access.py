@@ -147,13 +147,25 @@ def opaque_id_or_none(value: str | None) -> str | None:
     return value if value is not None and _OPAQUE_ID.match(value) else None
 
 
-def access_target(patient_key: str | None, study_key: str | None = None) -> str | None:
+def _path_target(request: Request) -> str | None:
+    """The target of a request whose resource was not found: the id in its path, if it has the shape
+    of one (an imaging id bare, an upload id as ``upload:<id>``), never other client text."""
+    if (upload_id := opaque_id_or_none(request.path_params.get("upload_id"))) is not None:
+        return f"upload:{upload_id}"
+    return opaque_id_or_none(request.path_params.get("imaging_id"))
+
+
+def access_target(
+    patient_key: str | None, study_key: str | None = None, upload_id: str | None = None
+) -> str | None:
     """How an access event names its object: ``patient:<key>`` and ``study:<key>`` (pseudonymous keys),
     so the audit trail files the record under that patient and study (auditor queries, the
-    many-studies rule)."""
+    many-studies rule), and ``upload:<id>`` for a read of one upload's instances."""
     parts = [f"patient:{patient_key}"] if patient_key else []
     if study_key:
         parts.append(f"study:{study_key}")
+    if upload_id:
+        parts.append(f"upload:{upload_id}")
     return "/".join(parts) or None
 
 
@@ -460,7 +472,9 @@ class AccessRecorder:
             action=str(action),
             outcome=answered_outcome(status),
             status=status,
-            target=access_target(resource.patient_key, resource.study_key) if resource else None,
+            target=access_target(resource.patient_key, resource.study_key, resource.upload_id)
+            if resource
+            else None,
             detail=code,
         )
 
@@ -491,9 +505,9 @@ class AccessRecorder:
             # privacy office (until the review of the twenty-second session it read as any 403).
             reason = f"{reason} restricted_patient"
         target = (
-            access_target(resource.patient_key, resource.study_key)
+            access_target(resource.patient_key, resource.study_key, resource.upload_id)
             if resource is not None
-            else opaque_id_or_none(request.path_params.get("imaging_id"))
+            else _path_target(request)
         )
         if outcome.kind == "allow" and outcome.break_glass and principal is not None:
             # Raised first: if Kafka refuses it the request answers 503 (Unaudited) with no event

@@ -26,7 +26,7 @@ from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirs
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
-from enclave_gateway.readmodel import ReadModel, analysis_id_of, latest_analysis_of, status_of
+from enclave_gateway.readmodel import RANK, ReadModel, analysis_id_of, latest_analysis_of, status_of
 from enclave_gateway.stow import (
     STOW_RESPONSE_TYPES,
     FailedInstance,
@@ -266,7 +266,7 @@ def build_router(
         body = build_stow_response(f"{public_base_url.rstrip('/')}/dicomweb", stored, failed, study)
         # The type the Accept header prefers: application/json when application/dicom+json is declined.
         media_type = request.state.response_media_type
-        return JSONResponse(body, status_code=status, media_type=media_type)
+        return JSONResponse(body, status_code=status, media_type=media_type, headers=_upload_headers(outcome))
 
     upload = guard.require(Action.UPLOAD)
 
@@ -328,7 +328,7 @@ def build_router(
                 for p in outcome.failed
             ],
         }
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=_upload_headers(outcome))
 
     # The read routes decide who may read before FastAPI checks the path and query
     # (:class:`AuthenticatedFirst`), then look the data up, make the resource decision and read the
@@ -364,14 +364,8 @@ def build_router(
         ],
         request: Request,
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.QUERY_PATIENT)),
-        limit: int = Query(
-            PATIENT_PAGE_MAX, ge=1, le=PATIENT_PAGE_MAX, description="instances per page (at most 1000)"
-        ),
-        after: str | None = Query(
-            None,
-            pattern=IMAGING_ID_PATTERN,
-            description="the previous page's `next_after`: the page starts after this imaging id",
-        ),
+        limit: InstancesPerPage = PATIENT_PAGE_MAX,
+        after: AfterImagingId = None,
     ) -> JSONResponse:
         patient_id = patient_id.strip()  # DICOM pads values with spaces; uploads are keyed without them
         if not patient_id:
@@ -437,6 +431,47 @@ def build_router(
         return await disclosed(request, authorized, Action.READ_STATUS, view())
 
     @reads.get(
+        "/api/v1/uploads/{upload_id}",
+        tags=["imaging"],
+        summary="Status of one upload's instances, counted by status (own tenant)",
+        response_model=dict[str, Any],
+        responses={404: {"description": "no upload of your tenant has this id, or none of it was accepted"}},
+    )
+    async def upload_status(
+        request: Request,
+        upload_id: str = Path(
+            pattern=IMAGING_ID_PATTERN,
+            description="the upload's id: `upload_id` of the form upload's answer, or the `Upload-Id` "
+            "header of a STOW-RS answer",
+        ),
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_STATUS)),
+        limit: InstancesPerPage = PATIENT_PAGE_MAX,
+        after: AfterImagingId = None,
+    ) -> JSONResponse:
+        # The tenant's own records only: another tenant's upload id reads as one that does not exist.
+        docs = await read_model.of_upload(principal.tenant, upload_id)
+        resource = Resource(tenant=principal.tenant, upload_id=upload_id) if docs else None
+        authorized = await guard.check_resource(request, principal, Action.READ_STATUS, resource)
+
+        async def view() -> JSONResponse:
+            counts = dict.fromkeys(RANK, 0)
+            for doc in docs:
+                counts[status_of(doc)] = counts.get(status_of(doc), 0) + 1
+            rest = [d for d in docs if after is None or str(d["_id"]) > after]
+            page, next_after = page_of(rest, limit, _doc_id)
+            return _json(
+                {
+                    "upload_id": upload_id,
+                    "instances_total": len(docs),
+                    "counts": counts,
+                    "instances": [_status_view(d) for d in page],
+                    "next_after": next_after,
+                }
+            )
+
+        return await disclosed(request, authorized, Action.READ_STATUS, view())
+
+    @reads.get(
         "/api/v1/imaging/{imaging_id}/analysis",
         tags=["imaging"],
         summary="Analysis results of an instance's series",
@@ -497,6 +532,18 @@ PATIENT_PAGE_MAX = 1000
 ANALYSIS_ID_PATTERN = r"^an-[0-9a-f]{32}$"
 #: Imaging ids are UUIDs (UUIDv7) in their canonical lowercase form.
 IMAGING_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+#: The page size of a listing of instances (the patient query, an upload's instances).
+InstancesPerPage = Annotated[
+    int, Query(ge=1, le=PATIENT_PAGE_MAX, description="instances per page (at most 1000)")
+]
+#: Where a page of instances starts.
+AfterImagingId = Annotated[
+    str | None,
+    Query(
+        pattern=IMAGING_ID_PATTERN,
+        description="the previous page's `next_after`: the page starts after this imaging id",
+    ),
+]
 
 
 def _doc_id(doc: dict[str, Any]) -> str:
@@ -508,6 +555,12 @@ def _json(body: dict[str, Any]) -> JSONResponse:
     event is recorded: a value that cannot be rendered fails the read (500, recorded so) instead of
     failing after a record that claims 200."""
     return JSONResponse(jsonable_encoder(body))
+
+
+def _upload_headers(result: UploadResult) -> dict[str, str]:
+    """``Upload-Id`` on an upload's answer when some instance was accepted: the id its status is read
+    by (``GET /api/v1/uploads/{upload_id}``), which a STOW-RS answer's body (PS3.18) cannot carry."""
+    return {"Upload-Id": result.upload_id} if result.accepted else {}
 
 
 def _upload_target(result: UploadResult | None) -> str | None:

@@ -191,6 +191,8 @@ class ReadModel:
     async def ensure_indexes(self) -> None:
         await self.instances.create_index([("tenant", ASCENDING), ("patient_key", ASCENDING)])
         await self.instances.create_index([("tenant", ASCENDING), ("series_key", ASCENDING)])
+        # One upload's instances (GET /api/v1/uploads/{upload_id}).
+        await self.instances.create_index([("tenant", ASCENDING), ("upload_id", ASCENDING)])
         await self.analyses.create_index([("tenant", ASCENDING), ("_id", ASCENDING)])
 
     async def record_uploads(
@@ -263,6 +265,16 @@ class ReadModel:
         with pymongo.timeout(self.read_timeout_s):
             return await _page_by_id(
                 self.instances, {"tenant": tenant, "patient_key": patient_key}, limit, after
+            )
+
+    async def of_upload(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
+        """The instances of one upload of ``tenant``, in imaging id order, found by the (tenant,
+        upload_id) index, without the patient's and instance's keys. All of them: an upload holds at
+        most ``max_parts`` instances (10,000 by default), its ids are the gateway's own, and the route
+        counts their statuses."""
+        with pymongo.timeout(self.read_timeout_s):
+            return await _page_by_id(
+                self.instances, {"tenant": tenant, "upload_id": upload_id}, 0, None, projection=_NO_KEYS
             )
 
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
@@ -384,13 +396,22 @@ class ReadModel:
             log.info("an earlier outcome of an analysis delivered again; the later one is kept")
 
 
+#: What a status view does not need: the patient's and the instance's keys.
+_NO_KEYS = {"patient_key": 0, "instance_key": 0}
+
+
 async def _page_by_id(
-    collection: Any, query: dict[str, Any], limit: int, after: str | None
+    collection: Any,
+    query: dict[str, Any],
+    limit: int,
+    after: str | None,
+    projection: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to ``limit`` documents matching ``query`` in ``_id`` order, those after ``after`` when given."""
+    """Up to ``limit`` documents (0: all) matching ``query`` in ``_id`` order, those after ``after``
+    when given."""
     if after is not None:
         query = {**query, "_id": {"$gt": after}}
-    cursor = collection.find(query).sort("_id", ASCENDING).limit(limit)
+    cursor = collection.find(query, projection).sort("_id", ASCENDING).limit(limit)
     return [doc async for doc in cursor]
 
 

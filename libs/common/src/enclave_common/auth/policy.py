@@ -98,6 +98,9 @@ class Resource:
     restricted: bool = False
     #: The study's pseudonymous key, when the resource belongs to one: named in the audit trail only.
     study_key: str | None = None
+    #: The upload (its opaque id), when the resource is one upload's instances: named in the audit
+    #: trail only.
+    upload_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
