@@ -86,7 +86,9 @@ class MemoryReadModel:
         self.gets: list[str] = []
         #: Analyses by id (:meth:`analysis`) and in the research listing (:meth:`analyses_of`).
         self.analyses: dict[str, dict[str, Any]] = {}
-        #: Raised by :meth:`get` and :meth:`of_upload` when set: a bug met while answering.
+        #: The upload ids an upload's instances were read for, in order.
+        self.upload_reads: list[str] = []
+        #: Raised by :meth:`get` and the upload reads when set: a bug met while answering.
         self.broken: Exception | None = None
 
     async def record_uploads(self, tenant: str, upload_id: str, instances: list[Any]) -> None:
@@ -110,13 +112,24 @@ class MemoryReadModel:
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
         return [d for d in self.analyses.values() if d.get("tenant") == tenant][:limit]
 
-    async def of_upload(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
+    def _of_upload(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
         if self.broken is not None:
             raise self.broken
+        self.upload_reads.append(upload_id)
         found = [d for d in self.docs.values() if d["tenant"] == tenant and d.get("upload_id") == upload_id]
-        return sorted(
-            ({k: v for k, v in d.items() if k != "patient_key"} for d in found), key=lambda d: d["_id"]
-        )
+        return sorted(found, key=lambda d: d["_id"])
+
+    async def upload_statuses(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
+        fields = ("_id", "rank", "terminal", "status")
+        return [{k: d[k] for k in fields if k in d} for d in self._of_upload(tenant, upload_id)]
+
+    async def upload_page(
+        self, tenant: str, upload_id: str, limit: int, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        found = [d for d in self._of_upload(tenant, upload_id) if after is None or d["_id"] > after]
+        return [
+            {k: v for k, v in d.items() if k not in ("patient_key", "instance_key")} for d in found[:limit]
+        ]
 
     async def for_patient(
         self, tenant: str, patient_key: str, limit: int, after: str | None = None

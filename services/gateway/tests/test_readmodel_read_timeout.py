@@ -49,8 +49,9 @@ async def test_every_read_of_the_routes_runs_under_the_limit() -> None:
     await model.analysis("a")
     await model.for_patient("t", "pk", 10)
     await model.analyses_of("t", 10)
-    await model.of_upload("t", "u")
-    assert len(seen) == 5
+    await model.upload_statuses("t", "u")
+    await model.upload_page("t", "u", 10)
+    assert len(seen) == 6
     assert all(t is not None and 2.0 < t <= 2.5 for t in seen), seen
     assert _csot.get_timeout() is None  # nothing outside the reads
 

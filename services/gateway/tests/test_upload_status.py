@@ -128,12 +128,16 @@ async def test_who_may_not_read_an_upload_learns_nothing_of_it(
     refused = await get(harness, f"/api/v1/uploads/{upload_id}", role, tenant)
     assert refused.status == status, refused.body
     assert upload_id not in refused.body.decode() and "received" not in refused.body.decode()
+    if role != "uploader":
+        # Refused before anything was read (a caregiver's grant names no upload).
+        assert harness.read_model.upload_reads == []
     unknown = await get(harness, "/api/v1/uploads/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "uploader", tenant)
     assert unknown.status == 404, unknown.body
     if status == 404:
         # The same answer as an id that exists nowhere, recorded under the id asked for.
         assert json.loads(refused.body) == json.loads(unknown.body)
-        assert the_event(harness, refused)["target"] in (f"upload:{upload_id}", None)
+        assert the_event(harness, refused)["target"] == f"upload:{upload_id}"
+        assert the_event(harness, unknown)["target"] == "upload:0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "after=nonsense", "patient=x"])
@@ -155,7 +159,7 @@ async def test_an_id_that_is_no_upload_id_is_a_422_never_echoed_or_recorded(tmp_
     assert PLANTED not in refused.body.decode()
     event = the_event(harness, refused)
     assert event["target"] is None and PLANTED not in json.dumps(event)
-    assert harness.read_model.gets == []
+    assert harness.read_model.gets == [] and harness.read_model.upload_reads == []
 
 
 async def test_a_database_that_does_not_answer_is_a_recorded_503(tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ RECORD_INDEXES: Final[tuple[tuple[str, list[tuple[str, int]], bool], ...]] = (
     ("event_time", [("event_time", ASCENDING)], False),
     ("actor_type_time", [("actor", ASCENDING), ("event_type", ASCENDING), ("event_time", ASCENDING)], False),
     ("code_time", [("event_code.code", ASCENDING), ("event_time", ASCENDING)], False),
-    # The event_type_code filter (GET /audit/events): few records carry a type code.
+    # The event_code and event_type_code filters (GET /audit/events), in sequence order.
+    ("code_seq", [("event_code.code", ASCENDING), ("sequence", DESCENDING)], False),
     ("type_code_seq", [("event_type_codes.code", ASCENDING), ("sequence", DESCENDING)], False),
 )
 #: Every index the service needs, as (collection, name, keys, unique).

@@ -186,6 +186,7 @@ ANSWERED_BY_ROUTE: Final = frozenset(
         Action.READ_GRANTS,
         Action.MANAGE_RESTRICTIONS,
         Action.READ_RESTRICTIONS,
+        Action.QUERY_PATIENT_KEY,
         Action.BREAK_GLASS,
         Action.READ_STATUS,
         Action.READ_RESULTS_PHI,

@@ -18,11 +18,13 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from enclave_gateway.access import AccessRecorder, Unaudited, access_recorded, page_of, unrecorded_failure
 from enclave_gateway.admission import TooManyUploads
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
+from enclave_gateway.grants_api import PatientId
 from enclave_gateway.handoff import KafkaUnavailable, SpoolUnavailable
 from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import RequestBodyError, UnsupportedMediaTypeError
@@ -448,21 +450,24 @@ def build_router(
         limit: InstancesPerPage = PATIENT_PAGE_MAX,
         after: AfterImagingId = None,
     ) -> JSONResponse:
-        # The tenant's own records only: another tenant's upload id reads as one that does not exist.
-        docs = await read_model.of_upload(principal.tenant, upload_id)
-        resource = Resource(tenant=principal.tenant, upload_id=upload_id) if docs else None
+        # Decided before anything is read: a caregiver's grant names one patient, not an upload (404).
+        resource = Resource(tenant=principal.tenant, upload_id=upload_id)
         authorized = await guard.check_resource(request, principal, Action.READ_STATUS, resource)
+        # The tenant's own records only: another tenant's upload id reads as one that does not exist.
+        statuses = await read_model.upload_statuses(principal.tenant, upload_id)
+        if not statuses:
+            await guard.check_resource(request, principal, Action.READ_STATUS, None)  # 404, recorded
 
         async def view() -> JSONResponse:
             counts = dict.fromkeys(RANK, 0)
-            for doc in docs:
+            for doc in statuses:
                 counts[status_of(doc)] = counts.get(status_of(doc), 0) + 1
-            rest = [d for d in docs if after is None or str(d["_id"]) > after]
-            page, next_after = page_of(rest, limit, _doc_id)
+            docs = await read_model.upload_page(principal.tenant, upload_id, limit + 1, after)
+            page, next_after = page_of(docs, limit, _doc_id)
             return _json(
                 {
                     "upload_id": upload_id,
-                    "instances_total": len(docs),
+                    "instances_total": len(statuses),
                     "counts": counts,
                     "instances": [_status_view(d) for d in page],
                     "next_after": next_after,
@@ -491,6 +496,29 @@ def build_router(
             return _json(_analysis_view(imaging_id, result))
 
         return await disclosed(request, authorized, Action.READ_RESULTS_PHI, results())
+
+    @reads.post(
+        "/api/v1/patient-keys",
+        tags=["access"],
+        summary="The patient key of a patient id, to query the audit trail for that patient (auditor, admin)",
+        response_model=dict[str, Any],
+    )
+    async def patient_key(
+        body: PatientKeyRequest,
+        request: Request,
+        principal: Principal = Depends(AuthenticatedFirst(guard, Action.QUERY_PATIENT_KEY)),
+    ) -> JSONResponse:
+        # The id comes in the body, not the URL: URLs reach proxies' logs. The answer says nothing of
+        # whether the patient has records: a key is answered for any id.
+        key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
+        authorized = await guard.check_resource(
+            request, principal, Action.QUERY_PATIENT_KEY, Resource(tenant=principal.tenant, patient_key=key)
+        )
+
+        async def answer() -> JSONResponse:
+            return _json({"patient_key": key, "tenant": principal.tenant})
+
+        return await disclosed(request, authorized, Action.QUERY_PATIENT_KEY, answer())
 
     @reads.get(
         "/api/v1/research/analyses",
@@ -544,6 +572,14 @@ AfterImagingId = Annotated[
         description="the previous page's `next_after`: the page starts after this imaging id",
     ),
 ]
+
+
+class PatientKeyRequest(BaseModel):
+    """A patient id whose tenant-scoped pseudonym the caller asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: PatientId
 
 
 def _doc_id(doc: dict[str, Any]) -> str:

@@ -267,14 +267,25 @@ class ReadModel:
                 self.instances, {"tenant": tenant, "patient_key": patient_key}, limit, after
             )
 
-    async def of_upload(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
-        """The instances of one upload of ``tenant``, in imaging id order, found by the (tenant,
-        upload_id) index, without the patient's and instance's keys. All of them: an upload holds at
-        most ``max_parts`` instances (10,000 by default), its ids are the gateway's own, and the route
-        counts their statuses."""
+    async def upload_statuses(self, tenant: str, upload_id: str) -> list[dict[str, Any]]:
+        """The status fields of every instance of one upload of ``tenant`` (``_id``, ``rank``,
+        ``terminal``, ``status``: a few dozen bytes each), found by the (tenant, upload_id) index. All
+        of them, to count their statuses: an upload holds at most ``max_parts`` instances (10,000 by
+        default)."""
+        with pymongo.timeout(self.read_timeout_s):
+            cursor = self.instances.find(
+                {"tenant": tenant, "upload_id": upload_id}, {"rank": 1, "terminal": 1, "status": 1}
+            )
+            return [doc async for doc in cursor]
+
+    async def upload_page(
+        self, tenant: str, upload_id: str, limit: int, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` instances of one upload of ``tenant`` in imaging id order, those after the
+        imaging id ``after`` when given, without the patient's and the instance's keys."""
         with pymongo.timeout(self.read_timeout_s):
             return await _page_by_id(
-                self.instances, {"tenant": tenant, "upload_id": upload_id}, 0, None, projection=_NO_KEYS
+                self.instances, {"tenant": tenant, "upload_id": upload_id}, limit, after, projection=_NO_KEYS
             )
 
     async def analyses_of(self, tenant: str, limit: int, after: str | None = None) -> list[dict[str, Any]]:
@@ -407,8 +418,7 @@ async def _page_by_id(
     after: str | None,
     projection: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to ``limit`` documents (0: all) matching ``query`` in ``_id`` order, those after ``after``
-    when given."""
+    """Up to ``limit`` documents matching ``query`` in ``_id`` order, those after ``after`` when given."""
     if after is not None:
         query = {**query, "_id": {"$gt": after}}
     cursor = collection.find(query, projection).sort("_id", ASCENDING).limit(limit)

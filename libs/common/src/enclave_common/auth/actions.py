@@ -21,6 +21,9 @@ class Action(StrEnum):
     MANAGE_GRANTS = "manage_grants"
     READ_RESTRICTIONS = "read_restrictions"
     MANAGE_RESTRICTIONS = "manage_restrictions"
+    #: A patient id's tenant-scoped pseudonym (``patient_key``), to query the audit trail for one
+    #: patient (an accounting of who accessed its records): the id is the caller's, the key opaque.
+    QUERY_PATIENT_KEY = "query_patient_key"
     MANAGE_KEYS = "manage_keys"
     BREAK_GLASS = "break_glass"
 

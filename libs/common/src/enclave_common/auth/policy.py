@@ -63,6 +63,7 @@ POLICY: PolicyTable = MappingProxyType(
         Action.MANAGE_GRANTS: {_ADM: _T},
         Action.READ_RESTRICTIONS: {_ADM: _T},
         Action.MANAGE_RESTRICTIONS: {_ADM: _T},
+        Action.QUERY_PATIENT_KEY: {_A: _T, _ADM: _T},
         Action.MANAGE_KEYS: {_ADM: _T},
         Action.BREAK_GLASS: {_C: _T},
     }
@@ -180,7 +181,7 @@ class AccessPolicy:
             for action, row in self.table.items()
             if action.phi
             for role, scope in row.items()
-            if scope is _T and role in principal.roles
+            if scope == _T and role in principal.roles
         )
 
     def check_lift(self, principal: Principal) -> Decision | None:
