@@ -51,6 +51,14 @@ async def _audit_records(mongo: Any, tenant: str, ready: Any, timeout: float = 9
         await asyncio.sleep(0.5)
 
 
+def _lifted_then_read(record: dict[str, Any]) -> bool:
+    data = record["envelope"]["data"]
+    return (
+        record["event_type"] == "enclave.security.alert"
+        and data.get("rule") == "restriction_lifted_then_read"
+    )
+
+
 async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read_is_an_audited_override(
     mongo,
 ):
@@ -107,6 +115,10 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
             other_clinician = bearer("it-rs-clinician-2", tenant, "clinician")
             after = await client.get(phi_reads[0], headers=other_clinician)
             assert after.status_code == 200, after.text
+            # The lifter, holding a second token (same sub, clinician only), reads by role: allowed,
+            # and the audit service raises restriction_lifted_then_read.
+            lifter_reads = await client.get(phi_reads[0], headers=bearer("it-rs-admin", tenant, "clinician"))
+            assert lifter_reads.status_code == 200, lifter_reads.text
             answers += [
                 restricted,
                 listed,
@@ -117,6 +129,7 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
                 refused_lift,
                 lifted,
                 after,
+                lifter_reads,
             ]
         events = await watch.read(lambda e: e.tenant == tenant)
 
@@ -153,7 +166,7 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
     def ready(found: list[dict[str, Any]]) -> bool:
         overrides = [d for d in found if d.get("outcome_description") == "break_glass"]
         changes = [d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"]
-        return len(overrides) >= 2 and len(changes) >= 3
+        return len(overrides) >= 2 and len(changes) >= 3 and any(_lifted_then_read(d) for d in found)
 
     found = await _audit_records(mongo, tenant, ready)
     for record in (d for d in found if d["envelope"]["data"].get("action") == "manage_restrictions"):
@@ -161,6 +174,9 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
         assert [c["code"] for c in record["event_type_codes"]] == ["110137"]
     for record in (d for d in found if d.get("outcome_description") == "break_glass"):
         assert [c["code"] for c in record["event_type_codes"]] == ["110127"]
+    [alert] = [d for d in found if _lifted_then_read(d)]
+    assert alert["envelope"]["data"]["subject"] == f"it-rs-admin patient:{key}"
+    assert alert["envelope"]["data"]["severity"] == "high"
 
     # The tenant's auditor finds every change of access (110137) with one filter, the refused lifting
     # too, and every break-glass override (110127) with another.

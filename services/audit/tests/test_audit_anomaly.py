@@ -9,6 +9,7 @@ from enclave_audit.anomaly import (
     RULE_AUTH_FAILURES,
     RULE_BREAK_GLASS,
     RULE_BREAK_GLASS_REFUSED,
+    RULE_LIFTED_THEN_READ,
     RULE_MANY_STUDIES,
     RULE_OFF_HOURS,
     AnomalyDetector,
@@ -200,3 +201,67 @@ def test_security_alert_records_are_never_re_alerted(history, make_envelope):
 def test_thresholds_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         AnomalyThresholds(**{field: value})
+
+
+# ---- restriction_lifted_then_read ---------------------------------------------------------------
+
+KEY = "k" * 32
+
+
+def _lifting(make_access, n, *, actor="adm-1", at=T0, outcome="success", patient=KEY):
+    env = make_access(n, actor=actor, action="manage_restrictions", target=f"patient:{patient}", time=at,
+                      outcome=outcome, roles=["admin"])  # fmt: skip
+    env["data"]["detail"] = (
+        "restriction_lifted restricted_by=adm-0 restricted_at=2024-05-01T00:00:00+00:00"
+        if outcome == "success"
+        else "separation_of_duties"
+    )
+    return env
+
+
+def _phi_read(make_access, n, *, actor="adm-1", at, action="read_results_phi", patient=KEY):
+    return make_access(n, actor=actor, action=action, target=f"patient:{patient}/study:s1", time=at)
+
+
+def test_a_phi_read_by_the_actor_that_lifted_the_restriction_alerts_once(history, make_access):
+    """The gateway refuses a lifting to a token that is also a clinician's; the same person holding a
+    second token (same sub, admin only) would pass: the trail catches the read that follows."""
+    detector = detector_with(history)
+    events = [
+        _lifting(make_access, 1, at=T0),
+        _phi_read(make_access, 2, at=T0 + timedelta(hours=2)),
+        _phi_read(make_access, 3, at=T0 + timedelta(hours=3), action="query_patient"),
+    ]
+    alerts = [a for a in feed(detector, history, events) if a.rule == RULE_LIFTED_THEN_READ]
+    assert [(a.severity, a.subject, a.triggering_event_id) for a in alerts] == [
+        ("high", f"adm-1 patient:{KEY}", events[1]["id"])
+    ]
+    assert KEY in alerts[0].detail and "read_results_phi" in alerts[0].detail
+    assert alerts[0].window_start == T0
+    # Lifted again later: a read after that lifting alerts again.
+    again = [
+        _lifting(make_access, 4, at=T0 + timedelta(hours=5)),
+        _phi_read(make_access, 5, at=T0 + timedelta(hours=6)),
+    ]
+    assert [a.rule for a in feed(detector, history, again) if a.rule == RULE_LIFTED_THEN_READ] == [
+        RULE_LIFTED_THEN_READ
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["another_actor", "another_patient", "outside_window", "refused_lifting", "not_phi", "read_before"],
+)
+def test_what_is_not_a_lifted_then_read(history, make_access, case):
+    detector = detector_with(history, restriction_lift_window=timedelta(hours=24))
+    lifting = _lifting(make_access, 1, at=T0, outcome="denied" if case == "refused_lifting" else "success")
+    read = {
+        "another_actor": _phi_read(make_access, 2, actor="dr-2", at=T0 + timedelta(hours=1)),
+        "another_patient": _phi_read(make_access, 2, patient="p" * 32, at=T0 + timedelta(hours=1)),
+        "outside_window": _phi_read(make_access, 2, at=T0 + timedelta(hours=24, seconds=1)),
+        "refused_lifting": _phi_read(make_access, 2, at=T0 + timedelta(hours=1)),
+        "not_phi": _phi_read(make_access, 2, at=T0 + timedelta(hours=1), action="read_status"),
+        "read_before": _phi_read(make_access, 2, at=T0 - timedelta(hours=1)),
+    }[case]
+    raised = feed(detector, history, [lifting, read])
+    assert [a for a in raised if a.rule == RULE_LIFTED_THEN_READ] == []

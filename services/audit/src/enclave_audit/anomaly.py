@@ -2,7 +2,8 @@
 
 Rules: many distinct studies accessed by one actor within a sliding window; repeated failed
 authentications per actor and per source address; any break-glass use; access outside configured
-business hours (in the configured time zone). Window state is not kept in this process: rules ask
+business hours (in the configured time zone); a PHI read of a patient by the actor that lifted its
+restriction shortly before. Window state is not kept in this process: rules ask
 an :class:`AuditHistory` (the audit store, queried after the record was inserted), so a restart
 loses nothing, and an alert is not repeated while one for the same rule and subject is recent.
 """
@@ -15,6 +16,7 @@ from typing import Final, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from enclave_common import topics
+from enclave_common.auth import Action
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from enclave_audit import codes
@@ -26,6 +28,24 @@ RULE_AUTH_FAILURES: Final = "repeated_authentication_failures"
 RULE_BREAK_GLASS: Final = "break_glass"
 RULE_BREAK_GLASS_REFUSED: Final = "break_glass_refused"
 RULE_OFF_HOURS: Final = "access_outside_hours"
+RULE_LIFTED_THEN_READ: Final = "restriction_lifted_then_read"
+
+#: The gateway's actions that read a patient's PHI, and the lifting of a restriction.
+PHI_READ_ACTIONS: Final = frozenset(a.value for a in Action if a.phi)
+_LIFTING: Final = (Action.MANAGE_RESTRICTIONS.value, "restriction_lifted")
+
+
+def restriction_lifted(record: AuditRecordDraft) -> bool:
+    """Whether ``record`` is a restriction's lifting that took effect (the gateway's
+    ``manage_restrictions`` answered 200 with detail ``restriction_lifted ...``)."""
+    data = record.envelope.get("data") or {}
+    return (
+        record.event_type == _ACCESS_TYPE
+        and record.outcome == EventOutcome.SUCCESS
+        and data.get("action") == _LIFTING[0]
+        and str(data.get("detail") or "").split(" ", 1)[0] == _LIFTING[1]
+    )
+
 
 _ACCESS_TYPE: Final = topics.event_type(topics.ACCESS_RECORDED)
 _ALERT_TYPE: Final = topics.event_type(topics.SECURITY_ALERT)
@@ -49,6 +69,9 @@ class AnomalyThresholds(BaseModel):
     off_hours_realert_after: timedelta = timedelta(hours=1)
     #: Principals whose roles are all in this set (service accounts) are not subject to the hours rule.
     off_hours_exempt_roles: frozenset[str] = frozenset({"uploader", "service"})
+    #: How long after lifting a patient's restriction a PHI read of that patient by the same actor
+    #: raises ``restriction_lifted_then_read``.
+    restriction_lift_window: timedelta = timedelta(hours=24)
 
     @field_validator("timezone")
     @classmethod
@@ -70,7 +93,12 @@ class AnomalyThresholds(BaseModel):
 
     @model_validator(mode="after")
     def _positive_windows(self) -> AnomalyThresholds:
-        for name in ("distinct_studies_window", "auth_failure_window", "off_hours_realert_after"):
+        for name in (
+            "distinct_studies_window",
+            "auth_failure_window",
+            "off_hours_realert_after",
+            "restriction_lift_window",
+        ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name} must be a positive duration")
         return self
@@ -119,6 +147,10 @@ class AuditHistory(Protocol):
         """Event time of the most recent alert raised for ``rule`` and ``subject``, if any."""
         ...
 
+    def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
+        """Event time of the latest restriction on ``patient_key`` that ``actor`` lifted, if any."""
+        ...
+
 
 class AnomalyDetector:
     """Evaluates the rules for one newly stored record."""
@@ -147,7 +179,34 @@ class AnomalyDetector:
         if record.event_type == _ACCESS_TYPE:
             alerts.extend(self._many_studies(record))
             alerts.extend(self._off_hours(record))
+            alerts.extend(self._lifted_then_read(record))
         return alerts
+
+    def _lifted_then_read(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
+        """A PHI read of a patient by the actor that lifted its restriction within the window: the
+        gateway refuses a lifting to a token that also holds a held-back role (separation of duties),
+        but one person holding two tokens with the same subject would pass that check."""
+        data = record.envelope.get("data") or {}
+        if record.outcome != EventOutcome.SUCCESS or data.get("action") not in PHI_READ_ACTIONS:
+            return
+        window = self.thresholds.restriction_lift_window
+        for key in record.object_ids(ObjectKind.PATIENT):
+            lifted = self.history.last_restriction_lift(
+                actor=record.actor, tenant=record.tenant, patient_key=key
+            )
+            if lifted is None or not record.event_time - window <= lifted <= record.event_time:
+                continue
+            subject = f"{record.actor} patient:{key}"
+            if self._not_recent(RULE_LIFTED_THEN_READ, subject, lifted):
+                alert = self._alert(
+                    record, RULE_LIFTED_THEN_READ, "high", subject, 1, 1, record.event_time - lifted
+                )
+                yield alert.model_copy(
+                    update={
+                        "detail": f"{data.get('action')} of patient {key} by the actor that lifted its "
+                        f"restriction at {lifted.isoformat()}"
+                    }
+                )
 
     def _many_studies(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
         t = self.thresholds
@@ -227,6 +286,7 @@ class AnomalyDetector:
             RULE_MANY_STUDIES: f"{count} distinct studies accessed within {window}",
             RULE_AUTH_FAILURES: f"{count} failed authentications within {window}",
             RULE_OFF_HOURS: f"access outside business hours ({self.thresholds.timezone})",
+            RULE_LIFTED_THEN_READ: "PHI read by the actor that lifted the patient's restriction",
         }[rule]
         return AlertDraft(
             rule=rule,
@@ -290,4 +350,15 @@ class InMemoryAuditHistory:
 
     def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
         times = [at for r, s, at in self.alerts if r == rule and s == subject]
+        return max(times) if times else None
+
+    def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
+        times = [
+            r.event_time
+            for r in self.records
+            if r.actor == actor
+            and r.tenant == tenant
+            and restriction_lifted(r)
+            and patient_key in r.object_ids(ObjectKind.PATIENT)
+        ]
         return max(times) if times else None

@@ -467,6 +467,27 @@ class MongoAuditHistory:
         document = self.alerts.find_one({"rule": rule, "subject": subject}, sort=[("at", DESCENDING)])
         return None if document is None else document["at"]
 
+    def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
+        cursor = self.records.find(
+            {
+                "actor": actor,
+                "event_type": _ACCESS_TYPE,
+                "tenant": tenant,
+                "outcome": int(EventOutcome.SUCCESS),
+                "envelope.data.action": "manage_restrictions",
+                "objects.object_id": patient_key,
+            },
+            projection={"event_time": 1, "envelope.data.detail": 1},
+        )
+        times = [
+            d["event_time"]
+            for d in cursor
+            if str(((d.get("envelope") or {}).get("data") or {}).get("detail") or "").startswith(
+                "restriction_lifted "
+            )
+        ]
+        return max(times) if times else None
+
 
 def _first_address(document: Mapping[str, Any]) -> str | None:
     participants = document.get("participants") or ()

@@ -17,6 +17,7 @@ from typing import Any
 
 from pymongo import DESCENDING
 
+from enclave_audit.anomaly import restriction_lifted
 from enclave_audit.codes import USER_AUTHENTICATION, EventOutcome, ObjectKind
 from enclave_audit.records import AuditRecordDraft
 
@@ -55,6 +56,14 @@ class BucketedAuditHistory:
                     {"$addToSet": {"items": {"$each": studies}}},
                     upsert=True,
                 )
+        if restriction_lifted(record):
+            # Not a minute bucket: the latest lifting per actor and patient, kept as long as the trail.
+            for key in record.object_ids(ObjectKind.PATIENT):
+                self.windows.update_one(
+                    {"_id": f"lifted|{record.tenant}|{record.actor}|{key}"},
+                    {"$max": {"at": record.event_time}},
+                    upsert=True,
+                )
         if record.event_code == USER_AUTHENTICATION and record.outcome != EventOutcome.SUCCESS:
             keys = [f"authfail|actor|{record.actor}|{minute}"]
             address = record.participants[0].network_address if record.participants else None
@@ -86,4 +95,8 @@ class BucketedAuditHistory:
 
     def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
         document = self.alerts.find_one({"rule": rule, "subject": subject}, sort=[("at", DESCENDING)])
+        return None if document is None else document["at"]
+
+    def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
+        document = self.windows.find_one({"_id": f"lifted|{tenant}|{actor}|{patient_key}"})
         return None if document is None else document["at"]
