@@ -187,6 +187,12 @@ async def test_a_restricted_patient_is_read_only_under_break_glass_and_each_read
             answer = await audit.get("/audit/events", params={"event_type_code": code}, headers=auditor)
             assert answer.status_code == 200, answer.text
             by_code[code] = answer.json()["records"]
+        # The same through the FHIR search (IHE RESTful ATNA): a searchset of the same records.
+        fhir = await audit.get("/audit/fhir/AuditEvent", params={"subtype": "110137"}, headers=auditor)
+        assert fhir.status_code == 200, fhir.text
+        assert [e["resource"]["id"] for e in fhir.json()["entry"]] == [
+            r["event_id"] for r in by_code["110137"]
+        ]
     assert [
         (r["envelope"]["data"]["status_code"], r["envelope"]["data"]["detail"].split(" ")[0])
         for r in by_code["110137"]

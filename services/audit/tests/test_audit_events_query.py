@@ -30,8 +30,8 @@ DAY = datetime(2026, 11, 23, tzinfo=UTC)
 
 
 class ListStore:
-    """``AuditStore.query`` over a list, with the filters these tests use (tenant, outcome, times,
-    cursor, and those :meth:`EventQuery.matches` checks)."""
+    """``AuditStore.query`` over a list, with the filters these tests use (tenant, outcome, actor,
+    action, times, cursor, and those :meth:`EventQuery.matches` checks)."""
 
     def __init__(self, records: list[AuditRecord]) -> None:
         self.records = records
@@ -47,6 +47,8 @@ class ListStore:
             return (
                 query.tenant in (None, r.tenant)
                 and query.outcome in (None, int(r.outcome))
+                and query.actor in (None, r.actor)
+                and query.action in (None, r.action.value)
                 and (query.since is None or r.event_time >= query.since)
                 and (query.until is None or r.event_time < query.until)
                 and (after is None or (r.sequence > after if query.order == "asc" else r.sequence < after))

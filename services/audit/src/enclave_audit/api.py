@@ -19,9 +19,9 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Annotated, Any, Final
+from typing import IO, Annotated, Any, Final, Literal
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -42,6 +42,7 @@ from jwt import PyJWK
 from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
 from enclave_audit.fhir import FHIR_ID_PATTERN, FHIR_JSON, fhir_id, to_fhir_audit_event, to_fhir_bundle
+from enclave_audit.fhir_search import SearchError, search_filters
 from enclave_audit.handlers import AuditMetrics
 from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer, ed25519_key_id
@@ -374,18 +375,16 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         ] = None,
         limit: Annotated[int | None, Query(ge=1)] = None,
     ) -> Any:
-        size = min(limit or ctx.default_page_size, ctx.max_page_size)
-        try:
-            after = decode_cursor(cursor, order) if cursor else None
-        except CursorError as exc:
-            raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
         try:
             first, end = utc_range(since, until)
         except TimeBoundError as exc:
             raise HTTPException(400, detail={"code": exc.code, "message": str(exc)}) from None
-        visible, tenant_filter = ctx.visible_tenant(auth.principal, tenant)
-        query = EventQuery(
-            tenant=tenant_filter,
+        page, next_cursor = await page_of_records(
+            auth,
+            tenant,
+            limit,
+            order,
+            cursor,
             actor=actor,
             patient=patient,
             study=study,
@@ -398,9 +397,32 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             event_id=event_id,
             since=first,
             until=end,
-            order=order,
-            after_sequence=after,
         )
+        if wants_fhir(request):
+            return fhir_searchset(request, page, next_cursor)
+        return {
+            "records": [r.model_dump(mode="json") for r in page],
+            "count": len(page),
+            "next_cursor": next_cursor,
+        }
+
+    async def page_of_records(
+        auth: Authorized,
+        tenant: str | None,
+        limit: int | None,
+        order: Order,
+        cursor: str | None,
+        **filters: Any,
+    ) -> tuple[list[AuditRecord], str | None]:
+        """One page of the records matching ``filters`` that the caller may see, and the next page's
+        cursor (None on the last)."""
+        size = min(limit or ctx.default_page_size, ctx.max_page_size)
+        try:
+            after = decode_cursor(cursor, order) if cursor else None
+        except CursorError as exc:
+            raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
+        visible, tenant_filter = ctx.visible_tenant(auth.principal, tenant)
+        query = EventQuery(tenant=tenant_filter, order=order, after_sequence=after, **filters)
         try:
             found = await ctx.store.query(query, size + 1, timeout_s=ctx.query_timeout_s) if visible else []
         except QueryTimeout as exc:
@@ -408,18 +430,80 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
                 503, detail={"code": exc.code, "message": str(exc)}, headers=RETRY_LATER
             ) from None
         page, more = found[:size], len(found) > size
-        next_cursor = encode_cursor(page[-1].sequence, order) if more and page else None
-        if wants_fhir(request):
-            next_url = str(request.url.include_query_params(cursor=next_cursor)) if next_cursor else None
-            bundle = to_fhir_bundle(
-                page, base_url=fhir_base(request), self_url=str(request.url), next_url=next_url
+        return page, encode_cursor(page[-1].sequence, order) if more and page else None
+
+    def fhir_searchset(request: Request, page: list[AuditRecord], next_cursor: str | None) -> JSONResponse:
+        next_url = str(request.url.include_query_params(cursor=next_cursor)) if next_cursor else None
+        bundle = to_fhir_bundle(
+            page, base_url=fhir_base(request), self_url=str(request.url), next_url=next_url
+        )
+        return JSONResponse(bundle, media_type=FHIR_JSON)
+
+    @router.get(
+        "/fhir/AuditEvent",
+        summary="FHIR R4 search of AuditEvents (IHE RESTful ATNA, ITI-81): a searchset Bundle",
+    )
+    async def fhir_search(
+        request: Request,
+        auth: Annotated[Authorized, Depends(guard.require(Action.AUDIT_QUERY))],
+        date: Annotated[
+            list[str] | None,
+            Query(
+                description="event time: a FHIR date or dateTime (2026-11-23 is that whole day), after "
+                "a prefix eq (default), ge, gt, le or lt; repeat it for a range (date=ge2026-11-01&date=lt2026-12-01)"
+            ),
+        ] = None,
+        type_: Annotated[
+            str | None,
+            Query(alias="type", description="the EventID code, e.g. 110113 (or <DCM system>|110113)"),
+        ] = None,
+        subtype: Annotated[
+            str | None,
+            Query(description="an EventTypeCode, e.g. 110137 changes of access, 110127 break-glass"),
+        ] = None,
+        action: Annotated[str | None, Query(description="C, R, U, D or E")] = None,
+        outcome: Annotated[str | None, Query(description="0, 4, 8 or 12")] = None,
+        agent_identifier: Annotated[
+            str | None,
+            Query(alias="agent:identifier", description="urn:enclave:principal|<the actor's sub>"),
+        ] = None,
+        patient_identifier: Annotated[
+            str | None,
+            Query(alias="patient:identifier", description="urn:enclave:patient|<patient_key>"),
+        ] = None,
+        entity_identifier: Annotated[
+            str | None,
+            Query(
+                alias="entity:identifier",
+                description="urn:enclave:patient|<patient_key> or urn:enclave:study|<study_key>",
+            ),
+        ] = None,
+        count: Annotated[int | None, Query(alias="_count", ge=1, description="records per page")] = None,
+        sort: Annotated[
+            Literal["date", "-date"] | None,
+            Query(alias="_sort", description="date: oldest first (the default); -date: newest first"),
+        ] = None,
+        cursor: Annotated[
+            str | None, Query(description="from the previous page's next link, unchanged")
+        ] = None,
+    ) -> JSONResponse:
+        try:
+            filters = search_filters(
+                date=date,
+                type_=type_,
+                subtype=subtype,
+                action=action,
+                outcome=outcome,
+                agent_identifier=agent_identifier,
+                patient_identifier=patient_identifier,
+                entity_identifier=entity_identifier,
             )
-            return JSONResponse(bundle, media_type=FHIR_JSON)
-        return {
-            "records": [r.model_dump(mode="json") for r in page],
-            "count": len(page),
-            "next_cursor": next_cursor,
-        }
+        except SearchError as exc:
+            raise HTTPException(400, detail={"code": exc.code, "message": str(exc)}) from None
+        page, next_cursor = await page_of_records(
+            auth, None, count, "desc" if sort == "-date" else "asc", cursor, **asdict(filters)
+        )
+        return fhir_searchset(request, page, next_cursor)
 
     @router.get(
         "/fhir/AuditEvent/{resource_id}",

@@ -1,0 +1,171 @@
+"""FHIR R4 search parameters of ``GET /audit/fhir/AuditEvent`` turned into an :class:`EventQuery`'s
+filters (the IHE RESTful ATNA profile, ITI-81, is a FHIR search of AuditEvent).
+
+Only what maps onto the trail's filters is taken: ``date`` (with the prefixes ``eq``, ``ge``, ``gt``,
+``le``, ``lt`` and FHIR's precision ranges: ``date=2026-11-23`` is that whole day), ``type`` and
+``subtype`` (DCM codes, as ``code`` or ``system|code``), ``action``, ``outcome``, and by identifier
+(``agent:identifier``, ``patient:identifier``, ``entity:identifier``, the identifiers the resources
+carry). Anything else is refused (the common 422): a filter ignored would answer more than was asked.
+Written by hand: the FHIR libraries on PyPI model resources, not a server's search parsing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from enclave_audit.codes import EventAction, EventOutcome
+from enclave_audit.fhir import DCM_SYSTEM, RFC_3881_SYSTEM
+
+#: The identifier systems the AuditEvents carry (fhir.py): the principal, and each object kind.
+PRINCIPAL_SYSTEM: Final = "urn:enclave:principal"
+PATIENT_SYSTEM: Final = "urn:enclave:patient"
+STUDY_SYSTEM: Final = "urn:enclave:study"
+OUTCOME_SYSTEM: Final = "http://hl7.org/fhir/audit-event-outcome"
+ACTION_SYSTEM: Final = "http://hl7.org/fhir/audit-event-action"
+
+_PREFIXES: Final = ("eq", "ge", "gt", "le", "lt")
+# A FHIR date or dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or a time to the second or a fraction, with a
+# zone (Z or +hh:mm) when it has a time.
+_DATE_VALUE: Final = re.compile(
+    r"(?P<y>[0-9]{4})(-(?P<m>[0-9]{2})(-(?P<d>[0-9]{2})"
+    r"(T(?P<h>[0-9]{2}):(?P<mi>[0-9]{2})(:(?P<s>[0-9]{2})(?P<f>\.[0-9]{1,6})?)?(?P<z>Z|[+-][0-9]{2}:[0-9]{2}))?)?)?"
+)
+
+
+class SearchError(ValueError):
+    """A search parameter this API cannot apply (400 ``bad_search``); the message says what it takes."""
+
+    code = "bad_search"
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """What the search asks of the trail (:class:`~enclave_audit.store.EventQuery`'s fields)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    event_code: str | None = None
+    event_type_code: str | None = None
+    action: str | None = None
+    outcome: int | None = None
+    actor: str | None = None
+    patient: str | None = None
+    study: str | None = None
+
+
+def _range(value: str) -> tuple[datetime, datetime]:
+    """The instants a FHIR date or dateTime covers, [start, end): a year, a month, a day, a minute,
+    a second, or the fraction's precision."""
+    match = _DATE_VALUE.fullmatch(value)
+    if match is None:
+        raise SearchError(
+            f"date takes a FHIR date or dateTime (2026, 2026-11, 2026-11-23, 2026-11-23T08:00:00Z), "
+            f"optionally after a prefix {', '.join(_PREFIXES)}"
+        )
+    y, m, d = int(match["y"]), int(match["m"] or 1), int(match["d"] or 1)
+    try:
+        if match["m"] is None:
+            return datetime(y, 1, 1, tzinfo=UTC), datetime(y + 1, 1, 1, tzinfo=UTC)
+        if match["d"] is None:
+            start = datetime(y, m, 1, tzinfo=UTC)
+            return start, datetime(y + m // 12, m % 12 + 1, 1, tzinfo=UTC)
+        if match["h"] is None:
+            start = datetime(y, m, d, tzinfo=UTC)
+            return start, start + timedelta(days=1)
+        zone = match["z"]
+        text = value if zone != "Z" else value[:-1] + "+00:00"
+        start = datetime.fromisoformat(text).astimezone(UTC)
+        if match["s"] is None:
+            step = timedelta(minutes=1)
+        elif match["f"] is None:
+            step = timedelta(seconds=1)
+        else:
+            step = timedelta(microseconds=10 ** (6 - (len(match["f"]) - 1)))
+        return start, start + step
+    except (ValueError, OverflowError):
+        raise SearchError("date names no instant between the years 1 and 9999 in UTC") from None
+
+
+def date_bounds(values: list[str]) -> tuple[datetime | None, datetime | None]:
+    """Every ``date`` parameter at once (they are ANDed): the half-open [since, until) they leave."""
+    since: datetime | None = None
+    until: datetime | None = None
+    for raw in values:
+        prefix = raw[:2] if raw[:2] in _PREFIXES else "eq"
+        start, end = _range(raw[2:] if raw[:2] in _PREFIXES else raw)
+        low = {"eq": start, "ge": start, "gt": end}.get(prefix)
+        high = {"eq": end, "le": end, "lt": start}.get(prefix)
+        if low is not None:
+            since = low if since is None else max(since, low)
+        if high is not None:
+            until = high if until is None else min(until, high)
+    if since is not None and until is not None and since >= until:
+        raise SearchError("the date parameters leave no time between them")
+    return since, until
+
+
+def token(value: str, name: str, *systems: str) -> str:
+    """The code of a token parameter, ``code`` or ``system|code`` with one of ``systems``."""
+    given, bar, code = value.rpartition("|")
+    if (bar and given not in systems) or not code:
+        raise SearchError(f"{name} takes a code, or {' or '.join(s + '|<code>' for s in systems)}")
+    return code
+
+
+def identifier(value: str, name: str, systems: tuple[str, ...]) -> tuple[str, str]:
+    """``system|value`` of an ``:identifier`` parameter, with one of ``systems``."""
+    system, bar, found = value.partition("|")
+    if not bar or system not in systems or not found:
+        raise SearchError(f"{name} takes {' or '.join(s + '|<value>' for s in systems)}")
+    return system, found
+
+
+def search_filters(
+    *,
+    date: list[str] | None = None,
+    type_: str | None = None,
+    subtype: str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+    agent_identifier: str | None = None,
+    patient_identifier: str | None = None,
+    entity_identifier: str | None = None,
+) -> SearchFilters:
+    """The trail's filters for these search parameters, or :class:`SearchError`."""
+    since, until = date_bounds(date or [])
+    action_code = token(action, "action", ACTION_SYSTEM) if action is not None else None
+    if action_code is not None and action_code not in {a.value for a in EventAction}:
+        raise SearchError(f"action is one of {', '.join(a.value for a in EventAction)}")
+    outcome_code = token(outcome, "outcome", OUTCOME_SYSTEM) if outcome is not None else None
+    outcomes = {str(int(o)): int(o) for o in EventOutcome}
+    if outcome_code is not None and outcome_code not in outcomes:
+        raise SearchError(f"outcome is one of {', '.join(outcomes)}")
+    patient = study = None
+    if patient_identifier is not None:
+        patient = identifier(patient_identifier, "patient:identifier", (PATIENT_SYSTEM,))[1]
+    if entity_identifier is not None:
+        system, value = identifier(entity_identifier, "entity:identifier", (PATIENT_SYSTEM, STUDY_SYSTEM))
+        if system == STUDY_SYSTEM:
+            study = value
+        elif patient not in (None, value):
+            raise SearchError("patient:identifier and entity:identifier name two patients")
+        else:
+            patient = value
+    return SearchFilters(
+        since=since,
+        until=until,
+        event_code=token(type_, "type", DCM_SYSTEM, RFC_3881_SYSTEM) if type_ is not None else None,
+        event_type_code=token(subtype, "subtype", DCM_SYSTEM, RFC_3881_SYSTEM)
+        if subtype is not None
+        else None,
+        action=action_code,
+        outcome=outcomes[outcome_code] if outcome_code is not None else None,
+        actor=identifier(agent_identifier, "agent:identifier", (PRINCIPAL_SYSTEM,))[1]
+        if agent_identifier is not None
+        else None,
+        patient=patient,
+        study=study,
+    )
