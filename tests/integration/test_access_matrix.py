@@ -30,7 +30,8 @@ OWN, OTHER = "own", "other"
 
 #: THE table: endpoint -> role -> (status on own tenant's target, status on other tenant's target).
 #: Endpoints without a target in another tenant (upload, the research listing of one's own tenant,
-#: create grant, break-glass, patient key, create and list restrictions) list one status.
+#: create grant, break-glass, patient key, token revocation, create and list restrictions) list one
+#: status.
 EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     "upload": {"uploader": (200,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                "admin": (403,), "caregiver": (403,), "caregiver+grant": (403,)},
@@ -63,6 +64,9 @@ EXPECTED: dict[str, dict[str, tuple[int, ...]]] = {
     # A patient id's key, for the audit trail: auditors and admins of the tenant (no other target).
     "patient_key": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (200,),
                     "admin": (200,), "caregiver": (403,), "caregiver+grant": (403,)},
+    # Ending a subject's tokens (a subject no other cell uses): admins of the tenant.
+    "token_revoke": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
+                     "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
     "restriction_create": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
                            "admin": (201,), "caregiver": (403,), "caregiver+grant": (403,)},
     "restriction_list": {"uploader": (403,), "clinician": (403,), "researcher": (403,), "auditor": (403,),
@@ -208,6 +212,9 @@ def _request(world: World, endpoint: str, target: str) -> tuple[str, str, dict[s
         )
     if endpoint == "patient_key":
         return "POST", f"{GATEWAY}/api/v1/patient-keys", {"json": {"patient_id": world.patient_a}}
+    if endpoint == "token_revoke":
+        body = {"subject": "it-matrix-nobody", "justification": "incident drill, matrix test"}
+        return "POST", f"{GATEWAY}/api/v1/token-revocations", {"json": body}
     if endpoint == "restriction_create":
         return "POST", f"{GATEWAY}/api/v1/restrictions", {"json": _restriction_body(world.patient_r)}
     if endpoint == "restriction_list":

@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from enclave_common.auth import (
     InMemoryGrantStore,
     InMemoryRestrictionStore,
+    InMemoryTokenRevocationStore,
     RateLimit,
     RateLimiter,
+    RevokedTokens,
     StaticKeySource,
     TokenRules,
     TokenVerifier,
@@ -44,6 +46,7 @@ from enclave_gateway.metrics import GatewayMetrics
 from enclave_gateway.multipart import BodyLimits
 from enclave_gateway.restrictions_api import build_restrictions_router
 from enclave_gateway.stow import error_body
+from enclave_gateway.token_revocations_api import build_token_revocations_router
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import ValidationPolicy
 from fastapi import FastAPI
@@ -149,9 +152,11 @@ class Harness:
     grants: InMemoryGrantStore
     recorder: AccessRecorder
     restrictions: InMemoryRestrictionStore
+    token_revocations: InMemoryTokenRevocationStore
+    revoked_tokens: RevokedTokens
 
-    def token(self, tenant: str, *roles: str, subject: str = "it-unit") -> str:
-        return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600)
+    def token(self, tenant: str, *roles: str, subject: str = "it-unit", **claims: Any) -> str:
+        return self.issuer.mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=600, **claims)
 
     def requests_counted(self, route: str, status: int) -> float:
         value = self.registry.get_sample_value(
@@ -176,10 +181,13 @@ def gateway_routes(
     read_model = MemoryReadModel()
     grants = InMemoryGrantStore()
     restrictions = InMemoryRestrictionStore()
+    token_revocations = InMemoryTokenRevocationStore()
+    revoked_tokens = RevokedTokens(token_revocations)
     guard = AccessGuard(
         verifier,
         grants=grants,
         restrictions=restrictions,
+        revoked_tokens=revoked_tokens,
         limiter=RateLimiter(rate_limit) if rate_limit is not None else None,
         on_decision=recorder.on_decision,
     )
@@ -212,9 +220,12 @@ def gateway_routes(
     restrictions_router = build_restrictions_router(
         guard=guard, restrictions=restrictions, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER
     )
+    token_revocations_router = build_token_revocations_router(
+        guard=guard, store=token_revocations, revoked=revoked_tokens, recorder=recorder, refresh_s=5.0
+    )
     app = runtime.http_app(
         title="gateway under test",
-        routers=[router, grants_router, restrictions_router],
+        routers=[router, grants_router, restrictions_router, token_revocations_router],
         start_runtime=False,
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
@@ -222,7 +233,19 @@ def gateway_routes(
     )
     app.add_middleware(RequestIdHeader)  # as create_app does
     registry = runtime.registry
-    return Harness(app, publisher, read_model, registry, issuer, uploads, grants, recorder, restrictions)
+    return Harness(
+        app,
+        publisher,
+        read_model,
+        registry,
+        issuer,
+        uploads,
+        grants,
+        recorder,
+        restrictions,
+        token_revocations,
+        revoked_tokens,
+    )
 
 
 @dataclass

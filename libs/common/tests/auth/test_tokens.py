@@ -79,6 +79,8 @@ async def test_valid_token_gives_the_principal(issuer: DevIssuer, verifier: Toke
     assert principal.token_id == segments(token)[1]["jti"]
     assert principal.expires_at is not None
     assert abs(principal.expires_at - (datetime.now(UTC) + timedelta(seconds=600))) < timedelta(seconds=5)
+    # iat, for token revocation (enclave_common.auth.token_revocations)
+    assert principal.issued_at == datetime.fromtimestamp(segments(token)[1]["iat"], tz=UTC)
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])

@@ -187,6 +187,7 @@ ANSWERED_BY_ROUTE: Final = frozenset(
         Action.MANAGE_RESTRICTIONS,
         Action.READ_RESTRICTIONS,
         Action.QUERY_PATIENT_KEY,
+        Action.REVOKE_TOKENS,
         Action.BREAK_GLASS,
         Action.READ_STATUS,
         Action.READ_RESULTS_PHI,

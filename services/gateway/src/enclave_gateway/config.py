@@ -97,6 +97,9 @@ class GatewaySettings(BaseServiceSettings):
     #: they were made (enclave_gateway.revocations); a revocation is swept once it is older than
     #: twice ``publish_timeout_s`` plus 30 s.
     revocation_sweep_interval_s: float = Field(default=60.0, ge=0.5, le=3600)
+    #: Seconds between reads of the token revocations (POST /api/v1/token-revocations): the longest a
+    #: revoked token is still accepted by a replica other than the one that stored the revocation.
+    token_revocation_refresh_s: float = Field(default=5.0, ge=0.5, le=300)
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

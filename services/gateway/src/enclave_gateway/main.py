@@ -6,14 +6,18 @@ keys; no key that can decrypt stored data and no object-store credentials.
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from enclave_common import topics
-from enclave_common.auth import RateLimit, RateLimiter
+from enclave_common.auth import RateLimit, RateLimiter, RevokedTokens
 from enclave_common.auth.fastapi import AccessGuard
 from enclave_common.auth.file_keys import build_verifier
 from enclave_common.auth.grants_mongo import MongoGrantStore
 from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
+from enclave_common.auth.token_revocations_mongo import MongoTokenRevocationStore
 from enclave_common.crypto import load_public_key
 from enclave_common.errors import ConfigurationError
 from enclave_common.idempotency import IdempotentByBusinessKey
@@ -34,8 +38,11 @@ from enclave_gateway.readmodel import READ_MODEL_TOPICS, ReadModel
 from enclave_gateway.restrictions_api import build_restrictions_router
 from enclave_gateway.revocations import UnrecordedRevocations
 from enclave_gateway.stow import error_body
+from enclave_gateway.token_revocations_api import build_token_revocations_router
 from enclave_gateway.uploads import BodyPace, UploadProcessor
 from enclave_gateway.validation import DEFAULT_TRANSFER_SYNTAXES, ValidationPolicy
+
+log = structlog.get_logger("enclave.gateway")
 
 #: The gateway receives; it cannot give back what it sealed (it holds no key that opens stored data).
 UNKNOWN_ROUTE_HINT = (
@@ -78,6 +85,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Their lookups are part of a request's decision: bounded like the read model's reads.
     grants = MongoGrantStore(runtime.db, read_timeout_s=settings.read_timeout_s)
     restrictions = MongoRestrictionStore(runtime.db, read_timeout_s=settings.read_timeout_s)
+    token_revocations = MongoTokenRevocationStore(runtime.db, read_timeout_s=settings.read_timeout_s)
+    revoked_tokens = RevokedTokens(token_revocations)
     guard = AccessGuard(
         build_verifier(
             issuer=settings.oidc_issuer,
@@ -88,6 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         ),
         grants=grants,
         restrictions=restrictions,
+        revoked_tokens=revoked_tokens,
         limiter=RateLimiter(
             RateLimit(burst=settings.rate_limit_burst, per_second=settings.rate_limit_per_second)
         ),
@@ -156,6 +166,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await grants.ensure_indexes()
         await restrictions.ensure_indexes()
         runtime.spawn(revocations.run_forever(), "gateway-unrecorded-revocations")
+        # Before the first request: a revoked token is refused from the start.
+        await revoked_tokens.refresh(datetime.now(UTC))
+        runtime.spawn(
+            refresh_revoked_tokens(revoked_tokens, settings.token_revocation_refresh_s),
+            "gateway-token-revocations",
+        )
 
     runtime.preflight(load_keys)
     runtime.on_startup(prepare)
@@ -175,9 +191,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     restrictions_router = build_restrictions_router(
         guard=guard, restrictions=restrictions, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer
     )
+    token_revocations_router = build_token_revocations_router(
+        guard=guard,
+        store=token_revocations,
+        revoked=revoked_tokens,
+        recorder=recorder,
+        refresh_s=settings.token_revocation_refresh_s,
+    )
     app = runtime.http_app(
         title="Enclave gateway",
-        routers=[router, grants_router, restrictions_router],
+        routers=[router, grants_router, restrictions_router, token_revocations_router],
         unknown_route_hint=UNKNOWN_ROUTE_HINT,
         error_body=error_body,
         streamed_body_routes=UPLOAD_ROUTES,
@@ -189,6 +212,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app
+
+
+async def refresh_revoked_tokens(revoked: RevokedTokens, interval_s: float) -> None:
+    """Read the token revocations every ``interval_s`` (each read bounded by the store's read timeout);
+    one that fails keeps what is held and is logged: revocations are never withdrawn, so what is held
+    stays true, only a newer one from another replica waits."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await revoked.refresh(datetime.now(UTC))
+        except Exception as exc:
+            log.warning(
+                "token revocations could not be read; those of other replicas wait for the next read",
+                error=type(exc).__name__,
+            )
 
 
 def run() -> None:

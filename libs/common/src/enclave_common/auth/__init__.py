@@ -12,6 +12,7 @@ from enclave_common.auth.errors import (
     AuthFailure,
     InvalidGrantError,
     InvalidRestrictionError,
+    InvalidTokenRevocationError,
     KeySourceUnavailable,
 )
 from enclave_common.auth.grants import Grant, GrantKind, GrantQuery, GrantStore, InMemoryGrantStore
@@ -35,6 +36,12 @@ from enclave_common.auth.restrictions import (
     RestrictionStore,
 )
 from enclave_common.auth.roles import Principal, Role
+from enclave_common.auth.token_revocations import (
+    InMemoryTokenRevocationStore,
+    RevokedTokens,
+    TokenRevocation,
+    TokenRevocationStore,
+)
 from enclave_common.auth.tokens import TokenRules, TokenVerifier
 
 __all__ = [
@@ -53,8 +60,10 @@ __all__ = [
     "GrantStore",
     "InMemoryGrantStore",
     "InMemoryRestrictionStore",
+    "InMemoryTokenRevocationStore",
     "InvalidGrantError",
     "InvalidRestrictionError",
+    "InvalidTokenRevocationError",
     "KeySource",
     "KeySourceUnavailable",
     "LiftedRestriction",
@@ -67,9 +76,12 @@ __all__ = [
     "Resource",
     "Restriction",
     "RestrictionStore",
+    "RevokedTokens",
     "Role",
     "Scope",
     "StaticKeySource",
+    "TokenRevocation",
+    "TokenRevocationStore",
     "TokenRules",
     "TokenVerifier",
     "parse_jwks",

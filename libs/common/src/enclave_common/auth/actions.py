@@ -24,6 +24,8 @@ class Action(StrEnum):
     #: A patient id's tenant-scoped pseudonym (``patient_key``), to query the audit trail for one
     #: patient (an accounting of who accessed its records): the id is the caller's, the key opaque.
     QUERY_PATIENT_KEY = "query_patient_key"
+    #: End every token one subject of the tenant holds now (enclave_common.auth.token_revocations).
+    REVOKE_TOKENS = "revoke_tokens"
     MANAGE_KEYS = "manage_keys"
     BREAK_GLASS = "break_glass"
 

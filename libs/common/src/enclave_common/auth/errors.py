@@ -24,6 +24,8 @@ class AuthFailure(StrEnum):
     WRONG_ISSUER = "wrong_issuer"
     WRONG_AUDIENCE = "wrong_audience"
     MISSING_CLAIM = "missing_claim"
+    #: Issued at or before its subject's revocation (enclave_common.auth.token_revocations).
+    REVOKED = "revoked"
 
 
 class AuthenticationError(EnclaveError):
@@ -46,6 +48,12 @@ class InvalidGrantError(EnclaveError):
     """A grant or break-glass request was refused at validation (bad window, actions, justification)."""
 
     code = "invalid_grant"
+
+
+class InvalidTokenRevocationError(EnclaveError):
+    """A token revocation was refused at validation (its justification)."""
+
+    code = "invalid_revocation"
 
 
 class InvalidRestrictionError(EnclaveError):

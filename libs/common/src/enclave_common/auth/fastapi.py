@@ -36,6 +36,7 @@ from enclave_common.auth.policy import (
 from enclave_common.auth.ratelimit import RateLimiter
 from enclave_common.auth.restrictions import RestrictionStore
 from enclave_common.auth.roles import Principal
+from enclave_common.auth.token_revocations import RevokedTokens
 from enclave_common.auth.tokens import TokenVerifier
 
 
@@ -160,6 +161,7 @@ class AccessGuard:
         policy: AccessPolicy = DEFAULT_POLICY,
         grants: GrantStore | None = None,
         restrictions: RestrictionStore | None = None,
+        revoked_tokens: RevokedTokens | None = None,
         limiter: RateLimiter | None = None,
         auth_failure_limiter: RateLimiter | None = None,
         on_decision: DecisionHook | None = None,
@@ -170,6 +172,7 @@ class AccessGuard:
         self.policy = policy
         self.grants = grants
         self.restrictions = restrictions
+        self.revoked_tokens = revoked_tokens
         self.limiter = limiter
         self.auth_failure_limiter = auth_failure_limiter
         self.on_decision = on_decision
@@ -231,7 +234,7 @@ class AccessGuard:
                 error="invalid_request",
             )
         try:
-            return await self.verifier.verify_bearer(token.strip())
+            principal = await self.verifier.verify_bearer(token.strip())
         except AuthenticationError as exc:
             await self._refuse_authentication(request, action, exc.failure, str(exc))
         except KeySourceUnavailable as exc:
@@ -241,6 +244,19 @@ class AccessGuard:
                 detail={"code": exc.code, "message": "identity provider keys are unavailable; retry later"},
                 headers={"Retry-After": "5"},
             ) from None
+        if (
+            self.revoked_tokens is not None
+            and (before := self.revoked_tokens.revoked_before(principal)) is not None
+        ):
+            await self._refuse_authentication(
+                request,
+                action,
+                AuthFailure.REVOKED,
+                f"this token was revoked by an administrator of your organisation (tokens issued at or "
+                f"before {before.isoformat(timespec='seconds')}); sign in again for a new one",
+                principal=principal,
+            )
+        return principal
 
     async def check_resource(
         self, request: Request, principal: Principal, action: Action, resource: Resource | None
@@ -317,18 +333,23 @@ class AccessGuard:
         message: str | None,
         *,
         error: str = "invalid_token",
+        principal: Principal | None = None,
     ) -> NoReturn:
+        """401 (429 past the failure limit), recorded ``unauthenticated`` with the failure's code; with
+        ``principal`` (a verified token that is refused: revoked) the record names who it was."""
         if self.auth_failure_limiter is not None:
             client = request.client.host if request.client else "unknown"
             verdict = self.auth_failure_limiter.acquire(f"auth-failure\x1f{client}")
             if not verdict.allowed:
-                await self._report(None, action, AccessResult("rate_limited", failure.value), 429, request)
+                await self._report(
+                    principal, action, AccessResult("rate_limited", failure.value), 429, request
+                )
                 raise HTTPException(
                     429,
                     detail={"code": "rate_limited", "message": "too many failed authentications"},
                     headers={"Retry-After": str(verdict.retry_after_seconds)},
                 )
-        await self._report(None, action, AccessResult("unauthenticated", failure.value), 401, request)
+        await self._report(principal, action, AccessResult("unauthenticated", failure.value), 401, request)
         if message is None:
             challenge = f'Bearer realm="{self.realm}"'
             detail = {"code": failure.value, "message": "a bearer token is required"}

@@ -64,6 +64,7 @@ POLICY: PolicyTable = MappingProxyType(
         Action.READ_RESTRICTIONS: {_ADM: _T},
         Action.MANAGE_RESTRICTIONS: {_ADM: _T},
         Action.QUERY_PATIENT_KEY: {_A: _T, _ADM: _T},
+        Action.REVOKE_TOKENS: {_ADM: _T},
         Action.MANAGE_KEYS: {_ADM: _T},
         Action.BREAK_GLASS: {_C: _T},
     }

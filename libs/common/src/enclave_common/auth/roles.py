@@ -42,6 +42,8 @@ class Principal:
     issuer: str = ""
     token_id: str | None = None
     expires_at: datetime | None = None
+    #: The token's ``iat``, when it has one (token revocation compares it).
+    issued_at: datetime | None = None
     ignored_roles: frozenset[str] = field(default_factory=frozenset)
 
     def has_role(self, role: Role) -> bool:

@@ -198,8 +198,12 @@ class TokenVerifier:
         jti = claims.get("jti")
         try:
             expires_at = datetime.fromtimestamp(int(claims["exp"]), tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            raise _fail(AuthFailure.MALFORMED, "token exp must be a time before the year 10000") from None
+            iat = claims.get("iat")
+            issued_at = datetime.fromtimestamp(int(iat), tz=UTC) if iat is not None else None
+        except (OverflowError, OSError, ValueError, TypeError):
+            raise _fail(
+                AuthFailure.MALFORMED, "token exp and iat must be times before the year 10000"
+            ) from None
         return Principal(
             subject=subject,
             tenant=tenant,
@@ -207,6 +211,7 @@ class TokenVerifier:
             issuer=rules.issuer,
             token_id=jti if isinstance(jti, str) else None,
             expires_at=expires_at,
+            issued_at=issued_at,
             ignored_roles=ignored,
         )
 

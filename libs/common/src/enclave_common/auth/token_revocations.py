@@ -1,0 +1,98 @@
+"""Token revocation: an admin ends every token a subject of its tenant holds now, before they expire.
+
+A revocation names a subject and an instant: tokens issued (``iat``) at or before it are refused with
+401 ``revoked``; tokens issued after it are accepted, so the person signs in again and goes on, unless
+the identity provider no longer lets it (a stolen token, an employee who left: disable the account
+there, then revoke here). ``iat`` counts whole seconds, so a token issued in the same second as the
+revocation is refused too. A token without ``iat`` cannot be told apart and is refused once its
+subject has a revocation.
+
+The access guard checks every request against :class:`RevokedTokens`, an in-memory map refreshed from
+the :class:`TokenRevocationStore` (the replica that stores a revocation applies it at once; the others
+within their refresh interval). Written by hand: revocation by issue time is a server's own state, no
+JWT library keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from enclave_common.auth.roles import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevocation:
+    """The tokens of ``subject`` in ``tenant`` issued at or before ``revoked_before`` are refused."""
+
+    tenant: str
+    subject: str
+    revoked_before: datetime
+    revoked_by: str
+    #: Why (kept with the revocation, never put in events or logs, as for grants).
+    justification: str
+
+
+class TokenRevocationStore(Protocol):
+    """Where revocations live: one per tenant and subject, the latest instant kept."""
+
+    async def revoke(self, revocation: TokenRevocation) -> None:
+        """Store ``revocation``; a subject revoked already keeps the later of the two instants."""
+        ...
+
+    async def all(self) -> Sequence[TokenRevocation]:
+        """Every subject's revocation, of every tenant (what :class:`RevokedTokens` holds)."""
+        ...
+
+
+class InMemoryTokenRevocationStore:
+    """:class:`TokenRevocationStore` in a dict: for tests and as the reference semantics."""
+
+    def __init__(self) -> None:
+        self._revocations: dict[tuple[str, str], TokenRevocation] = {}
+
+    async def revoke(self, revocation: TokenRevocation) -> None:
+        key = (revocation.tenant, revocation.subject)
+        held = self._revocations.get(key)
+        if held is None or held.revoked_before < revocation.revoked_before:
+            self._revocations[key] = revocation
+
+    async def all(self) -> Sequence[TokenRevocation]:
+        return list(self._revocations.values())
+
+
+class RevokedTokens:
+    """The revocations in effect, in memory, for the check every request makes (no database read on
+    the request path). :meth:`refresh` reads them all from the store; :meth:`note` applies one this
+    replica stored, at once."""
+
+    def __init__(self, store: TokenRevocationStore) -> None:
+        self.store = store
+        self._before: dict[tuple[str, str], datetime] = {}
+        #: When the last refresh succeeded (None before the first).
+        self.refreshed_at: datetime | None = None
+
+    def revoked_before(self, principal: Principal) -> datetime | None:
+        """The revocation that refuses ``principal``'s token, or None when it is not revoked."""
+        before = self._before.get((principal.tenant, principal.subject))
+        if before is None:
+            return None
+        if principal.issued_at is None or principal.issued_at <= before:
+            return before
+        return None
+
+    def note(self, revocation: TokenRevocation) -> None:
+        key = (revocation.tenant, revocation.subject)
+        held = self._before.get(key)
+        if held is None or held < revocation.revoked_before:
+            self._before[key] = revocation.revoked_before
+
+    async def refresh(self, now: datetime) -> int:
+        """Read every revocation from the store (a revocation is never withdrawn, so what this replica
+        noted meanwhile is kept); how many are held."""
+        for revocation in await self.store.all():
+            self.note(revocation)
+        self.refreshed_at = now
+        return len(self._before)

@@ -1,0 +1,79 @@
+"""Token revocation on the running stack (docs/access.md, "Token revocation"): an admin ends the tokens
+a subject holds; the gateway refuses them from the next request, and a revocation another replica
+stored (written straight to the gateway's database here) within its refresh interval.
+
+Until the twenty-third session a token could not be ended before its expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from enclave_common import topics
+
+from .support import mr_instance
+from .test_gateway_support import GATEWAY, TopicWatch, bearer, new_tenant
+
+REASON = "incident 2026-114: laptop reported stolen"
+
+
+async def _upload(client: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
+    data, _ = mr_instance(patient_id=f"PID-TR-{uuid.uuid4().hex[:8]}")
+    return await client.post(
+        "/api/v1/imaging/upload", files=[("file", ("x.dcm", data, "application/dicom"))], headers=headers
+    )
+
+
+async def test_a_revoked_subjects_tokens_are_refused_and_a_new_one_works(mongo) -> None:
+    tenant = new_tenant("it-tr")
+    earlier = datetime.now(UTC) - timedelta(minutes=2)
+    stolen = bearer("it-tr-pacs", tenant, "uploader", now=earlier)
+    admin = bearer("it-tr-admin", tenant, "admin")
+    async with TopicWatch(topics.ACCESS_RECORDED) as watch:
+        async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
+            assert (await _upload(client, stolen)).status_code == 200
+            revoked = await client.post(
+                "/api/v1/token-revocations",
+                json={"subject": "it-tr-pacs", "justification": REASON},
+                headers=admin,
+            )
+            assert revoked.status_code == 201, revoked.text
+            refused = await _upload(client, stolen)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["detail"]["code"] == "revoked"
+            before = datetime.fromisoformat(revoked.json()["revoked_before"])
+            fresh = bearer("it-tr-pacs", tenant, "uploader", now=before + timedelta(seconds=1))
+            assert (await _upload(client, fresh)).status_code == 200
+        events = await watch.read(lambda e: e.tenant == tenant)
+    access = [e.data for e in events]
+    assert [a["detail"].split(" ")[0] for a in access if a["action"] == "revoke_tokens"] == ["tokens_revoked"]
+    assert [(a["actor"], a["outcome"], a["status_code"]) for a in access if a.get("detail") == "revoked"] == [
+        ("it-tr-pacs", "unauthenticated", 401)
+    ]
+    assert REASON not in str(access)
+
+    # Stored by another replica: this gateway refuses the subject's tokens after its next read.
+    other = bearer("it-tr-other", tenant, "uploader", now=earlier)
+    await mongo["gateway"]["token_revocations"].update_one(
+        {"_id": f"{tenant}|it-tr-other"},
+        {
+            "$max": {"revoked_before": datetime.now(UTC)},
+            "$set": {
+                "tenant": tenant,
+                "subject": "it-tr-other",
+                "revoked_by": "elsewhere",
+                "justification": REASON,
+            },
+        },
+        upsert=True,
+    )
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
+        while (answer := await _upload(client, other)).status_code == 200:
+            assert time.monotonic() < deadline, "the revocation was not read within 30 s"
+            await asyncio.sleep(1)
+    assert answer.status_code == 401 and answer.json()["detail"]["code"] == "revoked", answer.text
