@@ -72,7 +72,46 @@ async def test_an_auditor_accounts_for_every_access_to_one_patient_by_its_key() 
             await asyncio.sleep(1)
         answers.append(page)
     lookup = next(r for r in records if r["envelope"]["data"].get("action") == "query_patient_key")
-    assert (lookup["event_code"]["code"], lookup["action"]) == ("110112", "E")
+    assert (lookup["event_code"]["code"], lookup["action"]) == ("110100", "E")
     assert all(r["tenant"] == tenant for r in records)
     assert all(patient not in a.text for a in answers)
     assert patient not in json.dumps(records)
+
+
+async def test_many_patient_keys_looked_up_by_one_auditor_raise_an_alert(mongo) -> None:
+    """Guessing ids and querying the trail would tell who is a patient: 20 distinct lookups by one
+    actor within a day raise many_patient_keys (high), once."""
+    tenant = new_tenant("it-pk")
+    auditor = bearer("it-pk-auditor", tenant, "auditor")
+    async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
+        for n in range(21):
+            answer = await client.post(
+                "/api/v1/patient-keys", json={"patient_id": f"MRN-{n:06d}"}, headers=auditor
+            )
+            assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 90
+    while True:
+        alerts = [
+            d
+            async for d in mongo["audit"]["records"].find(
+                {"tenant": tenant, "event_type": "enclave.security.alert"}
+            )
+        ]
+        rules = [a["envelope"]["data"]["rule"] for a in alerts]
+        if "many_patient_keys" in rules:
+            break
+        assert time.monotonic() < deadline, rules
+        await asyncio.sleep(1)
+    await asyncio.sleep(3)  # the 21st lookup, consumed after: no second alert
+    alerts = [
+        d
+        async for d in mongo["audit"]["records"].find(
+            {"tenant": tenant, "event_type": "enclave.security.alert"}
+        )
+    ]
+    [alert] = [a for a in alerts if a["envelope"]["data"]["rule"] == "many_patient_keys"]
+    assert (alert["envelope"]["data"]["subject"], alert["envelope"]["data"]["severity"]) == (
+        "it-pk-auditor",
+        "high",
+    )
+    assert "MRN-" not in str(alerts)

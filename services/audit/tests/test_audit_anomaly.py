@@ -10,6 +10,7 @@ from enclave_audit.anomaly import (
     RULE_BREAK_GLASS,
     RULE_BREAK_GLASS_REFUSED,
     RULE_LIFTED_THEN_READ,
+    RULE_MANY_PATIENT_KEYS,
     RULE_MANY_STUDIES,
     RULE_OFF_HOURS,
     AnomalyDetector,
@@ -208,10 +209,10 @@ def test_thresholds_are_validated(field, value, message):
 KEY = "k" * 32
 
 
-def _lifting(make_access, n, *, actor="adm-1", at=T0, outcome="success", patient=KEY):
+def _lifting(make_access, n, *, actor="adm-1", at=T0, outcome="success", patient=KEY, detail=None):
     env = make_access(n, actor=actor, action="manage_restrictions", target=f"patient:{patient}", time=at,
                       outcome=outcome, roles=["admin"])  # fmt: skip
-    env["data"]["detail"] = (
+    env["data"]["detail"] = detail or (
         "restriction_lifted restricted_by=adm-0 restricted_at=2024-05-01T00:00:00+00:00"
         if outcome == "success"
         else "separation_of_duties"
@@ -219,8 +220,10 @@ def _lifting(make_access, n, *, actor="adm-1", at=T0, outcome="success", patient
     return env
 
 
-def _phi_read(make_access, n, *, actor="adm-1", at, action="read_results_phi", patient=KEY):
-    return make_access(n, actor=actor, action=action, target=f"patient:{patient}/study:s1", time=at)
+def _phi_read(make_access, n, *, actor="adm-1", at, action="read_results_phi", patient=KEY, basis="role"):
+    env = make_access(n, actor=actor, action=action, target=f"patient:{patient}/study:s1", time=at)
+    env["data"]["detail"] = basis
+    return env
 
 
 def test_a_phi_read_by_the_actor_that_lifted_the_restriction_alerts_once(history, make_access):
@@ -250,11 +253,25 @@ def test_a_phi_read_by_the_actor_that_lifted_the_restriction_alerts_once(history
 
 @pytest.mark.parametrize(
     "case",
-    ["another_actor", "another_patient", "outside_window", "refused_lifting", "not_phi", "read_before"],
+    [
+        "another_actor",
+        "another_patient",
+        "outside_window",
+        "refused_lifting",
+        "not_phi",
+        "read_before",
+        "under_a_grant",
+        "under_break_glass",
+        "lifting_not_made",
+    ],
 )
 def test_what_is_not_a_lifted_then_read(history, make_access, case):
     detector = detector_with(history, restriction_lift_window=timedelta(hours=24))
     lifting = _lifting(make_access, 1, at=T0, outcome="denied" if case == "refused_lifting" else "success")
+    if case == "lifting_not_made":  # recorded first, then restricted again meanwhile: 409, second event
+        feed(detector, history, [lifting])
+        lifting = _lifting(make_access, 9, at=T0 + timedelta(seconds=1), outcome="rejected",
+                           detail="restriction_not_lifted restricted_by=adm-0 cause=restricted_again")  # fmt: skip
     read = {
         "another_actor": _phi_read(make_access, 2, actor="dr-2", at=T0 + timedelta(hours=1)),
         "another_patient": _phi_read(make_access, 2, patient="p" * 32, at=T0 + timedelta(hours=1)),
@@ -262,6 +279,47 @@ def test_what_is_not_a_lifted_then_read(history, make_access, case):
         "refused_lifting": _phi_read(make_access, 2, at=T0 + timedelta(hours=1)),
         "not_phi": _phi_read(make_access, 2, at=T0 + timedelta(hours=1), action="read_status"),
         "read_before": _phi_read(make_access, 2, at=T0 - timedelta(hours=1)),
+        "under_a_grant": _phi_read(make_access, 2, at=T0 + timedelta(hours=1), basis="grant"),
+        "under_break_glass": _phi_read(make_access, 2, at=T0 + timedelta(hours=1), basis="break_glass"),
+        "lifting_not_made": _phi_read(make_access, 2, at=T0 + timedelta(hours=1)),
     }[case]
     raised = feed(detector, history, [lifting, read])
     assert [a for a in raised if a.rule == RULE_LIFTED_THEN_READ] == []
+
+
+# ---- many_patient_keys ----------------------------------------------------------------------------
+
+
+def _key_lookup(make_access, n, *, actor="aud-1", at, patient):
+    env = make_access(n, actor=actor, action="query_patient_key", target=f"patient:{patient}", time=at,
+                      roles=["auditor"])  # fmt: skip
+    env["data"]["detail"] = "role"
+    return env
+
+
+def test_many_patient_key_lookups_alert_at_the_limit_once(history, make_access):
+    """An auditor who turns guessed patient ids into keys and queries the trail learns who is a patient:
+    lookups of many distinct patients by one actor within a day raise ``many_patient_keys``."""
+    detector = detector_with(history, patient_key_lookup_limit=3)
+    same = [_key_lookup(make_access, n, at=T0 + timedelta(minutes=n), patient="a" * 32) for n in range(5)]
+    assert [a for a in feed(detector, history, same) if a.rule == RULE_MANY_PATIENT_KEYS] == []  # one patient
+    more = [
+        _key_lookup(make_access, 10 + n, at=T0 + timedelta(hours=n), patient=chr(98 + n) * 32)
+        for n in range(3)
+    ]
+    alerts = [a for a in feed(detector, history, more) if a.rule == RULE_MANY_PATIENT_KEYS]
+    assert [(a.severity, a.subject, a.count) for a in alerts] == [("high", "aud-1", 3)]
+    later = [_key_lookup(make_access, 20, at=T0 + timedelta(hours=3), patient="z" * 32)]
+    assert [a for a in feed(detector, history, later) if a.rule == RULE_MANY_PATIENT_KEYS] == []  # not again
+
+
+def test_patient_key_lookups_outside_the_window_or_by_others_do_not_count(history, make_access):
+    detector = detector_with(
+        history, patient_key_lookup_limit=2, patient_key_lookup_window=timedelta(hours=1)
+    )
+    events = [
+        _key_lookup(make_access, 1, at=T0, patient="a" * 32),
+        _key_lookup(make_access, 2, at=T0 + timedelta(hours=2), patient="b" * 32),
+        _key_lookup(make_access, 3, actor="aud-2", at=T0 + timedelta(hours=2), patient="c" * 32),
+    ]
+    assert [a for a in feed(detector, history, events) if a.rule == RULE_MANY_PATIENT_KEYS] == []

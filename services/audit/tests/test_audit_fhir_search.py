@@ -82,6 +82,10 @@ async def test_date_takes_fhir_prefixes_and_precision(client, issuer, store: Lis
             ("patient:identifier", f"urn:enclave:patient|{KEY}"),
             ("entity:identifier", "urn:enclave:patient|q"),
         ],
+        [("type", "110112"), ("type", "110113")],  # FHIR's AND of two values: not read as the last one
+        [("type", "110113,110112")],  # FHIR's OR
+        [("agent:identifier", "urn:enclave:principal|a"), ("agent:identifier", "urn:enclave:principal|b")],
+        [("_count", "1"), ("_count", "2")],
     ],
 )
 async def test_a_search_it_cannot_apply_is_a_400_saying_what_it_takes(client, issuer, params) -> None:

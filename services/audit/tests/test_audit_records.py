@@ -123,6 +123,10 @@ _CHANGED = (codes.USER_SECURITY_ATTRIBUTES_CHANGED,)
         ("manage_restrictions", "success", codes.SECURITY_ALERT, "U", 0, _CHANGED),
         ("manage_restrictions", "rejected", codes.SECURITY_ALERT, "U", 4, _CHANGED),
         ("read_restrictions", "success", codes.APPLICATION_ACTIVITY, "R", 0, ()),
+        # A patient key looked up: no patient data read, so not the patient query's 110112.
+        ("query_patient_key", "success", codes.APPLICATION_ACTIVITY, "E", 0, ()),
+        # A subject's tokens revoked: a change of its security attributes, as a grant's revocation.
+        ("revoke_tokens", "success", codes.SECURITY_ALERT, "U", 0, _CHANGED),
         # deid's break-glass linkage read (enclave-deid-link)
         ("break_glass_linkage", "success", codes.SECURITY_ALERT, "E", 0, (codes.EMERGENCY_OVERRIDE_STARTED,)),
     ],

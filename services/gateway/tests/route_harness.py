@@ -170,6 +170,7 @@ def gateway_routes(
     *,
     max_concurrent_uploads: int = DEFAULT_MAX_CONCURRENT_UPLOADS,
     rate_limit: RateLimit | None = None,
+    patient_keys_per_hour: int | None = None,
 ) -> Harness:
     """The harness; ``rate_limit``: the per-principal limit (none by default)."""
     issuer = DevIssuer.generate(["ES256"])
@@ -213,6 +214,9 @@ def gateway_routes(
         pseudonymizer=PSEUDONYMIZER,
         public_base_url="http://gateway.test",
         metrics=GatewayMetrics(runtime.registry, uploads),
+        patient_key_limiter=RateLimiter(RateLimit(patient_keys_per_hour, patient_keys_per_hour / 3600))
+        if patient_keys_per_hour is not None
+        else None,
     )
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=PSEUDONYMIZER

@@ -93,3 +93,25 @@ async def test_a_body_that_is_not_json_is_refused_without_a_5xx(tmp_path: Path) 
     refused = await ask(harness, "auditor", None, raw=b'{"patient_id": "' + PLANTED.encode())
     assert 400 <= refused.status < 500, refused.body
     assert PLANTED not in refused.body.decode()
+
+
+async def test_lookups_past_the_hourly_limit_are_a_recorded_429(tmp_path: Path) -> None:
+    """A key, with the audit trail, tells whether someone is a patient: guessing ids is bounded per
+    principal (ENCLAVE_GATEWAY_PATIENT_KEY_LOOKUPS_PER_HOUR) and alerted by the audit service."""
+    harness = gateway_routes(tmp_path, patient_keys_per_hour=3)
+    for n in range(3):
+        assert (await ask(harness, "auditor", {"patient_id": f"{PLANTED}-{n}"})).status == 200
+    limited = await ask(harness, "auditor", {"patient_id": PLANTED})
+    assert limited.status == 429, limited.body
+    assert int(limited.header("retry-after") or 0) > 0
+    assert "3 per hour" in json.loads(limited.body)["message"]
+    event = the_event(harness, limited)
+    assert (event["outcome"], event["detail"], event["target"]) == (
+        "rejected",
+        "patient_key_lookups_limited",
+        None,
+    )
+    assert PLANTED not in limited.body.decode() + json.dumps(event)
+    # Per principal: another principal is not held back.
+    other = await ask(harness, "admin", {"patient_id": PLANTED})
+    assert other.status == 200, other.body

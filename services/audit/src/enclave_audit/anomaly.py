@@ -10,7 +10,7 @@ loses nothing, and an alert is not repeated while one for the same rule and subj
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, time, timedelta
 from typing import Final, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -29,21 +29,41 @@ RULE_BREAK_GLASS: Final = "break_glass"
 RULE_BREAK_GLASS_REFUSED: Final = "break_glass_refused"
 RULE_OFF_HOURS: Final = "access_outside_hours"
 RULE_LIFTED_THEN_READ: Final = "restriction_lifted_then_read"
+RULE_MANY_PATIENT_KEYS: Final = "many_patient_keys"
 
-#: The gateway's actions that read a patient's PHI, and the lifting of a restriction.
-PHI_READ_ACTIONS: Final = frozenset(a.value for a in Action if a.phi)
-_LIFTING: Final = (Action.MANAGE_RESTRICTIONS.value, "restriction_lifted")
+#: The gateway's reads of a patient's PHI that a role allows (``read_linkage`` is break-glass only,
+#: and deid records it as ``break_glass_linkage``).
+PHI_READ_ACTIONS: Final = frozenset({Action.READ_RESULTS_PHI.value, Action.QUERY_PATIENT.value})
+
+
+def _detail_word(record: AuditRecordDraft, action: str) -> str | None:
+    """The first word of an access record's ``detail`` when its action is ``action``."""
+    data = record.envelope.get("data") or {}
+    if record.event_type != _ACCESS_TYPE or data.get("action") != action:
+        return None
+    return str(data.get("detail") or "").split(" ", 1)[0]
 
 
 def restriction_lifted(record: AuditRecordDraft) -> bool:
-    """Whether ``record`` is a restriction's lifting that took effect (the gateway's
-    ``manage_restrictions`` answered 200 with detail ``restriction_lifted ...``)."""
-    data = record.envelope.get("data") or {}
+    """Whether ``record`` records a restriction's lifting (the gateway's ``manage_restrictions``
+    answered 200, ``restriction_lifted ...``). The gateway records a lifting before it makes it: one
+    then not made is followed by :func:`lifting_undone`."""
     return (
-        record.event_type == _ACCESS_TYPE
-        and record.outcome == EventOutcome.SUCCESS
-        and data.get("action") == _LIFTING[0]
-        and str(data.get("detail") or "").split(" ", 1)[0] == _LIFTING[1]
+        record.outcome == EventOutcome.SUCCESS
+        and _detail_word(record, Action.MANAGE_RESTRICTIONS.value) == "restriction_lifted"
+    )
+
+
+def lifting_undone(record: AuditRecordDraft) -> bool:
+    """Whether ``record`` says a lifting recorded just before was not made (``restriction_not_lifted``)."""
+    return _detail_word(record, Action.MANAGE_RESTRICTIONS.value) == "restriction_not_lifted"
+
+
+def patient_key_lookup(record: AuditRecordDraft) -> bool:
+    """Whether ``record`` is an answered ``query_patient_key`` (a patient id turned into its key)."""
+    return (
+        record.outcome == EventOutcome.SUCCESS
+        and _detail_word(record, Action.QUERY_PATIENT_KEY.value) is not None
     )
 
 
@@ -72,6 +92,10 @@ class AnomalyThresholds(BaseModel):
     #: How long after lifting a patient's restriction a PHI read of that patient by the same actor
     #: raises ``restriction_lifted_then_read``.
     restriction_lift_window: timedelta = timedelta(hours=24)
+    #: Distinct patient keys one actor may look up (``query_patient_key``) within the window before
+    #: ``many_patient_keys``: guessing patient ids and querying the trail would tell who is a patient.
+    patient_key_lookup_limit: int = Field(default=20, ge=1)
+    patient_key_lookup_window: timedelta = timedelta(hours=24)
 
     @field_validator("timezone")
     @classmethod
@@ -98,6 +122,7 @@ class AnomalyThresholds(BaseModel):
             "auth_failure_window",
             "off_hours_realert_after",
             "restriction_lift_window",
+            "patient_key_lookup_window",
         ):
             if getattr(self, name) <= timedelta(0):
                 raise ValueError(f"{name} must be a positive duration")
@@ -148,7 +173,14 @@ class AuditHistory(Protocol):
         ...
 
     def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
-        """Event time of the latest restriction on ``patient_key`` that ``actor`` lifted, if any."""
+        """Event time of the latest restriction on ``patient_key`` that ``actor`` lifted and that was not
+        undone after (:func:`lifting_undone`), if any."""
+        ...
+
+    def count_patient_key_lookups(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        """Distinct patient keys ``actor`` looked up (:func:`patient_key_lookup`) in the window."""
         ...
 
 
@@ -180,14 +212,35 @@ class AnomalyDetector:
             alerts.extend(self._many_studies(record))
             alerts.extend(self._off_hours(record))
             alerts.extend(self._lifted_then_read(record))
+            alerts.extend(self._many_patient_keys(record))
         return alerts
+
+    def _many_patient_keys(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
+        t = self.thresholds
+        if not patient_key_lookup(record):
+            return
+        since = record.event_time - t.patient_key_lookup_window
+        count = self.history.count_patient_key_lookups(
+            actor=record.actor, tenant=record.tenant, since=since, until=record.event_time
+        )
+        if count >= t.patient_key_lookup_limit and self._not_recent(
+            RULE_MANY_PATIENT_KEYS, record.actor, since
+        ):
+            yield self._alert(
+                record, RULE_MANY_PATIENT_KEYS, "high", record.actor, count, t.patient_key_lookup_limit,
+                t.patient_key_lookup_window,
+            )  # fmt: skip
 
     def _lifted_then_read(self, record: AuditRecordDraft) -> Iterable[AlertDraft]:
         """A PHI read of a patient by the actor that lifted its restriction within the window: the
         gateway refuses a lifting to a token that also holds a held-back role (separation of duties),
         but one person holding two tokens with the same subject would pass that check."""
         data = record.envelope.get("data") or {}
-        if record.outcome != EventOutcome.SUCCESS or data.get("action") not in PHI_READ_ACTIONS:
+        if (
+            record.outcome != EventOutcome.SUCCESS
+            or data.get("action") not in PHI_READ_ACTIONS
+            or data.get("detail") != "role"  # a grant applies restricted or not; break-glass alerts anyway
+        ):
             return
         window = self.thresholds.restriction_lift_window
         for key in record.object_ids(ObjectKind.PATIENT):
@@ -287,6 +340,7 @@ class AnomalyDetector:
             RULE_AUTH_FAILURES: f"{count} failed authentications within {window}",
             RULE_OFF_HOURS: f"access outside business hours ({self.thresholds.timezone})",
             RULE_LIFTED_THEN_READ: "PHI read by the actor that lifted the patient's restriction",
+            RULE_MANY_PATIENT_KEYS: f"{count} distinct patient keys looked up within {window}",
         }[rule]
         return AlertDraft(
             rule=rule,
@@ -353,12 +407,33 @@ class InMemoryAuditHistory:
         return max(times) if times else None
 
     def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
-        times = [
-            r.event_time
-            for r in self.records
-            if r.actor == actor
-            and r.tenant == tenant
-            and restriction_lifted(r)
-            and patient_key in r.object_ids(ObjectKind.PATIENT)
-        ]
-        return max(times) if times else None
+        def times(of: Callable[[AuditRecordDraft], bool]) -> list[datetime]:
+            return [
+                r.event_time
+                for r in self.records
+                if r.actor == actor
+                and r.tenant == tenant
+                and of(r)
+                and patient_key in r.object_ids(ObjectKind.PATIENT)
+            ]
+
+        lifted, undone = (
+            max(times(restriction_lifted), default=None),
+            max(times(lifting_undone), default=None),
+        )
+        return lifted if lifted is not None and (undone is None or undone < lifted) else None
+
+    def count_patient_key_lookups(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        return len(
+            {
+                key
+                for r in self.records
+                if r.actor == actor
+                and r.tenant == tenant
+                and patient_key_lookup(r)
+                and since <= r.event_time <= until
+                for key in r.object_ids(ObjectKind.PATIENT)
+            }
+        )

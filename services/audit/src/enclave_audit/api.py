@@ -42,7 +42,7 @@ from jwt import PyJWK
 from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
 from enclave_audit.fhir import FHIR_ID_PATTERN, FHIR_JSON, fhir_id, to_fhir_audit_event, to_fhir_bundle
-from enclave_audit.fhir_search import SearchError, search_filters
+from enclave_audit.fhir_search import SearchError, check_values, search_filters
 from enclave_audit.handlers import AuditMetrics
 from enclave_audit.records import AuditRecord
 from enclave_audit.signing import Ed25519Signer, ed25519_key_id
@@ -488,6 +488,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         ] = None,
     ) -> JSONResponse:
         try:
+            check_values(request.query_params.multi_items())
             filters = search_filters(
                 date=date,
                 type_=type_,

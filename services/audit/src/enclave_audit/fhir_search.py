@@ -123,6 +123,36 @@ def identifier(value: str, name: str, systems: tuple[str, ...]) -> tuple[str, st
     return system, found
 
 
+#: Parameters that take one value: a repeat would be FHIR's AND of two values, which FastAPI would
+#: silently read as the last one (an answer wider than asked).
+SINGLE: Final = (
+    "type",
+    "subtype",
+    "action",
+    "outcome",
+    "agent:identifier",
+    "patient:identifier",
+    "entity:identifier",
+    "_count",
+    "_sort",
+    "cursor",
+)
+
+
+def check_values(pairs: list[tuple[str, str]]) -> None:
+    """Refuse what the filters cannot mean: a one-value parameter given twice, and a comma (FHIR's OR
+    of values, not supported) in a parameter other than ``date``."""
+    names = [name for name, _ in pairs]
+    for name in SINGLE:
+        if names.count(name) > 1:
+            raise SearchError(f"give {name} once: several values of one parameter are not supported")
+    for name, value in pairs:
+        if name in SINGLE and "," in value:
+            raise SearchError(
+                f"{name} takes one value: a comma (FHIR's 'or') is not supported, search once per value"
+            )
+
+
 def search_filters(
     *,
     date: list[str] | None = None,

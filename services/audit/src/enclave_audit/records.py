@@ -289,7 +289,10 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
     def has(*words: str) -> bool:
         return bool(action_words.intersection(words))
 
-    if outcome_word == "unauthenticated" or has("login", "authenticate", "authentication", "token"):
+    if outcome_word == "unauthenticated" or (
+        # revoke_tokens is an admin ending a subject's tokens: a change of access (below), not a login
+        has("login", "authenticate", "authentication", "token") and not has("revoke")
+    ):
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGIN,)
     elif has("logout"):
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGOUT,)
@@ -306,6 +309,10 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
         code, action, types = codes.AUDIT_LOG_USED, EventAction.READ, ()
     elif has("export", "download"):
         code, action, types = codes.EXPORT, EventAction.READ, ()
+    elif has("patient") and has("key"):
+        # A patient id turned into its key (the gateway's query_patient_key, for an accounting of
+        # disclosures): no PHI is read, so it is not coded as a query of patient data (110112).
+        code, action, types = codes.APPLICATION_ACTIVITY, EventAction.EXECUTE, ()
     elif has("query", "search", "list", "qido"):
         code, action, types = codes.QUERY, EventAction.EXECUTE, ()
     elif has("grant", "restriction") and has("read"):

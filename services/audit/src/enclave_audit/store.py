@@ -28,18 +28,16 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 import pymongo
-from enclave_common import topics
 from enclave_common.envelope import canonical_request_id
 from enclave_common.errors import TransientError
 from pydantic import TypeAdapter
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError, ExecutionTimeout
 
-from enclave_audit import codes
 from enclave_audit.anomaly import AlertDraft
 from enclave_audit.chain import GENESIS, ChainHead, chain_record
 from enclave_audit.checkpoints import Checkpoint
-from enclave_audit.codes import EventOutcome, ObjectKind
+from enclave_audit.codes import ObjectKind
 from enclave_audit.records import AuditRecord, AuditRecordDraft, UtcMillis
 
 RECORDS: Final = "records"
@@ -47,7 +45,6 @@ CHECKPOINTS: Final = "checkpoints"
 ALERTS: Final = "alerts"
 _TIME_FIELDS: Final = ("event_time", "recorded_at")
 _TIME_JSON: Final = TypeAdapter(UtcMillis)
-_ACCESS_TYPE: Final = topics.event_type(topics.ACCESS_RECORDED)
 #: Appends that lose the race for a sequence to another writer before giving up (transient).
 MAX_SEQUENCE_CONFLICTS: Final = 50
 READ_BATCH: Final = 1000
@@ -414,84 +411,6 @@ def _checkpoint_entry(document: Mapping[str, Any]) -> CheckpointEntry:
         version_id=document.get("version_id"),
         raw=raw,
     )
-
-
-class MongoAuditHistory:
-    """:class:`enclave_audit.anomaly.AuditHistory` over the records (sync pymongo: run it in a thread).
-
-    Each question is one indexed find (``actor_type_time`` / ``code_time``); distinct studies and
-    address matching are finished in Python over the few documents of one window.
-    """
-
-    def __init__(self, database: Any) -> None:
-        self.records = database[RECORDS]
-        self.alerts = database[ALERTS]
-
-    def count_distinct_studies(
-        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
-    ) -> int:
-        cursor = self.records.find(
-            {
-                "actor": actor,
-                "event_type": _ACCESS_TYPE,
-                "event_time": {"$gte": since, "$lte": until},
-                "tenant": tenant,
-                "outcome": int(EventOutcome.SUCCESS),
-            },
-            projection={"objects": 1},
-        )
-        return len(
-            {
-                o.get("object_id")
-                for d in cursor
-                for o in d.get("objects") or ()
-                if o.get("kind") == ObjectKind.STUDY.value
-            }
-        )
-
-    def count_authentication_failures(
-        self, *, actor: str | None, source_address: str | None, since: datetime, until: datetime
-    ) -> int:
-        query: dict[str, Any] = {
-            "event_code.code": codes.USER_AUTHENTICATION.code,
-            "event_time": {"$gte": since, "$lte": until},
-            "outcome": {"$ne": int(EventOutcome.SUCCESS)},
-        }
-        if source_address is None:
-            query["actor"] = actor
-            return int(self.records.count_documents(query))
-        cursor = self.records.find(query, projection={"participants": 1})
-        return sum(1 for d in cursor if _first_address(d) == source_address)
-
-    def last_alert_time(self, *, rule: str, subject: str) -> datetime | None:
-        document = self.alerts.find_one({"rule": rule, "subject": subject}, sort=[("at", DESCENDING)])
-        return None if document is None else document["at"]
-
-    def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
-        cursor = self.records.find(
-            {
-                "actor": actor,
-                "event_type": _ACCESS_TYPE,
-                "tenant": tenant,
-                "outcome": int(EventOutcome.SUCCESS),
-                "envelope.data.action": "manage_restrictions",
-                "objects.object_id": patient_key,
-            },
-            projection={"event_time": 1, "envelope.data.detail": 1},
-        )
-        times = [
-            d["event_time"]
-            for d in cursor
-            if str(((d.get("envelope") or {}).get("data") or {}).get("detail") or "").startswith(
-                "restriction_lifted "
-            )
-        ]
-        return max(times) if times else None
-
-
-def _first_address(document: Mapping[str, Any]) -> str | None:
-    participants = document.get("participants") or ()
-    return participants[0].get("network_address") if participants else None
 
 
 class SyncRecordReader:

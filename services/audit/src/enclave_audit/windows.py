@@ -7,7 +7,10 @@ pushdown (FerretDB v1 scans for any filter but ``_id``), i.e. quadratic in the t
 stored record is *observed* once into minute buckets (``$addToSet`` of study keys or event ids, so a
 repeated observation changes nothing) and each question reads at most window/1 min buckets by ``_id``.
 The state is in the database, so a restart loses no window. Windows are rounded out to whole
-minutes (a bucket is counted if it overlaps the window). Written by hand: no library does this.
+minutes (a bucket is counted if it overlaps the window). The patient keys an actor looked up are kept
+in hour buckets (their window is a day), and the latest restriction lifting per actor and patient
+(and the latest one recorded but not made) in one document each, by ``$max``. Written by hand: no
+library does this.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from pymongo import DESCENDING
 
-from enclave_audit.anomaly import restriction_lifted
+from enclave_audit.anomaly import lifting_undone, patient_key_lookup, restriction_lifted
 from enclave_audit.codes import USER_AUTHENTICATION, EventOutcome, ObjectKind
 from enclave_audit.records import AuditRecordDraft
 
@@ -35,6 +38,20 @@ def _minutes(since: datetime, until: datetime) -> list[str]:
     while start <= until:
         out.append(_minute(start))
         start += timedelta(minutes=1)
+    return out
+
+
+def _hour(moment: datetime) -> str:
+    return moment.strftime("%Y%m%d%H")
+
+
+def _hours(since: datetime, until: datetime) -> list[str]:
+    """The hour buckets of a window counted in hours (the patient-key lookups' 24 h: 25 reads)."""
+    start = since.replace(minute=0, second=0, microsecond=0)
+    out = []
+    while start <= until:
+        out.append(_hour(start))
+        start += timedelta(hours=1)
     return out
 
 
@@ -56,12 +73,22 @@ class BucketedAuditHistory:
                     {"$addToSet": {"items": {"$each": studies}}},
                     upsert=True,
                 )
-        if restriction_lifted(record):
-            # Not a minute bucket: the latest lifting per actor and patient, kept as long as the trail.
+        lifted, undone = restriction_lifted(record), lifting_undone(record)
+        if lifted or undone:
+            # Not a minute bucket: the latest lifting per actor and patient, and the latest lifting
+            # recorded but then not made, one small document each, kept as long as the trail.
             for key in record.object_ids(ObjectKind.PATIENT):
                 self.windows.update_one(
                     {"_id": f"lifted|{record.tenant}|{record.actor}|{key}"},
-                    {"$max": {"at": record.event_time}},
+                    {"$max": {"at" if lifted else "undone": record.event_time}},
+                    upsert=True,
+                )
+        if patient_key_lookup(record):
+            keys = list(record.object_ids(ObjectKind.PATIENT))
+            if keys:
+                self.windows.update_one(
+                    {"_id": f"patientkeys|{record.tenant}|{record.actor}|{_hour(record.event_time)}"},
+                    {"$addToSet": {"items": {"$each": keys}}},
                     upsert=True,
                 )
         if record.event_code == USER_AUTHENTICATION and record.outcome != EventOutcome.SUCCESS:
@@ -72,10 +99,10 @@ class BucketedAuditHistory:
             for key in keys:
                 self.windows.update_one({"_id": key}, {"$addToSet": {"items": event_key}}, upsert=True)
 
-    def _union(self, prefix: str, since: datetime, until: datetime) -> set[str]:
+    def _union(self, prefix: str, since: datetime, until: datetime, *, hours: bool = False) -> set[str]:
         items: set[str] = set()
-        for minute in _minutes(since, until):
-            document = self.windows.find_one({"_id": f"{prefix}|{minute}"})
+        for bucket in (_hours if hours else _minutes)(since, until):
+            document = self.windows.find_one({"_id": f"{prefix}|{bucket}"})
             if document is not None:
                 items.update(document.get("items") or ())
         return items
@@ -98,5 +125,11 @@ class BucketedAuditHistory:
         return None if document is None else document["at"]
 
     def last_restriction_lift(self, *, actor: str, tenant: str | None, patient_key: str) -> datetime | None:
-        document = self.windows.find_one({"_id": f"lifted|{tenant}|{actor}|{patient_key}"})
-        return None if document is None else document["at"]
+        document = self.windows.find_one({"_id": f"lifted|{tenant}|{actor}|{patient_key}"}) or {}
+        lifted, undone = document.get("at"), document.get("undone")
+        return lifted if lifted is not None and (undone is None or undone < lifted) else None
+
+    def count_patient_key_lookups(
+        self, *, actor: str, tenant: str | None, since: datetime, until: datetime
+    ) -> int:
+        return len(self._union(f"patientkeys|{tenant}|{actor}", since, until, hours=True))

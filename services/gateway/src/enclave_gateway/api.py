@@ -9,7 +9,7 @@ from functools import partial
 from typing import Annotated, Any
 
 import structlog
-from enclave_common.auth import Action, Principal, Resource
+from enclave_common.auth import Action, Principal, RateLimiter, Resource
 from enclave_common.auth.fastapi import AccessGuard, Authorized
 from enclave_common.crypto import Pseudonymizer
 from enclave_common.errors import TransientError
@@ -76,6 +76,7 @@ def build_router(
     pseudonymizer: Pseudonymizer,
     public_base_url: str,
     metrics: GatewayMetrics,
+    patient_key_limiter: RateLimiter | None = None,
 ) -> APIRouter:
     router = APIRouter()
 
@@ -508,8 +509,32 @@ def build_router(
         request: Request,
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.QUERY_PATIENT_KEY)),
     ) -> JSONResponse:
-        # The id comes in the body, not the URL: URLs reach proxies' logs. The answer says nothing of
-        # whether the patient has records: a key is answered for any id.
+        # The id comes in the body, not the URL: URLs reach proxies' logs. A key is answered for any
+        # id; with the audit trail, though, a key tells whether someone is a patient, so lookups are
+        # limited per principal (and the audit service alerts on many: many_patient_keys).
+        if (
+            patient_key_limiter is not None
+            and not (verdict := patient_key_limiter.acquire(principal.rate_limit_key)).allowed
+        ):
+            await recorder.record(
+                request,
+                principal=principal,
+                action=str(Action.QUERY_PATIENT_KEY),
+                outcome="rejected",
+                status=429,
+                detail="patient_key_lookups_limited",
+            )
+            return JSONResponse(
+                {
+                    "status": 429,
+                    "error": "rate_limited",
+                    "message": "too many patient keys looked up; the limit is "
+                    f"{patient_key_limiter.limit.burst} per hour per principal: retry after "
+                    f"{verdict.retry_after_seconds}s",
+                },
+                status_code=429,
+                headers={"Retry-After": str(verdict.retry_after_seconds)},
+            )
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)
         authorized = await guard.check_resource(
             request, principal, Action.QUERY_PATIENT_KEY, Resource(tenant=principal.tenant, patient_key=key)

@@ -100,6 +100,10 @@ class GatewaySettings(BaseServiceSettings):
     #: Seconds between reads of the token revocations (POST /api/v1/token-revocations): the longest a
     #: revoked token is still accepted by a replica other than the one that stored the revocation.
     token_revocation_refresh_s: float = Field(default=5.0, ge=0.5, le=300)
+    #: Patient keys one principal may look up per hour (POST /api/v1/patient-keys; 429 past it): a
+    #: privacy office answers a few accountings a day, and a key, with the audit trail, tells whether
+    #: someone is a patient.
+    patient_key_lookups_per_hour: int = Field(default=60, ge=1, le=10_000)
 
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

@@ -184,6 +184,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         pseudonymizer=pseudonymizer,
         public_base_url=settings.public_base_url,
         metrics=GatewayMetrics(runtime.registry, uploads),
+        patient_key_limiter=RateLimiter(
+            RateLimit(
+                burst=settings.patient_key_lookups_per_hour,
+                per_second=settings.patient_key_lookups_per_hour / 3600,
+            )
+        ),
     )
     grants_router = build_grants_router(
         guard=guard, grants=grants, recorder=recorder, pseudonymizer=pseudonymizer

@@ -21,9 +21,9 @@ class Role(StrEnum):
     RESEARCHER = "researcher"
     """Reads de-identified results only."""
     AUDITOR = "auditor"
-    """Audit API only; no PHI."""
+    """The audit API, and at the gateway only a patient id's key (to query the trail); no PHI."""
     ADMIN = "admin"
-    """Keys and grants; no PHI, and no grant can give an admin PHI."""
+    """Keys, grants, patient restrictions, token revocations; no PHI, and no grant can give an admin PHI."""
     CAREGIVER = "caregiver"
     """Nothing by default: reads one patient's results only while an admin's grant is active."""
 
