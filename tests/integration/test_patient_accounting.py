@@ -111,7 +111,7 @@ async def test_many_patient_keys_looked_up_by_one_auditor_raise_an_alert(mongo) 
     ]
     [alert] = [a for a in alerts if a["envelope"]["data"]["rule"] == "many_patient_keys"]
     assert (alert["envelope"]["data"]["subject"], alert["envelope"]["data"]["severity"]) == (
-        "it-pk-auditor",
+        f"it-pk-auditor tenant:{tenant}",
         "high",
     )
     assert "MRN-" not in str(alerts)

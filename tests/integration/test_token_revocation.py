@@ -46,14 +46,19 @@ async def test_a_revoked_subjects_tokens_are_refused_and_a_new_one_works(mongo) 
             assert refused.status_code == 401, refused.text
             assert refused.json()["detail"]["code"] == "revoked"
             before = datetime.fromisoformat(revoked.json()["revoked_before"])
-            fresh = bearer("it-tr-pacs", tenant, "uploader", now=before + timedelta(seconds=1))
+            # Issued within the 30 s of clock skew the gateway tolerates: refused too. Past it: works
+            # (an iat up to 30 s ahead is accepted, so the clock need not be waited for 31 s).
+            skewed = bearer("it-tr-pacs", tenant, "uploader", now=before + timedelta(seconds=10))
+            assert (await _upload(client, skewed)).status_code == 401
+            await asyncio.sleep(2)
+            fresh = bearer("it-tr-pacs", tenant, "uploader", now=before + timedelta(seconds=31))
             assert (await _upload(client, fresh)).status_code == 200
         events = await watch.read(lambda e: e.tenant == tenant)
     access = [e.data for e in events]
     assert [a["detail"].split(" ")[0] for a in access if a["action"] == "revoke_tokens"] == ["tokens_revoked"]
     assert [(a["actor"], a["outcome"], a["status_code"]) for a in access if a.get("detail") == "revoked"] == [
         ("it-tr-pacs", "unauthenticated", 401)
-    ]
+    ] * 2
     assert REASON not in str(access)
 
     # Stored by another replica: this gateway refuses the subject's tokens after its next read.

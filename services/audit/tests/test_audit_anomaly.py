@@ -308,7 +308,7 @@ def test_many_patient_key_lookups_alert_at_the_limit_once(history, make_access):
         for n in range(3)
     ]
     alerts = [a for a in feed(detector, history, more) if a.rule == RULE_MANY_PATIENT_KEYS]
-    assert [(a.severity, a.subject, a.count) for a in alerts] == [("high", "aud-1", 3)]
+    assert [(a.severity, a.subject, a.count) for a in alerts] == [("high", "aud-1 tenant:hospital-a", 3)]
     later = [_key_lookup(make_access, 20, at=T0 + timedelta(hours=3), patient="z" * 32)]
     assert [a for a in feed(detector, history, later) if a.rule == RULE_MANY_PATIENT_KEYS] == []  # not again
 

@@ -104,7 +104,7 @@ async def test_lookups_past_the_hourly_limit_are_a_recorded_429(tmp_path: Path) 
     limited = await ask(harness, "auditor", {"patient_id": PLANTED})
     assert limited.status == 429, limited.body
     assert int(limited.header("retry-after") or 0) > 0
-    assert "3 per hour" in json.loads(limited.body)["message"]
+    assert "at most 3 at once, then 3 per hour" in json.loads(limited.body)["message"]
     event = the_event(harness, limited)
     assert (event["outcome"], event["detail"], event["target"]) == (
         "rejected",

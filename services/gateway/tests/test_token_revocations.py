@@ -75,11 +75,18 @@ async def test_a_revoked_subjects_tokens_are_refused_and_a_new_one_works(tmp_pat
     event = the_event(harness, refused)
     assert (event["outcome"], event["detail"], event["actor"]) == ("unauthenticated", "revoked", "pacs-7")
 
-    # A token issued after the revocation (the next whole second) works; so do other subjects', and
-    # the same subject's in another tenant (a subject is revoked in the admin's tenant only).
+    # A token issued within the verifier's leeway after the revocation is refused too (a provider whose
+    # clock runs ahead); one issued past it works (the revocation is moved back here: the verifier
+    # refuses an iat more than its leeway ahead); so do other subjects', and the same subject's in
+    # another tenant (a subject is revoked in the admin's tenant only).
     revoked_before = datetime.fromisoformat(body["revoked_before"])
+    skewed = harness.token(
+        "hospital-a", "uploader", subject="pacs-7", now=revoked_before + timedelta(seconds=20)
+    )
+    assert (await status_read(harness, skewed)).status == 401
+    harness.revoked_tokens._before[("hospital-a", "pacs-7")] = revoked_before - timedelta(minutes=1)
     after = harness.token(
-        "hospital-a", "uploader", subject="pacs-7", now=revoked_before + timedelta(seconds=1)
+        "hospital-a", "uploader", subject="pacs-7", now=revoked_before - timedelta(seconds=20)
     )
     assert (await status_read(harness, after)).status == 200
     other = harness.token(
@@ -97,7 +104,7 @@ async def test_only_an_admin_revokes(tmp_path: Path, role: str) -> None:
     harness = gateway_routes(tmp_path)
     refused = await revoke(harness, "pacs-7", role=role)
     assert refused.status == 403, refused.body
-    assert await harness.token_revocations.all() == []
+    assert await harness.token_revocations.since(datetime.min.replace(tzinfo=UTC)) == []
 
 
 @pytest.mark.parametrize(
@@ -105,7 +112,10 @@ async def test_only_an_admin_revokes(tmp_path: Path, role: str) -> None:
     [
         ({"subject": "pacs-7", "justification": "short"}, "invalid_revocation"),
         ({"subject": "", "justification": REASON}, "invalid_request"),
-        ({"subject": "x" * 257, "justification": REASON}, "invalid_request"),
+        ({"subject": "x" * 256, "justification": REASON}, "invalid_request"),
+        ({"subject": "pacs-7 ", "justification": REASON}, "invalid_request"),  # would revoke nobody
+        ({"subject": "x revoked_before=2099-01-01\nINJECT", "justification": REASON}, "invalid_request"),
+        ({"subject": "dr\u00e9", "justification": REASON}, "invalid_request"),
         ({"subject": "pacs-7", "justification": REASON, "tenant": "hospital-b"}, "invalid_request"),
     ],
 )
@@ -122,7 +132,7 @@ async def test_a_refused_revocation_stores_nothing_and_says_why(
     refused = await asgi_request(harness.app, "POST", b"/api/v1/token-revocations", headers, [data])
     assert refused.status == 422, refused.body
     assert json.loads(refused.body)["error"] == error
-    assert await harness.token_revocations.all() == []
+    assert await harness.token_revocations.since(datetime.min.replace(tzinfo=UTC)) == []
     assert the_event(harness, refused)["outcome"] == "rejected"
 
 
@@ -132,7 +142,7 @@ async def test_a_revocation_kafka_does_not_record_is_not_made(tmp_path: Path) ->
     answer = await revoke(harness, "pacs-7")
     assert answer.status == 503, answer.body
     assert "no token was revoked" in json.loads(answer.body)["message"]
-    assert await harness.token_revocations.all() == []
+    assert await harness.token_revocations.since(datetime.min.replace(tzinfo=UTC)) == []
     [second] = events_of(harness, answer)  # the refused first event is not among those sent
     assert second["detail"].startswith("tokens_not_revoked subject=pacs-7 ")
     assert second["detail"].endswith("cause=access_unrecorded")
@@ -164,13 +174,50 @@ async def test_another_replicas_revocation_applies_at_the_next_refresh() -> None
 
     await store.revoke(TokenRevocation("hospital-a", "dr-1", at, "root", REASON))
     assert held.revoked_before(principal(at - timedelta(hours=1))) is None  # not read yet
+    assert held.age_seconds(at) == float("inf")
     await held.refresh(at)
+    assert held.age_seconds(at + timedelta(seconds=7)) == 7
     assert held.revoked_before(principal(at - timedelta(hours=1))) == at
     assert held.revoked_before(principal(at.replace(microsecond=0))) == at  # iat counts whole seconds
     assert held.revoked_before(principal(None)) == at  # no iat: cannot be told apart, refused
-    assert held.revoked_before(principal(at + timedelta(seconds=1))) is None
+    assert held.revoked_before(principal(at + timedelta(seconds=30))) == at  # within the clock skew
+    assert held.revoked_before(principal(at + timedelta(seconds=31))) is None
     assert held.revoked_before(principal(at - timedelta(hours=1), subject="dr-2")) is None
     # An older revocation read later does not move the instant back.
-    await store.revoke(TokenRevocation("hospital-a", "dr-1", at - timedelta(days=1), "root", REASON))
+    await store.revoke(TokenRevocation("hospital-a", "dr-1", at - timedelta(hours=1), "root", REASON))
     await held.refresh(at)
     assert held.revoked_before(principal(at - timedelta(minutes=1))) == at
+    # Past the retention (every token it could refuse has expired) it lapses, here and in the store's read.
+    await held.refresh(at + timedelta(hours=24, seconds=1))
+    assert held.revoked_before(principal(at - timedelta(minutes=1))) is None
+
+
+async def test_the_refresh_loop_outlives_a_store_that_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that fails keeps what is held and the loop goes on; the age metric says how stale."""
+    import asyncio
+
+    from enclave_gateway.main import refresh_revoked_tokens
+
+    store = InMemoryTokenRevocationStore()
+    held = RevokedTokens(store)
+    calls = {"n": 0}
+    since = store.since
+
+    async def flaky(cutoff: datetime) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ServerSelectionTimeoutError("no primary")
+        return await since(cutoff)
+
+    monkeypatch.setattr(store, "since", flaky)
+    await store.revoke(TokenRevocation("hospital-a", "dr-1", datetime.now(UTC), "root", REASON))
+    task = asyncio.create_task(refresh_revoked_tokens(held, 0.01))
+    try:
+        for _ in range(300):
+            if held.refreshed_at is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()  # the failures did not end it
+    finally:
+        task.cancel()
+    assert calls["n"] >= 3 and held.refreshed_at is not None

@@ -223,11 +223,12 @@ class AnomalyDetector:
         count = self.history.count_patient_key_lookups(
             actor=record.actor, tenant=record.tenant, since=since, until=record.event_time
         )
-        if count >= t.patient_key_lookup_limit and self._not_recent(
-            RULE_MANY_PATIENT_KEYS, record.actor, since
-        ):
+        # Per tenant: one subject name may exist in two tenants (each its own identity provider), and an
+        # alert in one must not hold back the other's.
+        subject = f"{record.actor} tenant:{record.tenant}"
+        if count >= t.patient_key_lookup_limit and self._not_recent(RULE_MANY_PATIENT_KEYS, subject, since):
             yield self._alert(
-                record, RULE_MANY_PATIENT_KEYS, "high", record.actor, count, t.patient_key_lookup_limit,
+                record, RULE_MANY_PATIENT_KEYS, "high", subject, count, t.patient_key_lookup_limit,
                 t.patient_key_lookup_window,
             )  # fmt: skip
 

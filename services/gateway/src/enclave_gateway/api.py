@@ -528,9 +528,9 @@ def build_router(
                 {
                     "status": 429,
                     "error": "rate_limited",
-                    "message": "too many patient keys looked up; the limit is "
-                    f"{patient_key_limiter.limit.burst} per hour per principal: retry after "
-                    f"{verdict.retry_after_seconds}s",
+                    "message": "too many patient keys looked up: at most "
+                    f"{patient_key_limiter.limit.burst} at once, then {patient_key_limiter.limit.burst} per "
+                    f"hour, per principal; retry after {verdict.retry_after_seconds}s",
                 },
                 status_code=429,
                 headers={"Retry-After": str(verdict.retry_after_seconds)},

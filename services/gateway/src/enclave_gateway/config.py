@@ -100,6 +100,9 @@ class GatewaySettings(BaseServiceSettings):
     #: Seconds between reads of the token revocations (POST /api/v1/token-revocations): the longest a
     #: revoked token is still accepted by a replica other than the one that stored the revocation.
     token_revocation_refresh_s: float = Field(default=5.0, ge=0.5, le=300)
+    #: Seconds a token revocation is kept: at least the longest lifetime of the access tokens the
+    #: identity provider issues (every token it could refuse has expired by then).
+    token_revocation_retention_s: float = Field(default=86_400.0, ge=60, le=30 * 86_400)
     #: Patient keys one principal may look up per hour (POST /api/v1/patient-keys; 429 past it): a
     #: privacy office answers a few accountings a day, and a key, with the audit trail, tells whether
     #: someone is a patient.

@@ -7,7 +7,7 @@ keys; no key that can decrypt stored data and no object-store credentials.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -25,6 +25,7 @@ from enclave_common.kafka import DirectPublisher
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 from enclave_common.service import ServiceRuntime, load_settings, local_disk_check, run_service
 from fastapi import FastAPI
+from prometheus_client import Gauge
 
 from enclave_gateway.access import AccessRecorder, RequestIdHeader
 from enclave_gateway.api import build_router
@@ -85,16 +86,28 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # Their lookups are part of a request's decision: bounded like the read model's reads.
     grants = MongoGrantStore(runtime.db, read_timeout_s=settings.read_timeout_s)
     restrictions = MongoRestrictionStore(runtime.db, read_timeout_s=settings.read_timeout_s)
+    verifier = build_verifier(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        jwks_url=settings.oidc_jwks_url,
+        jwks_file=settings.oidc_jwks_file,
+        environment=settings.environment,
+    )
     token_revocations = MongoTokenRevocationStore(runtime.db, read_timeout_s=settings.read_timeout_s)
-    revoked_tokens = RevokedTokens(token_revocations)
+    revoked_tokens = RevokedTokens(
+        token_revocations,
+        # An identity provider whose clock is ahead stamps a token issued before a revocation with a
+        # later iat: as much as the verifier accepts in the future.
+        skew=timedelta(seconds=verifier.rules.leeway_seconds),
+        retention=timedelta(seconds=settings.token_revocation_retention_s),
+    )
+    Gauge(
+        "enclave_gateway_token_revocations_age_seconds",
+        "Seconds since this replica last read the token revocations (other replicas' revocations it may miss)",
+        registry=runtime.registry,
+    ).set_function(lambda: revoked_tokens.age_seconds(datetime.now(UTC)))
     guard = AccessGuard(
-        build_verifier(
-            issuer=settings.oidc_issuer,
-            audience=settings.oidc_audience,
-            jwks_url=settings.oidc_jwks_url,
-            jwks_file=settings.oidc_jwks_file,
-            environment=settings.environment,
-        ),
+        verifier,
         grants=grants,
         restrictions=restrictions,
         revoked_tokens=revoked_tokens,

@@ -49,7 +49,9 @@ class TokenRevocationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     subject: str = Field(
-        min_length=1, max_length=256, description="the token subject (`sub`) whose tokens are revoked"
+        pattern=r"^[\x21-\x7e]{1,255}$",
+        description="the token subject (`sub`) whose tokens are revoked: 1 to 255 printable ASCII characters "
+        "without spaces, as OIDC subjects are",
     )
     justification: str = Field(description="10 to 500 characters: why (an incident number), never a patient")
 

@@ -1,11 +1,13 @@
 """Token revocation: an admin ends every token a subject of its tenant holds now, before they expire.
 
-A revocation names a subject and an instant: tokens issued (``iat``) at or before it are refused with
-401 ``revoked``; tokens issued after it are accepted, so the person signs in again and goes on, unless
-the identity provider no longer lets it (a stolen token, an employee who left: disable the account
-there, then revoke here). ``iat`` counts whole seconds, so a token issued in the same second as the
-revocation is refused too. A token without ``iat`` cannot be told apart and is refused once its
-subject has a revocation.
+A revocation names a subject and an instant: tokens issued (``iat``) at or before it, or up to the
+clock skew the verifier tolerates after it (its leeway, 30 s: an identity provider whose clock runs
+ahead stamps a token issued before the revocation with a later ``iat``), are refused with 401
+``revoked``; tokens issued later are accepted, so the person signs in again and goes on, unless the
+identity provider no longer lets it (a stolen token, an employee who left: disable the account there,
+then revoke here). A token without ``iat`` cannot be told apart and is refused once its subject has a
+revocation. A revocation lapses after the retention (``retention``, at least the longest lifetime of
+the tokens the identity provider issues): every token it could refuse has expired by then.
 
 The access guard checks every request against :class:`RevokedTokens`, an in-memory map refreshed from
 the :class:`TokenRevocationStore` (the replica that stores a revocation applies it at once; the others
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from enclave_common.auth.roles import Principal
@@ -42,8 +44,9 @@ class TokenRevocationStore(Protocol):
         """Store ``revocation``; a subject revoked already keeps the later of the two instants."""
         ...
 
-    async def all(self) -> Sequence[TokenRevocation]:
-        """Every subject's revocation, of every tenant (what :class:`RevokedTokens` holds)."""
+    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
+        """Every subject's revocation after ``cutoff``, of every tenant (what :class:`RevokedTokens`
+        holds; older ones have lapsed)."""
         ...
 
 
@@ -59,8 +62,8 @@ class InMemoryTokenRevocationStore:
         if held is None or held.revoked_before < revocation.revoked_before:
             self._revocations[key] = revocation
 
-    async def all(self) -> Sequence[TokenRevocation]:
-        return list(self._revocations.values())
+    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
+        return [r for r in self._revocations.values() if r.revoked_before > cutoff]
 
 
 class RevokedTokens:
@@ -68,8 +71,16 @@ class RevokedTokens:
     the request path). :meth:`refresh` reads them all from the store; :meth:`note` applies one this
     replica stored, at once."""
 
-    def __init__(self, store: TokenRevocationStore) -> None:
+    def __init__(
+        self,
+        store: TokenRevocationStore,
+        *,
+        skew: timedelta = timedelta(seconds=30),
+        retention: timedelta = timedelta(hours=24),
+    ) -> None:
         self.store = store
+        self.skew = skew
+        self.retention = retention
         self._before: dict[tuple[str, str], datetime] = {}
         #: When the last refresh succeeded (None before the first).
         self.refreshed_at: datetime | None = None
@@ -79,9 +90,14 @@ class RevokedTokens:
         before = self._before.get((principal.tenant, principal.subject))
         if before is None:
             return None
-        if principal.issued_at is None or principal.issued_at <= before:
+        if principal.issued_at is None or principal.issued_at <= before + self.skew:
             return before
         return None
+
+    def age_seconds(self, now: datetime) -> float:
+        """Seconds since the last successful refresh (infinite before the first): what a replica that
+        cannot read the store may be missing of the other replicas' revocations."""
+        return float("inf") if self.refreshed_at is None else (now - self.refreshed_at).total_seconds()
 
     def note(self, revocation: TokenRevocation) -> None:
         key = (revocation.tenant, revocation.subject)
@@ -90,9 +106,13 @@ class RevokedTokens:
             self._before[key] = revocation.revoked_before
 
     async def refresh(self, now: datetime) -> int:
-        """Read every revocation from the store (a revocation is never withdrawn, so what this replica
-        noted meanwhile is kept); how many are held."""
-        for revocation in await self.store.all():
+        """Read the revocations within the retention from the store, and drop those that lapsed (a
+        revocation is never withdrawn, so what this replica noted meanwhile is kept); how many are
+        held."""
+        cutoff = now - self.retention
+        found = await self.store.since(cutoff)
+        self._before = {key: at for key, at in self._before.items() if at > cutoff}
+        for revocation in found:
             self.note(revocation)
         self.refreshed_at = now
         return len(self._before)

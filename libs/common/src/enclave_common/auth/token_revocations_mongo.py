@@ -7,15 +7,19 @@ seconds (:class:`~enclave_common.auth.token_revocations.RevokedTokens`), never o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import pymongo
+import structlog
 from pymongo.asynchronous.database import AsyncDatabase
 
 from enclave_common.auth.grants_mongo import aware_utc
 from enclave_common.auth.token_revocations import TokenRevocation
 
 COLLECTION = "token_revocations"
+
+log = structlog.get_logger("enclave.auth")
 
 
 class MongoTokenRevocationStore:
@@ -40,15 +44,27 @@ class MongoTokenRevocationStore:
             upsert=True,
         )
 
-    async def all(self) -> Sequence[TokenRevocation]:
+    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
+        """The justification is not read (the check needs who and when); a document that is no
+        revocation (by hand, or of a newer version) is logged by id and left out."""
+        found = []
         with pymongo.timeout(self._read_timeout_s):
-            return [
-                TokenRevocation(
-                    tenant=doc["tenant"],
-                    subject=doc["subject"],
-                    revoked_before=aware_utc(doc["revoked_before"]),
-                    revoked_by=doc["revoked_by"],
-                    justification=doc["justification"],
-                )
-                async for doc in self._collection.find({})
-            ]
+            cursor = self._collection.find({"revoked_before": {"$gt": cutoff}}, {"justification": 0})
+            async for doc in cursor:
+                try:
+                    found.append(
+                        TokenRevocation(
+                            tenant=doc["tenant"],
+                            subject=doc["subject"],
+                            revoked_before=aware_utc(doc["revoked_before"]),
+                            revoked_by=doc["revoked_by"],
+                            justification="",
+                        )
+                    )
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    log.error(
+                        "a stored token revocation could not be read",
+                        id=str(doc.get("_id")),
+                        error=type(exc).__name__,
+                    )
+        return found
