@@ -221,3 +221,15 @@ async def test_the_refresh_loop_outlives_a_store_that_fails(monkeypatch: pytest.
     finally:
         task.cancel()
     assert calls["n"] >= 3 and held.refreshed_at is not None
+
+
+@pytest.mark.parametrize("grantee", ["it-caregiver\ngrant_created:forged", "it caregiver", "x" * 256, ""])
+async def test_a_grantee_that_is_no_oidc_subject_is_refused(tmp_path: Path, grantee: str) -> None:
+    """The grantee is written into the audit detail (grant_created:<id> grantee=<sub>): until the
+    twenty-third session any text up to 256 characters was taken, a newline included."""
+    from test_access_answers import grant_body, post_json
+
+    harness = gateway_routes(tmp_path)
+    refused = await post_json(harness, "/api/v1/grants", grant_body(grantee=grantee), "admin")
+    assert refused.status == 422, refused.body
+    assert harness.grants._grants == {}

@@ -61,6 +61,10 @@ PatientId = Annotated[
     Field(description="PatientID (0010,0020), at most 64 characters; stored only as its pseudonym"),
 ]
 
+#: A token subject named in a request body (a grant's grantee, a token revocation's subject): 1 to 255
+#: printable ASCII characters without spaces, as OIDC subjects are. It is written into the audit
+#: trail's detail, so a newline or a space could forge what follows it there.
+SUBJECT_PATTERN: Final = r"^[\x21-\x7e]{1,255}$"
 #: A patient key: the 32-character lowercase base32 pseudonym the gateway answers with.
 PATIENT_KEY_PATTERN: Final = r"^[a-z2-7]{32}$"
 #: A page of the grants listing holds at most this many (and this many by default).
@@ -80,7 +84,10 @@ class GrantRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grantee: str = Field(min_length=1, max_length=256, description="the caregiver's token subject (sub)")
+    grantee: str = Field(
+        pattern=SUBJECT_PATTERN,
+        description="the caregiver's token subject (sub): 1 to 255 printable ASCII characters, no spaces",
+    )
     patient_id: PatientId
     actions: list[Action] = Field(
         min_length=1, description="subset of read_status, read_results_phi, query_patient"

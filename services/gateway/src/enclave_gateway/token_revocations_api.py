@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import AccessRecorder, Unaudited
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
-from enclave_gateway.grants_api import invalid_answer
+from enclave_gateway.grants_api import SUBJECT_PATTERN, invalid_answer
 
 #: The 503 of a revocation whose event Kafka refused (then "; retry later").
 REVOCATION_UNRECORDED: Final = "no token was revoked: the revocation could not be recorded in the audit trail"
@@ -49,7 +49,7 @@ class TokenRevocationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     subject: str = Field(
-        pattern=r"^[\x21-\x7e]{1,255}$",
+        pattern=SUBJECT_PATTERN,
         description="the token subject (`sub`) whose tokens are revoked: 1 to 255 printable ASCII characters "
         "without spaces, as OIDC subjects are",
     )
