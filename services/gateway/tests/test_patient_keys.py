@@ -104,7 +104,9 @@ async def test_lookups_past_the_hourly_limit_are_a_recorded_429(tmp_path: Path) 
     limited = await ask(harness, "auditor", {"patient_id": PLANTED})
     assert limited.status == 429, limited.body
     assert int(limited.header("retry-after") or 0) > 0
-    assert "at most 3 at once, then 3 per hour" in json.loads(limited.body)["message"]
+    answer = json.loads(limited.body)
+    assert (answer["error"], answer["detail"]["code"]) == ("rate_limited", "rate_limited")
+    assert "at most 3 at once, then 3 per hour" in answer["message"]
     event = the_event(harness, limited)
     assert (event["outcome"], event["detail"], event["target"]) == (
         "rejected",

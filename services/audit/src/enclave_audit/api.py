@@ -347,7 +347,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
                 pattern=CODE_PATTERN,
                 description=(
                     "one of the record's EventTypeCodes (DCM): 110137 User Security Attributes Changed finds "
-                    "every grant, revocation, patient restriction and its lifting; 110127 Emergency Override "
+                    "every grant, revocation, patient restriction and its lifting, token revocation; 110127 Emergency Override "
                     "Started every break-glass; 110129 Security Configuration every key created or rotated"
                 ),
             ),

@@ -524,15 +524,14 @@ def build_router(
                 status=429,
                 detail="patient_key_lookups_limited",
             )
-            return JSONResponse(
-                {
-                    "status": 429,
-                    "error": "rate_limited",
-                    "message": "too many patient keys looked up: at most "
-                    f"{patient_key_limiter.limit.burst} at once, then {patient_key_limiter.limit.burst} per "
-                    f"hour, per principal; retry after {verdict.retry_after_seconds}s",
+            limit = patient_key_limiter.limit.burst
+            raise HTTPException(
+                429,
+                detail={
+                    "code": "rate_limited",
+                    "message": f"too many patient keys looked up: at most {limit} at once, then {limit} "
+                    f"per hour, per principal; retry after {verdict.retry_after_seconds}s",
                 },
-                status_code=429,
                 headers={"Retry-After": str(verdict.retry_after_seconds)},
             )
         key = pseudonymizer.pseudonym(principal.tenant, "patient", body.patient_id)

@@ -49,7 +49,8 @@ log = structlog.get_logger("enclave.gateway")
 UNKNOWN_ROUTE_HINT = (
     "This gateway stores and reports: DICOMweb STOW-RS (POST /dicomweb/studies[/{StudyInstanceUID}]), "
     "POST /api/v1/imaging/upload, status, results and patient queries under /api/v1/imaging, grants "
-    "under /api/v1/grants and /api/v1/break-glass, and restricted patients under /api/v1/restrictions. "
+    "under /api/v1/grants and /api/v1/break-glass, restricted patients under /api/v1/restrictions, an "
+    "upload's status under /api/v1/uploads, POST /api/v1/patient-keys and POST /api/v1/token-revocations. "
     "DICOMweb retrieval (WADO-RS, the RetrieveURLs of a STOW-RS answer) and search (QIDO-RS) are not "
     "offered: the gateway holds no key that opens stored data"
 )
