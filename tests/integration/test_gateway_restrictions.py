@@ -23,19 +23,13 @@ from enclave_common.auth import Restriction
 from enclave_common.auth.restrictions_mongo import MongoRestrictionStore
 
 from .conftest import SERVICE_PORTS
-from .support import mr_instance
-from .test_gateway_support import GATEWAY, TopicWatch, bearer, new_tenant, patient_key
+from .test_gateway_support import GATEWAY, TopicWatch, bearer, form_upload, new_tenant, patient_key
 
 REASON = "hospital employee, privacy office request"
 
 
 async def _upload(client: httpx.AsyncClient, tenant: str, patient_id: str) -> str:
-    data, _ = mr_instance(patient_id=patient_id)
-    answer = await client.post(
-        "/api/v1/imaging/upload",
-        files=[("file", ("x.dcm", data, "application/dicom"))],
-        headers=bearer("it-rs-uploader", tenant, "uploader"),
-    )
+    answer = await form_upload(client, bearer("it-rs-uploader", tenant, "uploader"), patient_id)
     assert answer.status_code == 200, answer.text
     return str(answer.json()["accepted"][0]["imaging_id"])
 

@@ -27,7 +27,7 @@ from enclave_common.envelope import Envelope
 from enclave_common.pseudonyms import pseudonymizer_from_base64
 
 from .conftest import KAFKA, MONGO_URL, S3_ENDPOINT
-from .support import ROOT, STATE, dev_env
+from .support import ROOT, STATE, dev_env, mr_instance
 
 sys.path.insert(0, str(ROOT / "services" / "gateway" / "tests"))
 
@@ -48,6 +48,17 @@ def new_tenant(prefix: str = "it-gw") -> str:
 def bearer(subject: str, tenant: str, *roles: str, ttl: int = 900, **kwargs: Any) -> dict[str, str]:
     token = issuer().mint(subject=subject, tenant=tenant, roles=list(roles), ttl_seconds=ttl, **kwargs)
     return {"Authorization": f"Bearer {token}"}
+
+
+async def form_upload(
+    client: httpx.AsyncClient, headers: Mapping[str, str], patient_id: str
+) -> httpx.Response:
+    """``POST /api/v1/imaging/upload`` of one MR instance of ``patient_id`` (``client`` based at the
+    gateway), as ``headers``' principal."""
+    data, _ = mr_instance(patient_id=patient_id)
+    return await client.post(
+        "/api/v1/imaging/upload", files=[("file", ("x.dcm", data, "application/dicom"))], headers=headers
+    )
 
 
 def patient_key(tenant: str, patient_id: str) -> str:

@@ -16,20 +16,9 @@ import httpx
 from pydicom.uid import generate_uid
 
 from .support import mr_instance
-from .test_gateway_support import GATEWAY, bearer, new_tenant
+from .test_gateway_support import GATEWAY, bearer, builders, new_tenant
 
 SETTLED = {"deidentified", "analysed", "failed", "quarantined"}
-
-
-def _related(parts: list[bytes]) -> tuple[bytes, str]:
-    boundary = f"b-{uuid.uuid4().hex}"
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts
-    )
-    return (
-        body + f"--{boundary}--\r\n".encode(),
-        f'multipart/related; type="application/dicom"; boundary={boundary}',
-    )
 
 
 async def test_a_pacs_follows_its_stow_upload_by_the_upload_id_until_every_instance_is_de_identified(
@@ -38,15 +27,15 @@ async def test_a_pacs_follows_its_stow_upload_by_the_upload_id_until_every_insta
     tenant = new_tenant("it-us")
     patient = f"PID-US-{uuid.uuid4().hex[:8]}"
     study, series = generate_uid(), generate_uid()
-    body, content_type = _related(
+    body = builders.multipart_body(
         [mr_instance(study_uid=study, series_uid=series, patient_id=patient)[0] for _ in range(3)]
     )
     pacs = bearer("it-us-pacs", tenant, "uploader")
     async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
         stored = await client.post(
             f"/dicomweb/studies/{study}",
-            content=body,
-            headers={**pacs, "Content-Type": content_type, "Accept": "application/dicom+json"},
+            content=body.data,
+            headers={**pacs, "Content-Type": body.content_type, "Accept": "application/dicom+json"},
         )
         assert stored.status_code == 200, stored.text
         upload_id = stored.headers["upload-id"]

@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 
 from .conftest import SERVICE_PORTS
-from .support import mr_instance
-from .test_gateway_support import GATEWAY, bearer, new_tenant, patient_key
+from .test_gateway_support import GATEWAY, bearer, form_upload, new_tenant, patient_key
 
 AUDIT = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
 
@@ -31,12 +30,7 @@ async def test_an_auditor_accounts_for_every_access_to_one_patient_by_its_key() 
     auditor = bearer("it-pa-auditor", tenant, "auditor")
     answers: list[httpx.Response] = []
     async with httpx.AsyncClient(base_url=GATEWAY, timeout=30) as client:
-        data, _ = mr_instance(patient_id=patient)
-        uploaded = await client.post(
-            "/api/v1/imaging/upload",
-            files=[("file", ("x.dcm", data, "application/dicom"))],
-            headers=bearer("it-pa-pacs", tenant, "uploader"),
-        )
+        uploaded = await form_upload(client, bearer("it-pa-pacs", tenant, "uploader"), patient)
         assert uploaded.status_code == 200, uploaded.text
         imaging_id = uploaded.json()["accepted"][0]["imaging_id"]
         reads = [

@@ -15,17 +15,13 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from enclave_common import topics
 
-from .support import mr_instance
-from .test_gateway_support import GATEWAY, TopicWatch, bearer, new_tenant
+from .test_gateway_support import GATEWAY, TopicWatch, bearer, form_upload, new_tenant
 
 REASON = "incident 2026-114: laptop reported stolen"
 
 
 async def _upload(client: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
-    data, _ = mr_instance(patient_id=f"PID-TR-{uuid.uuid4().hex[:8]}")
-    return await client.post(
-        "/api/v1/imaging/upload", files=[("file", ("x.dcm", data, "application/dicom"))], headers=headers
-    )
+    return await form_upload(client, headers, f"PID-TR-{uuid.uuid4().hex[:8]}")
 
 
 async def test_a_revoked_subjects_tokens_are_refused_and_a_new_one_works(mongo) -> None:

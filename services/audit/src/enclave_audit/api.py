@@ -19,7 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import IO, Annotated, Any, Final, Literal
 
@@ -379,12 +379,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             first, end = utc_range(since, until)
         except TimeBoundError as exc:
             raise HTTPException(400, detail={"code": exc.code, "message": str(exc)}) from None
-        page, next_cursor = await page_of_records(
-            auth,
-            tenant,
-            limit,
-            order,
-            cursor,
+        query = EventQuery(
             actor=actor,
             patient=patient,
             study=study,
@@ -397,7 +392,9 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
             event_id=event_id,
             since=first,
             until=end,
+            order=order,
         )
+        page, next_cursor = await page_of_records(auth, tenant, limit, cursor, query)
         if wants_fhir(request):
             return fhir_searchset(request, page, next_cursor)
         return {
@@ -407,22 +404,18 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
         }
 
     async def page_of_records(
-        auth: Authorized,
-        tenant: str | None,
-        limit: int | None,
-        order: Order,
-        cursor: str | None,
-        **filters: Any,
+        auth: Authorized, tenant: str | None, limit: int | None, cursor: str | None, query: EventQuery
     ) -> tuple[list[AuditRecord], str | None]:
-        """One page of the records matching ``filters`` that the caller may see, and the next page's
-        cursor (None on the last)."""
+        """One page of the records ``query`` selects that the caller may see (its ``tenant`` filter
+        narrowed to them), from ``cursor`` on, and the next page's cursor (None on the last)."""
+        order = query.order
         size = min(limit or ctx.default_page_size, ctx.max_page_size)
         try:
             after = decode_cursor(cursor, order) if cursor else None
         except CursorError as exc:
             raise HTTPException(400, detail={"code": "bad_cursor", "message": str(exc)}) from None
         visible, tenant_filter = ctx.visible_tenant(auth.principal, tenant)
-        query = EventQuery(tenant=tenant_filter, order=order, after_sequence=after, **filters)
+        query = replace(query, tenant=tenant_filter, after_sequence=after)
         try:
             found = await ctx.store.query(query, size + 1, timeout_s=ctx.query_timeout_s) if visible else []
         except QueryTimeout as exc:
@@ -489,7 +482,7 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     ) -> JSONResponse:
         try:
             check_values(request.query_params.multi_items())
-            filters = search_filters(
+            query = search_filters(
                 date=date,
                 type_=type_,
                 subtype=subtype,
@@ -498,12 +491,11 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
                 agent_identifier=agent_identifier,
                 patient_identifier=patient_identifier,
                 entity_identifier=entity_identifier,
+                order="desc" if sort == "-date" else "asc",
             )
         except SearchError as exc:
             raise HTTPException(400, detail={"code": exc.code, "message": str(exc)}) from None
-        page, next_cursor = await page_of_records(
-            auth, None, count, "desc" if sort == "-date" else "asc", cursor, **asdict(filters)
-        )
+        page, next_cursor = await page_of_records(auth, None, count, cursor, query)
         return fhir_searchset(request, page, next_cursor)
 
     @router.get(

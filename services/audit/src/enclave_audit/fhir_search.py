@@ -1,5 +1,5 @@
-"""FHIR R4 search parameters of ``GET /audit/fhir/AuditEvent`` turned into an :class:`EventQuery`'s
-filters (the IHE RESTful ATNA profile, ITI-81, is a FHIR search of AuditEvent).
+"""FHIR R4 search parameters of ``GET /audit/fhir/AuditEvent`` turned into an
+:class:`~enclave_audit.store.EventQuery`'s filters (the IHE RESTful ATNA profile, ITI-81, is a FHIR search of AuditEvent).
 
 Only what maps onto the trail's filters is taken: ``date`` (with the prefixes ``eq``, ``ge``, ``gt``,
 ``le``, ``lt`` and FHIR's precision ranges: ``date=2026-11-23`` is that whole day), ``type`` and
@@ -12,12 +12,12 @@ Written by hand: the FHIR libraries on PyPI model resources, not a server's sear
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.fhir import DCM_SYSTEM, RFC_3881_SYSTEM
+from enclave_audit.store import EventQuery, Order
 
 #: The identifier systems the AuditEvents carry (fhir.py): the principal, and each object kind.
 PRINCIPAL_SYSTEM: Final = "urn:enclave:principal"
@@ -39,21 +39,6 @@ class SearchError(ValueError):
     """A search parameter this API cannot apply (400 ``bad_search``); the message says what it takes."""
 
     code = "bad_search"
-
-
-@dataclass(frozen=True)
-class SearchFilters:
-    """What the search asks of the trail (:class:`~enclave_audit.store.EventQuery`'s fields)."""
-
-    since: datetime | None = None
-    until: datetime | None = None
-    event_code: str | None = None
-    event_type_code: str | None = None
-    action: str | None = None
-    outcome: int | None = None
-    actor: str | None = None
-    patient: str | None = None
-    study: str | None = None
 
 
 def _range(value: str) -> tuple[datetime, datetime]:
@@ -163,8 +148,10 @@ def search_filters(
     agent_identifier: str | None = None,
     patient_identifier: str | None = None,
     entity_identifier: str | None = None,
-) -> SearchFilters:
-    """The trail's filters for these search parameters, or :class:`SearchError`."""
+    order: Order = "asc",
+) -> EventQuery:
+    """The query of these search parameters, in ``order`` (the caller's tenant and cursor are set by
+    the API), or :class:`SearchError`."""
     since, until = date_bounds(date or [])
     action_code = token(action, "action", ACTION_SYSTEM) if action is not None else None
     if action_code is not None and action_code not in {a.value for a in EventAction}:
@@ -184,7 +171,8 @@ def search_filters(
             raise SearchError("patient:identifier and entity:identifier name two patients")
         else:
             patient = value
-    return SearchFilters(
+    return EventQuery(
+        order=order,
         since=since,
         until=until,
         event_code=token(type_, "type", DCM_SYSTEM, RFC_3881_SYSTEM) if type_ is not None else None,

@@ -28,30 +28,20 @@ WINDOWS = "anomaly_windows"
 _ACCESS_TYPE = "enclave.access.recorded"
 
 
-def _minute(moment: datetime) -> str:
-    return moment.strftime("%Y%m%d%H%M")
+def _bucket(moment: datetime, *, hours: bool = False) -> str:
+    """The minute (or, with ``hours``, the hour) bucket ``moment`` falls in."""
+    return moment.strftime("%Y%m%d%H" if hours else "%Y%m%d%H%M")
 
 
-def _minutes(since: datetime, until: datetime) -> list[str]:
-    start = since.replace(second=0, microsecond=0)
+def _buckets(since: datetime, until: datetime, *, hours: bool = False) -> list[str]:
+    """The buckets a window overlaps: minutes, or hours for a window counted in hours (the
+    patient-key lookups' 24 h: 25 reads)."""
+    start = since.replace(minute=0 if hours else since.minute, second=0, microsecond=0)
+    step = timedelta(hours=1) if hours else timedelta(minutes=1)
     out = []
     while start <= until:
-        out.append(_minute(start))
-        start += timedelta(minutes=1)
-    return out
-
-
-def _hour(moment: datetime) -> str:
-    return moment.strftime("%Y%m%d%H")
-
-
-def _hours(since: datetime, until: datetime) -> list[str]:
-    """The hour buckets of a window counted in hours (the patient-key lookups' 24 h: 25 reads)."""
-    start = since.replace(minute=0, second=0, microsecond=0)
-    out = []
-    while start <= until:
-        out.append(_hour(start))
-        start += timedelta(hours=1)
+        out.append(_bucket(start, hours=hours))
+        start += step
     return out
 
 
@@ -64,7 +54,7 @@ class BucketedAuditHistory:
 
     def observe(self, record: AuditRecordDraft, event_key: str) -> None:
         """Add one stored record to the buckets the rules read (idempotent)."""
-        minute = _minute(record.event_time)
+        minute = _bucket(record.event_time)
         if record.event_type == _ACCESS_TYPE and record.outcome == EventOutcome.SUCCESS:
             studies = list(record.object_ids(ObjectKind.STUDY))
             if studies:
@@ -87,7 +77,9 @@ class BucketedAuditHistory:
             keys = list(record.object_ids(ObjectKind.PATIENT))
             if keys:
                 self.windows.update_one(
-                    {"_id": f"patientkeys|{record.tenant}|{record.actor}|{_hour(record.event_time)}"},
+                    {
+                        "_id": f"patientkeys|{record.tenant}|{record.actor}|{_bucket(record.event_time, hours=True)}"
+                    },
                     {"$addToSet": {"items": {"$each": keys}}},
                     upsert=True,
                 )
@@ -101,7 +93,7 @@ class BucketedAuditHistory:
 
     def _union(self, prefix: str, since: datetime, until: datetime, *, hours: bool = False) -> set[str]:
         items: set[str] = set()
-        for bucket in (_hours if hours else _minutes)(since, until):
+        for bucket in _buckets(since, until, hours=hours):
             document = self.windows.find_one({"_id": f"{prefix}|{bucket}"})
             if document is not None:
                 items.update(document.get("items") or ())

@@ -305,12 +305,12 @@ class AccessRecorder:
         principal: Principal,
         action: Action,
         status: int,
-        patient_key: str,
+        patient_key: str | None,
         detail: str,
         unaudited: str = UNAUDITED,
     ) -> None:
-        """:meth:`record` an answered change of access on one patient (a grant, a break-glass session,
-        a restriction): its outcome from ``status``, its target the patient."""
+        """:meth:`record` an answered change of access (a grant, a break-glass session, a restriction
+        on one patient, its target; a token revocation, none): its outcome from ``status``."""
         await self.record(
             request, unaudited=unaudited, **_change_fields(principal, action, status, patient_key, detail)
         )
@@ -321,7 +321,7 @@ class AccessRecorder:
         principal: Principal,
         action: Action,
         status: int,
-        patient_key: str,
+        patient_key: str | None,
         detail: str,
     ) -> bool:
         """:meth:`record_if_possible` of a change, as :meth:`record_change` builds it (a request already
@@ -565,7 +565,7 @@ def _unaudited(what: str = UNAUDITED) -> Iterator[None]:
 
 
 def _change_fields(
-    principal: Principal, action: Action, status: int, patient_key: str, detail: str
+    principal: Principal, action: Action, status: int, patient_key: str | None, detail: str
 ) -> AccessFields:
     return {
         "principal": principal,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
@@ -460,9 +461,8 @@ def build_router(
             await guard.check_resource(request, principal, Action.READ_STATUS, None)  # 404, recorded
 
         async def view() -> JSONResponse:
-            counts = dict.fromkeys(RANK, 0)
-            for doc in statuses:
-                counts[status_of(doc)] = counts.get(status_of(doc), 0) + 1
+            # Every status named, 0 when none is in it.
+            counts = dict.fromkeys(RANK, 0) | Counter(status_of(doc) for doc in statuses)
             docs = await read_model.upload_page(principal.tenant, upload_id, limit + 1, after)
             page, next_after = page_of(docs, limit, _doc_id)
             return _json(

@@ -139,6 +139,12 @@ REVOCATION_UNRECORDED = (
 )
 
 
+def as_stored(moment: datetime) -> datetime:
+    """``moment`` to the millisecond, as the database keeps it, so an answer and a later one say the
+    same time (a restriction's, a lifting's, a token revocation's)."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def invalid_answer(exc: EnclaveError) -> JSONResponse:
     """The 422 of a grant, session or restriction its validation refused: the code and what is allowed."""
     return JSONResponse({"status": 422, "error": exc.code, "message": str(exc)}, status_code=422)

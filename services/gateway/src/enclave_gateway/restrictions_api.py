@@ -48,6 +48,7 @@ from enclave_gateway.grants_api import (
     GRANTS_PAGE_MAX,
     PATIENT_KEY_PATTERN,
     PatientId,
+    as_stored,
     grant_view,
     invalid_answer,
 )
@@ -98,11 +99,6 @@ def restriction_view(restriction: Restriction) -> dict[str, Any]:
 
 def _in_effect(restriction: Restriction) -> str:
     return f"restricted_by={restriction.restricted_by} restricted_at={restriction.restricted_at.isoformat()}"
-
-
-def _milliseconds(moment: datetime) -> datetime:
-    """``moment`` as the database keeps it, so an answer and a later one say the same time."""
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
 def build_restrictions_router(
@@ -177,7 +173,7 @@ def build_restrictions_router(
                 request, principal, manage, 200, key, f"patient_restricted_already {_in_effect(confirmed)}"
             )
             return JSONResponse(restriction_view(confirmed))
-        now = _milliseconds(datetime.now(UTC))
+        now = as_stored(datetime.now(UTC))
         new = Restriction(
             tenant=principal.tenant,
             patient_key=key,
@@ -286,7 +282,7 @@ def build_restrictions_router(
                 f"restriction_not_lifted {_in_effect(existing)} cause=access_unrecorded",
             )
             raise
-        lifted_at = _milliseconds(datetime.now(UTC))
+        lifted_at = as_stored(datetime.now(UTC))
         state: Restriction | str | None = None
         try:
             lifted = await restrictions.lift(

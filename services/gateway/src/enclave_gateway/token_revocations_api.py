@@ -9,7 +9,7 @@ token of the subject issued at or before it (401 ``revoked``); a token issued af
 Recorded first, then made, as a restriction is: the revocation is stored only once its access event
 (action ``revoke_tokens``) is acknowledged. If Kafka refuses it, nothing is stored (503). If the store
 then fails, the answer is 503 and a second event says the revocation may not have been stored:
-repeat the request (repeating it is harmless). The replica that stores it applies it at once; the
+repeat the request (a repeat moves the instant forward, to the repeat's). The replica that stores it applies it at once; the
 other replicas within ``ENCLAVE_GATEWAY_TOKEN_REVOCATION_REFRESH_S``. The audit API does not read
 these revocations: auditors' tokens end with their expiry.
 """
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from enclave_gateway.access import AccessRecorder, Unaudited
 from enclave_gateway.auth_first import AuthenticatedBodyRoute, AuthenticatedFirst
-from enclave_gateway.grants_api import SUBJECT_PATTERN, invalid_answer
+from enclave_gateway.grants_api import SUBJECT_PATTERN, as_stored, invalid_answer
 
 #: The 503 of a revocation whose event Kafka refused (then "; retry later").
 REVOCATION_UNRECORDED: Final = "no token was revoked: the revocation could not be recorded in the audit trail"
@@ -68,20 +68,11 @@ def build_token_revocations_router(
     action = Action.REVOKE_TOKENS
 
     async def record(request: Request, principal: Principal, status: int, detail: str) -> None:
-        await recorder.record(
-            request,
-            principal=principal,
-            action=str(action),
-            outcome="success" if status < 400 else ("rejected" if status < 500 else "error"),
-            status=status,
-            detail=detail,
-            unaudited=REVOCATION_UNRECORDED,
-        )
+        # A change of access with no patient: no target.
+        await recorder.record_change(request, principal, action, status, None, detail, REVOCATION_UNRECORDED)
 
     async def second_event(request: Request, principal: Principal, status: int, detail: str) -> None:
-        await recorder.record_if_possible(
-            request, principal=principal, action=str(action), outcome="error", status=status, detail=detail
-        )
+        await recorder.record_change_if_possible(request, principal, action, status, None, detail)
 
     @router.post(
         "/api/v1/token-revocations",
@@ -106,11 +97,10 @@ def build_token_revocations_router(
         except InvalidTokenRevocationError as exc:
             await record(request, principal, 422, f"revocation_refused:{exc.code} subject={body.subject}")
             return invalid_answer(exc)
-        now = datetime.now(UTC)
         revocation = TokenRevocation(
             tenant=principal.tenant,
             subject=body.subject,
-            revoked_before=now.replace(microsecond=now.microsecond // 1000 * 1000),
+            revoked_before=as_stored(datetime.now(UTC)),
             revoked_by=principal.subject,
             justification=justification,
         )
