@@ -21,7 +21,13 @@ from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
-from pymongo.errors import AutoReconnect, ExecutionTimeout, NetworkTimeout, ServerSelectionTimeoutError
+from pymongo.errors import (
+    AutoReconnect,
+    ExecutionTimeout,
+    NetworkTimeout,
+    ServerSelectionTimeoutError,
+    WaitQueueTimeoutError,
+)
 
 PLANTED = "PHI-MRN-66120-ZK"
 
@@ -31,6 +37,12 @@ FAILURES: dict[str, tuple[Exception, str]] = {
     "mongo-selection": (ServerSelectionTimeoutError(f"no server for {PLANTED}"), "the database"),
     # The server stopped the operation at its time limit (maxTimeMS): until the twentieth session a 500.
     "mongo-time-limit": (ExecutionTimeout(f"operation exceeded time limit {PLANTED}", 50), "the database"),
+    # A read under pymongo.timeout() that waited for a connection while the new ones hung on a silent
+    # server: until the twenty-fourth session a 500 (CI's silent-database test).
+    "mongo-pool-wait": (
+        WaitQueueTimeoutError(f"Timed out while checking out a connection from connection pool {PLANTED}"),
+        "the database",
+    ),
     "s3": (EndpointConnectionError(endpoint_url=f"http://minio/{PLANTED}"), "the object store"),
     "kafka": (KafkaConnectionError(f"broker gone {PLANTED}"), "Kafka"),
     "kafka-client": (KafkaError(f"Unexpected error during batch delivery {PLANTED}"), "Kafka"),
