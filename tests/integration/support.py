@@ -295,6 +295,8 @@ def access_event(
     roles: list[str] | None = None,
     correlation_id: str | None = None,
     outcome: str = "success",
+    status_code: int | None = None,
+    detail: str | None = None,
 ) -> Envelope:
     """An ``access.recorded`` event as a service emits it (a test's own actor and tenant)."""
     data = AccessRecorded(
@@ -303,8 +305,9 @@ def access_event(
         action=action,
         target=target,
         outcome=outcome,  # type: ignore[arg-type]
-        status_code=200 if outcome == "success" else 401,
+        status_code=status_code or (200 if outcome == "success" else 401),
         source_address="10.9.8.7",
+        detail=detail,
     )
     return Envelope.for_topic(
         topics.ACCESS_RECORDED,

@@ -36,6 +36,7 @@ from enclave_audit.signing import Ed25519Signer
 from enclave_audit.store import INDEXES, AuditStore, EventQuery, SyncRecordReader
 from enclave_audit.windows import BucketedAuditHistory
 from enclave_common import topics
+from enclave_common.auth.token_revocations_mongo import MongoTokenRevocationStore
 from enclave_common.kafka import EventPublisher, RetryPolicy
 from enclave_common.storage import S3ObjectStore
 from faststream.kafka import KafkaBroker
@@ -164,8 +165,14 @@ async def test_every_command_the_service_sends_is_within_its_append_only_role(un
         await prepare_indexes(store, create=False)  # the migration ran: starts without creating
         metrics = AuditMetrics(CollectorRegistry())
         history = BucketedAuditHistory(sync_client[database])
+        revocations = MongoTokenRevocationStore(client[database])
         consumer = AuditConsumer(
-            store, EventPublisher(broker), AnomalyDetector(settings.anomaly, history), metrics, RetryPolicy()
+            store,
+            EventPublisher(broker),
+            AnomalyDetector(settings.anomaly, history),
+            metrics,
+            RetryPolicy(),
+            revocations=revocations,
         )
         events = [
             access_event(
@@ -179,10 +186,28 @@ async def test_every_command_the_service_sends_is_within_its_append_only_role(un
             )
             for _ in range(3)
         ]
+        # A token revocation an admin made at the gateway, stored for the auditor API's guard; the same
+        # from a principal that is no admin is not (anything that may write access events could send it).
+        made = f"revoked_before={datetime.now(UTC).isoformat()}"
+        events += [
+            access_event(
+                actor=f"adm-{unique}",
+                tenant=tenant,
+                action="revoke_tokens",
+                roles=roles,
+                status_code=201,
+                detail=f"tokens_revoked subject={subject}-{unique} {made}",
+            )
+            for subject, roles in (("aud", ["admin"]), ("not-by-admin", ["auditor"]))
+        ]
         for event in events:
             await consumer.audit(event.to_bytes(), topics.ACCESS_RECORDED, {})
         await consumer.audit(events[0].to_bytes(), topics.ACCESS_RECORDED, {})  # redelivered: no new record
         assert await client[database]["alerts"].count_documents({}) >= 2  # both rules fired
+        honoured = await revocations.since(datetime.now(UTC) - timedelta(hours=1))
+        assert [(r.tenant, r.subject, r.revoked_by) for r in honoured] == [
+            (tenant, f"aud-{unique}", f"adm-{unique}")
+        ]
 
         signer = Ed25519Signer.generate()
         checkpointer = Checkpointer(
@@ -223,6 +248,7 @@ async def test_every_command_the_service_sends_is_within_its_append_only_role(un
         ("insert", "alerts"),
         ("insert", "checkpoints"),
         ("update", "anomaly_windows"),
+        ("update", "token_revocations"),
         ("listIndexes", "records"),
     ]:
         assert expected in used, sorted(used)  # the paths ran

@@ -1,6 +1,7 @@
 """Token revocation on the running stack (docs/access.md, "Token revocation"): an admin ends the tokens
 a subject holds; the gateway refuses them from the next request, and a revocation another replica
-stored (written straight to the gateway's database here) within its refresh interval.
+stored (written straight to the gateway's database here) within its refresh interval; the auditor API
+once the audit trail holds the revocation.
 
 Until the twenty-third session a token could not be ended before its expiry.
 """
@@ -15,7 +16,10 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from enclave_common import topics
 
+from .conftest import SERVICE_PORTS
 from .test_gateway_support import GATEWAY, TopicWatch, bearer, form_upload, new_tenant
+
+AUDIT_URL = f"http://127.0.0.1:{SERVICE_PORTS['audit']}"
 
 REASON = "incident 2026-114: laptop reported stolen"
 
@@ -78,3 +82,43 @@ async def test_a_revoked_subjects_tokens_are_refused_and_a_new_one_works(mongo) 
             assert time.monotonic() < deadline, "the revocation was not read within 30 s"
             await asyncio.sleep(1)
     assert answer.status_code == 401 and answer.json()["detail"]["code"] == "revoked", answer.text
+
+
+async def test_the_auditor_api_refuses_a_revoked_auditors_token_once_the_trail_holds_the_revocation() -> None:
+    """The audit service shares no database with the gateway: it reads the revocations from the trail
+    it records (the gateway's access events), every ENCLAVE_AUDIT_TOKEN_REVOCATION_REFRESH_S. Until the
+    twenty-fourth session a revoked auditor's token still read the trail until it expired. A revocation
+    the gateway refused (422: no justification) revokes nothing there either."""
+    tenant = new_tenant("it-tra")
+    earlier = datetime.now(UTC) - timedelta(minutes=2)
+    stolen = bearer("it-tra-auditor", tenant, "auditor", now=earlier)
+    bystander = bearer("it-tra-bystander", tenant, "auditor", now=earlier)
+    admin = bearer("it-tra-admin", tenant, "admin")
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def audit_query(headers: dict[str, str]) -> httpx.Response:
+            return await client.get(f"{AUDIT_URL}/audit/events", params={"limit": 1}, headers=headers)
+
+        assert (await audit_query(stolen)).status_code == 200
+        refused = await client.post(
+            f"{GATEWAY}/api/v1/token-revocations",
+            json={"subject": "it-tra-bystander", "justification": ""},
+            headers=admin,
+        )
+        assert refused.status_code == 422, refused.text
+        revoked = await client.post(
+            f"{GATEWAY}/api/v1/token-revocations",
+            json={"subject": "it-tra-auditor", "justification": REASON},
+            headers=admin,
+        )
+        assert revoked.status_code == 201, revoked.text
+        deadline = time.monotonic() + 60
+        while (answer := await audit_query(stolen)).status_code == 200:
+            assert time.monotonic() < deadline, "the auditor API did not read the revocation within 60 s"
+            await asyncio.sleep(1)
+        assert answer.status_code == 401 and answer.json()["detail"]["code"] == "revoked", answer.text
+        assert (await audit_query(bystander)).status_code == 200  # its refused revocation revoked nothing
+        before = datetime.fromisoformat(revoked.json()["revoked_before"])
+        await asyncio.sleep(2)
+        fresh = bearer("it-tra-auditor", tenant, "auditor", now=before + timedelta(seconds=31))
+        assert (await audit_query(fresh)).status_code == 200

@@ -104,6 +104,11 @@ def trail() -> Trail:
 
 @pytest.fixture
 def ctx(trail: Trail) -> AuditApiContext:
+    return context_over(trail)
+
+
+def context_over(trail: Trail) -> AuditApiContext:
+    """The API's context over ``trail``."""
     return AuditApiContext(
         store=trail,  # type: ignore[arg-type]
         reader=trail,  # type: ignore[arg-type]

@@ -135,6 +135,11 @@ async def test_only_admins_list_grants(tmp_path: Path, role: str) -> None:
         "?limit=1001",
         "?after=nope",
         f"?patient_key={PLANTED}",
+        # A grantee is an OIDC subject (twenty-third session): a filter that is none matches no grant
+        # (until the twenty-fourth session answered an empty page, as if the subject had none).
+        "?grantee=cg%201",
+        "?grantee=cg-1%0Agrant_created:forged",
+        f"?grantee={'x' * 256}",
     ],
 )
 async def test_a_filter_the_api_does_not_offer_is_422_and_recorded(tmp_path: Path, query: str) -> None:

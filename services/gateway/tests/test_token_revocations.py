@@ -196,8 +196,6 @@ async def test_the_refresh_loop_outlives_a_store_that_fails(monkeypatch: pytest.
     """A read that fails keeps what is held and the loop goes on; the age metric says how stale."""
     import asyncio
 
-    from enclave_gateway.main import refresh_revoked_tokens
-
     store = InMemoryTokenRevocationStore()
     held = RevokedTokens(store)
     calls = {"n": 0}
@@ -211,7 +209,7 @@ async def test_the_refresh_loop_outlives_a_store_that_fails(monkeypatch: pytest.
 
     monkeypatch.setattr(store, "since", flaky)
     await store.revoke(TokenRevocation("hospital-a", "dr-1", datetime.now(UTC), "root", REASON))
-    task = asyncio.create_task(refresh_revoked_tokens(held, 0.01))
+    task = asyncio.create_task(held.refresh_forever(0.01))
     try:
         for _ in range(300):
             if held.refreshed_at is not None:

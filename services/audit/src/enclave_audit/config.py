@@ -83,6 +83,15 @@ class AuditSettings(BaseServiceSettings):
     #: answers 503 ``query_timeout`` (narrow the query, or retry) and the database stops it, instead of
     #: holding the call, a connection and the database's CPU for as long as a scan of the trail lasts.
     query_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    #: Seconds between reads of the token revocations the consumer stored from the trail (an admin's
+    #: POST /api/v1/token-revocations at the gateway): with Kafka's delivery, about how long a revoked
+    #: token is still accepted by the auditor API.
+    token_revocation_refresh_s: float = Field(default=5.0, ge=0.5, le=300)
+    #: Seconds a token revocation is honoured: the gateway's ENCLAVE_GATEWAY_TOKEN_REVOCATION_RETENTION_S
+    #: (at least the longest lifetime of the access tokens the identity provider issues).
+    token_revocation_retention_s: float = Field(default=86_400.0, ge=60, le=30 * 86_400)
+    #: Seconds each of those reads may take in the database.
+    token_revocation_read_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
     @property
     def retention(self) -> timedelta:

@@ -21,6 +21,7 @@ from typing import Any, Final
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from enclave_common import topics
+from enclave_common.auth.token_revocations import TokenRevocationStore
 from enclave_common.envelope import Envelope, derived_event_id
 from enclave_common.events import SecurityAlert
 from enclave_common.kafka import CONSUMER_GROUP_TIMING, EventPublisher, RetryPolicy
@@ -45,6 +46,7 @@ from enclave_audit.checkpoints import (
 from enclave_audit.records import AuditRecord, AuditRecordDraft, record_from_event
 from enclave_audit.signing import Ed25519Signer
 from enclave_audit.store import AuditStore, CheckpointEntry, json_form
+from enclave_audit.token_revocations import honoured_revocation
 
 log = structlog.get_logger("enclave.audit")
 
@@ -172,12 +174,20 @@ class AuditConsumer:
         detector: AnomalyDetector,
         metrics: AuditMetrics,
         retry: RetryPolicy,
+        *,
+        revocations: TokenRevocationStore | None = None,
+        skew: timedelta = timedelta(seconds=30),
     ) -> None:
+        """``revocations``: where a token revocation an admin made at the gateway is stored once its
+        record is (``enclave_audit.token_revocations``), for the auditor API's guard; ``skew``: the
+        clock skew its verifier tolerates."""
         self.store = store
         self.publisher = publisher
         self.detector = detector
         self.metrics = metrics
         self.retry = retry
+        self.revocations = revocations
+        self.skew = skew
 
     def register(self, broker: KafkaBroker, pattern: str, *, group_id: str, metadata_max_age_ms: int) -> None:
         async def consume(_: Any, msg: KafkaMessage) -> None:
@@ -223,7 +233,8 @@ class AuditConsumer:
         return False
 
     async def audit(self, body: bytes, topic: str, headers: Mapping[str, str]) -> AuditRecord:
-        """Store one record for the message (once), then run the anomaly rules on it."""
+        """Store one record for the message (once), then what it revokes and the anomaly rules on it
+        (again for a redelivery: both are idempotent)."""
         draft = draft_for_message(body, topic, headers)
         outcome = await self.store.append(draft, audit_key(draft, headers))
         record = outcome.record
@@ -233,6 +244,8 @@ class AuditConsumer:
         else:
             self.metrics.records.labels("duplicate").inc()
         if not record.dead_lettered:
+            if self.revocations is not None and (made := honoured_revocation(record, skew=self.skew)):
+                await self.revocations.revoke(made)
             observe = getattr(self.detector.history, "observe", None)
             if observe is not None:
                 await asyncio.to_thread(observe, record, record.event_id)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import structlog
 from enclave_common import topics
-from enclave_common.auth import RemoteKeySource, TokenRules, TokenVerifier
+from enclave_common.auth import RemoteKeySource, RevokedTokens, TokenRules, TokenVerifier
 from enclave_common.auth.fastapi import AccessGuard
+from enclave_common.auth.token_revocations_mongo import MongoTokenRevocationStore
 from enclave_common.errors import ConfigurationError
 from enclave_common.service import ServiceRuntime, load_settings, run_service
 from enclave_common.storage import S3ObjectStore
 from fastapi import FastAPI
+from prometheus_client import Gauge
 from pymongo import MongoClient
 
 from enclave_audit.anomaly import AnomalyDetector
@@ -47,12 +50,20 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     runtime.readiness["object_store"] = partial(objects.ping, settings.worm_bucket)
 
     history = BucketedAuditHistory(sync_db)
+    verifier = _token_verifier(settings)
+    # As the gateway's: a provider clock running ahead stamps a token issued before with a later iat.
+    skew = timedelta(seconds=verifier.rules.leeway_seconds)
+    token_revocations = MongoTokenRevocationStore(
+        runtime.db, read_timeout_s=settings.token_revocation_read_timeout_s
+    )
     consumer = AuditConsumer(
         store,
         runtime.publisher,
         AnomalyDetector(settings.anomaly, history),
         metrics,
         runtime.retry,
+        revocations=token_revocations,
+        skew=skew,
     )
     consumer.register(
         runtime.broker,
@@ -73,7 +84,17 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
         query_timeout_s=settings.query_timeout_s,
         max_export_records=settings.max_export_records,
     )
-    guard = AccessGuard(_token_verifier(settings), on_decision=access_hook(runtime.publisher))
+    revoked_tokens = RevokedTokens(
+        token_revocations,
+        skew=skew,
+        retention=timedelta(seconds=settings.token_revocation_retention_s),
+    )
+    Gauge(
+        "enclave_audit_token_revocations_age_seconds",
+        "Seconds since this replica last read the stored token revocations (not its consumer's lag)",
+        registry=runtime.registry,
+    ).set_function(revoked_tokens.age_now)
+    guard = AccessGuard(verifier, revoked_tokens=revoked_tokens, on_decision=access_hook(runtime.publisher))
 
     def load_keys() -> None:
         if settings.signing_key_file is None:
@@ -104,6 +125,11 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
             )
             runtime.spawn(checkpointer.run_forever(), "audit-checkpoints")
         runtime.spawn(_verify_periodically(ctx, settings.verify_interval_s), "audit-verify")
+        # Before the first request: a revoked token is refused from the start.
+        await revoked_tokens.refresh(datetime.now(UTC))
+        runtime.spawn(
+            revoked_tokens.refresh_forever(settings.token_revocation_refresh_s), "audit-token-revocations"
+        )
 
     async def close_sync_client() -> None:
         sync_client.close()

@@ -4,7 +4,9 @@ Two roles, so that the running service cannot alter what it stored:
 
 - the service (``enclaveAuditAppendOnly``): ``find`` and ``insert`` on the trail (records, checkpoint
   index, raised alerts), ``find``/``insert``/``update`` on ``anomaly_windows`` (the anomaly rules'
-  per-minute buckets: derived state, not the trail, upserted with ``$addToSet``), and
+  per-minute buckets: derived state, not the trail, upserted with ``$addToSet``) and on
+  ``token_revocations`` (the token revocations recorded in the trail, one document per tenant and
+  subject, upserted with ``$max``: derived state too), and
   ``listIndexes`` to check at start that the migration ran;
 - the migration (``enclaveAuditMigration``, run by ``enclave-audit-migrate`` at deploy time):
   ``createIndex``.
@@ -20,6 +22,8 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
+from enclave_common.auth.token_revocations_mongo import COLLECTION as TOKEN_REVOCATIONS
+
 from enclave_audit.store import ALERTS, CHECKPOINTS, RECORDS
 from enclave_audit.windows import WINDOWS
 
@@ -32,6 +36,7 @@ SERVICE_PRIVILEGES: Final[Mapping[str, tuple[str, ...]]] = {
     CHECKPOINTS: ("find", "insert"),
     ALERTS: ("find", "insert"),
     WINDOWS: ("find", "insert", "update"),
+    TOKEN_REVOCATIONS: ("find", "insert", "update"),
     "": ("listIndexes",),
 }
 #: The migration's: indexes on collections that may not exist yet.

@@ -266,7 +266,11 @@ def build_grants_router(
         request: Request,
         principal: Principal = Depends(AuthenticatedFirst(guard, Action.READ_GRANTS)),
         kind: GrantKind | None = Query(None, description="only grants (patient) or break-glass sessions"),
-        grantee: str | None = Query(None, min_length=1, max_length=256, description="only those of this sub"),
+        grantee: str | None = Query(
+            None,
+            pattern=SUBJECT_PATTERN,
+            description="only those of this sub (1 to 255 printable ASCII characters, no spaces, as a grantee)",
+        ),
         patient_key: str | None = Query(
             None, pattern=PATIENT_KEY_PATTERN, description="only those on this patient (its pseudonym)"
         ),

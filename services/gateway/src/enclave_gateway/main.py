@@ -6,7 +6,6 @@ keys; no key that can decrypt stored data and no object-store credentials.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -106,7 +105,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         "enclave_gateway_token_revocations_age_seconds",
         "Seconds since this replica last read the token revocations (other replicas' revocations it may miss)",
         registry=runtime.registry,
-    ).set_function(lambda: revoked_tokens.age_seconds(datetime.now(UTC)))
+    ).set_function(revoked_tokens.age_now)
     guard = AccessGuard(
         verifier,
         grants=grants,
@@ -183,8 +182,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # Before the first request: a revoked token is refused from the start.
         await revoked_tokens.refresh(datetime.now(UTC))
         runtime.spawn(
-            refresh_revoked_tokens(revoked_tokens, settings.token_revocation_refresh_s),
-            "gateway-token-revocations",
+            revoked_tokens.refresh_forever(settings.token_revocation_refresh_s), "gateway-token-revocations"
         )
 
     runtime.preflight(load_keys)
@@ -232,21 +230,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(RequestIdHeader)  # outermost: every answer names its correlation id
     app.state.read_model = read_model
     return app
-
-
-async def refresh_revoked_tokens(revoked: RevokedTokens, interval_s: float) -> None:
-    """Read the token revocations every ``interval_s`` (each read bounded by the store's read timeout);
-    one that fails keeps what is held and is logged: revocations are never withdrawn, so what is held
-    stays true, only a newer one from another replica waits."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await revoked.refresh(datetime.now(UTC))
-        except Exception as exc:
-            log.warning(
-                "token revocations could not be read; those of other replicas wait for the next read",
-                error=type(exc).__name__,
-            )
 
 
 def run() -> None:

@@ -10,8 +10,8 @@ Recorded first, then made, as a restriction is: the revocation is stored only on
 (action ``revoke_tokens``) is acknowledged. If Kafka refuses it, nothing is stored (503). If the store
 then fails, the answer is 503 and a second event says the revocation may not have been stored:
 repeat the request (a repeat moves the instant forward, to the repeat's). The replica that stores it applies it at once; the
-other replicas within ``ENCLAVE_GATEWAY_TOKEN_REVOCATION_REFRESH_S``. The audit API does not read
-these revocations: auditors' tokens end with their expiry.
+other replicas within ``ENCLAVE_GATEWAY_TOKEN_REVOCATION_REFRESH_S``. The auditor API reads the
+recorded event from the audit trail (``enclave_audit.token_revocations``).
 """
 
 from __future__ import annotations

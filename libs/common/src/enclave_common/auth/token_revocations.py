@@ -10,19 +10,25 @@ revocation. A revocation lapses after the retention (``retention``, at least the
 the tokens the identity provider issues): every token it could refuse has expired by then.
 
 The access guard checks every request against :class:`RevokedTokens`, an in-memory map refreshed from
-the :class:`TokenRevocationStore` (the replica that stores a revocation applies it at once; the others
-within their refresh interval). Written by hand: revocation by issue time is a server's own state, no
-JWT library keeps it.
+a :class:`TokenRevocationSource`: in the gateway the :class:`TokenRevocationStore` its route writes
+(the replica that stores a revocation applies it at once; the others within their refresh interval),
+in the audit service the revocations recorded in the audit trail. Written by hand: revocation by issue
+time is a server's own state, no JWT library keeps it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+import structlog
+
 from enclave_common.auth.roles import Principal
+
+log = structlog.get_logger("enclave.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +43,20 @@ class TokenRevocation:
     justification: str
 
 
-class TokenRevocationStore(Protocol):
+class TokenRevocationSource(Protocol):
+    """Where :class:`RevokedTokens` reads the revocations from."""
+
+    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
+        """Every subject's revocation after ``cutoff``, of every tenant (what :class:`RevokedTokens`
+        holds; older ones have lapsed). A subject may appear more than once: the latest instant wins."""
+        ...
+
+
+class TokenRevocationStore(TokenRevocationSource, Protocol):
     """Where revocations live: one per tenant and subject, the latest instant kept."""
 
     async def revoke(self, revocation: TokenRevocation) -> None:
         """Store ``revocation``; a subject revoked already keeps the later of the two instants."""
-        ...
-
-    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
-        """Every subject's revocation after ``cutoff``, of every tenant (what :class:`RevokedTokens`
-        holds; older ones have lapsed)."""
         ...
 
 
@@ -73,7 +83,7 @@ class RevokedTokens:
 
     def __init__(
         self,
-        store: TokenRevocationStore,
+        store: TokenRevocationSource,
         *,
         skew: timedelta = timedelta(seconds=30),
         retention: timedelta = timedelta(hours=24),
@@ -99,6 +109,10 @@ class RevokedTokens:
         cannot read the store may be missing of the other replicas' revocations."""
         return float("inf") if self.refreshed_at is None else (now - self.refreshed_at).total_seconds()
 
+    def age_now(self) -> float:
+        """:meth:`age_seconds` now: what a service's ``..._token_revocations_age_seconds`` gauge reads."""
+        return self.age_seconds(datetime.now(UTC))
+
     def note(self, revocation: TokenRevocation) -> None:
         key = (revocation.tenant, revocation.subject)
         held = self._before.get(key)
@@ -116,3 +130,17 @@ class RevokedTokens:
             self.note(revocation)
         self.refreshed_at = now
         return len(self._before)
+
+    async def refresh_forever(self, interval_s: float) -> None:
+        """:meth:`refresh` every ``interval_s`` (each read bounded by the source's own timeout); one
+        that fails keeps what is held and is logged: revocations are never withdrawn, so what is held
+        stays true, only a newer one waits."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh(datetime.now(UTC))
+            except Exception as exc:
+                log.warning(
+                    "token revocations could not be read; newer ones wait for the next read",
+                    error=type(exc).__name__,
+                )
