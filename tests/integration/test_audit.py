@@ -492,6 +492,11 @@ async def test_auditor_api_filters_pages_fhir_and_tenant_scope(
     assert refused.status_code == 404, "another tenant's record is as absent as a made-up id"
     made_up = await auditor_client.get("/audit/fhir/AuditEvent/no-such-event", headers=operator_auditor)
     assert made_up.status_code == 404 and made_up.json() == refused.json()
+    # A FHIR client reads the error as an OperationOutcome (twenty-fourth session).
+    assert (
+        made_up.headers["content-type"] == FHIR_JSON and made_up.json()["resourceType"] == "OperationOutcome"
+    )
+    validate_fhir(made_up.json())
     bad_id = await auditor_client.get("/audit/fhir/AuditEvent/not_a_fhir_id!", headers=operator_auditor)
     assert bad_id.status_code == 422 and "not_a_fhir_id" not in bad_id.text
     own = (await auditor_client.get("/audit/events", params={"actor": actor}, headers=tenant_auditor)).json()

@@ -107,6 +107,45 @@ def to_fhir_bundle(
     return bundle
 
 
+#: R4 IssueSeverity and IssueType (both required bindings of OperationOutcome.issue).
+ISSUE_SEVERITIES: Final = frozenset({"fatal", "error", "warning", "information"})
+ISSUE_TYPES: Final = frozenset(
+    {
+        "invalid",
+        "structure",
+        "required",
+        "value",
+        "invariant",
+        "security",
+        "login",
+        "unknown",
+        "expired",
+        "forbidden",
+        "suppressed",
+        "processing",
+        "not-supported",
+        "duplicate",
+        "multiple-matches",
+        "not-found",
+        "deleted",
+        "too-long",
+        "code-invalid",
+        "extension",
+        "too-costly",
+        "business-rule",
+        "conflict",
+        "transient",
+        "lock-error",
+        "no-store",
+        "exception",
+        "timeout",
+        "incomplete",
+        "throttled",
+        "informational",
+    }
+)
+
+
 def validate_fhir(resource: dict[str, Any]) -> None:
     """Raise ``ValueError`` (pydantic's ValidationError is one) unless ``resource`` is a valid R4 resource.
 
@@ -115,6 +154,7 @@ def validate_fhir(resource: dict[str, Any]) -> None:
     """
     from fhir.resources.R4B.auditevent import AuditEvent
     from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.operationoutcome import OperationOutcome
 
     kind = resource.get("resourceType")
     if kind == "AuditEvent":
@@ -124,8 +164,17 @@ def validate_fhir(resource: dict[str, Any]) -> None:
         Bundle.model_validate(resource)
         for entry in resource.get("entry", []):
             _check_required_bindings(entry["resource"])
+    elif kind == "OperationOutcome":
+        OperationOutcome.model_validate(resource)
+        for issue in resource["issue"]:
+            if issue["severity"] not in ISSUE_SEVERITIES or issue["code"] not in ISSUE_TYPES:
+                raise ValueError(
+                    f"issue severity/code {issue['severity']}/{issue['code']} outside R4's required sets"
+                )
     else:
-        raise ValueError(f"resourceType {kind!r} is not produced here; expected AuditEvent or Bundle")
+        raise ValueError(
+            f"resourceType {kind!r} is not produced here; expected AuditEvent, Bundle or OperationOutcome"
+        )
 
 
 def _check_required_bindings(event: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from pymongo import MongoClient
 from enclave_audit.anomaly import AnomalyDetector
 from enclave_audit.api import AuditApiContext, LazyFileKeySource, access_hook, build_router, verify_stored
 from enclave_audit.config import AuditSettings
+from enclave_audit.fhir_errors import OperationOutcomeErrors
 from enclave_audit.handlers import AuditConsumer, AuditMetrics, Checkpointer
 from enclave_audit.signing import Ed25519Signer, trusted_keys
 from enclave_audit.store import AuditStore, SyncRecordReader
@@ -138,6 +139,7 @@ def create_app(settings: AuditSettings | None = None) -> FastAPI:
     runtime.on_startup(prepare)
     runtime.on_shutdown(close_sync_client)
     app = runtime.http_app(title="Enclave audit", routers=[build_router(ctx, guard)])
+    app.add_middleware(OperationOutcomeErrors)  # the FHIR routes' errors as OperationOutcome
     app.state.audit = ctx
     return app
 
