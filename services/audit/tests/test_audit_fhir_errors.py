@@ -102,6 +102,23 @@ async def test_a_silent_database_is_a_transient_outcome_with_retry_after(client,
     assert PLANTED not in answer.text
 
 
+async def test_a_failure_no_handler_answered_is_an_exception_outcome(client, trail) -> None:
+    """A bug (here a read raising ValueError): the service's outermost handler would answer it outside
+    the middleware, in the common shape (found by review)."""
+    trail.failure = ValueError(PLANTED)
+    answer = await client.get(SEARCH)
+    outcome_of(answer, 500, "exception", "internal_error")
+    assert PLANTED not in answer.text
+
+
+async def test_a_head_of_an_error_answers_the_fhir_type_without_a_body(client) -> None:
+    """Every route answers HEAD like GET: the body is dropped before the middleware sees it, so the
+    Content-Length of the common shape's body must not be sent (found by review)."""
+    answer = await client.head(f"{SEARCH}/no-such-record")
+    assert answer.status_code == 404 and answer.content == b""
+    assert answer.headers["content-type"] == FHIR_JSON and "content-length" not in answer.headers
+
+
 async def test_answers_that_are_no_fhir_error_are_unchanged(client) -> None:
     found = await client.get(SEARCH)
     assert found.status_code == 200 and found.json()["resourceType"] == "Bundle"

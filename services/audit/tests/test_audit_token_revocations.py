@@ -4,28 +4,34 @@ service reads those records into the guard's revoked tokens. Until the twenty-fo
 auditor's token still read the whole trail until it expired.
 
 Here: which records count as a revocation, and the real API refusing a revoked token (401 ``revoked``,
-recorded ``unauthenticated``) while a token issued after the revocation is answered. The query of the
-records runs on FerretDB in tests/integration/test_token_revocation.py."""
+recorded ``unauthenticated``) while a token issued after the revocation is answered; the consumer
+storing what it honours, once, a redelivery included. On FerretDB: tests/integration/test_audit_privileges.py
+(the consumer's store and read) and test_token_revocation.py (end to end)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from enclave_audit.anomaly import AnomalyDetector, AnomalyThresholds, InMemoryAuditHistory
 from enclave_audit.api import access_hook, build_router
 from enclave_audit.chain import HashChain
-from enclave_audit.records import record_from_event
-from enclave_audit.store import to_document
+from enclave_audit.handlers import AuditConsumer, AuditMetrics
+from enclave_audit.records import AuditRecord, record_from_event
+from enclave_audit.store import AppendOutcome, to_document
 from enclave_audit.token_revocations import revocation_recorded
 from enclave_common.auth import RevokedTokens, StaticKeySource, TokenRules, TokenVerifier
 from enclave_common.auth.dev_issuer import DEV_AUDIENCE, DEV_ISSUER, DevIssuer
 from enclave_common.auth.fastapi import AccessGuard
-from enclave_common.auth.token_revocations import TokenRevocation
+from enclave_common.auth.token_revocations import InMemoryTokenRevocationStore, TokenRevocation
+from enclave_common.kafka import RetryPolicy
 from enclave_common.service import ServiceRuntime
 from enclave_common.settings import BaseServiceSettings
+from prometheus_client import CollectorRegistry
 
 from .conftest import envelope
 from .test_audit_access_answers import OPERATOR, Trail, context_over
@@ -152,3 +158,38 @@ async def test_the_auditor_api_refuses_a_revoked_token_and_answers_a_later_one()
         assert other.status_code == 200, other.text
         fresh = await http.get("/audit/events", headers=token(now))
         assert fresh.status_code == 200, fresh.text
+
+
+class ChainStore:
+    """The AuditStore's append: one record per audit key, chained (a redelivery answers the stored one)."""
+
+    def __init__(self) -> None:
+        self.chain = HashChain()
+        self.by_key: dict[str, AuditRecord] = {}
+
+    async def append(self, draft: Any, key: str) -> AppendOutcome:
+        if key in self.by_key:
+            return AppendOutcome(self.by_key[key], stored=False)
+        self.by_key[key] = self.chain.append(draft)
+        return AppendOutcome(self.by_key[key], stored=True)
+
+
+async def test_the_consumer_stores_what_it_honours_once_a_redelivery_included() -> None:
+    revocations = InMemoryTokenRevocationStore()
+    consumer = AuditConsumer(
+        ChainStore(),  # type: ignore[arg-type]
+        Trail([]),  # type: ignore[arg-type] - publishes nothing here: no rule fires
+        AnomalyDetector(AnomalyThresholds(), InMemoryAuditHistory()),
+        AuditMetrics(CollectorRegistry()),
+        RetryPolicy(),
+        revocations=revocations,
+        skew=SKEW,
+    )
+    now = datetime.now(UTC)
+    honoured = revocation_event(made(now - timedelta(seconds=1)))
+    refused = revocation_event(made(now - timedelta(seconds=1), subject="aud-2"), roles=["auditor"])
+    refused["id"] = "00000000-0000-0000-0000-0000000000f2"
+    for event in (honoured, refused, honoured):  # the last one redelivered
+        await consumer.audit(json.dumps(event).encode(), "enclave.access.recorded.v1", {})
+    found = await revocations.since(now - timedelta(hours=1))
+    assert [(r.tenant, r.subject, r.revoked_by) for r in found] == [(OPERATOR, "aud-1", "it-admin")]

@@ -13,6 +13,10 @@ such a client cannot read. The answer keeps its status and headers (``WWW-Authen
   ``diagnostics`` its message;
 - one more issue per problem of a 422 (``expression``: the parameter, ``diagnostics``: what is wrong).
 
+A failure no handler answered is answered here too (500 ``exception``, ``internal_error``) and
+raised on, for the service's own handler to log and record. A HEAD's error answers the FHIR type
+without a length: its body was dropped before it got here.
+
 Written by hand as a small ASGI middleware: it rewrites only bodies the service's own handlers built
 (JSON, under 64 KiB); no FHIR library for Python does this for a FastAPI app.
 """
@@ -41,7 +45,13 @@ _ISSUE_TYPE: Final[Mapping[int, str]] = {
     413: "too-costly",
     422: "invalid",
     429: "throttled",
+    431: "too-long",
     503: "transient",
+}
+#: A failure no handler answered (the service's outermost handler would answer it outside this
+#: middleware, in the common shape).
+_INTERNAL_ERROR: Final = {
+    "detail": {"code": "internal_error", "message": "the audit service failed on this request (it is logged)"}
 }
 
 
@@ -83,8 +93,15 @@ class OperationOutcomeErrors:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith(FHIR_PATHS):
             await self.app(scope, receive, send)
             return
+        head = scope.get("method") == "HEAD"
         held: Message | None = None
+        started = False
         chunks: list[bytes] = []
+
+        async def forward(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
         async def rewrite(message: Message) -> None:
             nonlocal held
@@ -92,17 +109,20 @@ class OperationOutcomeErrors:
                 if message["status"] >= 400 and _is_json(message):
                     held = message  # sent with the rewritten body
                     return
-                await send(message)
+                await forward(message)
                 return
             if held is None or message["type"] != "http.response.body":
-                await send(message)
+                await forward(message)
                 return
             chunks.append(message.get("body", b""))
             if message.get("more_body", False) and sum(map(len, chunks)) <= _MAX_ERROR_BODY:
                 return
             start, body, more = held, b"".join(chunks), message.get("more_body", False)
             held = None
-            if not more:
+            if head and not body and not more:
+                # HEAD: the body was dropped before it got here (HeadAsGet); its length is unknown.
+                start = _with_fhir_headers(start, None)
+            elif not more:
                 try:
                     parsed = json.loads(body)
                 except ValueError:
@@ -110,10 +130,20 @@ class OperationOutcomeErrors:
                 if isinstance(parsed, dict):
                     body = json.dumps(operation_outcome(start["status"], parsed)).encode()
                     start = _with_fhir_headers(start, len(body))
-            await send(start)
-            await send({"type": "http.response.body", "body": body, "more_body": more})
+            await forward(start)
+            await forward({"type": "http.response.body", "body": body, "more_body": more})
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception:
+            # Answered here, as an OperationOutcome; re-raised so that the service's outermost handler
+            # logs and records it (it sends nothing once an answer started).
+            if not started:
+                body = b"" if head else json.dumps(operation_outcome(500, _INTERNAL_ERROR)).encode()
+                start = {"type": "http.response.start", "status": 500, "headers": []}
+                await forward(_with_fhir_headers(start, None if head else len(body)))
+                await forward({"type": "http.response.body", "body": body, "more_body": False})
+            raise
 
 
 def _is_json(start: Message) -> bool:
@@ -123,11 +153,14 @@ def _is_json(start: Message) -> bool:
     )
 
 
-def _with_fhir_headers(start: Message, length: int) -> Message:
+def _with_fhir_headers(start: Message, length: int | None) -> Message:
+    """``start`` answering ``application/fhir+json`` of ``length`` bytes (no Content-Length: unknown)."""
     headers = [
         (name, value)
         for name, value in start.get("headers", ())
         if name.lower() not in (b"content-type", b"content-length")
     ]
-    headers += [(b"content-type", FHIR_JSON.encode()), (b"content-length", str(length).encode())]
+    headers.append((b"content-type", FHIR_JSON.encode()))
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
     return {**start, "headers": headers}
