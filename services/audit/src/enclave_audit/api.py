@@ -42,6 +42,7 @@ from jwt import PyJWK
 from enclave_audit.codes import EventAction, EventOutcome
 from enclave_audit.export import covering_range, overlapping_checkpoints, write_bundle
 from enclave_audit.fhir import FHIR_ID_PATTERN, FHIR_JSON, fhir_id, to_fhir_audit_event, to_fhir_bundle
+from enclave_audit.fhir_errors import OUTCOME_RESPONSES
 from enclave_audit.fhir_search import SearchError, check_values, search_filters
 from enclave_audit.handlers import AuditMetrics
 from enclave_audit.records import AuditRecord
@@ -304,6 +305,12 @@ class AuditApiContext:
         return requested == scope, scope
 
 
+class FhirResponse(JSONResponse):
+    """What the FHIR routes answer (their OpenAPI documents it)."""
+
+    media_type = FHIR_JSON
+
+
 def wants_fhir(request: Request) -> bool:
     return FHIR_JSON in request.headers.get("accept", "")
 
@@ -435,6 +442,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     @router.get(
         "/fhir/AuditEvent",
         summary="FHIR R4 search of AuditEvents (IHE RESTful ATNA, ITI-81): a searchset Bundle",
+        response_class=FhirResponse,
+        responses=OUTCOME_RESPONSES,
     )
     async def fhir_search(
         request: Request,
@@ -501,6 +510,8 @@ def build_router(ctx: AuditApiContext, guard: AccessGuard) -> APIRouter:
     @router.get(
         "/fhir/AuditEvent/{resource_id}",
         summary="One audit record as a FHIR R4 AuditEvent (the read a searchset entry's fullUrl names)",
+        response_class=FhirResponse,
+        responses=OUTCOME_RESPONSES,
     )
     async def fhir_audit_event(
         resource_id: Annotated[str, Path(max_length=64, pattern=FHIR_ID_PATTERN)],

@@ -55,6 +55,35 @@ _INTERNAL_ERROR: Final = {
 }
 
 
+#: The OpenAPI description of the FHIR routes' error answers (``responses=`` of their routes).
+OUTCOME_RESPONSES: Final[dict[int | str, dict[str, Any]]] = {
+    status: {
+        "description": f"{description}: a FHIR R4 OperationOutcome, the service's code in "
+        f"issue[0].details.coding[0].code ({ERROR_SYSTEM})",
+        "content": {
+            FHIR_JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["resourceType", "issue"],
+                    "properties": {
+                        "resourceType": {"const": "OperationOutcome"},
+                        "issue": {"type": "array", "items": {"type": "object"}, "minItems": 1},
+                    },
+                }
+            }
+        },
+    }
+    for status, description in (
+        (400, "a search it cannot apply (bad_search)"),
+        (401, "no valid bearer token (WWW-Authenticate)"),
+        (403, "a role that may not query the trail"),
+        (404, "no record with this id is visible to you"),
+        (422, "a request that does not match the API: one more issue per problem"),
+        (503, "a dependency did not answer, or the query its time limit (Retry-After)"),
+    )
+}
+
+
 def operation_outcome(status: int, body: Mapping[str, Any]) -> dict[str, Any]:
     """The OperationOutcome for an error answer ``status`` with the service's ``body``."""
     detail = body.get("detail")
