@@ -86,6 +86,10 @@ async def test_date_takes_fhir_prefixes_and_precision(client, issuer, store: Lis
         [("type", "110113,110112")],  # FHIR's OR
         [("agent:identifier", "urn:enclave:principal|a"), ("agent:identifier", "urn:enclave:principal|b")],
         [("_count", "1"), ("_count", "2")],
+        # A comma a backslash does not escape is FHIR's OR (the backslash here is escaped itself).
+        [("agent:identifier", "urn:enclave:principal|a\\\\,b")],
+        [("agent:identifier", "urn:enclave:principal|a|b")],  # a second, unescaped bar
+        [("agent:identifier", "urn:enclave:principal|a\\")],  # a lone backslash at the end
     ],
 )
 async def test_a_search_it_cannot_apply_is_a_400_saying_what_it_takes(client, issuer, params) -> None:
@@ -108,6 +112,8 @@ def _trail() -> list[Any]:
         access(202, actor="dr-1", action="read_results_phi", target=f"patient:{KEY}/study:st-1"),
         access(203, actor="dr-1", action="break_glass", target=f"patient:{KEY}"),
         access(204, actor="dr-2", action="read_results_phi", target="patient:" + "q" * 32 + "/study:st-2"),
+        # An OIDC subject may hold a comma, a bar and a backslash (printable ASCII).
+        access(205, actor="ops,team|a\\b", action="read_results_phi", target=f"patient:{KEY}/study:st-1"),
     ]
     return [chain.append(record_from_event(e, "enclave.access.recorded.v1")) for e in events]
 
@@ -128,10 +134,15 @@ async def test_codes_actions_outcomes_and_identifiers_filter_as_the_trail_does(c
         ("dr-1", "read_results_phi"),
         ("dr-1", "break_glass"),
     ]
-    assert len(await found({"patient:identifier": f"urn:enclave:patient|{KEY}"})) == 4
+    # FHIR's escapes: until the twenty-fourth session an escaped comma was refused as an OR.
+    assert await found({"agent:identifier": "urn:enclave:principal|ops\\,team\\|a\\\\b"}) == [
+        ("ops,team|a\\b", "read_results_phi")
+    ]
+    assert len(await found({"patient:identifier": f"urn:enclave:patient|{KEY}"})) == 5
     assert await found({"entity:identifier": "urn:enclave:study|st-2"}) == [("dr-2", "read_results_phi")]
     assert await found({"entity:identifier": f"urn:enclave:patient|{KEY}", "action": "R"}) == [
-        ("dr-1", "read_results_phi")
+        ("dr-1", "read_results_phi"),
+        ("ops,team|a\\b", "read_results_phi"),
     ]
 
 

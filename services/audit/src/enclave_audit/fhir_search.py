@@ -92,6 +92,27 @@ def date_bounds(values: list[str]) -> tuple[datetime | None, datetime | None]:
     return since, until
 
 
+def _split(value: str, separator: str) -> list[str]:
+    """``value`` split at each ``separator`` that no backslash escapes, each part unescaped (FHIR
+    search values: ``\\,``, ``\\|``, ``\\$`` and ``\\\\`` stand for the character itself)."""
+    parts, current, escaped = [], [], False
+    for char in value:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        raise SearchError("a search value ends with a lone backslash: escape it as \\\\")
+    parts.append("".join(current))
+    return parts
+
+
 def token(value: str, name: str, *systems: str) -> str:
     """The code of a token parameter, ``code`` or ``system|code`` with one of ``systems``."""
     given, bar, code = value.rpartition("|")
@@ -101,11 +122,15 @@ def token(value: str, name: str, *systems: str) -> str:
 
 
 def identifier(value: str, name: str, systems: tuple[str, ...]) -> tuple[str, str]:
-    """``system|value`` of an ``:identifier`` parameter, with one of ``systems``."""
-    system, bar, found = value.partition("|")
-    if not bar or system not in systems or not found:
+    """``system|value`` of an ``:identifier`` parameter, with one of ``systems``; the value unescaped
+    (an OIDC subject may hold a comma, a bar or a backslash: ``\\,``, ``\\|``, ``\\\\``)."""
+    system, bar, rest = value.partition("|")
+    if not bar or system not in systems or not rest:
         raise SearchError(f"{name} takes {' or '.join(s + '|<value>' for s in systems)}")
-    return system, found
+    parts = _split(rest, "|")
+    if len(parts) != 1 or not parts[0]:
+        raise SearchError(f"{name} takes one value after its system: escape a bar in it as \\|")
+    return system, parts[0]
 
 
 #: Parameters that take one value: a repeat would be FHIR's AND of two values, which FastAPI would
@@ -132,9 +157,10 @@ def check_values(pairs: list[tuple[str, str]]) -> None:
         if names.count(name) > 1:
             raise SearchError(f"give {name} once: several values of one parameter are not supported")
     for name, value in pairs:
-        if name in SINGLE and "," in value:
+        if name in SINGLE and len(_split(value, ",")) > 1:
             raise SearchError(
-                f"{name} takes one value: a comma (FHIR's 'or') is not supported, search once per value"
+                f"{name} takes one value: a comma (FHIR's 'or') is not supported, search once per value "
+                "(a comma that is part of the value is escaped: \\,)"
             )
 
 
