@@ -106,7 +106,7 @@ def _dependants(route: object) -> list[Dependant]:
     return found
 
 
-def parameter_errors(request: Request) -> list[object]:
+def parameter_errors(request: Request, action: Action | None = None) -> list[object]:
     """FastAPI's validation errors for the request's path, query, header and cookie parameters.
 
     FastAPI runs a route's dependencies (this guard) before it validates the route's own
@@ -123,30 +123,45 @@ def parameter_errors(request: Request) -> list[object]:
         ):
             if fields:
                 errors.extend(e for e in request_params_to_args(fields, received)[1] if e not in errors)
-    if (unknown := unknown_query_parameters(request, dependants)) is not None:
+    if (unknown := unknown_query_parameters(request, dependants, action)) is not None:
         errors.append(unknown)
     return errors
 
 
 #: Methods whose routes' query parameters are filters: a misspelt one would silently widen the answer.
 _READ_METHODS = frozenset({"GET", "HEAD"})
+#: Writes that ignore query parameters they do not take: uploads, whose DICOM clients may add their own
+#: (refusing them would refuse the data).
+_WRITES_IGNORING_QUERY = frozenset({Action.UPLOAD})
 
 
-def unknown_query_parameters(request: Request, dependants: list[Dependant]) -> dict[str, object] | None:
-    """A validation error when a read that takes query parameters (filters, paging) is sent one it
-    does not take: FastAPI ignores those, so ``?patinet=...`` answered every record as if it were
-    one patient's (until the twenty-second session). The error names the parameters the route takes,
-    never the ones sent (a name may be anything). Routes without query parameters, and writes, ignore
-    extra ones as before (a cache-busting ``?_=...``)."""
-    if request.method not in _READ_METHODS:
-        return None
+def unknown_query_parameters(
+    request: Request, dependants: list[Dependant], action: Action | None = None
+) -> dict[str, object] | None:
+    """A validation error when a request is sent a query parameter its route does not take, FastAPI
+    ignoring those:
+
+    - a read that takes query parameters (filters, paging): ``?patinet=...`` answered every record as
+      if it were one patient's (until the twenty-second session); a read that takes none ignores
+      extra ones (a cache-busting ``?_=...``);
+    - a write (a grant, a restriction, a token revocation, a break-glass session, a patient-key
+      lookup): ``?dry_run=true`` made the change for real (until the twenty-fourth session); uploads
+      (``action`` upload) ignore them, as before.
+
+    The error names the parameters the route takes, never the ones sent (a name may be anything)."""
     known = {field.alias for dependant in dependants for field in dependant.query_params}
-    if not known or set(request.query_params) <= known:
+    if set(request.query_params) <= known:
         return None
+    if request.method in _READ_METHODS:
+        if not known:
+            return None
+    elif action is None or action in _WRITES_IGNORING_QUERY:
+        return None
+    takes = f"it takes: {', '.join(sorted(known))}" if known else "it takes none"
     return {
         "type": "value_error",
         "loc": ("query",),
-        "msg": f"a query parameter this route does not take; it takes: {', '.join(sorted(known))}",
+        "msg": f"a query parameter this route does not take; {takes}",
         "input": None,
     }
 
@@ -295,7 +310,7 @@ class AccessGuard:
         decision: Decision,
         resource: Resource | None,
     ) -> None:
-        if decision.allowed and (errors := parameter_errors(request)):
+        if decision.allowed and (errors := parameter_errors(request, action)):
             result = AccessResult("invalid_request", "invalid_request", decision, resource)
             await self._report(principal, action, result, 422, request)
             raise RequestValidationError(errors)
