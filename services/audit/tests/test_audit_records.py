@@ -299,23 +299,3 @@ def test_missing_time_falls_back_to_receipt_time(make_envelope):
     del env["time"]
     received = datetime(2024, 3, 1, 8, 0, tzinfo=UTC)
     assert record_from_event(env, "enclave.instance.stored.v1", received_at=received).event_time == received
-
-
-@pytest.mark.parametrize(
-    ("detail", "code", "types"),
-    [
-        # A failed authentication past the per-address failure limit (429): still a failed login, which
-        # the brute-force rule counts (until the twenty-fourth session a 429 read of a study).
-        ("revoked", codes.USER_AUTHENTICATION, (codes.LOGIN,)),
-        ("bad_signature", codes.USER_AUTHENTICATION, (codes.LOGIN,)),
-        # A verified principal over its request budget: what it asked for, refused.
-        ("rate_limited", codes.INSTANCES_ACCESSED, ()),
-    ],
-)
-def test_a_rate_limited_access_is_a_failed_login_only_when_its_token_failed(
-    detail, code, types, make_access
-) -> None:
-    event = make_access(action="read_results_phi", outcome="rate_limited")
-    event["data"]["detail"] = detail
-    draft = record_from_event(event, "enclave.access.recorded.v1")
-    assert (draft.event_code, draft.event_type_codes, draft.outcome) == (code, types, 4)

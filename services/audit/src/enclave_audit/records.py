@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 from enclave_common import topics
-from enclave_common.auth.errors import AuthFailure
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from enclave_audit import codes
@@ -277,10 +276,6 @@ def record_from_event(
     )
 
 
-#: The gateway's and the audit API's codes of a token that was missing or not trusted.
-_AUTH_FAILURES: Final = frozenset(failure.value for failure in AuthFailure)
-
-
 def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
     """Code an ``access.recorded`` event from its action words (a plural as its singular:
     ``manage_grants`` is a grant) and outcome."""
@@ -294,17 +289,9 @@ def _access_rule(data: Mapping[str, Any]) -> tuple[_EventRule, str | None]:
     def has(*words: str) -> bool:
         return bool(action_words.intersection(words))
 
-    # A failed authentication answered 429 past the per-address failure limit: still a failed login
-    # (its detail is the failure's code), so the brute-force rule keeps counting it. Until the
-    # twenty-fourth session it was coded by its action (a 429 read of a study).
-    refused_login = outcome_word == "rate_limited" and data.get("detail") in _AUTH_FAILURES
-    if (
-        outcome_word == "unauthenticated"
-        or refused_login
-        or (
-            # revoke_tokens is an admin ending a subject's tokens: a change of access (below), not a login
-            has("login", "authenticate", "authentication", "token") and not has("revoke")
-        )
+    if outcome_word == "unauthenticated" or (
+        # revoke_tokens is an admin ending a subject's tokens: a change of access (below), not a login
+        has("login", "authenticate", "authentication", "token") and not has("revoke")
     ):
         code, action, types = codes.USER_AUTHENTICATION, EventAction.EXECUTE, (codes.LOGIN,)
     elif has("logout"):
