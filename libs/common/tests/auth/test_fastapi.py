@@ -268,6 +268,13 @@ async def test_failed_authentications_are_limited_per_client(issuer: DevIssuer) 
     h = make_harness(issuer, auth_failure_limiter=RateLimiter(RateLimit(burst=3, per_second=0.01)))
     statuses = [(await h.get("/imaging/img-a/results", "not-a-token")).status_code for _ in range(5)]
     assert statuses == [401, 401, 401, 429, 429]
+    # Still a failed authentication, with its code: the audit service codes it as a failed login and
+    # counts it (until the twenty-fourth session recorded rate_limited, coded as the action asked for).
+    assert (h.hook.last[2].kind, h.hook.last[2].reason, h.hook.last[3]) == (
+        "unauthenticated",
+        "malformed",
+        429,
+    )
     assert "retry-after" in (await h.get("/imaging/img-a/results", "x")).headers
 
 

@@ -351,13 +351,16 @@ class AccessGuard:
         principal: Principal | None = None,
     ) -> NoReturn:
         """401 (429 past the failure limit), recorded ``unauthenticated`` with the failure's code; with
-        ``principal`` (a verified token that is refused: revoked) the record names who it was."""
+        ``principal`` (a verified token that is refused: revoked) the record names who it was. Past the
+        limit too: a failed authentication answered 429 is still one, which the audit service codes
+        as a failed login and its brute-force rule counts (until the twenty-fourth session it was
+        recorded ``rate_limited``, coded as the action it asked for, and not counted)."""
         if self.auth_failure_limiter is not None:
             client = request.client.host if request.client else "unknown"
             verdict = self.auth_failure_limiter.acquire(f"auth-failure\x1f{client}")
             if not verdict.allowed:
                 await self._report(
-                    principal, action, AccessResult("rate_limited", failure.value), 429, request
+                    principal, action, AccessResult("unauthenticated", failure.value), 429, request
                 )
                 raise HTTPException(
                     429,
