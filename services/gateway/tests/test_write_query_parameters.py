@@ -16,6 +16,9 @@ from test_access_answers import the_event, upload
 from test_grant_listing import grant_request
 from test_restrictions import call
 
+PLANTED = "PID-QP-7731"
+REASON = "incident 2026-116: reviewed with the privacy office"
+
 
 def refused_as_unknown_parameter(harness, answer) -> None:
     assert answer.status == 422, answer.body
@@ -54,3 +57,35 @@ async def test_an_upload_still_ignores_a_parameter_it_does_not_take(tmp_path: Pa
     body_of = builders.multipart_body if route == "/dicomweb/studies" else builders.form_data_body
     answer = await upload(harness, f"{route}?client=pacs-7", body_of([builders.make_instance()]))
     assert answer.status == 200, answer.body
+
+
+@pytest.mark.parametrize(
+    ("path", "role", "body"),
+    [
+        ("/api/v1/restrictions", "admin", {"patient_id": PLANTED, "justification": REASON}),
+        ("/api/v1/break-glass", "clinician", {"patient_id": PLANTED, "justification": REASON}),
+        ("/api/v1/patient-keys", "auditor", {"patient_id": PLANTED}),
+    ],
+)
+async def test_the_other_writes_refuse_a_parameter_they_do_not_take(
+    tmp_path: Path, path: str, role: str, body: dict[str, str]
+) -> None:
+    harness = gateway_routes(tmp_path)
+    refused = await call(harness, "POST", f"{path}?dry_run=true", role, body)
+    refused_as_unknown_parameter(harness, refused)
+    assert harness.restrictions._restrictions == {} and harness.grants._grants == {}
+    assert PLANTED not in refused.body.decode()
+
+
+async def test_a_restriction_is_not_lifted_under_a_parameter_the_lift_does_not_take(tmp_path: Path) -> None:
+    harness = gateway_routes(tmp_path)
+    made = await call(
+        harness, "POST", "/api/v1/restrictions", "admin", {"patient_id": PLANTED, "justification": REASON}
+    )
+    assert made.status == 201, made.body
+    key = json.loads(made.body)["patient_key"]
+    kept = await call(
+        harness, "POST", f"/api/v1/restrictions/{key}/lift?dry_run=1", "admin", {"justification": REASON}
+    )
+    refused_as_unknown_parameter(harness, kept)
+    assert len(harness.restrictions._restrictions) == 1
