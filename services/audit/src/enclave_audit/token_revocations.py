@@ -84,17 +84,15 @@ def revocation_recorded(record: Mapping[str, Any], *, skew: timedelta) -> TokenR
 
 def honoured_revocation(record: AuditRecord, *, skew: timedelta) -> TokenRevocation | None:
     """The revocation ``record`` makes the auditor API honour, or None; a record of the action that
-    says ``tokens_revoked`` and is not honoured is logged (by its audit sequence, never its text)."""
+    says ``tokens_revoked`` and is not honoured is logged (by its audit sequence, never its text).
+    Runs on every record the consumer audits: any other record is passed over at once."""
+    data = record.envelope.get("data") or {}
+    if record.event_type != _ACCESS_TYPE or data.get("action") != Action.REVOKE_TOKENS.value:
+        return None
     revocation = revocation_recorded(
         {"envelope": record.envelope, "recorded_at": record.recorded_at}, skew=skew
     )
-    data = record.envelope.get("data") or {}
-    if (
-        revocation is None
-        and record.event_type == _ACCESS_TYPE
-        and data.get("action") == Action.REVOKE_TOKENS.value
-        and str(data.get("detail") or "").startswith(f"{_MADE_WORD} ")
-    ):
+    if revocation is None and str(data.get("detail") or "").startswith(f"{_MADE_WORD} "):
         log.error(
             "an audit record names a token revocation this service does not honour (not an admin's 201, "
             "an unreadable detail, or an instant after it was recorded)",
