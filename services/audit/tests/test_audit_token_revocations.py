@@ -116,7 +116,7 @@ def test_an_event_of_another_type_is_no_revocation() -> None:
 
 
 class Recorded:
-    """A TokenRevocationSource over the revocations read from stored records."""
+    """The ``since`` of a TokenRevocationStore, over the revocations read from stored records."""
 
     def __init__(self, records: Sequence[dict[str, Any]]) -> None:
         self.records = records

@@ -10,9 +10,9 @@ revocation. A revocation lapses after the retention (``retention``, at least the
 the tokens the identity provider issues): every token it could refuse has expired by then.
 
 The access guard checks every request against :class:`RevokedTokens`, an in-memory map refreshed from
-a :class:`TokenRevocationSource`: in the gateway the :class:`TokenRevocationStore` its route writes
-(the replica that stores a revocation applies it at once; the others within their refresh interval),
-in the audit service the revocations recorded in the audit trail. Written by hand: revocation by issue
+the :class:`TokenRevocationStore`: in the gateway the one its route writes (the replica that stores a
+revocation applies it at once; the others within their refresh interval), in the audit service the
+one its consumer writes from the revocations it records (enclave_audit.token_revocations). Written by hand: revocation by issue
 time is a server's own state, no JWT library keeps it.
 """
 
@@ -43,20 +43,16 @@ class TokenRevocation:
     justification: str
 
 
-class TokenRevocationSource(Protocol):
-    """Where :class:`RevokedTokens` reads the revocations from."""
-
-    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
-        """Every subject's revocation after ``cutoff``, of every tenant (what :class:`RevokedTokens`
-        holds; older ones have lapsed). A subject may appear more than once: the latest instant wins."""
-        ...
-
-
-class TokenRevocationStore(TokenRevocationSource, Protocol):
+class TokenRevocationStore(Protocol):
     """Where revocations live: one per tenant and subject, the latest instant kept."""
 
     async def revoke(self, revocation: TokenRevocation) -> None:
         """Store ``revocation``; a subject revoked already keeps the later of the two instants."""
+        ...
+
+    async def since(self, cutoff: datetime) -> Sequence[TokenRevocation]:
+        """Every subject's revocation after ``cutoff``, of every tenant (what :class:`RevokedTokens`
+        holds; older ones have lapsed)."""
         ...
 
 
@@ -83,7 +79,7 @@ class RevokedTokens:
 
     def __init__(
         self,
-        store: TokenRevocationSource,
+        store: TokenRevocationStore,
         *,
         skew: timedelta = timedelta(seconds=30),
         retention: timedelta = timedelta(hours=24),
